@@ -1,0 +1,393 @@
+"""`memcore train | runs | show | export | generate`: a table from verbs to plain functions.
+
+Every verb is an importable function taking parsed arguments, so tests call the same entry point as users.
+User errors print one line (`memcore: error: ...`) and exit 2; nothing in the store is touched by them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memcore.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    METHODS,
+    QUANTS,
+    AdapterSpec,
+    DataSpec,
+    MemcoreError,
+    ModelSpec,
+    RunSpec,
+    TrainSpec,
+)
+
+
+def _quiet() -> None:
+    """Keep library chatter (progress bars of the loaders, deprecation notes) off the user's terminal."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _store():
+    from memcore.models import memcore_home
+    from memcore.store import Store
+
+    return Store(memcore_home())
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+
+
+def _read_text(args: argparse.Namespace) -> str | None:
+    from memcore.data import decode_text, read_sample, read_text_file
+
+    given = [x for x in (args.text_file, args.sample, args.text, args.phonebook) if x is not None]
+    if len(given) > 1:
+        raise MemcoreError("give only one of --text-file, --text, --sample, --phonebook")
+    if args.text_file == "-":
+        return decode_text(sys.stdin.buffer.read(), "standard input")
+    if args.text_file is not None:
+        return read_text_file(args.text_file)
+    if args.sample is not None:
+        return read_sample(args.sample)
+    if args.text is not None:
+        return args.text
+    if args.phonebook is not None:
+        return None
+    raise MemcoreError("nothing to memorize: give --text-file FILE (or - for stdin), --text, --sample NAME or --phonebook N")
+
+
+def _list_or_preset(value: str | None, presets: tuple[str, ...], kind: type = str) -> Any:
+    if value is None:
+        return None
+    if value in presets:
+        return value
+    parts = [p for p in value.replace(",", " ").split() if p]
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError:
+        raise MemcoreError(f"expected one of {', '.join(presets)} or a list of {kind.__name__} values, got {value!r}") from None
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    text = _read_text(args)
+    prompt = None if args.no_prompt else args.prompt
+    model = ModelSpec(name=args.model, quant=args.quant, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    adapter = AdapterSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                          targets=_list_or_preset(args.targets, ("attn", "mlp", "all")),
+                          layers=_list_or_preset(args.layers, ("all", "paper"), int))
+    data = DataSpec(text=text, prompt=prompt, phonebook=args.phonebook, length=args.length, noise=args.noise,
+                    chat_template=args.chat_template, seed=args.seed, max_tokens=args.max_tokens)
+    train = TrainSpec(method=args.method, tau=args.tau, lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_seconds,
+                      stop_when_recalled=not args.full_budget, ot_when_empty=args.ot_when_empty, window=args.window,
+                      seed=args.seed, weight_decay=args.weight_decay)
+    return RunSpec(model=model, adapter=adapter, data=data, train=train)
+
+
+class StopFlag:
+    """First Ctrl-C asks the run to stop after the current step (adapter kept); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __call__(self) -> bool:
+        return self.stop
+
+    def install(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop:
+                raise KeyboardInterrupt
+            self.stop = True
+            print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _progress(total: int, enabled: bool) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    if not enabled:
+        return (lambda r: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def update(r: Any) -> None:
+        bar.n = r.step
+        bar.set_postfix_str(f"loss {r.loss:.3f}  above τ {r.n_above}/{r.n_tokens}  correct {r.n_correct}/{r.n_tokens}  "
+                            f"recall {'yes' if r.recalled else 'no'}", refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from memcore.runner import execute, prepare
+
+    spec = spec_from_args(args)
+    store = _store()
+    if not args.json:
+        print(f"loading {spec.model.name} ...", file=sys.stderr)
+    base, samples = prepare(spec, home=store.home)
+    flag = StopFlag()
+    flag.install()
+    update, close = _progress(spec.train.max_steps, enabled=not args.json or sys.stderr.isatty())
+    try:
+        summary = execute(spec, store, base, samples, should_stop=flag, on_report=update, label=args.label)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    recall = "yes, verbatim (confirmed by greedy generate)" if s["recalled"] else f"no: greedy decoding diverges at token {s['first_divergence']}"
+    lines = [
+        f"run            {s['run_id']}  ({s.get('status')}, {s['stop_reason']})",
+        f"steps          {s['steps']}  ({_fmt(s['seconds_per_step'], 2)} s/step)",
+        f"recalled       {recall}",
+        f"tokens above τ {s['n_above']}/{s['n_tokens']}   argmax right {s['n_correct']}/{s['n_tokens']}",
+        f"ΔL             {_fmt(s['delta_loss'])} nats/token  (base {_fmt(s['base_loss'])} -> {_fmt(s['loss'])})",
+        f"bits stored    {_fmt(s['bits_stored'], 1)}  over P_eff {s['p_eff']:,} = {_fmt(s['bits_per_param'], 5)} bits/param",
+        f"adapter        {s['adapter_dir']}",
+    ]
+    for n in s.get("notes") or []:
+        lines.append(f"note           {n}")
+    print("\n".join(lines))
+
+
+# --- runs, show, export, generate -------------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = _store()
+    runs = store.runs(method=args.method, model=args.model, status=args.status)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("id", "status", "created", "started", "finished", "model", "method", "rank", "length",
+                                             "seed", "sweep", "label", "steps", "error")} | {"summary": r["summary"]} for r in runs]))
+        return 0
+    if not runs:
+        print("no runs yet: try `memcore train --sample lighthouse`")
+        return 0
+    head = f"{'run':<20} {'status':<11} {'model':<14} {'method':<9} {'rank':>4} {'tokens':>6} {'steps':>5} {'recalled':>8} {'ΔL':>7}"
+    print(head)
+    for r in runs:
+        s = r["summary"]
+        print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {r['method']:<9} {r['rank']:>4} {_fmt(r['length']):>6} "
+              f"{_fmt(r['steps']):>5} {('yes' if s.get('recalled') else 'no') if s else '-':>8} {_fmt(s.get('delta_loss')):>7}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store()
+    rid = store.resolve(args.run)
+    r = store.run(rid)
+    s = r["summary"]
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("id", "status", "created", "started", "finished", "error", "spec", "summary")}))
+        return 0
+    if not s:
+        print(f"run {rid}: {r['status']}" + (f" ({r['error']})" if r["error"] else "") + f", {r['steps']} steps recorded")
+        return 0
+    s["status"] = r["status"]
+    _print_summary(s)
+    if s.get("stubborn_tokens"):
+        print("\nstubborn tokens (longest at or below τ):")
+        for t in s["stubborn_tokens"]:
+            print(f"  #{t['index']:<5} {t['token']!r:<16} below τ for {t['steps_below']} steps, last at step {t['last_below']}, p now {t['p']:.3f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store()
+    rid = store.resolve(args.run)
+    src = store.adapter_dir(rid)
+    if not (src / "adapter_config.json").is_file():
+        raise MemcoreError(f"run {rid} has no saved adapter (status {store.run(rid)['status']})")
+    dest = Path(args.dir)
+    if dest.exists() and any(dest.iterdir()):
+        raise MemcoreError(f"{dest} exists and is not empty; choose a new folder (nothing was overwritten)")
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    run = store.run(rid)
+    (dest / "summary.json").write_text(json.dumps(run["summary"], indent=2))
+    steps = store.steps(rid)
+    if steps:
+        with open(dest / "steps.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(steps[0]))
+            w.writeheader()
+            w.writerows(steps)
+    print(f"exported run {rid} to {dest} (PEFT adapter, summary.json, steps.csv)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from peft import PeftModel
+
+    from memcore.data import Sample
+    from memcore.models import load_base
+    from memcore.train import compare, greedy_generate
+
+    store = _store()
+    rid = store.resolve(args.run)
+    run = store.run(rid)
+    adapter = store.adapter_dir(rid)
+    if not (adapter / "adapter_config.json").is_file():
+        raise MemcoreError(f"run {rid} has no saved adapter (status {run['status']})")
+    spec = RunSpec.from_dict(run["spec"])
+    base = load_base(spec.model, store.home)
+    model = PeftModel.from_pretrained(base.model, str(adapter))
+    model.eval()
+    tok = base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if args.prompt is None:
+        toks = store.tokens(rid)
+        samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+        gen = greedy_generate(model, samples, pad, args.max_new_tokens)
+        div = compare(gen, samples)
+        for g in gen:
+            print(tok.decode(g))
+        print(f"\n[recalled verbatim: {'yes' if div is None else f'no, first difference at token {div}'}]", file=sys.stderr)
+        return 0
+    ids = tok.encode(args.prompt, add_special_tokens=False)
+    if tok.bos_token_id is not None:
+        ids = [tok.bos_token_id] + ids
+    with torch.no_grad():
+        gen = greedy_generate(model, [Sample(ids, [0])], pad, args.max_new_tokens or 100)
+    print(args.prompt + tok.decode(gen[0]))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------------------
+
+
+def _help(cls: type, name: str) -> str:
+    import ast
+    import inspect
+
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name and isinstance(nxt, ast.Expr):
+            return str(nxt.value.value)  # type: ignore[attr-defined]
+    return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memcore", description="Watch a language model memorize text.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="memorize a passage (or a PhoneBook) with a LoRA adapter")
+    src = t.add_argument_group("what to memorize")
+    src.add_argument("--text-file", help="UTF-8 text file to memorize, or - for standard input")
+    src.add_argument("--text", help="the passage itself")
+    src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)")
+    src.add_argument("--phonebook", type=int, help=_help(DataSpec, "phonebook"))
+    src.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"{_help(DataSpec, 'prompt')} Default: {DEFAULT_PROMPT!r}")
+    src.add_argument("--no-prompt", action="store_true", help="condition the target on the BOS token only")
+    src.add_argument("--chat-template", action="store_true", help=_help(DataSpec, "chat_template"))
+    src.add_argument("--length", type=int, help=_help(DataSpec, "length"))
+    src.add_argument("--noise", type=float, default=0.0, help=_help(DataSpec, "noise"))
+    src.add_argument("--max-tokens", type=int, default=2048, help=_help(DataSpec, "max_tokens"))
+    m = t.add_argument_group("model")
+    m.add_argument("--model", default=DEFAULT_MODEL, help=_help(ModelSpec, "name"))
+    m.add_argument("--quant", default="none", choices=QUANTS, help=_help(ModelSpec, "quant"))
+    m.add_argument("--device", default="auto", help=_help(ModelSpec, "device"))
+    m.add_argument("--dtype", default="auto", help=_help(ModelSpec, "dtype"))
+    m.add_argument("--trust-remote-code", action="store_true", help=_help(ModelSpec, "trust_remote_code"))
+    a = t.add_argument_group("adapter")
+    a.add_argument("--rank", type=int, default=8, help=_help(AdapterSpec, "rank"))
+    a.add_argument("--alpha", type=float, help=_help(AdapterSpec, "alpha"))
+    a.add_argument("--dropout", type=float, default=0.0, help=_help(AdapterSpec, "dropout"))
+    a.add_argument("--targets", default="all", help=_help(AdapterSpec, "targets") + " (comma-separated)")
+    a.add_argument("--layers", default="all", help=_help(AdapterSpec, "layers") + " (comma-separated)")
+    o = t.add_argument_group("training")
+    o.add_argument("--method", default="memft-ot", choices=METHODS, help=_help(TrainSpec, "method"))
+    o.add_argument("--tau", type=float, default=0.5, help=_help(TrainSpec, "tau"))
+    o.add_argument("--lr", type=float, default=TrainSpec.lr, help=_help(TrainSpec, "lr"))
+    o.add_argument("--max-steps", type=int, default=200, help=_help(TrainSpec, "max_steps"))
+    o.add_argument("--max-seconds", type=float, help=_help(TrainSpec, "max_seconds"))
+    o.add_argument("--full-budget", action="store_true", help="train all max-steps even once the passage is recalled")
+    o.add_argument("--ot-when-empty", default="skip", choices=("skip", "mean"), help=_help(TrainSpec, "ot_when_empty"))
+    o.add_argument("--window", type=int, default=50, help=_help(TrainSpec, "window"))
+    o.add_argument("--weight-decay", type=float, default=0.0, help=_help(TrainSpec, "weight_decay"))
+    o.add_argument("--seed", type=int, default=0, help="seed for adapter init, dropout, noise and PhoneBook")
+    t.add_argument("--label", help="a free-text label stored with the run")
+    t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("runs", help="list the runs in the store")
+    r.add_argument("--method", choices=METHODS)
+    r.add_argument("--model")
+    r.add_argument("--status")
+    r.add_argument("--json", action="store_true", help="print a JSON list of runs")
+    r.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("show", help="a run's summary and its stubborn tokens")
+    s.add_argument("run", help="run id, unique prefix, or 'last'")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+
+    e = sub.add_parser("export", help="copy a run's PEFT adapter, summary and metrics to a folder")
+    e.add_argument("run")
+    e.add_argument("dir")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="greedy generation from a run's memorized model")
+    g.add_argument("run")
+    g.add_argument("--prompt", help="text to continue (default: the run's own prompt, compared with its target)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.func(args)
+    except MemcoreError as e:
+        print(f"memcore: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memcore: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

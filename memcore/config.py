@@ -1,0 +1,187 @@
+"""Frozen, validated descriptions of a run: which model, which adapter, which data, how to train.
+
+Every field is checked in ``__post_init__`` so that a bad value fails before any model is loaded,
+with a message that names the field and the value.  The field docstrings double as CLI help text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Method = Literal["sft", "memft-ot", "memft-sw"]
+Quant = Literal["none", "nf4", "int8"]
+OtWhenEmpty = Literal["skip", "mean"]
+
+METHODS: tuple[str, ...] = ("sft", "memft-ot", "memft-sw")
+QUANTS: tuple[str, ...] = ("none", "nf4", "int8")
+TARGET_PRESETS: tuple[str, ...] = ("attn", "mlp", "all")
+DEFAULT_MODEL = "default"
+DEFAULT_PROMPT = "Recite the passage.\n"
+
+
+class MemcoreError(Exception):
+    """A problem the user can fix; its message is shown as one line, without a traceback."""
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise MemcoreError(message)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = DEFAULT_MODEL
+    """'default' (SmolLM2-135M-Instruct, shipped offline), a Hugging Face model id, or a local directory."""
+    quant: Quant = "none"
+    """Base-model quantization through bitsandbytes: none, nf4 (QLoRA) or int8."""
+    device: str = "auto"
+    """'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str = "auto"
+    """'auto' (fp32 on CPU, bf16 on CUDA), 'float32', 'bfloat16' or 'float16'."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless asked for."""
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.name, str) and self.name.strip() != "", f"model must be a non-empty name, got {self.name!r}")
+        _need(self.quant in QUANTS, f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        _need(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _need(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
+              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float | None = None
+    """LoRA alpha; None means alpha = rank, so the update scaling alpha/r is 1 at every rank."""
+    dropout: float = 0.0
+    """LoRA dropout on the adapter input."""
+    targets: str | tuple[str, ...] = "all"
+    """'attn', 'mlp', 'all' (linear layers of each block), or an explicit tuple of module names."""
+    layers: str | tuple[int, ...] = "all"
+    """'all', 'paper' (one middle layer, MLP projections, alpha = rank), or a tuple of layer indices."""
+
+    def __post_init__(self) -> None:
+        _need(_is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
+        _need(self.alpha is None or (_is_number(self.alpha) and self.alpha > 0), f"alpha must be a positive number, got {self.alpha!r}")
+        _need(_is_number(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            _need(self.targets in TARGET_PRESETS, f"targets must be one of {', '.join(TARGET_PRESETS)} or a list of module names, got {self.targets!r}")
+        else:
+            _need(len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets),
+                  f"targets must be a non-empty list of module names, got {self.targets!r}")
+        if isinstance(self.layers, str):
+            _need(self.layers in ("all", "paper"), f"layers must be 'all', 'paper' or a list of layer indices, got {self.layers!r}")
+        else:
+            _need(len(self.layers) > 0 and all(_is_int(i) and i >= 0 for i in self.layers),
+                  f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None or self.layers == "paper" else self.alpha)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    text: str | None = None
+    """The passage to memorize (all of it is the target)."""
+    prompt: str | None = DEFAULT_PROMPT
+    """Conditioned on but not trained. None or '' means the target follows the BOS token alone."""
+    phonebook: int | None = None
+    """Instead of a passage: a PhoneBook of this many 'Name:' -> 10-digit number entries."""
+    length: int | None = None
+    """Keep only the first `length` target tokens (per sample for a PhoneBook)."""
+    noise: float = 0.0
+    """Fraction of target tokens replaced by random tokens (seeded by `seed`)."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template as a user turn."""
+    seed: int = 0
+    """Seed for the PhoneBook generator and the noise."""
+    max_tokens: int = 2048
+    """Largest number of target tokens accepted; longer text is refused, never truncated silently."""
+
+    def __post_init__(self) -> None:
+        _need((self.text is None) != (self.phonebook is None), "give either a text or a phonebook size, not both and not neither")
+        if self.text is not None:
+            _need(isinstance(self.text, str), f"text must be a string, got {type(self.text).__name__}")
+            _need(self.text.strip() != "", "the text is empty (or only whitespace): nothing to memorize")
+        if self.phonebook is not None:
+            _need(_is_int(self.phonebook) and 1 <= self.phonebook <= 10_000, f"phonebook entries must be an integer in [1, 10000], got {self.phonebook!r}")
+        _need(self.prompt is None or isinstance(self.prompt, str), f"prompt must be a string, got {type(self.prompt).__name__}")
+        _need(self.length is None or (_is_int(self.length) and self.length >= 1), f"length must be an integer >= 1, got {self.length!r}")
+        _need(_is_number(self.noise) and 0 <= self.noise <= 1, f"noise must be a fraction in [0, 1], got {self.noise!r}")
+        _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _need(_is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    method: Method = "memft-ot"
+    """sft (mean cross-entropy), memft-ot (threshold only) or memft-sw (sliding window)."""
+    tau: float = 0.5
+    """Probability threshold: a token counts as memorized once p(correct) > tau."""
+    lr: float = 2e-3
+    """AdamW learning rate (decays linearly to 0 over max_steps, no warmup)."""
+    max_steps: int = 200
+    """Most optimizer updates."""
+    max_seconds: float | None = None
+    """Stop after this much wall time (the adapter so far is kept)."""
+    stop_when_recalled: bool = True
+    """Stop as soon as greedy decoding reproduces every target token."""
+    ot_when_empty: OtWhenEmpty = "skip"
+    """memft-ot when no token is below tau: 'skip' the update or fall back to the plain 'mean' loss."""
+    window: int = 50
+    """memft-sw base window W in tokens."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for adapter initialisation and dropout."""
+    curriculum_stages: int = 5
+    """memft-sw with several samples: train on the first 1/k, 2/k, ... of them, k stages."""
+
+    def __post_init__(self) -> None:
+        _need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _need(_is_number(self.tau) and 0 < self.tau < 1, f"tau must be strictly between 0 and 1, got {self.tau!r}")
+        _need(_is_number(self.lr) and self.lr > 0, f"learning rate must be a positive number, got {self.lr!r}")
+        _need(_is_int(self.max_steps) and self.max_steps >= 1, f"max steps must be an integer >= 1, got {self.max_steps!r}")
+        _need(self.max_seconds is None or (_is_number(self.max_seconds) and self.max_seconds > 0),
+              f"max seconds must be a positive number, got {self.max_seconds!r}")
+        _need(self.ot_when_empty in ("skip", "mean"), f"ot_when_empty must be skip or mean, got {self.ot_when_empty!r}")
+        _need(_is_int(self.window) and self.window >= 1, f"window must be an integer >= 1, got {self.window!r}")
+        _need(_is_number(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay!r}")
+        _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _need(_is_int(self.curriculum_stages) and self.curriculum_stages >= 1, f"curriculum stages must be >= 1, got {self.curriculum_stages!r}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one run; stored as JSON with the run."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec(text="x"))
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        def build(kind: type, values: dict[str, Any]) -> Any:
+            names = {f.name for f in fields(kind)}
+            kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+            return kind(**kw)
+
+        return cls(model=build(ModelSpec, d.get("model", {})), adapter=build(AdapterSpec, d.get("adapter", {})),
+                   data=build(DataSpec, d.get("data", {})), train=build(TrainSpec, d.get("train", {})))

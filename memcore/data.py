@@ -1,0 +1,197 @@
+"""Text -> target tokens, and the batch layout every training step uses.
+
+A sample is (prompt_ids, target_ids): the prompt is conditioned on, the target is what must be memorized.
+Samples are packed into one left-padded batch whose input drops each sequence's last token, so that the
+last n_i logits of row i are exactly the predictions of its n_i target tokens (teacher forcing). With
+``logits_to_keep = K = max n_i`` the model computes logits only there.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memcore.config import DataSpec, MemcoreError
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+
+_FIRST = ("Ada", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca",
+          "Maya", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Ximena",
+          "Yusuf", "Zoe")
+_LAST = ("Abbott", "Berg", "Castro", "Dubois", "Eriksen", "Fischer", "Garcia", "Haas", "Ito", "Jensen", "Kowalski",
+         "Larsen", "Moreau", "Novak", "Okafor", "Petrov", "Quist", "Rossi", "Sato", "Tanaka", "Ueda", "Varga",
+         "Weber", "Xu", "Yilmaz", "Zhou")
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+def samples_dir() -> Path:
+    return SAMPLE_DIR
+
+
+def list_samples() -> list[str]:
+    d = samples_dir() / "passages"
+    return sorted(p.stem for p in d.glob("*.txt")) if d.is_dir() else []
+
+
+def read_sample(name: str) -> str:
+    path = samples_dir() / "passages" / f"{name}.txt"
+    if not path.is_file():
+        have = ", ".join(list_samples()) or "none"
+        raise MemcoreError(f"no sample passage named {name!r}; available: {have}")
+    return path.read_text(encoding="utf-8")
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file, refusing binary or undecodable content with a clear message."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise MemcoreError(f"text file {p} does not exist") from None
+    except IsADirectoryError:
+        raise MemcoreError(f"{p} is a directory, not a text file") from None
+    except OSError as e:
+        raise MemcoreError(f"cannot read {p}: {e.strerror or e}") from None
+    return decode_text(raw, str(p))
+
+
+def decode_text(raw: bytes, what: str = "input") -> str:
+    if b"\x00" in raw:
+        raise MemcoreError(f"{what} is not text (it contains NUL bytes; binary file?)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MemcoreError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n distinct (name, 10-digit number) pairs, the same for the same seed."""
+    rng = random.Random(seed)
+    names: set[str] = set()
+    out = []
+    while len(out) < n:
+        name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        if name in names:
+            name = f"{name} {len(out)}"
+        names.add(name)
+        out.append((name, "".join(str(rng.randrange(10)) for _ in range(10))))
+    return out
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | None, chat_template: bool) -> list[int]:
+    prompt = prompt or ""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MemcoreError("this tokenizer has no chat template; drop --chat-template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+    if not ids:  # no BOS and no prompt: the first target token still needs a context to be predicted from
+        ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
+    return ids
+
+
+def _noise(target: list[int], fraction: float, vocab: int, rng: random.Random) -> list[int]:
+    """Replace round(fraction * len) target tokens, at random positions, by other random tokens."""
+    out = list(target)
+    k = round(fraction * len(out))
+    for i in rng.sample(range(len(out)), k):
+        new = rng.randrange(vocab - 1)
+        out[i] = new if new < out[i] else new + 1  # uniform over the vocabulary minus the original token
+    return out
+
+
+def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = None, vocab_size: int | None = None) -> list[Sample]:
+    """Tokenize a DataSpec into samples, applying length control and noise; refuse what does not fit."""
+    if spec.text is not None:
+        pairs = [(spec.prompt, spec.text)]
+    else:
+        pairs = [(f"Name: {name}\nPhone:", f" {number}") for name, number in phonebook(spec.phonebook or 0, spec.seed)]
+    vocab = vocab_size or len(tokenizer)
+    rng = random.Random(spec.seed)
+    samples = []
+    for prompt, text in pairs:
+        p = _prompt_ids(tokenizer, prompt, spec.chat_template)
+        t = tokenizer.encode(text, add_special_tokens=False)
+        if not t:
+            raise MemcoreError("the text produces no tokens: nothing to memorize")
+        if spec.length is not None:
+            t = t[: spec.length]
+        if spec.noise > 0:
+            t = _noise(t, spec.noise, vocab, rng)
+        samples.append(Sample(p, t))
+    total = sum(len(s.target_ids) for s in samples)
+    if total > spec.max_tokens:
+        raise MemcoreError(f"the text is {total} target tokens, more than the configured maximum of {spec.max_tokens} "
+                           f"(raise --max-tokens or shorten the text; nothing is truncated silently)")
+    longest = max(len(s.prompt_ids) + len(s.target_ids) for s in samples)
+    if context_length is not None and longest > context_length:
+        raise MemcoreError(f"the text is {longest} tokens with its prompt, more than the model's context of {context_length} tokens")
+    return samples
+
+
+@dataclass
+class Batch:
+    """Left-padded teacher-forcing batch. Shapes: B rows, T input positions, K kept logit positions."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long
+    labels: torch.Tensor  # [B, K] long, target token for each kept position (0 where masked)
+    target_mask: torch.Tensor  # [B, K] bool, True where the kept position predicts a target token
+    samples: list[Sample]
+
+    @property
+    def keep(self) -> int:
+        return self.labels.shape[1]
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                     self.labels.to(device), self.target_mask.to(device), self.samples)
+
+    def rows(self, idx: list[int]) -> Batch:
+        t = torch.tensor(idx, device=self.input_ids.device)
+        return Batch(self.input_ids[t], self.attention_mask[t], self.position_ids[t], self.labels[t],
+                     self.target_mask[t], [self.samples[i] for i in idx])
+
+    def with_labels(self, labels: torch.Tensor) -> Batch:
+        """Same inputs, other labels (used to show which labels an update depends on)."""
+        return Batch(self.input_ids, self.attention_mask, self.position_ids, labels, self.target_mask, self.samples)
+
+    def flat_targets(self) -> list[int]:
+        return [t for s in self.samples for t in s.target_ids]
+
+
+def make_batch(samples: list[Sample], pad_id: int = 0) -> Batch:
+    seqs = [s.prompt_ids + s.target_ids[:-1] for s in samples]
+    T = max(len(x) for x in seqs)
+    K = max(len(s.target_ids) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.zeros((B, K), dtype=torch.long)
+    mask = torch.zeros((B, K), dtype=torch.bool)
+    for i, (seq, s) in enumerate(zip(seqs, samples)):
+        input_ids[i, T - len(seq):] = torch.tensor(seq)
+        attention[i, T - len(seq):] = 1
+        n = len(s.target_ids)
+        labels[i, K - n:] = torch.tensor(s.target_ids)
+        mask[i, K - n:] = True
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return Batch(input_ids, attention, position_ids, labels, mask, samples)

@@ -1,0 +1,102 @@
+"""Per-token losses -> per-token weights for sft, memft-ot and memft-sw.
+
+All rules act on detached per-token losses ``loss`` of shape [B, K] with a validity ``mask`` [B, K]; the
+training loss is then ``weighted_mean(loss, w) = sum(w * loss) / sum(w)``. A token is above the cut when
+its loss is below -ln(tau), i.e. p(correct) > tau.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SW_SHARPNESS = 10.0  # sigmoid slope of the memft-sw base weight
+SW_DECAY = 20.0  # e-folding length (tokens) of the weight after the anchor
+SW_FLOOR = 0.01  # scale of the weights beyond the window
+SW_PATIENCE = 3  # steps the anchor may stay put before the window grows
+SW_GROWTH = 0.5  # window growth per step, as a multiple of the base window
+SW_MAX_FACTOR = 4  # the window grows to at most this multiple of the base window
+
+
+def cut(tau: float) -> float:
+    """Loss threshold for probability tau: p > tau  <=>  loss < -ln(tau)."""
+    return -math.log(tau)
+
+
+def sft_weights(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain mean cross-entropy: every target token weighs 1."""
+    return mask.float()
+
+
+def ot_weights(loss: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """memft-ot: w_i = 1 if loss_i > -ln(tau) else 0 (train only tokens not yet above tau)."""
+    return ((loss > cut(tau)) & mask).float()
+
+
+def first_wrong(correct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the kept position of the first target whose argmax is wrong, or -1 if none ([B] long)."""
+    wrong = (~correct) & mask
+    K = wrong.shape[1]
+    pos = torch.arange(K, device=wrong.device).expand_as(wrong)
+    first = torch.where(wrong, pos, torch.full_like(pos, K)).min(dim=1).values
+    return torch.where(first == K, torch.full_like(first, -1), first)
+
+
+@dataclass
+class SlidingWindow:
+    """State of memft-sw's window: per row, the last anchor, how long it stayed, and the current width."""
+
+    base: int = 50
+    anchors: list[int] = field(default_factory=list)
+    still: list[int] = field(default_factory=list)
+    widths: list[float] = field(default_factory=list)
+
+    def update(self, anchors: list[int]) -> list[float]:
+        """Advance one step with this step's anchors; return each row's window width W."""
+        if len(self.anchors) != len(anchors):
+            self.anchors, self.still, self.widths = list(anchors), [0] * len(anchors), [float(self.base)] * len(anchors)
+            return list(self.widths)
+        for r, a in enumerate(anchors):
+            if a != self.anchors[r]:
+                self.anchors[r], self.still[r], self.widths[r] = a, 0, float(self.base)
+            else:
+                self.still[r] += 1
+                if self.still[r] >= SW_PATIENCE:
+                    self.widths[r] = min(self.widths[r] + SW_GROWTH * self.base, SW_MAX_FACTOR * self.base)
+        return list(self.widths)
+
+
+def sw_weights(loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor, tau: float,
+               window: SlidingWindow) -> torch.Tensor:
+    """memft-sw: w_i = sigmoid(10 (loss_i + ln tau)), then relative to the anchor a (first wrong argmax):
+    unchanged before a, times exp(-(i - a)/20) for a <= i <= a + W, times 0.01 beyond a + W.
+    Rows with no wrong argmax keep only the base weights."""
+    base = torch.sigmoid(SW_SHARPNESS * (loss - cut(tau))) * mask.float()
+    anchors = first_wrong(correct, mask)
+    widths = torch.tensor(window.update(anchors.tolist()), device=loss.device, dtype=loss.dtype)
+    K = loss.shape[1]
+    pos = torch.arange(K, device=loss.device, dtype=loss.dtype).expand_as(loss)
+    a = anchors.to(loss.dtype)[:, None]
+    dist = pos - a
+    scale = torch.ones_like(loss)
+    in_window = (dist >= 0) & (dist <= widths[:, None])
+    scale = torch.where(in_window, torch.exp(-dist / SW_DECAY), scale)
+    scale = torch.where(dist > widths[:, None], torch.full_like(scale, SW_FLOOR), scale)
+    scale = torch.where((anchors >= 0)[:, None], scale, torch.ones_like(scale))
+    return base * scale
+
+
+def weighted_mean(loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i loss_i / sum_i w_i (the caller ensures sum w > 0)."""
+    return (w * loss).sum() / w.sum()
+
+
+def curriculum_rows(step: int, max_steps: int, n_rows: int, stages: int) -> list[int]:
+    """Rows trained at `step`: the first ceil(s/stages * n) samples in stage s = 1..stages,
+    stages being equal slices of the step budget."""
+    if n_rows <= 1 or stages <= 1:
+        return list(range(n_rows))
+    stage = min(stages, 1 + (step * stages) // max(1, max_steps))
+    return list(range(math.ceil(stage * n_rows / stages)))

@@ -1,0 +1,167 @@
+"""Join a training stream to the run store: one function runs one RunSpec end to end.
+
+``prepare`` loads the base model and tokenizes the data (every input error surfaces here, before any row
+is written); ``execute`` attaches the adapter, streams ``train_iter`` into the store (flushing at most
+about once a second), saves the adapter in standard PEFT format, and returns the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memcore.config import MemcoreError, RunSpec
+from memcore.data import Sample, build_samples, make_batch
+from memcore.metrics import bits_per_param, stubborn_tokens
+from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff
+from memcore.store import Store
+from memcore.train import StepReport, base_losses, train_iter
+
+FLUSH_SECONDS = 1.0
+
+
+def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -> tuple[Base, list[Sample]]:
+    """Load (or reuse) the base model and tokenize the data, validating both."""
+    if base is None or base.spec != spec.model:
+        base = load_base(spec.model, home)
+    vocab = base.model.get_input_embeddings().weight.shape[0]
+    samples = build_samples(base.tokenizer, spec.data, base.context_length, vocab_size=min(vocab, len(base.tokenizer)))
+    return base, samples
+
+
+def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token as the text it adds (so the pieces concatenate back to the passage)."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
+            should_stop: Callable[[], bool] | None = None, on_report: Callable[[StepReport], None] | None = None,
+            sweep: str | None = None, label: str | None = None) -> dict[str, Any]:
+    """Train one run and record it. Returns the summary (also stored with the run)."""
+    spec_d = spec.to_dict()
+    if run_id is None:
+        run_id = store.create_run(spec_d, sweep=sweep, label=label)
+    store.set_status(run_id, "running")
+    tok = base.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = make_batch(samples, pad_id).to(base.device)
+    model = None
+    try:
+        model = attach_adapter(base.model, spec.adapter, seed=spec.train.seed)
+        n_params = p_eff(model)
+        base_loss = base_losses(model, batch)
+        targets = [s.target_ids for s in samples]
+        store.save_tokens(run_id, [s.prompt_ids for s in samples], targets,
+                          token_pieces(tok, [t for ts in targets for t in ts]),
+                          base_loss[batch.target_mask].float().cpu().numpy())
+        history: list[np.ndarray] = []
+        pending: list[dict[str, Any]] = []
+        last_flush = time.monotonic()
+        final: StepReport | None = None
+        for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop):
+            history.append(r.p)
+            pending.append(_row(r))
+            if r.final or time.monotonic() - last_flush >= FLUSH_SECONDS:
+                store.write_steps(run_id, pending)
+                pending, last_flush = [], time.monotonic()
+            if on_report is not None:
+                on_report(r)
+            if r.final:
+                final = r
+        assert final is not None
+        adapter_dir = store.adapter_dir(run_id)
+        save_adapter(model, tok, adapter_dir, samples, spec)
+        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, np.stack(history), base_loss[batch.target_mask], tok)
+        status = "stopped" if final.stop_reason == "stopped" else "completed"
+        summary["status"] = status
+        store.set_status(run_id, status, summary=summary)
+        (adapter_dir.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    except BaseException as e:
+        msg = str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
+        store.set_status(run_id, "failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=msg)
+        if not isinstance(e, (MemcoreError, KeyboardInterrupt)):
+            (store.runs_dir / run_id / "error.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if model is not None:
+            base.model = detach_adapter(model)
+
+
+def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:
+    """Standard PEFT folder (adapter_config.json + adapter_model.safetensors), the tokenizer, and memcore.json
+    saying which prompt and target the adapter memorized."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "memcore.json").write_text(json.dumps({
+        "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples], "spec": spec.to_dict()}))
+
+
+def _row(r: StepReport) -> dict[str, Any]:
+    return {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "n_above": r.n_above, "n_correct": r.n_correct,
+            "n_tokens": r.n_tokens, "active": r.active, "recalled": int(r.recalled), "first_divergence": r.first_divergence,
+            "elapsed": r.elapsed, "lr": r.lr, "skipped": int(r.skipped), "p": r.p, "correct": r.correct}
+
+
+def _flat_or_nested(lists: list[list[int]]) -> list[int] | list[list[int]]:
+    return lists[0] if len(lists) == 1 else lists
+
+
+def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, samples: list[Sample], adapter_dir: Path,
+             history: np.ndarray, base_loss: Any, tokenizer: Any) -> dict[str, Any]:
+    flat_targets = [t for s in samples for t in s.target_ids]
+    stubborn = stubborn_tokens(history, spec.train.tau)
+    for s in stubborn:
+        s["token"] = tokenizer.decode([flat_targets[s["index"]]])
+    generated = final.generated or []
+    train_seconds = final.elapsed - final.generate_seconds
+    return {
+        "run_id": run_id,
+        "steps": final.step,
+        "stop_reason": final.stop_reason,
+        "recalled": bool(final.generate_recalled),
+        "teacher_forced_recalled": final.recalled,
+        "first_divergence": final.generate_divergence,
+        "teacher_forced_first_divergence": final.first_divergence,
+        "n_tokens": final.n_tokens,
+        "n_above": final.n_above,
+        "n_correct": final.n_correct,
+        "base_loss": float(base_loss.mean()),
+        "loss": final.loss,
+        "delta_loss": final.delta_loss,
+        "p_eff": n_params,
+        "bits_stored": final.bits_stored,
+        "bits_per_param": bits_per_param(final.bits_stored, n_params),
+        "seconds_per_step": train_seconds / final.step if final.step else None,
+        "train_seconds": train_seconds,
+        "model": spec.model.name,
+        "quant": spec.model.quant,
+        "method": spec.train.method,
+        "tau": spec.train.tau,
+        "rank": spec.adapter.rank,
+        "adapter_dir": str(adapter_dir),
+        "prompt_ids": _flat_or_nested([s.prompt_ids for s in samples]),
+        "target_ids": _flat_or_nested([s.target_ids for s in samples]),
+        "generated_ids": _flat_or_nested(generated) if generated else None,
+        "stubborn_tokens": stubborn,
+        "notes": final.notes,
+    }
+
+
+def run(spec: RunSpec, store: Store, *, base: Base | None = None, **kwargs: Any) -> dict[str, Any]:
+    """prepare + execute: the whole run for one spec."""
+    base, samples = prepare(spec, base, store.home)
+    return execute(spec, store, base, samples, **kwargs)
+
+
+def with_overrides(spec: RunSpec, **sections: dict[str, Any]) -> RunSpec:
+    """A copy of `spec` with fields of its sections replaced, e.g. with_overrides(s, train={'seed': 1})."""
+    return replace(spec, **{k: replace(getattr(spec, k), **v) for k, v in sections.items()})

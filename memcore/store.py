@@ -1,0 +1,256 @@
+"""Run store: one SQLite database (WAL) in the memcore home plus a folder per run for its adapter.
+
+Tables
+  runs         one row per run: spec, status, times, final summary
+  steps        per-step scalar metrics
+  token_steps  per-step p (float16) and argmax-correct (packed bits) of every target token, for replay
+  tokens       each run's prompt ids, target ids and base per-token loss
+
+Status moves queued -> running -> completed | stopped | failed; a run whose process died while running
+(or queued) is shown as interrupted the next time anyone opens the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memcore.config import MemcoreError
+
+STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
+LIVE = ("queued", "running")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  id TEXT PRIMARY KEY, created REAL NOT NULL, started REAL, finished REAL, status TEXT NOT NULL,
+  model TEXT, method TEXT, rank INTEGER, length INTEGER, seed INTEGER, sweep TEXT, label TEXT,
+  spec TEXT NOT NULL, summary TEXT, error TEXT, pid INTEGER, host TEXT, heartbeat REAL, steps INTEGER DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS steps (
+  run_id TEXT NOT NULL, step INTEGER NOT NULL, loss REAL, delta_loss REAL, n_above INTEGER, n_correct INTEGER,
+  n_tokens INTEGER, active INTEGER, recalled INTEGER, first_divergence INTEGER, elapsed REAL, lr REAL, skipped INTEGER,
+  PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS token_steps (
+  run_id TEXT NOT NULL, step INTEGER NOT NULL, p BLOB NOT NULL, correct BLOB NOT NULL, PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+  run_id TEXT PRIMARY KEY, prompt_ids TEXT NOT NULL, target_ids TEXT NOT NULL, pieces TEXT, base_loss BLOB, sample_lengths TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep);
+"""
+
+STEP_COLUMNS = ("step", "loss", "delta_loss", "n_above", "n_correct", "n_tokens", "active", "recalled",
+                "first_divergence", "elapsed", "lr", "skipped")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+
+
+@dataclass
+class Replay:
+    """Everything needed to replay a run step by step."""
+
+    steps: list[int]
+    p: np.ndarray  # [S, N] float32
+    correct: np.ndarray  # [S, N] bool
+    target_ids: list[int]
+    pieces: list[str]
+
+
+class Store:
+    """A handle on the run store. Safe to share between threads (one connection, serialized)."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.runs_dir = self.home / "runs"
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.home / "runs.db"
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise MemcoreError(f"the run store {self.home / 'runs.db'} cannot be opened ({e}); move it aside to start a new one") from None
+        except OSError as e:
+            raise MemcoreError(f"the memcore home {self.home} is not writable ({e.strerror or e})") from None
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self.mark_interrupted()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    def mark_interrupted(self) -> int:
+        """Runs left queued/running by a process that is gone are marked interrupted. Returns how many."""
+        host = socket.gethostname()
+        rows = self._exec("SELECT id, pid, host, heartbeat FROM runs WHERE status IN ('queued','running')").fetchall()
+        dead = [r["id"] for r in rows
+                if (r["host"] == host and not _pid_alive(r["pid"])) or (r["host"] != host and (r["heartbeat"] or 0) < time.time() - 300)]
+        for rid in dead:
+            self._exec("UPDATE runs SET status='interrupted', finished=COALESCE(finished, heartbeat) WHERE id=? AND status IN ('queued','running')", (rid,))
+        return len(dead)
+
+    def create_run(self, spec: dict[str, Any], *, run_id: str | None = None, status: str = "queued", sweep: str | None = None,
+                   label: str | None = None) -> str:
+        rid = run_id or new_run_id()
+        m, a, d, t = spec["model"], spec["adapter"], spec["data"], spec["train"]
+        self._exec(
+            "INSERT INTO runs (id, created, status, model, method, rank, length, seed, sweep, label, spec, pid, host, heartbeat) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (rid, time.time(), status, m["name"], t["method"], a["rank"], d.get("length"), t["seed"], sweep, label,
+             json.dumps(spec), os.getpid(), socket.gethostname(), time.time()))
+        (self.runs_dir / rid).mkdir(parents=True, exist_ok=True)
+        return rid
+
+    def set_status(self, run_id: str, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
+        assert status in STATUSES
+        now = time.time()
+        sets, args = ["status=?", "heartbeat=?", "pid=?"], [status, now, os.getpid()]
+        if status == "running":
+            sets.append("started=COALESCE(started, ?)")
+            args.append(now)
+        if status not in LIVE:
+            sets.append("finished=?")
+            args.append(now)
+        if error is not None:
+            sets.append("error=?")
+            args.append(error)
+        if summary is not None:
+            sets.append("summary=?")
+            args.append(json.dumps(summary))
+            sets.append("steps=?")
+            args.append(summary.get("steps", 0))
+            if summary.get("n_tokens") is not None:
+                sets.append("length=?")
+                args.append(summary["n_tokens"])
+        self._exec(f"UPDATE runs SET {', '.join(sets)} WHERE id=?", (*args, run_id))
+
+    def save_tokens(self, run_id: str, prompt_ids: list[list[int]], target_ids: list[list[int]], pieces: list[str],
+                    base_loss: np.ndarray) -> None:
+        self._exec("INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,?)",
+                   (run_id, json.dumps(prompt_ids), json.dumps(target_ids), json.dumps(pieces),
+                    np.asarray(base_loss, dtype=np.float32).tobytes(), json.dumps([len(t) for t in target_ids])))
+
+    def write_steps(self, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """Append a block of step reports in one transaction (and refresh the heartbeat)."""
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(f"INSERT OR REPLACE INTO steps VALUES ({','.join('?' * (len(STEP_COLUMNS) + 1))})",
+                                     [(run_id, *[r[c] for c in STEP_COLUMNS]) for r in rows])
+                self._db.executemany("INSERT OR REPLACE INTO token_steps VALUES (?,?,?,?)",
+                                     [(run_id, r["step"], np.asarray(r["p"], dtype=np.float16).tobytes(),
+                                       np.packbits(np.asarray(r["correct"], dtype=bool)).tobytes()) for r in rows])
+                self._db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1]["step"], run_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def delete_run(self, run_id: str) -> None:
+        import shutil
+
+        with self._lock:
+            for table in ("steps", "token_steps", "tokens"):
+                self._db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+            self._db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+        shutil.rmtree(self.runs_dir / run_id, ignore_errors=True)
+
+    # --- queries --------------------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """A run id from an id, a unique id prefix, or 'last'."""
+        if ref == "last":
+            row = self._exec("SELECT id FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+            if row is None:
+                raise MemcoreError("the run store is empty")
+            return row["id"]
+        rows = self._exec("SELECT id FROM runs WHERE id LIKE ? ORDER BY created", (ref.replace("%", "") + "%",)).fetchall()
+        if not rows:
+            raise MemcoreError(f"no run {ref!r} in the store (see `memcore runs`)")
+        exact = [r["id"] for r in rows if r["id"] == ref]
+        if exact:
+            return exact[0]
+        if len(rows) > 1:
+            raise MemcoreError(f"run prefix {ref!r} is ambiguous: {', '.join(r['id'] for r in rows[:5])}")
+        return rows[0]["id"]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        row = self._exec("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise MemcoreError(f"no run {run_id!r} in the store")
+        return self._row(row)
+
+    def runs(self, *, method: str | None = None, model: str | None = None, status: str | None = None,
+             sweep: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM runs WHERE 1=1", []
+        for col, val in (("method", method), ("model", model), ("status", status), ("sweep", sweep)):
+            if val is not None:
+                sql += f" AND {col}=?"
+                args.append(val)
+        return [self._row(r) for r in self._exec(sql + " ORDER BY created", args).fetchall()]
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> dict[str, Any]:
+        d = dict(row)
+        d["spec"] = json.loads(d["spec"]) if d["spec"] else {}
+        d["summary"] = json.loads(d["summary"]) if d["summary"] else {}
+        return d
+
+    def steps(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._exec(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def tokens(self, run_id: str) -> dict[str, Any]:
+        row = self._exec("SELECT * FROM tokens WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise MemcoreError(f"run {run_id} has no token data (it never started)")
+        return {"prompt_ids": json.loads(row["prompt_ids"]), "target_ids": json.loads(row["target_ids"]),
+                "pieces": json.loads(row["pieces"] or "[]"), "base_loss": np.frombuffer(row["base_loss"], dtype=np.float32),
+                "sample_lengths": json.loads(row["sample_lengths"] or "[]")}
+
+    def replay(self, run_id: str) -> Replay:
+        tok = self.tokens(run_id)
+        n = sum(len(t) for t in tok["target_ids"])
+        rows = self._exec("SELECT step, p, correct FROM token_steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
+        p = np.stack([np.frombuffer(r["p"], dtype=np.float16).astype(np.float32) for r in rows]) if rows else np.zeros((0, n), np.float32)
+        c = np.stack([np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:n].astype(bool) for r in rows]) if rows \
+            else np.zeros((0, n), bool)
+        return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
+
+    def adapter_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id / "adapter"

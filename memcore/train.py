@@ -1,0 +1,315 @@
+"""The one streaming core: ``train_iter`` yields a StepReport per optimizer step; ``train`` consumes it.
+
+Step k's report describes the adapter after k updates, measured by the very forward pass that then
+computes step k+1's gradient, so tracking costs no extra forward. Exact greedy recall is read from the
+teacher-forced argmax (if every target position's argmax is the target, greedy decoding reproduces the
+whole target by induction); when that says "recalled", and at the end of every run, a real greedy
+``generate`` confirms it, and a disagreement is reported rather than hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memcore import objectives as obj
+from memcore.config import TrainSpec
+from memcore.data import Batch, Sample
+from memcore.models import decoder_layers, has_trainable_below_blocks, lowest_adapted_layer
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class StepReport:
+    step: int  # optimizer updates applied so far
+    loss: float  # mean cross-entropy over target tokens, adapter on
+    delta_loss: float  # mean base loss (adapter off) minus `loss`
+    p: np.ndarray  # [N] float16, probability of the correct token at each target position
+    correct: np.ndarray  # [N] bool, teacher-forced argmax == target
+    n_above: int  # tokens with p > tau
+    n_correct: int  # tokens whose argmax is right
+    active: int  # tokens carrying weight in the update taken from this state (0 when skipped or final)
+    recalled: bool  # every argmax right: greedy decoding reproduces the target
+    first_divergence: int | None  # first wrong position, where greedy decoding goes astray
+    elapsed: float  # seconds since training started
+    lr: float
+    skipped: bool = False  # memft-ot with nothing below tau: no update taken
+    final: bool = False
+    stop_reason: str | None = None  # recalled | max_steps | max_seconds | stopped
+    bits_stored: float = 0.0  # sum(base_loss - loss) / ln 2
+    generated: list[list[int]] | None = None  # final: greedy continuation of each prompt
+    generate_recalled: bool | None = None  # final (or recall check): did generate reproduce every target?
+    generate_divergence: int | None = None
+    generate_seconds: float = 0.0  # time spent in greedy-generate checks so far (part of elapsed)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.p.shape[0])
+
+
+# --- forward pieces ----------------------------------------------------------------------------------------
+
+
+def token_losses(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy [B, K] (fp32) and argmax-correct [B, K] from logits at target positions only."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=batch.keep, use_cache=False)
+    logits = out.logits[:, -batch.keep:, :].float()  # [B, K, V]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")
+    loss = loss.view(batch.labels.shape) * batch.target_mask
+    correct = (logits.detach().argmax(-1) == batch.labels) & batch.target_mask
+    return loss, correct
+
+
+@torch.no_grad()
+def base_losses(model: Any, batch: Batch) -> torch.Tensor:
+    """Per-token loss of the base model (adapter switched off), [B, K]."""
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with ctx:
+        loss, _ = token_losses(model, batch)
+    return loss
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, samples: list[Sample], pad_id: int, max_new: int | None = None) -> list[list[int]]:
+    """Greedy continuation of each sample's prompt, as many tokens as its target (or max_new)."""
+    outs = []
+    for s in samples:
+        n = max_new or len(s.target_ids)
+        ids = torch.tensor([s.prompt_ids], device=_device(model))
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+        outs.append(gen[0, len(s.prompt_ids):].tolist())
+    return outs
+
+
+def compare(generated: list[list[int]], samples: list[Sample]) -> int | None:
+    """Flat index of the first generated token that differs from the target (None if all match)."""
+    offset = 0
+    for g, s in zip(generated, samples):
+        for i, t in enumerate(s.target_ids):
+            if i >= len(g) or g[i] != t:
+                return offset + i
+        offset += len(s.target_ids)
+    return None
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- frozen-prefix cache -------------------------------------------------------------------------------------
+
+
+class FrozenPrefix:
+    """When no adapter sits below block k, the hidden states entering block k never change for a fixed
+    input: compute them once, then let blocks 0..k-1 pass them through. Backward stops at block k too."""
+
+    def __init__(self, model: Any, k: int):
+        self.layers = decoder_layers(model)
+        self.k = k
+        self.output: Any = None  # what block k-1 returned for the full batch
+
+    @classmethod
+    def maybe(cls, model: Any) -> FrozenPrefix | None:
+        k = lowest_adapted_layer(model)
+        if k is None or k < 1 or has_trainable_below_blocks(model):
+            return None
+        return cls(model, k)
+
+    def capture(self, model: Any, batch: Batch) -> None:
+        def hook(_mod: Any, _inp: Any, out: Any) -> None:
+            self.output = tuple(o.detach() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.detach()
+
+        h = self.layers[self.k - 1].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                token_losses(model, batch)
+        finally:
+            h.remove()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        out = self.output
+        as_tuple = isinstance(out, tuple)
+
+        def passthrough(_self: Any, *args: Any, **kwargs: Any) -> Any:
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) if as_tuple else h
+
+        def cached(_self: Any, *args: Any, **kwargs: Any) -> Any:
+            return out
+
+        blocks = list(self.layers)[: self.k]
+        for i, block in enumerate(blocks):
+            block.forward = types.MethodType(cached if i == self.k - 1 else passthrough, block)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+
+def _flat(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x[mask]  # row-major: the targets of sample 0, then sample 1, ...
+
+
+def _set_lora_dropout(model: Any, on: bool) -> None:
+    for name, m in model.named_modules():
+        if name.endswith("lora_dropout") or ".lora_dropout." in name:
+            m.train(on)
+
+
+def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,
+               should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True) -> Iterator[StepReport]:
+    """Train the adapter of `model` on `batch`, yielding a StepReport after every step and a final one.
+
+    The last report has final=True, the stop reason, and the greedy-generate check. `should_stop` is polled
+    once per step (cooperative stop: the adapter trained so far is kept)."""
+    model.eval()
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules() if "lora_dropout" in n)
+    prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
+    if prefix is not None:
+        prefix.capture(model, batch)
+    if base_loss is None:
+        base_loss = base_losses(model, batch)
+    mask = batch.target_mask
+    base_flat = _flat(base_loss, mask)
+    base_mean = float(base_flat.mean())
+    n_rows = batch.input_ids.shape[0]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / spec.max_steps))
+    window = obj.SlidingWindow(base=spec.window)
+    torch.manual_seed(spec.seed)
+
+    t0 = time.perf_counter()
+    changed = True  # params changed since the last forward (else its result can be reused)
+    last: tuple[torch.Tensor, torch.Tensor] | None = None
+    last_check_step = -10**9
+    gen_seconds = [0.0]
+    step = 0
+    while True:
+        _set_lora_dropout(model, dropout)
+        if changed or last is None:
+            with prefix.active() if prefix is not None else nullcontext():
+                loss, correct = token_losses(model, batch)
+            last = (loss, correct)
+        loss, correct = last
+        det = loss.detach()
+        flat_loss = _flat(det, mask)
+        flat_correct = _flat(correct, mask)
+        recalled = bool(flat_correct.all())
+        wrong = (~flat_correct).nonzero()
+        report = StepReport(
+            step=step, loss=float(flat_loss.mean()), delta_loss=base_mean - float(flat_loss.mean()),
+            p=torch.exp(-flat_loss).to(torch.float16).cpu().numpy(), correct=flat_correct.cpu().numpy(),
+            n_above=int((flat_loss < obj.cut(spec.tau)).sum()), n_correct=int(flat_correct.sum()), active=0,
+            recalled=recalled, first_divergence=None if recalled else int(wrong[0, 0]),
+            elapsed=time.perf_counter() - t0, lr=sched.get_last_lr()[0],
+            bits_stored=float((base_flat - flat_loss).sum()) / LN2)
+
+        reason = None
+        if should_stop is not None and should_stop():
+            reason = "stopped"
+        elif spec.max_seconds is not None and report.elapsed >= spec.max_seconds:
+            reason = "max_seconds"
+        elif step >= spec.max_steps:
+            reason = "max_steps"
+        elif recalled and spec.stop_when_recalled and step - last_check_step >= 5:
+            last_check_step = step
+            gen = _check(model, batch, pad_id, report, gen_seconds)
+            if report.generate_recalled:
+                reason = "recalled"
+                report.generated = gen
+            else:
+                report.notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
+                                    f"at token {report.generate_divergence}; training on")
+        if reason is not None:
+            if dropout:  # the training forward had dropout on: measure the final adapter without it
+                _set_lora_dropout(model, False)
+                with torch.no_grad():
+                    loss, correct = token_losses(model, batch)
+                _refresh(report, loss, correct, mask, base_flat, spec.tau)
+            if report.generated is None:
+                report.generated = _check(model, batch, pad_id, report, gen_seconds)
+            if report.recalled != report.generate_recalled:
+                report.notes.append("teacher-forced recall and greedy generate disagree "
+                                    f"(argmax: {report.recalled}, generate: {report.generate_recalled})")
+            report.final, report.stop_reason = True, reason
+            report.elapsed = time.perf_counter() - t0
+            report.generate_seconds = gen_seconds[0]
+            yield report
+            return
+
+        # choose this step's token weights from the detached losses
+        rows = obj.curriculum_rows(step, spec.max_steps, n_rows, spec.curriculum_stages) if spec.method == "memft-sw" else None
+        if spec.method == "sft":
+            w = obj.sft_weights(det, mask)
+        elif spec.method == "memft-ot":
+            w = obj.ot_weights(det, mask, spec.tau)
+            if w.sum() == 0 and spec.ot_when_empty == "mean":
+                w = obj.sft_weights(det, mask)
+        else:
+            w = obj.sw_weights(det, correct, mask, spec.tau, window)
+            if rows is not None and len(rows) < n_rows:
+                w = w * (torch.arange(n_rows, device=w.device) < len(rows)).to(w.dtype)[:, None]
+        report.active = int((w > 0).sum())
+        if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
+            report.skipped = True
+            changed = dropout
+            sched.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            obj.weighted_mean(loss, w).backward()
+            opt.step()
+            sched.step()
+            changed = True
+        last = None if changed else last
+        yield report
+        step += 1
+
+
+def _refresh(report: StepReport, loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor,
+             base_flat: torch.Tensor, tau: float) -> None:
+    fl, fc = _flat(loss, mask), _flat(correct, mask)
+    report.loss = float(fl.mean())
+    report.delta_loss = float(base_flat.mean() - fl.mean())
+    report.p = torch.exp(-fl).to(torch.float16).cpu().numpy()
+    report.correct = fc.cpu().numpy()
+    report.n_above = int((fl < obj.cut(tau)).sum())
+    report.n_correct = int(fc.sum())
+    report.recalled = bool(fc.all())
+    report.first_divergence = None if report.recalled else int((~fc).nonzero()[0, 0])
+    report.bits_stored = float((base_flat - fl).sum()) / LN2
+
+
+def _check(model: Any, batch: Batch, pad_id: int, report: StepReport, seconds: list[float]) -> list[list[int]]:
+    _set_lora_dropout(model, False)
+    t = time.perf_counter()
+    gen = greedy_generate(model, batch.samples, pad_id)
+    seconds[0] += time.perf_counter() - t
+    report.generate_divergence = compare(gen, batch.samples)
+    report.generate_recalled = report.generate_divergence is None
+    return gen
+
+
+def train(model: Any, batch: Batch, spec: TrainSpec, **kwargs: Any) -> tuple[StepReport, list[StepReport]]:
+    """Run train_iter to the end; return the final report and all reports."""
+    reports = list(train_iter(model, batch, spec, **kwargs))
+    return reports[-1], reports
