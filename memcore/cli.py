@@ -117,15 +117,19 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.stop
 
-    def install(self) -> None:
+    def install(self) -> Callable[[], None]:
+        """Install the handlers; returns a function that puts the previous ones back."""
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
         def handler(signum: int, frame: Any) -> None:
             if self.stop:
                 raise KeyboardInterrupt
             self.stop = True
             print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
 
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        for sig in old:
+            signal.signal(sig, handler)
+        return lambda: [signal.signal(sig, h) for sig, h in old.items()] and None
 
 
 def _progress(total: int, enabled: bool) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -153,12 +157,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"loading {spec.model.name} ...", file=sys.stderr)
     base, samples = prepare(spec, home=store.home)
     flag = StopFlag()
-    flag.install()
+    restore = flag.install()
     update, close = _progress(spec.train.max_steps, enabled=not args.json or sys.stderr.isatty())
     try:
         summary = execute(spec, store, base, samples, should_stop=flag, on_report=update, label=args.label)
     finally:
         close()
+        restore()
     if args.json:
         print(json.dumps(summary))
     else:
@@ -308,9 +313,16 @@ def _help(cls: type, name: str) -> str:
     return ""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (with a pointer to --help) instead of a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memcore", description="Watch a language model memorize text.")
-    sub = p.add_subparsers(dest="verb", required=True)
+    p = _Parser(prog="memcore", description="Watch a language model memorize text.")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="memorize a passage (or a PhoneBook) with a LoRA adapter")
     src = t.add_argument_group("what to memorize")

@@ -17,6 +17,7 @@ import torch
 
 from memcore.config import DataSpec, MemcoreError
 
+MAX_FILE_BYTES = 20_000_000
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 
 _FIRST = ("Ada", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca",
@@ -54,6 +55,9 @@ def read_text_file(path: str | Path) -> str:
     """Read a UTF-8 text file, refusing binary or undecodable content with a clear message."""
     p = Path(path)
     try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise MemcoreError(f"{p} is {size / 1e6:.0f} MB; memcore accepts text files up to {MAX_FILE_BYTES // 10**6} MB")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise MemcoreError(f"text file {p} does not exist") from None

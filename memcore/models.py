@@ -66,7 +66,10 @@ def default_model_dir(home: Path | None = None, log: Callable[[str], None] | Non
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    plain = LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now: a plain float model
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,7 @@ def resolve_source(spec: ModelSpec, home: Path | None = None) -> str:
             raise MemcoreError(f"model directory {p} has no config.json: not a Hugging Face model folder")
         return str(p.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise MemcoreError(f"model directory {p} does not exist")
+        raise MemcoreError(f"model directory {name} does not exist")
     return name
 
 
@@ -161,6 +164,21 @@ def _hub_error(name: str, err: Exception) -> MemcoreError:
                             "use the default model or a local model directory")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return MemcoreError(f"cannot load model '{name}': {first}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the Hugging Face hub's host be resolved and reached? (Fails fast where there is no network.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
@@ -182,8 +200,12 @@ def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    local = Path(source).is_dir()
+    if not local and not hub_reachable():
+        kwargs["local_files_only"] = True  # use the local hub cache if it has the model; no slow retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
+                                                  local_files_only=kwargs.get("local_files_only", False))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except MemcoreError:
         raise
@@ -195,6 +217,12 @@ def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
         raise _hub_error(spec.name, e) from None
     if spec.quant == "none":
         model.to(device)
+    elif device.type == "cpu":
+        # bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time it runs without grad in
+        # eval mode; gradients that later flow back through a repacked layer are wrong (training slows ~10x).
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -20,7 +20,7 @@ import numpy as np
 from memcore.config import MemcoreError, RunSpec
 from memcore.data import Sample, build_samples, make_batch
 from memcore.metrics import bits_per_param, stubborn_tokens
-from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff
+from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.store import Store
 from memcore.train import StepReport, base_losses, train_iter
 
@@ -33,6 +33,7 @@ def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -
         base = load_base(spec.model, home)
     vocab = base.model.get_input_embeddings().weight.shape[0]
     samples = build_samples(base.tokenizer, spec.data, base.context_length, vocab_size=min(vocab, len(base.tokenizer)))
+    target_module_regex(base.model, spec.adapter)  # refuses impossible layers/targets before any row is written
     return base, samples
 
 

@@ -194,7 +194,6 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / spec.max_steps))
     window = obj.SlidingWindow(base=spec.window)
     torch.manual_seed(spec.seed)
 
@@ -221,7 +220,7 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
             p=torch.exp(-flat_loss).to(torch.float16).cpu().numpy(), correct=flat_correct.cpu().numpy(),
             n_above=int((flat_loss < obj.cut(spec.tau)).sum()), n_correct=int(flat_correct.sum()), active=0,
             recalled=recalled, first_divergence=None if recalled else int(wrong[0, 0]),
-            elapsed=time.perf_counter() - t0, lr=sched.get_last_lr()[0],
+            elapsed=time.perf_counter() - t0, lr=spec.lr * max(0.0, 1.0 - step / spec.max_steps),
             bits_stored=float((base_flat - flat_loss).sum()) / LN2)
 
         reason = None
@@ -273,12 +272,12 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
         if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
             report.skipped = True
             changed = dropout
-            sched.step()
         else:
+            for group in opt.param_groups:  # linear decay to 0 over the budget, no warmup
+                group["lr"] = report.lr
             opt.zero_grad(set_to_none=True)
             obj.weighted_mean(loss, w).backward()
             opt.step()
-            sched.step()
             changed = True
         last = None if changed else last
         yield report

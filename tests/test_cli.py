@@ -1,0 +1,153 @@
+"""The CLI as a user meets it: error messages, exit codes, and a store that survives both."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memcore.cli import main
+from memcore.store import Store
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> str:
+    """The single error line (progress notes such as 'loading ...' may precede it; no traceback may)."""
+    assert "Traceback" not in err
+    lines = [x for x in err.strip().splitlines() if "error" in x]
+    assert len(lines) == 1 and lines[0].startswith("memcore"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--text", "   \n "], "empty"),
+    (["--text", "hi", "--rank", "0"], "rank must be an integer >= 1, got 0"),
+    (["--text", "hi", "--tau", "1"], "tau must be strictly between 0 and 1"),
+    (["--text", "hi", "--tau", "0"], "tau"),
+    (["--text", "hi", "--max-steps", "0"], "max steps"),
+    (["--text", "hi", "--lr", "-1"], "learning rate must be a positive number"),
+    (["--text", "hi", "--lr", "nan"], "learning rate"),
+    (["--text", "hi", "--model", "./no/such/dir"], "does not exist"),
+    (["--text", "hi", "--model", "some-org/some-model-that-cannot-download"], "offline"),
+    (["--text", "hi", "--layers", "99"], "layer 99 does not exist"),
+    (["--text", "hi", "--targets", "wq,wk"], "no module named"),
+    (["--sample", "nope"], "no sample passage named 'nope'"),
+    ([], "nothing to memorize"),
+])
+def test_bad_input_gets_one_clear_line_and_store_keeps_its_runs(home, tiny_model_dir, capsys, args, words):
+    code, _, _ = run_cli(capsys, "train", "--text", "a b c d", "--model", str(tiny_model_dir), "--max-steps", "1", "--json")
+    assert code == 0
+    before = Store(home).runs()
+    full = ["train", "--model", str(tiny_model_dir), *args] if "--model" not in args else ["train", *args]
+    code, out, err = run_cli(capsys, *full)
+    assert code == 2
+    assert words in _one_line_error(err)
+    after = Store(home).runs()
+    assert [r["id"] for r in after] == [r["id"] for r in before] and after[0]["status"] == "completed"
+
+
+def test_argparse_errors_are_one_line(home, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--text", "hi", "--lr", "abc"])
+    assert e.value.code == 2
+    assert "invalid float value: 'abc'" in _one_line_error(capsys.readouterr().err)
+
+
+def test_text_longer_than_context_names_both_numbers(home, tiny_model_dir, capsys):
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "word " * 600, "--max-tokens", "5000")
+    assert code == 2 and "more than the model's context of 512 tokens" in err
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "word " * 100, "--max-tokens", "50")
+    assert code == 2 and re.search(r"the text is 10\d target tokens, more than the configured maximum of 50", err)
+
+
+def test_unwritable_home_is_reported(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("MEMCORE_HOME", str(blocker / "home"))
+    code, _, err = run_cli(capsys, "runs")
+    assert code == 2 and "not writable" in _one_line_error(err) and str(blocker / "home") in err
+
+
+def test_nf4_without_bitsandbytes_says_how_to_install(home, tiny_model_dir, capsys, monkeypatch):
+    import memcore.models as models
+
+    monkeypatch.setattr(models, "bitsandbytes_available", lambda: False)
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "hi there", "--quant", "nf4")
+    assert code == 2 and "needs bitsandbytes" in err and "pip install bitsandbytes" in err
+
+
+def test_stdin_and_text_file_inputs(home, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import io
+
+    f = tmp_path / "p.txt"
+    f.write_text("A tiny passage from a file.", encoding="utf-8")
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text-file", str(f), "--max-steps", "2", "--json")
+    s = json.loads(out)
+    assert code == 0 and s["status"] == "completed" and s["steps"] == 2
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"From standard input.")))
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text-file", "-", "--max-steps", "1", "--json")
+    assert code == 0 and json.loads(out)["n_tokens"] > 0
+
+
+def test_runs_show_export_on_a_tiny_run(home, tiny_model_dir, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "one two three four five",
+                           "--method", "sft", "--max-steps", "3", "--json", "--label", "demo")
+    s = json.loads(out)
+    for key in ("run_id", "status", "steps", "recalled", "first_divergence", "p_eff", "delta_loss", "bits_stored",
+                "bits_per_param", "seconds_per_step", "adapter_dir", "prompt_ids", "target_ids"):
+        assert key in s
+    assert isinstance(s["recalled"], bool) and s["p_eff"] > 0 and s["steps"] == 3
+    assert (Path(s["adapter_dir"]) / "adapter_config.json").is_file()
+    code, out, _ = run_cli(capsys, "runs", "--json")
+    runs = json.loads(out)
+    assert [r["id"] for r in runs] == [s["run_id"]] and runs[0]["label"] == "demo" and runs[0]["method"] == "sft"
+    code, out, _ = run_cli(capsys, "runs")
+    assert s["run_id"] in out and "completed" in out
+    code, out, _ = run_cli(capsys, "show", s["run_id"][:12])
+    assert code == 0 and s["run_id"] in out and "ΔL" in out
+    dest = tmp_path / "exported"
+    code, out, _ = run_cli(capsys, "export", s["run_id"], str(dest))
+    assert code == 0 and (dest / "adapter_model.safetensors").is_file() and (dest / "steps.csv").is_file()
+    assert len((dest / "steps.csv").read_text().strip().splitlines()) == 1 + 4  # header + steps 0..3
+    code, _, err = run_cli(capsys, "export", s["run_id"], str(dest))
+    assert code == 2 and "not empty" in err  # never overwrites
+
+
+def test_sigkill_mid_run_leaves_a_readable_store_marked_interrupted(home, tiny_model_dir):
+    env = dict(os.environ, MEMCORE_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", "train", "--model", str(tiny_model_dir), "--sample", "long_archive",
+                             "--length", "200", "--max-steps", "100000", "--full-budget", "--method", "sft", "--json"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    store = Store(home)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            runs = store.runs()
+            if runs and len(store.steps(runs[0]["id"])) >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended by itself: {proc.stderr.read().decode()[-500:]}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never recorded 3 steps")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store.close()
+    store = Store(home)  # a later process opening the store
+    run = store.runs()[0]
+    assert run["status"] == "interrupted"
+    steps = store.steps(run["id"])
+    assert len(steps) >= 3
+    replay = store.replay(run["id"])
+    assert replay.p.shape == (len(replay.steps), len(replay.target_ids)) and len(replay.steps) >= 3
