@@ -42,10 +42,12 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
-            should_stop: Callable[[], bool] | None = None, on_report: Callable[[StepReport], None] | None = None,
-            sweep: str | None = None, label: str | None = None) -> dict[str, Any]:
-    """Train one run and record it. Returns the summary (also stored with the run)."""
+def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
+                 should_stop: Callable[[], bool] | None = None, sweep: str | None = None,
+                 label: str | None = None) -> Generator[StepReport, None, dict[str, Any]]:
+    """Train one run and record it, yielding each StepReport as it is stored; returns the summary.
+
+    Consumers that interleave several runs (the app's compare mode) advance several of these in turn."""
     spec_d = spec.to_dict()
     if run_id is None:
         run_id = store.create_run(spec_d, sweep=sweep, label=label)
@@ -67,15 +69,16 @@ def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, r
         last_flush = time.monotonic()
         final: StepReport | None = None
         for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop):
+            r.run_id = run_id
             history.append(r.p)
             pending.append(_row(r))
             if r.final or time.monotonic() - last_flush >= FLUSH_SECONDS:
                 store.write_steps(run_id, pending)
                 pending, last_flush = [], time.monotonic()
-            if on_report is not None:
-                on_report(r)
             if r.final:
                 final = r
+            else:
+                yield r
         assert final is not None
         adapter_dir = store.adapter_dir(run_id)
         save_adapter(model, tok, adapter_dir, samples, spec)
@@ -84,7 +87,12 @@ def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, r
         summary["status"] = status
         store.set_status(run_id, status, summary=summary)
         (adapter_dir.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+        final.summary = summary
+        yield final
         return summary
+    except GeneratorExit:  # the consumer walked away mid-run
+        store.set_status(run_id, "interrupted", error="abandoned by its consumer")
+        raise
     except BaseException as e:
         msg = str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
         store.set_status(run_id, "failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=msg)
@@ -94,6 +102,19 @@ def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, r
     finally:
         if model is not None:
             base.model = detach_adapter(model)
+
+
+def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *,
+            on_report: Callable[[StepReport], None] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """execute_iter to the end, calling on_report for every step (the final one included)."""
+    gen = execute_iter(spec, store, base, samples, **kwargs)
+    while True:
+        try:
+            r = next(gen)
+        except StopIteration as done:
+            return done.value
+        if on_report is not None:
+            on_report(r)
 
 
 def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:

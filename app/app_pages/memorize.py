@@ -1,0 +1,313 @@
+"""Memorize: choose a text and settings, press Start, watch every token cross τ; then check recall."""
+
+import io
+import zipfile
+
+import charts
+import numpy as np
+import pandas as pd
+import streamlit as st
+from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES, default_model_name, error_text, get_tokenizer, get_worker, session_id
+
+from memcore.config import METHODS, QUANTS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
+from memcore.data import build_samples, decode_text, list_samples, read_sample
+from memcore.metrics import stubborn_tokens
+
+LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]
+worker = get_worker()
+
+st.title("🧠 Memorize")
+st.caption("Paste a passage, pick a LoRA rank and a threshold τ, and watch each token's probability climb past τ. "
+           "A token with p > 0.5 is necessarily the model's top choice, so once every token is past 0.5 the passage is recited verbatim.")
+
+job = worker.find(st.query_params.get("job"))
+
+# --- inputs --------------------------------------------------------------------------------------------------
+
+left, right = st.columns([3, 2], gap="large")
+with left:
+    source = st.radio("Text to memorize", ["Paste", "Upload", "Sample", "PhoneBook"], horizontal=True, key="source")
+    text, phonebook, input_error = None, None, None
+    if source == "Paste":
+        text = st.text_area("Passage", key="passage", height=180, placeholder="Paste the text to memorize ...")
+        if len(text) > MAX_PASTE_CHARS:
+            input_error = f"The passage is {len(text):,} characters; the app accepts up to {MAX_PASTE_CHARS:,}. Shorten it or use the CLI."
+    elif source == "Upload":
+        f = st.file_uploader("Text file (.txt or .md, UTF-8)", type=["txt", "md"], key="upload")
+        if f is not None:
+            if f.size > MAX_UPLOAD_BYTES:
+                input_error = f"{f.name} is {f.size / 1e6:.1f} MB; the app accepts files up to {MAX_UPLOAD_BYTES / 1e6:.0f} MB."
+            else:
+                try:
+                    text = decode_text(f.getvalue(), f.name)
+                except MemcoreError as e:
+                    input_error = str(e)
+    elif source == "Sample":
+        name = st.selectbox("Sample passage", list_samples(), key="sample")
+        text = read_sample(name)
+        st.text(text[:600] + (" ..." if len(text) > 600 else ""))
+    else:
+        phonebook = int(st.number_input("PhoneBook entries", min_value=1, max_value=2000, value=20, key="phonebook",
+                                        help="Seeded 'Name: ...' -> 10-digit number pairs, trained as a batch"))
+    prompt = st.text_input("Prompt (conditioned on, not trained)", value="Recite the passage.\n", key="prompt",
+                           disabled=phonebook is not None)
+
+with right:
+    model_name = st.text_input("Model", value=default_model_name(), key="model",
+                               help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face id, or a local folder")
+    c1, c2 = st.columns(2)
+    quant = c1.selectbox("Quantization", QUANTS, key="quant", help="nf4 = QLoRA on a 4-bit base (bitsandbytes)")
+    method = c2.selectbox("Method", METHODS, index=1, key="method",
+                          help="sft: mean loss on every token · memft-ot: only tokens below τ · memft-sw: sliding window")
+    rank = int(c1.number_input("LoRA rank", min_value=1, max_value=1024, value=8, key="rank"))
+    alpha = float(c2.number_input("LoRA alpha (0 = same as rank)", min_value=0.0, max_value=8192.0, value=0.0, key="alpha"))
+    targets = c1.selectbox("Target modules", ["all", "attn", "mlp"], key="targets")
+    layers_text = c2.text_input("Layers", value="all", key="layers", help="all, paper (one middle layer, MLP), or indices: 0,5,9")
+    tau = st.slider("Threshold τ", min_value=0.05, max_value=0.95, value=0.5, step=0.05, key="tau")
+    lr = st.select_slider("Learning rate", options=LR_CHOICES, value=2e-3, format_func=lambda x: f"{x:g}", key="lr")
+    c3, c4 = st.columns(2)
+    max_steps = int(c3.number_input("Step budget", min_value=1, max_value=10_000, value=200, key="max_steps"))
+    seed = int(c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="seed"))
+    stop_when_recalled = st.checkbox("Stop as soon as it is recalled verbatim", value=True, key="stop_when_recalled")
+    compare = st.toggle("Compare mode: sft and memft-ot side by side", key="compare")
+
+
+def _layers(value: str):
+    value = value.strip()
+    if value in ("all", "paper"):
+        return value
+    try:
+        return tuple(int(x) for x in value.replace(",", " ").split())
+    except ValueError:
+        raise MemcoreError(f"layers must be 'all', 'paper' or layer indices like 0,5,9 (got {value!r})") from None
+
+
+def build_specs() -> list[RunSpec]:
+    """The runs a press of Start asks for; raises MemcoreError with the reason if they are impossible."""
+    if input_error:
+        raise MemcoreError(input_error)
+    model = ModelSpec(name=model_name.strip() or "default", quant=quant)
+    adapter = AdapterSpec(rank=rank, alpha=alpha or None, targets=targets, layers=_layers(layers_text))
+    data = DataSpec(text=text if phonebook is None else None, phonebook=phonebook, prompt=prompt, seed=seed)
+    methods = ["sft", "memft-ot"] if compare else [method]
+    specs = [RunSpec(model=model, adapter=adapter, data=data,
+                     train=TrainSpec(method=m, tau=tau, lr=lr, max_steps=max_steps, stop_when_recalled=stop_when_recalled, seed=seed))
+             for m in methods]
+    return specs
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def model_config(model: str):
+    from transformers import AutoConfig
+
+    from memcore.models import resolve_source
+
+    return AutoConfig.from_pretrained(resolve_source(ModelSpec(name=model)))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def count_tokens(model: str, data: DataSpec) -> tuple[int, int | None]:
+    """(target tokens, model context) for the data; raises MemcoreError if it cannot be used."""
+    context = getattr(model_config(model), "max_position_embeddings", None)
+    samples = build_samples(get_tokenizer(model), data, context_length=context)
+    return sum(len(s.target_ids) for s in samples), context
+
+
+def check_layers(model: str, layers) -> None:
+    n = getattr(model_config(model), "num_hidden_layers", None)
+    if n is not None and not isinstance(layers, str) and max(layers) >= n:
+        raise MemcoreError(f"layer {max(layers)} does not exist: this model has layers 0..{n - 1}")
+
+
+# token count against the limit, shown before anything starts
+specs, problem = None, None
+try:
+    specs = build_specs()
+    n_tokens, context = count_tokens(specs[0].model.name, specs[0].data)
+    check_layers(specs[0].model.name, specs[0].adapter.layers)
+except MemcoreError as e:
+    problem = str(e)
+except Exception as e:  # tokenizer of an unreachable model, say
+    problem = error_text(e)
+with left:
+    if specs is not None and problem is None:
+        st.caption(f"**{n_tokens:,} target tokens** · limit {specs[0].data.max_tokens:,}" + (f" · model context {context:,}" if context else ""))
+    elif problem and (text or phonebook or input_error):
+        st.error(problem)
+
+busy = job is not None and job.active
+start = st.button("▶ Start", type="primary", disabled=busy, key="start")
+if start:
+    if problem or specs is None:
+        st.error(f"Cannot start: {problem or 'paste a passage first'}")
+    else:
+        job = worker.submit(specs, session_id())
+        st.query_params["job"] = job.id
+        st.session_state.pop("prev_p", None)
+        st.rerun()
+
+if not worker.is_model_ready(ModelSpec(name=default_model_name())) and worker.loading_error is None:
+    st.caption("⏳ loading the default model in the background ...")
+elif worker.loading_error:
+    st.warning(f"The default model could not be loaded: {worker.loading_error}")
+
+# --- live view ---------------------------------------------------------------------------------------------------
+
+
+def _snapshot(live):
+    return dict(steps=list(live.steps), rows=list(live.rows), p_history=list(live.p_history), correct=live.correct,
+                first_divergence=live.first_divergence, pieces=list(live.pieces), summary=live.summary,
+                recalled_at=live.recalled_at, run_id=live.run_id, label=live.label, spec=live.spec)
+
+
+def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> None:
+    if not snap["p_history"]:
+        st.info(f"{snap['label']}: measuring the base model ...")
+        return
+    p = np.asarray(snap["p_history"][-1], dtype=np.float32)
+    prev = st.session_state.setdefault("prev_p", {}).get(key)
+    crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None
+    st.session_state["prev_p"][key] = p
+    history = np.stack([np.asarray(h, dtype=np.float32) for h in snap["p_history"]])
+    stubborn = [s["index"] for s in stubborn_tokens(history, tau, k=6) if p[s["index"]] <= tau]
+    row = snap["rows"][-1]
+    st.markdown(f"**{snap['label']}** · step {row['step']} · **{int(round(row['frac_above'] * len(p)))}/{len(p)}** tokens above τ · "
+                f"argmax right {int(round(row['frac_correct'] * len(p)))}/{len(p)} · ΔL {row['delta_loss']:.3f}")
+    fd = snap["first_divergence"]
+    if fd is None:
+        st.success("Every teacher-forced argmax is right: greedy decoding recites the whole text.")
+    else:
+        st.caption(f"Greedy decoding currently goes astray at token #{fd} ({snap['pieces'][fd]!r}); everything after it "
+                   "would be generated from a wrong prefix.")
+    if show_tokens:
+        st.html(charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
+    c1, c2 = st.columns(2)
+    c1.altair_chart(charts.histogram_chart(p, tau), width="stretch")
+    c2.altair_chart(charts.trajectories_chart(snap["steps"], history, stubborn, [snap["pieces"][i] for i in stubborn], tau),
+                    width="stretch")
+
+
+def render_job(job, live_mode: bool) -> None:
+    snaps = []
+    with job.lock:
+        snaps = [_snapshot(r) for r in job.runs]
+    tau_job = job.specs[0].train.tau
+    # status line with progress
+    if job.status == "queued":
+        n = worker.position(job)
+        st.info(f"⏳ Queued: {n} job{'s' if n != 1 else ''} ahead of yours. It starts by itself when the device is free.")
+    elif job.status == "loading":
+        st.info("⏳ Loading the model and measuring the base loss ...")
+    elif job.status == "failed":
+        st.error(f"The run failed: {job.error}")
+    rows = [s["rows"][-1] for s in snaps if s["rows"]]
+    if rows:
+        step = max(r["step"] for r in rows)
+        elapsed = max(r["elapsed"] for r in rows)
+        frac = step / job.max_steps
+        left_s = elapsed / step * (job.max_steps - step) if step else None
+        eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.active else ""
+        st.progress(min(1.0, frac), text=f"step {step}/{job.max_steps} · {elapsed:.1f} s elapsed{eta} · {job.status}")
+    if job.active:
+        if st.button("■ Stop", key=f"stop-{job.id}", help="Stops after the current step; the adapter and metrics so far are kept"):
+            worker.stop(job)
+            st.toast("Stopping after the current step ...")
+    hist = pd.concat([pd.DataFrame(s["rows"]).assign(run=s["label"]) for s in snaps if s["rows"]], ignore_index=True) if rows else pd.DataFrame()
+    if len(snaps) == 1:
+        render_run(snaps[0], f"{job.id}-0", tau_job)
+    else:
+        cols = st.columns(len(snaps))
+        for i, (c, s) in enumerate(zip(cols, snaps)):
+            with c:
+                render_run(s, f"{job.id}-{i}", tau_job)
+    if not hist.empty:
+        st.altair_chart(charts.curves_chart(hist, tau_job), width="stretch")
+    if not job.active:
+        render_results(job, snaps)
+
+
+def render_results(job, snaps) -> None:
+    st.divider()
+    st.subheader("Result")
+    if len(snaps) > 1:
+        done = [(s["recalled_at"], s["label"]) for s in snaps if s["summary"] and s["summary"].get("recalled")]
+        if done:
+            step, who = min(done)
+            others = ", ".join(f"{lab}: {'step ' + str(at) if at is not None else 'not recalled'}" for at, lab in
+                               [(s["recalled_at"] if s["summary"] and s["summary"].get("recalled") else None, s["label"]) for s in snaps])
+            st.success(f"**{who}** reached exact recall first, after {step} steps ({others}).")
+        else:
+            st.warning("Neither run reached exact recall within the budget.")
+    cols = st.columns(len(snaps))
+    for c, s in zip(cols, snaps):
+        with c:
+            summ = s["summary"]
+            if not summ:
+                st.caption(f"{s['label']}: no summary ({job.status}).")
+                continue
+            st.markdown(f"**{s['label']}** · run `{summ['run_id']}` · {summ.get('status')} ({summ['stop_reason']})")
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Recalled verbatim", "yes" if summ["recalled"] else "no")
+            m2.metric("Steps", summ["steps"])
+            m3.metric("ΔL (nats/token)", f"{summ['delta_loss']:.3f}")
+            m1.metric("P_eff", f"{summ['p_eff']:,}")
+            m2.metric("Bits stored", f"{summ['bits_stored']:.0f}")
+            m3.metric("Bits / parameter", f"{summ['bits_per_param']:.2e}")
+            gen = summ.get("generated_ids")
+            if gen is not None:
+                tok = get_tokenizer(s["spec"].model.name)
+                flat_gen = [t for g in gen for t in g] if gen and isinstance(gen[0], list) else gen
+                flat_tgt = [t for g in summ["target_ids"] for t in g] if summ["target_ids"] and isinstance(summ["target_ids"][0], list) else summ["target_ids"]
+                st.caption("Greedy generation from the prompt, compared with the target:")
+                st.html(charts.generation_diff_html([tok.decode([t]) for t in flat_tgt], [tok.decode([t]) for t in flat_gen]))
+            for note in summ.get("notes") or []:
+                st.warning(note)
+            adapter = summ["adapter_dir"]
+            st.download_button("⬇ Download adapter (PEFT, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ['run_id']}.zip",
+                               mime="application/zip", key=f"dl-{summ['run_id']}")
+            with st.form(f"gen-{summ['run_id']}"):
+                q = st.text_input("Prompt the memorized model", value="", placeholder="leave empty to use the run's own prompt")
+                if st.form_submit_button("Generate"):
+                    try:
+                        with st.spinner("generating ..."):
+                            out = worker.generate(summ["run_id"], q or None)
+                        st.text((q or "") + out["text"][0])
+                    except Exception as e:
+                        st.error(error_text(e))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _zip_dir(path: str) -> bytes:
+    from pathlib import Path
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(Path(path).iterdir()):
+            if f.is_file():
+                z.write(f, arcname=f"adapter/{f.name}")
+    return buf.getvalue()
+
+
+@st.fragment(run_every=0.4)
+def live_view(job_id: str) -> None:
+    j = worker.find(job_id)
+    if j is None:
+        return
+    render_job(j, live_mode=True)
+    if not j.active:  # finished: one full rerun switches to the static result view
+        st.rerun()
+
+
+if job is not None:
+    st.divider()
+    if job.active:
+        live_view(job.id)
+    else:
+        render_job(job, live_mode=False)
+elif worker.active_jobs():
+    st.divider()
+    st.caption("Jobs training now (from any session):")
+    for j in worker.active_jobs():
+        if st.button(f"watch job {j.id} ({', '.join(j.labels)}, {j.status})", key=f"watch-{j.id}"):
+            st.query_params["job"] = j.id
+            st.rerun()

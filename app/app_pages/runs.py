@@ -1,0 +1,99 @@
+"""Runs: every run in the store; filter, export as CSV, replay one step by step, delete with confirmation."""
+
+import charts
+import numpy as np
+import pandas as pd
+import streamlit as st
+from common import error_text, get_store
+
+from memcore.metrics import stubborn_tokens
+
+st.title("📚 Runs")
+store = get_store()
+store.mark_interrupted()
+runs = store.runs()
+if not runs:
+    st.info("No runs yet. Start one on the Memorize page (or with `memcore train`).")
+    st.stop()
+
+
+def _table(runs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        s = r["summary"] or {}
+        rows.append({"run": r["id"], "status": r["status"], "model": r["model"], "method": r["method"], "rank": r["rank"],
+                     "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
+                     "recalled": s.get("recalled"), "ΔL": s.get("delta_loss"), "bits/param": s.get("bits_per_param"),
+                     "s/step": s.get("seconds_per_step"), "label": r["label"], "sweep": r["sweep"],
+                     "created": pd.to_datetime(r["created"], unit="s"), "error": r["error"]})
+    return pd.DataFrame(rows)
+
+
+df = _table(runs)
+c1, c2, c3 = st.columns(3)
+methods = c1.multiselect("Method", sorted(df["method"].dropna().unique()), key="f_method")
+models = c2.multiselect("Model", sorted(df["model"].dropna().unique()), key="f_model")
+statuses = c3.multiselect("Status", sorted(df["status"].unique()), key="f_status")
+view = df
+if methods:
+    view = view[view["method"].isin(methods)]
+if models:
+    view = view[view["model"].isin(models)]
+if statuses:
+    view = view[view["status"].isin(statuses)]
+view = view.sort_values("created", ascending=False)
+st.dataframe(view, hide_index=True, width="stretch",
+             column_config={"ΔL": st.column_config.NumberColumn(format="%.3f"), "bits/param": st.column_config.NumberColumn(format="%.2e"),
+                            "s/step": st.column_config.NumberColumn(format="%.2f")})
+st.download_button("⬇ Export table as CSV", view.to_csv(index=False).encode(), file_name="memcore-runs.csv", mime="text/csv")
+
+st.divider()
+ids = list(view["run"])
+if not ids:
+    st.stop()
+picked = st.selectbox("Open a run", ids, index=0, key="picked",
+                      format_func=lambda i: f"{i} · {df.set_index('run').loc[i, 'method']} · {df.set_index('run').loc[i, 'status']}")
+run = store.run(picked)
+spec = run["spec"]
+st.markdown(f"**{picked}** · {run['status']} · model `{run['model']}` · {run['method']} · rank {run['rank']} · "
+            f"τ {spec['train']['tau']} · lr {spec['train']['lr']:g}")
+if run["error"]:
+    st.error(run["error"])
+
+try:
+    replay = store.replay(picked)
+except Exception as e:
+    replay = None
+    st.warning(f"No token history to replay: {error_text(e)}")
+
+if replay is not None and len(replay.steps):
+    tau = float(spec["train"]["tau"])
+    i = st.slider("Step", min_value=0, max_value=len(replay.steps) - 1, value=len(replay.steps) - 1, key=f"step-{picked}",
+                  format="%d") if len(replay.steps) > 1 else 0
+    p = replay.p[i]
+    correct = replay.correct[i]
+    wrong = np.flatnonzero(~correct)
+    fd = int(wrong[0]) if len(wrong) else None
+    crossed = (replay.p[i - 1] <= tau) & (p > tau) if i > 0 else None
+    stubborn = [s["index"] for s in stubborn_tokens(replay.p[: i + 1], tau, k=6) if p[s["index"]] <= tau]
+    st.markdown(f"step **{replay.steps[i]}** · {int((p > tau).sum())}/{len(p)} tokens above τ · argmax right {int(correct.sum())}/{len(p)}"
+                + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
+    st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
+    c1, c2 = st.columns(2)
+    c1.altair_chart(charts.histogram_chart(p, tau), width="stretch")
+    c2.altair_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn, [replay.pieces[k] for k in stubborn], tau),
+                    width="stretch")
+    hist = pd.DataFrame(store.steps(picked))
+    if not hist.empty:
+        hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens, run=run["method"])
+        st.altair_chart(charts.curves_chart(hist, tau), width="stretch")
+
+with st.expander("Delete this run"):
+    sure = st.checkbox(f"Yes, delete run {picked} and its adapter for good", key=f"sure-{picked}")
+    if st.button("Delete", disabled=not sure, key=f"del-{picked}"):
+        if run["status"] in ("running", "queued"):
+            st.error("This run is still training; stop it first.")
+        else:
+            store.delete_run(picked)
+            st.toast(f"Deleted run {picked}")
+            st.rerun()

@@ -1,0 +1,261 @@
+"""Pure rendering helpers for the app: token heat-maps as HTML strings and Altair charts.
+
+Nothing here imports streamlit, so every function can be tested by inspecting its output.
+Styles are inline on each element because Streamlit may strip <style> blocks from st.html.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+RED = "#d7301f"  # p far below tau: the model does not predict this token yet
+WHITE = "#f7f7f7"  # p == tau: on the threshold
+BLUE = "#2166ac"  # p far above tau: memorized
+GREEN = "#1a9850"  # outline for tokens that just crossed tau
+DIVERGE = "#b2182b"  # bottom border where greedy decoding first goes wrong
+GREY = "#bdbdbd"  # p is NaN (not measured)
+DARK_TEXT = "#111111"
+LIGHT_TEXT = "#ffffff"
+
+FRAC_SERIES = {"frac_above": "above τ", "frac_correct": "argmax correct"}
+LOSS_SERIES = {"loss": "loss", "delta_loss": "ΔL"}
+
+
+# ---------------------------------------------------------------------------
+# colours
+
+
+def _rgb(hex_color: str) -> tuple[int, int, int]:
+    return int(hex_color[1:3], 16), int(hex_color[3:5], 16), int(hex_color[5:7], 16)
+
+
+def _mix(a: str, b: str, t: float) -> str:
+    """Linear blend of two '#rrggbb' colours, t=0 -> a, t=1 -> b."""
+    ra, rb = _rgb(a), _rgb(b)
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ra, rb))
+
+
+def prob_color(p: float, tau: float) -> str:
+    """Diverging colour centred at tau: [0, tau] maps red..white, [tau, 1] maps white..blue. Returns '#rrggbb'."""
+    p = float(p)
+    if np.isnan(p):
+        return GREY
+    p = min(max(p, 0.0), 1.0)
+    if p <= tau:
+        return _mix(RED, WHITE, p / tau) if tau > 0 else WHITE
+    return _mix(WHITE, BLUE, (p - tau) / (1.0 - tau)) if tau < 1 else BLUE
+
+
+def _luminance(hex_color: str) -> float:
+    """WCAG relative luminance, used to pick a readable text colour."""
+    def lin(c: int) -> float:
+        c = c / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (lin(c) for c in _rgb(hex_color))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def text_color(background: str) -> str:
+    """White text on saturated backgrounds, dark text on light ones (0.18 is where both contrasts are equal)."""
+    return LIGHT_TEXT if _luminance(background) < 0.18 else DARK_TEXT
+
+
+# ---------------------------------------------------------------------------
+# HTML
+
+
+def _piece_html(piece: str) -> str:
+    """Escaped token text with visible whitespace: newlines become '↵' plus a real line break, empty tokens '∅'."""
+    if piece == "":
+        return "∅"
+    text = html.escape(piece, quote=True)  # user text: never let it become markup
+    return text.replace("\r\n", "\n").replace("\n", "↵<br>")
+
+
+def _span(text_html: str, background: str, title: str, classes: list[str], extra_style: str = "") -> str:
+    style = f"background:{background};color:{text_color(background)};padding:0 1px;border-radius:2px;{extra_style}"
+    return f'<span class="{" ".join(classes)}" title="{html.escape(title, quote=True)}" style="{style}">{text_html}</span>'
+
+
+_CONTAINER_STYLE = "white-space:pre-wrap;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.9em;line-height:1.9"
+
+
+def token_html(pieces: list[str], p: Sequence[float], tau: float, crossed: Sequence[bool] | None = None,
+               stubborn: Iterable[int] = (), first_divergence: int | None = None) -> str:
+    """The passage token by token, each coloured by p(correct token) relative to tau, in one <div class="mc-tokens">."""
+    if len(p) != len(pieces):
+        raise ValueError(f"token_html: len(pieces)={len(pieces)} but len(p)={len(p)}")
+    if crossed is not None and len(crossed) != len(pieces):
+        raise ValueError(f"token_html: len(pieces)={len(pieces)} but len(crossed)={len(crossed)}")
+    stubborn = {int(i) for i in stubborn}
+    spans = []
+    for i, piece in enumerate(pieces):
+        pi = float(p[i])
+        classes, style, title = ["mc-tok"], "", f"#{i} p={pi:.3f}"
+        if crossed is not None and bool(crossed[i]):
+            classes.append("mc-crossed")
+            style += f"outline:2px solid {GREEN};outline-offset:-1px;"
+            title += " · crossed τ"
+        if i in stubborn:
+            classes.append("mc-stubborn")
+            style += "text-decoration:underline dashed;text-underline-offset:3px;"
+            title += " · ⚑ stubborn"
+        if first_divergence is not None and i == first_divergence:
+            classes.append("mc-diverge")
+            style += f"border-bottom:3px solid {DIVERGE};"
+            title += " · greedy decoding diverges here"
+        spans.append(_span(_piece_html(piece), prob_color(pi, tau), title, classes, style))
+    return f'<div class="mc-tokens" style="{_CONTAINER_STYLE}">{"".join(spans)}</div>'
+
+
+def legend_html(tau: float) -> str:
+    """A colour bar for token_html with labels 'p=0', 'τ=<tau>' (placed at tau) and 'p=1'."""
+    pos = min(max(float(tau), 0.0), 1.0) * 100
+    bar = (f'<div style="height:10px;border-radius:3px;'
+           f'background:linear-gradient(to right, {RED} 0%, {WHITE} {pos:.1f}%, {BLUE} 100%)"></div>')
+    label = 'style="position:absolute;top:0;{}"'
+    labels = (f'<div style="position:relative;height:1.3em;font-size:0.8em">'
+              f'<span {label.format("left:0")}>p=0</span>'
+              f'<span {label.format(f"left:{pos:.1f}%;transform:translateX(-50%)")}>τ={tau}</span>'
+              f'<span {label.format("right:0")}>p=1</span></div>')
+    return f'<div class="mc-legend" style="max-width:320px">{bar}{labels}</div>'
+
+
+def generation_diff_html(target: Sequence[str], generated: Sequence[str]) -> str:
+    """Generated tokens against the target position by position: matches blue, mismatches red, missing target tokens struck out."""
+    spans = []
+    for i, piece in enumerate(generated):
+        want = target[i] if i < len(target) else None
+        ok = want == piece
+        title = f"#{i} " + ("matches" if ok else ("beyond the target" if want is None else f"expected {want!r}"))
+        spans.append(_span(_piece_html(piece), BLUE if ok else RED, title, ["mc-tok", "mc-match" if ok else "mc-mismatch"]))
+    for i in range(len(generated), len(target)):  # generation stopped early: show what is missing
+        spans.append(_span(_piece_html(target[i]), WHITE, f"#{i} missing from the generation", ["mc-tok", "mc-missing"],
+                           "text-decoration:line-through;opacity:0.6;"))
+    return f'<div class="mc-tokens" style="{_CONTAINER_STYLE}">{"".join(spans)}</div>'
+
+
+# ---------------------------------------------------------------------------
+# charts
+
+
+def _line_mark(chart: alt.Chart, n_steps: int) -> alt.Chart:
+    # a line through one point draws nothing, so show points until there are two steps
+    return chart.mark_line(point=n_steps <= 1)
+
+
+def _long(history: pd.DataFrame, series: dict[str, str], has_run: bool) -> pd.DataFrame:
+    """Melt the wanted metric columns into (step, [run], series, value); missing columns and NaNs are skipped."""
+    ids = ["step", "run"] if has_run else ["step"]
+    cols = [c for c in series if c in history.columns]
+    if history.empty or "step" not in history.columns or not cols:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in [*ids, "series", "value"]})
+    df = history[ids + cols].copy()
+    if has_run:
+        df["run"] = df["run"].astype(str)
+    df = df.melt(id_vars=ids, value_vars=cols, var_name="series", value_name="value").dropna(subset=["value"])
+    df["series"] = df["series"].map(series)
+    return df
+
+
+def _panel(df: pd.DataFrame, series: dict[str, str], has_run: bool, n_steps: int, title: str, unit_y: bool) -> alt.Chart:
+    y_scale = alt.Scale(domain=[0, 1]) if unit_y else alt.Scale(zero=False)
+    enc = dict(x=alt.X("step:Q", title="step"),
+               y=alt.Y("value:Q", title=None, scale=y_scale),
+               color=alt.Color("series:N", title="series", sort=list(series.values())),
+               tooltip=["step:Q", "series:N", alt.Tooltip("value:Q", format=".4f")] + (["run:N"] if has_run else []))
+    if has_run:
+        enc["strokeDash"] = alt.StrokeDash("run:N", title="run")
+    return _line_mark(alt.Chart(df), n_steps).encode(**enc).properties(title=title, width=300, height=220)
+
+
+def curves_chart(history: pd.DataFrame, tau: float) -> alt.Chart:
+    """Two panels against step: share of tokens above tau / argmax correct (y in [0, 1]), and loss / ΔL.
+
+    A `run` column, when present, separates runs by stroke dash so two methods can be compared on one chart.
+    """
+    has_run = "run" in history.columns
+    n_steps = history["step"].nunique() if "step" in history.columns else 0
+    left = _panel(_long(history, FRAC_SERIES, has_run), FRAC_SERIES, has_run, n_steps,
+                  f"tokens above τ = {tau} and argmax correct", unit_y=True)
+    right = _panel(_long(history, LOSS_SERIES, has_run), LOSS_SERIES, has_run, n_steps, "loss and ΔL (nats/token)", unit_y=False)
+    return alt.hconcat(left, right).resolve_scale(color="independent")
+
+
+def histogram_chart(p: Sequence[float], tau: float, bins: int = 20) -> alt.Chart:
+    """Histogram of p(correct token) over fixed edges on [0, 1], bars red below tau and blue above, with a rule at tau."""
+    if bins < 1:
+        raise ValueError(f"histogram_chart: bins must be >= 1, got {bins}")
+    edges = np.linspace(0.0, 1.0, bins + 1)  # fixed edges so bars stay put between live updates
+    values = np.asarray(p, dtype=np.float64).ravel()
+    values = np.clip(values[~np.isnan(values)], 0.0, 1.0)  # float noise past 1.0 would otherwise be dropped
+    counts, _ = np.histogram(values, bins=edges)
+    mid = (edges[:-1] + edges[1:]) / 2
+    df = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "tokens": counts.astype(int),
+                       "side": np.where(mid > tau, "above τ", "below τ")})
+    bars = alt.Chart(df).mark_bar().encode(
+        x=alt.X("lo:Q", title="p(correct token)", scale=alt.Scale(domain=[0, 1])),
+        x2="hi:Q",
+        y=alt.Y("tokens:Q", title="tokens"),
+        color=alt.Color("side:N", title=None, scale=alt.Scale(domain=["below τ", "above τ"], range=[RED, BLUE])),
+        tooltip=[alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f"), "tokens:Q"],
+    )
+    rule = alt.Chart(pd.DataFrame({"tau": [float(tau)]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x="tau:Q")
+    return alt.layer(bars, rule).properties(title=f"token probabilities (τ = {tau})", height=220)
+
+
+def _matrix(x, n_rows: int, name: str, dtype=np.float64) -> np.ndarray:
+    """x as an [S, N] array whose S matches the number of steps (a single 1-D row is accepted for one step)."""
+    m = np.asarray(x, dtype=dtype)
+    if m.ndim == 1 and n_rows == 1:
+        m = m[None, :]
+    if m.ndim == 1 and m.size == 0:
+        m = m.reshape(0, 0)
+    if m.ndim != 2 or m.shape[0] != n_rows:
+        raise ValueError(f"{name} has shape {m.shape} but there are {n_rows} steps")
+    return m
+
+
+def _token_label(i: int, piece: str, limit: int = 20) -> str:
+    label = f"#{i} {piece!r}"
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int], labels: Sequence[str], tau: float) -> alt.Chart:
+    """p(correct token) over steps for the selected token indices (one line each), with a rule at tau."""
+    if len(indices) == 0:
+        return alt.Chart(pd.DataFrame({"text": ["no stubborn tokens"]})).mark_text(size=14).encode(text="text:N").properties(
+            title="stubborn tokens", height=220)
+    if len(labels) != len(indices):
+        raise ValueError(f"trajectories_chart: len(indices)={len(indices)} but len(labels)={len(labels)}")
+    ph = _matrix(p_history, len(steps), "p_history")
+    names = [_token_label(int(i), str(lab)) for i, lab in zip(indices, labels)]
+    step_col = np.asarray(steps, dtype=np.int64)
+    # no steps yet: empty lines rather than indexing columns of an empty matrix
+    df = pd.concat([pd.DataFrame({"step": step_col, "p": ph[:, int(i)] if len(step_col) else np.empty(0), "token": name})
+                    for i, name in zip(indices, names)], ignore_index=True)
+    lines = _line_mark(alt.Chart(df), len(steps)).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("p:Q", title="p(correct token)", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("token:N", title="token", sort=names),
+        tooltip=["token:N", "step:Q", alt.Tooltip("p:Q", format=".3f")],
+    )
+    rule = alt.Chart(pd.DataFrame({"tau": [float(tau)]})).mark_rule(color="black", strokeDash=[4, 3]).encode(y="tau:Q")
+    return alt.layer(lines, rule).properties(title=f"stubborn tokens vs τ = {tau}", height=220)
+
+
+def replay_frame(steps: Sequence[int], p_history: np.ndarray, correct: np.ndarray, tau: float) -> pd.DataFrame:
+    """History rows (step, frac_above, frac_correct) from [S, N] matrices of p and argmax-correct; above means p > tau."""
+    p = _matrix(p_history, len(steps), "p_history")
+    ok = _matrix(correct, len(steps), "correct", dtype=bool)
+    if p.shape != ok.shape:
+        raise ValueError(f"replay_frame: p_history has shape {p.shape} but correct has shape {ok.shape}")
+    n = p.shape[1]
+    above = (p > tau).sum(axis=1) / n if n else np.zeros(len(steps))
+    right = ok.sum(axis=1) / n if n else np.zeros(len(steps))
+    return pd.DataFrame({"step": np.asarray(steps, dtype=np.int64), "frac_above": above, "frac_correct": right})

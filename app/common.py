@@ -1,0 +1,57 @@
+"""What every page shares: the process-wide worker, tokenizers, the run store, and the session's identity."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+
+import streamlit as st
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from jobs import Worker  # noqa: E402
+
+from memcore.config import MemcoreError, ModelSpec  # noqa: E402
+from memcore.models import memcore_home, resolve_source  # noqa: E402
+from memcore.store import Store  # noqa: E402
+
+MAX_PASTE_CHARS = 200_000
+MAX_UPLOAD_BYTES = 1_000_000
+
+
+@st.cache_resource(show_spinner=False)
+def get_worker() -> Worker:
+    """One worker per server process: it owns the device, the base models and the job queue."""
+    preload = None if os.environ.get("MEMCORE_APP_NO_PRELOAD") else ModelSpec(name=os.environ.get("MEMCORE_APP_MODEL", "default"))
+    return Worker(memcore_home(), preload=preload)
+
+
+@st.cache_resource(show_spinner="loading tokenizer ...")
+def get_tokenizer(model_name: str):
+    """The tokenizer alone (cheap) so the page can count tokens before anything trains."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(ModelSpec(name=model_name))
+    return AutoTokenizer.from_pretrained(source)
+
+
+def get_store() -> Store:
+    return get_worker().store
+
+
+def session_id() -> str:
+    if "session" not in st.session_state:
+        st.session_state.session = uuid.uuid4().hex[:8]
+    return st.session_state.session
+
+
+def default_model_name() -> str:
+    return os.environ.get("MEMCORE_APP_MODEL", "default")
+
+
+def error_text(e: Exception) -> str:
+    return str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"

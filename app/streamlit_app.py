@@ -1,0 +1,11 @@
+"""memcore app: paste text, pick rank and threshold, watch every token cross the line."""
+
+import streamlit as st
+
+st.set_page_config(page_title="memcore", page_icon="🧠", layout="wide")
+
+pages = [
+    st.Page("app_pages/memorize.py", title="Memorize", icon="🧠", default=True),
+    st.Page("app_pages/runs.py", title="Runs", icon="📚"),
+]
+st.navigation(pages).run()

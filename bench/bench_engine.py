@@ -1,0 +1,240 @@
+"""Engine benchmarks, each printed as a ratio against a baseline measured in the same run.
+
+  (a) seconds per step: memcore's train_iter against a plain Hugging Face Trainer + PEFT loop
+      (same model, text, rank, learning rate, steps), for all-layer LoRA and for the `paper` preset
+  (b) steps and seconds to exact recall: memft-ot against sft, on the shipped short passages
+  (c) cost of per-token tracking: train_iter (and the full runner writing the store) against the same
+      loop with no tracking at all
+  (d) peak memory (RSS on CPU, allocated GPU memory on CUDA) of each variant
+
+Each measurement runs in its own subprocess so peak memory is its own. Usage:
+    python bench/bench_engine.py [--steps 12] [--text-sample lighthouse] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+WARMUP = 2  # steps excluded from per-step timing (allocator and kernel warm-up)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _setup(args):
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec
+    from memcore.data import build_samples, make_batch, read_sample
+    from memcore.models import attach_adapter, load_base
+
+    base = load_base(ModelSpec(quant=args.quant))
+    tok = base.tokenizer
+    samples = build_samples(tok, DataSpec(text=read_sample(args.sample)), base.context_length)
+    batch = make_batch(samples, tok.pad_token_id).to(base.device)
+    spec = AdapterSpec(rank=args.rank, layers=args.layers)
+    model = attach_adapter(base.model, spec, seed=0)
+    return base, samples, batch, model
+
+
+def per_step(times: list[float]) -> float:
+    """Median seconds per step from step-end timestamps, skipping the warm-up steps."""
+    import statistics
+
+    t = times[WARMUP:]
+    return statistics.median(b - a for a, b in zip(t, t[1:]))
+
+
+def one_memcore(args) -> dict:
+    from memcore.config import TrainSpec
+    from memcore.train import train_iter
+
+    base, samples, batch, model = _setup(args)
+    stamps = []
+    spec = TrainSpec(method=args.method, lr=args.lr, max_steps=args.steps, stop_when_recalled=False)
+    for r in train_iter(model, batch, spec, pad_id=base.tokenizer.pad_token_id, use_prefix_cache=not args.no_prefix_cache):
+        if not r.final:
+            stamps.append(time.perf_counter())
+    return {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb(), "final_loss": r.loss}
+
+
+def one_runner(args) -> dict:
+    """The whole runner: train_iter plus writing every step's token history to the store."""
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.data import read_sample
+    from memcore.runner import execute, prepare
+    from memcore.store import Store
+
+    spec = RunSpec(model=ModelSpec(quant=args.quant), adapter=AdapterSpec(rank=args.rank, layers=args.layers),
+                   data=DataSpec(text=read_sample(args.sample)),
+                   train=TrainSpec(method=args.method, lr=args.lr, max_steps=args.steps, stop_when_recalled=False))
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(Path(d))
+        base, samples = prepare(spec)
+        stamps = []
+        execute(spec, store, base, samples, on_report=lambda r: None if r.final else stamps.append(time.perf_counter()))
+    return {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb()}
+
+
+def one_untracked(args) -> dict:
+    """The same training loop with no tracking: mean loss straight from the logits, no per-token read-outs."""
+    import torch
+    import torch.nn.functional as F
+
+    base, samples, batch, model = _setup(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    stamps = []
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * (1 - step / args.steps)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    logits_to_keep=batch.keep, use_cache=False)
+        logits = out.logits[:, -batch.keep:, :].float()
+        loss = F.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stamps.append(time.perf_counter())
+    return {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb()}
+
+
+def one_trainer(args) -> dict:
+    """Baseline: transformers.Trainer + PEFT on the same single example, labels masked on the prompt."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    base, samples, batch, model = _setup(args)
+    s = samples[0]
+    ids = s.prompt_ids + s.target_ids
+    example = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+               "labels": torch.tensor([-100] * len(s.prompt_ids) + s.target_ids)}
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=args.lr,
+                                  lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, logging_strategy="no",
+                                  save_strategy="no", report_to=[], disable_tqdm=True, seed=0, optim="adamw_torch",
+                                  use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+                                  dataloader_num_workers=0, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=targs, train_dataset=[example], callbacks=[Stamp()])
+        trainer.train()
+    return {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb()}
+
+
+def one_recall(args) -> dict:
+    """Steps and seconds until greedy decoding reproduces the passage."""
+    from memcore.config import TrainSpec
+    from memcore.train import train_iter
+
+    base, samples, batch, model = _setup(args)
+    spec = TrainSpec(method=args.method, lr=args.lr, max_steps=args.steps, stop_when_recalled=True)
+    *_, r = train_iter(model, batch, spec, pad_id=base.tokenizer.pad_token_id)
+    return {"steps": r.step, "seconds": r.elapsed - r.generate_seconds, "recalled": bool(r.generate_recalled),
+            "tokens": r.n_tokens}
+
+
+KINDS = {"memcore": one_memcore, "runner": one_runner, "untracked": one_untracked, "trainer": one_trainer, "recall": one_recall}
+
+
+def best(variants: dict[str, tuple[str, dict]], repeats: int) -> dict[str, dict]:
+    """Each variant's fastest of `repeats` runs, the variants interleaved (A B C A B C ...) so that a busy
+    moment on the machine cannot favour one of them; a busy moment only ever slows a run down."""
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (kind, kw) in variants.items():
+            results[name].append(sub(kind, **kw))
+    return {name: min(rs, key=lambda r: r["s_per_step"]) for name, rs in results.items()}
+
+
+def sub(kind: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--one", kind]
+    for k, v in kw.items():
+        if v is True:
+            cmd.append(f"--{k.replace('_', '-')}")
+        elif v is not False and v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--one", choices=list(KINDS))
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--sample", default="lighthouse")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--method", default="sft")
+    p.add_argument("--quant", default="none")
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each timing variant; the fastest counts")
+    p.add_argument("--quick", action="store_true", help="skip (b)")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(KINDS[args.one](args)))
+        return
+
+    common = {"steps": args.steps, "rank": args.rank, "lr": args.lr, "sample": args.sample, "quant": args.quant}
+    print(f"memcore engine benchmark: sample={args.sample} rank={args.rank} steps={args.steps} quant={args.quant} "
+          f"(median step time after {WARMUP} warm-up steps, fastest of {args.repeats} runs; run it on an idle machine)\n")
+    print("(a) seconds per step, memcore train_iter vs HF Trainer + PEFT (ratio < 1: memcore faster)")
+    rows = {}
+    for layers in ("all", "paper"):
+        res = best({"trainer": ("trainer", {"layers": layers, **common}), "memcore": ("memcore", {"layers": layers, **common})}, args.repeats)
+        t, m = rows[layers] = (res["trainer"], res["memcore"])
+        print(f"    layers={layers:<6} trainer {t['s_per_step']:.3f} s/step   memcore {m['s_per_step']:.3f} s/step   "
+              f"ratio {m['s_per_step'] / t['s_per_step']:.2f}x")
+    m_nc = best({"nc": ("memcore", {"layers": "paper", "no_prefix_cache": True, **common})}, args.repeats)["nc"]
+    print(f"    paper preset without the frozen-prefix cache: {m_nc['s_per_step']:.3f} s/step "
+          f"(cache speed-up {m_nc['s_per_step'] / rows['paper'][1]['s_per_step']:.2f}x)")
+
+    print("\n(c) cost of per-token tracking (sft, all layers)")
+    res = best({k: (k, {"layers": "all", **common}) for k in ("untracked", "memcore", "runner")}, args.repeats)
+    u, m, r = res["untracked"], res["memcore"], res["runner"]
+    print(f"    untracked loop {u['s_per_step']:.3f} s/step   train_iter {m['s_per_step']:.3f} s/step   "
+          f"overhead {100 * (m['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
+    print(f"    runner with store writes {r['s_per_step']:.3f} s/step   overhead {100 * (r['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
+
+    print("\n(d) peak memory (MB; RSS on CPU, allocated on CUDA)")
+    t, m = rows["all"]
+    print(f"    all layers: trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
+    t, m = rows["paper"]
+    print(f"    paper:      trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
+    print(f"    untracked {u['peak_mb']:.0f}   runner {r['peak_mb']:.0f}")
+
+    if not args.quick:
+        print("\n(b) steps and seconds to exact recall, memft-ot vs sft (max 100 steps, all layers)")
+        for sample in ("lighthouse", "recipe", "orbit"):
+            res = {meth: sub("recall", method=meth, **{**common, "sample": sample, "steps": 100}) for meth in ("sft", "memft-ot")}
+            s, o = res["sft"], res["memft-ot"]
+            print(f"    {sample:<11} ({s['tokens']} tokens)  sft {s['steps']} steps {s['seconds']:.1f} s {'recalled' if s['recalled'] else 'NOT recalled'}"
+                  f"   memft-ot {o['steps']} steps {o['seconds']:.1f} s {'recalled' if o['recalled'] else 'NOT recalled'}"
+                  f"   steps ratio {o['steps'] / max(1, s['steps']):.2f}x  time ratio {o['seconds'] / s['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

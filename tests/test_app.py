@@ -1,0 +1,156 @@
+"""AppTest tests of every page: widgets, validation, a tiny-model run from Start to results, replay, delete."""
+
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py")
+XSS = "Hello <script>alert('pwned')</script> and <img src=x onerror=alert(1)> end."
+
+
+@pytest.fixture
+def app_env(home, tiny_model_dir, monkeypatch):
+    """The app on a fresh store, with the tiny model as its default so runs take a second."""
+    monkeypatch.setenv("MEMCORE_APP_MODEL", str(tiny_model_dir))
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield home
+    st.cache_resource.clear()
+
+
+def _app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    return at
+
+
+def _html(at: AppTest) -> str:
+    return "\n".join(str(e.proto.body) for e in at.get("html"))
+
+
+def _parse(markup: str) -> tuple[set[str], str]:
+    """(tag names, visible text) of an HTML fragment, as a browser would build them."""
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        tags: set[str] = set()
+        text: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            self.tags.update(f"{tag}[{k}]" for k, _ in attrs)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    p = P()
+    p.tags, p.text = set(), []
+    p.feed(markup)
+    return p.tags, "".join(p.text)
+
+
+def _wait_for_job(at: AppTest, timeout: float = 120) -> None:
+    from common import get_worker
+
+    w = get_worker()
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(j.active or j.finished is None for j in w.jobs):
+        time.sleep(0.3)
+    assert not w.active_jobs(), "job did not finish"
+    at.run()
+
+
+def test_memorize_page_has_its_controls(app_env):
+    at = _app()
+    assert at.radio(key="source").options == ["Paste", "Upload", "Sample", "PhoneBook"]
+    assert at.slider(key="tau").value == 0.5
+    assert at.selectbox(key="method").value == "memft-ot"
+    assert at.number_input(key="rank").value == 8
+    assert at.button(key="start").label.endswith("Start")
+    assert not at.exception
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda at: None, "empty"),
+    (lambda at: at.text_area(key="passage").input("some words here").run() and at.text_input(key="layers").input("99").run(), "layer 99 does not exist"),
+    (lambda at: at.text_area(key="passage").input("some words here").run() and at.text_input(key="layers").input("x,y").run(), "layers must be"),
+    (lambda at: at.text_area(key="passage").input("word " * 3000).run(), "configured maximum of 2048"),
+])
+def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, message):
+    from common import get_worker
+
+    at = _app()
+    setup(at)
+    at.button(key="start").click().run()
+    errors = " ".join(e.value for e in at.error)
+    assert message in errors
+    assert get_worker().jobs == []
+
+
+def test_a_tiny_run_finishes_and_its_results_appear_with_user_text_inert(app_env):
+    at = _app()
+    at.text_area(key="passage").input(XSS).run()
+    at.number_input(key="max_steps").set_value(3).run()
+    at.select_slider(key="lr").set_value(0.05).run()
+    assert "target tokens" in " ".join(c.value for c in at.caption)
+    at.button(key="start").click().run()
+    assert not at.exception
+    _wait_for_job(at)
+    tags, text = _parse(_html(at))
+    assert "<script>alert('pwned')</script>" in text and "<img src=x onerror=alert(1)>" in text  # shown literally
+    assert "script" not in tags and "img" not in tags and not any("onerror" in t for t in tags)  # and never as markup
+    assert "Result" in [s.value for s in at.subheader]
+    labels = [m.label for m in at.metric]
+    assert {"Recalled verbatim", "Steps", "ΔL (nats/token)", "P_eff", "Bits stored", "Bits / parameter"} <= set(labels)
+    steps = next(m.value for m in at.metric if m.label == "Steps")
+    assert steps == "3"
+    assert not at.exception
+
+
+def test_compare_mode_runs_both_methods(app_env):
+    at = _app()
+    at.text_area(key="passage").input("Two methods race to remember this line.").run()
+    at.toggle(key="compare").set_value(True).run()
+    at.number_input(key="max_steps").set_value(2).run()
+    at.button(key="start").click().run()
+    _wait_for_job(at)
+    md = " ".join(m.value for m in at.markdown)
+    assert "**sft**" in md and "**memft-ot**" in md
+    from common import get_store
+
+    assert sorted(r["method"] for r in get_store().runs()) == ["memft-ot", "sft"]
+
+
+def test_runs_page_lists_replays_exports_and_deletes(app_env):
+    at = _app()
+    at.text_area(key="passage").input("A short line to keep.").run()
+    at.number_input(key="max_steps").set_value(2).run()
+    at.button(key="start").click().run()
+    _wait_for_job(at)
+    at = _app("app_pages/runs.py")
+    assert not at.exception
+    df = at.dataframe[0].value
+    assert len(df) == 1 and df.iloc[0]["status"] == "completed"
+    slider = at.slider[0]
+    assert slider.value == 2  # last recorded step (states after 0, 1, 2 updates)
+    slider.set_value(0).run()
+    assert "step **0**" in " ".join(m.value for m in at.markdown)
+    assert "A" in _html(at)
+    rid = df.iloc[0]["run"]
+    at.button(key=f"del-{rid}")
+    assert at.button(key=f"del-{rid}").disabled
+    at.checkbox(key=f"sure-{rid}").check().run()
+    at.button(key=f"del-{rid}").click().run()
+    at = _app("app_pages/runs.py")
+    assert "No runs yet" in " ".join(i.value for i in at.info)
+
+
+def test_runs_page_empty_store(app_env):
+    at = _app("app_pages/runs.py")
+    assert "No runs yet" in " ".join(i.value for i in at.info)

@@ -1,0 +1,311 @@
+"""Behaviour of the app's pure rendering helpers: token HTML (colours, markers, escaping) and Altair chart specs."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import charts
+import numpy as np
+import pandas as pd
+import pytest
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+class _Tokens(HTMLParser):
+    """Collects every element start tag and, for each token span, its attributes and decoded text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.spans: list[dict] = []
+        self._in_tok = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        if tag == "span" and "mc-tok" in a.get("class", "").split():
+            self.spans.append({"classes": a["class"].split(), "title": a.get("title", ""), "style": a.get("style", ""), "text": "", "br": 0})
+            self._in_tok = True
+        elif tag == "br" and self._in_tok:
+            self.spans[-1]["br"] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._in_tok = False
+
+    def handle_data(self, data):
+        if self._in_tok:
+            self.spans[-1]["text"] += data
+
+
+def parse(html_text: str) -> _Tokens:
+    parser = _Tokens()
+    parser.feed(html_text)
+    parser.close()
+    return parser
+
+
+def style_of(span: dict) -> dict[str, str]:
+    return dict(part.split(":", 1) for part in span["style"].split(";") if part)
+
+
+def data_of(spec: dict, sub: dict) -> list[dict]:
+    return spec["datasets"][sub["data"]["name"]]
+
+
+# ---------------------------------------------------------------------------
+# prob_color / text colour
+
+
+def test_prob_color_endpoints_and_centre():
+    assert charts.prob_color(0.0, 0.5) == charts.RED == "#d7301f"
+    assert charts.prob_color(0.5, 0.5) == charts.WHITE
+    assert charts.prob_color(1.0, 0.5) == charts.BLUE == "#2166ac"
+    # the centre follows tau, not 0.5
+    assert charts.prob_color(0.9, 0.9) == charts.WHITE
+    assert charts.prob_color(0.5, 0.9) != charts.WHITE
+
+
+def test_prob_color_is_linear_on_each_side():
+    # halfway between 0 and tau is halfway between red and white, per channel
+    mid = charts.prob_color(0.25, 0.5)
+    assert re.fullmatch(r"#[0-9a-f]{6}", mid)
+    for k in (1, 3, 5):
+        lo, hi, got = int(charts.RED[k:k + 2], 16), int(charts.WHITE[k:k + 2], 16), int(mid[k:k + 2], 16)
+        assert abs(got - (lo + hi) / 2) <= 1
+    up = charts.prob_color(0.75, 0.5)
+    for k in (1, 3, 5):
+        lo, hi, got = int(charts.WHITE[k:k + 2], 16), int(charts.BLUE[k:k + 2], 16), int(up[k:k + 2], 16)
+        assert abs(got - (lo + hi) / 2) <= 1
+
+
+def test_prob_color_clips_and_survives_degenerate_tau():
+    assert charts.prob_color(-0.3, 0.5) == charts.RED
+    assert charts.prob_color(1.7, 0.5) == charts.BLUE
+    assert charts.prob_color(np.float32(1.0), 0.5) == charts.BLUE
+    assert charts.prob_color(0.0, 0.0) == charts.WHITE
+    assert charts.prob_color(0.5, 0.0) == charts.prob_color(0.5, 0.0)  # no ZeroDivisionError
+    assert charts.prob_color(1.0, 1.0) == charts.WHITE
+
+
+def test_text_stays_readable():
+    assert charts.text_color(charts.RED) == charts.LIGHT_TEXT
+    assert charts.text_color(charts.BLUE) == charts.LIGHT_TEXT
+    assert charts.text_color(charts.WHITE) == charts.DARK_TEXT
+    assert charts.text_color(charts.prob_color(0.45, 0.5)) == charts.DARK_TEXT
+
+
+# ---------------------------------------------------------------------------
+# token_html
+
+
+def test_token_html_one_span_per_token_with_colour_and_title():
+    pieces = ["The", " cat", " sat"]
+    p = [0.0, 0.5, 1.0]
+    out = charts.token_html(pieces, p, 0.5)
+    assert out.startswith('<div class="mc-tokens"') and out.count("<div") == 1
+    assert "white-space:pre-wrap" in out
+    assert "<style" not in out
+    spans = parse(out).spans
+    assert [s["text"] for s in spans] == pieces  # spaces kept verbatim
+    for i, (s, pi) in enumerate(zip(spans, p)):
+        st = style_of(s)
+        assert st["background"] == charts.prob_color(pi, 0.5)
+        assert st["color"] == charts.text_color(st["background"])
+        assert f"#{i}" in s["title"] and f"p={pi:.3f}" in s["title"]
+    assert style_of(spans[0])["color"] == charts.LIGHT_TEXT and style_of(spans[1])["color"] == charts.DARK_TEXT
+
+
+@pytest.mark.parametrize("evil", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '" onmouseover="alert(1)', "a & b's"])
+def test_token_html_escapes_user_text(evil):
+    out = charts.token_html(["ok", evil], [0.9, 0.1], 0.5)
+    parsed = parse(out)
+    assert set(parsed.tags) <= {"div", "span"}  # no script/img element was created
+    assert parsed.spans[1]["text"] == evil  # shown literally
+    assert "<script" not in out and "<img" not in out
+    assert 'onmouseover="' not in out
+
+
+def test_token_html_whitespace_and_empty_tokens_stay_visible():
+    spans = parse(charts.token_html(["a\nb", "", "  ", "x\r\ny"], [0.2] * 4, 0.5)).spans
+    assert spans[0]["text"] == "a↵b" and spans[0]["br"] == 1
+    assert spans[1]["text"] == "∅"
+    assert spans[2]["text"] == "  "
+    assert spans[3]["text"] == "x↵y" and spans[3]["br"] == 1
+
+
+def test_token_html_markers():
+    pieces = ["a", "b", "c", "d", "e"]
+    p = [0.9, 0.6, 0.1, 0.2, 0.3]
+    crossed = np.array([False, True, False, False, False])
+    plain = parse(charts.token_html(pieces, p, 0.5)).spans
+    spans = parse(charts.token_html(pieces, p, 0.5, crossed=crossed, stubborn=[np.int64(3)], first_divergence=2)).spans
+    assert [("mc-crossed" in s["classes"]) for s in spans] == [False, True, False, False, False]
+    assert "outline" in style_of(spans[1])
+    assert [("mc-stubborn" in s["classes"]) for s in spans] == [False, False, False, True, False]
+    assert "dashed" in style_of(spans[3])["text-decoration"]
+    assert [("mc-diverge" in s["classes"]) for s in spans] == [False, False, True, False, False]
+    assert "border-bottom" in style_of(spans[2])
+    # tokens after the divergence look exactly as they would without it (the stubborn one only adds its underline)
+    assert spans[4]["style"] == plain[4]["style"] and spans[4]["classes"] == plain[4]["classes"]
+    assert spans[0]["style"] == plain[0]["style"]
+    assert "border-bottom" not in style_of(spans[3])
+
+
+def test_token_html_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match=r"3.*2|2.*3"):
+        charts.token_html(["a", "b", "c"], [0.1, 0.2], 0.5)
+    with pytest.raises(ValueError):
+        charts.token_html(["a", "b"], [0.1, 0.2], 0.5, crossed=[True])
+
+
+def test_legend_html_labels_and_scale():
+    out = charts.legend_html(0.7)
+    assert "p=0" in out and "τ=0.7" in out and "p=1" in out
+    assert charts.RED in out and charts.WHITE in out and charts.BLUE in out
+    assert "70.0%" in out  # the white stop and the τ label sit at tau
+
+
+def test_generation_diff_html_marks_matches_mismatches_and_missing():
+    spans = parse(charts.generation_diff_html(["A", " b", " c", " d"], ["A", " x", "<b>"])).spans
+    assert [s["text"] for s in spans] == ["A", " x", "<b>", " d"]
+    assert [c for s in spans for c in s["classes"] if c != "mc-tok"] == ["mc-match", "mc-mismatch", "mc-mismatch", "mc-missing"]
+    assert "expected ' b'" in spans[1]["title"]
+
+
+# ---------------------------------------------------------------------------
+# curves_chart
+
+
+def _history(n: int = 3, run: str | None = None) -> pd.DataFrame:
+    df = pd.DataFrame({"step": np.arange(1, n + 1), "frac_above": np.linspace(0.1, 0.9, n), "frac_correct": np.linspace(0.2, 1.0, n),
+                       "loss": np.linspace(3.0, 0.5, n), "delta_loss": np.linspace(0.0, 2.5, n), "n_tokens": 10})
+    return df.assign(run=run) if run else df
+
+
+def test_curves_chart_two_panels_in_long_format():
+    spec = charts.curves_chart(_history(3), 0.8).to_dict()
+    left, right = spec["hconcat"]
+    assert "τ = 0.8" in left["title"]
+    assert left["encoding"]["y"]["scale"]["domain"] == [0, 1]
+    assert left["encoding"]["color"]["field"] == "series" and left["encoding"]["color"]["title"] == "series"
+    assert "strokeDash" not in left["encoding"]
+    rows = data_of(spec, left)
+    assert {r["series"] for r in rows} == {"above τ", "argmax correct"} and len(rows) == 6
+    assert [r["value"] for r in rows if r["series"] == "above τ"] == pytest.approx([0.1, 0.5, 0.9])
+    rows = data_of(spec, right)
+    assert {r["series"] for r in rows} == {"loss", "ΔL"}
+    assert [r["value"] for r in rows if r["series"] == "loss"] == pytest.approx([3.0, 1.75, 0.5])
+    assert all("n_tokens" not in r for r in rows)  # unrelated columns are not shipped to the browser
+
+
+def test_curves_chart_compares_runs_by_dash():
+    hist = pd.concat([_history(2, "sft"), _history(2, "memft-ot")], ignore_index=True)
+    spec = charts.curves_chart(hist, 0.5).to_dict()
+    for panel in spec["hconcat"]:
+        assert panel["encoding"]["strokeDash"]["field"] == "run"
+        assert {r["run"] for r in data_of(spec, panel)} == {"sft", "memft-ot"}
+
+
+def test_curves_chart_single_row_and_empty():
+    spec = charts.curves_chart(_history(1), 0.5).to_dict()
+    left = spec["hconcat"][0]
+    assert left["mark"]["point"] is True  # a lone point must still be drawn
+    assert len(data_of(spec, left)) == 2
+    empty = charts.curves_chart(pd.DataFrame(), 0.5).to_dict()
+    assert [data_of(empty, panel) for panel in empty["hconcat"]] == [[], []]
+
+
+def test_curves_chart_tolerates_missing_and_nan_columns():
+    hist = _history(2).drop(columns=["delta_loss"])
+    hist.loc[0, "loss"] = np.nan
+    spec = charts.curves_chart(hist, 0.5).to_dict()
+    assert [r["value"] for r in data_of(spec, spec["hconcat"][1])] == pytest.approx([0.5])
+
+
+# ---------------------------------------------------------------------------
+# histogram_chart
+
+
+def _bars_and_rule(spec: dict) -> tuple[dict, dict]:
+    bars = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "bar")
+    rule = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "rule")
+    return bars, rule
+
+
+def test_histogram_fixed_bins_counts_and_colours():
+    p = [0.05, 0.05, 0.55, 0.95, 1.0, 1.0000001]
+    spec = charts.histogram_chart(p, 0.5, bins=10).to_dict()
+    bars, rule = _bars_and_rule(spec)
+    rows = data_of(spec, bars)
+    assert len(rows) == 10
+    assert [r["tokens"] for r in rows] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 3]  # 1.0 and float noise above it land in the last bin
+    assert [r["lo"] for r in rows] == pytest.approx(np.linspace(0, 0.9, 10))
+    assert {r["side"] for r in rows[:5]} == {"below τ"} and {r["side"] for r in rows[5:]} == {"above τ"}
+    scale = bars["encoding"]["color"]["scale"]
+    assert dict(zip(scale["domain"], scale["range"])) == {"below τ": charts.RED, "above τ": charts.BLUE}
+    assert bars["encoding"]["x"]["title"] == "p(correct token)" and bars["encoding"]["y"]["title"] == "tokens"
+    assert data_of(spec, rule) == [{"tau": 0.5}] and rule["encoding"]["x"]["field"] == "tau"
+    assert "bin" not in bars["encoding"]["x"]  # altair must not re-bin
+
+
+def test_histogram_edges_do_not_depend_on_data():
+    a = charts.histogram_chart([0.1, 0.2], 0.3).to_dict()
+    b = charts.histogram_chart(np.array([0.9], dtype=np.float32), 0.3).to_dict()
+    edges = [[(r["lo"], r["hi"]) for r in data_of(s, _bars_and_rule(s)[0])] for s in (a, b)]
+    assert edges[0] == edges[1] and len(edges[0]) == 20
+    empty = charts.histogram_chart([], 0.3, bins=5).to_dict()
+    assert [r["tokens"] for r in data_of(empty, _bars_and_rule(empty)[0])] == [0] * 5
+
+
+# ---------------------------------------------------------------------------
+# trajectories_chart
+
+
+def test_trajectories_one_line_per_token_with_tau_rule():
+    steps = [1, 2, 3]
+    ph = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]], dtype=np.float32)
+    spec = charts.trajectories_chart(steps, ph, [2, 0], [" world", "a very long token piece"], 0.6).to_dict()
+    lines = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "line")
+    rule = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "rule")
+    rows = data_of(spec, lines)
+    labels = list(dict.fromkeys(r["token"] for r in rows))
+    assert labels[0] == "#2 ' world'"
+    assert labels[1].startswith("#0 'a very") and len(labels[1]) <= 20
+    assert [r["p"] for r in rows if r["token"] == labels[0]] == pytest.approx([0.3, 0.6, 0.9])
+    assert [r["step"] for r in rows if r["token"] == labels[0]] == steps
+    assert lines["encoding"]["y"]["scale"]["domain"] == [0, 1]
+    assert lines["encoding"]["color"]["field"] == "token"
+    assert data_of(spec, rule) == [{"tau": 0.6}] and rule["encoding"]["y"]["field"] == "tau"
+
+
+def test_trajectories_empty_and_bad_input():
+    spec = charts.trajectories_chart([1], np.array([[0.5]]), [], [], 0.5).to_dict()
+    assert spec["mark"]["type"] == "text"
+    assert data_of(spec, spec) == [{"text": "no stubborn tokens"}]
+    with pytest.raises(ValueError):
+        charts.trajectories_chart([1, 2], np.zeros((2, 3)), [0, 1], ["a"], 0.5)
+    with pytest.raises(ValueError):
+        charts.trajectories_chart([1, 2, 3], np.zeros((2, 3)), [0], ["a"], 0.5)
+
+
+# ---------------------------------------------------------------------------
+# replay_frame
+
+
+def test_replay_frame_fractions():
+    p = np.array([[0.2, 0.5, 0.9, 0.95], [0.6, 0.7, 0.9, 0.1]])
+    correct = np.array([[True, False, True, True], [True, True, True, True]])
+    df = charts.replay_frame([10, 20], p, correct, 0.5)
+    assert list(df.columns) == ["step", "frac_above", "frac_correct"]
+    assert df["step"].tolist() == [10, 20]
+    assert df["frac_above"].tolist() == pytest.approx([0.5, 0.75])  # p == tau is not above
+    assert df["frac_correct"].tolist() == pytest.approx([0.75, 1.0])
+    # its output feeds curves_chart directly
+    rows = data_of(spec := charts.curves_chart(df, 0.5).to_dict(), spec["hconcat"][0])
+    assert len(rows) == 4
+    with pytest.raises(ValueError):
+        charts.replay_frame([10, 20], p, correct[:, :3], 0.5)
