@@ -55,3 +55,9 @@ def default_model_name() -> str:
 
 def error_text(e: Exception) -> str:
     return str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
+
+
+def show_chart(chart, container=None) -> None:
+    """Draw an altair chart without re-validating its spec against the Vega-Lite schema on every refresh
+    (validation costs more than building the chart, several times a second in the live view)."""
+    (container or st).vega_lite_chart(chart.to_dict(validate=False), width="stretch")

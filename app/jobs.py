@@ -1,20 +1,17 @@
-"""One background worker per process that trains queued jobs one at a time, shared by every session.
+"""The job queue shared by every session of the app, in front of one training process.
 
-The Streamlit script thread never trains: it submits a Job and polls its live view (``JobView``), which the
-worker thread fills from memcore's streaming runner. A compare job advances two runs (sft and memft-ot on
-the same text and seed) in alternation, each on its own copy of the base model, so both move live.
-Base models are loaded once per process and kept (the most recent few).
+Page scripts never train: they submit a Job and poll its live view (``RunLive``). A dispatcher thread
+hands jobs one at a time to a memcore training process (``memcore.service``: the model lives there, so a
+busy page cannot starve training of the GIL) and files the reports it streams back. A compare job advances
+two runs (sft and memft-ot on the same text and seed) in alternation, so both move live.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
-import traceback
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +19,8 @@ import numpy as np
 
 from memcore.config import MemcoreError, ModelSpec, RunSpec
 from memcore.models import Base, load_base
-from memcore.runner import execute_iter, prepare
+from memcore.service import TrainingProcess
 from memcore.store import Store
-
-MAX_CACHED_BASES = 3  # default model: the training copy, a compare copy and an inference copy
 
 
 @dataclass
@@ -70,57 +65,60 @@ class Job:
 
 
 class Worker:
-    """A FIFO of jobs and the thread that runs them, one at a time."""
+    """A FIFO of jobs, the training process that runs them one at a time, and the thread between the two."""
 
     def __init__(self, home: Path, preload: ModelSpec | None = None):
         self.home = Path(home)
         self.store = Store(self.home)
         self.jobs: list[Job] = []
-        self._bases: OrderedDict[tuple, Base] = OrderedDict()
-        self._cv = threading.Condition()
-        self._gen_lock = threading.Lock()
+        self.ready_models: set[str] = set()
         self.loading_error: str | None = None
-        self._thread = threading.Thread(target=self._loop, name="memcore-worker", daemon=True)
-        self._preload = preload
+        self._lock = threading.Lock()
+        self._gen_lock = threading.Lock()
+        self._inference: dict[tuple, Base] = {}
+        self._current: Job | None = None
+        self._closed = False
+        self._proc = TrainingProcess(self.home, threads=_train_threads())
+        if preload is not None:
+            self._proc.send("preload", asdict(preload))
+        self._thread = threading.Thread(target=self._dispatch, name="memcore-dispatch", daemon=True)
         self._thread.start()
 
     # --- called from page scripts ---------------------------------------------------------------------------
 
     def submit(self, specs: list[RunSpec], session: str, labels: list[str] | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex[:10], session=session, specs=list(specs),
-                  labels=labels or [s.train.method for s in specs])
+        job = Job(id=uuid.uuid4().hex[:10], session=session, specs=list(specs), labels=labels or [s.train.method for s in specs])
         job.runs = [RunLive(label=lab, spec=s) for lab, s in zip(job.labels, job.specs)]
-        with self._cv:
+        with self._lock:
             self.jobs.append(job)
-            self._cv.notify_all()
         return job
 
     def find(self, job_id: str | None) -> Job | None:
         return next((j for j in self.jobs if j.id == job_id), None)
 
     def position(self, job: Job) -> int:
-        """0 while the job runs; otherwise how many jobs are ahead of it in the queue."""
+        """0 while the job runs; otherwise how many jobs are ahead of it."""
         if job.status != "queued":
             return 0
-        ahead = [j for j in self.jobs if j.active and j.created <= job.created and j is not job]
-        return len(ahead)
+        return len([j for j in self.jobs if j.active and j.created <= job.created and j is not job])
 
     def stop(self, job: Job) -> None:
-        job.stop_event.set()
-        with self._cv:
+        with self._lock:
+            job.stop_event.set()
             if job.status == "queued":
                 job.status, job.finished = "stopped", time.time()
+            elif job.active:
+                self._proc.stop_job(job.id)
 
     def active_jobs(self) -> list[Job]:
         return [j for j in self.jobs if j.active]
 
     def is_model_ready(self, spec: ModelSpec) -> bool:
-        return self._key(spec) + (0,) in self._bases
+        return spec.name in self.ready_models
 
     def generate(self, run_id: str, prompt: str | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
-        """Greedy generation from a finished run's adapter, on a separate inference copy of its base model
-        (training jobs keep theirs). prompt None: the run's own prompt, compared with its target."""
-        import torch
+        """Greedy generation from a finished run's adapter, on an inference copy of its base model in this
+        process. prompt None: the run's own prompt, compared with its target."""
         from peft import PeftModel
 
         from memcore.data import Sample
@@ -133,7 +131,11 @@ class Worker:
             raise MemcoreError(f"run {run_id} has no saved adapter (status {run['status']})")
         spec = RunSpec.from_dict(run["spec"])
         with self._gen_lock:
-            base = self.base(spec.model, copy_index=-1)
+            key = (spec.model.name, spec.model.quant)
+            if key not in self._inference:
+                self._inference.clear()  # keep one inference model at a time
+                self._inference[key] = load_base(spec.model, self.home)
+            base = self._inference[key]
             tok = base.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
@@ -145,88 +147,99 @@ class Worker:
                     return {"generated": gen, "targets": toks["target_ids"], "divergence": compare(gen, samples),
                             "text": [tok.decode(g) for g in gen]}
                 ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
-                with torch.no_grad():
-                    gen = greedy_generate(model, [Sample(ids, [0])], pad, max_new_tokens or 100)
+                gen = greedy_generate(model, [Sample(ids, [0])], pad, max_new_tokens or 100)
                 return {"generated": gen, "text": [tok.decode(gen[0])]}
             finally:
                 base.model = detach_adapter(model)
 
-    # --- the worker thread ----------------------------------------------------------------------------------
+    # --- the dispatcher thread ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _key(spec: ModelSpec) -> tuple:
-        return (spec.name, spec.quant, spec.device, spec.dtype, spec.trust_remote_code)
+    def close(self) -> None:
+        """Stop the dispatcher and the training process (tests; a server just exits)."""
+        self._closed = True
+        self._proc.close()
 
-    def base(self, spec: ModelSpec, copy_index: int = 0) -> Base:
-        """The base model for `spec` (loaded once per process); copy_index > 0 gives an independent copy."""
-        key = self._key(spec) + (copy_index,)
-        if key not in self._bases:
-            if copy_index:  # another copy: for the second run of a compare job (1) or for inference (-1)
-                first = self.base(spec, 0)
-                self._bases[key] = Base(copy.deepcopy(first.model), first.tokenizer, first.source, first.device, first.dtype, first.spec)
-            else:
-                self._bases[key] = load_base(spec, self.home)
-            while len(self._bases) > MAX_CACHED_BASES:
-                self._bases.popitem(last=False)
-        self._bases.move_to_end(key)
-        return self._bases[key]
+    def _dispatch(self) -> None:
+        while not self._closed:
+            with self._lock:
+                if self._current is None:
+                    nxt = next((j for j in self.jobs if j.status == "queued"), None)
+                    if nxt is not None:
+                        nxt.status, nxt.started = "loading", time.time()
+                        self._current = nxt
+                        self._proc.send("run", nxt.id, [s.to_dict() for s in nxt.specs], nxt.labels)
+            msg = self._proc.receive(timeout=0.1)
+            if msg is None:
+                if not self._proc.alive and not self._closed:
+                    self._crashed()
+                continue
+            self._handle(msg)
 
-    def _loop(self) -> None:
-        if self._preload is not None:
-            try:
-                self.base(self._preload)
-            except Exception as e:  # shown on the page; jobs will retry and report it
-                self.loading_error = str(e)
-        while True:
-            with self._cv:
-                while not any(j.status == "queued" for j in self.jobs):
-                    self._cv.wait()
-                job = next(j for j in self.jobs if j.status == "queued")
-                job.status, job.started = "loading", time.time()
-            try:
-                self._run(job)
-            except Exception as e:
-                job.error = str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
-                job.status = "failed"
-                if not isinstance(e, MemcoreError):
-                    traceback.print_exc()
-            finally:
-                job.finished = time.time()
+    def _crashed(self) -> None:
+        """The training process died (killed, out of memory): fail its job and start a new process."""
+        with self._lock:
+            job, self._current = self._current, None
+            if job is not None:
+                job.status, job.error, job.finished = "failed", "the training process died (out of memory?)", time.time()
+            self.ready_models.clear()
+            self._proc = TrainingProcess(self.home, threads=_train_threads())
+            self.store.mark_interrupted()
 
-    def _run(self, job: Job) -> None:
-        gens = []
-        for i, (spec, live) in enumerate(zip(job.specs, job.runs)):
-            base, samples = prepare(spec, self.base(spec.model, copy_index=i), self.home)
-            live.pieces = [base.tokenizer.decode([t]) for s in samples for t in s.target_ids]
-            gens.append(execute_iter(spec, self.store, base, samples, should_stop=job.stop_event.is_set, label=f"app:{live.label}"))
-        job.status = "running"
-        pending = list(range(len(gens)))
-        while pending:  # advance every unfinished run by one step, in turn
-            for i in list(pending):
-                try:
-                    r = next(gens[i])
-                except StopIteration:
-                    pending.remove(i)
-                    continue
-                with job.lock:
-                    self._record(job.runs[i], r)
-        job.status = "stopped" if job.stop_event.is_set() else "done"
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            self.ready_models.add(msg[1])
+            return
+        if kind == "load_error":
+            self.loading_error = msg[2]
+            return
+        job = self.find(msg[1])
+        if job is None:
+            return
+        if kind == "started":
+            _, _, i, run_id, pieces = msg
+            with job.lock:
+                job.runs[i].run_id, job.runs[i].pieces = run_id, pieces
+                job.status = "running"
+            self.ready_models.add(job.specs[i].model.name)
+        elif kind == "report":
+            _, _, i, r = msg
+            with job.lock:
+                _record(job.runs[i], r)
+        elif kind == "done":
+            _, _, status, error = msg
+            with self._lock:
+                job.status, job.error, job.finished = status, error, time.time()
+                if self._current is job:
+                    self._current = None
 
-    @staticmethod
-    def _record(live: RunLive, r: Any) -> None:
-        n = max(1, r.n_tokens)
-        row = {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "frac_above": r.n_above / n,
-               "frac_correct": r.n_correct / n, "elapsed": r.elapsed}
-        live.run_id = r.run_id
-        if live.steps and live.steps[-1] == r.step:  # the final report re-measures the last state
-            live.rows[-1], live.p_history[-1] = row, r.p
-        else:
-            live.steps.append(r.step)
-            live.rows.append(row)
-            live.p_history.append(r.p)
-        live.correct = r.correct
-        live.first_divergence = r.first_divergence
-        if r.recalled and live.recalled_at is None:
-            live.recalled_at = r.step
-        if r.final:
-            live.summary = r.summary
+
+def _train_threads() -> int | None:
+    """Leave one core to the page (and the browser) when training on the CPU; MEMCORE_TRAIN_THREADS overrides."""
+    import os
+
+    if os.environ.get("MEMCORE_TRAIN_THREADS"):
+        return int(os.environ["MEMCORE_TRAIN_THREADS"])
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _record(live: RunLive, r: dict[str, Any]) -> None:
+    n = max(1, r["n_tokens"])
+    row = {"step": r["step"], "loss": r["loss"], "delta_loss": r["delta_loss"], "frac_above": r["n_above"] / n,
+           "frac_correct": r["n_correct"] / n, "elapsed": r["elapsed"]}
+    if live.steps and live.steps[-1] == r["step"]:  # the final report re-measures the last state
+        live.rows[-1], live.p_history[-1] = row, r["p"]
+    else:
+        live.steps.append(r["step"])
+        live.rows.append(row)
+        live.p_history.append(r["p"])
+    live.correct = r["correct"]
+    live.first_divergence = r["first_divergence"]
+    if r["recalled"] and live.recalled_at is None:
+        live.recalled_at = r["step"]
+    if r["final"]:
+        live.summary = r["summary"]

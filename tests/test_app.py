@@ -18,6 +18,9 @@ def app_env(home, tiny_model_dir, monkeypatch):
     st.cache_resource.clear()
     st.cache_data.clear()
     yield home
+    from common import get_worker
+
+    get_worker().close()
     st.cache_resource.clear()
 
 

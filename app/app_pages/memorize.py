@@ -1,13 +1,14 @@
 """Memorize: choose a text and settings, press Start, watch every token cross τ; then check recall."""
 
 import io
+import time
 import zipfile
 
 import charts
 import numpy as np
 import pandas as pd
 import streamlit as st
-from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES, default_model_name, error_text, get_tokenizer, get_worker, session_id
+from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES, default_model_name, error_text, get_tokenizer, get_worker, session_id, show_chart
 
 from memcore.config import METHODS, QUANTS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 from memcore.data import build_samples, decode_text, list_samples, read_sample
@@ -182,9 +183,8 @@ def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> No
     if show_tokens:
         st.html(charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     c1, c2 = st.columns(2)
-    c1.altair_chart(charts.histogram_chart(p, tau), width="stretch")
-    c2.altair_chart(charts.trajectories_chart(snap["steps"], history, stubborn, [snap["pieces"][i] for i in stubborn], tau),
-                    width="stretch")
+    show_chart(charts.histogram_chart(p, tau), c1)
+    show_chart(charts.trajectories_chart(snap["steps"], history, stubborn, [snap["pieces"][i] for i in stubborn], tau), c2)
 
 
 def render_job(job, live_mode: bool) -> None:
@@ -203,11 +203,11 @@ def render_job(job, live_mode: bool) -> None:
     rows = [s["rows"][-1] for s in snaps if s["rows"]]
     if rows:
         step = max(r["step"] for r in rows)
-        elapsed = max(r["elapsed"] for r in rows)
-        frac = step / job.max_steps
-        left_s = elapsed / step * (job.max_steps - step) if step else None
+        train_s = max(r["elapsed"] for r in rows)
+        wall = (job.finished or time.time()) - (job.started or job.created)
+        left_s = train_s / step * (job.max_steps - step) if step else None
         eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.active else ""
-        st.progress(min(1.0, frac), text=f"step {step}/{job.max_steps} · {elapsed:.1f} s elapsed{eta} · {job.status}")
+        st.progress(min(1.0, step / job.max_steps), text=f"step {step}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
     if job.active:
         if st.button("■ Stop", key=f"stop-{job.id}", help="Stops after the current step; the adapter and metrics so far are kept"):
             worker.stop(job)
@@ -221,7 +221,7 @@ def render_job(job, live_mode: bool) -> None:
             with c:
                 render_run(s, f"{job.id}-{i}", tau_job)
     if not hist.empty:
-        st.altair_chart(charts.curves_chart(hist, tau_job), width="stretch")
+        show_chart(charts.curves_chart(hist, tau_job))
     if not job.active:
         render_results(job, snaps)
 
@@ -288,7 +288,7 @@ def _zip_dir(path: str) -> bytes:
     return buf.getvalue()
 
 
-@st.fragment(run_every=0.4)
+@st.fragment(run_every=0.5)
 def live_view(job_id: str) -> None:
     j = worker.find(job_id)
     if j is None:

@@ -4,7 +4,7 @@ import charts
 import numpy as np
 import pandas as pd
 import streamlit as st
-from common import error_text, get_store
+from common import error_text, get_store, show_chart
 
 from memcore.metrics import stubborn_tokens
 
@@ -80,13 +80,12 @@ if replay is not None and len(replay.steps):
                 + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
     st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     c1, c2 = st.columns(2)
-    c1.altair_chart(charts.histogram_chart(p, tau), width="stretch")
-    c2.altair_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn, [replay.pieces[k] for k in stubborn], tau),
-                    width="stretch")
+    show_chart(charts.histogram_chart(p, tau), c1)
+    show_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn, [replay.pieces[k] for k in stubborn], tau), c2)
     hist = pd.DataFrame(store.steps(picked))
     if not hist.empty:
         hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens, run=run["method"])
-        st.altair_chart(charts.curves_chart(hist, tau), width="stretch")
+        show_chart(charts.curves_chart(hist, tau))
 
 with st.expander("Delete this run"):
     sure = st.checkbox(f"Yes, delete run {picked} and its adapter for good", key=f"sure-{picked}")

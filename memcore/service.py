@@ -1,0 +1,178 @@
+"""A training process: runs jobs (one or more RunSpecs advanced in turn) and streams their reports back.
+
+Interactive front ends keep their own process free for drawing: a training step is thousands of small torch
+ops, each of which must win back the GIL, so training in a thread next to a busy UI thread slows it many
+times over. Here the model lives in a child process (spawned, CUDA-safe) that owns the device; the parent
+sends commands on one queue and reads small messages (scalars and a float16 array per step) from another.
+
+Messages from the child:
+  ("ready", model_name) | ("load_error", model_name, msg)
+  ("started", job_id, index, run_id, pieces)
+  ("report", job_id, index, report_dict)          every step; the final one carries "summary"
+  ("done", job_id, status, error)                 status: done | stopped | failed
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import queue
+import traceback
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+MAX_CACHED_BASES = 3  # e.g. the default model and a compare copy, plus one other model
+
+
+def report_dict(r: Any) -> dict[str, Any]:
+    """The part of a StepReport a live view needs (small enough to send every step)."""
+    return {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "n_above": r.n_above, "n_correct": r.n_correct,
+            "n_tokens": r.n_tokens, "recalled": r.recalled, "first_divergence": r.first_divergence, "elapsed": r.elapsed,
+            "final": r.final, "p": r.p, "correct": r.correct, "summary": r.summary, "run_id": r.run_id}
+
+
+class Engine:
+    """The child's state: a cache of loaded base models and the run store."""
+
+    def __init__(self, home: Path):
+        from memcore.store import Store
+
+        self.home = Path(home)
+        self.store = Store(self.home)
+        self.bases: OrderedDict[tuple, Any] = OrderedDict()
+
+    def base(self, spec: Any, copy_index: int = 0) -> Any:
+        from memcore.models import Base, load_base
+
+        key = (spec.name, spec.quant, spec.device, spec.dtype, spec.trust_remote_code, copy_index)
+        if key not in self.bases:
+            if copy_index:
+                first = self.base(spec, 0)
+                self.bases[key] = Base(copy.deepcopy(first.model), first.tokenizer, first.source, first.device, first.dtype, first.spec)
+            else:
+                self.bases[key] = load_base(spec, self.home)
+            while len(self.bases) > MAX_CACHED_BASES:
+                self.bases.popitem(last=False)
+        self.bases.move_to_end(key)
+        return self.bases[key]
+
+    def run_job(self, job_id: str, spec_dicts: list[dict], labels: list[str], out: Any, should_stop: Any) -> str:
+        """Advance every run of the job by one step in turn until all have finished. Returns the status."""
+        from memcore.config import RunSpec
+        from memcore.runner import execute_iter, prepare
+
+        gens = []
+        for i, (d, label) in enumerate(zip(spec_dicts, labels)):
+            spec = RunSpec.from_dict(d)
+            base, samples = prepare(spec, self.base(spec.model, copy_index=i), self.home)
+            pieces = [base.tokenizer.decode([t]) for s in samples for t in s.target_ids]
+            gen = execute_iter(spec, self.store, base, samples, should_stop=should_stop, label=f"app:{label}")
+            gens.append((i, gen, pieces))
+        pending = list(gens)
+        started: set[int] = set()
+        while pending:
+            for item in list(pending):
+                i, gen, pieces = item
+                try:
+                    r = next(gen)
+                except StopIteration:
+                    pending.remove(item)
+                    continue
+                if i not in started:
+                    started.add(i)
+                    out.put(("started", job_id, i, r.run_id, pieces))
+                out.put(("report", job_id, i, report_dict(r)))
+        return "stopped" if should_stop() else "done"
+
+
+def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None = None) -> None:
+    """Child process main loop: ("preload", model_spec_dict) | ("run", job_id, spec_dicts, labels) | ("quit",)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from memcore.config import MemcoreError, ModelSpec
+
+    engine = Engine(Path(home))
+    stopped: set[str] = set()
+
+    def drain_control() -> None:
+        while True:
+            try:
+                msg = control.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "stop":
+                stopped.add(msg[1])
+
+    while True:
+        cmd = commands.get()
+        if cmd[0] == "quit":
+            return
+        if cmd[0] == "preload":
+            spec = ModelSpec(**cmd[1])
+            try:
+                engine.base(spec)
+                out.put(("ready", spec.name))
+            except Exception as e:
+                out.put(("load_error", spec.name, str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"))
+            continue
+        if cmd[0] == "run":
+            _, job_id, spec_dicts, labels = cmd
+            drain_control()
+
+            def should_stop(job_id: str = job_id) -> bool:
+                drain_control()
+                return job_id in stopped
+
+            try:
+                status = engine.run_job(job_id, spec_dicts, labels, out, should_stop)
+                out.put(("done", job_id, status, None))
+            except MemcoreError as e:
+                out.put(("done", job_id, "failed", str(e)))
+            except Exception as e:
+                traceback.print_exc()
+                out.put(("done", job_id, "failed", f"{type(e).__name__}: {e}"))
+
+
+class TrainingProcess:
+    """Parent-side handle on the child: start it, send commands, read messages, notice if it died."""
+
+    def __init__(self, home: Path, threads: int | None = None):
+        """threads: CPU threads for training (None: torch's default). A front end on the same CPU should leave
+        it a core: two processes each wanting every core make OpenMP's thread barriers crawl."""
+        ctx = mp.get_context("spawn")
+        self.commands, self.out, self.control = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=serve, args=(str(home), self.commands, self.out, self.control, threads),
+                                   name="memcore-train", daemon=True)
+        self.process.start()
+
+    def send(self, *cmd: Any) -> None:
+        self.commands.put(cmd)
+
+    def stop_job(self, job_id: str) -> None:
+        self.control.put(("stop", job_id))
+
+    def receive(self, timeout: float = 0.2) -> tuple | None:
+        try:
+            return self.out.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def close(self) -> None:
+        if self.alive:
+            self.send("quit")
+            self.process.join(timeout=5)
+            if self.alive:
+                self.process.kill()
