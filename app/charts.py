@@ -165,7 +165,7 @@ def _long(history: pd.DataFrame, series: dict[str, str], has_run: bool) -> pd.Da
 
 def _panel(df: pd.DataFrame, series: dict[str, str], has_run: bool, n_steps: int, title: str, unit_y: bool) -> alt.Chart:
     y_scale = alt.Scale(domain=[0, 1]) if unit_y else alt.Scale(zero=False)
-    enc = dict(x=alt.X("step:Q", title="step"),
+    enc = dict(x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
                y=alt.Y("value:Q", title=None, scale=y_scale),
                color=alt.Color("series:N", title="series", sort=list(series.values())),
                tooltip=["step:Q", "series:N", alt.Tooltip("value:Q", format=".4f")] + (["run:N"] if has_run else []))
@@ -196,12 +196,13 @@ def histogram_chart(p: Sequence[float], tau: float, bins: int = 20) -> alt.Chart
     values = np.clip(values[~np.isnan(values)], 0.0, 1.0)  # float noise past 1.0 would otherwise be dropped
     counts, _ = np.histogram(values, bins=edges)
     mid = (edges[:-1] + edges[1:]) / 2
-    df = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "tokens": counts.astype(int),
+    df = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "tokens": counts.astype(int), "zero": 0,
                        "side": np.where(mid > tau, "above τ", "below τ")})
     bars = alt.Chart(df).mark_bar().encode(
         x=alt.X("lo:Q", title="p(correct token)", scale=alt.Scale(domain=[0, 1])),
         x2="hi:Q",
         y=alt.Y("tokens:Q", title="tokens"),
+        y2="zero:Q",  # with a ranged x, a bar needs its baseline spelled out or it is drawn as a sliver
         color=alt.Color("side:N", title=None, scale=alt.Scale(domain=["below τ", "above τ"], range=[RED, BLUE])),
         tooltip=[alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f"), "tokens:Q"],
     )
@@ -240,7 +241,7 @@ def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Seq
     df = pd.concat([pd.DataFrame({"step": step_col, "p": ph[:, int(i)] if len(step_col) else np.empty(0), "token": name})
                     for i, name in zip(indices, names)], ignore_index=True)
     lines = _line_mark(alt.Chart(df), len(steps)).encode(
-        x=alt.X("step:Q", title="step"),
+        x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("p:Q", title="p(correct token)", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("token:N", title="token", sort=names),
         tooltip=["token:N", "step:Q", alt.Tooltip("p:Q", format=".3f")],

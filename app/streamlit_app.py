@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="memcore", page_icon="🧠", layout="wide")
+st.set_page_config(page_title="memcore", page_icon=":material/psychology:", layout="wide")
 
 pages = [
-    st.Page("app_pages/memorize.py", title="Memorize", icon="🧠", default=True),
-    st.Page("app_pages/runs.py", title="Runs", icon="📚"),
+    st.Page("app_pages/memorize.py", title="Memorize", icon=":material/psychology:", default=True),
+    st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
 ]
 st.navigation(pages).run()

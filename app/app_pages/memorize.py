@@ -17,7 +17,7 @@ from memcore.metrics import stubborn_tokens
 LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]
 worker = get_worker()
 
-st.title("🧠 Memorize")
+st.title("Memorize")
 st.caption("Paste a passage, pick a LoRA rank and a threshold τ, and watch each token's probability climb past τ. "
            "A token with p > 0.5 is necessarily the model's top choice, so once every token is past 0.5 the passage is recited verbatim.")
 
@@ -137,7 +137,7 @@ with left:
         st.error(problem)
 
 busy = job is not None and job.active
-start = st.button("▶ Start", type="primary", disabled=busy, key="start")
+start = st.button("Start", type="primary", disabled=busy, key="start")
 if start:
     if problem or specs is None:
         st.error(f"Cannot start: {problem or 'paste a passage first'}")
@@ -148,7 +148,7 @@ if start:
         st.rerun()
 
 if not worker.is_model_ready(ModelSpec(name=default_model_name())) and worker.loading_error is None:
-    st.caption("⏳ loading the default model in the background ...")
+    st.caption("loading the default model in the background ...")
 elif worker.loading_error:
     st.warning(f"The default model could not be loaded: {worker.loading_error}")
 
@@ -170,7 +170,8 @@ def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> No
     crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None
     st.session_state["prev_p"][key] = p
     history = np.stack([np.asarray(h, dtype=np.float32) for h in snap["p_history"]])
-    stubborn = [s["index"] for s in stubborn_tokens(history, tau, k=6) if p[s["index"]] <= tau]
+    stubborn_ever = [s["index"] for s in stubborn_tokens(history, tau, k=6)]  # longest below τ so far
+    stubborn = [i for i in stubborn_ever if p[i] <= tau]  # flagged in the text while still below
     row = snap["rows"][-1]
     st.markdown(f"**{snap['label']}** · step {row['step']} · **{int(round(row['frac_above'] * len(p)))}/{len(p)}** tokens above τ · "
                 f"argmax right {int(round(row['frac_correct'] * len(p)))}/{len(p)} · ΔL {row['delta_loss']:.3f}")
@@ -184,7 +185,7 @@ def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> No
         st.html(charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     c1, c2 = st.columns(2)
     show_chart(charts.histogram_chart(p, tau), c1)
-    show_chart(charts.trajectories_chart(snap["steps"], history, stubborn, [snap["pieces"][i] for i in stubborn], tau), c2)
+    show_chart(charts.trajectories_chart(snap["steps"], history, stubborn_ever, [snap["pieces"][i] for i in stubborn_ever], tau), c2)
 
 
 def render_job(job, live_mode: bool) -> None:
@@ -195,9 +196,9 @@ def render_job(job, live_mode: bool) -> None:
     # status line with progress
     if job.status == "queued":
         n = worker.position(job)
-        st.info(f"⏳ Queued: {n} job{'s' if n != 1 else ''} ahead of yours. It starts by itself when the device is free.")
+        st.info(f"Queued: {n} job{'s' if n != 1 else ''} ahead of yours. It starts by itself when the device is free.")
     elif job.status == "loading":
-        st.info("⏳ Loading the model and measuring the base loss ...")
+        st.info("Loading the model and measuring the base loss ...")
     elif job.status == "failed":
         st.error(f"The run failed: {job.error}")
     rows = [s["rows"][-1] for s in snaps if s["rows"]]
@@ -209,7 +210,7 @@ def render_job(job, live_mode: bool) -> None:
         eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.active else ""
         st.progress(min(1.0, step / job.max_steps), text=f"step {step}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
     if job.active:
-        if st.button("■ Stop", key=f"stop-{job.id}", help="Stops after the current step; the adapter and metrics so far are kept"):
+        if st.button("Stop", key=f"stop-{job.id}", help="Stops after the current step; the adapter and metrics so far are kept"):
             worker.stop(job)
             st.toast("Stopping after the current step ...")
     hist = pd.concat([pd.DataFrame(s["rows"]).assign(run=s["label"]) for s in snaps if s["rows"]], ignore_index=True) if rows else pd.DataFrame()
@@ -263,7 +264,7 @@ def render_results(job, snaps) -> None:
             for note in summ.get("notes") or []:
                 st.warning(note)
             adapter = summ["adapter_dir"]
-            st.download_button("⬇ Download adapter (PEFT, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ['run_id']}.zip",
+            st.download_button("Download adapter (PEFT, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ['run_id']}.zip",
                                mime="application/zip", key=f"dl-{summ['run_id']}")
             with st.form(f"gen-{summ['run_id']}"):
                 q = st.text_input("Prompt the memorized model", value="", placeholder="leave empty to use the run's own prompt")
@@ -288,7 +289,7 @@ def _zip_dir(path: str) -> bytes:
     return buf.getvalue()
 
 
-@st.fragment(run_every=0.5)
+@st.fragment(run_every=0.4)
 def live_view(job_id: str) -> None:
     j = worker.find(job_id)
     if j is None:

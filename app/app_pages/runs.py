@@ -8,7 +8,7 @@ from common import error_text, get_store, show_chart
 
 from memcore.metrics import stubborn_tokens
 
-st.title("📚 Runs")
+st.title("Runs")
 store = get_store()
 store.mark_interrupted()
 runs = store.runs()
@@ -45,7 +45,7 @@ view = view.sort_values("created", ascending=False)
 st.dataframe(view, hide_index=True, width="stretch",
              column_config={"ΔL": st.column_config.NumberColumn(format="%.3f"), "bits/param": st.column_config.NumberColumn(format="%.2e"),
                             "s/step": st.column_config.NumberColumn(format="%.2f")})
-st.download_button("⬇ Export table as CSV", view.to_csv(index=False).encode(), file_name="memcore-runs.csv", mime="text/csv")
+st.download_button("Export table as CSV", view.to_csv(index=False).encode(), file_name="memcore-runs.csv", mime="text/csv")
 
 st.divider()
 ids = list(view["run"])
@@ -75,13 +75,14 @@ if replay is not None and len(replay.steps):
     wrong = np.flatnonzero(~correct)
     fd = int(wrong[0]) if len(wrong) else None
     crossed = (replay.p[i - 1] <= tau) & (p > tau) if i > 0 else None
-    stubborn = [s["index"] for s in stubborn_tokens(replay.p[: i + 1], tau, k=6) if p[s["index"]] <= tau]
+    stubborn_ever = [s["index"] for s in stubborn_tokens(replay.p[: i + 1], tau, k=6)]
+    stubborn = [k for k in stubborn_ever if p[k] <= tau]
     st.markdown(f"step **{replay.steps[i]}** · {int((p > tau).sum())}/{len(p)} tokens above τ · argmax right {int(correct.sum())}/{len(p)}"
                 + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
     st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     c1, c2 = st.columns(2)
     show_chart(charts.histogram_chart(p, tau), c1)
-    show_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn, [replay.pieces[k] for k in stubborn], tau), c2)
+    show_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn_ever, [replay.pieces[k] for k in stubborn_ever], tau), c2)
     hist = pd.DataFrame(store.steps(picked))
     if not hist.empty:
         hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens, run=run["method"])
