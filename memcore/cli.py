@@ -297,6 +297,104 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- fit, predict ------------------------------------------------------------------------------------------------
+
+
+def law_data(args: argparse.Namespace) -> Any:
+    """The (rank, length, delta_loss[, p_eff, method]) table a fit uses: a CSV file or finished runs in the store."""
+    import pandas as pd
+
+    if args.csv:
+        path = Path(args.csv)
+        if not path.is_file():
+            raise MemcoreError(f"CSV file {path} does not exist")
+        try:
+            df = pd.read_csv(path)
+        except Exception as e:
+            raise MemcoreError(f"cannot read {path} as CSV: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        missing = [c for c in ("rank", "length", "delta_loss") if c not in df.columns]
+        if missing:
+            raise MemcoreError(f"{path} lacks column(s) {', '.join(missing)} (needs rank, length, delta_loss; optional p_eff, method, seed)")
+        for c in ("rank", "length", "delta_loss", "p_eff"):
+            if c in df.columns:
+                df[c] = pd.to_numeric(df[c], errors="coerce")
+                if df[c].isna().any():
+                    raise MemcoreError(f"column {c} of {path} has {int(df[c].isna().sum())} empty or non-numeric value(s)")
+    else:
+        store = _store()
+        rows = []
+        for r in store.runs(method=args.method, model=args.model, status="completed", sweep=getattr(args, "sweep", None)):
+            s = r["summary"]
+            if s and s.get("delta_loss") is not None:
+                rows.append({"rank": r["rank"], "length": s["n_tokens"], "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
+                             "method": r["method"], "seed": r["seed"]})
+        df = pd.DataFrame(rows, columns=["rank", "length", "delta_loss", "p_eff", "method", "seed"])
+        if df.empty:
+            raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
+    if args.method and "method" in df.columns and args.csv:
+        df = df[df["method"] == args.method]
+    return df
+
+
+def _fit_all(df: Any) -> dict[str, Any]:
+    from memcore.law import compare_forms, fit_law
+
+    r, length, dl = df["rank"].to_numpy(float), df["length"].to_numpy(float), df["delta_loss"].to_numpy(float)
+    fits, preferred = compare_forms(r, length, dl)
+    main = fits.get("power") or fits[preferred]
+    out = main.to_dict()
+    out["comparison"] = {"aic": {f: fit.aic for f, fit in fits.items()}, "r2": {f: fit.r2 for f, fit in fits.items()},
+                         "preferred": preferred, "forms": {f: fit.to_dict() for f, fit in fits.items()}}
+    if "p_eff" in df.columns and df["p_eff"].notna().all() and df["p_eff"].nunique() > 1:
+        try:
+            out["p_eff_fit"] = fit_law(df["p_eff"].to_numpy(float), length, dl, main.form, x_name="p_eff").to_dict()
+        except MemcoreError as e:
+            out["p_eff_fit"] = {"error": str(e)}
+    return out
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    df = law_data(args)
+    out = _fit_all(df)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"ΔL = C · r^α · ℓ^(−β) + b   fitted on {out['n']} points")
+    for k in ("C", "alpha", "beta", "b"):
+        lo, hi = out["intervals"][k]
+        print(f"  {k:<6} {out[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
+    print(f"  R² {out['r2']:.4f}   RMSE {out['rmse']:.4f}   leave-one-out RMSE {out['loo_rmse']:.4f}")
+    pe = out.get("p_eff_fit")
+    if pe and "error" not in pe:
+        print(f"in P_eff: C {pe['C']:.4g}  α {pe['alpha']:.4f}  β {pe['beta']:.4f}  b {pe['b']:.4f}  R² {pe['r2']:.4f}")
+    cmp_ = out["comparison"]
+    print("model comparison (AIC, lower is better): " + ", ".join(f"{f} {a:.1f} (R² {cmp_['r2'][f]:.4f})" for f, a in cmp_["aic"].items()))
+    print(f"the data prefer the {cmp_['preferred']} form")
+    for n in out.get("notes") or []:
+        print(f"note: {n}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from memcore.law import fit_law, smallest_rank
+
+    df = law_data(args)
+    fit = fit_law(df["rank"].to_numpy(float), df["length"].to_numpy(float), df["delta_loss"].to_numpy(float), args.form)
+    if args.target_delta_loss is not None:
+        r = smallest_rank(fit, args.length, args.target_delta_loss)
+        out = {"length": args.length, "target_delta_loss": args.target_delta_loss, "smallest_rank": r}
+        msg = (f"smallest rank predicted to reach ΔL {args.target_delta_loss} at length {args.length}: {r}" if r is not None
+               else f"no rank up to 4096 is predicted to reach ΔL {args.target_delta_loss} at length {args.length}")
+    else:
+        if args.rank is None:
+            raise MemcoreError("give --rank R (to predict ΔL) or --target-delta-loss X (to find the rank)")
+        v = float(fit.predict(args.rank, args.length))
+        out = {"rank": args.rank, "length": args.length, "delta_loss": v}
+        msg = f"predicted ΔL at rank {args.rank}, length {args.length}: {v:.4f} nats/token ({fit.form} law, R² {fit.r2:.3f})"
+    print(json.dumps(out) if args.json else msg)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------------------
 
 
@@ -385,6 +483,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="text to continue (default: the run's own prompt, compared with its target)")
     g.add_argument("--max-new-tokens", type=int)
     g.set_defaults(func=cmd_generate)
+    f = sub.add_parser("fit", help="fit the memory law ΔL = C·r^α·ℓ^(−β) + b over runs or a CSV")
+    f.add_argument("--csv", help="CSV with columns rank, length, delta_loss (optional p_eff, method, seed)")
+    f.add_argument("--model", help="only runs of this model")
+    f.add_argument("--method", choices=METHODS, help="only runs (or CSV rows) of this method")
+    f.add_argument("--json", action="store_true", help="print one JSON object (C, alpha, beta, b, r2, *_ci, ...)")
+    f.set_defaults(func=cmd_fit)
+
+    pr = sub.add_parser("predict", help="ΔL at (rank, length), or the smallest rank reaching a target ΔL")
+    pr.add_argument("--rank", type=int)
+    pr.add_argument("--length", type=int, required=True)
+    pr.add_argument("--target-delta-loss", type=float)
+    pr.add_argument("--form", default="power", choices=("power", "saturating"))
+    pr.add_argument("--csv")
+    pr.add_argument("--model")
+    pr.add_argument("--method", choices=METHODS)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

@@ -157,3 +157,18 @@ def test_runs_page_lists_replays_exports_and_deletes(app_env):
 def test_runs_page_empty_store(app_env):
     at = _app("app_pages/runs.py")
     assert "No runs yet" in " ".join(i.value for i in at.info)
+
+
+def test_a_reloaded_page_finds_its_job_from_the_url(app_env):
+    at = _app()
+    at.text_area(key="passage").input("Find me again after a reload.").run()
+    at.number_input(key="max_steps").set_value(2).run()
+    at.button(key="start").click().run()
+    job_id = at.query_params["job"]
+    job_id = job_id[0] if isinstance(job_id, list) else job_id
+    _wait_for_job(at)
+    fresh = AppTest.from_file(APP, default_timeout=60)  # a new session, as after closing the tab
+    fresh.query_params["job"] = job_id
+    fresh.run()
+    assert "Result" in [s.value for s in fresh.subheader]
+    assert any("Find" in h for h in [_parse(_html(fresh))[1]])

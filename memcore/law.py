@@ -1,0 +1,173 @@
+"""The Parametric Memory Law: fit, uncertainty, model comparison, prediction and inversion.
+
+    power law:   ΔL(r, ℓ) = C · r^α · ℓ^(−β) + b
+    saturating:  ΔL(r, ℓ) = M · (1 − exp(−C · r^α · ℓ^(−β)))
+
+r is the LoRA rank (or P_eff), ℓ the number of memorized target tokens, ΔL the loss reduction after a fixed
+budget. Fits are bounded nonlinear least squares from several starting points (the best one is kept), with
+95% intervals from the Jacobian at the optimum, R², RMSE, leave-one-out error and AIC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memcore.config import MemcoreError
+
+FORMS = ("power", "saturating")
+PARAMS = {"power": ("C", "alpha", "beta", "b"), "saturating": ("M", "C", "alpha", "beta")}
+
+
+def power_law(x: np.ndarray, C: float, alpha: float, beta: float, b: float) -> np.ndarray:
+    """ΔL = C · r^α · ℓ^(−β) + b, x = (r, ℓ)."""
+    r, ell = x
+    return C * np.power(r, alpha) * np.power(ell, -beta) + b
+
+
+def saturating_law(x: np.ndarray, M: float, C: float, alpha: float, beta: float) -> np.ndarray:
+    """ΔL = M · (1 − exp(−C · r^α · ℓ^(−β))): the power law's growth, capped at the achievable reduction M."""
+    r, ell = x
+    return M * (1.0 - np.exp(-C * np.power(r, alpha) * np.power(ell, -beta)))
+
+
+FUNCS: dict[str, Callable[..., np.ndarray]] = {"power": power_law, "saturating": saturating_law}
+
+
+@dataclass
+class LawFit:
+    form: str
+    params: dict[str, float]
+    intervals: dict[str, tuple[float, float]]  # 95%
+    r2: float
+    rmse: float
+    loo_rmse: float  # leave-one-out prediction error
+    aic: float
+    n: int
+    x_name: str = "rank"
+    notes: list[str] = field(default_factory=list)
+
+    def predict(self, r: float | np.ndarray, length: float | np.ndarray) -> np.ndarray:
+        return FUNCS[self.form](np.array([np.asarray(r, float), np.asarray(length, float)]), *self.params.values())
+
+    def to_dict(self) -> dict:
+        d = {"form": self.form, "x": self.x_name, **self.params, "r2": self.r2, "rmse": self.rmse, "loo_rmse": self.loo_rmse,
+             "aic": self.aic, "n": self.n, "intervals": {k: list(v) for k, v in self.intervals.items()}, "notes": self.notes}
+        for k, (lo, hi) in self.intervals.items():
+            d[f"{k}_ci"] = [lo, hi]
+        return d
+
+
+def _check(r: np.ndarray, ell: np.ndarray, dl: np.ndarray, n_params: int) -> None:
+    if not (len(r) == len(ell) == len(dl)):
+        raise MemcoreError(f"rank, length and delta_loss must have the same number of values ({len(r)}, {len(ell)}, {len(dl)})")
+    for name, v in (("rank", r), ("length", ell), ("delta_loss", dl)):
+        if not np.all(np.isfinite(v)):
+            raise MemcoreError(f"{name} has missing or non-finite values")
+    if np.any(r <= 0) or np.any(ell <= 0):
+        raise MemcoreError("rank and length must be positive (the law takes their logarithms)")
+    if len(dl) < n_params + 2:
+        raise MemcoreError(f"too few points to fit the law: {len(dl)} given, at least {n_params + 2} needed")
+    if len(np.unique(r)) < 2 or len(np.unique(ell)) < 2:
+        raise MemcoreError(f"degenerate grid: need at least 2 distinct ranks and 2 distinct lengths "
+                           f"(got {len(np.unique(r))} and {len(np.unique(ell))}); α and β cannot both be identified")
+    if np.ptp(dl) == 0:
+        raise MemcoreError("every delta_loss is the same: there is nothing to fit")
+
+
+def _starts(form: str, r: np.ndarray, ell: np.ndarray, dl: np.ndarray) -> list[np.ndarray]:
+    span = max(float(np.max(np.abs(dl))), 1e-6)
+    starts = []
+    for alpha in (0.3, 0.8, 1.5):
+        for beta in (0.3, 0.8):
+            scale = np.median(np.power(r, alpha) * np.power(ell, -beta))
+            if form == "power":
+                starts.append(np.array([span / scale, alpha, beta, float(np.min(dl)) * 0.5]))
+            else:
+                starts.append(np.array([1.2 * float(np.max(dl)), 1.0 / scale, alpha, beta]))
+    return starts
+
+
+def _bounds(form: str, dl: np.ndarray) -> tuple[list[float], list[float]]:
+    big = 10 * max(float(np.max(np.abs(dl))), 1e-6)
+    if form == "power":
+        return [0.0, -5.0, -5.0, -big], [np.inf, 5.0, 5.0, big]
+    return [float(np.max(dl)) * 0.999 if np.max(dl) > 0 else 0.0, 0.0, -5.0, -5.0], [np.inf, np.inf, 5.0, 5.0]
+
+
+def _least_squares(form: str, x: np.ndarray, dl: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    from scipy.optimize import curve_fit
+
+    lo, hi = _bounds(form, dl)
+    best = None
+    for p0 in _starts(form, x[0], x[1], dl):
+        p0 = np.clip(p0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
+        try:
+            popt, pcov = curve_fit(FUNCS[form], x, dl, p0=p0, bounds=(lo, hi), maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        sse = float(np.sum((FUNCS[form](x, *popt) - dl) ** 2))
+        if np.isfinite(sse) and (best is None or sse < best[0]):
+            best = (sse, popt, pcov)
+    return None if best is None else (best[1], best[2])
+
+
+def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str = "power", x_name: str = "rank") -> LawFit:
+    """Fit one form of the law; raises MemcoreError if the data cannot identify it or no start converges."""
+    from scipy import stats
+
+    if form not in FORMS:
+        raise MemcoreError(f"unknown law form {form!r}; choose from {', '.join(FORMS)}")
+    r, ell, dl = (np.asarray(v, dtype=float) for v in (r, length, delta_loss))
+    names = PARAMS[form]
+    _check(r, ell, dl, len(names))
+    x = np.array([r, ell])
+    res = _least_squares(form, x, dl)
+    if res is None:
+        raise MemcoreError(f"the {form} law did not converge from any starting point")
+    popt, pcov = res
+    pred = FUNCS[form](x, *popt)
+    sse = float(np.sum((pred - dl) ** 2))
+    n, k = len(dl), len(names)
+    sst = float(np.sum((dl - dl.mean()) ** 2))
+    r2 = 1.0 - sse / sst
+    t = stats.t.ppf(0.975, max(1, n - k))
+    se = np.sqrt(np.clip(np.diag(pcov), 0, np.inf)) if np.all(np.isfinite(pcov)) else np.full(k, np.inf)
+    intervals = {nm: (float(v - t * s), float(v + t * s)) for nm, v, s in zip(names, popt, se)}
+    loo = []
+    for i in range(n):
+        keep = np.arange(n) != i
+        sub = _least_squares(form, x[:, keep], dl[keep])
+        if sub is not None:
+            loo.append(float(FUNCS[form](x[:, i:i + 1], *sub[0])[0] - dl[i]))
+    aic = n * math.log(max(sse, 1e-300) / n) + 2 * k
+    notes = []
+    if not np.all(np.isfinite(se)):
+        notes.append("the parameter covariance could not be estimated: intervals are unbounded")
+    return LawFit(form=form, params=dict(zip(names, map(float, popt))), intervals=intervals, r2=r2, rmse=math.sqrt(sse / n),
+                  loo_rmse=math.sqrt(np.mean(np.square(loo))) if loo else math.nan, aic=aic, n=n, x_name=x_name, notes=notes)
+
+
+def compare_forms(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, x_name: str = "rank") -> tuple[dict[str, LawFit], str]:
+    """Fit every form; return the fits and the name of the one the data prefer (lowest AIC)."""
+    fits = {}
+    errors = []
+    for form in FORMS:
+        try:
+            fits[form] = fit_law(r, length, delta_loss, form, x_name)
+        except MemcoreError as e:
+            errors.append(f"{form}: {e}")
+    if not fits:
+        raise MemcoreError("; ".join(errors))
+    return fits, min(fits, key=lambda f: fits[f].aic)
+
+
+def smallest_rank(fit: LawFit, length: float, target_delta_loss: float, max_rank: int = 4096) -> int | None:
+    """The smallest integer rank predicted to reach target ΔL at this length (None if none up to max_rank)."""
+    ranks = np.arange(1, max_rank + 1)
+    pred = fit.predict(ranks, np.full(len(ranks), float(length)))
+    ok = np.flatnonzero(pred >= target_delta_loss)
+    return int(ranks[ok[0]]) if len(ok) else None

@@ -1,0 +1,70 @@
+"""The app's job queue: one job trains at a time, others wait their turn and see their place."""
+
+import time
+
+import pytest
+
+from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+
+
+@pytest.fixture
+def worker(home, tiny_model_dir):
+    from jobs import Worker
+
+    w = Worker(home, preload=ModelSpec(name=str(tiny_model_dir)))
+    yield w
+    w.close()
+
+
+def _spec(model_dir, text, steps, method="sft"):
+    return RunSpec(model=ModelSpec(name=str(model_dir)), adapter=AdapterSpec(rank=2), data=DataSpec(text=text),
+                   train=TrainSpec(method=method, max_steps=steps, stop_when_recalled=False))
+
+
+def _wait(cond, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_jobs_run_one_at_a_time_in_order_and_report_their_place(worker, tiny_model_dir):
+    first = worker.submit([_spec(tiny_model_dir, "the first job trains for a while " * 4, 40)], session="a")
+    second = worker.submit([_spec(tiny_model_dir, "the second job waits its turn", 2)], session="b")
+    _wait(lambda: first.status == "running")
+    assert second.status == "queued" and worker.position(second) == 1 and worker.position(first) == 0
+    _wait(lambda: not first.active)
+    _wait(lambda: not second.active)
+    assert first.status == second.status == "done"
+    assert second.started >= first.finished - 0.5  # never overlapped
+    live = first.runs[0]
+    assert live.steps == list(range(41)) and live.summary["steps"] == 40 and live.run_id == live.summary["run_id"]
+    assert len(live.p_history) == 41 and len(live.p_history[-1]) == len(live.pieces)
+
+
+def test_stop_keeps_what_was_learned_and_a_queued_job_never_starts(worker, tiny_model_dir):
+    running = worker.submit([_spec(tiny_model_dir, "stop me soon please " * 5, 10_000)], session="a")
+    queued = worker.submit([_spec(tiny_model_dir, "never started", 5)], session="b")
+    _wait(lambda: len(running.runs[0].steps) >= 3)
+    worker.stop(queued)
+    assert queued.status == "stopped"
+    worker.stop(running)
+    _wait(lambda: not running.active)
+    assert running.status == "stopped"
+    summary = running.runs[0].summary
+    assert summary["status"] == "stopped" and 3 <= summary["steps"] < 10_000
+    run = worker.store.run(summary["run_id"])
+    assert run["status"] == "stopped" and (worker.store.adapter_dir(summary["run_id"]) / "adapter_config.json").is_file()
+    assert queued.runs[0].run_id is None and len(worker.store.runs()) == 1
+
+
+def test_a_failing_job_reports_its_error_and_the_queue_goes_on(worker, tiny_model_dir):
+    impossible = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=2, layers=(99,)),
+                         data=DataSpec(text="x y"), train=TrainSpec(max_steps=2))
+    bad = worker.submit([impossible], session="a")
+    good = worker.submit([_spec(tiny_model_dir, "after the failure", 2)], session="b")
+    _wait(lambda: not good.active)
+    assert bad.status == "failed" and "layer 99 does not exist" in bad.error
+    assert good.status == "done"

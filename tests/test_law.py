@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from memcore.config import MemcoreError
+from memcore.law import compare_forms, fit_law, power_law, saturating_law, smallest_rank
+
+RANKS = np.array([1, 2, 4, 8, 16])
+LENGTHS = np.array([32, 64, 128, 256, 512])
+R, L = (a.ravel().astype(float) for a in np.meshgrid(RANKS, LENGTHS))
+TRUE = {"C": 4.5, "alpha": 0.5, "beta": 0.38, "b": -0.44}
+
+
+def test_noise_free_fit_recovers_parameters_within_one_percent():
+    dl = power_law(np.array([R, L]), **TRUE)
+    fit = fit_law(R, L, dl)
+    for k, v in TRUE.items():
+        assert fit.params[k] == pytest.approx(v, rel=0.01), k
+    assert fit.r2 > 0.9999 and fit.rmse < 1e-6 and fit.loo_rmse < 1e-4
+
+
+def test_noisy_fit_covers_the_truth_with_its_intervals():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        dl = power_law(np.array([R, L]), **TRUE) + rng.normal(0, 0.02, size=R.shape)
+        fit = fit_law(R, L, dl)
+        covered += all(fit.intervals[k][0] <= v <= fit.intervals[k][1] for k, v in TRUE.items())
+    assert covered >= 16  # 95% intervals: most noisy replicates cover all four true values
+
+
+def test_aic_prefers_the_form_that_generated_the_data():
+    x = np.array([R, L])
+    sat = saturating_law(x, M=3.0, C=0.8, alpha=0.9, beta=0.65)
+    fits, best = compare_forms(R, L, sat)
+    assert best == "saturating" and fits["saturating"].r2 > fits["power"].r2
+    pw = power_law(x, **TRUE) + np.random.default_rng(1).normal(0, 0.01, R.shape)
+    assert compare_forms(R, L, pw)[1] == "power"
+
+
+@pytest.mark.parametrize("r, ell, dl, words", [
+    ([1, 2, 4], [32, 64, 128], [0.1, 0.2, 0.3], "too few points"),
+    ([4] * 8, [32, 64, 128, 256, 32, 64, 128, 256], np.linspace(0.1, 1, 8), "degenerate grid"),
+    ([1, 2, 4, 8] * 2, [64] * 8, np.linspace(0.1, 1, 8), "degenerate grid"),
+    ([0, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [64] * 4, np.linspace(0.1, 1, 8), "positive"),
+    ([1, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [-64] * 4, np.linspace(0.1, 1, 8), "positive"),
+    ([1, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [64] * 4, [0.5] * 8, "nothing to fit"),
+    ([1, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [64] * 4, [0.1, np.nan] * 4, "non-finite"),
+])
+def test_bad_data_gets_a_clear_error(r, ell, dl, words):
+    with pytest.raises(MemcoreError, match=words):
+        fit_law(np.array(r, float), np.array(ell, float), np.array(dl, float))
+
+
+def test_prediction_and_inversion_agree():
+    fit = fit_law(R, L, power_law(np.array([R, L]), **TRUE))
+    target = float(fit.predict(6, 200))
+    r = smallest_rank(fit, 200, target)
+    assert r == 6 and fit.predict(r - 1, 200) < target
+    assert smallest_rank(fit, 200, 1e6) is None
+    d = fit.to_dict()
+    assert {"C", "alpha", "beta", "b", "r2", "C_ci", "alpha_ci", "beta_ci", "b_ci"} <= set(d)
+
+
+def test_fit_and_predict_from_a_csv_on_the_command_line(tmp_path, capsys, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    from memcore.cli import main
+
+    monkeypatch.setenv("MEMCORE_HOME", str(tmp_path / "home"))
+    dl = power_law(np.array([R, L]), **TRUE) + np.random.default_rng(3).normal(0, 0.01, R.shape)
+    csv = tmp_path / "grid.csv"
+    pd.DataFrame({"rank": R, "length": L, "delta_loss": dl, "p_eff": R * 6336}).to_csv(csv, index=False)
+    assert main(["fit", "--csv", str(csv), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for k, v in TRUE.items():
+        lo, hi = out[f"{k}_ci"]
+        assert lo <= v <= hi and out[k] == pytest.approx(v, abs=0.1)
+    assert out["r2"] > 0.99 and out["comparison"]["preferred"] in ("power", "saturating")
+    assert out["p_eff_fit"]["alpha"] == pytest.approx(out["alpha"], rel=1e-3)  # P_eff ∝ r: same exponents
+    assert main(["predict", "--csv", str(csv), "--rank", "8", "--length", "128", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)["delta_loss"]
+    assert pred == pytest.approx(power_law(np.array([[8.0], [128.0]]), **TRUE)[0], abs=0.05)
+    (tmp_path / "bad.csv").write_text("rank,length\n1,2\n")
+    assert main(["fit", "--csv", str(tmp_path / "bad.csv")]) == 2
+    assert "lacks column(s) delta_loss" in capsys.readouterr().err
+    (tmp_path / "text.csv").write_text("rank,length,delta_loss\n1,2,x\n2,4,0.1\n")
+    assert main(["fit", "--csv", str(tmp_path / "text.csv")]) == 2
+    assert "non-numeric" in capsys.readouterr().err
