@@ -260,3 +260,56 @@ def replay_frame(steps: Sequence[int], p_history: np.ndarray, correct: np.ndarra
     above = (p > tau).sum(axis=1) / n if n else np.zeros(len(steps))
     right = ok.sum(axis=1) / n if n else np.zeros(len(steps))
     return pd.DataFrame({"step": np.asarray(steps, dtype=np.int64), "frac_above": above, "frac_correct": right})
+
+
+# --- memory law -------------------------------------------------------------------------------------------------
+
+
+def law_grid(predict, ranks: Sequence[float], lengths: Sequence[float], n: int = 40) -> pd.DataFrame:
+    """Cells of the fitted surface on log-spaced rank × length axes: each cell's edges and predicted ΔL."""
+    r_edges = np.geomspace(min(ranks) / 1.4, max(ranks) * 1.4, n + 1)
+    l_edges = np.geomspace(min(lengths) / 1.4, max(lengths) * 1.4, n + 1)
+    rc, lc = np.sqrt(r_edges[:-1] * r_edges[1:]), np.sqrt(l_edges[:-1] * l_edges[1:])  # geometric centres
+    R, L = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    R, L = R.ravel(), L.ravel()
+    return pd.DataFrame({"r_lo": r_edges[R], "r_hi": r_edges[R + 1], "l_lo": l_edges[L], "l_hi": l_edges[L + 1],
+                         "rank": rc[R], "length": lc[L], "delta_loss": np.asarray(predict(rc[R], lc[L]), dtype=float)})
+
+
+def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, bands: int = 9) -> alt.Chart:
+    """The fitted surface as a banded heatmap over log rank × log length, with observed runs as points on the
+    same colour scale (tooltip: observed, predicted, residual). observed needs rank, length, delta_loss,
+    predicted and kind ('sweep', 'your runs', 'this session'); the last two are drawn larger."""
+    lo = float(np.nanmin([grid.delta_loss.min(), observed.delta_loss.min() if len(observed) else np.inf]))
+    hi = float(np.nanmax([grid.delta_loss.max(), observed.delta_loss.max() if len(observed) else -np.inf]))
+    color = alt.Scale(type="quantize", domain=[lo, hi], scheme="viridis", nice=False, zero=False)
+    xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
+    ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)
+    heat = alt.Chart(grid).mark_rect(opacity=0.9).encode(
+        x=alt.X("r_lo:Q", scale=xs, title="LoRA rank r (log)"), x2="r_hi:Q",
+        y=alt.Y("l_lo:Q", scale=ys, title="target tokens ℓ (log)"), y2="l_hi:Q",
+        color=alt.Color("delta_loss:Q", scale=color, title="ΔL", legend=alt.Legend(format=".2f", tickCount=bands)),
+        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"), alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
+    layers = [heat]
+    if len(observed):
+        obs = observed.assign(residual=observed.delta_loss - observed.predicted)
+        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[70, 170, 320]), legend=alt.Legend(title="runs"))
+        shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=["circle", "diamond", "triangle-up"]))
+        layers.append(alt.Chart(obs).mark_point(filled=True, stroke="white", strokeWidth=1.5, opacity=1).encode(
+            x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys), color=alt.Color("delta_loss:Q", scale=color, legend=None),
+            size=size, shape=shape,
+            tooltip=["kind:N", "rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", title="observed ΔL", format=".3f"),
+                     alt.Tooltip("predicted:Q", title="fitted ΔL", format=".3f"), alt.Tooltip("residual:Q", format="+.3f")]))
+    return alt.layer(*layers).properties(title=title, height=360)
+
+
+def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str) -> alt.Chart:
+    """ΔL against length on log–log axes, one colour per rank: observed points and fitted curves."""
+    obs = observed[observed.delta_loss > 0]
+    cur = curves[curves.delta_loss > 0]
+    enc = dict(x=alt.X("length:Q", scale=alt.Scale(type="log"), title="target tokens ℓ (log)"),
+               y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log"), title="ΔL (log)"),
+               color=alt.Color("rank:O", title="rank", scale=alt.Scale(scheme="viridis")))
+    lines = alt.Chart(cur).mark_line().encode(**enc)
+    pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(**enc, tooltip=["rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", format=".3f")])
+    return alt.layer(lines, pts).properties(title=title, height=300)

@@ -297,6 +297,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep ------------------------------------------------------------------------------------------------------
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+
+    import pandas as pd
+
+    from memcore.sweep import SweepSpec, completed_keys, points, run_sweep, sweep_table
+
+    if args.text_file is None and args.text is None and args.sample is None and args.phonebook is None:
+        args.sample = "long_archive"
+    args.full_budget, args.method, args.seed, args.noise = True, args.methods[0], args.seeds[0], 0.0
+    args.rank, args.length, args.label = args.ranks[0], None, None
+    base = spec_from_args(args)
+    sweep = SweepSpec(base=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=tuple(args.methods),
+                      seeds=tuple(args.seeds), noises=tuple(args.noises), name=args.name)
+    store = _store()
+    total = len(points(sweep))
+    done = len(completed_keys(store, sweep))
+    print(f"sweep {sweep.id}: {total} points, {done} already completed, {total - done} to run", file=sys.stderr)
+    flag = StopFlag()
+    restore = flag.install()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="run", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for s in run_sweep(sweep, store, should_stop=flag):
+            bar.update(1)
+            bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} ΔL {s['delta_loss']:.3f}", refresh=True)
+    finally:
+        bar.close()
+        restore()
+    rows = sweep_table(store, sweep.id)
+    left = total - len(rows)
+    status = "stopped" if flag.stop else "completed"
+    msg = f"sweep {sweep.id} {status}: {len(rows)}/{total} points in the store ({time.perf_counter() - t0:.0f} s this time)"
+    if left:
+        msg += f"; run the same command again to finish the {left} missing"
+    print(msg, file=sys.stderr)
+    if args.out:
+        pd.DataFrame(rows).drop(columns=["run_id"]).to_csv(args.out, index=False)
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"sweep": sweep.id, "status": status, "points": total, "completed": len(rows), "rows": rows}))
+    return 0 if not flag.stop else 130
+
+
 # --- fit, predict ------------------------------------------------------------------------------------------------
 
 
@@ -483,6 +532,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="text to continue (default: the run's own prompt, compared with its target)")
     g.add_argument("--max-new-tokens", type=int)
     g.set_defaults(func=cmd_generate)
+    sw = sub.add_parser("sweep", help="a fixed-budget grid of runs (ranks x lengths x methods x seeds x noise) for the law")
+    sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    sw.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="target tokens (first ℓ of the text)")
+    sw.add_argument("--methods", nargs="+", default=["sft", "memft-ot"], choices=METHODS)
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0])
+    sw.add_argument("--noises", type=float, nargs="+", default=[0.0], help="fractions of target tokens replaced at random")
+    sw.add_argument("--name", help="sweep id (default: a hash of its definition); the same id resumes")
+    sw.add_argument("--out", help="write the completed points as CSV (rank, length, delta_loss, p_eff, method, ...)")
+    sw.add_argument("--json", action="store_true")
+    for action in t._actions:  # every train flag that makes sense for a whole grid
+        if action.dest in ("help", "method", "seed", "full_budget", "noise", "length", "json", "label", "rank"):
+            continue
+        sw._add_action(action)
+    sw.set_defaults(func=cmd_sweep, max_steps=10, layers="paper", lr=1e-2)
+
     f = sub.add_parser("fit", help="fit the memory law ΔL = C·r^α·ℓ^(−β) + b over runs or a CSV")
     f.add_argument("--csv", help="CSV with columns rank, length, delta_loss (optional p_eff, method, seed)")
     f.add_argument("--model", help="only runs of this model")

@@ -139,6 +139,8 @@ class TrainSpec:
     """Stop after this much wall time (the adapter so far is kept)."""
     stop_when_recalled: bool = True
     """Stop as soon as greedy decoding reproduces every target token."""
+    verify: bool = True
+    """Confirm the final recall with a real greedy generate (sweeps turn it off: the teacher-forced argmax is exact)."""
     ot_when_empty: OtWhenEmpty = "skip"
     """memft-ot when no token is below tau: 'skip' the update or fall back to the plain 'mean' loss."""
     window: int = 50

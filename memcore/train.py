@@ -247,9 +247,9 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
                 with torch.no_grad():
                     loss, correct = token_losses(model, batch)
                 _refresh(report, loss, correct, mask, base_flat, spec.tau)
-            if report.generated is None:
+            if report.generated is None and spec.verify:
                 report.generated = _check(model, batch, pad_id, report, gen_seconds)
-            if report.recalled != report.generate_recalled:
+            if report.generate_recalled is not None and report.recalled != report.generate_recalled:
                 report.notes.append("teacher-forced recall and greedy generate disagree "
                                     f"(argmax: {report.recalled}, generate: {report.generate_recalled})")
             report.final, report.stop_reason = True, reason

@@ -1,0 +1,122 @@
+"""Grids of fixed-budget runs for the memory law: ranks × lengths × methods × seeds × noise fractions.
+
+Every point is an ordinary run in the store, tagged with the sweep's id and the point's key, so re-running
+the same sweep skips the points already completed and an interrupted sweep picks up where it stopped.
+Points train a fixed budget (no stop-when-recalled, no generate check: the teacher-forced argmax is exact),
+memft-ot falls back to the mean loss when nothing is left below τ (the variant for fixed-budget sweeps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from memcore.config import METHODS, MemcoreError, RunSpec
+
+SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512), "methods": ("sft", "memft-ot"), "seeds": (0,),
+                  "noises": (0.0,)}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    base: RunSpec  # model, adapter placement, data, training settings shared by every point
+    ranks: tuple[int, ...] = SWEEP_DEFAULTS["ranks"]
+    lengths: tuple[int, ...] = SWEEP_DEFAULTS["lengths"]
+    methods: tuple[str, ...] = SWEEP_DEFAULTS["methods"]
+    seeds: tuple[int, ...] = SWEEP_DEFAULTS["seeds"]
+    noises: tuple[float, ...] = SWEEP_DEFAULTS["noises"]
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for label, values in (("ranks", self.ranks), ("lengths", self.lengths), ("methods", self.methods), ("seeds", self.seeds),
+                              ("noises", self.noises)):
+            if not values:
+                raise MemcoreError(f"a sweep needs at least one value for {label}")
+        if any(r < 1 for r in self.ranks) or any(n < 1 for n in self.lengths):
+            raise MemcoreError("sweep ranks and lengths must be >= 1")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise MemcoreError(f"unknown method {bad[0]!r} in the sweep; choose from {', '.join(METHODS)}")
+        if any(not 0 <= x <= 1 for x in self.noises):
+            raise MemcoreError("noise fractions must be in [0, 1]")
+
+    @property
+    def id(self) -> str:
+        """Stable id: the name if given, else a hash of everything that defines the grid."""
+        if self.name:
+            return self.name
+        d = {"base": self.base.to_dict(), "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
+             "seeds": self.seeds, "noises": self.noises}
+        return "sweep-" + hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Point:
+    key: str
+    spec: RunSpec
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def points(sweep: SweepSpec) -> list[Point]:
+    """Every grid point as a full RunSpec (fixed budget, no early stop), in a deterministic order."""
+    out = []
+    b = sweep.base
+    for method in sweep.methods:
+        for seed in sweep.seeds:
+            for noise in sweep.noises:
+                for rank in sweep.ranks:
+                    for length in sweep.lengths:
+                        spec = replace(b, adapter=replace(b.adapter, rank=rank),
+                                       data=replace(b.data, length=length, noise=noise, seed=seed),
+                                       train=replace(b.train, method=method, seed=seed, stop_when_recalled=False, verify=False,
+                                                     ot_when_empty="mean"))
+                        values = {"method": method, "seed": seed, "noise": noise, "rank": rank, "length": length}
+                        out.append(Point(key=json.dumps(values, sort_keys=True), spec=spec, values=values))
+    return out
+
+
+def completed_keys(store: Any, sweep: SweepSpec) -> set[str]:
+    return {r["label"] for r in store.runs(sweep=sweep.id, status="completed")}
+
+
+def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Callable[[], bool] | None = None,
+              on_point: Callable[[int, int, dict[str, Any]], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Run the points not yet completed, yielding each one's summary (with its grid values) as it finishes.
+
+    A stop request ends the current point as 'stopped' (kept, not counted as completed) and ends the sweep."""
+    from memcore.runner import execute, prepare
+
+    todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
+    longest = max(sweep.lengths)
+    base, samples = prepare(replace(sweep.base, data=replace(sweep.base.data, length=None)), base, store.home)
+    available = min(len(s.target_ids) for s in samples)
+    if longest > available:
+        raise MemcoreError(f"the sweep asks for {longest} target tokens but the text has only {available}; "
+                           "use a longer text or smaller --lengths")
+    for i, point in enumerate(todo):
+        if should_stop is not None and should_stop():
+            return
+        base, samples = prepare(point.spec, base, store.home)
+        t0 = time.perf_counter()
+        summary = execute(point.spec, store, base, samples, should_stop=should_stop, sweep=sweep.id, label=point.key)
+        summary.update(point.values)
+        summary["point_seconds"] = time.perf_counter() - t0
+        if on_point is not None:
+            on_point(i + 1, len(todo), summary)
+        yield summary
+
+
+def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
+    """One row per completed point: rank, length, delta_loss, p_eff, method, seed, noise, recall figures."""
+    rows = []
+    for r in store.runs(sweep=sweep_id, status="completed"):
+        s, v = r["summary"], json.loads(r["label"])
+        rows.append({"rank": v["rank"], "length": s["n_tokens"], "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
+                     "method": v["method"], "seed": v["seed"], "noise": v["noise"], "base_loss": s["base_loss"],
+                     "frac_above": s["n_above"] / s["n_tokens"], "frac_correct": s["n_correct"] / s["n_tokens"],
+                     "recalled": s["recalled"], "bits_per_param": s["bits_per_param"], "steps": s["steps"], "run_id": r["id"]})
+    return rows

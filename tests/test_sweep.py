@@ -1,0 +1,64 @@
+"""Sweeps: every point a run in the store; an interrupted sweep re-run completes only the missing points."""
+
+import json
+
+import pytest
+
+from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
+from memcore.store import Store
+from memcore.sweep import SweepSpec, points, run_sweep, sweep_table
+
+
+@pytest.fixture
+def sweep(tiny_model_dir):
+    base = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=1, layers="paper"),
+                   data=DataSpec(text="one two three four five six seven eight nine ten eleven twelve thirteen fourteen"),
+                   train=TrainSpec(max_steps=2, lr=1e-2))
+    return SweepSpec(base=base, ranks=(1, 2), lengths=(4, 8), methods=("sft", "memft-ot"), name="t")
+
+
+def test_points_cover_the_grid_with_a_fixed_budget(sweep):
+    pts = points(sweep)
+    assert len(pts) == 8 and len({p.key for p in pts}) == 8
+    assert all(not p.spec.train.stop_when_recalled and not p.spec.train.verify for p in pts)
+    assert {(p.values["rank"], p.values["length"], p.values["method"]) for p in pts} == {
+        (r, n, m) for r in (1, 2) for n in (4, 8) for m in ("sft", "memft-ot")}
+
+
+def test_interrupted_sweep_resumes_with_only_the_missing_points(sweep, home):
+    store = Store(home)
+    finished = []
+    stop = {"after": 3}
+
+    def should_stop():
+        return len(finished) >= stop["after"]
+
+    for s in run_sweep(sweep, store, should_stop=should_stop):
+        finished.append(s)
+    assert len(finished) == 3
+    assert len(sweep_table(store, "t")) == 3
+    rerun = list(run_sweep(sweep, store))
+    assert len(rerun) == 5  # only the missing points
+    rows = sweep_table(store, "t")
+    assert len(rows) == 8 and len({(r["rank"], r["length"], r["method"]) for r in rows}) == 8
+    for r in rows:
+        assert r["length"] in (4, 8) and r["steps"] == 2 and r["p_eff"] > 0
+    assert list(run_sweep(sweep, store)) == []  # nothing left to do
+    labels = [json.loads(r["label"]) for r in store.runs(sweep="t")]
+    assert len(labels) == 8
+
+
+def test_same_seed_gives_the_same_point(sweep, home):
+    store = Store(home)
+    one = SweepSpec(base=sweep.base, ranks=(2,), lengths=(8,), methods=("sft",), name="a")
+    two = SweepSpec(base=sweep.base, ranks=(2,), lengths=(8,), methods=("sft",), name="b")
+    a, b = next(run_sweep(one, store)), next(run_sweep(two, store))
+    assert a["delta_loss"] == b["delta_loss"] and a["run_id"] != b["run_id"]
+
+
+def test_lengths_beyond_the_text_are_refused(sweep, home):
+    too_long = SweepSpec(base=sweep.base, ranks=(1,), lengths=(500,), methods=("sft",), name="x")
+    with pytest.raises(MemcoreError, match="asks for 500 target tokens but the text has only"):
+        list(run_sweep(too_long, Store(home)))
+    with pytest.raises(MemcoreError, match="unknown method"):
+        SweepSpec(base=sweep.base, methods=("adam",))
