@@ -293,9 +293,9 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     layers = [heat]
     if len(observed):
         obs = observed.assign(residual=observed.delta_loss - observed.predicted)
-        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[70, 170, 320]), legend=alt.Legend(title="runs"))
+        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[110, 220, 360]), legend=alt.Legend(title="runs"))
         shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=["circle", "diamond", "triangle-up"]))
-        layers.append(alt.Chart(obs).mark_point(filled=True, stroke="white", strokeWidth=1.5, opacity=1).encode(
+        layers.append(alt.Chart(obs).mark_point(filled=True, stroke="black", strokeWidth=0.8, opacity=1).encode(
             x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys), color=alt.Color("delta_loss:Q", scale=color, legend=None),
             size=size, shape=shape,
             tooltip=["kind:N", "rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", title="observed ΔL", format=".3f"),

@@ -7,6 +7,7 @@ User errors print one line (`memcore: error: ...`) and exit 2; nothing in the st
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -544,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in t._actions:  # every train flag that makes sense for a whole grid
         if action.dest in ("help", "method", "seed", "full_budget", "noise", "length", "json", "label", "rank"):
             continue
-        sw._add_action(action)
+        sw._add_action(copy.copy(action))  # a copy: set_defaults below must not change `train`'s defaults
     sw.set_defaults(func=cmd_sweep, max_steps=10, layers="paper", lr=1e-2)
 
     f = sub.add_parser("fit", help="fit the memory law ΔL = C·r^α·ℓ^(−β) + b over runs or a CSV")

@@ -172,3 +172,18 @@ def test_a_reloaded_page_finds_its_job_from_the_url(app_env):
     fresh.run()
     assert "Result" in [s.value for s in fresh.subheader]
     assert any("Find" in h for h in [_parse(_html(fresh))[1]])
+
+
+def test_law_page_renders_the_shipped_sweep(app_env):
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    sources = at.selectbox(key="law_source").options
+    assert any(s.startswith("shipped:") for s in sources)
+    md = " ".join(m.value for m in at.markdown)
+    assert "**sft**" in md and "**memft-ot**" in md and "R² **" in md
+    params = at.dataframe[0].value
+    assert list(params["parameter"]) == ["C", "alpha", "beta", "b"]
+    assert (params["95% low"] <= params["value"]).all() and (params["value"] <= params["95% high"]).all()
+    assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
+    at.number_input(key="wi_rank").set_value(4).run()
+    assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)

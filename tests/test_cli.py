@@ -151,3 +151,13 @@ def test_sigkill_mid_run_leaves_a_readable_store_marked_interrupted(home, tiny_m
     assert len(steps) >= 3
     replay = store.replay(run["id"])
     assert replay.p.shape == (len(replay.steps), len(replay.target_ids)) and len(replay.steps) >= 3
+
+
+def test_sweep_defaults_do_not_leak_into_train():
+    from memcore.cli import build_parser
+
+    p = build_parser()
+    train = p.parse_args(["train", "--text", "x"])
+    sweep = p.parse_args(["sweep"])
+    assert (train.max_steps, train.layers, train.lr) == (200, "all", 2e-3)
+    assert (sweep.max_steps, sweep.layers, sweep.lr) == (10, "paper", 1e-2)

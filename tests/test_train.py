@@ -35,6 +35,13 @@ def tiny(tiny_base):
     release()
 
 
+def _randomize_adapter(model, std):
+    """Give every LoRA weight (B included, which starts at zero) a random value, so the adapter acts."""
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=std)
+
+
 def _batch(base, text=TEXT, **kw):
     tok = base.tokenizer
     return make_batch(build_samples(tok, DataSpec(text=text, **kw)), tok.pad_token_id)
@@ -125,10 +132,7 @@ def _grads(model, batch, tau, w=None):
 def test_memft_ot_update_ignores_labels_of_tokens_above_the_cut(tiny, tiny_base):
     b = _batch(tiny_base)
     m = tiny()
-    # make B non-zero so that every LoRA parameter gets a gradient
-    for p in m.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)
+    _randomize_adapter(m, 0.02)  # B non-zero, so that every LoRA parameter gets a gradient
     loss0, _ = token_losses(m, b)
     p = torch.exp(-loss0.detach())[b.target_mask]
     tau = float(p.median())  # about half the tokens are above the cut
@@ -151,9 +155,7 @@ def test_memft_ot_update_ignores_labels_of_tokens_above_the_cut(tiny, tiny_base)
 def test_frozen_prefix_cache_matches_full_forward_and_gradients(tiny, tiny_base):
     b = _batch(tiny_base)
     m = tiny(AdapterSpec(rank=4, layers="paper"))
-    for p in m.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
+    _randomize_adapter(m, 0.05)
     prefix = FrozenPrefix.maybe(m)
     assert prefix is not None and prefix.k == 2
     prefix.capture(m, b)
@@ -187,9 +189,7 @@ def test_memft_sw_multi_sample_trains_with_curriculum(tiny, tiny_base):
 def test_base_loss_is_measured_with_adapter_off(tiny, tiny_base):
     b = _batch(tiny_base)
     m = tiny()
-    for p in m.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
+    _randomize_adapter(m, 0.05)
     with_adapter, _ = token_losses(m, b)
     base = base_losses(m, b)
     assert not torch.allclose(with_adapter, base)
