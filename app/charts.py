@@ -250,18 +250,6 @@ def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Seq
     return alt.layer(lines, rule).properties(title=f"stubborn tokens vs τ = {tau}", height=220)
 
 
-def replay_frame(steps: Sequence[int], p_history: np.ndarray, correct: np.ndarray, tau: float) -> pd.DataFrame:
-    """History rows (step, frac_above, frac_correct) from [S, N] matrices of p and argmax-correct; above means p > tau."""
-    p = _matrix(p_history, len(steps), "p_history")
-    ok = _matrix(correct, len(steps), "correct", dtype=bool)
-    if p.shape != ok.shape:
-        raise ValueError(f"replay_frame: p_history has shape {p.shape} but correct has shape {ok.shape}")
-    n = p.shape[1]
-    above = (p > tau).sum(axis=1) / n if n else np.zeros(len(steps))
-    right = ok.sum(axis=1) / n if n else np.zeros(len(steps))
-    return pd.DataFrame({"step": np.asarray(steps, dtype=np.int64), "frac_above": above, "frac_correct": right})
-
-
 # --- memory law -------------------------------------------------------------------------------------------------
 
 

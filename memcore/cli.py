@@ -326,9 +326,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, initial=done, unit="run", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for s in run_sweep(sweep, store, should_stop=flag):
+        if args.backend == "ray":
+            from memcore.sweep_ray import run_sweep_ray
+
+            stream = run_sweep_ray(sweep, store, address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                                   retries=args.retries, should_stop=flag)
+        else:
+            stream = run_sweep(sweep, store, should_stop=flag)
+        for s in stream:
             bar.update(1)
-            bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} ΔL {s['delta_loss']:.3f}", refresh=True)
+            what = f"FAILED ({s['error'][:60]})" if s.get("failed") else f"ΔL {s['delta_loss']:.3f}"
+            bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} {what}", refresh=True)
     finally:
         bar.close()
         restore()
@@ -542,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--name", help="sweep id (default: a hash of its definition); the same id resumes")
     sw.add_argument("--out", help="write the completed points as CSV (rank, length, delta_loss, p_eff, method, ...)")
     sw.add_argument("--json", action="store_true")
+    sw.add_argument("--backend", choices=("local", "ray"), default="local", help="run points here, one at a time, or as Ray tasks")
+    sw.add_argument("--address", help="Ray cluster: auto, ray://host:port, or unset for a new local instance")
+    sw.add_argument("--cpus-per-run", type=float, default=1, help="Ray: CPUs each point asks for")
+    sw.add_argument("--gpus-per-run", type=float, default=0, help="Ray: GPUs each point asks for")
+    sw.add_argument("--retries", type=int, default=2, help="Ray: retries of a failing point before it is recorded as failed")
     for action in t._actions:  # every train flag that makes sense for a whole grid
         if action.dest in ("help", "method", "seed", "full_budget", "noise", "length", "json", "label", "rank"):
             continue

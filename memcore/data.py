@@ -169,11 +169,6 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
                      self.labels.to(device), self.target_mask.to(device), self.samples)
 
-    def rows(self, idx: list[int]) -> Batch:
-        t = torch.tensor(idx, device=self.input_ids.device)
-        return Batch(self.input_ids[t], self.attention_mask[t], self.position_ids[t], self.labels[t],
-                     self.target_mask[t], [self.samples[i] for i in idx])
-
     def with_labels(self, labels: torch.Tensor) -> Batch:
         """Same inputs, other labels (used to show which labels an update depends on)."""
         return Batch(self.input_ids, self.attention_mask, self.position_ids, labels, self.target_mask, self.samples)

@@ -11,7 +11,6 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Generator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -177,14 +176,3 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
         "stubborn_tokens": stubborn,
         "notes": final.notes,
     }
-
-
-def run(spec: RunSpec, store: Store, *, base: Base | None = None, **kwargs: Any) -> dict[str, Any]:
-    """prepare + execute: the whole run for one spec."""
-    base, samples = prepare(spec, base, store.home)
-    return execute(spec, store, base, samples, **kwargs)
-
-
-def with_overrides(spec: RunSpec, **sections: dict[str, Any]) -> RunSpec:
-    """A copy of `spec` with fields of its sections replaced, e.g. with_overrides(s, train={'seed': 1})."""
-    return replace(spec, **{k: replace(getattr(spec, k), **v) for k, v in sections.items()})

@@ -252,5 +252,53 @@ class Store:
             else np.zeros((0, n), bool)
         return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
 
+    # --- moving a run between stores (a Ray worker's scratch store -> the driver's) ---------------------------
+
+    def export_run(self, run_id: str) -> dict[str, Any]:
+        """Everything of one run as plain data: its rows in every table and the files of its folder."""
+        with self._lock:
+            run = dict(self._db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            tables = {t: [tuple(r) for r in self._db.execute(f"SELECT * FROM {t} WHERE run_id=?", (run_id,)).fetchall()]
+                      for t in ("steps", "token_steps", "tokens")}
+        folder = self.runs_dir / run_id
+        files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+        return {"run": run, "tables": tables, "files": files}
+
+    def import_run(self, payload: dict[str, Any], rewrite: dict[str, str] | None = None) -> str:
+        """Add an exported run (replacing a row with the same id). `rewrite` maps text found in its files
+        (a worker's paths) to what it should say here."""
+        run = dict(payload["run"])
+        rid = run["id"]
+        run["pid"], run["host"] = os.getpid(), socket.gethostname()
+        folder = self.runs_dir / rid
+        for rel, data in payload["files"].items():
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if rewrite and rel.endswith((".json", ".txt")):
+                text = data.decode("utf-8", errors="replace")
+                for old, new in rewrite.items():
+                    text = text.replace(old, new)
+                data = text.encode()
+            target.write_bytes(data)
+        if rewrite and run.get("summary"):
+            for old, new in rewrite.items():
+                run["summary"] = run["summary"].replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for t in ("steps", "token_steps", "tokens"):
+                    self._db.execute(f"DELETE FROM {t} WHERE run_id=?", (rid,))
+                    rows = payload["tables"][t]
+                    if rows:
+                        self._db.executemany(f"INSERT INTO {t} VALUES ({','.join('?' * len(rows[0]))})", rows)
+                cols = list(run)
+                self._db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                 [run[c] for c in cols])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return rid
+
     def adapter_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id / "adapter"

@@ -290,22 +290,3 @@ def test_trajectories_empty_and_bad_input():
         charts.trajectories_chart([1, 2], np.zeros((2, 3)), [0, 1], ["a"], 0.5)
     with pytest.raises(ValueError):
         charts.trajectories_chart([1, 2, 3], np.zeros((2, 3)), [0], ["a"], 0.5)
-
-
-# ---------------------------------------------------------------------------
-# replay_frame
-
-
-def test_replay_frame_fractions():
-    p = np.array([[0.2, 0.5, 0.9, 0.95], [0.6, 0.7, 0.9, 0.1]])
-    correct = np.array([[True, False, True, True], [True, True, True, True]])
-    df = charts.replay_frame([10, 20], p, correct, 0.5)
-    assert list(df.columns) == ["step", "frac_above", "frac_correct"]
-    assert df["step"].tolist() == [10, 20]
-    assert df["frac_above"].tolist() == pytest.approx([0.5, 0.75])  # p == tau is not above
-    assert df["frac_correct"].tolist() == pytest.approx([0.75, 1.0])
-    # its output feeds curves_chart directly
-    rows = data_of(spec := charts.curves_chart(df, 0.5).to_dict(), spec["hconcat"][0])
-    assert len(rows) == 4
-    with pytest.raises(ValueError):
-        charts.replay_frame([10, 20], p, correct[:, :3], 0.5)

@@ -78,8 +78,7 @@ def test_samples_are_shipped():
     assert {"lighthouse", "recipe", "orbit", "long_archive"} <= set(list_samples())
 
 
-def test_batch_device_and_rows():
+def test_batch_moves_to_a_device_intact():
     b = make_batch([Sample([1], [2, 3]), Sample([1], [4])])
-    sub = b.rows([1])
-    assert sub.flat_targets() == [4] and sub.labels.shape == (1, 2)
-    assert b.to(torch.device("cpu")).input_ids.equal(b.input_ids)
+    moved = b.to(torch.device("cpu"))
+    assert moved.input_ids.equal(b.input_ids) and moved.flat_targets() == [2, 3, 4]

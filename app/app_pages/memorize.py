@@ -183,6 +183,7 @@ def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> No
                    "would be generated from a wrong prefix.")
     if show_tokens:
         st.html(charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
+        st.html(charts.legend_html(tau))
     c1, c2 = st.columns(2)
     show_chart(charts.histogram_chart(p, tau), c1)
     show_chart(charts.trajectories_chart(snap["steps"], history, stubborn_ever, [snap["pieces"][i] for i in stubborn_ever], tau), c2)

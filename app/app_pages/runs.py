@@ -80,6 +80,7 @@ if replay is not None and len(replay.steps):
     st.markdown(f"step **{replay.steps[i]}** · {int((p > tau).sum())}/{len(p)} tokens above τ · argmax right {int(correct.sum())}/{len(p)}"
                 + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
     st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
+    st.html(charts.legend_html(tau))
     c1, c2 = st.columns(2)
     show_chart(charts.histogram_chart(p, tau), c1)
     show_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn_ever, [replay.pieces[k] for k in stubborn_ever], tau), c2)

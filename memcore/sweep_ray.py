@@ -1,0 +1,109 @@
+"""The Ray backend for sweeps: each grid point is a Ray task; results travel back to the driver's store.
+
+A task trains its point into a scratch store on the worker (which needs none of the driver's disk), then
+returns the whole run as data (rows and adapter files); the driver imports it into its own store, so a Ray
+sweep leaves exactly what a local one does. Plain tasks rather than Ray Tune trials: a sweep point is a
+single fixed-budget run with nothing to schedule adaptively, and tasks keep the dependency to ray core.
+A point that fails is retried up to `retries` times by Ray, then recorded as failed with its error; the
+rest of the sweep goes on. Stopping stops scheduling and cancels what is in flight; only finished points
+are written, so the store stays consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from memcore.config import MemcoreError, RunSpec
+from memcore.store import Store
+from memcore.sweep import SweepSpec, completed_keys, points
+
+_BASES: dict[tuple, Any] = {}  # per worker process: base models loaded once
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str, Any]:
+    """Runs on a Ray worker: train one point into a scratch store and return the run as data."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from memcore.models import memcore_home, resolve_source
+    from memcore.runner import execute, prepare
+
+    spec = RunSpec.from_dict(spec_dict)
+    home = memcore_home()
+    mkey = (spec.model.name, spec.model.quant, spec.model.device, spec.model.dtype)
+    base, samples = prepare(spec, _BASES.get(mkey), home)
+    _BASES[mkey] = base
+    with tempfile.TemporaryDirectory(prefix="memcore-point-") as scratch:
+        store = Store(Path(scratch))
+        summary = execute(spec, store, base, samples, sweep=sweep_id, label=key)
+        payload = store.export_run(summary["run_id"])
+        payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(spec.model, home)}
+        store.close()
+    return payload
+
+
+def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
+                  retries: int = 2, should_stop: Callable[[], bool] | None = None,
+                  task: Callable[..., dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+    """Run the missing points as Ray tasks; yield each point's summary (or {'failed': ...}) as it lands."""
+    if not ray_available():
+        raise MemcoreError("--backend ray needs Ray: pip install 'memcore[ray]' (or pip install 'ray>=2.30')")
+    import ray
+
+    from memcore.models import resolve_source
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        except Exception as e:
+            raise MemcoreError(f"cannot connect to Ray at {address or 'a new local instance'}: {str(e).splitlines()[0]}") from None
+    todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
+    remote = ray.remote(task or train_point).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=retries,
+                                                     retry_exceptions=True)
+    local_model = {}
+    pending: dict[Any, Any] = {}
+    queue = list(todo)
+    window = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_run, 1e-9)))
+    try:
+        while queue or pending:
+            while queue and len(pending) < window and not (should_stop and should_stop()):
+                p = queue.pop(0)
+                pending[remote.remote(p.spec.to_dict(), sweep.id, p.key)] = p
+            if should_stop and should_stop():
+                queue.clear()
+                if not pending:
+                    return
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in done:
+                p = pending.pop(ref)
+                try:
+                    payload = ray.get(ref)
+                except Exception as e:  # retries exhausted: record the failure, go on
+                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    rid = store.create_run(p.spec.to_dict(), status="failed", sweep=sweep.id, label=p.key)
+                    store.set_status(rid, "failed", error=f"after {retries} retries: {msg}")
+                    yield {"failed": True, "error": msg, "run_id": rid, **p.values}
+                    continue
+                model_key = p.spec.model.name
+                if model_key not in local_model:
+                    local_model[model_key] = resolve_source(p.spec.model, store.home)
+                wp = payload.pop("worker_paths")
+                rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir), wp["model"]: local_model[model_key]})
+                summary = store.run(rid)["summary"]
+                summary.update(json.loads(p.key))
+                yield summary
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
