@@ -129,11 +129,16 @@ def legend_html(tau: float) -> str:
 def generation_diff_html(target: Sequence[str], generated: Sequence[str]) -> str:
     """Generated tokens against the target position by position: matches blue, mismatches red, missing target tokens struck out."""
     spans = []
+    first_seen = False
     for i, piece in enumerate(generated):
         want = target[i] if i < len(target) else None
         ok = want == piece
         title = f"#{i} " + ("matches" if ok else ("beyond the target" if want is None else f"expected {want!r}"))
-        spans.append(_span(_piece_html(piece), BLUE if ok else RED, title, ["mc-tok", "mc-match" if ok else "mc-mismatch"]))
+        first = not ok and not first_seen  # where greedy decoding left the target: everything after follows from it
+        first_seen = first_seen or first
+        spans.append(_span(_piece_html(piece), BLUE if ok else RED, ("first mismatch, " if first else "") + title,
+                           ["mc-tok", "mc-match" if ok else "mc-mismatch"] + (["mc-first-mismatch"] if first else []),
+                           "outline:3px solid #000;" if first else ""))
     for i in range(len(generated), len(target)):  # generation stopped early: show what is missing
         spans.append(_span(_piece_html(target[i]), WHITE, f"#{i} missing from the generation", ["mc-tok", "mc-missing"],
                            "text-decoration:line-through;opacity:0.6;"))

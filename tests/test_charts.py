@@ -172,8 +172,9 @@ def test_legend_html_labels_and_scale():
 def test_generation_diff_html_marks_matches_mismatches_and_missing():
     spans = parse(charts.generation_diff_html(["A", " b", " c", " d"], ["A", " x", "<b>"])).spans
     assert [s["text"] for s in spans] == ["A", " x", "<b>", " d"]
-    assert [c for s in spans for c in s["classes"] if c != "mc-tok"] == ["mc-match", "mc-mismatch", "mc-mismatch", "mc-missing"]
-    assert "expected ' b'" in spans[1]["title"]
+    assert [c for s in spans for c in s["classes"] if c != "mc-tok"] == [
+        "mc-match", "mc-mismatch", "mc-first-mismatch", "mc-mismatch", "mc-missing"]  # only the first mismatch is singled out
+    assert "expected ' b'" in spans[1]["title"] and spans[1]["title"].startswith("first mismatch")
 
 
 # ---------------------------------------------------------------------------

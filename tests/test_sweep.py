@@ -62,3 +62,11 @@ def test_lengths_beyond_the_text_are_refused(sweep, home):
         list(run_sweep(too_long, Store(home)))
     with pytest.raises(MemcoreError, match="unknown method"):
         SweepSpec(base=sweep.base, methods=("adam",))
+
+
+def test_ray_backend_without_ray_says_how_to_install(sweep, home, monkeypatch):
+    import memcore.sweep_ray as sr
+
+    monkeypatch.setattr(sr, "ray_available", lambda: False)
+    with pytest.raises(MemcoreError, match=r"pip install 'memcore\[ray\]'"):
+        list(sr.run_sweep_ray(sweep, Store(home)))
