@@ -76,6 +76,9 @@ def test_memorize_page_has_its_controls(app_env):
     assert at.selectbox(key="method").value == "memft-ot"
     assert at.number_input(key="rank").value == 8
     assert at.button(key="start").label.endswith("Start")
+    from memcore.config import DEFAULT_PROMPT
+
+    assert at.text_area(key="prompt").value == DEFAULT_PROMPT  # same prompt as the CLI, trailing newline included
     assert not at.exception
 
 

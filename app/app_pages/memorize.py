@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES, default_model_name, error_text, get_tokenizer, get_worker, session_id, show_chart
 
-from memcore.config import METHODS, QUANTS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
+from memcore.config import DEFAULT_PROMPT, METHODS, QUANTS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 from memcore.data import build_samples, decode_text, list_samples, read_sample
 from memcore.metrics import stubborn_tokens
 
@@ -50,8 +50,9 @@ with left:
     else:
         phonebook = int(st.number_input("PhoneBook entries", min_value=1, max_value=2000, value=20, key="phonebook",
                                         help="Seeded 'Name: ...' -> 10-digit number pairs, trained as a batch"))
-    prompt = st.text_input("Prompt (conditioned on, not trained)", value="Recite the passage.\n", key="prompt",
-                           disabled=phonebook is not None)
+    # a text area, not a text input: the default prompt ends in a newline, as on the command line
+    prompt = st.text_area("Prompt (conditioned on, not trained)", value=DEFAULT_PROMPT, key="prompt", height=68,
+                          disabled=phonebook is not None)
 
 with right:
     model_name = st.text_input("Model", value=default_model_name(), key="model",
