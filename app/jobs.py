@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from memcore.config import MemcoreError, ModelSpec, RunSpec
+from memcore.config import ModelSpec, RunSpec
 from memcore.models import Base, load_base
 from memcore.service import TrainingProcess
 from memcore.store import Store
@@ -118,39 +118,16 @@ class Worker:
 
     def generate(self, run_id: str, prompt: str | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
         """Greedy generation from a finished run's adapter, on an inference copy of its base model in this
-        process. prompt None: the run's own prompt, compared with its target."""
-        from peft import PeftModel
+        process (the training process keeps its own). See memcore.runner.generate_from_run."""
+        from memcore.runner import generate_from_run, stored_run_spec
 
-        from memcore.data import Sample
-        from memcore.models import detach_adapter
-        from memcore.train import compare, greedy_generate
-
-        run = self.store.run(run_id)
-        adapter = self.store.adapter_dir(run_id)
-        if not (adapter / "adapter_config.json").is_file():
-            raise MemcoreError(f"run {run_id} has no saved adapter (status {run['status']})")
-        spec = RunSpec.from_dict(run["spec"])
+        spec = stored_run_spec(self.store, run_id)
         with self._gen_lock:
             key = (spec.model.name, spec.model.quant)
             if key not in self._inference:
                 self._inference.clear()  # keep one inference model at a time
                 self._inference[key] = load_base(spec.model, self.home)
-            base = self._inference[key]
-            tok = base.tokenizer
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
-            try:
-                if prompt is None:
-                    toks = self.store.tokens(run_id)
-                    samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
-                    gen = greedy_generate(model, samples, pad, max_new_tokens)
-                    return {"generated": gen, "targets": toks["target_ids"], "divergence": compare(gen, samples),
-                            "text": [tok.decode(g) for g in gen]}
-                ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
-                gen = greedy_generate(model, [Sample(ids, [0])], pad, max_new_tokens or 100)
-                return {"generated": gen, "text": [tok.decode(gen[0])]}
-            finally:
-                base.model = detach_adapter(model)
+            return generate_from_run(self.store, run_id, self._inference[key], prompt, max_new_tokens)
 
     # --- the dispatcher thread ------------------------------------------------------------------------------
 

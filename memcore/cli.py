@@ -261,40 +261,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-    from peft import PeftModel
-
-    from memcore.data import Sample
     from memcore.models import load_base
-    from memcore.train import compare, greedy_generate
+    from memcore.runner import generate_from_run, stored_run_spec
 
     store = _store()
     rid = store.resolve(args.run)
-    run = store.run(rid)
-    adapter = store.adapter_dir(rid)
-    if not (adapter / "adapter_config.json").is_file():
-        raise MemcoreError(f"run {rid} has no saved adapter (status {run['status']})")
-    spec = RunSpec.from_dict(run["spec"])
-    base = load_base(spec.model, store.home)
-    model = PeftModel.from_pretrained(base.model, str(adapter))
-    model.eval()
-    tok = base.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    spec = stored_run_spec(store, rid)
+    out = generate_from_run(store, rid, load_base(spec.model, store.home), args.prompt, args.max_new_tokens)
     if args.prompt is None:
-        toks = store.tokens(rid)
-        samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
-        gen = greedy_generate(model, samples, pad, args.max_new_tokens)
-        div = compare(gen, samples)
-        for g in gen:
-            print(tok.decode(g))
+        for text in out["text"]:
+            print(text)
+        div = out["divergence"]
         print(f"\n[recalled verbatim: {'yes' if div is None else f'no, first difference at token {div}'}]", file=sys.stderr)
-        return 0
-    ids = tok.encode(args.prompt, add_special_tokens=False)
-    if tok.bos_token_id is not None:
-        ids = [tok.bos_token_id] + ids
-    with torch.no_grad():
-        gen = greedy_generate(model, [Sample(ids, [0])], pad, args.max_new_tokens or 100)
-    print(args.prompt + tok.decode(gen[0]))
+    else:
+        print(args.prompt + out["text"][0])
     return 0
 
 

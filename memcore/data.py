@@ -91,7 +91,8 @@ def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def _prompt_ids(tokenizer: Any, prompt: str | None, chat_template: bool) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str | None, chat_template: bool = False) -> list[int]:
+    """Token ids a target is conditioned on: BOS + the prompt (or the prompt as a chat user turn)."""
     prompt = prompt or ""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
@@ -127,7 +128,7 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
     rng = random.Random(spec.seed)
     samples = []
     for prompt, text in pairs:
-        p = _prompt_ids(tokenizer, prompt, spec.chat_template)
+        p = prompt_ids(tokenizer, prompt, spec.chat_template)
         t = tokenizer.encode(text, add_special_tokens=False)
         if not t:
             raise MemcoreError("the text produces no tokens: nothing to memorize")

@@ -176,3 +176,39 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
         "stubborn_tokens": stubborn,
         "notes": final.notes,
     }
+
+
+def stored_run_spec(store: Store, run_id: str) -> RunSpec:
+    """The spec of a finished run that has a saved adapter (else a MemcoreError saying why not)."""
+    run = store.run(run_id)
+    if not (store.adapter_dir(run_id) / "adapter_config.json").is_file():
+        raise MemcoreError(f"run {run_id} has no saved adapter (status {run['status']})")
+    return RunSpec.from_dict(run["spec"])
+
+
+def generate_from_run(store: Store, run_id: str, base: Base, prompt: str | None = None,
+                      max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Greedy generation with a stored run's adapter on `base` (which is given back unchanged).
+
+    prompt None: continue the run's own prompts and compare with its targets ("divergence": the flat index
+    of the first differing token, None if recalled verbatim). Otherwise continue BOS + prompt (100 tokens
+    unless max_new_tokens says otherwise)."""
+    from peft import PeftModel
+
+    from memcore.data import prompt_ids
+    from memcore.train import compare, greedy_generate
+
+    tok = base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    model = PeftModel.from_pretrained(base.model, str(store.adapter_dir(run_id))).eval()
+    try:
+        if prompt is None:
+            toks = store.tokens(run_id)
+            samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+            gen = greedy_generate(model, samples, pad, max_new_tokens)
+            return {"generated": gen, "targets": toks["target_ids"], "divergence": compare(gen, samples),
+                    "text": [tok.decode(g) for g in gen]}
+        gen = greedy_generate(model, [Sample(prompt_ids(tok, prompt), [0])], pad, max_new_tokens or 100)
+        return {"generated": gen, "text": [tok.decode(gen[0])]}
+    finally:
+        base.model = detach_adapter(model)
