@@ -13,6 +13,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from memcore.pieces import Piece
+
 RED = "#d7301f"  # p far below tau: the model does not predict this token yet
 WHITE = "#f7f7f7"  # p == tau: on the threshold
 BLUE = "#2166ac"  # p far above tau: memorized
@@ -85,18 +87,47 @@ def _span(text_html: str, background: str, title: str, classes: list[str], extra
 _CONTAINER_STYLE = "white-space:pre-wrap;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.9em;line-height:1.9"
 
 
-def token_html(pieces: list[str], p: Sequence[float], tau: float, crossed: Sequence[bool] | None = None,
+def _as_piece(piece: Piece | str) -> Piece:
+    return piece if isinstance(piece, Piece) else Piece(text=piece)
+
+
+def _piece_title(i: int, piece: Piece) -> str:
+    """Hover text naming the token: its index, and for a token that holds part of a split character, which
+    part of which character and its bytes."""
+    title = f"#{i}"
+    if piece.parts > 1:
+        title += f" · part {piece.part} of {piece.parts} of {piece.char!r}"
+    if piece.data and (piece.parts > 1 or "\ufffd" in piece.text):
+        title += f" · bytes {piece.hex}"
+    return title
+
+
+def _piece_body(piece: Piece) -> tuple[str, str]:
+    """(escaped HTML, extra style) for a token: its text, or a muted continuation mark."""
+    if piece.continues:
+        return html.escape(piece.shown), "opacity:0.65;font-size:0.8em;"
+    return _piece_html(piece.text), ""
+
+
+def token_html(pieces: Sequence[Piece | str], p: Sequence[float], tau: float, crossed: Sequence[bool] | None = None,
                stubborn: Iterable[int] = (), first_divergence: int | None = None) -> str:
-    """The passage token by token, each coloured by p(correct token) relative to tau, in one <div class="mc-tokens">."""
+    """The passage token by token, each coloured by p(correct token) relative to tau, in one <div class="mc-tokens">.
+
+    A token that only continues a character split over several tokens shows a continuation mark (class mc-cont);
+    the character itself sits on the token that holds its first byte, so the texts still read as the passage."""
     if len(p) != len(pieces):
         raise ValueError(f"token_html: len(pieces)={len(pieces)} but len(p)={len(p)}")
     if crossed is not None and len(crossed) != len(pieces):
         raise ValueError(f"token_html: len(pieces)={len(pieces)} but len(crossed)={len(crossed)}")
     stubborn = {int(i) for i in stubborn}
     spans = []
-    for i, piece in enumerate(pieces):
+    for i, raw in enumerate(pieces):
+        piece = _as_piece(raw)
         pi = float(p[i])
-        classes, style, title = ["mc-tok"], "", f"#{i} p={pi:.3f}"
+        body, style = _piece_body(piece)
+        classes, title = ["mc-tok"], f"{_piece_title(i, piece)} p={pi:.3f}"
+        if piece.continues:
+            classes.append("mc-cont")
         if crossed is not None and bool(crossed[i]):
             classes.append("mc-crossed")
             style += f"outline:2px solid {GREEN};outline-offset:-1px;"
@@ -109,7 +140,7 @@ def token_html(pieces: list[str], p: Sequence[float], tau: float, crossed: Seque
             classes.append("mc-diverge")
             style += f"border-bottom:3px solid {DIVERGE};"
             title += " · greedy decoding diverges here"
-        spans.append(_span(_piece_html(piece), prob_color(pi, tau), title, classes, style))
+        spans.append(_span(body, prob_color(pi, tau), title, classes, style))
     return f'<div class="mc-tokens" style="{_CONTAINER_STYLE}">{"".join(spans)}</div>'
 
 
@@ -126,22 +157,27 @@ def legend_html(tau: float) -> str:
     return f'<div class="mc-legend" style="max-width:320px">{bar}{labels}</div>'
 
 
-def generation_diff_html(target: Sequence[str], generated: Sequence[str]) -> str:
-    """Generated tokens against the target position by position: matches blue, mismatches red, missing target tokens struck out."""
+def generation_diff_html(target_ids: Sequence[int], generated_ids: Sequence[int], target: Sequence[Piece | str],
+                         generated: Sequence[Piece | str]) -> str:
+    """Generated tokens against the target position by position (compared by token id): matches blue,
+    mismatches red, missing target tokens struck out. target/generated: the pieces of each id sequence."""
     spans = []
     first_seen = False
-    for i, piece in enumerate(generated):
-        want = target[i] if i < len(target) else None
-        ok = want == piece
-        title = f"#{i} " + ("matches" if ok else ("beyond the target" if want is None else f"expected {want!r}"))
+    for i, raw in enumerate(generated):
+        piece = _as_piece(raw)
+        want = _as_piece(target[i]) if i < len(target) else None
+        ok = i < len(target_ids) and target_ids[i] == generated_ids[i]
+        title = _piece_title(i, piece) + " " + ("matches" if ok else ("beyond the target" if want is None else f"expected {want.label!r}"))
         first = not ok and not first_seen  # where greedy decoding left the target: everything after follows from it
         first_seen = first_seen or first
-        spans.append(_span(_piece_html(piece), BLUE if ok else RED, ("first mismatch, " if first else "") + title,
+        body, style = _piece_body(piece)
+        spans.append(_span(body, BLUE if ok else RED, ("first mismatch, " if first else "") + title,
                            ["mc-tok", "mc-match" if ok else "mc-mismatch"] + (["mc-first-mismatch"] if first else []),
-                           "outline:3px solid #000;" if first else ""))
+                           style + ("outline:3px solid #000;" if first else "")))
     for i in range(len(generated), len(target)):  # generation stopped early: show what is missing
-        spans.append(_span(_piece_html(target[i]), WHITE, f"#{i} missing from the generation", ["mc-tok", "mc-missing"],
-                           "text-decoration:line-through;opacity:0.6;"))
+        body, style = _piece_body(_as_piece(target[i]))
+        spans.append(_span(body, WHITE, f"#{i} missing from the generation", ["mc-tok", "mc-missing"],
+                           style + "text-decoration:line-through;opacity:0.6;"))
     return f'<div class="mc-tokens" style="{_CONTAINER_STYLE}">{"".join(spans)}</div>'
 
 
@@ -227,12 +263,12 @@ def _matrix(x, n_rows: int, name: str, dtype=np.float64) -> np.ndarray:
     return m
 
 
-def _token_label(i: int, piece: str, limit: int = 20) -> str:
-    label = f"#{i} {piece!r}"
+def _token_label(i: int, piece: Piece | str, limit: int = 20) -> str:
+    label = f"#{i} {_as_piece(piece).label!r}"
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int], labels: Sequence[str], tau: float) -> alt.Chart:
+def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int], labels: Sequence[Piece | str], tau: float) -> alt.Chart:
     """p(correct token) over steps for the selected token indices (one line each), with a rule at tau."""
     if len(indices) == 0:
         return alt.Chart(pd.DataFrame({"text": ["no stubborn tokens"]})).mark_text(size=14).encode(text="text:N").properties(
@@ -240,7 +276,7 @@ def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Seq
     if len(labels) != len(indices):
         raise ValueError(f"trajectories_chart: len(indices)={len(indices)} but len(labels)={len(labels)}")
     ph = _matrix(p_history, len(steps), "p_history")
-    names = [_token_label(int(i), str(lab)) for i, lab in zip(indices, labels)]
+    names = [_token_label(int(i), lab) for i, lab in zip(indices, labels)]
     step_col = np.asarray(steps, dtype=np.int64)
     # no steps yet: empty lines rather than indexing columns of an empty matrix
     df = pd.concat([pd.DataFrame({"step": step_col, "p": ph[:, int(i)] if len(step_col) else np.empty(0), "token": name})

@@ -19,6 +19,7 @@ import numpy as np
 
 from memcore.config import ModelSpec, RunSpec
 from memcore.models import Base, load_base
+from memcore.pieces import Piece
 from memcore.service import TrainingProcess
 from memcore.store import Store
 
@@ -30,7 +31,7 @@ class RunLive:
     label: str
     spec: RunSpec
     run_id: str | None = None
-    pieces: list[str] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # step, loss, delta_loss, frac_above, frac_correct, elapsed
     p_history: list[np.ndarray] = field(default_factory=list)  # [N] float16 per step

@@ -91,18 +91,32 @@ def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """User text -> token ids, with no special tokens added and none recognised: a literal "<|im_end|>" or
+    "<|endoftext|>" in a passage is ordinary characters, never the model's control token."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+_SLOT = "\ue000memcore-user-text\ue000"  # a private-use marker where the user's prompt goes in a chat template
+
+
 def prompt_ids(tokenizer: Any, prompt: str | None, chat_template: bool = False) -> list[int]:
-    """Token ids a target is conditioned on: BOS + the prompt (or the prompt as a chat user turn)."""
+    """Token ids a target is conditioned on: BOS + the prompt (or the prompt as a chat user turn).
+
+    The prompt is user text (see encode_text); a chat template's own control tokens stay control tokens:
+    the template is rendered around a marker, and only the user's part is tokenized as plain text."""
     prompt = prompt or ""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise MemcoreError("this tokenizer has no chat template; drop --chat-template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True, tokenize=False)
+        if rendered.count(_SLOT) != 1:
+            raise MemcoreError("this tokenizer's chat template does not place the user's message once; drop --chat-template")
+        before, after = rendered.split(_SLOT)
+        return (tokenizer.encode(before, add_special_tokens=False) + encode_text(tokenizer, prompt)
+                + tokenizer.encode(after, add_special_tokens=False))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+    ids = bos + encode_text(tokenizer, prompt)
     if not ids:  # no BOS and no prompt: the first target token still needs a context to be predicted from
         ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
     return ids
@@ -129,7 +143,7 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
     samples = []
     for prompt, text in pairs:
         p = prompt_ids(tokenizer, prompt, spec.chat_template)
-        t = tokenizer.encode(text, add_special_tokens=False)
+        t = encode_text(tokenizer, text)
         if not t:
             raise MemcoreError("the text produces no tokens: nothing to memorize")
         if spec.length is not None:

@@ -20,6 +20,7 @@ from memcore.config import MemcoreError, RunSpec
 from memcore.data import Sample, build_samples, make_batch
 from memcore.metrics import bits_per_param, stubborn_tokens
 from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
+from memcore.pieces import Piece, token_pieces
 from memcore.store import Store
 from memcore.train import StepReport, base_losses, train_iter
 
@@ -34,11 +35,6 @@ def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -
     samples = build_samples(base.tokenizer, spec.data, base.context_length, vocab_size=min(vocab, len(base.tokenizer)))
     target_module_regex(base.model, spec.adapter)  # refuses impossible layers/targets before any row is written
     return base, samples
-
-
-def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token as the text it adds (so the pieces concatenate back to the passage)."""
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
@@ -60,9 +56,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         n_params = p_eff(model)
         base_loss = base_losses(model, batch)
         targets = [s.target_ids for s in samples]
-        store.save_tokens(run_id, [s.prompt_ids for s in samples], targets,
-                          token_pieces(tok, [t for ts in targets for t in ts]),
-                          base_loss[batch.target_mask].float().cpu().numpy())
+        pieces = token_pieces(tok, [t for ts in targets for t in ts])
+        store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces, base_loss[batch.target_mask].float().cpu().numpy())
         history: list[np.ndarray] = []
         pending: list[dict[str, Any]] = []
         last_flush = time.monotonic()
@@ -81,7 +76,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         assert final is not None
         adapter_dir = store.adapter_dir(run_id)
         save_adapter(model, tok, adapter_dir, samples, spec)
-        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, np.stack(history), base_loss[batch.target_mask], tok)
+        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, np.stack(history), base_loss[batch.target_mask], pieces)
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         summary["status"] = status
         store.set_status(run_id, status, summary=summary)
@@ -137,11 +132,10 @@ def _flat_or_nested(lists: list[list[int]]) -> list[int] | list[list[int]]:
 
 
 def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, samples: list[Sample], adapter_dir: Path,
-             history: np.ndarray, base_loss: Any, tokenizer: Any) -> dict[str, Any]:
-    flat_targets = [t for s in samples for t in s.target_ids]
+             history: np.ndarray, base_loss: Any, pieces: list[Piece]) -> dict[str, Any]:
     stubborn = stubborn_tokens(history, spec.train.tau)
     for s in stubborn:
-        s["token"] = tokenizer.decode([flat_targets[s["index"]]])
+        s["token"] = pieces[s["index"]].label
     generated = final.generated or []
     train_seconds = final.elapsed - final.generate_seconds
     return {

@@ -68,14 +68,13 @@ class Engine:
         for i, (d, label) in enumerate(zip(spec_dicts, labels)):
             spec = RunSpec.from_dict(d)
             base, samples = prepare(spec, self.base(spec.model, copy_index=i), self.home)
-            pieces = [base.tokenizer.decode([t]) for s in samples for t in s.target_ids]
             gen = execute_iter(spec, self.store, base, samples, should_stop=should_stop, label=f"app:{label}")
-            gens.append((i, gen, pieces))
+            gens.append((i, gen))
         pending = list(gens)
         started: set[int] = set()
         while pending:
             for item in list(pending):
-                i, gen, pieces = item
+                i, gen = item
                 try:
                     r = next(gen)
                 except StopIteration:
@@ -83,7 +82,7 @@ class Engine:
                     continue
                 if i not in started:
                     started.add(i)
-                    out.put(("started", job_id, i, r.run_id, pieces))
+                    out.put(("started", job_id, i, r.run_id, self.store.tokens(r.run_id)["pieces"]))
                 out.put(("report", job_id, i, report_dict(r)))
         return "stopped" if should_stop() else "done"
 

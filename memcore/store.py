@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from memcore.config import MemcoreError
+from memcore.pieces import Piece
 
 STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
 LIVE = ("queued", "running")
@@ -78,7 +79,7 @@ class Replay:
     p: np.ndarray  # [S, N] float32
     correct: np.ndarray  # [S, N] bool
     target_ids: list[int]
-    pieces: list[str]
+    pieces: list[Piece]
 
 
 class Store:
@@ -157,10 +158,10 @@ class Store:
                 args.append(summary["n_tokens"])
         self._exec(f"UPDATE runs SET {', '.join(sets)} WHERE id=?", (*args, run_id))
 
-    def save_tokens(self, run_id: str, prompt_ids: list[list[int]], target_ids: list[list[int]], pieces: list[str],
+    def save_tokens(self, run_id: str, prompt_ids: list[list[int]], target_ids: list[list[int]], pieces: list[Piece],
                     base_loss: np.ndarray) -> None:
         self._exec("INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,?)",
-                   (run_id, json.dumps(prompt_ids), json.dumps(target_ids), json.dumps(pieces),
+                   (run_id, json.dumps(prompt_ids), json.dumps(target_ids), json.dumps([p.to_json() for p in pieces]),
                     np.asarray(base_loss, dtype=np.float32).tobytes(), json.dumps([len(t) for t in target_ids])))
 
     def write_steps(self, run_id: str, rows: list[dict[str, Any]]) -> None:
@@ -240,7 +241,7 @@ class Store:
         if row is None:
             raise MemcoreError(f"run {run_id} has no token data (it never started)")
         return {"prompt_ids": json.loads(row["prompt_ids"]), "target_ids": json.loads(row["target_ids"]),
-                "pieces": json.loads(row["pieces"] or "[]"), "base_loss": np.frombuffer(row["base_loss"], dtype=np.float32),
+                "pieces": [Piece.from_json(v) for v in json.loads(row["pieces"] or "[]")], "base_loss": np.frombuffer(row["base_loss"], dtype=np.float32),
                 "sample_lengths": json.loads(row["sample_lengths"] or "[]")}
 
     def replay(self, run_id: str) -> Replay:

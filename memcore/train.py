@@ -84,16 +84,38 @@ def base_losses(model: Any, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, samples: list[Sample], pad_id: int, max_new: int | None = None) -> list[list[int]]:
-    """Greedy continuation of each sample's prompt, as many tokens as its target (or max_new)."""
+def greedy_generate(model: Any, samples: list[Sample], pad_id: int = 0, max_new: int | None = None) -> list[list[int]]:
+    """Greedy continuation of each sample's prompt: as many tokens as its target (or max_new), argmax at every
+    position, reusing the KV cache.
+
+    A plain argmax loop rather than ``generate``: nothing may end it early (an EOS that is really a target
+    token, say, or a model's generation config asking for EOS stops, repetition penalties or a minimum
+    length), so it is exactly the decoding that the teacher-forced argmax predicts. pad_id is unused (kept
+    for callers that pass it)."""
     outs = []
+    device = _device(model)
+    cache_arg = _cache_argument(model)
     for s in samples:
         n = max_new or len(s.target_ids)
-        ids = torch.tensor([s.prompt_ids], device=_device(model))
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-        outs.append(gen[0, len(s.prompt_ids):].tolist())
+        ids = torch.tensor([s.prompt_ids], device=device)
+        out = model(input_ids=ids, use_cache=True)
+        gen: list[torch.Tensor] = []
+        for k in range(n):
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)  # [1, 1]
+            gen.append(nxt)
+            if k + 1 < n:
+                cache = out.cache if cache_arg == "cache" else out.past_key_values
+                out = model(input_ids=nxt, use_cache=True, **{cache_arg: cache})
+        outs.append(torch.cat(gen, dim=1)[0].tolist())
     return outs
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: 'cache' in newer transformers, 'past_key_values' before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def compare(generated: list[list[int]], samples: list[Sample]) -> int | None:

@@ -170,7 +170,7 @@ def test_legend_html_labels_and_scale():
 
 
 def test_generation_diff_html_marks_matches_mismatches_and_missing():
-    spans = parse(charts.generation_diff_html(["A", " b", " c", " d"], ["A", " x", "<b>"])).spans
+    spans = parse(charts.generation_diff_html([1, 2, 3, 4], [1, 5, 6], ["A", " b", " c", " d"], ["A", " x", "<b>"])).spans
     assert [s["text"] for s in spans] == ["A", " x", "<b>", " d"]
     assert [c for s in spans for c in s["classes"] if c != "mc-tok"] == [
         "mc-match", "mc-mismatch", "mc-first-mismatch", "mc-mismatch", "mc-missing"]  # only the first mismatch is singled out

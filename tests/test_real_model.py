@@ -4,6 +4,7 @@ can verify independently of memcore."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +80,21 @@ def test_nf4_qlora_trains_on_cpu(home, capsys):
         assert code == 0 and res[quant]["steps"] == 6 and res[quant]["quant"] == quant
     # QLoRA on the 4-bit base learns about as fast as LoRA on the float base
     assert res["nf4"]["delta_loss"] > 0.5 * res["none"]["delta_loss"] > 0
+
+
+FIELD = Path(__file__).resolve().parent / "field"  # inputs people reported against tools like this one
+
+
+@pytest.mark.parametrize("name", ["special_tokens.txt", "cjk_emoji.txt"])
+def test_field_texts_are_memorized_verbatim_and_stored_as_their_characters(home, capsys, name):
+    f = FIELD / name
+    text = f.read_text(encoding="utf-8")
+    assert main(["train", "--text-file", str(f), "--max-steps", "60", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    # recalled in the usual number of steps, confirmed by greedy decoding, with no disagreement
+    assert s["recalled"] is True and s["stop_reason"] == "recalled" and s["steps"] <= 30, s
+    assert s["notes"] == [] and s["generated_ids"] == s["target_ids"]
+    pieces = Store(home).tokens(s["run_id"])["pieces"]
+    assert "".join(p.text for p in pieces) == text and not any("\ufffd" in p.label for p in pieces)
+    assert main(["show", s["run_id"]]) == 0
+    assert "\ufffd" not in capsys.readouterr().out

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from memcore.config import MemcoreError, RunSpec
+from memcore.pieces import Piece
 from memcore.store import Store
 
 
@@ -23,7 +24,7 @@ def _row(step, n=5):
 def test_steps_and_token_history_round_trip(tmp_path):
     s = Store(tmp_path)
     rid = s.create_run(_spec())
-    s.save_tokens(rid, [[1, 2]], [[5, 6, 7, 8, 9]], ["a", "b", "c", "d", "e"], np.zeros(5))
+    s.save_tokens(rid, [[1, 2]], [[5, 6, 7, 8, 9]], [Piece(c) for c in "abcde"], np.zeros(5))
     s.set_status(rid, "running")
     s.write_steps(rid, [_row(0), _row(1)])
     s.write_steps(rid, [_row(2)])
@@ -32,7 +33,7 @@ def test_steps_and_token_history_round_trip(tmp_path):
     assert rp.steps == [0, 1, 2] and rp.p.shape == (3, 5) and rp.correct.shape == (3, 5)
     assert np.allclose(rp.p[1], np.linspace(0.1, 0.9, 5), atol=1e-3)
     assert rp.correct[0].tolist() == [False, False, True, True, True]
-    assert rp.target_ids == [5, 6, 7, 8, 9] and rp.pieces[0] == "a"
+    assert rp.target_ids == [5, 6, 7, 8, 9] and rp.pieces[0].text == "a"
     s.set_status(rid, "completed", summary={"steps": 2, "recalled": False})
     r = s.run(rid)
     assert r["status"] == "completed" and r["summary"]["steps"] == 2 and r["finished"] >= r["started"]

@@ -196,3 +196,28 @@ def test_base_loss_is_measured_with_adapter_off(tiny, tiny_base):
     tiny_base.model = detach_adapter(m)
     plain, _ = token_losses(tiny_base.model, b)
     assert torch.allclose(base, plain, atol=1e-6)
+
+
+def test_greedy_check_never_stops_early_on_an_eos(tmp_path, default_model_dir):
+    """A model whose argmax is always its EOS token: HF generate stops after one token, the recall check must
+    decode the whole target length (a target may legitimately contain that id)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memcore.data import Sample
+    from memcore.train import greedy_generate
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False, eos_token_id=0, bos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(-1.0)
+        model.lm_head.weight[0, :] = 1.0  # token 0 (the EOS) wins wherever the hidden state sums positive
+    s = Sample([1, 5, 6], [0] * 12)
+    hf = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=12, do_sample=False)[0, 3:].tolist()
+    ours = greedy_generate(model, [s])[0]
+    assert len(ours) == 12 and len(hf) < 12  # generate stopped at the EOS; the check did not
+    # ours is the argmax continuation, step by step
+    ids = torch.tensor([s.prompt_ids + ours[:-1]])
+    with torch.no_grad():
+        argmax = model(input_ids=ids).logits[0, 2:].argmax(-1).tolist()
+    assert argmax == ours

@@ -13,6 +13,7 @@ from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES, default_model_name, error_
 from memcore.config import DEFAULT_PROMPT, METHODS, QUANTS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 from memcore.data import build_samples, decode_text, list_samples, read_sample
 from memcore.metrics import stubborn_tokens
+from memcore.pieces import token_pieces
 
 LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]
 worker = get_worker()
@@ -180,7 +181,7 @@ def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> No
     if fd is None:
         st.success("Every teacher-forced argmax is right: greedy decoding recites the whole text.")
     else:
-        st.caption(f"Greedy decoding currently goes astray at token #{fd} ({snap['pieces'][fd]!r}); everything after it "
+        st.caption(f"Greedy decoding currently goes astray at token #{fd} ({snap['pieces'][fd].label!r}); everything after it "
                    "would be generated from a wrong prefix.")
     if show_tokens:
         st.html(charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
@@ -262,7 +263,7 @@ def render_results(job, snaps) -> None:
                 flat_gen = [t for g in gen for t in g] if gen and isinstance(gen[0], list) else gen
                 flat_tgt = [t for g in summ["target_ids"] for t in g] if summ["target_ids"] and isinstance(summ["target_ids"][0], list) else summ["target_ids"]
                 st.caption("Greedy generation from the prompt, compared with the target:")
-                st.html(charts.generation_diff_html([tok.decode([t]) for t in flat_tgt], [tok.decode([t]) for t in flat_gen]))
+                st.html(charts.generation_diff_html(flat_tgt, flat_gen, s["pieces"], token_pieces(tok, flat_gen)))
             for note in summ.get("notes") or []:
                 st.warning(note)
             adapter = summ["adapter_dir"]
