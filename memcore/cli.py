@@ -343,21 +343,9 @@ def law_data(args: argparse.Namespace) -> Any:
     import pandas as pd
 
     if args.csv:
-        path = Path(args.csv)
-        if not path.is_file():
-            raise MemcoreError(f"CSV file {path} does not exist")
-        try:
-            df = pd.read_csv(path)
-        except Exception as e:
-            raise MemcoreError(f"cannot read {path} as CSV: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        missing = [c for c in ("rank", "length", "delta_loss") if c not in df.columns]
-        if missing:
-            raise MemcoreError(f"{path} lacks column(s) {', '.join(missing)} (needs rank, length, delta_loss; optional p_eff, method, seed)")
-        for c in ("rank", "length", "delta_loss", "p_eff"):
-            if c in df.columns:
-                df[c] = pd.to_numeric(df[c], errors="coerce")
-                if df[c].isna().any():
-                    raise MemcoreError(f"column {c} of {path} has {int(df[c].isna().sum())} empty or non-numeric value(s)")
+        from memcore.law import read_law_csv
+
+        df = read_law_csv(args.csv)
     else:
         store = _store()
         rows = []

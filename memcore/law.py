@@ -11,12 +11,18 @@ budget. Fits are bounded nonlinear least squares from several starting points (t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from memcore.config import MemcoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMS = ("power", "saturating")
 PARAMS = {"power": ("C", "alpha", "beta", "b"), "saturating": ("M", "C", "alpha", "beta")}
@@ -163,6 +169,74 @@ def compare_forms(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, x_n
     if not fits:
         raise MemcoreError("; ".join(errors))
     return fits, min(fits, key=lambda f: fits[f].aic)
+
+
+LAW_COLUMNS = ("rank", "length", "delta_loss")
+NUMERIC_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "seed", "noise")
+MAX_CSV_BYTES = 50_000_000
+
+
+def read_law_csv(source: str | Path | bytes, name: str | None = None) -> pd.DataFrame:
+    """A CSV of law points (columns rank, length, delta_loss; optional p_eff, method, seed, ...) as a DataFrame,
+    whatever spreadsheet wrote it: UTF-8 with or without BOM, LF or CRLF, delimiter , ; tab or | (read off the
+    header line), and decimal commas where the delimiter is not a comma. Column names are matched without case
+    or surrounding spaces. source: a path, or the file's bytes (an upload; `name` names it in messages).
+
+    Raises MemcoreError naming the file and what is wrong: unreadable, empty, missing columns (with the columns
+    that were found) or values that are not numbers (with how many and where)."""
+    import csv
+    import io
+
+    import pandas as pd
+
+    what = name or str(source) if not isinstance(source, bytes) else (name or "the CSV")
+    if isinstance(source, bytes):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MemcoreError(f"CSV file {path} does not exist")
+        if path.stat().st_size > MAX_CSV_BYTES:
+            raise MemcoreError(f"{path} is larger than {MAX_CSV_BYTES // 10**6} MB; that is not a table of law points")
+        raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("cp1252")  # spreadsheets on Windows save "CSV" in the ANSI code page
+        except UnicodeDecodeError as e:
+            raise MemcoreError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise MemcoreError(f"{what} is empty")
+    try:
+        sep = csv.Sniffer().sniff(lines[0], delimiters=",;\t|").delimiter
+    except csv.Error:
+        sep = ","  # a single column: nothing to sniff
+    body = "\n".join(lines[1:20])
+    decimal = "," if sep != "," and re.search(r"\d,\d", body) else "."
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, decimal=decimal, skipinitialspace=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MemcoreError(f"cannot read {what} as CSV: {first}") from None
+    df.columns = [str(c).strip().lower().replace(" ", "_") for c in df.columns]
+    missing = [c for c in LAW_COLUMNS if c not in df.columns]
+    if missing:
+        found = ", ".join(df.columns) or "none"
+        raise MemcoreError(f"{what} lacks column(s) {', '.join(missing)}; found {len(df.columns)} column(s): {found} "
+                           f"(read with delimiter {sep!r}; needs rank, length, delta_loss, optional p_eff, method, seed)")
+    for c in NUMERIC_COLUMNS:
+        if c in df.columns:
+            values = pd.to_numeric(df[c], errors="coerce")
+            bad = values.isna() & df[c].notna()
+            if c in LAW_COLUMNS:
+                bad |= values.isna()
+            if bad.any():
+                rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad.to_numpy())[:5])
+                raise MemcoreError(f"column {c} of {what} has {int(bad.sum())} empty or non-numeric value(s) (line {rows})")
+            df[c] = values
+    return df
 
 
 def smallest_rank(fit: LawFit, length: float, target_delta_loss: float, max_rank: int = 4096) -> int | None:

@@ -89,3 +89,48 @@ def test_fit_and_predict_from_a_csv_on_the_command_line(tmp_path, capsys, monkey
     (tmp_path / "text.csv").write_text("rank,length,delta_loss\n1,2,x\n2,4,0.1\n")
     assert main(["fit", "--csv", str(tmp_path / "text.csv")]) == 2
     assert "non-numeric" in capsys.readouterr().err
+
+
+FIELD = __import__("pathlib").Path(__file__).resolve().parent / "field"
+
+
+def test_a_spreadsheet_csv_reads_like_a_plain_one(tmp_path):
+    """Semicolons, decimal commas, a BOM, CRLF and an extra column (the field file), then other dialects."""
+    from memcore.law import read_law_csv
+
+    df = read_law_csv(FIELD / "law_excel_semicolon.csv")
+    assert list(df.columns[:3]) == ["rank", "length", "delta_loss"] and len(df) == 16
+    assert df["delta_loss"].iloc[0] == pytest.approx(0.37592) and df["rank"].dtype.kind in "if"
+    plain = tmp_path / "plain.csv"
+    df.to_csv(plain, index=False)
+    again = read_law_csv(plain)
+    assert np.allclose(again[["rank", "length", "delta_loss"]].to_numpy(), df[["rank", "length", "delta_loss"]].to_numpy())
+    tab = tmp_path / "tab.tsv"
+    tab.write_bytes("Rank\tLength\t Delta_Loss \n1\t32\t0,5\n2\t32\t0,7\n".encode("cp1252"))
+    assert read_law_csv(tab)["delta_loss"].tolist() == [0.5, 0.7]
+    # the same bytes as an upload
+    assert read_law_csv((FIELD / "law_excel_semicolon.csv").read_bytes(), name="upload.csv")["length"].iloc[-1] == 256
+
+
+def test_a_csv_that_really_lacks_columns_names_what_it_found(tmp_path):
+    from memcore.config import MemcoreError
+    from memcore.law import read_law_csv
+
+    f = tmp_path / "x.csv"
+    f.write_text("\ufeffr;len;dl\r\n1;32;0,4\r\n")
+    with pytest.raises(MemcoreError, match=r"lacks column\(s\) rank, length, delta_loss; found 3 column\(s\): r, len, dl"):
+        read_law_csv(f)
+    f.write_text("")
+    with pytest.raises(MemcoreError, match="empty"):
+        read_law_csv(f)
+
+
+def test_fit_on_the_field_spreadsheet_csv_from_the_command_line(tmp_path, capsys, monkeypatch):
+    import json
+
+    from memcore.cli import main
+
+    monkeypatch.setenv("MEMCORE_HOME", str(tmp_path / "home"))
+    assert main(["fit", "--csv", str(FIELD / "law_excel_semicolon.csv"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 16 and out["r2"] > 0.99 and 0.3 < out["alpha"] < 0.7

@@ -11,7 +11,7 @@ import streamlit as st
 from common import error_text, get_store, get_worker, show_chart
 
 from memcore.config import MemcoreError
-from memcore.law import compare_forms, smallest_rank
+from memcore.law import compare_forms, read_law_csv, smallest_rank
 from memcore.sweep import sweep_table
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "sample_data" / "sweeps"
@@ -23,15 +23,23 @@ st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after a fixed
 store = get_store()
 sources: dict[str, pd.DataFrame] = {}
 for f in sorted(SHIPPED.glob("*.csv")):
-    sources[f"shipped: {f.stem}"] = pd.read_csv(f)
+    sources[f"shipped: {f.stem}"] = read_law_csv(f)
 for sid in sorted({r["sweep"] for r in store.runs() if r["sweep"]}):
     rows = sweep_table(store, sid)
     if rows:
         sources[f"your sweep: {sid}"] = pd.DataFrame(rows)
+upload = st.file_uploader("Or upload a CSV of law points (columns rank, length, delta_loss; optional method, p_eff)",
+                          type=["csv", "tsv", "txt"], key="law_upload")
+if upload is not None:
+    try:
+        sources[f"upload: {upload.name}"] = read_law_csv(upload.getvalue(), name=upload.name)
+    except MemcoreError as e:
+        st.error(str(e))
 if not sources:
-    st.info("No sweep data yet: run `memcore sweep` (see the README) to build one.")
+    st.info("No sweep data yet: run `memcore sweep` (see the README) to build one, or upload a CSV.")
     st.stop()
-name = st.selectbox("Sweep data", list(sources), key="law_source")
+uploaded = [k for k in sources if k.startswith("upload: ")]
+name = st.selectbox("Sweep data", list(sources), key="law_source", index=list(sources).index(uploaded[0]) if uploaded else 0)
 data = sources[name]
 methods = sorted(data["method"].unique()) if "method" in data else ["all"]
 
