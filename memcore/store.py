@@ -68,7 +68,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 @dataclass
@@ -125,13 +125,19 @@ class Store:
 
     def create_run(self, spec: dict[str, Any], *, run_id: str | None = None, status: str = "queued", sweep: str | None = None,
                    label: str | None = None) -> str:
-        rid = run_id or new_run_id()
         m, a, d, t = spec["model"], spec["adapter"], spec["data"], spec["train"]
-        self._exec(
-            "INSERT INTO runs (id, created, status, model, method, rank, length, seed, sweep, label, spec, pid, host, heartbeat) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (rid, time.time(), status, m["name"], t["method"], a["rank"], d.get("length"), t["seed"], sweep, label,
-             json.dumps(spec), os.getpid(), socket.gethostname(), time.time()))
+        for attempt in range(20):
+            rid = run_id or new_run_id()
+            try:
+                self._exec(
+                    "INSERT INTO runs (id, created, status, model, method, rank, length, seed, sweep, label, spec, pid, host, heartbeat) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (rid, time.time(), status, m["name"], t["method"], a["rank"], d.get("length"), t["seed"], sweep, label,
+                     json.dumps(spec), os.getpid(), socket.gethostname(), time.time()))
+                break
+            except sqlite3.IntegrityError:
+                if run_id is not None or attempt == 19:  # a given id is taken, or ids keep colliding
+                    raise
         (self.runs_dir / rid).mkdir(parents=True, exist_ok=True)
         return rid
 

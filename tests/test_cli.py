@@ -161,3 +161,20 @@ def test_sweep_defaults_do_not_leak_into_train():
     sweep = p.parse_args(["sweep"])
     assert (train.max_steps, train.layers, train.lr) == (200, "all", 2e-3)
     assert (sweep.max_steps, sweep.layers, sweep.lr) == (10, "paper", 1e-2)
+
+
+@pytest.mark.parametrize("verb", [["runs"], ["runs", "--json"]])
+def test_piping_into_a_reader_that_closes_early_exits_quietly(home, verb):
+    """`memcore runs | head -1`: no BrokenPipeError traceback when the reader stops reading."""
+    from memcore.config import RunSpec
+    from memcore.store import Store
+
+    store = Store(home)
+    for _ in range(3000):
+        store.create_run(RunSpec().to_dict(), status="completed")
+    store.close()
+    cmd = f"{sys.executable} -m memcore.cli {' '.join(verb)} | head -c 100 >/dev/null"
+    out = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MEMCORE_HOME": str(home)})
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr[-2000:]
+    assert out.returncode in (0, 141)  # 141 = 128 + SIGPIPE, what Unix tools exit with here
