@@ -232,17 +232,35 @@ def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
 
 # --- adapter ---------------------------------------------------------------------------------------------
 
-_ATTN_WORDS = ("attn", "attention")
-_MLP_WORDS = ("mlp", "feed_forward", "ffn")
+# Module roles across the families transformers ships. A linear layer belongs to the attention or the MLP by
+# the class of the container it sits in (LlamaAttention, GPT2MLP, MptMLP, ...), else by its container's name,
+# else (OPT puts fc1/fc2 straight in the block) by its own name.
+_ATTN_CLASS_WORDS = ("attention", "attn")
+_MLP_CLASS_WORDS = ("mlp", "feedforward", "ffn", "moe", "expert")
+_ATTN_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_proj", "query_key_value", "query", "key", "value",
+               "c_attn", "wqkv", "w_pack", "q", "k", "v", "o", "qkv", "in_proj", "dense"}
+_MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "fc_in", "fc_out", "c_fc", "dense_h_to_4h",
+              "dense_4h_to_h", "w1", "w2", "w3", "wi", "wo", "wi_0", "wi_1", "ff_proj", "ff_out"}
+ROLES = ("attn", "mlp")
+
+
+def _n_layers_of(config: Any) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the longest ModuleList in the model (model.layers for Llama, h for GPT-2)."""
-    best: nn.ModuleList | None = None
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > len(best)):
-            best = mod
-    if best is None or len(best) == 0:
+    """The transformer blocks: the first ModuleList as long as the config's layer count (model.layers for
+    Llama, transformer.h for GPT-2, model.decoder.layers for OPT); where the config does not say, the
+    longest ModuleList. A mixture of experts keeps its experts in longer lists, hence the config first."""
+    lists = [mod for _, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    n = _n_layers_of(getattr(model, "config", None))
+    matching = [m for m in lists if len(m) == n]
+    best = matching[0] if matching else max(lists, key=len, default=None)
+    if best is None:
         raise MemcoreError("cannot find the transformer blocks of this model to place an adapter on")
     return best
 
@@ -255,13 +273,31 @@ def _layers_path(model: nn.Module) -> str:
     raise MemcoreError("cannot locate the transformer blocks by name")
 
 
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
 def _linear_names(block: nn.Module) -> list[str]:
     """Relative names of the linear layers inside one block ('self_attn.q_proj', 'mlp.down_proj', ...)."""
-    names = []
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
-            names.append(name)
-    return names
+    return [name for name, mod in block.named_modules() if _is_linear(mod)]
+
+
+def module_role(block: nn.Module, name: str) -> str | None:
+    """'attn' or 'mlp' for a linear layer of a block (by relative name), or None where neither is evident."""
+    parts = name.split(".")
+    containers = [block.get_submodule(".".join(parts[:k])) for k in range(1, len(parts))]
+    for container, cname in zip(reversed(containers), reversed(parts[:-1])):
+        cls = type(container).__name__.lower()
+        if any(w in cls for w in _ATTN_CLASS_WORDS) or any(w in cname.lower() for w in _ATTN_CLASS_WORDS):
+            return "attn"
+        if any(w in cls for w in _MLP_CLASS_WORDS) or any(w in cname.lower() for w in _MLP_CLASS_WORDS):
+            return "mlp"
+    leaf = parts[-1].lower()
+    if leaf in _MLP_NAMES:
+        return "mlp"
+    if leaf in _ATTN_NAMES:
+        return "attn"
+    return None
 
 
 def paper_layer(n_layers: int) -> int:
@@ -282,13 +318,16 @@ def target_module_regex(model: nn.Module, spec: AdapterSpec) -> tuple[str, list[
         if bad:
             raise MemcoreError(f"layer {bad[0]} does not exist: this model has layers 0..{n - 1}")
         idx = sorted(set(spec.layers))
-    available = _linear_names(layers[0])
+    block = layers[idx[0]]
+    available = _linear_names(block)
     targets = "mlp" if spec.layers == "paper" and spec.targets == "all" else spec.targets
     if targets == "all":
         chosen = available
-    elif targets in ("attn", "mlp"):
-        words = _ATTN_WORDS if targets == "attn" else _MLP_WORDS
-        chosen = [a for a in available if any(w in a.split(".")[0].lower() for w in words)]
+    elif targets in ROLES:
+        chosen = [a for a in available if module_role(block, a) == targets]
+        if not chosen and targets == "mlp" and any(w in type(m).__name__.lower() for _, m in block.named_modules() for w in ("moe", "expert")):
+            raise MemcoreError("this model's MLP is a mixture of experts whose experts are not linear layers; "
+                               f"use --targets attn or name modules; linear layers: {', '.join(available)}")
     else:
         chosen = [a for a in available if a in targets or a.split(".")[-1] in targets]
         missing = [t for t in targets if not any(a == t or a.split(".")[-1] == t for a in available)]
@@ -305,9 +344,11 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, seed: int = 0) -> Any:
     """Wrap `model` in a PEFT LoRA model; only the adapter is trainable. Seeded so runs reproduce."""
     from peft import LoraConfig, get_peft_model
 
-    regex, _, _ = target_module_regex(model, spec)
+    regex, chosen, idx = target_module_regex(model, spec)
+    block = decoder_layers(model)[idx[0]]
+    conv1d = any(type(block.get_submodule(c)).__name__ == "Conv1D" for c in chosen)  # GPT-2 stores weights transposed
     cfg = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout, target_modules=regex,
-                     bias="none", task_type="CAUSAL_LM")
+                     bias="none", task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, cfg)
     for _name, p in peft_model.named_parameters():

@@ -210,12 +210,11 @@ def test_greedy_check_never_stops_early_on_an_eos(tmp_path, default_model_dir):
                       num_key_value_heads=2, tie_word_embeddings=False, eos_token_id=0, bos_token_id=1, pad_token_id=0)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        model.lm_head.weight.fill_(-1.0)
-        model.lm_head.weight[0, :] = 1.0  # token 0 (the EOS) wins wherever the hidden state sums positive
+        model.model.norm.weight.zero_()  # every logit is 0, so the argmax is token 0: the EOS, at every position
     s = Sample([1, 5, 6], [0] * 12)
     hf = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=12, do_sample=False)[0, 3:].tolist()
     ours = greedy_generate(model, [s])[0]
-    assert len(ours) == 12 and len(hf) < 12  # generate stopped at the EOS; the check did not
+    assert ours == [0] * 12 and len(hf) < 12  # generate stopped at the EOS; the check did not
     # ours is the argmax continuation, step by step
     ids = torch.tensor([s.prompt_ids + ours[:-1]])
     with torch.no_grad():
