@@ -1,16 +1,21 @@
 """The job queue shared by every session of the app, in front of one training process.
 
-Page scripts never train: they submit a Job and poll its live view (``RunLive``). A dispatcher thread
-hands jobs one at a time to a memcore training process (``memcore.service``: the model lives there, so a
-busy page cannot starve training of the GIL) and files the reports it streams back. A compare job advances
-two runs (sft and memft-ot on the same text and seed) in alternation, so both move live.
+The queue lives in the run store (table jobs), so it outlives the server: a restart picks up the queued jobs
+in order, and a job that was training when the server died shows as interrupted, its runs resumable from
+their last checkpoint. Page scripts never train: they submit a Job and poll its live view (``RunLive``).
+
+Exactly one app process per memcore home and device trains: the one holding the trainer lock (a file lock in
+the home, released by the operating system when its holder dies). Its dispatcher thread claims jobs from
+the store one at a time, hands them to a memcore training process (``memcore.service``: the model lives
+there, so a busy page cannot starve training of the GIL) and files the reports it streams back. Any other
+app process on the same home queues its jobs in the same store, follows them by reading the store, and takes
+over the lock, and the queue, if the trainer goes away.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,10 @@ import numpy as np
 from memcore.config import ModelSpec, RunSpec
 from memcore.models import Base, load_base
 from memcore.pieces import Piece
-from memcore.service import TrainingProcess
+from memcore.service import TrainingProcess, trainer_lock
 from memcore.store import Store
+
+SYNC_SECONDS = 0.5  # how often the trainer reads stop requests from the store and refreshes its heartbeat
 
 
 @dataclass
@@ -44,16 +51,17 @@ class RunLive:
 @dataclass
 class Job:
     id: str
-    session: str
+    session: str | None
     specs: list[RunSpec]
     labels: list[str]
-    status: str = "queued"  # queued | loading | running | done | stopped | failed
+    kind: str = "train"  # train (new runs) | resume (continue stored runs)
+    status: str = "queued"  # queued | loading | running | done | stopped | failed | interrupted
     error: str | None = None
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
     runs: list[RunLive] = field(default_factory=list)
-    stop_event: threading.Event = field(default_factory=threading.Event)
+    fed: bool = False  # this process's trainer streams its reports; otherwise it is followed through the store
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -64,58 +72,96 @@ class Job:
     def max_steps(self) -> int:
         return max(s.train.max_steps for s in self.specs)
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        specs = [RunSpec.from_dict(d) for d in row["specs"]]
+        job = cls(id=row["id"], session=row["session"], specs=specs, labels=row["labels"], kind=row["kind"], created=row["created"])
+        job.runs = [RunLive(label=lab, spec=s, run_id=rid) for lab, s, rid in zip(job.labels, specs, row["run_ids"])]
+        job.update_from_row(row)
+        return job
+
+    def update_from_row(self, row: dict[str, Any]) -> None:
+        status = row["status"]
+        if status == "running" and not any(r.steps for r in self.runs):
+            status = "loading"
+        self.status, self.error, self.started, self.finished = status, row["error"], row["started"], row["finished"]
+
 
 class Worker:
-    """A FIFO of jobs, the training process that runs them one at a time, and the thread between the two."""
+    """The queue as this app process sees it, and (while it holds the trainer lock) the training process and
+    the dispatcher thread between the two."""
 
     def __init__(self, home: Path, preload: ModelSpec | None = None):
         self.home = Path(home)
         self.store = Store(self.home)
-        self.jobs: list[Job] = []
+        self.jobs: dict[str, Job] = {}
         self.ready_models: set[str] = set()
         self.loading_error: str | None = None
+        self.owner = False  # holds the trainer lock: this process trains
+        self._preload = preload
+        self._trainer_lock = trainer_lock(self.home)
         self._lock = threading.Lock()
         self._gen_lock = threading.Lock()
         self._inference: dict[tuple, Base] = {}
         self._current: Job | None = None
+        self._proc: TrainingProcess | None = None
         self._closed = False
-        self._proc = TrainingProcess(self.home, threads=_train_threads())
-        if preload is not None:
-            self._proc.send("preload", asdict(preload))
+        self._try_own()
         self._thread = threading.Thread(target=self._dispatch, name="memcore-dispatch", daemon=True)
         self._thread.start()
 
     # --- called from page scripts ---------------------------------------------------------------------------
 
-    def submit(self, specs: list[RunSpec], session: str, labels: list[str] | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex[:10], session=session, specs=list(specs), labels=labels or [s.train.method for s in specs])
-        job.runs = [RunLive(label=lab, spec=s) for lab, s in zip(job.labels, job.specs)]
+    def submit(self, specs: list[RunSpec], session: str, labels: list[str] | None = None, *, kind: str = "train",
+               run_ids: list[str] | None = None) -> Job:
+        """Queue new runs of `specs` (kind train) or the continuation of stored runs `run_ids` (kind resume)."""
+        labels = labels or [s.train.method for s in specs]
+        jid = self.store.create_job([s.to_dict() for s in specs], labels, kind=kind, session=session, run_ids=run_ids)
+        job = Job.from_row(self.store.job(jid))
         with self._lock:
-            self.jobs.append(job)
+            self.jobs[jid] = job
         return job
 
     def find(self, job_id: str | None) -> Job | None:
-        return next((j for j in self.jobs if j.id == job_id), None)
+        """The job with this id, from any session or app process, brought up to date."""
+        if not job_id:
+            return None
+        job = self.jobs.get(job_id)
+        if job is None:
+            row = self.store.job(job_id)
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            with self._lock:
+                job = self.jobs.setdefault(job_id, job)
+        if not job.fed:
+            self._follow(job)
+        return job
 
     def position(self, job: Job) -> int:
-        """0 while the job runs; otherwise how many jobs are ahead of it."""
+        """0 while the job runs; otherwise how many jobs are ahead of it (from every session and app process)."""
         if job.status != "queued":
             return 0
-        return len([j for j in self.jobs if j.active and j.created <= job.created and j is not job])
+        return sum(1 for j in self.store.jobs(("queued", "running")) if j["id"] != job.id and j["created"] <= job.created)
 
     def stop(self, job: Job) -> None:
+        self.store.request_stop(job.id)
         with self._lock:
-            job.stop_event.set()
             if job.status == "queued":
                 job.status, job.finished = "stopped", time.time()
-            elif job.active:
+            elif self._current is job and self._proc is not None:
                 self._proc.stop_job(job.id)
 
     def active_jobs(self) -> list[Job]:
-        return [j for j in self.jobs if j.active]
+        return [j for j in (self.find(r["id"]) for r in self.store.jobs(("queued", "running"))) if j is not None]
 
     def is_model_ready(self, spec: ModelSpec) -> bool:
         return spec.name in self.ready_models
+
+    @property
+    def trainer(self) -> str:
+        """Who trains this queue: 'here', or a description of the other app process that holds the lock."""
+        return "here" if self.owner else "another memcore app on this memcore home"
 
     def generate(self, run_id: str, prompt: str | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
         """Greedy generation from a finished run's adapter, on an inference copy of its base model in this
@@ -130,22 +176,78 @@ class Worker:
                 self._inference[key] = load_base(spec.model, self.home)
             return generate_from_run(self.store, run_id, self._inference[key], prompt, max_new_tokens)
 
+    def close(self) -> None:
+        """Stop the dispatcher and the training process, and give up the trainer lock (tests; a server just
+        exits). A job still training is left interrupted, as a crash would leave it."""
+        self._closed = True
+        self._thread.join(timeout=5)
+        with self._lock:
+            job, self._current = self._current, None
+        if self._proc is not None:
+            self._proc.close()
+        if job is not None:
+            self.store.update_job(job.id, status="interrupted", error="the app stopped while it trained")
+            self.store.mark_interrupted()
+        if self.owner:
+            self._trainer_lock.release()
+        self.store.close()
+
+    # --- following a job through the store (trained by another process, or before a restart) -------------------
+
+    def _follow(self, job: Job) -> None:
+        row = self.store.job(job.id)
+        if row is None:
+            return
+        with job.lock:
+            for live, rid in zip(job.runs, row["run_ids"]):
+                if rid is None:
+                    continue
+                if live.run_id != rid or not live.pieces:
+                    try:
+                        live.pieces = self.store.tokens(rid)["pieces"]
+                    except Exception:
+                        continue  # not measured yet
+                    live.run_id = rid
+                _catch_up(live, self.store, rid)
+            job.update_from_row(row)
+
     # --- the dispatcher thread ------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop the dispatcher and the training process (tests; a server just exits)."""
-        self._closed = True
-        self._proc.close()
+    def _try_own(self) -> bool:
+        """Take the trainer lock if nobody holds it; the holder starts the training process."""
+        from filelock import Timeout
+
+        if self.owner:
+            return True
+        try:
+            self._trainer_lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self.owner = True
+        self.store.mark_interrupted()  # jobs and runs of a trainer that died are interrupted, not running
+        self._proc = TrainingProcess(self.home, threads=_train_threads())
+        if self._preload is not None:
+            self._proc.send("preload", asdict(self._preload))
+        return True
 
     def _dispatch(self) -> None:
+        last_sync = 0.0
         while not self._closed:
+            if not self._try_own():
+                time.sleep(1.0)  # another process trains; take over if it goes away
+                continue
             with self._lock:
                 if self._current is None:
-                    nxt = next((j for j in self.jobs if j.status == "queued"), None)
-                    if nxt is not None:
-                        nxt.status, nxt.started = "loading", time.time()
-                        self._current = nxt
-                        self._proc.send("run", nxt.id, [s.to_dict() for s in nxt.specs], nxt.labels)
+                    row = self.store.claim_job()
+                    if row is not None:
+                        job = self.jobs.get(row["id"]) or Job.from_row(row)
+                        job.fed, job.status, job.started = True, "loading", row["started"]
+                        self.jobs[job.id] = job
+                        self._current = job
+                        self._proc.send("run", job.id, job.kind, [s.to_dict() for s in job.specs], job.labels, row["run_ids"])
+            if self._current is not None and time.monotonic() - last_sync >= SYNC_SECONDS:
+                last_sync = time.monotonic()
+                self._sync_current()
             msg = self._proc.receive(timeout=0.1)
             if msg is None:
                 if not self._proc.alive and not self._closed:
@@ -153,15 +255,26 @@ class Worker:
                 continue
             self._handle(msg)
 
+    def _sync_current(self) -> None:
+        """Pass a stop request made in any process on to the trainer, and keep the job's heartbeat fresh."""
+        job = self._current
+        if job is None:
+            return
+        row = self.store.job(job.id)
+        if row is not None and row["stop"]:
+            self._proc.stop_job(job.id)
+        self.store.update_job(job.id)
+
     def _crashed(self) -> None:
         """The training process died (killed, out of memory): fail its job and start a new process."""
         with self._lock:
             job, self._current = self._current, None
             if job is not None:
                 job.status, job.error, job.finished = "failed", "the training process died (out of memory?)", time.time()
+                self.store.update_job(job.id, status="failed", error=job.error)
             self.ready_models.clear()
-            self._proc = TrainingProcess(self.home, threads=_train_threads())
             self.store.mark_interrupted()
+            self._proc = TrainingProcess(self.home, threads=_train_threads())
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -171,13 +284,17 @@ class Worker:
         if kind == "load_error":
             self.loading_error = msg[2]
             return
-        job = self.find(msg[1])
+        job = self.jobs.get(msg[1])
         if job is None:
             return
         if kind == "started":
-            _, _, i, run_id, pieces = msg
+            _, _, i, run_id, pieces, step = msg
+            self.store.update_job(job.id, run_index=i, run_id=run_id)
             with job.lock:
-                job.runs[i].run_id, job.runs[i].pieces = run_id, pieces
+                live = job.runs[i]
+                live.run_id, live.pieces = run_id, pieces
+                if step > 0:  # a resumed run: its history before the checkpoint comes from the store
+                    _catch_up(live, self.store, run_id, before=step)
                 job.status = "running"
             self.ready_models.add(job.specs[i].model.name)
         elif kind == "report":
@@ -186,6 +303,7 @@ class Worker:
                 _record(job.runs[i], r)
         elif kind == "done":
             _, _, status, error = msg
+            self.store.update_job(job.id, status=status, error=error)
             with self._lock:
                 job.status, job.error, job.finished = status, error, time.time()
                 if self._current is job:
@@ -203,6 +321,18 @@ def _train_threads() -> int | None:
     if torch.cuda.is_available():
         return None
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _catch_up(live: RunLive, store: Store, run_id: str, before: int | None = None) -> None:
+    """Record the steps the store has beyond what `live` shows (all of them, for a run trained elsewhere)."""
+    after = live.steps[-1] if live.steps else -1
+    rows = store.step_rows(run_id, after=after, before=before)
+    for row in rows:
+        _record(live, {**row, "recalled": bool(row["recalled"]), "final": False, "summary": None})
+    if before is None:
+        run = store.run(run_id)
+        if run["summary"] and run["status"] not in ("queued", "running"):
+            live.summary = {**run["summary"], "status": run["status"]}
 
 
 def _record(live: RunLive, r: dict[str, Any]) -> None:

@@ -105,7 +105,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                     chat_template=args.chat_template, seed=args.seed, max_tokens=args.max_tokens)
     train = TrainSpec(method=args.method, tau=args.tau, lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_seconds,
                       stop_when_recalled=not args.full_budget, ot_when_empty=args.ot_when_empty, window=args.window,
-                      seed=args.seed, weight_decay=args.weight_decay)
+                      seed=args.seed, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every)
     return RunSpec(model=model, adapter=adapter, data=data, train=train)
 
 
@@ -162,6 +162,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     update, close = _progress(spec.train.max_steps, enabled=not args.json or sys.stderr.isatty())
     try:
         summary = execute(spec, store, base, samples, should_stop=flag, on_report=update, label=args.label)
+    finally:
+        close()
+        restore()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from memcore.runner import drain, resumable_step, resume_iter
+
+    store = _store()
+    rid = store.resolve(args.run)
+    step = resumable_step(store, rid)
+    spec = RunSpec.from_dict(store.run(rid)["spec"])
+    print(f"resuming run {rid} from its checkpoint at step {step}" if step is not None else
+          f"run {rid} has no checkpoint (it stopped before its first one): training it again from step 0", file=sys.stderr)
+    flag = StopFlag()
+    restore = flag.install()
+    update, close = _progress(spec.train.max_steps, enabled=not args.json or sys.stderr.isatty())
+    try:
+        _, stream = resume_iter(store, rid, should_stop=flag)
+        summary = drain(stream, update)
     finally:
         close()
         restore()
@@ -483,9 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--window", type=int, default=50, help=_help(TrainSpec, "window"))
     o.add_argument("--weight-decay", type=float, default=0.0, help=_help(TrainSpec, "weight_decay"))
     o.add_argument("--seed", type=int, default=0, help="seed for adapter init, dropout, noise and PhoneBook")
+    o.add_argument("--checkpoint-every", type=float, default=TrainSpec.checkpoint_every, help=_help(TrainSpec, "checkpoint_every"))
     t.add_argument("--label", help="a free-text label stored with the run")
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     t.set_defaults(func=cmd_train)
+
+    rs = sub.add_parser("resume", help="continue an interrupted or stopped run from its last checkpoint")
+    rs.add_argument("run", help="run id, unique prefix, or 'last'")
+    rs.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    rs.set_defaults(func=cmd_resume)
 
     r = sub.add_parser("runs", help="list the runs in the store")
     r.add_argument("--method", choices=METHODS)

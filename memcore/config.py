@@ -151,6 +151,8 @@ class TrainSpec:
     """Seed for adapter initialisation and dropout."""
     curriculum_stages: int = 5
     """memft-sw with several samples: train on the first 1/k, 2/k, ... of them, k stages."""
+    checkpoint_every: float = 180.0
+    """Save the adapter and optimizer state every this many seconds (0: never), so a killed run can resume."""
 
     def __post_init__(self) -> None:
         _need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -164,6 +166,8 @@ class TrainSpec:
         _need(_is_number(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay!r}")
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         _need(_is_int(self.curriculum_stages) and self.curriculum_stages >= 1, f"curriculum stages must be >= 1, got {self.curriculum_stages!r}")
+        _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
+              f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
 
 
 @dataclass(frozen=True)

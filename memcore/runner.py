@@ -8,9 +8,11 @@ about once a second), saves the adapter in standard PEFT format, and returns the
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable, Generator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from memcore.metrics import bits_per_param, stubborn_tokens
 from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.pieces import Piece, token_pieces
 from memcore.store import Store
-from memcore.train import StepReport, base_losses, train_iter
+from memcore.train import Checkpoint, StepReport, base_losses, train_iter
 
 FLUSH_SECONDS = 1.0
 
@@ -38,31 +40,47 @@ def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -
 
 
 def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
-                 should_stop: Callable[[], bool] | None = None, sweep: str | None = None,
-                 label: str | None = None) -> Generator[StepReport, None, dict[str, Any]]:
+                 should_stop: Callable[[], bool] | None = None, sweep: str | None = None, label: str | None = None,
+                 resume: bool = False) -> Generator[StepReport, None, dict[str, Any]]:
     """Train one run and record it, yielding each StepReport as it is stored; returns the summary.
 
+    Every `spec.train.checkpoint_every` seconds (and when a run stops early) the steps so far are flushed and
+    the adapter (PEFT folder) and a checkpoint of the loop's state are saved in the run's folder. With
+    resume=True, `run_id` names a stored run that continues from its checkpoint (or from the start if it
+    had none): its steps from the checkpoint on are dropped and the history goes on from there.
     Consumers that interleave several runs (the app's compare mode) advance several of these in turn."""
-    spec_d = spec.to_dict()
     if run_id is None:
-        run_id = store.create_run(spec_d, sweep=sweep, label=label)
-    store.set_status(run_id, "running")
+        run_id = store.create_run(spec.to_dict(), sweep=sweep, label=label)
     tok = base.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = make_batch(samples, pad_id).to(base.device)
+    adapter_dir = store.adapter_dir(run_id)
     model = None
     try:
+        ckpt = load_checkpoint(store, run_id) if resume else None
+        if resume:
+            store.truncate_steps(run_id, ckpt.step if ckpt else 0)
+        store.set_status(run_id, "running")
         model = attach_adapter(base.model, spec.adapter, seed=spec.train.seed)
         n_params = p_eff(model)
         base_loss = base_losses(model, batch)
         targets = [s.target_ids for s in samples]
         pieces = token_pieces(tok, [t for ts in targets for t in ts])
         store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces, base_loss[batch.target_mask].float().cpu().numpy())
-        history: list[np.ndarray] = []
+        history: list[np.ndarray] = list(store.replay(run_id).p.astype(np.float16)) if ckpt else []
         pending: list[dict[str, Any]] = []
         last_flush = time.monotonic()
+
+        def save(state: Checkpoint) -> None:
+            nonlocal pending
+            store.write_steps(run_id, pending)
+            pending = []
+            save_adapter(model, tok, adapter_dir, samples, spec)
+            save_checkpoint(store, run_id, state)
+
         final: StepReport | None = None
-        for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop):
+        for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
+                            resume=ckpt, checkpoint=save):
             r.run_id = run_id
             history.append(r.p)
             pending.append(_row(r))
@@ -74,10 +92,11 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
             else:
                 yield r
         assert final is not None
-        adapter_dir = store.adapter_dir(run_id)
         save_adapter(model, tok, adapter_dir, samples, spec)
         summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, np.stack(history), base_loss[batch.target_mask], pieces)
         status = "stopped" if final.stop_reason == "stopped" else "completed"
+        if final.stop_reason in ("recalled", "max_steps"):  # finished: nothing to resume
+            checkpoint_path(store, run_id).unlink(missing_ok=True)
         summary["status"] = status
         store.set_status(run_id, status, summary=summary)
         (adapter_dir.parent / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -98,10 +117,73 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
             base.model = detach_adapter(model)
 
 
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(store: Store, run_id: str) -> Path:
+    return store.runs_dir / run_id / "checkpoint.pt"
+
+
+def save_checkpoint(store: Store, run_id: str, state: Checkpoint) -> None:
+    """Write the state atomically (a temporary file renamed over the old one): a kill mid-write leaves the
+    previous checkpoint intact."""
+    import torch
+
+    path = checkpoint_path(store, run_id)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({f.name: getattr(state, f.name) for f in fields(state)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(store: Store, run_id: str) -> Checkpoint | None:
+    """The run's last checkpoint, or None if it never saved one. A damaged file is a MemcoreError."""
+    import torch
+
+    path = checkpoint_path(store, run_id)
+    if not path.is_file():
+        return None
+    try:
+        return Checkpoint(**torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise MemcoreError(f"the checkpoint of run {run_id} ({path}) cannot be read: {type(e).__name__}: {e}") from None
+
+
+def resumable_step(store: Store, run_id: str) -> int | None:
+    """The step a resume would continue from (None: no checkpoint, a resume starts over)."""
+    ckpt = load_checkpoint(store, run_id)
+    return None if ckpt is None else ckpt.step
+
+
+RESUMABLE = ("interrupted", "stopped", "failed")
+
+
+def resume_iter(store: Store, run_id: str, base: Base | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[Base, Generator[StepReport, None, dict[str, Any]]]:
+    """Continue a stored run that did not finish (interrupted, stopped or failed) from its last checkpoint, on
+    the exact target tokens it was training on. Returns the base model used and the execute_iter stream.
+
+    Raises MemcoreError if the run finished or is still live."""
+    run = store.run(run_id)
+    if run["status"] not in RESUMABLE:
+        raise MemcoreError(f"run {run_id} is {run['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
+    spec = RunSpec.from_dict(run["spec"])
+    base, samples = prepare(spec, base, store.home)
+    try:  # the tokens it was trained on, even if the tokenizer has changed since
+        toks = store.tokens(run_id)
+        samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+    except MemcoreError:
+        pass  # it failed before its tokens were stored: start it from its spec
+    return base, execute_iter(spec, store, base, samples, run_id=run_id, should_stop=should_stop, resume=True)
+
+
 def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *,
             on_report: Callable[[StepReport], None] | None = None, **kwargs: Any) -> dict[str, Any]:
     """execute_iter to the end, calling on_report for every step (the final one included)."""
-    gen = execute_iter(spec, store, base, samples, **kwargs)
+    return drain(execute_iter(spec, store, base, samples, **kwargs), on_report)
+
+
+def drain(gen: Generator[StepReport, None, dict[str, Any]], on_report: Callable[[StepReport], None] | None = None) -> dict[str, Any]:
+    """Consume an execute_iter stream, calling on_report for every report; return the run's summary."""
     while True:
         try:
             r = next(gen)

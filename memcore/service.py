@@ -5,9 +5,10 @@ ops, each of which must win back the GIL, so training in a thread next to a busy
 times over. Here the model lives in a child process (spawned, CUDA-safe) that owns the device; the parent
 sends commands on one queue and reads small messages (scalars and a float16 array per step) from another.
 
+Jobs come from the queue in the run store (memcore.store, table jobs); the parent claims one and sends it.
 Messages from the child:
   ("ready", model_name) | ("load_error", model_name, msg)
-  ("started", job_id, index, run_id, pieces)
+  ("started", job_id, index, run_id, pieces, step)  step: the first reported step (> 0 for a resumed run)
   ("report", job_id, index, report_dict)          every step; the final one carries "summary"
   ("done", job_id, status, error)                 status: done | stopped | failed
 """
@@ -59,16 +60,31 @@ class Engine:
         self.bases.move_to_end(key)
         return self.bases[key]
 
-    def run_job(self, job_id: str, spec_dicts: list[dict], labels: list[str], out: Any, should_stop: Any) -> str:
-        """Advance every run of the job by one step in turn until all have finished. Returns the status."""
+    def interrupt_job_runs(self, job_id: str) -> None:
+        """The app that asked for this job is gone: its runs (stopped after their step, adapter and checkpoint
+        saved) are marked interrupted, as runs cut off by a crash are, and so are offered a resume."""
+        job = self.store.job(job_id)
+        for rid in (job or {}).get("run_ids", []):
+            if rid and self.store.run(rid)["status"] == "stopped":
+                self.store.set_status(rid, "interrupted", error="the app server stopped while it trained")
+
+    def run_job(self, job_id: str, kind: str, spec_dicts: list[dict], labels: list[str], run_ids: list[str | None], out: Any,
+                should_stop: Any) -> str:
+        """Advance every run of the job by one step in turn until all have finished. Returns the status.
+
+        kind 'train' starts new runs of the specs; 'resume' continues the stored runs `run_ids` from their
+        checkpoints."""
         from memcore.config import RunSpec
-        from memcore.runner import execute_iter, prepare
+        from memcore.runner import execute_iter, prepare, resume_iter
 
         gens = []
-        for i, (d, label) in enumerate(zip(spec_dicts, labels)):
+        for i, (d, label, rid) in enumerate(zip(spec_dicts, labels, run_ids)):
             spec = RunSpec.from_dict(d)
-            base, samples = prepare(spec, self.base(spec.model, copy_index=i), self.home)
-            gen = execute_iter(spec, self.store, base, samples, should_stop=should_stop, label=f"app:{label}")
+            if kind == "resume":
+                _, gen = resume_iter(self.store, rid, self.base(spec.model, copy_index=i), should_stop=should_stop)
+            else:
+                base, samples = prepare(spec, self.base(spec.model, copy_index=i), self.home)
+                gen = execute_iter(spec, self.store, base, samples, should_stop=should_stop, label=f"app:{label}")
             gens.append((i, gen))
         pending = list(gens)
         started: set[int] = set()
@@ -82,13 +98,21 @@ class Engine:
                     continue
                 if i not in started:
                     started.add(i)
-                    out.put(("started", job_id, i, r.run_id, self.store.tokens(r.run_id)["pieces"]))
+                    out.put(("started", job_id, i, r.run_id, self.store.tokens(r.run_id)["pieces"], r.step))
                 out.put(("report", job_id, i, report_dict(r)))
         return "stopped" if should_stop() else "done"
 
 
+def _parent_alive() -> bool:
+    parent = mp.parent_process()
+    return parent is None or parent.is_alive()
+
+
 def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None = None) -> None:
-    """Child process main loop: ("preload", model_spec_dict) | ("run", job_id, spec_dicts, labels) | ("quit",)."""
+    """Child process main loop: ("preload", model_spec_dict) | ("run", job_id, kind, spec_dicts, labels, run_ids) | ("quit",).
+
+    If the parent dies (the app server was killed), the run in progress stops after its step, keeps its
+    adapter and checkpoint, is marked interrupted (so it can be resumed), and this process exits."""
     if threads:
         import torch
 
@@ -112,7 +136,12 @@ def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None 
                 stopped.add(msg[1])
 
     while True:
-        cmd = commands.get()
+        try:
+            cmd = commands.get(timeout=1.0)
+        except queue.Empty:
+            if not _parent_alive():
+                return
+            continue
         if cmd[0] == "quit":
             return
         if cmd[0] == "preload":
@@ -124,21 +153,40 @@ def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None 
                 out.put(("load_error", spec.name, str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"))
             continue
         if cmd[0] == "run":
-            _, job_id, spec_dicts, labels = cmd
+            _, job_id, kind, spec_dicts, labels, run_ids = cmd
             drain_control()
+            orphaned = [False]
 
-            def should_stop(job_id: str = job_id) -> bool:
+            def should_stop(job_id: str = job_id, orphaned: list[bool] = orphaned) -> bool:
                 drain_control()
-                return job_id in stopped
+                orphaned[0] = orphaned[0] or not _parent_alive()
+                return job_id in stopped or orphaned[0]
 
             try:
-                status = engine.run_job(job_id, spec_dicts, labels, out, should_stop)
+                status = engine.run_job(job_id, kind, spec_dicts, labels, run_ids, out, should_stop)
                 out.put(("done", job_id, status, None))
             except MemcoreError as e:
                 out.put(("done", job_id, "failed", str(e)))
             except Exception as e:
                 traceback.print_exc()
                 out.put(("done", job_id, "failed", f"{type(e).__name__}: {e}"))
+            if orphaned[0]:
+                engine.interrupt_job_runs(job_id)
+                return
+
+
+def trainer_lock(home: Path, device: str | None = None) -> Any:
+    """The lock that one app process per memcore home and device holds while it trains (a file lock under
+    home/locks, released by the operating system when its holder dies). Acquire with timeout=0 to try."""
+    from filelock import FileLock
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = Path(home) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"trainer-{device.replace(':', '-')}.lock"))
 
 
 class TrainingProcess:

@@ -6,8 +6,12 @@ Tables
   token_steps  per-step p (float16) and argmax-correct (packed bits) of every target token, for replay
   tokens       each run's prompt ids, target ids and base per-token loss
 
+  jobs         the app's queue: what to train (new runs, or runs to resume), in order, across restarts
+
 Status moves queued -> running -> completed | stopped | failed; a run whose process died while running
-(or queued) is shown as interrupted the next time anyone opens the store.
+(or queued) is shown as interrupted the next time anyone opens the store. A job moves queued -> running ->
+done | stopped | failed, or to interrupted when the process that ran it died; a queued job waits for
+whichever trainer claims it next, in the order jobs were created.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from memcore.pieces import Piece
 
 STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
 LIVE = ("queued", "running")
+JOB_STATUSES = ("queued", "running", "done", "stopped", "failed", "interrupted")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -48,7 +55,13 @@ CREATE TABLE IF NOT EXISTS token_steps (
 CREATE TABLE IF NOT EXISTS tokens (
   run_id TEXT PRIMARY KEY, prompt_ids TEXT NOT NULL, target_ids TEXT NOT NULL, pieces TEXT, base_loss BLOB, sample_lengths TEXT
 );
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY, created REAL NOT NULL, session TEXT, status TEXT NOT NULL, kind TEXT NOT NULL, specs TEXT NOT NULL,
+  labels TEXT NOT NULL, run_ids TEXT NOT NULL, error TEXT, started REAL, finished REAL, pid INTEGER, host TEXT,
+  heartbeat REAL, stop INTEGER NOT NULL DEFAULT 0
+);
 CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
 """
 
 STEP_COLUMNS = ("step", "loss", "delta_loss", "n_above", "n_correct", "n_tokens", "active", "recalled",
@@ -92,7 +105,14 @@ class Store:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             self.path = self.home / "runs.db"
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(300):  # switching to WAL needs a moment alone with the file (two first opens at once)
+                try:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 299:
+                        raise
+                    time.sleep(0.1)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
@@ -111,17 +131,38 @@ class Store:
         with self._lock:
             return self._db.execute(sql, args)
 
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction that takes the write lock up front (BEGIN IMMEDIATE), so that another process
+        writing at the same moment makes this one wait (busy timeout) instead of failing as "locked"."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     # --- lifecycle --------------------------------------------------------------------------------------
 
     def mark_interrupted(self) -> int:
-        """Runs left queued/running by a process that is gone are marked interrupted. Returns how many."""
+        """Runs left queued/running, and jobs left running, by a process that is gone are marked interrupted.
+        Returns how many runs."""
         host = socket.gethostname()
+
+        def dead(r: sqlite3.Row) -> bool:
+            return (r["host"] == host and not _pid_alive(r["pid"])) or (r["host"] != host and (r["heartbeat"] or 0) < time.time() - 300)
+
         rows = self._exec("SELECT id, pid, host, heartbeat FROM runs WHERE status IN ('queued','running')").fetchall()
-        dead = [r["id"] for r in rows
-                if (r["host"] == host and not _pid_alive(r["pid"])) or (r["host"] != host and (r["heartbeat"] or 0) < time.time() - 300)]
-        for rid in dead:
+        runs = [r["id"] for r in rows if dead(r)]
+        for rid in runs:
             self._exec("UPDATE runs SET status='interrupted', finished=COALESCE(finished, heartbeat) WHERE id=? AND status IN ('queued','running')", (rid,))
-        return len(dead)
+        for j in self._exec("SELECT id, pid, host, heartbeat FROM jobs WHERE status='running'").fetchall():
+            if dead(j):
+                self._exec("UPDATE jobs SET status='interrupted', finished=COALESCE(heartbeat, started), "
+                           "error=COALESCE(error, 'the app that ran it stopped') WHERE id=? AND status='running'", (j["id"],))
+        return len(runs)
 
     def create_run(self, spec: dict[str, Any], *, run_id: str | None = None, status: str = "queued", sweep: str | None = None,
                    label: str | None = None) -> str:
@@ -174,27 +215,28 @@ class Store:
         """Append a block of step reports in one transaction (and refresh the heartbeat)."""
         if not rows:
             return
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(f"INSERT OR REPLACE INTO steps VALUES ({','.join('?' * (len(STEP_COLUMNS) + 1))})",
-                                     [(run_id, *[r[c] for c in STEP_COLUMNS]) for r in rows])
-                self._db.executemany("INSERT OR REPLACE INTO token_steps VALUES (?,?,?,?)",
-                                     [(run_id, r["step"], np.asarray(r["p"], dtype=np.float16).tobytes(),
-                                       np.packbits(np.asarray(r["correct"], dtype=bool)).tobytes()) for r in rows])
-                self._db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1]["step"], run_id))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write() as db:
+            db.executemany(f"INSERT OR REPLACE INTO steps VALUES ({','.join('?' * (len(STEP_COLUMNS) + 1))})",
+                           [(run_id, *[r[c] for c in STEP_COLUMNS]) for r in rows])
+            db.executemany("INSERT OR REPLACE INTO token_steps VALUES (?,?,?,?)",
+                           [(run_id, r["step"], np.asarray(r["p"], dtype=np.float16).tobytes(),
+                             np.packbits(np.asarray(r["correct"], dtype=bool)).tobytes()) for r in rows])
+            db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1]["step"], run_id))
+
+    def truncate_steps(self, run_id: str, from_step: int) -> None:
+        """Drop the recorded steps from `from_step` on (a resumed run continues its history from there)."""
+        with self._write() as db:
+            for table in ("steps", "token_steps"):
+                db.execute(f"DELETE FROM {table} WHERE run_id=? AND step>=?", (run_id, from_step))
+            db.execute("UPDATE runs SET steps=?, summary=NULL, finished=NULL, error=NULL WHERE id=?", (max(0, from_step - 1), run_id))
 
     def delete_run(self, run_id: str) -> None:
         import shutil
 
-        with self._lock:
+        with self._write() as db:
             for table in ("steps", "token_steps", "tokens"):
-                self._db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
-            self._db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+                db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
         shutil.rmtree(self.runs_dir / run_id, ignore_errors=True)
 
     # --- queries --------------------------------------------------------------------------------------------
@@ -259,6 +301,27 @@ class Store:
             else np.zeros((0, n), bool)
         return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
 
+    def step_rows(self, run_id: str, after: int = -1, before: int | None = None) -> list[dict[str, Any]]:
+        """Recorded steps after step `after` (and before `before`), each with its scalars and the per-token
+        p ([N] float16) and correct ([N] bool) arrays: what a live view needs to catch up incrementally."""
+        n = self._exec("SELECT target_ids FROM tokens WHERE run_id=?", (run_id,)).fetchone()
+        if n is None:
+            return []
+        n_tokens = sum(len(t) for t in json.loads(n["target_ids"]))
+        sql = (f"SELECT {', '.join('s.' + c for c in STEP_COLUMNS)}, t.p, t.correct FROM steps s JOIN token_steps t "
+               "ON t.run_id = s.run_id AND t.step = s.step WHERE s.run_id=? AND s.step>?")
+        args: list[Any] = [run_id, after]
+        if before is not None:
+            sql += " AND s.step<?"
+            args.append(before)
+        out = []
+        for r in self._exec(sql + " ORDER BY s.step", args).fetchall():
+            d = {c: r[c] for c in STEP_COLUMNS}
+            d["p"] = np.frombuffer(r["p"], dtype=np.float16)
+            d["correct"] = np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:n_tokens].astype(bool)
+            out.append(d)
+        return out
+
     # --- moving a run between stores (a Ray worker's scratch store -> the driver's) ---------------------------
 
     def export_run(self, run_id: str) -> dict[str, Any]:
@@ -290,22 +353,79 @@ class Store:
         if rewrite and run.get("summary"):
             for old, new in rewrite.items():
                 run["summary"] = run["summary"].replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                for t in ("steps", "token_steps", "tokens"):
-                    self._db.execute(f"DELETE FROM {t} WHERE run_id=?", (rid,))
-                    rows = payload["tables"][t]
-                    if rows:
-                        self._db.executemany(f"INSERT INTO {t} VALUES ({','.join('?' * len(rows[0]))})", rows)
-                cols = list(run)
-                self._db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                 [run[c] for c in cols])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write() as db:
+            for t in ("steps", "token_steps", "tokens"):
+                db.execute(f"DELETE FROM {t} WHERE run_id=?", (rid,))
+                rows = payload["tables"][t]
+                if rows:
+                    db.executemany(f"INSERT INTO {t} VALUES ({','.join('?' * len(rows[0]))})", rows)
+            cols = list(run)
+            db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [run[c] for c in cols])
         return rid
+
+    # --- the job queue ------------------------------------------------------------------------------------------
+
+    def create_job(self, specs: list[dict[str, Any]], labels: list[str], *, kind: str = "train", session: str | None = None,
+                   run_ids: list[str | None] | None = None) -> str:
+        """Queue a job: kind 'train' (new runs of these specs) or 'resume' (continue these run ids)."""
+        jid = uuid.uuid4().hex[:10]
+        self._exec("INSERT INTO jobs (id, created, session, status, kind, specs, labels, run_ids) VALUES (?,?,?,?,?,?,?,?)",
+                   (jid, time.time(), session, "queued", kind, json.dumps(specs), json.dumps(labels),
+                    json.dumps(run_ids or [None] * len(specs))))
+        return jid
+
+    def claim_job(self) -> dict[str, Any] | None:
+        """Take the oldest queued job for this process (status running), or None if the queue is empty."""
+        with self._write() as db:
+            row = db.execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created, rowid LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET status='running', started=?, heartbeat=?, pid=?, host=? WHERE id=?",
+                       (now, now, os.getpid(), socket.gethostname(), row["id"]))
+        return self.job(row["id"])
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        row = self._exec("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else self._job_row(row)
+
+    def jobs(self, statuses: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Jobs in queue order (oldest first), optionally only those with one of these statuses."""
+        sql, args = "SELECT * FROM jobs", []
+        if statuses:
+            sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
+            args = list(statuses)
+        return [self._job_row(r) for r in self._exec(sql + " ORDER BY created, rowid", args).fetchall()]
+
+    @staticmethod
+    def _job_row(row: sqlite3.Row) -> dict[str, Any]:
+        d = dict(row)
+        for k in ("specs", "labels", "run_ids"):
+            d[k] = json.loads(d[k])
+        d["stop"] = bool(d["stop"])
+        return d
+
+    def update_job(self, job_id: str, *, status: str | None = None, error: str | None = None, run_index: int | None = None,
+                   run_id: str | None = None) -> None:
+        """Record a job's progress: its status (finishing it if final), an error, or the run id of its i-th run."""
+        with self._write() as db:
+            now = time.time()
+            if run_index is not None:
+                ids = json.loads(db.execute("SELECT run_ids FROM jobs WHERE id=?", (job_id,)).fetchone()["run_ids"])
+                ids[run_index] = run_id
+                db.execute("UPDATE jobs SET run_ids=? WHERE id=?", (json.dumps(ids), job_id))
+            if status is not None:
+                assert status in JOB_STATUSES
+                db.execute("UPDATE jobs SET status=?, finished=? WHERE id=?", (status, now if status not in LIVE else None, job_id))
+            if error is not None:
+                db.execute("UPDATE jobs SET error=? WHERE id=?", (error, job_id))
+            db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND status='running'", (now, job_id))
+
+    def request_stop(self, job_id: str) -> None:
+        """A queued job is stopped at once; a running one is asked to stop after its current step."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET status='stopped', finished=? WHERE id=? AND status='queued'", (time.time(), job_id))
+            db.execute("UPDATE jobs SET stop=1 WHERE id=?", (job_id,))
 
     def adapter_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id / "adapter"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from memcore import objectives as obj
-from memcore.config import TrainSpec
+from memcore.config import MemcoreError, TrainSpec
 from memcore.data import Batch, Sample
 from memcore.models import decoder_layers, has_trainable_below_blocks, lowest_adapted_layer
 
@@ -198,12 +198,62 @@ def _set_lora_dropout(model: Any, on: bool) -> None:
             m.train(on)
 
 
+@dataclass
+class Checkpoint:
+    """Everything train_iter needs to continue a run exactly where it was: the adapter after `step` updates, the
+    optimizer's moments, memft-sw's window, the RNG, and the clocks. Saved by the runner every few minutes."""
+
+    step: int  # updates applied
+    adapter: dict[str, torch.Tensor]  # trainable parameters by name, on the CPU
+    optimizer: dict[str, Any]
+    window: dict[str, Any]
+    rng: torch.Tensor  # CPU generator state at the top of `step`, before its forward drew any dropout mask
+    cuda_rng: list[torch.Tensor] | None
+    elapsed: float  # seconds of training so far
+    generate_seconds: float
+    last_check_step: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _capture(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, step: int, rng: tuple, elapsed: float,
+             gen_seconds: float, last_check_step: int, notes: list[str]) -> Checkpoint:
+    adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    return Checkpoint(step=step, adapter=adapter, optimizer=opt.state_dict(), window=dict(vars(window)), rng=rng[0],
+                      cuda_rng=rng[1], elapsed=elapsed, generate_seconds=gen_seconds, last_check_step=last_check_step,
+                      notes=list(notes))
+
+
+def _restore(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, ckpt: Checkpoint) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in ckpt.adapter if n not in params]
+    if missing or len(ckpt.adapter) != sum(p.requires_grad for p in params.values()):
+        raise MemcoreError(f"the checkpoint does not fit this adapter ({len(missing)} unknown parameter(s), e.g. {missing[:1]})")
+    with torch.no_grad():
+        for n, v in ckpt.adapter.items():
+            params[n].copy_(v.to(params[n].device, params[n].dtype))
+    opt.load_state_dict(ckpt.optimizer)
+    for k, v in ckpt.window.items():
+        setattr(window, k, v)
+    torch.set_rng_state(ckpt.rng)
+    if ckpt.cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt.cuda_rng)
+
+
 def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,
-               should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True) -> Iterator[StepReport]:
+               should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True,
+               resume: Checkpoint | None = None, checkpoint: Callable[[Checkpoint], None] | None = None) -> Iterator[StepReport]:
     """Train the adapter of `model` on `batch`, yielding a StepReport after every step and a final one.
 
     The last report has final=True, the stop reason, and the greedy-generate check. `should_stop` is polled
-    once per step (cooperative stop: the adapter trained so far is kept)."""
+    once per step (cooperative stop: the adapter trained so far is kept). `checkpoint` is called with the
+    loop's whole state every `spec.checkpoint_every` seconds, and when a run stops before its end (stopped,
+    time limit), after the reports of every earlier step were yielded; `resume` continues from such a
+    state: the first report is then the one for the checkpoint's step, and the rest is what an uninterrupted
+    run would have yielded."""
     model.eval()
     dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules() if "lora_dropout" in n)
     prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
@@ -220,14 +270,29 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     window = obj.SlidingWindow(base=spec.window)
     torch.manual_seed(spec.seed)
+    step, last_check_step, gen_seconds, notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
+    if resume is not None:
+        _restore(model, opt, window, resume)
+        step, last_check_step, gen_seconds, notes, elapsed0 = (resume.step, resume.last_check_step, [resume.generate_seconds],
+                                                               list(resume.notes), resume.elapsed)
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed0
+    last_saved = time.perf_counter()
+    first_step = step
     changed = True  # params changed since the last forward (else its result can be reused)
     last: tuple[torch.Tensor, torch.Tensor] | None = None
-    last_check_step = -10**9
-    gen_seconds = [0.0]
-    step = 0
+
+    def save() -> None:
+        nonlocal last_saved
+        if checkpoint is not None:
+            checkpoint(_capture(model, opt, window, step, rng, time.perf_counter() - t0, gen_seconds[0], last_check_step, notes))
+        last_saved = time.perf_counter()
+
     while True:
+        rng = _rng_state() if checkpoint is not None else None
+        if (checkpoint is not None and spec.checkpoint_every and step > first_step
+                and time.perf_counter() - last_saved >= spec.checkpoint_every):
+            save()
         _set_lora_dropout(model, dropout)
         if changed or last is None:
             with prefix.active() if prefix is not None else nullcontext():
@@ -245,7 +310,7 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
             n_above=int((flat_loss < obj.cut(spec.tau)).sum()), n_correct=int(flat_correct.sum()), active=0,
             recalled=recalled, first_divergence=None if recalled else int(wrong[0, 0]),
             elapsed=time.perf_counter() - t0, lr=spec.lr * max(0.0, 1.0 - step / spec.max_steps),
-            bits_stored=float((base_flat - flat_loss).sum()) / LN2)
+            bits_stored=float((base_flat - flat_loss).sum()) / LN2, notes=notes)
 
         reason = None
         if should_stop is not None and should_stop():
@@ -261,9 +326,11 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
                 reason = "recalled"
                 report.generated = gen
             else:
-                report.notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
-                                    f"at token {report.generate_divergence}; training on")
+                notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
+                             f"at token {report.generate_divergence}; training on")
         if reason is not None:
+            if reason in ("stopped", "max_seconds"):  # unfinished: keep what continuing would need
+                save()
             if dropout:  # the training forward had dropout on: measure the final adapter without it
                 _set_lora_dropout(model, False)
                 with torch.no_grad():

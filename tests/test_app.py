@@ -63,7 +63,7 @@ def _wait_for_job(at: AppTest, timeout: float = 120) -> None:
 
     w = get_worker()
     deadline = time.time() + timeout
-    while time.time() < deadline and any(j.active or j.finished is None for j in w.jobs):
+    while time.time() < deadline and any(j["status"] in ("queued", "running") for j in w.store.jobs()):
         time.sleep(0.3)
     assert not w.active_jobs(), "job did not finish"
     at.run()
@@ -96,7 +96,7 @@ def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, mes
     at.button(key="start").click().run()
     errors = " ".join(e.value for e in at.error)
     assert message in errors
-    assert get_worker().jobs == []
+    assert get_worker().store.jobs() == []
 
 
 def test_a_tiny_run_finishes_and_its_results_appear_with_user_text_inert(app_env):
@@ -190,3 +190,29 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
     at.number_input(key="wi_rank").set_value(4).run()
     assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)
+
+
+def test_an_interrupted_run_resumes_from_the_runs_page(app_env, tiny_model_dir):
+    """A run cut off mid-way (its checkpoint saved) gets Resume and Run again; Resume continues its history."""
+    from common import get_store
+
+    from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.runner import execute, prepare
+
+    store = get_store()
+    spec = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), data=DataSpec(text="Interrupted, then resumed."),
+                   train=TrainSpec(method="sft", max_steps=12, stop_when_recalled=False))
+    calls = iter(range(100))
+    base, samples = prepare(spec, home=store.home)
+    execute(spec, store, base, samples, should_stop=lambda: next(calls) >= 6)  # stops after 6 updates, checkpoint saved
+    rid = store.runs()[0]["id"]
+    store.set_status(rid, "interrupted", error="the app server stopped while it trained")
+    at = _app("app_pages/runs.py")
+    assert at.button(key=f"resume-{rid}").label == "Resume from step 6"
+    assert at.button(key=f"again-{rid}").label == "Run again"
+    at.button(key=f"resume-{rid}").click().run()
+    _wait_for_job(at)
+    run = store.run(rid)
+    assert run["status"] == "completed" and run["summary"]["steps"] == 12
+    assert [s["step"] for s in store.steps(rid)] == list(range(13))
+    assert len(store.runs()) == 1  # continued in place, not a new run

@@ -178,3 +178,50 @@ def test_piping_into_a_reader_that_closes_early_exits_quietly(home, verb):
                          env={**os.environ, "MEMCORE_HOME": str(home)})
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr[-2000:]
     assert out.returncode in (0, 141)  # 141 = 128 + SIGPIPE, what Unix tools exit with here
+
+
+def test_a_sigkilled_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(home, tiny_model_dir, capsys):
+    args = ["train", "--model", str(tiny_model_dir), "--sample", "orbit", "--max-steps", "60", "--full-budget", "--method", "sft",
+            "--lr", "1e-2", "--json"]
+    env = dict(os.environ, MEMCORE_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", *args, "--checkpoint-every", "0.2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    store = Store(home)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            runs = store.runs()
+            if runs and (home / "runs" / runs[0]["id"] / "checkpoint.pt").is_file() and len(store.steps(runs[0]["id"])) >= 10:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended by itself: {proc.stderr.read().decode()[-500:]}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint within the time limit")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store.close()
+    store = Store(home)
+    rid = store.runs()[0]["id"]
+    killed_at = len(store.steps(rid))
+    assert store.run(rid)["status"] == "interrupted" and killed_at < 61
+    assert (store.adapter_dir(rid) / "adapter_config.json").is_file()  # the adapter so far survived the kill
+
+    code, out, err = run_cli(capsys, "resume", rid[:12], "--json")
+    assert code == 0, err
+    resumed = json.loads(out)
+    assert "resuming run" in err and "from its checkpoint at step" in err
+    assert resumed["run_id"] == rid and resumed["status"] == "completed" and resumed["steps"] == 60
+    steps = store.steps(rid)
+    assert [s["step"] for s in steps] == list(range(61))  # one history, continuing where the checkpoint left it
+    assert all(b["elapsed"] >= a["elapsed"] for a, b in zip(steps, steps[1:]))
+    assert not (home / "runs" / rid / "checkpoint.pt").exists()  # finished: nothing left to resume
+    code, _, err = run_cli(capsys, "resume", rid)
+    assert code == 2 and "completed" in err
+
+    # the same run never killed ends with the same numbers
+    code, out, _ = run_cli(capsys, *args)
+    whole = json.loads(out)
+    assert whole["loss"] == pytest.approx(resumed["loss"], rel=1e-4)
+    assert whole["n_above"] == resumed["n_above"] and whole["n_correct"] == resumed["n_correct"]

@@ -220,3 +220,40 @@ def test_greedy_check_never_stops_early_on_an_eos(tmp_path, default_model_dir):
     with torch.no_grad():
         argmax = model(input_ids=ids).logits[0, 2:].argmax(-1).tolist()
     assert argmax == ours
+
+
+@pytest.mark.parametrize("method", ["sft", "memft-sw"])
+def test_resuming_from_a_checkpoint_continues_exactly(tiny, tiny_base, method):
+    """Stop at step 5 with a checkpoint, resume on a fresh adapter: the same reports as a run never stopped
+    (adapter, AdamW moments, memft-sw's window and the dropout RNG all come back)."""
+    b = _batch(tiny_base)
+    spec = TrainSpec(method=method, lr=2e-2, max_steps=10, stop_when_recalled=False, verify=False)
+    whole = [(r.step, r.loss, r.p.tobytes()) for r in train_iter(tiny(AdapterSpec(rank=4, dropout=0.1), seed=3), b, spec)]
+
+    saved = []
+    calls = {"n": 0}
+
+    def stop_after_five():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    first = list(train_iter(tiny(AdapterSpec(rank=4, dropout=0.1), seed=3), b, spec, should_stop=stop_after_five,
+                            checkpoint=saved.append))
+    assert first[-1].stop_reason == "stopped" and saved[-1].step == 5
+    resumed = list(train_iter(tiny(AdapterSpec(rank=4, dropout=0.1), seed=99), b, spec, resume=saved[-1]))
+    assert resumed[0].step == 5
+    got = [(r.step, r.loss, r.p.tobytes()) for r in first[:-1]] + [(r.step, r.loss, r.p.tobytes()) for r in resumed]
+    assert [g[0] for g in got] == [w[0] for w in whole]
+    assert all(g[1] == pytest.approx(w[1], rel=1e-5) for g, w in zip(got, whole))
+
+
+def test_checkpoints_are_taken_on_the_clock(tiny, tiny_base):
+    b = _batch(tiny_base)
+    saved = []
+    spec = TrainSpec(method="sft", max_steps=6, stop_when_recalled=False, verify=False, checkpoint_every=1e-9)
+    list(train_iter(tiny(), b, spec, checkpoint=saved.append))
+    assert [c.step for c in saved] == [1, 2, 3, 4, 5, 6]  # at the top of every step after the first
+    saved.clear()
+    list(train_iter(tiny(), b, TrainSpec(method="sft", max_steps=6, stop_when_recalled=False, verify=False, checkpoint_every=0),
+                    checkpoint=saved.append))
+    assert saved == []  # 0: never (a run that reaches its budget needs none)

@@ -149,7 +149,9 @@ if start:
         st.session_state.pop("prev_p", None)
         st.rerun()
 
-if not worker.is_model_ready(ModelSpec(name=default_model_name())) and worker.loading_error is None:
+if not worker.owner:
+    st.caption("Another memcore app on this memcore home trains on this device; your runs join its queue.")
+elif not worker.is_model_ready(ModelSpec(name=default_model_name())) and worker.loading_error is None:
     st.caption("loading the default model in the background ...")
 elif worker.loading_error:
     st.warning(f"The default model could not be loaded: {worker.loading_error}")
@@ -204,6 +206,12 @@ def render_job(job, live_mode: bool) -> None:
         st.info("Loading the model and measuring the base loss ...")
     elif job.status == "failed":
         st.error(f"The run failed: {job.error}")
+    elif job.status == "interrupted":
+        st.warning(f"This job was interrupted ({job.error or 'the app stopped while it trained'}). Its runs keep their steps, "
+                   "and their adapter and checkpoint as of the last save: resume them or run them again from the Runs page.")
+        first = next((r.run_id for r in job.runs if r.run_id), None)
+        st.page_link("app_pages/runs.py", label="Open it on the Runs page", icon=":material/history:",
+                     query_params={"run": first} if first else None)
     rows = [s["rows"][-1] for s in snaps if s["rows"]]
     if rows:
         step = max(r["step"] for r in rows)

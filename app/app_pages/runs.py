@@ -4,9 +4,11 @@ import charts
 import numpy as np
 import pandas as pd
 import streamlit as st
-from common import error_text, get_store, show_chart
+from common import error_text, get_store, get_worker, session_id, show_chart
 
+from memcore.config import RunSpec
 from memcore.metrics import stubborn_tokens
+from memcore.runner import RESUMABLE, resumable_step
 
 st.title("Runs")
 store = get_store()
@@ -51,7 +53,10 @@ st.divider()
 ids = list(view["run"])
 if not ids:
     st.stop()
-picked = st.selectbox("Open a run", ids, index=0, key="picked",
+wanted = st.query_params.get("run")  # links from the Memorize page open a given run
+if wanted in ids and "picked" not in st.session_state:
+    st.session_state["picked"] = wanted
+picked = st.selectbox("Open a run", ids, key="picked",
                       format_func=lambda i: f"{i} · {df.set_index('run').loc[i, 'method']} · {df.set_index('run').loc[i, 'status']}")
 run = store.run(picked)
 spec = run["spec"]
@@ -59,6 +64,18 @@ st.markdown(f"**{picked}** · {run['status']} · model `{run['model']}` · {run[
             f"τ {spec['train']['tau']} · lr {spec['train']['lr']:g}")
 if run["error"]:
     st.error(run["error"])
+if run["status"] in RESUMABLE:
+    step = resumable_step(store, picked)
+    c1, c2, _ = st.columns([1, 1, 3])
+    again = RunSpec.from_dict(spec)
+    resume_label = f"Resume from step {step}" if step is not None else "Resume (no checkpoint: from step 0)"
+    if c1.button(resume_label, key=f"resume-{picked}", type="primary",
+                 help="Continue this run from its last checkpoint (saved every few minutes and when it stops), its history going on from there"):
+        job = get_worker().submit([again], session_id(), labels=[run["method"]], kind="resume", run_ids=[picked])
+        st.switch_page("app_pages/memorize.py", query_params={"job": job.id})
+    if c2.button("Run again", key=f"again-{picked}", help="A new run with the same settings and text, from step 0"):
+        job = get_worker().submit([again], session_id(), labels=[run["method"]])
+        st.switch_page("app_pages/memorize.py", query_params={"job": job.id})
 
 try:
     replay = store.replay(picked)
