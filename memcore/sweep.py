@@ -1,7 +1,8 @@
 """Grids of fixed-budget runs for the memory law: ranks × lengths × methods × seeds × noise fractions.
 
 Every point is an ordinary run in the store, tagged with the sweep's id and the point's key, so re-running
-the same sweep skips the points already completed and an interrupted sweep picks up where it stopped.
+the same sweep skips the points already completed and an interrupted sweep picks up where it stopped: a point
+cut off mid-way continues from its last checkpoint.
 Points train a fixed budget (no stop-when-recalled, no generate check: the teacher-forced argmax is exact),
 memft-ot falls back to the mean loss when nothing is left below τ (the variant for fixed-budget sweeps).
 """
@@ -88,7 +89,7 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
     """Run the points not yet completed, yielding each one's summary (with its grid values) as it finishes.
 
     A stop request ends the current point as 'stopped' (kept, not counted as completed) and ends the sweep."""
-    from memcore.runner import execute, prepare
+    from memcore.runner import drain, execute, prepare, resume_iter
 
     todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
     longest = max(sweep.lengths)
@@ -97,17 +98,33 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
     if longest > available:
         raise MemcoreError(f"the sweep asks for {longest} target tokens but the text has only {available}; "
                            "use a longer text or smaller --lengths")
+    unfinished = _unfinished(store, sweep)
     for i, point in enumerate(todo):
         if should_stop is not None and should_stop():
             return
-        base, samples = prepare(point.spec, base, store.home)
         t0 = time.perf_counter()
-        summary = execute(point.spec, store, base, samples, should_stop=should_stop, sweep=sweep.id, label=point.key)
+        if point.key in unfinished:  # cut off earlier with a checkpoint: go on from there
+            base, stream = resume_iter(store, unfinished[point.key], base, should_stop=should_stop)
+            summary = drain(stream)
+        else:
+            base, samples = prepare(point.spec, base, store.home)
+            summary = execute(point.spec, store, base, samples, should_stop=should_stop, sweep=sweep.id, label=point.key)
         summary.update(point.values)
         summary["point_seconds"] = time.perf_counter() - t0
         if on_point is not None:
             on_point(i + 1, len(todo), summary)
         yield summary
+
+
+def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:
+    """Point key -> the newest run of that point that stopped short with a checkpoint (resumable)."""
+    from memcore.runner import RESUMABLE, checkpoint_path
+
+    out = {}
+    for r in store.runs(sweep=sweep.id):  # oldest first: the newest wins
+        if r["status"] in RESUMABLE and checkpoint_path(store, r["id"]).is_file():
+            out[r["label"]] = r["id"]
+    return out
 
 
 def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:

@@ -70,3 +70,17 @@ def test_ray_backend_without_ray_says_how_to_install(sweep, home, monkeypatch):
     monkeypatch.setattr(sr, "ray_available", lambda: False)
     with pytest.raises(MemcoreError, match=r"pip install 'memcore\[ray\]'"):
         list(sr.run_sweep_ray(sweep, Store(home)))
+
+
+def test_a_point_cut_off_mid_way_continues_from_its_checkpoint(sweep, home):
+    store = Store(home)
+    base = RunSpec(model=sweep.base.model, adapter=sweep.base.adapter, data=sweep.base.data, train=TrainSpec(max_steps=10, lr=1e-2))
+    one = SweepSpec(base=base, ranks=(2,), lengths=(8,), methods=("sft",), name="mid")
+    calls = iter(range(1000))
+    assert list(run_sweep(one, store, should_stop=lambda: next(calls) >= 5)) != []  # the point stops after 4 updates
+    (cut,) = store.runs(sweep="mid")
+    assert cut["status"] == "stopped"
+    (done,) = list(run_sweep(one, store))
+    assert done["run_id"] == cut["id"] and done["steps"] == 10  # the same run, continued
+    assert [s["step"] for s in store.steps(cut["id"])] == list(range(11))
+    assert len(sweep_table(store, "mid")) == 1
