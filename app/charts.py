@@ -184,6 +184,16 @@ def generation_diff_html(target_ids: Sequence[int], generated_ids: Sequence[int]
 # ---------------------------------------------------------------------------
 # charts
 
+CHART_POINTS = 200  # most steps a chart of a run draws (evenly spaced, the latest included)
+
+
+def thin(n: int, limit: int = CHART_POINTS) -> list[int]:
+    """Indices of at most about `limit` evenly spaced items out of n, always with the last (for long runs)."""
+    if n <= limit:
+        return list(range(n))
+    k = -(-n // limit)
+    return list(range(0, n, k)) + ([n - 1] if (n - 1) % k else [])
+
 
 def _line_mark(chart: alt.Chart, n_steps: int) -> alt.Chart:
     # a line through one point draws nothing, so show points until there are two steps
@@ -268,15 +278,18 @@ def _token_label(i: int, piece: Piece | str, limit: int = 20) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int], labels: Sequence[Piece | str], tau: float) -> alt.Chart:
-    """p(correct token) over steps for the selected token indices (one line each), with a rule at tau."""
+def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int], labels: Sequence[Piece | str], tau: float,
+                       token_ids: Sequence[int] | None = None) -> alt.Chart:
+    """p(correct token) over steps for the selected columns `indices` of p_history [S, N] (one line each), with
+    a rule at tau. Lines are named '#i piece', i being token_ids[k] if given (p_history holds only the selected
+    tokens' columns), else the column index."""
     if len(indices) == 0:
         return alt.Chart(pd.DataFrame({"text": ["no stubborn tokens"]})).mark_text(size=14).encode(text="text:N").properties(
             title="stubborn tokens", height=220)
     if len(labels) != len(indices):
         raise ValueError(f"trajectories_chart: len(indices)={len(indices)} but len(labels)={len(labels)}")
     ph = _matrix(p_history, len(steps), "p_history")
-    names = [_token_label(int(i), lab) for i, lab in zip(indices, labels)]
+    names = [_token_label(int(t), lab) for t, lab in zip(token_ids if token_ids is not None else indices, labels)]
     step_col = np.asarray(steps, dtype=np.int64)
     # no steps yet: empty lines rather than indexing columns of an empty matrix
     df = pd.concat([pd.DataFrame({"step": step_col, "p": ph[:, int(i)] if len(step_col) else np.empty(0), "token": name})

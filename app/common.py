@@ -58,6 +58,7 @@ def error_text(e: Exception) -> str:
 
 
 def show_chart(chart, container=None) -> None:
-    """Draw an altair chart without re-validating its spec against the Vega-Lite schema on every refresh
-    (validation costs more than building the chart, several times a second in the live view)."""
-    (container or st).vega_lite_chart(chart.to_dict(validate=False), width="stretch")
+    """Draw an altair chart (or its spec, already turned into a dict) without re-validating it against the
+    Vega-Lite schema on every refresh (validation costs more than building the chart)."""
+    spec = chart if isinstance(chart, dict) else chart.to_dict(validate=False)
+    (container or st).vega_lite_chart(spec, width="stretch")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from memcore.config import ModelSpec, RunSpec
+from memcore.metrics import StubbornCounter
 from memcore.models import Base, load_base
 from memcore.pieces import Piece
 from memcore.service import TrainingProcess, trainer_lock
@@ -31,21 +32,78 @@ from memcore.store import Store
 SYNC_SECONDS = 0.5  # how often the trainer reads stop requests from the store and refreshes its heartbeat
 
 
+MAX_KEPT = 512  # steps a live view keeps in full; beyond, every other one is dropped (memory and refresh cost stay flat)
+
+
 @dataclass
 class RunLive:
-    """What the page shows of one run while it trains."""
+    """What the page shows of one run while it trains. Bounded whatever the run's length: per-token history is
+    kept for at most MAX_KEPT steps (thinned evenly, the latest step always kept), and stubborn tokens are
+    counted over every step as it arrives."""
 
     label: str
     spec: RunSpec
     run_id: str | None = None
     pieces: list[Piece] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # step, loss, delta_loss, frac_above, frac_correct, elapsed
-    p_history: list[np.ndarray] = field(default_factory=list)  # [N] float16 per step
+    steps: list[int] = field(default_factory=list)  # kept steps, ascending; the last is the latest step
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per kept step: step, loss, delta_loss, frac_above, frac_correct, elapsed
+    p_kept: np.ndarray | None = None  # [capacity, N] float16; rows [:len(steps)] hold p at the kept steps
+    p_prev: np.ndarray | None = None  # [N] p at the step before the latest (for "just crossed τ")
+    stride: int = 1  # kept steps are multiples of stride (plus the latest)
+    stubborn: StubbornCounter | None = None
     correct: np.ndarray | None = None
     first_divergence: int | None = None
     recalled_at: int | None = None  # first step whose teacher-forced argmax was all right
     summary: dict[str, Any] | None = None
+
+    @property
+    def p(self) -> np.ndarray | None:
+        """[N] p at the latest step."""
+        return None if not self.steps else self.p_kept[len(self.steps) - 1]
+
+    @property
+    def p_history(self) -> np.ndarray:
+        """[S, N] p at the kept steps (a view, not a copy)."""
+        return self.p_kept[: len(self.steps)] if self.p_kept is not None else np.zeros((0, len(self.pieces)), np.float16)
+
+    def record(self, r: dict[str, Any]) -> None:
+        """Add a step report (a service report dict or a stored step row)."""
+        n = max(1, r["n_tokens"])
+        p = np.asarray(r["p"], dtype=np.float16)
+        row = {"step": r["step"], "loss": r["loss"], "delta_loss": r["delta_loss"], "frac_above": r["n_above"] / n,
+               "frac_correct": r["n_correct"] / n, "elapsed": r["elapsed"]}
+        if self.p_kept is None:
+            self.p_kept = np.zeros((MAX_KEPT + 1, p.shape[0]), dtype=np.float16)
+            self.stubborn = StubbornCounter(p.shape[0], self.spec.train.tau)
+        k = len(self.steps)
+        if k and self.steps[-1] == r["step"]:  # the final report re-measures the latest step
+            k -= 1
+        else:
+            if k:
+                self.p_prev = self.p_kept[k - 1].copy()
+            self.stubborn.update(p)
+            if k and self.steps[-1] % self.stride:  # the previous latest step was kept only for being the latest
+                k -= 1
+        del self.steps[k:], self.rows[k:]
+        self.steps.append(r["step"])
+        self.rows.append(row)
+        self.p_kept[k] = p
+        if len(self.steps) > MAX_KEPT:
+            self._thin()
+        self.correct = np.asarray(r["correct"], dtype=bool)
+        self.first_divergence = r["first_divergence"]
+        if r["recalled"] and self.recalled_at is None:
+            self.recalled_at = r["step"]
+        if r["final"]:
+            self.summary = r["summary"]
+
+    def _thin(self) -> None:
+        """Keep every other kept step (multiples of twice the stride) and the latest one."""
+        self.stride *= 2
+        keep = [i for i, s in enumerate(self.steps) if s % self.stride == 0 or i == len(self.steps) - 1]
+        self.p_kept[: len(keep)] = self.p_kept[keep]
+        self.steps[:] = [self.steps[i] for i in keep]
+        self.rows[:] = [self.rows[i] for i in keep]
 
 
 @dataclass
@@ -300,7 +358,7 @@ class Worker:
         elif kind == "report":
             _, _, i, r = msg
             with job.lock:
-                _record(job.runs[i], r)
+                job.runs[i].record(r)
         elif kind == "done":
             _, _, status, error = msg
             self.store.update_job(job.id, status=status, error=error)
@@ -328,26 +386,10 @@ def _catch_up(live: RunLive, store: Store, run_id: str, before: int | None = Non
     after = live.steps[-1] if live.steps else -1
     rows = store.step_rows(run_id, after=after, before=before)
     for row in rows:
-        _record(live, {**row, "recalled": bool(row["recalled"]), "final": False, "summary": None})
+        live.record({**row, "recalled": bool(row["recalled"]), "final": False, "summary": None})
     if before is None:
         run = store.run(run_id)
         if run["summary"] and run["status"] not in ("queued", "running"):
             live.summary = {**run["summary"], "status": run["status"]}
 
 
-def _record(live: RunLive, r: dict[str, Any]) -> None:
-    n = max(1, r["n_tokens"])
-    row = {"step": r["step"], "loss": r["loss"], "delta_loss": r["delta_loss"], "frac_above": r["n_above"] / n,
-           "frac_correct": r["n_correct"] / n, "elapsed": r["elapsed"]}
-    if live.steps and live.steps[-1] == r["step"]:  # the final report re-measures the last state
-        live.rows[-1], live.p_history[-1] = row, r["p"]
-    else:
-        live.steps.append(r["step"])
-        live.rows.append(row)
-        live.p_history.append(r["p"])
-    live.correct = r["correct"]
-    live.first_divergence = r["first_divergence"]
-    if r["recalled"] and live.recalled_at is None:
-        live.recalled_at = r["step"]
-    if r["final"]:
-        live.summary = r["summary"]

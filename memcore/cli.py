@@ -149,19 +149,16 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[Any], None], Callabl
     return update, bar.close
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from memcore.runner import execute, prepare
+def _run_in_foreground(args: argparse.Namespace, max_steps: int, stream: Callable[[StopFlag], Any]) -> int:
+    """Drive one run's report stream in this terminal: a progress bar, Ctrl-C stops after the current step,
+    and the summary at the end (as JSON with --json)."""
+    from memcore.runner import drain
 
-    spec = spec_from_args(args)
-    store = _store()
-    if not args.json:
-        print(f"loading {spec.model.name} ...", file=sys.stderr)
-    base, samples = prepare(spec, home=store.home)
     flag = StopFlag()
     restore = flag.install()
-    update, close = _progress(spec.train.max_steps, enabled=not args.json or sys.stderr.isatty())
+    update, close = _progress(max_steps, enabled=not args.json or sys.stderr.isatty())
     try:
-        summary = execute(spec, store, base, samples, should_stop=flag, on_report=update, label=args.label)
+        summary = drain(stream(flag), update)
     finally:
         close()
         restore()
@@ -172,8 +169,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from memcore.runner import execute_iter, prepare
+
+    spec = spec_from_args(args)
+    store = _store()
+    if not args.json:
+        print(f"loading {spec.model.name} ...", file=sys.stderr)
+    base, samples = prepare(spec, home=store.home)
+    return _run_in_foreground(args, spec.train.max_steps,
+                              lambda stop: execute_iter(spec, store, base, samples, should_stop=stop, label=args.label))
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
-    from memcore.runner import drain, resumable_step, resume_iter
+    from memcore.runner import resumable_step, resume_iter
 
     store = _store()
     rid = store.resolve(args.run)
@@ -181,20 +190,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = RunSpec.from_dict(store.run(rid)["spec"])
     print(f"resuming run {rid} from its checkpoint at step {step}" if step is not None else
           f"run {rid} has no checkpoint (it stopped before its first one): training it again from step 0", file=sys.stderr)
-    flag = StopFlag()
-    restore = flag.install()
-    update, close = _progress(spec.train.max_steps, enabled=not args.json or sys.stderr.isatty())
-    try:
-        _, stream = resume_iter(store, rid, should_stop=flag)
-        summary = drain(stream, update)
-    finally:
-        close()
-        restore()
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        _print_summary(summary)
-    return 0
+    return _run_in_foreground(args, spec.train.max_steps, lambda stop: resume_iter(store, rid, should_stop=stop)[1])
 
 
 def _fmt(x: Any, nd: int = 3) -> str:

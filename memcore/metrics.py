@@ -7,26 +7,53 @@ import math
 import numpy as np
 
 
-def stubborn_tokens(p_history: np.ndarray, tau: float, k: int = 10) -> list[dict]:
-    """The k tokens that stayed at or below tau the longest.
+class StubbornCounter:
+    """Running per-token record of how long each token stayed at or below tau, fed one step at a time.
 
-    p_history is [S, N] (one row per recorded step). For each token: how many recorded steps it spent at
-    or below tau, the last step it was there (-1 if never), and its final p. Tokens never below tau are
-    not stubborn and are left out."""
+    update() costs O(N) per step whatever the run's length, so a live view (or a run's summary) never has to
+    rescan the whole [S, N] history. Steps are counted from 0 in the order they are fed."""
+
+    def __init__(self, n_tokens: int, tau: float):
+        self.tau = float(tau)
+        self.steps_below = np.zeros(n_tokens, dtype=np.int64)  # [N] recorded steps at or below tau
+        self.last_below = np.full(n_tokens, -1, dtype=np.int64)  # [N] last such step, -1 if never
+        self.p_last = np.zeros(n_tokens, dtype=np.float32)  # [N] p at the latest step
+        self.count = 0
+
+    def update(self, p: np.ndarray) -> None:
+        """Add one step: p is [N], the probability of the correct token at every target position."""
+        p = np.asarray(p, dtype=np.float32)
+        below = p <= self.tau
+        self.steps_below += below
+        self.last_below[below] = self.count
+        self.p_last = p
+        self.count += 1
+
+    def top(self, k: int = 10) -> list[dict]:
+        """The k tokens that stayed at or below tau the longest (then the latest to cross, then the lowest p now):
+        index, steps_below, last_below and the final p. Tokens never below tau are not stubborn and are left out."""
+        if self.count == 0:
+            return []
+        order = np.lexsort((-self.p_last, -self.last_below, -self.steps_below))
+        out = []
+        for i in order[:k]:
+            if self.steps_below[i] == 0:
+                break
+            out.append({"index": int(i), "steps_below": int(self.steps_below[i]), "last_below": int(self.last_below[i]),
+                        "p": float(self.p_last[i])})
+        return out
+
+
+def stubborn_tokens(p_history: np.ndarray, tau: float, k: int = 10) -> list[dict]:
+    """The k tokens that stayed at or below tau the longest, from a whole [S, N] history (one row per recorded
+    step); see StubbornCounter.top for what each entry holds."""
+    p_history = np.asarray(p_history)
     if p_history.size == 0:
         return []
-    below = p_history <= tau  # [S, N]
-    steps_below = below.sum(axis=0)
-    S = below.shape[0]
-    last_below = np.where(below.any(axis=0), S - 1 - np.argmax(below[::-1], axis=0), -1)
-    order = np.lexsort((-p_history[-1], -last_below, -steps_below))  # most steps below first, then latest to cross
-    out = []
-    for i in order[:k]:
-        if steps_below[i] == 0:
-            break
-        out.append({"index": int(i), "steps_below": int(steps_below[i]), "last_below": int(last_below[i]),
-                    "p": float(p_history[-1, i])})
-    return out
+    counter = StubbornCounter(p_history.shape[1], tau)
+    for row in p_history:
+        counter.update(row)
+    return counter.top(k)
 
 
 def bits_per_param(bits_stored: float, p_eff: int) -> float:

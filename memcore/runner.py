@@ -16,11 +16,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from memcore.config import MemcoreError, RunSpec
 from memcore.data import Sample, build_samples, make_batch
-from memcore.metrics import bits_per_param, stubborn_tokens
+from memcore.metrics import StubbornCounter, bits_per_param
 from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.pieces import Piece, token_pieces
 from memcore.store import Store
@@ -67,7 +65,9 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         targets = [s.target_ids for s in samples]
         pieces = token_pieces(tok, [t for ts in targets for t in ts])
         store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces, base_loss[batch.target_mask].float().cpu().numpy())
-        history: list[np.ndarray] = list(store.replay(run_id).p.astype(np.float16)) if ckpt else []
+        stubborn = StubbornCounter(len(pieces), spec.train.tau)
+        for p in store.replay(run_id).p if ckpt else []:  # a resumed run: the steps before its checkpoint
+            stubborn.update(p)
         pending: list[dict[str, Any]] = []
         last_flush = time.monotonic()
 
@@ -82,7 +82,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
                             resume=ckpt, checkpoint=save):
             r.run_id = run_id
-            history.append(r.p)
+            stubborn.update(r.p)
             pending.append(_row(r))
             if r.final or time.monotonic() - last_flush >= FLUSH_SECONDS:
                 store.write_steps(run_id, pending)
@@ -93,7 +93,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
                 yield r
         assert final is not None
         save_adapter(model, tok, adapter_dir, samples, spec)
-        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, np.stack(history), base_loss[batch.target_mask], pieces)
+        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask], pieces)
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         if final.stop_reason in ("recalled", "max_steps"):  # finished: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)
@@ -214,8 +214,8 @@ def _flat_or_nested(lists: list[list[int]]) -> list[int] | list[list[int]]:
 
 
 def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, samples: list[Sample], adapter_dir: Path,
-             history: np.ndarray, base_loss: Any, pieces: list[Piece]) -> dict[str, Any]:
-    stubborn = stubborn_tokens(history, spec.train.tau)
+             counter: StubbornCounter, base_loss: Any, pieces: list[Piece]) -> dict[str, Any]:
+    stubborn = counter.top()
     for s in stubborn:
         s["token"] = pieces[s["index"]].label
     generated = final.generated or []

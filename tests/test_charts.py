@@ -291,3 +291,14 @@ def test_trajectories_empty_and_bad_input():
         charts.trajectories_chart([1, 2], np.zeros((2, 3)), [0, 1], ["a"], 0.5)
     with pytest.raises(ValueError):
         charts.trajectories_chart([1, 2, 3], np.zeros((2, 3)), [0], ["a"], 0.5)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 200, 201, 1000, 10_001])
+def test_thin_keeps_a_bounded_even_sample_with_the_last_point(n):
+    idx = charts.thin(n)
+    assert len(idx) <= charts.CHART_POINTS + 1 and idx == sorted(set(idx))
+    if n:
+        assert idx[0] == 0 and idx[-1] == n - 1
+        gaps = {b - a for a, b in zip(idx[:-2], idx[1:-1])}
+        assert len(gaps) <= 1  # evenly spaced (the last gap may be shorter)
+    assert idx == list(range(n)) if n <= charts.CHART_POINTS else len(idx) >= charts.CHART_POINTS // 2

@@ -123,28 +123,34 @@ def test_runs_show_export_on_a_tiny_run(home, tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "not empty" in err  # never overwrites
 
 
-def test_sigkill_mid_run_leaves_a_readable_store_marked_interrupted(home, tiny_model_dir):
+def _sigkill_when(home, args, ready, what: str) -> Store:
+    """Run `memcore ARGS` in a child process and SIGKILL it as soon as ready(store, run) holds for its run;
+    return the store as a later process opens it."""
     env = dict(os.environ, MEMCORE_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", "train", "--model", str(tiny_model_dir), "--sample", "long_archive",
-                             "--length", "200", "--max-steps", "100000", "--full-budget", "--method", "sft", "--json"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     store = Store(home)
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
             runs = store.runs()
-            if runs and len(store.steps(runs[0]["id"])) >= 3:
+            if runs and ready(store, runs[0]):
                 break
             if proc.poll() is not None:
                 pytest.fail(f"the run ended by itself: {proc.stderr.read().decode()[-500:]}")
-            time.sleep(0.2)
+            time.sleep(0.05)
         else:
-            pytest.fail("the run never recorded 3 steps")
+            pytest.fail(f"{what} within the time limit")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     store.close()
-    store = Store(home)  # a later process opening the store
+    return Store(home)
+
+
+def test_sigkill_mid_run_leaves_a_readable_store_marked_interrupted(home, tiny_model_dir):
+    store = _sigkill_when(home, ["train", "--model", str(tiny_model_dir), "--sample", "long_archive", "--length", "200", "--max-steps",
+                                 "100000", "--full-budget", "--method", "sft", "--json"],
+                          lambda store, run: len(store.steps(run["id"])) >= 3, "the run never recorded 3 steps")
     run = store.runs()[0]
     assert run["status"] == "interrupted"
     steps = store.steps(run["id"])
@@ -183,26 +189,9 @@ def test_piping_into_a_reader_that_closes_early_exits_quietly(home, verb):
 def test_a_sigkilled_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(home, tiny_model_dir, capsys):
     args = ["train", "--model", str(tiny_model_dir), "--sample", "orbit", "--max-steps", "60", "--full-budget", "--method", "sft",
             "--lr", "1e-2", "--json"]
-    env = dict(os.environ, MEMCORE_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", *args, "--checkpoint-every", "0.2"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    store = Store(home)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            runs = store.runs()
-            if runs and (home / "runs" / runs[0]["id"] / "checkpoint.pt").is_file() and len(store.steps(runs[0]["id"])) >= 10:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended by itself: {proc.stderr.read().decode()[-500:]}")
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint within the time limit")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    store.close()
-    store = Store(home)
+    store = _sigkill_when(home, [*args, "--checkpoint-every", "0.2"],
+                          lambda store, run: (home / "runs" / run["id"] / "checkpoint.pt").is_file() and len(store.steps(run["id"])) >= 10,
+                          "no checkpoint")
     rid = store.runs()[0]["id"]
     killed_at = len(store.steps(rid))
     assert store.run(rid)["status"] == "interrupted" and killed_at < 61

@@ -41,15 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(home):
+def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ, MEMCORE_HOME=str(home))
     env.pop("MEMCORE_APP_MODEL", None)
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
                              "--server.port", str(port), "--server.headless", "true"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -59,7 +57,10 @@ def server(home):
             if proc.poll() is not None:
                 pytest.fail(proc.stdout.read().decode()[-2000:])
             time.sleep(0.5)
-    yield url
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -67,13 +68,18 @@ def server(home):
         proc.kill()
 
 
+@pytest.fixture
+def server(home):
+    proc, url = _start_server(home)
+    yield url
+    _stop_server(proc)
+
+
 def test_paste_start_watch_tokens_cross_and_recall_verbatim(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 2400})
         dialogs: list[str] = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
@@ -107,3 +113,127 @@ def test_paste_start_watch_tokens_cross_and_recall_verbatim(server):
         assert dialogs == []
         assert page.evaluate("document.querySelectorAll('.mc-tokens script, .mc-tokens img').length") == 0
         browser.close()
+
+
+FIELD = ROOT / "tests" / "field"
+SHOTS = os.environ.get("MEMCORE_SCREENSHOTS")  # a folder to keep the screenshots in, for a person to look at
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
+def _train_to_result(page, server, text: str) -> None:
+    page.goto(server)
+    page.get_by_label("Passage").wait_for(timeout=90_000)
+    page.get_by_label("Passage").fill(text)
+    page.keyboard.press("Control+Enter")
+    page.get_by_text(re.compile(r"\d+ target tokens")).wait_for(timeout=60_000)
+    page.get_by_role("button", name="Start").click()
+    page.get_by_text("Result", exact=True).wait_for(timeout=300_000)
+    page.wait_for_timeout(1000)
+
+
+def test_cjk_and_emoji_show_as_characters_and_special_token_strings_as_text(server):
+    from playwright.sync_api import sync_playwright
+
+    cjk = (FIELD / "cjk_emoji.txt").read_text(encoding="utf-8")
+    special = (FIELD / "special_tokens.txt").read_text(encoding="utf-8")
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2600})
+        _train_to_result(page, server, cjk)
+        tokens = page.locator(".mc-tokens").first
+        shown = tokens.inner_text()
+        assert "\ufffd" not in shown and "春眠不觉晓" in shown.replace("\u207a", "")
+        cont = page.locator(".mc-tokens .mc-cont")
+        assert cont.count() > 20 and "bytes" in cont.first.get_attribute("title")
+        # the live view, the generation diff and the legend: not one replacement character anywhere on the page
+        assert "\ufffd" not in page.locator("section.stMain, [data-testid='stMain']").first.inner_text()
+        assert "yes" in page.locator("[data-testid='stMetric']").filter(has_text="Recalled verbatim").inner_text()
+        if SHOTS:
+            page.screenshot(path=str(Path(SHOTS) / "cjk_emoji.png"), full_page=True)
+
+        _train_to_result(page, server, special)
+        assert "yes" in page.locator("[data-testid='stMetric']").filter(has_text="Recalled verbatim").inner_text()
+        assert "<|im_end|>" in page.locator(".mc-tokens").first.inner_text()
+        assert page.locator(".mc-mismatch").count() == 0 and page.locator(".mc-match").count() > 30
+        assert page.get_by_text("disagree").count() == 0
+        if SHOTS:
+            page.screenshot(path=str(Path(SHOTS) / "special_tokens.png"), full_page=True)
+        browser.close()
+
+
+def test_a_spreadsheet_csv_uploads_on_the_memory_law_page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2600})
+        page.goto(server)
+        page.get_by_role("link", name="Memory law").click()
+        page.locator("input[type=file]").first.set_input_files(str(FIELD / "law_excel_semicolon.csv"))
+        page.get_by_text("upload: law_excel_semicolon.csv").first.wait_for(timeout=60_000)
+        page.get_by_text(re.compile(r"16 runs · R² \*?\*?0\.99")).first.wait_for(timeout=60_000)
+        assert page.get_by_text("lacks column").count() == 0
+        if SHOTS:
+            page.screenshot(path=str(Path(SHOTS) / "law_csv.png"), full_page=True)
+        browser.close()
+
+
+def test_a_killed_server_leaves_its_job_interrupted_and_resumable(home):
+    """SIGKILL the server mid-run, start it again: the job shows as interrupted, the run resumes from the Runs page."""
+    from playwright.sync_api import sync_playwright
+
+    from memcore.store import Store
+
+    proc, url = _start_server(home)
+    try:
+        with sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(url)
+            page.get_by_label("Passage").wait_for(timeout=90_000)
+            page.get_by_label("Passage").fill(PASSAGE)
+            page.keyboard.press("Control+Enter")
+            page.get_by_role("spinbutton", name="Step budget").fill("40")
+            page.keyboard.press("Enter")
+            page.get_by_text("Stop as soon as it is recalled verbatim").click()
+            page.wait_for_timeout(500)
+            page.get_by_role("button", name="Start").click()
+            page.get_by_text(re.compile(r"step [3-9]\d*/40")).first.wait_for(timeout=120_000)
+            job_url = page.url
+            proc.kill()  # SIGKILL: no chance to clean up
+            proc.wait()
+            browser.close()
+        store = Store(home)
+        deadline = time.time() + 30
+        while store.runs()[0]["status"] == "running" and time.time() < deadline:  # the orphaned trainer saves and exits
+            time.sleep(0.5)
+        (run,) = store.runs()
+        assert run["status"] == "interrupted", run["status"]
+        store.close()
+
+        proc, url = _start_server(home)
+        with sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(url + "?" + job_url.split("?", 1)[1])
+            page.get_by_text("This job was interrupted").wait_for(timeout=90_000)
+            page.get_by_role("link", name="Open it on the Runs page").click()
+            resume = page.get_by_role("button", name=re.compile(r"Resume from step \d+"))
+            resume.wait_for(timeout=60_000)
+            step = int(re.search(r"\d+", resume.inner_text()).group())
+            resume.click()
+            page.get_by_text("Result", exact=True).wait_for(timeout=300_000)
+            if SHOTS:
+                page.screenshot(path=str(Path(SHOTS) / "resumed.png"), full_page=True)
+            browser.close()
+        store = Store(home)
+        (run,) = store.runs()
+        assert run["status"] == "completed" and run["summary"]["steps"] == 40 and step > 0
+        assert [s["step"] for s in store.steps(run["id"])] == list(range(41))
+    finally:
+        _stop_server(proc)

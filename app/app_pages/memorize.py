@@ -12,7 +12,6 @@ from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES, default_model_name, error_
 
 from memcore.config import DEFAULT_PROMPT, METHODS, QUANTS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 from memcore.data import build_samples, decode_text, list_samples, read_sample
-from memcore.metrics import stubborn_tokens
 from memcore.pieces import token_pieces
 
 LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]
@@ -146,11 +145,12 @@ if start:
     else:
         job = worker.submit(specs, session_id())
         st.query_params["job"] = job.id
-        st.session_state.pop("prev_p", None)
         st.rerun()
 
 if not worker.owner:
     st.caption("Another memcore app on this memcore home trains on this device; your runs join its queue.")
+elif job is not None:
+    pass  # the job's own status line says what the trainer is doing
 elif not worker.is_model_ready(ModelSpec(name=default_model_name())) and worker.loading_error is None:
     st.caption("loading the default model in the background ...")
 elif worker.loading_error:
@@ -159,24 +159,48 @@ elif worker.loading_error:
 # --- live view ---------------------------------------------------------------------------------------------------
 
 
-def _snapshot(live):
-    return dict(steps=list(live.steps), rows=list(live.rows), p_history=list(live.p_history), correct=live.correct,
-                first_divergence=live.first_divergence, pieces=list(live.pieces), summary=live.summary,
-                recalled_at=live.recalled_at, run_id=live.run_id, label=live.label, spec=live.spec)
+def _snapshot(live) -> dict:
+    """What the page draws of a run, copied under the job's lock (the dispatcher thread records concurrently).
+    Costs the same at step 10 and step 10,000: the run keeps a bounded history and running stubborn counts."""
+    snap = dict(label=live.label, spec=live.spec, pieces=live.pieces, summary=live.summary, recalled_at=live.recalled_at,
+                run_id=live.run_id, steps=[], rows=[])
+    if not live.steps:
+        return snap
+    stubborn_ever = [t["index"] for t in live.stubborn.top(6)]  # longest at or below τ so far
+    kept = charts.thin(len(live.steps))
+    snap.update(steps=[live.steps[i] for i in kept], rows=[live.rows[i] for i in kept], step=live.steps[-1],
+                last_row=live.rows[-1], p=live.p.astype(np.float32),
+                p_prev=None if live.p_prev is None else live.p_prev.astype(np.float32),
+                trajectories=live.p_history[kept][:, stubborn_ever].astype(np.float32), stubborn_ever=stubborn_ever,
+                first_divergence=live.first_divergence)
+    return snap
+
+
+def _run_view(snap: dict, key: str, tau: float) -> dict:
+    """The token view's HTML and the run's two charts as Vega-Lite specs, built once per step and session:
+    the refreshes between two steps only resend them."""
+    cache = st.session_state.setdefault("run_views", {})
+    hit = cache.get(key)
+    if hit is not None and hit["step"] == snap["step"]:
+        return hit
+    p, prev = snap["p"], snap["p_prev"]
+    crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None  # since the previous step
+    idx = snap["stubborn_ever"]
+    stubborn = [i for i in idx if p[i] <= tau]  # flagged in the text while still below
+    view = {"step": snap["step"],
+            "html": charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=snap["first_divergence"]),
+            "histogram": charts.histogram_chart(p, tau).to_dict(validate=False),
+            "trajectories": charts.trajectories_chart(snap["steps"], np.asarray(snap["trajectories"]), list(range(len(idx))),
+                                                      [snap["pieces"][i] for i in idx], tau, token_ids=idx).to_dict(validate=False)}
+    cache[key] = view
+    return view
 
 
 def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> None:
-    if not snap["p_history"]:
+    if not snap["steps"]:
         st.info(f"{snap['label']}: measuring the base model ...")
         return
-    p = np.asarray(snap["p_history"][-1], dtype=np.float32)
-    prev = st.session_state.setdefault("prev_p", {}).get(key)
-    crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None
-    st.session_state["prev_p"][key] = p
-    history = np.stack([np.asarray(h, dtype=np.float32) for h in snap["p_history"]])
-    stubborn_ever = [s["index"] for s in stubborn_tokens(history, tau, k=6)]  # longest below τ so far
-    stubborn = [i for i in stubborn_ever if p[i] <= tau]  # flagged in the text while still below
-    row = snap["rows"][-1]
+    p, row = snap["p"], snap["last_row"]
     st.markdown(f"**{snap['label']}** · step {row['step']} · **{int(round(row['frac_above'] * len(p)))}/{len(p)}** tokens above τ · "
                 f"argmax right {int(round(row['frac_correct'] * len(p)))}/{len(p)} · ΔL {row['delta_loss']:.3f}")
     fd = snap["first_divergence"]
@@ -185,12 +209,25 @@ def render_run(snap: dict, key: str, tau: float, show_tokens: bool = True) -> No
     else:
         st.caption(f"Greedy decoding currently goes astray at token #{fd} ({snap['pieces'][fd].label!r}); everything after it "
                    "would be generated from a wrong prefix.")
+    view = _run_view(snap, key, tau)
     if show_tokens:
-        st.html(charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
+        st.html(view["html"])
         st.html(charts.legend_html(tau))
     c1, c2 = st.columns(2)
-    show_chart(charts.histogram_chart(p, tau), c1)
-    show_chart(charts.trajectories_chart(snap["steps"], history, stubborn_ever, [snap["pieces"][i] for i in stubborn_ever], tau), c2)
+    show_chart(view["histogram"], c1)
+    show_chart(view["trajectories"], c2)
+
+
+def _curves(job_id: str, snaps: list[dict], tau: float) -> dict:
+    """The curves of every run of the job as one Vega-Lite spec, rebuilt only when a run has a new step."""
+    key = (job_id, tuple(s.get("step") for s in snaps))
+    hit = st.session_state.get("curves_view")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    hist = pd.concat([pd.DataFrame(s["rows"]).assign(run=s["label"]) for s in snaps if s["rows"]], ignore_index=True)
+    spec = charts.curves_chart(hist, tau).to_dict(validate=False)
+    st.session_state["curves_view"] = (key, spec)
+    return spec
 
 
 def render_job(job, live_mode: bool) -> None:
@@ -212,7 +249,7 @@ def render_job(job, live_mode: bool) -> None:
         first = next((r.run_id for r in job.runs if r.run_id), None)
         st.page_link("app_pages/runs.py", label="Open it on the Runs page", icon=":material/history:",
                      query_params={"run": first} if first else None)
-    rows = [s["rows"][-1] for s in snaps if s["rows"]]
+    rows = [s["last_row"] for s in snaps if s["rows"]]
     if rows:
         step = max(r["step"] for r in rows)
         train_s = max(r["elapsed"] for r in rows)
@@ -224,7 +261,7 @@ def render_job(job, live_mode: bool) -> None:
         if st.button("Stop", key=f"stop-{job.id}", help="Stops after the current step; the adapter and metrics so far are kept"):
             worker.stop(job)
             st.toast("Stopping after the current step ...")
-    hist = pd.concat([pd.DataFrame(s["rows"]).assign(run=s["label"]) for s in snaps if s["rows"]], ignore_index=True) if rows else pd.DataFrame()
+    curves = _curves(job.id, snaps, tau_job) if rows else None
     if len(snaps) == 1:
         render_run(snaps[0], f"{job.id}-0", tau_job)
     else:
@@ -232,8 +269,8 @@ def render_job(job, live_mode: bool) -> None:
         for i, (c, s) in enumerate(zip(cols, snaps)):
             with c:
                 render_run(s, f"{job.id}-{i}", tau_job)
-    if not hist.empty:
-        show_chart(charts.curves_chart(hist, tau_job))
+    if curves is not None:
+        show_chart(curves)
     if not job.active:
         render_results(job, snaps)
 

@@ -100,9 +100,12 @@ if replay is not None and len(replay.steps):
     st.html(charts.legend_html(tau))
     c1, c2 = st.columns(2)
     show_chart(charts.histogram_chart(p, tau), c1)
-    show_chart(charts.trajectories_chart(replay.steps[: i + 1], replay.p[: i + 1], stubborn_ever, [replay.pieces[k] for k in stubborn_ever], tau), c2)
+    shown = charts.thin(i + 1)
+    show_chart(charts.trajectories_chart([replay.steps[k] for k in shown], replay.p[shown], stubborn_ever,
+                                         [replay.pieces[k] for k in stubborn_ever], tau), c2)
     hist = pd.DataFrame(store.steps(picked))
     if not hist.empty:
+        hist = hist.iloc[charts.thin(len(hist))]
         hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens, run=run["method"])
         show_chart(charts.curves_chart(hist, tau))
 
