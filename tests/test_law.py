@@ -134,3 +134,64 @@ def test_fit_on_the_field_spreadsheet_csv_from_the_command_line(tmp_path, capsys
     assert main(["fit", "--csv", str(FIELD / "law_excel_semicolon.csv"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 16 and out["r2"] > 0.99 and 0.3 < out["alpha"] < 0.7
+
+
+def _multistart_reference(form, r, ell, dl):
+    """The previous fitting algorithm, kept here as the reference: curve_fit from six fixed starts, the best kept;
+    leave-one-out refits every start too."""
+    from scipy.optimize import curve_fit
+
+    from memcore.law import FUNCS, _bounds
+
+    x = np.array([r, ell])
+
+    def fit(x, dl):
+        lo, hi = _bounds(form, dl)
+        best = None
+        for alpha in (0.3, 0.8, 1.5):
+            for beta in (0.3, 0.8):
+                scale = np.median(np.power(x[0], alpha) * np.power(x[1], -beta))
+                span = max(float(np.max(np.abs(dl))), 1e-6)
+                p0 = (np.array([span / scale, alpha, beta, float(np.min(dl)) * 0.5]) if form == "power"
+                      else np.array([1.2 * float(np.max(dl)), 1.0 / scale, alpha, beta]))
+                p0 = np.clip(p0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
+                try:
+                    popt, pcov = curve_fit(FUNCS[form], x, dl, p0=p0, bounds=(lo, hi), maxfev=20000)
+                except (RuntimeError, ValueError):
+                    continue
+                sse = float(np.sum((FUNCS[form](x, *popt) - dl) ** 2))
+                if best is None or sse < best[0]:
+                    best = (sse, popt, pcov)
+        return best
+
+    sse, popt, pcov = fit(x, dl)
+    loo = []
+    for i in range(len(dl)):
+        keep = np.arange(len(dl)) != i
+        sub = fit(x[:, keep], dl[keep])
+        loo.append(float(FUNCS[form](x[:, i:i + 1], *sub[1])[0] - dl[i]))
+    return popt, np.sqrt(np.diag(pcov)), sse, float(np.sqrt(np.mean(np.square(loo))))
+
+
+@pytest.mark.parametrize("form", ["power", "saturating"])
+@pytest.mark.parametrize("method", ["sft", "memft-ot"])
+def test_the_fast_fit_agrees_with_the_multistart_fit_on_the_shipped_sweep(form, method):
+    import pandas as pd
+
+    from memcore.law import PARAMS
+
+    df = pd.read_csv(__import__("pathlib").Path(__file__).resolve().parent.parent / "sample_data" / "sweeps" / "default_smollm2_135m.csv")
+    d = df[df["method"] == method]
+    r, ell, dl = (d[c].to_numpy(float) for c in ("rank", "length", "delta_loss"))
+    popt, se, sse, loo = _multistart_reference(form, r, ell, dl)
+    fit = fit_law(r, ell, dl, form)
+    for name, v in zip(PARAMS[form], popt):
+        assert fit.params[name] == pytest.approx(v, rel=1e-3), name  # 3 significant figures
+    assert fit.rmse == pytest.approx(np.sqrt(sse / len(dl)), rel=1e-3)
+    assert fit.loo_rmse == pytest.approx(loo, rel=1e-3)
+    from scipy import stats
+
+    t = stats.t.ppf(0.975, len(dl) - 4)
+    for name, v, s in zip(PARAMS[form], popt, se):
+        lo, hi = fit.intervals[name]
+        assert lo == pytest.approx(v - t * s, rel=1e-3, abs=1e-6) and hi == pytest.approx(v + t * s, rel=1e-3, abs=1e-6)
