@@ -18,7 +18,7 @@ SHIPPED = Path(__file__).resolve().parent.parent.parent / "sample_data" / "sweep
 
 st.title("Memory law")
 st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after a fixed training budget, as a function of LoRA rank r "
-           "and the number of memorized tokens ℓ. Fitted with scipy (bounded, several starts), 95% intervals.")
+           "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection grid start, with 95% intervals.")
 
 store = get_store()
 sources: dict[str, pd.DataFrame] = {}
@@ -38,10 +38,12 @@ if upload is not None:
 if not sources:
     st.info("No sweep data yet: run `memcore sweep` (see the README) to build one, or upload a CSV.")
     st.stop()
-uploaded = [k for k in sources if k.startswith("upload: ")]
-name = st.selectbox("Sweep data", list(sources), key="law_source", index=list(sources).index(uploaded[0]) if uploaded else 0)
+uploaded = next((k for k in sources if k.startswith("upload: ")), None)
+if uploaded is not None and st.session_state.get("law_last_upload") != uploaded:  # a new upload: show it
+    st.session_state["law_last_upload"] = st.session_state["law_source"] = uploaded
+name = st.selectbox("Sweep data", list(sources), key="law_source")
 data = sources[name]
-methods = sorted(data["method"].unique()) if "method" in data else ["all"]
+methods = sorted(data["method"].unique()) if "method" in data else ["all points"]
 
 
 @st.cache_data(show_spinner="fitting ...", max_entries=32)
