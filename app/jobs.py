@@ -29,7 +29,8 @@ from memcore.pieces import Piece
 from memcore.service import TrainingProcess, trainer_lock
 from memcore.store import Store
 
-SYNC_SECONDS = 0.5  # how often the trainer reads stop requests from the store and refreshes its heartbeat
+SYNC_SECONDS = 0.5
+MAX_FINISHED_IN_MEMORY = 16  # how often the trainer reads stop requests from the store and refreshes its heartbeat
 
 
 MAX_KEPT = 512  # steps a live view keeps in full; beyond, every other one is dropped (memory and refresh cost stay flat)
@@ -366,6 +367,14 @@ class Worker:
                 job.status, job.error, job.finished = status, error, time.time()
                 if self._current is job:
                     self._current = None
+                self._forget_old_jobs()
+
+    def _forget_old_jobs(self) -> None:
+        """Keep the live views of the MAX_FINISHED_IN_MEMORY most recent finished jobs; an older one is read
+        back from the store if a page asks for it (a server that runs for weeks must not grow without end)."""
+        finished = sorted((j for j in self.jobs.values() if not j.active and j is not self._current), key=lambda j: j.created)
+        for j in finished[:-MAX_FINISHED_IN_MEMORY]:
+            del self.jobs[j.id]
 
 
 def _train_threads() -> int | None:

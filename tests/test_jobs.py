@@ -68,3 +68,16 @@ def test_a_failing_job_reports_its_error_and_the_queue_goes_on(worker, tiny_mode
     _wait(lambda: not good.active)
     assert bad.status == "failed" and "layer 99 does not exist" in bad.error
     assert good.status == "done"
+
+
+def test_old_finished_jobs_leave_memory_but_can_still_be_opened(worker, tiny_model_dir, monkeypatch):
+    import jobs
+
+    monkeypatch.setattr(jobs, "MAX_FINISHED_IN_MEMORY", 2)
+    submitted = [worker.submit([_spec(tiny_model_dir, f"job number {i}", 1)], session="a") for i in range(4)]
+    _wait(lambda: not submitted[-1].active)
+    _wait(lambda: len(worker.jobs) <= 2)
+    assert submitted[0].id not in worker.jobs and submitted[-1].id in worker.jobs
+    again = worker.find(submitted[0].id)  # read back from the store, history and all
+    assert again is not submitted[0] and again.status == "done" and again.runs[0].steps == [0, 1]
+    assert again.runs[0].summary["steps"] == 1

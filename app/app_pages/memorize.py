@@ -180,6 +180,8 @@ def _run_view(snap: dict, key: str, tau: float) -> dict:
     """The token view's HTML and the run's two charts as Vega-Lite specs, built once per step and session:
     the refreshes between two steps only resend them."""
     cache = st.session_state.setdefault("run_views", {})
+    for other in [k for k in cache if k.split("-")[0] != key.split("-")[0]]:  # keep only this job's views
+        del cache[other]
     hit = cache.get(key)
     if hit is not None and hit["step"] == snap["step"]:
         return hit
