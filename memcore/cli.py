@@ -193,6 +193,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run_in_foreground(args, spec.train.max_steps, lambda stop: resume_iter(store, rid, should_stop=stop)[1])
 
 
+def _pad(text: str, width: int) -> str:
+    """Left-aligned in `width` terminal columns, counting East Asian wide characters (CJK, most emoji) as two."""
+    import unicodedata
+
+    cols = sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1 for c in text)
+    return text + " " * max(0, width - cols)
+
+
 def _fmt(x: Any, nd: int = 3) -> str:
     if x is None:
         return "-"
@@ -255,7 +263,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if s.get("stubborn_tokens"):
         print("\nstubborn tokens (longest at or below τ):")
         for t in s["stubborn_tokens"]:
-            print(f"  #{t['index']:<5} {t['token']!r:<16} below τ for {t['steps_below']} steps, last at step {t['last_below']}, p now {t['p']:.3f}")
+            print(f"  #{t['index']:<5} {_pad(repr(t['token']), 16)} below τ for {t['steps_below']} steps, last at step {t['last_below']}, "
+                  f"p now {t['p']:.3f}")
     return 0
 
 
