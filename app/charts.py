@@ -335,8 +335,10 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     layers = [heat]
     if len(observed):
         obs = observed.assign(residual=observed.delta_loss - observed.predicted)
-        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[110, 220, 360]), legend=alt.Legend(title="runs"))
-        shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=["circle", "diamond", "triangle-up"]))
+        legend = alt.Legend(title="runs", orient="bottom", direction="horizontal")  # below the plot: beside the ΔL bar it is cut off
+        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[110, 220, 360]), legend=legend)
+        shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=["circle", "diamond", "triangle-up"]),
+                          legend=legend)
         layers.append(alt.Chart(obs).mark_point(filled=True, stroke="black", strokeWidth=0.8, opacity=1).encode(
             x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys), color=alt.Color("delta_loss:Q", scale=color, legend=None),
             size=size, shape=shape,

@@ -14,6 +14,7 @@ over the lock, and the queue, if the trainer goes away.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,6 +169,7 @@ class Worker:
         self._try_own()
         self._thread = threading.Thread(target=self._dispatch, name="memcore-dispatch", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a server shutting down stops its run cleanly (checkpoint saved) and frees the lock
 
     # --- called from page scripts ---------------------------------------------------------------------------
 
@@ -235,17 +237,24 @@ class Worker:
                 self._inference[key] = load_base(spec.model, self.home)
             return generate_from_run(self.store, run_id, self._inference[key], prompt, max_new_tokens)
 
-    def close(self) -> None:
-        """Stop the dispatcher and the training process, and give up the trainer lock (tests; a server just
-        exits). A job still training is left interrupted, as a crash would leave it."""
+    def close(self, grace: float = 30.0) -> None:
+        """Stop the dispatcher and the training process and give up the trainer lock (when the server shuts down,
+        and in tests). A job still training is asked to stop after its step (saving its adapter and checkpoint,
+        `grace` seconds at most) and is left interrupted, its runs resumable."""
+        if self._closed:
+            return
+        job = self._current
+        if job is not None and self._proc is not None and self._proc.alive:
+            self._proc.stop_job(job.id)
+            deadline = time.monotonic() + grace
+            while self._current is job and time.monotonic() < deadline:
+                time.sleep(0.1)
         self._closed = True
         self._thread.join(timeout=5)
-        with self._lock:
-            job, self._current = self._current, None
         if self._proc is not None:
             self._proc.close()
         if job is not None:
-            self.store.update_job(job.id, status="interrupted", error="the app stopped while it trained")
+            self.store.interrupt_job(job.id, "the app stopped while it trained")
             self.store.mark_interrupted()
         if self.owner:
             self._trainer_lock.release()

@@ -212,7 +212,7 @@ def _fmt(x: Any, nd: int = 3) -> str:
 def _print_summary(s: dict[str, Any]) -> None:
     recall = "yes, verbatim (confirmed by greedy generate)" if s["recalled"] else f"no: greedy decoding diverges at token {s['first_divergence']}"
     lines = [
-        f"run            {s['run_id']}  ({s.get('status')}, {s['stop_reason']})",
+        f"run            {s['run_id']}  ({s.get('status')}" + (f", {s['stop_reason']})" if s["stop_reason"] != s.get("status") else ")"),
         f"steps          {s['steps']}  ({_fmt(s['seconds_per_step'], 2)} s/step)",
         f"recalled       {recall}",
         f"tokens above τ {s['n_above']}/{s['n_tokens']}   argmax right {s['n_correct']}/{s['n_tokens']}",
@@ -263,8 +263,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if s.get("stubborn_tokens"):
         print("\nstubborn tokens (longest at or below τ):")
         for t in s["stubborn_tokens"]:
-            print(f"  #{t['index']:<5} {_pad(repr(t['token']), 16)} below τ for {t['steps_below']} steps, last at step {t['last_below']}, "
-                  f"p now {t['p']:.3f}")
+            steps = f"{t['steps_below']} step{'s' if t['steps_below'] != 1 else ''}"
+            print(f"  #{t['index']:<5} {_pad(repr(t['token']), 16)} below τ for {steps}, last at step {t['last_below']}, p now {t['p']:.3f}")
     return 0
 
 

@@ -190,7 +190,8 @@ def compare_forms(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, x_n
         except MemcoreError as e:
             errors.append(f"{form}: {e}")
     if not fits:
-        raise MemcoreError("; ".join(errors))
+        reasons = {e.split(": ", 1)[1] for e in errors}
+        raise MemcoreError(reasons.pop() if len(reasons) == 1 else "; ".join(errors))  # the data's fault: say it once
     return fits, min(fits, key=lambda f: fits[f].aic)
 
 
@@ -229,17 +230,28 @@ def read_law_csv(source: str | Path | bytes, name: str | None = None) -> pd.Data
             text = raw.decode("cp1252")  # spreadsheets on Windows save "CSV" in the ANSI code page
         except UnicodeDecodeError as e:
             raise MemcoreError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
+    physical = text.splitlines()
+    numbered = [(i + 1, ln) for i, ln in enumerate(physical) if ln.strip()]  # (line number, text) of non-blank lines
+    if not numbered:
         raise MemcoreError(f"{what} is empty")
-    try:
-        sep = csv.Sniffer().sniff(lines[0], delimiters=",;\t|").delimiter
-    except csv.Error:
-        sep = ","  # a single column: nothing to sniff
-    body = "\n".join(lines[1:20])
+    hint = re.fullmatch(r'\s*"?sep=(.)"?\s*', numbered[0][1])  # Excel's "sep=;" first line names the delimiter
+    if hint:
+        numbered = numbered[1:]
+        if not numbered:
+            raise MemcoreError(f"{what} is empty")
+    header_line = numbered[0][0]
+    if hint:
+        sep = hint.group(1)
+    else:
+        try:
+            sep = csv.Sniffer().sniff(numbered[0][1], delimiters=",;\t|").delimiter
+        except csv.Error:
+            sep = ","  # a single column: nothing to sniff
+    body = "\n".join(ln for _, ln in numbered[1:20])
     decimal = "," if sep != "," and re.search(r"\d,\d", body) else "."
-    try:
-        df = pd.read_csv(io.StringIO(text), sep=sep, decimal=decimal, skipinitialspace=True)
+    try:  # with decimal commas, a dot groups thousands (1.024 is 1024), as the same spreadsheets write it
+        df = pd.read_csv(io.StringIO(text), sep=sep, decimal=decimal, thousands="." if decimal == "," else None,
+                         skipinitialspace=True, skiprows=header_line - 1)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MemcoreError(f"cannot read {what} as CSV: {first}") from None
@@ -249,16 +261,32 @@ def read_law_csv(source: str | Path | bytes, name: str | None = None) -> pd.Data
         found = ", ".join(df.columns) or "none"
         raise MemcoreError(f"{what} lacks column(s) {', '.join(missing)}; found {len(df.columns)} column(s): {found} "
                            f"(read with delimiter {sep!r}; needs rank, length, delta_loss, optional p_eff, method, seed)")
+    data_lines = [n for n, _ in numbered[1:]]  # the file line of each row (pandas skips blank lines too)
+
+    def where(bad: np.ndarray) -> str:
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(str(data_lines[i]) if i < len(data_lines) else "?" for i in rows[:5])
+        return f"line{'s' if len(rows) > 1 else ''} {shown}{', ...' if len(rows) > 5 else ''}"
+
     for c in NUMERIC_COLUMNS:
         if c in df.columns:
-            values = pd.to_numeric(df[c], errors="coerce")
+            raw = df[c]
+            if not pd.api.types.is_numeric_dtype(raw) and decimal == ",":  # a column pandas left as text: read its numbers the same way
+                raw = raw.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False).where(df[c].notna())
+            values = pd.to_numeric(raw, errors="coerce")
             bad = values.isna() & df[c].notna()
             if c in LAW_COLUMNS:
                 bad |= values.isna()
             if bad.any():
-                rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad.to_numpy())[:5])
-                raise MemcoreError(f"column {c} of {what} has {int(bad.sum())} empty or non-numeric value(s) (line {rows})")
+                raise MemcoreError(f"column {c} of {what} has {int(bad.sum())} empty or non-numeric value(s) ({where(bad.to_numpy())})")
             df[c] = values
+    for c in ("rank", "length", "p_eff"):  # counts: a fraction here is a misread number, not data
+        if c in df.columns:
+            frac = (df[c] % 1 != 0).to_numpy()
+            if frac.any():
+                first = df[c].to_numpy()[frac][0]
+                raise MemcoreError(f"column {c} of {what} must hold whole numbers, but has {int(frac.sum())} fraction(s) such as {first:g} "
+                                   f"({where(frac)}); is a thousands separator read as a decimal point?")
     return df
 
 

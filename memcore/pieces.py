@@ -1,9 +1,10 @@
 """Each token as the part of the text it stands for.
 
 Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) often splits one character over several tokens: a CJK
-character is 3 UTF-8 bytes, an emoji 4, a family emoji with zero-width joiners 18 or more. Decoding such a
-token alone gives U+FFFD. Here the token ids are turned back into bytes, the bytes are cut into whole
-characters, and every character is given to the token that holds its first byte. So
+character is 3 UTF-8 bytes, an emoji 4, a family emoji with zero-width joiners 25. Decoding such a token
+alone gives U+FFFD. Here the token ids are turned back into bytes, the bytes are cut into whole characters
+(grapheme clusters: what a reader sees as one character), and every character is given to the token that
+holds its first byte. So
 
 - ``"".join(p.text for p in pieces)`` is the decoded text (the passage itself, for a passage);
 - a token that only continues a character has ``text == ""`` and says which character it continues
@@ -88,13 +89,14 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[Piece]:
 
 
 def pieces_from_bytes(data: list[bytes]) -> list[Piece]:
-    """Cut the joined bytes into UTF-8 characters (an invalid byte becomes U+FFFD on its own) and give each
-    character to the token holding its first byte."""
+    """Cut the joined bytes into characters as a reader sees them (grapheme clusters of UTF-8 code points: a
+    family emoji joined by zero-width joiners, a letter with combining accents, a flag; an invalid byte becomes
+    U+FFFD on its own) and give each to the token holding its first byte."""
     owner = [i for i, b in enumerate(data) for _ in b]  # token index of every byte
     joined = b"".join(data)
     text = [""] * len(data)
     split: dict[int, tuple[str, int, int]] = {}
-    for start, end, ch in _utf8_units(joined):
+    for start, end, ch in _graphemes(_utf8_units(joined)):
         first, last = owner[start], owner[end - 1]
         text[first] += ch
         if last > first:
@@ -103,6 +105,19 @@ def pieces_from_bytes(data: list[bytes]) -> list[Piece]:
                 split[t] = (ch, k + 1, n)
     return [Piece(text=text[i], data=data[i], char=split.get(i, ("", 0, 0))[0], part=split.get(i, ("", 0, 0))[1],
                   parts=split.get(i, ("", 0, 0))[2]) for i in range(len(data))]
+
+
+def _graphemes(units: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Merge code-point units into grapheme clusters (Unicode text segmentation, via the regex module's \\X)."""
+    import regex
+
+    text = "".join(ch for _, _, ch in units)
+    out, k = [], 0
+    for m in regex.finditer(r"\X", text):
+        n = len(m.group())
+        out.append((units[k][0], units[k + n - 1][1], m.group()))
+        k += n
+    return out
 
 
 def _utf8_units(b: bytes) -> list[tuple[int, int, str]]:

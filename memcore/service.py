@@ -60,14 +60,6 @@ class Engine:
         self.bases.move_to_end(key)
         return self.bases[key]
 
-    def interrupt_job_runs(self, job_id: str) -> None:
-        """The app that asked for this job is gone: its runs (stopped after their step, adapter and checkpoint
-        saved) are marked interrupted, as runs cut off by a crash are, and so are offered a resume."""
-        job = self.store.job(job_id)
-        for rid in (job or {}).get("run_ids", []):
-            if rid and self.store.run(rid)["status"] == "stopped":
-                self.store.set_status(rid, "interrupted", error="the app server stopped while it trained")
-
     def run_job(self, job_id: str, kind: str, spec_dicts: list[dict], labels: list[str], run_ids: list[str | None], out: Any,
                 should_stop: Any) -> str:
         """Advance every run of the job by one step in turn until all have finished. Returns the status.
@@ -171,7 +163,7 @@ def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None 
                 traceback.print_exc()
                 out.put(("done", job_id, "failed", f"{type(e).__name__}: {e}"))
             if orphaned[0]:
-                engine.interrupt_job_runs(job_id)
+                engine.store.interrupt_job(job_id, "the app server stopped while it trained")
                 return
 
 

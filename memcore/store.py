@@ -421,6 +421,18 @@ class Store:
                 db.execute("UPDATE jobs SET error=? WHERE id=?", (error, job_id))
             db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND status='running'", (now, job_id))
 
+    def interrupt_job(self, job_id: str, reason: str) -> None:
+        """The app that ran this job went away mid-run: the job and its runs that were stopped on the way out
+        (adapter and checkpoint saved) are marked interrupted, as a crash would leave them, so they are offered
+        a resume."""
+        job = self.job(job_id)
+        if job is None:
+            return
+        for rid in job["run_ids"]:
+            if rid and self.run(rid)["status"] in ("stopped", "running"):
+                self._exec("UPDATE runs SET status='interrupted', error=? WHERE id=?", (reason, rid))
+        self.update_job(job_id, status="interrupted", error=reason)
+
     def request_stop(self, job_id: str) -> None:
         """A queued job is stopped at once; a running one is asked to stop after its current step."""
         with self._write() as db:

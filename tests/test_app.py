@@ -166,6 +166,7 @@ def test_a_reloaded_page_finds_its_job_from_the_url(app_env):
     at = _app()
     at.text_area(key="passage").input("Find me again after a reload.").run()
     at.number_input(key="max_steps").set_value(2).run()
+    at.number_input(key="rank").set_value(3).run()
     at.button(key="start").click().run()
     job_id = at.query_params["job"]
     job_id = job_id[0] if isinstance(job_id, list) else job_id
@@ -175,6 +176,9 @@ def test_a_reloaded_page_finds_its_job_from_the_url(app_env):
     fresh.run()
     assert "Result" in [s.value for s in fresh.subheader]
     assert any("Find" in h for h in [_parse(_html(fresh))[1]])
+    # and the form shows that job's settings, ready to run again or vary
+    assert fresh.text_area(key="passage").value == "Find me again after a reload."
+    assert fresh.number_input(key="rank").value == 3 and fresh.number_input(key="max_steps").value == 2
 
 
 def test_law_page_renders_the_shipped_sweep(app_env):

@@ -175,7 +175,7 @@ def test_a_spreadsheet_csv_uploads_on_the_memory_law_page(server):
         page.goto(server)
         page.get_by_role("link", name="Memory law").click()
         page.locator("input[type=file]").first.set_input_files(str(FIELD / "law_excel_semicolon.csv"))
-        page.get_by_text(re.compile(r"16 runs · R² 0\.99")).first.wait_for(timeout=60_000)  # the upload is the one fitted
+        page.get_by_text(re.compile(r"16 points · R² 0\.99")).first.wait_for(timeout=60_000)  # the upload is the one fitted
         assert page.get_by_text("lacks column").count() == 0
         page.get_by_text("What if").wait_for(timeout=60_000)
         page.wait_for_timeout(2000)  # let the charts draw

@@ -81,3 +81,22 @@ def test_old_finished_jobs_leave_memory_but_can_still_be_opened(worker, tiny_mod
     again = worker.find(submitted[0].id)  # read back from the store, history and all
     assert again is not submitted[0] and again.status == "done" and again.runs[0].steps == [0, 1]
     assert again.runs[0].summary["steps"] == 1
+
+
+def test_a_server_shutting_down_leaves_its_run_resumable(home, tiny_model_dir):
+    from jobs import Worker
+
+    from memcore.runner import resumable_step
+
+    w = Worker(home)
+    job = w.submit([_spec(tiny_model_dir, "shut down while this trains " * 3, 100_000)], session="a")
+    _wait(lambda: len(job.runs[0].steps) >= 3)
+    w.close()  # what the server does at exit
+    store = type(w.store)(home)
+    run = store.run(job.runs[0].run_id)
+    assert store.job(job.id)["status"] == "interrupted" and run["status"] == "interrupted"
+    assert resumable_step(store, run["id"]) == run["steps"] >= 3  # stopped after its step, checkpoint of that step saved
+    assert (store.adapter_dir(run["id"]) / "adapter_config.json").is_file()
+    from memcore.service import trainer_lock
+
+    trainer_lock(home).acquire(timeout=0)  # the lock is free for the next server

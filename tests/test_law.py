@@ -195,3 +195,24 @@ def test_the_fast_fit_agrees_with_the_multistart_fit_on_the_shipped_sweep(form, 
     for name, v, s in zip(PARAMS[form], popt, se):
         lo, hi = fit.intervals[name]
         assert lo == pytest.approx(v - t * s, rel=1e-3, abs=1e-6) and hi == pytest.approx(v + t * s, rel=1e-3, abs=1e-6)
+
+
+def test_european_thousands_separators_and_excel_sep_hint(tmp_path):
+    """1.024 in a decimal-comma file is a thousand and twenty-four tokens, not one; "sep=;" names the delimiter;
+    a fraction of a token or rank is refused instead of fitted."""
+    from memcore.config import MemcoreError
+    from memcore.law import read_law_csv
+
+    f = tmp_path / "eu.csv"
+    f.write_text("sep=;\nrank;length;delta_loss;p_eff\n1;512;0,116;6.336\n1;1.024;0,1;6.336\n2;2.048;0,12;12.672\n\n2;512;x;12.672\n",
+                 encoding="utf-8")
+    with pytest.raises(MemcoreError, match=r"delta_loss .* 1 empty or non-numeric value\(s\) \(line 7\)"):
+        read_law_csv(f)  # the blank line is counted: line 7 is the one with x
+    f.write_text(f.read_text().replace(";x;", ";0,2;"))
+    df = read_law_csv(f)
+    assert df["length"].tolist() == [512, 1024, 2048, 512] and df["p_eff"].tolist() == [6336, 6336, 12672, 12672]
+    assert df["delta_loss"].tolist() == pytest.approx([0.116, 0.1, 0.12, 0.2])
+    g = tmp_path / "frac.csv"
+    g.write_text("rank,length,delta_loss\n1,1.024,0.5\n2,64,0.4\n")
+    with pytest.raises(MemcoreError, match=r"length .* whole numbers, .* such as 1\.024 \(line 2\); is a thousands separator"):
+        read_law_csv(g)

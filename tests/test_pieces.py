@@ -79,6 +79,17 @@ def test_a_cjk_character_sits_on_its_first_token(tok):
     assert " ".join(p.hex for p in pieces) == "e6 99 93"
 
 
+def test_a_joined_emoji_is_one_character_as_a_reader_sees_it(tok):
+    family = "👨\u200d👩\u200d👧\u200d👦"
+    ids = encode_text(tok, f"a {family} b")
+    pieces = token_pieces(tok, ids)
+    holders = [p for p in pieces if family in p.text]
+    assert len(holders) == 1  # the whole joined emoji sits on one token, so the browser can draw it as one glyph
+    first = pieces.index(holders[0])
+    rest = [p for p in pieces[first + 1:] if p.char == family]
+    assert rest and all(p.continues for p in rest) and rest[-1].part == rest[-1].parts == len(rest) + 1
+
+
 def test_random_token_ids_still_concatenate_to_their_decoding(tok):
     rng = random.Random(0)
     ids = [rng.randrange(len(tok)) for _ in range(300)]

@@ -71,7 +71,7 @@ for c, (m, (fs, preferred)) in zip(cols, fits.items()):
         d = data[data["method"] == m] if "method" in data else data
         table = pd.DataFrame([{"parameter": k, "value": v, "95% low": fit.intervals[k][0], "95% high": fit.intervals[k][1]}
                               for k, v in fit.params.items()])
-        st.markdown(f"**{m}** · {fit.n} runs · R² **{fit.r2:.3f}** · RMSE {fit.rmse:.3f} · leave-one-out RMSE {fit.loo_rmse:.3f}")
+        st.markdown(f"**{m}** · {fit.n} points · R² **{fit.r2:.3f}** · RMSE {fit.rmse:.3f} · leave-one-out RMSE {fit.loo_rmse:.3f}")
         st.dataframe(table, hide_index=True, width="stretch", column_config={k: st.column_config.NumberColumn(format="%.4f")
                                                                                for k in ("value", "95% low", "95% high")})
         aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in fs.items())
@@ -92,7 +92,8 @@ fs, preferred = fits[method]
 fit = fs["power"] if "power" in fs else fs[preferred]
 d = data[data["method"] == method] if "method" in data else data
 observed = d[["rank", "length", "delta_loss"]].assign(kind="sweep")
-mine = [r for r in store.runs(status="completed") if not r["sweep"] and r["summary"] and r["method"] == method]
+mine = [r for r in store.runs(status="completed")  # a CSV without a method column: runs of every method
+        if not r["sweep"] and r["summary"] and (r["method"] == method or "method" not in data)]
 session_runs = set()
 job = get_worker().find(st.query_params.get("job"))
 if job is not None:
@@ -125,6 +126,10 @@ bits = pred * l_in / math.log(2)
 st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
             + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = **{bits / (per_rank * r_in):.4f} bits/param**"
                if per_rank == per_rank else ""))
+r_lo, r_hi, l_lo, l_hi = d["rank"].min(), d["rank"].max(), d["length"].min(), d["length"].max()
+if not (r_lo <= r_in <= r_hi and l_lo <= l_in <= l_hi):
+    st.caption(f"Rank {r_in} and {l_in} tokens lie outside the fitted points (ranks {r_lo:g}–{r_hi:g}, lengths {l_lo:g}–{l_hi:g}): "
+               "this is an extrapolation of the law.")
 try:
     need = smallest_rank(fit, l_in, target)
     st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens: **{need if need is not None else 'none up to 4096'}**")

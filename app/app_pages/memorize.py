@@ -23,6 +23,27 @@ st.caption("Paste a passage, pick a LoRA rank and a threshold τ, and watch each
 
 job = worker.find(st.query_params.get("job"))
 
+
+def _prefill(spec, compare: bool) -> None:
+    """A page opened on a job's URL in a new session shows that job's settings, not the defaults."""
+    ss = st.session_state
+    if spec.data.text is not None:
+        ss.update(source="Paste", passage=spec.data.text)
+    else:
+        ss.update(source="PhoneBook", phonebook=spec.data.phonebook)
+    ss.update(prompt=spec.data.prompt or "", model=spec.model.name, quant=spec.model.quant, method=spec.train.method,
+              rank=spec.adapter.rank, alpha=float(spec.adapter.alpha or 0.0), tau=spec.train.tau, max_steps=spec.train.max_steps,
+              seed=spec.train.seed, stop_when_recalled=spec.train.stop_when_recalled, compare=compare,
+              layers=spec.adapter.layers if isinstance(spec.adapter.layers, str) else ",".join(map(str, spec.adapter.layers)))
+    if isinstance(spec.adapter.targets, str):
+        ss["targets"] = spec.adapter.targets
+    if spec.train.lr in LR_CHOICES:
+        ss["lr"] = spec.train.lr
+
+
+if job is not None and "source" not in st.session_state:
+    _prefill(job.specs[0], compare=len(job.specs) > 1)
+
 # --- inputs --------------------------------------------------------------------------------------------------
 
 left, right = st.columns([3, 2], gap="large")
