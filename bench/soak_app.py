@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--layers", default="paper")
     ap.add_argument("--lr", default="0.01")
+    ap.add_argument("--method", default="sft", help="sft trains every step; memft-ot skips updates once every token is above τ")
     ap.add_argument("--max-minutes", type=float, default=90)
     ap.add_argument("--after-minutes", type=float, default=3, help="minutes measured with the page closed, at the end")
     ap.add_argument("--interval", type=float, default=60, help="seconds between samples")
@@ -131,6 +132,8 @@ def main() -> None:
             page.get_by_role("spinbutton", name="Step budget").fill(str(args.steps))
             page.keyboard.press("Enter")
             page.get_by_text("Stop as soon as it is recalled verbatim").click()
+            page.get_by_label("Method", exact=True).click()  # the selectbox opens a list of options
+            page.get_by_role("option", name=args.method, exact=True).click()
             lr = page.get_by_role("slider", name="Learning rate")
             for _ in range(20):  # the select slider moves one choice per key press
                 if args.lr in lr.get_attribute("aria-valuetext") or "":
@@ -139,7 +142,7 @@ def main() -> None:
             page.wait_for_timeout(1500)
             page.get_by_role("button", name="Start").click()
             page.evaluate(OBSERVER)
-            print(f"soak: {args.tokens} tokens, {args.steps} steps, layers {args.layers}, server pid {server.pid}, home {home}", flush=True)
+            print(f"soak: {args.tokens} tokens, {args.steps} steps, {args.method}, layers {args.layers}, server pid {server.pid}, home {home}", flush=True)
             print(f"{'min':>5} {'server MB':>9} {'trainer MB':>10} {'refresh/s':>9} {'tokens/s':>8} {'steps':>6} {'steps/s':>7}", flush=True)
             t0 = time.time()
             last = {"t": t0, "progress": 0, "tokens": 0, "step": 0}

@@ -195,12 +195,27 @@ def drain(gen: Generator[StepReport, None, dict[str, Any]], on_report: Callable[
 
 def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:
     """Standard PEFT folder (adapter_config.json + adapter_model.safetensors), the tokenizer, and memcore.json
-    saying which prompt and target the adapter memorized."""
+    saying which prompt and target the adapter memorized.
+
+    Written into a temporary folder first, then each file renamed into place: a run killed while saving keeps
+    the previous save's files whole (a rename is atomic), never a half-written weights file."""
+    import shutil
+    import tempfile
+
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "memcore.json").write_text(json.dumps({
-        "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples], "spec": spec.to_dict()}))
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "memcore.json").write_text(json.dumps({
+            "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples], "spec": spec.to_dict()}))
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                dest = path / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _row(r: StepReport) -> dict[str, Any]:
