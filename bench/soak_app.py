@@ -41,7 +41,7 @@ OBSERVER = """
     const bar = [...document.querySelectorAll('[data-testid="stProgress"]')].map(e => e.innerText).join('|');
     if (bar && bar !== window.__mc.lastProgress) { window.__mc.progress += 1; window.__mc.lastProgress = bar; }
     const tv = document.querySelector('.mc-tokens');
-    const t = tv ? tv.innerHTML.length + ':' + tv.innerHTML.slice(0, 2000) : '';
+    const t = tv ? tv.innerHTML : '';
     if (t && t !== window.__mc.lastTokens) { window.__mc.tokens += 1; window.__mc.lastTokens = t; }
   };
   new MutationObserver(tick).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
