@@ -105,7 +105,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                     chat_template=args.chat_template, seed=args.seed, max_tokens=args.max_tokens)
     train = TrainSpec(method=args.method, tau=args.tau, lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_seconds,
                       stop_when_recalled=not args.full_budget, ot_when_empty=args.ot_when_empty, window=args.window,
-                      seed=args.seed, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every)
+                      seed=args.seed, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
+                      recompute=args.recompute)
     return RunSpec(model=model, adapter=adapter, data=data, train=train)
 
 
@@ -514,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=0.0, help=_help(TrainSpec, "weight_decay"))
     o.add_argument("--seed", type=int, default=0, help="seed for adapter init, dropout, noise and PhoneBook")
     o.add_argument("--checkpoint-every", type=float, default=TrainSpec.checkpoint_every, help=_help(TrainSpec, "checkpoint_every"))
+    o.add_argument("--recompute", choices=("auto", "on", "off"), default=TrainSpec.recompute, help=_help(TrainSpec, "recompute"))
     t.add_argument("--label", help="a free-text label stored with the run")
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     t.set_defaults(func=cmd_train)

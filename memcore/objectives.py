@@ -8,6 +8,7 @@ its loss is below -ln(tau), i.e. p(correct) > tau.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,17 @@ def sft_weights(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ot_weights(loss: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
     """memft-ot: w_i = 1 if loss_i > -ln(tau) else 0 (train only tokens not yet above tau)."""
     return ((loss > cut(tau)) & mask).float()
+
+
+def may_train(method: str, tau: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Which tokens can carry weight in this step's update, judged from their loss alone (nats, any shape ->
+    bool), or None when every target token can: memft-ot trains only tokens with loss > -ln(tau); sft and
+    memft-sw (whose sigmoid weights are never zero) train all. Used to skip LM-head gradient work for the
+    rest; a token that gets weight anyway (memft-ot's mean fallback) is still handled, only slower."""
+    if method == "memft-ot":
+        c = cut(tau)
+        return lambda loss: loss > c
+    return None
 
 
 def first_wrong(correct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
