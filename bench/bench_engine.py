@@ -6,9 +6,16 @@
   (c) cost of per-token tracking: train_iter (and the full runner writing the store) against the same
       loop with no tracking at all
   (d) peak memory (RSS on CPU, allocated GPU memory on CUDA) of each variant
+  (e) the paper's regime: `paper` placement on random tokens (1,024 and 2,048) against HF Trainer + PEFT on the
+      same single layer: s/step, cost growth with length, peak memory
+  (f) memft-ot against sft, s/step in the same run
+  (g) achieved FLOP/s of a memcore step (counted by torch's FlopCounterMode) against this machine's fp32
+      matmul rate at the step's own shapes, measured in the same process
+  (h) the law fit (both forms, intervals, leave-one-out) on 7x7 and 16x13 grids against the previous
+      six-start algorithm (bench/law_reference.py)
 
 Each measurement runs in its own subprocess so peak memory is its own. Usage:
-    python bench/bench_engine.py [--steps 12] [--text-sample lighthouse] [--quick]
+    python bench/bench_engine.py [--steps 16] [--sample lighthouse] [--quick] [--sections acdefgh]
 """
 
 from __future__ import annotations
@@ -46,7 +53,16 @@ def _setup(args):
 
     base = load_base(ModelSpec(quant=args.quant))
     tok = base.tokenizer
-    samples = build_samples(tok, DataSpec(text=read_sample(args.sample)), base.context_length)
+    if args.random_tokens:  # uniform over the vocabulary, seeded (the paper's random-token targets)
+        import torch
+
+        from memcore.data import Sample
+
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, base.model.config.vocab_size, (args.random_tokens,), generator=g).tolist()
+        samples = [Sample([tok.bos_token_id if tok.bos_token_id is not None else 0], ids)]
+    else:
+        samples = build_samples(tok, DataSpec(text=read_sample(args.sample)), base.context_length)
     batch = make_batch(samples, tok.pad_token_id).to(base.device)
     spec = AdapterSpec(rank=args.rank, layers=args.layers)
     model = attach_adapter(base.model, spec, seed=0)
@@ -71,7 +87,44 @@ def one_memcore(args) -> dict:
     for r in train_iter(model, batch, spec, pad_id=base.tokenizer.pad_token_id, use_prefix_cache=not args.no_prefix_cache):
         if not r.final:
             stamps.append(time.perf_counter())
-    return {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb(), "final_loss": r.loss}
+    out = {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb(), "final_loss": r.loss}
+    if args.flops:
+        out.update(step_flops(model, batch, spec, args))
+    return out
+
+
+def step_flops(model, batch, spec, args) -> dict:
+    """FLOPs of one training step's forward and backward as memcore runs it (counted by FlopCounterMode: matmuls
+    and attention), and this machine's fp32 matmul rate at the step's largest shapes, both in this process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memcore import objectives as obj
+    from memcore.train import FrozenPrefix, recomputed, token_losses, use_recompute
+
+    prefix = FrozenPrefix.maybe(model) if not args.no_prefix_cache else None
+    if prefix is not None:
+        prefix.capture(model, batch)
+    start = prefix.k if prefix is not None else 0
+    with FlopCounterMode(display=False) as counter:
+        from contextlib import nullcontext
+
+        with (prefix.active() if prefix is not None else nullcontext(),
+              recomputed(model, start) if use_recompute(model, batch, spec.recompute, start) else nullcontext()):
+            loss, _ = token_losses(model, batch)
+        obj.weighted_mean(loss, obj.sft_weights(loss.detach(), batch.target_mask)).backward()
+    flops = counter.get_total_flops()
+    cfg = model.config
+    n = batch.input_ids.numel()
+    rates = []
+    for k, m in ((cfg.hidden_size, cfg.intermediate_size), (cfg.hidden_size, cfg.vocab_size)):
+        a, b = torch.randn(min(n, 1024), k), torch.randn(k, m)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        rates.append(3 * 2 * a.shape[0] * k * m / (time.perf_counter() - t))
+    return {"flops": flops, "matmul_flops_per_s": max(rates)}
 
 
 def one_runner(args) -> dict:
@@ -154,7 +207,33 @@ def one_recall(args) -> dict:
             "tokens": r.n_tokens}
 
 
-KINDS = {"memcore": one_memcore, "runner": one_runner, "untracked": one_untracked, "trainer": one_trainer, "recall": one_recall}
+def one_fit(args) -> dict:
+    """Seconds for `memcore fit`'s work (both forms, intervals, leave-one-out, AIC) on a synthetic grid,
+    the fast fit against the previous six-start algorithm."""
+    import importlib.util
+
+    import numpy as np
+
+    from memcore.law import FORMS, compare_forms, power_law
+
+    spec = importlib.util.spec_from_file_location("law_reference", Path(__file__).resolve().parent / "law_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    n_r, n_l = (int(v) for v in args.grid.split("x"))
+    ranks, lengths = np.geomspace(1, 512, n_r).round(), np.geomspace(50, 10000, n_l).round()
+    r, ell = (v.ravel() for v in np.meshgrid(ranks, lengths))
+    rng = np.random.default_rng(0)
+    dl = power_law(np.array([r, ell]), 40.0, 0.45, 0.4, 0.2) * (1 + 0.03 * rng.standard_normal(r.size))
+    t = time.perf_counter()
+    compare_forms(r, ell, dl)
+    fast = time.perf_counter() - t
+    t = time.perf_counter()
+    for form in FORMS:
+        ref.multistart_fit(form, r, ell, dl)
+    return {"fast_s": fast, "reference_s": time.perf_counter() - t, "points": int(r.size)}
+
+
+KINDS = {"fit": one_fit, "memcore": one_memcore, "runner": one_runner, "untracked": one_untracked, "trainer": one_trainer, "recall": one_recall}
 
 
 def best(variants: dict[str, tuple[str, dict]], repeats: int) -> dict[str, dict]:
@@ -193,40 +272,87 @@ def main() -> None:
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="runs of each timing variant; the fastest counts")
     p.add_argument("--quick", action="store_true", help="skip (b)")
+    p.add_argument("--random-tokens", type=int, default=0, help="train on this many random tokens instead of --sample")
+    p.add_argument("--flops", action="store_true", help="also count one step's FLOPs and this machine's matmul rate")
+    p.add_argument("--grid", default="7x7", help="(h): ranks x lengths of the synthetic sweep")
+    p.add_argument("--lengths", default="1024,2048", help="(e): random-token target lengths")
+    p.add_argument("--long-steps", type=int, default=6, help="(e): steps per run at those lengths")
+    p.add_argument("--sections", default="abcdefgh", help="which sections to run, e.g. 'eh'")
     args = p.parse_args()
     if args.one:
         print(json.dumps(KINDS[args.one](args)))
         return
 
     common = {"steps": args.steps, "rank": args.rank, "lr": args.lr, "sample": args.sample, "quant": args.quant}
+    sec = args.sections
     print(f"memcore engine benchmark: sample={args.sample} rank={args.rank} steps={args.steps} quant={args.quant} "
           f"(median step time after {WARMUP} warm-up steps, fastest of {args.repeats} runs; run it on an idle machine)\n")
-    print("(a) seconds per step, memcore train_iter vs HF Trainer + PEFT (ratio < 1: memcore faster)")
     rows = {}
-    for layers in ("all", "paper"):
-        res = best({"trainer": ("trainer", {"layers": layers, **common}), "memcore": ("memcore", {"layers": layers, **common})}, args.repeats)
-        t, m = rows[layers] = (res["trainer"], res["memcore"])
-        print(f"    layers={layers:<6} trainer {t['s_per_step']:.3f} s/step   memcore {m['s_per_step']:.3f} s/step   "
-              f"ratio {m['s_per_step'] / t['s_per_step']:.2f}x")
-    m_nc = best({"nc": ("memcore", {"layers": "paper", "no_prefix_cache": True, **common})}, args.repeats)["nc"]
-    print(f"    paper preset without the frozen-prefix cache: {m_nc['s_per_step']:.3f} s/step "
-          f"(cache speed-up {m_nc['s_per_step'] / rows['paper'][1]['s_per_step']:.2f}x)")
+    if "a" in sec or "d" in sec:
+        print("(a) seconds per step, memcore train_iter vs HF Trainer + PEFT (ratio < 1: memcore faster)")
+        for layers in ("all", "paper"):
+            res = best({"trainer": ("trainer", {"layers": layers, **common}),
+                        "memcore": ("memcore", {"layers": layers, "flops": layers == "all", **common})}, args.repeats)
+            t, m = rows[layers] = (res["trainer"], res["memcore"])
+            print(f"    layers={layers:<6} trainer {t['s_per_step']:.3f} s/step   memcore {m['s_per_step']:.3f} s/step   "
+                  f"ratio {m['s_per_step'] / t['s_per_step']:.2f}x")
+        m_nc = best({"nc": ("memcore", {"layers": "paper", "no_prefix_cache": True, **common})}, args.repeats)["nc"]
+        print(f"    paper preset without the frozen-prefix cache: {m_nc['s_per_step']:.3f} s/step "
+              f"(cache speed-up {m_nc['s_per_step'] / rows['paper'][1]['s_per_step']:.2f}x)")
 
-    print("\n(c) cost of per-token tracking (sft, all layers)")
-    res = best({k: (k, {"layers": "all", **common}) for k in ("untracked", "memcore", "runner")}, args.repeats)
-    u, m, r = res["untracked"], res["memcore"], res["runner"]
-    print(f"    untracked loop {u['s_per_step']:.3f} s/step   train_iter {m['s_per_step']:.3f} s/step   "
-          f"overhead {100 * (m['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
-    print(f"    runner with store writes {r['s_per_step']:.3f} s/step   overhead {100 * (r['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
+    if "c" in sec:
+        print("\n(c) cost of per-token tracking (sft, all layers)")
+        res = best({k: (k, {"layers": "all", **common}) for k in ("untracked", "memcore", "runner")}, args.repeats)
+        u, m, r = res["untracked"], res["memcore"], res["runner"]
+        print(f"    untracked loop {u['s_per_step']:.3f} s/step   train_iter {m['s_per_step']:.3f} s/step   "
+              f"overhead {100 * (m['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
+        print(f"    runner with store writes {r['s_per_step']:.3f} s/step   overhead {100 * (r['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
 
-    print("\n(d) peak memory (MB; RSS on CPU, allocated on CUDA)")
-    t, m = rows["all"]
-    print(f"    all layers: trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
-    t, m = rows["paper"]
-    print(f"    paper:      trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
-    print(f"    untracked {u['peak_mb']:.0f}   runner {r['peak_mb']:.0f}")
+    if rows:
+        print("\n(d) peak memory (MB; RSS on CPU, allocated on CUDA)")
+        for layers in ("all", "paper"):
+            t, m = rows[layers]
+            print(f"    {layers + ':':<11} trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
 
-    if not args.quick:
+    long_rows = {}
+    if "e" in sec:
+        print("\n(e) paper placement, random tokens (sft), memcore vs HF Trainer + PEFT on the same single layer")
+        for n in (int(v) for v in args.lengths.split(",")):
+            kw = {**common, "layers": "paper", "random_tokens": n, "steps": args.long_steps, "lr": 1e-3}
+            res = best({"trainer": ("trainer", kw), "memcore": ("memcore", {**kw, "flops": True})}, 1)
+            t, m = long_rows[n] = (res["trainer"], res["memcore"])
+            print(f"    {n:>5} tokens  trainer {t['s_per_step']:.2f} s/step {t['peak_mb']:.0f} MB   memcore {m['s_per_step']:.2f} s/step "
+                  f"{m['peak_mb']:.0f} MB   time ratio {m['s_per_step'] / t['s_per_step']:.2f}x   memory ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
+        if len(long_rows) >= 2:
+            (n0, (t0, m0)), (n1, (t1, m1)) = sorted(long_rows.items())[:2]
+            print(f"    cost growth {n0} -> {n1} tokens ({n1 / n0:.1f}x the length): memcore {m1['s_per_step'] / m0['s_per_step']:.2f}x, "
+                  f"trainer {t1['s_per_step'] / t0['s_per_step']:.2f}x")
+
+    if "f" in sec:
+        print("\n(f) memft-ot vs sft, s/step in the same run (all layers)")
+        res = best({meth: ("memcore", {**common, "layers": "all", "method": meth}) for meth in ("sft", "memft-ot")}, args.repeats)
+        s_, o = res["sft"], res["memft-ot"]
+        print(f"    sft {s_['s_per_step']:.3f} s/step   memft-ot {o['s_per_step']:.3f} s/step   ratio {o['s_per_step'] / s_['s_per_step']:.3f}x")
+
+    if "g" in sec:
+        print("\n(g) achieved FLOP/s of a memcore step against this machine's fp32 matmul rate at the step's shapes")
+        found = [("all layers", rows["all"][1])] if "all" in rows else []
+        found += [(f"paper, {n} tokens", m) for n, (_, m) in long_rows.items()]
+        if not found:
+            print("    (needs (a) or (e))")
+        for name, m in found:
+            rate = m["flops"] / m["s_per_step"]
+            print(f"    {name:<20} {m['flops'] / 1e9:7.1f} GFLOP/step  {rate / 1e9:6.1f} GFLOP/s achieved   matmul rate "
+                  f"{m['matmul_flops_per_s'] / 1e9:6.1f} GFLOP/s   {100 * rate / m['matmul_flops_per_s']:.0f}%")
+
+    if "h" in sec:
+        print("\n(h) law fit (both forms, intervals, leave-one-out, AIC) vs the previous six-start fit")
+        for grid in (args.grid, "16x13"):
+            f = sub("fit", grid=grid)
+            print(f"    {grid:>5} grid ({f['points']} points)  fast {f['fast_s']:.2f} s   previous {f['reference_s']:.2f} s   "
+                  f"ratio {f['fast_s'] / f['reference_s']:.3f}x")
+
+    if not args.quick and "b" in sec:
         print("\n(b) steps and seconds to exact recall, memft-ot vs sft (max 100 steps, all layers)")
         for sample in ("lighthouse", "recipe", "orbit"):
             res = {meth: sub("recall", method=meth, **{**common, "sample": sample, "steps": 100}) for meth in ("sft", "memft-ot")}

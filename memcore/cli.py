@@ -106,7 +106,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     train = TrainSpec(method=args.method, tau=args.tau, lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_seconds,
                       stop_when_recalled=not args.full_budget, ot_when_empty=args.ot_when_empty, window=args.window,
                       seed=args.seed, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                      recompute=args.recompute)
+                      recompute=args.recompute, history=getattr(args, "history", TrainSpec.history))
     return RunSpec(model=model, adapter=adapter, data=data, train=train)
 
 
@@ -323,6 +323,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.sample = "long_archive"
     args.full_budget, args.method, args.seed, args.noise = True, args.methods[0], args.seeds[0], 0.0
     args.rank, args.length, args.label = args.ranks[0], None, None
+    args.history = "full" if args.full_history else "decimated"
     base = spec_from_args(args)
     sweep = SweepSpec(base=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=tuple(args.methods),
                       seeds=tuple(args.seeds), noises=tuple(args.noises), name=args.name)
@@ -561,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cpus-per-run", type=float, default=1, help="Ray: CPUs each point asks for")
     sw.add_argument("--gpus-per-run", type=float, default=0, help="Ray: GPUs each point asks for")
     sw.add_argument("--retries", type=int, default=2, help="Ray: retries of a failing point before it is recorded as failed")
+    sw.add_argument("--full-history", action="store_true",
+                    help="keep every step's per-token history for replay (default: about 300 snapshots per point, denser early)")
     for action in t._actions:  # every train flag that makes sense for a whole grid
         if action.dest in ("help", "method", "seed", "full_budget", "noise", "length", "json", "label", "rank"):
             continue

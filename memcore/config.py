@@ -14,6 +14,7 @@ Method = Literal["sft", "memft-ot", "memft-sw"]
 Quant = Literal["none", "nf4", "int8"]
 OtWhenEmpty = Literal["skip", "mean"]
 Recompute = Literal["auto", "on", "off"]
+History = Literal["full", "decimated"]
 
 METHODS: tuple[str, ...] = ("sft", "memft-ot", "memft-sw")
 QUANTS: tuple[str, ...] = ("none", "nf4", "int8")
@@ -154,6 +155,9 @@ class TrainSpec:
     """memft-sw with several samples: train on the first 1/k, 2/k, ... of them, k stages."""
     checkpoint_every: float = 180.0
     """Save the adapter and optimizer state every this many seconds (0: never), so a killed run can resume."""
+    history: History = "full"
+    """Per-token replay history kept in the store: every step ('full'), or at most about 300 snapshots, denser
+    early, plus the final step ('decimated': what sweeps keep unless asked). Scalars are kept for every step."""
     recompute: Recompute = "auto"
     """Recompute the trained blocks' activations in the backward instead of keeping them: less memory at long
     targets for about one more forward; 'auto' turns it on when their activations would take over 768 MB."""
@@ -172,6 +176,7 @@ class TrainSpec:
         _need(_is_int(self.curriculum_stages) and self.curriculum_stages >= 1, f"curriculum stages must be >= 1, got {self.curriculum_stages!r}")
         _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
               f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
+        _need(self.history in ("full", "decimated"), f"history must be full or decimated, got {self.history!r}")
         _need(self.recompute in ("auto", "on", "off"), f"recompute must be auto, on or off, got {self.recompute!r}")
 
 

@@ -16,6 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from memcore.config import MemcoreError, RunSpec
 from memcore.data import Sample, build_samples, make_batch
 from memcore.metrics import StubbornCounter, bits_per_param
@@ -70,6 +72,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
             stubborn.update(p)
         pending: list[dict[str, Any]] = []
         last_flush = time.monotonic()
+        keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
+        snapshots = len(store.replay(run_id).steps) if ckpt else 0
 
         def save(state: Checkpoint) -> None:
             nonlocal pending
@@ -83,7 +87,12 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
                             resume=ckpt, checkpoint=save):
             r.run_id = run_id
             stubborn.update(r.p)
-            pending.append(_row(r))
+            row = _row(r)
+            if keep is not None and not r.final and r.step not in keep:
+                row["p"] = row["correct"] = None  # scalars only: a decimated history keeps no per-token snapshot here
+            else:
+                snapshots += 1
+            pending.append(row)
             if r.final or time.monotonic() - last_flush >= FLUSH_SECONDS:
                 store.write_steps(run_id, pending)
                 pending, last_flush = [], time.monotonic()
@@ -94,6 +103,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         assert final is not None
         save_adapter(model, tok, adapter_dir, samples, spec)
         summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask], pieces)
+        summary["history"], summary["snapshots"] = spec.train.history, snapshots
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         if final.stop_reason in ("recalled", "max_steps"):  # finished: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)
@@ -115,6 +125,22 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
     finally:
         if model is not None:
             base.model = detach_adapter(model)
+
+
+HISTORY_SNAPSHOTS = 300
+
+
+def snapshot_steps(max_steps: int, n: int | None = None) -> frozenset[int]:
+    """The steps a decimated history keeps per-token snapshots of (the final step is always added): every
+    step if the budget has at most `n`, else about n/2 log-spaced steps (dense early, where most tokens cross
+    tau) and n/2 evenly spaced ones, step 0 and `max_steps` among them; at most n steps (default
+    HISTORY_SNAPSHOTS)."""
+    n = HISTORY_SNAPSHOTS if n is None else n
+    if max_steps + 1 <= n:
+        return frozenset(range(max_steps + 1))
+    geo = np.round(np.geomspace(1, max_steps + 1, n // 2)).astype(int) - 1
+    lin = np.round(np.linspace(0, max_steps, n - n // 2)).astype(int)
+    return frozenset(int(v) for v in np.concatenate([geo, lin]))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ class Store:
                     np.asarray(base_loss, dtype=np.float32).tobytes(), json.dumps([len(t) for t in target_ids])))
 
     def write_steps(self, run_id: str, rows: list[dict[str, Any]]) -> None:
-        """Append a block of step reports in one transaction (and refresh the heartbeat)."""
+        """Append a block of step reports in one transaction (and refresh the heartbeat). A row whose "p" is None
+        is stored without its per-token snapshot (a decimated history)."""
         if not rows:
             return
         with self._write() as db:
@@ -220,7 +221,7 @@ class Store:
                            [(run_id, *[r[c] for c in STEP_COLUMNS]) for r in rows])
             db.executemany("INSERT OR REPLACE INTO token_steps VALUES (?,?,?,?)",
                            [(run_id, r["step"], np.asarray(r["p"], dtype=np.float16).tobytes(),
-                             np.packbits(np.asarray(r["correct"], dtype=bool)).tobytes()) for r in rows])
+                             np.packbits(np.asarray(r["correct"], dtype=bool)).tobytes()) for r in rows if r["p"] is not None])
             db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1]["step"], run_id))
 
     def truncate_steps(self, run_id: str, from_step: int) -> None:

@@ -22,6 +22,9 @@ SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512),
                   "noises": (0.0,)}
 
 
+HOW_NOT_WHAT = ("recompute", "history")  # TrainSpec fields left out of a sweep's id
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     base: RunSpec  # model, adapter placement, data, training settings shared by every point
@@ -50,7 +53,10 @@ class SweepSpec:
         """Stable id: the name if given, else a hash of everything that defines the grid."""
         if self.name:
             return self.name
-        d = {"base": self.base.to_dict(), "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
+        base = self.base.to_dict()
+        for how in HOW_NOT_WHAT:  # settings that change how a point runs, not its numbers: same sweep
+            base["train"].pop(how, None)
+        d = {"base": base, "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
              "seeds": self.seeds, "noises": self.noises}
         return "sweep-" + hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

@@ -252,10 +252,6 @@ def recomputed(model: Any, start: int) -> Iterator[None]:
 # --- the loop ----------------------------------------------------------------------------------------------
 
 
-def _flat(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return x[mask]  # row-major: the targets of sample 0, then sample 1, ...
-
-
 def _set_lora_dropout(model: Any, on: bool) -> None:
     for name, m in model.named_modules():
         if name.endswith("lora_dropout") or ".lora_dropout." in name:
@@ -326,8 +322,8 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
     if base_loss is None:
         base_loss = base_losses(model, batch)
     mask = batch.target_mask
-    base_flat = _flat(base_loss, mask)
-    base_mean = float(base_flat.mean())
+    where = mask.flatten().nonzero()[:, 0]  # flat positions of the targets, row-major: sample 0's, then 1's, ...
+    base_np = _read(base_loss, mask, where)[0]
     n_rows = batch.input_ids.shape[0]
 
     hint = obj.may_train(spec.method, spec.tau)
@@ -367,17 +363,12 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
             last = (loss, correct)
         loss, correct = last
         det = loss.detach()
-        flat_loss = _flat(det, mask)
-        flat_correct = _flat(correct, mask)
-        recalled = bool(flat_correct.all())
-        wrong = (~flat_correct).nonzero()
-        report = StepReport(
-            step=step, loss=float(flat_loss.mean()), delta_loss=base_mean - float(flat_loss.mean()),
-            p=torch.exp(-flat_loss).to(torch.float16).cpu().numpy(), correct=flat_correct.cpu().numpy(),
-            n_above=int((flat_loss < obj.cut(spec.tau)).sum()), n_correct=int(flat_correct.sum()), active=0,
-            recalled=recalled, first_divergence=None if recalled else int(wrong[0, 0]),
-            elapsed=time.perf_counter() - t0, lr=spec.lr * max(0.0, 1.0 - step / spec.max_steps),
-            bits_stored=float((base_flat - flat_loss).sum()) / LN2, notes=notes)
+        fl, fc = _read(det, correct, where)  # the step's one device-to-host copy
+        report = StepReport(step=step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0, active=0,
+                            recalled=False, first_divergence=None, elapsed=time.perf_counter() - t0,
+                            lr=spec.lr * max(0.0, 1.0 - step / spec.max_steps), bits_stored=0.0, notes=notes)
+        _fill(report, fl, fc, base_np, spec.tau)
+        recalled = report.recalled
 
         reason = None
         if should_stop is not None and should_stop():
@@ -402,7 +393,7 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
                 _set_lora_dropout(model, False)
                 with torch.no_grad():
                     loss, correct = token_losses(model, batch)
-                _refresh(report, loss, correct, mask, base_flat, spec.tau)
+                _fill(report, *_read(loss, correct, where), base_np, spec.tau)
             if report.generated is None and spec.verify:
                 report.generated = _check(model, batch, pad_id, report, gen_seconds)
             if report.generate_recalled is not None and report.recalled != report.generate_recalled:
@@ -416,17 +407,19 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
 
         # choose this step's token weights from the detached losses
         rows = obj.curriculum_rows(step, spec.max_steps, n_rows, spec.curriculum_stages) if spec.method == "memft-sw" else None
+        # (sft and memft-ot count their active tokens on the host copy of the very losses the weights come from:
+        # no further device sync; memft-sw's window reads its anchors and counts on the device)
         if spec.method == "sft":
-            w = obj.sft_weights(det, mask)
+            w, report.active = obj.sft_weights(det, mask), report.n_tokens
         elif spec.method == "memft-ot":
-            w = obj.ot_weights(det, mask, spec.tau)
-            if w.sum() == 0 and spec.ot_when_empty == "mean":
-                w = obj.sft_weights(det, mask)
+            w, report.active = obj.ot_weights(det, mask, spec.tau), int((fl > obj.cut(spec.tau)).sum())
+            if report.active == 0 and spec.ot_when_empty == "mean":
+                w, report.active = obj.sft_weights(det, mask), report.n_tokens
         else:
             w = obj.sw_weights(det, correct, mask, spec.tau, window)
             if rows is not None and len(rows) < n_rows:
                 w = w * (torch.arange(n_rows, device=w.device) < len(rows)).to(w.dtype)[:, None]
-        report.active = int((w > 0).sum())
+            report.active = int((w > 0).sum())
         if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
             report.skipped = True
             changed = dropout
@@ -442,18 +435,24 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
         step += 1
 
 
-def _refresh(report: StepReport, loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor,
-             base_flat: torch.Tensor, tau: float) -> None:
-    fl, fc = _flat(loss, mask), _flat(correct, mask)
+def _read(loss: torch.Tensor, correct: torch.Tensor, where: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-target loss [N] float32 (nats) and argmax-correct [N] bool on the host, in one device-to-host copy."""
+    packed = torch.cat([loss.detach().flatten()[where].float(), correct.flatten()[where].float()]).cpu().numpy()
+    n = where.numel()
+    return packed[:n], packed[n:] > 0.5
+
+
+def _fill(report: StepReport, fl: np.ndarray, fc: np.ndarray, base_np: np.ndarray, tau: float) -> None:
+    """Set a report's measurements from the host copies: losses `fl` [N] (nats), argmax-correct `fc` [N]."""
     report.loss = float(fl.mean())
-    report.delta_loss = float(base_flat.mean() - fl.mean())
-    report.p = torch.exp(-fl).to(torch.float16).cpu().numpy()
-    report.correct = fc.cpu().numpy()
+    report.delta_loss = float(base_np.mean()) - report.loss
+    report.p = np.exp(-fl).astype(np.float16)
+    report.correct = fc
     report.n_above = int((fl < obj.cut(tau)).sum())
     report.n_correct = int(fc.sum())
     report.recalled = bool(fc.all())
-    report.first_divergence = None if report.recalled else int((~fc).nonzero()[0, 0])
-    report.bits_stored = float((base_flat - fl).sum()) / LN2
+    report.first_divergence = None if report.recalled else int(np.argmin(fc))
+    report.bits_stored = float((base_np.astype(np.float64) - fl).sum()) / LN2
 
 
 def _check(model: Any, batch: Batch, pad_id: int, report: StepReport, seconds: list[float]) -> list[list[int]]:

@@ -137,40 +137,14 @@ def test_fit_on_the_field_spreadsheet_csv_from_the_command_line(tmp_path, capsys
 
 
 def _multistart_reference(form, r, ell, dl):
-    """The previous fitting algorithm, kept here as the reference: curve_fit from six fixed starts, the best kept;
-    leave-one-out refits every start too."""
-    from scipy.optimize import curve_fit
+    import importlib.util
+    from pathlib import Path
 
-    from memcore.law import FUNCS, _bounds
-
-    x = np.array([r, ell])
-
-    def fit(x, dl):
-        lo, hi = _bounds(form, dl)
-        best = None
-        for alpha in (0.3, 0.8, 1.5):
-            for beta in (0.3, 0.8):
-                scale = np.median(np.power(x[0], alpha) * np.power(x[1], -beta))
-                span = max(float(np.max(np.abs(dl))), 1e-6)
-                p0 = (np.array([span / scale, alpha, beta, float(np.min(dl)) * 0.5]) if form == "power"
-                      else np.array([1.2 * float(np.max(dl)), 1.0 / scale, alpha, beta]))
-                p0 = np.clip(p0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
-                try:
-                    popt, pcov = curve_fit(FUNCS[form], x, dl, p0=p0, bounds=(lo, hi), maxfev=20000)
-                except (RuntimeError, ValueError):
-                    continue
-                sse = float(np.sum((FUNCS[form](x, *popt) - dl) ** 2))
-                if best is None or sse < best[0]:
-                    best = (sse, popt, pcov)
-        return best
-
-    sse, popt, pcov = fit(x, dl)
-    loo = []
-    for i in range(len(dl)):
-        keep = np.arange(len(dl)) != i
-        sub = fit(x[:, keep], dl[keep])
-        loo.append(float(FUNCS[form](x[:, i:i + 1], *sub[1])[0] - dl[i]))
-    return popt, np.sqrt(np.diag(pcov)), sse, float(np.sqrt(np.mean(np.square(loo))))
+    path = Path(__file__).resolve().parent.parent / "bench" / "law_reference.py"
+    spec = importlib.util.spec_from_file_location("law_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.multistart_fit(form, r, ell, dl)
 
 
 @pytest.mark.parametrize("form", ["power", "saturating"])

@@ -84,3 +84,40 @@ def test_a_point_cut_off_mid_way_continues_from_its_checkpoint(sweep, home):
     assert done["run_id"] == cut["id"] and done["steps"] == 10  # the same run, continued
     assert [s["step"] for s in store.steps(cut["id"])] == list(range(11))
     assert len(sweep_table(store, "mid")) == 1
+
+
+def test_snapshot_schedule_is_bounded_and_denser_early():
+    from memcore.runner import snapshot_steps
+
+    kept = snapshot_steps(2000)
+    assert len(kept) <= 300 and {0, 2000} <= kept
+    early, late = sum(s < 200 for s in kept), sum(s >= 1800 for s in kept)
+    assert early > 3 * late > 0
+    assert snapshot_steps(120) == frozenset(range(121))  # a short budget keeps every step
+
+
+def test_a_decimated_history_keeps_every_scalar_and_replays_its_snapshots(sweep, home, monkeypatch):
+    import memcore.runner as runner
+
+    monkeypatch.setattr(runner, "HISTORY_SNAPSHOTS", 10)
+    store = Store(home)
+    base = RunSpec(model=sweep.base.model, adapter=sweep.base.adapter, data=sweep.base.data,
+                   train=TrainSpec(max_steps=40, lr=1e-2, history="decimated"))
+    (point,) = run_sweep(SweepSpec(base=base, ranks=(2,), lengths=(8,), methods=("memft-ot",), name="dec"), store)
+    run_id = point["run_id"]
+    assert [s["step"] for s in store.steps(run_id)] == list(range(41))  # loss, ΔL, counts: every step
+    replay = store.replay(run_id)
+    assert len(replay.steps) <= 10 and replay.steps[0] == 0 and replay.steps[-1] == 40
+    assert replay.steps == sorted(replay.steps) and replay.p.shape == (len(replay.steps), 8)
+    summary = store.run(run_id)["summary"]
+    assert summary["history"] == "decimated" and summary["snapshots"] == len(replay.steps)
+    # the final snapshot is the run's final state
+    assert int((replay.p[-1] > 0.5).sum()) == summary["n_above"]
+
+
+def test_sweep_id_ignores_how_points_are_run(sweep):
+    from dataclasses import replace
+
+    other = replace(sweep, base=replace(sweep.base, train=replace(sweep.base.train, history="decimated", recompute="on")))
+    assert SweepSpec(base=other.base, ranks=sweep.ranks, lengths=sweep.lengths).id == \
+        SweepSpec(base=sweep.base, ranks=sweep.ranks, lengths=sweep.lengths).id
