@@ -13,8 +13,11 @@ and presses Start. Every minute it records:
 - training steps per second, read from the run store.
 
 When the run is done (or --max-minutes pass) it closes the page and measures steps per second for
---after-minutes with no page open, on the same run: the ratio is what watching costs. Run it on an otherwise
-idle machine: it times things.
+--after-minutes with no page open, on the same run: the ratio is what watching costs. With --cli-steps N it
+then trains the same passage with the same settings through `memcore train` for N steps, the baseline for the
+app's speed (app s/step with the page open / CLI s/step). Run it on an otherwise idle machine: it times things.
+
+    python bench/soak_app.py --tokens 300 --steps 60 --max-minutes 6 --after-minutes 0 --cli-steps 40
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=60, help="seconds between samples")
     ap.add_argument("--out", default=None, help="write the samples as JSON")
     ap.add_argument("--screenshot", default=None, help="save a full-page screenshot at the end of the watched part")
+    ap.add_argument("--cli-steps", type=int, default=0, help="then time `memcore train` on the same passage for this many steps")
     args = ap.parse_args()
 
     import psutil
@@ -188,6 +192,21 @@ def main() -> None:
             if without and without[0] > 0:
                 print(f"steps/s with the page open (median) {with_page:.3f} vs closed {without[0]:.3f}: "
                       f"watching costs {without[0] / with_page:.2f}x", flush=True)
+        if args.cli_steps:
+            server.terminate()  # nothing else running: the CLI gets the machine the app had
+            server.wait(timeout=30)
+            text = home / "passage.txt"
+            text.write_text(passage, encoding="utf-8")
+            cli = subprocess.run([sys.executable, "-m", "memcore.cli", "train", "--text-file", str(text), "--layers", args.layers,
+                                  "--lr", args.lr, "--method", args.method, "--max-steps", str(args.cli_steps), "--full-budget",
+                                  "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
+            if cli.returncode != 0:
+                raise SystemExit(f"memcore train failed:\n{cli.stderr[-2000:]}")
+            cli_s = json.loads(cli.stdout.strip().splitlines()[-1])["seconds_per_step"]
+            app_rates = [s["steps_per_s"] for s in watched[1:] or watched if s["steps_per_s"] > 0]
+            app_s = 1 / sorted(app_rates)[len(app_rates) // 2] if app_rates else float("nan")
+            samples.append({"minute": None, "cli_s_per_step": cli_s, "app_s_per_step": app_s, "page": False})
+            print(f"app with the page open {app_s:.3f} s/step vs memcore train {cli_s:.3f} s/step: ratio {app_s / cli_s:.2f}x", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "samples": samples}, indent=1))
     finally:

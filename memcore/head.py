@@ -49,6 +49,12 @@ def chunk_rows(vocab: int, device: torch.device) -> int:
     return max(8, budget // (4 * vocab))
 
 
+def all_rows_at_once(device: torch.device) -> bool:
+    """Whether gradient rows are computed for every target row, masked arithmetically (accelerators: no host
+    sync), rather than only for the rows that may train, found by indexing (CPU: less work)."""
+    return device.type != "cpu"
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """loss [N] fp32 (0 where not mask), correct [N] bool from h [N, H] through logits = h W^T + b."""
 
@@ -61,6 +67,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0] and grad_mode  # grad mode is always off in here: the caller's
         grad_rows = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if want_grad else None
         have = torch.zeros(n, dtype=torch.bool, device=h.device)
+        # On CPU, skipping the gradient rows of tokens that cannot train saves real time and the boolean indexing
+        # is free; on an accelerator every index lookup would wait for the device, while the extra rows cost
+        # little, so all target rows get their gradient row and the backward never needs to recompute.
+        dense = all_rows_at_once(h.device)
+        ctx.complete = dense
         for s in range(0, n, rows):
             e = min(n, s + rows)
             logits = F.linear(h[s:e], weight, bias).float()  # [c, V]
@@ -70,11 +81,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             del logits
             li = -logp.gather(1, y[:, None])[:, 0]
             loss[s:e] = li
-            if want_grad:
+            if want_grad and not dense:
                 need = mask[s:e] if hint is None else mask[s:e] & hint(li)
                 idx = need.nonzero()[:, 0]
                 if idx.numel():
                     _grad_into(grad_rows, have, s + idx, logp if idx.numel() == e - s else logp[idx], y[idx], weight)
+            elif want_grad:  # every target row, masked arithmetically: no host sync to learn which rows
+                p = logp.exp_()
+                p[torch.arange(e - s, device=p.device), y] -= 1.0
+                grad_rows[s:e] = (p.to(weight.dtype) @ weight).float() * mask[s:e, None]
         loss = loss * mask
         correct = correct & mask
         ctx.mark_non_differentiable(correct)
@@ -87,7 +102,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: torch.Tensor) -> tuple:
         h, weight, bias, labels, mask, grad_rows, have = ctx.saved_tensors
         g = grad_loss.float() * mask
-        missing = ((g != 0) & ~have).nonzero()[:, 0]
+        missing = have[:0].long() if ctx.complete else ((g != 0) & ~have).nonzero()[:, 0]
         for s in range(0, missing.numel(), ctx.rows):  # rows the hint did not expect to train: recompute them
             idx = missing[s:s + ctx.rows]
             logp = torch.log_softmax(F.linear(h[idx], weight, bias if ctx.has_bias else None).float(), dim=-1)

@@ -61,6 +61,21 @@ def test_a_wrong_hint_costs_time_not_correctness():
         assert torch.allclose(g, h.grad, atol=1e-6)
 
 
+def test_the_accelerator_variant_without_row_indexing_gives_the_same_gradient(monkeypatch):
+    import memcore.head as head_module
+
+    monkeypatch.setattr(head_module, "all_rows_at_once", lambda device: True)
+    torch.manual_seed(4)
+    head = torch.nn.Linear(16, 200).requires_grad_(False)
+    h = torch.randn(40, 16, requires_grad=True)
+    labels, mask, w = torch.randint(0, 200, (40,)), torch.rand(40) > 0.3, torch.rand(40)
+    loss, _ = chunked_head_loss(h, head, labels, mask, hint=lambda loss: loss > 1e9, rows=7)
+    (w * loss).sum().backward()
+    g, h.grad = h.grad.clone(), None
+    (w * _plain(h, head, labels, mask)[0]).sum().backward()
+    assert torch.allclose(g, h.grad, atol=1e-6)
+
+
 def test_no_grad_pass_gives_the_same_numbers():
     torch.manual_seed(2)
     head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)

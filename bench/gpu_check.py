@@ -1,0 +1,238 @@
+"""The GPU path, measured: one script, a few minutes, on a CUDA machine with no internet.
+
+    bash bench/gpu_check.sh [--out DIR]      (installs wheels carried in .whl/ if any, then runs this)
+
+Rows (each printed as it finishes, all written to DIR/gpu_check.json):
+  1. the default model (SmolLM2-135M, converted from the GGUF in the repository), all-layer LoRA r=8 on the
+     lighthouse passage, in float32, bfloat16 and nf4 (bitsandbytes): s/step, tokens/s, peak GPU memory,
+     host syncs per step (torch.cuda.set_sync_debug_mode), achieved TFLOP/s (FlopCounterMode) against the
+     GPU's dense bf16 peak;
+  2. a Llama-style ~1.1B model built in code from a config (random weights: throughput only), bfloat16,
+     2,048 random target tokens, all-layer LoRA r=8 and the `paper` placement; LoRA weights are checked to
+     stay float32 under the bf16 base;
+  3. one short capacity point (256 random tokens, `paper` placement, rank 1, sft, 30 steps, float32) whose
+     ΔL and tokens above tau are compared with the CPU run's numbers in bench/gpu_check_expected.json
+     (written by `python bench/gpu_check.py --cpu-reference` on a CPU machine).
+
+CUDA-only parts are skipped with a message where no GPU is present; rows whose packages are missing (gguf,
+bitsandbytes) say so and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EXPECTED = Path(__file__).resolve().parent / "gpu_check_expected.json"
+DENSE_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                     "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+CAPACITY = dict(tokens=256, rank=1, steps=30, lr=1e-2)
+
+
+def peak_tflops(name: str, given: float | None) -> float | None:
+    if given:
+        return given
+    for key, v in DENSE_BF16_TFLOPS.items():
+        if key in name:
+            return v
+    return None
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    import torch
+
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def measure(model, batch, spec, pad_id: int, device) -> dict:
+    """Train `spec.max_steps` steps; median s/step after 2 warm-up steps, peak memory, syncs per step, FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memcore import objectives as obj
+    from memcore.train import FrozenPrefix, recomputed, token_losses, train_iter, use_recompute
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    stamps, syncs = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        seen = 0
+        for report in train_iter(model, batch, spec, pad_id=pad_id):
+            r = report
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            n = sum("synchroniz" in str(w.message) for w in caught)
+            syncs.append(n - seen)
+            seen = n
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+    steps = [b - a for a, b in zip(stamps[2:-1], stamps[3:-1])] or [float("nan")]
+    s_per_step = statistics.median(steps)
+    # FLOPs of one training step as memcore runs it
+    prefix = FrozenPrefix.maybe(model)
+    if prefix is not None:
+        prefix.capture(model, batch)
+    start = prefix.k if prefix is not None else 0
+    from contextlib import nullcontext
+
+    with FlopCounterMode(display=False) as counter:
+        with (prefix.active() if prefix is not None else nullcontext(),
+              recomputed(model, start) if use_recompute(model, batch, spec.recompute, start) else nullcontext()):
+            loss, _ = token_losses(model, batch)
+        obj.weighted_mean(loss, obj.sft_weights(loss.detach(), batch.target_mask)).backward()
+    model.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    return {"s_per_step": s_per_step, "tokens_per_s": batch.input_ids.numel() / s_per_step,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "syncs_per_step": statistics.median(syncs[3:-1]) if len(syncs) > 4 else None,
+            "tflop_per_step": flops / 1e12, "tflops": flops / s_per_step / 1e12, "final_loss": r.loss,
+            "delta_loss": r.delta_loss, "n_above": r.n_above, "n_tokens": r.n_tokens}
+
+
+def row_default(kind: str, device) -> dict:
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec, TrainSpec
+    from memcore.data import build_samples, make_batch, read_sample
+    from memcore.models import attach_adapter, detach_adapter, load_base
+
+    dtype, quant = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "nf4": ("bfloat16", "nf4")}[kind]
+    base = load_base(ModelSpec(dtype=dtype, quant=quant, device=str(device)))
+    tok = base.tokenizer
+    samples = build_samples(tok, DataSpec(text=read_sample("lighthouse")), base.context_length)
+    batch = make_batch(samples, tok.pad_token_id).to(base.device)
+    model = attach_adapter(base.model, AdapterSpec(rank=8), seed=0)
+    spec = TrainSpec(method="sft", lr=2e-3, max_steps=20, stop_when_recalled=False, verify=False)
+    out = measure(model, batch, spec, tok.pad_token_id, base.device)
+    detach_adapter(model)
+    return out
+
+
+def row_llama_1b(layers: str, device) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memcore.config import AdapterSpec, TrainSpec
+    from memcore.data import Sample, make_batch
+    from memcore.models import attach_adapter, detach_adapter
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    base.requires_grad_(False)
+    batch = make_batch([Sample([1], random_ids(2048, cfg.vocab_size))], 0).to(device)
+    model = attach_adapter(base, AdapterSpec(rank=8, layers=layers), seed=0)
+    lora_dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+    spec = TrainSpec(method="sft", lr=1e-3, max_steps=12, stop_when_recalled=False, verify=False)
+    out = measure(model, batch, spec, 0, torch.device(device))
+    out["params_b"] = sum(p.numel() for p in base.parameters()) / 1e9
+    out["lora_dtypes"] = lora_dtypes
+    detach_adapter(model)
+    del base, model
+    torch.cuda.empty_cache()
+    return out
+
+
+def row_capacity(device) -> dict:
+    from memcore.config import AdapterSpec, ModelSpec, TrainSpec
+    from memcore.data import Sample, make_batch
+    from memcore.models import attach_adapter, detach_adapter, load_base
+
+    base = load_base(ModelSpec(dtype="float32", device=str(device)))
+    ids = random_ids(CAPACITY["tokens"], base.model.config.vocab_size)
+    bos = base.tokenizer.bos_token_id or 0
+    batch = make_batch([Sample([bos], ids)], 0).to(base.device)
+    model = attach_adapter(base.model, AdapterSpec(rank=CAPACITY["rank"], layers="paper"), seed=0)
+    spec = TrainSpec(method="sft", lr=CAPACITY["lr"], max_steps=CAPACITY["steps"], stop_when_recalled=False, verify=False)
+    out = measure(model, batch, spec, 0, base.device)
+    detach_adapter(model)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.json")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if it is not in the built-in table")
+    p.add_argument("--cpu-reference", action="store_true", help="run only the capacity point on CPU and write the expected numbers")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: default,llama,capacity")
+    args = p.parse_args()
+
+    import torch
+
+    if args.cpu_reference:
+        res = row_capacity(torch.device("cpu"))
+        EXPECTED.write_text(json.dumps({**CAPACITY, "delta_loss": res["delta_loss"], "n_above": res["n_above"],
+                                        "final_loss": res["final_loss"], "s_per_step_cpu": res["s_per_step"]}, indent=2) + "\n")
+        print(f"wrote {EXPECTED}: ΔL {res['delta_loss']:.4f} nats, {res['n_above']}/{res['n_tokens']} above tau")
+        return
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing to measure (run it on a GPU machine)")
+        return
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    peak = peak_tflops(name, args.peak_tflops)
+    home = Path(os.environ.setdefault("MEMCORE_HOME", "/tmp/memcore-gpu-check"))
+    print(f"gpu_check: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, dense bf16 peak "
+          f"{peak or 'unknown'} TFLOP/s, MEMCORE_HOME {home}", flush=True)
+    results: dict = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "rows": {}}
+    skip = set(filter(None, args.skip.split(",")))
+
+    def report(label: str, fn, *a) -> None:
+        t = time.perf_counter()
+        try:
+            r = fn(*a)
+        except Exception as e:  # one row's failure (a missing package, an old GPU) must not hide the others
+            results["rows"][label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            print(f"  {label:<28} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return
+        results["rows"][label] = r
+        util = f"{100 * r['tflops'] / peak:.1f}% of peak" if peak else "peak unknown"
+        mem = f"{r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") is not None else "n/a"
+        print(f"  {label:<28} {r['s_per_step'] * 1000:8.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s  peak {mem:>9}  "
+              f"syncs/step {r['syncs_per_step']}  {r['tflops']:.2f} TFLOP/s ({util})  [{time.perf_counter() - t:.0f} s]"
+              + (f"  LoRA {r['lora_dtypes']}" if "lora_dtypes" in r else ""), flush=True)
+
+    if "default" not in skip:
+        print("1. default model, all-layer LoRA r=8, lighthouse passage, sft", flush=True)
+        for kind in ("float32", "bfloat16", "nf4"):
+            report(f"default {kind}", row_default, kind, device)
+    if "llama" not in skip:
+        print("2. Llama-style ~1.1B built in code, bf16, 2,048 random tokens", flush=True)
+        for layers in ("all", "paper"):
+            report(f"llama-1.1b {layers}", row_llama_1b, layers, "cuda")
+    if "capacity" not in skip:
+        print("3. capacity point against the CPU run", flush=True)
+        report("capacity point fp32", row_capacity, device)
+        r = results["rows"].get("capacity point fp32", {})
+        if "delta_loss" in r and EXPECTED.is_file():
+            exp = json.loads(EXPECTED.read_text())
+            same = abs(r["delta_loss"] - exp["delta_loss"]) <= 0.02 * abs(exp["delta_loss"]) and abs(r["n_above"] - exp["n_above"]) <= 3
+            results["capacity_matches_cpu"] = same
+            print(f"  GPU ΔL {r['delta_loss']:.4f} vs CPU {exp['delta_loss']:.4f} nats; above tau {r['n_above']} vs "
+                  f"{exp['n_above']}: {'MATCH' if same else 'DIFFERENT'} (within 2% and 3 tokens)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
