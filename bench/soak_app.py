@@ -193,7 +193,9 @@ def main() -> None:
                 print(f"steps/s with the page open (median) {with_page:.3f} vs closed {without[0]:.3f}: "
                       f"watching costs {without[0] / with_page:.2f}x", flush=True)
         if args.cli_steps:
-            server.terminate()  # nothing else running: the CLI gets the machine the app had
+            for c in proc.children(recursive=True):  # nothing else running: the CLI gets the machine the app had
+                c.kill()
+            server.kill()
             server.wait(timeout=30)
             text = home / "passage.txt"
             text.write_text(passage, encoding="utf-8")

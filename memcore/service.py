@@ -185,8 +185,8 @@ class TrainingProcess:
     """Parent-side handle on the child: start it, send commands, read messages, notice if it died."""
 
     def __init__(self, home: Path, threads: int | None = None):
-        """threads: CPU threads for training (None: torch's default). A front end on the same CPU should leave
-        it a core: two processes each wanting every core make OpenMP's thread barriers crawl."""
+        """threads: CPU threads for training (None: torch's default, every core). A front end that itself wants
+        whole cores should pass fewer: two processes each spinning on every core make OpenMP's barriers crawl."""
         ctx = mp.get_context("spawn")
         self.commands, self.out, self.control = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=serve, args=(str(home), self.commands, self.out, self.control, threads),
