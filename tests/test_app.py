@@ -220,3 +220,28 @@ def test_an_interrupted_run_resumes_from_the_runs_page(app_env, tiny_model_dir):
     assert run["status"] == "completed" and run["summary"]["steps"] == 12
     assert [s["step"] for s in store.steps(rid)] == list(range(13))
     assert len(store.runs()) == 1  # continued in place, not a new run
+
+
+def test_runs_page_says_when_a_run_kept_a_decimated_history(app_env, tiny_model_dir, monkeypatch):
+    from common import get_store
+
+    import memcore.runner as runner
+    from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.runner import execute, prepare
+
+    monkeypatch.setattr(runner, "HISTORY_SNAPSHOTS", 8)
+    store = get_store()
+    spec = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), data=DataSpec(text="Kept in a few snapshots."),
+                   train=TrainSpec(method="sft", max_steps=30, stop_when_recalled=False, history="decimated"))
+    base, samples = prepare(spec, home=store.home)
+    execute(spec, store, base, samples)
+    at = _app("app_pages/runs.py")
+    assert not at.exception
+    caption = " ".join(c.value for c in at.caption)
+    n = len(store.replay(store.runs()[0]["id"]).steps)
+    assert f"{n} snapshots of its 30 steps" in caption
+    slider = at.slider[0]
+    assert slider.label == "Snapshot" and slider.max == n - 1
+    slider.set_value(n - 2).run()
+    shown = " ".join(m.value for m in at.markdown)
+    assert f"step **{store.replay(store.runs()[0]['id']).steps[n - 2]}**" in shown
