@@ -93,27 +93,35 @@ def one_memcore(args) -> dict:
     return out
 
 
-def step_flops(model, batch, spec, args) -> dict:
-    """FLOPs of one training step's forward and backward as memcore runs it (counted by FlopCounterMode: matmuls
-    and attention), and this machine's fp32 matmul rate at the step's largest shapes, both in this process."""
-    import torch
+def count_step_flops(model, batch, spec, use_prefix_cache: bool = True) -> int:
+    """FLOPs of one training step's forward and backward as memcore's train_iter runs it (frozen-prefix cache,
+    recomputed blocks, chunked head), counted by torch's FlopCounterMode (matmuls and attention)."""
+    from contextlib import nullcontext
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from memcore import objectives as obj
     from memcore.train import FrozenPrefix, recomputed, token_losses, use_recompute
 
-    prefix = FrozenPrefix.maybe(model) if not args.no_prefix_cache else None
+    prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
     if prefix is not None:
         prefix.capture(model, batch)
     start = prefix.k if prefix is not None else 0
     with FlopCounterMode(display=False) as counter:
-        from contextlib import nullcontext
-
         with (prefix.active() if prefix is not None else nullcontext(),
               recomputed(model, start) if use_recompute(model, batch, spec.recompute, start) else nullcontext()):
             loss, _ = token_losses(model, batch)
         obj.weighted_mean(loss, obj.sft_weights(loss.detach(), batch.target_mask)).backward()
-    flops = counter.get_total_flops()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def step_flops(model, batch, spec, args) -> dict:
+    """One step's FLOPs (count_step_flops) and this machine's fp32 matmul rate at the step's largest shapes,
+    both measured in this process."""
+    import torch
+
+    flops = count_step_flops(model, batch, spec, use_prefix_cache=not args.no_prefix_cache)
     cfg = model.config
     n = batch.input_ids.numel()
     rates = []

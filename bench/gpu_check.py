@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # memcore, and bench_engine's FLOP counter
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,10 +60,9 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 def measure(model, batch, spec, pad_id: int, device) -> dict:
     """Train `spec.max_steps` steps; median s/step after 2 warm-up steps, peak memory, syncs per step, FLOPs."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_engine import count_step_flops
 
-    from memcore import objectives as obj
-    from memcore.train import FrozenPrefix, recomputed, token_losses, train_iter, use_recompute
+    from memcore.train import train_iter
 
     cuda = device.type == "cuda"
     if cuda:
@@ -71,35 +70,25 @@ def measure(model, batch, spec, pad_id: int, device) -> dict:
     stamps, syncs = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
-        seen = 0
-        for report in train_iter(model, batch, spec, pad_id=pad_id):
-            r = report
+        steps_iter = train_iter(model, batch, spec, pad_id=pad_id)
+        while True:
+            seen = len(caught)
+            if cuda:  # count the syncs inside the step only, not the timing's own synchronize below
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                r = next(steps_iter)
+            except StopIteration:
+                break
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs.append(sum("synchroniz" in str(w.message) for w in caught[seen:]))
             if cuda:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
-            n = sum("synchroniz" in str(w.message) for w in caught)
-            syncs.append(n - seen)
-            seen = n
-        if cuda:
-            torch.cuda.set_sync_debug_mode(0)
     steps = [b - a for a, b in zip(stamps[2:-1], stamps[3:-1])] or [float("nan")]
     s_per_step = statistics.median(steps)
-    # FLOPs of one training step as memcore runs it
-    prefix = FrozenPrefix.maybe(model)
-    if prefix is not None:
-        prefix.capture(model, batch)
-    start = prefix.k if prefix is not None else 0
-    from contextlib import nullcontext
-
-    with FlopCounterMode(display=False) as counter:
-        with (prefix.active() if prefix is not None else nullcontext(),
-              recomputed(model, start) if use_recompute(model, batch, spec.recompute, start) else nullcontext()):
-            loss, _ = token_losses(model, batch)
-        obj.weighted_mean(loss, obj.sft_weights(loss.detach(), batch.target_mask)).backward()
-    model.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+    flops = count_step_flops(model, batch, spec)
     return {"s_per_step": s_per_step, "tokens_per_s": batch.input_ids.numel() / s_per_step,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "syncs_per_step": statistics.median(syncs[3:-1]) if len(syncs) > 4 else None,
