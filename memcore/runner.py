@@ -68,12 +68,13 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         pieces = token_pieces(tok, [t for ts in targets for t in ts])
         store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces, base_loss[batch.target_mask].float().cpu().numpy())
         stubborn = StubbornCounter(len(pieces), spec.train.tau)
-        for p in store.replay(run_id).p if ckpt else []:  # a resumed run: the steps before its checkpoint
+        earlier = store.replay(run_id) if ckpt else None  # a resumed run: the steps before its checkpoint
+        for p in earlier.p if earlier is not None else []:
             stubborn.update(p)
         pending: list[dict[str, Any]] = []
         last_flush = time.monotonic()
         keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
-        snapshots = len(store.replay(run_id).steps) if ckpt else 0
+        snapshots = len(earlier.steps) if earlier is not None else 0
 
         def save(state: Checkpoint) -> None:
             nonlocal pending
