@@ -8,7 +8,12 @@
 # (pure-Python wheels come as py3-none-any and match any platform).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# the project's .venv where there is one (this repository's setup), else the machine's python3 (a GPU image)
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu_check: $PY has no torch; run it with PYTHON=/path/to/python (one with torch, CUDA build) or carry wheels in .whl/" >&2
+  exit 2
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/memcore-site .whl/*.whl
   export PYTHONPATH=/tmp/memcore-site:${PYTHONPATH:-}

@@ -221,6 +221,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"bits stored    {_fmt(s['bits_stored'], 1)}  over P_eff {s['p_eff']:,} = {_fmt(s['bits_per_param'], 5)} bits/param",
         f"adapter        {s['adapter_dir']}",
     ]
+    if s.get("history") == "decimated":
+        lines.append(f"history        decimated: per-token snapshots at {s['snapshots']} of its {s['steps']} steps (scalars at every step)")
     for n in s.get("notes") or []:
         lines.append(f"note           {n}")
     print("\n".join(lines))
@@ -346,6 +348,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         else:
             stream = run_sweep(sweep, store, should_stop=flag)
         for s in stream:
+            if s.get("status") == "stopped":  # cut off mid-way: not a completed point (a re-run continues it)
+                bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} stopped at step {s['steps']}", refresh=True)
+                continue
             bar.update(1)
             what = f"FAILED ({s['error'][:60]})" if s.get("failed") else f"ΔL {s['delta_loss']:.3f}"
             bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} {what}", refresh=True)

@@ -133,15 +133,23 @@ HISTORY_SNAPSHOTS = 300
 
 def snapshot_steps(max_steps: int, n: int | None = None) -> frozenset[int]:
     """The steps a decimated history keeps per-token snapshots of (the final step is always added): every
-    step if the budget has at most `n`, else about n/2 log-spaced steps (dense early, where most tokens cross
-    tau) and n/2 evenly spaced ones, step 0 and `max_steps` among them; at most n steps (default
-    HISTORY_SNAPSHOTS)."""
+    step if the budget has at most `n`, else log-spaced steps (dense early, where most tokens cross tau) and
+    evenly spaced ones in equal numbers, step 0 and `max_steps` among them, as many as fit in n (default
+    HISTORY_SNAPSHOTS; the two series overlap early, so each gets more than n/2 points)."""
     n = HISTORY_SNAPSHOTS if n is None else n
     if max_steps + 1 <= n:
         return frozenset(range(max_steps + 1))
-    geo = np.round(np.geomspace(1, max_steps + 1, n // 2)).astype(int) - 1
-    lin = np.round(np.linspace(0, max_steps, n - n // 2)).astype(int)
-    return frozenset(int(v) for v in np.concatenate([geo, lin]))
+
+    def both(m: int) -> frozenset[int]:
+        geo = np.round(np.geomspace(1, max_steps + 1, m)).astype(int) - 1
+        lin = np.round(np.linspace(0, max_steps, m)).astype(int)
+        return frozenset(int(v) for v in np.concatenate([geo, lin]))
+
+    lo, hi = n // 2, n  # both(n // 2) has at most n steps, both(n) at least n: the largest m that fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(both(mid)) <= n else (lo, mid)
+    return both(lo)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------

@@ -240,8 +240,9 @@ def test_runs_page_says_when_a_run_kept_a_decimated_history(app_env, tiny_model_
     caption = " ".join(c.value for c in at.caption)
     n = len(store.replay(store.runs()[0]["id"]).steps)
     assert f"{n} snapshots of its 30 steps" in caption
-    slider = at.slider[0]
-    assert slider.label == "Snapshot" and slider.max == n - 1
-    slider.set_value(n - 2).run()
+    slider = at.select_slider[0]
+    steps = store.replay(store.runs()[0]["id"]).steps
+    assert slider.label == "Step" and list(slider.options) == [str(k) for k in steps] and slider.value == steps[-1]
+    slider.set_value(steps[-2]).run()
     shown = " ".join(m.value for m in at.markdown)
-    assert f"step **{store.replay(store.runs()[0]['id']).steps[n - 2]}**" in shown
+    assert f"step **{steps[-2]}**" in shown

@@ -88,10 +88,13 @@ if replay is not None and len(replay.steps):
     decimated = len(replay.steps) < replay.steps[-1] + 1
     if decimated:
         st.caption(f"This run kept a decimated token history: {len(replay.steps)} snapshots of its {replay.steps[-1]:,} steps, "
-                   "denser early (sweeps keep about 300 unless run with --full-history). The slider moves between snapshots; "
-                   "the charts of loss and tokens above τ have every step.")
-    i = st.slider("Snapshot" if decimated else "Step", min_value=0, max_value=len(replay.steps) - 1, value=len(replay.steps) - 1, key=f"step-{picked}",
-                  format="%d") if len(replay.steps) > 1 else 0
+                   "denser early (sweeps keep about 300 unless run with --full-history); the slider offers the steps kept. "
+                   "The charts of loss and tokens above τ have every step.")
+        chosen = st.select_slider("Step", options=replay.steps, value=replay.steps[-1], key=f"step-{picked}")
+        i = replay.steps.index(chosen)
+    else:
+        i = st.slider("Step", min_value=0, max_value=len(replay.steps) - 1, value=len(replay.steps) - 1, key=f"step-{picked}",
+                      format="%d") if len(replay.steps) > 1 else 0
     p = replay.p[i]
     correct = replay.correct[i]
     wrong = np.flatnonzero(~correct)
