@@ -87,9 +87,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if idx.numel():
                     _grad_into(grad_rows, have, s + idx, logp if idx.numel() == e - s else logp[idx], y[idx], weight)
             elif want_grad:  # every target row, masked arithmetically: no host sync to learn which rows
-                p = logp.exp_()
-                p[torch.arange(e - s, device=p.device), y] -= 1.0
-                grad_rows[s:e] = (p.to(weight.dtype) @ weight).float() * mask[s:e, None]
+                grad_rows[s:e] = _grad_rows(logp, y, weight) * mask[s:e, None]
         loss = loss * mask
         correct = correct & mask
         ctx.mark_non_differentiable(correct)
@@ -111,12 +109,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad_h, None, None, None, None, None, None, None
 
 
-def _grad_into(grad_rows: torch.Tensor, have: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor,
-               y: torch.Tensor, weight: torch.Tensor) -> None:
-    """grad_rows[idx] = (softmax - onehot(y)) @ weight from log-probabilities `logp` [c, V] (overwritten)."""
+def _grad_rows(logp: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d loss_i / d h_i = (softmax_i - onehot(y_i)) @ weight, [c, H] fp32, from log-probabilities `logp` [c, V]
+    (overwritten)."""
     p = logp.exp_()
     p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
-    grad_rows[idx] = (p.to(weight.dtype) @ weight).float()
+    return (p.to(weight.dtype) @ weight).float()
+
+
+def _grad_into(grad_rows: torch.Tensor, have: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor,
+               y: torch.Tensor, weight: torch.Tensor) -> None:
+    """grad_rows[idx] = _grad_rows(logp, y, weight), and mark those rows as computed."""
+    grad_rows[idx] = _grad_rows(logp, y, weight)
     have[idx] = True
 
 
@@ -162,12 +166,13 @@ def head_for(model: Any, forward: Callable[[int | None], Any]) -> torch.nn.Linea
     """The model's LM head if the chunked path reproduces the model's own logits, else None.
 
     `forward(keep)` runs the model on the caller's inputs with ``logits_to_keep=keep`` and returns its output.
-    The check runs once per head (cached): a plain ``nn.Linear`` with a frozen weight, not replaced by an
+    The check runs once per head (cached): a plain ``nn.Linear`` with frozen weight and bias, not replaced by an
     accelerate hook, whose input through ``F.linear`` matches the logits the model returns at a few positions
     (this rejects models that scale or soft-cap logits after the head)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
-    if type(head) is not torch.nn.Linear or head.weight.requires_grad or "forward" in vars(head):
+    trained = head is not None and (head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad))
+    if type(head) is not torch.nn.Linear or trained or "forward" in vars(head):
         return None
     ok = _verified.get(head)
     if ok is None:

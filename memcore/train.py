@@ -76,7 +76,7 @@ def token_losses(model: Any, batch: Batch, hint: RowHint | None = None,
                      logits_to_keep=keep, use_cache=False)
 
     head = head_for(model, lambda keep: forward(min(keep, batch.keep))) if chunked else None
-    if head is not None and not (head.bias is not None and head.bias.requires_grad):
+    if head is not None:
         with captured_head_input(head) as seen:
             forward(batch.keep)
         h = seen[-1][:, -batch.keep:, :]  # [B, K, H]
