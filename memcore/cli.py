@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memcore.config import (
+    ADAPTERS,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
     METHODS,
@@ -63,23 +64,49 @@ def _store():
 # --- train ---------------------------------------------------------------------------------------------------
 
 
-def _read_text(args: argparse.Namespace) -> str | None:
-    from memcore.data import decode_text, read_sample, read_text_file
+SOURCES = ("--text-file", "--text", "--sample", "--phonebook", "--random-tokens", "--jsonl")
 
-    given = [x for x in (args.text_file, args.sample, args.text, args.phonebook) if x is not None]
+
+def _given_sources(args: argparse.Namespace) -> list[str]:
+    return [flag for flag in SOURCES if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+
+
+def _read_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The DataSpec fields naming what to memorize: text, phonebook, pairs or random_tokens."""
+    from memcore.data import decode_text, read_jsonl, read_sample, read_text_file
+
+    given = _given_sources(args)
     if len(given) > 1:
-        raise MemcoreError("give only one of --text-file, --text, --sample, --phonebook")
+        raise MemcoreError(f"give only one of {', '.join(SOURCES)} (got {' and '.join(given)})")
+    if args.jsonl is None and (args.jsonl_fields is not None or args.jsonl_line is not None):
+        raise MemcoreError("--jsonl-fields and --jsonl-line only apply with --jsonl FILE")
     if args.text_file == "-":
-        return decode_text(sys.stdin.buffer.read(), "standard input")
+        return {"text": decode_text(sys.stdin.buffer.read(), "standard input")}
     if args.text_file is not None:
-        return read_text_file(args.text_file)
+        return {"text": read_text_file(args.text_file)}
     if args.sample is not None:
-        return read_sample(args.sample)
+        return {"text": read_sample(args.sample)}
     if args.text is not None:
-        return args.text
+        return {"text": args.text}
     if args.phonebook is not None:
-        return None
-    raise MemcoreError("nothing to memorize: give --text-file FILE (or - for stdin), --text, --sample NAME or --phonebook N")
+        return {"phonebook": args.phonebook}
+    if args.random_tokens is not None:
+        return {"random_tokens": args.random_tokens}
+    if args.jsonl is not None:
+        fields = None
+        if args.jsonl_fields is not None:
+            parts = [p.strip() for p in args.jsonl_fields.split(",")]
+            if len(parts) != 2 or not all(parts):
+                raise MemcoreError(f"--jsonl-fields takes two key names, PROMPT,TARGET; got {args.jsonl_fields!r}")
+            fields = (parts[0], parts[1])
+        data = read_jsonl(args.jsonl, fields, args.jsonl_line)
+        print(f"{args.jsonl}: {data.layout} layout ({data.fields[0]} -> {data.fields[1]}), {len(data.pairs)} sample"
+              f"{'s' if len(data.pairs) != 1 else ''}", file=sys.stderr)
+        if data.note:
+            print(data.note, file=sys.stderr)
+        return {"pairs": data.pairs}
+    raise MemcoreError("nothing to memorize: give --text-file FILE (or - for stdin), --text, --sample NAME, --phonebook N, "
+                       "--random-tokens N or --jsonl FILE")
 
 
 def _list_or_preset(value: str | None, presets: tuple[str, ...], kind: type = str) -> Any:
@@ -95,18 +122,22 @@ def _list_or_preset(value: str | None, presets: tuple[str, ...], kind: type = st
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
-    text = _read_text(args)
+    source = _read_data(args)
     prompt = None if args.no_prompt else args.prompt
+    layers = args.layers if args.layers is not None else ("paper" if args.adapter == "bypass" else "all")
     model = ModelSpec(name=args.model, quant=args.quant, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    adapter = AdapterSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+    if args.adapter == "bypass" and (args.alpha is not None or args.targets != "all"):
+        raise MemcoreError("--alpha and --targets apply to LoRA; the bypass adapter has no scaling and always wraps the MLP")
+    adapter = AdapterSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, kind=args.adapter,
                           targets=_list_or_preset(args.targets, ("attn", "mlp", "all")),
-                          layers=_list_or_preset(args.layers, ("all", "paper"), int))
-    data = DataSpec(text=text, prompt=prompt, phonebook=args.phonebook, length=args.length, noise=args.noise,
+                          layers=_list_or_preset(layers, ("all", "paper"), int))
+    data = DataSpec(**source, prompt=prompt, length=args.length, noise=args.noise,
                     chat_template=args.chat_template, seed=args.seed, max_tokens=args.max_tokens)
     train = TrainSpec(method=args.method, tau=args.tau, lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_seconds,
                       stop_when_recalled=not args.full_budget, ot_when_empty=args.ot_when_empty, window=args.window,
                       seed=args.seed, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                      recompute=args.recompute, history=getattr(args, "history", TrainSpec.history))
+                      recompute=args.recompute, history=getattr(args, "history", TrainSpec.history), until=args.until,
+                      plateau_window=args.plateau_window, plateau_tol=args.plateau_tol)
     return RunSpec(model=model, adapter=adapter, data=data, train=train)
 
 
@@ -275,6 +306,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = _store()
     rid = store.resolve(args.run)
     src = store.adapter_dir(rid)
+    if (src / "bypass_config.json").is_file():
+        raise MemcoreError(f"run {rid} trained the paper's bypass adapter, which PEFT cannot load, so there is no PEFT adapter to "
+                           f"export; its weights are in {src} (bypass_model.safetensors, bypass_config.json) and `memcore generate "
+                           f"{rid}` uses them. Train with --adapter lora for an exportable adapter")
     if not (src / "adapter_config.json").is_file():
         raise MemcoreError(f"run {rid} has no saved adapter (status {store.run(rid)['status']})")
     dest = Path(args.dir)
@@ -321,7 +356,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from memcore.sweep import SweepSpec, completed_keys, points, run_sweep, sweep_table
 
-    if args.text_file is None and args.text is None and args.sample is None and args.phonebook is None:
+    if not _given_sources(args):
         args.sample = "long_archive"
     args.full_budget, args.method, args.seed, args.noise = True, args.methods[0], args.seeds[0], 0.0
     args.rank, args.length, args.label = args.ranks[0], None, None
@@ -375,23 +410,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # --- fit, predict ------------------------------------------------------------------------------------------------
 
 
-def law_data(args: argparse.Namespace) -> Any:
+def law_data(args: argparse.Namespace, required: tuple[str, ...] = ("rank", "length", "delta_loss")) -> Any:
     """The (rank, length, delta_loss[, p_eff, method]) table a fit uses: a CSV file or finished runs in the store."""
     import pandas as pd
 
     if args.csv:
         from memcore.law import read_law_csv
 
-        df = read_law_csv(args.csv)
+        df = read_law_csv(args.csv, required=required)
     else:
         store = _store()
         rows = []
         for r in store.runs(method=args.method, model=args.model, status="completed", sweep=getattr(args, "sweep", None)):
             s = r["summary"]
             if s and s.get("delta_loss") is not None:
-                rows.append({"rank": r["rank"], "length": s["n_tokens"], "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
-                             "method": r["method"], "seed": r["seed"]})
-        df = pd.DataFrame(rows, columns=["rank", "length", "delta_loss", "p_eff", "method", "seed"])
+                n = s["n_tokens"]
+                rows.append({"rank": r["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
+                             "method": r["method"], "seed": r["seed"], "frac_above": s["n_above"] / n,
+                             "token_accuracy": s["n_correct"] / n, "exact_recall": bool(s.get("exact_recall", s["recalled"])),
+                             "stop_reason": s["stop_reason"], "bits_per_param": s["bits_per_param"]})
+        df = pd.DataFrame(rows, columns=["rank", "length", "delta_loss", "p_eff", "method", "seed", "frac_above", "token_accuracy",
+                                         "exact_recall", "stop_reason", "bits_per_param"])
         if df.empty:
             raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
     if args.method and "method" in df.columns and args.csv:
@@ -417,12 +456,18 @@ def _fit_all(df: Any) -> dict[str, Any]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from memcore.law import law_points, regime
+
     df = law_data(args)
-    out = _fit_all(df)
+    reg = regime(df)
+    fit_df, how = law_points(df)
+    out = _fit_all(fit_df)
+    out["regime"], out["fitted_on"] = reg.to_dict(), how
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"ΔL = C · r^α · ℓ^(−β) + b   fitted on {out['n']} points")
+    print(reg.describe())
+    print(f"ΔL = C · r^α · ℓ^(−β) + b   {how}")
     for k in ("C", "alpha", "beta", "b"):
         lo, hi = out["intervals"][k]
         print(f"  {k:<6} {out[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
@@ -438,9 +483,64 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_method(df: Any, asked: str | None) -> tuple[Any, str | None, str | None]:
+    """Rows of one method: the asked one, else memft-ot (or the first) when the table mixes methods (with a note)."""
+    if "method" not in df.columns or df["method"].nunique() <= 1:
+        return df, (df["method"].iloc[0] if "method" in df.columns and len(df) else asked), None
+    if asked:
+        return df[df["method"] == asked], asked, None
+    methods = sorted(df["method"].unique())
+    pick = "memft-ot" if "memft-ot" in methods else methods[0]
+    return df[df["method"] == pick], pick, f"the table holds {', '.join(methods)}; using {pick} (choose with --method)"
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from memcore.frontier import REFERENCE_BITS_PER_PARAM, frontier_from_table
+
+    df = law_data(args, required=("rank", "length"))
+    methods = [args.method] if args.method else (sorted(df["method"].unique()) if "method" in df.columns else [None])
+    result = {}
+    for m in methods:
+        per_rank, fit, why = frontier_from_table(df, m)
+        result[m or "all"] = {"per_rank": [vars(p) | {"recall_rate": {str(k): v for k, v in p.recall_rate.items()}} for p in per_rank],
+                              "fit": fit.to_dict() if fit else None, "fit_error": why,
+                              "fit_per_rank": [{"rank": p.rank, "ell_star": float(fit.ell_star(p.rank)),
+                                                "interval": list(fit.ell_star_interval(p.rank)),
+                                                "bits_per_param": fit.bits_per_param(p.rank)} for p in per_rank] if fit else None}
+        if args.json:
+            continue
+        print(f"{m or 'all points'}: longest length recalled verbatim (recall rate crossing 1/2, interpolated in log ℓ)")
+        for p in per_rank:
+            rates = "  ".join(f"{k}:{v:.0%}" for k, v in p.recall_rate.items())
+            line = f"  rank {p.rank:<4} ℓ* {'≥' if p.bound == 'at least' else '≤' if p.bound == 'at most' else '≈'} {p.ell_star:7.1f} tokens"
+            if p.bits_per_param is not None:
+                line += f"   {p.bits_per_param:.3f} bits/param at P_eff {p.p_eff:,.0f}"
+            if fit:
+                lo, hi = fit.ell_star_interval(p.rank)
+                line += f"   fitted {fit.ell_star(p.rank):.1f} [{lo:.1f}, {hi:.1f}]"
+            print(line + f"   (recall by length  {rates})")
+        if fit:
+            lo, hi = fit.gamma_interval
+            print(f"  fitted frontier ℓ*(r) = {math.exp(fit.a):.3g} · r^{fit.gamma:.3f}   γ 95% [{lo:.3f}, {hi:.3f}]   "
+                  f"sharpness k {fit.k:.1f}   {fit.n} points")
+            if fit.bits_per_token is not None:
+                print(f"  recalled points store {fit.bits_per_token:.2f} bits per token; at the frontier that is "
+                      + ", ".join(f"r={p.rank}: {fit.bits_per_param(p.rank):.3f}" for p in per_rank) + " bits/param; references: "
+                      + ", ".join(f"{v} ({k})" for k, v in REFERENCE_BITS_PER_PARAM.items()))
+            for n in fit.notes:
+                print(f"  note: {n}")
+        else:
+            print(f"  no fitted frontier: {why}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from memcore.law import fit_law, smallest_rank
 
+    if args.verbatim:
+        return _predict_verbatim(args, law_data(args, required=("rank", "length")))
     df = law_data(args)
     fit = fit_law(df["rank"].to_numpy(float), df["length"].to_numpy(float), df["delta_loss"].to_numpy(float), args.form)
     if args.target_delta_loss is not None:
@@ -455,6 +555,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out = {"rank": args.rank, "length": args.length, "delta_loss": v}
         msg = f"predicted ΔL at rank {args.rank}, length {args.length}: {v:.4f} nats/token ({fit.form} law, R² {fit.r2:.3f})"
     print(json.dumps(out) if args.json else msg)
+    return 0
+
+
+def _predict_verbatim(args: argparse.Namespace, df: Any) -> int:
+    from memcore.frontier import frontier_from_table, smallest_verbatim_rank
+
+    if args.rank is not None or args.target_delta_loss is not None:
+        raise MemcoreError("--verbatim answers the smallest rank for --length; drop --rank and --target-delta-loss")
+    df, method, note = _one_method(df, args.method)
+    _, fit, why = frontier_from_table(df)
+    if fit is None:
+        raise MemcoreError(f"cannot predict a verbatim rank: {why}")
+    ans = smallest_verbatim_rank(fit, args.length)
+    out = ans.to_dict() | {"method": method, "frontier": {"a": fit.a, "gamma": fit.gamma}}
+    if note:
+        out["notes"] = [note, *out["notes"]]
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for n in out["notes"]:
+        print(f"note: {n}", file=sys.stderr)
+    lo, hi = ans.interval
+    print(f"smallest rank predicted to recall {args.length} tokens verbatim{f' with {method}' if method else ''}: {ans.rank} "
+          f"(95% [{lo}, {hi if hi is not None else 'unbounded'}]; frontier ℓ*(r) = {math.exp(fit.a):.3g} · r^{fit.gamma:.3f})"
+          + ("  [extrapolated]" if ans.extrapolated else ""))
     return 0
 
 
@@ -491,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", help="the passage itself")
     src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)")
     src.add_argument("--phonebook", type=int, help=_help(DataSpec, "phonebook"))
+    src.add_argument("--random-tokens", type=int, metavar="N", help=_help(DataSpec, "random_tokens"))
+    src.add_argument("--jsonl", metavar="FILE", help="JSONL of prompt/target pairs (or - for stdin): the paper's PhoneBook lines "
+                     "{query, target} (all trained as one batch) or long-context lines {question, matching} (one long target)")
+    src.add_argument("--jsonl-fields", metavar="PROMPT,TARGET", help="the JSONL keys holding the prompt and the target, for other layouts")
+    src.add_argument("--jsonl-line", type=int, metavar="N", help="train only the N-th JSON line (1-based)")
     src.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"{_help(DataSpec, 'prompt')} Default: {DEFAULT_PROMPT!r}")
     src.add_argument("--no-prompt", action="store_true", help="condition the target on the BOS token only")
     src.add_argument("--chat-template", action="store_true", help=_help(DataSpec, "chat_template"))
@@ -504,11 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", help=_help(ModelSpec, "dtype"))
     m.add_argument("--trust-remote-code", action="store_true", help=_help(ModelSpec, "trust_remote_code"))
     a = t.add_argument_group("adapter")
+    a.add_argument("--adapter", choices=ADAPTERS, default="lora", help=_help(AdapterSpec, "kind") + " Default: lora")
     a.add_argument("--rank", type=int, default=8, help=_help(AdapterSpec, "rank"))
     a.add_argument("--alpha", type=float, help=_help(AdapterSpec, "alpha"))
     a.add_argument("--dropout", type=float, default=0.0, help=_help(AdapterSpec, "dropout"))
     a.add_argument("--targets", default="all", help=_help(AdapterSpec, "targets") + " (comma-separated)")
-    a.add_argument("--layers", default="all", help=_help(AdapterSpec, "layers") + " (comma-separated)")
+    a.add_argument("--layers", help=_help(AdapterSpec, "layers") + " (comma-separated; default: all for LoRA, paper for bypass)")
     o = t.add_argument_group("training")
     o.add_argument("--method", default="memft-ot", choices=METHODS, help=_help(TrainSpec, "method"))
     o.add_argument("--tau", type=float, default=0.5, help=_help(TrainSpec, "tau"))
@@ -516,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-steps", type=int, default=200, help=_help(TrainSpec, "max_steps"))
     o.add_argument("--max-seconds", type=float, help=_help(TrainSpec, "max_seconds"))
     o.add_argument("--full-budget", action="store_true", help="train all max-steps even once the passage is recalled")
+    o.add_argument("--until", choices=("budget", "converged"), default=TrainSpec.until, help=_help(TrainSpec, "until"))
+    o.add_argument("--plateau-window", type=int, default=TrainSpec.plateau_window, help=_help(TrainSpec, "plateau_window"))
+    o.add_argument("--plateau-tol", type=float, default=TrainSpec.plateau_tol, help=_help(TrainSpec, "plateau_tol"))
     o.add_argument("--ot-when-empty", default="skip", choices=("skip", "mean"), help=_help(TrainSpec, "ot_when_empty"))
     o.add_argument("--window", type=int, default=50, help=_help(TrainSpec, "window"))
     o.add_argument("--weight-decay", type=float, default=0.0, help=_help(TrainSpec, "weight_decay"))
@@ -586,12 +720,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rank", type=int)
     pr.add_argument("--length", type=int, required=True)
     pr.add_argument("--target-delta-loss", type=float)
+    pr.add_argument("--verbatim", action="store_true",
+                    help="the smallest rank predicted to recall --length tokens verbatim, from the recall frontier of a sweep")
     pr.add_argument("--form", default="power", choices=("power", "saturating"))
     pr.add_argument("--csv")
     pr.add_argument("--model")
     pr.add_argument("--method", choices=METHODS)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    fr = sub.add_parser("frontier", help="the verbatim-recall frontier of a sweep: longest length recalled per rank, "
+                        "a fitted ℓ*(r), and bits stored per parameter there")
+    fr.add_argument("--csv", help="a sweep CSV with rank, length, exact_recall (and p_eff, bits_per_param for capacity)")
+    fr.add_argument("--model", help="only runs of this model")
+    fr.add_argument("--method", choices=METHODS, help="only this method (default: each method in turn)")
+    fr.add_argument("--json", action="store_true")
+    fr.set_defaults(func=cmd_frontier)
     return p
 
 

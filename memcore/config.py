@@ -15,6 +15,9 @@ Quant = Literal["none", "nf4", "int8"]
 OtWhenEmpty = Literal["skip", "mean"]
 Recompute = Literal["auto", "on", "off"]
 History = Literal["full", "decimated"]
+AdapterKind = Literal["lora", "bypass"]
+Until = Literal["budget", "converged"]
+ADAPTERS: tuple[str, ...] = ("lora", "bypass")
 
 METHODS: tuple[str, ...] = ("sft", "memft-ot", "memft-sw")
 QUANTS: tuple[str, ...] = ("none", "nf4", "int8")
@@ -73,8 +76,12 @@ class AdapterSpec:
     """'attn', 'mlp', 'all' (linear layers of each block), or an explicit tuple of module names."""
     layers: str | tuple[int, ...] = "all"
     """'all', 'paper' (one middle layer, MLP projections, alpha = rank), or a tuple of layer indices."""
+    kind: AdapterKind = "lora"
+    """'lora' (PEFT LoRA on the chosen linear layers) or 'bypass' (the paper's adapter: out = MLP(x) + x·A·B on
+    the MLP of each chosen layer, no scaling; targets and alpha do not apply; saved by memcore, not PEFT)."""
 
     def __post_init__(self) -> None:
+        _need(self.kind in ADAPTERS, f"adapter must be one of {', '.join(ADAPTERS)}, got {self.kind!r}")
         _need(_is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
         _need(self.alpha is None or (_is_number(self.alpha) and self.alpha > 0), f"alpha must be a positive number, got {self.alpha!r}")
         _need(_is_number(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -102,6 +109,11 @@ class DataSpec:
     """Conditioned on but not trained. None or '' means the target follows the BOS token alone."""
     phonebook: int | None = None
     """Instead of a passage: a PhoneBook of this many 'Name:' -> 10-digit number entries."""
+    pairs: tuple[tuple[str, str], ...] | None = None
+    """Instead of a passage: (prompt, target) samples trained together as one batch (read from JSONL)."""
+    random_tokens: int | None = None
+    """Instead of a passage: this many token ids drawn uniformly from the vocabulary's ordinary tokens (seeded by
+    `seed`): the paper's r100 data."""
     length: int | None = None
     """Keep only the first `length` target tokens (per sample for a PhoneBook)."""
     noise: float = 0.0
@@ -114,7 +126,18 @@ class DataSpec:
     """Largest number of target tokens accepted; longer text is refused, never truncated silently."""
 
     def __post_init__(self) -> None:
-        _need((self.text is None) != (self.phonebook is None), "give either a text or a phonebook size, not both and not neither")
+        given = [k for k in ("text", "phonebook", "pairs", "random_tokens") if getattr(self, k) is not None]
+        _need(len(given) == 1, "give exactly one of a text, a phonebook size, prompt/target pairs or a random-token count, "
+              f"got {' and '.join(given) if given else 'none'}")
+        if self.pairs is not None:
+            _need(isinstance(self.pairs, tuple) and len(self.pairs) >= 1, "pairs must be a non-empty list of (prompt, target)")
+            for i, pair in enumerate(self.pairs):
+                _need(isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair),
+                      f"pair {i + 1} must be a (prompt, target) pair of strings, got {pair!r}")
+                _need(pair[1].strip() != "", f"pair {i + 1} has an empty target: nothing to memorize")
+        if self.random_tokens is not None:
+            _need(_is_int(self.random_tokens) and self.random_tokens >= 1,
+                  f"random tokens must be an integer >= 1, got {self.random_tokens!r}")
         if self.text is not None:
             _need(isinstance(self.text, str), f"text must be a string, got {type(self.text).__name__}")
             _need(self.text.strip() != "", "the text is empty (or only whitespace): nothing to memorize")
@@ -158,6 +181,14 @@ class TrainSpec:
     history: History = "full"
     """Per-token replay history kept in the store: every step ('full'), or at most about 300 snapshots, denser
     early, plus the final step ('decimated': what sweeps keep unless asked). Scalars are kept for every step."""
+    until: Until = "budget"
+    """'budget': train max_steps (or until recalled, see stop_when_recalled); 'converged': also stop once every
+    target token is above tau ('all_above_tau') or ΔL has gained less than plateau_tol nats over the last
+    plateau_window steps ('plateau'); max_steps stays the cap."""
+    plateau_window: int = 100
+    """Steps over which a plateau is judged (until='converged')."""
+    plateau_tol: float = 0.01
+    """ΔL gain, in nats per token, below which plateau_window steps count as a plateau (until='converged')."""
     recompute: Recompute = "auto"
     """Recompute the trained blocks' activations in the backward instead of keeping them: less memory at long
     targets for about one more forward; 'auto' turns it on when their activations would take over 768 MB."""
@@ -177,6 +208,9 @@ class TrainSpec:
         _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
               f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         _need(self.history in ("full", "decimated"), f"history must be full or decimated, got {self.history!r}")
+        _need(self.until in ("budget", "converged"), f"until must be budget or converged, got {self.until!r}")
+        _need(_is_int(self.plateau_window) and self.plateau_window >= 2, f"plateau window must be an integer >= 2 steps, got {self.plateau_window!r}")
+        _need(_is_number(self.plateau_tol) and self.plateau_tol >= 0, f"plateau tolerance must be >= 0 nats, got {self.plateau_tol!r}")
         _need(self.recompute in ("auto", "on", "off"), f"recompute must be auto, on or off, got {self.recompute!r}")
 
 
@@ -194,9 +228,12 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        def frozen(v: Any) -> Any:  # JSON lists back to the tuples the frozen specs hold
+            return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
         def build(kind: type, values: dict[str, Any]) -> Any:
             names = {f.name for f in fields(kind)}
-            kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+            kw = {k: frozen(v) for k, v in values.items() if k in names}
             return kind(**kw)
 
         return cls(model=build(ModelSpec, d.get("model", {})), adapter=build(AdapterSpec, d.get("adapter", {})),

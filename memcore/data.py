@@ -8,11 +8,13 @@ last n_i logits of row i are exactly the predictions of its n_i target tokens (t
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from memcore.config import DataSpec, MemcoreError
@@ -91,6 +93,107 @@ def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
+JSONL_LAYOUTS: dict[str, tuple[str, str]] = {
+    "phonebook": ("query", "target"),  # the paper's PhoneBook: many short samples, trained as one batch
+    "long-context": ("question", "matching"),  # the paper's long-context files: one long target per line
+}
+
+
+@dataclass(frozen=True)
+class JsonlData:
+    """Prompt/target pairs read from a JSONL file, with the layout they were recognised as."""
+
+    pairs: tuple[tuple[str, str], ...]
+    layout: str  # 'phonebook', 'long-context' or 'custom'
+    fields: tuple[str, str]  # the (prompt, target) keys used
+    lines: int  # JSON lines in the file (blank lines not counted)
+    note: str | None = None  # something the user should know (e.g. which line of several was taken)
+
+
+def parse_jsonl(raw: bytes | str, what: str = "JSONL", fields: tuple[str, str] | None = None,
+                line: int | None = None) -> JsonlData:
+    """Read JSONL prompt/target pairs, recognising the paper's layouts by their keys.
+
+    PhoneBook lines ``{"query": ..., "target": ...}`` give one sample per line, all trained together;
+    long-context lines ``{"question": ..., "matching": ...}`` give one long target, the first line's unless
+    `line` (1-based) picks another; `fields` = (prompt key, target key) names other keys (every line is a
+    sample). Blank lines are skipped; other keys are ignored.
+
+    Raises MemcoreError naming the line number for a line that is not a JSON object, lacks a key, or holds a
+    non-string or empty target; and when no layout can be recognised (naming the keys found)."""
+    text = decode_text(raw, what) if isinstance(raw, bytes) else raw
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for n, ln in enumerate(text.splitlines(), start=1):
+        if not ln.strip():
+            continue
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise MemcoreError(f"{what} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise MemcoreError(f"{what} line {n}: expected a JSON object with prompt and target keys, got {type(obj).__name__}")
+        rows.append((n, obj))
+    if not rows:
+        raise MemcoreError(f"{what} has no JSON lines: nothing to memorize")
+    if fields is not None:
+        layout, keys = "custom", fields
+    else:
+        first = rows[0][1]
+        found = [name for name, (p, t) in JSONL_LAYOUTS.items() if p in first and t in first]
+        if not found:
+            raise MemcoreError(f"{what} line {rows[0][0]}: keys {', '.join(sorted(first)) or '(none)'} match neither the PhoneBook "
+                               "layout (query, target) nor the long-context one (question, matching); name yours with "
+                               "--jsonl-fields PROMPT,TARGET")
+        layout, keys = found[0], JSONL_LAYOUTS[found[0]]
+    note, total = None, len(rows)
+    if line is not None:
+        if not 1 <= line <= len(rows):
+            raise MemcoreError(f"{what} has {len(rows)} JSON lines; line {line} does not exist")
+        rows = [rows[line - 1]]
+    elif layout == "long-context" and len(rows) > 1:
+        note = f"{what} has {len(rows)} long-context lines; using the first (pick another with --jsonl-line N)"
+        rows = rows[:1]
+    pairs = []
+    for n, obj in rows:
+        for key in keys:
+            if key not in obj:
+                raise MemcoreError(f"{what} line {n}: no {key!r} key (keys: {', '.join(sorted(obj))})")
+            if not isinstance(obj[key], str):
+                raise MemcoreError(f"{what} line {n}: {key!r} must be a string, got {type(obj[key]).__name__}")
+        if not obj[keys[1]].strip():
+            raise MemcoreError(f"{what} line {n}: {keys[1]!r} is empty: nothing to memorize")
+        pairs.append((obj[keys[0]], obj[keys[1]]))
+    return JsonlData(tuple(pairs), layout, keys, total, note)
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, str] | None = None, line: int | None = None) -> JsonlData:
+    """parse_jsonl on a file (size and encoding checked as for text files; '-' reads standard input)."""
+    if str(path) == "-":
+        import sys
+
+        return parse_jsonl(sys.stdin.buffer.read(), "standard input", fields, line)
+    return parse_jsonl(read_text_file(path), str(path), fields, line)
+
+
+def ordinary_token_ids(tokenizer: Any, vocab_size: int | None = None) -> np.ndarray:
+    """Ids of the vocabulary's ordinary tokens: every id below len(tokenizer) (or vocab_size if smaller) that is
+    not a special or added control token. Shape [n], int64."""
+    n = min(len(tokenizer), vocab_size) if vocab_size else len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            special.add(int(i))
+    ids = np.arange(n, dtype=np.int64)
+    return ids[~np.isin(ids, sorted(special))] if special else ids
+
+
+def random_token_ids(tokenizer: Any, n: int, seed: int = 0, vocab_size: int | None = None) -> list[int]:
+    """n token ids drawn independently and uniformly from ordinary_token_ids (the paper's r100 targets);
+    the same seed gives the same ids. Each carries log2(#ordinary tokens) bits (15.6 for the default model)."""
+    pool = ordinary_token_ids(tokenizer, vocab_size)
+    return np.random.default_rng(seed).choice(pool, size=n, replace=True).tolist()
+
+
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """User text -> token ids, with no special tokens added and none recognised: a literal "<|im_end|>" or
     "<|endoftext|>" in a passage is ordinary characters, never the model's control token."""
@@ -134,7 +237,11 @@ def _noise(target: list[int], fraction: float, vocab: int, rng: random.Random) -
 
 def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = None, vocab_size: int | None = None) -> list[Sample]:
     """Tokenize a DataSpec into samples, applying length control and noise; refuse what does not fit."""
-    if spec.text is not None:
+    if spec.random_tokens is not None:
+        pairs = [(spec.prompt, None)]
+    elif spec.pairs is not None:
+        pairs = list(spec.pairs)
+    elif spec.text is not None:
         pairs = [(spec.prompt, spec.text)]
     else:
         pairs = [(f"Name: {name}\nPhone:", f" {number}") for name, number in phonebook(spec.phonebook or 0, spec.seed)]
@@ -143,7 +250,7 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
     samples = []
     for prompt, text in pairs:
         p = prompt_ids(tokenizer, prompt, spec.chat_template)
-        t = encode_text(tokenizer, text)
+        t = random_token_ids(tokenizer, spec.random_tokens, spec.seed, vocab_size) if text is None else encode_text(tokenizer, text)
         if not t:
             raise MemcoreError("the text produces no tokens: nothing to memorize")
         if spec.length is not None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -200,11 +200,13 @@ NUMERIC_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "seed", "noise")
 MAX_CSV_BYTES = 50_000_000
 
 
-def read_law_csv(source: str | Path | bytes, name: str | None = None) -> pd.DataFrame:
+def read_law_csv(source: str | Path | bytes, name: str | None = None, required: tuple[str, ...] = LAW_COLUMNS) -> pd.DataFrame:
     """A CSV of law points (columns rank, length, delta_loss; optional p_eff, method, seed, ...) as a DataFrame,
     whatever spreadsheet wrote it: UTF-8 with or without BOM, LF or CRLF, delimiter , ; tab or | (read off the
     header line), and decimal commas where the delimiter is not a comma. Column names are matched without case
     or surrounding spaces. source: a path, or the file's bytes (an upload; `name` names it in messages).
+
+    `required`: the columns that must be present and filled (the law's three by default).
 
     Raises MemcoreError naming the file and what is wrong: unreadable, empty, missing columns (with the columns
     that were found) or values that are not numbers (with how many and where)."""
@@ -256,11 +258,11 @@ def read_law_csv(source: str | Path | bytes, name: str | None = None) -> pd.Data
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MemcoreError(f"cannot read {what} as CSV: {first}") from None
     df.columns = [str(c).strip().lower().replace(" ", "_") for c in df.columns]
-    missing = [c for c in LAW_COLUMNS if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         found = ", ".join(df.columns) or "none"
         raise MemcoreError(f"{what} lacks column(s) {', '.join(missing)}; found {len(df.columns)} column(s): {found} "
-                           f"(read with delimiter {sep!r}; needs rank, length, delta_loss, optional p_eff, method, seed)")
+                           f"(read with delimiter {sep!r}; needs {', '.join(required)}, optional p_eff, method, seed)")
     data_lines = [n for n, _ in numbered[1:]]  # the file line of each row (pandas skips blank lines too)
 
     def where(bad: np.ndarray) -> str:
@@ -275,7 +277,7 @@ def read_law_csv(source: str | Path | bytes, name: str | None = None) -> pd.Data
                 raw = raw.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False).where(df[c].notna())
             values = pd.to_numeric(raw, errors="coerce")
             bad = values.isna() & df[c].notna()
-            if c in LAW_COLUMNS:
+            if c in required:
                 bad |= values.isna()
             if bad.any():
                 raise MemcoreError(f"column {c} of {what} has {int(bad.sum())} empty or non-numeric value(s) ({where(bad.to_numpy())})")
@@ -296,3 +298,83 @@ def smallest_rank(fit: LawFit, length: float, target_delta_loss: float, max_rank
     pred = fit.predict(ranks, np.full(len(ranks), float(length)))
     ok = np.flatnonzero(pred >= target_delta_loss)
     return int(ranks[ok[0]]) if len(ok) else None
+
+
+# --- regime: where a sweep's points stand, and which of them the law is fitted on -----------------------------
+
+SATURATED_REASONS = ("all_above_tau", "recalled")
+
+
+@dataclass
+class Regime:
+    """How a sweep's points ended. saturated: every target token above τ (memorized; ΔL is capped by the base
+    loss); converged: stopped on a ΔL plateau short of that (capacity binds: where the paper fits its law);
+    budget-bound: stopped at the step budget still improving (ΔL then measures speed, not capacity)."""
+
+    n: int
+    saturated: int
+    converged: int
+    budget_bound: int
+    label: str
+    known: bool  # False when the table says nothing about how points stopped (assumed fixed-budget)
+
+    def shares(self) -> dict[str, float]:
+        return {k: getattr(self, k) / self.n if self.n else 0.0 for k in ("saturated", "converged", "budget_bound")}
+
+    def describe(self) -> str:
+        s = self.shares()
+        head = (f"{s['converged']:.0%} converged on a plateau, {s['saturated']:.0%} saturated (every token above τ), "
+                f"{s['budget_bound']:.0%} stopped at the step budget")
+        if not self.known:
+            head += " (the table has no stop_reason or converged column: points are taken as fixed-budget runs)"
+        return f"regime: {self.label} — {head}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "saturated": self.saturated, "converged": self.converged, "budget_bound": self.budget_bound,
+                "label": self.label, "known": self.known, "shares": self.shares()}
+
+
+def point_states(df: pd.DataFrame) -> tuple[np.ndarray, bool]:
+    """Per row: 'saturated', 'converged' or 'budget', read from stop_reason (else converged + frac_above, else
+    frac_above alone, with every unsaturated point taken as budget-bound). Returns (states [n], known)."""
+    n = len(df)
+    above = df["frac_above"].to_numpy(float) >= 1.0 if "frac_above" in df.columns else np.zeros(n, bool)
+    if "stop_reason" in df.columns:
+        reason = df["stop_reason"].astype(str).to_numpy()
+        sat = np.isin(reason, SATURATED_REASONS) | above
+        conv = (reason == "plateau") & ~sat
+        known = True
+    elif "converged" in df.columns:
+        c = df["converged"]
+        conv_flag = c.to_numpy().astype(float) > 0.5 if c.dtype != object else c.astype(str).str.lower().isin(("true", "1")).to_numpy()
+        sat, conv, known = above, conv_flag & ~above, True
+    else:
+        sat, conv, known = above, np.zeros(n, bool), False
+    return np.where(sat, "saturated", np.where(conv, "converged", "budget")), known
+
+
+def regime(df: pd.DataFrame) -> Regime:
+    """The regime a sweep table is in, from how its points stopped (see Regime). The label names the majority:
+    'budget-bound (optimization)', 'capacity-bound (converged)', 'saturated', or 'mixed' when none has half."""
+    states, known = point_states(df)
+    n = len(states)
+    counts = {k: int((states == k).sum()) for k in ("saturated", "converged", "budget")}
+    labels = {"budget": "budget-bound (optimization)", "converged": "capacity-bound (converged)", "saturated": "saturated"}
+    top = max(counts, key=lambda k: counts[k])
+    label = labels[top] if n and counts[top] * 2 > n else "mixed"
+    return Regime(n, counts["saturated"], counts["converged"], counts["budget"], label, known)
+
+
+def law_points(df: pd.DataFrame, min_points: int = 6) -> tuple[pd.DataFrame, str]:
+    """The rows the law is fitted on, and a sentence saying which: the paper fits converged, unsaturated points;
+    when fewer than `min_points` of those exist, every unsaturated point; when those are too few as well, all
+    points (each fallback said in the sentence)."""
+    states, known = point_states(df)
+    conv = df[states == "converged"]
+    if known and len(conv) >= min_points:
+        return conv, f"fitted on the {len(conv)} converged, unsaturated points (as the paper does)"
+    unsat = df[states != "saturated"]
+    if len(unsat) >= min_points:
+        why = (f"only {len(conv)} point(s) converged unsaturated" if known else "the table does not say which points converged")
+        return unsat, f"fitted on the {len(unsat)} unsaturated points ({why})"
+    return df, f"fitted on all {len(df)} points (only {len(unsat)} are unsaturated)"

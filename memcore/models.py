@@ -308,16 +308,7 @@ def paper_layer(n_layers: int) -> int:
 def target_module_regex(model: nn.Module, spec: AdapterSpec) -> tuple[str, list[str], list[int]]:
     """A full-name regex selecting exactly the adapted linear layers, with their relative names and layers."""
     layers = decoder_layers(model)
-    n = len(layers)
-    if spec.layers == "all":
-        idx = list(range(n))
-    elif spec.layers == "paper":
-        idx = [paper_layer(n)]
-    else:
-        bad = [i for i in spec.layers if i >= n]
-        if bad:
-            raise MemcoreError(f"layer {bad[0]} does not exist: this model has layers 0..{n - 1}")
-        idx = sorted(set(spec.layers))
+    idx = adapter_layers(model, spec)
     block = layers[idx[0]]
     available = _linear_names(block)
     targets = "mlp" if spec.layers == "paper" and spec.targets == "all" else spec.targets
@@ -340,8 +331,26 @@ def target_module_regex(model: nn.Module, spec: AdapterSpec) -> tuple[str, list[
     return regex, chosen, idx
 
 
+def adapter_layers(model: nn.Module, spec: AdapterSpec) -> list[int]:
+    """Indices of the blocks an adapter spec places on ('all', 'paper' or explicit; checked to exist)."""
+    n = len(decoder_layers(model))
+    if spec.layers == "all":
+        return list(range(n))
+    if spec.layers == "paper":
+        return [paper_layer(n)]
+    bad = [i for i in spec.layers if i >= n]
+    if bad:
+        raise MemcoreError(f"layer {bad[0]} does not exist: this model has layers 0..{n - 1}")
+    return sorted(set(spec.layers))
+
+
 def attach_adapter(model: nn.Module, spec: AdapterSpec, seed: int = 0) -> Any:
-    """Wrap `model` in a PEFT LoRA model; only the adapter is trainable. Seeded so runs reproduce."""
+    """Wrap `model` in a PEFT LoRA model (or, for spec.kind 'bypass', memcore's BypassModel); only the adapter
+    is trainable. Seeded so runs reproduce."""
+    if spec.kind == "bypass":
+        from memcore.bypass import attach_bypass
+
+        return attach_bypass(model, spec, adapter_layers(model, spec), seed=seed)
     from peft import LoraConfig, get_peft_model
 
     regex, chosen, idx = target_module_regex(model, spec)
@@ -357,8 +366,19 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, seed: int = 0) -> Any:
     return peft_model
 
 
+def load_adapter(model: nn.Module, path: str | Path) -> Any:
+    """A saved adapter folder (PEFT LoRA, or memcore's bypass) attached to `model`, in eval mode."""
+    from memcore.bypass import is_bypass_dir, load_bypass
+
+    if is_bypass_dir(path):
+        return load_bypass(model, path)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(path)).eval()
+
+
 def detach_adapter(peft_model: Any) -> nn.Module:
-    """Remove the LoRA layers and give back the untouched base model (so it can be reused)."""
+    """Remove the adapter (LoRA layers or bypasses) and give back the untouched base model (so it can be reused)."""
     base = peft_model.unload()
     base.requires_grad_(False)
     base.eval()

@@ -106,7 +106,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask], pieces)
         summary["history"], summary["snapshots"] = spec.train.history, snapshots
         status = "stopped" if final.stop_reason == "stopped" else "completed"
-        if final.stop_reason in ("recalled", "max_steps"):  # finished: nothing to resume
+        if final.stop_reason in FINISHED:  # finished: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)
         summary["status"] = status
         store.set_status(run_id, status, summary=summary)
@@ -129,6 +129,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
 
 
 HISTORY_SNAPSHOTS = 300
+FINISHED = ("recalled", "max_steps", "all_above_tau", "plateau")  # stop reasons of a run that has nothing left to do
+CONVERGED = ("recalled", "all_above_tau", "plateau")  # ... of a run that stopped because training had converged
 
 
 def snapshot_steps(max_steps: int, n: int | None = None) -> frozenset[int]:
@@ -229,7 +231,8 @@ def drain(gen: Generator[StepReport, None, dict[str, Any]], on_report: Callable[
 
 
 def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:
-    """Standard PEFT folder (adapter_config.json + adapter_model.safetensors), the tokenizer, and memcore.json
+    """Standard PEFT folder (adapter_config.json + adapter_model.safetensors; for the bypass adapter memcore's
+    bypass_config.json + bypass_model.safetensors), the tokenizer, and memcore.json
     saying which prompt and target the adapter memorized.
 
     Written into a temporary folder first, then each file renamed into place: a run killed while saving keeps
@@ -282,6 +285,11 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
         "n_tokens": final.n_tokens,
         "n_above": final.n_above,
         "n_correct": final.n_correct,
+        "converged": final.stop_reason in CONVERGED,
+        "exact_recall": bool(final.recalled),
+        "token_accuracy": final.n_correct / final.n_tokens if final.n_tokens else 0.0,
+        "verbatim_prefix": final.n_tokens if final.first_divergence is None else final.first_divergence,
+        "adapter": spec.adapter.kind,
         "base_loss": float(base_loss.mean()),
         "loss": final.loss,
         "delta_loss": final.delta_loss,
@@ -307,7 +315,8 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
 def stored_run_spec(store: Store, run_id: str) -> RunSpec:
     """The spec of a finished run that has a saved adapter (else a MemcoreError saying why not)."""
     run = store.run(run_id)
-    if not (store.adapter_dir(run_id) / "adapter_config.json").is_file():
+    folder = store.adapter_dir(run_id)
+    if not ((folder / "adapter_config.json").is_file() or (folder / "bypass_config.json").is_file()):
         raise MemcoreError(f"run {run_id} has no saved adapter (status {run['status']})")
     return RunSpec.from_dict(run["spec"])
 
@@ -319,14 +328,13 @@ def generate_from_run(store: Store, run_id: str, base: Base, prompt: str | None 
     prompt None: continue the run's own prompts and compare with its targets ("divergence": the flat index
     of the first differing token, None if recalled verbatim). Otherwise continue BOS + prompt (100 tokens
     unless max_new_tokens says otherwise)."""
-    from peft import PeftModel
-
     from memcore.data import prompt_ids
+    from memcore.models import load_adapter
     from memcore.train import compare, greedy_generate
 
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    model = PeftModel.from_pretrained(base.model, str(store.adapter_dir(run_id))).eval()
+    model = load_adapter(base.model, store.adapter_dir(run_id))
     try:
         if prompt is None:
             toks = store.tokens(run_id)

@@ -133,13 +133,28 @@ def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:
     return out
 
 
+SWEEP_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "noise", "adapter", "base_loss", "frac_above",
+                 "frac_correct", "token_accuracy", "verbatim_prefix", "exact_recall", "recalled", "converged", "stop_reason",
+                 "bits_per_param", "steps", "run_id")
+
+
 def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
-    """One row per completed point: rank, length, delta_loss, p_eff, method, seed, noise, recall figures."""
+    """One row per completed point (columns SWEEP_COLUMNS): the law's rank, length (tokens), delta_loss (nats per
+    token), p_eff; the grid's method, seed, noise; and the recall figures: frac_above (share of tokens with
+    p > τ), token_accuracy (share whose teacher-forced argmax is right; frac_correct is the same, kept for older
+    readers), verbatim_prefix (tokens before the first wrong argmax), exact_recall (all right), converged and
+    stop_reason (how the point stopped), bits_per_param."""
     rows = []
     for r in store.runs(sweep=sweep_id, status="completed"):
         s, v = r["summary"], json.loads(r["label"])
-        rows.append({"rank": v["rank"], "length": s["n_tokens"], "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
-                     "method": v["method"], "seed": v["seed"], "noise": v["noise"], "base_loss": s["base_loss"],
-                     "frac_above": s["n_above"] / s["n_tokens"], "frac_correct": s["n_correct"] / s["n_tokens"],
-                     "recalled": s["recalled"], "bits_per_param": s["bits_per_param"], "steps": s["steps"], "run_id": r["id"]})
+        n = s["n_tokens"]
+        first = s.get("teacher_forced_first_divergence", s.get("first_divergence"))
+        rows.append({"rank": v["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
+                     "method": v["method"], "seed": v["seed"], "noise": v["noise"], "adapter": s.get("adapter", "lora"),
+                     "base_loss": s["base_loss"], "frac_above": s["n_above"] / n, "frac_correct": s["n_correct"] / n,
+                     "token_accuracy": s.get("token_accuracy", s["n_correct"] / n),
+                     "verbatim_prefix": s.get("verbatim_prefix", n if first is None else first),
+                     "exact_recall": bool(s.get("exact_recall", s.get("teacher_forced_recalled", s["recalled"]))),
+                     "recalled": s["recalled"], "converged": bool(s.get("converged", False)), "stop_reason": s["stop_reason"],
+                     "bits_per_param": s["bits_per_param"], "steps": s["steps"], "run_id": r["id"]})
     return rows

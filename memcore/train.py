@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ class StepReport:
     lr: float
     skipped: bool = False  # memft-ot with nothing below tau: no update taken
     final: bool = False
-    stop_reason: str | None = None  # recalled | max_steps | max_seconds | stopped
+    stop_reason: str | None = None  # recalled | all_above_tau | plateau | max_steps | max_seconds | stopped
     bits_stored: float = 0.0  # sum(base_loss - loss) / ln 2
     generated: list[list[int]] | None = None  # final: greedy continuation of each prompt
     generate_recalled: bool | None = None  # final (or recall check): did generate reproduce every target?
@@ -254,7 +255,7 @@ def recomputed(model: Any, start: int) -> Iterator[None]:
 
 def _set_lora_dropout(model: Any, on: bool) -> None:
     for name, m in model.named_modules():
-        if name.endswith("lora_dropout") or ".lora_dropout." in name:
+        if name.endswith(("lora_dropout", "bypass_dropout")) or ".lora_dropout." in name:
             m.train(on)
 
 
@@ -273,6 +274,7 @@ class Checkpoint:
     generate_seconds: float
     last_check_step: int
     notes: list[str] = field(default_factory=list)
+    recent_delta_loss: list[float] = field(default_factory=list)  # ΔL of the latest steps, for until='converged'
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -280,11 +282,11 @@ def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
 
 
 def _capture(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, step: int, rng: tuple, elapsed: float,
-             gen_seconds: float, last_check_step: int, notes: list[str]) -> Checkpoint:
+             gen_seconds: float, last_check_step: int, notes: list[str], recent: Iterable[float] = ()) -> Checkpoint:
     adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     return Checkpoint(step=step, adapter=adapter, optimizer=opt.state_dict(), window=dict(vars(window)), rng=rng[0],
                       cuda_rng=rng[1], elapsed=elapsed, generate_seconds=gen_seconds, last_check_step=last_check_step,
-                      notes=list(notes))
+                      notes=list(notes), recent_delta_loss=[float(x) for x in recent])
 
 
 def _restore(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, ckpt: Checkpoint) -> None:
@@ -303,6 +305,22 @@ def _restore(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, 
         torch.cuda.set_rng_state_all(ckpt.cuda_rng)
 
 
+PLATEAU_SMOOTH = 10  # ΔL is averaged over this many steps at each end of the plateau window (dropout makes it noisy)
+
+
+def converged(report: StepReport, recent: deque[float], spec: TrainSpec) -> str | None:
+    """Why a run has converged, or None: 'all_above_tau' when every target token has p > tau; 'plateau' when
+    the mean ΔL of the last PLATEAU_SMOOTH steps exceeds that of the PLATEAU_SMOOTH steps plateau_window
+    steps earlier by less than plateau_tol nats. `recent` holds the latest ΔL values (this step's last)."""
+    if report.n_above == report.n_tokens:
+        return "all_above_tau"
+    if len(recent) < spec.plateau_window + PLATEAU_SMOOTH:
+        return None
+    values = list(recent)
+    gain = sum(values[-PLATEAU_SMOOTH:]) / PLATEAU_SMOOTH - sum(values[:PLATEAU_SMOOTH]) / PLATEAU_SMOOTH
+    return "plateau" if gain < spec.plateau_tol else None
+
+
 def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,
                should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True,
                resume: Checkpoint | None = None, checkpoint: Callable[[Checkpoint], None] | None = None) -> Iterator[StepReport]:
@@ -315,7 +333,8 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
     state: the first report is then the one for the checkpoint's step, and the rest is what an uninterrupted
     run would have yielded."""
     model.eval()
-    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules() if "lora_dropout" in n)
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules()
+                  if "lora_dropout" in n or "bypass_dropout" in n)
     prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
     if prefix is not None:
         prefix.capture(model, batch)
@@ -345,11 +364,17 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
     first_step = step
     changed = True  # params changed since the last forward (else its result can be reused)
     last: tuple[torch.Tensor, torch.Tensor] | None = None
+    plateau: deque[float] = deque(resume.recent_delta_loss if resume is not None else (),  # recent ΔL, for until='converged'
+                                  maxlen=spec.plateau_window + PLATEAU_SMOOTH)
+    measured = -1  # the last step whose ΔL is in `plateau`
 
     def save() -> None:
         nonlocal last_saved
         if checkpoint is not None:
-            checkpoint(_capture(model, opt, window, step, rng, time.perf_counter() - t0, gen_seconds[0], last_check_step, notes))
+            # the checkpoint restarts at `step`, whose ΔL is appended again on resume: keep only the steps before it
+            recent = list(plateau)[:-1] if measured == step else list(plateau)
+            checkpoint(_capture(model, opt, window, step, rng, time.perf_counter() - t0, gen_seconds[0], last_check_step, notes,
+                                recent))
         last_saved = time.perf_counter()
 
     while True:
@@ -371,6 +396,8 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
                             lr=spec.lr * max(0.0, 1.0 - step / spec.max_steps), bits_stored=0.0, notes=notes)
         _fill(report, fl, fc, base_np, spec.tau)
         recalled = report.recalled
+        plateau.append(report.delta_loss)
+        measured = step
 
         reason = None
         if should_stop is not None and should_stop():
@@ -379,6 +406,9 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
             reason = "max_seconds"
         elif step >= spec.max_steps:
             reason = "max_steps"
+        elif spec.until == "converged" and (reason := converged(report, plateau, spec)) is not None:
+            if reason == "all_above_tau" and dropout and not _all_above_without_dropout(model, batch, where, spec.tau):
+                reason = None  # only dropout's noise put every token above tau: train on
         elif recalled and spec.stop_when_recalled and step - last_check_step >= 5:
             last_check_step = step
             gen = _check(model, batch, pad_id, report, gen_seconds)
@@ -435,6 +465,16 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
         last = None if changed else last
         yield report
         step += 1
+
+
+@torch.no_grad()
+def _all_above_without_dropout(model: Any, batch: Batch, where: torch.Tensor, tau: float) -> bool:
+    _set_lora_dropout(model, False)
+    try:
+        loss, _ = token_losses(model, batch)
+    finally:
+        _set_lora_dropout(model, True)
+    return bool((loss.flatten()[where] < obj.cut(tau)).all())
 
 
 def _read(loss: torch.Tensor, correct: torch.Tensor, where: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -165,7 +165,11 @@ def test_sweep_defaults_do_not_leak_into_train():
     p = build_parser()
     train = p.parse_args(["train", "--text", "x"])
     sweep = p.parse_args(["sweep"])
-    assert (train.max_steps, train.layers, train.lr) == (200, "all", 2e-3)
+    assert (train.max_steps, train.layers, train.lr) == (200, None, 2e-3)  # None: 'all' for LoRA, 'paper' for the bypass
+    from memcore.cli import spec_from_args
+
+    assert spec_from_args(train).adapter.layers == "all"
+    assert spec_from_args(p.parse_args(["train", "--text", "x", "--adapter", "bypass"])).adapter.layers == "paper"
     assert (sweep.max_steps, sweep.layers, sweep.lr) == (10, "paper", 1e-2)
 
 

@@ -22,7 +22,7 @@ def tiny(tiny_base):
     def release():
         while attached:
             m = attached.pop()
-            if any("lora_A" in n for n, _ in m.named_parameters()):
+            if any("lora_A" in n or "bypass_A" in n for n, _ in m.named_parameters()):
                 tiny_base.model = detach_adapter(m)
 
     def attach(spec=AdapterSpec(rank=4), seed=0):

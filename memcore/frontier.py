@@ -1,0 +1,347 @@
+"""The verbatim-recall frontier: the longest target a rank recalls verbatim, and the capacity it implies.
+
+A point of a sweep (rank r, length ℓ, seed) is *recalled* when every teacher-forced argmax is right, so greedy
+decoding reproduces the whole target (DESIGN.md §2). Two estimates of the frontier ℓ*(r):
+
+- **interpolated**, per rank: the recall rate (share of seeds) at each measured length, and the length where
+  it crosses 1/2, interpolated linearly in log ℓ between the last length at or above 1/2 and the next one
+  below. When every length is recalled ℓ* is only known to be at least the longest (a lower bound); when none
+  is, at most the shortest (an upper bound).
+- **fitted**, over all points: P(recalled | r, ℓ) = σ(k · (a + γ·ln r − ln ℓ)), so ℓ*(r) = e^a · r^γ, by maximum
+  likelihood (k bounded, since a sharp frontier separates the data perfectly), with 95% intervals from a
+  bootstrap over points (resampled within each rank).
+
+Capacity: bits stored per trainable parameter at the frontier, ℓ*(r) · (bits stored per recalled token) /
+P_eff(r), with bits stored = Σ (base_loss − loss) / ln 2 over target tokens, compared with about 2 bits/param
+(Allen-Zhu & Li, "Physics of Language Models 3.3") and 3.6 bits/param (Morris et al. 2025, "How much do
+language models memorize?").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from memcore.config import MemcoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REFERENCE_BITS_PER_PARAM = {"knowledge (Allen-Zhu & Li)": 2.0, "random data (Morris et al.)": 3.6}
+MAX_SHARPNESS = 40.0  # bound on k (per unit of ln ℓ): a perfectly separated frontier sits at the bound
+BOOTSTRAP = 300
+
+
+def recall_column(df: pd.DataFrame) -> str:
+    """The column saying whether a point was recalled verbatim: exact_recall (sweeps since the recall columns),
+    else recalled. Raises MemcoreError when neither is present."""
+    for c in ("exact_recall", "recalled"):
+        if c in df.columns:
+            return c
+    raise MemcoreError("the table has no exact_recall (or recalled) column: the frontier needs to know which points "
+                       "were recalled verbatim (sweeps write it; see `memcore sweep --out`)")
+
+
+def _as_bool(s: Any) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
+        return s.to_numpy().astype(float) > 0.5
+    return s.astype(str).str.strip().str.lower().isin(("true", "1", "yes")).to_numpy()
+
+
+@dataclass
+class RankFrontier:
+    rank: int
+    ell_star: float  # tokens: interpolated longest length recalled verbatim
+    bound: str  # 'interpolated', 'at least' (every length recalled) or 'at most' (none recalled)
+    recall_rate: dict[int, float]  # length -> share of seeds recalled
+    p_eff: float | None = None
+    bits_per_param: float | None = None  # at ell_star
+
+
+@dataclass
+class FrontierFit:
+    """ℓ*(r) = e^a · r^γ with P(recalled) = σ(k · (a + γ ln r − ln ℓ)); intervals are bootstrap 95%."""
+
+    a: float
+    gamma: float
+    k: float
+    a_interval: tuple[float, float]
+    gamma_interval: tuple[float, float]
+    n: int
+    ranks: tuple[float, float]  # measured range of ranks
+    lengths: tuple[float, float]  # measured range of lengths (tokens)
+    boot: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 2)))  # [B, 2] bootstrap (a, γ)
+    bits_per_token: float | None = None  # mean bits stored per token over recalled points
+    p_eff_per_rank: float | None = None  # P_eff / r (the placement's parameters per unit of rank)
+    notes: list[str] = field(default_factory=list)
+    separating: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)  # (A_ub, b_ub) when separated
+
+    def ell_star(self, rank: float | np.ndarray) -> np.ndarray:
+        """Frontier length in tokens at this rank (array in, array out)."""
+        return np.exp(self.a + self.gamma * np.log(np.asarray(rank, dtype=float)))
+
+    def _envelope(self, rank: float) -> tuple[float, float] | None:
+        """Smallest and largest ℓ*(rank) of any line ln ℓ* = a + γ ln r that separates recalled from unrecalled
+        points (two linear programs), or None when the data are not perfectly separated."""
+        if self.separating is None:
+            return None
+        from scipy.optimize import linprog
+
+        A, b = self.separating
+        c = np.array([1.0, math.log(rank)])
+        lo = linprog(c, A_ub=A, b_ub=b, bounds=[(-50, 50), (-10, 10)])
+        hi = linprog(-c, A_ub=A, b_ub=b, bounds=[(-50, 50), (-10, 10)])
+        if lo.status != 0 or hi.status != 0:
+            return None
+        return math.exp(lo.fun), math.exp(-hi.fun)
+
+    def ell_star_interval(self, rank: float) -> tuple[float, float]:
+        """95% interval of ℓ*(rank), tokens: the bootstrap's, widened (for perfectly separated data) to every
+        separating line's value at this rank, since the data cannot place the frontier inside that range."""
+        vals = np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(rank))
+        lo, hi = float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
+        env = self._envelope(rank)
+        return (min(lo, env[0]), max(hi, env[1])) if env else (lo, hi)
+
+    def rank_for(self, length: float) -> float:
+        """The (real) rank at which ℓ* equals `length`: (length / e^a)^(1/γ)."""
+        return float(math.exp((math.log(length) - self.a) / self.gamma))
+
+    def rank_interval(self, length: float) -> tuple[float, float]:
+        """95% interval of the rank whose frontier reaches `length`: from the bootstrap, widened as in
+        ell_star_interval (the ranks at which the upper and the lower bound of ℓ* reach the length)."""
+        g = np.where(np.abs(self.boot[:, 1]) < 1e-9, 1e-9, self.boot[:, 1])
+        vals = np.exp((math.log(length) - self.boot[:, 0]) / g)
+        lo, hi = float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
+        if self.separating is not None:
+            grid = np.geomspace(max(lo, 1e-3) / 64, hi * 64, 160)
+            env = [self._envelope(r) for r in grid]
+            up = [r for r, e in zip(grid, env) if e and e[1] >= length]
+            down = [r for r, e in zip(grid, env) if e and e[0] >= length]
+            lo = min(lo, up[0]) if up else lo
+            hi = max(hi, down[0]) if down else math.inf  # no separating line is ruled out: unbounded above
+        return lo, hi
+
+    def bits_per_param(self, rank: float) -> float | None:
+        """ℓ*(r) · bits per token / P_eff(r), with P_eff(r) = r · P_eff per rank."""
+        if self.bits_per_token is None or not self.p_eff_per_rank:
+            return None
+        return float(self.ell_star(rank)) * self.bits_per_token / (rank * self.p_eff_per_rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "gamma": self.gamma, "k": self.k, "a_ci": list(self.a_interval), "gamma_ci": list(self.gamma_interval),
+                "n": self.n, "ranks": list(self.ranks), "lengths": list(self.lengths), "bits_per_token": self.bits_per_token,
+                "p_eff_per_rank": self.p_eff_per_rank, "notes": self.notes}
+
+
+def interpolated_frontier(df: pd.DataFrame) -> list[RankFrontier]:
+    """Per rank, the length where the recall rate crosses 1/2, interpolated in log ℓ (see the module docstring).
+
+    df: one row per point with rank, length (tokens) and exact_recall/recalled; optional p_eff, bits_per_param.
+    Raises MemcoreError when the recall column is missing or the table is empty."""
+    col = recall_column(df)
+    if df.empty:
+        raise MemcoreError("no points to find a frontier in")
+    out = []
+    d = df.assign(_rec=_as_bool(df[col]))
+    per_token = _bits_per_token(d)
+    for rank, g in sorted(d.groupby("rank"), key=lambda kv: kv[0]):
+        rates = g.groupby("length")["_rec"].mean().sort_index()
+        lengths, r = rates.index.to_numpy(float), rates.to_numpy(float)
+        ok = np.flatnonzero(r >= 0.5)
+        if len(ok) == 0:
+            ell, bound = lengths[0], "at most"
+        elif ok[-1] == len(r) - 1:
+            ell, bound = lengths[-1], "at least"
+        else:
+            i = ok[-1]
+            frac = (r[i] - 0.5) / (r[i] - r[i + 1]) if r[i] != r[i + 1] else 0.5
+            ell, bound = math.exp(math.log(lengths[i]) + frac * (math.log(lengths[i + 1]) - math.log(lengths[i]))), "interpolated"
+        p_eff = float(g["p_eff"].iloc[0]) if "p_eff" in g.columns and g["p_eff"].notna().any() else None
+        bpp = ell * per_token / p_eff if per_token is not None and p_eff else None
+        out.append(RankFrontier(int(rank), float(ell), bound, {int(k): float(v) for k, v in rates.items()}, p_eff, bpp))
+    return out
+
+
+def _bits_per_token(d: pd.DataFrame) -> float | None:
+    """Mean bits stored per target token over recalled points (needs bits_per_param and p_eff columns)."""
+    if not {"bits_per_param", "p_eff"} <= set(d.columns):
+        return None
+    rec = d[d["_rec"]]
+    if rec.empty:
+        return None
+    return float((rec["bits_per_param"] * rec["p_eff"] / rec["length"]).mean())
+
+
+def _neg_log_lik(theta: np.ndarray, lr: np.ndarray, ll: np.ndarray, y: np.ndarray) -> float:
+    a, gamma, k = theta
+    z = k * (a + gamma * lr - ll)
+    # -log σ(z) for y = 1, -log σ(-z) for y = 0, computed stably
+    return float(np.sum(np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1 - y)))
+
+
+def _mle(lr: np.ndarray, ll: np.ndarray, y: np.ndarray, start: np.ndarray) -> np.ndarray:
+    from scipy.optimize import minimize
+
+    res = minimize(_neg_log_lik, start, args=(lr, ll, y), method="L-BFGS-B",
+                   bounds=[(-20, 40), (-5, 10), (0.05, MAX_SHARPNESS)])
+    return res.x
+
+
+def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, bits_per_token: float | None = None,
+                 p_eff_per_rank: float | None = None, seed: int = 0) -> FrontierFit:
+    """Fit ℓ*(r) = e^a · r^γ to recall outcomes by logistic maximum likelihood (see the module docstring).
+
+    rank, length: [n] (length in tokens); recalled: [n] bool. Intervals: bootstrap 95% (BOOTSTRAP resamples
+    within each rank, seeded). Raises MemcoreError when there are fewer than 2 ranks, or no recalled or no
+    unrecalled point (the frontier then lies outside the grid: it can only be bounded, see
+    interpolated_frontier)."""
+    r, ell, y = (np.asarray(v, dtype=float) for v in (rank, length, recalled))
+    if len(np.unique(r)) < 2:
+        raise MemcoreError("a frontier fit needs at least 2 ranks")
+    if y.all() or not y.any():
+        raise MemcoreError(f"{'every' if y.all() else 'no'} point was recalled verbatim: the frontier lies outside this grid "
+                           f"({'longer' if y.all() else 'shorter'} targets are needed to find it)")
+    lr, ll = np.log(r), np.log(ell)
+    # start: a line through the middle of the recalled/unrecalled boundary, slope 1
+    start = np.array([float(np.mean(ll[y > 0]) - np.mean(lr[y > 0])) + 0.35, 1.0, 5.0])
+    theta = _mle(lr, ll, y, start)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(r == v) for v in np.unique(r)]
+    boot = []
+    for _ in range(BOOTSTRAP):
+        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        if y[idx].all() or not y[idx].any():
+            continue
+        boot.append(_mle(lr[idx], ll[idx], y[idx], theta)[:2])
+    boot_arr = np.array(boot) if boot else np.array([theta[:2]])
+    notes, separating = [], None
+    sign = np.where(y > 0, 1.0, -1.0)
+    if np.all(sign * (theta[0] + theta[1] * lr - ll) > 0):
+        # every recalled point below the line, every other above: the data only bound the frontier. Intervals
+        # then span every separating line: recalled  -(a + γ ln r) <= -ln ℓ ; unrecalled  a + γ ln r <= ln ℓ
+        separating = (np.column_stack([-sign, -sign * lr]), -sign * ll)
+        notes.append("the recalled and unrecalled points are perfectly separated (a sharp frontier): the data place it "
+                     "only between the measured lengths, and its intervals span every line that separates them")
+    q = lambda i: (float(np.quantile(boot_arr[:, i], 0.025)), float(np.quantile(boot_arr[:, i], 0.975)))  # noqa: E731
+    a_ci, g_ci = q(0), q(1)
+    if separating is not None:
+        from scipy.optimize import linprog
+
+        for i in (0, 1):  # widen to every separating line's a and γ
+            c = np.eye(2)[i]
+            lo = linprog(c, A_ub=separating[0], b_ub=separating[1], bounds=[(-50, 50), (-10, 10)])
+            hi = linprog(-c, A_ub=separating[0], b_ub=separating[1], bounds=[(-50, 50), (-10, 10)])
+            if lo.status == 0 and hi.status == 0:
+                ci = a_ci if i == 0 else g_ci
+                widened = (min(ci[0], lo.fun), max(ci[1], -hi.fun))
+                a_ci, g_ci = (widened, g_ci) if i == 0 else (a_ci, widened)
+    return FrontierFit(float(theta[0]), float(theta[1]), float(theta[2]), a_ci, g_ci, len(y),
+                       (float(r.min()), float(r.max())), (float(ell.min()), float(ell.max())), boot_arr,
+                       bits_per_token, p_eff_per_rank, notes, separating)
+
+
+def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
+    """Interpolated and fitted frontiers of a sweep table (optionally one method's rows). The fit is None (with
+    the reason as the third value) when the grid does not bracket the frontier."""
+    if method is not None and "method" in df.columns:
+        df = df[df["method"] == method]
+    if df.empty:
+        raise MemcoreError(f"no points{f' for method {method}' if method else ''} in the table")
+    per_rank = interpolated_frontier(df)
+    y = _as_bool(df[recall_column(df)])
+    d = df.assign(_rec=y)
+    per_token = _bits_per_token(d)
+    per_rank_peff = float((df["p_eff"] / df["rank"]).median()) if "p_eff" in df.columns and df["p_eff"].notna().all() else None
+    try:
+        fit = fit_frontier(df["rank"].to_numpy(float), df["length"].to_numpy(float), y, bits_per_token=per_token,
+                           p_eff_per_rank=per_rank_peff)
+    except MemcoreError as e:
+        return per_rank, None, str(e)
+    return per_rank, fit, None
+
+
+@dataclass
+class VerbatimAnswer:
+    """The smallest rank predicted to recall `length` tokens verbatim."""
+
+    length: int
+    rank: int  # ceil of the fitted real rank, at least 1
+    interval: tuple[int, int | None]  # 95% (see FrontierFit.rank_interval), as whole ranks; None: not bounded above
+    rank_exact: float
+    extrapolated: bool
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"length": self.length, "rank": self.rank, "interval": list(self.interval), "rank_exact": self.rank_exact,
+                "extrapolated": self.extrapolated, "notes": self.notes}
+
+
+def smallest_verbatim_rank(fit: FrontierFit, length: int) -> VerbatimAnswer:
+    """Smallest whole rank r with ℓ*(r) ≥ length, its 95% interval, and whether that leaves the measured range
+    (lengths or ranks outside what the sweep measured: said in `notes`, never silently)."""
+    if length < 1:
+        raise MemcoreError(f"length must be at least 1 token, got {length}")
+    if fit.gamma <= 0:
+        raise MemcoreError(f"the fitted frontier does not grow with rank (γ = {fit.gamma:.3g}); no rank can be predicted")
+    exact = fit.rank_for(length)
+    lo, hi = fit.rank_interval(length)
+    notes = []
+    if not fit.lengths[0] <= length <= fit.lengths[1]:
+        notes.append(f"length {length} lies outside the measured lengths {fit.lengths[0]:g}-{fit.lengths[1]:g}: this is an extrapolation")
+    if not fit.ranks[0] <= exact <= fit.ranks[1]:
+        notes.append(f"the predicted rank {exact:.3g} lies outside the measured ranks {fit.ranks[0]:g}-{fit.ranks[1]:g}: "
+                     "this is an extrapolation")
+    if not math.isfinite(hi):
+        notes.append("the sweep does not bound this rank from above: no measured point rules out a frontier that stops "
+                     "growing beyond the ranks where it was seen; measure a longer length at a larger rank")
+    whole = lambda v: max(1, math.ceil(v - 1e-9))  # noqa: E731
+    return VerbatimAnswer(length, whole(exact), (whole(lo), whole(hi) if math.isfinite(hi) else None), exact,
+                          any("extrapolation" in n for n in notes), notes)
+
+
+COMPARED = ("exact_recall", "token_accuracy", "verbatim_prefix", "frac_above", "delta_loss")
+
+
+def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each method against `baseline` at equal steps, from a sweep table with several methods and seeds.
+
+    Returns (cells, overall). cells: one row per (method, rank, length) with the seed-mean of each COMPARED column
+    (exact_recall as a rate), the baseline's, and `wins` (more tokens recalled in order: a longer verbatim
+    prefix, ties broken by token accuracy); overall: per method the mean of each column over the grid, the
+    baseline's, and their ratio (method / baseline). Raises MemcoreError when the baseline or another method is
+    missing."""
+    import pandas as pd
+
+    if "method" not in df.columns or baseline not in set(df["method"]):
+        raise MemcoreError(f"the table has no {baseline} rows to compare against")
+    others = sorted(m for m in set(df["method"]) if m != baseline)
+    if not others:
+        raise MemcoreError(f"the table has only {baseline} rows: nothing to compare")
+    cols = [c for c in COMPARED if c in df.columns]
+    d = df.copy()
+    if "exact_recall" in d.columns:
+        d["exact_recall"] = _as_bool(d["exact_recall"]).astype(float)
+    mean = d.groupby(["method", "rank", "length"])[cols].mean()
+    base = mean.loc[baseline]
+    cells, overall = [], []
+    for m in others:
+        mine = mean.loc[m]
+        joined = mine.join(base, rsuffix=f"_{baseline}", how="inner").reset_index()
+        joined.insert(0, "method", m)
+        if "verbatim_prefix" in cols:
+            vp, vb = joined["verbatim_prefix"], joined[f"verbatim_prefix_{baseline}"]
+            acc, accb = joined.get("token_accuracy", 0), joined.get(f"token_accuracy_{baseline}", 0)
+            joined["wins"] = np.where(vp != vb, np.where(vp > vb, "yes", "no"), np.where(acc > accb, "yes", np.where(acc < accb, "no", "tie")))
+        cells.append(joined)
+        row = {"method": m, "cells": len(joined)}
+        for c in cols:
+            a, b = float(joined[c].mean()), float(joined[f"{c}_{baseline}"].mean())
+            row[c], row[f"{c}_{baseline}"], row[f"{c}_ratio"] = a, b, (a / b if b else float("inf") if a else 1.0)
+        overall.append(row)
+    return pd.concat(cells, ignore_index=True), pd.DataFrame(overall)

@@ -1,0 +1,125 @@
+"""The verbatim-recall frontier, capacity at the frontier, the verbatim what-if, and the regime of a sweep."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memcore.config import MemcoreError
+from memcore.frontier import fit_frontier, frontier_from_table, interpolated_frontier, smallest_verbatim_rank
+from memcore.law import law_points, regime
+
+RANKS = [1, 2, 4, 8, 16]
+LENGTHS = [8, 16, 32, 64, 128, 256, 512]
+
+
+def _synthetic(a=math.log(20), gamma=0.8, k=3.0, seeds=6, seed=0):
+    """Recall drawn from P = σ(k (a + γ ln r − ln ℓ)), i.e. a known frontier ℓ*(r) = e^a r^γ."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in RANKS:
+        for ell in LENGTHS:
+            p = 1 / (1 + math.exp(-k * (a + gamma * math.log(r) - math.log(ell))))
+            for s in range(seeds):
+                rows.append({"rank": r, "length": ell, "seed": s, "exact_recall": bool(rng.random() < p), "p_eff": 1152 * r,
+                             "bits_per_param": 20.0 * ell / (1152 * r), "method": "sft"})
+    return pd.DataFrame(rows)
+
+
+def test_fit_recovers_a_known_frontier():
+    df = _synthetic()
+    fit = fit_frontier(df["rank"], df["length"], df["exact_recall"])
+    assert fit.gamma_interval[0] < 0.8 < fit.gamma_interval[1]
+    assert fit.a_interval[0] < math.log(20) < fit.a_interval[1]
+    assert abs(fit.gamma - 0.8) < 0.15 and abs(fit.a - math.log(20)) < 0.3
+    lo, hi = fit.ell_star_interval(4)
+    assert lo < 20 * 4**0.8 < hi
+
+
+def test_a_sharp_frontier_is_located_between_the_measured_lengths():
+    rows = [{"rank": r, "length": ell, "exact_recall": ell <= 16 * r} for r in RANKS for ell in LENGTHS]
+    df = pd.DataFrame(rows)
+    fit = fit_frontier(df["rank"], df["length"], df["exact_recall"])
+    for r in RANKS:
+        last_ok = max(ell for ell in LENGTHS if ell <= 16 * r)
+        assert last_ok <= fit.ell_star(r) <= 2 * last_ok  # between the last recalled length and the next
+    assert fit.notes and "perfectly separated" in fit.notes[0]
+    per_rank = interpolated_frontier(df)
+    assert [p.ell_star for p in per_rank] == pytest.approx([16 * math.sqrt(2) * r for r in RANKS], rel=1e-6)
+    wide = pd.concat([df, pd.DataFrame([{"rank": 64, "length": ell, "exact_recall": True} for ell in LENGTHS])])
+    top = interpolated_frontier(wide)[-1]
+    assert top.bound == "at least" and top.ell_star == 512  # rank 64 recalls every length: only a bound
+
+
+def test_interpolation_uses_the_recall_rate_across_seeds():
+    df = pd.DataFrame([{"rank": 2, "length": 32, "exact_recall": True}] * 2
+                      + [{"rank": 2, "length": 64, "exact_recall": x} for x in (True, False, False, False)])
+    (p,) = interpolated_frontier(df)
+    # rate 1.0 at 32, 0.25 at 64: crosses 1/2 two thirds of the way from 32 to 64 in log length
+    assert p.ell_star == pytest.approx(32 * 2 ** (2 / 3)) and p.bound == "interpolated"
+    assert p.recall_rate == {32: 1.0, 64: 0.25}
+
+
+def test_bits_per_param_at_the_frontier():
+    df = _synthetic(k=50.0)
+    per_rank, fit, why = frontier_from_table(df)
+    assert why is None and fit.bits_per_token == pytest.approx(20.0)
+    assert fit.p_eff_per_rank == 1152
+    assert fit.bits_per_param(4) == pytest.approx(float(fit.ell_star(4)) * 20.0 / (4 * 1152))
+
+
+def test_verbatim_rank_and_its_interval():
+    fit = fit_frontier(*(_synthetic()[c] for c in ("rank", "length", "exact_recall")))
+    ans = smallest_verbatim_rank(fit, 100)
+    assert ans.rank == math.ceil(fit.rank_for(100)) and fit.ell_star(ans.rank) >= 100 > fit.ell_star(ans.rank - 1)
+    assert ans.interval[0] <= ans.rank <= ans.interval[1] and not ans.extrapolated and ans.notes == []
+
+
+def test_verbatim_what_if_never_extrapolates_silently():
+    fit = fit_frontier(*(_synthetic()[c] for c in ("rank", "length", "exact_recall")))
+    far = smallest_verbatim_rank(fit, 5000)
+    assert far.extrapolated and any("outside the measured lengths 8-512" in n for n in far.notes)
+    assert any("outside the measured ranks 1-16" in n for n in far.notes)
+
+
+def test_frontier_outside_the_grid_is_said():
+    df = pd.DataFrame([{"rank": r, "length": ell, "exact_recall": True} for r in (1, 2) for ell in (8, 16)])
+    with pytest.raises(MemcoreError, match=r"every point was recalled .* \(longer targets"):
+        fit_frontier(df["rank"], df["length"], df["exact_recall"])
+    with pytest.raises(MemcoreError, match="no exact_recall"):
+        interpolated_frontier(df.drop(columns=["exact_recall"]))
+
+
+def test_cli_frontier_and_predict_verbatim(tmp_path, capsys):
+    from memcore.cli import main
+
+    f = tmp_path / "sweep.csv"
+    _synthetic().to_csv(f, index=False)
+    assert main(["predict", "--csv", str(f), "--length", "100", "--verbatim", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["rank"], int) and len(out["interval"]) == 2 and out["interval"][0] <= out["rank"] <= out["interval"][1]
+    assert main(["predict", "--csv", str(f), "--length", "3000", "--verbatim"]) == 0
+    cap = capsys.readouterr()
+    assert "[extrapolated]" in cap.out and "outside the measured lengths" in cap.err
+    assert main(["frontier", "--csv", str(f)]) == 0
+    text = capsys.readouterr().out
+    assert "fitted frontier ℓ*(r) =" in text and "bits/param" in text and "rank 16" in text
+    old = tmp_path / "old.csv"
+    _synthetic().drop(columns=["exact_recall"]).assign(delta_loss=1.0).to_csv(old, index=False)
+    assert main(["predict", "--csv", str(old), "--length", "10", "--verbatim"]) == 2
+    assert "no exact_recall" in capsys.readouterr().err
+
+
+def test_regime_is_read_from_how_points_stopped():
+    df = pd.DataFrame({"stop_reason": ["plateau"] * 6 + ["all_above_tau"] * 2 + ["max_steps"] * 2,
+                       "frac_above": [0.5] * 6 + [1.0] * 2 + [0.2] * 2})
+    reg = regime(df)
+    assert (reg.converged, reg.saturated, reg.budget_bound) == (6, 2, 2) and reg.label == "capacity-bound (converged)"
+    sub, how = law_points(df.assign(rank=1, length=1, delta_loss=1.0))
+    assert len(sub) == 6 and "converged, unsaturated" in how
+    # a fixed-budget table (no stop columns) with nothing saturated is budget-bound, never "capacity-bound"
+    old = pd.DataFrame({"frac_above": [0.2] * 10})
+    reg = regime(old)
+    assert reg.label == "budget-bound (optimization)" and not reg.known and "fixed-budget" in reg.describe()

@@ -1,0 +1,245 @@
+"""The paper's regime: its data layouts (JSONL, random tokens), its bypass adapter, and training to convergence."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from memcore.bypass import MLPBypass, mlp_of
+from memcore.config import AdapterSpec, DataSpec, MemcoreError, RunSpec, TrainSpec
+from memcore.data import build_samples, make_batch, ordinary_token_ids, parse_jsonl, random_token_ids
+from memcore.models import attach_adapter, decoder_layers, detach_adapter, load_adapter, p_eff, paper_layer
+from memcore.train import FrozenPrefix, base_losses, converged, token_losses, train_iter
+
+# --- JSONL ---------------------------------------------------------------------------------------------------
+
+
+def test_phonebook_jsonl_gives_one_sample_per_line():
+    raw = '{"query": "Ada Berg:", "target": " 0123456789", "id": 1}\n\n{"query": "Wen Xu:", "target": " 9876543210"}\n'
+    d = parse_jsonl(raw.encode(), "pb.jsonl")
+    assert d.layout == "phonebook" and d.fields == ("query", "target") and d.lines == 2
+    assert d.pairs == (("Ada Berg:", " 0123456789"), ("Wen Xu:", " 9876543210"))
+
+
+def test_long_context_jsonl_takes_one_line_and_says_so():
+    lines = [json.dumps({"question": f"Output the memory {i}.", "matching": f"text number {i}", "extra": [1]}) for i in range(3)]
+    d = parse_jsonl("\n".join(lines))
+    assert d.layout == "long-context" and d.pairs == (("Output the memory 0.", "text number 0"),)
+    assert "3 long-context lines" in d.note and "--jsonl-line" in d.note
+    assert parse_jsonl("\n".join(lines), line=3).pairs == (("Output the memory 2.", "text number 2"),)
+    with pytest.raises(MemcoreError, match="line 4 does not exist"):
+        parse_jsonl("\n".join(lines), line=4)
+
+
+def test_custom_jsonl_fields():
+    d = parse_jsonl('{"in": "Q", "out": "A"}\n{"in": "R", "out": "B"}', fields=("in", "out"))
+    assert d.layout == "custom" and d.pairs == (("Q", "A"), ("R", "B"))
+
+
+@pytest.mark.parametrize("raw, message", [
+    ('{"query": "a", "target": "b"}\n{"query": "c", "target": "d"\n', r"f\.jsonl line 2: not valid JSON"),
+    ('{"query": "a", "target": "b"}\n[1, 2]\n', r"line 2: expected a JSON object"),
+    ('{"query": "a", "target": "b"}\n\n{"query": "c"}\n', r"line 3: no 'target' key \(keys: query\)"),
+    ('{"query": "a", "target": 5}\n', r"line 1: 'target' must be a string, got int"),
+    ('{"query": "a", "target": "  "}\n', r"line 1: 'target' is empty"),
+    ('{"prompt": "a", "answer": "b"}\n', r"keys answer, prompt match neither .* --jsonl-fields"),
+    ('\n\n', r"no JSON lines"),
+])
+def test_bad_jsonl_lines_are_named(raw, message):
+    with pytest.raises(MemcoreError, match=message):
+        parse_jsonl(raw.encode(), "f.jsonl")
+
+
+def test_jsonl_pairs_train_as_a_batch(default_base):
+    d = parse_jsonl('{"query": "Ada Berg:", "target": " 0123456789"}\n{"query": "Wen Xu:", "target": " 55"}')
+    spec = DataSpec(pairs=d.pairs, length=3)
+    samples = build_samples(default_base.tokenizer, spec)
+    assert len(samples) == 2 and all(len(s.target_ids) <= 3 for s in samples)
+    # the spec survives its JSON round trip with the pairs as tuples
+    again = RunSpec.from_dict(json.loads(json.dumps(RunSpec(data=spec).to_dict())))
+    assert again.data == spec
+
+
+def test_data_spec_wants_exactly_one_source():
+    with pytest.raises(MemcoreError, match="exactly one .* got text and random_tokens"):
+        DataSpec(text="x", random_tokens=10)
+    with pytest.raises(MemcoreError, match="random tokens must be an integer >= 1"):
+        DataSpec(text=None, random_tokens=0)
+
+
+# --- random tokens -------------------------------------------------------------------------------------------
+
+
+def test_random_tokens_are_seeded_ordinary_and_uniform(default_base):
+    tok = default_base.tokenizer
+    pool = ordinary_token_ids(tok)
+    specials = set(tok.all_special_ids)
+    assert specials and not specials & set(pool.tolist())
+    a = random_token_ids(tok, 200, seed=3)
+    assert a == random_token_ids(tok, 200, seed=3) and a != random_token_ids(tok, 200, seed=4)
+    # uniform over the pool: 200,000 draws in 16 equal bins of the pool pass a chi-square test
+    big = np.array(random_token_ids(tok, 200_000, seed=0))
+    ranks = np.searchsorted(pool, big)
+    assert (pool[ranks] == big).all()
+    counts = np.bincount(ranks * 16 // len(pool), minlength=16)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    s = build_samples(tok, DataSpec(random_tokens=50, seed=3, length=20))
+    assert s[0].target_ids == a[:20]
+
+
+# --- the bypass adapter -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bypassed(tiny_base):
+    attached = []
+
+    def attach(spec=AdapterSpec(rank=2, layers="paper", kind="bypass"), seed=0):
+        while attached:  # one adapter at a time on the shared base
+            tiny_base.model = detach_adapter(attached.pop())
+        m = attach_adapter(tiny_base.model, spec, seed=seed)
+        attached.append(m)
+        return m
+
+    yield attach
+    while attached:
+        tiny_base.model = detach_adapter(attached.pop())
+
+
+def _batch(base, text="Seven pale moths circled the lamp until the kettle sang."):
+    return make_batch(build_samples(base.tokenizer, DataSpec(text=text)), base.tokenizer.pad_token_id)
+
+
+def test_bypass_forward_is_mlp_plus_xab_and_starts_as_the_base(tiny_base, bypassed):
+    b = _batch(tiny_base)
+    before, _ = token_losses(tiny_base.model, b)
+    m = bypassed(AdapterSpec(rank=3, layers="paper", kind="bypass", dropout=0.1))
+    hidden = tiny_base.model.config.hidden_size
+    assert p_eff(m) == 3 * 2 * hidden
+    layer = paper_layer(len(decoder_layers(m)))
+    _, bp = mlp_of(decoder_layers(m)[layer])
+    assert isinstance(bp, MLPBypass) and bp.bypass_A.shape == (hidden, 3) and bp.bypass_B.shape == (3, hidden)
+    assert torch.count_nonzero(bp.bypass_B) == 0 and torch.count_nonzero(bp.bypass_A) > 0
+    start, _ = token_losses(m, b)
+    assert torch.equal(start, before)  # B = 0: exactly the base model
+    torch.nn.init.normal_(bp.bypass_B, std=0.5)
+    x = torch.randn(2, 5, hidden)
+    want = bp.mlp(x) + x @ bp.bypass_A @ bp.bypass_B  # eval mode: no dropout, no alpha/r scaling
+    assert torch.allclose(bp(x), want, atol=1e-5)
+    after, _ = token_losses(m, b)
+    assert not torch.allclose(after, before)
+    assert torch.allclose(base_losses(m, b), before, atol=1e-6)  # switched off for the base loss
+    # only A and B train; every other weight stays frozen
+    assert {n.split(".")[-1] for n, p in m.named_parameters() if p.requires_grad} == {"bypass_A", "bypass_B"}
+
+
+def test_bypass_saves_reloads_and_detaches(tiny_base, bypassed, tmp_path):
+    b = _batch(tiny_base)
+    plain, _ = token_losses(tiny_base.model, b)
+    m = bypassed(AdapterSpec(rank=2, layers=(1, 2), kind="bypass"))
+    for p in m.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    trained, _ = token_losses(m, b)
+    m.save_pretrained(tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "bypass_config.json").read_text())
+    assert cfg["rank"] == 2 and cfg["layers"] == [1, 2] and cfg["adapter"] == "bypass"
+    tiny_base.model = detach_adapter(m)
+    assert torch.equal(token_losses(tiny_base.model, b)[0], plain)  # the MLPs are back, untouched
+    again = load_adapter(tiny_base.model, tmp_path / "ad")
+    assert torch.allclose(token_losses(again, b)[0], trained, atol=1e-6)
+    tiny_base.model = detach_adapter(again)
+
+
+def test_bypass_trains_with_the_frozen_prefix_cache(tiny_base, bypassed):
+    b = _batch(tiny_base)
+    m = bypassed(AdapterSpec(rank=2, layers="paper", kind="bypass"))
+    prefix = FrozenPrefix.maybe(m)
+    assert prefix is not None and prefix.k == paper_layer(len(decoder_layers(m)))
+    reports = list(train_iter(m, b, TrainSpec(method="sft", lr=5e-2, max_steps=15, stop_when_recalled=False)))
+    assert reports[-1].delta_loss > 0.05
+
+
+def test_cli_trains_jsonl_with_the_bypass_and_refuses_peft_export(home, tiny_model_dir, tmp_path, capsys):
+    from memcore.cli import main
+
+    f = tmp_path / "pb.jsonl"
+    f.write_text('{"query": "Ada Berg:", "target": " 0123456789"}\n{"query": "Wen Xu:", "target": " 555"}\n')
+    code = main(["train", "--jsonl", str(f), "--adapter", "bypass", "--rank", "2", "--model", str(tiny_model_dir),
+                 "--max-steps", "3", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert "phonebook layout (query -> target), 2 samples" in err
+    assert summary["adapter"] == "bypass" and summary["p_eff"] == 2 * 2 * 64 and len(summary["target_ids"]) == 2
+    assert main(["generate", summary["run_id"]]) == 0  # reloads the bypass from the run's folder
+    capsys.readouterr()
+    assert main(["export", summary["run_id"], str(tmp_path / "out")]) == 2
+    assert "bypass adapter, which PEFT cannot load" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["train", "--text", "abc", "--adapter", "bypass", "--alpha", "4", "--max-steps", "1"]) == 2
+    assert "--alpha and --targets apply to LoRA" in capsys.readouterr().err
+    assert main(["train", "--jsonl", str(tmp_path / "none.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- convergence ---------------------------------------------------------------------------------------------
+
+
+class _R:
+    def __init__(self, above, n=10):
+        self.n_above, self.n_tokens = above, n
+
+
+def test_converged_rule():
+    from collections import deque
+
+    spec = TrainSpec(until="converged", plateau_window=20, plateau_tol=0.05)
+    assert converged(_R(10), deque([0.0]), spec) == "all_above_tau"
+    rising = deque([0.1 * i for i in range(30)], maxlen=30)
+    assert converged(_R(3), rising, spec) is None
+    flat = deque([5.0 + 0.001 * i for i in range(30)], maxlen=30)
+    assert converged(_R(3), flat, spec) == "plateau"
+    assert converged(_R(3), deque(list(flat)[:20]), spec) is None  # not enough history yet
+
+
+def test_until_converged_stops_when_every_token_is_above_tau(default_base):
+    # (a tiny random model cannot put p > 0.5 on any token: its final norm and small embeddings cap the logits)
+    b = make_batch(build_samples(default_base.tokenizer, DataSpec(random_tokens=12, seed=1)), 0)
+    m = attach_adapter(default_base.model, AdapterSpec(rank=4, layers="paper", kind="bypass", dropout=0.1))
+    try:
+        spec = TrainSpec(method="sft", lr=3e-2, max_steps=300, stop_when_recalled=False, until="converged", verify=False,
+                         plateau_window=300)
+        reports = list(train_iter(m, b, spec))
+    finally:
+        default_base.model = detach_adapter(m)
+    final = reports[-1]
+    assert final.stop_reason == "all_above_tau" and final.step < 300
+    # measured without dropout at the end: every token really is above tau, and so recalled
+    assert final.n_above == final.n_tokens and final.recalled
+
+
+def test_until_converged_stops_on_a_plateau(bypassed, tiny_base):
+    b = _batch(tiny_base, "A much longer passage, " * 12)
+    m = bypassed(AdapterSpec(rank=1, layers="paper"))
+    spec = TrainSpec(method="sft", lr=1e-4, max_steps=300, stop_when_recalled=False, until="converged", verify=False,
+                     plateau_window=10, plateau_tol=0.5)
+    reports = list(train_iter(m, b, spec))
+    assert reports[-1].stop_reason == "plateau" and reports[-1].step == 10 + 10 - 1
+    budget = list(train_iter(m, b, TrainSpec(method="sft", lr=1e-4, max_steps=25, stop_when_recalled=False, verify=False)))
+    assert budget[-1].stop_reason == "max_steps"
+
+
+def test_a_resumed_run_keeps_its_plateau_window(bypassed, tiny_base):
+    b = _batch(tiny_base, "A much longer passage, " * 12)
+    spec = TrainSpec(method="sft", lr=1e-4, max_steps=300, stop_when_recalled=False, until="converged", verify=False,
+                     plateau_window=10, plateau_tol=0.5)
+    whole = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=1), b, spec))
+    saved, calls = [], iter(range(1000))
+    first = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=1), b, spec,
+                            should_stop=lambda: next(calls) >= 12, checkpoint=saved.append))
+    assert first[-1].stop_reason == "stopped" and len(saved[-1].recent_delta_loss) == 12  # steps 0-11
+    resumed = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=7), b, spec, resume=saved[-1]))
+    assert resumed[-1].stop_reason == whole[-1].stop_reason == "plateau" and resumed[-1].step == whole[-1].step == 19
