@@ -328,7 +328,7 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
     ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)
     heat = alt.Chart(grid).mark_rect(opacity=0.9).encode(
-        x=alt.X("r_lo:Q", scale=xs, title="LoRA rank r (log)"), x2="r_hi:Q",
+        x=alt.X("r_lo:Q", scale=xs, title="adapter rank r (log)"), x2="r_hi:Q",
         y=alt.Y("l_lo:Q", scale=ys, title="target tokens ℓ (log)"), y2="l_hi:Q",
         color=alt.Color("delta_loss:Q", scale=color, title="ΔL", legend=alt.Legend(format=".2f", tickCount=bands)),
         tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"), alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
@@ -357,3 +357,63 @@ def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str) -
     lines = alt.Chart(cur).mark_line().encode(**enc)
     pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(**enc, tooltip=["rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", format=".3f")])
     return alt.layer(lines, pts).properties(title=title, height=300)
+
+
+def frontier_layer(ranks: Sequence[float], ell_star: Sequence[float], grid: pd.DataFrame, lo: Sequence[float] | None = None,
+                   hi: Sequence[float] | None = None) -> alt.Chart:
+    """The verbatim-recall frontier ℓ*(r) drawn over law_surface_chart's axes (a white line, its interval as a
+    band): below it the fitted frontier predicts verbatim recall, above it not."""
+    xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
+    ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)
+    ys_clip = (float(grid.l_lo.min()), float(grid.l_hi.max()))
+    df = pd.DataFrame({"rank": list(ranks), "ell_star": np.clip(list(ell_star), *ys_clip)})
+    layers = []
+    if lo is not None and hi is not None:
+        band = df.assign(lo=np.clip(list(lo), *ys_clip), hi=np.clip(list(hi), *ys_clip))
+        layers.append(alt.Chart(band).mark_area(opacity=0.25, color="white").encode(
+            x=alt.X("rank:Q", scale=xs), y=alt.Y("lo:Q", scale=ys), y2="hi:Q"))
+    layers.append(alt.Chart(df).mark_line(color="white", strokeWidth=3, strokeDash=[6, 3]).encode(
+        x=alt.X("rank:Q", scale=xs), y=alt.Y("ell_star:Q", scale=ys),
+        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("ell_star:Q", title="frontier ℓ* (tokens)", format=".0f")]))
+    return alt.layer(*layers)
+
+
+def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f", domain: tuple[float, float] | None = None,
+                   scheme: str = "viridis", mine: pd.DataFrame | None = None) -> alt.Chart:
+    """One sweep quantity over rank × length as labelled cells (ordinal axes, as the paper draws its heatmaps).
+    cells: rank, length and `value` (the seed mean). mine: the user's runs (rank, length, value, label) drawn as
+    black-ringed diamonds on the nearest cell."""
+    scale = alt.Scale(scheme=scheme, domain=list(domain) if domain else alt.Undefined)
+    x = alt.X("rank:O", title="rank r", sort="ascending")
+    y = alt.Y("length:O", title="target tokens ℓ", sort="descending")
+    base = alt.Chart(cells)
+    heat = base.mark_rect().encode(x=x, y=y, color=alt.Color(f"{value}:Q", scale=scale, title=None, legend=None),
+                                   tooltip=["rank:O", "length:O", alt.Tooltip(f"{value}:Q", format=fmt)])
+    text = base.mark_text(fontSize=12).encode(
+        x=x, y=y, text=alt.Text(f"{value}:Q", format=fmt),
+        color=alt.condition(alt.datum[value] > ((domain[0] + domain[1]) / 2 if domain else cells[value].median()),
+                            alt.value("black"), alt.value("white")))
+    layers = [heat, text]
+    if mine is not None and len(mine):
+        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=500, stroke="black", strokeWidth=2.5, filled=False).encode(
+            x=x, y=y, tooltip=["label:N", "rank:O", "length:O", alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
+    return alt.layer(*layers).properties(title=title, height=240)
+
+
+def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.Chart:
+    """Bits per trainable parameter at the verbatim frontier, by rank (solid: measured and fitted), against
+    reference capacities (dashed, flat), all as lines of one table so they share one y scale.
+    per_rank: rank, bits_per_param, kind."""
+    ranks = sorted(per_rank["rank"].unique())
+    refs = pd.DataFrame([{"rank": r, "bits_per_param": v, "kind": f"{v:g} bits/param: {k}"} for k, v in references.items()
+                         for r in (min(ranks), max(ranks))])
+    df = pd.concat([per_rank.assign(reference=False), refs.assign(reference=True)], ignore_index=True)
+    df["bits_per_param"] = df["bits_per_param"].astype(float)
+    top = float(max(df["bits_per_param"].max() * 1.1, 4.0))
+    return alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("rank:Q", scale=alt.Scale(type="log"), title="rank r (log)"),
+        y=alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter"),
+        color=alt.Color("kind:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=400)),
+        strokeDash=alt.StrokeDash("reference:N", legend=None, scale=alt.Scale(domain=[False, True], range=[[1, 0], [6, 4]])),
+        tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")],
+    ).properties(title="capacity at the verbatim-recall frontier", height=280)

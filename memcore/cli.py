@@ -80,6 +80,8 @@ def _read_data(args: argparse.Namespace) -> dict[str, Any]:
         raise MemcoreError(f"give only one of {', '.join(SOURCES)} (got {' and '.join(given)})")
     if args.jsonl is None and (args.jsonl_fields is not None or args.jsonl_line is not None):
         raise MemcoreError("--jsonl-fields and --jsonl-line only apply with --jsonl FILE")
+    if (args.jsonl is not None or args.phonebook is not None) and (args.prompt != DEFAULT_PROMPT or args.no_prompt):
+        raise MemcoreError("--prompt and --no-prompt do not apply to --jsonl or --phonebook: every sample brings its own prompt")
     if args.text_file == "-":
         return {"text": decode_text(sys.stdin.buffer.read(), "standard input")}
     if args.text_file is not None:
@@ -242,7 +244,8 @@ def _fmt(x: Any, nd: int = 3) -> str:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
-    recall = "yes, verbatim (confirmed by greedy generate)" if s["recalled"] else f"no: greedy decoding diverges at token {s['first_divergence']}"
+    how = "confirmed by greedy generate" if s.get("verified_by_generate", True) else "every teacher-forced argmax right"
+    recall = f"yes, verbatim ({how})" if s["recalled"] else f"no: greedy decoding diverges at token {s['first_divergence']}"
     lines = [
         f"run            {s['run_id']}  ({s.get('status')}" + (f", {s['stop_reason']})" if s["stop_reason"] != s.get("status") else ")"),
         f"steps          {s['steps']}  ({_fmt(s['seconds_per_step'], 2)} s/step)",
@@ -250,8 +253,11 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"tokens above τ {s['n_above']}/{s['n_tokens']}   argmax right {s['n_correct']}/{s['n_tokens']}",
         f"ΔL             {_fmt(s['delta_loss'])} nats/token  (base {_fmt(s['base_loss'])} -> {_fmt(s['loss'])})",
         f"bits stored    {_fmt(s['bits_stored'], 1)}  over P_eff {s['p_eff']:,} = {_fmt(s['bits_per_param'], 5)} bits/param",
-        f"adapter        {s['adapter_dir']}",
+        f"adapter        {s.get('adapter', 'lora')}: {s['adapter_dir']}",
     ]
+    if s.get("verbatim_prefix") is not None:
+        lines.insert(3, f"verbatim       first {s['verbatim_prefix']} of {s['n_tokens']} tokens in order   "
+                        f"token accuracy {s['token_accuracy']:.3f}   converged: {'yes' if s.get('converged') else 'no'}")
     if s.get("history") == "decimated":
         lines.append(f"history        decimated: per-token snapshots at {s['snapshots']} of its {s['steps']} steps (scalars at every step)")
     for n in s.get("notes") or []:
@@ -272,11 +278,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("no runs yet: try `memcore train --sample lighthouse`")
         return 0
-    head = f"{'run':<20} {'status':<11} {'model':<14} {'method':<9} {'rank':>4} {'tokens':>6} {'steps':>5} {'recalled':>8} {'ΔL':>7}"
+    head = (f"{'run':<20} {'status':<11} {'model':<14} {'adapter':<7} {'method':<9} {'rank':>4} {'tokens':>6} {'steps':>5} "
+            f"{'recalled':>8} {'ΔL':>7}")
     print(head)
     for r in runs:
         s = r["summary"]
-        print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {r['method']:<9} {r['rank']:>4} {_fmt(r['length']):>6} "
+        kind = r["spec"].get("adapter", {}).get("kind", "lora")
+        print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} {_fmt(r['length']):>6} "
               f"{_fmt(r['steps']):>5} {('yes' if s.get('recalled') else 'no') if s else '-':>8} {_fmt(s.get('delta_loss')):>7}")
     return 0
 
@@ -428,11 +436,18 @@ def law_data(args: argparse.Namespace, required: tuple[str, ...] = ("rank", "len
                 rows.append({"rank": r["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
                              "method": r["method"], "seed": r["seed"], "frac_above": s["n_above"] / n,
                              "token_accuracy": s["n_correct"] / n, "exact_recall": bool(s.get("exact_recall", s["recalled"])),
-                             "stop_reason": s["stop_reason"], "bits_per_param": s["bits_per_param"]})
+                             "stop_reason": s["stop_reason"], "bits_per_param": s["bits_per_param"],
+                             "adapter": s.get("adapter", "lora"),
+                             "data": next((k for k in ("random_tokens", "pairs", "phonebook") if r["spec"]["data"].get(k)), "text")})
         df = pd.DataFrame(rows, columns=["rank", "length", "delta_loss", "p_eff", "method", "seed", "frac_above", "token_accuracy",
-                                         "exact_recall", "stop_reason", "bits_per_param"])
+                                         "exact_recall", "stop_reason", "bits_per_param", "adapter", "data"])
         if df.empty:
             raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
+        for col, what in (("adapter", "adapters"), ("data", "kinds of data")):
+            kinds = sorted(df[col].unique())
+            if len(kinds) > 1:
+                print(f"note: the store's runs mix {what} ({', '.join(kinds)}); points trained differently need not lie on one "
+                      "law or frontier: fit one sweep's CSV (`memcore sweep --out`) for a clean answer", file=sys.stderr)
     if args.method and "method" in df.columns and args.csv:
         df = df[df["method"] == args.method]
     return df
@@ -478,6 +493,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cmp_ = out["comparison"]
     print("model comparison (AIC, lower is better): " + ", ".join(f"{f} {a:.1f} (R² {cmp_['r2'][f]:.4f})" for f, a in cmp_["aic"].items()))
     print(f"the data prefer the {cmp_['preferred']} form")
+    if cmp_["preferred"] != out.get("form", "power"):
+        pref = cmp_["forms"][cmp_["preferred"]]
+        formula = "M · (1 − exp(−C · r^α · ℓ^(−β)))" if cmp_["preferred"] == "saturating" else cmp_["preferred"]
+        print(f"ΔL = {formula}   R² {pref['r2']:.4f}")
+        for k, (lo, hi) in pref["intervals"].items():
+            print(f"  {k:<6} {pref[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
     for n in out.get("notes") or []:
         print(f"note: {n}")
     return 0
@@ -523,8 +544,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             lo, hi = fit.gamma_interval
             print(f"  fitted frontier ℓ*(r) = {math.exp(fit.a):.3g} · r^{fit.gamma:.3f}   γ 95% [{lo:.3f}, {hi:.3f}]   "
                   f"sharpness k {fit.k:.1f}   {fit.n} points")
-            if fit.bits_per_token is not None:
-                print(f"  recalled points store {fit.bits_per_token:.2f} bits per token; at the frontier that is "
+            if fit.capacity_bits_per_token is not None:
+                print(f"  counting {fit.capacity_bits_per_token:.2f} bits per recalled token, at the frontier that is "
                       + ", ".join(f"r={p.rank}: {fit.bits_per_param(p.rank):.3f}" for p in per_rank) + " bits/param; references: "
                       + ", ".join(f"{v} ({k})" for k, v in REFERENCE_BITS_PER_PARAM.items()))
             for n in fit.notes:

@@ -172,6 +172,8 @@ def read_jsonl(path: str | Path, fields: tuple[str, str] | None = None, line: in
         import sys
 
         return parse_jsonl(sys.stdin.buffer.read(), "standard input", fields, line)
+    if not Path(path).exists():
+        raise MemcoreError(f"JSONL file {path} does not exist")
     return parse_jsonl(read_text_file(path), str(path), fields, line)
 
 

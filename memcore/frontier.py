@@ -80,6 +80,8 @@ class FrontierFit:
     p_eff_per_rank: float | None = None  # P_eff / r (the placement's parameters per unit of rank)
     notes: list[str] = field(default_factory=list)
     separating: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)  # (A_ub, b_ub) when separated
+    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(repr=False, default=None)  # (rank, length, recalled)
+    source_bits: float | None = None  # information in one target token when the data say (random tokens: log2 V)
 
     def ell_star(self, rank: float | np.ndarray) -> np.ndarray:
         """Frontier length in tokens at this rank (array in, array out)."""
@@ -120,18 +122,45 @@ class FrontierFit:
         lo, hi = float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
         if self.separating is not None:
             grid = np.geomspace(max(lo, 1e-3) / 64, hi * 64, 160)
+            if self.points is not None:
+                grid = np.unique(np.concatenate([grid, self.points[0]]))
             env = [self._envelope(r) for r in grid]
-            up = [r for r, e in zip(grid, env) if e and e[1] >= length]
-            down = [r for r, e in zip(grid, env) if e and e[0] >= length]
+            up = [r for r, e in zip(grid, env) if e and e[1] >= length * (1 - 1e-6)]
+            down = [r for r, e in zip(grid, env) if e and e[0] >= length * (1 - 1e-6)]
             lo = min(lo, up[0]) if up else lo
             hi = max(hi, down[0]) if down else math.inf  # no separating line is ruled out: unbounded above
         return lo, hi
 
-    def bits_per_param(self, rank: float) -> float | None:
-        """ℓ*(r) · bits per token / P_eff(r), with P_eff(r) = r · P_eff per rank."""
-        if self.bits_per_token is None or not self.p_eff_per_rank:
+    @property
+    def capacity_bits_per_token(self) -> float | None:
+        """Bits counted per memorized token: those stored (loss reduction), but no more than the token carries
+        (source_bits) when known: on random tokens a base model can be worse than uniform, so its loss drops by
+        more than log2 V bits per token without storing more than log2 V."""
+        if self.bits_per_token is None:
             return None
-        return float(self.ell_star(rank)) * self.bits_per_token / (rank * self.p_eff_per_rank)
+        return min(self.bits_per_token, self.source_bits) if self.source_bits else self.bits_per_token
+
+    def bits_per_param(self, rank: float) -> float | None:
+        """ℓ*(r) · capacity_bits_per_token / P_eff(r), with P_eff(r) = r · P_eff per rank."""
+        if self.capacity_bits_per_token is None or not self.p_eff_per_rank:
+            return None
+        return float(self.ell_star(rank)) * self.capacity_bits_per_token / (rank * self.p_eff_per_rank)
+
+    def measured_bounds(self, length: float) -> tuple[float, float]:
+        """From the points alone: (largest rank measured to fail `length` or less, smallest rank measured to recall
+        `length` or more), a recall rate over seeds of at least 1/2 counting as recalled; 0 and inf when none."""
+        if self.points is None:
+            return 0.0, math.inf
+        r, ell, y = self.points
+        fail, ok = 0.0, math.inf
+        for rank in np.unique(r):
+            for L in np.unique(ell[r == rank]):
+                rate = float(y[(r == rank) & (ell == L)].mean())
+                if rate >= 0.5 and L >= length:
+                    ok = min(ok, float(rank))
+                if rate < 0.5 and L <= length:
+                    fail = max(fail, float(rank))
+        return fail, ok
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "gamma": self.gamma, "k": self.k, "a_ci": list(self.a_interval), "gamma_ci": list(self.gamma_interval),
@@ -243,7 +272,7 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
                 a_ci, g_ci = (widened, g_ci) if i == 0 else (a_ci, widened)
     return FrontierFit(float(theta[0]), float(theta[1]), float(theta[2]), a_ci, g_ci, len(y),
                        (float(r.min()), float(r.max())), (float(ell.min()), float(ell.max())), boot_arr,
-                       bits_per_token, p_eff_per_rank, notes, separating)
+                       bits_per_token, p_eff_per_rank, notes, separating, (r, ell, y))
 
 
 def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
@@ -258,12 +287,30 @@ def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[li
     d = df.assign(_rec=y)
     per_token = _bits_per_token(d)
     per_rank_peff = float((df["p_eff"] / df["rank"]).median()) if "p_eff" in df.columns and df["p_eff"].notna().all() else None
+    src = _source_bits(df)
+    if src is not None:  # the per-rank figures count no more than a token carries, as the fitted ones do
+        for p in per_rank:
+            if p.bits_per_param is not None and per_token:
+                p.bits_per_param *= min(1.0, src / per_token)
     try:
         fit = fit_frontier(df["rank"].to_numpy(float), df["length"].to_numpy(float), y, bits_per_token=per_token,
                            p_eff_per_rank=per_rank_peff)
     except MemcoreError as e:
         return per_rank, None, str(e)
+    fit.source_bits = src
+    if src is not None and per_token is not None and per_token > src:
+        fit.notes.append(f"recalled points lower the loss by {per_token:.2f} bits per token, more than the {src:.2f} bits a "
+                         "random token carries (the base model is worse than uniform on them); capacity counts "
+                         f"{src:.2f} bits per token")
     return per_rank, fit, None
+
+
+def _source_bits(df: pd.DataFrame) -> float | None:
+    """The information per target token the table states (source_bits_per_token, one value), else None."""
+    if "source_bits_per_token" not in df.columns:
+        return None
+    vals = df["source_bits_per_token"].dropna().unique()
+    return float(vals[0]) if len(vals) == 1 and len(df["source_bits_per_token"].dropna()) == len(df) else None
 
 
 @dataclass
@@ -291,21 +338,26 @@ def smallest_verbatim_rank(fit: FrontierFit, length: int) -> VerbatimAnswer:
         raise MemcoreError(f"the fitted frontier does not grow with rank (γ = {fit.gamma:.3g}); no rank can be predicted")
     exact = fit.rank_for(length)
     lo, hi = fit.rank_interval(length)
+    if fit.separating is not None:  # a sharp frontier: what the points say directly overrides the fitted line
+        fail, ok = fit.measured_bounds(length)
+        hi = min(hi, ok)
+        lo = max(lo, math.floor(fail) + 1) if fail else lo  # a whole rank above the largest that failed
+    whole = lambda v: max(1, math.ceil(v - 1e-9))  # noqa: E731
+    rank = min(max(whole(exact), whole(lo)), whole(hi)) if math.isfinite(hi) else max(whole(exact), whole(lo))
     notes = []
     if not fit.lengths[0] <= length <= fit.lengths[1]:
         notes.append(f"length {length} lies outside the measured lengths {fit.lengths[0]:g}-{fit.lengths[1]:g}: this is an extrapolation")
-    if not fit.ranks[0] <= exact <= fit.ranks[1]:
-        notes.append(f"the predicted rank {exact:.3g} lies outside the measured ranks {fit.ranks[0]:g}-{fit.ranks[1]:g}: "
+    if not fit.ranks[0] <= rank <= fit.ranks[1]:
+        notes.append(f"the predicted rank {rank} lies outside the measured ranks {fit.ranks[0]:g}-{fit.ranks[1]:g}: "
                      "this is an extrapolation")
     if not math.isfinite(hi):
         notes.append("the sweep does not bound this rank from above: no measured point rules out a frontier that stops "
                      "growing beyond the ranks where it was seen; measure a longer length at a larger rank")
-    whole = lambda v: max(1, math.ceil(v - 1e-9))  # noqa: E731
-    return VerbatimAnswer(length, whole(exact), (whole(lo), whole(hi) if math.isfinite(hi) else None), exact,
+    return VerbatimAnswer(length, rank, (whole(lo), whole(hi) if math.isfinite(hi) else None), exact,
                           any("extrapolation" in n for n in notes), notes)
 
 
-COMPARED = ("exact_recall", "token_accuracy", "verbatim_prefix", "frac_above", "delta_loss")
+COMPARED = ("exact_recall", "token_accuracy", "verbatim_prefix", "frac_above", "delta_loss", "steps")
 
 
 def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -323,8 +375,11 @@ def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataF
     others = sorted(m for m in set(df["method"]) if m != baseline)
     if not others:
         raise MemcoreError(f"the table has only {baseline} rows: nothing to compare")
-    cols = [c for c in COMPARED if c in df.columns]
     d = df.copy()
+    for new, old in (("exact_recall", "recalled"), ("token_accuracy", "frac_correct")):  # older sweep tables
+        if new not in d.columns and old in d.columns:
+            d[new] = d[old]
+    cols = [c for c in COMPARED if c in d.columns]
     if "exact_recall" in d.columns:
         d["exact_recall"] = _as_bool(d["exact_recall"]).astype(float)
     mean = d.groupby(["method", "rank", "length"])[cols].mean()

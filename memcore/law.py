@@ -302,7 +302,7 @@ def smallest_rank(fit: LawFit, length: float, target_delta_loss: float, max_rank
 
 # --- regime: where a sweep's points stand, and which of them the law is fitted on -----------------------------
 
-SATURATED_REASONS = ("all_above_tau", "recalled")
+SATURATED_REASONS = ("all_above_tau",)
 
 
 @dataclass

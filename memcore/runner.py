@@ -105,6 +105,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         save_adapter(model, tok, adapter_dir, samples, spec)
         summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask], pieces)
         summary["history"], summary["snapshots"] = spec.train.history, snapshots
+        summary["source_bits_per_token"] = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         if final.stop_reason in FINISHED:  # finished: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)
@@ -130,7 +131,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
 
 HISTORY_SNAPSHOTS = 300
 FINISHED = ("recalled", "max_steps", "all_above_tau", "plateau")  # stop reasons of a run that has nothing left to do
-CONVERGED = ("recalled", "all_above_tau", "plateau")  # ... of a run that stopped because training had converged
+CONVERGED = ("all_above_tau", "plateau")  # ... of a run that stopped because training had converged (recall alone is not)
 
 
 def snapshot_steps(max_steps: int, n: int | None = None) -> frozenset[int]:
@@ -310,6 +311,16 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
         "stubborn_tokens": stubborn,
         "notes": final.notes,
     }
+
+
+def source_bits(spec: RunSpec, tokenizer: Any, vocab_size: int | None = None) -> float | None:
+    """Bits of information in one target token when the data say: log2 of the number of ordinary tokens for
+    random-token targets (each drawn uniformly from them); None for text, whose information is not known."""
+    if spec.data.random_tokens is None:
+        return None
+    from memcore.data import ordinary_token_ids
+
+    return float(np.log2(len(ordinary_token_ids(tokenizer, vocab_size))))
 
 
 def stored_run_spec(store: Store, run_id: str) -> RunSpec:

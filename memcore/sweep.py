@@ -135,7 +135,22 @@ def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:
 
 SWEEP_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "noise", "adapter", "base_loss", "frac_above",
                  "frac_correct", "token_accuracy", "verbatim_prefix", "exact_recall", "recalled", "converged", "stop_reason",
-                 "bits_per_param", "steps", "run_id")
+                 "bits_per_param", "source_bits_per_token", "steps", "run_id")
+
+
+def _source_bits(run: dict[str, Any], summary: dict[str, Any], store: Any, cache: dict[str, float | None]) -> float | None:
+    if "source_bits_per_token" in summary or not run["spec"].get("data", {}).get("random_tokens"):
+        return summary.get("source_bits_per_token")
+    spec = RunSpec.from_dict(run["spec"])
+    if spec.model.name not in cache:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from memcore.models import resolve_source
+        from memcore.runner import source_bits
+
+        src = resolve_source(spec.model, store.home)
+        cache[spec.model.name] = source_bits(spec, AutoTokenizer.from_pretrained(src), AutoConfig.from_pretrained(src).vocab_size)
+    return cache[spec.model.name]
 
 
 def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
@@ -143,8 +158,10 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
     token), p_eff; the grid's method, seed, noise; and the recall figures: frac_above (share of tokens with
     p > τ), token_accuracy (share whose teacher-forced argmax is right; frac_correct is the same, kept for older
     readers), verbatim_prefix (tokens before the first wrong argmax), exact_recall (all right), converged and
-    stop_reason (how the point stopped), bits_per_param."""
+    stop_reason (how the point stopped), bits_per_param, source_bits_per_token (information per target token:
+    log2 of the ordinary vocabulary for random tokens, empty for text)."""
     rows = []
+    bits_of: dict[str, float | None] = {}  # model -> log2 #ordinary tokens, for points stored before the summary had it
     for r in store.runs(sweep=sweep_id, status="completed"):
         s, v = r["summary"], json.loads(r["label"])
         n = s["n_tokens"]
@@ -156,5 +173,6 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
                      "verbatim_prefix": s.get("verbatim_prefix", n if first is None else first),
                      "exact_recall": bool(s.get("exact_recall", s.get("teacher_forced_recalled", s["recalled"]))),
                      "recalled": s["recalled"], "converged": bool(s.get("converged", False)), "stop_reason": s["stop_reason"],
-                     "bits_per_param": s["bits_per_param"], "steps": s["steps"], "run_id": r["id"]})
+                     "bits_per_param": s["bits_per_param"], "source_bits_per_token": _source_bits(r, s, store, bits_of),
+                     "steps": s["steps"], "run_id": r["id"]})
     return rows

@@ -71,7 +71,8 @@ def _wait_for_job(at: AppTest, timeout: float = 120) -> None:
 
 def test_memorize_page_has_its_controls(app_env):
     at = _app()
-    assert at.radio(key="source").options == ["Paste", "Upload", "Sample", "PhoneBook"]
+    assert at.radio(key="source").options == ["Paste", "Upload", "Sample", "PhoneBook", "Random tokens", "JSONL"]
+    assert at.radio(key="adapter").options == ["LoRA (PEFT)", "the paper's MLP bypass"] and at.radio(key="adapter").value == "lora"
     assert at.slider(key="tau").value == 0.5
     assert at.selectbox(key="method").value == "memft-ot"
     assert at.number_input(key="rank").value == 8
@@ -117,6 +118,34 @@ def test_a_tiny_run_finishes_and_its_results_appear_with_user_text_inert(app_env
     steps = next(m.value for m in at.metric if m.label == "Steps")
     assert steps == "3"
     assert not at.exception
+
+
+def test_random_tokens_train_with_the_paper_bypass(app_env):
+    from common import get_worker
+
+    at = _app()
+    at.radio(key="source").set_value("JSONL").run()
+    at.button(key="start").click().run()
+    assert "choose a JSONL file" in " ".join(e.value for e in at.error) and get_worker().store.jobs() == []
+    at.radio(key="source").set_value("Random tokens").run()
+    at.number_input(key="random_tokens").set_value(12).run()
+    at.radio(key="adapter").set_value("bypass").run()
+    assert at.number_input(key="alpha").disabled and at.selectbox(key="targets").disabled
+    assert at.text_input(key="layers").value == "paper"  # the bypass is one layer's adapter: the field says which
+    at.number_input(key="dropout").set_value(0.1).run()
+    at.checkbox(key="until_converged").check().run()
+    assert "**12 target tokens**" in " ".join(c.value for c in at.caption)
+    at.number_input(key="rank").set_value(2).run()
+    at.number_input(key="max_steps").set_value(2).run()
+    at.button(key="start").click().run()
+    _wait_for_job(at)
+    store = get_worker().store
+    (run,) = store.runs()
+    assert run["spec"]["adapter"]["kind"] == "bypass" and run["spec"]["adapter"]["layers"] == "paper"
+    assert run["spec"]["data"]["random_tokens"] == 12 and run["spec"]["adapter"]["dropout"] == 0.1
+    assert run["spec"]["train"]["until"] == "converged"
+    assert run["summary"]["p_eff"] == 2 * 2 * 64 and run["summary"]["n_tokens"] == 12
+    assert any("memcore bypass" in b.label for b in at.get("download_button"))
 
 
 def test_compare_mode_runs_both_methods(app_env):
@@ -186,6 +215,7 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert not at.exception
     sources = at.selectbox(key="law_source").options
     assert any(s.startswith("shipped:") for s in sources)
+    at.selectbox(key="law_source").set_value("shipped: default_smollm2_135m").run()
     md = " ".join(m.value for m in at.markdown)
     assert "**sft**" in md and "**memft-ot**" in md and "R² **" in md
     params = at.dataframe[0].value
@@ -194,6 +224,40 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
     at.number_input(key="wi_rank").set_value(4).run()
     assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)
+
+
+def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
+    """The capacity sweep: regime from how points stopped, ΔL / accuracy / recall heatmaps per method, the frontier
+    and capacity, the verbatim what-if; a user's own run is placed on the cells with a note on what differs."""
+    from common import get_store
+
+    from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.runner import execute, prepare
+
+    store = get_store()
+    spec = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), data=DataSpec(text="A run of my own."),
+                   train=TrainSpec(method="memft-ot", max_steps=2))
+    base, samples = prepare(spec, home=store.home)
+    execute(spec, store, base, samples)
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    assert at.selectbox(key="law_source").value == "shipped: capacity_bypass_random"
+    heads = [h.value for h in at.subheader]
+    assert "Recall: low loss is not high accuracy" in heads and "Verbatim-recall frontier and capacity" in heads
+    captions = " ".join(c.value for c in at.caption)
+    assert "regime:" in captions and "stopped at the step budget" in captions
+    assert "capacity-bound" not in captions or "converged on a plateau" in captions
+    # surface + slices + 3 heatmaps for each of the 2 methods + the capacity chart
+    assert len(at.get("vega_lite_chart")) >= 2 + 6 + 1
+    warnings = " ".join(w.value for w in at.warning)
+    assert "differs from the sweep in adapter lora (sweep: bypass)" in warnings and "data text (sweep: random tokens)" in warnings
+    at.number_input(key="wi_verbatim").set_value(40).run()
+    md = " ".join(m.value for m in at.markdown)
+    assert "Smallest rank predicted to recall **40** tokens verbatim" in md
+    at.selectbox(key="law_source").set_value("shipped: default_smollm2_135m").run()
+    assert not at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "regime: budget-bound (optimization)" in captions and "capacity-bound" not in captions
 
 
 def test_an_interrupted_run_resumes_from_the_runs_page(app_env, tiny_model_dir):

@@ -238,3 +238,32 @@ def test_a_killed_server_leaves_its_job_interrupted_and_resumable(home):
         assert [s["step"] for s in store.steps(run["id"])] == list(range(41))
     finally:
         _stop_server(proc)
+
+
+def test_a_phonebook_jsonl_uploads_and_trains_the_paper_bypass(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    f = tmp_path / "phonebook.jsonl"
+    f.write_text('{"query": "Ada Berg:", "target": " 4155550123"}\n{"query": "Wen Xu:", "target": " 2125550187"}\n'
+                 '{"query": "Olga Novak:", "target": " 3125550142"}\n')
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2600})
+        page.goto(server)
+        page.get_by_label("Passage").wait_for(timeout=90_000)
+        page.get_by_text("JSONL", exact=True).click()
+        page.locator("input[type=file]").first.set_input_files(str(f))
+        page.get_by_text(re.compile(r"phonebook layout \(query → target\): 3 samples")).wait_for(timeout=60_000)
+        page.get_by_text("the paper's MLP bypass").click()
+        page.get_by_label("Step budget").fill("4")
+        page.keyboard.press("Enter")
+        page.get_by_text(re.compile(r"\d+ target tokens")).wait_for(timeout=60_000)
+        page.get_by_role("button", name="Start").click()
+        page.get_by_text("Result", exact=True).wait_for(timeout=300_000)
+        page.wait_for_timeout(1000)
+        p_eff = page.locator("[data-testid='stMetric']").filter(has_text="P_eff").inner_text()
+        assert "9,216" in p_eff  # rank 8 x 2 x 576: the bypass, not LoRA
+        assert page.get_by_text("memcore bypass").count() >= 1
+        if SHOTS:
+            page.screenshot(path=str(Path(SHOTS) / "jsonl_bypass.png"), full_page=True)
+        browser.close()

@@ -46,6 +46,10 @@ def test_a_sharp_frontier_is_located_between_the_measured_lengths():
         last_ok = max(ell for ell in LENGTHS if ell <= 16 * r)
         assert last_ok <= fit.ell_star(r) <= 2 * last_ok  # between the last recalled length and the next
     assert fit.notes and "perfectly separated" in fit.notes[0]
+    # the what-if follows the measured points: rank 2 recalled 32 tokens, rank 1 did not
+    ans = smallest_verbatim_rank(fit, 32)
+    assert ans.rank == 2 and ans.interval == (2, 2) and not ans.extrapolated
+    assert smallest_verbatim_rank(fit, 16).rank == 1 and smallest_verbatim_rank(fit, 16).notes == []
     per_rank = interpolated_frontier(df)
     assert [p.ell_star for p in per_rank] == pytest.approx([16 * math.sqrt(2) * r for r in RANKS], rel=1e-6)
     wide = pd.concat([df, pd.DataFrame([{"rank": 64, "length": ell, "exact_recall": True} for ell in LENGTHS])])

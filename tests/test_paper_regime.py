@@ -182,7 +182,9 @@ def test_cli_trains_jsonl_with_the_bypass_and_refuses_peft_export(home, tiny_mod
     assert main(["train", "--text", "abc", "--adapter", "bypass", "--alpha", "4", "--max-steps", "1"]) == 2
     assert "--alpha and --targets apply to LoRA" in capsys.readouterr().err
     assert main(["train", "--jsonl", str(tmp_path / "none.jsonl")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "JSONL file" in capsys.readouterr().err
+    assert main(["train", "--jsonl", str(f), "--prompt", "Ignored?"]) == 2
+    assert "every sample brings its own prompt" in capsys.readouterr().err
 
 
 # --- convergence ---------------------------------------------------------------------------------------------

@@ -4,30 +4,49 @@ import json
 import math
 from pathlib import Path
 
+import altair as alt
 import charts
 import numpy as np
 import pandas as pd
 import streamlit as st
 from common import error_text, get_store, get_worker, show_chart
 
-from memcore.config import MemcoreError
-from memcore.law import compare_forms, read_law_csv, smallest_rank
+from memcore.config import MemcoreError, RunSpec
+from memcore.frontier import REFERENCE_BITS_PER_PARAM, frontier_from_table, recall_column, smallest_verbatim_rank
+from memcore.law import compare_forms, law_points, read_law_csv, regime, smallest_rank
 from memcore.sweep import sweep_table
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "sample_data" / "sweeps"
 
+
+def comparable(spec: RunSpec) -> dict:
+    """The settings that decide where a run lands on a sweep's grid, in words a reader compares."""
+    d = spec.data
+    data = ("random tokens" if d.random_tokens is not None else "JSONL pairs" if d.pairs is not None
+            else "PhoneBook" if d.phonebook is not None else "text")
+    return {"adapter": spec.adapter.kind, "layers": str(spec.adapter.layers), "data": data, "lr": spec.train.lr,
+            "dropout": spec.adapter.dropout, "max steps": spec.train.max_steps, "until": spec.train.until,
+            "model": spec.model.name}
+
 st.title("Memory law")
-st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after a fixed training budget, as a function of LoRA rank r "
-           "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection grid start, with 95% intervals.")
+st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after training, as a function of adapter rank r "
+           "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection grid start, "
+           "with 95% intervals, on the points that converged short of full recall where the sweep says how its points stopped.")
 
 store = get_store()
 sources: dict[str, pd.DataFrame] = {}
-for f in sorted(SHIPPED.glob("*.csv")):
+settings: dict[str, dict] = {}  # what each sweep trained with, to compare a user's runs against
+for f in sorted(SHIPPED.glob("*.csv"), key=lambda f: (not f.stem.startswith("capacity"), f.stem)):  # the paper's regime first
     sources[f"shipped: {f.stem}"] = read_law_csv(f)
+    side = f.with_suffix(".json")
+    if side.is_file():
+        settings[f"shipped: {f.stem}"] = json.loads(side.read_text()).get("settings", {})
 for sid in sorted({r["sweep"] for r in store.runs() if r["sweep"]}):
     rows = sweep_table(store, sid)
     if rows:
         sources[f"your sweep: {sid}"] = pd.DataFrame(rows)
+        first = store.run(rows[0]["run_id"])
+        settings[f"your sweep: {sid}"] = comparable(RunSpec.from_dict(first["spec"]))
 upload = st.file_uploader("Or upload a CSV of law points (columns rank, length, delta_loss; optional method, p_eff)",
                           type=["csv", "tsv", "txt"], key="law_upload")
 if upload is not None:
@@ -49,8 +68,14 @@ methods = sorted(data["method"].unique()) if "method" in data else ["all points"
 @st.cache_data(show_spinner="fitting ...", max_entries=32)
 def fit_method(table: pd.DataFrame, method: str):
     d = table[table["method"] == method] if "method" in table else table
-    fits, preferred = compare_forms(d["rank"].to_numpy(float), d["length"].to_numpy(float), d["delta_loss"].to_numpy(float))
+    pts, _how = law_points(d)
+    fits, preferred = compare_forms(pts["rank"].to_numpy(float), pts["length"].to_numpy(float), pts["delta_loss"].to_numpy(float))
     return fits, preferred
+
+
+@st.cache_data(show_spinner="fitting the recall frontier ...", max_entries=32)
+def frontier_of(table: pd.DataFrame, method: str):
+    return frontier_from_table(table, method if "method" in table else None)
 
 
 fits = {}
@@ -77,10 +102,7 @@ for c, (m, (fs, preferred)) in zip(cols, fits.items()):
         aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in fs.items())
         st.caption(f"AIC ({aics}): the data prefer the **{preferred}** form"
                    + (f" (R² {fs[preferred].r2:.3f})" if preferred != fit.form else ""))
-        if "frac_above" in d:
-            sat = float((d["frac_above"] >= 0.99).mean())
-            regime = "capacity-bound" if sat < 0.2 else ("mixed" if sat < 0.6 else "saturated: the law degenerates")
-            st.caption(f"{sat:.0%} of points have every token above τ (regime: {regime}).")
+        st.caption(f"{regime(d).describe()}; {law_points(d)[1]}.")
         if "bits_per_param" in d:
             cap = d.groupby("rank")["bits_per_param"].max()
             st.caption("capacity, best bits per trainable parameter by rank: " + ", ".join(f"r{int(r)} {v:.4f}" for r, v in cap.items()))
@@ -107,12 +129,119 @@ if show_mine and len(extra):
     st.caption("Your runs may use other budgets, placements or stop rules than the sweep; their distance from the surface shows how much that matters.")
 observed = observed.assign(predicted=fit.predict(observed["rank"].to_numpy(float), observed["length"].to_numpy(float)))
 grid = charts.law_grid(fit.predict, observed["rank"], observed["length"])
-show_chart(charts.law_surface_chart(grid, observed, f"{method}: fitted ΔL (R² {fit.r2:.3f})"))
+surface = charts.law_surface_chart(grid, observed, f"{method}: fitted ΔL (R² {fit.r2:.3f})")
+has_recall = any(c in data.columns for c in ("exact_recall", "recalled"))
+front = None
+if has_recall:
+    try:
+        front = frontier_of(data, method)
+    except MemcoreError:
+        front = None
+if front is not None and front[1] is not None:
+    ffit = front[1]
+    rr = np.geomspace(float(grid.r_lo.min()), float(grid.r_hi.max()), 30)
+    band = [ffit.ell_star_interval(x) for x in rr]
+    surface = alt.layer(surface, charts.frontier_layer(rr, ffit.ell_star(rr), grid, [b[0] for b in band], [b[1] for b in band]))
+    st.caption("White dashed line: the verbatim-recall frontier ℓ*(r) fitted from the same sweep (band: 95% interval); "
+               "below it the whole target is predicted to be recalled verbatim.")
+show_chart(surface)
 
 ranks = sorted(d["rank"].unique())
 ls = np.geomspace(d["length"].min(), d["length"].max(), 40)
 curves = pd.DataFrame([{"rank": r, "length": x, "delta_loss": float(fit.predict(r, x))} for r in ranks for x in ls])
 show_chart(charts.law_slices_chart(d[["rank", "length", "delta_loss"]], curves, f"{method}: ΔL against length, one line per rank"))
+
+# --- recall: low loss is not high accuracy ------------------------------------------------------------------------
+if has_recall:
+    st.subheader("Recall: low loss is not high accuracy")
+    st.caption("Seed means over the grid, one column per method. Token accuracy is the share of target tokens whose "
+               "teacher-forced argmax is right; exact recall is the share of seeds whose whole target is reproduced "
+               "verbatim. The recall boundary is sharp and does not follow the ΔL contours.")
+    rec_col = recall_column(data)
+    shown = [m for m in ("sft", "memft-ot", "memft-sw") if m in methods] or methods
+    cell_tables = {}
+    for m in shown:
+        dm = data[data["method"] == m] if "method" in data else data
+        agg = {"delta_loss": ("delta_loss", "mean"), "exact_recall": (rec_col, lambda s: float(np.mean(s.astype(bool))))}
+        if "token_accuracy" in dm or "frac_correct" in dm:
+            agg["token_accuracy"] = ("token_accuracy" if "token_accuracy" in dm else "frac_correct", "mean")
+        cell_tables[m] = dm.groupby(["rank", "length"]).agg(**agg).reset_index()
+    mine_cells = pd.DataFrame([{"rank": r["rank"], "length": r["summary"]["n_tokens"], "label": f"your run {r['id']}",
+                                "delta_loss": r["summary"]["delta_loss"],
+                                "token_accuracy": r["summary"]["n_correct"] / r["summary"]["n_tokens"],
+                                "exact_recall": float(bool(r["summary"].get("exact_recall", r["summary"]["recalled"])))}
+                               for r in store.runs(status="completed") if not r["sweep"] and r["summary"]])
+    dl_hi = max(float(t["delta_loss"].max()) for t in cell_tables.values())
+    for value, label, fmt, dom in (("delta_loss", "ΔL (nats/token)", ".2f", (0.0, dl_hi)),
+                                   ("token_accuracy", "token accuracy", ".2f", (0.0, 1.0)),
+                                   ("exact_recall", "exact recall (share of seeds)", ".2f", (0.0, 1.0))):
+        cols = st.columns(len(shown))
+        for c, m in zip(cols, shown):
+            t = cell_tables[m]
+            if value not in t:
+                continue
+            near = None
+            if show_mine and len(mine_cells) and value in mine_cells:
+                # a user's run sits on the sweep cell nearest in log rank and log length
+                rr, ll = np.array(sorted(t["rank"].unique()), float), np.array(sorted(t["length"].unique()), float)
+                near = mine_cells.assign(rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine_cells["rank"]],
+                                         length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine_cells["length"]])
+            with c:
+                show_chart(charts.recall_heatmap(t, value, f"{m}: {label}", fmt, dom, mine=near))
+    if show_mine and len(mine_cells):
+        st.caption("Diamonds: your own runs, on the nearest sweep cell (hover for their values).")
+        ref = settings.get(name)
+        if ref:
+            notes = []
+            for r in store.runs(status="completed"):
+                if r["sweep"] or not r["summary"]:
+                    continue
+                diff = [f"{k} {v!s} (sweep: {ref[k]!s})" for k, v in comparable(RunSpec.from_dict(r["spec"])).items()
+                        if k in ref and v != ref[k]]
+                if diff:
+                    notes.append(f"run {r['id']} differs from the sweep in " + ", ".join(diff))
+            if notes:
+                st.warning("Your runs were not trained like the sweep, so they need not fall on its cells:\n\n- "
+                           + "\n- ".join(notes[:8]) + (f"\n- … and {len(notes) - 8} more" if len(notes) > 8 else ""))
+
+    # --- frontier and capacity ---------------------------------------------------------------------------------
+    st.subheader("Verbatim-recall frontier and capacity")
+    fcols = st.columns(len(shown))
+    cap_rows = []
+    for c, m in zip(fcols, shown):
+        with c:
+            try:
+                per_rank, ffit, why = frontier_of(data, m)
+            except MemcoreError as e:
+                st.warning(f"{m}: {e}")
+                continue
+            rows = []
+            for p in per_rank:
+                sym = {"at least": "≥", "at most": "≤"}.get(p.bound, "≈")
+                row = {"rank": p.rank, "longest recalled ℓ*": f"{sym} {p.ell_star:.0f}",
+                       "bits/param there": p.bits_per_param}
+                if ffit is not None:
+                    lo, hi = ffit.ell_star_interval(p.rank)
+                    row["fitted ℓ*"] = f"{float(ffit.ell_star(p.rank)):.0f} [{lo:.0f}, {hi:.0f}]"
+                    cap_rows.append({"rank": p.rank, "bits_per_param": ffit.bits_per_param(p.rank), "kind": f"{m} fitted"})
+                if p.bits_per_param is not None:
+                    cap_rows.append({"rank": p.rank, "bits_per_param": p.bits_per_param, "kind": f"{m} interpolated"})
+                rows.append(row)
+            st.markdown(f"**{m}**" + (f" · ℓ*(r) = {math.exp(ffit.a):.3g} · r^{ffit.gamma:.2f} "
+                                        f"(γ 95% [{ffit.gamma_interval[0]:.2f}, {ffit.gamma_interval[1]:.2f}])" if ffit else ""))
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                         column_config={"bits/param there": st.column_config.NumberColumn(format="%.3f")})
+            if ffit is None:
+                st.caption(f"No fitted frontier: {why}")
+            else:
+                for n in ffit.notes:
+                    st.caption(n)
+    cap = pd.DataFrame([r for r in cap_rows if r["bits_per_param"] is not None])
+    if len(cap):
+        show_chart(charts.capacity_chart(cap, REFERENCE_BITS_PER_PARAM))
+        st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled to the "
+                   "frontier length and divided by P_eff. References: about 2 bits/param for knowledge (Allen-Zhu & Li), "
+                   "3.6 for random data (Morris et al. 2025).")
 
 # --- what if ---------------------------------------------------------------------------------------------------
 st.subheader("What if")
@@ -135,5 +264,16 @@ try:
     st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens: **{need if need is not None else 'none up to 4096'}**")
 except Exception as e:
     st.error(error_text(e))
+if front is not None:
+    st.markdown("**Smallest rank to recall ℓ tokens verbatim**")
+    v_len = int(st.number_input("Tokens to recall verbatim", min_value=1, max_value=1_000_000, value=64, key="wi_verbatim"))
+    if front[1] is None:
+        st.info(f"No verbatim what-if for {method}: {front[2]}")
+    else:
+        ans = smallest_verbatim_rank(front[1], v_len)
+        st.markdown(f"Smallest rank predicted to recall **{v_len}** tokens verbatim with {method}: **{ans.rank}** "
+                    f"(95% interval {ans.interval[0]}–{ans.interval[1] if ans.interval[1] is not None else 'unbounded'})")
+        for n in ans.notes:
+            st.warning(n)
 with st.expander("Fit as JSON"):
     st.code(json.dumps(fit.to_dict(), indent=1))

@@ -29,8 +29,13 @@ def _prefill(spec, compare: bool) -> None:
     ss = st.session_state
     if spec.data.text is not None:
         ss.update(source="Paste", passage=spec.data.text)
+    elif spec.data.random_tokens is not None:
+        ss.update(source="Random tokens", random_tokens=spec.data.random_tokens)
+    elif spec.data.pairs is not None:  # the uploaded file is gone with its session: show the pairs as a pasted passage
+        ss.update(source="Paste", passage="\n".join(t for _, t in spec.data.pairs))
     else:
         ss.update(source="PhoneBook", phonebook=spec.data.phonebook)
+    ss.update(adapter=spec.adapter.kind, dropout=float(spec.adapter.dropout), until_converged=spec.train.until == "converged")
     ss.update(prompt=spec.data.prompt or "", model=spec.model.name, quant=spec.model.quant, method=spec.train.method,
               rank=spec.adapter.rank, alpha=float(spec.adapter.alpha or 0.0), tau=spec.train.tau, max_steps=spec.train.max_steps,
               seed=spec.train.seed, stop_when_recalled=spec.train.stop_when_recalled, compare=compare,
@@ -48,8 +53,9 @@ if job is not None and "source" not in st.session_state:
 
 left, right = st.columns([3, 2], gap="large")
 with left:
-    source = st.radio("Text to memorize", ["Paste", "Upload", "Sample", "PhoneBook"], horizontal=True, key="source")
-    text, phonebook, input_error = None, None, None
+    source = st.radio("Text to memorize", ["Paste", "Upload", "Sample", "PhoneBook", "Random tokens", "JSONL"], horizontal=True,
+                      key="source")
+    text, phonebook, pairs, random_n, keep_len, input_error = None, None, None, None, None, None
     if source == "Paste":
         text = st.text_area("Passage", key="passage", height=180, placeholder="Paste the text to memorize ...")
         if len(text) > MAX_PASTE_CHARS:
@@ -68,12 +74,44 @@ with left:
         name = st.selectbox("Sample passage", list_samples(), key="sample")
         text = read_sample(name)
         st.text(text[:600] + (" ..." if len(text) > 600 else ""))
-    else:
+    elif source == "PhoneBook":
         phonebook = int(st.number_input("PhoneBook entries", min_value=1, max_value=2000, value=20, key="phonebook",
                                         help="Seeded 'Name: ...' -> 10-digit number pairs, trained as a batch"))
+    elif source == "Random tokens":
+        random_n = int(st.number_input("Random tokens", min_value=1, max_value=2048, value=64, key="random_tokens",
+                                       help="Token ids drawn uniformly from the vocabulary's ordinary tokens, seeded by the "
+                                            "seed: the paper's r100 data, where memorization is bounded by capacity"))
+    else:
+        f = st.file_uploader("JSONL of prompt/target pairs", type=["jsonl", "json", "txt"], key="jsonl",
+                             help="The paper's PhoneBook lines {query, target} (trained as one batch) or long-context lines "
+                                  "{question, matching} (one long target); other keys below")
+        c_keys, c_line, c_len = st.columns(3)
+        keys = c_keys.text_input("Keys (PROMPT,TARGET)", value="", key="jsonl_fields", placeholder="auto: query,target or question,matching")
+        line_no = int(c_line.number_input("Line (0 = auto)", min_value=0, max_value=1_000_000, value=0, key="jsonl_line"))
+        keep_len = int(c_len.number_input("Keep first ℓ tokens (0 = all)", min_value=0, max_value=100_000, value=0, key="jsonl_length")) or None
+        if f is not None:
+            from memcore.data import parse_jsonl
+
+            try:
+                if f.size > MAX_UPLOAD_BYTES:
+                    raise MemcoreError(f"{f.name} is {f.size / 1e6:.1f} MB; the app accepts files up to {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+                fields = None
+                if keys.strip():
+                    parts = [k.strip() for k in keys.split(",")]
+                    if len(parts) != 2 or not all(parts):
+                        raise MemcoreError(f"keys must be two names, PROMPT,TARGET; got {keys!r}")
+                    fields = (parts[0], parts[1])
+                parsed = parse_jsonl(f.getvalue(), f.name, fields, line_no or None)
+                pairs = parsed.pairs
+                st.caption(f"{parsed.layout} layout ({parsed.fields[0]} → {parsed.fields[1]}): {len(pairs)} sample"
+                           f"{'s' if len(pairs) != 1 else ''} of {parsed.lines} line{'s' if parsed.lines != 1 else ''}"
+                           + (f" · {parsed.note}" if parsed.note else ""))
+            except MemcoreError as e:
+                input_error = str(e)
     # a text area, not a text input: the default prompt ends in a newline, as on the command line
     prompt = st.text_area("Prompt (conditioned on, not trained)", value=DEFAULT_PROMPT, key="prompt", height=68,
-                          disabled=phonebook is not None)
+                          disabled=phonebook is not None or source == "JSONL",
+                          help="PhoneBook and JSONL samples bring their own prompts")
 
 with right:
     model_name = st.text_input("Model", value=default_model_name(), key="model",
@@ -82,16 +120,34 @@ with right:
     quant = c1.selectbox("Quantization", QUANTS, key="quant", help="nf4 = QLoRA on a 4-bit base (bitsandbytes)")
     method = c2.selectbox("Method", METHODS, index=1, key="method",
                           help="sft: mean loss on every token · memft-ot: only tokens below τ · memft-sw: sliding window")
-    rank = int(c1.number_input("LoRA rank", min_value=1, max_value=1024, value=8, key="rank"))
-    alpha = float(c2.number_input("LoRA alpha (0 = same as rank)", min_value=0.0, max_value=8192.0, value=0.0, key="alpha"))
-    targets = c1.selectbox("Target modules", ["all", "attn", "mlp"], key="targets")
-    layers_text = c2.text_input("Layers", value="all", key="layers", help="all, paper (one middle layer, MLP), or indices: 0,5,9")
+    def _placement_follows_adapter() -> None:  # the bypass is one layer's adapter: move 'all' to 'paper' and back
+        ss = st.session_state
+        if ss.get("adapter") == "bypass" and ss.get("layers", "all").strip() == "all":
+            ss["layers"] = "paper"
+        elif ss.get("adapter") == "lora" and ss.get("layers", "").strip() == "paper":
+            ss["layers"] = "all"
+
+    adapter_kind = st.radio("Adapter", ["lora", "bypass"], horizontal=True, key="adapter", on_change=_placement_follows_adapter,
+                            format_func=lambda k: {"lora": "LoRA (PEFT)", "bypass": "the paper's MLP bypass"}[k],
+                            help="bypass: out = MLP(x) + x·A·B on one layer's MLP, no scaling, 2·hidden parameters per rank "
+                                 "(the paper's adapter; saved by memcore, not exportable to PEFT)")
+    bypass = adapter_kind == "bypass"
+    rank = int(c1.number_input("Rank", min_value=1, max_value=1024, value=8, key="rank"))
+    alpha = float(c2.number_input("LoRA alpha (0 = same as rank)", min_value=0.0, max_value=8192.0, value=0.0, key="alpha",
+                                  disabled=bypass))
+    targets = c1.selectbox("Target modules", ["all", "attn", "mlp"], key="targets", disabled=bypass)
+    layers_text = c2.text_input("Layers", value="all", key="layers",
+                                help="all, paper (one middle layer: its MLP), or indices: 0,5,9 (as --layers on the command line)")
+    dropout = float(c1.number_input("Adapter dropout", min_value=0.0, max_value=0.9, value=0.0, step=0.05, key="dropout",
+                                    help="dropout on the adapter's input during training (the paper uses 0.1 with its bypass)"))
     tau = st.slider("Threshold τ", min_value=0.05, max_value=0.95, value=0.5, step=0.05, key="tau")
     lr = st.select_slider("Learning rate", options=LR_CHOICES, value=2e-3, format_func=lambda x: f"{x:g}", key="lr")
     c3, c4 = st.columns(2)
     max_steps = int(c3.number_input("Step budget", min_value=1, max_value=10_000, value=200, key="max_steps"))
     seed = int(c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="seed"))
     stop_when_recalled = st.checkbox("Stop as soon as it is recalled verbatim", value=True, key="stop_when_recalled")
+    until_converged = st.checkbox("Stop when converged: every token above τ, or ΔL flat for 100 steps", value=False,
+                                  key="until_converged", help="the paper's regime: train to convergence (as --until converged)")
     compare = st.toggle("Compare mode: sft and memft-ot side by side", key="compare")
 
 
@@ -110,11 +166,20 @@ def build_specs() -> list[RunSpec]:
     if input_error:
         raise MemcoreError(input_error)
     model = ModelSpec(name=model_name.strip() or "default", quant=quant)
-    adapter = AdapterSpec(rank=rank, alpha=alpha or None, targets=targets, layers=_layers(layers_text))
-    data = DataSpec(text=text if phonebook is None else None, phonebook=phonebook, prompt=prompt, seed=seed)
+    layers = _layers(layers_text)
+    if bypass:
+        adapter = AdapterSpec(rank=rank, layers=layers, kind="bypass", dropout=dropout)
+    else:
+        adapter = AdapterSpec(rank=rank, alpha=alpha or None, targets=targets, layers=layers, dropout=dropout)
+    if source in ("Random tokens", "JSONL", "PhoneBook"):
+        text = None
+    if source == "JSONL" and pairs is None and input_error is None:
+        raise MemcoreError("choose a JSONL file to memorize")
+    data = DataSpec(text=text, phonebook=phonebook, pairs=pairs, random_tokens=random_n, length=keep_len, prompt=prompt, seed=seed)
     methods = ["sft", "memft-ot"] if compare else [method]
     specs = [RunSpec(model=model, adapter=adapter, data=data,
-                     train=TrainSpec(method=m, tau=tau, lr=lr, max_steps=max_steps, stop_when_recalled=stop_when_recalled, seed=seed))
+                     train=TrainSpec(method=m, tau=tau, lr=lr, max_steps=max_steps, stop_when_recalled=stop_when_recalled, seed=seed,
+                                     until="converged" if until_converged else "budget"))
              for m in methods]
     return specs
 
@@ -155,7 +220,7 @@ except Exception as e:  # tokenizer of an unreachable model, say
 with left:
     if specs is not None and problem is None:
         st.caption(f"**{n_tokens:,} target tokens** · limit {specs[0].data.max_tokens:,}" + (f" · model context {context:,}" if context else ""))
-    elif problem and (text or phonebook or input_error):
+    elif problem and (text or phonebook or pairs or random_n or input_error):
         st.error(problem)
 
 busy = job is not None and job.active
@@ -335,7 +400,8 @@ def render_results(job, snaps) -> None:
             for note in summ.get("notes") or []:
                 st.warning(note)
             adapter = summ["adapter_dir"]
-            st.download_button("Download adapter (PEFT, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ['run_id']}.zip",
+            kind = "memcore bypass: bypass_config.json + safetensors" if summ.get("adapter") == "bypass" else "PEFT"
+            st.download_button(f"Download adapter ({kind}, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ['run_id']}.zip",
                                mime="application/zip", key=f"dl-{summ['run_id']}")
             with st.form(f"gen-{summ['run_id']}"):
                 q = st.text_input("Prompt the memorized model", value="", placeholder="leave empty to use the run's own prompt")
