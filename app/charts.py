@@ -395,7 +395,7 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
                             alt.value("black"), alt.value("white")))
     layers = [heat, text]
     if mine is not None and len(mine):
-        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=500, stroke="black", strokeWidth=2.5, filled=False).encode(
+        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=260, stroke="black", strokeWidth=2, filled=False).encode(
             x=x, y=y, tooltip=["label:N", "rank:O", "length:O", alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
     return alt.layer(*layers).properties(title=title, height=240)
 
@@ -411,9 +411,9 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
     df["bits_per_param"] = df["bits_per_param"].astype(float)
     top = float(max(df["bits_per_param"].max() * 1.1, 4.0))
     return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("rank:Q", scale=alt.Scale(type="log"), title="rank r (log)"),
+        x=alt.X("rank:Q", scale=alt.Scale(type="log", nice=False, domain=[float(min(ranks)), float(max(ranks))]), title="rank r (log)"),
         y=alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter"),
-        color=alt.Color("kind:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=400)),
+        color=alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360)),  # at the side: a bottom legend eats the height
         strokeDash=alt.StrokeDash("reference:N", legend=None, scale=alt.Scale(domain=[False, True], range=[[1, 0], [6, 4]])),
         tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")],
     ).properties(title="capacity at the verbatim-recall frontier", height=280)
