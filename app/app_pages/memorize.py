@@ -171,11 +171,10 @@ def build_specs() -> list[RunSpec]:
         adapter = AdapterSpec(rank=rank, layers=layers, kind="bypass", dropout=dropout)
     else:
         adapter = AdapterSpec(rank=rank, alpha=alpha or None, targets=targets, layers=layers, dropout=dropout)
-    if source in ("Random tokens", "JSONL", "PhoneBook"):
-        text = None
+    passage = None if source in ("Random tokens", "JSONL", "PhoneBook") else text
     if source == "JSONL" and pairs is None and input_error is None:
         raise MemcoreError("choose a JSONL file to memorize")
-    data = DataSpec(text=text, phonebook=phonebook, pairs=pairs, random_tokens=random_n, length=keep_len, prompt=prompt, seed=seed)
+    data = DataSpec(text=passage, phonebook=phonebook, pairs=pairs, random_tokens=random_n, length=keep_len, prompt=prompt, seed=seed)
     methods = ["sft", "memft-ot"] if compare else [method]
     specs = [RunSpec(model=model, adapter=adapter, data=data,
                      train=TrainSpec(method=m, tau=tau, lr=lr, max_steps=max_steps, stop_when_recalled=stop_when_recalled, seed=seed,
