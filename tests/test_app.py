@@ -131,7 +131,7 @@ def test_random_tokens_train_with_the_paper_bypass(app_env):
     at.number_input(key="random_tokens").set_value(12).run()
     at.radio(key="adapter").set_value("bypass").run()
     assert at.number_input(key="alpha").disabled and at.selectbox(key="targets").disabled
-    assert at.text_input(key="layers").value == "paper"  # the bypass is one layer's adapter: the field says which
+    assert at.text_input(key="layers_bypass").value == "paper"  # the bypass is one layer's adapter: the field says which
     at.number_input(key="dropout").set_value(0.1).run()
     at.checkbox(key="until_converged").check().run()
     assert "**12 target tokens**" in " ".join(c.value for c in at.caption)

@@ -38,8 +38,9 @@ def _prefill(spec, compare: bool) -> None:
     ss.update(adapter=spec.adapter.kind, dropout=float(spec.adapter.dropout), until_converged=spec.train.until == "converged")
     ss.update(prompt=spec.data.prompt or "", model=spec.model.name, quant=spec.model.quant, method=spec.train.method,
               rank=spec.adapter.rank, alpha=float(spec.adapter.alpha or 0.0), tau=spec.train.tau, max_steps=spec.train.max_steps,
-              seed=spec.train.seed, stop_when_recalled=spec.train.stop_when_recalled, compare=compare,
-              layers=spec.adapter.layers if isinstance(spec.adapter.layers, str) else ",".join(map(str, spec.adapter.layers)))
+              seed=spec.train.seed, stop_when_recalled=spec.train.stop_when_recalled, compare=compare)
+    layers = spec.adapter.layers if isinstance(spec.adapter.layers, str) else ",".join(map(str, spec.adapter.layers))
+    ss["layers_bypass" if spec.adapter.kind == "bypass" else "layers"] = layers
     if isinstance(spec.adapter.targets, str):
         ss["targets"] = spec.adapter.targets
     if spec.train.lr in LR_CHOICES:
@@ -120,14 +121,7 @@ with right:
     quant = c1.selectbox("Quantization", QUANTS, key="quant", help="nf4 = QLoRA on a 4-bit base (bitsandbytes)")
     method = c2.selectbox("Method", METHODS, index=1, key="method",
                           help="sft: mean loss on every token · memft-ot: only tokens below τ · memft-sw: sliding window")
-    def _placement_follows_adapter() -> None:  # the bypass is one layer's adapter: move 'all' to 'paper' and back
-        ss = st.session_state
-        if ss.get("adapter") == "bypass" and ss.get("layers", "all").strip() == "all":
-            ss["layers"] = "paper"
-        elif ss.get("adapter") == "lora" and ss.get("layers", "").strip() == "paper":
-            ss["layers"] = "all"
-
-    adapter_kind = st.radio("Adapter", ["lora", "bypass"], horizontal=True, key="adapter", on_change=_placement_follows_adapter,
+    adapter_kind = st.radio("Adapter", ["lora", "bypass"], horizontal=True, key="adapter",
                             format_func=lambda k: {"lora": "LoRA (PEFT)", "bypass": "the paper's MLP bypass"}[k],
                             help="bypass: out = MLP(x) + x·A·B on one layer's MLP, no scaling, 2·hidden parameters per rank "
                                  "(the paper's adapter; saved by memcore, not exportable to PEFT)")
@@ -136,7 +130,8 @@ with right:
     alpha = float(c2.number_input("LoRA alpha (0 = same as rank)", min_value=0.0, max_value=8192.0, value=0.0, key="alpha",
                                   disabled=bypass))
     targets = c1.selectbox("Target modules", ["all", "attn", "mlp"], key="targets", disabled=bypass)
-    layers_text = c2.text_input("Layers", value="all", key="layers",
+    # one field per adapter, each with its own default: the bypass is one layer's adapter ('paper'), LoRA all layers
+    layers_text = c2.text_input("Layers", value="paper" if bypass else "all", key="layers_bypass" if bypass else "layers",
                                 help="all, paper (one middle layer: its MLP), or indices: 0,5,9 (as --layers on the command line)")
     dropout = float(c1.number_input("Adapter dropout", min_value=0.0, max_value=0.9, value=0.0, step=0.05, key="dropout",
                                     help="dropout on the adapter's input during training (the paper uses 0.1 with its bypass)"))
