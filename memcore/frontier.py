@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memcore.config import MemcoreError
+from memcore.law import as_bool
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,14 +44,6 @@ def recall_column(df: pd.DataFrame) -> str:
             return c
     raise MemcoreError("the table has no exact_recall (or recalled) column: the frontier needs to know which points "
                        "were recalled verbatim (sweeps write it; see `memcore sweep --out`)")
-
-
-def _as_bool(s: Any) -> np.ndarray:
-    import pandas as pd
-
-    if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
-        return s.to_numpy().astype(float) > 0.5
-    return s.astype(str).str.strip().str.lower().isin(("true", "1", "yes")).to_numpy()
 
 
 @dataclass
@@ -177,8 +170,9 @@ def interpolated_frontier(df: pd.DataFrame) -> list[RankFrontier]:
     if df.empty:
         raise MemcoreError("no points to find a frontier in")
     out = []
-    d = df.assign(_rec=_as_bool(df[col]))
-    per_token = _bits_per_token(d)
+    d = df.assign(_rec=as_bool(df[col]))
+    per_token, src = _bits_per_token(d), _source_bits(df)
+    counted = min(per_token, src) if per_token is not None and src is not None else per_token  # no more than a token carries
     for rank, g in sorted(d.groupby("rank"), key=lambda kv: kv[0]):
         rates = g.groupby("length")["_rec"].mean().sort_index()
         lengths, r = rates.index.to_numpy(float), rates.to_numpy(float)
@@ -192,7 +186,7 @@ def interpolated_frontier(df: pd.DataFrame) -> list[RankFrontier]:
             frac = (r[i] - 0.5) / (r[i] - r[i + 1]) if r[i] != r[i + 1] else 0.5
             ell, bound = math.exp(math.log(lengths[i]) + frac * (math.log(lengths[i + 1]) - math.log(lengths[i]))), "interpolated"
         p_eff = float(g["p_eff"].iloc[0]) if "p_eff" in g.columns and g["p_eff"].notna().any() else None
-        bpp = ell * per_token / p_eff if per_token is not None and p_eff else None
+        bpp = ell * counted / p_eff if counted is not None and p_eff else None
         out.append(RankFrontier(int(rank), float(ell), bound, {int(k): float(v) for k, v in rates.items()}, p_eff, bpp))
     return out
 
@@ -283,15 +277,11 @@ def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[li
     if df.empty:
         raise MemcoreError(f"no points{f' for method {method}' if method else ''} in the table")
     per_rank = interpolated_frontier(df)
-    y = _as_bool(df[recall_column(df)])
+    y = as_bool(df[recall_column(df)])
     d = df.assign(_rec=y)
     per_token = _bits_per_token(d)
     per_rank_peff = float((df["p_eff"] / df["rank"]).median()) if "p_eff" in df.columns and df["p_eff"].notna().all() else None
     src = _source_bits(df)
-    if src is not None:  # the per-rank figures count no more than a token carries, as the fitted ones do
-        for p in per_rank:
-            if p.bits_per_param is not None and per_token:
-                p.bits_per_param *= min(1.0, src / per_token)
     try:
         fit = fit_frontier(df["rank"].to_numpy(float), df["length"].to_numpy(float), y, bits_per_token=per_token,
                            p_eff_per_rank=per_rank_peff)
@@ -381,7 +371,7 @@ def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataF
             d[new] = d[old]
     cols = [c for c in COMPARED if c in d.columns]
     if "exact_recall" in d.columns:
-        d["exact_recall"] = _as_bool(d["exact_recall"]).astype(float)
+        d["exact_recall"] = as_bool(d["exact_recall"]).astype(float)
     mean = d.groupby(["method", "rank", "length"])[cols].mean()
     base = mean.loc[baseline]
     cells, overall = [], []

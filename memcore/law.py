@@ -334,6 +334,15 @@ class Regime:
                 "label": self.label, "known": self.known, "shares": self.shares()}
 
 
+def as_bool(s: pd.Series) -> np.ndarray:
+    """A CSV column of booleans as a bool array [n]: numbers (> 0.5) or words (true/1/yes, any case)."""
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
+        return s.to_numpy().astype(float) > 0.5
+    return s.astype(str).str.strip().str.lower().isin(("true", "1", "yes")).to_numpy()
+
+
 def point_states(df: pd.DataFrame) -> tuple[np.ndarray, bool]:
     """Per row: 'saturated', 'converged' or 'budget', read from stop_reason (else converged + frac_above, else
     frac_above alone, with every unsaturated point taken as budget-bound). Returns (states [n], known)."""
@@ -346,8 +355,7 @@ def point_states(df: pd.DataFrame) -> tuple[np.ndarray, bool]:
         known = True
     elif "converged" in df.columns:
         c = df["converged"]
-        conv_flag = c.to_numpy().astype(float) > 0.5 if c.dtype != object else c.astype(str).str.lower().isin(("true", "1")).to_numpy()
-        sat, conv, known = above, conv_flag & ~above, True
+        sat, conv, known = above, as_bool(c) & ~above, True
     else:
         sat, conv, known = above, np.zeros(n, bool), False
     return np.where(sat, "saturated", np.where(conv, "converged", "budget")), known
