@@ -211,7 +211,9 @@ def test_a_killed_server_leaves_its_job_interrupted_and_resumable(home):
             browser.close()
         store = Store(home)
         deadline = time.time() + 30
-        while store.runs()[0]["status"] == "running" and time.time() < deadline:  # the orphaned trainer saves and exits
+        # the orphaned trainer stops after its step, saves, then marks its run interrupted and exits: the run passes
+        # through "stopped" on the way, so wait for the end state rather than for "running" to end
+        while store.runs()[0]["status"] != "interrupted" and time.time() < deadline:
             time.sleep(0.5)
         (run,) = store.runs()
         assert run["status"] == "interrupted", run["status"]
