@@ -1,8 +1,10 @@
-"""Per-token losses -> per-token weights for sft, memft-ot and memft-sw.
+"""How each method weights tokens: per-token losses -> per-token weights for sft, memft-ot and memft-sw.
 
-All rules act on detached per-token losses ``loss`` of shape [B, K] with a validity ``mask`` [B, K]; the
-training loss is then ``weighted_mean(loss, w) = sum(w * loss) / sum(w)``. A token is above the cut when
-its loss is below -ln(tau), i.e. p(correct) > tau.
+All rules act on detached per-token losses ``loss`` of shape [B, K] (nats) with a validity ``mask`` [B, K];
+the training loss is then ``weighted_mean(loss, w) = sum(w * loss) / sum(w)``. A token is above the cut when
+its loss is below -ln(tau), i.e. p(correct) > tau. ``token_weights`` is the one entry point the training loop
+calls: it maps a TrainSpec and the step's detached losses to the weights, through the table ``WEIGHTS`` of
+one small rule per method, so nothing outside this module names a method.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from memcore.config import TrainSpec
 
 SW_SHARPNESS = 10.0  # sigmoid slope of the memft-sw base weight
 SW_DECAY = 20.0  # e-folding length (tokens) of the weight after the anchor
@@ -105,10 +112,67 @@ def weighted_mean(loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * loss).sum() / w.sum()
 
 
-def curriculum_rows(step: int, max_steps: int, n_rows: int, stages: int) -> list[int]:
-    """Rows trained at `step`: the first ceil(s/stages * n) samples in stage s = 1..stages,
-    stages being equal slices of the step budget."""
+def curriculum_count(step: int, max_steps: int, n_rows: int, stages: int) -> int:
+    """How many samples train at `step` under memft-sw's curriculum: the first ceil(s/stages * n_rows) in stage
+    s = 1..stages, the stages being equal slices of the step budget (all rows when stages <= 1 or one row)."""
     if n_rows <= 1 or stages <= 1:
-        return list(range(n_rows))
+        return n_rows
     stage = min(stages, 1 + (step * stages) // max(1, max_steps))
-    return list(range(math.ceil(stage * n_rows / stages)))
+    return math.ceil(stage * n_rows / stages)
+
+
+@dataclass
+class StepLosses:
+    """What a weighting rule may read about the adapter's current state.
+
+    loss: [B, K] detached per-token cross-entropy (nats, 0 off the mask) on the device.
+    correct: [B, K] bool, teacher-forced argmax == target, on the device.
+    mask: [B, K] bool, target positions.
+    host_loss: [N] float32 host copy of the N target losses (row-major), for counting without a device sync.
+    step: optimizer updates applied so far."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    mask: torch.Tensor
+    host_loss: np.ndarray
+    step: int
+
+
+def _sft(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
+    return sft_weights(s.loss, s.mask), int(s.host_loss.shape[0])
+
+
+def _memft_ot(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
+    active = int((s.host_loss > cut(spec.tau)).sum())  # counted on the host copy: no further device sync
+    if active == 0 and spec.ot_when_empty == "mean":  # nothing below tau: fall back to the plain mean
+        return _sft(spec, s, window)
+    return ot_weights(s.loss, s.mask, spec.tau), active
+
+
+def _memft_sw(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
+    w = sw_weights(s.loss, s.correct, s.mask, spec.tau, window)
+    n_rows = s.loss.shape[0]
+    n_train = curriculum_count(s.step, spec.max_steps, n_rows, spec.curriculum_stages)
+    if n_train < n_rows:  # the curriculum's later samples wait for their stage
+        w = w * (torch.arange(n_rows, device=w.device) < n_train).to(w.dtype)[:, None]
+    return w, int((w > 0).sum())
+
+
+WEIGHTS: dict[str, Callable[[TrainSpec, StepLosses, SlidingWindow], tuple[torch.Tensor, int]]] = {
+    "sft": _sft,
+    "memft-ot": _memft_ot,
+    "memft-sw": _memft_sw,
+}
+
+
+def token_weights(spec: TrainSpec, losses: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
+    """This step's token weights [B, K] (float, >= 0, 0 off the mask) for `spec.method`, and how many tokens
+    carry weight (0: nothing to learn, the caller skips the update). memft-sw advances `window` by one step.
+
+    Raises MemcoreError for a method with no rule (TrainSpec validation normally catches it first)."""
+    rule = WEIGHTS.get(spec.method)
+    if rule is None:
+        from memcore.config import MemcoreError
+
+        raise MemcoreError(f"no token-weighting rule for method {spec.method!r} (known: {', '.join(WEIGHTS)})")
+    return rule(spec, losses, window)

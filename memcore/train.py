@@ -171,7 +171,10 @@ class FrozenPrefix:
 
     def capture(self, model: Any, batch: Batch) -> None:
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
-            self.output = tuple(o.detach() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.detach()
+            if isinstance(out, tuple):
+                self.output = tuple(o.detach() if torch.is_tensor(o) else o for o in out)
+            else:
+                self.output = out.detach()
 
         h = self.layers[self.k - 1].register_forward_hook(hook)
         try:
@@ -202,7 +205,8 @@ class FrozenPrefix:
                 del block.forward
 
 
-ACTIVATION_FLOATS_PER_TOKEN = 24  # saved activations per token per block, in units of hidden_size (measured, Llama-style)
+# saved activations per token per block, in units of hidden_size (measured, Llama-style)
+ACTIVATION_FLOATS_PER_TOKEN = 24
 RECOMPUTE_ABOVE_BYTES = 768 * 2**20  # 'auto' recomputes when the blocks' saved activations would exceed this
 
 
@@ -293,7 +297,8 @@ def _restore(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, 
     params = dict(model.named_parameters())
     missing = [n for n in ckpt.adapter if n not in params]
     if missing or len(ckpt.adapter) != sum(p.requires_grad for p in params.values()):
-        raise MemcoreError(f"the checkpoint does not fit this adapter ({len(missing)} unknown parameter(s), e.g. {missing[:1]})")
+        raise MemcoreError(f"the checkpoint does not fit this adapter ({len(missing)} unknown parameter(s), "
+                           f"e.g. {missing[:1]})")
     with torch.no_grad():
         for n, v in ckpt.adapter.items():
             params[n].copy_(v.to(params[n].device, params[n].dtype))
@@ -321,9 +326,169 @@ def converged(report: StepReport, recent: deque[float], spec: TrainSpec) -> str 
     return "plateau" if gain < spec.plateau_tol else None
 
 
+class _Loop:
+    """The state of one training loop and its three parts, each readable on its own:
+
+    - ``measure``: the forward pass at the current adapter -> a StepReport (how a step is measured);
+    - ``stop_reason`` / ``finish``: the stop policy, and the final report's clean re-measure and generate check;
+    - ``update``: the method's token weights (memcore.objectives.token_weights) -> one optimizer step."""
+
+    def __init__(self, model: Any, batch: Batch, spec: TrainSpec, pad_id: int, base_loss: torch.Tensor | None,
+                 use_prefix_cache: bool, resume: Checkpoint | None, checkpoint: Callable[[Checkpoint], None] | None):
+        model.eval()
+        self.model, self.batch, self.spec, self.pad_id, self.checkpoint = model, batch, spec, pad_id, checkpoint
+        self.dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules()
+                           if "lora_dropout" in n or "bypass_dropout" in n)
+        self.prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
+        if self.prefix is not None:
+            self.prefix.capture(model, batch)
+        if base_loss is None:
+            base_loss = base_losses(model, batch)
+        self.where = batch.target_mask.flatten().nonzero()[:, 0]  # flat target positions, row-major: sample 0's, ...
+        self.base_np = _read(base_loss, batch.target_mask, self.where)[0]  # [N] base loss per target, nats
+        self.hint = obj.may_train(spec.method, spec.tau)
+        self.recompute = use_recompute(model, batch, spec.recompute, self.prefix.k if self.prefix is not None else 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # fused AdamW on accelerators: one kernel for all adapter tensors, no per-tensor launches
+        self.opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
+                                     fused=bool(params) and params[0].device.type == "cuda")
+        self.window = obj.SlidingWindow(base=spec.window)
+        torch.manual_seed(spec.seed)
+        self.step, self.last_check_step, self.gen_seconds, self.notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
+        if resume is not None:
+            _restore(model, self.opt, self.window, resume)
+            self.step, self.last_check_step, elapsed0 = resume.step, resume.last_check_step, resume.elapsed
+            self.gen_seconds, self.notes = [resume.generate_seconds], list(resume.notes)
+        self.t0 = time.perf_counter() - elapsed0
+        self.last_saved = time.perf_counter()
+        self.first_step = self.step
+        self.changed = True  # params changed since the last forward (else its result can be reused)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, correct) of the last forward, [B, K]
+        # the latest steps' ΔL (nats), for until='converged'
+        self.recent: deque[float] = deque(resume.recent_delta_loss if resume is not None else (),
+                                          maxlen=spec.plateau_window + PLATEAU_SMOOTH)
+        self.measured = -1  # the last step whose ΔL is in `recent`
+        self.rng: tuple | None = None  # RNG state at the top of the current step, for a checkpoint
+
+    # -- checkpoints --
+
+    def save(self) -> None:
+        """Hand the loop's whole state to `checkpoint` (continuing from it reproduces the rest of the run)."""
+        if self.checkpoint is not None:
+            # the checkpoint restarts at `step`, whose ΔL is appended again on resume: keep only the steps before it
+            recent = list(self.recent)[:-1] if self.measured == self.step else list(self.recent)
+            self.checkpoint(_capture(self.model, self.opt, self.window, self.step, self.rng,
+                                     time.perf_counter() - self.t0, self.gen_seconds[0], self.last_check_step,
+                                     self.notes, recent))
+        self.last_saved = time.perf_counter()
+
+    def begin_step(self) -> None:
+        """Record the RNG state the step starts from, and save a checkpoint when one is due."""
+        self.rng = _rng_state() if self.checkpoint is not None else None
+        if (self.checkpoint is not None and self.spec.checkpoint_every and self.step > self.first_step
+                and time.perf_counter() - self.last_saved >= self.spec.checkpoint_every):
+            self.save()
+
+    # -- how a step is measured --
+
+    def measure(self) -> tuple[StepReport, obj.StepLosses, torch.Tensor]:
+        """The forward pass at the current adapter (dropout on when the adapter has it, reused when nothing
+        changed since the last one) -> the step's report; what the weighting rule reads (detached losses,
+        argmax-correct, their host copy); and the per-token loss [B, K] (nats, with grad) the update
+        backpropagates. One device-to-host copy."""
+        _set_lora_dropout(self.model, self.dropout)
+        if self.changed or self.last is None:
+            k = self.prefix.k if self.prefix is not None else 0
+            with (self.prefix.active() if self.prefix is not None else nullcontext(),
+                  recomputed(self.model, k) if self.recompute else nullcontext()):
+                self.last = token_losses(self.model, self.batch, self.hint)
+        loss, correct = self.last
+        fl, fc = _read(loss.detach(), correct, self.where)
+        report = StepReport(step=self.step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0,
+                            active=0, recalled=False, first_divergence=None, elapsed=time.perf_counter() - self.t0,
+                            lr=self.spec.lr * max(0.0, 1.0 - self.step / self.spec.max_steps), bits_stored=0.0,
+                            notes=self.notes)
+        _fill(report, fl, fc, self.base_np, self.spec.tau)
+        self.recent.append(report.delta_loss)
+        self.measured = self.step
+        losses = obj.StepLosses(loss=loss.detach(), correct=correct, mask=self.batch.target_mask, host_loss=fl,
+                                step=self.step)
+        return report, losses, loss
+
+    # -- the stop policy --
+
+    def stop_reason(self, report: StepReport, should_stop: Callable[[], bool] | None) -> str | None:
+        """Why the run ends at this step, or None to train on. In order: asked to stop, time limit, step
+        budget, converged (when until='converged'), recalled (when stop_when_recalled, confirmed by a
+        greedy generate at most every 5 steps)."""
+        spec, step = self.spec, self.step
+        if should_stop is not None and should_stop():
+            return "stopped"
+        if spec.max_seconds is not None and report.elapsed >= spec.max_seconds:
+            return "max_seconds"
+        if step >= spec.max_steps:
+            return "max_steps"
+        reason = converged(report, self.recent, spec) if spec.until == "converged" else None
+        if reason is not None:
+            if reason == "all_above_tau" and self.dropout and not _all_above_without_dropout(
+                    self.model, self.batch, self.where, spec.tau):
+                return None  # only dropout's noise put every token above tau: train on
+            return reason
+        if report.recalled and spec.stop_when_recalled and step - self.last_check_step >= 5:
+            self.last_check_step = step
+            gen = _check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
+            if report.generate_recalled:
+                report.generated = gen
+                return "recalled"
+            self.notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
+                              f"at token {report.generate_divergence}; training on")
+        return None
+
+    def finish(self, report: StepReport, reason: str) -> StepReport:
+        """Turn the step's report into the final one: checkpoint an unfinished run, re-measure without
+        dropout, run the greedy-generate check (when spec.verify) and note any disagreement with it."""
+        if reason in ("stopped", "max_seconds"):  # unfinished: keep what continuing would need
+            self.save()
+        if self.dropout:  # the training forward had dropout on: measure the final adapter without it
+            _set_lora_dropout(self.model, False)
+            with torch.no_grad():
+                loss, correct = token_losses(self.model, self.batch)
+            _fill(report, *_read(loss, correct, self.where), self.base_np, self.spec.tau)
+        if report.generated is None and self.spec.verify:
+            report.generated = _check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
+        if report.generate_recalled is not None and report.recalled != report.generate_recalled:
+            report.notes.append("teacher-forced recall and greedy generate disagree "
+                                f"(argmax: {report.recalled}, generate: {report.generate_recalled})")
+        report.final, report.stop_reason = True, reason
+        report.elapsed = time.perf_counter() - self.t0
+        report.generate_seconds = self.gen_seconds[0]
+        return report
+
+    # -- the update --
+
+    def update(self, report: StepReport, losses: obj.StepLosses, loss: torch.Tensor) -> None:
+        """One optimizer step on the weighted mean of `loss` [B, K], the weights chosen by the method's rule
+        from `losses`; skipped (report.skipped) when no token carries weight. Sets report.active."""
+        w, report.active = obj.token_weights(self.spec, losses, self.window)
+        if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
+            report.skipped = True
+            self.changed = self.dropout  # with dropout the next forward differs anyway
+        else:
+            for group in self.opt.param_groups:  # linear decay to 0 over the budget, no warmup
+                group["lr"] = report.lr
+            self.opt.zero_grad(set_to_none=True)
+            obj.weighted_mean(loss, w).backward()
+            self.opt.step()
+            self.changed = True
+        if self.changed:
+            self.last = None
+        self.step += 1
+
+
 def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,
                should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True,
-               resume: Checkpoint | None = None, checkpoint: Callable[[Checkpoint], None] | None = None) -> Iterator[StepReport]:
+               resume: Checkpoint | None = None,
+               checkpoint: Callable[[Checkpoint], None] | None = None) -> Iterator[StepReport]:
     """Train the adapter of `model` on `batch`, yielding a StepReport after every step and a final one.
 
     The last report has final=True, the stop reason, and the greedy-generate check. `should_stop` is polled
@@ -331,140 +496,17 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
     loop's whole state every `spec.checkpoint_every` seconds, and when a run stops before its end (stopped,
     time limit), after the reports of every earlier step were yielded; `resume` continues from such a
     state: the first report is then the one for the checkpoint's step, and the rest is what an uninterrupted
-    run would have yielded."""
-    model.eval()
-    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules()
-                  if "lora_dropout" in n or "bypass_dropout" in n)
-    prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
-    if prefix is not None:
-        prefix.capture(model, batch)
-    if base_loss is None:
-        base_loss = base_losses(model, batch)
-    mask = batch.target_mask
-    where = mask.flatten().nonzero()[:, 0]  # flat positions of the targets, row-major: sample 0's, then 1's, ...
-    base_np = _read(base_loss, mask, where)[0]
-    n_rows = batch.input_ids.shape[0]
-
-    hint = obj.may_train(spec.method, spec.tau)
-    recompute = use_recompute(model, batch, spec.recompute, prefix.k if prefix is not None else 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW on accelerators: one kernel for all adapter tensors, no per-tensor launches
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
-                            fused=bool(params) and params[0].device.type == "cuda")
-    window = obj.SlidingWindow(base=spec.window)
-    torch.manual_seed(spec.seed)
-    step, last_check_step, gen_seconds, notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
-    if resume is not None:
-        _restore(model, opt, window, resume)
-        step, last_check_step, gen_seconds, notes, elapsed0 = (resume.step, resume.last_check_step, [resume.generate_seconds],
-                                                               list(resume.notes), resume.elapsed)
-
-    t0 = time.perf_counter() - elapsed0
-    last_saved = time.perf_counter()
-    first_step = step
-    changed = True  # params changed since the last forward (else its result can be reused)
-    last: tuple[torch.Tensor, torch.Tensor] | None = None
-    plateau: deque[float] = deque(resume.recent_delta_loss if resume is not None else (),  # recent ΔL, for until='converged'
-                                  maxlen=spec.plateau_window + PLATEAU_SMOOTH)
-    measured = -1  # the last step whose ΔL is in `plateau`
-
-    def save() -> None:
-        nonlocal last_saved
-        if checkpoint is not None:
-            # the checkpoint restarts at `step`, whose ΔL is appended again on resume: keep only the steps before it
-            recent = list(plateau)[:-1] if measured == step else list(plateau)
-            checkpoint(_capture(model, opt, window, step, rng, time.perf_counter() - t0, gen_seconds[0], last_check_step, notes,
-                                recent))
-        last_saved = time.perf_counter()
-
+    run would have yielded. Raises MemcoreError when `resume` does not fit the model's adapter."""
+    loop = _Loop(model, batch, spec, pad_id, base_loss, use_prefix_cache, resume, checkpoint)
     while True:
-        rng = _rng_state() if checkpoint is not None else None
-        if (checkpoint is not None and spec.checkpoint_every and step > first_step
-                and time.perf_counter() - last_saved >= spec.checkpoint_every):
-            save()
-        _set_lora_dropout(model, dropout)
-        if changed or last is None:
-            with (prefix.active() if prefix is not None else nullcontext(),
-                  recomputed(model, prefix.k if prefix is not None else 0) if recompute else nullcontext()):
-                loss, correct = token_losses(model, batch, hint)
-            last = (loss, correct)
-        loss, correct = last
-        det = loss.detach()
-        fl, fc = _read(det, correct, where)  # the step's one device-to-host copy
-        report = StepReport(step=step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0, active=0,
-                            recalled=False, first_divergence=None, elapsed=time.perf_counter() - t0,
-                            lr=spec.lr * max(0.0, 1.0 - step / spec.max_steps), bits_stored=0.0, notes=notes)
-        _fill(report, fl, fc, base_np, spec.tau)
-        recalled = report.recalled
-        plateau.append(report.delta_loss)
-        measured = step
-
-        reason = None
-        if should_stop is not None and should_stop():
-            reason = "stopped"
-        elif spec.max_seconds is not None and report.elapsed >= spec.max_seconds:
-            reason = "max_seconds"
-        elif step >= spec.max_steps:
-            reason = "max_steps"
-        elif spec.until == "converged" and (reason := converged(report, plateau, spec)) is not None:
-            if reason == "all_above_tau" and dropout and not _all_above_without_dropout(model, batch, where, spec.tau):
-                reason = None  # only dropout's noise put every token above tau: train on
-        elif recalled and spec.stop_when_recalled and step - last_check_step >= 5:
-            last_check_step = step
-            gen = _check(model, batch, pad_id, report, gen_seconds)
-            if report.generate_recalled:
-                reason = "recalled"
-                report.generated = gen
-            else:
-                notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
-                             f"at token {report.generate_divergence}; training on")
+        loop.begin_step()
+        report, losses, loss = loop.measure()
+        reason = loop.stop_reason(report, should_stop)
         if reason is not None:
-            if reason in ("stopped", "max_seconds"):  # unfinished: keep what continuing would need
-                save()
-            if dropout:  # the training forward had dropout on: measure the final adapter without it
-                _set_lora_dropout(model, False)
-                with torch.no_grad():
-                    loss, correct = token_losses(model, batch)
-                _fill(report, *_read(loss, correct, where), base_np, spec.tau)
-            if report.generated is None and spec.verify:
-                report.generated = _check(model, batch, pad_id, report, gen_seconds)
-            if report.generate_recalled is not None and report.recalled != report.generate_recalled:
-                report.notes.append("teacher-forced recall and greedy generate disagree "
-                                    f"(argmax: {report.recalled}, generate: {report.generate_recalled})")
-            report.final, report.stop_reason = True, reason
-            report.elapsed = time.perf_counter() - t0
-            report.generate_seconds = gen_seconds[0]
-            yield report
+            yield loop.finish(report, reason)
             return
-
-        # choose this step's token weights from the detached losses
-        rows = obj.curriculum_rows(step, spec.max_steps, n_rows, spec.curriculum_stages) if spec.method == "memft-sw" else None
-        # (sft and memft-ot count their active tokens on the host copy of the very losses the weights come from:
-        # no further device sync; memft-sw's window reads its anchors and counts on the device)
-        if spec.method == "sft":
-            w, report.active = obj.sft_weights(det, mask), report.n_tokens
-        elif spec.method == "memft-ot":
-            w, report.active = obj.ot_weights(det, mask, spec.tau), int((fl > obj.cut(spec.tau)).sum())
-            if report.active == 0 and spec.ot_when_empty == "mean":
-                w, report.active = obj.sft_weights(det, mask), report.n_tokens
-        else:
-            w = obj.sw_weights(det, correct, mask, spec.tau, window)
-            if rows is not None and len(rows) < n_rows:
-                w = w * (torch.arange(n_rows, device=w.device) < len(rows)).to(w.dtype)[:, None]
-            report.active = int((w > 0).sum())
-        if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
-            report.skipped = True
-            changed = dropout
-        else:
-            for group in opt.param_groups:  # linear decay to 0 over the budget, no warmup
-                group["lr"] = report.lr
-            opt.zero_grad(set_to_none=True)
-            obj.weighted_mean(loss, w).backward()
-            opt.step()
-            changed = True
-        last = None if changed else last
+        loop.update(report, losses, loss)
         yield report
-        step += 1
 
 
 @torch.no_grad()

@@ -60,6 +60,42 @@ def test_sw_without_anchor_keeps_base_weights():
 
 
 def test_curriculum_steps_up_in_fifths():
-    rows = [len(obj.curriculum_rows(s, 100, 10, 5)) for s in (0, 19, 20, 40, 60, 80, 99)]
-    assert rows == [2, 2, 4, 6, 8, 10, 10]
-    assert obj.curriculum_rows(5, 100, 1, 5) == [0]
+    counts = [obj.curriculum_count(s, 100, 10, 5) for s in (0, 19, 20, 40, 60, 80, 99)]
+    assert counts == [2, 2, 4, 6, 8, 10, 10]
+    assert obj.curriculum_count(5, 100, 1, 5) == 1
+
+
+def _losses(loss: torch.Tensor, step: int = 0) -> obj.StepLosses:
+    mask = torch.ones_like(loss, dtype=torch.bool)
+    return obj.StepLosses(loss=loss, correct=loss < 0.1, mask=mask, host_loss=loss.flatten().numpy(), step=step)
+
+
+def test_every_method_has_a_weighting_rule():
+    from memcore.config import METHODS
+
+    assert set(obj.WEIGHTS) == set(METHODS)
+
+
+def test_token_weights_ot_trains_only_tokens_below_tau_and_falls_back_to_the_mean_when_asked():
+    from memcore.config import TrainSpec
+
+    loss = torch.tensor([[0.1, 2.0, 0.5, 3.0]])  # tau 0.5: cut ln 2 = 0.69 -> two tokens below tau
+    w, active = obj.token_weights(TrainSpec(method="memft-ot", tau=0.5), _losses(loss), obj.SlidingWindow())
+    assert w.tolist() == [[0.0, 1.0, 0.0, 1.0]] and active == 2
+    done = torch.full((1, 4), 0.01)  # every token above tau
+    w, active = obj.token_weights(TrainSpec(method="memft-ot", tau=0.5), _losses(done), obj.SlidingWindow())
+    assert active == 0 and w.sum() == 0  # the default: skip the update
+    w, active = obj.token_weights(TrainSpec(method="memft-ot", tau=0.5, ot_when_empty="mean"), _losses(done),
+                                  obj.SlidingWindow())
+    assert active == 4 and w.tolist() == [[1.0] * 4]
+
+
+def test_token_weights_sw_masks_the_rows_whose_curriculum_stage_has_not_come():
+    from memcore.config import TrainSpec
+
+    spec = TrainSpec(method="memft-sw", max_steps=100, curriculum_stages=2)
+    loss = torch.full((4, 3), 2.0)
+    w, active = obj.token_weights(spec, _losses(loss, step=0), obj.SlidingWindow())
+    assert (w[:2] > 0).all() and (w[2:] == 0).all() and active == 6  # stage 1 of 2: the first half of the rows
+    w, active = obj.token_weights(spec, _losses(loss, step=60), obj.SlidingWindow())
+    assert (w > 0).all() and active == 12
