@@ -101,7 +101,8 @@ def count_step_flops(model, batch, spec, use_prefix_cache: bool = True) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from memcore import objectives as obj
-    from memcore.train import FrozenPrefix, recomputed, token_losses, use_recompute
+    from memcore.measure import token_losses
+    from memcore.train import FrozenPrefix, recomputed, use_recompute
 
     prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
     if prefix is not None:

@@ -20,11 +20,12 @@ import numpy as np
 
 from memcore.config import MemcoreError, RunSpec
 from memcore.data import Sample, build_samples, make_batch
+from memcore.measure import StepReport, base_losses
 from memcore.metrics import StubbornCounter, bits_per_param
 from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.pieces import Piece, token_pieces
 from memcore.store import Store
-from memcore.train import Checkpoint, StepReport, base_losses, train_iter
+from memcore.train import Checkpoint, train_iter
 
 FLUSH_SECONDS = 1.0
 
@@ -340,8 +341,8 @@ def generate_from_run(store: Store, run_id: str, base: Base, prompt: str | None 
     of the first differing token, None if recalled verbatim). Otherwise continue BOS + prompt (100 tokens
     unless max_new_tokens says otherwise)."""
     from memcore.data import prompt_ids
+    from memcore.measure import compare, greedy_generate
     from memcore.models import load_adapter
-    from memcore.train import compare, greedy_generate
 
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

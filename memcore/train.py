@@ -1,15 +1,14 @@
 """The one streaming core: ``train_iter`` yields a StepReport per optimizer step; ``train`` consumes it.
 
-Step k's report describes the adapter after k updates, measured by the very forward pass that then
-computes step k+1's gradient, so tracking costs no extra forward. Exact greedy recall is read from the
-teacher-forced argmax (if every target position's argmax is the target, greedy decoding reproduces the
-whole target by induction); when that says "recalled", and at the end of every run, a real greedy
-``generate`` confirms it, and a disagreement is reported rather than hidden.
+Step k's report describes the adapter after k updates, measured (memcore.measure) by the very forward pass
+that then computes step k+1's gradient, so tracking costs no extra forward. The loop has three parts: measure,
+the stop policy, and the update (whose token weights memcore.objectives chooses). When the teacher-forced
+argmax says "recalled", and at the end of every run, a real greedy decode confirms it, and a disagreement is
+reported rather than hidden. Also here: the frozen-prefix cache, block recomputation, and checkpoints.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import types
 from collections import deque
@@ -18,137 +17,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from memcore import objectives as obj
 from memcore.config import MemcoreError, TrainSpec
-from memcore.data import Batch, Sample
-from memcore.head import RowHint, captured_head_input, chunked_head_loss, head_for
+from memcore.data import Batch
+from memcore.measure import StepReport, base_losses, compare, fill_report, greedy_generate, read_targets, token_losses
 from memcore.models import decoder_layers, has_trainable_below_blocks, lowest_adapted_layer
-
-LN2 = math.log(2.0)
-
-
-@dataclass
-class StepReport:
-    step: int  # optimizer updates applied so far
-    loss: float  # mean cross-entropy over target tokens, adapter on
-    delta_loss: float  # mean base loss (adapter off) minus `loss`
-    p: np.ndarray  # [N] float16, probability of the correct token at each target position
-    correct: np.ndarray  # [N] bool, teacher-forced argmax == target
-    n_above: int  # tokens with p > tau
-    n_correct: int  # tokens whose argmax is right
-    active: int  # tokens carrying weight in the update taken from this state (0 when skipped or final)
-    recalled: bool  # every argmax right: greedy decoding reproduces the target
-    first_divergence: int | None  # first wrong position, where greedy decoding goes astray
-    elapsed: float  # seconds since training started
-    lr: float
-    skipped: bool = False  # memft-ot with nothing below tau: no update taken
-    final: bool = False
-    stop_reason: str | None = None  # recalled | all_above_tau | plateau | max_steps | max_seconds | stopped
-    bits_stored: float = 0.0  # sum(base_loss - loss) / ln 2
-    generated: list[list[int]] | None = None  # final: greedy continuation of each prompt
-    generate_recalled: bool | None = None  # final (or recall check): did generate reproduce every target?
-    generate_divergence: int | None = None
-    generate_seconds: float = 0.0  # time spent in greedy-generate checks so far (part of elapsed)
-    notes: list[str] = field(default_factory=list)
-    run_id: str | None = None  # set by the runner once the report is stored
-    summary: dict | None = None  # final report of a stored run: the run summary
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.p.shape[0])
-
-
-# --- forward pieces ----------------------------------------------------------------------------------------
-
-
-def token_losses(model: Any, batch: Batch, hint: RowHint | None = None,
-                 chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy [B, K] (fp32, nats; 0 off the target mask) and argmax-correct [B, K] (bool)
-    at the target positions only.
-
-    Through ``memcore.head`` where the model's head allows it (no [B, K, vocab] tensor; `hint` names the
-    rows that may train this step, see ``chunked_head_loss``), else from the model's own logits."""
-    def forward(keep: int | None) -> Any:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                     logits_to_keep=keep, use_cache=False)
-
-    head = head_for(model, lambda keep: forward(min(keep, batch.keep))) if chunked else None
-    if head is not None:
-        with captured_head_input(head) as seen:
-            forward(batch.keep)
-        h = seen[-1][:, -batch.keep:, :]  # [B, K, H]
-        loss, correct = chunked_head_loss(h.reshape(-1, h.shape[-1]), head, batch.labels.reshape(-1),
-                                          batch.target_mask.reshape(-1), hint)
-        return loss.view(batch.labels.shape), correct.view(batch.labels.shape)
-    logits = forward(batch.keep).logits[:, -batch.keep:, :].float()  # [B, K, V]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")
-    loss = loss.view(batch.labels.shape) * batch.target_mask
-    correct = (logits.detach().argmax(-1) == batch.labels) & batch.target_mask
-    return loss, correct
-
-
-@torch.no_grad()
-def base_losses(model: Any, batch: Batch) -> torch.Tensor:
-    """Per-token loss of the base model (adapter switched off), [B, K]."""
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with ctx:
-        loss, _ = token_losses(model, batch)
-    return loss
-
-
-@torch.no_grad()
-def greedy_generate(model: Any, samples: list[Sample], pad_id: int = 0, max_new: int | None = None) -> list[list[int]]:
-    """Greedy continuation of each sample's prompt: as many tokens as its target (or max_new), argmax at every
-    position, reusing the KV cache.
-
-    A plain argmax loop rather than ``generate``: nothing may end it early (an EOS that is really a target
-    token, say, or a model's generation config asking for EOS stops, repetition penalties or a minimum
-    length), so it is exactly the decoding that the teacher-forced argmax predicts. pad_id is unused (kept
-    for callers that pass it)."""
-    outs = []
-    device = _device(model)
-    cache_arg = _cache_argument(model)
-    for s in samples:
-        n = max_new or len(s.target_ids)
-        ids = torch.tensor([s.prompt_ids], device=device)
-        out = model(input_ids=ids, use_cache=True)
-        gen: list[torch.Tensor] = []
-        for k in range(n):
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)  # [1, 1]
-            gen.append(nxt)
-            if k + 1 < n:
-                cache = out.cache if cache_arg == "cache" else out.past_key_values
-                out = model(input_ids=nxt, use_cache=True, **{cache_arg: cache})
-        outs.append(torch.cat(gen, dim=1)[0].tolist())
-    return outs
-
-
-def _cache_argument(model: Any) -> str:
-    """The forward argument that takes the KV cache: 'cache' in newer transformers, 'past_key_values' before."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
-def compare(generated: list[list[int]], samples: list[Sample]) -> int | None:
-    """Flat index of the first generated token that differs from the target (None if all match)."""
-    offset = 0
-    for g, s in zip(generated, samples):
-        for i, t in enumerate(s.target_ids):
-            if i >= len(g) or g[i] != t:
-                return offset + i
-        offset += len(s.target_ids)
-    return None
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
 
 # --- frozen-prefix cache -------------------------------------------------------------------------------------
 
@@ -345,7 +220,7 @@ class _Loop:
         if base_loss is None:
             base_loss = base_losses(model, batch)
         self.where = batch.target_mask.flatten().nonzero()[:, 0]  # flat target positions, row-major: sample 0's, ...
-        self.base_np = _read(base_loss, batch.target_mask, self.where)[0]  # [N] base loss per target, nats
+        self.base_np = read_targets(base_loss, batch.target_mask, self.where)[0]  # [N] base loss per target, nats
         self.hint = obj.may_train(spec.method, spec.tau)
         self.recompute = use_recompute(model, batch, spec.recompute, self.prefix.k if self.prefix is not None else 0)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -403,12 +278,12 @@ class _Loop:
                   recomputed(self.model, k) if self.recompute else nullcontext()):
                 self.last = token_losses(self.model, self.batch, self.hint)
         loss, correct = self.last
-        fl, fc = _read(loss.detach(), correct, self.where)
+        fl, fc = read_targets(loss.detach(), correct, self.where)
         report = StepReport(step=self.step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0,
                             active=0, recalled=False, first_divergence=None, elapsed=time.perf_counter() - self.t0,
                             lr=self.spec.lr * max(0.0, 1.0 - self.step / self.spec.max_steps), bits_stored=0.0,
                             notes=self.notes)
-        _fill(report, fl, fc, self.base_np, self.spec.tau)
+        fill_report(report, fl, fc, self.base_np, self.spec.tau)
         self.recent.append(report.delta_loss)
         self.measured = self.step
         losses = obj.StepLosses(loss=loss.detach(), correct=correct, mask=self.batch.target_mask, host_loss=fl,
@@ -453,7 +328,7 @@ class _Loop:
             _set_lora_dropout(self.model, False)
             with torch.no_grad():
                 loss, correct = token_losses(self.model, self.batch)
-            _fill(report, *_read(loss, correct, self.where), self.base_np, self.spec.tau)
+            fill_report(report, *read_targets(loss, correct, self.where), self.base_np, self.spec.tau)
         if report.generated is None and self.spec.verify:
             report.generated = _check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
         if report.generate_recalled is not None and report.recalled != report.generate_recalled:
@@ -517,26 +392,6 @@ def _all_above_without_dropout(model: Any, batch: Batch, where: torch.Tensor, ta
     finally:
         _set_lora_dropout(model, True)
     return bool((loss.flatten()[where] < obj.cut(tau)).all())
-
-
-def _read(loss: torch.Tensor, correct: torch.Tensor, where: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-target loss [N] float32 (nats) and argmax-correct [N] bool on the host, in one device-to-host copy."""
-    packed = torch.cat([loss.detach().flatten()[where].float(), correct.flatten()[where].float()]).cpu().numpy()
-    n = where.numel()
-    return packed[:n], packed[n:] > 0.5
-
-
-def _fill(report: StepReport, fl: np.ndarray, fc: np.ndarray, base_np: np.ndarray, tau: float) -> None:
-    """Set a report's measurements from the host copies: losses `fl` [N] (nats), argmax-correct `fc` [N]."""
-    report.loss = float(fl.mean())
-    report.delta_loss = float(base_np.mean()) - report.loss
-    report.p = np.exp(-fl).astype(np.float16)
-    report.correct = fc
-    report.n_above = int((fl < obj.cut(tau)).sum())
-    report.n_correct = int(fc.sum())
-    report.recalled = bool(fc.all())
-    report.first_divergence = None if report.recalled else int(np.argmin(fc))
-    report.bits_stored = float((base_np.astype(np.float64) - fl).sum()) / LN2
 
 
 def _check(model: Any, batch: Batch, pad_id: int, report: StepReport, seconds: list[float]) -> list[list[int]]:

@@ -8,8 +8,9 @@ import torch
 
 from memcore.config import AdapterSpec, MemcoreError, TrainSpec
 from memcore.data import Sample, make_batch
+from memcore.measure import token_losses
 from memcore.models import attach_adapter, decoder_layers, detach_adapter, module_role, target_module_regex
-from memcore.train import FrozenPrefix, token_losses, train_iter
+from memcore.train import FrozenPrefix, train_iter
 
 V = 96  # vocabulary of the tiny models
 

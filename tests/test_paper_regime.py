@@ -10,8 +10,9 @@ from scipy import stats
 from memcore.bypass import MLPBypass, mlp_of
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, RunSpec, TrainSpec
 from memcore.data import build_samples, make_batch, ordinary_token_ids, parse_jsonl, random_token_ids
+from memcore.measure import base_losses, token_losses
 from memcore.models import attach_adapter, decoder_layers, detach_adapter, load_adapter, p_eff, paper_layer
-from memcore.train import FrozenPrefix, base_losses, converged, token_losses, train_iter
+from memcore.train import FrozenPrefix, converged, train_iter
 
 # --- JSONL ---------------------------------------------------------------------------------------------------
 

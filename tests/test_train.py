@@ -8,8 +8,9 @@ import torch
 
 from memcore.config import AdapterSpec, DataSpec, TrainSpec
 from memcore.data import build_samples, make_batch
+from memcore.measure import base_losses, token_losses
 from memcore.models import attach_adapter, detach_adapter, p_eff, target_module_regex
-from memcore.train import FrozenPrefix, base_losses, token_losses, train_iter
+from memcore.train import FrozenPrefix, train_iter
 
 TEXT = "Seven pale moths circled the lamp until the kettle sang and the window fogged over."
 
@@ -204,7 +205,7 @@ def test_greedy_check_never_stops_early_on_an_eos(tmp_path, default_model_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memcore.data import Sample
-    from memcore.train import greedy_generate
+    from memcore.measure import greedy_generate
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=False, eos_token_id=0, bos_token_id=1, pad_token_id=0)

@@ -1,0 +1,162 @@
+"""How a step is measured: the forward pass at the target positions and what is read from it.
+
+``token_losses`` gives per-token cross-entropy (nats) and argmax-correct at the target positions, through
+``memcore.head``'s chunked LM head where the model allows it; ``read_targets`` brings them to the host in one
+device-to-host copy; ``fill_report`` turns them into a StepReport's numbers (mean loss, ΔL against the base,
+p per token, tokens above τ, argmax-correct, recall, first divergence, bits stored). Exact greedy recall is
+read from the teacher-forced argmax (if every target position's argmax is the target, greedy decoding
+reproduces the whole target by induction); ``greedy_generate`` and ``compare`` confirm it with real decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memcore import objectives as obj
+from memcore.data import Batch, Sample
+from memcore.head import RowHint, captured_head_input, chunked_head_loss, head_for
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class StepReport:
+    step: int  # optimizer updates applied so far
+    loss: float  # mean cross-entropy over target tokens, adapter on
+    delta_loss: float  # mean base loss (adapter off) minus `loss`
+    p: np.ndarray  # [N] float16, probability of the correct token at each target position
+    correct: np.ndarray  # [N] bool, teacher-forced argmax == target
+    n_above: int  # tokens with p > tau
+    n_correct: int  # tokens whose argmax is right
+    active: int  # tokens carrying weight in the update taken from this state (0 when skipped or final)
+    recalled: bool  # every argmax right: greedy decoding reproduces the target
+    first_divergence: int | None  # first wrong position, where greedy decoding goes astray
+    elapsed: float  # seconds since training started
+    lr: float
+    skipped: bool = False  # memft-ot with nothing below tau: no update taken
+    final: bool = False
+    stop_reason: str | None = None  # recalled | all_above_tau | plateau | max_steps | max_seconds | stopped
+    bits_stored: float = 0.0  # sum(base_loss - loss) / ln 2
+    generated: list[list[int]] | None = None  # final: greedy continuation of each prompt
+    generate_recalled: bool | None = None  # final (or recall check): did generate reproduce every target?
+    generate_divergence: int | None = None
+    generate_seconds: float = 0.0  # time spent in greedy-generate checks so far (part of elapsed)
+    notes: list[str] = field(default_factory=list)
+    run_id: str | None = None  # set by the runner once the report is stored
+    summary: dict | None = None  # final report of a stored run: the run summary
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.p.shape[0])
+
+
+def token_losses(model: Any, batch: Batch, hint: RowHint | None = None,
+                 chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy [B, K] (fp32, nats; 0 off the target mask) and argmax-correct [B, K] (bool)
+    at the target positions only.
+
+    Through ``memcore.head`` where the model's head allows it (no [B, K, vocab] tensor; `hint` names the
+    rows that may train this step, see ``chunked_head_loss``), else from the model's own logits."""
+    def forward(keep: int | None) -> Any:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     logits_to_keep=keep, use_cache=False)
+
+    head = head_for(model, lambda keep: forward(min(keep, batch.keep))) if chunked else None
+    if head is not None:
+        with captured_head_input(head) as seen:
+            forward(batch.keep)
+        h = seen[-1][:, -batch.keep:, :]  # [B, K, H]
+        loss, correct = chunked_head_loss(h.reshape(-1, h.shape[-1]), head, batch.labels.reshape(-1),
+                                          batch.target_mask.reshape(-1), hint)
+        return loss.view(batch.labels.shape), correct.view(batch.labels.shape)
+    logits = forward(batch.keep).logits[:, -batch.keep:, :].float()  # [B, K, V]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")
+    loss = loss.view(batch.labels.shape) * batch.target_mask
+    correct = (logits.detach().argmax(-1) == batch.labels) & batch.target_mask
+    return loss, correct
+
+
+@torch.no_grad()
+def base_losses(model: Any, batch: Batch) -> torch.Tensor:
+    """Per-token loss of the base model (adapter switched off), [B, K]."""
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with ctx:
+        loss, _ = token_losses(model, batch)
+    return loss
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, samples: list[Sample], pad_id: int = 0, max_new: int | None = None) -> list[list[int]]:
+    """Greedy continuation of each sample's prompt: as many tokens as its target (or max_new), argmax at every
+    position, reusing the KV cache.
+
+    A plain argmax loop rather than ``generate``: nothing may end it early (an EOS that is really a target
+    token, say, or a model's generation config asking for EOS stops, repetition penalties or a minimum
+    length), so it is exactly the decoding that the teacher-forced argmax predicts. pad_id is unused (kept
+    for callers that pass it)."""
+    outs = []
+    device = _device(model)
+    cache_arg = _cache_argument(model)
+    for s in samples:
+        n = max_new or len(s.target_ids)
+        ids = torch.tensor([s.prompt_ids], device=device)
+        out = model(input_ids=ids, use_cache=True)
+        gen: list[torch.Tensor] = []
+        for k in range(n):
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)  # [1, 1]
+            gen.append(nxt)
+            if k + 1 < n:
+                cache = out.cache if cache_arg == "cache" else out.past_key_values
+                out = model(input_ids=nxt, use_cache=True, **{cache_arg: cache})
+        outs.append(torch.cat(gen, dim=1)[0].tolist())
+    return outs
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: 'cache' in newer transformers, 'past_key_values' before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def compare(generated: list[list[int]], samples: list[Sample]) -> int | None:
+    """Flat index of the first generated token that differs from the target (None if all match)."""
+    offset = 0
+    for g, s in zip(generated, samples):
+        for i, t in enumerate(s.target_ids):
+            if i >= len(g) or g[i] != t:
+                return offset + i
+        offset += len(s.target_ids)
+    return None
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def read_targets(loss: torch.Tensor, correct: torch.Tensor, where: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-target loss [N] float32 (nats) and argmax-correct [N] bool on the host, in one device-to-host copy."""
+    packed = torch.cat([loss.detach().flatten()[where].float(), correct.flatten()[where].float()]).cpu().numpy()
+    n = where.numel()
+    return packed[:n], packed[n:] > 0.5
+
+
+def fill_report(report: StepReport, fl: np.ndarray, fc: np.ndarray, base_np: np.ndarray, tau: float) -> None:
+    """Set a report's measurements from the host copies: losses `fl` [N] (nats), argmax-correct `fc` [N]."""
+    report.loss = float(fl.mean())
+    report.delta_loss = float(base_np.mean()) - report.loss
+    report.p = np.exp(-fl).astype(np.float16)
+    report.correct = fc
+    report.n_above = int((fl < obj.cut(tau)).sum())
+    report.n_correct = int(fc.sum())
+    report.recalled = bool(fc.all())
+    report.first_divergence = None if report.recalled else int(np.argmin(fc))
+    report.bits_stored = float((base_np.astype(np.float64) - fl).sum()) / LN2
