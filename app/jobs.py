@@ -15,6 +15,7 @@ over the lock, and the queue, if the trainer goes away.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from memcore.config import ModelSpec, RunSpec
 from memcore.metrics import StubbornCounter
 from memcore.models import Base, load_base
 from memcore.pieces import Piece
+from memcore.records import RunSummary, StepRow
 from memcore.service import TrainingProcess, trainer_lock
 from memcore.store import Store
 
@@ -56,7 +58,7 @@ class RunLive:
     correct: np.ndarray | None = None
     first_divergence: int | None = None
     recalled_at: int | None = None  # first step whose teacher-forced argmax was all right
-    summary: dict[str, Any] | None = None
+    summary: RunSummary | None = None
 
     @property
     def p(self) -> np.ndarray | None:
@@ -68,17 +70,16 @@ class RunLive:
         """[S, N] p at the kept steps (a view, not a copy)."""
         return self.p_kept[: len(self.steps)] if self.p_kept is not None else np.zeros((0, len(self.pieces)), np.float16)
 
-    def record(self, r: dict[str, Any]) -> None:
-        """Add a step report (a service report dict or a stored step row)."""
-        n = max(1, r["n_tokens"])
-        p = np.asarray(r["p"], dtype=np.float16)
-        row = {"step": r["step"], "loss": r["loss"], "delta_loss": r["delta_loss"], "frac_above": r["n_above"] / n,
-               "frac_correct": r["n_correct"] / n, "elapsed": r["elapsed"]}
+    def record(self, r: StepRow, summary: RunSummary | None = None) -> None:
+        """Add a step (sent by the trainer, or read from the store); `summary` comes with the final one."""
+        p = np.asarray(r.p, dtype=np.float16)
+        row = {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "frac_above": r.frac_above,
+               "frac_correct": r.token_accuracy, "elapsed": r.elapsed}
         if self.p_kept is None:
             self.p_kept = np.zeros((MAX_KEPT + 1, p.shape[0]), dtype=np.float16)
             self.stubborn = StubbornCounter(p.shape[0], self.spec.train.tau)
         k = len(self.steps)
-        if k and self.steps[-1] == r["step"]:  # the final report re-measures the latest step
+        if k and self.steps[-1] == r.step:  # the final report re-measures the latest step
             k -= 1
         else:
             if k:
@@ -87,17 +88,17 @@ class RunLive:
             if k and self.steps[-1] % self.stride:  # the previous latest step was kept only for being the latest
                 k -= 1
         del self.steps[k:], self.rows[k:]
-        self.steps.append(r["step"])
+        self.steps.append(r.step)
         self.rows.append(row)
         self.p_kept[k] = p
         if len(self.steps) > MAX_KEPT:
             self._thin()
-        self.correct = np.asarray(r["correct"], dtype=bool)
-        self.first_divergence = r["first_divergence"]
-        if r["recalled"] and self.recalled_at is None:
-            self.recalled_at = r["step"]
-        if r["final"]:
-            self.summary = r["summary"]
+        self.correct = np.asarray(r.correct, dtype=bool)
+        self.first_divergence = r.first_divergence
+        if r.recalled and self.recalled_at is None:
+            self.recalled_at = r.step
+        if r.final:
+            self.summary = summary
 
     def _thin(self) -> None:
         """Keep every other kept step (multiples of twice the stride) and the latest one."""
@@ -366,9 +367,9 @@ class Worker:
                 job.status = "running"
             self.ready_models.add(job.specs[i].model.name)
         elif kind == "report":
-            _, _, i, r = msg
+            _, _, i, row, summary = msg
             with job.lock:
-                job.runs[i].record(r)
+                job.runs[i].record(row, summary)
         elif kind == "done":
             _, _, status, error = msg
             self.store.update_job(job.id, status=status, error=error)
@@ -404,10 +405,10 @@ def _catch_up(live: RunLive, store: Store, run_id: str, before: int | None = Non
     after = live.steps[-1] if live.steps else -1
     rows = store.step_rows(run_id, after=after, before=before)
     for row in rows:
-        live.record({**row, "recalled": bool(row["recalled"]), "final": False, "summary": None})
+        live.record(row)
     if before is None:
         run = store.run(run_id)
         if run["summary"] and run["status"] not in ("queued", "running"):
-            live.summary = {**run["summary"], "status": run["status"]}
+            live.summary = dataclasses.replace(run["summary"], status=run["status"])
 
 

@@ -33,6 +33,7 @@ from memcore.config import (
     RunSpec,
     TrainSpec,
 )
+from memcore.records import RunSummary
 
 
 def _quiet() -> None:
@@ -197,7 +198,7 @@ def _run_in_foreground(args: argparse.Namespace, max_steps: int, stream: Callabl
         close()
         restore()
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary.to_dict()))
     else:
         _print_summary(summary)
     return 0
@@ -243,24 +244,25 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
-def _print_summary(s: dict[str, Any]) -> None:
-    how = "confirmed by greedy generate" if s.get("verified_by_generate", True) else "every teacher-forced argmax right"
-    recall = f"yes, verbatim ({how})" if s["recalled"] else f"no: greedy decoding diverges at token {s['first_divergence']}"
+def _print_summary(s: RunSummary) -> None:
+    how = "confirmed by greedy generate" if s.verified_by_generate else "every teacher-forced argmax right"
+    recall = f"yes, verbatim ({how})" if s.recalled else f"no: greedy decoding diverges at token {s.first_divergence}"
+    why = f", {s.stop_reason})" if s.stop_reason != s.status else ")"
     lines = [
-        f"run            {s['run_id']}  ({s.get('status')}" + (f", {s['stop_reason']})" if s["stop_reason"] != s.get("status") else ")"),
-        f"steps          {s['steps']}  ({_fmt(s['seconds_per_step'], 2)} s/step)",
+        f"run            {s.run_id}  ({s.status}" + why,
+        f"steps          {s.steps}  ({_fmt(s.seconds_per_step, 2)} s/step)",
         f"recalled       {recall}",
-        f"tokens above τ {s['n_above']}/{s['n_tokens']}   argmax right {s['n_correct']}/{s['n_tokens']}",
-        f"ΔL             {_fmt(s['delta_loss'])} nats/token  (base {_fmt(s['base_loss'])} -> {_fmt(s['loss'])})",
-        f"bits stored    {_fmt(s['bits_stored'], 1)}  over P_eff {s['p_eff']:,} = {_fmt(s['bits_per_param'], 5)} bits/param",
-        f"adapter        {s.get('adapter', 'lora')}: {s['adapter_dir']}",
+        f"verbatim       first {s.verbatim_prefix} of {s.n_tokens} tokens in order   "
+        f"token accuracy {s.token_accuracy:.3f}   converged: {'yes' if s.converged else 'no'}",
+        f"tokens above τ {s.n_above}/{s.n_tokens}   argmax right {s.n_correct}/{s.n_tokens}",
+        f"ΔL             {_fmt(s.delta_loss)} nats/token  (base {_fmt(s.base_loss)} -> {_fmt(s.loss)})",
+        f"bits stored    {_fmt(s.bits_stored, 1)}  over P_eff {s.p_eff:,} = {_fmt(s.bits_per_param, 5)} bits/param",
+        f"adapter        {s.adapter}: {s.adapter_dir}",
     ]
-    if s.get("verbatim_prefix") is not None:
-        lines.insert(3, f"verbatim       first {s['verbatim_prefix']} of {s['n_tokens']} tokens in order   "
-                        f"token accuracy {s['token_accuracy']:.3f}   converged: {'yes' if s.get('converged') else 'no'}")
-    if s.get("history") == "decimated":
-        lines.append(f"history        decimated: per-token snapshots at {s['snapshots']} of its {s['steps']} steps (scalars at every step)")
-    for n in s.get("notes") or []:
+    if s.history == "decimated":
+        lines.append(f"history        decimated: per-token snapshots at {s.snapshots} of its {s.steps} steps "
+                     "(scalars at every step)")
+    for n in s.notes:
         lines.append(f"note           {n}")
     print("\n".join(lines))
 
@@ -273,7 +275,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     runs = store.runs(method=args.method, model=args.model, status=args.status)
     if args.json:
         print(json.dumps([{k: r[k] for k in ("id", "status", "created", "started", "finished", "model", "method", "rank", "length",
-                                             "seed", "sweep", "label", "steps", "error")} | {"summary": r["summary"]} for r in runs]))
+                                             "seed", "sweep", "label", "steps", "error")}
+                          | {"summary": r["summary"].to_dict() if r["summary"] else {}} for r in runs]))
         return 0
     if not runs:
         print("no runs yet: try `memcore train --sample lighthouse`")
@@ -285,7 +288,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         s = r["summary"]
         kind = r["spec"].get("adapter", {}).get("kind", "lora")
         print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} {_fmt(r['length']):>6} "
-              f"{_fmt(r['steps']):>5} {('yes' if s.get('recalled') else 'no') if s else '-':>8} {_fmt(s.get('delta_loss')):>7}")
+              f"{_fmt(r['steps']):>5} {('yes' if s.recalled else 'no') if s else '-':>8} "
+              f"{_fmt(s.delta_loss if s else None):>7}")
     return 0
 
 
@@ -295,16 +299,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     r = store.run(rid)
     s = r["summary"]
     if args.json:
-        print(json.dumps({k: r[k] for k in ("id", "status", "created", "started", "finished", "error", "spec", "summary")}))
+        print(json.dumps({k: r[k] for k in ("id", "status", "created", "started", "finished", "error", "spec")}
+                         | {"summary": s.to_dict() if s else {}}))
         return 0
     if not s:
         print(f"run {rid}: {r['status']}" + (f" ({r['error']})" if r["error"] else "") + f", {r['steps']} steps recorded")
         return 0
-    s["status"] = r["status"]
+    s.status = r["status"]
     _print_summary(s)
-    if s.get("stubborn_tokens"):
+    if s.stubborn_tokens:
         print("\nstubborn tokens (longest at or below τ):")
-        for t in s["stubborn_tokens"]:
+        for t in s.stubborn_tokens:
             steps = f"{t['steps_below']} step{'s' if t['steps_below'] != 1 else ''}"
             print(f"  #{t['index']:<5} {_pad(repr(t['token']), 16)} below τ for {steps}, last at step {t['last_below']}, p now {t['p']:.3f}")
     return 0
@@ -325,8 +330,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise MemcoreError(f"{dest} exists and is not empty; choose a new folder (nothing was overwritten)")
     shutil.copytree(src, dest, dirs_exist_ok=True)
     run = store.run(rid)
-    (dest / "summary.json").write_text(json.dumps(run["summary"], indent=2))
-    steps = store.steps(rid)
+    (dest / "summary.json").write_text(json.dumps(run["summary"].to_dict() if run["summary"] else {}, indent=2))
+    steps = [row.scalar_dict() for row in store.steps(rid)]
     if steps:
         with open(dest / "steps.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(steps[0]))
@@ -390,13 +395,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                    retries=args.retries, should_stop=flag)
         else:
             stream = run_sweep(sweep, store, should_stop=flag)
-        for s in stream:
-            if s.get("status") == "stopped":  # cut off mid-way: not a completed point (a re-run continues it)
-                bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} stopped at step {s['steps']}", refresh=True)
+        for point in stream:
+            v = point.values
+            where = f"{v['method']} r={v['rank']} ℓ={v['length']}"
+            if point.stopped:  # cut off mid-way: not a completed point (a re-run continues it)
+                bar.set_postfix_str(f"{where} stopped at step {point.summary.steps}", refresh=True)
                 continue
             bar.update(1)
-            what = f"FAILED ({s['error'][:60]})" if s.get("failed") else f"ΔL {s['delta_loss']:.3f}"
-            bar.set_postfix_str(f"{s['method']} r={s['rank']} ℓ={s['length']} {what}", refresh=True)
+            what = f"FAILED ({point.error[:60]})" if point.error else f"ΔL {point.summary.delta_loss:.3f}"
+            bar.set_postfix_str(f"{where} {what}", refresh=True)
     finally:
         bar.close()
         restore()
@@ -431,13 +438,13 @@ def law_data(args: argparse.Namespace, required: tuple[str, ...] = ("rank", "len
         rows = []
         for r in store.runs(method=args.method, model=args.model, status="completed", sweep=getattr(args, "sweep", None)):
             s = r["summary"]
-            if s and s.get("delta_loss") is not None:
-                n = s["n_tokens"]
-                rows.append({"rank": r["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
-                             "method": r["method"], "seed": r["seed"], "frac_above": s["n_above"] / n,
-                             "token_accuracy": s["n_correct"] / n, "exact_recall": bool(s.get("exact_recall", s["recalled"])),
-                             "stop_reason": s["stop_reason"], "bits_per_param": s["bits_per_param"],
-                             "adapter": s.get("adapter", "lora"),
+            if s and s.delta_loss is not None:
+                n = s.n_tokens
+                rows.append({"rank": r["rank"], "length": n, "delta_loss": s.delta_loss, "p_eff": s.p_eff,
+                             "method": r["method"], "seed": r["seed"], "frac_above": s.n_above / n,
+                             "token_accuracy": s.n_correct / n, "exact_recall": bool(s.exact_recall),
+                             "stop_reason": s.stop_reason, "bits_per_param": s.bits_per_param,
+                             "adapter": s.adapter,
                              "data": next((k for k in ("random_tokens", "pairs", "phonebook") if r["spec"]["data"].get(k)), "text")})
         df = pd.DataFrame(rows, columns=["rank", "length", "delta_loss", "p_eff", "method", "seed", "frac_above", "token_accuracy",
                                          "exact_recall", "stop_reason", "bits_per_param", "adapter", "data"])

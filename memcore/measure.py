@@ -50,7 +50,7 @@ class StepReport:
     generate_seconds: float = 0.0  # time spent in greedy-generate checks so far (part of elapsed)
     notes: list[str] = field(default_factory=list)
     run_id: str | None = None  # set by the runner once the report is stored
-    summary: dict | None = None  # final report of a stored run: the run summary
+    summary: Any = None  # final report of a stored run: its memcore.records.RunSummary
 
     @property
     def n_tokens(self) -> int:

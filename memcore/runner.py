@@ -24,6 +24,7 @@ from memcore.measure import StepReport, base_losses
 from memcore.metrics import StubbornCounter, bits_per_param
 from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.pieces import Piece, token_pieces
+from memcore.records import RunSummary, StepRow
 from memcore.store import Store
 from memcore.train import Checkpoint, train_iter
 
@@ -42,7 +43,7 @@ def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -
 
 def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
                  should_stop: Callable[[], bool] | None = None, sweep: str | None = None, label: str | None = None,
-                 resume: bool = False) -> Generator[StepReport, None, dict[str, Any]]:
+                 resume: bool = False) -> Generator[StepReport, None, RunSummary]:
     """Train one run and record it, yielding each StepReport as it is stored; returns the summary.
 
     Every `spec.train.checkpoint_every` seconds (and when a run stops early) the steps so far are flushed and
@@ -72,7 +73,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         earlier = store.replay(run_id) if ckpt else None  # a resumed run: the steps before its checkpoint
         for p in earlier.p if earlier is not None else []:
             stubborn.update(p)
-        pending: list[dict[str, Any]] = []
+        pending: list[StepRow] = []
         last_flush = time.monotonic()
         keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
         snapshots = len(earlier.steps) if earlier is not None else 0
@@ -89,9 +90,9 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
                             resume=ckpt, checkpoint=save):
             r.run_id = run_id
             stubborn.update(r.p)
-            row = _row(r)
+            row = StepRow.of(r)
             if keep is not None and not r.final and r.step not in keep:
-                row["p"] = row["correct"] = None  # scalars only: a decimated history keeps no per-token snapshot here
+                row.p = row.correct = None  # scalars only: a decimated history keeps no per-token snapshot here
             else:
                 snapshots += 1
             pending.append(row)
@@ -105,14 +106,14 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         assert final is not None
         save_adapter(model, tok, adapter_dir, samples, spec)
         summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask], pieces)
-        summary["history"], summary["snapshots"] = spec.train.history, snapshots
-        summary["source_bits_per_token"] = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
+        summary.history, summary.snapshots = spec.train.history, snapshots
+        summary.source_bits_per_token = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         if final.stop_reason in FINISHED:  # finished: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)
-        summary["status"] = status
+        summary.status = status
         store.set_status(run_id, status, summary=summary)
-        (adapter_dir.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+        (adapter_dir.parent / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
         final.summary = summary
         yield final
         return summary
@@ -197,7 +198,7 @@ RESUMABLE = ("interrupted", "stopped", "failed")
 
 
 def resume_iter(store: Store, run_id: str, base: Base | None = None,
-                should_stop: Callable[[], bool] | None = None) -> tuple[Base, Generator[StepReport, None, dict[str, Any]]]:
+                should_stop: Callable[[], bool] | None = None) -> tuple[Base, Generator[StepReport, None, RunSummary]]:
     """Continue a stored run that did not finish (interrupted, stopped or failed) from its last checkpoint, on
     the exact target tokens it was training on. Returns the base model used and the execute_iter stream.
 
@@ -216,12 +217,13 @@ def resume_iter(store: Store, run_id: str, base: Base | None = None,
 
 
 def execute(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *,
-            on_report: Callable[[StepReport], None] | None = None, **kwargs: Any) -> dict[str, Any]:
+            on_report: Callable[[StepReport], None] | None = None, **kwargs: Any) -> RunSummary:
     """execute_iter to the end, calling on_report for every step (the final one included)."""
     return drain(execute_iter(spec, store, base, samples, **kwargs), on_report)
 
 
-def drain(gen: Generator[StepReport, None, dict[str, Any]], on_report: Callable[[StepReport], None] | None = None) -> dict[str, Any]:
+def drain(gen: Generator[StepReport, None, RunSummary],
+          on_report: Callable[[StepReport], None] | None = None) -> RunSummary:
     """Consume an execute_iter stream, calling on_report for every report; return the run's summary."""
     while True:
         try:
@@ -258,60 +260,55 @@ def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _row(r: StepReport) -> dict[str, Any]:
-    return {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "n_above": r.n_above, "n_correct": r.n_correct,
-            "n_tokens": r.n_tokens, "active": r.active, "recalled": int(r.recalled), "first_divergence": r.first_divergence,
-            "elapsed": r.elapsed, "lr": r.lr, "skipped": int(r.skipped), "p": r.p, "correct": r.correct}
-
-
 def _flat_or_nested(lists: list[list[int]]) -> list[int] | list[list[int]]:
     return lists[0] if len(lists) == 1 else lists
 
 
 def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, samples: list[Sample], adapter_dir: Path,
-             counter: StubbornCounter, base_loss: Any, pieces: list[Piece]) -> dict[str, Any]:
+             counter: StubbornCounter, base_loss: Any, pieces: list[Piece]) -> RunSummary:
     stubborn = counter.top()
     for s in stubborn:
         s["token"] = pieces[s["index"]].label
     generated = final.generated or []
     train_seconds = final.elapsed - final.generate_seconds
-    return {
-        "run_id": run_id,
-        "steps": final.step,
-        "stop_reason": final.stop_reason,
-        "recalled": bool(final.generate_recalled if final.generate_recalled is not None else final.recalled),
-        "verified_by_generate": final.generate_recalled is not None,
-        "teacher_forced_recalled": final.recalled,
-        "first_divergence": final.generate_divergence if final.generate_recalled is not None else final.first_divergence,
-        "teacher_forced_first_divergence": final.first_divergence,
-        "n_tokens": final.n_tokens,
-        "n_above": final.n_above,
-        "n_correct": final.n_correct,
-        "converged": final.stop_reason in CONVERGED,
-        "exact_recall": bool(final.recalled),
-        "token_accuracy": final.n_correct / final.n_tokens if final.n_tokens else 0.0,
-        "verbatim_prefix": final.n_tokens if final.first_divergence is None else final.first_divergence,
-        "adapter": spec.adapter.kind,
-        "base_loss": float(base_loss.mean()),
-        "loss": final.loss,
-        "delta_loss": final.delta_loss,
-        "p_eff": n_params,
-        "bits_stored": final.bits_stored,
-        "bits_per_param": bits_per_param(final.bits_stored, n_params),
-        "seconds_per_step": train_seconds / final.step if final.step else None,
-        "train_seconds": train_seconds,
-        "model": spec.model.name,
-        "quant": spec.model.quant,
-        "method": spec.train.method,
-        "tau": spec.train.tau,
-        "rank": spec.adapter.rank,
-        "adapter_dir": str(adapter_dir),
-        "prompt_ids": _flat_or_nested([s.prompt_ids for s in samples]),
-        "target_ids": _flat_or_nested([s.target_ids for s in samples]),
-        "generated_ids": _flat_or_nested(generated) if generated else None,
-        "stubborn_tokens": stubborn,
-        "notes": final.notes,
-    }
+    verified = final.generate_recalled is not None
+    return RunSummary(
+        run_id=run_id,
+        steps=final.step,
+        stop_reason=final.stop_reason,
+        recalled=bool(final.generate_recalled if verified else final.recalled),
+        verified_by_generate=verified,
+        teacher_forced_recalled=bool(final.recalled),
+        first_divergence=final.generate_divergence if verified else final.first_divergence,
+        teacher_forced_first_divergence=final.first_divergence,
+        n_tokens=final.n_tokens,
+        n_above=final.n_above,
+        n_correct=final.n_correct,
+        converged=final.stop_reason in CONVERGED,
+        exact_recall=bool(final.recalled),
+        token_accuracy=final.n_correct / final.n_tokens if final.n_tokens else 0.0,
+        verbatim_prefix=final.n_tokens if final.first_divergence is None else final.first_divergence,
+        adapter=spec.adapter.kind,
+        base_loss=float(base_loss.mean()),
+        loss=final.loss,
+        delta_loss=final.delta_loss,
+        p_eff=n_params,
+        bits_stored=final.bits_stored,
+        bits_per_param=bits_per_param(final.bits_stored, n_params),
+        seconds_per_step=train_seconds / final.step if final.step else None,
+        train_seconds=train_seconds,
+        model=spec.model.name,
+        quant=spec.model.quant,
+        method=spec.train.method,
+        tau=spec.train.tau,
+        rank=spec.adapter.rank,
+        adapter_dir=str(adapter_dir),
+        prompt_ids=_flat_or_nested([s.prompt_ids for s in samples]),
+        target_ids=_flat_or_nested([s.target_ids for s in samples]),
+        generated_ids=_flat_or_nested(generated) if generated else None,
+        stubborn_tokens=stubborn,
+        notes=final.notes,
+    )
 
 
 def source_bits(spec: RunSpec, tokenizer: Any, vocab_size: int | None = None) -> float | None:

@@ -9,7 +9,8 @@ Jobs come from the queue in the run store (memcore.store, table jobs); the paren
 Messages from the child:
   ("ready", model_name) | ("load_error", model_name, msg)
   ("started", job_id, index, run_id, pieces, step)  step: the first reported step (> 0 for a resumed run)
-  ("report", job_id, index, report_dict)          every step; the final one carries "summary"
+  ("report", job_id, index, row, summary)         every step: a memcore.records.StepRow; summary (a RunSummary)
+                                                  on the final one, else None
   ("done", job_id, status, error)                 status: done | stopped | failed
 """
 
@@ -26,13 +27,6 @@ from pathlib import Path
 from typing import Any
 
 MAX_CACHED_BASES = 3  # e.g. the default model and a compare copy, plus one other model
-
-
-def report_dict(r: Any) -> dict[str, Any]:
-    """The part of a StepReport a live view needs (small enough to send every step)."""
-    return {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "n_above": r.n_above, "n_correct": r.n_correct,
-            "n_tokens": r.n_tokens, "recalled": r.recalled, "first_divergence": r.first_divergence, "elapsed": r.elapsed,
-            "final": r.final, "p": r.p, "correct": r.correct, "summary": r.summary, "run_id": r.run_id}
 
 
 class Engine:
@@ -67,6 +61,7 @@ class Engine:
         kind 'train' starts new runs of the specs; 'resume' continues the stored runs `run_ids` from their
         checkpoints."""
         from memcore.config import RunSpec
+        from memcore.records import StepRow
         from memcore.runner import execute_iter, prepare, resume_iter
 
         gens = []
@@ -91,7 +86,7 @@ class Engine:
                 if i not in started:
                     started.add(i)
                     out.put(("started", job_id, i, r.run_id, self.store.tokens(r.run_id)["pieces"], r.step))
-                out.put(("report", job_id, i, report_dict(r)))
+                out.put(("report", job_id, i, StepRow.of(r), r.summary))
         return "stopped" if should_stop() else "done"
 
 

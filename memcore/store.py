@@ -33,6 +33,7 @@ import numpy as np
 
 from memcore.config import MemcoreError
 from memcore.pieces import Piece
+from memcore.records import STEP_COLUMNS, RunSummary, StepRow
 
 STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
 LIVE = ("queued", "running")
@@ -64,8 +65,6 @@ CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
 """
 
-STEP_COLUMNS = ("step", "loss", "delta_loss", "n_above", "n_correct", "n_tokens", "active", "recalled",
-                "first_divergence", "elapsed", "lr", "skipped")
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -182,7 +181,7 @@ class Store:
         (self.runs_dir / rid).mkdir(parents=True, exist_ok=True)
         return rid
 
-    def set_status(self, run_id: str, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
+    def set_status(self, run_id: str, status: str, *, error: str | None = None, summary: RunSummary | None = None) -> None:
         assert status in STATUSES
         now = time.time()
         sets, args = ["status=?", "heartbeat=?", "pid=?"], [status, now, os.getpid()]
@@ -197,12 +196,9 @@ class Store:
             args.append(error)
         if summary is not None:
             sets.append("summary=?")
-            args.append(json.dumps(summary))
-            sets.append("steps=?")
-            args.append(summary.get("steps", 0))
-            if summary.get("n_tokens") is not None:
-                sets.append("length=?")
-                args.append(summary["n_tokens"])
+            args.append(json.dumps(summary.to_dict()))
+            sets += ["steps=?", "length=?"]
+            args += [summary.steps, summary.n_tokens]
         self._exec(f"UPDATE runs SET {', '.join(sets)} WHERE id=?", (*args, run_id))
 
     def save_tokens(self, run_id: str, prompt_ids: list[list[int]], target_ids: list[list[int]], pieces: list[Piece],
@@ -211,18 +207,19 @@ class Store:
                    (run_id, json.dumps(prompt_ids), json.dumps(target_ids), json.dumps([p.to_json() for p in pieces]),
                     np.asarray(base_loss, dtype=np.float32).tobytes(), json.dumps([len(t) for t in target_ids])))
 
-    def write_steps(self, run_id: str, rows: list[dict[str, Any]]) -> None:
-        """Append a block of step reports in one transaction (and refresh the heartbeat). A row whose "p" is None
+    def write_steps(self, run_id: str, rows: list[StepRow]) -> None:
+        """Append a block of step rows in one transaction (and refresh the heartbeat). A row whose p is None
         is stored without its per-token snapshot (a decimated history)."""
         if not rows:
             return
         with self._write() as db:
             db.executemany(f"INSERT OR REPLACE INTO steps VALUES ({','.join('?' * (len(STEP_COLUMNS) + 1))})",
-                           [(run_id, *[r[c] for c in STEP_COLUMNS]) for r in rows])
+                           [(run_id, *r.scalars()) for r in rows])
             db.executemany("INSERT OR REPLACE INTO token_steps VALUES (?,?,?,?)",
-                           [(run_id, r["step"], np.asarray(r["p"], dtype=np.float16).tobytes(),
-                             np.packbits(np.asarray(r["correct"], dtype=bool)).tobytes()) for r in rows if r["p"] is not None])
-            db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1]["step"], run_id))
+                           [(run_id, r.step, np.asarray(r.p, dtype=np.float16).tobytes(),
+                             np.packbits(np.asarray(r.correct, dtype=bool)).tobytes())
+                            for r in rows if r.p is not None])
+            db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1].step, run_id))
 
     def truncate_steps(self, run_id: str, from_step: int) -> None:
         """Drop the recorded steps from `from_step` on (a resumed run continues its history from there)."""
@@ -278,12 +275,14 @@ class Store:
     def _row(row: sqlite3.Row) -> dict[str, Any]:
         d = dict(row)
         d["spec"] = json.loads(d["spec"]) if d["spec"] else {}
-        d["summary"] = json.loads(d["summary"]) if d["summary"] else {}
+        d["summary"] = RunSummary.from_dict(json.loads(d["summary"])) if d["summary"] else None
         return d
 
-    def steps(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._exec(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
-        return [dict(r) for r in rows]
+    def steps(self, run_id: str) -> list[StepRow]:
+        """Every recorded step of a run, in order, scalars only (p and correct None: see step_rows, replay)."""
+        rows = self._exec(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id=? ORDER BY step",
+                          (run_id,)).fetchall()
+        return [StepRow.from_scalars(tuple(r)) for r in rows]
 
     def tokens(self, run_id: str) -> dict[str, Any]:
         row = self._exec("SELECT * FROM tokens WHERE run_id=?", (run_id,)).fetchone()
@@ -302,7 +301,7 @@ class Store:
             else np.zeros((0, n), bool)
         return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
 
-    def step_rows(self, run_id: str, after: int = -1, before: int | None = None) -> list[dict[str, Any]]:
+    def step_rows(self, run_id: str, after: int = -1, before: int | None = None) -> list[StepRow]:
         """Recorded steps after step `after` (and before `before`), each with its scalars and the per-token
         p ([N] float16) and correct ([N] bool) arrays: what a live view needs to catch up incrementally."""
         n = self._exec("SELECT target_ids FROM tokens WHERE run_id=?", (run_id,)).fetchone()
@@ -317,10 +316,10 @@ class Store:
             args.append(before)
         out = []
         for r in self._exec(sql + " ORDER BY s.step", args).fetchall():
-            d = {c: r[c] for c in STEP_COLUMNS}
-            d["p"] = np.frombuffer(r["p"], dtype=np.float16)
-            d["correct"] = np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:n_tokens].astype(bool)
-            out.append(d)
+            row = StepRow.from_scalars(tuple(r[c] for c in STEP_COLUMNS))
+            row.p = np.frombuffer(r["p"], dtype=np.float16)
+            row.correct = np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:n_tokens].astype(bool)
+            out.append(row)
         return out
 
     # --- moving a run between stores (a Ray worker's scratch store -> the driver's) ---------------------------

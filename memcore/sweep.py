@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from memcore.config import METHODS, MemcoreError, RunSpec
+from memcore.records import RunSummary
 
 SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512), "methods": ("sft", "memft-ot"), "seeds": (0,),
                   "noises": (0.0,)}
@@ -86,13 +87,31 @@ def points(sweep: SweepSpec) -> list[Point]:
     return out
 
 
+@dataclass
+class PointResult:
+    """What a sweep yields for each point as it lands: the grid values (method, seed, noise, rank, length), the
+    run's summary (None when the point failed), the error of a failed point, and the seconds it took here
+    (None on Ray, where it ran elsewhere)."""
+
+    values: dict[str, Any]
+    summary: RunSummary | None = None
+    error: str | None = None
+    run_id: str | None = None
+    seconds: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Cut off mid-way by a stop request: not a completed point (a re-run continues it)."""
+        return self.summary is not None and self.summary.status == "stopped"
+
+
 def completed_keys(store: Any, sweep: SweepSpec) -> set[str]:
     return {r["label"] for r in store.runs(sweep=sweep.id, status="completed")}
 
 
 def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Callable[[], bool] | None = None,
-              on_point: Callable[[int, int, dict[str, Any]], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Run the points not yet completed, yielding each one's summary (with its grid values) as it finishes.
+              on_point: Callable[[int, int, PointResult], None] | None = None) -> Iterator[PointResult]:
+    """Run the points not yet completed, yielding each one's result as it finishes.
 
     A stop request ends the current point as 'stopped' (kept, not counted as completed) and ends the sweep."""
     from memcore.runner import drain, execute, prepare, resume_iter
@@ -115,11 +134,11 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
         else:
             base, samples = prepare(point.spec, base, store.home)
             summary = execute(point.spec, store, base, samples, should_stop=should_stop, sweep=sweep.id, label=point.key)
-        summary.update(point.values)
-        summary["point_seconds"] = time.perf_counter() - t0
+        result = PointResult(values=point.values, summary=summary, run_id=summary.run_id,
+                             seconds=time.perf_counter() - t0)
         if on_point is not None:
-            on_point(i + 1, len(todo), summary)
-        yield summary
+            on_point(i + 1, len(todo), result)
+        yield result
 
 
 def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:
@@ -138,9 +157,9 @@ SWEEP_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "noi
                  "bits_per_param", "source_bits_per_token", "steps", "run_id")
 
 
-def _source_bits(run: dict[str, Any], summary: dict[str, Any], store: Any, cache: dict[str, float | None]) -> float | None:
-    if "source_bits_per_token" in summary or not run["spec"].get("data", {}).get("random_tokens"):
-        return summary.get("source_bits_per_token")
+def _source_bits(run: dict[str, Any], summary: RunSummary, store: Any, cache: dict[str, float | None]) -> float | None:
+    if summary.source_bits_per_token is not None or not run["spec"].get("data", {}).get("random_tokens"):
+        return summary.source_bits_per_token
     spec = RunSpec.from_dict(run["spec"])
     if spec.model.name not in cache:
         from transformers import AutoConfig, AutoTokenizer
@@ -164,15 +183,12 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
     bits_of: dict[str, float | None] = {}  # model -> log2 #ordinary tokens, for points stored before the summary had it
     for r in store.runs(sweep=sweep_id, status="completed"):
         s, v = r["summary"], json.loads(r["label"])
-        n = s["n_tokens"]
-        first = s.get("teacher_forced_first_divergence", s.get("first_divergence"))
-        rows.append({"rank": v["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
-                     "method": v["method"], "seed": v["seed"], "noise": v["noise"], "adapter": s.get("adapter", "lora"),
-                     "base_loss": s["base_loss"], "frac_above": s["n_above"] / n, "frac_correct": s["n_correct"] / n,
-                     "token_accuracy": s.get("token_accuracy", s["n_correct"] / n),
-                     "verbatim_prefix": s.get("verbatim_prefix", n if first is None else first),
-                     "exact_recall": bool(s.get("exact_recall", s.get("teacher_forced_recalled", s["recalled"]))),
-                     "recalled": s["recalled"], "converged": bool(s.get("converged", False)), "stop_reason": s["stop_reason"],
-                     "bits_per_param": s["bits_per_param"], "source_bits_per_token": _source_bits(r, s, store, bits_of),
-                     "steps": s["steps"], "run_id": r["id"]})
+        n = s.n_tokens
+        rows.append({"rank": v["rank"], "length": n, "delta_loss": s.delta_loss, "p_eff": s.p_eff,
+                     "method": v["method"], "seed": v["seed"], "noise": v["noise"], "adapter": s.adapter,
+                     "base_loss": s.base_loss, "frac_above": s.n_above / n, "frac_correct": s.n_correct / n,
+                     "token_accuracy": s.token_accuracy, "verbatim_prefix": s.verbatim_prefix,
+                     "exact_recall": bool(s.exact_recall), "recalled": s.recalled, "converged": bool(s.converged),
+                     "stop_reason": s.stop_reason, "bits_per_param": s.bits_per_param,
+                     "source_bits_per_token": _source_bits(r, s, store, bits_of), "steps": s.steps, "run_id": r["id"]})
     return rows

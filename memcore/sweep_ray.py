@@ -11,7 +11,6 @@ are written, so the store stays consistent.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from memcore.config import MemcoreError, RunSpec
 from memcore.store import Store
-from memcore.sweep import SweepSpec, completed_keys, points
+from memcore.sweep import PointResult, SweepSpec, completed_keys, points
 
 _BASES: dict[tuple, Any] = {}  # per worker process: base models loaded once
 
@@ -48,7 +47,7 @@ def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="memcore-point-") as scratch:
         store = Store(Path(scratch))
         summary = execute(spec, store, base, samples, sweep=sweep_id, label=key)
-        payload = store.export_run(summary["run_id"])
+        payload = store.export_run(summary.run_id)
         payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(spec.model, home)}
         store.close()
     return payload
@@ -56,8 +55,8 @@ def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str,
 
 def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
                   retries: int = 2, should_stop: Callable[[], bool] | None = None,
-                  task: Callable[..., dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
-    """Run the missing points as Ray tasks; yield each point's summary (or {'failed': ...}) as it lands."""
+                  task: Callable[..., dict[str, Any]] | None = None) -> Iterator[PointResult]:
+    """Run the missing points as Ray tasks; yield each point's result (with `error` when it failed) as it lands."""
     if not ray_available():
         raise MemcoreError("--backend ray needs Ray: pip install 'memcore[ray]' (or pip install 'ray>=2.30')")
     import ray
@@ -94,16 +93,14 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
                     msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                     rid = store.create_run(p.spec.to_dict(), status="failed", sweep=sweep.id, label=p.key)
                     store.set_status(rid, "failed", error=f"after {retries} retries: {msg}")
-                    yield {"failed": True, "error": msg, "run_id": rid, **p.values}
+                    yield PointResult(values=p.values, error=msg, run_id=rid)
                     continue
                 model_key = p.spec.model.name
                 if model_key not in local_model:
                     local_model[model_key] = resolve_source(p.spec.model, store.home)
                 wp = payload.pop("worker_paths")
                 rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir), wp["model"]: local_model[model_key]})
-                summary = store.run(rid)["summary"]
-                summary.update(json.loads(p.key))
-                yield summary
+                yield PointResult(values=p.values, summary=store.run(rid)["summary"], run_id=rid)
     finally:
         for ref in pending:
             ray.cancel(ref)

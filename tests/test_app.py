@@ -144,7 +144,7 @@ def test_random_tokens_train_with_the_paper_bypass(app_env):
     assert run["spec"]["adapter"]["kind"] == "bypass" and run["spec"]["adapter"]["layers"] == "paper"
     assert run["spec"]["data"]["random_tokens"] == 12 and run["spec"]["adapter"]["dropout"] == 0.1
     assert run["spec"]["train"]["until"] == "converged"
-    assert run["summary"]["p_eff"] == 2 * 2 * 64 and run["summary"]["n_tokens"] == 12
+    assert run["summary"].p_eff == 2 * 2 * 64 and run["summary"].n_tokens == 12
     assert any("memcore bypass" in b.label for b in at.get("download_button"))
 
 
@@ -281,8 +281,8 @@ def test_an_interrupted_run_resumes_from_the_runs_page(app_env, tiny_model_dir):
     at.button(key=f"resume-{rid}").click().run()
     _wait_for_job(at)
     run = store.run(rid)
-    assert run["status"] == "completed" and run["summary"]["steps"] == 12
-    assert [s["step"] for s in store.steps(rid)] == list(range(13))
+    assert run["status"] == "completed" and run["summary"].steps == 12
+    assert [s.step for s in store.steps(rid)] == list(range(13))
     assert len(store.runs()) == 1  # continued in place, not a new run
 
 

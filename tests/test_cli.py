@@ -207,8 +207,8 @@ def test_a_sigkilled_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed
     assert "resuming run" in err and "from its checkpoint at step" in err
     assert resumed["run_id"] == rid and resumed["status"] == "completed" and resumed["steps"] == 60
     steps = store.steps(rid)
-    assert [s["step"] for s in steps] == list(range(61))  # one history, continuing where the checkpoint left it
-    assert all(b["elapsed"] >= a["elapsed"] for a, b in zip(steps, steps[1:]))
+    assert [s.step for s in steps] == list(range(61))  # one history, continuing where the checkpoint left it
+    assert all(b.elapsed >= a.elapsed for a, b in zip(steps, steps[1:]))
     assert not (home / "runs" / rid / "checkpoint.pt").exists()  # finished: nothing left to resume
     code, _, err = run_cli(capsys, "resume", rid)
     assert code == 2 and "completed" in err

@@ -236,8 +236,8 @@ def test_a_killed_server_leaves_its_job_interrupted_and_resumable(home):
             browser.close()
         store = Store(home)
         (run,) = store.runs()
-        assert run["status"] == "completed" and run["summary"]["steps"] == 40 and step > 0
-        assert [s["step"] for s in store.steps(run["id"])] == list(range(41))
+        assert run["status"] == "completed" and run["summary"].steps == 40 and step > 0
+        assert [s.step for s in store.steps(run["id"])] == list(range(41))
     finally:
         _stop_server(proc)
 

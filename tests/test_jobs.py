@@ -40,7 +40,7 @@ def test_jobs_run_one_at_a_time_in_order_and_report_their_place(worker, tiny_mod
     assert first.status == second.status == "done"
     assert second.started >= first.finished - 0.5  # never overlapped
     live = first.runs[0]
-    assert live.steps == list(range(41)) and live.summary["steps"] == 40 and live.run_id == live.summary["run_id"]
+    assert live.steps == list(range(41)) and live.summary.steps == 40 and live.run_id == live.summary.run_id
     assert len(live.p_history) == 41 and len(live.p_history[-1]) == len(live.pieces)
 
 
@@ -54,9 +54,9 @@ def test_stop_keeps_what_was_learned_and_a_queued_job_never_starts(worker, tiny_
     _wait(lambda: not running.active)
     assert running.status == "stopped"
     summary = running.runs[0].summary
-    assert summary["status"] == "stopped" and 3 <= summary["steps"] < 10_000
-    run = worker.store.run(summary["run_id"])
-    assert run["status"] == "stopped" and (worker.store.adapter_dir(summary["run_id"]) / "adapter_config.json").is_file()
+    assert summary.status == "stopped" and 3 <= summary.steps < 10_000
+    run = worker.store.run(summary.run_id)
+    assert run["status"] == "stopped" and (worker.store.adapter_dir(summary.run_id) / "adapter_config.json").is_file()
     assert queued.runs[0].run_id is None and len(worker.store.runs()) == 1
 
 
@@ -80,7 +80,7 @@ def test_old_finished_jobs_leave_memory_but_can_still_be_opened(worker, tiny_mod
     assert submitted[0].id not in worker.jobs and submitted[-1].id in worker.jobs
     again = worker.find(submitted[0].id)  # read back from the store, history and all
     assert again is not submitted[0] and again.status == "done" and again.runs[0].steps == [0, 1]
-    assert again.runs[0].summary["steps"] == 1
+    assert again.runs[0].summary.steps == 1
 
 
 def test_a_server_shutting_down_leaves_its_run_resumable(home, tiny_model_dir):

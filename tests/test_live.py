@@ -8,13 +8,14 @@ from jobs import MAX_KEPT, RunLive
 
 from memcore.config import RunSpec, TrainSpec
 from memcore.metrics import StubbornCounter, stubborn_tokens
+from memcore.records import StepRow
 
 
 def _report(step, p, final=False):
     n = len(p)
-    return {"step": step, "loss": 1.0 / (step + 1), "delta_loss": 0.1 * step, "n_above": int((p > 0.5).sum()), "n_correct": n,
-            "n_tokens": n, "elapsed": 0.5 * step, "p": p, "correct": np.ones(n, bool), "first_divergence": None,
-            "recalled": False, "final": final, "summary": {"steps": step} if final else None}
+    return StepRow(step=step, loss=1.0 / (step + 1), delta_loss=0.1 * step, n_above=int((p > 0.5).sum()), n_correct=n,
+                   n_tokens=n, active=n, recalled=False, first_divergence=None, elapsed=0.5 * step, lr=1e-3,
+                   skipped=False, p=p, correct=np.ones(n, bool), final=final)
 
 
 def _history(steps, n, seed=0):
@@ -44,8 +45,9 @@ def test_the_final_report_replaces_the_latest_step():
     for s in range(3):
         live.record(_report(s, hist[s]))
     remeasured = np.full(8, 0.9, np.float16)
-    live.record(_report(2, remeasured, final=True))
-    assert live.steps == [0, 1, 2] and np.array_equal(live.p, remeasured) and live.summary == {"steps": 2}
+    summary = object()  # the final step brings the run's summary along
+    live.record(_report(2, remeasured, final=True), summary)
+    assert live.steps == [0, 1, 2] and np.array_equal(live.p, remeasured) and live.summary is summary
     assert live.stubborn.count == 3
 
 

@@ -99,7 +99,7 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
         second, third = w.find(jobs[1]["id"]), w.find(jobs[2]["id"])
         _wait(lambda: not third.active, what="the queued jobs to run")
         assert second.status == third.status == "done" and second.started <= third.started
-        assert third.runs[0].summary["steps"] == 3
+        assert third.runs[0].summary.steps == 3
 
         # one click: resume the interrupted run where its checkpoint left it
         stored = len(store.steps(run_id))
@@ -107,7 +107,7 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
         _wait(lambda: len(again.runs[0].steps) > 0 and again.runs[0].steps[-1] >= stored + 3, what="the resumed run to go on")
         w.stop(again)
         _wait(lambda: not again.active, what="the resumed run to stop")
-        steps = [s["step"] for s in store.steps(run_id)]
+        steps = [s.step for s in store.steps(run_id)]
         assert steps == list(range(len(steps))) and len(steps) > stored  # one unbroken history
         assert again.runs[0].steps[0] == 0  # the live view shows the history from before the restart too
     finally:
@@ -126,7 +126,7 @@ def test_a_second_app_process_queues_into_the_first_ones_trainer(home, tiny_mode
             job = second.submit([_spec(tiny_model_dir, "submitted to the second server", 4)], session="b")
             assert second.position(job) == 1
             _wait(lambda: not second.find(job.id).active, what="the first server to train the second's job")
-            assert job.status == "done" and job.runs[0].summary["steps"] == 4 and job.runs[0].steps == [0, 1, 2, 3, 4]
+            assert job.status == "done" and job.runs[0].summary.steps == 4 and job.runs[0].steps == [0, 1, 2, 3, 4]
             # the first server goes away: the second takes over the lock and the queue
             first.send_signal(signal.SIGKILL)
             first.wait()
@@ -146,6 +146,7 @@ import sys, time, numpy as np
 from pathlib import Path
 from memcore.config import RunSpec
 from memcore.pieces import Piece
+from memcore.records import RunSummary, StepRow
 from memcore.store import Store
 s = Store(Path(sys.argv[1]))
 end = time.time() + float(sys.argv[2])
@@ -155,13 +156,17 @@ while time.time() < end:
     s.save_tokens(rid, [[1]], [[5] * 300], [Piece("x")] * 300, np.zeros(300))
     s.set_status(rid, "running")
     for k in range(0, 20, 5):
-        s.write_steps(rid, [{"step": k + i, "loss": 1.0, "delta_loss": 0.1, "n_above": 1, "n_correct": 1, "n_tokens": 300,
-                            "active": 1, "recalled": 0, "first_divergence": 0, "elapsed": 0.0, "lr": 1e-3, "skipped": 0,
-                            "p": np.zeros(300, np.float16), "correct": np.zeros(300, bool)} for i in range(5)])
+        s.write_steps(rid, [StepRow(step=k + i, loss=1.0, delta_loss=0.1, n_above=1, n_correct=1, n_tokens=300, active=1,
+                                    recalled=False, first_divergence=0, elapsed=0.0, lr=1e-3, skipped=False,
+                                    p=np.zeros(300, np.float16), correct=np.zeros(300, bool)) for i in range(5)])
     j = s.create_job([RunSpec().to_dict()], ["x"])
     s.claim_job()
     s.update_job(j, status="done")
-    s.set_status(rid, "completed", summary={"steps": 19})
+    s.set_status(rid, "completed", summary=RunSummary.from_dict(dict(
+        run_id=rid, steps=19, stop_reason="max_steps", recalled=False, first_divergence=0, n_tokens=300, n_above=1,
+        n_correct=1, base_loss=1.1, loss=1.0, delta_loss=0.1, p_eff=10, bits_stored=1.0, bits_per_param=0.1,
+        seconds_per_step=0.0, train_seconds=0.0, model="m", quant=None, method="sft", tau=0.5, rank=1, adapter_dir="",
+        prompt_ids=[1], target_ids=[5] * 300, generated_ids=None)))
     n += 1
 print(n)
 """

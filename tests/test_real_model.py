@@ -54,7 +54,7 @@ def test_memft_ot_memorizes_a_sample_passage_and_stock_peft_recites_it(home, cap
     # and the recorded history ends where the summary says
     assert replay.correct[-1].all() and not replay.correct[0].all()
     steps = store.steps(summary["run_id"])
-    assert [s["n_above"] for s in steps][-1] == summary["n_above"]
+    assert [s.n_above for s in steps][-1] == summary["n_above"]
 
     # `memcore generate` on the run recites it as well
     assert main(["generate", summary["run_id"]]) == 0
@@ -68,7 +68,7 @@ def test_sft_reaches_recall_too_but_memft_ot_trains_fewer_tokens(home, capsys):
     sft = json.loads(capsys.readouterr().out)
     assert sft["recalled"] is True
     steps = Store(home).steps(sft["run_id"])
-    assert all(s["active"] == s["n_tokens"] for s in steps[:-1])  # sft weighs every token every step
+    assert all(s.active == s.n_tokens for s in steps[:-1])  # sft weighs every token every step
 
 
 def test_nf4_qlora_trains_on_cpu(home, capsys):

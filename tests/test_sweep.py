@@ -53,7 +53,7 @@ def test_same_seed_gives_the_same_point(sweep, home):
     one = SweepSpec(base=sweep.base, ranks=(2,), lengths=(8,), methods=("sft",), name="a")
     two = SweepSpec(base=sweep.base, ranks=(2,), lengths=(8,), methods=("sft",), name="b")
     a, b = next(run_sweep(one, store)), next(run_sweep(two, store))
-    assert a["delta_loss"] == b["delta_loss"] and a["run_id"] != b["run_id"]
+    assert a.summary.delta_loss == b.summary.delta_loss and a.run_id != b.run_id
 
 
 def test_lengths_beyond_the_text_are_refused(sweep, home):
@@ -81,8 +81,8 @@ def test_a_point_cut_off_mid_way_continues_from_its_checkpoint(sweep, home):
     (cut,) = store.runs(sweep="mid")
     assert cut["status"] == "stopped"
     (done,) = list(run_sweep(one, store))
-    assert done["run_id"] == cut["id"] and done["steps"] == 10  # the same run, continued
-    assert [s["step"] for s in store.steps(cut["id"])] == list(range(11))
+    assert done.run_id == cut["id"] and done.summary.steps == 10  # the same run, continued
+    assert [s.step for s in store.steps(cut["id"])] == list(range(11))
     assert len(sweep_table(store, "mid")) == 1
 
 
@@ -104,15 +104,15 @@ def test_a_decimated_history_keeps_every_scalar_and_replays_its_snapshots(sweep,
     base = RunSpec(model=sweep.base.model, adapter=sweep.base.adapter, data=sweep.base.data,
                    train=TrainSpec(max_steps=40, lr=1e-2, history="decimated"))
     (point,) = run_sweep(SweepSpec(base=base, ranks=(2,), lengths=(8,), methods=("memft-ot",), name="dec"), store)
-    run_id = point["run_id"]
-    assert [s["step"] for s in store.steps(run_id)] == list(range(41))  # loss, ΔL, counts: every step
+    run_id = point.run_id
+    assert [s.step for s in store.steps(run_id)] == list(range(41))  # loss, ΔL, counts: every step
     replay = store.replay(run_id)
     assert len(replay.steps) <= 10 and replay.steps[0] == 0 and replay.steps[-1] == 40
     assert replay.steps == sorted(replay.steps) and replay.p.shape == (len(replay.steps), 8)
     summary = store.run(run_id)["summary"]
-    assert summary["history"] == "decimated" and summary["snapshots"] == len(replay.steps)
+    assert summary.history == "decimated" and summary.snapshots == len(replay.steps)
     # the final snapshot is the run's final state
-    assert int((replay.p[-1] > 0.5).sum()) == summary["n_above"]
+    assert int((replay.p[-1] > 0.5).sum()) == summary.n_above
 
 
 def test_sweep_id_ignores_how_points_are_run(sweep):

@@ -44,7 +44,7 @@ def test_ray_sweep_matches_the_local_backend(local_ray, sweep, tmp_path):
     local, remote = Store(tmp_path / "local"), Store(tmp_path / "ray")
     list(run_sweep(sweep, local))
     got = list(run_sweep_ray(sweep, remote, retries=0))
-    assert len(got) == 4 and not any(g.get("failed") for g in got)
+    assert len(got) == 4 and not any(g.error for g in got)
     a, b = _by_point(sweep_table(local, "ray-test")), _by_point(sweep_table(remote, "ray-test"))
     assert a.keys() == b.keys() and len(a) == 4
     for k in a:
@@ -54,19 +54,19 @@ def test_ray_sweep_matches_the_local_backend(local_ray, sweep, tmp_path):
     rid = b[(2, 8, "sft")]["run_id"]
     assert remote.replay(rid).p.shape == (4, 8)
     assert (remote.adapter_dir(rid) / "adapter_model.safetensors").is_file()
-    assert remote.run(rid)["summary"]["adapter_dir"].startswith(str(remote.runs_dir))
+    assert remote.run(rid)["summary"].adapter_dir.startswith(str(remote.runs_dir))
     assert list(run_sweep_ray(sweep, remote)) == []  # re-running skips completed points
 
 
 def test_failing_point_is_recorded_after_retries_and_the_rest_complete(local_ray, sweep, tmp_path):
     store = Store(tmp_path / "s")
     got = list(run_sweep_ray(sweep, store, retries=1, task=fails_for_rank_2_length_8))
-    failed = [g for g in got if g.get("failed")]
-    assert len(got) == 4 and len(failed) == 1 and "injected failure" in failed[0]["error"]
+    failed = [g for g in got if g.error]
+    assert len(got) == 4 and len(failed) == 1 and "injected failure" in failed[0].error and failed[0].summary is None
     runs = store.runs(sweep="ray-test")
     assert sorted(r["status"] for r in runs) == ["completed", "completed", "completed", "failed"]
     bad = next(r for r in runs if r["status"] == "failed")
     assert "after 1 retries" in bad["error"] and "injected failure" in bad["error"]
     # a re-run retries only the failed point
     again = list(run_sweep_ray(sweep, store, retries=0))
-    assert len(again) == 1 and again[0]["rank"] == 2 and again[0]["length"] == 8 and not again[0].get("failed")
+    assert len(again) == 1 and again[0].values["rank"] == 2 and again[0].values["length"] == 8 and not again[0].error

@@ -120,7 +120,7 @@ session_runs = set()
 job = get_worker().find(st.query_params.get("job"))
 if job is not None:
     session_runs = {live.run_id for live in job.runs if live.run_id}
-extra = pd.DataFrame([{"rank": r["rank"], "length": r["summary"]["n_tokens"], "delta_loss": r["summary"]["delta_loss"],
+extra = pd.DataFrame([{"rank": r["rank"], "length": r["summary"].n_tokens, "delta_loss": r["summary"].delta_loss,
                        "kind": "this session" if r["id"] in session_runs else "your runs"} for r in mine],
                      columns=["rank", "length", "delta_loss", "kind"])
 show_mine = st.toggle("Overlay your own runs", value=True, key="law_mine")
@@ -166,10 +166,10 @@ if has_recall:
         if "token_accuracy" in dm or "frac_correct" in dm:
             agg["token_accuracy"] = ("token_accuracy" if "token_accuracy" in dm else "frac_correct", "mean")
         cell_tables[m] = dm.groupby(["rank", "length"]).agg(**agg).reset_index()
-    mine_cells = pd.DataFrame([{"rank": r["rank"], "length": r["summary"]["n_tokens"], "label": f"your run {r['id']}",
-                                "delta_loss": r["summary"]["delta_loss"],
-                                "token_accuracy": r["summary"]["n_correct"] / r["summary"]["n_tokens"],
-                                "exact_recall": float(bool(r["summary"].get("exact_recall", r["summary"]["recalled"])))}
+    mine_cells = pd.DataFrame([{"rank": r["rank"], "length": r["summary"].n_tokens, "label": f"your run {r['id']}",
+                                "delta_loss": r["summary"].delta_loss,
+                                "token_accuracy": r["summary"].n_correct / r["summary"].n_tokens,
+                                "exact_recall": float(bool(r["summary"].exact_recall))}
                                for r in store.runs(status="completed") if not r["sweep"] and r["summary"]])
     dl_hi = max(float(t["delta_loss"].max()) for t in cell_tables.values())
     for value, label, fmt, dom in (("delta_loss", "ΔL (nats/token)", ".2f", (0.0, dl_hi)),

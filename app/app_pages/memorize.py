@@ -361,11 +361,11 @@ def render_results(job, snaps) -> None:
     st.divider()
     st.subheader("Result")
     if len(snaps) > 1:
-        done = [(s["recalled_at"], s["label"]) for s in snaps if s["summary"] and s["summary"].get("recalled")]
+        done = [(s["recalled_at"], s["label"]) for s in snaps if s["summary"] and s["summary"].recalled]
         if done:
             step, who = min(done)
             others = ", ".join(f"{lab}: {'step ' + str(at) if at is not None else 'not recalled'}" for at, lab in
-                               [(s["recalled_at"] if s["summary"] and s["summary"].get("recalled") else None, s["label"]) for s in snaps])
+                               [(s["recalled_at"] if s["summary"] and s["summary"].recalled else None, s["label"]) for s in snaps])
             st.success(f"**{who}** reached exact recall first, after {step} steps ({others}).")
         else:
             st.warning("Neither run reached exact recall within the budget.")
@@ -376,33 +376,34 @@ def render_results(job, snaps) -> None:
             if not summ:
                 st.caption(f"{s['label']}: no summary ({job.status}).")
                 continue
-            st.markdown(f"**{s['label']}** · run `{summ['run_id']}` · {summ.get('status')} ({summ['stop_reason']})")
+            st.markdown(f"**{s['label']}** · run `{summ.run_id}` · {summ.status} ({summ.stop_reason})")
             m1, m2, m3 = st.columns(3)
-            m1.metric("Recalled verbatim", "yes" if summ["recalled"] else "no")
-            m2.metric("Steps", summ["steps"])
-            m3.metric("ΔL (nats/token)", f"{summ['delta_loss']:.3f}")
-            m1.metric("P_eff", f"{summ['p_eff']:,}")
-            m2.metric("Bits stored", f"{summ['bits_stored']:.0f}")
-            m3.metric("Bits / parameter", f"{summ['bits_per_param']:.2e}")
-            gen = summ.get("generated_ids")
+            m1.metric("Recalled verbatim", "yes" if summ.recalled else "no")
+            m2.metric("Steps", summ.steps)
+            m3.metric("ΔL (nats/token)", f"{summ.delta_loss:.3f}")
+            m1.metric("P_eff", f"{summ.p_eff:,}")
+            m2.metric("Bits stored", f"{summ.bits_stored:.0f}")
+            m3.metric("Bits / parameter", f"{summ.bits_per_param:.2e}")
+            gen = summ.generated_ids
             if gen is not None:
                 tok = get_tokenizer(s["spec"].model.name)
                 flat_gen = [t for g in gen for t in g] if gen and isinstance(gen[0], list) else gen
-                flat_tgt = [t for g in summ["target_ids"] for t in g] if summ["target_ids"] and isinstance(summ["target_ids"][0], list) else summ["target_ids"]
+                tgt = summ.target_ids
+                flat_tgt = [t for g in tgt for t in g] if tgt and isinstance(tgt[0], list) else tgt
                 st.caption("Greedy generation from the prompt, compared with the target:")
                 st.html(charts.generation_diff_html(flat_tgt, flat_gen, s["pieces"], token_pieces(tok, flat_gen)))
-            for note in summ.get("notes") or []:
+            for note in summ.notes:
                 st.warning(note)
-            adapter = summ["adapter_dir"]
-            kind = "memcore bypass: bypass_config.json + safetensors" if summ.get("adapter") == "bypass" else "PEFT"
-            st.download_button(f"Download adapter ({kind}, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ['run_id']}.zip",
-                               mime="application/zip", key=f"dl-{summ['run_id']}")
-            with st.form(f"gen-{summ['run_id']}"):
+            adapter = summ.adapter_dir
+            kind = "memcore bypass: bypass_config.json + safetensors" if summ.adapter == "bypass" else "PEFT"
+            st.download_button(f"Download adapter ({kind}, zip)", data=_zip_dir(adapter), file_name=f"memcore-{summ.run_id}.zip",
+                               mime="application/zip", key=f"dl-{summ.run_id}")
+            with st.form(f"gen-{summ.run_id}"):
                 q = st.text_input("Prompt the memorized model", value="", placeholder="leave empty to use the run's own prompt")
                 if st.form_submit_button("Generate"):
                     try:
                         with st.spinner("generating ..."):
-                            out = worker.generate(summ["run_id"], q or None)
+                            out = worker.generate(summ.run_id, q or None)
                         st.text((q or "") + out["text"][0])
                     except Exception as e:
                         st.error(error_text(e))

@@ -22,11 +22,12 @@ if not runs:
 def _table(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        s = r["summary"] or {}
+        s = r["summary"]
         rows.append({"run": r["id"], "status": r["status"], "model": r["model"], "method": r["method"], "rank": r["rank"],
                      "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
-                     "recalled": s.get("recalled"), "ΔL": s.get("delta_loss"), "bits/param": s.get("bits_per_param"),
-                     "s/step": s.get("seconds_per_step"), "label": r["label"], "sweep": r["sweep"],
+                     "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
+                     "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
+                     "label": r["label"], "sweep": r["sweep"],
                      "created": pd.to_datetime(r["created"], unit="s"), "error": r["error"]})
     return pd.DataFrame(rows)
 
@@ -111,7 +112,7 @@ if replay is not None and len(replay.steps):
     shown = charts.thin(i + 1)
     show_chart(charts.trajectories_chart([replay.steps[k] for k in shown], replay.p[shown], stubborn_ever,
                                          [replay.pieces[k] for k in stubborn_ever], tau), c2)
-    hist = pd.DataFrame(store.steps(picked))
+    hist = pd.DataFrame([row.scalar_dict() for row in store.steps(picked)])
     if not hist.empty:
         hist = hist.iloc[charts.thin(len(hist))]
         hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens, run=run["method"])
