@@ -382,7 +382,7 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
                    scheme: str = "viridis", mine: pd.DataFrame | None = None) -> alt.Chart:
     """One sweep quantity over rank × length as labelled cells (ordinal axes, as the paper draws its heatmaps).
     cells: rank, length and `value` (the seed mean). mine: the user's runs (rank, length, value, label) drawn as
-    black-ringed diamonds on the nearest cell."""
+    black-ringed diamonds on the cell nearest in log rank and log length."""
     scale = alt.Scale(scheme=scheme, domain=list(domain) if domain else alt.Undefined)
     x = alt.X("rank:O", title="rank r", sort="ascending")
     y = alt.Y("length:O", title="target tokens ℓ", sort="descending")
@@ -394,7 +394,10 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
         color=alt.condition(alt.datum[value] > ((domain[0] + domain[1]) / 2 if domain else cells[value].median()),
                             alt.value("black"), alt.value("white")))
     layers = [heat, text]
-    if mine is not None and len(mine):
+    if mine is not None and len(mine) and value in mine:
+        rr, ll = (np.array(sorted(cells[c].unique()), float) for c in ("rank", "length"))
+        mine = mine.assign(rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine["rank"]],
+                           length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine["length"]])
         layers.append(alt.Chart(mine).mark_point(shape="diamond", size=260, stroke="black", strokeWidth=2, filled=False).encode(
             x=x, y=y, tooltip=["label:N", "rank:O", "length:O", alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
     return alt.layer(*layers).properties(title=title, height=240)

@@ -425,71 +425,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # --- fit, predict ------------------------------------------------------------------------------------------------
 
 
-def law_data(args: argparse.Namespace, required: tuple[str, ...] = ("rank", "length", "delta_loss")) -> Any:
-    """The (rank, length, delta_loss[, p_eff, method]) table a fit uses: a CSV file or finished runs in the store."""
-    import pandas as pd
+def _law_table(args: argparse.Namespace, required: tuple[str, ...] | None = None) -> Any:
+    """memcore.law.law_table of --csv (else the store's runs), --method and --model, with the `required` columns
+    (default: the law's); its notes go to stderr."""
+    from memcore.law import LAW_COLUMNS, law_table
 
-    if args.csv:
-        from memcore.law import read_law_csv
-
-        df = read_law_csv(args.csv, required=required)
-    else:
-        store = _store()
-        rows = []
-        for r in store.runs(method=args.method, model=args.model, status="completed", sweep=getattr(args, "sweep", None)):
-            s = r["summary"]
-            if s and s.delta_loss is not None:
-                n = s.n_tokens
-                rows.append({"rank": r["rank"], "length": n, "delta_loss": s.delta_loss, "p_eff": s.p_eff,
-                             "method": r["method"], "seed": r["seed"], "frac_above": s.n_above / n,
-                             "token_accuracy": s.n_correct / n, "exact_recall": bool(s.exact_recall),
-                             "stop_reason": s.stop_reason, "bits_per_param": s.bits_per_param,
-                             "adapter": s.adapter,
-                             "data": next((k for k in ("random_tokens", "pairs", "phonebook") if r["spec"]["data"].get(k)), "text")})
-        df = pd.DataFrame(rows, columns=["rank", "length", "delta_loss", "p_eff", "method", "seed", "frac_above", "token_accuracy",
-                                         "exact_recall", "stop_reason", "bits_per_param", "adapter", "data"])
-        if df.empty:
-            raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
-        for col, what in (("adapter", "adapters"), ("data", "kinds of data")):
-            kinds = sorted(df[col].unique())
-            if len(kinds) > 1:
-                print(f"note: the store's runs mix {what} ({', '.join(kinds)}); points trained differently need not lie on one "
-                      "law or frontier: fit one sweep's CSV (`memcore sweep --out`) for a clean answer", file=sys.stderr)
-    if args.method and "method" in df.columns and args.csv:
-        df = df[df["method"] == args.method]
+    df, notes = law_table(args.csv, None if args.csv else _store(), method=args.method, model=args.model,
+                          required=required or LAW_COLUMNS)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
     return df
 
 
-def _fit_all(df: Any) -> dict[str, Any]:
-    from memcore.law import compare_forms, fit_law
-
-    r, length, dl = df["rank"].to_numpy(float), df["length"].to_numpy(float), df["delta_loss"].to_numpy(float)
-    fits, preferred = compare_forms(r, length, dl)
-    main = fits.get("power") or fits[preferred]
-    out = main.to_dict()
-    out["comparison"] = {"aic": {f: fit.aic for f, fit in fits.items()}, "r2": {f: fit.r2 for f, fit in fits.items()},
-                         "preferred": preferred, "forms": {f: fit.to_dict() for f, fit in fits.items()}}
-    if "p_eff" in df.columns and df["p_eff"].notna().all() and df["p_eff"].nunique() > 1:
-        try:
-            out["p_eff_fit"] = fit_law(df["p_eff"].to_numpy(float), length, dl, main.form, x_name="p_eff").to_dict()
-        except MemcoreError as e:
-            out["p_eff_fit"] = {"error": str(e)}
-    return out
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
-    from memcore.law import law_points, regime
+    from memcore.law import fit_all
 
-    df = law_data(args)
-    reg = regime(df)
-    fit_df, how = law_points(df)
-    out = _fit_all(fit_df)
-    out["regime"], out["fitted_on"] = reg.to_dict(), how
+    fits = fit_all(_law_table(args), with_p_eff=True)
+    out = fits.to_dict()
     if args.json:
         print(json.dumps(out))
         return 0
-    print(reg.describe())
-    print(f"ΔL = C · r^α · ℓ^(−β) + b   {how}")
+    print(fits.regime.describe())
+    print(f"ΔL = C · r^α · ℓ^(−β) + b   {fits.fitted_on}")
     for k in ("C", "alpha", "beta", "b"):
         lo, hi = out["intervals"][k]
         print(f"  {k:<6} {out[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
@@ -498,7 +455,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if pe and "error" not in pe:
         print(f"in P_eff: C {pe['C']:.4g}  α {pe['alpha']:.4f}  β {pe['beta']:.4f}  b {pe['b']:.4f}  R² {pe['r2']:.4f}")
     cmp_ = out["comparison"]
-    print("model comparison (AIC, lower is better): " + ", ".join(f"{f} {a:.1f} (R² {cmp_['r2'][f]:.4f})" for f, a in cmp_["aic"].items()))
+    print("model comparison (AIC, lower is better): "
+          + ", ".join(f"{f} {a:.1f} (R² {cmp_['r2'][f]:.4f})" for f, a in cmp_["aic"].items()))
     print(f"the data prefer the {cmp_['preferred']} form")
     if cmp_["preferred"] != out.get("form", "power"):
         pref = cmp_["forms"][cmp_["preferred"]]
@@ -511,36 +469,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_method(df: Any, asked: str | None) -> tuple[Any, str | None, str | None]:
-    """Rows of one method: the asked one, else memft-ot (or the first) when the table mixes methods (with a note)."""
-    if "method" not in df.columns or df["method"].nunique() <= 1:
-        return df, (df["method"].iloc[0] if "method" in df.columns and len(df) else asked), None
-    if asked:
-        return df[df["method"] == asked], asked, None
-    methods = sorted(df["method"].unique())
-    pick = "memft-ot" if "memft-ot" in methods else methods[0]
-    return df[df["method"] == pick], pick, f"the table holds {', '.join(methods)}; using {pick} (choose with --method)"
-
-
 def cmd_frontier(args: argparse.Namespace) -> int:
     from memcore.frontier import REFERENCE_BITS_PER_PARAM, frontier_from_table
 
-    df = law_data(args, required=("rank", "length"))
+    df = _law_table(args, required=("rank", "length"))
     methods = [args.method] if args.method else (sorted(df["method"].unique()) if "method" in df.columns else [None])
     result = {}
     for m in methods:
         per_rank, fit, why = frontier_from_table(df, m)
-        result[m or "all"] = {"per_rank": [vars(p) | {"recall_rate": {str(k): v for k, v in p.recall_rate.items()}} for p in per_rank],
-                              "fit": fit.to_dict() if fit else None, "fit_error": why,
-                              "fit_per_rank": [{"rank": p.rank, "ell_star": float(fit.ell_star(p.rank)),
-                                                "interval": list(fit.ell_star_interval(p.rank)),
-                                                "bits_per_param": fit.bits_per_param(p.rank)} for p in per_rank] if fit else None}
+        result[m or "all"] = {
+            "per_rank": [vars(p) | {"recall_rate": {str(k): v for k, v in p.recall_rate.items()}} for p in per_rank],
+            "fit": fit.to_dict() if fit else None, "fit_error": why,
+            "fit_per_rank": [{"rank": p.rank, "ell_star": float(fit.ell_star(p.rank)),
+                              "interval": list(fit.ell_star_interval(p.rank)),
+                              "bits_per_param": fit.bits_per_param(p.rank)} for p in per_rank] if fit else None}
         if args.json:
             continue
-        print(f"{m or 'all points'}: longest length recalled verbatim (recall rate crossing 1/2, interpolated in log ℓ)")
+        print(f"{m or 'all points'}: longest length recalled verbatim "
+              "(recall rate crossing 1/2, interpolated in log ℓ)")
         for p in per_rank:
             rates = "  ".join(f"{k}:{v:.0%}" for k, v in p.recall_rate.items())
-            line = f"  rank {p.rank:<4} ℓ* {'≥' if p.bound == 'at least' else '≤' if p.bound == 'at most' else '≈'} {p.ell_star:7.1f} tokens"
+            sym = "≥" if p.bound == "at least" else "≤" if p.bound == "at most" else "≈"
+            line = f"  rank {p.rank:<4} ℓ* {sym} {p.ell_star:7.1f} tokens"
             if p.bits_per_param is not None:
                 line += f"   {p.bits_per_param:.3f} bits/param at P_eff {p.p_eff:,.0f}"
             if fit:
@@ -553,7 +503,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
                   f"sharpness k {fit.k:.1f}   {fit.n} points")
             if fit.capacity_bits_per_token is not None:
                 print(f"  counting {fit.capacity_bits_per_token:.2f} bits per recalled token, at the frontier that is "
-                      + ", ".join(f"r={p.rank}: {fit.bits_per_param(p.rank):.3f}" for p in per_rank) + " bits/param; references: "
+                      + ", ".join(f"r={p.rank}: {fit.bits_per_param(p.rank):.3f}" for p in per_rank)
+                      + " bits/param; references: "
                       + ", ".join(f"{v} ({k})" for k, v in REFERENCE_BITS_PER_PARAM.items()))
             for n in fit.notes:
                 print(f"  note: {n}")
@@ -568,30 +519,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from memcore.law import fit_law, smallest_rank
 
     if args.verbatim:
-        return _predict_verbatim(args, law_data(args, required=("rank", "length")))
-    df = law_data(args)
-    fit = fit_law(df["rank"].to_numpy(float), df["length"].to_numpy(float), df["delta_loss"].to_numpy(float), args.form)
+        return _predict_verbatim(args, _law_table(args, required=("rank", "length")))
+    df = _law_table(args)
+    fit = fit_law(df["rank"].to_numpy(float), df["length"].to_numpy(float), df["delta_loss"].to_numpy(float),
+                  args.form)
     if args.target_delta_loss is not None:
         r = smallest_rank(fit, args.length, args.target_delta_loss)
         out = {"length": args.length, "target_delta_loss": args.target_delta_loss, "smallest_rank": r}
-        msg = (f"smallest rank predicted to reach ΔL {args.target_delta_loss} at length {args.length}: {r}" if r is not None
+        msg = (f"smallest rank predicted to reach ΔL {args.target_delta_loss} at length {args.length}: {r}"
+               if r is not None
                else f"no rank up to 4096 is predicted to reach ΔL {args.target_delta_loss} at length {args.length}")
     else:
         if args.rank is None:
             raise MemcoreError("give --rank R (to predict ΔL) or --target-delta-loss X (to find the rank)")
         v = float(fit.predict(args.rank, args.length))
         out = {"rank": args.rank, "length": args.length, "delta_loss": v}
-        msg = f"predicted ΔL at rank {args.rank}, length {args.length}: {v:.4f} nats/token ({fit.form} law, R² {fit.r2:.3f})"
+        msg = (f"predicted ΔL at rank {args.rank}, length {args.length}: {v:.4f} nats/token "
+               f"({fit.form} law, R² {fit.r2:.3f})")
     print(json.dumps(out) if args.json else msg)
     return 0
 
 
 def _predict_verbatim(args: argparse.Namespace, df: Any) -> int:
     from memcore.frontier import frontier_from_table, smallest_verbatim_rank
+    from memcore.law import one_method
 
     if args.rank is not None or args.target_delta_loss is not None:
         raise MemcoreError("--verbatim answers the smallest rank for --length; drop --rank and --target-delta-loss")
-    df, method, note = _one_method(df, args.method)
+    df, method, note = one_method(df, args.method)
     _, fit, why = frontier_from_table(df)
     if fit is None:
         raise MemcoreError(f"cannot predict a verbatim rank: {why}")
@@ -605,8 +560,10 @@ def _predict_verbatim(args: argparse.Namespace, df: Any) -> int:
     for n in out["notes"]:
         print(f"note: {n}", file=sys.stderr)
     lo, hi = ans.interval
-    print(f"smallest rank predicted to recall {args.length} tokens verbatim{f' with {method}' if method else ''}: {ans.rank} "
-          f"(95% [{lo}, {hi if hi is not None else 'unbounded'}]; frontier ℓ*(r) = {math.exp(fit.a):.3g} · r^{fit.gamma:.3f})"
+    with_method = f" with {method}" if method else ""
+    print(f"smallest rank predicted to recall {args.length} tokens verbatim{with_method}: {ans.rank} "
+          f"(95% [{lo}, {hi if hi is not None else 'unbounded'}]; "
+          f"frontier ℓ*(r) = {math.exp(fit.a):.3g} · r^{fit.gamma:.3f})"
           + ("  [extrapolated]" if ans.extrapolated else ""))
     return 0
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memcore.config import MemcoreError
-from memcore.law import as_bool
+from memcore.law import as_bool, method_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,12 +34,18 @@ if TYPE_CHECKING:
 REFERENCE_BITS_PER_PARAM = {"knowledge (Allen-Zhu & Li)": 2.0, "random data (Morris et al.)": 3.6}
 MAX_SHARPNESS = 40.0  # bound on k (per unit of ln ℓ): a perfectly separated frontier sits at the bound
 BOOTSTRAP = 300
+RECALL_COLUMNS = ("exact_recall", "recalled")  # says whether a point was recalled verbatim, newest first
+
+
+def has_recall(df: pd.DataFrame) -> bool:
+    """Whether the table says which points were recalled verbatim (recall_column would find a column)."""
+    return any(c in df.columns for c in RECALL_COLUMNS)
 
 
 def recall_column(df: pd.DataFrame) -> str:
     """The column saying whether a point was recalled verbatim: exact_recall (sweeps since the recall columns),
     else recalled. Raises MemcoreError when neither is present."""
-    for c in ("exact_recall", "recalled"):
+    for c in RECALL_COLUMNS:
         if c in df.columns:
             return c
     raise MemcoreError("the table has no exact_recall (or recalled) column: the frontier needs to know which points "
@@ -272,8 +278,7 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
 def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
     """Interpolated and fitted frontiers of a sweep table (optionally one method's rows). The fit is None (with
     the reason as the third value) when the grid does not bracket the frontier."""
-    if method is not None and "method" in df.columns:
-        df = df[df["method"] == method]
+    df = method_rows(df, method)
     if df.empty:
         raise MemcoreError(f"no points{f' for method {method}' if method else ''} in the table")
     per_rank = interpolated_frontier(df)
@@ -293,6 +298,19 @@ def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[li
                          "random token carries (the base model is worse than uniform on them); capacity counts "
                          f"{src:.2f} bits per token")
     return per_rank, fit, None
+
+
+def recall_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Seed means per cell of a sweep table, one row per (rank, length): delta_loss (nats per token), exact_recall
+    (share of seeds whose whole target was recalled verbatim) and, when the table has token_accuracy (or the
+    older frac_correct), token_accuracy (share of target tokens whose teacher-forced argmax is right).
+    Raises MemcoreError when the table has no recall column (recall_column)."""
+    rec = recall_column(df)
+    agg: dict[str, Any] = {"delta_loss": ("delta_loss", "mean"),
+                           "exact_recall": (rec, lambda s: float(np.mean(s.astype(bool))))}
+    if "token_accuracy" in df or "frac_correct" in df:
+        agg["token_accuracy"] = ("token_accuracy" if "token_accuracy" in df else "frac_correct", "mean")
+    return df.groupby(["rank", "length"]).agg(**agg).reset_index()
 
 
 def _source_bits(df: pd.DataFrame) -> float | None:

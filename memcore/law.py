@@ -7,6 +7,10 @@ r is the LoRA rank (or P_eff), ℓ the number of memorized target tokens, ΔL th
 budget. Fits are bounded nonlinear least squares started from the best cell of a variable-projection grid
 (the parameters the law is linear in solved exactly for each (α, β)), with 95% intervals from the Jacobian at
 the optimum, R², RMSE, leave-one-out error (each refit warm-started from the full fit) and AIC.
+
+Every consumer (CLI, app, benchmarks) reads its points through law_table (a law CSV, or a store's completed
+runs, as one DataFrame) and fits them with fit_all (the regime, the points fitted, each form, the one the data
+prefer, and the form reported: the power law when it was fitted, else the preferred one).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memcore.config import MemcoreError
+from memcore.config import MemcoreError, RunSpec
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from memcore.store import Store
 
 FORMS = ("power", "saturating")
 PARAMS = {"power": ("C", "alpha", "beta", "b"), "saturating": ("M", "C", "alpha", "beta")}
@@ -61,8 +67,9 @@ class LawFit:
         return FUNCS[self.form](np.array([np.asarray(r, float), np.asarray(length, float)]), *self.params.values())
 
     def to_dict(self) -> dict:
-        d = {"form": self.form, "x": self.x_name, **self.params, "r2": self.r2, "rmse": self.rmse, "loo_rmse": self.loo_rmse,
-             "aic": self.aic, "n": self.n, "intervals": {k: list(v) for k, v in self.intervals.items()}, "notes": self.notes}
+        d = {"form": self.form, "x": self.x_name, **self.params, "r2": self.r2, "rmse": self.rmse,
+             "loo_rmse": self.loo_rmse, "aic": self.aic, "n": self.n,
+             "intervals": {k: list(v) for k, v in self.intervals.items()}, "notes": self.notes}
         for k, (lo, hi) in self.intervals.items():
             d[f"{k}_ci"] = [lo, hi]
         return d
@@ -70,7 +77,8 @@ class LawFit:
 
 def _check(r: np.ndarray, ell: np.ndarray, dl: np.ndarray, n_params: int) -> None:
     if not (len(r) == len(ell) == len(dl)):
-        raise MemcoreError(f"rank, length and delta_loss must have the same number of values ({len(r)}, {len(ell)}, {len(dl)})")
+        raise MemcoreError(f"rank, length and delta_loss must have the same number of values "
+                           f"({len(r)}, {len(ell)}, {len(dl)})")
     for name, v in (("rank", r), ("length", ell), ("delta_loss", dl)):
         if not np.all(np.isfinite(v)):
             raise MemcoreError(f"{name} has missing or non-finite values")
@@ -126,7 +134,8 @@ def _grid_start(form: str, x: np.ndarray, dl: np.ndarray) -> np.ndarray:
     return best[1]
 
 
-def _least_squares(form: str, x: np.ndarray, dl: np.ndarray, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def _least_squares(form: str, x: np.ndarray, dl: np.ndarray,
+                   start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Bounded nonlinear least squares (scipy curve_fit, trust region) from `start`, else from the variable
     projection grid's best cell. Returns (parameters, covariance) or None if it does not converge."""
     from scipy.optimize import curve_fit
@@ -144,7 +153,8 @@ def _least_squares(form: str, x: np.ndarray, dl: np.ndarray, start: np.ndarray |
     return (popt, pcov) if np.isfinite(sse) else None
 
 
-def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str = "power", x_name: str = "rank") -> LawFit:
+def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str = "power",
+            x_name: str = "rank") -> LawFit:
     """Fit one form of the law; raises MemcoreError if the data cannot identify it or no start converges."""
     from scipy import stats
 
@@ -176,11 +186,13 @@ def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str
     notes = []
     if not np.all(np.isfinite(se)):
         notes.append("the parameter covariance could not be estimated: intervals are unbounded")
-    return LawFit(form=form, params=dict(zip(names, map(float, popt))), intervals=intervals, r2=r2, rmse=math.sqrt(sse / n),
-                  loo_rmse=math.sqrt(np.mean(np.square(loo))) if loo else math.nan, aic=aic, n=n, x_name=x_name, notes=notes)
+    return LawFit(form=form, params=dict(zip(names, map(float, popt))), intervals=intervals, r2=r2,
+                  rmse=math.sqrt(sse / n), loo_rmse=math.sqrt(np.mean(np.square(loo))) if loo else math.nan, aic=aic,
+                  n=n, x_name=x_name, notes=notes)
 
 
-def compare_forms(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, x_name: str = "rank") -> tuple[dict[str, LawFit], str]:
+def compare_forms(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray,
+                  x_name: str = "rank") -> tuple[dict[str, LawFit], str]:
     """Fit every form; return the fits and the name of the one the data prefer (lowest AIC)."""
     fits = {}
     errors = []
@@ -200,7 +212,8 @@ NUMERIC_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "seed", "noise")
 MAX_CSV_BYTES = 50_000_000
 
 
-def read_law_csv(source: str | Path | bytes, name: str | None = None, required: tuple[str, ...] = LAW_COLUMNS) -> pd.DataFrame:
+def read_law_csv(source: str | Path | bytes, name: str | None = None,
+                 required: tuple[str, ...] = LAW_COLUMNS) -> pd.DataFrame:
     """A CSV of law points (columns rank, length, delta_loss; optional p_eff, method, seed, ...) as a DataFrame,
     whatever spreadsheet wrote it: UTF-8 with or without BOM, LF or CRLF, delimiter , ; tab or | (read off the
     header line), and decimal commas where the delimiter is not a comma. Column names are matched without case
@@ -273,22 +286,26 @@ def read_law_csv(source: str | Path | bytes, name: str | None = None, required: 
     for c in NUMERIC_COLUMNS:
         if c in df.columns:
             raw = df[c]
-            if not pd.api.types.is_numeric_dtype(raw) and decimal == ",":  # a column pandas left as text: read its numbers the same way
-                raw = raw.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False).where(df[c].notna())
+            if not pd.api.types.is_numeric_dtype(raw) and decimal == ",":
+                # a column pandas left as text: read its numbers the same way
+                raw = (raw.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False)
+                       .where(df[c].notna()))
             values = pd.to_numeric(raw, errors="coerce")
             bad = values.isna() & df[c].notna()
             if c in required:
                 bad |= values.isna()
             if bad.any():
-                raise MemcoreError(f"column {c} of {what} has {int(bad.sum())} empty or non-numeric value(s) ({where(bad.to_numpy())})")
+                raise MemcoreError(f"column {c} of {what} has {int(bad.sum())} empty or non-numeric value(s) "
+                                   f"({where(bad.to_numpy())})")
             df[c] = values
     for c in ("rank", "length", "p_eff"):  # counts: a fraction here is a misread number, not data
         if c in df.columns:
             frac = (df[c] % 1 != 0).to_numpy()
             if frac.any():
                 first = df[c].to_numpy()[frac][0]
-                raise MemcoreError(f"column {c} of {what} must hold whole numbers, but has {int(frac.sum())} fraction(s) such as {first:g} "
-                                   f"({where(frac)}); is a thousands separator read as a decimal point?")
+                raise MemcoreError(f"column {c} of {what} must hold whole numbers, but has {int(frac.sum())} "
+                                   f"fraction(s) such as {first:g} ({where(frac)}); is a thousands separator read "
+                                   "as a decimal point?")
     return df
 
 
@@ -330,8 +347,8 @@ class Regime:
         return f"regime: {self.label} — {head}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "saturated": self.saturated, "converged": self.converged, "budget_bound": self.budget_bound,
-                "label": self.label, "known": self.known, "shares": self.shares()}
+        return {"n": self.n, "saturated": self.saturated, "converged": self.converged,
+                "budget_bound": self.budget_bound, "label": self.label, "known": self.known, "shares": self.shares()}
 
 
 def as_bool(s: pd.Series) -> np.ndarray:
@@ -367,7 +384,8 @@ def regime(df: pd.DataFrame) -> Regime:
     states, known = point_states(df)
     n = len(states)
     counts = {k: int((states == k).sum()) for k in ("saturated", "converged", "budget")}
-    labels = {"budget": "budget-bound (optimization)", "converged": "capacity-bound (converged)", "saturated": "saturated"}
+    labels = {"budget": "budget-bound (optimization)", "converged": "capacity-bound (converged)",
+              "saturated": "saturated"}
     top = max(counts, key=lambda k: counts[k])
     label = labels[top] if n and counts[top] * 2 > n else "mixed"
     return Regime(n, counts["saturated"], counts["converged"], counts["budget"], label, known)
@@ -383,6 +401,186 @@ def law_points(df: pd.DataFrame, min_points: int = 6) -> tuple[pd.DataFrame, str
         return conv, f"fitted on the {len(conv)} converged, unsaturated points (as the paper does)"
     unsat = df[states != "saturated"]
     if len(unsat) >= min_points:
-        why = (f"only {len(conv)} point(s) converged unsaturated" if known else "the table does not say which points converged")
+        why = (f"only {len(conv)} point(s) converged unsaturated" if known
+               else "the table does not say which points converged")
         return unsat, f"fitted on the {len(unsat)} unsaturated points ({why})"
     return df, f"fitted on all {len(df)} points (only {len(unsat)} are unsaturated)"
+
+
+# --- tables: the points a fit reads, and every form fitted to them ----------------------------------------------
+
+RUN_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "frac_above", "token_accuracy",
+               "exact_recall", "stop_reason", "bits_per_param", "adapter", "data")
+
+
+def method_rows(df: pd.DataFrame, method: str | None) -> pd.DataFrame:
+    """The rows of one method; the whole table when method is None or the table has no method column."""
+    return df[df["method"] == method] if method is not None and "method" in df.columns else df
+
+
+def one_method(df: pd.DataFrame, asked: str | None) -> tuple[pd.DataFrame, str | None, str | None]:
+    """The rows of one method, for an answer that must not mix methods: the asked one, else (when the table mixes
+    methods) memft-ot or the first in order. Returns (rows, the method or None when the table names none, a note
+    saying which was picked when the table mixed them and none was asked, else None)."""
+    if "method" not in df.columns or df["method"].nunique() <= 1:
+        return df, (df["method"].iloc[0] if "method" in df.columns and len(df) else asked), None
+    if asked:
+        return df[df["method"] == asked], asked, None
+    methods = sorted(df["method"].unique())
+    pick = "memft-ot" if "memft-ot" in methods else methods[0]
+    return df[df["method"] == pick], pick, f"the table holds {', '.join(methods)}; using {pick} (choose with --method)"
+
+
+def runs_table(store: Store, *, method: str | None = None, model: str | None = None,
+               sweep: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The store's completed runs (of `method`, `model` and `sweep` where given) as law points, one row per run
+    with a ΔL, columns RUN_COLUMNS: rank, length (target tokens), delta_loss (nats per token), p_eff (trainable
+    parameters), method, seed, frac_above (share of tokens with p > τ), token_accuracy (share whose teacher-forced
+    argmax is right), exact_recall (bool), stop_reason, bits_per_param, adapter (lora, bypass, ...) and data
+    (random_tokens, pairs, phonebook or text).
+
+    Returns (table, notes): a note for each of adapter and data that the runs mix, since points trained
+    differently need not lie on one law. Raises MemcoreError when no completed run matches."""
+    import pandas as pd
+
+    rows = []
+    for r in store.runs(method=method, model=model, status="completed", sweep=sweep):
+        s = r["summary"]
+        if s and s.get("delta_loss") is not None:
+            n = s["n_tokens"]
+            data = next((k for k in ("random_tokens", "pairs", "phonebook") if r["spec"]["data"].get(k)), "text")
+            rows.append({"rank": r["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
+                         "method": r["method"], "seed": r["seed"], "frac_above": s["n_above"] / n,
+                         "token_accuracy": s["n_correct"] / n,
+                         "exact_recall": bool(s.get("exact_recall", s["recalled"])), "stop_reason": s["stop_reason"],
+                         "bits_per_param": s["bits_per_param"], "adapter": s.get("adapter", "lora"), "data": data})
+    df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    if df.empty:
+        raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
+    notes = []
+    for col, what in (("adapter", "adapters"), ("data", "kinds of data")):
+        kinds = sorted(df[col].unique())
+        if len(kinds) > 1:
+            notes.append(f"the store's runs mix {what} ({', '.join(kinds)}); points trained differently need not lie "
+                         "on one law or frontier: fit one sweep's CSV (`memcore sweep --out`) for a clean answer")
+    return df, notes
+
+
+def law_table(csv: str | Path | None = None, store: Store | None = None, *, method: str | None = None,
+              model: str | None = None, sweep: str | None = None,
+              required: tuple[str, ...] = LAW_COLUMNS) -> tuple[pd.DataFrame, list[str]]:
+    """The one table the law and frontier fits read: the CSV file `csv` when given (read_law_csv, which must hold
+    the `required` columns; only `method`'s rows when it has a method column; model and sweep do not apply to a
+    CSV), else the completed runs in `store` (runs_table, filtered by method, model and sweep). Columns as
+    read_law_csv and runs_table: rank, length (target tokens), delta_loss (nats per token), optional p_eff,
+    method, seed and the recall and stop columns.
+
+    Returns (table, notes for the reader). Raises MemcoreError: the CSV's problems as read_law_csv words them, no
+    completed run matching in the store, or neither a CSV nor a store given."""
+    if csv:
+        return method_rows(read_law_csv(csv, required=required), method), []
+    if store is None:
+        raise MemcoreError("no law points: give a CSV file of them or a store of runs")
+    return runs_table(store, method=method, model=model, sweep=sweep)
+
+
+@dataclass
+class LawFits:
+    """Every form of the law fitted to one table's points (fit_all)."""
+
+    forms: dict[str, LawFit]  # form -> its fit, for each form that could be fitted
+    preferred: str  # the form the data prefer (lowest AIC)
+    regime: Regime  # how the table's points stopped
+    fitted_on: str  # which points the forms were fitted on, in a sentence (law_points)
+    p_eff: LawFit | None = None  # the main form again in x = P_eff (fit_all with_p_eff)
+    p_eff_error: str | None = None  # why that fit failed
+
+    @property
+    def main(self) -> LawFit:
+        """The fit reported first: the power law (the paper's form) when it was fitted, else the preferred form."""
+        return self.forms["power"] if "power" in self.forms else self.forms[self.preferred]
+
+    def to_dict(self) -> dict[str, Any]:
+        """main.to_dict(), then comparison (aic and r2 per form, preferred, each form's to_dict), p_eff_fit (its
+        to_dict, or {"error": why}) when it was attempted, regime (Regime.to_dict) and fitted_on."""
+        out = self.main.to_dict()
+        out["comparison"] = {"aic": {f: fit.aic for f, fit in self.forms.items()},
+                             "r2": {f: fit.r2 for f, fit in self.forms.items()},
+                             "preferred": self.preferred, "forms": {f: fit.to_dict() for f, fit in self.forms.items()}}
+        if self.p_eff is not None:
+            out["p_eff_fit"] = self.p_eff.to_dict()
+        elif self.p_eff_error is not None:
+            out["p_eff_fit"] = {"error": self.p_eff_error}
+        out["regime"], out["fitted_on"] = self.regime.to_dict(), self.fitted_on
+        return out
+
+
+def fit_all(df: pd.DataFrame, *, with_p_eff: bool = False) -> LawFits:
+    """Fit every form of the law to a table of points: its regime, the points the law is fitted on
+    (law_points), each form (compare_forms) and the one the data prefer. df: rank, length (target tokens),
+    delta_loss (nats per token); optional p_eff (trainable parameters) and stop_reason, converged, frac_above
+    (how each point stopped). With with_p_eff and more than one P_eff value among the fitted points, the main
+    form is fitted again with x = P_eff; its failure is kept in p_eff_error, not raised.
+
+    Raises MemcoreError naming the missing column(s) when rank, length or delta_loss is absent, and when no form
+    can be fitted (too few points, a degenerate grid, non-finite values: fit_law's messages)."""
+    missing = [c for c in LAW_COLUMNS if c not in df.columns]
+    if missing:
+        raise MemcoreError(f"the table lacks column(s) {', '.join(missing)}; found: {', '.join(map(str, df.columns))}")
+    reg = regime(df)
+    pts, how = law_points(df)
+    r, length, dl = (pts[c].to_numpy(float) for c in LAW_COLUMNS)
+    forms, preferred = compare_forms(r, length, dl)
+    fits = LawFits(forms, preferred, reg, how)
+    if with_p_eff and "p_eff" in pts.columns and pts["p_eff"].notna().all() and pts["p_eff"].nunique() > 1:
+        try:
+            fits.p_eff = fit_law(pts["p_eff"].to_numpy(float), length, dl, fits.main.form, x_name="p_eff")
+        except MemcoreError as e:
+            fits.p_eff_error = str(e)
+    return fits
+
+
+# --- a user's own runs beside a sweep -----------------------------------------------------------------------------
+
+OWN_RUN_COLUMNS = ("run_id", "method", "rank", "length", "delta_loss", "token_accuracy", "exact_recall")
+
+
+def own_runs(store: Store) -> pd.DataFrame:
+    """The store's completed runs outside any sweep (a user's own), one row each, columns OWN_RUN_COLUMNS: run_id,
+    method, rank, length (target tokens), delta_loss (nats per token), token_accuracy (share of target tokens
+    whose teacher-forced argmax is right) and exact_recall (1.0 when the whole target was recalled, else 0.0)."""
+    import pandas as pd
+
+    rows = [{"run_id": r["id"], "method": r["method"], "rank": r["rank"], "length": s["n_tokens"],
+             "delta_loss": s["delta_loss"], "token_accuracy": s["n_correct"] / s["n_tokens"],
+             "exact_recall": float(bool(s.get("exact_recall", s["recalled"])))}
+            for r in store.runs(status="completed") if not r["sweep"] and (s := r["summary"])]
+    return pd.DataFrame(rows, columns=list(OWN_RUN_COLUMNS))
+
+
+def comparable_settings(spec: RunSpec) -> dict[str, Any]:
+    """The settings that decide where a run lands on a sweep's grid, in words a reader compares: adapter, layers,
+    data (random tokens, JSONL pairs, PhoneBook or text), lr, dropout, max steps, until and model. A shipped
+    sweep's JSON side file holds the same keys under "settings"."""
+    d = spec.data
+    data = ("random tokens" if d.random_tokens is not None else "JSONL pairs" if d.pairs is not None
+            else "PhoneBook" if d.phonebook is not None else "text")
+    return {"adapter": spec.adapter.kind, "layers": str(spec.adapter.layers), "data": data, "lr": spec.train.lr,
+            "dropout": spec.adapter.dropout, "max steps": spec.train.max_steps, "until": spec.train.until,
+            "model": spec.model.name}
+
+
+def sweep_mismatches(store: Store, sweep_settings: dict[str, Any]) -> list[str]:
+    """For each of the user's own completed runs (outside any sweep) trained unlike a sweep, one line naming the
+    run and each differing setting with the sweep's value, e.g. "run 2026... differs from the sweep in adapter
+    lora (sweep: bypass)". sweep_settings: the sweep's comparable_settings (keys it lacks are not compared)."""
+    notes = []
+    for r in store.runs(status="completed"):
+        if r["sweep"] or not r["summary"]:
+            continue
+        diff = [f"{k} {v!s} (sweep: {sweep_settings[k]!s})"
+                for k, v in comparable_settings(RunSpec.from_dict(r["spec"])).items()
+                if k in sweep_settings and v != sweep_settings[k]]
+        if diff:
+            notes.append(f"run {r['id']} differs from the sweep in " + ", ".join(diff))
+    return notes

@@ -127,3 +127,18 @@ def test_regime_is_read_from_how_points_stopped():
     old = pd.DataFrame({"frac_above": [0.2] * 10})
     reg = regime(old)
     assert reg.label == "budget-bound (optimization)" and not reg.known and "fixed-budget" in reg.describe()
+
+
+def test_recall_cells_are_seed_means_per_cell():
+    from memcore.frontier import has_recall, recall_cells
+
+    df = pd.DataFrame({"rank": [1, 1, 1, 2], "length": [8, 8, 16, 8], "delta_loss": [1.0, 2.0, 0.5, 3.0],
+                       "recalled": [True, False, False, True], "frac_correct": [1.0, 0.5, 0.25, 1.0]})
+    cells = recall_cells(df)  # an older table: recalled and frac_correct stand in for exact_recall, token_accuracy
+    assert cells[["rank", "length"]].values.tolist() == [[1, 8], [1, 16], [2, 8]]
+    assert cells["delta_loss"].tolist() == [1.5, 0.5, 3.0] and cells["exact_recall"].tolist() == [0.5, 0.0, 1.0]
+    assert cells["token_accuracy"].tolist() == [0.75, 0.25, 1.0]
+    bare = df.drop(columns=["recalled", "frac_correct"])
+    assert has_recall(df) and not has_recall(bare)
+    with pytest.raises(MemcoreError, match="no exact_recall"):
+        recall_cells(bare)

@@ -104,7 +104,8 @@ def test_a_spreadsheet_csv_reads_like_a_plain_one(tmp_path):
     plain = tmp_path / "plain.csv"
     df.to_csv(plain, index=False)
     again = read_law_csv(plain)
-    assert np.allclose(again[["rank", "length", "delta_loss"]].to_numpy(), df[["rank", "length", "delta_loss"]].to_numpy())
+    cols = ["rank", "length", "delta_loss"]
+    assert np.allclose(again[cols].to_numpy(), df[cols].to_numpy())
     tab = tmp_path / "tab.tsv"
     tab.write_bytes("Rank\tLength\t Delta_Loss \n1\t32\t0,5\n2\t32\t0,7\n".encode("cp1252"))
     assert read_law_csv(tab)["delta_loss"].tolist() == [0.5, 0.7]
@@ -118,7 +119,8 @@ def test_a_csv_that_really_lacks_columns_names_what_it_found(tmp_path):
 
     f = tmp_path / "x.csv"
     f.write_text("\ufeffr;len;dl\r\n1;32;0,4\r\n")
-    with pytest.raises(MemcoreError, match=r"lacks column\(s\) rank, length, delta_loss; found 3 column\(s\): r, len, dl"):
+    with pytest.raises(MemcoreError,
+                       match=r"lacks column\(s\) rank, length, delta_loss; found 3 column\(s\): r, len, dl"):
         read_law_csv(f)
     f.write_text("")
     with pytest.raises(MemcoreError, match="empty"):
@@ -154,7 +156,8 @@ def test_the_fast_fit_agrees_with_the_multistart_fit_on_the_shipped_sweep(form, 
 
     from memcore.law import PARAMS
 
-    df = pd.read_csv(__import__("pathlib").Path(__file__).resolve().parent.parent / "sample_data" / "sweeps" / "default_smollm2_135m.csv")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    df = pd.read_csv(root / "sample_data" / "sweeps" / "default_smollm2_135m.csv")
     d = df[df["method"] == method]
     r, ell, dl = (d[c].to_numpy(float) for c in ("rank", "length", "delta_loss"))
     popt, se, sse, loo = _multistart_reference(form, r, ell, dl)
@@ -178,7 +181,8 @@ def test_european_thousands_separators_and_excel_sep_hint(tmp_path):
     from memcore.law import read_law_csv
 
     f = tmp_path / "eu.csv"
-    f.write_text("sep=;\nrank;length;delta_loss;p_eff\n1;512;0,116;6.336\n1;1.024;0,1;6.336\n2;2.048;0,12;12.672\n\n2;512;x;12.672\n",
+    f.write_text("sep=;\nrank;length;delta_loss;p_eff\n1;512;0,116;6.336\n1;1.024;0,1;6.336\n2;2.048;0,12;12.672\n\n"
+                 "2;512;x;12.672\n",
                  encoding="utf-8")
     with pytest.raises(MemcoreError, match=r"delta_loss .* 1 empty or non-numeric value\(s\) \(line 7\)"):
         read_law_csv(f)  # the blank line is counted: line 7 is the one with x
@@ -188,5 +192,133 @@ def test_european_thousands_separators_and_excel_sep_hint(tmp_path):
     assert df["delta_loss"].tolist() == pytest.approx([0.116, 0.1, 0.12, 0.2])
     g = tmp_path / "frac.csv"
     g.write_text("rank,length,delta_loss\n1,1.024,0.5\n2,64,0.4\n")
-    with pytest.raises(MemcoreError, match=r"length .* whole numbers, .* such as 1\.024 \(line 2\); is a thousands separator"):
+    with pytest.raises(MemcoreError,
+                       match=r"length .* whole numbers, .* such as 1\.024 \(line 2\); is a thousands separator"):
         read_law_csv(g)
+
+
+# --- the table a fit reads, fit_all, a user's runs beside a sweep -------------------------------------------------
+
+
+def _store_with_runs(tmp_path, runs):
+    """A store holding fake finished runs: (method, rank, n_tokens, delta_loss, adapter, status, sweep, data)."""
+    from memcore.config import AdapterSpec, DataSpec, RunSpec, TrainSpec
+    from memcore.store import Store
+
+    store = Store(tmp_path / "home")
+    for method, rank, n, dl, adapter, status, sweep, data in runs:
+        spec = RunSpec(adapter=AdapterSpec(rank=rank, kind=adapter), train=TrainSpec(method=method),
+                       data=DataSpec(random_tokens=n) if data == "random" else DataSpec(text="some text"))
+        rid = store.create_run(spec.to_dict(), sweep=sweep, label=None)
+        summary = {"n_tokens": n, "delta_loss": dl, "p_eff": 100 * rank, "n_above": n // 2, "n_correct": n // 4,
+                   "recalled": False, "exact_recall": dl is not None and dl > 1, "stop_reason": "max_steps",
+                   "bits_per_param": 0.01, "adapter": adapter, "steps": 3}
+        store.set_status(rid, status, summary=summary if status == "completed" else None)
+    return store
+
+
+def test_law_table_from_a_csv_keeps_the_asked_methods_rows_and_names_a_missing_column(tmp_path):
+    from memcore.law import law_table
+
+    f = tmp_path / "grid.csv"
+    f.write_text("rank,length,delta_loss,method\n1,32,0.5,sft\n2,32,0.7,sft\n1,32,0.6,memft-ot\n")
+    df, notes = law_table(f, method="sft")
+    assert df["method"].tolist() == ["sft", "sft"] and df["delta_loss"].tolist() == [0.5, 0.7] and notes == []
+    assert len(law_table(f)[0]) == 3  # no method asked: every row
+    plain = tmp_path / "plain.csv"
+    plain.write_text("rank,length,delta_loss\n1,32,0.5\n2,32,0.7\n")
+    assert len(law_table(plain, method="sft")[0]) == 2  # no method column: the rows cannot be told apart, all kept
+    short = tmp_path / "short.csv"
+    short.write_text("rank,length,exact_recall\n1,32,1\n")
+    with pytest.raises(MemcoreError, match=r"short.csv lacks column\(s\) delta_loss; found 3 column\(s\)"):
+        law_table(short)
+    assert law_table(short, required=("rank", "length"))[0]["exact_recall"].tolist() == [1]  # what the frontier needs
+    with pytest.raises(MemcoreError, match="give a CSV file of them or a store of runs"):
+        law_table()
+
+
+def test_runs_table_reads_completed_runs_filters_them_and_notes_mixed_adapters(tmp_path):
+    from memcore.law import RUN_COLUMNS, law_table, runs_table
+
+    store = _store_with_runs(tmp_path, [
+        ("sft", 1, 32, 0.5, "lora", "completed", None, "text"),
+        ("sft", 2, 64, 1.5, "lora", "completed", None, "random"),
+        ("memft-ot", 4, 32, 0.9, "bypass", "completed", None, "text"),
+        ("sft", 8, 32, None, "lora", "completed", None, "text"),  # no ΔL: not a law point
+        ("sft", 8, 32, 0.1, "lora", "failed", None, "text"),  # not completed
+    ])
+    df, notes = runs_table(store)
+    assert tuple(df.columns) == RUN_COLUMNS and sorted(df["rank"]) == [1, 2, 4]
+    row = df[df["rank"] == 2].iloc[0]
+    assert row[["length", "delta_loss", "p_eff", "frac_above", "token_accuracy"]].tolist() == [64, 1.5, 200, 0.5, 0.25]
+    assert bool(row["exact_recall"]) and row["data"] == "random_tokens" and row["method"] == "sft"
+    assert [n.split(";")[0] for n in notes] == ["the store's runs mix adapters (bypass, lora)",
+                                                "the store's runs mix kinds of data (random_tokens, text)"]
+    sft, notes = law_table(store=store, method="sft")  # the method filter goes to the store's query
+    assert sorted(sft["rank"]) == [1, 2] and len(notes) == 1 and "kinds of data" in notes[0]
+    with pytest.raises(MemcoreError, match=r"no completed runs match in the store"):
+        runs_table(store, method="memft-sw")
+
+
+def test_fit_all_reports_the_power_form_and_says_which_form_the_data_prefer():
+    import pandas as pd
+
+    from memcore.law import LawFits, fit_all
+
+    sat = saturating_law(np.array([R, L]), M=3.0, C=0.8, alpha=0.9, beta=0.65)
+    table = pd.DataFrame({"rank": R, "length": L, "delta_loss": sat, "p_eff": R * 100})
+    fits = fit_all(table, with_p_eff=True)
+    assert set(fits.forms) == {"power", "saturating"} and fits.preferred == "saturating"
+    assert fits.main is fits.forms["power"]  # the paper's form is reported first even when the data prefer the other
+    assert fits.p_eff is not None and fits.p_eff.x_name == "p_eff" and fits.p_eff.form == "power"
+    assert "table does not say which points converged" in fits.fitted_on and not fits.regime.known
+    out = fits.to_dict()
+    assert out["form"] == "power" and out["comparison"]["preferred"] == "saturating"
+    assert list(out)[-3:] == ["p_eff_fit", "regime", "fitted_on"] and out["p_eff_fit"]["x"] == "p_eff"
+    assert "p_eff_fit" not in fit_all(table).to_dict()  # only when asked for
+    only_sat = LawFits({"saturating": fits.forms["saturating"]}, "saturating", fits.regime, fits.fitted_on)
+    assert only_sat.main.form == "saturating"  # no power fit: the preferred form is reported
+    with pytest.raises(MemcoreError, match=r"lacks column\(s\) delta_loss; found: rank, length"):
+        fit_all(table[["rank", "length"]])
+    with pytest.raises(MemcoreError, match="too few points"):
+        fit_all(table.head(4))
+
+
+def test_one_method_picks_memft_ot_from_a_mixed_table_and_says_so():
+    import pandas as pd
+
+    from memcore.law import method_rows, one_method
+
+    df = pd.DataFrame({"method": ["sft", "memft-ot", "sft"], "rank": [1, 2, 3]})
+    rows, m, note = one_method(df, None)
+    assert m == "memft-ot" and rows["rank"].tolist() == [2] and "holds memft-ot, sft; using memft-ot" in note
+    rows, m, note = one_method(df, "sft")
+    assert m == "sft" and rows["rank"].tolist() == [1, 3] and note is None
+    rows, m, note = one_method(df[df["method"] == "sft"], None)
+    assert m == "sft" and len(rows) == 2 and note is None
+    assert one_method(df.drop(columns="method"), None)[1:] == (None, None)
+    assert method_rows(df, "sft")["rank"].tolist() == [1, 3] and len(method_rows(df, None)) == 3
+    assert len(method_rows(df.drop(columns="method"), "sft")) == 3
+
+
+def test_own_runs_and_how_they_differ_from_a_sweep(tmp_path):
+    from memcore.config import RunSpec
+    from memcore.law import OWN_RUN_COLUMNS, comparable_settings, own_runs, sweep_mismatches
+
+    store = _store_with_runs(tmp_path, [
+        ("sft", 2, 64, 1.5, "lora", "completed", None, "text"),
+        ("memft-ot", 4, 32, 0.5, "bypass", "completed", None, "random"),
+        ("sft", 8, 32, 0.4, "lora", "completed", "a-sweep", "random"),  # a sweep's point: not the user's own
+        ("sft", 8, 32, 0.4, "lora", "failed", None, "text"),
+    ])
+    own = own_runs(store)
+    assert tuple(own.columns) == OWN_RUN_COLUMNS and own["rank"].tolist() == [2, 4]
+    assert own["token_accuracy"].tolist() == [0.25, 0.25] and own["exact_recall"].tolist() == [1.0, 0.0]
+    sweep_spec = RunSpec.from_dict(store.runs(sweep="a-sweep")[0]["spec"])
+    ref = comparable_settings(sweep_spec)
+    assert ref["adapter"] == "lora" and ref["data"] == "random tokens" and ref["lr"] == sweep_spec.train.lr
+    notes = sweep_mismatches(store, ref)
+    first, second = own["run_id"]
+    assert notes == [f"run {first} differs from the sweep in data text (sweep: random tokens)",
+                     f"run {second} differs from the sweep in adapter bypass (sweep: lora)"]
+    assert sweep_mismatches(store, {"model": ref["model"]}) == []  # only the sweep's own keys are compared

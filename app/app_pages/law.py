@@ -12,31 +12,39 @@ import streamlit as st
 from common import error_text, get_store, get_worker, show_chart
 
 from memcore.config import MemcoreError, RunSpec
-from memcore.frontier import REFERENCE_BITS_PER_PARAM, frontier_from_table, recall_column, smallest_verbatim_rank
-from memcore.law import compare_forms, law_points, read_law_csv, regime, smallest_rank
+from memcore.frontier import (
+    REFERENCE_BITS_PER_PARAM,
+    frontier_from_table,
+    has_recall,
+    recall_cells,
+    smallest_verbatim_rank,
+)
+from memcore.law import (
+    LawFits,
+    comparable_settings,
+    fit_all,
+    method_rows,
+    own_runs,
+    read_law_csv,
+    smallest_rank,
+    sweep_mismatches,
+)
 from memcore.sweep import sweep_table
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "sample_data" / "sweeps"
 
 
-def comparable(spec: RunSpec) -> dict:
-    """The settings that decide where a run lands on a sweep's grid, in words a reader compares."""
-    d = spec.data
-    data = ("random tokens" if d.random_tokens is not None else "JSONL pairs" if d.pairs is not None
-            else "PhoneBook" if d.phonebook is not None else "text")
-    return {"adapter": spec.adapter.kind, "layers": str(spec.adapter.layers), "data": data, "lr": spec.train.lr,
-            "dropout": spec.adapter.dropout, "max steps": spec.train.max_steps, "until": spec.train.until,
-            "model": spec.model.name}
-
 st.title("Memory law")
 st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after training, as a function of adapter rank r "
-           "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection grid start, "
-           "with 95% intervals, on the points that converged short of full recall where the sweep says how its points stopped.")
+           "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection "
+           "grid start, with 95% intervals, on the points that converged short of full recall where the sweep says "
+           "how its points stopped.")
 
 store = get_store()
 sources: dict[str, pd.DataFrame] = {}
 settings: dict[str, dict] = {}  # what each sweep trained with, to compare a user's runs against
-for f in sorted(SHIPPED.glob("*.csv"), key=lambda f: (not f.stem.startswith("capacity"), f.stem)):  # the paper's regime first
+# the paper's regime first
+for f in sorted(SHIPPED.glob("*.csv"), key=lambda f: (not f.stem.startswith("capacity"), f.stem)):
     sources[f"shipped: {f.stem}"] = read_law_csv(f)
     side = f.with_suffix(".json")
     if side.is_file():
@@ -46,7 +54,7 @@ for sid in sorted({r["sweep"] for r in store.runs() if r["sweep"]}):
     if rows:
         sources[f"your sweep: {sid}"] = pd.DataFrame(rows)
         first = store.run(rows[0]["run_id"])
-        settings[f"your sweep: {sid}"] = comparable(RunSpec.from_dict(first["spec"]))
+        settings[f"your sweep: {sid}"] = comparable_settings(RunSpec.from_dict(first["spec"]))
 upload = st.file_uploader("Or upload a CSV of law points (columns rank, length, delta_loss; optional method, p_eff)",
                           type=["csv", "tsv", "txt"], key="law_upload")
 if upload is not None:
@@ -66,11 +74,8 @@ methods = sorted(data["method"].unique()) if "method" in data else ["all points"
 
 
 @st.cache_data(show_spinner="fitting ...", max_entries=32)
-def fit_method(table: pd.DataFrame, method: str):
-    d = table[table["method"] == method] if "method" in table else table
-    pts, _how = law_points(d)
-    fits, preferred = compare_forms(pts["rank"].to_numpy(float), pts["length"].to_numpy(float), pts["delta_loss"].to_numpy(float))
-    return fits, preferred
+def fit_method(table: pd.DataFrame, method: str) -> LawFits:
+    return fit_all(method_rows(table, method))
 
 
 @st.cache_data(show_spinner="fitting the recall frontier ...", max_entries=32)
@@ -78,7 +83,7 @@ def frontier_of(table: pd.DataFrame, method: str):
     return frontier_from_table(table, method if "method" in table else None)
 
 
-fits = {}
+fits: dict[str, LawFits] = {}
 for m in methods:
     try:
         fits[m] = fit_method(data, m)
@@ -90,49 +95,50 @@ if not fits:
 # --- parameters, side by side --------------------------------------------------------------------------------
 st.subheader("Fitted parameters")
 cols = st.columns(len(fits))
-for c, (m, (fs, preferred)) in zip(cols, fits.items()):
+for c, (m, lf) in zip(cols, fits.items()):
     with c:
-        fit = fs["power"] if "power" in fs else fs[preferred]
-        d = data[data["method"] == m] if "method" in data else data
-        table = pd.DataFrame([{"parameter": k, "value": v, "95% low": fit.intervals[k][0], "95% high": fit.intervals[k][1]}
-                              for k, v in fit.params.items()])
-        st.markdown(f"**{m}** · {fit.n} points · R² **{fit.r2:.3f}** · RMSE {fit.rmse:.3f} · leave-one-out RMSE {fit.loo_rmse:.3f}")
-        st.dataframe(table, hide_index=True, width="stretch", column_config={k: st.column_config.NumberColumn(format="%.4f")
-                                                                               for k in ("value", "95% low", "95% high")})
-        aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in fs.items())
-        st.caption(f"AIC ({aics}): the data prefer the **{preferred}** form"
-                   + (f" (R² {fs[preferred].r2:.3f})" if preferred != fit.form else ""))
-        st.caption(f"{regime(d).describe()}; {law_points(d)[1]}.")
+        fit = lf.main
+        table = pd.DataFrame([{"parameter": k, "value": v, "95% low": fit.intervals[k][0],
+                               "95% high": fit.intervals[k][1]} for k, v in fit.params.items()])
+        st.markdown(f"**{m}** · {fit.n} points · R² **{fit.r2:.3f}** · RMSE {fit.rmse:.3f} · "
+                    f"leave-one-out RMSE {fit.loo_rmse:.3f}")
+        st.dataframe(table, hide_index=True, width="stretch",
+                     column_config={k: st.column_config.NumberColumn(format="%.4f")
+                                    for k in ("value", "95% low", "95% high")})
+        aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in lf.forms.items())
+        st.caption(f"AIC ({aics}): the data prefer the **{lf.preferred}** form"
+                   + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form else ""))
+        st.caption(f"{lf.regime.describe()}; {lf.fitted_on}.")
+        d = method_rows(data, m)
         if "bits_per_param" in d:
             cap = d.groupby("rank")["bits_per_param"].max()
-            st.caption("capacity, best bits per trainable parameter by rank: " + ", ".join(f"r{int(r)} {v:.4f}" for r, v in cap.items()))
+            st.caption("capacity, best bits per trainable parameter by rank: "
+                       + ", ".join(f"r{int(r)} {v:.4f}" for r, v in cap.items()))
 
 # --- surface with runs overlaid ---------------------------------------------------------------------------------
 st.subheader("Surface")
 method = st.radio("Method", list(fits), horizontal=True, key="law_method")
-fs, preferred = fits[method]
-fit = fs["power"] if "power" in fs else fs[preferred]
-d = data[data["method"] == method] if "method" in data else data
+fit = fits[method].main
+d = method_rows(data, method)
 observed = d[["rank", "length", "delta_loss"]].assign(kind="sweep")
-mine = [r for r in store.runs(status="completed")  # a CSV without a method column: runs of every method
-        if not r["sweep"] and r["summary"] and (r["method"] == method or "method" not in data)]
+own = own_runs(store)
+mine = method_rows(own, method if "method" in data else None)  # a CSV without a method column: runs of every method
 session_runs = set()
 job = get_worker().find(st.query_params.get("job"))
 if job is not None:
     session_runs = {live.run_id for live in job.runs if live.run_id}
-extra = pd.DataFrame([{"rank": r["rank"], "length": r["summary"].n_tokens, "delta_loss": r["summary"].delta_loss,
-                       "kind": "this session" if r["id"] in session_runs else "your runs"} for r in mine],
-                     columns=["rank", "length", "delta_loss", "kind"])
+extra = mine[["rank", "length", "delta_loss"]].assign(
+    kind=["this session" if rid in session_runs else "your runs" for rid in mine["run_id"]])
 show_mine = st.toggle("Overlay your own runs", value=True, key="law_mine")
 if show_mine and len(extra):
     observed = pd.concat([observed, extra], ignore_index=True)
-    st.caption("Your runs may use other budgets, placements or stop rules than the sweep; their distance from the surface shows how much that matters.")
+    st.caption("Your runs may use other budgets, placements or stop rules than the sweep; their distance from the "
+               "surface shows how much that matters.")
 observed = observed.assign(predicted=fit.predict(observed["rank"].to_numpy(float), observed["length"].to_numpy(float)))
 grid = charts.law_grid(fit.predict, observed["rank"], observed["length"])
 surface = charts.law_surface_chart(grid, observed, f"{method}: fitted ΔL (R² {fit.r2:.3f})")
-has_recall = any(c in data.columns for c in ("exact_recall", "recalled"))
 front = None
-if has_recall:
+if has_recall(data):
     try:
         front = frontier_of(data, method)
     except MemcoreError:
@@ -141,7 +147,8 @@ if front is not None and front[1] is not None:
     ffit = front[1]
     rr = np.geomspace(float(grid.r_lo.min()), float(grid.r_hi.max()), 30)
     band = [ffit.ell_star_interval(x) for x in rr]
-    surface = alt.layer(surface, charts.frontier_layer(rr, ffit.ell_star(rr), grid, [b[0] for b in band], [b[1] for b in band]))
+    surface = alt.layer(surface, charts.frontier_layer(rr, ffit.ell_star(rr), grid, [b[0] for b in band],
+                                                       [b[1] for b in band]))
     st.caption("White dashed line: the verbatim-recall frontier ℓ*(r) fitted from the same sweep (band: 95% interval); "
                "below it the whole target is predicted to be recalled verbatim.")
 show_chart(surface)
@@ -149,28 +156,19 @@ show_chart(surface)
 ranks = sorted(d["rank"].unique())
 ls = np.geomspace(d["length"].min(), d["length"].max(), 40)
 curves = pd.DataFrame([{"rank": r, "length": x, "delta_loss": float(fit.predict(r, x))} for r in ranks for x in ls])
-show_chart(charts.law_slices_chart(d[["rank", "length", "delta_loss"]], curves, f"{method}: ΔL against length, one line per rank"))
+show_chart(charts.law_slices_chart(d[["rank", "length", "delta_loss"]], curves,
+                                   f"{method}: ΔL against length, one line per rank"))
 
 # --- recall: low loss is not high accuracy ------------------------------------------------------------------------
-if has_recall:
+if has_recall(data):
     st.subheader("Recall: low loss is not high accuracy")
     st.caption("Seed means over the grid, one column per method. Token accuracy is the share of target tokens whose "
                "teacher-forced argmax is right; exact recall is the share of seeds whose whole target is reproduced "
                "verbatim. The recall boundary is sharp and does not follow the ΔL contours.")
-    rec_col = recall_column(data)
     shown = [m for m in ("sft", "memft-ot", "memft-sw") if m in methods] or methods
-    cell_tables = {}
-    for m in shown:
-        dm = data[data["method"] == m] if "method" in data else data
-        agg = {"delta_loss": ("delta_loss", "mean"), "exact_recall": (rec_col, lambda s: float(np.mean(s.astype(bool))))}
-        if "token_accuracy" in dm or "frac_correct" in dm:
-            agg["token_accuracy"] = ("token_accuracy" if "token_accuracy" in dm else "frac_correct", "mean")
-        cell_tables[m] = dm.groupby(["rank", "length"]).agg(**agg).reset_index()
-    mine_cells = pd.DataFrame([{"rank": r["rank"], "length": r["summary"].n_tokens, "label": f"your run {r['id']}",
-                                "delta_loss": r["summary"].delta_loss,
-                                "token_accuracy": r["summary"].n_correct / r["summary"].n_tokens,
-                                "exact_recall": float(bool(r["summary"].exact_recall))}
-                               for r in store.runs(status="completed") if not r["sweep"] and r["summary"]])
+    cell_tables = {m: recall_cells(method_rows(data, m)) for m in shown}
+    mine_cells = own.assign(label=[f"your run {rid}" for rid in own["run_id"]])[
+        ["rank", "length", "label", "delta_loss", "token_accuracy", "exact_recall"]]
     dl_hi = max(float(t["delta_loss"].max()) for t in cell_tables.values())
     for value, label, fmt, dom in (("delta_loss", "ΔL (nats/token)", ".2f", (0.0, dl_hi)),
                                    ("token_accuracy", "token accuracy", ".2f", (0.0, 1.0)),
@@ -180,26 +178,14 @@ if has_recall:
             t = cell_tables[m]
             if value not in t:
                 continue
-            near = None
-            if show_mine and len(mine_cells) and value in mine_cells:
-                # a user's run sits on the sweep cell nearest in log rank and log length
-                rr, ll = np.array(sorted(t["rank"].unique()), float), np.array(sorted(t["length"].unique()), float)
-                near = mine_cells.assign(rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine_cells["rank"]],
-                                         length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine_cells["length"]])
-            with c:
-                show_chart(charts.recall_heatmap(t, value, f"{m}: {label}", fmt, dom, mine=near))
+            with c:  # a user's run sits on the sweep cell nearest to it
+                show_chart(charts.recall_heatmap(t, value, f"{m}: {label}", fmt, dom,
+                                                 mine=mine_cells if show_mine else None))
     if show_mine and len(mine_cells):
         st.caption("Diamonds: your own runs, on the nearest sweep cell (hover for their values).")
         ref = settings.get(name)
         if ref:
-            notes = []
-            for r in store.runs(status="completed"):
-                if r["sweep"] or not r["summary"]:
-                    continue
-                diff = [f"{k} {v!s} (sweep: {ref[k]!s})" for k, v in comparable(RunSpec.from_dict(r["spec"])).items()
-                        if k in ref and v != ref[k]]
-                if diff:
-                    notes.append(f"run {r['id']} differs from the sweep in " + ", ".join(diff))
+            notes = sweep_mismatches(store, ref)
             if notes:
                 st.warning("Your runs were not trained like the sweep, so they need not fall on its cells:\n\n- "
                            + "\n- ".join(notes[:8]) + (f"\n- … and {len(notes) - 8} more" if len(notes) > 8 else ""))
@@ -223,12 +209,14 @@ if has_recall:
                 if ffit is not None:
                     lo, hi = ffit.ell_star_interval(p.rank)
                     row["fitted ℓ*"] = f"{float(ffit.ell_star(p.rank)):.0f} [{lo:.0f}, {hi:.0f}]"
-                    cap_rows.append({"rank": p.rank, "bits_per_param": ffit.bits_per_param(p.rank), "kind": f"{m} fitted"})
+                    cap_rows.append({"rank": p.rank, "bits_per_param": ffit.bits_per_param(p.rank),
+                                     "kind": f"{m} fitted"})
                 if p.bits_per_param is not None:
                     cap_rows.append({"rank": p.rank, "bits_per_param": p.bits_per_param, "kind": f"{m} interpolated"})
                 rows.append(row)
+            gamma_lo, gamma_hi = ffit.gamma_interval if ffit else (None, None)
             st.markdown(f"**{m}**" + (f" · ℓ*(r) = {math.exp(ffit.a):.3g} · r^{ffit.gamma:.2f} "
-                                        f"(γ 95% [{ffit.gamma_interval[0]:.2f}, {ffit.gamma_interval[1]:.2f}])" if ffit else ""))
+                                        f"(γ 95% [{gamma_lo:.2f}, {gamma_hi:.2f}])" if ffit else ""))
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
                          column_config={"bits/param there": st.column_config.NumberColumn(format="%.3f")})
             if ffit is None:
@@ -239,9 +227,9 @@ if has_recall:
     cap = pd.DataFrame([r for r in cap_rows if r["bits_per_param"] is not None])
     if len(cap):
         show_chart(charts.capacity_chart(cap, REFERENCE_BITS_PER_PARAM))
-        st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled to the "
-                   "frontier length and divided by P_eff. References: about 2 bits/param for knowledge (Allen-Zhu & Li), "
-                   "3.6 for random data (Morris et al. 2025).")
+        st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled "
+                   "to the frontier length and divided by P_eff. References: about 2 bits/param for knowledge "
+                   "(Allen-Zhu & Li), 3.6 for random data (Morris et al. 2025).")
 
 # --- what if ---------------------------------------------------------------------------------------------------
 st.subheader("What if")
@@ -253,26 +241,29 @@ pred = float(fit.predict(r_in, l_in))
 per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
 bits = pred * l_in / math.log(2)
 st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
-            + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = **{bits / (per_rank * r_in):.4f} bits/param**"
-               if per_rank == per_rank else ""))
+            + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
+               f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else ""))
 r_lo, r_hi, l_lo, l_hi = d["rank"].min(), d["rank"].max(), d["length"].min(), d["length"].max()
 if not (r_lo <= r_in <= r_hi and l_lo <= l_in <= l_hi):
-    st.caption(f"Rank {r_in} and {l_in} tokens lie outside the fitted points (ranks {r_lo:g}–{r_hi:g}, lengths {l_lo:g}–{l_hi:g}): "
-               "this is an extrapolation of the law.")
+    st.caption(f"Rank {r_in} and {l_in} tokens lie outside the fitted points (ranks {r_lo:g}–{r_hi:g}, "
+               f"lengths {l_lo:g}–{l_hi:g}): this is an extrapolation of the law.")
 try:
     need = smallest_rank(fit, l_in, target)
-    st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens: **{need if need is not None else 'none up to 4096'}**")
+    st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens: "
+                f"**{need if need is not None else 'none up to 4096'}**")
 except Exception as e:
     st.error(error_text(e))
 if front is not None:
     st.markdown("**Smallest rank to recall ℓ tokens verbatim**")
-    v_len = int(st.number_input("Tokens to recall verbatim", min_value=1, max_value=1_000_000, value=64, key="wi_verbatim"))
+    v_len = int(st.number_input("Tokens to recall verbatim", min_value=1, max_value=1_000_000, value=64,
+                                key="wi_verbatim"))
     if front[1] is None:
         st.info(f"No verbatim what-if for {method}: {front[2]}")
     else:
         ans = smallest_verbatim_rank(front[1], v_len)
+        hi = ans.interval[1] if ans.interval[1] is not None else "unbounded"
         st.markdown(f"Smallest rank predicted to recall **{v_len}** tokens verbatim with {method}: **{ans.rank}** "
-                    f"(95% interval {ans.interval[0]}–{ans.interval[1] if ans.interval[1] is not None else 'unbounded'})")
+                    f"(95% interval {ans.interval[0]}–{hi})")
         for n in ans.notes:
             st.warning(n)
 with st.expander("Fit as JSON"):
