@@ -307,7 +307,7 @@ def recall_cells(df: pd.DataFrame) -> pd.DataFrame:
     Raises MemcoreError when the table has no recall column (recall_column)."""
     rec = recall_column(df)
     agg: dict[str, Any] = {"delta_loss": ("delta_loss", "mean"),
-                           "exact_recall": (rec, lambda s: float(np.mean(s.astype(bool))))}
+                           "exact_recall": (rec, lambda s: float(np.mean(as_bool(s))))}  # "False" is not recalled
     if "token_accuracy" in df or "frac_correct" in df:
         agg["token_accuracy"] = ("token_accuracy" if "token_accuracy" in df else "frac_correct", "mean")
     return df.groupby(["rank", "length"]).agg(**agg).reset_index()

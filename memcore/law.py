@@ -446,14 +446,14 @@ def runs_table(store: Store, *, method: str | None = None, model: str | None = N
     rows = []
     for r in store.runs(method=method, model=model, status="completed", sweep=sweep):
         s = r["summary"]
-        if s and s.get("delta_loss") is not None:
-            n = s["n_tokens"]
+        if s and s.delta_loss is not None:
+            n = s.n_tokens
             data = next((k for k in ("random_tokens", "pairs", "phonebook") if r["spec"]["data"].get(k)), "text")
-            rows.append({"rank": r["rank"], "length": n, "delta_loss": s["delta_loss"], "p_eff": s["p_eff"],
-                         "method": r["method"], "seed": r["seed"], "frac_above": s["n_above"] / n,
-                         "token_accuracy": s["n_correct"] / n,
-                         "exact_recall": bool(s.get("exact_recall", s["recalled"])), "stop_reason": s["stop_reason"],
-                         "bits_per_param": s["bits_per_param"], "adapter": s.get("adapter", "lora"), "data": data})
+            rows.append({"rank": r["rank"], "length": n, "delta_loss": s.delta_loss, "p_eff": s.p_eff,
+                         "method": r["method"], "seed": r["seed"], "frac_above": s.n_above / n,
+                         "token_accuracy": s.n_correct / n, "exact_recall": bool(s.exact_recall),
+                         "stop_reason": s.stop_reason, "bits_per_param": s.bits_per_param, "adapter": s.adapter,
+                         "data": data})
     df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     if df.empty:
         raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
@@ -551,9 +551,9 @@ def own_runs(store: Store) -> pd.DataFrame:
     whose teacher-forced argmax is right) and exact_recall (1.0 when the whole target was recalled, else 0.0)."""
     import pandas as pd
 
-    rows = [{"run_id": r["id"], "method": r["method"], "rank": r["rank"], "length": s["n_tokens"],
-             "delta_loss": s["delta_loss"], "token_accuracy": s["n_correct"] / s["n_tokens"],
-             "exact_recall": float(bool(s.get("exact_recall", s["recalled"])))}
+    rows = [{"run_id": r["id"], "method": r["method"], "rank": r["rank"], "length": s.n_tokens,
+             "delta_loss": s.delta_loss, "token_accuracy": s.n_correct / s.n_tokens,
+             "exact_recall": float(bool(s.exact_recall))}
             for r in store.runs(status="completed") if not r["sweep"] and (s := r["summary"])]
     return pd.DataFrame(rows, columns=list(OWN_RUN_COLUMNS))
 

@@ -138,6 +138,8 @@ def test_recall_cells_are_seed_means_per_cell():
     assert cells[["rank", "length"]].values.tolist() == [[1, 8], [1, 16], [2, 8]]
     assert cells["delta_loss"].tolist() == [1.5, 0.5, 3.0] and cells["exact_recall"].tolist() == [0.5, 0.0, 1.0]
     assert cells["token_accuracy"].tolist() == [0.75, 0.25, 1.0]
+    words = df.assign(recalled=["True", "False", "false", "yes"])  # a spreadsheet's words: "False" is not recalled
+    assert recall_cells(words)["exact_recall"].tolist() == [0.5, 0.0, 1.0]
     bare = df.drop(columns=["recalled", "frac_correct"])
     assert has_recall(df) and not has_recall(bare)
     with pytest.raises(MemcoreError, match="no exact_recall"):

@@ -203,6 +203,7 @@ def test_european_thousands_separators_and_excel_sep_hint(tmp_path):
 def _store_with_runs(tmp_path, runs):
     """A store holding fake finished runs: (method, rank, n_tokens, delta_loss, adapter, status, sweep, data)."""
     from memcore.config import AdapterSpec, DataSpec, RunSpec, TrainSpec
+    from memcore.records import RunSummary
     from memcore.store import Store
 
     store = Store(tmp_path / "home")
@@ -210,9 +211,12 @@ def _store_with_runs(tmp_path, runs):
         spec = RunSpec(adapter=AdapterSpec(rank=rank, kind=adapter), train=TrainSpec(method=method),
                        data=DataSpec(random_tokens=n) if data == "random" else DataSpec(text="some text"))
         rid = store.create_run(spec.to_dict(), sweep=sweep, label=None)
-        summary = {"n_tokens": n, "delta_loss": dl, "p_eff": 100 * rank, "n_above": n // 2, "n_correct": n // 4,
-                   "recalled": False, "exact_recall": dl is not None and dl > 1, "stop_reason": "max_steps",
-                   "bits_per_param": 0.01, "adapter": adapter, "steps": 3}
+        summary = RunSummary.from_dict(dict(
+            run_id=rid, n_tokens=n, delta_loss=dl, p_eff=100 * rank, n_above=n // 2, n_correct=n // 4, recalled=False,
+            exact_recall=dl is not None and dl > 1, stop_reason="max_steps", bits_per_param=0.01, adapter=adapter,
+            steps=3, first_divergence=0, base_loss=2.0, loss=1.0, bits_stored=1.0, seconds_per_step=0.1,
+            train_seconds=0.3, model="m", quant=None, method=method, tau=0.5, rank=rank, adapter_dir="",
+            prompt_ids=[1], target_ids=[2] * n, generated_ids=None))
         store.set_status(rid, status, summary=summary if status == "completed" else None)
     return store
 
