@@ -75,7 +75,7 @@ class LawFit:
         return d
 
 
-def _check(r: np.ndarray, ell: np.ndarray, dl: np.ndarray, n_params: int) -> None:
+def _validate_points(r: np.ndarray, ell: np.ndarray, dl: np.ndarray, n_params: int) -> None:
     if not (len(r) == len(ell) == len(dl)):
         raise MemcoreError(f"rank, length and delta_loss must have the same number of values "
                            f"({len(r)}, {len(ell)}, {len(dl)})")
@@ -162,7 +162,7 @@ def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str
         raise MemcoreError(f"unknown law form {form!r}; choose from {', '.join(FORMS)}")
     r, ell, dl = (np.asarray(v, dtype=float) for v in (r, length, delta_loss))
     names = PARAMS[form]
-    _check(r, ell, dl, len(names))
+    _validate_points(r, ell, dl, len(names))
     x = np.array([r, ell])
     res = _least_squares(form, x, dl)
     if res is None:

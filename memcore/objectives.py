@@ -67,7 +67,7 @@ def first_wrong(correct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class SlidingWindow:
     """State of memft-sw's window: per row, the last anchor, how long it stayed, and the current width."""
 
-    base: int = 50
+    size: int = 50  # the base window width W, tokens (spec.window); a still anchor grows it up to SW_MAX_FACTOR x
     anchors: list[int] = field(default_factory=list)
     still: list[int] = field(default_factory=list)
     widths: list[float] = field(default_factory=list)
@@ -75,15 +75,15 @@ class SlidingWindow:
     def update(self, anchors: list[int]) -> list[float]:
         """Advance one step with this step's anchors; return each row's window width W."""
         if len(self.anchors) != len(anchors):
-            self.anchors, self.still, self.widths = list(anchors), [0] * len(anchors), [float(self.base)] * len(anchors)
+            self.anchors, self.still, self.widths = list(anchors), [0] * len(anchors), [float(self.size)] * len(anchors)
             return list(self.widths)
         for r, a in enumerate(anchors):
             if a != self.anchors[r]:
-                self.anchors[r], self.still[r], self.widths[r] = a, 0, float(self.base)
+                self.anchors[r], self.still[r], self.widths[r] = a, 0, float(self.size)
             else:
                 self.still[r] += 1
                 if self.still[r] >= SW_PATIENCE:
-                    self.widths[r] = min(self.widths[r] + SW_GROWTH * self.base, SW_MAX_FACTOR * self.base)
+                    self.widths[r] = min(self.widths[r] + SW_GROWTH * self.size, SW_MAX_FACTOR * self.size)
         return list(self.widths)
 
 

@@ -179,7 +179,7 @@ def _restore(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, 
             params[n].copy_(v.to(params[n].device, params[n].dtype))
     opt.load_state_dict(ckpt.optimizer)
     for k, v in ckpt.window.items():
-        setattr(window, k, v)
+        setattr(window, "size" if k == "base" else k, v)  # "base": the width's name in older checkpoints
     torch.set_rng_state(ckpt.rng)
     if ckpt.cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt.cuda_rng)
@@ -227,7 +227,7 @@ class _Loop:
         # fused AdamW on accelerators: one kernel for all adapter tensors, no per-tensor launches
         self.opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
                                      fused=bool(params) and params[0].device.type == "cuda")
-        self.window = obj.SlidingWindow(base=spec.window)
+        self.window = obj.SlidingWindow(size=spec.window)
         torch.manual_seed(spec.seed)
         self.step, self.last_check_step, self.gen_seconds, self.notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
         if resume is not None:
@@ -311,7 +311,7 @@ class _Loop:
             return reason
         if report.recalled and spec.stop_when_recalled and step - self.last_check_step >= 5:
             self.last_check_step = step
-            gen = _check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
+            gen = _generate_check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
             if report.generate_recalled:
                 report.generated = gen
                 return "recalled"
@@ -330,7 +330,7 @@ class _Loop:
                 loss, correct = token_losses(self.model, self.batch)
             fill_report(report, *read_targets(loss, correct, self.where), self.base_np, self.spec.tau)
         if report.generated is None and self.spec.verify:
-            report.generated = _check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
+            report.generated = _generate_check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
         if report.generate_recalled is not None and report.recalled != report.generate_recalled:
             report.notes.append("teacher-forced recall and greedy generate disagree "
                                 f"(argmax: {report.recalled}, generate: {report.generate_recalled})")
@@ -394,7 +394,7 @@ def _all_above_without_dropout(model: Any, batch: Batch, where: torch.Tensor, ta
     return bool((loss.flatten()[where] < obj.cut(tau)).all())
 
 
-def _check(model: Any, batch: Batch, pad_id: int, report: StepReport, seconds: list[float]) -> list[list[int]]:
+def _generate_check(model: Any, batch: Batch, pad_id: int, report: StepReport, seconds: list[float]) -> list[list[int]]:
     _set_lora_dropout(model, False)
     t = time.perf_counter()
     gen = greedy_generate(model, batch.samples, pad_id)

@@ -32,7 +32,7 @@ def test_sw_weights_follow_the_rule():
     correct = torch.ones((1, K), dtype=torch.bool)
     correct[0, a] = False
     mask = torch.ones((1, K), dtype=torch.bool)
-    win = obj.SlidingWindow(base=50)
+    win = obj.SlidingWindow(size=50)
     w = obj.sw_weights(loss, correct, mask, 0.5, win)[0]
     base = torch.sigmoid(torch.tensor(10 * (2.0 - math.log(2))))
     assert torch.allclose(w[:a], base.expand(a))  # before the anchor: base weight
@@ -43,7 +43,7 @@ def test_sw_weights_follow_the_rule():
 
 
 def test_sw_window_grows_when_anchor_is_stuck_and_resets_when_it_moves():
-    win = obj.SlidingWindow(base=50)
+    win = obj.SlidingWindow(size=50)
     widths = [win.update([7])[0] for _ in range(12)]
     # first call sets W; the anchor then stays put: after 3 still steps W grows by 25 per step, capped at 200
     assert widths[:3] == [50, 50, 50]
