@@ -15,8 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from jobs import Worker  # noqa: E402
 
-from memcore.config import MemcoreError, ModelSpec  # noqa: E402
+from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec  # noqa: E402
 from memcore.models import memcore_home, resolve_source  # noqa: E402
+from memcore.specs import preflight  # noqa: E402
 from memcore.store import Store  # noqa: E402
 
 MAX_PASTE_CHARS = 200_000
@@ -26,7 +27,8 @@ MAX_UPLOAD_BYTES = 1_000_000
 @st.cache_resource(show_spinner=False)
 def get_worker() -> Worker:
     """One worker per server process: it owns the device, the base models and the job queue."""
-    preload = None if os.environ.get("MEMCORE_APP_NO_PRELOAD") else ModelSpec(name=os.environ.get("MEMCORE_APP_MODEL", "default"))
+    preload = (None if os.environ.get("MEMCORE_APP_NO_PRELOAD") else
+               ModelSpec(name=os.environ.get("MEMCORE_APP_MODEL", "default")))
     return Worker(memcore_home(), preload=preload)
 
 
@@ -37,6 +39,23 @@ def get_tokenizer(model_name: str):
 
     source = resolve_source(ModelSpec(name=model_name))
     return AutoTokenizer.from_pretrained(source)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def get_model_config(model_name: str):
+    """The model's config alone (no weights), for the preflight's context length and layer count."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_source(ModelSpec(name=model_name)))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def preflight_counts(model_name: str, data: DataSpec, layers: str | tuple[int, ...]) -> tuple[int, int]:
+    """(target tokens, model context in tokens) of memorizing `data` with an adapter on `layers` of the model, by
+    memcore's preflight; raises MemcoreError when that cannot run (too many tokens, a layer the model lacks, ...)."""
+    spec = RunSpec(model=ModelSpec(name=model_name), adapter=AdapterSpec(layers=layers), data=data)
+    checked = preflight(spec, get_tokenizer(model_name), get_model_config(model_name))
+    return checked.n_tokens, checked.context_length
 
 
 def get_store() -> Store:

@@ -7,7 +7,6 @@ User errors print one line (`memcore: error: ...`) and exit 2; nothing in the st
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -17,23 +16,14 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
-from memcore.config import (
-    ADAPTERS,
-    DEFAULT_MODEL,
-    DEFAULT_PROMPT,
-    METHODS,
-    QUANTS,
-    AdapterSpec,
-    DataSpec,
-    MemcoreError,
-    ModelSpec,
-    RunSpec,
-    TrainSpec,
-)
+from memcore.config import DEFAULT_PROMPT, METHODS, MemcoreError, RunSpec
 from memcore.records import RunSummary
+from memcore.specs import OPTIONS, option_help, option_type, run_spec
+from memcore.specs import default as spec_default
 
 
 def _quiet() -> None:
@@ -82,7 +72,8 @@ def _read_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.jsonl is None and (args.jsonl_fields is not None or args.jsonl_line is not None):
         raise MemcoreError("--jsonl-fields and --jsonl-line only apply with --jsonl FILE")
     if (args.jsonl is not None or args.phonebook is not None) and (args.prompt != DEFAULT_PROMPT or args.no_prompt):
-        raise MemcoreError("--prompt and --no-prompt do not apply to --jsonl or --phonebook: every sample brings its own prompt")
+        raise MemcoreError("--prompt and --no-prompt do not apply to --jsonl or --phonebook: every sample brings its "
+                           "own prompt")
     if args.text_file == "-":
         return {"text": decode_text(sys.stdin.buffer.read(), "standard input")}
     if args.text_file is not None:
@@ -108,40 +99,24 @@ def _read_data(args: argparse.Namespace) -> dict[str, Any]:
         if data.note:
             print(data.note, file=sys.stderr)
         return {"pairs": data.pairs}
-    raise MemcoreError("nothing to memorize: give --text-file FILE (or - for stdin), --text, --sample NAME, --phonebook N, "
-                       "--random-tokens N or --jsonl FILE")
+    raise MemcoreError("nothing to memorize: give --text-file FILE (or - for stdin), --text, --sample NAME, "
+                       "--phonebook N, --random-tokens N or --jsonl FILE")
 
 
-def _list_or_preset(value: str | None, presets: tuple[str, ...], kind: type = str) -> Any:
-    if value is None:
-        return None
-    if value in presets:
-        return value
-    parts = [p for p in value.replace(",", " ").split() if p]
-    try:
-        return tuple(kind(p) for p in parts)
-    except ValueError:
-        raise MemcoreError(f"expected one of {', '.join(presets)} or a list of {kind.__name__} values, got {value!r}") from None
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The memcore.specs settings a `train` or `sweep` command line gives: every flag named after a spec option,
+    the data its source flags read, the prompt (None with --no-prompt) and, for train, --full-budget."""
+    settings = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
+    settings.update(_read_data(args), prompt=None if args.no_prompt else args.prompt)
+    if hasattr(args, "full_budget"):
+        settings["stop_when_recalled"] = not args.full_budget
+    return settings
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
-    source = _read_data(args)
-    prompt = None if args.no_prompt else args.prompt
-    layers = args.layers if args.layers is not None else ("paper" if args.adapter == "bypass" else "all")
-    model = ModelSpec(name=args.model, quant=args.quant, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    if args.adapter == "bypass" and (args.alpha is not None or args.targets != "all"):
-        raise MemcoreError("--alpha and --targets apply to LoRA; the bypass adapter has no scaling and always wraps the MLP")
-    adapter = AdapterSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, kind=args.adapter,
-                          targets=_list_or_preset(args.targets, ("attn", "mlp", "all")),
-                          layers=_list_or_preset(layers, ("all", "paper"), int))
-    data = DataSpec(**source, prompt=prompt, length=args.length, noise=args.noise,
-                    chat_template=args.chat_template, seed=args.seed, max_tokens=args.max_tokens)
-    train = TrainSpec(method=args.method, tau=args.tau, lr=args.lr, max_steps=args.max_steps, max_seconds=args.max_seconds,
-                      stop_when_recalled=not args.full_budget, ot_when_empty=args.ot_when_empty, window=args.window,
-                      seed=args.seed, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                      recompute=args.recompute, history=getattr(args, "history", TrainSpec.history), until=args.until,
-                      plateau_window=args.plateau_window, plateau_tol=args.plateau_tol)
-    return RunSpec(model=model, adapter=adapter, data=data, train=train)
+    """The RunSpec of a `memcore train` command line (memcore.specs.run_spec).
+    Raises MemcoreError naming the bad value."""
+    return run_spec(_settings(args))
 
 
 class StopFlag:
@@ -177,8 +152,8 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[Any], None], Callabl
 
     def update(r: Any) -> None:
         bar.n = r.step
-        bar.set_postfix_str(f"loss {r.loss:.3f}  above τ {r.n_above}/{r.n_tokens}  correct {r.n_correct}/{r.n_tokens}  "
-                            f"recall {'yes' if r.recalled else 'no'}", refresh=False)
+        bar.set_postfix_str(f"loss {r.loss:.3f}  above τ {r.n_above}/{r.n_tokens}  correct {r.n_correct}/{r.n_tokens}"
+                            f"  recall {'yes' if r.recalled else 'no'}", refresh=False)
         bar.refresh()
 
     return update, bar.close
@@ -224,7 +199,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     step = resumable_step(store, rid)
     spec = RunSpec.from_dict(store.run(rid)["spec"])
     print(f"resuming run {rid} from its checkpoint at step {step}" if step is not None else
-          f"run {rid} has no checkpoint (it stopped before its first one): training it again from step 0", file=sys.stderr)
+          f"run {rid} has no checkpoint (it stopped before its first one): training it again from step 0",
+          file=sys.stderr)
     return _run_in_foreground(args, spec.train.max_steps, lambda stop: resume_iter(store, rid, should_stop=stop)[1])
 
 
@@ -274,22 +250,23 @@ def cmd_runs(args: argparse.Namespace) -> int:
     store = _store()
     runs = store.runs(method=args.method, model=args.model, status=args.status)
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("id", "status", "created", "started", "finished", "model", "method", "rank", "length",
-                                             "seed", "sweep", "label", "steps", "error")}
-                          | {"summary": r["summary"].to_dict() if r["summary"] else {}} for r in runs]))
+        keys = ("id", "status", "created", "started", "finished", "model", "method", "rank", "length", "seed", "sweep",
+                "label", "steps", "error")
+        print(json.dumps([{k: r[k] for k in keys} | {"summary": r["summary"].to_dict() if r["summary"] else {}}
+                          for r in runs]))
         return 0
     if not runs:
         print("no runs yet: try `memcore train --sample lighthouse`")
         return 0
-    head = (f"{'run':<20} {'status':<11} {'model':<14} {'adapter':<7} {'method':<9} {'rank':>4} {'tokens':>6} {'steps':>5} "
-            f"{'recalled':>8} {'ΔL':>7}")
+    head = (f"{'run':<20} {'status':<11} {'model':<14} {'adapter':<7} {'method':<9} {'rank':>4} {'tokens':>6} "
+            f"{'steps':>5} {'recalled':>8} {'ΔL':>7}")
     print(head)
     for r in runs:
         s = r["summary"]
         kind = r["spec"].get("adapter", {}).get("kind", "lora")
-        print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} {_fmt(r['length']):>6} "
-              f"{_fmt(r['steps']):>5} {('yes' if s.recalled else 'no') if s else '-':>8} "
-              f"{_fmt(s.delta_loss if s else None):>7}")
+        recalled = ("yes" if s.recalled else "no") if s else "-"
+        print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} "
+              f"{_fmt(r['length']):>6} {_fmt(r['steps']):>5} {recalled:>8} {_fmt(s.delta_loss if s else None):>7}")
     return 0
 
 
@@ -299,11 +276,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     r = store.run(rid)
     s = r["summary"]
     if args.json:
-        print(json.dumps({k: r[k] for k in ("id", "status", "created", "started", "finished", "error", "spec")}
-                         | {"summary": s.to_dict() if s else {}}))
+        keys = ("id", "status", "created", "started", "finished", "error", "spec")
+        print(json.dumps({k: r[k] for k in keys} | {"summary": s.to_dict() if s else {}}))
         return 0
     if not s:
-        print(f"run {rid}: {r['status']}" + (f" ({r['error']})" if r["error"] else "") + f", {r['steps']} steps recorded")
+        error = f" ({r['error']})" if r["error"] else ""
+        print(f"run {rid}: {r['status']}{error}, {r['steps']} steps recorded")
         return 0
     s.status = r["status"]
     _print_summary(s)
@@ -311,7 +289,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("\nstubborn tokens (longest at or below τ):")
         for t in s.stubborn_tokens:
             steps = f"{t['steps_below']} step{'s' if t['steps_below'] != 1 else ''}"
-            print(f"  #{t['index']:<5} {_pad(repr(t['token']), 16)} below τ for {steps}, last at step {t['last_below']}, p now {t['p']:.3f}")
+            print(f"  #{t['index']:<5} {_pad(repr(t['token']), 16)} below τ for {steps}, "
+                  f"last at step {t['last_below']}, p now {t['p']:.3f}")
     return 0
 
 
@@ -320,9 +299,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     rid = store.resolve(args.run)
     src = store.adapter_dir(rid)
     if (src / "bypass_config.json").is_file():
-        raise MemcoreError(f"run {rid} trained the paper's bypass adapter, which PEFT cannot load, so there is no PEFT adapter to "
-                           f"export; its weights are in {src} (bypass_model.safetensors, bypass_config.json) and `memcore generate "
-                           f"{rid}` uses them. Train with --adapter lora for an exportable adapter")
+        raise MemcoreError(f"run {rid} trained the paper's bypass adapter, which PEFT cannot load, so there is no "
+                           f"PEFT adapter to export; its weights are in {src} (bypass_model.safetensors, "
+                           f"bypass_config.json) and `memcore generate {rid}` uses them. Train with --adapter lora for "
+                           "an exportable adapter")
     if not (src / "adapter_config.json").is_file():
         raise MemcoreError(f"run {rid} has no saved adapter (status {store.run(rid)['status']})")
     dest = Path(args.dir)
@@ -353,7 +333,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for text in out["text"]:
             print(text)
         div = out["divergence"]
-        print(f"\n[recalled verbatim: {'yes' if div is None else f'no, first difference at token {div}'}]", file=sys.stderr)
+        verdict = "yes" if div is None else f"no, first difference at token {div}"
+        print(f"\n[recalled verbatim: {verdict}]", file=sys.stderr)
     else:
         print(args.prompt + out["text"][0])
     return 0
@@ -371,10 +352,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if not _given_sources(args):
         args.sample = "long_archive"
-    args.full_budget, args.method, args.seed, args.noise = True, args.methods[0], args.seeds[0], 0.0
-    args.rank, args.length, args.label = args.ranks[0], None, None
-    args.history = "full" if args.full_history else "decimated"
-    base = spec_from_args(args)
+    # the grid's first point stands for it; points vary rank, length, method, seed and noise (fixed budget each)
+    base = run_spec(_settings(args) | {"rank": args.ranks[0], "method": args.methods[0], "seed": args.seeds[0],
+                                       "stop_when_recalled": False,
+                                       "history": "full" if args.full_history else "decimated"})
     sweep = SweepSpec(base=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=tuple(args.methods),
                       seeds=tuple(args.seeds), noises=tuple(args.noises), name=args.name)
     store = _store()
@@ -391,8 +372,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.backend == "ray":
             from memcore.sweep_ray import run_sweep_ray
 
-            stream = run_sweep_ray(sweep, store, address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                                   retries=args.retries, should_stop=flag)
+            stream = run_sweep_ray(sweep, store, address=args.address, cpus_per_run=args.cpus_per_run,
+                                   gpus_per_run=args.gpus_per_run, retries=args.retries, should_stop=flag)
         else:
             stream = run_sweep(sweep, store, should_stop=flag)
         for point in stream:
@@ -410,7 +391,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = sweep_table(store, sweep.id)
     left = total - len(rows)
     status = "stopped" if flag.stop else "completed"
-    msg = f"sweep {sweep.id} {status}: {len(rows)}/{total} points in the store ({time.perf_counter() - t0:.0f} s this time)"
+    msg = (f"sweep {sweep.id} {status}: {len(rows)}/{total} points in the store "
+           f"({time.perf_counter() - t0:.0f} s this time)")
     if left:
         msg += f"; run the same command again to finish the {left} missing"
     print(msg, file=sys.stderr)
@@ -571,17 +553,95 @@ def _predict_verbatim(args: argparse.Namespace, df: Any) -> int:
 # --- parser --------------------------------------------------------------------------------------------------
 
 
-def _help(cls: type, name: str) -> str:
-    import ast
-    import inspect
+def _shown(value: Any) -> str:
+    """A default as the help text shows it: numbers and plain words bare, other text quoted."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and not value.replace("-", "").replace("_", "").isalnum():
+        return repr(value)
+    return str(value)
 
-    src = inspect.getsource(cls)
-    tree = ast.parse(src)
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name and isinstance(nxt, ast.Expr):
-            return str(nxt.value.value)  # type: ignore[attr-defined]
-    return ""
+
+def _spec_flag(group: Any, name: str, *, help: str | None = None, note: str = "", default: Any = MISSING,
+               **kwargs: Any) -> None:
+    """Add --NAME for the spec option `name`: its type, choices, default and help come from the dataclass field
+    (memcore.specs); `help` replaces the field's docstring, `note` follows it, `default` replaces the field's."""
+    kind, choices = option_type(name)
+    value = spec_default(name) if default is MISSING else default
+    text = (help if help is not None else option_help(name)) + note
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        group.add_argument(flag, action="store_true", help=text, **kwargs)
+        return
+    if value is not None:
+        text += f" Default: {_shown(value)}"
+    group.add_argument(flag, type=kind, choices=choices, default=value, help=text.replace("%", "%%"), **kwargs)
+
+
+SEED_HELP = "seed for adapter init, dropout, noise and PhoneBook."
+
+
+def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+    """The flags that define a run, shared by `train` and `sweep`: what to memorize, model, adapter, training.
+    `omit` leaves out the options a sweep varies over its grid; `defaults` replaces some defaults (the sweep's
+    budget and placement)."""
+    defaults = defaults or {}
+
+    def spec(group: Any, name: str, **kw: Any) -> None:
+        if name not in omit:
+            kw.setdefault("default", defaults.get(name, MISSING))
+            _spec_flag(group, name, **kw)
+
+    src = p.add_argument_group("what to memorize")
+    src.add_argument("--text-file", help="UTF-8 text file to memorize, or - for standard input")
+    spec(src, "text")
+    src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)")
+    spec(src, "phonebook", metavar="N")
+    spec(src, "random_tokens", metavar="N")
+    src.add_argument("--jsonl", metavar="FILE", help="JSONL of prompt/target pairs (or - for stdin): the paper's "
+                     "PhoneBook lines {query, target} (all trained as one batch) or long-context lines {question, "
+                     "matching} (one long target)")
+    src.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
+                     help="the JSONL keys holding the prompt and the target, for other layouts")
+    src.add_argument("--jsonl-line", type=int, metavar="N", help="train only the N-th JSON line (1-based)")
+    spec(src, "prompt")
+    src.add_argument("--no-prompt", action="store_true", help="condition the target on the BOS token only")
+    spec(src, "chat_template")
+    spec(src, "length", metavar="L")
+    spec(src, "noise", metavar="F")
+    spec(src, "max_tokens", metavar="N")
+    m = p.add_argument_group("model")
+    spec(m, "model")
+    spec(m, "quant")
+    spec(m, "device")
+    spec(m, "dtype")
+    spec(m, "trust_remote_code")
+    a = p.add_argument_group("adapter")
+    spec(a, "adapter")
+    spec(a, "rank")
+    spec(a, "alpha")
+    spec(a, "dropout")
+    spec(a, "targets", note=" (comma-separated)")
+    layers_note = "" if "layers" in defaults else " (comma-separated; default: all for LoRA, paper for bypass)"
+    spec(a, "layers", note=layers_note, default=defaults.get("layers"))
+    o = p.add_argument_group("training")
+    spec(o, "method")
+    spec(o, "tau")
+    spec(o, "lr")
+    spec(o, "max_steps")
+    spec(o, "max_seconds")
+    if "full_budget" not in omit:
+        o.add_argument("--full-budget", action="store_true",
+                       help="train all max-steps even once the passage is recalled")
+    spec(o, "until")
+    spec(o, "plateau_window")
+    spec(o, "plateau_tol")
+    spec(o, "ot_when_empty")
+    spec(o, "window")
+    spec(o, "weight_decay")
+    spec(o, "seed", help=SEED_HELP)
+    spec(o, "checkpoint_every")
+    spec(o, "recompute")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -596,51 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="memorize a passage (or a PhoneBook) with a LoRA adapter")
-    src = t.add_argument_group("what to memorize")
-    src.add_argument("--text-file", help="UTF-8 text file to memorize, or - for standard input")
-    src.add_argument("--text", help="the passage itself")
-    src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)")
-    src.add_argument("--phonebook", type=int, help=_help(DataSpec, "phonebook"))
-    src.add_argument("--random-tokens", type=int, metavar="N", help=_help(DataSpec, "random_tokens"))
-    src.add_argument("--jsonl", metavar="FILE", help="JSONL of prompt/target pairs (or - for stdin): the paper's PhoneBook lines "
-                     "{query, target} (all trained as one batch) or long-context lines {question, matching} (one long target)")
-    src.add_argument("--jsonl-fields", metavar="PROMPT,TARGET", help="the JSONL keys holding the prompt and the target, for other layouts")
-    src.add_argument("--jsonl-line", type=int, metavar="N", help="train only the N-th JSON line (1-based)")
-    src.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"{_help(DataSpec, 'prompt')} Default: {DEFAULT_PROMPT!r}")
-    src.add_argument("--no-prompt", action="store_true", help="condition the target on the BOS token only")
-    src.add_argument("--chat-template", action="store_true", help=_help(DataSpec, "chat_template"))
-    src.add_argument("--length", type=int, help=_help(DataSpec, "length"))
-    src.add_argument("--noise", type=float, default=0.0, help=_help(DataSpec, "noise"))
-    src.add_argument("--max-tokens", type=int, default=2048, help=_help(DataSpec, "max_tokens"))
-    m = t.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help=_help(ModelSpec, "name"))
-    m.add_argument("--quant", default="none", choices=QUANTS, help=_help(ModelSpec, "quant"))
-    m.add_argument("--device", default="auto", help=_help(ModelSpec, "device"))
-    m.add_argument("--dtype", default="auto", help=_help(ModelSpec, "dtype"))
-    m.add_argument("--trust-remote-code", action="store_true", help=_help(ModelSpec, "trust_remote_code"))
-    a = t.add_argument_group("adapter")
-    a.add_argument("--adapter", choices=ADAPTERS, default="lora", help=_help(AdapterSpec, "kind") + " Default: lora")
-    a.add_argument("--rank", type=int, default=8, help=_help(AdapterSpec, "rank"))
-    a.add_argument("--alpha", type=float, help=_help(AdapterSpec, "alpha"))
-    a.add_argument("--dropout", type=float, default=0.0, help=_help(AdapterSpec, "dropout"))
-    a.add_argument("--targets", default="all", help=_help(AdapterSpec, "targets") + " (comma-separated)")
-    a.add_argument("--layers", help=_help(AdapterSpec, "layers") + " (comma-separated; default: all for LoRA, paper for bypass)")
-    o = t.add_argument_group("training")
-    o.add_argument("--method", default="memft-ot", choices=METHODS, help=_help(TrainSpec, "method"))
-    o.add_argument("--tau", type=float, default=0.5, help=_help(TrainSpec, "tau"))
-    o.add_argument("--lr", type=float, default=TrainSpec.lr, help=_help(TrainSpec, "lr"))
-    o.add_argument("--max-steps", type=int, default=200, help=_help(TrainSpec, "max_steps"))
-    o.add_argument("--max-seconds", type=float, help=_help(TrainSpec, "max_seconds"))
-    o.add_argument("--full-budget", action="store_true", help="train all max-steps even once the passage is recalled")
-    o.add_argument("--until", choices=("budget", "converged"), default=TrainSpec.until, help=_help(TrainSpec, "until"))
-    o.add_argument("--plateau-window", type=int, default=TrainSpec.plateau_window, help=_help(TrainSpec, "plateau_window"))
-    o.add_argument("--plateau-tol", type=float, default=TrainSpec.plateau_tol, help=_help(TrainSpec, "plateau_tol"))
-    o.add_argument("--ot-when-empty", default="skip", choices=("skip", "mean"), help=_help(TrainSpec, "ot_when_empty"))
-    o.add_argument("--window", type=int, default=50, help=_help(TrainSpec, "window"))
-    o.add_argument("--weight-decay", type=float, default=0.0, help=_help(TrainSpec, "weight_decay"))
-    o.add_argument("--seed", type=int, default=0, help="seed for adapter init, dropout, noise and PhoneBook")
-    o.add_argument("--checkpoint-every", type=float, default=TrainSpec.checkpoint_every, help=_help(TrainSpec, "checkpoint_every"))
-    o.add_argument("--recompute", choices=("auto", "on", "off"), default=TrainSpec.recompute, help=_help(TrainSpec, "recompute"))
+    _run_flags(t)
     t.add_argument("--label", help="a free-text label stored with the run")
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     t.set_defaults(func=cmd_train)
@@ -651,48 +667,58 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=cmd_resume)
 
     r = sub.add_parser("runs", help="list the runs in the store")
-    r.add_argument("--method", choices=METHODS)
-    r.add_argument("--model")
-    r.add_argument("--status")
+    r.add_argument("--method", choices=METHODS, help="only runs of this method")
+    r.add_argument("--model", help="only runs of this model (as it was given: default, a hub id or a folder)")
+    r.add_argument("--status",
+                   help="only runs with this status (queued, running, completed, stopped, failed, interrupted)")
     r.add_argument("--json", action="store_true", help="print a JSON list of runs")
     r.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("show", help="a run's summary and its stubborn tokens")
     s.add_argument("run", help="run id, unique prefix, or 'last'")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the run's spec, status and summary as one JSON object")
     s.set_defaults(func=cmd_show)
 
     e = sub.add_parser("export", help="copy a run's PEFT adapter, summary and metrics to a folder")
-    e.add_argument("run")
-    e.add_argument("dir")
+    e.add_argument("run", help="run id, unique prefix, or 'last'")
+    e.add_argument("dir", help="the folder to copy into: new or empty (nothing is overwritten)")
     e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="greedy generation from a run's memorized model")
-    g.add_argument("run")
+    g.add_argument("run", help="run id, unique prefix, or 'last'")
     g.add_argument("--prompt", help="text to continue (default: the run's own prompt, compared with its target)")
-    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to generate (default: the target's length; 100 after --prompt)")
     g.set_defaults(func=cmd_generate)
-    sw = sub.add_parser("sweep", help="a fixed-budget grid of runs (ranks x lengths x methods x seeds x noise) for the law")
-    sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    sw.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="target tokens (first ℓ of the text)")
-    sw.add_argument("--methods", nargs="+", default=["sft", "memft-ot"], choices=METHODS)
-    sw.add_argument("--seeds", type=int, nargs="+", default=[0])
-    sw.add_argument("--noises", type=float, nargs="+", default=[0.0], help="fractions of target tokens replaced at random")
+    sw = sub.add_parser("sweep",
+                        help="a fixed-budget grid of runs (ranks x lengths x methods x seeds x noise) for the law")
+    sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                    help=f"{option_help('rank')} The grid's ranks: a point per value.")
+    sw.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512],
+                    help="target tokens (first ℓ of the text)")
+    sw.add_argument("--methods", nargs="+", default=["sft", "memft-ot"], choices=METHODS,
+                    help=f"{option_help('method')} A point per method.")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"{SEED_HELP} A point per seed.")
+    sw.add_argument("--noises", type=float, nargs="+", default=[0.0],
+                    help="fractions of target tokens replaced at random")
     sw.add_argument("--name", help="sweep id (default: a hash of its definition); the same id resumes")
     sw.add_argument("--out", help="write the completed points as CSV (rank, length, delta_loss, p_eff, method, ...)")
-    sw.add_argument("--json", action="store_true")
-    sw.add_argument("--backend", choices=("local", "ray"), default="local", help="run points here, one at a time, or as Ray tasks")
+    sw.add_argument("--json", action="store_true",
+                    help="print the sweep's id, status and completed points as one JSON object")
+    sw.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="run points here, one at a time, or as Ray tasks")
     sw.add_argument("--address", help="Ray cluster: auto, ray://host:port, or unset for a new local instance")
     sw.add_argument("--cpus-per-run", type=float, default=1, help="Ray: CPUs each point asks for")
     sw.add_argument("--gpus-per-run", type=float, default=0, help="Ray: GPUs each point asks for")
-    sw.add_argument("--retries", type=int, default=2, help="Ray: retries of a failing point before it is recorded as failed")
+    sw.add_argument("--retries", type=int, default=2,
+                    help="Ray: retries of a failing point before it is recorded as failed")
     sw.add_argument("--full-history", action="store_true",
-                    help="keep every step's per-token history for replay (default: about 300 snapshots per point, denser early)")
-    for action in t._actions:  # every train flag that makes sense for a whole grid
-        if action.dest in ("help", "method", "seed", "full_budget", "noise", "length", "json", "label", "rank"):
-            continue
-        sw._add_action(copy.copy(action))  # a copy: set_defaults below must not change `train`'s defaults
-    sw.set_defaults(func=cmd_sweep, max_steps=10, layers="paper", lr=1e-2)
+                    help="keep every step's per-token history for replay (default: about 300 snapshots per point, "
+                    "denser early)")
+    # every train flag that makes sense for a whole grid; a fixed small budget on the paper's placement by default
+    _run_flags(sw, omit=("rank", "method", "seed", "noise", "length", "full_budget"),
+               defaults={"max_steps": 10, "layers": "paper", "lr": 1e-2})
+    sw.set_defaults(func=cmd_sweep)
 
     f = sub.add_parser("fit", help="fit the memory law ΔL = C·r^α·ℓ^(−β) + b over runs or a CSV")
     f.add_argument("--csv", help="CSV with columns rank, length, delta_loss (optional p_eff, method, seed)")
@@ -702,24 +728,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fit)
 
     pr = sub.add_parser("predict", help="ΔL at (rank, length), or the smallest rank reaching a target ΔL")
-    pr.add_argument("--rank", type=int)
-    pr.add_argument("--length", type=int, required=True)
-    pr.add_argument("--target-delta-loss", type=float)
+    pr.add_argument("--rank", type=int, help=f"{option_help('rank')} Predict ΔL at this rank.")
+    pr.add_argument("--length", type=int, required=True, help="target tokens ℓ")
+    pr.add_argument("--target-delta-loss", type=float, metavar="X",
+                    help="instead of --rank: the smallest rank predicted to reach ΔL X (nats/token) at --length")
     pr.add_argument("--verbatim", action="store_true",
-                    help="the smallest rank predicted to recall --length tokens verbatim, from the recall frontier of a sweep")
-    pr.add_argument("--form", default="power", choices=("power", "saturating"))
-    pr.add_argument("--csv")
-    pr.add_argument("--model")
-    pr.add_argument("--method", choices=METHODS)
-    pr.add_argument("--json", action="store_true")
+                    help="the smallest rank predicted to recall --length tokens verbatim, from the recall frontier of "
+                    "a sweep")
+    pr.add_argument("--form", default="power", choices=("power", "saturating"),
+                    help="the law fitted: power, C·r^α·ℓ^(−β) + b (default), or saturating, "
+                    "M·(1 − exp(−C·r^α·ℓ^(−β)))")
+    pr.add_argument("--csv", help="a sweep CSV with rank, length, delta_loss (or exact_recall for --verbatim) "
+                    "instead of the store's completed runs")
+    pr.add_argument("--model", help="only runs of this model")
+    pr.add_argument("--method", choices=METHODS, help="only runs (or CSV rows) of this method")
+    pr.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
     pr.set_defaults(func=cmd_predict)
 
     fr = sub.add_parser("frontier", help="the verbatim-recall frontier of a sweep: longest length recalled per rank, "
                         "a fitted ℓ*(r), and bits stored per parameter there")
-    fr.add_argument("--csv", help="a sweep CSV with rank, length, exact_recall (and p_eff, bits_per_param for capacity)")
+    fr.add_argument("--csv",
+                    help="a sweep CSV with rank, length, exact_recall (and p_eff, bits_per_param for capacity)")
     fr.add_argument("--model", help="only runs of this model")
     fr.add_argument("--method", choices=METHODS, help="only this method (default: each method in turn)")
-    fr.add_argument("--json", action="store_true")
+    fr.add_argument("--json", action="store_true", help="print the frontier of each method as one JSON object")
     fr.set_defaults(func=cmd_frontier)
     return p
 

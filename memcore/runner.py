@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from memcore.config import MemcoreError, RunSpec
-from memcore.data import Sample, build_samples, make_batch
+from memcore.data import Sample, make_batch
 from memcore.measure import StepReport, base_losses
 from memcore.metrics import StubbornCounter, bits_per_param
 from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.pieces import Piece, token_pieces
 from memcore.records import RunSummary, StepRow
+from memcore.specs import preflight
 from memcore.store import Store
 from memcore.train import Checkpoint, train_iter
 
@@ -32,11 +33,12 @@ FLUSH_SECONDS = 1.0
 
 
 def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -> tuple[Base, list[Sample]]:
-    """Load (or reuse) the base model and tokenize the data, validating both."""
+    """Load (or reuse) the base model and tokenize the data, validating both (memcore.specs.preflight: token
+    counts against the data's limit and the model's context, adapter layers against the model's blocks)."""
     if base is None or base.spec != spec.model:
         base = load_base(spec.model, home)
     vocab = base.model.get_input_embeddings().weight.shape[0]
-    samples = build_samples(base.tokenizer, spec.data, base.context_length, vocab_size=min(vocab, len(base.tokenizer)))
+    samples = preflight(spec, base.tokenizer, base.model.config, vocab_size=min(vocab, len(base.tokenizer))).samples
     target_module_regex(base.model, spec.adapter)  # refuses impossible layers/targets before any row is written
     return base, samples
 

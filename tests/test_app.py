@@ -83,6 +83,46 @@ def test_memorize_page_has_its_controls(app_env):
     assert not at.exception
 
 
+def test_memorize_form_starts_at_the_spec_defaults_and_builds_the_default_spec(app_env, tiny_model_dir):
+    """The form's defaults are the spec dataclasses' (memcore.specs.default), so an untouched form asks for the
+    same run as `memcore train --text ...` with no other flag."""
+    from common import get_worker
+
+    from memcore.specs import default, run_spec
+
+    at = _app()
+    assert at.number_input(key="rank").value == default("rank") and at.slider(key="tau").value == default("tau")
+    assert at.select_slider(key="lr").value == default("lr") and at.number_input(key="seed").value == default("seed")
+    assert at.number_input(key="max_steps").value == default("max_steps")
+    assert at.number_input(key="dropout").value == default("dropout")
+    assert at.selectbox(key="method").value == default("method") and at.selectbox(key="quant").value == default("quant")
+    assert at.selectbox(key="targets").value == default("targets") and at.text_input(key="layers").value == "all"
+    assert at.checkbox(key="stop_when_recalled").value == default("stop_when_recalled")
+    assert at.checkbox(key="until_converged").value is (default("until") == "converged")
+    at.text_area(key="passage").input("Defaults all the way down.").run()
+    at.button(key="start").click().run()
+    jobs = get_worker().store.jobs()
+    assert len(jobs) == 1
+    job = get_worker().find(jobs[0]["id"])
+    assert job.specs == [run_spec({"text": "Defaults all the way down.", "model": str(tiny_model_dir)})]
+    get_worker().stop(job)
+    _wait_for_job(at)
+
+
+def test_a_jobs_spec_fills_the_form_back():
+    from inputs import form_state
+
+    from memcore.specs import run_spec
+
+    spec = run_spec({"pairs": (("Q:", " 1"), ("R:", " 2")), "adapter": "bypass", "layers": "3,5", "rank": 2,
+                     "lr": 1e-2, "until": "converged", "prompt": None})
+    state = form_state(spec, compare=True)
+    assert state["source"] == "Paste" and state["passage"] == " 1\n 2"  # the uploaded file is gone: its targets
+    assert state["layers_bypass"] == "3,5" and "layers" not in state and state["adapter"] == "bypass"
+    assert (state["rank"], state["lr"], state["until_converged"], state["prompt"]) == (2, 1e-2, True, "")
+    assert "lr" not in form_state(run_spec({"text": "x", "lr": 3e-3}), compare=False)  # not a stop of the slider
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda at: None, "empty"),
     (lambda at: at.text_area(key="passage").input("some words here").run() and at.text_input(key="layers").input("99").run(), "layer 99 does not exist"),

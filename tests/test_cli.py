@@ -173,6 +173,44 @@ def test_sweep_defaults_do_not_leak_into_train():
     assert (sweep.max_steps, sweep.layers, sweep.lr) == (10, "paper", 1e-2)
 
 
+def _subparsers(parser):
+    import argparse
+
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_flag_of_every_verb_has_help():
+    from memcore.cli import build_parser
+
+    missing = [f"{verb} {a.option_strings or a.dest}" for verb, p in _subparsers(build_parser()).items()
+               for a in p._actions if a.dest != "help" and not (a.help or "").strip()]
+    assert missing == []
+
+
+def test_train_flags_take_their_defaults_and_help_from_the_spec_dataclasses():
+    from memcore.cli import build_parser, spec_from_args
+    from memcore.config import DataSpec, RunSpec
+    from memcore.specs import OPTIONS, default, option_help
+
+    train = _subparsers(build_parser())["train"]
+    args = train.parse_args(["--text", "x"])
+    assert spec_from_args(args) == RunSpec(data=DataSpec(text="x"))  # no flag given: every field at its default
+    flags = {a.dest: a for a in train._actions}
+    spec_flags = [name for name in OPTIONS if name in flags]
+    # every spec option is a flag but these: --jsonl gives pairs, --full-budget stop_when_recalled, sweeps the rest
+    assert set(OPTIONS) - set(spec_flags) == {"pairs", "stop_when_recalled", "verify", "curriculum_stages", "history"}
+    for name in spec_flags:
+        if name not in ("layers", "text"):  # layers None: "all" for LoRA, "paper" for the bypass
+            assert getattr(args, name) == default(name), name
+        if name != "seed":  # one flag for the data's and the training's seed: its own help
+            assert flags[name].help.startswith(option_help(name)), name
+    assert "Default: 8" in flags["rank"].help and "Default: 0.002" in flags["lr"].help
+    sweep = {a.dest: a for a in _subparsers(build_parser())["sweep"]._actions}
+    assert "Default: 10" in sweep["max_steps"].help and "Default: paper" in sweep["layers"].help
+    assert not {"rank", "method", "seed", "noise", "length", "full_budget"} & set(sweep)  # what the grid varies
+
+
 @pytest.mark.parametrize("verb", [["runs"], ["runs", "--json"]])
 def test_piping_into_a_reader_that_closes_early_exits_quietly(home, verb):
     """`memcore runs | head -1`: no BrokenPipeError traceback when the reader stops reading."""

@@ -1,0 +1,84 @@
+"""The Memorize page's inputs, away from its layout: files read under the app's limits, and a stored job's spec
+turned back into the form's values (the inverse of what the page's widgets give memcore.specs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES
+
+from memcore.config import MemcoreError, RunSpec
+from memcore.data import JsonlData, decode_text, parse_jsonl
+from memcore.specs import parse_keys
+
+LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]  # the learning rate slider's stops
+
+
+def paste_error(text: str) -> str | None:
+    """Why a pasted passage cannot be used (longer than MAX_PASTE_CHARS characters), or None."""
+    if len(text) > MAX_PASTE_CHARS:
+        return (f"The passage is {len(text):,} characters; the app accepts up to {MAX_PASTE_CHARS:,}. Shorten it or "
+                "use the CLI.")
+    return None
+
+
+def _too_big(upload: Any) -> str | None:
+    if upload.size > MAX_UPLOAD_BYTES:
+        return (f"{upload.name} is {upload.size / 1e6:.1f} MB; the app accepts files up to "
+                f"{MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+    return None
+
+
+def read_text_upload(upload: Any) -> tuple[str | None, str | None]:
+    """(the text, None) of an uploaded UTF-8 file, or (None, why not): over MAX_UPLOAD_BYTES, or not text."""
+    error = _too_big(upload)
+    if error:
+        return None, error
+    try:
+        return decode_text(upload.getvalue(), upload.name), None
+    except MemcoreError as e:
+        return None, str(e)
+
+
+def read_jsonl_upload(upload: Any, keys: str, line: int) -> tuple[JsonlData | None, str | None]:
+    """(the parsed samples, None) of an uploaded JSONL file, or (None, why not). `keys` is 'PROMPT,TARGET' or blank
+    (the layout is detected); `line` is the 1-based line to keep, 0 for all."""
+    try:
+        error = _too_big(upload)
+        if error:
+            raise MemcoreError(error)
+        return parse_jsonl(upload.getvalue(), upload.name, parse_keys(keys), line or None), None
+    except MemcoreError as e:
+        return None, str(e)
+
+
+def describe_jsonl(parsed: JsonlData) -> str:
+    """One line on what was read: the layout and keys, and how many samples of how many lines."""
+    n, lines = len(parsed.pairs), parsed.lines
+    return (f"{parsed.layout} layout ({parsed.fields[0]} → {parsed.fields[1]}): {n} sample{'s' if n != 1 else ''} of "
+            f"{lines} line{'s' if lines != 1 else ''}" + (f" · {parsed.note}" if parsed.note else ""))
+
+
+def form_state(spec: RunSpec, compare: bool) -> dict[str, Any]:
+    """The Memorize form's widget values (by widget key) that show `spec`: a page opened on a job's URL in a new
+    session shows that job's settings, not the defaults."""
+    d, a, t = spec.data, spec.adapter, spec.train
+    if d.text is not None:
+        state: dict[str, Any] = {"source": "Paste", "passage": d.text}
+    elif d.random_tokens is not None:
+        state = {"source": "Random tokens", "random_tokens": d.random_tokens}
+    elif d.pairs is not None:  # the uploaded file is gone with its session: show the pairs as a pasted passage
+        state = {"source": "Paste", "passage": "\n".join(target for _, target in d.pairs)}
+    else:
+        state = {"source": "PhoneBook", "phonebook": d.phonebook}
+    state.update(adapter=a.kind, dropout=float(a.dropout), until_converged=t.until == "converged")
+    state.update(prompt=d.prompt or "", model=spec.model.name, quant=spec.model.quant, method=t.method, rank=a.rank,
+                 alpha=float(a.alpha or 0.0), tau=t.tau, max_steps=t.max_steps, seed=t.seed,
+                 stop_when_recalled=t.stop_when_recalled, compare=compare)
+    state["layers_bypass" if a.kind == "bypass" else "layers"] = a.layers if isinstance(a.layers, str) else ",".join(
+        map(str, a.layers))
+    if isinstance(a.targets, str):
+        state["targets"] = a.targets
+    if t.lr in LR_CHOICES:
+        state["lr"] = t.lr
+    return state

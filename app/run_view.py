@@ -1,0 +1,223 @@
+"""How the Memorize page draws a job: its status and progress, each run's live view (the passage token by token,
+the probability histogram, the stubborn tokens' trajectories), the curves of all its runs, and the results.
+
+A view is built from a snapshot copied under the job's lock, once per step and session: the page's refreshes
+between two steps only resend it, so a refresh costs the same at step 10 and at step 10,000.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import charts
+import numpy as np
+import pandas as pd
+import streamlit as st
+from common import error_text, get_tokenizer, get_worker, show_chart
+
+from memcore.pieces import token_pieces
+
+
+def snapshot(live: Any) -> dict[str, Any]:
+    """What the page draws of a run, copied under the job's lock (the dispatcher thread records concurrently).
+    Costs the same at step 10 and step 10,000: the run keeps a bounded history and running stubborn counts."""
+    snap = dict(label=live.label, spec=live.spec, pieces=live.pieces, summary=live.summary,
+                recalled_at=live.recalled_at, run_id=live.run_id, steps=[], rows=[])
+    if not live.steps:
+        return snap
+    stubborn_ever = [t["index"] for t in live.stubborn.top(6)]  # longest at or below τ so far
+    kept = charts.thin(len(live.steps))
+    snap.update(steps=[live.steps[i] for i in kept], rows=[live.rows[i] for i in kept], step=live.steps[-1],
+                last_row=live.rows[-1], p=live.p.astype(np.float32),
+                p_prev=None if live.p_prev is None else live.p_prev.astype(np.float32),
+                trajectories=live.p_history[kept][:, stubborn_ever].astype(np.float32), stubborn_ever=stubborn_ever,
+                first_divergence=live.first_divergence)
+    return snap
+
+
+def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
+    """The token view's HTML and the run's two charts as Vega-Lite specs, built once per step and session:
+    the refreshes between two steps only resend them."""
+    cache = st.session_state.setdefault("run_views", {})
+    for other in [k for k in cache if k.split("-")[0] != key.split("-")[0]]:  # keep only this job's views
+        del cache[other]
+    hit = cache.get(key)
+    if hit is not None and hit["step"] == snap["step"]:
+        return hit
+    p, prev = snap["p"], snap["p_prev"]
+    crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None  # since the previous step
+    idx = snap["stubborn_ever"]
+    stubborn = [i for i in idx if p[i] <= tau]  # flagged in the text while still below
+    view = {"step": snap["step"],
+            "html": charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn,
+                                      first_divergence=snap["first_divergence"]),
+            "histogram": charts.histogram_chart(p, tau).to_dict(validate=False),
+            "trajectories": charts.trajectories_chart(snap["steps"], np.asarray(snap["trajectories"]),
+                                                      list(range(len(idx))), [snap["pieces"][i] for i in idx], tau,
+                                                      token_ids=idx).to_dict(validate=False)}
+    cache[key] = view
+    return view
+
+
+def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = True) -> None:
+    """One run's headline, where greedy decoding goes astray, its tokens coloured around τ and its two charts."""
+    if not snap["steps"]:
+        st.info(f"{snap['label']}: measuring the base model ...")
+        return
+    p, row = snap["p"], snap["last_row"]
+    above, right = int(round(row["frac_above"] * len(p))), int(round(row["frac_correct"] * len(p)))
+    st.markdown(f"**{snap['label']}** · step {row['step']} · **{above}/{len(p)}** tokens above τ · "
+                f"argmax right {right}/{len(p)} · ΔL {row['delta_loss']:.3f}")
+    fd = snap["first_divergence"]
+    if fd is None:
+        st.success("Every teacher-forced argmax is right: greedy decoding recites the whole text.")
+    else:
+        st.caption(f"Greedy decoding currently goes astray at token #{fd} ({snap['pieces'][fd].label!r}); everything "
+                   "after it would be generated from a wrong prefix.")
+    view = _run_view(snap, key, tau)
+    if show_tokens:
+        st.html(view["html"])
+        st.html(charts.legend_html(tau))
+    c1, c2 = st.columns(2)
+    show_chart(view["histogram"], c1)
+    show_chart(view["trajectories"], c2)
+
+
+def _curves(job_id: str, snaps: list[dict[str, Any]], tau: float) -> dict[str, Any]:
+    """The curves of every run of the job as one Vega-Lite spec, rebuilt only when a run has a new step."""
+    key = (job_id, tuple(s.get("step") for s in snaps))
+    hit = st.session_state.get("curves_view")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    hist = pd.concat([pd.DataFrame(s["rows"]).assign(run=s["label"]) for s in snaps if s["rows"]], ignore_index=True)
+    spec = charts.curves_chart(hist, tau).to_dict(validate=False)
+    st.session_state["curves_view"] = (key, spec)
+    return spec
+
+
+def _status(job: Any) -> None:
+    """The job's status line: its place in the queue, loading, or why it ended early."""
+    if job.status == "queued":
+        n = get_worker().position(job)
+        st.info(f"Queued: {n} job{'s' if n != 1 else ''} ahead of yours. It starts by itself when the device is free.")
+    elif job.status == "loading":
+        st.info("Loading the model and measuring the base loss ...")
+    elif job.status == "failed":
+        st.error(f"The run failed: {job.error}")
+    elif job.status == "interrupted":
+        st.warning(f"This job was interrupted ({job.error or 'the app stopped while it trained'}). Its runs keep "
+                   "their steps, and their adapter and checkpoint as of the last save: resume them or run them again "
+                   "from the Runs page.")
+        first = next((r.run_id for r in job.runs if r.run_id), None)
+        st.page_link("app_pages/runs.py", label="Open it on the Runs page", icon=":material/history:",
+                     query_params={"run": first} if first else None)
+
+
+def render_job(job: Any) -> None:
+    """A job as it stands: status, progress with the time left, Stop while it is active, every run's live view
+    side by side, the curves, and once it has ended, the results."""
+    with job.lock:
+        snaps = [snapshot(r) for r in job.runs]
+    tau_job = job.specs[0].train.tau
+    _status(job)
+    rows = [s["last_row"] for s in snaps if s["rows"]]
+    if rows:
+        step = max(r["step"] for r in rows)
+        train_s = max(r["elapsed"] for r in rows)
+        wall = (job.finished or time.time()) - (job.started or job.created)
+        left_s = train_s / step * (job.max_steps - step) if step else None
+        eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.active else ""
+        st.progress(min(1.0, step / job.max_steps),
+                    text=f"step {step}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
+    if job.active:
+        if st.button("Stop", key=f"stop-{job.id}",
+                     help="Stops after the current step; the adapter and metrics so far are kept"):
+            get_worker().stop(job)
+            st.toast("Stopping after the current step ...")
+    curves = _curves(job.id, snaps, tau_job) if rows else None
+    if len(snaps) == 1:
+        render_run(snaps[0], f"{job.id}-0", tau_job)
+    else:
+        cols = st.columns(len(snaps))
+        for i, (c, s) in enumerate(zip(cols, snaps)):
+            with c:
+                render_run(s, f"{job.id}-{i}", tau_job)
+    if curves is not None:
+        show_chart(curves)
+    if not job.active:
+        render_results(job, snaps)
+
+
+def _flat(ids: list[Any]) -> list[int]:
+    """Token ids of one sample, or of several (a PhoneBook: one list per entry) laid end to end."""
+    return [t for g in ids for t in g] if ids and isinstance(ids[0], list) else ids
+
+
+def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
+    """Which run reached exact recall first (compare mode), then per run: its metrics, the greedy generation
+    against the target, its notes, the adapter as a zip and a box to prompt the memorized model."""
+    st.divider()
+    st.subheader("Result")
+    if len(snaps) > 1:
+        done = [(s["recalled_at"], s["label"]) for s in snaps if s["summary"] and s["summary"].recalled]
+        if done:
+            step, who = min(done)
+            at_step = [(s["recalled_at"] if s["summary"] and s["summary"].recalled else None, s["label"])
+                       for s in snaps]
+            others = ", ".join(f"{lab}: {'step ' + str(at) if at is not None else 'not recalled'}"
+                               for at, lab in at_step)
+            st.success(f"**{who}** reached exact recall first, after {step} steps ({others}).")
+        else:
+            st.warning("Neither run reached exact recall within the budget.")
+    cols = st.columns(len(snaps))
+    for c, s in zip(cols, snaps):
+        with c:
+            summ = s["summary"]
+            if not summ:
+                st.caption(f"{s['label']}: no summary ({job.status}).")
+                continue
+            st.markdown(f"**{s['label']}** · run `{summ.run_id}` · {summ.status} ({summ.stop_reason})")
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Recalled verbatim", "yes" if summ.recalled else "no")
+            m2.metric("Steps", summ.steps)
+            m3.metric("ΔL (nats/token)", f"{summ.delta_loss:.3f}")
+            m1.metric("P_eff", f"{summ.p_eff:,}")
+            m2.metric("Bits stored", f"{summ.bits_stored:.0f}")
+            m3.metric("Bits / parameter", f"{summ.bits_per_param:.2e}")
+            gen = summ.generated_ids
+            if gen is not None:
+                tok = get_tokenizer(s["spec"].model.name)
+                flat_gen, flat_tgt = _flat(gen), _flat(summ.target_ids)
+                st.caption("Greedy generation from the prompt, compared with the target:")
+                st.html(charts.generation_diff_html(flat_tgt, flat_gen, s["pieces"], token_pieces(tok, flat_gen)))
+            for note in summ.notes:
+                st.warning(note)
+            kind = "memcore bypass: bypass_config.json + safetensors" if summ.adapter == "bypass" else "PEFT"
+            st.download_button(f"Download adapter ({kind}, zip)", data=zip_dir(summ.adapter_dir),
+                               file_name=f"memcore-{summ.run_id}.zip", mime="application/zip",
+                               key=f"dl-{summ.run_id}")
+            with st.form(f"gen-{summ.run_id}"):
+                q = st.text_input("Prompt the memorized model", value="",
+                                  placeholder="leave empty to use the run's own prompt")
+                if st.form_submit_button("Generate"):
+                    try:
+                        with st.spinner("generating ..."):
+                            out = get_worker().generate(summ.run_id, q or None)
+                        st.text((q or "") + out["text"][0])
+                    except Exception as e:
+                        st.error(error_text(e))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def zip_dir(path: str) -> bytes:
+    """The files of an adapter folder as a zip, under adapter/ (bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(Path(path).iterdir()):
+            if f.is_file():
+                z.write(f, arcname=f"adapter/{f.name}")
+    return buf.getvalue()
