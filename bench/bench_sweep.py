@@ -36,7 +36,7 @@ def main() -> None:
 
     base = RunSpec(adapter=AdapterSpec(rank=1, layers="paper"), data=DataSpec(text=read_sample("long_archive")),
                    train=TrainSpec(max_steps=args.max_steps, lr=1e-2))
-    sweep = SweepSpec(base=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=("sft",), name="bench")
+    sweep = SweepSpec(template=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=("sft",), name="bench")
     n = len(args.ranks) * len(args.lengths)
     from memcore.models import default_model_dir
 

@@ -353,10 +353,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not _given_sources(args):
         args.sample = "long_archive"
     # the grid's first point stands for it; points vary rank, length, method, seed and noise (fixed budget each)
-    base = run_spec(_settings(args) | {"rank": args.ranks[0], "method": args.methods[0], "seed": args.seeds[0],
-                                       "stop_when_recalled": False,
-                                       "history": "full" if args.full_history else "decimated"})
-    sweep = SweepSpec(base=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=tuple(args.methods),
+    template = run_spec(_settings(args) | {"rank": args.ranks[0], "method": args.methods[0], "seed": args.seeds[0],
+                                           "stop_when_recalled": False,
+                                           "history": "full" if args.full_history else "decimated"})
+    sweep = SweepSpec(template=template, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=tuple(args.methods),
                       seeds=tuple(args.seeds), noises=tuple(args.noises), name=args.name)
     store = _store()
     total = len(points(sweep))

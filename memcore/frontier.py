@@ -391,11 +391,11 @@ def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataF
     if "exact_recall" in d.columns:
         d["exact_recall"] = as_bool(d["exact_recall"]).astype(float)
     mean = d.groupby(["method", "rank", "length"])[cols].mean()
-    base = mean.loc[baseline]
+    reference = mean.loc[baseline]
     cells, overall = [], []
     for m in others:
         mine = mean.loc[m]
-        joined = mine.join(base, rsuffix=f"_{baseline}", how="inner").reset_index()
+        joined = mine.join(reference, rsuffix=f"_{baseline}", how="inner").reset_index()
         joined.insert(0, "method", m)
         if "verbatim_prefix" in cols:
             vp, vb = joined["verbatim_prefix"], joined[f"verbatim_prefix_{baseline}"]

@@ -92,7 +92,7 @@ def sw_weights(loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor, ta
     """memft-sw: w_i = sigmoid(10 (loss_i + ln tau)), then relative to the anchor a (first wrong argmax):
     unchanged before a, times exp(-(i - a)/20) for a <= i <= a + W, times 0.01 beyond a + W.
     Rows with no wrong argmax keep only the base weights."""
-    base = torch.sigmoid(SW_SHARPNESS * (loss - cut(tau))) * mask.float()
+    w0 = torch.sigmoid(SW_SHARPNESS * (loss - cut(tau))) * mask.float()  # the base weight, before the window
     anchors = first_wrong(correct, mask)
     widths = torch.tensor(window.update(anchors.tolist()), device=loss.device, dtype=loss.dtype)
     K = loss.shape[1]
@@ -104,7 +104,7 @@ def sw_weights(loss: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor, ta
     scale = torch.where(in_window, torch.exp(-dist / SW_DECAY), scale)
     scale = torch.where(dist > widths[:, None], torch.full_like(scale, SW_FLOOR), scale)
     scale = torch.where((anchors >= 0)[:, None], scale, torch.ones_like(scale))
-    return base * scale
+    return w0 * scale
 
 
 def weighted_mean(loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ HOW_NOT_WHAT = ("recompute", "history")  # TrainSpec fields left out of a sweep'
 
 @dataclass(frozen=True)
 class SweepSpec:
-    base: RunSpec  # model, adapter placement, data, training settings shared by every point
+    template: RunSpec  # what every point shares: model, adapter placement, data, training settings
     ranks: tuple[int, ...] = SWEEP_DEFAULTS["ranks"]
     lengths: tuple[int, ...] = SWEEP_DEFAULTS["lengths"]
     methods: tuple[str, ...] = SWEEP_DEFAULTS["methods"]
@@ -54,10 +54,10 @@ class SweepSpec:
         """Stable id: the name if given, else a hash of everything that defines the grid."""
         if self.name:
             return self.name
-        base = self.base.to_dict()
+        template = self.template.to_dict()
         for how in HOW_NOT_WHAT:  # settings that change how a point runs, not its numbers: same sweep
-            base["train"].pop(how, None)
-        d = {"base": base, "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
+            template["train"].pop(how, None)
+        d = {"base": template,  # keyed "base" as it always was, so a sweep keeps its id "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
              "seeds": self.seeds, "noises": self.noises}
         return "sweep-" + hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -72,7 +72,7 @@ class Point:
 def points(sweep: SweepSpec) -> list[Point]:
     """Every grid point as a full RunSpec (fixed budget, no early stop), in a deterministic order."""
     out = []
-    b = sweep.base
+    b = sweep.template
     for method in sweep.methods:
         for seed in sweep.seeds:
             for noise in sweep.noises:
@@ -118,7 +118,7 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
 
     todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
     longest = max(sweep.lengths)
-    base, samples = prepare(replace(sweep.base, data=replace(sweep.base.data, length=None)), base, store.home)
+    base, samples = prepare(replace(sweep.template, data=replace(sweep.template.data, length=None)), base, store.home)
     available = min(len(s.target_ids) for s in samples)
     if longest > available:
         raise MemcoreError(f"the sweep asks for {longest} target tokens but the text has only {available}; "

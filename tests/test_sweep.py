@@ -14,7 +14,7 @@ def sweep(tiny_model_dir):
     base = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=1, layers="paper"),
                    data=DataSpec(text="one two three four five six seven eight nine ten eleven twelve thirteen fourteen"),
                    train=TrainSpec(max_steps=2, lr=1e-2))
-    return SweepSpec(base=base, ranks=(1, 2), lengths=(4, 8), methods=("sft", "memft-ot"), name="t")
+    return SweepSpec(template=base, ranks=(1, 2), lengths=(4, 8), methods=("sft", "memft-ot"), name="t")
 
 
 def test_points_cover_the_grid_with_a_fixed_budget(sweep):
@@ -50,18 +50,18 @@ def test_interrupted_sweep_resumes_with_only_the_missing_points(sweep, home):
 
 def test_same_seed_gives_the_same_point(sweep, home):
     store = Store(home)
-    one = SweepSpec(base=sweep.base, ranks=(2,), lengths=(8,), methods=("sft",), name="a")
-    two = SweepSpec(base=sweep.base, ranks=(2,), lengths=(8,), methods=("sft",), name="b")
+    one = SweepSpec(template=sweep.template, ranks=(2,), lengths=(8,), methods=("sft",), name="a")
+    two = SweepSpec(template=sweep.template, ranks=(2,), lengths=(8,), methods=("sft",), name="b")
     a, b = next(run_sweep(one, store)), next(run_sweep(two, store))
     assert a.summary.delta_loss == b.summary.delta_loss and a.run_id != b.run_id
 
 
 def test_lengths_beyond_the_text_are_refused(sweep, home):
-    too_long = SweepSpec(base=sweep.base, ranks=(1,), lengths=(500,), methods=("sft",), name="x")
+    too_long = SweepSpec(template=sweep.template, ranks=(1,), lengths=(500,), methods=("sft",), name="x")
     with pytest.raises(MemcoreError, match="asks for 500 target tokens but the text has only"):
         list(run_sweep(too_long, Store(home)))
     with pytest.raises(MemcoreError, match="unknown method"):
-        SweepSpec(base=sweep.base, methods=("adam",))
+        SweepSpec(template=sweep.template, methods=("adam",))
 
 
 def test_ray_backend_without_ray_says_how_to_install(sweep, home, monkeypatch):
@@ -74,8 +74,8 @@ def test_ray_backend_without_ray_says_how_to_install(sweep, home, monkeypatch):
 
 def test_a_point_cut_off_mid_way_continues_from_its_checkpoint(sweep, home):
     store = Store(home)
-    base = RunSpec(model=sweep.base.model, adapter=sweep.base.adapter, data=sweep.base.data, train=TrainSpec(max_steps=10, lr=1e-2))
-    one = SweepSpec(base=base, ranks=(2,), lengths=(8,), methods=("sft",), name="mid")
+    base = RunSpec(model=sweep.template.model, adapter=sweep.template.adapter, data=sweep.template.data, train=TrainSpec(max_steps=10, lr=1e-2))
+    one = SweepSpec(template=base, ranks=(2,), lengths=(8,), methods=("sft",), name="mid")
     calls = iter(range(1000))
     assert list(run_sweep(one, store, should_stop=lambda: next(calls) >= 5)) != []  # the point stops after 4 updates
     (cut,) = store.runs(sweep="mid")
@@ -101,9 +101,9 @@ def test_a_decimated_history_keeps_every_scalar_and_replays_its_snapshots(sweep,
 
     monkeypatch.setattr(runner, "HISTORY_SNAPSHOTS", 10)
     store = Store(home)
-    base = RunSpec(model=sweep.base.model, adapter=sweep.base.adapter, data=sweep.base.data,
+    base = RunSpec(model=sweep.template.model, adapter=sweep.template.adapter, data=sweep.template.data,
                    train=TrainSpec(max_steps=40, lr=1e-2, history="decimated"))
-    (point,) = run_sweep(SweepSpec(base=base, ranks=(2,), lengths=(8,), methods=("memft-ot",), name="dec"), store)
+    (point,) = run_sweep(SweepSpec(template=base, ranks=(2,), lengths=(8,), methods=("memft-ot",), name="dec"), store)
     run_id = point.run_id
     assert [s.step for s in store.steps(run_id)] == list(range(41))  # loss, ΔL, counts: every step
     replay = store.replay(run_id)
@@ -118,6 +118,6 @@ def test_a_decimated_history_keeps_every_scalar_and_replays_its_snapshots(sweep,
 def test_sweep_id_ignores_how_points_are_run(sweep):
     from dataclasses import replace
 
-    other = replace(sweep, base=replace(sweep.base, train=replace(sweep.base.train, history="decimated", recompute="on")))
-    assert SweepSpec(base=other.base, ranks=sweep.ranks, lengths=sweep.lengths).id == \
-        SweepSpec(base=sweep.base, ranks=sweep.ranks, lengths=sweep.lengths).id
+    other = replace(sweep, template=replace(sweep.template, train=replace(sweep.template.train, history="decimated", recompute="on")))
+    assert SweepSpec(template=other.template, ranks=sweep.ranks, lengths=sweep.lengths).id == \
+        SweepSpec(template=sweep.template, ranks=sweep.ranks, lengths=sweep.lengths).id

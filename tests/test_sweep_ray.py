@@ -27,7 +27,7 @@ def sweep(tiny_model_dir):
     base = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=1, layers="paper"),
                    data=DataSpec(text="one two three four five six seven eight nine ten eleven twelve"),
                    train=TrainSpec(max_steps=3, lr=1e-2))
-    return SweepSpec(base=base, ranks=(1, 2), lengths=(4, 8), methods=("sft",), name="ray-test")
+    return SweepSpec(template=base, ranks=(1, 2), lengths=(4, 8), methods=("sft",), name="ray-test")
 
 
 def fails_for_rank_2_length_8(spec_dict, sweep_id, key):
