@@ -11,7 +11,7 @@ from memcore import objectives as obj
 from memcore.config import AdapterSpec, TrainSpec
 from memcore.data import Sample, make_batch
 from memcore.head import chunked_head_loss, head_for
-from memcore.models import attach_adapter, detach_adapter
+from memcore.placement import attach_adapter, detach_adapter
 from memcore.train import recomputed, token_losses, train_iter, use_recompute
 
 

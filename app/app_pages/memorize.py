@@ -182,7 +182,7 @@ def build_specs() -> list[RunSpec]:
 def model_config(model: str):
     from transformers import AutoConfig
 
-    from memcore.models import resolve_source
+    from memcore.loading import resolve_source
 
     return AutoConfig.from_pretrained(resolve_source(ModelSpec(name=model)))
 
