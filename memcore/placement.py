@@ -100,7 +100,8 @@ _PLACEMENTS: weakref.WeakKeyDictionary[nn.Module, Placement] = weakref.WeakKeyDi
 
 def placement_of(model: nn.Module) -> Placement:
     """The Placement recorded when `model` was attached (attach_adapter, load_adapter); for a model memcore did
-    not attach (a bare base, an adapter wrapped by hand), a fresh scan, not recorded."""
+    not attach (a bare base, an adapter wrapped by hand), a fresh scan, not recorded. Weights unfrozen by hand
+    after attaching are not seen: the record describes the adapter as attached."""
     found = _PLACEMENTS.get(model)
     return found if found is not None else Placement.of(model)
 
