@@ -16,7 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from jobs import Worker  # noqa: E402
 
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec  # noqa: E402
-from memcore.models import memcore_home, resolve_source  # noqa: E402
+from memcore.home import memcore_home  # noqa: E402
+from memcore.loading import resolve_source  # noqa: E402
 from memcore.specs import preflight  # noqa: E402
 from memcore.store import Store  # noqa: E402
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from memcore.config import ModelSpec, RunSpec
+from memcore.loading import Base, load_base
 from memcore.metrics import StubbornCounter
-from memcore.models import Base, load_base
 from memcore.pieces import Piece
 from memcore.records import RunSummary, StepRow
 from memcore.service import TrainingProcess, trainer_lock
@@ -163,7 +163,7 @@ class Worker:
         self._trainer_lock = trainer_lock(self.home)
         self._lock = threading.Lock()
         self._gen_lock = threading.Lock()
-        self._inference: dict[tuple, Base] = {}
+        self._inference: dict[ModelSpec, Base] = {}  # at most one: the base the last generate used
         self._current: Job | None = None
         self._proc: TrainingProcess | None = None
         self._closed = False
@@ -232,11 +232,10 @@ class Worker:
 
         spec = stored_run_spec(self.store, run_id)
         with self._gen_lock:
-            key = (spec.model.name, spec.model.quant)
-            if key not in self._inference:
+            if spec.model not in self._inference:
                 self._inference.clear()  # keep one inference model at a time
-                self._inference[key] = load_base(spec.model, self.home)
-            return generate_from_run(self.store, run_id, self._inference[key], prompt, max_new_tokens)
+                self._inference[spec.model] = load_base(spec.model, self.home)
+            return generate_from_run(self.store, run_id, self._inference[spec.model], prompt, max_new_tokens)
 
     def close(self, grace: float = 30.0) -> None:
         """Stop the dispatcher and the training process and give up the trainer lock (when the server shuts down,

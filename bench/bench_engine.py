@@ -49,7 +49,8 @@ def peak_memory_mb() -> float:
 def _setup(args):
     from memcore.config import AdapterSpec, DataSpec, ModelSpec
     from memcore.data import build_samples, make_batch, read_sample
-    from memcore.models import attach_adapter, load_base
+    from memcore.loading import load_base
+    from memcore.placement import attach_adapter
 
     base = load_base(ModelSpec(quant=args.quant))
     tok = base.tokenizer

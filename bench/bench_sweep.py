@@ -29,7 +29,7 @@ def main() -> None:
 
     from memcore.config import AdapterSpec, DataSpec, RunSpec, TrainSpec
     from memcore.data import read_sample
-    from memcore.models import load_base
+    from memcore.loading import load_base
     from memcore.store import Store
     from memcore.sweep import SweepSpec, run_sweep
     from memcore.sweep_ray import run_sweep_ray
@@ -38,7 +38,7 @@ def main() -> None:
                    train=TrainSpec(max_steps=args.max_steps, lr=1e-2))
     sweep = SweepSpec(template=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=("sft",), name="bench")
     n = len(args.ranks) * len(args.lengths)
-    from memcore.models import default_model_dir
+    from memcore.home import default_model_dir
 
     models = default_model_dir().parent  # both scratch stores share the converted default model
     with tempfile.TemporaryDirectory() as d:

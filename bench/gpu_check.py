@@ -99,18 +99,16 @@ def measure(model, batch, spec, pad_id: int, device) -> dict:
 def row_default(kind: str, device) -> dict:
     from memcore.config import AdapterSpec, DataSpec, ModelSpec, TrainSpec
     from memcore.data import build_samples, make_batch, read_sample
-    from memcore.models import attach_adapter, detach_adapter, load_base
+    from memcore.loading import load_base
 
     dtype, quant = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "nf4": ("bfloat16", "nf4")}[kind]
     base = load_base(ModelSpec(dtype=dtype, quant=quant, device=str(device)))
     tok = base.tokenizer
     samples = build_samples(tok, DataSpec(text=read_sample("lighthouse")), base.context_length)
     batch = make_batch(samples, tok.pad_token_id).to(base.device)
-    model = attach_adapter(base.model, AdapterSpec(rank=8), seed=0)
     spec = TrainSpec(method="sft", lr=2e-3, max_steps=20, stop_when_recalled=False, verify=False)
-    out = measure(model, batch, spec, tok.pad_token_id, base.device)
-    detach_adapter(model)
-    return out
+    with base.adapted(AdapterSpec(rank=8), seed=0) as model:
+        return measure(model, batch, spec, tok.pad_token_id, base.device)
 
 
 def row_llama_1b(layers: str, device) -> dict:
@@ -119,7 +117,7 @@ def row_llama_1b(layers: str, device) -> dict:
 
     from memcore.config import AdapterSpec, TrainSpec
     from memcore.data import Sample, make_batch
-    from memcore.models import attach_adapter, detach_adapter
+    from memcore.placement import attach_adapter, detach_adapter
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -143,17 +141,15 @@ def row_llama_1b(layers: str, device) -> dict:
 def row_capacity(device) -> dict:
     from memcore.config import AdapterSpec, ModelSpec, TrainSpec
     from memcore.data import Sample, make_batch
-    from memcore.models import attach_adapter, detach_adapter, load_base
+    from memcore.loading import load_base
 
     base = load_base(ModelSpec(dtype="float32", device=str(device)))
     ids = random_ids(CAPACITY["tokens"], base.model.config.vocab_size)
     bos = base.tokenizer.bos_token_id or 0
     batch = make_batch([Sample([bos], ids)], 0).to(base.device)
-    model = attach_adapter(base.model, AdapterSpec(rank=CAPACITY["rank"], layers="paper"), seed=0)
     spec = TrainSpec(method="sft", lr=CAPACITY["lr"], max_steps=CAPACITY["steps"], stop_when_recalled=False, verify=False)
-    out = measure(model, batch, spec, 0, base.device)
-    detach_adapter(model)
-    return out
+    with base.adapted(AdapterSpec(rank=CAPACITY["rank"], layers="paper"), seed=0) as model:
+        return measure(model, batch, spec, 0, base.device)
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def main() -> None:
     import psutil
     from playwright.sync_api import sync_playwright
 
-    from memcore.models import default_model_dir
+    from memcore.home import default_model_dir
 
     model_dir = default_model_dir()
     home = Path(tempfile.mkdtemp(prefix="memcore-soak-"))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memcore.blocks import decoder_layers
 from memcore.config import AdapterSpec, MemcoreError
 
 CONFIG_NAME = "bypass_config.json"
@@ -107,8 +108,6 @@ class BypassModel(nn.Module):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """{'layers.<i>.A': [hidden, r], 'layers.<i>.B': [r, hidden]} on the CPU, fp32."""
-        from memcore.models import decoder_layers
-
         out = {}
         for i in self.layer_indices:
             m = _bypass_in(decoder_layers(self.base_model)[i])
@@ -130,8 +129,6 @@ class BypassModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original MLPs back and give back the untouched base model."""
-        from memcore.models import decoder_layers
-
         layers = decoder_layers(self.base_model)
         for i in self.layer_indices:
             name, mod = mlp_of(layers[i])
@@ -161,8 +158,6 @@ def attach_bypass(model: nn.Module, spec: AdapterSpec, layers: list[int], seed: 
     """Wrap the MLP of each block in `layers` with a rank-`spec.rank` bypass; freeze everything else.
 
     Seeded (torch.manual_seed(seed)) so that A repeats. Raises MemcoreError if a block has no MLP module."""
-    from memcore.models import decoder_layers
-
     blocks = decoder_layers(model)
     hidden = _hidden_size(model)
     device = next(model.parameters()).device
@@ -197,8 +192,6 @@ def load_bypass(model: nn.Module, path: str | Path) -> BypassModel:
         raise MemcoreError(f"the bypass adapter in {path} is for hidden size {cfg.get('hidden')}, this model has {hidden}")
     spec = AdapterSpec(rank=int(cfg["rank"]), dropout=float(cfg.get("dropout", 0.0)), layers=tuple(cfg["layers"]), kind="bypass")
     wrapped = attach_bypass(model, spec, list(cfg["layers"]))
-    from memcore.models import decoder_layers
-
     with torch.no_grad():
         for i in cfg["layers"]:
             m = _bypass_in(decoder_layers(model)[i])

@@ -46,7 +46,7 @@ def _quiet() -> None:
 
 
 def _store():
-    from memcore.models import memcore_home
+    from memcore.home import memcore_home
     from memcore.store import Store
 
     return Store(memcore_home())
@@ -322,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from memcore.models import load_base
+    from memcore.loading import load_base
     from memcore.runner import generate_from_run, stored_run_spec
 
     store = _store()

@@ -12,6 +12,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Generator
+from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ import numpy as np
 
 from memcore.config import MemcoreError, RunSpec
 from memcore.data import Sample, make_batch
+from memcore.loading import Base, load_base
 from memcore.measure import StepReport, base_losses
 from memcore.metrics import StubbornCounter, bits_per_param
-from memcore.models import Base, attach_adapter, detach_adapter, load_base, p_eff, target_module_regex
 from memcore.pieces import Piece, token_pieces
+from memcore.placement import p_eff, target_module_regex
 from memcore.records import RunSummary, StepRow
 from memcore.specs import preflight
 from memcore.store import Store
@@ -59,13 +61,13 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = make_batch(samples, pad_id).to(base.device)
     adapter_dir = store.adapter_dir(run_id)
-    model = None
+    adapter = ExitStack()  # holds the adapter on the shared base until the run's outcome is recorded
     try:
         ckpt = load_checkpoint(store, run_id) if resume else None
         if resume:
             store.truncate_steps(run_id, ckpt.step if ckpt else 0)
         store.set_status(run_id, "running")
-        model = attach_adapter(base.model, spec.adapter, seed=spec.train.seed)
+        model = adapter.enter_context(base.adapted(spec.adapter, seed=spec.train.seed))
         n_params = p_eff(model)
         base_loss = base_losses(model, batch)
         targets = [s.target_ids for s in samples]
@@ -129,8 +131,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
             (store.runs_dir / run_id / "error.txt").write_text(traceback.format_exc())
         raise
     finally:
-        if model is not None:
-            base.model = detach_adapter(model)
+        adapter.close()
 
 
 HISTORY_SNAPSHOTS = 300
@@ -341,12 +342,10 @@ def generate_from_run(store: Store, run_id: str, base: Base, prompt: str | None 
     unless max_new_tokens says otherwise)."""
     from memcore.data import prompt_ids
     from memcore.measure import compare, greedy_generate
-    from memcore.models import load_adapter
 
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    model = load_adapter(base.model, store.adapter_dir(run_id))
-    try:
+    with base.adapted(store.adapter_dir(run_id)) as model:
         if prompt is None:
             toks = store.tokens(run_id)
             samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
@@ -355,5 +354,3 @@ def generate_from_run(store: Store, run_id: str, base: Base, prompt: str | None 
                     "text": [tok.decode(g) for g in gen]}
         gen = greedy_generate(model, [Sample(prompt_ids(tok, prompt), [0])], pad, max_new_tokens or 100)
         return {"generated": gen, "text": [tok.decode(gen[0])]}
-    finally:
-        base.model = detach_adapter(model)

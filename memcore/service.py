@@ -17,6 +17,7 @@ Messages from the child:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -37,16 +38,18 @@ class Engine:
 
         self.home = Path(home)
         self.store = Store(self.home)
-        self.bases: OrderedDict[tuple, Any] = OrderedDict()
+        self.bases: OrderedDict[tuple[Any, int], Any] = OrderedDict()  # (ModelSpec, copy index) -> Base
 
     def base(self, spec: Any, copy_index: int = 0) -> Any:
-        from memcore.models import Base, load_base
+        """The loaded base model for a ModelSpec, cached (at most MAX_CACHED_BASES, least recently used dropped).
+        copy_index > 0: an independent copy of it (the model deep-copied), for a run trained alongside copy 0."""
+        from memcore.loading import load_base
 
-        key = (spec.name, spec.quant, spec.device, spec.dtype, spec.trust_remote_code, copy_index)
+        key = (spec, copy_index)
         if key not in self.bases:
             if copy_index:
                 first = self.base(spec, 0)
-                self.bases[key] = Base(copy.deepcopy(first.model), first.tokenizer, first.source, first.device, first.dtype, first.spec)
+                self.bases[key] = dataclasses.replace(first, model=copy.deepcopy(first.model))
             else:
                 self.bases[key] = load_base(spec, self.home)
             while len(self.bases) > MAX_CACHED_BASES:

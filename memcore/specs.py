@@ -20,13 +20,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from memcore.blocks import context_length, layer_count
 from memcore.config import TARGET_PRESETS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 
 SPECS: tuple[type, ...] = (ModelSpec, AdapterSpec, DataSpec, TrainSpec)
 _RENAMED = {(ModelSpec, "name"): "model", (AdapterSpec, "kind"): "adapter"}
 LAYER_PRESETS: tuple[str, ...] = ("all", "paper")
-CONTEXT_KEYS: tuple[str, ...] = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-FALLBACK_CONTEXT = 2048  # tokens, where a config names no context length (as models.Base.context_length)
 
 
 def _option_table() -> dict[str, tuple[tuple[type, str], ...]]:
@@ -177,22 +176,6 @@ def run_specs(settings: Mapping[str, Any], methods: Sequence[str] | None = None)
 # --- preflight -------------------------------------------------------------------------------------------------
 
 
-def context_length(config: Any) -> int:
-    """A model config's context length in tokens: the first positive integer among CONTEXT_KEYS, else 2048."""
-    for key in CONTEXT_KEYS:
-        v = getattr(config, key, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return FALLBACK_CONTEXT
-
-
-def n_layers(config: Any) -> int | None:
-    """A model config's number of transformer blocks, or None where it does not say (as models reads it)."""
-    from memcore.models import _n_layers_of
-
-    return _n_layers_of(config)
-
-
 def check_layers(adapter: AdapterSpec, layer_count: int | None) -> None:
     """Refuse adapter layer indices a model with `layer_count` blocks does not have (no check when unknown).
     Raises MemcoreError naming the first missing layer and the valid range."""
@@ -223,8 +206,8 @@ def preflight(spec: RunSpec, tokenizer: Any, config: Any, vocab_size: int | None
 
     context = context_length(config)
     samples = build_samples(tokenizer, spec.data, context, vocab_size=vocab_size)
-    layer_count = n_layers(config)
-    check_layers(spec.adapter, layer_count)
-    return Preflight(samples, sum(len(s.target_ids) for s in samples), context, layer_count)
+    n_blocks = layer_count(config)
+    check_layers(spec.adapter, n_blocks)
+    return Preflight(samples, sum(len(s.target_ids) for s in samples), context, n_blocks)
 
 

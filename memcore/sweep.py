@@ -164,7 +164,7 @@ def _source_bits(run: dict[str, Any], summary: RunSummary, store: Any, cache: di
     if spec.model.name not in cache:
         from transformers import AutoConfig, AutoTokenizer
 
-        from memcore.models import resolve_source
+        from memcore.loading import resolve_source
         from memcore.runner import source_bits
 
         src = resolve_source(spec.model, store.home)

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from memcore.config import MemcoreError, RunSpec
+from memcore.config import MemcoreError, ModelSpec, RunSpec
 from memcore.store import Store
 from memcore.sweep import PointResult, SweepSpec, completed_keys, points
 
-_BASES: dict[tuple, Any] = {}  # per worker process: base models loaded once
+_BASES: dict[ModelSpec, Any] = {}  # per worker process: base models loaded once
 
 
 def ray_available() -> bool:
@@ -36,14 +36,14 @@ def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str,
     import warnings
 
     warnings.filterwarnings("ignore")
-    from memcore.models import memcore_home, resolve_source
+    from memcore.home import memcore_home
+    from memcore.loading import resolve_source
     from memcore.runner import execute, prepare
 
     spec = RunSpec.from_dict(spec_dict)
     home = memcore_home()
-    mkey = (spec.model.name, spec.model.quant, spec.model.device, spec.model.dtype)
-    base, samples = prepare(spec, _BASES.get(mkey), home)
-    _BASES[mkey] = base
+    base, samples = prepare(spec, _BASES.get(spec.model), home)
+    _BASES[spec.model] = base
     with tempfile.TemporaryDirectory(prefix="memcore-point-") as scratch:
         store = Store(Path(scratch))
         summary = execute(spec, store, base, samples, sweep=sweep_id, label=key)
@@ -61,7 +61,7 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
         raise MemcoreError("--backend ray needs Ray: pip install 'memcore[ray]' (or pip install 'ray>=2.30')")
     import ray
 
-    from memcore.models import resolve_source
+    from memcore.loading import resolve_source
 
     if not ray.is_initialized():
         try:

@@ -23,7 +23,7 @@ from memcore import objectives as obj
 from memcore.config import MemcoreError, TrainSpec
 from memcore.data import Batch
 from memcore.measure import StepReport, base_losses, compare, fill_report, greedy_generate, read_targets, token_losses
-from memcore.models import decoder_layers, has_trainable_below_blocks, lowest_adapted_layer
+from memcore.placement import Placement, placement_of
 
 # --- frozen-prefix cache -------------------------------------------------------------------------------------
 
@@ -32,17 +32,18 @@ class FrozenPrefix:
     """When no adapter sits below block k, the hidden states entering block k never change for a fixed
     input: compute them once, then let blocks 0..k-1 pass them through. Backward stops at block k too."""
 
-    def __init__(self, model: Any, k: int):
-        self.layers = decoder_layers(model)
+    def __init__(self, placement: Placement, k: int):
+        self.layers = placement.layers
         self.k = k
         self.output: Any = None  # what block k-1 returned for the full batch
 
     @classmethod
     def maybe(cls, model: Any) -> FrozenPrefix | None:
-        k = lowest_adapted_layer(model)
-        if k is None or k < 1 or has_trainable_below_blocks(model):
+        placement = placement_of(model)
+        k = placement.lowest_adapted
+        if k is None or k < 1 or placement.trainable_below_blocks:
             return None
-        return cls(model, k)
+        return cls(placement, k)
 
     def capture(self, model: Any, batch: Batch) -> None:
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
@@ -93,7 +94,7 @@ def use_recompute(model: Any, batch: Batch, setting: str, start: int) -> bool:
     saves most of their activation memory (2,048 tokens: peak RSS 2.2 -> 1.5 GB)."""
     if setting != "auto":
         return setting == "on"
-    n_blocks = len(decoder_layers(model)) - start
+    n_blocks = len(placement_of(model).layers) - start
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
     elem = next(model.parameters()).element_size()
     est = batch.input_ids.numel() * n_blocks * ACTIVATION_FLOATS_PER_TOKEN * hidden * elem
@@ -107,7 +108,7 @@ def recomputed(model: Any, start: int) -> Iterator[None]:
     grad mode is on; memory then holds one block's activations instead of every block's."""
     from torch.utils.checkpoint import checkpoint
 
-    blocks = list(decoder_layers(model))[start:]
+    blocks = list(placement_of(model).layers)[start:]
     saved = [vars(b).get("forward") for b in blocks]
 
     def wrap(fn: Callable) -> Callable:

@@ -20,7 +20,7 @@ MODEL_CACHE = Path(os.environ.get("MEMCORE_TEST_CACHE", Path.home() / ".cache" /
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from memcore.models import default_model_dir as convert
+    from memcore.home import default_model_dir as convert
 
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
     return convert(MODEL_CACHE, log=lambda m: None)
@@ -40,7 +40,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_model_dir: Pat
 def default_base(default_model_dir: Path):
     """The real default model, loaded once for the whole session (tests must detach their adapters)."""
     from memcore.config import ModelSpec
-    from memcore.models import load_base
+    from memcore.loading import load_base
 
     return load_base(ModelSpec(name=str(default_model_dir)))
 
@@ -68,6 +68,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_model_dir: Path):
     from memcore.config import ModelSpec
-    from memcore.models import load_base
+    from memcore.loading import load_base
 
     return load_base(ModelSpec(name=str(tiny_model_dir)))

@@ -79,9 +79,9 @@ def test_unwritable_home_is_reported(tmp_path, monkeypatch, capsys):
 
 
 def test_nf4_without_bitsandbytes_says_how_to_install(home, tiny_model_dir, capsys, monkeypatch):
-    import memcore.models as models
+    import memcore.loading as loading
 
-    monkeypatch.setattr(models, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(loading, "bitsandbytes_available", lambda: False)
     code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "hi there", "--quant", "nf4")
     assert code == 2 and "needs bitsandbytes" in err and "pip install bitsandbytes" in err
 

@@ -13,7 +13,7 @@ import torch
 from memcore.config import AdapterSpec, TrainSpec
 from memcore.data import Sample, make_batch
 from memcore.head import chunked_head_loss
-from memcore.models import attach_adapter
+from memcore.placement import attach_adapter
 from memcore.train import train_iter
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ from memcore.config import AdapterSpec, TrainSpec
 from memcore.data import Sample, make_batch
 from memcore.head import chunked_head_loss, head_for
 from memcore.measure import token_losses
-from memcore.models import attach_adapter, detach_adapter
+from memcore.placement import attach_adapter, detach_adapter
 from memcore.train import recomputed, train_iter, use_recompute
 
 

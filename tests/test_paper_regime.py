@@ -1,17 +1,19 @@
 """The paper's regime: its data layouts (JSONL, random tokens), its bypass adapter, and training to convergence."""
 
 import json
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
+from memcore.blocks import decoder_layers
 from memcore.bypass import MLPBypass, mlp_of
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, RunSpec, TrainSpec
 from memcore.data import build_samples, make_batch, ordinary_token_ids, parse_jsonl, random_token_ids
 from memcore.measure import base_losses, token_losses
-from memcore.models import attach_adapter, decoder_layers, detach_adapter, load_adapter, p_eff, paper_layer
+from memcore.placement import p_eff, paper_layer
 from memcore.train import FrozenPrefix, converged, train_iter
 
 # --- JSONL ---------------------------------------------------------------------------------------------------
@@ -95,18 +97,16 @@ def test_random_tokens_are_seeded_ordinary_and_uniform(default_base):
 
 @pytest.fixture
 def bypassed(tiny_base):
-    attached = []
+    """Yields a function that attaches an adapter to the shared tiny base (Base.adapted), one at a time; the last
+    one comes off when the test ends."""
+    held = ExitStack()
 
     def attach(spec=AdapterSpec(rank=2, layers="paper", kind="bypass"), seed=0):
-        while attached:  # one adapter at a time on the shared base
-            tiny_base.model = detach_adapter(attached.pop())
-        m = attach_adapter(tiny_base.model, spec, seed=seed)
-        attached.append(m)
-        return m
+        held.close()
+        return held.enter_context(tiny_base.adapted(spec, seed=seed))
 
-    yield attach
-    while attached:
-        tiny_base.model = detach_adapter(attached.pop())
+    with held:
+        yield attach
 
 
 def _batch(base, text="Seven pale moths circled the lamp until the kettle sang."):
@@ -136,22 +136,21 @@ def test_bypass_forward_is_mlp_plus_xab_and_starts_as_the_base(tiny_base, bypass
     assert {n.split(".")[-1] for n, p in m.named_parameters() if p.requires_grad} == {"bypass_A", "bypass_B"}
 
 
-def test_bypass_saves_reloads_and_detaches(tiny_base, bypassed, tmp_path):
+def test_bypass_saves_reloads_and_detaches(tiny_base, tmp_path):
     b = _batch(tiny_base)
     plain, _ = token_losses(tiny_base.model, b)
-    m = bypassed(AdapterSpec(rank=2, layers=(1, 2), kind="bypass"))
-    for p in m.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.3)
-    trained, _ = token_losses(m, b)
-    m.save_pretrained(tmp_path / "ad")
+    with tiny_base.adapted(AdapterSpec(rank=2, layers=(1, 2), kind="bypass")) as m:
+        for p in m.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.3)
+        trained, _ = token_losses(m, b)
+        m.save_pretrained(tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / "bypass_config.json").read_text())
     assert cfg["rank"] == 2 and cfg["layers"] == [1, 2] and cfg["adapter"] == "bypass"
-    tiny_base.model = detach_adapter(m)
     assert torch.equal(token_losses(tiny_base.model, b)[0], plain)  # the MLPs are back, untouched
-    again = load_adapter(tiny_base.model, tmp_path / "ad")
-    assert torch.allclose(token_losses(again, b)[0], trained, atol=1e-6)
-    tiny_base.model = detach_adapter(again)
+    with tiny_base.adapted(tmp_path / "ad") as again:
+        assert torch.allclose(token_losses(again, b)[0], trained, atol=1e-6)
+    assert torch.equal(token_losses(tiny_base.model, b)[0], plain)
 
 
 def test_bypass_trains_with_the_frozen_prefix_cache(tiny_base, bypassed):
@@ -211,13 +210,10 @@ def test_converged_rule():
 def test_until_converged_stops_when_every_token_is_above_tau(default_base):
     # (a tiny random model cannot put p > 0.5 on any token: its final norm and small embeddings cap the logits)
     b = make_batch(build_samples(default_base.tokenizer, DataSpec(random_tokens=12, seed=1)), 0)
-    m = attach_adapter(default_base.model, AdapterSpec(rank=4, layers="paper", kind="bypass", dropout=0.1))
-    try:
-        spec = TrainSpec(method="sft", lr=3e-2, max_steps=300, stop_when_recalled=False, until="converged", verify=False,
-                         plateau_window=300)
+    spec = TrainSpec(method="sft", lr=3e-2, max_steps=300, stop_when_recalled=False, until="converged", verify=False,
+                     plateau_window=300)
+    with default_base.adapted(AdapterSpec(rank=4, layers="paper", kind="bypass", dropout=0.1)) as m:
         reports = list(train_iter(m, b, spec))
-    finally:
-        default_base.model = detach_adapter(m)
     final = reports[-1]
     assert final.stop_reason == "all_above_tau" and final.step < 300
     # measured without dropout at the end: every token really is above tau, and so recalled

@@ -5,15 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from memcore.blocks import context_length, layer_count
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 from memcore.data import encode_text
 from memcore.specs import (
     OPTIONS,
     check_layers,
-    context_length,
     default,
     field_docs,
-    n_layers,
     option_help,
     option_type,
     parse_keys,
@@ -103,8 +102,8 @@ def test_context_length_and_layer_count_read_every_key_models_read():
     assert context_length(SimpleNamespace(n_positions=1024)) == 1024  # GPT-2
     assert context_length(SimpleNamespace(seq_length=4096, max_position_embeddings=None)) == 4096
     assert context_length(SimpleNamespace()) == 2048  # what training assumes where the config is silent
-    assert n_layers(SimpleNamespace(num_hidden_layers=30)) == 30 and n_layers(SimpleNamespace(n_layer=12)) == 12
-    assert n_layers(SimpleNamespace()) is None
+    assert layer_count(SimpleNamespace(num_hidden_layers=30)) == 30 and layer_count(SimpleNamespace(n_layer=12)) == 12
+    assert layer_count(SimpleNamespace()) is None
     check_layers(AdapterSpec(layers=(0, 3)), 4)
     check_layers(AdapterSpec(layers=(99,)), None)  # unknown layer count: nothing to check against
     with pytest.raises(MemcoreError, match=r"layer 4 does not exist: this model has layers 0\.\.3"):

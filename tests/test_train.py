@@ -1,6 +1,7 @@
 """Mechanics of the streaming core on a tiny random Llama (fast), and its contract on the real model."""
 
 import math
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from memcore.config import AdapterSpec, DataSpec, TrainSpec
 from memcore.data import build_samples, make_batch
 from memcore.measure import base_losses, token_losses
-from memcore.models import attach_adapter, detach_adapter, p_eff, target_module_regex
+from memcore.placement import p_eff, target_module_regex
 from memcore.train import FrozenPrefix, train_iter
 
 TEXT = "Seven pale moths circled the lamp until the kettle sang and the window fogged over."
@@ -17,23 +18,16 @@ TEXT = "Seven pale moths circled the lamp until the kettle sang and the window f
 
 @pytest.fixture
 def tiny(tiny_base):
-    """Yields a function that attaches an adapter to the shared tiny base and detaches it afterwards."""
-    attached = []
-
-    def release():
-        while attached:
-            m = attached.pop()
-            if any("lora_A" in n or "bypass_A" in n for n, _ in m.named_parameters()):
-                tiny_base.model = detach_adapter(m)
+    """Yields a function that attaches an adapter to the shared tiny base (Base.adapted), taking the previous one
+    off first; the last one comes off when the test ends."""
+    held = ExitStack()
 
     def attach(spec=AdapterSpec(rank=4), seed=0):
-        release()
-        m = attach_adapter(tiny_base.model, spec, seed=seed)
-        attached.append(m)
-        return m
+        held.close()
+        return held.enter_context(tiny_base.adapted(spec, seed=seed))
 
-    yield attach
-    release()
+    with held:
+        yield attach
 
 
 def _randomize_adapter(model, std):
@@ -187,14 +181,13 @@ def test_memft_sw_multi_sample_trains_with_curriculum(tiny, tiny_base):
     assert reports[-1].delta_loss > 0
 
 
-def test_base_loss_is_measured_with_adapter_off(tiny, tiny_base):
+def test_base_loss_is_measured_with_adapter_off(tiny_base):
     b = _batch(tiny_base)
-    m = tiny()
-    _randomize_adapter(m, 0.05)
-    with_adapter, _ = token_losses(m, b)
-    base = base_losses(m, b)
+    with tiny_base.adapted(AdapterSpec(rank=4)) as m:
+        _randomize_adapter(m, 0.05)
+        with_adapter, _ = token_losses(m, b)
+        base = base_losses(m, b)
     assert not torch.allclose(with_adapter, base)
-    tiny_base.model = detach_adapter(m)
     plain, _ = token_losses(tiny_base.model, b)
     assert torch.allclose(base, plain, atol=1e-6)
 

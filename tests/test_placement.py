@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memcore.blocks import decoder_layers, module_role
 from memcore.config import AdapterSpec, MemcoreError, TrainSpec
 from memcore.data import Sample, make_batch
 from memcore.measure import token_losses
-from memcore.models import attach_adapter, decoder_layers, detach_adapter, module_role, target_module_regex
+from memcore.placement import attach_adapter, detach_adapter, placement_of, target_module_regex
 from memcore.train import FrozenPrefix, train_iter
 
 V = 96  # vocabulary of the tiny models
@@ -126,3 +127,50 @@ def test_a_mixture_of_experts_mlp_is_refused_with_a_reason():
         target_module_regex(model, AdapterSpec(targets="mlp"))
     _, chosen, _ = target_module_regex(model, AdapterSpec(targets="attn"))
     assert set(chosen) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+
+
+def test_the_placement_is_scanned_once_when_the_adapter_is_attached(models, monkeypatch):
+    """The frozen-prefix cache and block recomputation read the Placement recorded at attach time: with the block
+    scan broken after attaching they still work, and detaching forgets it."""
+    import memcore.blocks as blocks
+    import memcore.placement as placement
+    import memcore.train as train
+    from memcore.train import recomputed, use_recompute
+
+    model, attn, mlp = models["llama"]
+    peft_model = attach_adapter(model, AdapterSpec(rank=2, layers=(1, 3)), seed=0)
+    try:
+        p = placement_of(peft_model)
+        assert p is placement_of(peft_model) and p.layers is decoder_layers(model)
+        assert p.lowest_adapted == 1 and not p.trainable_below_blocks
+
+        def no_rescan(_model):
+            raise AssertionError("the blocks were scanned again")
+
+        for module in (blocks, placement, train):  # wherever a scan could come from
+            if hasattr(module, "decoder_layers"):
+                monkeypatch.setattr(module, "decoder_layers", no_rescan)
+        monkeypatch.setattr(placement.Placement, "of", classmethod(lambda cls, m: no_rescan(m)))
+        prefix = FrozenPrefix.maybe(peft_model)
+        assert prefix is not None and prefix.k == 1 and prefix.layers is p.layers
+        assert use_recompute(peft_model, _batch(), "auto", 1) is False
+        with recomputed(peft_model, 1):
+            assert all("forward" in vars(b) for b in list(p.layers)[1:])
+        monkeypatch.undo()
+    finally:
+        models["llama"] = (detach_adapter(peft_model), attn, mlp)
+    assert placement_of(peft_model) is not p  # forgotten at detach: a fresh scan
+
+
+def test_something_trainable_below_the_blocks_rules_out_the_frozen_prefix(models):
+    """A model memcore did not attach (here: weights unfrozen by hand) is scanned afresh each time."""
+    model, _, _ = models["llama"]
+    try:
+        decoder_layers(model)[2].mlp.down_proj.weight.requires_grad_(True)
+        prefix = FrozenPrefix.maybe(model)
+        assert prefix is not None and prefix.k == 2
+        model.get_input_embeddings().weight.requires_grad_(True)
+        assert placement_of(model).trainable_below_blocks and placement_of(model).lowest_adapted == 2
+        assert FrozenPrefix.maybe(model) is None
+    finally:
+        model.requires_grad_(False)
