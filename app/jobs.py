@@ -126,7 +126,7 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def active(self) -> bool:
+    def is_live(self) -> bool:
         return self.status in ("queued", "loading", "running")
 
     @property
@@ -214,7 +214,7 @@ class Worker:
             elif self._current is job and self._proc is not None:
                 self._proc.stop_job(job.id)
 
-    def active_jobs(self) -> list[Job]:
+    def live_jobs(self) -> list[Job]:
         return [j for j in (self.find(r["id"]) for r in self.store.jobs(("queued", "running"))) if j is not None]
 
     def is_model_ready(self, spec: ModelSpec) -> bool:
@@ -381,7 +381,7 @@ class Worker:
     def _forget_old_jobs(self) -> None:
         """Keep the live views of the MAX_FINISHED_IN_MEMORY most recent finished jobs; an older one is read
         back from the store if a page asks for it (a server that runs for weeks must not grow without end)."""
-        finished = sorted((j for j in self.jobs.values() if not j.active and j is not self._current), key=lambda j: j.created)
+        finished = sorted((j for j in self.jobs.values() if not j.is_live and j is not self._current), key=lambda j: j.created)
         for j in finished[:-MAX_FINISHED_IN_MEMORY]:
             del self.jobs[j.id]
 

@@ -130,10 +130,10 @@ def render_job(job: Any) -> None:
         train_s = max(r["elapsed"] for r in rows)
         wall = (job.finished or time.time()) - (job.started or job.created)
         left_s = train_s / step * (job.max_steps - step) if step else None
-        eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.active else ""
+        eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.is_live else ""
         st.progress(min(1.0, step / job.max_steps),
                     text=f"step {step}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
-    if job.active:
+    if job.is_live:
         if st.button("Stop", key=f"stop-{job.id}",
                      help="Stops after the current step; the adapter and metrics so far are kept"):
             get_worker().stop(job)
@@ -148,7 +148,7 @@ def render_job(job: Any) -> None:
                 render_run(s, f"{job.id}-{i}", tau_job)
     if curves is not None:
         show_chart(curves)
-    if not job.active:
+    if not job.is_live:
         render_results(job, snaps)
 
 

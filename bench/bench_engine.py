@@ -110,7 +110,7 @@ def count_step_flops(model, batch, spec, use_prefix_cache: bool = True) -> int:
         prefix.capture(model, batch)
     start = prefix.k if prefix is not None else 0
     with FlopCounterMode(display=False) as counter:
-        with (prefix.active() if prefix is not None else nullcontext(),
+        with (prefix.installed() if prefix is not None else nullcontext(),
               recomputed(model, start) if use_recompute(model, batch, spec.recompute, start) else nullcontext()):
             loss, _ = token_losses(model, batch)
         obj.weighted_mean(loss, obj.sft_weights(loss.detach(), batch.target_mask)).backward()

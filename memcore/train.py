@@ -60,7 +60,7 @@ class FrozenPrefix:
             h.remove()
 
     @contextmanager
-    def active(self) -> Iterator[None]:
+    def installed(self) -> Iterator[None]:
         out = self.output
         as_tuple = isinstance(out, tuple)
 
@@ -275,7 +275,7 @@ class _Loop:
         _set_lora_dropout(self.model, self.dropout)
         if self.changed or self.last is None:
             k = self.prefix.k if self.prefix is not None else 0
-            with (self.prefix.active() if self.prefix is not None else nullcontext(),
+            with (self.prefix.installed() if self.prefix is not None else nullcontext(),
                   recomputed(self.model, k) if self.recompute else nullcontext()):
                 self.last = token_losses(self.model, self.batch, self.hint)
         loss, correct = self.last

@@ -65,7 +65,7 @@ def _wait_for_job(at: AppTest, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and any(j["status"] in ("queued", "running") for j in w.store.jobs()):
         time.sleep(0.3)
-    assert not w.active_jobs(), "job did not finish"
+    assert not w.live_jobs(), "job did not finish"
     at.run()
 
 

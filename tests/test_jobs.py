@@ -35,8 +35,8 @@ def test_jobs_run_one_at_a_time_in_order_and_report_their_place(worker, tiny_mod
     second = worker.submit([_spec(tiny_model_dir, "the second job waits its turn", 2)], session="b")
     _wait(lambda: first.status == "running")
     assert second.status == "queued" and worker.position(second) == 1 and worker.position(first) == 0
-    _wait(lambda: not first.active)
-    _wait(lambda: not second.active)
+    _wait(lambda: not first.is_live)
+    _wait(lambda: not second.is_live)
     assert first.status == second.status == "done"
     assert second.started >= first.finished - 0.5  # never overlapped
     live = first.runs[0]
@@ -51,7 +51,7 @@ def test_stop_keeps_what_was_learned_and_a_queued_job_never_starts(worker, tiny_
     worker.stop(queued)
     assert queued.status == "stopped"
     worker.stop(running)
-    _wait(lambda: not running.active)
+    _wait(lambda: not running.is_live)
     assert running.status == "stopped"
     summary = running.runs[0].summary
     assert summary.status == "stopped" and 3 <= summary.steps < 10_000
@@ -65,7 +65,7 @@ def test_a_failing_job_reports_its_error_and_the_queue_goes_on(worker, tiny_mode
                          data=DataSpec(text="x y"), train=TrainSpec(max_steps=2))
     bad = worker.submit([impossible], session="a")
     good = worker.submit([_spec(tiny_model_dir, "after the failure", 2)], session="b")
-    _wait(lambda: not good.active)
+    _wait(lambda: not good.is_live)
     assert bad.status == "failed" and "layer 99 does not exist" in bad.error
     assert good.status == "done"
 
@@ -75,7 +75,7 @@ def test_old_finished_jobs_leave_memory_but_can_still_be_opened(worker, tiny_mod
 
     monkeypatch.setattr(jobs, "MAX_FINISHED_IN_MEMORY", 2)
     submitted = [worker.submit([_spec(tiny_model_dir, f"job number {i}", 1)], session="a") for i in range(4)]
-    _wait(lambda: not submitted[-1].active)
+    _wait(lambda: not submitted[-1].is_live)
     _wait(lambda: len(worker.jobs) <= 2)
     assert submitted[0].id not in worker.jobs and submitted[-1].id in worker.jobs
     again = worker.find(submitted[0].id)  # read back from the store, history and all

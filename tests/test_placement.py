@@ -110,7 +110,7 @@ def test_every_preset_attaches_and_trains(models, arch, preset):
             assert prefix is not None and prefix.k == 2
             prefix.capture(peft_model, batch)
             full, _ = token_losses(peft_model, batch)
-            with prefix.active():
+            with prefix.installed():
                 cached, _ = token_losses(peft_model, batch)
             assert torch.allclose(full, cached, atol=1e-5)
     finally:

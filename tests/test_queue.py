@@ -97,7 +97,7 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
         first = w.find(jobs[0]["id"])
         assert first.status == "interrupted" and store.run(run_id)["status"] == "interrupted"
         second, third = w.find(jobs[1]["id"]), w.find(jobs[2]["id"])
-        _wait(lambda: not third.active, what="the queued jobs to run")
+        _wait(lambda: not third.is_live, what="the queued jobs to run")
         assert second.status == third.status == "done" and second.started <= third.started
         assert third.runs[0].summary.steps == 3
 
@@ -106,7 +106,7 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
         again = w.submit([first.specs[0]], session="user", kind="resume", run_ids=[run_id])
         _wait(lambda: len(again.runs[0].steps) > 0 and again.runs[0].steps[-1] >= stored + 3, what="the resumed run to go on")
         w.stop(again)
-        _wait(lambda: not again.active, what="the resumed run to stop")
+        _wait(lambda: not again.is_live, what="the resumed run to stop")
         steps = [s.step for s in store.steps(run_id)]
         assert steps == list(range(len(steps))) and len(steps) > stored  # one unbroken history
         assert again.runs[0].steps[0] == 0  # the live view shows the history from before the restart too
@@ -125,13 +125,13 @@ def test_a_second_app_process_queues_into_the_first_ones_trainer(home, tiny_mode
             assert not second.owner and second._proc is None  # no second trainer on this device
             job = second.submit([_spec(tiny_model_dir, "submitted to the second server", 4)], session="b")
             assert second.position(job) == 1
-            _wait(lambda: not second.find(job.id).active, what="the first server to train the second's job")
+            _wait(lambda: not second.find(job.id).is_live, what="the first server to train the second's job")
             assert job.status == "done" and job.runs[0].summary.steps == 4 and job.runs[0].steps == [0, 1, 2, 3, 4]
             # the first server goes away: the second takes over the lock and the queue
             first.send_signal(signal.SIGKILL)
             first.wait()
             later = second.submit([_spec(tiny_model_dir, "after the takeover", 2)], session="b")
-            _wait(lambda: not second.find(later.id).active, what="the second server to take over")
+            _wait(lambda: not second.find(later.id).is_live, what="the second server to take over")
             assert second.owner and later.status == "done"
         finally:
             second.close()

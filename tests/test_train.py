@@ -158,7 +158,7 @@ def test_frozen_prefix_cache_matches_full_forward_and_gradients(tiny, tiny_base)
     full.sum().backward()
     g_full = [p.grad.clone() for p in m.parameters() if p.requires_grad]
     m.zero_grad(set_to_none=True)
-    with prefix.active():
+    with prefix.installed():
         cached, _ = token_losses(m, b)
     cached.sum().backward()
     g_cached = [p.grad.clone() for p in m.parameters() if p.requires_grad]

@@ -140,7 +140,7 @@ with left:
     elif problem and (any(data.values()) or input_error):
         st.error(problem)
 
-busy = job is not None and job.active
+busy = job is not None and job.is_live
 if st.button("Start", type="primary", disabled=busy, key="start"):
     if problem or specs is None:
         st.error(f"Cannot start: {problem or 'paste a passage first'}")
@@ -167,20 +167,20 @@ def live_view(job_id: str) -> None:
     if j is None:
         return
     run_view.render_job(j)
-    if not j.active:  # finished: one full rerun switches to the static result view
+    if not j.is_live:  # finished: one full rerun switches to the static result view
         st.rerun()
 
 
 if job is not None:
     st.divider()
-    if job.active:
+    if job.is_live:
         live_view(job.id)
     else:
         run_view.render_job(job)
-elif worker.active_jobs():
+elif worker.live_jobs():
     st.divider()
     st.caption("Jobs training now (from any session):")
-    for j in worker.active_jobs():
+    for j in worker.live_jobs():
         if st.button(f"watch job {j.id} ({', '.join(j.labels)}, {j.status})", key=f"watch-{j.id}"):
             st.query_params["job"] = j.id
             st.rerun()
