@@ -57,7 +57,8 @@ class SweepSpec:
         template = self.template.to_dict()
         for how in HOW_NOT_WHAT:  # settings that change how a point runs, not its numbers: same sweep
             template["train"].pop(how, None)
-        d = {"base": template,  # keyed "base" as it always was, so a sweep keeps its id "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
+        # keyed "base" as it always was, so a sweep keeps its id
+        d = {"base": template, "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
              "seeds": self.seeds, "noises": self.noises}
         return "sweep-" + hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

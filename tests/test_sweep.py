@@ -121,3 +121,14 @@ def test_sweep_id_ignores_how_points_are_run(sweep):
     other = replace(sweep, template=replace(sweep.template, train=replace(sweep.template.train, history="decimated", recompute="on")))
     assert SweepSpec(template=other.template, ranks=sweep.ranks, lengths=sweep.lengths).id == \
         SweepSpec(template=sweep.template, ranks=sweep.ranks, lengths=sweep.lengths).id
+
+
+def test_every_grid_axis_and_the_template_change_the_sweep_id(sweep):
+    from dataclasses import replace
+
+    ids = {sweep.id, replace(sweep, name=None).id}
+    unnamed = replace(sweep, name=None)
+    variants = [replace(unnamed, ranks=(1, 4)), replace(unnamed, lengths=(4, 16)), replace(unnamed, methods=("sft",)),
+                replace(unnamed, seeds=(1,)), replace(unnamed, noises=(0.5,)),
+                replace(unnamed, template=replace(sweep.template, train=replace(sweep.template.train, lr=0.5)))]
+    assert len({v.id for v in variants} | ids) == len(variants) + 2  # one sweep, one id; another grid, another
