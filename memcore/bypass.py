@@ -48,6 +48,7 @@ class MLPBypass(nn.Module):
         self.enabled = True
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """MLP(x) + dropout(x)·A·B for x [..., hidden]; same shape out."""
         out = self.mlp(x, *args, **kwargs)
         if not self.enabled:
             return out
@@ -86,12 +87,15 @@ class BypassModel(nn.Module):
             return getattr(super().__getattr__("base_model"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, bypasses included (same arguments and outputs)."""
         return self.base_model(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (its MLPs carry the bypasses)."""
         return self.base_model
 
     def bypasses(self) -> list[MLPBypass]:
+        """The MLPBypass modules, bottom block first."""
         return [m for m in self.base_model.modules() if isinstance(m, MLPBypass)]
 
     @contextmanager
@@ -172,6 +176,7 @@ def attach_bypass(model: nn.Module, spec: AdapterSpec, layers: list[int], seed: 
 
 
 def is_bypass_dir(path: str | Path) -> bool:
+    """Whether `path` holds a saved bypass adapter (its bypass_config.json)."""
     return (Path(path) / CONFIG_NAME).is_file()
 
 

@@ -180,6 +180,7 @@ def _run_in_foreground(args: argparse.Namespace, max_steps: int, stream: Callabl
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`memcore train`: one run in the foreground, its summary at the end. Returns the exit code."""
     from memcore.runner import execute_iter, prepare
 
     spec = spec_from_args(args)
@@ -192,6 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    """`memcore resume RUN`: continue a stopped, interrupted or failed run from its checkpoint."""
     from memcore.runner import resumable_step, resume_iter
 
     store = _store()
@@ -247,6 +249,7 @@ def _print_summary(s: RunSummary) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    """`memcore runs`: the stored runs as a table (or JSON), filtered by method, model, status."""
     store = _store()
     runs = store.runs(method=args.method, model=args.model, status=args.status)
     if args.json:
@@ -271,6 +274,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """`memcore show RUN`: one run's summary and its stubborn tokens (or JSON)."""
     store = _store()
     rid = store.resolve(args.run)
     r = store.run(rid)
@@ -295,6 +299,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`memcore export RUN DIR`: the run's PEFT adapter, summary.json and steps.csv into a new folder.
+
+    Raises MemcoreError for a bypass run (PEFT cannot load it), a run with no adapter, or a non-empty DIR."""
     store = _store()
     rid = store.resolve(args.run)
     src = store.adapter_dir(rid)
@@ -322,6 +329,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """`memcore generate RUN`: greedy continuation with a stored run's adapter."""
     from memcore.loading import load_base
     from memcore.runner import generate_from_run, stored_run_spec
 
@@ -344,6 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """`memcore sweep`: a grid of runs into the store, resumable; optionally its table as CSV/JSON."""
     import time
 
     import pandas as pd
@@ -420,6 +429,7 @@ def _law_table(args: argparse.Namespace, required: tuple[str, ...] | None = None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    """`memcore fit`: the memory law on a CSV or the store's runs (memcore.law.fit_all), printed or JSON."""
     from memcore.law import fit_all
 
     fits = fit_all(_law_table(args), with_p_eff=True)
@@ -452,6 +462,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
+    """`memcore frontier`: the verbatim-recall frontier and capacity (memcore.frontier)."""
     from memcore.frontier import REFERENCE_BITS_PER_PARAM, frontier_from_table
 
     df = _law_table(args, required=("rank", "length"))
@@ -498,6 +509,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """`memcore predict`: ΔL at a rank and length, or with --verbatim the smallest rank for a length."""
     from memcore.law import fit_law, smallest_rank
 
     if args.verbatim:
@@ -652,6 +664,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every verb; spec flags take their help and defaults from memcore.specs."""
     p = _Parser(prog="memcore", description="Watch a language model memorize text.")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
@@ -757,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default sys.argv[1:]). Returns the exit code: 0, 2 on a MemcoreError, 130 stopped."""
     args = build_parser().parse_args(argv)
     _quiet()
     try:

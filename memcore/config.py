@@ -45,6 +45,7 @@ def _is_int(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """Which base model, and how it is loaded (quantization, device, dtype). Frozen: a cache key."""
     name: str = DEFAULT_MODEL
     """'default' (SmolLM2-135M-Instruct, shipped offline), a Hugging Face model id, or a local directory."""
     quant: Quant = "none"
@@ -66,6 +67,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class AdapterSpec:
+    """The adapter: kind (PEFT LoRA or the paper's bypass), rank, scaling, dropout, and where it goes."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float | None = None
@@ -98,11 +100,14 @@ class AdapterSpec:
 
     @property
     def lora_alpha(self) -> float:
+        """The LoRA alpha PEFT gets: `alpha`, else the rank (scaling 1); the rank at the paper placement."""
         return float(self.rank if self.alpha is None or self.layers == "paper" else self.alpha)
 
 
 @dataclass(frozen=True)
 class DataSpec:
+    """What is memorized: exactly one source (text, sample, pairs, phonebook, random tokens), its prompt and
+    length, optional noise. Validation names the bad value (MemcoreError)."""
     text: str | None = None
     """The passage to memorize (all of it is the target)."""
     prompt: str | None = DEFAULT_PROMPT
@@ -152,6 +157,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """How it is trained: method, τ, optimizer settings, budget, stop rules, memft-sw's window."""
     method: Method = "memft-ot"
     """sft (mean cross-entropy), memft-ot (threshold only) or memft-sw (sliding window)."""
     tau: float = 0.5
@@ -224,10 +230,14 @@ class RunSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (tuples as lists), as the run store keeps it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        """A RunSpec from `to_dict` output (lists back to tuples; unknown keys ignored, missing ones default).
+
+        Raises MemcoreError when a value fails validation."""
         def frozen(v: Any) -> Any:  # JSON lists back to the tuples the frozen specs hold
             return tuple(frozen(x) for x in v) if isinstance(v, list) else v
 

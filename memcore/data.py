@@ -32,20 +32,24 @@ _LAST = ("Abbott", "Berg", "Castro", "Dubois", "Eriksen", "Fischer", "Garcia", "
 
 @dataclass(frozen=True)
 class Sample:
+    """One memorization target: prompt token ids (context, not trained on) and target token ids."""
     prompt_ids: list[int]
     target_ids: list[int]
 
 
 def samples_dir() -> Path:
+    """The folder of shipped sample data (passages/, sweeps/)."""
     return SAMPLE_DIR
 
 
 def list_samples() -> list[str]:
+    """Names of the shipped sample passages (for --sample), sorted."""
     d = samples_dir() / "passages"
     return sorted(p.stem for p in d.glob("*.txt")) if d.is_dir() else []
 
 
 def read_sample(name: str) -> str:
+    """The text of a shipped sample passage. Raises MemcoreError naming the available ones."""
     path = samples_dir() / "passages" / f"{name}.txt"
     if not path.is_file():
         have = ", ".join(list_samples()) or "none"
@@ -71,6 +75,7 @@ def read_text_file(path: str | Path) -> str:
 
 
 def decode_text(raw: bytes, what: str = "input") -> str:
+    """Bytes -> text (UTF-8, BOM dropped). Raises MemcoreError for binary data or bad UTF-8 (with offset)."""
     if b"\x00" in raw:
         raise MemcoreError(f"{what} is not text (it contains NUL bytes; binary file?)")
     try:
@@ -283,13 +288,16 @@ class Batch:
 
     @property
     def keep(self) -> int:
+        """K: the kept (target) positions per row."""
         return self.labels.shape[1]
 
     @property
     def n_targets(self) -> int:
+        """Target tokens in the batch."""
         return int(self.target_mask.sum())
 
     def to(self, device: torch.device) -> Batch:
+        """The batch on `device`."""
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
                      self.labels.to(device), self.target_mask.to(device), self.samples)
 
@@ -298,10 +306,13 @@ class Batch:
         return Batch(self.input_ids, self.attention_mask, self.position_ids, labels, self.target_mask, self.samples)
 
     def flat_targets(self) -> list[int]:
+        """Every target token id, sample 0's first."""
         return [t for s in self.samples for t in s.target_ids]
 
 
 def make_batch(samples: list[Sample], pad_id: int = 0) -> Batch:
+    """Right-padded inputs for teacher forcing: each row is prompt + target[:-1]; labels [B, K] and
+    target_mask [B, K] cover the last K positions (K = longest target)."""
     seqs = [s.prompt_ids + s.target_ids[:-1] for s in samples]
     T = max(len(x) for x in seqs)
     K = max(len(s.target_ids) for s in samples)

@@ -54,6 +54,8 @@ def recall_column(df: pd.DataFrame) -> str:
 
 @dataclass
 class RankFrontier:
+    """The verbatim-recall frontier at one rank: ℓ* (tokens), whether it is interpolated or a bound, and
+    the recall rate per length."""
     rank: int
     ell_star: float  # tokens: interpolated longest length recalled verbatim
     bound: str  # 'interpolated', 'at least' (every length recalled) or 'at most' (none recalled)

@@ -52,6 +52,8 @@ FUNCS: dict[str, Callable[..., np.ndarray]] = {"power": power_law, "saturating":
 
 @dataclass
 class LawFit:
+    """One fitted form of the law: parameters with 95% intervals, R², RMSE and leave-one-out RMSE (nats
+    per token), AIC, the number of points, and notes."""
     form: str
     params: dict[str, float]
     intervals: dict[str, tuple[float, float]]  # 95%
@@ -64,9 +66,11 @@ class LawFit:
     notes: list[str] = field(default_factory=list)
 
     def predict(self, r: float | np.ndarray, length: float | np.ndarray) -> np.ndarray:
+        """ΔL (nats per token) at rank (or P_eff) `r` and length `length` (tokens), broadcast."""
         return FUNCS[self.form](np.array([np.asarray(r, float), np.asarray(length, float)]), *self.params.values())
 
     def to_dict(self) -> dict:
+        """JSON form: form, x, the parameters, r2, rmse, loo_rmse, aic, n, intervals, notes."""
         d = {"form": self.form, "x": self.x_name, **self.params, "r2": self.r2, "rmse": self.rmse,
              "loo_rmse": self.loo_rmse, "aic": self.aic, "n": self.n,
              "intervals": {k: list(v) for k, v in self.intervals.items()}, "notes": self.notes}
@@ -336,9 +340,11 @@ class Regime:
     known: bool  # False when the table says nothing about how points stopped (assumed fixed-budget)
 
     def shares(self) -> dict[str, float]:
+        """Share of points saturated, converged and budget-bound (0..1 each)."""
         return {k: getattr(self, k) / self.n if self.n else 0.0 for k in ("saturated", "converged", "budget_bound")}
 
     def describe(self) -> str:
+        """One line naming the regime and the shares behind it."""
         s = self.shares()
         head = (f"{s['converged']:.0%} converged on a plateau, {s['saturated']:.0%} saturated (every token above τ), "
                 f"{s['budget_bound']:.0%} stopped at the step budget")
@@ -347,6 +353,7 @@ class Regime:
         return f"regime: {self.label} — {head}"
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON form: the counts, label, known and shares."""
         return {"n": self.n, "saturated": self.saturated, "converged": self.converged,
                 "budget_bound": self.budget_bound, "label": self.label, "known": self.known, "shares": self.shares()}
 

@@ -28,6 +28,8 @@ LN2 = math.log(2.0)
 
 @dataclass
 class StepReport:
+    """What one step measured (the adapter after `step` updates); the final report adds the stop reason,
+    the greedy-generate check and, from the runner, the run's summary."""
     step: int  # optimizer updates applied so far
     loss: float  # mean cross-entropy over target tokens, adapter on
     delta_loss: float  # mean base loss (adapter off) minus `loss`
@@ -54,6 +56,7 @@ class StepReport:
 
     @property
     def n_tokens(self) -> int:
+        """N: target tokens in the batch."""
         return int(self.p.shape[0])
 
 

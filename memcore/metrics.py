@@ -57,4 +57,5 @@ def stubborn_tokens(p_history: np.ndarray, tau: float, k: int = 10) -> list[dict
 
 
 def bits_per_param(bits_stored: float, p_eff: int) -> float:
+    """Bits stored per trainable parameter (NaN when p_eff is 0)."""
     return bits_stored / p_eff if p_eff else math.nan

@@ -58,9 +58,11 @@ class Piece:
 
     @property
     def hex(self) -> str:
+        """The piece's bytes as hex pairs, space-separated."""
         return " ".join(f"{b:02x}" for b in self.data)
 
     def to_json(self) -> Any:
+        """Compact JSON form (the text alone when the piece is whole text)."""
         if not self.data and not self.parts:
             return self.text
         return {"t": self.text, "b": self.data.hex(), "c": self.char, "k": self.part, "n": self.parts}
@@ -228,4 +230,5 @@ def _pieces_by_decoding(tokenizer: Any, ids: list[int]) -> list[Piece]:
 
 
 def pieces_text(pieces: list[Piece]) -> str:
+    """The text the pieces spell, joined."""
     return "".join(p.text for p in pieces)

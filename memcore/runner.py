@@ -164,6 +164,7 @@ def snapshot_steps(max_steps: int, n: int | None = None) -> frozenset[int]:
 
 
 def checkpoint_path(store: Store, run_id: str) -> Path:
+    """Where a run's resumable checkpoint lives (runs/<id>/checkpoint.pt)."""
     return store.runs_dir / run_id / "checkpoint.pt"
 
 

@@ -192,12 +192,15 @@ class TrainingProcess:
         self.process.start()
 
     def send(self, *cmd: Any) -> None:
+        """Queue a command for the child: ('preload', spec) | ('run', ...) | ('quit',)."""
         self.commands.put(cmd)
 
     def stop_job(self, job_id: str) -> None:
+        """Ask the child to stop `job_id` after its current step."""
         self.control.put(("stop", job_id))
 
     def receive(self, timeout: float = 0.2) -> tuple | None:
+        """The next message from the child, or None after `timeout` seconds."""
         try:
             return self.out.get(timeout=timeout)
         except queue.Empty:
@@ -205,9 +208,11 @@ class TrainingProcess:
 
     @property
     def alive(self) -> bool:
+        """Whether the child process is running."""
         return self.process.is_alive()
 
     def close(self) -> None:
+        """Ask the child to quit; kill it after 5 s."""
         if self.alive:
             self.send("quit")
             self.process.join(timeout=5)

@@ -80,6 +80,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 def new_run_id() -> str:
+    """A run id: local time (YYYYmmdd-HHMMSS) and 6 hex digits."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
@@ -123,6 +124,7 @@ class Store:
         self.mark_interrupted()
 
     def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._db.close()
 
@@ -165,6 +167,7 @@ class Store:
 
     def create_run(self, spec: dict[str, Any], *, run_id: str | None = None, status: str = "queued", sweep: str | None = None,
                    label: str | None = None) -> str:
+        """Add a run row for `spec` (a RunSpec dict) and make its folder; returns the run id."""
         m, a, d, t = spec["model"], spec["adapter"], spec["data"], spec["train"]
         for attempt in range(20):
             rid = run_id or new_run_id()
@@ -182,6 +185,7 @@ class Store:
         return rid
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None, summary: RunSummary | None = None) -> None:
+        """Set a run's status (one of STATUSES), with an error text or its final RunSummary."""
         assert status in STATUSES
         now = time.time()
         sets, args = ["status=?", "heartbeat=?", "pid=?"], [status, now, os.getpid()]
@@ -203,6 +207,7 @@ class Store:
 
     def save_tokens(self, run_id: str, prompt_ids: list[list[int]], target_ids: list[list[int]], pieces: list[Piece],
                     base_loss: np.ndarray) -> None:
+        """Record a run's prompt and target ids, their display pieces and base loss per target token (nats)."""
         self._exec("INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,?)",
                    (run_id, json.dumps(prompt_ids), json.dumps(target_ids), json.dumps([p.to_json() for p in pieces]),
                     np.asarray(base_loss, dtype=np.float32).tobytes(), json.dumps([len(t) for t in target_ids])))
@@ -229,6 +234,7 @@ class Store:
             db.execute("UPDATE runs SET steps=?, summary=NULL, finished=NULL, error=NULL WHERE id=?", (max(0, from_step - 1), run_id))
 
     def delete_run(self, run_id: str) -> None:
+        """Remove a run's rows and folder."""
         import shutil
 
         with self._write() as db:
@@ -257,6 +263,7 @@ class Store:
         return rows[0]["id"]
 
     def run(self, run_id: str) -> dict[str, Any]:
+        """One run's row (spec as a dict, summary as a RunSummary or None). Raises MemcoreError if unknown."""
         row = self._exec("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise MemcoreError(f"no run {run_id!r} in the store")
@@ -264,6 +271,7 @@ class Store:
 
     def runs(self, *, method: str | None = None, model: str | None = None, status: str | None = None,
              sweep: str | None = None) -> list[dict[str, Any]]:
+        """Runs oldest first, optionally filtered by method, model, status or sweep."""
         sql, args = "SELECT * FROM runs WHERE 1=1", []
         for col, val in (("method", method), ("model", model), ("status", status), ("sweep", sweep)):
             if val is not None:
@@ -285,6 +293,8 @@ class Store:
         return [StepRow.from_scalars(tuple(r)) for r in rows]
 
     def tokens(self, run_id: str) -> dict[str, Any]:
+        """A run's prompt_ids, target_ids, pieces, base_loss [N] and sample_lengths. Raises MemcoreError
+        when the run never started."""
         row = self._exec("SELECT * FROM tokens WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
             raise MemcoreError(f"run {run_id} has no token data (it never started)")
@@ -293,6 +303,7 @@ class Store:
                 "sample_lengths": json.loads(row["sample_lengths"] or "[]")}
 
     def replay(self, run_id: str) -> Replay:
+        """A run's per-token history: steps, p [S, N], correct [S, N], target ids and pieces."""
         tok = self.tokens(run_id)
         n = sum(len(t) for t in tok["target_ids"])
         rows = self._exec("SELECT step, p, correct FROM token_steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
@@ -386,6 +397,7 @@ class Store:
         return self.job(row["id"])
 
     def job(self, job_id: str) -> dict[str, Any] | None:
+        """One job's row, or None."""
         row = self._exec("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else self._job_row(row)
 
@@ -440,4 +452,5 @@ class Store:
             db.execute("UPDATE jobs SET stop=1 WHERE id=?", (job_id,))
 
     def adapter_dir(self, run_id: str) -> Path:
+        """The folder a run's adapter is saved in."""
         return self.runs_dir / run_id / "adapter"

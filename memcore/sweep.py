@@ -28,6 +28,8 @@ HOW_NOT_WHAT = ("recompute", "history")  # TrainSpec fields left out of a sweep'
 
 @dataclass(frozen=True)
 class SweepSpec:
+    """A grid: the template every point shares, and the ranks, lengths, methods, seeds and noise fractions
+    it varies. Validation names the bad value (MemcoreError)."""
     template: RunSpec  # what every point shares: model, adapter placement, data, training settings
     ranks: tuple[int, ...] = SWEEP_DEFAULTS["ranks"]
     lengths: tuple[int, ...] = SWEEP_DEFAULTS["lengths"]
@@ -65,6 +67,7 @@ class SweepSpec:
 
 @dataclass
 class Point:
+    """One grid point: its key (JSON of its values), its full RunSpec and its values."""
     key: str
     spec: RunSpec
     values: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +110,7 @@ class PointResult:
 
 
 def completed_keys(store: Any, sweep: SweepSpec) -> set[str]:
+    """The keys of the sweep's points already completed in the store."""
     return {r["label"] for r in store.runs(sweep=sweep.id, status="completed")}
 
 

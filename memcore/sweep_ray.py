@@ -24,6 +24,7 @@ _BASES: dict[ModelSpec, Any] = {}  # per worker process: base models loaded once
 
 
 def ray_available() -> bool:
+    """Whether Ray can be imported."""
     try:
         import ray  # noqa: F401
     except ImportError:

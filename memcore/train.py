@@ -39,6 +39,8 @@ class FrozenPrefix:
 
     @classmethod
     def maybe(cls, model: Any) -> FrozenPrefix | None:
+        """A FrozenPrefix for `model` when the blocks below its lowest adapted block hold nothing
+        trainable, else None."""
         placement = placement_of(model)
         k = placement.lowest_adapted
         if k is None or k < 1 or placement.trainable_below_blocks:
@@ -46,6 +48,7 @@ class FrozenPrefix:
         return cls(placement, k)
 
     def capture(self, model: Any, batch: Batch) -> None:
+        """Run the batch once and keep what block k-1 returns."""
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
             if isinstance(out, tuple):
                 self.output = tuple(o.detach() if torch.is_tensor(o) else o for o in out)
@@ -61,6 +64,7 @@ class FrozenPrefix:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
+        """Within the block, blocks 0..k-1 pass the captured hidden states through."""
         out = self.output
         as_tuple = isinstance(out, tuple)
 
