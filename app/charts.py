@@ -81,10 +81,12 @@ def _piece_html(piece: str) -> str:
 
 def _span(text_html: str, background: str, title: str, classes: list[str], extra_style: str = "") -> str:
     style = f"background:{background};color:{text_color(background)};padding:0 1px;border-radius:2px;{extra_style}"
-    return f'<span class="{" ".join(classes)}" title="{html.escape(title, quote=True)}" style="{style}">{text_html}</span>'
+    return (f'<span class="{" ".join(classes)}" title="{html.escape(title, quote=True)}" style="{style}">'
+            f'{text_html}</span>')
 
 
-_CONTAINER_STYLE = "white-space:pre-wrap;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.9em;line-height:1.9"
+_CONTAINER_STYLE = ("white-space:pre-wrap;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.9em;"
+                    "line-height:1.9")
 
 
 def _as_piece(piece: Piece | str) -> Piece:
@@ -167,7 +169,8 @@ def generation_diff_html(target_ids: Sequence[int], generated_ids: Sequence[int]
         piece = _as_piece(raw)
         want = _as_piece(target[i]) if i < len(target) else None
         ok = i < len(target_ids) and target_ids[i] == generated_ids[i]
-        title = _piece_title(i, piece) + " " + ("matches" if ok else ("beyond the target" if want is None else f"expected {want.label!r}"))
+        title = _piece_title(i, piece) + " " + (
+            "matches" if ok else ("beyond the target" if want is None else f"expected {want.label!r}"))
         first = not ok and not first_seen  # where greedy decoding left the target: everything after follows from it
         first_seen = first_seen or first
         body, style = _piece_body(piece)
@@ -214,7 +217,8 @@ def _long(history: pd.DataFrame, series: dict[str, str], has_run: bool) -> pd.Da
     return df
 
 
-def _panel(df: pd.DataFrame, series: dict[str, str], has_run: bool, n_steps: int, title: str, unit_y: bool) -> alt.Chart:
+def _panel(df: pd.DataFrame, series: dict[str, str], has_run: bool, n_steps: int, title: str,
+           unit_y: bool) -> alt.Chart:
     y_scale = alt.Scale(domain=[0, 1]) if unit_y else alt.Scale(zero=False)
     enc = dict(x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
                y=alt.Y("value:Q", title=None, scale=y_scale),
@@ -234,12 +238,14 @@ def curves_chart(history: pd.DataFrame, tau: float) -> alt.Chart:
     n_steps = history["step"].nunique() if "step" in history.columns else 0
     left = _panel(_long(history, FRAC_SERIES, has_run), FRAC_SERIES, has_run, n_steps,
                   f"tokens above τ = {tau} and argmax correct", unit_y=True)
-    right = _panel(_long(history, LOSS_SERIES, has_run), LOSS_SERIES, has_run, n_steps, "loss and ΔL (nats/token)", unit_y=False)
+    right = _panel(_long(history, LOSS_SERIES, has_run), LOSS_SERIES, has_run, n_steps,
+                   "loss and ΔL (nats/token)", unit_y=False)
     return alt.hconcat(left, right).resolve_scale(color="independent")
 
 
 def histogram_chart(p: Sequence[float], tau: float, bins: int = 20) -> alt.Chart:
-    """Histogram of p(correct token) over fixed edges on [0, 1], bars red below tau and blue above, with a rule at tau."""
+    """Histogram of p(correct token) over fixed edges on [0, 1], bars red below tau and blue above, with a rule \
+at tau."""
     if bins < 1:
         raise ValueError(f"histogram_chart: bins must be >= 1, got {bins}")
     edges = np.linspace(0.0, 1.0, bins + 1)  # fixed edges so bars stay put between live updates
@@ -278,21 +284,22 @@ def _token_label(i: int, piece: Piece | str, limit: int = 20) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int], labels: Sequence[Piece | str], tau: float,
-                       token_ids: Sequence[int] | None = None) -> alt.Chart:
+def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int],
+                       labels: Sequence[Piece | str], tau: float, token_ids: Sequence[int] | None = None) -> alt.Chart:
     """p(correct token) over steps for the selected columns `indices` of p_history [S, N] (one line each), with
     a rule at tau. Lines are named '#i piece', i being token_ids[k] if given (p_history holds only the selected
     tokens' columns), else the column index."""
     if len(indices) == 0:
-        return alt.Chart(pd.DataFrame({"text": ["no stubborn tokens"]})).mark_text(size=14).encode(text="text:N").properties(
-            title="stubborn tokens", height=220)
+        return alt.Chart(pd.DataFrame({"text": ["no stubborn tokens"]})).mark_text(size=14).encode(
+            text="text:N").properties(title="stubborn tokens", height=220)
     if len(labels) != len(indices):
         raise ValueError(f"trajectories_chart: len(indices)={len(indices)} but len(labels)={len(labels)}")
     ph = _matrix(p_history, len(steps), "p_history")
     names = [_token_label(int(t), lab) for t, lab in zip(token_ids if token_ids is not None else indices, labels)]
     step_col = np.asarray(steps, dtype=np.int64)
     # no steps yet: empty lines rather than indexing columns of an empty matrix
-    df = pd.concat([pd.DataFrame({"step": step_col, "p": ph[:, int(i)] if len(step_col) else np.empty(0), "token": name})
+    df = pd.concat([pd.DataFrame({"step": step_col, "p": ph[:, int(i)] if len(step_col) else np.empty(0),
+                                  "token": name})
                     for i, name in zip(indices, names)], ignore_index=True)
     lines = _line_mark(alt.Chart(df), len(steps)).encode(
         x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
@@ -331,19 +338,25 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
         x=alt.X("r_lo:Q", scale=xs, title="adapter rank r (log)"), x2="r_hi:Q",
         y=alt.Y("l_lo:Q", scale=ys, title="target tokens ℓ (log)"), y2="l_hi:Q",
         color=alt.Color("delta_loss:Q", scale=color, title="ΔL", legend=alt.Legend(format=".2f", tickCount=bands)),
-        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"), alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
+        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
+                 alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
     layers = [heat]
     if len(observed):
         obs = observed.assign(residual=observed.delta_loss - observed.predicted)
-        legend = alt.Legend(title="runs", orient="bottom", direction="horizontal")  # below the plot: beside the ΔL bar it is cut off
-        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[110, 220, 360]), legend=legend)
-        shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=["circle", "diamond", "triangle-up"]),
+        # below the plot: beside the ΔL bar it is cut off
+        legend = alt.Legend(title="runs", orient="bottom", direction="horizontal")
+        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[110, 220, 360]),
+                        legend=legend)
+        shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"],
+                                                    range=["circle", "diamond", "triangle-up"]),
                           legend=legend)
         layers.append(alt.Chart(obs).mark_point(filled=True, stroke="black", strokeWidth=0.8, opacity=1).encode(
-            x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys), color=alt.Color("delta_loss:Q", scale=color, legend=None),
+            x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys),
+            color=alt.Color("delta_loss:Q", scale=color, legend=None),
             size=size, shape=shape,
             tooltip=["kind:N", "rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", title="observed ΔL", format=".3f"),
-                     alt.Tooltip("predicted:Q", title="fitted ΔL", format=".3f"), alt.Tooltip("residual:Q", format="+.3f")]))
+                     alt.Tooltip("predicted:Q", title="fitted ΔL", format=".3f"),
+                     alt.Tooltip("residual:Q", format="+.3f")]))
     return alt.layer(*layers).properties(title=title, height=360)
 
 
@@ -355,12 +368,13 @@ def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str) -
                y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log"), title="ΔL (log)"),
                color=alt.Color("rank:O", title="rank", scale=alt.Scale(scheme="viridis")))
     lines = alt.Chart(cur).mark_line().encode(**enc)
-    pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(**enc, tooltip=["rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", format=".3f")])
+    pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(
+        **enc, tooltip=["rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", format=".3f")])
     return alt.layer(lines, pts).properties(title=title, height=300)
 
 
-def frontier_layer(ranks: Sequence[float], ell_star: Sequence[float], grid: pd.DataFrame, lo: Sequence[float] | None = None,
-                   hi: Sequence[float] | None = None) -> alt.Chart:
+def frontier_layer(ranks: Sequence[float], ell_star: Sequence[float], grid: pd.DataFrame,
+                   lo: Sequence[float] | None = None, hi: Sequence[float] | None = None) -> alt.Chart:
     """The verbatim-recall frontier ℓ*(r) drawn over law_surface_chart's axes (a white line, its interval as a
     band): below it the fitted frontier predicts verbatim recall, above it not."""
     xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
@@ -374,12 +388,14 @@ def frontier_layer(ranks: Sequence[float], ell_star: Sequence[float], grid: pd.D
             x=alt.X("rank:Q", scale=xs), y=alt.Y("lo:Q", scale=ys), y2="hi:Q"))
     layers.append(alt.Chart(df).mark_line(color="white", strokeWidth=3, strokeDash=[6, 3]).encode(
         x=alt.X("rank:Q", scale=xs), y=alt.Y("ell_star:Q", scale=ys),
-        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("ell_star:Q", title="frontier ℓ* (tokens)", format=".0f")]))
+        tooltip=[alt.Tooltip("rank:Q", format=".1f"),
+                 alt.Tooltip("ell_star:Q", title="frontier ℓ* (tokens)", format=".0f")]))
     return alt.layer(*layers)
 
 
-def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f", domain: tuple[float, float] | None = None,
-                   scheme: str = "viridis", mine: pd.DataFrame | None = None) -> alt.Chart:
+def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f",
+                   domain: tuple[float, float] | None = None, scheme: str = "viridis",
+                   mine: pd.DataFrame | None = None) -> alt.Chart:
     """One sweep quantity over rank × length as labelled cells (ordinal axes, as the paper draws its heatmaps).
     cells: rank, length and `value` (the seed mean). mine: the user's runs (rank, length, value, label) drawn as
     black-ringed diamonds on the cell nearest in log rank and log length."""
@@ -398,8 +414,10 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
         rr, ll = (np.array(sorted(cells[c].unique()), float) for c in ("rank", "length"))
         mine = mine.assign(rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine["rank"]],
                            length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine["length"]])
-        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=260, stroke="black", strokeWidth=2, filled=False).encode(
-            x=x, y=y, tooltip=["label:N", "rank:O", "length:O", alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
+        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=260, stroke="black", strokeWidth=2,
+                                                 filled=False).encode(
+            x=x, y=y, tooltip=["label:N", "rank:O", "length:O",
+                               alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
     return alt.layer(*layers).properties(title=title, height=240)
 
 
@@ -408,15 +426,18 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
     reference capacities (dashed, flat), all as lines of one table so they share one y scale.
     per_rank: rank, bits_per_param, kind."""
     ranks = sorted(per_rank["rank"].unique())
-    refs = pd.DataFrame([{"rank": r, "bits_per_param": v, "kind": f"{v:g} bits/param: {k}"} for k, v in references.items()
-                         for r in (min(ranks), max(ranks))])
+    refs = pd.DataFrame([{"rank": r, "bits_per_param": v, "kind": f"{v:g} bits/param: {k}"}
+                         for k, v in references.items() for r in (min(ranks), max(ranks))])
     df = pd.concat([per_rank.assign(reference=False), refs.assign(reference=True)], ignore_index=True)
     df["bits_per_param"] = df["bits_per_param"].astype(float)
     top = float(max(df["bits_per_param"].max() * 1.1, 4.0))
     return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("rank:Q", scale=alt.Scale(type="log", nice=False, domain=[float(min(ranks)), float(max(ranks))]), title="rank r (log)"),
+        x=alt.X("rank:Q", scale=alt.Scale(type="log", nice=False, domain=[float(min(ranks)), float(max(ranks))]),
+                title="rank r (log)"),
         y=alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter"),
-        color=alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360)),  # at the side: a bottom legend eats the height
-        strokeDash=alt.StrokeDash("reference:N", legend=None, scale=alt.Scale(domain=[False, True], range=[[1, 0], [6, 4]])),
+        # at the side: a bottom legend eats the height
+        color=alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360)),
+        strokeDash=alt.StrokeDash("reference:N", legend=None,
+                                  scale=alt.Scale(domain=[False, True], range=[[1, 0], [6, 4]])),
         tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")],
     ).properties(title="capacity at the verbatim-recall frontier", height=280)

@@ -36,7 +36,8 @@ SYNC_SECONDS = 0.5
 MAX_FINISHED_IN_MEMORY = 16  # how often the trainer reads stop requests from the store and refreshes its heartbeat
 
 
-MAX_KEPT = 512  # steps a live view keeps in full; beyond, every other one is dropped (memory and refresh cost stay flat)
+# steps a live view keeps in full; beyond, every other one is dropped (memory and refresh cost stay flat)
+MAX_KEPT = 512
 
 
 @dataclass
@@ -50,7 +51,8 @@ class RunLive:
     run_id: str | None = None
     pieces: list[Piece] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # kept steps, ascending; the last is the latest step
-    rows: list[dict[str, Any]] = field(default_factory=list)  # per kept step: step, loss, delta_loss, frac_above, frac_correct, elapsed
+    # per kept step: step, loss, delta_loss, frac_above, frac_correct, elapsed
+    rows: list[dict[str, Any]] = field(default_factory=list)
     p_kept: np.ndarray | None = None  # [capacity, N] float16; rows [:len(steps)] hold p at the kept steps
     p_prev: np.ndarray | None = None  # [N] p at the step before the latest (for "just crossed τ")
     stride: int = 1  # kept steps are multiples of stride (plus the latest)
@@ -68,7 +70,8 @@ class RunLive:
     @property
     def p_history(self) -> np.ndarray:
         """[S, N] p at the kept steps (a view, not a copy)."""
-        return self.p_kept[: len(self.steps)] if self.p_kept is not None else np.zeros((0, len(self.pieces)), np.float16)
+        return (self.p_kept[: len(self.steps)] if self.p_kept is not None
+                else np.zeros((0, len(self.pieces)), np.float16))
 
     def record(self, r: StepRow, summary: RunSummary | None = None) -> None:
         """Add a step (sent by the trainer, or read from the store); `summary` comes with the final one."""
@@ -136,7 +139,8 @@ class Job:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
         specs = [RunSpec.from_dict(d) for d in row["specs"]]
-        job = cls(id=row["id"], session=row["session"], specs=specs, labels=row["labels"], kind=row["kind"], created=row["created"])
+        job = cls(id=row["id"], session=row["session"], specs=specs, labels=row["labels"], kind=row["kind"],
+                  created=row["created"])
         job.runs = [RunLive(label=lab, spec=s, run_id=rid) for lab, s, rid in zip(job.labels, specs, row["run_ids"])]
         job.update_from_row(row)
         return job
@@ -170,7 +174,8 @@ class Worker:
         self._try_own()
         self._thread = threading.Thread(target=self._dispatch, name="memcore-dispatch", daemon=True)
         self._thread.start()
-        atexit.register(self.close)  # a server shutting down stops its run cleanly (checkpoint saved) and frees the lock
+        # a server shutting down stops its run cleanly (checkpoint saved) and frees the lock
+        atexit.register(self.close)
 
     # --- called from page scripts ---------------------------------------------------------------------------
 
@@ -204,7 +209,8 @@ class Worker:
         """0 while the job runs; otherwise how many jobs are ahead of it (from every session and app process)."""
         if job.status != "queued":
             return 0
-        return sum(1 for j in self.store.jobs(("queued", "running")) if j["id"] != job.id and j["created"] <= job.created)
+        return sum(1 for j in self.store.jobs(("queued", "running"))
+                   if j["id"] != job.id and j["created"] <= job.created)
 
     def stop(self, job: Job) -> None:
         self.store.request_stop(job.id)
@@ -312,7 +318,8 @@ class Worker:
                         job.fed, job.status, job.started = True, "loading", row["started"]
                         self.jobs[job.id] = job
                         self._current = job
-                        self._proc.send("run", job.id, job.kind, [s.to_dict() for s in job.specs], job.labels, row["run_ids"])
+                        self._proc.send("run", job.id, job.kind, [s.to_dict() for s in job.specs], job.labels,
+                                        row["run_ids"])
             if self._current is not None and time.monotonic() - last_sync >= SYNC_SECONDS:
                 last_sync = time.monotonic()
                 self._sync_current()
@@ -338,7 +345,8 @@ class Worker:
         with self._lock:
             job, self._current = self._current, None
             if job is not None:
-                job.status, job.error, job.finished = "failed", "the training process died (out of memory?)", time.time()
+                job.status, job.error, job.finished = ("failed", "the training process died (out of memory?)",
+                                                       time.time())
                 self.store.update_job(job.id, status="failed", error=job.error)
             self.ready_models.clear()
             self.store.mark_interrupted()
@@ -381,7 +389,8 @@ class Worker:
     def _forget_old_jobs(self) -> None:
         """Keep the live views of the MAX_FINISHED_IN_MEMORY most recent finished jobs; an older one is read
         back from the store if a page asks for it (a server that runs for weeks must not grow without end)."""
-        finished = sorted((j for j in self.jobs.values() if not j.is_live and j is not self._current), key=lambda j: j.created)
+        finished = sorted((j for j in self.jobs.values() if not j.is_live and j is not self._current),
+                          key=lambda j: j.created)
         for j in finished[:-MAX_FINISHED_IN_MEMORY]:
             del self.jobs[j.id]
 

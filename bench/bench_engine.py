@@ -85,7 +85,8 @@ def one_memcore(args) -> dict:
     base, samples, batch, model = _setup(args)
     stamps = []
     spec = TrainSpec(method=args.method, lr=args.lr, max_steps=args.steps, stop_when_recalled=False)
-    for r in train_iter(model, batch, spec, pad_id=base.tokenizer.pad_token_id, use_prefix_cache=not args.no_prefix_cache):
+    for r in train_iter(model, batch, spec, pad_id=base.tokenizer.pad_token_id,
+                        use_prefix_cache=not args.no_prefix_cache):
         if not r.final:
             stamps.append(time.perf_counter())
     out = {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb(), "final_loss": r.loss}
@@ -195,7 +196,8 @@ def one_trainer(args) -> dict:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=args.lr,
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=1, max_steps=args.steps,
+                                  learning_rate=args.lr,
                                   lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, logging_strategy="no",
                                   save_strategy="no", report_to=[], disable_tqdm=True, seed=0, optim="adamw_torch",
                                   use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
@@ -243,7 +245,8 @@ def one_fit(args) -> dict:
     return {"fast_s": fast, "reference_s": time.perf_counter() - t, "points": int(r.size)}
 
 
-KINDS = {"fit": one_fit, "memcore": one_memcore, "runner": one_runner, "untracked": one_untracked, "trainer": one_trainer, "recall": one_recall}
+KINDS = {"fit": one_fit, "memcore": one_memcore, "runner": one_runner, "untracked": one_untracked,
+         "trainer": one_trainer, "recall": one_recall}
 
 
 def best(variants: dict[str, tuple[str, dict]], repeats: int) -> dict[str, dict]:
@@ -296,7 +299,8 @@ def main() -> None:
     common = {"steps": args.steps, "rank": args.rank, "lr": args.lr, "sample": args.sample, "quant": args.quant}
     sec = args.sections
     print(f"memcore engine benchmark: sample={args.sample} rank={args.rank} steps={args.steps} quant={args.quant} "
-          f"(median step time after {WARMUP} warm-up steps, fastest of {args.repeats} runs; run it on an idle machine)\n")
+          f"(median step time after {WARMUP} warm-up steps, fastest of {args.repeats} runs; "
+          "run it on an idle machine)\n")
     rows = {}
     if "a" in sec or "d" in sec:
         print("(a) seconds per step, memcore train_iter vs HF Trainer + PEFT (ratio < 1: memcore faster)")
@@ -304,7 +308,8 @@ def main() -> None:
             res = best({"trainer": ("trainer", {"layers": layers, **common}),
                         "memcore": ("memcore", {"layers": layers, "flops": layers == "all", **common})}, args.repeats)
             t, m = rows[layers] = (res["trainer"], res["memcore"])
-            print(f"    layers={layers:<6} trainer {t['s_per_step']:.3f} s/step   memcore {m['s_per_step']:.3f} s/step   "
+            print(f"    layers={layers:<6} trainer {t['s_per_step']:.3f} s/step   "
+                  f"memcore {m['s_per_step']:.3f} s/step   "
                   f"ratio {m['s_per_step'] / t['s_per_step']:.2f}x")
         m_nc = best({"nc": ("memcore", {"layers": "paper", "no_prefix_cache": True, **common})}, args.repeats)["nc"]
         print(f"    paper preset without the frozen-prefix cache: {m_nc['s_per_step']:.3f} s/step "
@@ -316,13 +321,15 @@ def main() -> None:
         u, m, r = res["untracked"], res["memcore"], res["runner"]
         print(f"    untracked loop {u['s_per_step']:.3f} s/step   train_iter {m['s_per_step']:.3f} s/step   "
               f"overhead {100 * (m['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
-        print(f"    runner with store writes {r['s_per_step']:.3f} s/step   overhead {100 * (r['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
+        print(f"    runner with store writes {r['s_per_step']:.3f} s/step   "
+              f"overhead {100 * (r['s_per_step'] / u['s_per_step'] - 1):+.1f}%")
 
     if rows:
         print("\n(d) peak memory (MB; RSS on CPU, allocated on CUDA)")
         for layers in ("all", "paper"):
             t, m = rows[layers]
-            print(f"    {layers + ':':<11} trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
+            print(f"    {layers + ':':<11} trainer {t['peak_mb']:.0f}   memcore {m['peak_mb']:.0f}   "
+                  f"ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
 
     long_rows = {}
     if "e" in sec:
@@ -331,18 +338,23 @@ def main() -> None:
             kw = {**common, "layers": "paper", "random_tokens": n, "steps": args.long_steps, "lr": 1e-3}
             res = best({"trainer": ("trainer", kw), "memcore": ("memcore", {**kw, "flops": True})}, 1)
             t, m = long_rows[n] = (res["trainer"], res["memcore"])
-            print(f"    {n:>5} tokens  trainer {t['s_per_step']:.2f} s/step {t['peak_mb']:.0f} MB   memcore {m['s_per_step']:.2f} s/step "
-                  f"{m['peak_mb']:.0f} MB   time ratio {m['s_per_step'] / t['s_per_step']:.2f}x   memory ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
+            print(f"    {n:>5} tokens  trainer {t['s_per_step']:.2f} s/step {t['peak_mb']:.0f} MB   "
+                  f"memcore {m['s_per_step']:.2f} s/step {m['peak_mb']:.0f} MB   "
+                  f"time ratio {m['s_per_step'] / t['s_per_step']:.2f}x   "
+                  f"memory ratio {m['peak_mb'] / t['peak_mb']:.2f}x")
         if len(long_rows) >= 2:
             (n0, (t0, m0)), (n1, (t1, m1)) = sorted(long_rows.items())[:2]
-            print(f"    cost growth {n0} -> {n1} tokens ({n1 / n0:.1f}x the length): memcore {m1['s_per_step'] / m0['s_per_step']:.2f}x, "
+            print(f"    cost growth {n0} -> {n1} tokens ({n1 / n0:.1f}x the length): "
+                  f"memcore {m1['s_per_step'] / m0['s_per_step']:.2f}x, "
                   f"trainer {t1['s_per_step'] / t0['s_per_step']:.2f}x")
 
     if "f" in sec:
         print("\n(f) memft-ot vs sft, s/step in the same run (all layers)")
-        res = best({meth: ("memcore", {**common, "layers": "all", "method": meth}) for meth in ("sft", "memft-ot")}, args.repeats)
+        res = best({meth: ("memcore", {**common, "layers": "all", "method": meth}) for meth in ("sft", "memft-ot")},
+                   args.repeats)
         s_, o = res["sft"], res["memft-ot"]
-        print(f"    sft {s_['s_per_step']:.3f} s/step   memft-ot {o['s_per_step']:.3f} s/step   ratio {o['s_per_step'] / s_['s_per_step']:.3f}x")
+        print(f"    sft {s_['s_per_step']:.3f} s/step   memft-ot {o['s_per_step']:.3f} s/step   "
+              f"ratio {o['s_per_step'] / s_['s_per_step']:.3f}x")
 
     if "g" in sec:
         print("\n(g) achieved FLOP/s of a memcore step against this machine's fp32 matmul rate at the step's shapes")
@@ -352,24 +364,30 @@ def main() -> None:
             print("    (needs (a) or (e))")
         for name, m in found:
             rate = m["flops"] / m["s_per_step"]
-            print(f"    {name:<20} {m['flops'] / 1e9:7.1f} GFLOP/step  {rate / 1e9:6.1f} GFLOP/s achieved   matmul rate "
+            print(f"    {name:<20} {m['flops'] / 1e9:7.1f} GFLOP/step  {rate / 1e9:6.1f} GFLOP/s achieved   "
+                  "matmul rate "
                   f"{m['matmul_flops_per_s'] / 1e9:6.1f} GFLOP/s   {100 * rate / m['matmul_flops_per_s']:.0f}%")
 
     if "h" in sec:
         print("\n(h) law fit (both forms, intervals, leave-one-out, AIC) vs the previous six-start fit")
         for grid in (args.grid, "16x13"):
             f = sub("fit", grid=grid)
-            print(f"    {grid:>5} grid ({f['points']} points)  fast {f['fast_s']:.2f} s   previous {f['reference_s']:.2f} s   "
+            print(f"    {grid:>5} grid ({f['points']} points)  fast {f['fast_s']:.2f} s   "
+                  f"previous {f['reference_s']:.2f} s   "
                   f"ratio {f['fast_s'] / f['reference_s']:.3f}x")
 
     if not args.quick and "b" in sec:
         print("\n(b) steps and seconds to exact recall, memft-ot vs sft (max 100 steps, all layers)")
         for sample in ("lighthouse", "recipe", "orbit"):
-            res = {meth: sub("recall", method=meth, **{**common, "sample": sample, "steps": 100}) for meth in ("sft", "memft-ot")}
+            res = {meth: sub("recall", method=meth, **{**common, "sample": sample, "steps": 100})
+                   for meth in ("sft", "memft-ot")}
             s, o = res["sft"], res["memft-ot"]
-            print(f"    {sample:<11} ({s['tokens']} tokens)  sft {s['steps']} steps {s['seconds']:.1f} s {'recalled' if s['recalled'] else 'NOT recalled'}"
-                  f"   memft-ot {o['steps']} steps {o['seconds']:.1f} s {'recalled' if o['recalled'] else 'NOT recalled'}"
-                  f"   steps ratio {o['steps'] / max(1, s['steps']):.2f}x  time ratio {o['seconds'] / s['seconds']:.2f}x")
+            print(f"    {sample:<11} ({s['tokens']} tokens)  sft {s['steps']} steps {s['seconds']:.1f} s "
+                  f"{'recalled' if s['recalled'] else 'NOT recalled'}"
+                  f"   memft-ot {o['steps']} steps {o['seconds']:.1f} s "
+                  f"{'recalled' if o['recalled'] else 'NOT recalled'}"
+                  f"   steps ratio {o['steps'] / max(1, s['steps']):.2f}x  "
+                  f"time ratio {o['seconds'] / s['seconds']:.2f}x")
 
 
 if __name__ == "__main__":

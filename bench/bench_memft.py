@@ -31,14 +31,16 @@ def main() -> int:
     seeds = df.groupby(["method", "rank", "length"]).size().min()
     print(f"{args.csv}: {len(df)} points, at least {seeds} seed(s) per cell; both methods get the same step budget "
           "(a point run --until converged stops earlier once converged: 'steps' is what it used)")
-    print(f"{'method':<9} {'rank':>4} {'len':>5} | {'recall':>6} {b:>6} | {'tok acc':>7} {b:>6} | {'prefix':>6} {b:>6} | "
+    print(f"{'method':<9} {'rank':>4} {'len':>5} | {'recall':>6} {b:>6} | {'tok acc':>7} {b:>6} | "
+          f"{'prefix':>6} {b:>6} | "
           f"{'steps':>5} {b:>5} | wins")
     def pair(r, c: str, f: str) -> str:
         return f"{r[c]:{f}} {r[c + '_' + b]:{f}}" if c in r else f"{'-':>6} {'-':>6}"
 
     for _, r in cells.iterrows():
         v = lambda c, f, r=r: pair(r, c, f)  # noqa: E731
-        print(f"{r['method']:<9} {r['rank']:>4} {r['length']:>5} | {v('exact_recall', '>6.2f')} | {v('token_accuracy', '>6.3f')} | "
+        print(f"{r['method']:<9} {r['rank']:>4} {r['length']:>5} | {v('exact_recall', '>6.2f')} | "
+              f"{v('token_accuracy', '>6.3f')} | "
               f"{v('verbatim_prefix', '>6.1f')} | {v('steps', '>5.0f')} | {r.get('wins', '-')}")
     for _, o in overall.iterrows():
         print(f"\n{o['method']} vs {b} over {o['cells']} cells (means; ratio = {o['method']} / {b}):")

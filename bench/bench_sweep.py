@@ -36,7 +36,8 @@ def main() -> None:
 
     base = RunSpec(adapter=AdapterSpec(rank=1, layers="paper"), data=DataSpec(text=read_sample("long_archive")),
                    train=TrainSpec(max_steps=args.max_steps, lr=1e-2))
-    sweep = SweepSpec(template=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=("sft",), name="bench")
+    sweep = SweepSpec(template=base, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=("sft",),
+                      name="bench")
     n = len(args.ranks) * len(args.lengths)
     from memcore.home import default_model_dir
 
@@ -54,7 +55,8 @@ def main() -> None:
         list(run_sweep_ray(sweep, Store(Path(d) / "ray")))
         on_ray = time.perf_counter() - t0
         ray.shutdown()
-    print(f"sweep of {n} points ({args.max_steps} steps each): local {local:.1f} s   ray ({args.num_cpus} CPUs) {on_ray:.1f} s   "
+    print(f"sweep of {n} points ({args.max_steps} steps each): local {local:.1f} s   "
+          f"ray ({args.num_cpus} CPUs) {on_ray:.1f} s   "
           f"ratio ray/local {on_ray / local:.2f}x")
 
 

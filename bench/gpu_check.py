@@ -119,7 +119,8 @@ def row_llama_1b(layers: str, device) -> dict:
     from memcore.data import Sample, make_batch
     from memcore.placement import attach_adapter, detach_adapter
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32,
                       num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
@@ -147,7 +148,8 @@ def row_capacity(device) -> dict:
     ids = random_ids(CAPACITY["tokens"], base.model.config.vocab_size)
     bos = base.tokenizer.bos_token_id or 0
     batch = make_batch([Sample([bos], ids)], 0).to(base.device)
-    spec = TrainSpec(method="sft", lr=CAPACITY["lr"], max_steps=CAPACITY["steps"], stop_when_recalled=False, verify=False)
+    spec = TrainSpec(method="sft", lr=CAPACITY["lr"], max_steps=CAPACITY["steps"], stop_when_recalled=False,
+                     verify=False)
     with base.adapted(AdapterSpec(rank=CAPACITY["rank"], layers="paper"), seed=0) as model:
         return measure(model, batch, spec, 0, base.device)
 
@@ -156,7 +158,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.json")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if it is not in the built-in table")
-    p.add_argument("--cpu-reference", action="store_true", help="run only the capacity point on CPU and write the expected numbers")
+    p.add_argument("--cpu-reference", action="store_true",
+                   help="run only the capacity point on CPU and write the expected numbers")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: default,llama,capacity")
     args = p.parse_args()
 
@@ -165,7 +168,8 @@ def main() -> None:
     if args.cpu_reference:
         res = row_capacity(torch.device("cpu"))
         EXPECTED.write_text(json.dumps({**CAPACITY, "delta_loss": res["delta_loss"], "n_above": res["n_above"],
-                                        "final_loss": res["final_loss"], "s_per_step_cpu": res["s_per_step"]}, indent=2) + "\n")
+                                        "final_loss": res["final_loss"], "s_per_step_cpu": res["s_per_step"]},
+                                       indent=2) + "\n")
         print(f"wrote {EXPECTED}: ΔL {res['delta_loss']:.4f} nats, {res['n_above']}/{res['n_tokens']} above tau")
         return
     if not torch.cuda.is_available():
@@ -209,7 +213,8 @@ def main() -> None:
         r = results["rows"].get("capacity point fp32", {})
         if "delta_loss" in r and EXPECTED.is_file():
             exp = json.loads(EXPECTED.read_text())
-            same = abs(r["delta_loss"] - exp["delta_loss"]) <= 0.02 * abs(exp["delta_loss"]) and abs(r["n_above"] - exp["n_above"]) <= 3
+            same = (abs(r["delta_loss"] - exp["delta_loss"]) <= 0.02 * abs(exp["delta_loss"])
+                    and abs(r["n_above"] - exp["n_above"]) <= 3)
             results["capacity_matches_cpu"] = same
             print(f"  GPU ΔL {r['delta_loss']:.4f} vs CPU {exp['delta_loss']:.4f} nats; above tau {r['n_above']} vs "
                   f"{exp['n_above']}: {'MATCH' if same else 'DIFFERENT'} (within 2% and 3 tokens)", flush=True)

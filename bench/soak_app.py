@@ -47,7 +47,8 @@ OBSERVER = """
     const t = tv ? tv.innerHTML : '';
     if (t && t !== window.__mc.lastTokens) { window.__mc.tokens += 1; window.__mc.lastTokens = t; }
   };
-  new MutationObserver(tick).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+  new MutationObserver(tick).observe(document.body, {subtree: true, childList: true, characterData: true, \
+attributes: true});
 }
 """
 
@@ -89,13 +90,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--layers", default="paper")
     ap.add_argument("--lr", default="0.01")
-    ap.add_argument("--method", default="sft", help="sft trains every step; memft-ot skips updates once every token is above τ")
+    ap.add_argument("--method", default="sft",
+                    help="sft trains every step; memft-ot skips updates once every token is above τ")
     ap.add_argument("--max-minutes", type=float, default=90)
     ap.add_argument("--after-minutes", type=float, default=3, help="minutes measured with the page closed, at the end")
     ap.add_argument("--interval", type=float, default=60, help="seconds between samples")
     ap.add_argument("--out", default=None, help="write the samples as JSON")
     ap.add_argument("--screenshot", default=None, help="save a full-page screenshot at the end of the watched part")
-    ap.add_argument("--cli-steps", type=int, default=0, help="then time `memcore train` on the same passage for this many steps")
+    ap.add_argument("--cli-steps", type=int, default=0,
+                    help="then time `memcore train` on the same passage for this many steps")
     args = ap.parse_args()
 
     import psutil
@@ -109,8 +112,9 @@ def main() -> None:
     passage = _passage(args.tokens, model_dir)
     port = _free_port()
     env = dict(os.environ, MEMCORE_HOME=str(home))
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"), "--server.port", str(port),
-                               "--server.headless", "true"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
+                               "--server.port", str(port), "--server.headless", "true"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = psutil.Process(server.pid)
     samples: list[dict] = []
     try:
@@ -146,8 +150,10 @@ def main() -> None:
             page.wait_for_timeout(1500)
             page.get_by_role("button", name="Start").click()
             page.evaluate(OBSERVER)
-            print(f"soak: {args.tokens} tokens, {args.steps} steps, {args.method}, layers {args.layers}, server pid {server.pid}, home {home}", flush=True)
-            print(f"{'min':>5} {'server MB':>9} {'trainer MB':>10} {'refresh/s':>9} {'tokens/s':>8} {'steps':>6} {'steps/s':>7}", flush=True)
+            print(f"soak: {args.tokens} tokens, {args.steps} steps, {args.method}, layers {args.layers}, "
+                  f"server pid {server.pid}, home {home}", flush=True)
+            print(f"{'min':>5} {'server MB':>9} {'trainer MB':>10} {'refresh/s':>9} {'tokens/s':>8} {'steps':>6} "
+                  f"{'steps/s':>7}", flush=True)
             t0 = time.time()
             last = {"t": t0, "progress": 0, "tokens": 0, "step": 0}
             while time.time() - t0 < args.max_minutes * 60:
@@ -179,7 +185,8 @@ def main() -> None:
             time.sleep(args.after_minutes * 60)
             step1, _ = _run_state(home)
             closed = (step1 - step0) / (time.time() - t_closed)
-            samples.append({"minute": None, "server_mb": round(proc.memory_info().rss / 2**20, 1), "steps_per_s": round(closed, 3), "page": False})
+            samples.append({"minute": None, "server_mb": round(proc.memory_info().rss / 2**20, 1),
+                            "steps_per_s": round(closed, 3), "page": False})
             print(f"no page: {closed:.3f} steps/s over {args.after_minutes:g} min", flush=True)
         watched = [s for s in samples if s["page"]]
         if watched:
@@ -199,16 +206,18 @@ def main() -> None:
             server.wait(timeout=30)
             text = home / "passage.txt"
             text.write_text(passage, encoding="utf-8")
-            cli = subprocess.run([sys.executable, "-m", "memcore.cli", "train", "--text-file", str(text), "--layers", args.layers,
-                                  "--lr", args.lr, "--method", args.method, "--max-steps", str(args.cli_steps), "--full-budget",
-                                  "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
+            cli = subprocess.run([sys.executable, "-m", "memcore.cli", "train", "--text-file", str(text),
+                                  "--layers", args.layers, "--lr", args.lr, "--method", args.method,
+                                  "--max-steps", str(args.cli_steps), "--full-budget", "--json"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True)
             if cli.returncode != 0:
                 raise SystemExit(f"memcore train failed:\n{cli.stderr[-2000:]}")
             cli_s = json.loads(cli.stdout.strip().splitlines()[-1])["seconds_per_step"]
             app_rates = [s["steps_per_s"] for s in watched[1:] or watched if s["steps_per_s"] > 0]
             app_s = 1 / sorted(app_rates)[len(app_rates) // 2] if app_rates else float("nan")
             samples.append({"minute": None, "cli_s_per_step": cli_s, "app_s_per_step": app_s, "page": False})
-            print(f"app with the page open {app_s:.3f} s/step vs memcore train {cli_s:.3f} s/step: ratio {app_s / cli_s:.2f}x", flush=True)
+            print(f"app with the page open {app_s:.3f} s/step vs memcore train {cli_s:.3f} s/step: "
+                  f"ratio {app_s / cli_s:.2f}x", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "samples": samples}, indent=1))
     finally:

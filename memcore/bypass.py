@@ -64,7 +64,8 @@ def mlp_of(block: nn.Module) -> tuple[str, nn.Module]:
         cls = type(child).__name__.lower()
         if any(w in name.lower() or w in cls for w in _MLP_WORDS):
             return name, child
-    raise MemcoreError(f"the bypass adapter needs a block with an MLP module; this model's blocks ({type(block).__name__}) "
+    raise MemcoreError("the bypass adapter needs a block with an MLP module; "
+                       f"this model's blocks ({type(block).__name__}) "
                        f"have {', '.join(n for n, _ in block.named_children())}; use the LoRA adapter")
 
 
@@ -194,8 +195,10 @@ def load_bypass(model: nn.Module, path: str | Path) -> BypassModel:
         raise MemcoreError(f"cannot read the bypass adapter in {path}: {e}") from None
     hidden = _hidden_size(model)
     if cfg.get("hidden") != hidden:
-        raise MemcoreError(f"the bypass adapter in {path} is for hidden size {cfg.get('hidden')}, this model has {hidden}")
-    spec = AdapterSpec(rank=int(cfg["rank"]), dropout=float(cfg.get("dropout", 0.0)), layers=tuple(cfg["layers"]), kind="bypass")
+        raise MemcoreError(f"the bypass adapter in {path} is for hidden size {cfg.get('hidden')}, "
+                           f"this model has {hidden}")
+    spec = AdapterSpec(rank=int(cfg["rank"]), dropout=float(cfg.get("dropout", 0.0)), layers=tuple(cfg["layers"]),
+                       kind="bypass")
     wrapped = attach_bypass(model, spec, list(cfg["layers"]))
     with torch.no_grad():
         for i in cfg["layers"]:

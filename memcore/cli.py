@@ -365,8 +365,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     template = run_spec(_settings(args) | {"rank": args.ranks[0], "method": args.methods[0], "seed": args.seeds[0],
                                            "stop_when_recalled": False,
                                            "history": "full" if args.full_history else "decimated"})
-    sweep = SweepSpec(template=template, ranks=tuple(args.ranks), lengths=tuple(args.lengths), methods=tuple(args.methods),
-                      seeds=tuple(args.seeds), noises=tuple(args.noises), name=args.name)
+    sweep = SweepSpec(template=template, ranks=tuple(args.ranks), lengths=tuple(args.lengths),
+                      methods=tuple(args.methods), seeds=tuple(args.seeds), noises=tuple(args.noises), name=args.name)
     store = _store()
     total = len(points(sweep))
     done = len(completed_keys(store, sweep))

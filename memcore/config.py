@@ -58,9 +58,11 @@ class ModelSpec:
     """Run modelling code shipped with a hub model. Off unless asked for."""
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.name, str) and self.name.strip() != "", f"model must be a non-empty name, got {self.name!r}")
+        _need(isinstance(self.name, str) and self.name.strip() != "",
+              f"model must be a non-empty name, got {self.name!r}")
         _need(self.quant in QUANTS, f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
-        _need(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+              f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _need(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -85,15 +87,18 @@ class AdapterSpec:
     def __post_init__(self) -> None:
         _need(self.kind in ADAPTERS, f"adapter must be one of {', '.join(ADAPTERS)}, got {self.kind!r}")
         _need(_is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
-        _need(self.alpha is None or (_is_number(self.alpha) and self.alpha > 0), f"alpha must be a positive number, got {self.alpha!r}")
+        _need(self.alpha is None or (_is_number(self.alpha) and self.alpha > 0),
+              f"alpha must be a positive number, got {self.alpha!r}")
         _need(_is_number(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.targets, str):
-            _need(self.targets in TARGET_PRESETS, f"targets must be one of {', '.join(TARGET_PRESETS)} or a list of module names, got {self.targets!r}")
+            _need(self.targets in TARGET_PRESETS,
+                  f"targets must be one of {', '.join(TARGET_PRESETS)} or a list of module names, got {self.targets!r}")
         else:
             _need(len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets),
                   f"targets must be a non-empty list of module names, got {self.targets!r}")
         if isinstance(self.layers, str):
-            _need(self.layers in ("all", "paper"), f"layers must be 'all', 'paper' or a list of layer indices, got {self.layers!r}")
+            _need(self.layers in ("all", "paper"),
+                  f"layers must be 'all', 'paper' or a list of layer indices, got {self.layers!r}")
         else:
             _need(len(self.layers) > 0 and all(_is_int(i) and i >= 0 for i in self.layers),
                   f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
@@ -132,10 +137,12 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         given = [k for k in ("text", "phonebook", "pairs", "random_tokens") if getattr(self, k) is not None]
-        _need(len(given) == 1, "give exactly one of a text, a phonebook size, prompt/target pairs or a random-token count, "
+        _need(len(given) == 1,
+              "give exactly one of a text, a phonebook size, prompt/target pairs or a random-token count, "
               f"got {' and '.join(given) if given else 'none'}")
         if self.pairs is not None:
-            _need(isinstance(self.pairs, tuple) and len(self.pairs) >= 1, "pairs must be a non-empty list of (prompt, target)")
+            _need(isinstance(self.pairs, tuple) and len(self.pairs) >= 1,
+                  "pairs must be a non-empty list of (prompt, target)")
             for i, pair in enumerate(self.pairs):
                 _need(isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair),
                       f"pair {i + 1} must be a (prompt, target) pair of strings, got {pair!r}")
@@ -147,12 +154,17 @@ class DataSpec:
             _need(isinstance(self.text, str), f"text must be a string, got {type(self.text).__name__}")
             _need(self.text.strip() != "", "the text is empty (or only whitespace): nothing to memorize")
         if self.phonebook is not None:
-            _need(_is_int(self.phonebook) and 1 <= self.phonebook <= 10_000, f"phonebook entries must be an integer in [1, 10000], got {self.phonebook!r}")
-        _need(self.prompt is None or isinstance(self.prompt, str), f"prompt must be a string, got {type(self.prompt).__name__}")
-        _need(self.length is None or (_is_int(self.length) and self.length >= 1), f"length must be an integer >= 1, got {self.length!r}")
-        _need(_is_number(self.noise) and 0 <= self.noise <= 1, f"noise must be a fraction in [0, 1], got {self.noise!r}")
+            _need(_is_int(self.phonebook) and 1 <= self.phonebook <= 10_000,
+                  f"phonebook entries must be an integer in [1, 10000], got {self.phonebook!r}")
+        _need(self.prompt is None or isinstance(self.prompt, str),
+              f"prompt must be a string, got {type(self.prompt).__name__}")
+        _need(self.length is None or (_is_int(self.length) and self.length >= 1),
+              f"length must be an integer >= 1, got {self.length!r}")
+        _need(_is_number(self.noise) and 0 <= self.noise <= 1,
+              f"noise must be a fraction in [0, 1], got {self.noise!r}")
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        _need(_is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _need(_is_int(self.max_tokens) and self.max_tokens >= 1,
+              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -203,20 +215,25 @@ class TrainSpec:
         _need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _need(_is_number(self.tau) and 0 < self.tau < 1, f"tau must be strictly between 0 and 1, got {self.tau!r}")
         _need(_is_number(self.lr) and self.lr > 0, f"learning rate must be a positive number, got {self.lr!r}")
-        _need(_is_int(self.max_steps) and self.max_steps >= 1, f"max steps must be an integer >= 1, got {self.max_steps!r}")
+        _need(_is_int(self.max_steps) and self.max_steps >= 1,
+              f"max steps must be an integer >= 1, got {self.max_steps!r}")
         _need(self.max_seconds is None or (_is_number(self.max_seconds) and self.max_seconds > 0),
               f"max seconds must be a positive number, got {self.max_seconds!r}")
         _need(self.ot_when_empty in ("skip", "mean"), f"ot_when_empty must be skip or mean, got {self.ot_when_empty!r}")
         _need(_is_int(self.window) and self.window >= 1, f"window must be an integer >= 1, got {self.window!r}")
-        _need(_is_number(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay!r}")
+        _need(_is_number(self.weight_decay) and self.weight_decay >= 0,
+              f"weight decay must be >= 0, got {self.weight_decay!r}")
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        _need(_is_int(self.curriculum_stages) and self.curriculum_stages >= 1, f"curriculum stages must be >= 1, got {self.curriculum_stages!r}")
+        _need(_is_int(self.curriculum_stages) and self.curriculum_stages >= 1,
+              f"curriculum stages must be >= 1, got {self.curriculum_stages!r}")
         _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
               f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         _need(self.history in ("full", "decimated"), f"history must be full or decimated, got {self.history!r}")
         _need(self.until in ("budget", "converged"), f"until must be budget or converged, got {self.until!r}")
-        _need(_is_int(self.plateau_window) and self.plateau_window >= 2, f"plateau window must be an integer >= 2 steps, got {self.plateau_window!r}")
-        _need(_is_number(self.plateau_tol) and self.plateau_tol >= 0, f"plateau tolerance must be >= 0 nats, got {self.plateau_tol!r}")
+        _need(_is_int(self.plateau_window) and self.plateau_window >= 2,
+              f"plateau window must be an integer >= 2 steps, got {self.plateau_window!r}")
+        _need(_is_number(self.plateau_tol) and self.plateau_tol >= 0,
+              f"plateau tolerance must be >= 0 nats, got {self.plateau_tol!r}")
         _need(self.recompute in ("auto", "on", "off"), f"recompute must be auto, on or off, got {self.recompute!r}")
 
 

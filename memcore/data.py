@@ -63,7 +63,8 @@ def read_text_file(path: str | Path) -> str:
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise MemcoreError(f"{p} is {size / 1e6:.0f} MB; memcore accepts text files up to {MAX_FILE_BYTES // 10**6} MB")
+            raise MemcoreError(f"{p} is {size / 1e6:.0f} MB; "
+                               f"memcore accepts text files up to {MAX_FILE_BYTES // 10**6} MB")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise MemcoreError(f"text file {p} does not exist") from None
@@ -136,7 +137,8 @@ def parse_jsonl(raw: bytes | str, what: str = "JSONL", fields: tuple[str, str] |
         except json.JSONDecodeError as e:
             raise MemcoreError(f"{what} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise MemcoreError(f"{what} line {n}: expected a JSON object with prompt and target keys, got {type(obj).__name__}")
+            raise MemcoreError(f"{what} line {n}: expected a JSON object with prompt and target keys, "
+                               f"got {type(obj).__name__}")
         rows.append((n, obj))
     if not rows:
         raise MemcoreError(f"{what} has no JSON lines: nothing to memorize")
@@ -146,9 +148,9 @@ def parse_jsonl(raw: bytes | str, what: str = "JSONL", fields: tuple[str, str] |
         first = rows[0][1]
         found = [name for name, (p, t) in JSONL_LAYOUTS.items() if p in first and t in first]
         if not found:
-            raise MemcoreError(f"{what} line {rows[0][0]}: keys {', '.join(sorted(first)) or '(none)'} match neither the PhoneBook "
-                               "layout (query, target) nor the long-context one (question, matching); name yours with "
-                               "--jsonl-fields PROMPT,TARGET")
+            raise MemcoreError(f"{what} line {rows[0][0]}: keys {', '.join(sorted(first)) or '(none)'} match neither "
+                               "the PhoneBook layout (query, target) nor the long-context one (question, matching); "
+                               "name yours with --jsonl-fields PROMPT,TARGET")
         layout, keys = found[0], JSONL_LAYOUTS[found[0]]
     note, total = None, len(rows)
     if line is not None:
@@ -219,9 +221,11 @@ def prompt_ids(tokenizer: Any, prompt: str | None, chat_template: bool = False) 
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise MemcoreError("this tokenizer has no chat template; drop --chat-template")
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True, tokenize=False)
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True,
+                                                 tokenize=False)
         if rendered.count(_SLOT) != 1:
-            raise MemcoreError("this tokenizer's chat template does not place the user's message once; drop --chat-template")
+            raise MemcoreError("this tokenizer's chat template does not place the user's message once; "
+                               "drop --chat-template")
         before, after = rendered.split(_SLOT)
         return (tokenizer.encode(before, add_special_tokens=False) + encode_text(tokenizer, prompt)
                 + tokenizer.encode(after, add_special_tokens=False))
@@ -242,7 +246,8 @@ def _noise(target: list[int], fraction: float, vocab: int, rng: random.Random) -
     return out
 
 
-def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = None, vocab_size: int | None = None) -> list[Sample]:
+def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = None,
+                  vocab_size: int | None = None) -> list[Sample]:
     """Tokenize a DataSpec into samples, applying length control and noise; refuse what does not fit."""
     if spec.random_tokens is not None:
         pairs = [(spec.prompt, None)]
@@ -257,7 +262,8 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
     samples = []
     for prompt, text in pairs:
         p = prompt_ids(tokenizer, prompt, spec.chat_template)
-        t = random_token_ids(tokenizer, spec.random_tokens, spec.seed, vocab_size) if text is None else encode_text(tokenizer, text)
+        t = (random_token_ids(tokenizer, spec.random_tokens, spec.seed, vocab_size) if text is None
+             else encode_text(tokenizer, text))
         if not t:
             raise MemcoreError("the text produces no tokens: nothing to memorize")
         if spec.length is not None:
@@ -271,7 +277,8 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
                            f"(raise --max-tokens or shorten the text; nothing is truncated silently)")
     longest = max(len(s.prompt_ids) + len(s.target_ids) for s in samples)
     if context_length is not None and longest > context_length:
-        raise MemcoreError(f"the text is {longest} tokens with its prompt, more than the model's context of {context_length} tokens")
+        raise MemcoreError(f"the text is {longest} tokens with its prompt, "
+                           f"more than the model's context of {context_length} tokens")
     return samples
 
 

@@ -81,7 +81,8 @@ class FrontierFit:
     p_eff_per_rank: float | None = None  # P_eff / r (the placement's parameters per unit of rank)
     notes: list[str] = field(default_factory=list)
     separating: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)  # (A_ub, b_ub) when separated
-    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(repr=False, default=None)  # (rank, length, recalled)
+    # (rank, length, recalled)
+    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(repr=False, default=None)
     source_bits: float | None = None  # information in one target token when the data say (random tokens: log2 V)
 
     def ell_star(self, rank: float | np.ndarray) -> np.ndarray:
@@ -164,8 +165,9 @@ class FrontierFit:
         return fail, ok
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "gamma": self.gamma, "k": self.k, "a_ci": list(self.a_interval), "gamma_ci": list(self.gamma_interval),
-                "n": self.n, "ranks": list(self.ranks), "lengths": list(self.lengths), "bits_per_token": self.bits_per_token,
+        return {"a": self.a, "gamma": self.gamma, "k": self.k, "a_ci": list(self.a_interval),
+                "gamma_ci": list(self.gamma_interval), "n": self.n, "ranks": list(self.ranks),
+                "lengths": list(self.lengths), "bits_per_token": self.bits_per_token,
                 "p_eff_per_rank": self.p_eff_per_rank, "notes": self.notes}
 
 
@@ -180,7 +182,8 @@ def interpolated_frontier(df: pd.DataFrame) -> list[RankFrontier]:
     out = []
     d = df.assign(_rec=as_bool(df[col]))
     per_token, src = _bits_per_token(d), _source_bits(df)
-    counted = min(per_token, src) if per_token is not None and src is not None else per_token  # no more than a token carries
+    # no more than a token carries
+    counted = min(per_token, src) if per_token is not None and src is not None else per_token
     for rank, g in sorted(d.groupby("rank"), key=lambda kv: kv[0]):
         rates = g.groupby("length")["_rec"].mean().sort_index()
         lengths, r = rates.index.to_numpy(float), rates.to_numpy(float)
@@ -192,7 +195,8 @@ def interpolated_frontier(df: pd.DataFrame) -> list[RankFrontier]:
         else:
             i = ok[-1]
             frac = (r[i] - 0.5) / (r[i] - r[i + 1]) if r[i] != r[i + 1] else 0.5
-            ell, bound = math.exp(math.log(lengths[i]) + frac * (math.log(lengths[i + 1]) - math.log(lengths[i]))), "interpolated"
+            ell, bound = math.exp(math.log(lengths[i])
+                                  + frac * (math.log(lengths[i + 1]) - math.log(lengths[i]))), "interpolated"
         p_eff = float(g["p_eff"].iloc[0]) if "p_eff" in g.columns and g["p_eff"].notna().any() else None
         bpp = ell * counted / p_eff if counted is not None and p_eff else None
         out.append(RankFrontier(int(rank), float(ell), bound, {int(k): float(v) for k, v in rates.items()}, p_eff, bpp))
@@ -236,7 +240,8 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
     if len(np.unique(r)) < 2:
         raise MemcoreError("a frontier fit needs at least 2 ranks")
     if y.all() or not y.any():
-        raise MemcoreError(f"{'every' if y.all() else 'no'} point was recalled verbatim: the frontier lies outside this grid "
+        raise MemcoreError(f"{'every' if y.all() else 'no'} point was recalled verbatim: "
+                           "the frontier lies outside this grid "
                            f"({'longer' if y.all() else 'shorter'} targets are needed to find it)")
     lr, ll = np.log(r), np.log(ell)
     # start: a line through the middle of the recalled/unrecalled boundary, slope 1
@@ -277,7 +282,8 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
                        bits_per_token, p_eff_per_rank, notes, separating, (r, ell, y))
 
 
-def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
+def frontier_from_table(df: pd.DataFrame,
+                        method: str | None = None) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
     """Interpolated and fitted frontiers of a sweep table (optionally one method's rows). The fit is None (with
     the reason as the third value) when the grid does not bracket the frontier."""
     df = method_rows(df, method)
@@ -287,7 +293,8 @@ def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[li
     y = as_bool(df[recall_column(df)])
     d = df.assign(_rec=y)
     per_token = _bits_per_token(d)
-    per_rank_peff = float((df["p_eff"] / df["rank"]).median()) if "p_eff" in df.columns and df["p_eff"].notna().all() else None
+    per_rank_peff = (float((df["p_eff"] / df["rank"]).median())
+                     if "p_eff" in df.columns and df["p_eff"].notna().all() else None)
     src = _source_bits(df)
     try:
         fit = fit_frontier(df["rank"].to_numpy(float), df["length"].to_numpy(float), y, bits_per_token=per_token,
@@ -296,7 +303,8 @@ def frontier_from_table(df: pd.DataFrame, method: str | None = None) -> tuple[li
         return per_rank, None, str(e)
     fit.source_bits = src
     if src is not None and per_token is not None and per_token > src:
-        fit.notes.append(f"recalled points lower the loss by {per_token:.2f} bits per token, more than the {src:.2f} bits a "
+        fit.notes.append(f"recalled points lower the loss by {per_token:.2f} bits per token, "
+                         f"more than the {src:.2f} bits a "
                          "random token carries (the base model is worse than uniform on them); capacity counts "
                          f"{src:.2f} bits per token")
     return per_rank, fit, None
@@ -335,8 +343,8 @@ class VerbatimAnswer:
     notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"length": self.length, "rank": self.rank, "interval": list(self.interval), "rank_exact": self.rank_exact,
-                "extrapolated": self.extrapolated, "notes": self.notes}
+        return {"length": self.length, "rank": self.rank, "interval": list(self.interval),
+                "rank_exact": self.rank_exact, "extrapolated": self.extrapolated, "notes": self.notes}
 
 
 def smallest_verbatim_rank(fit: FrontierFit, length: int) -> VerbatimAnswer:
@@ -345,7 +353,8 @@ def smallest_verbatim_rank(fit: FrontierFit, length: int) -> VerbatimAnswer:
     if length < 1:
         raise MemcoreError(f"length must be at least 1 token, got {length}")
     if fit.gamma <= 0:
-        raise MemcoreError(f"the fitted frontier does not grow with rank (γ = {fit.gamma:.3g}); no rank can be predicted")
+        raise MemcoreError(f"the fitted frontier does not grow with rank (γ = {fit.gamma:.3g}); "
+                           "no rank can be predicted")
     exact = fit.rank_for(length)
     lo, hi = fit.rank_interval(length)
     if fit.separating is not None:  # a sharp frontier: what the points say directly overrides the fitted line
@@ -356,7 +365,8 @@ def smallest_verbatim_rank(fit: FrontierFit, length: int) -> VerbatimAnswer:
     rank = min(max(whole(exact), whole(lo)), whole(hi)) if math.isfinite(hi) else max(whole(exact), whole(lo))
     notes = []
     if not fit.lengths[0] <= length <= fit.lengths[1]:
-        notes.append(f"length {length} lies outside the measured lengths {fit.lengths[0]:g}-{fit.lengths[1]:g}: this is an extrapolation")
+        notes.append(f"length {length} lies outside the measured lengths {fit.lengths[0]:g}-{fit.lengths[1]:g}: "
+                     "this is an extrapolation")
     if not fit.ranks[0] <= rank <= fit.ranks[1]:
         notes.append(f"the predicted rank {rank} lies outside the measured ranks {fit.ranks[0]:g}-{fit.ranks[1]:g}: "
                      "this is an extrapolation")
@@ -402,7 +412,8 @@ def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataF
         if "verbatim_prefix" in cols:
             vp, vb = joined["verbatim_prefix"], joined[f"verbatim_prefix_{baseline}"]
             acc, accb = joined.get("token_accuracy", 0), joined.get(f"token_accuracy_{baseline}", 0)
-            joined["wins"] = np.where(vp != vb, np.where(vp > vb, "yes", "no"), np.where(acc > accb, "yes", np.where(acc < accb, "no", "tie")))
+            joined["wins"] = np.where(vp != vb, np.where(vp > vb, "yes", "no"),
+                                      np.where(acc > accb, "yes", np.where(acc < accb, "no", "tie")))
         cells.append(joined)
         row = {"method": m, "cells": len(joined)}
         for c in cols:

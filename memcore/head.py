@@ -60,7 +60,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                mask: torch.Tensor, hint: RowHint | None, rows: int, grad_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor, hint: RowHint | None, rows: int,
+                grad_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = h.shape[0]
         loss = torch.zeros(n, dtype=torch.float32, device=h.device)
         correct = torch.zeros(n, dtype=torch.bool, device=h.device)

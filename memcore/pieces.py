@@ -72,7 +72,8 @@ class Piece:
         """A stored piece: a plain string (runs stored before pieces carried bytes) or the dict of to_json."""
         if isinstance(v, str):
             return cls(text=v)
-        return cls(text=v["t"], data=bytes.fromhex(v.get("b", "")), char=v.get("c", ""), part=v.get("k", 0), parts=v.get("n", 0))
+        return cls(text=v["t"], data=bytes.fromhex(v.get("b", "")), char=v.get("c", ""), part=v.get("k", 0),
+                   parts=v.get("n", 0))
 
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[Piece]:
@@ -128,7 +129,8 @@ def _utf8_units(b: bytes) -> list[tuple[int, int, str]]:
     i, n = 0, len(b)
     while i < n:
         lead = b[i]
-        size = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF5 else 0
+        size = (1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0
+                else 4 if 0xF0 <= lead < 0xF5 else 0)
         if size:
             try:
                 out.append((i, i + size, b[i:i + size].decode("utf-8")))
@@ -189,7 +191,8 @@ def _added_tokens(tokenizer: Any) -> set[int]:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's byte -> printable character table (the alphabet of byte-level BPE vocabularies)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars = list(printable)
     n = 0
     for b in range(256):

@@ -72,7 +72,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         base_loss = base_losses(model, batch)
         targets = [s.target_ids for s in samples]
         pieces = token_pieces(tok, [t for ts in targets for t in ts])
-        store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces, base_loss[batch.target_mask].float().cpu().numpy())
+        store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces,
+                          base_loss[batch.target_mask].float().cpu().numpy())
         stubborn = StubbornCounter(len(pieces), spec.train.tau)
         earlier = store.replay(run_id) if ckpt else None  # a resumed run: the steps before its checkpoint
         for p in earlier.p if earlier is not None else []:
@@ -109,7 +110,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
                 yield r
         assert final is not None
         save_adapter(model, tok, adapter_dir, samples, spec)
-        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask], pieces)
+        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask],
+                           pieces)
         summary.history, summary.snapshots = spec.train.history, snapshots
         summary.source_bits_per_token = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
         status = "stopped" if final.stop_reason == "stopped" else "completed"
@@ -136,7 +138,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
 
 HISTORY_SNAPSHOTS = 300
 FINISHED = ("recalled", "max_steps", "all_above_tau", "plateau")  # stop reasons of a run that has nothing left to do
-CONVERGED = ("all_above_tau", "plateau")  # ... of a run that stopped because training had converged (recall alone is not)
+# ... of a run that stopped because training had converged (recall alone is not)
+CONVERGED = ("all_above_tau", "plateau")
 
 
 def snapshot_steps(max_steps: int, n: int | None = None) -> frozenset[int]:
@@ -254,7 +257,8 @@ def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "memcore.json").write_text(json.dumps({
-            "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples], "spec": spec.to_dict()}))
+            "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples],
+            "spec": spec.to_dict()}))
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
                 dest = path / f.relative_to(tmp)

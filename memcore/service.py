@@ -57,8 +57,8 @@ class Engine:
         self.bases.move_to_end(key)
         return self.bases[key]
 
-    def run_job(self, job_id: str, kind: str, spec_dicts: list[dict], labels: list[str], run_ids: list[str | None], out: Any,
-                should_stop: Any) -> str:
+    def run_job(self, job_id: str, kind: str, spec_dicts: list[dict], labels: list[str], run_ids: list[str | None],
+                out: Any, should_stop: Any) -> str:
         """Advance every run of the job by one step in turn until all have finished. Returns the status.
 
         kind 'train' starts new runs of the specs; 'resume' continues the stored runs `run_ids` from their
@@ -99,7 +99,8 @@ def _parent_alive() -> bool:
 
 
 def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None = None) -> None:
-    """Child process main loop: ("preload", model_spec_dict) | ("run", job_id, kind, spec_dicts, labels, run_ids) | ("quit",).
+    """Child process main loop: ("preload", model_spec_dict) | ("run", job_id, kind, spec_dicts, labels, run_ids) \
+| ("quit",).
 
     If the parent dies (the app server was killed), the run in progress stops after its step, keeps its
     adapter and checkpoint, is marked interrupted (so it can be resumed), and this process exits."""
@@ -140,7 +141,8 @@ def serve(home: str, commands: Any, out: Any, control: Any, threads: int | None 
                 engine.base(spec)
                 out.put(("ready", spec.name))
             except Exception as e:
-                out.put(("load_error", spec.name, str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"))
+                out.put(("load_error", spec.name,
+                         str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"))
             continue
         if cmd[0] == "run":
             _, job_id, kind, spec_dicts, labels, run_ids = cmd

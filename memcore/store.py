@@ -54,10 +54,12 @@ CREATE TABLE IF NOT EXISTS token_steps (
   run_id TEXT NOT NULL, step INTEGER NOT NULL, p BLOB NOT NULL, correct BLOB NOT NULL, PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS tokens (
-  run_id TEXT PRIMARY KEY, prompt_ids TEXT NOT NULL, target_ids TEXT NOT NULL, pieces TEXT, base_loss BLOB, sample_lengths TEXT
+  run_id TEXT PRIMARY KEY, prompt_ids TEXT NOT NULL, target_ids TEXT NOT NULL, pieces TEXT, base_loss BLOB, \
+sample_lengths TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
-  id TEXT PRIMARY KEY, created REAL NOT NULL, session TEXT, status TEXT NOT NULL, kind TEXT NOT NULL, specs TEXT NOT NULL,
+  id TEXT PRIMARY KEY, created REAL NOT NULL, session TEXT, status TEXT NOT NULL, kind TEXT NOT NULL, \
+specs TEXT NOT NULL,
   labels TEXT NOT NULL, run_ids TEXT NOT NULL, error TEXT, started REAL, finished REAL, pid INTEGER, host TEXT,
   heartbeat REAL, stop INTEGER NOT NULL DEFAULT 0
 );
@@ -116,7 +118,8 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise MemcoreError(f"the run store {self.home / 'runs.db'} cannot be opened ({e}); move it aside to start a new one") from None
+            raise MemcoreError(f"the run store {self.home / 'runs.db'} cannot be opened ({e}); "
+                               "move it aside to start a new one") from None
         except OSError as e:
             raise MemcoreError(f"the memcore home {self.home} is not writable ({e.strerror or e})") from None
         self._db.row_factory = sqlite3.Row
@@ -153,30 +156,34 @@ class Store:
         host = socket.gethostname()
 
         def dead(r: sqlite3.Row) -> bool:
-            return (r["host"] == host and not _pid_alive(r["pid"])) or (r["host"] != host and (r["heartbeat"] or 0) < time.time() - 300)
+            return ((r["host"] == host and not _pid_alive(r["pid"]))
+                    or (r["host"] != host and (r["heartbeat"] or 0) < time.time() - 300))
 
         rows = self._exec("SELECT id, pid, host, heartbeat FROM runs WHERE status IN ('queued','running')").fetchall()
         runs = [r["id"] for r in rows if dead(r)]
         for rid in runs:
-            self._exec("UPDATE runs SET status='interrupted', finished=COALESCE(finished, heartbeat) WHERE id=? AND status IN ('queued','running')", (rid,))
+            self._exec("UPDATE runs SET status='interrupted', finished=COALESCE(finished, heartbeat) "
+                       "WHERE id=? AND status IN ('queued','running')", (rid,))
         for j in self._exec("SELECT id, pid, host, heartbeat FROM jobs WHERE status='running'").fetchall():
             if dead(j):
                 self._exec("UPDATE jobs SET status='interrupted', finished=COALESCE(heartbeat, started), "
-                           "error=COALESCE(error, 'the app that ran it stopped') WHERE id=? AND status='running'", (j["id"],))
+                           "error=COALESCE(error, 'the app that ran it stopped') WHERE id=? AND status='running'",
+                           (j["id"],))
         return len(runs)
 
-    def create_run(self, spec: dict[str, Any], *, run_id: str | None = None, status: str = "queued", sweep: str | None = None,
-                   label: str | None = None) -> str:
+    def create_run(self, spec: dict[str, Any], *, run_id: str | None = None, status: str = "queued",
+                   sweep: str | None = None, label: str | None = None) -> str:
         """Add a run row for `spec` (a RunSpec dict) and make its folder; returns the run id."""
         m, a, d, t = spec["model"], spec["adapter"], spec["data"], spec["train"]
         for attempt in range(20):
             rid = run_id or new_run_id()
             try:
                 self._exec(
-                    "INSERT INTO runs (id, created, status, model, method, rank, length, seed, sweep, label, spec, pid, host, heartbeat) "
+                    "INSERT INTO runs (id, created, status, model, method, rank, length, seed, sweep, label, spec, "
+                    "pid, host, heartbeat) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (rid, time.time(), status, m["name"], t["method"], a["rank"], d.get("length"), t["seed"], sweep, label,
-                     json.dumps(spec), os.getpid(), socket.gethostname(), time.time()))
+                    (rid, time.time(), status, m["name"], t["method"], a["rank"], d.get("length"), t["seed"], sweep,
+                     label, json.dumps(spec), os.getpid(), socket.gethostname(), time.time()))
                 break
             except sqlite3.IntegrityError:
                 if run_id is not None or attempt == 19:  # a given id is taken, or ids keep colliding
@@ -184,7 +191,8 @@ class Store:
         (self.runs_dir / rid).mkdir(parents=True, exist_ok=True)
         return rid
 
-    def set_status(self, run_id: str, status: str, *, error: str | None = None, summary: RunSummary | None = None) -> None:
+    def set_status(self, run_id: str, status: str, *, error: str | None = None,
+                   summary: RunSummary | None = None) -> None:
         """Set a run's status (one of STATUSES), with an error text or its final RunSummary."""
         assert status in STATUSES
         now = time.time()
@@ -231,7 +239,8 @@ class Store:
         with self._write() as db:
             for table in ("steps", "token_steps"):
                 db.execute(f"DELETE FROM {table} WHERE run_id=? AND step>=?", (run_id, from_step))
-            db.execute("UPDATE runs SET steps=?, summary=NULL, finished=NULL, error=NULL WHERE id=?", (max(0, from_step - 1), run_id))
+            db.execute("UPDATE runs SET steps=?, summary=NULL, finished=NULL, error=NULL WHERE id=?",
+                       (max(0, from_step - 1), run_id))
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run's rows and folder."""
@@ -252,7 +261,8 @@ class Store:
             if row is None:
                 raise MemcoreError("the run store is empty")
             return row["id"]
-        rows = self._exec("SELECT id FROM runs WHERE id LIKE ? ORDER BY created", (ref.replace("%", "") + "%",)).fetchall()
+        rows = self._exec("SELECT id FROM runs WHERE id LIKE ? ORDER BY created",
+                          (ref.replace("%", "") + "%",)).fetchall()
         if not rows:
             raise MemcoreError(f"no run {ref!r} in the store (see `memcore runs`)")
         exact = [r["id"] for r in rows if r["id"] == ref]
@@ -299,7 +309,8 @@ class Store:
         if row is None:
             raise MemcoreError(f"run {run_id} has no token data (it never started)")
         return {"prompt_ids": json.loads(row["prompt_ids"]), "target_ids": json.loads(row["target_ids"]),
-                "pieces": [Piece.from_json(v) for v in json.loads(row["pieces"] or "[]")], "base_loss": np.frombuffer(row["base_loss"], dtype=np.float32),
+                "pieces": [Piece.from_json(v) for v in json.loads(row["pieces"] or "[]")],
+                "base_loss": np.frombuffer(row["base_loss"], dtype=np.float32),
                 "sample_lengths": json.loads(row["sample_lengths"] or "[]")}
 
     def replay(self, run_id: str) -> Replay:
@@ -307,9 +318,10 @@ class Store:
         tok = self.tokens(run_id)
         n = sum(len(t) for t in tok["target_ids"])
         rows = self._exec("SELECT step, p, correct FROM token_steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
-        p = np.stack([np.frombuffer(r["p"], dtype=np.float16).astype(np.float32) for r in rows]) if rows else np.zeros((0, n), np.float32)
-        c = np.stack([np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:n].astype(bool) for r in rows]) if rows \
-            else np.zeros((0, n), bool)
+        p = np.stack([np.frombuffer(r["p"], dtype=np.float16).astype(np.float32) for r in rows]) if rows \
+            else np.zeros((0, n), np.float32)
+        c = np.stack([np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:n].astype(bool) for r in rows]) \
+            if rows else np.zeros((0, n), bool)
         return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
 
     def step_rows(self, run_id: str, after: int = -1, before: int | None = None) -> list[StepRow]:
@@ -371,16 +383,18 @@ class Store:
                 if rows:
                     db.executemany(f"INSERT INTO {t} VALUES ({','.join('?' * len(rows[0]))})", rows)
             cols = list(run)
-            db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [run[c] for c in cols])
+            db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       [run[c] for c in cols])
         return rid
 
     # --- the job queue ------------------------------------------------------------------------------------------
 
-    def create_job(self, specs: list[dict[str, Any]], labels: list[str], *, kind: str = "train", session: str | None = None,
-                   run_ids: list[str | None] | None = None) -> str:
+    def create_job(self, specs: list[dict[str, Any]], labels: list[str], *, kind: str = "train",
+                   session: str | None = None, run_ids: list[str | None] | None = None) -> str:
         """Queue a job: kind 'train' (new runs of these specs) or 'resume' (continue these run ids)."""
         jid = uuid.uuid4().hex[:10]
-        self._exec("INSERT INTO jobs (id, created, session, status, kind, specs, labels, run_ids) VALUES (?,?,?,?,?,?,?,?)",
+        self._exec("INSERT INTO jobs (id, created, session, status, kind, specs, labels, run_ids) "
+                   "VALUES (?,?,?,?,?,?,?,?)",
                    (jid, time.time(), session, "queued", kind, json.dumps(specs), json.dumps(labels),
                     json.dumps(run_ids or [None] * len(specs))))
         return jid
@@ -417,8 +431,8 @@ class Store:
         d["stop"] = bool(d["stop"])
         return d
 
-    def update_job(self, job_id: str, *, status: str | None = None, error: str | None = None, run_index: int | None = None,
-                   run_id: str | None = None) -> None:
+    def update_job(self, job_id: str, *, status: str | None = None, error: str | None = None,
+                   run_index: int | None = None, run_id: str | None = None) -> None:
         """Record a job's progress: its status (finishing it if final), an error, or the run id of its i-th run."""
         with self._write() as db:
             now = time.time()
@@ -428,7 +442,8 @@ class Store:
                 db.execute("UPDATE jobs SET run_ids=? WHERE id=?", (json.dumps(ids), job_id))
             if status is not None:
                 assert status in JOB_STATUSES
-                db.execute("UPDATE jobs SET status=?, finished=? WHERE id=?", (status, now if status not in LIVE else None, job_id))
+                db.execute("UPDATE jobs SET status=?, finished=? WHERE id=?",
+                           (status, now if status not in LIVE else None, job_id))
             if error is not None:
                 db.execute("UPDATE jobs SET error=? WHERE id=?", (error, job_id))
             db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND status='running'", (now, job_id))
@@ -448,7 +463,8 @@ class Store:
     def request_stop(self, job_id: str) -> None:
         """A queued job is stopped at once; a running one is asked to stop after its current step."""
         with self._write() as db:
-            db.execute("UPDATE jobs SET status='stopped', finished=? WHERE id=? AND status='queued'", (time.time(), job_id))
+            db.execute("UPDATE jobs SET status='stopped', finished=? WHERE id=? AND status='queued'",
+                       (time.time(), job_id))
             db.execute("UPDATE jobs SET stop=1 WHERE id=?", (job_id,))
 
     def adapter_dir(self, run_id: str) -> Path:

@@ -19,8 +19,8 @@ from typing import Any
 from memcore.config import METHODS, MemcoreError, RunSpec
 from memcore.records import RunSummary
 
-SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512), "methods": ("sft", "memft-ot"), "seeds": (0,),
-                  "noises": (0.0,)}
+SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512), "methods": ("sft", "memft-ot"),
+                  "seeds": (0,), "noises": (0.0,)}
 
 
 HOW_NOT_WHAT = ("recompute", "history")  # TrainSpec fields left out of a sweep's id
@@ -39,8 +39,8 @@ class SweepSpec:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        for label, values in (("ranks", self.ranks), ("lengths", self.lengths), ("methods", self.methods), ("seeds", self.seeds),
-                              ("noises", self.noises)):
+        for label, values in (("ranks", self.ranks), ("lengths", self.lengths), ("methods", self.methods),
+                              ("seeds", self.seeds), ("noises", self.noises)):
             if not values:
                 raise MemcoreError(f"a sweep needs at least one value for {label}")
         if any(r < 1 for r in self.ranks) or any(n < 1 for n in self.lengths):
@@ -84,8 +84,8 @@ def points(sweep: SweepSpec) -> list[Point]:
                     for length in sweep.lengths:
                         spec = replace(b, adapter=replace(b.adapter, rank=rank),
                                        data=replace(b.data, length=length, noise=noise, seed=seed),
-                                       train=replace(b.train, method=method, seed=seed, stop_when_recalled=False, verify=False,
-                                                     ot_when_empty="mean"))
+                                       train=replace(b.train, method=method, seed=seed, stop_when_recalled=False,
+                                                     verify=False, ot_when_empty="mean"))
                         values = {"method": method, "seed": seed, "noise": noise, "rank": rank, "length": length}
                         out.append(Point(key=json.dumps(values, sort_keys=True), spec=spec, values=values))
     return out
@@ -138,7 +138,8 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
             summary = drain(stream)
         else:
             base, samples = prepare(point.spec, base, store.home)
-            summary = execute(point.spec, store, base, samples, should_stop=should_stop, sweep=sweep.id, label=point.key)
+            summary = execute(point.spec, store, base, samples, should_stop=should_stop, sweep=sweep.id,
+                              label=point.key)
         result = PointResult(values=point.values, summary=summary, run_id=summary.run_id,
                              seconds=time.perf_counter() - t0)
         if on_point is not None:
@@ -157,9 +158,9 @@ def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:
     return out
 
 
-SWEEP_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "noise", "adapter", "base_loss", "frac_above",
-                 "frac_correct", "token_accuracy", "verbatim_prefix", "exact_recall", "recalled", "converged", "stop_reason",
-                 "bits_per_param", "source_bits_per_token", "steps", "run_id")
+SWEEP_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "noise", "adapter", "base_loss",
+                 "frac_above", "frac_correct", "token_accuracy", "verbatim_prefix", "exact_recall", "recalled",
+                 "converged", "stop_reason", "bits_per_param", "source_bits_per_token", "steps", "run_id")
 
 
 def _source_bits(run: dict[str, Any], summary: RunSummary, store: Any, cache: dict[str, float | None]) -> float | None:
@@ -173,7 +174,8 @@ def _source_bits(run: dict[str, Any], summary: RunSummary, store: Any, cache: di
         from memcore.runner import source_bits
 
         src = resolve_source(spec.model, store.home)
-        cache[spec.model.name] = source_bits(spec, AutoTokenizer.from_pretrained(src), AutoConfig.from_pretrained(src).vocab_size)
+        cache[spec.model.name] = source_bits(spec, AutoTokenizer.from_pretrained(src),
+                                             AutoConfig.from_pretrained(src).vocab_size)
     return cache[spec.model.name]
 
 

@@ -54,8 +54,8 @@ def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str,
     return payload
 
 
-def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
-                  retries: int = 2, should_stop: Callable[[], bool] | None = None,
+def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1,
+                  gpus_per_run: float = 0, retries: int = 2, should_stop: Callable[[], bool] | None = None,
                   task: Callable[..., dict[str, Any]] | None = None) -> Iterator[PointResult]:
     """Run the missing points as Ray tasks; yield each point's result (with `error` when it failed) as it lands."""
     if not ray_available():
@@ -68,7 +68,8 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
         except Exception as e:
-            raise MemcoreError(f"cannot connect to Ray at {address or 'a new local instance'}: {str(e).splitlines()[0]}") from None
+            raise MemcoreError(f"cannot connect to Ray at {address or 'a new local instance'}: "
+                               f"{str(e).splitlines()[0]}") from None
     todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
     remote = ray.remote(task or train_point).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=retries,
                                                      retry_exceptions=True)
@@ -100,7 +101,8 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
                 if model_key not in local_model:
                     local_model[model_key] = resolve_source(p.spec.model, store.home)
                 wp = payload.pop("worker_paths")
-                rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir), wp["model"]: local_model[model_key]})
+                rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir),
+                                                         wp["model"]: local_model[model_key]})
                 yield PointResult(values=p.values, summary=store.run(rid)["summary"], run_id=rid)
     finally:
         for ref in pending:

@@ -72,7 +72,8 @@ def _wait_for_job(at: AppTest, timeout: float = 120) -> None:
 def test_memorize_page_has_its_controls(app_env):
     at = _app()
     assert at.radio(key="source").options == ["Paste", "Upload", "Sample", "PhoneBook", "Random tokens", "JSONL"]
-    assert at.radio(key="adapter").options == ["LoRA (PEFT)", "the paper's MLP bypass"] and at.radio(key="adapter").value == "lora"
+    assert (at.radio(key="adapter").options == ["LoRA (PEFT)", "the paper's MLP bypass"]
+            and at.radio(key="adapter").value == "lora")
     assert at.slider(key="tau").value == 0.5
     assert at.selectbox(key="method").value == "memft-ot"
     assert at.number_input(key="rank").value == 8
@@ -125,8 +126,10 @@ def test_a_jobs_spec_fills_the_form_back():
 
 @pytest.mark.parametrize("setup, message", [
     (lambda at: None, "empty"),
-    (lambda at: at.text_area(key="passage").input("some words here").run() and at.text_input(key="layers").input("99").run(), "layer 99 does not exist"),
-    (lambda at: at.text_area(key="passage").input("some words here").run() and at.text_input(key="layers").input("x,y").run(), "layers must be"),
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.text_input(key="layers").input("99").run(), "layer 99 does not exist"),
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.text_input(key="layers").input("x,y").run(), "layers must be"),
     (lambda at: at.text_area(key="passage").input("word " * 3000).run(), "configured maximum of 2048"),
 ])
 def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, message):
@@ -171,7 +174,8 @@ def test_random_tokens_train_with_the_paper_bypass(app_env):
     at.number_input(key="random_tokens").set_value(12).run()
     at.radio(key="adapter").set_value("bypass").run()
     assert at.number_input(key="alpha").disabled and at.selectbox(key="targets").disabled
-    assert at.text_input(key="layers_bypass").value == "paper"  # the bypass is one layer's adapter: the field says which
+    # the bypass is one layer's adapter: the field says which
+    assert at.text_input(key="layers_bypass").value == "paper"
     at.number_input(key="dropout").set_value(0.1).run()
     at.checkbox(key="until_converged").check().run()
     assert "**12 target tokens**" in " ".join(c.value for c in at.caption)
@@ -290,7 +294,8 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     # surface + slices + 3 heatmaps for each of the 2 methods + the capacity chart
     assert len(at.get("vega_lite_chart")) >= 2 + 6 + 1
     warnings = " ".join(w.value for w in at.warning)
-    assert "differs from the sweep in adapter lora (sweep: bypass)" in warnings and "data text (sweep: random tokens)" in warnings
+    assert ("differs from the sweep in adapter lora (sweep: bypass)" in warnings
+            and "data text (sweep: random tokens)" in warnings)
     at.number_input(key="wi_verbatim").set_value(40).run()
     md = " ".join(m.value for m in at.markdown)
     assert "Smallest rank predicted to recall **40** tokens verbatim" in md

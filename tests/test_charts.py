@@ -27,7 +27,8 @@ class _Tokens(HTMLParser):
         self.tags.append(tag)
         a = dict(attrs)
         if tag == "span" and "mc-tok" in a.get("class", "").split():
-            self.spans.append({"classes": a["class"].split(), "title": a.get("title", ""), "style": a.get("style", ""), "text": "", "br": 0})
+            self.spans.append({"classes": a["class"].split(), "title": a.get("title", ""), "style": a.get("style", ""),
+                               "text": "", "br": 0})
             self._in_tok = True
         elif tag == "br" and self._in_tok:
             self.spans[-1]["br"] += 1
@@ -119,7 +120,8 @@ def test_token_html_one_span_per_token_with_colour_and_title():
     assert style_of(spans[0])["color"] == charts.LIGHT_TEXT and style_of(spans[1])["color"] == charts.DARK_TEXT
 
 
-@pytest.mark.parametrize("evil", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '" onmouseover="alert(1)', "a & b's"])
+@pytest.mark.parametrize("evil", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>",
+                                  '" onmouseover="alert(1)', "a & b's"])
 def test_token_html_escapes_user_text(evil):
     out = charts.token_html(["ok", evil], [0.9, 0.1], 0.5)
     parsed = parse(out)
@@ -170,10 +172,12 @@ def test_legend_html_labels_and_scale():
 
 
 def test_generation_diff_html_marks_matches_mismatches_and_missing():
-    spans = parse(charts.generation_diff_html([1, 2, 3, 4], [1, 5, 6], ["A", " b", " c", " d"], ["A", " x", "<b>"])).spans
+    spans = parse(charts.generation_diff_html([1, 2, 3, 4], [1, 5, 6], ["A", " b", " c", " d"],
+                                              ["A", " x", "<b>"])).spans
     assert [s["text"] for s in spans] == ["A", " x", "<b>", " d"]
+    # only the first mismatch is singled out
     assert [c for s in spans for c in s["classes"] if c != "mc-tok"] == [
-        "mc-match", "mc-mismatch", "mc-first-mismatch", "mc-mismatch", "mc-missing"]  # only the first mismatch is singled out
+        "mc-match", "mc-mismatch", "mc-first-mismatch", "mc-mismatch", "mc-missing"]
     assert "expected ' b'" in spans[1]["title"] and spans[1]["title"].startswith("first mismatch")
 
 
@@ -182,7 +186,8 @@ def test_generation_diff_html_marks_matches_mismatches_and_missing():
 
 
 def _history(n: int = 3, run: str | None = None) -> pd.DataFrame:
-    df = pd.DataFrame({"step": np.arange(1, n + 1), "frac_above": np.linspace(0.1, 0.9, n), "frac_correct": np.linspace(0.2, 1.0, n),
+    df = pd.DataFrame({"step": np.arange(1, n + 1), "frac_above": np.linspace(0.1, 0.9, n),
+                       "frac_correct": np.linspace(0.2, 1.0, n),
                        "loss": np.linspace(3.0, 0.5, n), "delta_loss": np.linspace(0.0, 2.5, n), "n_tokens": 10})
     return df.assign(run=run) if run else df
 
@@ -243,7 +248,8 @@ def test_histogram_fixed_bins_counts_and_colours():
     bars, rule = _bars_and_rule(spec)
     rows = data_of(spec, bars)
     assert len(rows) == 10
-    assert [r["tokens"] for r in rows] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 3]  # 1.0 and float noise above it land in the last bin
+    # 1.0 and float noise above it land in the last bin
+    assert [r["tokens"] for r in rows] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 3]
     assert [r["lo"] for r in rows] == pytest.approx(np.linspace(0, 0.9, 10))
     assert {r["side"] for r in rows[:5]} == {"below τ"} and {r["side"] for r in rows[5:]} == {"above τ"}
     scale = bars["encoding"]["color"]["scale"]

@@ -45,7 +45,8 @@ def _one_line_error(err: str) -> str:
     ([], "nothing to memorize"),
 ])
 def test_bad_input_gets_one_clear_line_and_store_keeps_its_runs(home, tiny_model_dir, capsys, args, words):
-    code, _, _ = run_cli(capsys, "train", "--text", "a b c d", "--model", str(tiny_model_dir), "--max-steps", "1", "--json")
+    code, _, _ = run_cli(capsys, "train", "--text", "a b c d", "--model", str(tiny_model_dir), "--max-steps", "1",
+                         "--json")
     assert code == 0
     before = Store(home).runs()
     full = ["train", "--model", str(tiny_model_dir), *args] if "--model" not in args else ["train", *args]
@@ -64,9 +65,11 @@ def test_argparse_errors_are_one_line(home, capsys):
 
 
 def test_text_longer_than_context_names_both_numbers(home, tiny_model_dir, capsys):
-    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "word " * 600, "--max-tokens", "5000")
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "word " * 600,
+                           "--max-tokens", "5000")
     assert code == 2 and "more than the model's context of 512 tokens" in err
-    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "word " * 100, "--max-tokens", "50")
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "word " * 100,
+                           "--max-tokens", "50")
     assert code == 2 and re.search(r"the text is 10\d target tokens, more than the configured maximum of 50", err)
 
 
@@ -91,11 +94,13 @@ def test_stdin_and_text_file_inputs(home, tiny_model_dir, tmp_path, capsys, monk
 
     f = tmp_path / "p.txt"
     f.write_text("A tiny passage from a file.", encoding="utf-8")
-    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text-file", str(f), "--max-steps", "2", "--json")
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text-file", str(f), "--max-steps", "2",
+                           "--json")
     s = json.loads(out)
     assert code == 0 and s["status"] == "completed" and s["steps"] == 2
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"From standard input.")))
-    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text-file", "-", "--max-steps", "1", "--json")
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text-file", "-", "--max-steps", "1",
+                           "--json")
     assert code == 0 and json.loads(out)["n_tokens"] > 0
 
 
@@ -127,7 +132,8 @@ def _sigkill_when(home, args, ready, what: str) -> Store:
     """Run `memcore ARGS` in a child process and SIGKILL it as soon as ready(store, run) holds for its run;
     return the store as a later process opens it."""
     env = dict(os.environ, MEMCORE_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "memcore.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     store = Store(home)
     deadline = time.time() + 120
     try:
@@ -148,8 +154,8 @@ def _sigkill_when(home, args, ready, what: str) -> Store:
 
 
 def test_sigkill_mid_run_leaves_a_readable_store_marked_interrupted(home, tiny_model_dir):
-    store = _sigkill_when(home, ["train", "--model", str(tiny_model_dir), "--sample", "long_archive", "--length", "200", "--max-steps",
-                                 "100000", "--full-budget", "--method", "sft", "--json"],
+    store = _sigkill_when(home, ["train", "--model", str(tiny_model_dir), "--sample", "long_archive", "--length", "200",
+                                 "--max-steps", "100000", "--full-budget", "--method", "sft", "--json"],
                           lambda store, run: len(store.steps(run["id"])) >= 3, "the run never recorded 3 steps")
     run = store.runs()[0]
     assert run["status"] == "interrupted"
@@ -165,7 +171,8 @@ def test_sweep_defaults_do_not_leak_into_train():
     p = build_parser()
     train = p.parse_args(["train", "--text", "x"])
     sweep = p.parse_args(["sweep"])
-    assert (train.max_steps, train.layers, train.lr) == (200, None, 2e-3)  # None: 'all' for LoRA, 'paper' for the bypass
+    # None: 'all' for LoRA, 'paper' for the bypass
+    assert (train.max_steps, train.layers, train.lr) == (200, None, 2e-3)
     from memcore.cli import spec_from_args
 
     assert spec_from_args(train).adapter.layers == "all"
@@ -229,10 +236,11 @@ def test_piping_into_a_reader_that_closes_early_exits_quietly(home, verb):
 
 
 def test_a_sigkilled_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(home, tiny_model_dir, capsys):
-    args = ["train", "--model", str(tiny_model_dir), "--sample", "orbit", "--max-steps", "60", "--full-budget", "--method", "sft",
-            "--lr", "1e-2", "--json"]
+    args = ["train", "--model", str(tiny_model_dir), "--sample", "orbit", "--max-steps", "60", "--full-budget",
+            "--method", "sft", "--lr", "1e-2", "--json"]
     store = _sigkill_when(home, [*args, "--checkpoint-every", "0.2"],
-                          lambda store, run: (home / "runs" / run["id"] / "checkpoint.pt").is_file() and len(store.steps(run["id"])) >= 10,
+                          lambda store, run: ((home / "runs" / run["id"] / "checkpoint.pt").is_file()
+                                              and len(store.steps(run["id"])) >= 10),
                           "no checkpoint")
     rid = store.runs()[0]["id"]
     killed_at = len(store.steps(rid))

@@ -18,7 +18,8 @@ def test_adapter_spec_rejects_bad_values_naming_them(kwargs, words):
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"tau": 0}, "tau"), ({"tau": 1}, "tau"), ({"tau": 1.5}, "tau"), ({"tau": math.nan}, "tau"),
-    ({"lr": 0}, "learning rate"), ({"lr": -1e-3}, "learning rate"), ({"lr": math.nan}, "learning rate"), ({"lr": "1e-3"}, "learning rate"),
+    ({"lr": 0}, "learning rate"), ({"lr": -1e-3}, "learning rate"), ({"lr": math.nan}, "learning rate"),
+    ({"lr": "1e-3"}, "learning rate"),
     ({"max_steps": 0}, "max steps"), ({"max_steps": 1.5}, "max steps"), ({"method": "adam"}, "method"),
     ({"max_seconds": 0}, "max seconds"), ({"ot_when_empty": "maybe"}, "ot_when_empty"),
 ])
@@ -29,7 +30,8 @@ def test_train_spec_rejects_bad_values_naming_them(kwargs, words):
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"text": ""}, "empty"), ({"text": " \n\t "}, "empty"), ({"text": 42}, "string"),
-    ({"text": "a", "phonebook": 3}, "exactly one .* got text and phonebook"), ({}, "exactly one .* got none"), ({"phonebook": 0}, "phonebook"),
+    ({"text": "a", "phonebook": 3}, "exactly one .* got text and phonebook"), ({}, "exactly one .* got none"),
+    ({"phonebook": 0}, "phonebook"),
     ({"text": "a", "noise": 1.5}, "noise"), ({"text": "a", "length": 0}, "length"),
 ])
 def test_data_spec_rejects_bad_values(kwargs, words):

@@ -32,7 +32,8 @@ def _browser_available() -> bool:
 if not _browser_available():
     if os.environ.get("CI"):
         pytest.fail(f"CI needs Chromium at {CHROMIUM} and the playwright package for the browser test", pytrace=False)
-    pytest.skip("no Chromium/playwright here (install: apt-get install chromium; pip install playwright)", allow_module_level=True)
+    pytest.skip("no Chromium/playwright here (install: apt-get install chromium; pip install playwright)",
+                allow_module_level=True)
 
 
 def _free_port() -> int:
@@ -175,7 +176,8 @@ def test_a_spreadsheet_csv_uploads_on_the_memory_law_page(server):
         page.goto(server)
         page.get_by_role("link", name="Memory law").click()
         page.locator("input[type=file]").first.set_input_files(str(FIELD / "law_excel_semicolon.csv"))
-        page.get_by_text(re.compile(r"16 points · R² 0\.99")).first.wait_for(timeout=60_000)  # the upload is the one fitted
+        # the upload is the one fitted
+        page.get_by_text(re.compile(r"16 points · R² 0\.99")).first.wait_for(timeout=60_000)
         assert page.get_by_text("lacks column").count() == 0
         page.get_by_text("What if").wait_for(timeout=60_000)
         page.wait_for_timeout(2000)  # let the charts draw

@@ -23,8 +23,8 @@ def _synthetic(a=math.log(20), gamma=0.8, k=3.0, seeds=6, seed=0):
         for ell in LENGTHS:
             p = 1 / (1 + math.exp(-k * (a + gamma * math.log(r) - math.log(ell))))
             for s in range(seeds):
-                rows.append({"rank": r, "length": ell, "seed": s, "exact_recall": bool(rng.random() < p), "p_eff": 1152 * r,
-                             "bits_per_param": 20.0 * ell / (1152 * r), "method": "sft"})
+                rows.append({"rank": r, "length": ell, "seed": s, "exact_recall": bool(rng.random() < p),
+                             "p_eff": 1152 * r, "bits_per_param": 20.0 * ell / (1152 * r), "method": "sft"})
     return pd.DataFrame(rows)
 
 
@@ -103,7 +103,8 @@ def test_cli_frontier_and_predict_verbatim(tmp_path, capsys):
     _synthetic().to_csv(f, index=False)
     assert main(["predict", "--csv", str(f), "--length", "100", "--verbatim", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert isinstance(out["rank"], int) and len(out["interval"]) == 2 and out["interval"][0] <= out["rank"] <= out["interval"][1]
+    assert (isinstance(out["rank"], int) and len(out["interval"]) == 2
+            and out["interval"][0] <= out["rank"] <= out["interval"][1])
     assert main(["predict", "--csv", str(f), "--length", "3000", "--verbatim"]) == 0
     cap = capsys.readouterr()
     assert "[extrapolated]" in cap.out and "outside the measured lengths" in cap.err

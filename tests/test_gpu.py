@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_without_a_gpu_says_so_and_exits_cleanly():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the script would measure it")
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0 and "no CUDA device" in out.stdout
 
 
@@ -43,8 +44,8 @@ def test_chunked_head_on_cuda_matches_cpu():
 def test_a_training_step_on_cuda_syncs_with_the_host_at_most_once(method):
     import transformers as T
 
-    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                        num_key_value_heads=2)
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     base = T.LlamaForCausalLM(cfg).cuda().eval().requires_grad_(False)
     model = attach_adapter(base, AdapterSpec(rank=4), seed=0)

@@ -95,7 +95,8 @@ def test_a_server_shutting_down_leaves_its_run_resumable(home, tiny_model_dir):
     store = type(w.store)(home)
     run = store.run(job.runs[0].run_id)
     assert store.job(job.id)["status"] == "interrupted" and run["status"] == "interrupted"
-    assert resumable_step(store, run["id"]) == run["steps"] >= 3  # stopped after its step, checkpoint of that step saved
+    # stopped after its step, checkpoint of that step saved
+    assert resumable_step(store, run["id"]) == run["steps"] >= 3
     assert (store.adapter_dir(run["id"]) / "adapter_config.json").is_file()
     from memcore.service import trainer_lock
 

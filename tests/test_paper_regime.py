@@ -27,7 +27,8 @@ def test_phonebook_jsonl_gives_one_sample_per_line():
 
 
 def test_long_context_jsonl_takes_one_line_and_says_so():
-    lines = [json.dumps({"question": f"Output the memory {i}.", "matching": f"text number {i}", "extra": [1]}) for i in range(3)]
+    lines = [json.dumps({"question": f"Output the memory {i}.", "matching": f"text number {i}", "extra": [1]})
+             for i in range(3)]
     d = parse_jsonl("\n".join(lines))
     assert d.layout == "long-context" and d.pairs == (("Output the memory 0.", "text number 0"),)
     assert "3 long-context lines" in d.note and "--jsonl-line" in d.note
@@ -227,7 +228,8 @@ def test_until_converged_stops_on_a_plateau(bypassed, tiny_base):
                      plateau_window=10, plateau_tol=0.5)
     reports = list(train_iter(m, b, spec))
     assert reports[-1].stop_reason == "plateau" and reports[-1].step == 10 + 10 - 1
-    budget = list(train_iter(m, b, TrainSpec(method="sft", lr=1e-4, max_steps=25, stop_when_recalled=False, verify=False)))
+    budget = list(train_iter(m, b, TrainSpec(method="sft", lr=1e-4, max_steps=25, stop_when_recalled=False,
+                                             verify=False)))
     assert budget[-1].stop_reason == "max_steps"
 
 

@@ -146,7 +146,8 @@ def test_token_view_html_shows_characters_not_replacement_marks(tok):
     spans = parse(charts.token_html(pieces, np.full(len(pieces), 0.7), 0.5)).spans
     assert len(spans) == len(pieces) and not any("\ufffd" in s["text"] for s in spans)
     cont = [s for s in spans if "mc-cont" in s["classes"]]
-    assert cont and all(s["text"] == CONTINUATION_MARK and "part " in s["title"] and "bytes " in s["title"] for s in cont)
+    assert cont and all(s["text"] == CONTINUATION_MARK and "part " in s["title"] and "bytes " in s["title"]
+                        for s in cont)
     assert "".join(s["text"] for s in spans if "mc-cont" not in s["classes"]) == text
     # the stubborn-token legend and the generation diff name split tokens by their character
     spec = charts.trajectories_chart([0, 1], np.full((2, len(pieces)), 0.3), [1], [pieces[1]], 0.5).to_dict()

@@ -22,36 +22,44 @@ def _configs():
     small = dict(vocab_size=V)
     return {
         # name: (config, attention linear layers, MLP linear layers)
-        "llama": (T.LlamaConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+        "llama": (T.LlamaConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2),
                   {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
                   {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
-        "qwen2": (T.Qwen2Config(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+        "qwen2": (T.Qwen2Config(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2),
                   {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
                   {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
-        "gemma": (T.GemmaConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=8),
+        "gemma": (T.GemmaConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8),
                   {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
                   {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
         "gpt2": (T.GPT2Config(**small, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
                  {"attn.c_attn", "attn.c_proj"}, {"mlp.c_fc", "mlp.c_proj"}),
-        "gpt_neox": (T.GPTNeoXConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                     bos_token_id=1, eos_token_id=2),
+        "gpt_neox": (T.GPTNeoXConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                     num_attention_heads=4, bos_token_id=1, eos_token_id=2),
                      {"attention.query_key_value", "attention.dense"}, {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}),
-        "opt": (T.OPTConfig(**small, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32,
-                            max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        "opt": (T.OPTConfig(**small, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                            word_embed_proj_dim=32, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0),
                 {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"}, {"fc1", "fc2"}),
         "phi": (T.PhiConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
-                {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"}, {"mlp.fc1", "mlp.fc2"}),
-        "falcon": (T.FalconConfig(**small, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, bos_token_id=1, eos_token_id=2),
-                   {"self_attention.query_key_value", "self_attention.dense"}, {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}),
-        "gptj": (T.GPTJConfig(**small, n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+                {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"},
+                {"mlp.fc1", "mlp.fc2"}),
+        "falcon": (T.FalconConfig(**small, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, bos_token_id=1,
+                                  eos_token_id=2),
+                   {"self_attention.query_key_value", "self_attention.dense"},
+                   {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}),
+        "gptj": (T.GPTJConfig(**small, n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=64, bos_token_id=1,
+                              eos_token_id=2),
                  {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}, {"mlp.fc_in", "mlp.fc_out"}),
         "bloom": (T.BloomConfig(**small, hidden_size=32, n_layer=4, n_head=4, bos_token_id=1, eos_token_id=2),
-                  {"self_attention.query_key_value", "self_attention.dense"}, {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}),
-        "mpt": (T.MptConfig(**small, d_model=32, n_layers=4, n_heads=4, expansion_ratio=2), {"attn.Wqkv", "attn.out_proj"},
-                {"ffn.up_proj", "ffn.down_proj"}),
-        "phi3": (T.Phi3Config(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                              pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                  {"self_attention.query_key_value", "self_attention.dense"},
+                  {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}),
+        "mpt": (T.MptConfig(**small, d_model=32, n_layers=4, n_heads=4, expansion_ratio=2),
+                {"attn.Wqkv", "attn.out_proj"}, {"ffn.up_proj", "ffn.down_proj"}),
+        "phi3": (T.Phi3Config(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
                  {"self_attn.qkv_proj", "self_attn.o_proj"}, {"mlp.gate_up_proj", "mlp.down_proj"}),
     }
 
@@ -120,8 +128,8 @@ def test_every_preset_attaches_and_trains(models, arch, preset):
 def test_a_mixture_of_experts_mlp_is_refused_with_a_reason():
     import transformers as T
 
-    cfg = T.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    cfg = T.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     model = T.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(MemcoreError, match="mixture of experts"):
         target_module_regex(model, AdapterSpec(targets="mlp"))

@@ -40,8 +40,8 @@ def _server(home: Path, specs: list[RunSpec]) -> subprocess.Popen:
     import json
 
     env = dict(os.environ, MEMCORE_HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT / "app"), str(ROOT)]))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(home), json.dumps([s.to_dict() for s in specs])], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(home), json.dumps([s.to_dict() for s in specs])],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc
 
 
@@ -72,7 +72,8 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
     from jobs import Worker
 
     long_run = _spec(tiny_model_dir, "the first job trains for a long while " * 3, 100_000, checkpoint_every=0.2)
-    server = _server(home, [long_run, _spec(tiny_model_dir, "second in line", 3), _spec(tiny_model_dir, "third in line", 3)])
+    server = _server(home, [long_run, _spec(tiny_model_dir, "second in line", 3),
+                            _spec(tiny_model_dir, "third in line", 3)])
     store = Store(home)
     try:
         assert server.stdout.readline().strip() == "owner"
@@ -81,7 +82,8 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
 
         def training():
             j = store.job(jobs[0]["id"])
-            return j["run_ids"][0] and len(store.steps(j["run_ids"][0])) >= 5 and (home / "runs" / j["run_ids"][0] / "checkpoint.pt").exists()
+            return (j["run_ids"][0] and len(store.steps(j["run_ids"][0])) >= 5
+                    and (home / "runs" / j["run_ids"][0] / "checkpoint.pt").exists())
         _wait(training, what="the first job to train and checkpoint")
         trainer = _children(server.pid)
     finally:
@@ -104,7 +106,8 @@ def test_the_queue_survives_a_killed_server(home, tiny_model_dir):
         # one click: resume the interrupted run where its checkpoint left it
         stored = len(store.steps(run_id))
         again = w.submit([first.specs[0]], session="user", kind="resume", run_ids=[run_id])
-        _wait(lambda: len(again.runs[0].steps) > 0 and again.runs[0].steps[-1] >= stored + 3, what="the resumed run to go on")
+        _wait(lambda: len(again.runs[0].steps) > 0 and again.runs[0].steps[-1] >= stored + 3,
+              what="the resumed run to go on")
         w.stop(again)
         _wait(lambda: not again.is_live, what="the resumed run to stop")
         steps = [s.step for s in store.steps(run_id)]
@@ -156,8 +159,8 @@ while time.time() < end:
     s.save_tokens(rid, [[1]], [[5] * 300], [Piece("x")] * 300, np.zeros(300))
     s.set_status(rid, "running")
     for k in range(0, 20, 5):
-        s.write_steps(rid, [StepRow(step=k + i, loss=1.0, delta_loss=0.1, n_above=1, n_correct=1, n_tokens=300, active=1,
-                                    recalled=False, first_divergence=0, elapsed=0.0, lr=1e-3, skipped=False,
+        s.write_steps(rid, [StepRow(step=k + i, loss=1.0, delta_loss=0.1, n_above=1, n_correct=1, n_tokens=300,
+                                    active=1, recalled=False, first_divergence=0, elapsed=0.0, lr=1e-3, skipped=False,
                                     p=np.zeros(300, np.float16), correct=np.zeros(300, bool)) for i in range(5)])
     j = s.create_job([RunSpec().to_dict()], ["x"])
     s.claim_job()
@@ -176,8 +179,9 @@ def test_the_cli_and_the_app_write_one_store_at_the_same_moment(home, tiny_model
     env = dict(os.environ, MEMCORE_HOME=str(home))
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(home), "8"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    cli = subprocess.run([sys.executable, "-m", "memcore.cli", "train", "--model", str(tiny_model_dir), "--sample", "orbit",
-                          "--max-steps", "40", "--full-budget", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run([sys.executable, "-m", "memcore.cli", "train", "--model", str(tiny_model_dir),
+                          "--sample", "orbit", "--max-steps", "40", "--full-budget", "--json"],
+                         env=env, capture_output=True, text=True, timeout=300)
     results = [w.communicate(timeout=300) for w in writers]
     assert cli.returncode == 0 and "locked" not in cli.stderr, cli.stderr[-2000:]
     for w, (out, err) in zip(writers, results):

@@ -41,7 +41,8 @@ def test_memft_ot_memorizes_a_sample_passage_and_stock_peft_recites_it(home, cap
     assert summary["bits_per_param"] == pytest.approx(summary["bits_stored"] / summary["p_eff"])
 
     # a fresh process with stock transformers + peft reproduces the passage token for token
-    out = subprocess.run([sys.executable, "-c", INDEPENDENT_CHECK, json.dumps(summary)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", INDEPENDENT_CHECK, json.dumps(summary)], capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == summary["target_ids"]
 

@@ -28,7 +28,8 @@ def test_steps_and_token_history_round_trip(tmp_path):
     s.set_status(rid, "running")
     s.write_steps(rid, [_row(0), _row(1)])
     s.write_steps(rid, [_row(2)])
-    assert s.steps(rid) == [StepRow(**{**_row(k).scalar_dict(), "recalled": False, "skipped": False}) for k in (0, 1, 2)]
+    assert s.steps(rid) == [StepRow(**{**_row(k).scalar_dict(), "recalled": False, "skipped": False})
+                            for k in (0, 1, 2)]
     rp = s.replay(rid)
     assert rp.steps == [0, 1, 2] and rp.p.shape == (3, 5) and rp.correct.shape == (3, 5)
     assert np.allclose(rp.p[1], np.linspace(0.1, 0.9, 5), atol=1e-3)
@@ -43,7 +44,8 @@ def test_steps_and_token_history_round_trip(tmp_path):
 def _summary(rid: str) -> RunSummary:
     return RunSummary(run_id=rid, steps=2, stop_reason="max_steps", recalled=False, verified_by_generate=True,
                       teacher_forced_recalled=False, first_divergence=1, teacher_forced_first_divergence=1, n_tokens=5,
-                      n_above=2, n_correct=3, converged=False, exact_recall=False, token_accuracy=0.6, verbatim_prefix=1,
+                      n_above=2, n_correct=3, converged=False, exact_recall=False, token_accuracy=0.6,
+                      verbatim_prefix=1,
                       adapter="lora", base_loss=2.0, loss=1.0, delta_loss=1.0, p_eff=100, bits_stored=7.2,
                       bits_per_param=0.072, seconds_per_step=0.1, train_seconds=0.2, model="m", quant=None,
                       method="sft", tau=0.5, rank=2, adapter_dir="/x", prompt_ids=[1, 2], target_ids=[5, 6, 7, 8, 9],

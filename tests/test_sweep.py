@@ -12,7 +12,8 @@ from memcore.sweep import SweepSpec, points, run_sweep, sweep_table
 @pytest.fixture
 def sweep(tiny_model_dir):
     base = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=1, layers="paper"),
-                   data=DataSpec(text="one two three four five six seven eight nine ten eleven twelve thirteen fourteen"),
+                   data=DataSpec(text="one two three four five six seven eight nine ten eleven twelve "
+                                      "thirteen fourteen"),
                    train=TrainSpec(max_steps=2, lr=1e-2))
     return SweepSpec(template=base, ranks=(1, 2), lengths=(4, 8), methods=("sft", "memft-ot"), name="t")
 
@@ -74,7 +75,8 @@ def test_ray_backend_without_ray_says_how_to_install(sweep, home, monkeypatch):
 
 def test_a_point_cut_off_mid_way_continues_from_its_checkpoint(sweep, home):
     store = Store(home)
-    base = RunSpec(model=sweep.template.model, adapter=sweep.template.adapter, data=sweep.template.data, train=TrainSpec(max_steps=10, lr=1e-2))
+    base = RunSpec(model=sweep.template.model, adapter=sweep.template.adapter, data=sweep.template.data,
+                   train=TrainSpec(max_steps=10, lr=1e-2))
     one = SweepSpec(template=base, ranks=(2,), lengths=(8,), methods=("sft",), name="mid")
     calls = iter(range(1000))
     assert list(run_sweep(one, store, should_stop=lambda: next(calls) >= 5)) != []  # the point stops after 4 updates
@@ -118,7 +120,8 @@ def test_a_decimated_history_keeps_every_scalar_and_replays_its_snapshots(sweep,
 def test_sweep_id_ignores_how_points_are_run(sweep):
     from dataclasses import replace
 
-    other = replace(sweep, template=replace(sweep.template, train=replace(sweep.template.train, history="decimated", recompute="on")))
+    other = replace(sweep, template=replace(sweep.template, train=replace(sweep.template.train, history="decimated",
+                                                                          recompute="on")))
     assert SweepSpec(template=other.template, ranks=sweep.ranks, lengths=sweep.lengths).id == \
         SweepSpec(template=sweep.template, ranks=sweep.ranks, lengths=sweep.lengths).id
 

@@ -76,7 +76,8 @@ def test_reports_are_consistent(tiny, tiny_base):
     assert reports[-1].delta_loss > 0  # training lowered the loss
     for r in reports:
         assert r.n_tokens == b.n_targets
-        assert r.n_above == int((r.p.astype(np.float32) > 0.5).sum()) or abs(r.n_above - (r.p > 0.5).sum()) <= 1  # fp16 rounding
+        # fp16 rounding
+        assert r.n_above == int((r.p.astype(np.float32) > 0.5).sum()) or abs(r.n_above - (r.p > 0.5).sum()) <= 1
         assert r.n_correct == int(r.correct.sum())
         assert r.recalled == bool(r.correct.all())
         assert r.first_divergence == (None if r.recalled else int(np.argmin(r.correct)))
@@ -109,7 +110,8 @@ def test_memft_ot_skips_when_nothing_is_below_tau(tiny, tiny_base):
     after = [p for p in m.parameters() if p.requires_grad]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     # with the 'mean' fallback the same situation trains on the plain mean loss
-    reports = list(train_iter(m, b, TrainSpec(method="memft-ot", tau=1e-12, max_steps=3, stop_when_recalled=False, ot_when_empty="mean")))
+    reports = list(train_iter(m, b, TrainSpec(method="memft-ot", tau=1e-12, max_steps=3, stop_when_recalled=False,
+                                              ot_when_empty="mean")))
     assert not any(r.skipped for r in reports[:-1]) and reports[-1].delta_loss > 0
 
 
@@ -222,7 +224,8 @@ def test_resuming_from_a_checkpoint_continues_exactly(tiny, tiny_base, method):
     (adapter, AdamW moments, memft-sw's window and the dropout RNG all come back)."""
     b = _batch(tiny_base)
     spec = TrainSpec(method=method, lr=2e-2, max_steps=10, stop_when_recalled=False, verify=False)
-    whole = [(r.step, r.loss, r.p.tobytes()) for r in train_iter(tiny(AdapterSpec(rank=4, dropout=0.1), seed=3), b, spec)]
+    whole = [(r.step, r.loss, r.p.tobytes())
+             for r in train_iter(tiny(AdapterSpec(rank=4, dropout=0.1), seed=3), b, spec)]
 
     saved = []
     calls = {"n": 0}
@@ -248,6 +251,7 @@ def test_checkpoints_are_taken_on_the_clock(tiny, tiny_base):
     list(train_iter(tiny(), b, spec, checkpoint=saved.append))
     assert [c.step for c in saved] == [1, 2, 3, 4, 5, 6]  # at the top of every step after the first
     saved.clear()
-    list(train_iter(tiny(), b, TrainSpec(method="sft", max_steps=6, stop_when_recalled=False, verify=False, checkpoint_every=0),
+    list(train_iter(tiny(), b, TrainSpec(method="sft", max_steps=6, stop_when_recalled=False, verify=False,
+                                         checkpoint_every=0),
                     checkpoint=saved.append))
     assert saved == []  # 0: never (a run that reaches its budget needs none)

@@ -23,7 +23,8 @@ def _table(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for r in runs:
         s = r["summary"]
-        rows.append({"run": r["id"], "status": r["status"], "model": r["model"], "method": r["method"], "rank": r["rank"],
+        rows.append({"run": r["id"], "status": r["status"], "model": r["model"], "method": r["method"],
+                     "rank": r["rank"],
                      "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
                      "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
@@ -46,9 +47,11 @@ if statuses:
     view = view[view["status"].isin(statuses)]
 view = view.sort_values("created", ascending=False)
 st.dataframe(view, hide_index=True, width="stretch",
-             column_config={"ΔL": st.column_config.NumberColumn(format="%.3f"), "bits/param": st.column_config.NumberColumn(format="%.2e"),
+             column_config={"ΔL": st.column_config.NumberColumn(format="%.3f"),
+                            "bits/param": st.column_config.NumberColumn(format="%.2e"),
                             "s/step": st.column_config.NumberColumn(format="%.2f")})
-st.download_button("Export table as CSV", view.to_csv(index=False).encode(), file_name="memcore-runs.csv", mime="text/csv")
+st.download_button("Export table as CSV", view.to_csv(index=False).encode(), file_name="memcore-runs.csv",
+                   mime="text/csv")
 
 st.divider()
 ids = list(view["run"])
@@ -58,7 +61,8 @@ wanted = st.query_params.get("run")  # links from the Memorize page open a given
 if wanted in ids and "picked" not in st.session_state:
     st.session_state["picked"] = wanted
 picked = st.selectbox("Open a run", ids, key="picked",
-                      format_func=lambda i: f"{i} · {df.set_index('run').loc[i, 'method']} · {df.set_index('run').loc[i, 'status']}")
+                      format_func=lambda i: f"{i} · {df.set_index('run').loc[i, 'method']} · "
+                                            f"{df.set_index('run').loc[i, 'status']}")
 run = store.run(picked)
 spec = run["spec"]
 st.markdown(f"**{picked}** · {run['status']} · model `{run['model']}` · {run['method']} · rank {run['rank']} · "
@@ -71,7 +75,8 @@ if run["status"] in RESUMABLE:
     again = RunSpec.from_dict(spec)
     resume_label = f"Resume from step {step}" if step is not None else "Resume (no checkpoint: from step 0)"
     if c1.button(resume_label, key=f"resume-{picked}", type="primary",
-                 help="Continue this run from its last checkpoint (saved every few minutes and when it stops), its history going on from there"):
+                 help="Continue this run from its last checkpoint (saved every few minutes and when it stops), "
+                      "its history going on from there"):
         job = get_worker().submit([again], session_id(), labels=[run["method"]], kind="resume", run_ids=[picked])
         st.switch_page("app_pages/memorize.py", query_params={"job": job.id})
     if c2.button("Run again", key=f"again-{picked}", help="A new run with the same settings and text, from step 0"):
@@ -88,14 +93,14 @@ if replay is not None and len(replay.steps):
     tau = float(spec["train"]["tau"])
     decimated = len(replay.steps) < replay.steps[-1] + 1
     if decimated:
-        st.caption(f"This run kept a decimated token history: {len(replay.steps)} snapshots of its {replay.steps[-1]:,} steps, "
-                   "denser early (sweeps keep about 300 unless run with --full-history); the slider offers the steps kept. "
-                   "The charts of loss and tokens above τ have every step.")
+        st.caption(f"This run kept a decimated token history: {len(replay.steps)} snapshots of its "
+                   f"{replay.steps[-1]:,} steps, denser early (sweeps keep about 300 unless run with --full-history); "
+                   "the slider offers the steps kept. The charts of loss and tokens above τ have every step.")
         chosen = st.select_slider("Step", options=replay.steps, value=replay.steps[-1], key=f"step-{picked}")
         i = replay.steps.index(chosen)
     else:
-        i = st.slider("Step", min_value=0, max_value=len(replay.steps) - 1, value=len(replay.steps) - 1, key=f"step-{picked}",
-                      format="%d") if len(replay.steps) > 1 else 0
+        i = st.slider("Step", min_value=0, max_value=len(replay.steps) - 1, value=len(replay.steps) - 1,
+                      key=f"step-{picked}", format="%d") if len(replay.steps) > 1 else 0
     p = replay.p[i]
     correct = replay.correct[i]
     wrong = np.flatnonzero(~correct)
@@ -103,7 +108,8 @@ if replay is not None and len(replay.steps):
     crossed = (replay.p[i - 1] <= tau) & (p > tau) if i > 0 else None
     stubborn_ever = [s["index"] for s in stubborn_tokens(replay.p[: i + 1], tau, k=6)]
     stubborn = [k for k in stubborn_ever if p[k] <= tau]
-    st.markdown(f"step **{replay.steps[i]}** · {int((p > tau).sum())}/{len(p)} tokens above τ · argmax right {int(correct.sum())}/{len(p)}"
+    st.markdown(f"step **{replay.steps[i]}** · {int((p > tau).sum())}/{len(p)} tokens above τ · "
+                f"argmax right {int(correct.sum())}/{len(p)}"
                 + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
     st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     st.html(charts.legend_html(tau))
@@ -115,7 +121,8 @@ if replay is not None and len(replay.steps):
     hist = pd.DataFrame([row.scalar_dict() for row in store.steps(picked)])
     if not hist.empty:
         hist = hist.iloc[charts.thin(len(hist))]
-        hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens, run=run["method"])
+        hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens,
+                           run=run["method"])
         show_chart(charts.curves_chart(hist, tau))
 
 with st.expander("Delete this run"):
