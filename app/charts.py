@@ -329,8 +329,11 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     """The fitted surface as a banded heatmap over log rank × log length, with observed runs as points on the
     same colour scale (tooltip: observed, predicted, residual). observed needs rank, length, delta_loss,
     predicted and kind ('sweep', 'your runs', 'this session'); the last two are drawn larger."""
-    lo = float(np.nanmin([grid.delta_loss.min(), observed.delta_loss.min() if len(observed) else np.inf]))
-    hi = float(np.nanmax([grid.delta_loss.max(), observed.delta_loss.max() if len(observed) else -np.inf]))
+    # the colours span the surface and the sweep's own points: a user's run far off the grid is drawn in the end
+    # colour (its tooltip keeps the value) instead of stretching the scale until the surface is one colour
+    sweep = observed[observed["kind"] == "sweep"] if len(observed) else observed
+    lo = float(np.nanmin([grid.delta_loss.min(), sweep.delta_loss.min() if len(sweep) else np.inf]))
+    hi = float(np.nanmax([grid.delta_loss.max(), sweep.delta_loss.max() if len(sweep) else -np.inf]))
     color = alt.Scale(type="quantize", domain=[lo, hi], scheme="viridis", nice=False, zero=False)
     xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
     ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)

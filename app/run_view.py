@@ -165,12 +165,16 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
     if len(snaps) > 1:
         done = [(s["recalled_at"], s["label"]) for s in snaps if s["summary"] and s["summary"].recalled]
         if done:
-            step, who = min(done)
+            step = min(at for at, _ in done)
+            first = [who for at, who in done if at == step]
             at_step = [(s["recalled_at"] if s["summary"] and s["summary"].recalled else None, s["label"])
                        for s in snaps]
             others = ", ".join(f"{lab}: {'step ' + str(at) if at is not None else 'not recalled'}"
                                for at, lab in at_step)
-            st.success(f"**{who}** reached exact recall first, after {step} steps ({others}).")
+            if len(first) > 1:
+                st.success(f"**{' and '.join(first)}** reached exact recall at the same step, {step} ({others}).")
+            else:
+                st.success(f"**{first[0]}** reached exact recall first, after {step} steps ({others}).")
         else:
             st.warning("Neither run reached exact recall within the budget.")
     cols = st.columns(len(snaps))

@@ -323,7 +323,8 @@ def smallest_rank(fit: LawFit, length: float, target_delta_loss: float, max_rank
 
 # --- regime: where a sweep's points stand, and which of them the law is fitted on -----------------------------
 
-SATURATED_REASONS = ("all_above_tau",)
+# a run that stopped with its target memorized: every token above τ, or recalled verbatim (stop when recalled)
+SATURATED_REASONS = ("all_above_tau", "recalled")
 
 
 @dataclass
@@ -346,7 +347,8 @@ class Regime:
     def describe(self) -> str:
         """One line naming the regime and the shares behind it."""
         s = self.shares()
-        head = (f"{s['converged']:.0%} converged on a plateau, {s['saturated']:.0%} saturated (every token above τ), "
+        head = (f"{s['converged']:.0%} converged on a plateau, "
+                f"{s['saturated']:.0%} saturated (every token above τ or recalled), "
                 f"{s['budget_bound']:.0%} stopped at the step budget")
         if not self.known:
             head += " (the table has no stop_reason or converged column: points are taken as fixed-budget runs)"

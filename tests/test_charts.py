@@ -308,3 +308,31 @@ def test_thin_keeps_a_bounded_even_sample_with_the_last_point(n):
         gaps = {b - a for a, b in zip(idx[:-2], idx[1:-1])}
         assert len(gaps) <= 1  # evenly spaced (the last gap may be shorter)
     assert idx == list(range(n)) if n <= charts.CHART_POINTS else len(idx) >= charts.CHART_POINTS // 2
+
+
+def test_a_users_run_far_off_the_surface_does_not_stretch_its_colour_scale():
+    """The surface's colours span the fitted grid and the sweep's points; a user's run at ΔL 8 (the sweep's
+    points reach 0.5) is drawn in the end colour instead of washing the surface out."""
+    def predict(r, ell):
+        return 0.1 * np.asarray(r, float) ** 0.5 * np.asarray(ell, float) ** -0.2
+
+    ranks, lengths = pd.Series([1.0, 2.0, 4.0, 8.0]), pd.Series([32.0, 64.0, 128.0, 256.0])
+    grid = charts.law_grid(predict, ranks, lengths)
+    sweep = pd.DataFrame({"rank": ranks, "length": lengths, "delta_loss": [0.1, 0.2, 0.4, 0.5], "kind": "sweep"})
+    mine = pd.DataFrame({"rank": [2.0], "length": [64.0], "delta_loss": [8.0], "kind": ["your runs"]})
+    observed = pd.concat([sweep, mine], ignore_index=True)
+    observed = observed.assign(predicted=predict(observed["rank"], observed["length"]))
+    spec = charts.law_surface_chart(grid, observed, "t").to_dict()
+    domains = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "delta_loss"
+               and isinstance(v.get("scale"), dict) and "domain" in v["scale"]]
+    assert domains and all(d[1] == pytest.approx(max(0.5, float(grid.delta_loss.max()))) for d in domains)
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)

@@ -145,3 +145,12 @@ def test_recall_cells_are_seed_means_per_cell():
     assert has_recall(df) and not has_recall(bare)
     with pytest.raises(MemcoreError, match="no exact_recall"):
         recall_cells(bare)
+
+
+def test_runs_stopped_when_recalled_count_as_saturated_not_budget_bound():
+    from memcore.law import point_states, regime
+
+    df = pd.DataFrame({"stop_reason": ["recalled", "recalled", "max_steps", "plateau"], "frac_above": [0.9] * 4})
+    states, known = point_states(df)
+    assert known and states.tolist() == ["saturated", "saturated", "budget", "converged"]
+    assert regime(df).label == "mixed" and "50% saturated (every token above τ or recalled)" in regime(df).describe()

@@ -240,13 +240,19 @@ target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=20.
 pred = float(fit.predict(r_in, l_in))
 per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
 bits = pred * l_in / math.log(2)
-st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
-            + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
-               f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else ""))
+if pred <= 0:  # the fitted form crosses zero outside its data: no stored bits to count
+    st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, which no adapter can "
+                "reach (ΔL below 0 means worse than the base model): the law does not hold this far out.")
+else:
+    st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
+                + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
+                   f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else ""))
 r_lo, r_hi, l_lo, l_hi = d["rank"].min(), d["rank"].max(), d["length"].min(), d["length"].max()
-if not (r_lo <= r_in <= r_hi and l_lo <= l_in <= l_hi):
-    st.caption(f"Rank {r_in} and {l_in} tokens lie outside the fitted points (ranks {r_lo:g}–{r_hi:g}, "
-               f"lengths {l_lo:g}–{l_hi:g}): this is an extrapolation of the law.")
+outside = ([f"rank {r_in} (fitted ranks {r_lo:g}–{r_hi:g})"] if not r_lo <= r_in <= r_hi else []) + \
+    ([f"{l_in} tokens (fitted lengths {l_lo:g}–{l_hi:g})"] if not l_lo <= l_in <= l_hi else [])
+if outside:
+    st.caption(f"{' and '.join(outside).capitalize()} lie{'s' if len(outside) == 1 else ''} outside the fitted "
+               "points: this is an extrapolation of the law.")
 try:
     need = smallest_rank(fit, l_in, target)
     st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens: "
