@@ -242,8 +242,9 @@ class _Loop:
         self.t0 = time.perf_counter() - elapsed0
         self.last_saved = time.perf_counter()
         self.first_step = self.step
-        self.changed = True  # params changed since the last forward (else its result can be reused)
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, correct) of the last forward, [B, K]
+        # (loss, correct) [B, K] of the last forward, kept while the adapter and its dropout masks stay as they were
+        # (a skipped update without dropout): the next measure reuses it; None means run the forward
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
         # the latest steps' ΔL (nats), for until='converged'
         self.recent: deque[float] = deque(resume.recent_delta_loss if resume is not None else (),
                                           maxlen=spec.plateau_window + PLATEAU_SMOOTH)
@@ -277,7 +278,7 @@ class _Loop:
         argmax-correct, their host copy); and the per-token loss [B, K] (nats, with grad) the update
         backpropagates. One device-to-host copy."""
         _set_lora_dropout(self.model, self.dropout)
-        if self.changed or self.last is None:
+        if self.last is None:
             k = self.prefix.k if self.prefix is not None else 0
             with (self.prefix.installed() if self.prefix is not None else nullcontext(),
                   recomputed(self.model, k) if self.recompute else nullcontext()):
@@ -352,15 +353,14 @@ class _Loop:
         w, report.active = obj.token_weights(self.spec, losses, self.window)
         if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
             report.skipped = True
-            self.changed = self.dropout  # with dropout the next forward differs anyway
+            if self.dropout:  # with dropout the next forward differs anyway
+                self.last = None
         else:
             for group in self.opt.param_groups:  # linear decay to 0 over the budget, no warmup
                 group["lr"] = report.lr
             self.opt.zero_grad(set_to_none=True)
             obj.weighted_mean(loss, w).backward()
             self.opt.step()
-            self.changed = True
-        if self.changed:
             self.last = None
         self.step += 1
 
