@@ -1,18 +1,27 @@
-"""The LM head at the target positions, in chunks: per-token loss, p(correct) and argmax without a [K, vocab] tensor.
+"""The LM head at the target positions, in tiles: per-token loss, p(correct) and argmax without a [K, vocab] tensor.
 
 A step needs, at each of the K kept positions, the cross-entropy of the target token, whether the argmax is
 the target, and (for the update) the gradient of a weighted sum of those losses with respect to the hidden
 state entering the head. The plain computation materialises the logits [K, V] in fp32, then log-softmax,
-then its gradient, each as large again (at K = 2,048 and V = 49,152 each is 400 MB). Here the head runs on
-chunks of rows and keeps only what is small:
+then its gradient, each as large again (at K = 2,048 and V = 49,152 each is 400 MB), and reads each back
+from memory. Here the head runs on tiles of [rows, cols] logits that stay in the CPU's cache and keeps only
+what is small:
 
-- forward, per chunk of rows: logits [c, V] -> argmax, log-softmax, loss_i = -log p_target, and, for the rows
-  that may carry weight in the update, the per-token gradient row d loss_i / d h_i = (softmax_i - onehot_i) W
-  ([H] each, the standard softmax cross-entropy gradient). Only [K] losses and a [K, H] gradient survive.
-- backward: d(sum_i g_i loss_i)/dh_i = g_i * (d loss_i / d h_i). Rows whose weight g_i is zero cost nothing
-  (memft-ot late in a run trains few tokens). A row that gets weight without a precomputed gradient (the
-  caller's hint was wrong, e.g. memft-ot's mean fallback) is recomputed, so the result never depends on the
-  hint.
+- one pass over the vocabulary per block of rows, an online softmax (Milakov & Gimelshein 2018, "Online
+  normalizer calculation for softmax"): per row a running maximum m and sum s = sum_v exp(z_v - m), rescaled
+  by exp(m_old - m_new) when the maximum grows, plus the running argmax and the target's logit. At the end
+  loss_i = m + log s - z_target, in nats.
+- for the rows that may carry weight in the update, the same pass also accumulates
+  a_i = sum_v exp(z_v - m) W_v (rescaled alike), so the gradient row d loss_i / d h_i = a_i / s - W_target
+  (the standard softmax cross-entropy gradient (softmax_i - onehot_i) W) costs one more matmul per tile and
+  no second pass. Only [K] losses and a [K, H] gradient survive.
+- backward: d(sum_i g_i loss_i)/dh_i = g_i * (d loss_i / d h_i). Rows the caller did not expect to train
+  (`train_rows`) skip the gradient matmul in the forward; if such a row does get weight it is recomputed in
+  the backward, so the result never depends on the expectation, only the time does.
+
+On CPU, rows outside the target mask are not computed at all, and tiles are small (CPU_TILE_BYTES). On an
+accelerator every target row gets its gradient row, masked arithmetically (an index lookup would wait for the
+device), with the whole vocabulary in one tile of up to CUDA_CHUNK_BYTES: the same formulas, fewer kernels.
 
 The same code serves training (grad on), tracking and the base-loss pass (grad off: no gradient rows).
 It applies where the head is a plain ``nn.Linear`` whose weight is frozen and whose logits the model does
@@ -35,24 +44,63 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-CPU_CHUNK_BYTES = 48 * 2**20  # fp32 logits per chunk on CPU (512 rows at V = 49,152: big enough for full-speed matmuls)
-CUDA_CHUNK_BYTES = 512 * 2**20  # on a GPU, fewer and larger matmuls
-
-RowHint = Callable[[torch.Tensor], torch.Tensor]  # per-token loss [c] fp32 -> [c] bool: may this row train?
+CPU_TILE_BYTES = 8 * 2**20  # fp32 logits per tile on CPU: [rows, cols] stays in the last-level cache
+CPU_TILE_ROWS = 1024  # rows per tile on CPU (the matmuls run at full speed from about 256 rows)
+CPU_MIN_COLS = 1024  # at least this many vocabulary columns per tile
+CUDA_CHUNK_BYTES = 512 * 2**20  # on an accelerator: the whole vocabulary per tile, rows up to this size
 
 _verified: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk so that one chunk's fp32 logits [rows, vocab] take about CPU/CUDA_CHUNK_BYTES."""
-    budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
-    return max(8, budget // (4 * vocab))
-
-
 def all_rows_at_once(device: torch.device) -> bool:
     """Whether gradient rows are computed for every target row, masked arithmetically (accelerators: no host
-    sync), rather than only for the rows that may train, found by indexing (CPU: less work)."""
+    sync), rather than only for the rows expected to train, found by indexing (CPU: less work)."""
     return device.type != "cpu"
+
+
+def tile_shape(n: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(rows, cols) of one tile of logits for `n` rows: on CPU at most CPU_TILE_ROWS rows and about
+    CPU_TILE_BYTES of fp32; on an accelerator the whole vocabulary and about CUDA_CHUNK_BYTES."""
+    if all_rows_at_once(device):
+        return max(8, CUDA_CHUNK_BYTES // (4 * vocab)), vocab
+    rows = max(1, min(n, CPU_TILE_ROWS))
+    return rows, min(vocab, max(CPU_MIN_COLS, CPU_TILE_BYTES // (4 * rows)))
+
+
+def _online(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cols: int,
+            grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One pass over the vocabulary in tiles of `cols` columns for rows h [c, H] with targets y [c]:
+    loss [c] fp32 (nats), argmax [c] long, and if `grads` the gradient rows d loss_i / d h_i [c, H] fp32."""
+    c, vocab = h.shape[0], weight.shape[0]
+    m = torch.full((c,), float("-inf"), device=h.device)  # running max of the logits
+    s = torch.zeros(c, device=h.device)  # running sum of exp(z - m)
+    best = torch.full((c,), float("-inf"), device=h.device)
+    arg = torch.zeros(c, dtype=torch.long, device=h.device)
+    target = torch.zeros(c, device=h.device)
+    acc = torch.zeros(c, h.shape[1], device=h.device) if grads else None  # running sum of exp(z - m) W
+    for v0 in range(0, vocab, cols):
+        w = weight[v0:v0 + cols]
+        z = F.linear(h, w, None if bias is None else bias[v0:v0 + cols]).float()  # [c, cols]
+        top, at = z.max(dim=1)  # the first maximum, as argmax picks it
+        better = top > best
+        best, arg = torch.where(better, top, best), torch.where(better, at + v0, arg)
+        inside = (y >= v0) & (y < v0 + z.shape[1])
+        picked = z.gather(1, (y - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+        target = torch.where(inside, picked, target)
+        m_new = torch.maximum(m, top)
+        scale = torch.exp(m - m_new)
+        e = z.sub_(m_new[:, None]).exp_()
+        s = s * scale + e.sum(dim=1)
+        if acc is not None:
+            acc.mul_(scale[:, None])
+            if w.dtype == torch.float32:
+                acc.addmm_(e, w)
+            else:
+                acc += (e.to(w.dtype) @ w).float()
+        m = m_new
+    loss = m + s.log() - target
+    grad = None if acc is None else acc.div_(s[:, None]).sub_(weight[y].float())
+    return loss, arg, grad
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -60,7 +108,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                mask: torch.Tensor, hint: RowHint | None, rows: int,
+                mask: torch.Tensor, train_rows: torch.Tensor | None, rows: int, cols: int,
                 grad_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = h.shape[0]
         loss = torch.zeros(n, dtype=torch.float32, device=h.device)
@@ -68,31 +116,29 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0] and grad_mode  # grad mode is always off in here: the caller's
         grad_rows = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if want_grad else None
         have = torch.zeros(n, dtype=torch.bool, device=h.device)
-        # On CPU, skipping the gradient rows of tokens that cannot train saves real time and the boolean indexing
-        # is free; on an accelerator every index lookup would wait for the device, while the extra rows cost
-        # little, so all target rows get their gradient row and the backward never needs to recompute.
-        dense = all_rows_at_once(h.device)
-        ctx.complete = dense
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            logits = F.linear(h[s:e], weight, bias).float()  # [c, V]
-            y = labels[s:e]
-            correct[s:e] = logits.argmax(dim=-1) == y
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; the logits are dropped next
-            del logits
-            li = -logp.gather(1, y[:, None])[:, 0]
-            loss[s:e] = li
-            if want_grad and not dense:
-                need = mask[s:e] if hint is None else mask[s:e] & hint(li)
-                idx = need.nonzero()[:, 0]
-                if idx.numel():
-                    _grad_into(grad_rows, have, s + idx, logp if idx.numel() == e - s else logp[idx], y[idx], weight)
-            elif want_grad:  # every target row, masked arithmetically: no host sync to learn which rows
-                grad_rows[s:e] = _grad_rows(logp, y, weight) * mask[s:e, None]
+        ctx.complete = all_rows_at_once(h.device)
+        if ctx.complete:  # every row, masked arithmetically: no host sync to learn which rows
+            for s in range(0, n, rows):
+                li, arg, g = _online(h[s:s + rows], weight, bias, labels[s:s + rows], cols, want_grad)
+                loss[s:s + rows], correct[s:s + rows] = li, arg == labels[s:s + rows]
+                if g is not None:
+                    grad_rows[s:s + rows] = g * mask[s:s + rows, None]
+        else:  # only the target rows; the gradient matmul only for those expected to train
+            train = mask if train_rows is None else mask & train_rows
+            if not want_grad:
+                train = torch.zeros_like(mask)
+            for part, grads in ((train, True), (mask & ~train, False)):
+                idx = part.nonzero()[:, 0]
+                for s in range(0, idx.numel(), rows):
+                    i = idx[s:s + rows]
+                    li, arg, g = _online(h[i], weight, bias, labels[i], cols, grads)
+                    loss[i], correct[i] = li, arg == labels[i]
+                    if g is not None:
+                        grad_rows[i], have[i] = g, True
         loss = loss * mask
         correct = correct & mask
         ctx.mark_non_differentiable(correct)
-        ctx.rows = rows
+        ctx.rows, ctx.cols = rows, cols
         ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), labels, mask, grad_rows, have)
         ctx.has_bias = bias is not None
         return loss, correct
@@ -102,48 +148,33 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         h, weight, bias, labels, mask, grad_rows, have = ctx.saved_tensors
         g = grad_loss.float() * mask
         missing = have[:0].long() if ctx.complete else ((g != 0) & ~have).nonzero()[:, 0]
-        for s in range(0, missing.numel(), ctx.rows):  # rows the hint did not expect to train: recompute them
-            idx = missing[s:s + ctx.rows]
-            logp = torch.log_softmax(F.linear(h[idx], weight, bias if ctx.has_bias else None).float(), dim=-1)
-            _grad_into(grad_rows, have, idx, logp, labels[idx], weight)
+        for s in range(0, missing.numel(), ctx.rows):  # rows not expected to train that did: recompute them
+            i = missing[s:s + ctx.rows]
+            grad_rows[i] = _online(h[i], weight, bias if ctx.has_bias else None, labels[i], ctx.cols, True)[2]
         grad_h = (g[:, None] * grad_rows).to(h.dtype)
-        return grad_h, None, None, None, None, None, None, None
-
-
-def _grad_rows(logp: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """d loss_i / d h_i = (softmax_i - onehot(y_i)) @ weight, [c, H] fp32, from log-probabilities `logp` [c, V]
-    (overwritten)."""
-    p = logp.exp_()
-    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
-    return (p.to(weight.dtype) @ weight).float()
-
-
-def _grad_into(grad_rows: torch.Tensor, have: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor,
-               y: torch.Tensor, weight: torch.Tensor) -> None:
-    """grad_rows[idx] = _grad_rows(logp, y, weight), and mark those rows as computed."""
-    grad_rows[idx] = _grad_rows(logp, y, weight)
-    have[idx] = True
+        return grad_h, None, None, None, None, None, None, None, None
 
 
 def chunked_head_loss(h: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, mask: torch.Tensor,
-                      hint: RowHint | None = None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy and argmax-correct through a linear head, in chunks of rows.
+                      train_rows: torch.Tensor | None = None, rows: int | None = None,
+                      cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and argmax-correct through a linear head, in tiles of logits.
 
     Args:
         h: [N, H] hidden states entering the head (any float dtype; may require grad).
         head: the frozen ``nn.Linear`` LM head, weight [V, H].
         labels: [N] long target token ids.
         mask: [N] bool, which rows are targets (others get loss 0, correct False and no gradient).
-        hint: optional, per-token loss [c] (nats) -> [c] bool, the rows that may carry weight in this step's
-            update; their gradient rows are computed in the forward. Only an optimisation: a row outside
-            the hint that does get weight is recomputed in the backward.
-        rows: rows per chunk (default ``chunk_rows``).
+        train_rows: optional [N] bool, the rows expected to carry weight in this step's update (say, those
+            that did in the last one); on CPU only they get their gradient row in the forward. Only an
+            optimisation: a row outside it that does get weight is recomputed in the backward. None: all.
+        rows, cols: the tile shape (default ``tile_shape``).
     Returns:
         loss [N] fp32 in nats (differentiable with respect to h), correct [N] bool.
     """
-    if rows is None:
-        rows = chunk_rows(head.weight.shape[0], h.device)
-    return _ChunkedHeadLoss.apply(h, head.weight, head.bias, labels, mask, hint, rows, torch.is_grad_enabled())
+    r, c = tile_shape(h.shape[0], head.weight.shape[0], h.device)
+    return _ChunkedHeadLoss.apply(h, head.weight, head.bias, labels, mask, train_rows, rows or r, cols or c,
+                                  torch.is_grad_enabled())
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from memcore import objectives as obj
 from memcore.data import Batch, Sample
-from memcore.head import RowHint, captured_head_input, chunked_head_loss, head_for
+from memcore.head import captured_head_input, chunked_head_loss, head_for
 
 LN2 = math.log(2.0)
 
@@ -60,13 +60,14 @@ class StepReport:
         return int(self.p.shape[0])
 
 
-def token_losses(model: Any, batch: Batch, hint: RowHint | None = None,
+def token_losses(model: Any, batch: Batch, train_rows: torch.Tensor | None = None,
                  chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy [B, K] (fp32, nats; 0 off the target mask) and argmax-correct [B, K] (bool)
     at the target positions only.
 
-    Through ``memcore.head`` where the model's head allows it (no [B, K, vocab] tensor; `hint` names the
-    rows that may train this step, see ``chunked_head_loss``), else from the model's own logits."""
+    Through ``memcore.head`` where the model's head allows it (no [B, K, vocab] tensor; `train_rows` [B, K]
+    bool names the tokens expected to carry weight in this step's update, see ``chunked_head_loss``), else
+    from the model's own logits."""
     def forward(keep: int | None) -> Any:
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                      logits_to_keep=keep, use_cache=False)
@@ -77,7 +78,8 @@ def token_losses(model: Any, batch: Batch, hint: RowHint | None = None,
             forward(batch.keep)
         h = seen[-1][:, -batch.keep:, :]  # [B, K, H]
         loss, correct = chunked_head_loss(h.reshape(-1, h.shape[-1]), head, batch.labels.reshape(-1),
-                                          batch.target_mask.reshape(-1), hint)
+                                          batch.target_mask.reshape(-1),
+                                          None if train_rows is None else train_rows.reshape(-1))
         return loss.view(batch.labels.shape), correct.view(batch.labels.shape)
     logits = forward(batch.keep).logits[:, -batch.keep:, :].float()  # [B, K, V]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")

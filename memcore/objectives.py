@@ -46,8 +46,9 @@ def ot_weights(loss: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tens
 def may_train(method: str, tau: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Which tokens can carry weight in this step's update, judged from their loss alone (nats, any shape ->
     bool), or None when every target token can: memft-ot trains only tokens with loss > -ln(tau); sft and
-    memft-sw (whose sigmoid weights are never zero) train all. Used to skip LM-head gradient work for the
-    rest; a token that gets weight anyway (memft-ot's mean fallback) is still handled, only slower."""
+    memft-sw (whose sigmoid weights are never zero) train all. The training loop applies it to the previous
+    step's losses to guess which tokens need their LM-head gradient in this step's forward; a token that gets
+    weight anyway (a guess that was wrong, or memft-ot's mean fallback) is still handled, only slower."""
     if method == "memft-ot":
         c = cut(tau)
         return lambda loss: loss > c

@@ -226,7 +226,8 @@ class _Loop:
             base_loss = base_losses(model, batch)
         self.where = batch.target_mask.flatten().nonzero()[:, 0]  # flat target positions, row-major: sample 0's, ...
         self.base_np = read_targets(base_loss, batch.target_mask, self.where)[0]  # [N] base loss per target, nats
-        self.hint = obj.may_train(spec.method, spec.tau)
+        self.may_train = obj.may_train(spec.method, spec.tau)
+        self.prev_loss = base_loss  # [B, K] the latest per-token loss (nats), to guess which tokens train next
         self.recompute = use_recompute(model, batch, spec.recompute, self.prefix.k if self.prefix is not None else 0)
         params = [p for p in model.parameters() if p.requires_grad]
         # fused AdamW on accelerators: one kernel for all adapter tensors, no per-tensor launches
@@ -282,7 +283,9 @@ class _Loop:
             k = self.prefix.k if self.prefix is not None else 0
             with (self.prefix.installed() if self.prefix is not None else nullcontext(),
                   recomputed(self.model, k) if self.recompute else nullcontext()):
-                self.last = token_losses(self.model, self.batch, self.hint)
+                expect = None if self.may_train is None else self.may_train(self.prev_loss)
+                self.last = token_losses(self.model, self.batch, expect)
+                self.prev_loss = self.last[0].detach()
         loss, correct = self.last
         fl, fc = read_targets(loss.detach(), correct, self.where)
         report = StepReport(step=self.step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0,
