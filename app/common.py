@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import charts  # noqa: E402
 from jobs import Worker  # noqa: E402
 
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec  # noqa: E402
@@ -78,7 +79,9 @@ def error_text(e: Exception) -> str:
 
 
 def show_chart(chart, container=None) -> None:
-    """Draw an altair chart (or its spec, already turned into a dict) without re-validating it against the
-    Vega-Lite schema on every refresh (validation costs more than building the chart)."""
-    spec = chart if isinstance(chart, dict) else chart.to_dict(validate=False)
+    """Draw an altair chart (or its spec, already turned into a dict, as charts.live_spec makes) without
+    re-validating it against the Vega-Lite schema on every refresh (validation costs more than building the
+    chart), its datasets under stable names (charts.stable_spec) so a redraw with new data updates the chart
+    in place."""
+    spec = chart if isinstance(chart, dict) else charts.stable_spec(chart)
     (container or st).vega_lite_chart(spec, width="stretch")

@@ -52,13 +52,13 @@ def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
     crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None  # since the previous step
     idx = snap["stubborn_ever"]
     stubborn = [i for i in idx if p[i] <= tau]  # flagged in the text while still below
+    layout = charts.trajectories_args(snap["steps"], idx, [snap["pieces"][i] for i in idx], tau, idx)
     view = {"step": snap["step"],
             "html": charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn,
                                       first_divergence=snap["first_divergence"]),
-            "histogram": charts.histogram_chart(p, tau).to_dict(validate=False),
-            "trajectories": charts.trajectories_chart(snap["steps"], np.asarray(snap["trajectories"]),
-                                                      list(range(len(idx))), [snap["pieces"][i] for i in idx], tau,
-                                                      token_ids=idx).to_dict(validate=False)}
+            "histogram": charts.live_spec("histogram", charts.histogram_args(tau), charts.histogram_frames(p, tau)),
+            "trajectories": charts.live_spec("trajectories", layout, charts.trajectories_frames(
+                snap["steps"], np.asarray(snap["trajectories"]), list(range(len(idx))), layout[1]))}
     cache[key] = view
     return view
 
@@ -94,7 +94,7 @@ def _curves(job_id: str, snaps: list[dict[str, Any]], tau: float) -> dict[str, A
     if hit is not None and hit[0] == key:
         return hit[1]
     hist = pd.concat([pd.DataFrame(s["rows"]).assign(run=s["label"]) for s in snaps if s["rows"]], ignore_index=True)
-    spec = charts.curves_chart(hist, tau).to_dict(validate=False)
+    spec = charts.live_spec("curves", charts.curves_args(hist, tau), charts.curves_frames(hist))
     st.session_state["curves_view"] = (key, spec)
     return spec
 
@@ -117,14 +117,12 @@ def _status(job: Any) -> None:
                      query_params={"run": first} if first else None)
 
 
-def render_job(job: Any) -> None:
-    """A job as it stands: status, progress with the time left, Stop while it is active, every run's live view
-    side by side, the curves, and once it has ended, the results."""
+def render_progress(job: Any) -> None:
+    """A job's status line, its progress with the time left, and Stop while it is active. Cheap: reads only each
+    run's latest step row."""
     with job.lock:
-        snaps = [snapshot(r) for r in job.runs]
-    tau_job = job.specs[0].train.tau
+        rows = [r.rows[-1] for r in job.runs if r.rows]
     _status(job)
-    rows = [s["last_row"] for s in snaps if s["rows"]]
     if rows:
         step = max(r["step"] for r in rows)
         train_s = max(r["elapsed"] for r in rows)
@@ -138,7 +136,14 @@ def render_job(job: Any) -> None:
                      help="Stops after the current step; the adapter and metrics so far are kept"):
             get_worker().stop(job)
             st.toast("Stopping after the current step ...")
-    curves = _curves(job.id, snaps, tau_job) if rows else None
+
+
+def render_runs(job: Any) -> list[dict[str, Any]]:
+    """Every run's live view side by side and the curves of all of them; returns the snapshots drawn."""
+    with job.lock:
+        snaps = [snapshot(r) for r in job.runs]
+    tau_job = job.specs[0].train.tau
+    curves = _curves(job.id, snaps, tau_job) if any(s["rows"] for s in snaps) else None
     if len(snaps) == 1:
         render_run(snaps[0], f"{job.id}-0", tau_job)
     else:
@@ -148,6 +153,14 @@ def render_job(job: Any) -> None:
                 render_run(s, f"{job.id}-{i}", tau_job)
     if curves is not None:
         show_chart(curves)
+    return snaps
+
+
+def render_job(job: Any) -> None:
+    """A job as it stands: status, progress, every run's view and the curves, and once it has ended, the
+    results (the live page draws the first two parts in fragments of their own, see memorize.py)."""
+    render_progress(job)
+    snaps = render_runs(job)
     if not job.is_live:
         render_results(job, snaps)
 

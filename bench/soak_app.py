@@ -10,7 +10,9 @@ and presses Start. Every minute it records:
 - the server's RSS (the Streamlit process; the training process is reported apart),
 - page refreshes per second (changes of the progress line, which shows the elapsed time to 0.1 s) and token
   view updates per second (changes of the token view), counted in the page by a MutationObserver,
-- training steps per second, read from the run store.
+- training steps per second, read from the run store,
+- CPU use (cores busy, from each process's CPU time) of the server, the training process and the browser,
+  to see what watching takes from training on a machine that runs all three.
 
 When the run is done (or --max-minutes pass) it closes the page and measures steps per second for
 --after-minutes with no page open, on the same run: the ratio is what watching costs. With --cli-steps N it
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("MEMCORE_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
@@ -51,6 +54,23 @@ OBSERVER = """
 attributes: true});
 }
 """
+
+
+def _cpu_seconds(server: Any) -> dict[str, float]:
+    """CPU seconds used so far by the Streamlit server, its training process, and every Chromium process."""
+    import psutil
+
+    def used(p: Any) -> float:
+        try:
+            t = p.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    kids = server.children(recursive=True)
+    browser = [p for p in psutil.process_iter(["name"]) if "chrom" in (p.info["name"] or "").lower()
+               or "headless_shell" in (p.info["name"] or "")]
+    return {"server": used(server), "trainer": sum(used(k) for k in kids), "browser": sum(used(b) for b in browser)}
 
 
 def _passage(n_tokens: int, model_dir: Path) -> str:
@@ -82,6 +102,39 @@ def _run_state(home: Path) -> tuple[int, str | None]:
     finally:
         db.close()
     return (row[0] or 0, row[1]) if row else (0, None)
+
+
+def _step_seconds(home: Path, newest: bool) -> list[float]:
+    """Seconds each step took in the oldest (the app's) or newest (the CLI's) run, by the run's own clock."""
+    db = sqlite3.connect(home / "runs.db", timeout=30)
+    try:
+        order = "DESC" if newest else "ASC"
+        run = db.execute(f"SELECT id FROM runs ORDER BY created {order} LIMIT 1").fetchone()[0]
+        t = [r[0] for r in db.execute("SELECT elapsed FROM steps WHERE run_id = ? ORDER BY step", (run,))]
+    finally:
+        db.close()
+    return [b - a for a, b in zip(t, t[1:])]
+
+
+def _spec_differences(home: Path) -> dict[str, tuple]:
+    """Settings (flattened run specs) in which the app's run (oldest) and the CLI's (newest) differ."""
+    def flat(d: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    db = sqlite3.connect(home / "runs.db", timeout=30)
+    try:
+        specs = [flat(json.loads(r[0])) for r in db.execute("SELECT spec FROM runs ORDER BY created")]
+    finally:
+        db.close()
+    a, b = specs[0], specs[-1]
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and "text" not in k}
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else float("nan")
 
 
 def main() -> None:
@@ -153,9 +206,9 @@ def main() -> None:
             print(f"soak: {args.tokens} tokens, {args.steps} steps, {args.method}, layers {args.layers}, "
                   f"server pid {server.pid}, home {home}", flush=True)
             print(f"{'min':>5} {'server MB':>9} {'trainer MB':>10} {'refresh/s':>9} {'tokens/s':>8} {'steps':>6} "
-                  f"{'steps/s':>7}", flush=True)
+                  f"{'steps/s':>7}  cores busy: server trainer browser", flush=True)
             t0 = time.time()
-            last = {"t": t0, "progress": 0, "tokens": 0, "step": 0}
+            last = {"t": t0, "progress": 0, "tokens": 0, "step": 0, "cpu": _cpu_seconds(proc)}
             while time.time() - t0 < args.max_minutes * 60:
                 time.sleep(args.interval)
                 now = time.time()
@@ -168,10 +221,13 @@ def main() -> None:
                        "refresh_per_s": round((counts["progress"] - last["progress"]) / dt, 2),
                        "token_view_per_s": round((counts["tokens"] - last["tokens"]) / dt, 2), "step": step,
                        "steps_per_s": round((step - last["step"]) / dt, 3), "page": True}
+                cpu = _cpu_seconds(proc)
+                row.update({f"{k}_cores": round((cpu[k] - last["cpu"][k]) / dt, 2) for k in cpu})
                 samples.append(row)
                 print(f"{row['minute']:>5} {row['server_mb']:>9} {row['trainer_mb']:>10} {row['refresh_per_s']:>9} "
-                      f"{row['token_view_per_s']:>8} {step:>6} {row['steps_per_s']:>7}", flush=True)
-                last = {"t": now, "progress": counts["progress"], "tokens": counts["tokens"], "step": step}
+                      f"{row['token_view_per_s']:>8} {step:>6} {row['steps_per_s']:>7}  {row['server_cores']:>18} "
+                      f"{row['trainer_cores']:>7} {row['browser_cores']:>7}", flush=True)
+                last = {"t": now, "progress": counts["progress"], "tokens": counts["tokens"], "step": step, "cpu": cpu}
                 if status not in ("running", "queued", None) or step >= args.steps - 1:
                     break
             if args.screenshot:
@@ -212,11 +268,18 @@ def main() -> None:
                                  cwd=ROOT, env=env, capture_output=True, text=True)
             if cli.returncode != 0:
                 raise SystemExit(f"memcore train failed:\n{cli.stderr[-2000:]}")
-            cli_s = json.loads(cli.stdout.strip().splitlines()[-1])["seconds_per_step"]
-            app_rates = [s["steps_per_s"] for s in watched[1:] or watched if s["steps_per_s"] > 0]
-            app_s = 1 / sorted(app_rates)[len(app_rates) // 2] if app_rates else float("nan")
+            # both by the runs' own clocks, median step after two warm-up steps
+            watched_to = max((s["step"] for s in watched), default=0)  # steps trained while the page was open
+            app_steps = _step_seconds(home, newest=False)[2:watched_to]
+            cli_steps = _step_seconds(home, newest=True)[2:]
+            app_s, cli_s = _median(app_steps), _median(cli_steps)
+            differ = _spec_differences(home)
+            if differ:
+                print(f"the app's run and the CLI's differ in: {differ}", flush=True)
+            third = max(1, len(app_steps) // 3)
             samples.append({"minute": None, "cli_s_per_step": cli_s, "app_s_per_step": app_s, "page": False})
-            print(f"app with the page open {app_s:.3f} s/step vs memcore train {cli_s:.3f} s/step: "
+            print(f"app with the page open {app_s:.3f} s/step (first third {_median(app_steps[:third]):.3f}, last "
+                  f"third {_median(app_steps[-third:]):.3f}) vs memcore train {cli_s:.3f} s/step: "
                   f"ratio {app_s / cli_s:.2f}x", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "samples": samples}, indent=1))

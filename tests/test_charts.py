@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 
@@ -336,3 +337,47 @@ def _walk(node):
     elif isinstance(node, list):
         for v in node:
             yield from _walk(v)
+
+
+# live_spec: the page's fast path draws exactly what the chart functions draw
+
+
+def _same_chart(live: dict, full: dict) -> None:
+    strip = lambda spec: {k: v for k, v in spec.items() if k != "datasets"}  # noqa: E731
+    assert strip(live) == strip(full)
+    assert set(live["datasets"]) == set(full["datasets"])
+    for name, data in live["datasets"].items():
+        got = data.to_dict("records") if isinstance(data, pd.DataFrame) else data
+        pd.testing.assert_frame_equal(pd.DataFrame(got), pd.DataFrame(full["datasets"][name]), check_dtype=False)
+
+
+def test_live_specs_equal_the_chart_functions_and_differ_between_steps_only_in_data():
+    rng = np.random.default_rng(0)
+    hist = _history(5).assign(run="sft")
+    steps, ph = [1, 2, 3], rng.random((3, 4))
+    labels = [" a", " b"]
+    for p in (rng.random(40), rng.random(40)):
+        _same_chart(charts.live_spec("histogram", charts.histogram_args(0.4), charts.histogram_frames(p, 0.4)),
+                    charts.stable_spec(charts.histogram_chart(p, 0.4)))
+    args = charts.trajectories_args(steps, [0, 2], labels, 0.5, token_ids=[7, 9])
+    _same_chart(charts.live_spec("trajectories", args, charts.trajectories_frames(steps, ph, [0, 2], args[1])),
+                charts.stable_spec(charts.trajectories_chart(steps, ph, [0, 2], labels, 0.5, token_ids=[7, 9])))
+    _same_chart(charts.live_spec("curves", charts.curves_args(hist, 0.5), charts.curves_frames(hist)),
+                charts.stable_spec(charts.curves_chart(hist, 0.5)))
+    # two steps of a run: the same spec, new data (the page swaps the data into the chart it drew)
+    a = charts.live_spec("histogram", charts.histogram_args(0.4), charts.histogram_frames(rng.random(40), 0.4))
+    b = charts.live_spec("histogram", charts.histogram_args(0.4), charts.histogram_frames(rng.random(40), 0.4))
+    assert {k: v for k, v in a.items() if k != "datasets"} == {k: v for k, v in b.items() if k != "datasets"}
+    assert not a["datasets"]["bins"].equals(b["datasets"]["bins"])
+
+
+def test_stable_spec_names_datasets_by_use_not_by_content():
+    a = charts.stable_spec(charts.law_slices_chart(
+        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [1.0, 2.0]}),
+        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [1.1, 1.9]}), "t"))
+    b = charts.stable_spec(charts.law_slices_chart(
+        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [3.0, 4.0]}),
+        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [3.1, 3.9]}), "t"))
+    assert sorted(a["datasets"]) == sorted(b["datasets"]) and all(n.startswith("data") for n in a["datasets"])
+    assert json.dumps({k: v for k, v in a.items() if k != "datasets"}, sort_keys=True) == \
+        json.dumps({k: v for k, v in b.items() if k != "datasets"}, sort_keys=True)

@@ -161,20 +161,34 @@ elif worker.loading_error:
 # --- the job -----------------------------------------------------------------------------------------------------
 
 
-@st.fragment(run_every=0.4)
-def live_view(job_id: str) -> None:
+# While a job trains, two fragments refresh on their own: the progress line often (it shows the elapsed time),
+# the token views and charts at most once a second (each refresh re-renders them in the browser, which on a
+# machine that also trains takes CPU from training; bench/soak_app.py measures it).
+PROGRESS_EVERY_S, VIEW_EVERY_S = 0.4, 1.0
+
+
+@st.fragment(run_every=PROGRESS_EVERY_S)
+def live_progress(job_id: str) -> None:
     j = worker.find(job_id)
     if j is None:
         return
-    run_view.render_job(j)
+    run_view.render_progress(j)
     if not j.is_live:  # finished: one full rerun switches to the static result view
         st.rerun()
+
+
+@st.fragment(run_every=VIEW_EVERY_S)
+def live_runs(job_id: str) -> None:
+    j = worker.find(job_id)
+    if j is not None:
+        run_view.render_runs(j)
 
 
 if job is not None:
     st.divider()
     if job.is_live:
-        live_view(job.id)
+        live_progress(job.id)
+        live_runs(job.id)
     else:
         run_view.render_job(job)
 elif worker.live_jobs():
