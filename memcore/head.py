@@ -124,9 +124,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if g is not None:
                     grad_rows[s:s + rows] = g * mask[s:s + rows, None]
         else:  # only the target rows; the gradient matmul only for those expected to train
-            train = mask if train_rows is None else mask & train_rows
-            if not want_grad:
-                train = torch.zeros_like(mask)
+            train = torch.zeros_like(mask) if not want_grad else mask if train_rows is None else mask & train_rows
             for part, grads in ((train, True), (mask & ~train, False)):
                 idx = part.nonzero()[:, 0]
                 for s in range(0, idx.numel(), rows):
