@@ -34,7 +34,7 @@ class StubbornCounter:
         index, steps_below, last_below and the final p. Tokens never below tau are not stubborn and are left out."""
         if self.count == 0:
             return []
-        order = np.lexsort((-self.p_last, -self.last_below, -self.steps_below))
+        order = np.lexsort((self.p_last, -self.last_below, -self.steps_below))
         out = []
         for i in order[:k]:
             if self.steps_below[i] == 0:

@@ -56,6 +56,15 @@ def test_stubborn_counter_ranks_by_time_below_then_latest_to_cross():
     for row in ([0.1, 0.1, 0.9, 0.2], [0.6, 0.1, 0.9, 0.3], [0.6, 0.7, 0.9, 0.6]):
         c.update(np.array(row))
     top = c.top()
-    assert [t["index"] for t in top] == [1, 3, 0]  # token 2 never below τ is not stubborn
-    assert top[0] == {"index": 1, "steps_below": 2, "last_below": 1, "p": pytest.approx(0.7)}
+    # tokens 1 and 3 tie on time below and last step below: the lower p now (token 3) first;
+    # token 2, never below τ, is not stubborn
+    assert [t["index"] for t in top] == [3, 1, 0]
+    assert top[0] == {"index": 3, "steps_below": 2, "last_below": 1, "p": pytest.approx(0.6)}
     assert top[1]["steps_below"] == 2 and top[2]["steps_below"] == 1
+
+
+def test_stubborn_ties_go_to_the_lowest_p_now():
+    """Early in a run many tokens have been below τ equally long: the ones furthest from τ are the stubborn ones."""
+    c = StubbornCounter(3, tau=0.5)
+    c.update(np.array([0.01, 0.45, 0.2]))
+    assert [t["index"] for t in c.top()] == [0, 2, 1]
