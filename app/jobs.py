@@ -126,6 +126,7 @@ class Job:
     finished: float | None = None
     runs: list[RunLive] = field(default_factory=list)
     fed: bool = False  # this process's trainer streams its reports; otherwise it is followed through the store
+    stop_requested: bool = False  # Stop was pressed; the trainer stops after its current step
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -213,6 +214,7 @@ class Worker:
                    if j["id"] != job.id and j["created"] <= job.created)
 
     def stop(self, job: Job) -> None:
+        job.stop_requested = True
         self.store.request_stop(job.id)
         with self._lock:
             if job.status == "queued":

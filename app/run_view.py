@@ -124,13 +124,20 @@ def render_progress(job: Any) -> None:
         rows = [r.rows[-1] for r in job.runs if r.rows]
     _status(job)
     if rows:
-        step = max(r["step"] for r in rows)
-        train_s = max(r["elapsed"] for r in rows)
+        # the job's progress counts every run's steps (compare mode trains two), its time left from their pace
+        done, total = sum(r["step"] for r in rows), job.max_steps * len(job.runs)
+        train_s = sum(r["elapsed"] for r in rows)
         wall = (job.finished or time.time()) - (job.started or job.created)
-        left_s = train_s / step * (job.max_steps - step) if step else None
-        eta = f" · at most {left_s:.0f} s left" if left_s is not None and job.is_live else ""
-        st.progress(min(1.0, step / job.max_steps),
-                    text=f"step {step}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
+        eta = ""
+        if job.is_live and job.stop_requested:
+            eta = " · stopping after the current step"
+        elif job.is_live and done >= total:
+            eta = " · finishing: final measurement, greedy check and save"
+        elif job.is_live and done:
+            eta = f" · at most {train_s / done * (total - done):.0f} s left"
+        steps = ", ".join(str(r["step"]) for r in rows)
+        st.progress(min(1.0, done / total),
+                    text=f"step {steps}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
     if job.is_live:
         if st.button("Stop", key=f"stop-{job.id}",
                      help="Stops after the current step; the adapter and metrics so far are kept"):

@@ -355,3 +355,35 @@ def test_runs_page_says_when_a_run_kept_a_decimated_history(app_env, tiny_model_
     slider.set_value(steps[-2]).run()
     shown = " ".join(m.value for m in at.markdown)
     assert f"step **{steps[-2]}**" in shown
+
+
+def _progress_text(runs_steps: list[int], max_steps: int, stop_requested: bool = False) -> str:
+    """The live progress line for a running job whose runs are at `runs_steps` (1 s of training per step)."""
+    def script(runs_steps, max_steps, stop_requested):
+        import time
+
+        import run_view
+        from jobs import Job, RunLive
+
+        from memcore.config import RunSpec, TrainSpec
+
+        spec = RunSpec(train=TrainSpec(max_steps=max_steps))
+        job = Job(id="j", session=None, specs=[spec] * len(runs_steps), labels=["a", "b"][:len(runs_steps)],
+                  status="running", started=time.time() - 5, stop_requested=stop_requested)
+        for s in runs_steps:
+            live = RunLive(label="x", spec=spec)
+            live.rows = [{"step": s, "elapsed": float(s)}] if s else []
+            job.runs.append(live)
+        run_view.render_progress(job)
+
+    at = AppTest.from_function(script, default_timeout=30, args=(runs_steps, max_steps, stop_requested))
+    at.run()
+    return at.get("progress")[0].proto.text
+
+
+def test_the_progress_line_counts_every_run_and_says_when_it_is_finishing_or_stopping():
+    # compare mode: one run done, the other half way -> a quarter of the work left, not "0 s left"
+    text = _progress_text([20, 10], 20)
+    assert "step 20, 10/20" in text and "at most 10 s left" in text
+    assert "finishing" in _progress_text([20], 20)  # budget reached: the final check and save are running
+    assert "stopping after the current step" in _progress_text([3], 20, stop_requested=True)
