@@ -387,3 +387,28 @@ def test_the_progress_line_counts_every_run_and_says_when_it_is_finishing_or_sto
     assert "step 20, 10/20" in text and "at most 10 s left" in text
     assert "finishing" in _progress_text([20], 20)  # budget reached: the final check and save are running
     assert "stopping after the current step" in _progress_text([3], 20, stop_requested=True)
+
+
+def test_runs_page_counts_tokens_above_tau_as_the_trainer_did(app_env, tiny_model_dir, monkeypatch):
+    """The replayed p is float16 (0.5002 reads as 0.5): the headline takes the trainer's stored count."""
+    import dataclasses
+
+    from common import get_store
+
+    from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.runner import execute, prepare
+    from memcore.store import Store
+
+    store = get_store()
+    spec = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), data=DataSpec(text="Counted by the trainer."),
+                   train=TrainSpec(method="sft", max_steps=3, stop_when_recalled=False))
+    base, samples = prepare(spec, home=store.home)
+    execute(spec, store, base, samples)
+    real = Store.steps
+    # a count that p > tau on the float16 history could not give, so the test sees which one the page shows
+    monkeypatch.setattr(Store, "steps", lambda self, *a, **k: [dataclasses.replace(r, n_above=r.n_tokens + 7)
+                                                               for r in real(self, *a, **k)])
+    at = _app("app_pages/runs.py")
+    assert not at.exception
+    n = len(samples[0].target_ids)
+    assert f"{n + 7}/{n} tokens above τ" in " ".join(m.value for m in at.markdown)

@@ -108,7 +108,11 @@ if replay is not None and len(replay.steps):
     crossed = (replay.p[i - 1] <= tau) & (p > tau) if i > 0 else None
     stubborn_ever = [s["index"] for s in stubborn_tokens(replay.p[: i + 1], tau, k=6)]
     stubborn = [k for k in stubborn_ever if p[k] <= tau]
-    st.markdown(f"step **{replay.steps[i]}** · {int((p > tau).sum())}/{len(p)} tokens above τ · "
+    rows = store.steps(picked)
+    stored = next((row for row in rows if row.step == replay.steps[i]), None)
+    # the trainer's own count: the replayed p is float16, where 0.5002 reads as 0.5 and no longer counts above τ
+    n_above = stored.n_above if stored is not None else int((p > tau).sum())
+    st.markdown(f"step **{replay.steps[i]}** · {n_above}/{len(p)} tokens above τ · "
                 f"argmax right {int(correct.sum())}/{len(p)}"
                 + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
     st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
@@ -118,7 +122,7 @@ if replay is not None and len(replay.steps):
     shown = charts.thin(i + 1)
     show_chart(charts.trajectories_chart([replay.steps[k] for k in shown], replay.p[shown], stubborn_ever,
                                          [replay.pieces[k] for k in stubborn_ever], tau), c2)
-    hist = pd.DataFrame([row.scalar_dict() for row in store.steps(picked)])
+    hist = pd.DataFrame([row.scalar_dict() for row in rows])
     if not hist.empty:
         hist = hist.iloc[charts.thin(len(hist))]
         hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens,
