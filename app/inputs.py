@@ -8,8 +8,9 @@ from typing import Any
 from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES
 
 from memcore.config import MemcoreError, RunSpec
-from memcore.data import JsonlData, decode_text, parse_jsonl
+from memcore.data import JsonlData, parse_jsonl
 from memcore.specs import parse_keys
+from memcore.textio import decode_text
 
 LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]  # the learning rate slider's stops
 

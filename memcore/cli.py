@@ -64,7 +64,8 @@ def _given_sources(args: argparse.Namespace) -> list[str]:
 
 def _read_data(args: argparse.Namespace) -> dict[str, Any]:
     """The DataSpec fields naming what to memorize: text, phonebook, pairs or random_tokens."""
-    from memcore.data import decode_text, read_jsonl, read_sample, read_text_file
+    from memcore.data import read_jsonl, read_sample, read_text_file
+    from memcore.textio import decode_text
 
     given = _given_sources(args)
     if len(given) > 1:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from memcore.config import DataSpec, MemcoreError
+from memcore.textio import decode_text, read_user_file
 
 MAX_FILE_BYTES = 20_000_000
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
@@ -58,31 +59,9 @@ def read_sample(name: str) -> str:
 
 
 def read_text_file(path: str | Path) -> str:
-    """Read a UTF-8 text file, refusing binary or undecodable content with a clear message."""
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise MemcoreError(f"{p} is {size / 1e6:.0f} MB; "
-                               f"memcore accepts text files up to {MAX_FILE_BYTES // 10**6} MB")
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise MemcoreError(f"text file {p} does not exist") from None
-    except IsADirectoryError:
-        raise MemcoreError(f"{p} is a directory, not a text file") from None
-    except OSError as e:
-        raise MemcoreError(f"cannot read {p}: {e.strerror or e}") from None
-    return decode_text(raw, str(p))
-
-
-def decode_text(raw: bytes, what: str = "input") -> str:
-    """Bytes -> text (UTF-8, BOM dropped). Raises MemcoreError for binary data or bad UTF-8 (with offset)."""
-    if b"\x00" in raw:
-        raise MemcoreError(f"{what} is not text (it contains NUL bytes; binary file?)")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise MemcoreError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
+    """A passage file's text in any Unicode encoding an editor saves (memcore.textio.decode_text), up to
+    MAX_FILE_BYTES. Raises MemcoreError naming the file: missing, a directory, too large, binary or undecodable."""
+    return read_user_file(path, "text file", MAX_FILE_BYTES)
 
 
 def phonebook(n: int, seed: int = 0) -> list[tuple[str, str]]:

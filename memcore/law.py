@@ -219,9 +219,10 @@ MAX_CSV_BYTES = 50_000_000
 def read_law_csv(source: str | Path | bytes, name: str | None = None,
                  required: tuple[str, ...] = LAW_COLUMNS) -> pd.DataFrame:
     """A CSV of law points (columns rank, length, delta_loss; optional p_eff, method, seed, ...) as a DataFrame,
-    whatever spreadsheet wrote it: UTF-8 with or without BOM, LF or CRLF, delimiter , ; tab or | (read off the
-    header line), and decimal commas where the delimiter is not a comma. Column names are matched without case
-    or surrounding spaces. source: a path, or the file's bytes (an upload; `name` names it in messages).
+    whatever spreadsheet wrote it: any Unicode encoding (memcore.textio; cp1252 last), LF or CRLF, delimiter
+    , ; tab or | (read off the header line), and decimal commas where the delimiter is not a comma. Column names
+    are matched without case or surrounding spaces. source: a path, or the file's bytes (an upload; `name` names
+    it in messages).
 
     `required`: the columns that must be present and filled (the law's three by default).
 
@@ -232,23 +233,13 @@ def read_law_csv(source: str | Path | bytes, name: str | None = None,
 
     import pandas as pd
 
+    from memcore.textio import decode_text, read_user_file
+
     what = name or str(source) if not isinstance(source, bytes) else (name or "the CSV")
-    if isinstance(source, bytes):
-        raw = source
+    if isinstance(source, bytes):  # spreadsheets on Windows save "CSV" in the ANSI code page: cp1252 comes last
+        text = decode_text(source, what, legacy="cp1252")
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise MemcoreError(f"CSV file {path} does not exist")
-        if path.stat().st_size > MAX_CSV_BYTES:
-            raise MemcoreError(f"{path} is larger than {MAX_CSV_BYTES // 10**6} MB; that is not a table of law points")
-        raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        try:
-            text = raw.decode("cp1252")  # spreadsheets on Windows save "CSV" in the ANSI code page
-        except UnicodeDecodeError as e:
-            raise MemcoreError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
+        text = read_user_file(source, "CSV file", MAX_CSV_BYTES, legacy="cp1252")
     physical = text.splitlines()
     numbered = [(i + 1, ln) for i, ln in enumerate(physical) if ln.strip()]  # (line number, text) of non-blank lines
     if not numbered:
