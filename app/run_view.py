@@ -7,18 +7,16 @@ between two steps only resend it, so a refresh costs the same at step 10 and at 
 
 from __future__ import annotations
 
-import io
 import time
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import charts
 import numpy as np
 import pandas as pd
 import streamlit as st
-from common import error_text, get_tokenizer, get_worker, show_chart
+from common import error_text, get_store, get_tokenizer, get_worker, show_chart
 
+from memcore.export import export_zip
 from memcore.pieces import token_pieces
 
 
@@ -221,7 +219,7 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
             for note in summ.notes:
                 st.warning(note)
             kind = "memcore bypass: bypass_config.json + safetensors" if summ.adapter == "bypass" else "PEFT"
-            st.download_button(f"Download adapter ({kind}, zip)", data=zip_dir(summ.adapter_dir),
+            st.download_button(f"Download adapter ({kind}, zip)", data=adapter_zip(summ.run_id),
                                file_name=f"memcore-{summ.run_id}.zip", mime="application/zip",
                                key=f"dl-{summ.run_id}")
             with st.form(f"gen-{summ.run_id}"):
@@ -237,11 +235,6 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def zip_dir(path: str) -> bytes:
-    """The files of an adapter folder as a zip, under adapter/ (bytes)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(Path(path).iterdir()):
-            if f.is_file():
-                z.write(f, arcname=f"adapter/{f.name}")
-    return buf.getvalue()
+def adapter_zip(run_id: str) -> bytes:
+    """The run's exported adapter (memcore.export: adapter, model card, summary, steps) as a zip, under adapter/."""
+    return export_zip(get_store(), run_id)

@@ -7,17 +7,14 @@ User errors print one line (`memcore: error: ...`) and exit 2; nothing in the st
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import MISSING
-from pathlib import Path
 from typing import Any
 
 from memcore.config import DEFAULT_PROMPT, METHODS, MemcoreError, RunSpec
@@ -300,32 +297,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """`memcore export RUN DIR`: the run's PEFT adapter, summary.json and steps.csv into a new folder.
+    """`memcore export RUN DIR`: the run's adapter (PEFT, or memcore's bypass), its model card (README.md),
+    summary.json and steps.csv into a new folder (memcore.export.export_run).
 
-    Raises MemcoreError for a bypass run (PEFT cannot load it), a run with no adapter, or a non-empty DIR."""
+    Raises MemcoreError for a run with no adapter or summary, or a non-empty DIR."""
+    from memcore.export import export_run
+
     store = _store()
     rid = store.resolve(args.run)
-    src = store.adapter_dir(rid)
-    if (src / "bypass_config.json").is_file():
-        raise MemcoreError(f"run {rid} trained the paper's bypass adapter, which PEFT cannot load, so there is no "
-                           f"PEFT adapter to export; its weights are in {src} (bypass_model.safetensors, "
-                           f"bypass_config.json) and `memcore generate {rid}` uses them. Train with --adapter lora for "
-                           "an exportable adapter")
-    if not (src / "adapter_config.json").is_file():
-        raise MemcoreError(f"run {rid} has no saved adapter (status {store.run(rid)['status']})")
-    dest = Path(args.dir)
-    if dest.exists() and any(dest.iterdir()):
-        raise MemcoreError(f"{dest} exists and is not empty; choose a new folder (nothing was overwritten)")
-    shutil.copytree(src, dest, dirs_exist_ok=True)
-    run = store.run(rid)
-    (dest / "summary.json").write_text(json.dumps(run["summary"].to_dict() if run["summary"] else {}, indent=2))
-    steps = [row.scalar_dict() for row in store.steps(rid)]
-    if steps:
-        with open(dest / "steps.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(steps[0]))
-            w.writeheader()
-            w.writerows(steps)
-    print(f"exported run {rid} to {dest} (PEFT adapter, summary.json, steps.csv)")
+    dest = export_run(store, rid, args.dir)
+    kind = "bypass adapter (memcore)" if (dest / "bypass_config.json").is_file() else "PEFT adapter"
+    print(f"exported run {rid} to {dest} ({kind}, model card README.md, summary.json, steps.csv)")
     return 0
 
 

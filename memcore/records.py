@@ -125,6 +125,8 @@ class RunSummary:
     snapshots: int | None = None  # steps with a per-token snapshot
     source_bits_per_token: float | None = None  # log2 of the ordinary vocabulary for random tokens; None for text
     status: str | None = None  # the run's status when the summary was written
+    device: str | None = None  # where it trained: cpu, cuda (None in older summaries)
+    dtype: str | None = None  # the base model's compute dtype: float32, bfloat16, ... (None in older summaries)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept on a round trip)
 
     def to_dict(self) -> dict[str, Any]:

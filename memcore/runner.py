@@ -114,6 +114,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
                            pieces)
         summary.history, summary.snapshots = spec.train.history, snapshots
         summary.source_bits_per_token = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
+        summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         if final.stop_reason in FINISHED:  # finished: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)

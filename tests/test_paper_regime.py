@@ -163,7 +163,7 @@ def test_bypass_trains_with_the_frozen_prefix_cache(tiny_base, bypassed):
     assert reports[-1].delta_loss > 0.05
 
 
-def test_cli_trains_jsonl_with_the_bypass_and_refuses_peft_export(home, tiny_model_dir, tmp_path, capsys):
+def test_cli_trains_jsonl_with_the_bypass_and_exports_memcores_files(home, tiny_model_dir, tmp_path, capsys):
     from memcore.cli import main
 
     f = tmp_path / "pb.jsonl"
@@ -177,9 +177,10 @@ def test_cli_trains_jsonl_with_the_bypass_and_refuses_peft_export(home, tiny_mod
     assert summary["adapter"] == "bypass" and summary["p_eff"] == 2 * 2 * 64 and len(summary["target_ids"]) == 2
     assert main(["generate", summary["run_id"]]) == 0  # reloads the bypass from the run's folder
     capsys.readouterr()
-    assert main(["export", summary["run_id"], str(tmp_path / "out")]) == 2
-    assert "bypass adapter, which PEFT cannot load" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert main(["export", summary["run_id"], str(tmp_path / "out")]) == 0  # memcore's files, and a card saying so
+    assert (tmp_path / "out" / "bypass_model.safetensors").is_file() and not (tmp_path / "out" / "adapter_config.json"
+                                                                             ).exists()
+    capsys.readouterr()
     assert main(["train", "--text", "abc", "--adapter", "bypass", "--alpha", "4", "--max-steps", "1"]) == 2
     assert "--alpha and --targets apply to LoRA" in capsys.readouterr().err
     assert main(["train", "--jsonl", str(tmp_path / "none.jsonl")]) == 2
