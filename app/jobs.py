@@ -61,6 +61,7 @@ class RunLive:
     first_divergence: int | None = None
     recalled_at: int | None = None  # first step whose teacher-forced argmax was all right
     summary: RunSummary | None = None
+    notes: list[str] = field(default_factory=list)  # said by the trainer as they happened
 
     @property
     def p(self) -> np.ndarray | None:
@@ -379,6 +380,10 @@ class Worker:
             _, _, i, row, summary = msg
             with job.lock:
                 job.runs[i].record(row, summary)
+        elif kind == "note":
+            _, _, i, note = msg
+            with job.lock:
+                job.runs[i].notes.append(note)
         elif kind == "done":
             _, _, status, error = msg
             self.store.update_job(job.id, status=status, error=error)

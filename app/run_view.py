@@ -120,7 +120,10 @@ def render_progress(job: Any) -> None:
     run's latest step row."""
     with job.lock:
         rows = [r.rows[-1] for r in job.runs if r.rows]
+        notes = [(r.label, n) for r in job.runs for n in r.notes if not r.summary]  # a summary lists its own
     _status(job)
+    for label, note in notes:
+        st.warning(f"{label}: {note}" if len(job.runs) > 1 else note)
     if rows:
         # the job's progress counts every run's steps (compare mode trains two), its time left from their pace
         done, total = sum(r["step"] for r in rows), job.max_steps * len(job.runs)

@@ -142,13 +142,23 @@ class StopFlag:
 
 
 def _progress(total: int, enabled: bool) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """(update, close) of a run's progress bar on stderr; `update` takes each StepReport and says any new note
+    (a checkpoint that could not be written, say) when it happens, bar or no bar."""
+    said = [0]
+
+    def notes(r: Any, write: Callable[[str], None]) -> None:
+        for note in r.notes[said[0]:]:
+            write(f"note: {note}")
+        said[0] = len(r.notes)
+
     if not enabled:
-        return (lambda r: None), (lambda: None)
+        return (lambda r: notes(r, lambda m: print(m, file=sys.stderr))), (lambda: None)
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
 
     def update(r: Any) -> None:
+        notes(r, lambda m: bar.write(m, file=sys.stderr))
         bar.n = r.step
         bar.set_postfix_str(f"loss {r.loss:.3f}  above τ {r.n_above}/{r.n_tokens}  correct {r.n_correct}/{r.n_tokens}"
                             f"  recall {'yes' if r.recalled else 'no'}", refresh=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 Method = Literal["sft", "memft-ot", "memft-sw"]
@@ -28,6 +29,47 @@ DEFAULT_PROMPT = "Recite the passage.\n"
 
 class MemcoreError(Exception):
     """A problem the user can fix; its message is shown as one line, without a traceback."""
+
+
+class WriteFailed(MemcoreError):
+    """A file or the run store could not be written (a full disk, a quota, a read-only or failing file system).
+    Its message names what, where and why: "could not write the adapter to /.../adapter (No space left on
+    device)"; whoever catches it adds what was kept."""
+
+    def __init__(self, what: str, where: Any, reason: str) -> None:
+        self.what, self.where, self.reason = what, str(where), reason
+        super().__init__(f"could not write {what} to {where} ({reason})")
+
+    @classmethod
+    def of(cls, what: str, where: Any, err: BaseException) -> WriteFailed:
+        """From the error a write raised (is_write_error): the OS's reason where the error carries one (an
+        OSError's strerror, "os error 28" in a safetensors message), else "No space left on device" when the file
+        system has less than 1 MB free (torch.save's own words for it are "unexpected pos ..."), else the text."""
+        import os
+        import re
+        import shutil
+
+        reason = getattr(err, "strerror", None)
+        code = re.search(r"os error (\d+)", str(err))
+        if not reason and code:
+            reason = os.strerror(int(code.group(1)))
+        if not reason:
+            folder = Path(where)
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            try:
+                if shutil.disk_usage(folder).free < 1 << 20:
+                    reason = os.strerror(28)  # ENOSPC
+            except OSError:
+                pass
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return cls(what, where, reason or first)
+
+
+def is_write_error(err: BaseException) -> bool:
+    """Whether an error raised while writing a file is the file system's refusal (a full disk, a quota, a read-only
+    or failing device): an OSError, a RuntimeError from torch.save's writer, or safetensors' SafetensorError."""
+    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
 
 
 def _need(cond: bool, message: str) -> None:

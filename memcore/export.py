@@ -252,9 +252,27 @@ def export_run(store: Store, run_id: str, dest: str | Path, shown_as: str | None
             w = csv.DictWriter(f, fieldnames=list(steps[0]))
             w.writeheader()
             w.writerows(steps)
+    _save_tokenizer(spec, dest)
     card = model_card(spec, summary, base, shown_as or str(dest.resolve()), config)
     (dest / "README.md").write_text(card, encoding="utf-8")
     return dest
+
+
+def _save_tokenizer(spec: RunSpec, dest: Path) -> None:
+    """The base model's tokenizer into dest (runs do not keep a copy); skipped when it cannot be loaded here (a hub
+    model not in the local cache, offline): it is the base model's own, which the config names."""
+    from memcore.loading import hub_reachable, resolve_source
+
+    try:
+        from transformers import AutoTokenizer
+
+        source = resolve_source(spec.model)
+        local = Path(source).is_dir()
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.model.trust_remote_code,
+                                            local_files_only=not local and not hub_reachable())
+        tok.save_pretrained(dest)
+    except Exception:  # the tokenizer is a convenience here: the base model's own loads with it
+        pass
 
 
 def export_zip(store: Store, run_id: str) -> bytes:

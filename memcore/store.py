@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from memcore.config import MemcoreError
+from memcore.config import MemcoreError, WriteFailed
 from memcore.pieces import Piece
 from memcore.records import STEP_COLUMNS, RunSummary, StepRow
 
@@ -131,22 +131,37 @@ class Store:
         with self._lock:
             self._db.close()
 
+    def _failed_write(self, e: sqlite3.Error) -> WriteFailed | None:
+        """The WriteFailed an SQLite error stands for (a full disk, a read-only or failing file system), else None."""
+        text = str(e)
+        if any(w in text for w in ("full", "disk I/O", "readonly", "read-only", "unable to open")):
+            return WriteFailed("the run store", self.path, text)
+        return None
+
     def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         with self._lock:
-            return self._db.execute(sql, args)
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.OperationalError as e:
+                raise (self._failed_write(e) or e) from None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction that takes the write lock up front (BEGIN IMMEDIATE), so that another process
-        writing at the same moment makes this one wait (busy timeout) instead of failing as "locked"."""
+        writing at the same moment makes this one wait (busy timeout) instead of failing as "locked". A full disk
+        (or a read-only one) raises WriteFailed naming the store; the transaction is rolled back whole."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                raise (self._failed_write(e) or e) from None
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -188,7 +203,10 @@ class Store:
             except sqlite3.IntegrityError:
                 if run_id is not None or attempt == 19:  # a given id is taken, or ids keep colliding
                     raise
-        (self.runs_dir / rid).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.runs_dir / rid).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteFailed.of("the run's folder", self.runs_dir / rid, e) from None
         return rid
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None,

@@ -109,6 +109,8 @@ def test_a_local_folder_run_names_the_users_folder_and_the_app_zip_holds_the_sam
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     assert str(home) not in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()  # the base's tokenizer comes along (runs keep none)
+    assert not (home / "runs" / rid / "adapter" / "tokenizer.json").exists()
 
     from peft import AutoPeftModelForCausalLM
 
