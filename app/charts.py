@@ -313,12 +313,17 @@ def _curves_template(tau: float, has_run: bool, one_step: bool) -> alt.TopLevelM
     return alt.hconcat(left, right).resolve_scale(color="independent")
 
 
-def curves_chart(history: pd.DataFrame, tau: float) -> alt.Chart:
+def curves_chart(history: pd.DataFrame, tau: float, mark_step: int | None = None) -> alt.Chart:
     """Two panels against step: share of tokens above tau / argmax correct (y in [0, 1]), and loss / ΔL.
 
     A `run` column, when present, separates runs by stroke dash so two methods can be compared on one chart.
-    """
-    return _with_data(_curves_template(*curves_args(history, tau)), curves_frames(history))
+    mark_step: a step to mark with a vertical rule in both panels (the step a replay shows)."""
+    chart = _curves_template(*curves_args(history, tau))
+    if mark_step is not None:
+        rule = alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(color="#444", strokeWidth=2).encode(
+            x="step:Q", tooltip=[alt.Tooltip("step:Q", title="shown step")])
+        chart = alt.hconcat(*(alt.layer(panel, rule) for panel in chart.hconcat)).resolve_scale(color="independent")
+    return _with_data(chart, curves_frames(history))
 
 
 def histogram_args(tau: float, bins: int = 20) -> tuple:
@@ -441,15 +446,23 @@ def law_grid(predict, ranks: Sequence[float], lengths: Sequence[float], n: int =
                          "rank": rc[R], "length": lc[L], "delta_loss": np.asarray(predict(rc[R], lc[L]), dtype=float)})
 
 
-def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, bands: int = 9) -> alt.Chart:
+def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, bands: int = 9,
+                      ceiling: float | None = None) -> alt.Chart:
     """The fitted surface as a banded heatmap over log rank × log length, with observed runs as points on the
     same colour scale (tooltip: observed, predicted, residual). observed needs rank, length, delta_loss,
-    predicted and kind ('sweep', 'your runs', 'this session'); the last two are drawn larger."""
+    predicted and kind ('sweep', 'your runs', 'this session'); the last two are drawn larger.
+
+    ceiling: the most ΔL the data reach (nats per token; a saturated run's ΔL is its base loss). Cells the
+    law predicts beyond it are drawn grey, as saturated, instead of extending the colours to values no run has."""
     # the colours span the surface and the sweep's own points: a user's run far off the grid is drawn in the end
     # colour (its tooltip keeps the value) instead of stretching the scale until the surface is one colour
     sweep = observed[observed["kind"] == "sweep"] if len(observed) else observed
-    lo = float(np.nanmin([grid.delta_loss.min(), sweep.delta_loss.min() if len(sweep) else np.inf]))
-    hi = float(np.nanmax([grid.delta_loss.max(), sweep.delta_loss.max() if len(sweep) else -np.inf]))
+    beyond = grid[grid.delta_loss > ceiling] if ceiling is not None else grid.iloc[:0]
+    grid = grid[grid.delta_loss <= ceiling] if ceiling is not None else grid
+    lo = float(np.nanmin([grid.delta_loss.min() if len(grid) else np.inf,
+                          sweep.delta_loss.min() if len(sweep) else np.inf]))
+    hi = float(np.nanmax([grid.delta_loss.max() if len(grid) else -np.inf,
+                          sweep.delta_loss.max() if len(sweep) else -np.inf]))
     color = alt.Scale(type="quantize", domain=[lo, hi], scheme="viridis", nice=False, zero=False)
     xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
     ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)
@@ -460,6 +473,12 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
         tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
                  alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
     layers = [heat]
+    if len(beyond):
+        layers.append(alt.Chart(beyond.assign(state=f"beyond the data's ΔL ({ceiling:.2f}): saturated")).mark_rect(
+            color="#d9d9d9", opacity=0.9).encode(
+            x=alt.X("r_lo:Q", scale=xs), x2="r_hi:Q", y=alt.Y("l_lo:Q", scale=ys), y2="l_hi:Q",
+            tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
+                     alt.Tooltip("delta_loss:Q", title="fitted ΔL (not reached)", format=".3f"), "state:N"]))
     if len(observed):
         obs = observed.assign(residual=observed.delta_loss - observed.predicted)
         # below the plot: beside the ΔL bar it is cut off
@@ -479,10 +498,12 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     return alt.layer(*layers).properties(title=title, height=360)
 
 
-def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str) -> alt.Chart:
-    """ΔL against length on log–log axes, one colour per rank: observed points and fitted curves."""
+def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str,
+                     ceiling: float | None = None) -> alt.Chart:
+    """ΔL against length on log–log axes, one colour per rank: observed points and fitted curves (the curves cut
+    at `ceiling`, the most ΔL the data reach, where the law's form runs on past saturation)."""
     obs = observed[observed.delta_loss > 0]
-    cur = curves[curves.delta_loss > 0]
+    cur = curves[(curves.delta_loss > 0) & (curves.delta_loss <= (ceiling if ceiling is not None else np.inf))]
     enc = dict(x=alt.X("length:Q", scale=alt.Scale(type="log"), title="target tokens ℓ (log)"),
                y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log"), title="ΔL (log)"),
                color=alt.Color("rank:O", title="rank", scale=alt.Scale(scheme="viridis")))
@@ -533,8 +554,10 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
         rr, ll = (np.array(sorted(cells[c].unique()), float) for c in ("rank", "length"))
         mine = mine.assign(rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine["rank"]],
                            length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine["length"]])
-        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=260, stroke="black", strokeWidth=2,
-                                                 filled=False).encode(
+        # in the cell's upper left corner, under the number: the cell's own value stays readable
+        layers.insert(1, alt.Chart(mine).mark_point(shape="diamond", size=110, stroke="black", strokeWidth=1.5,
+                                                    fill="white", filled=True, opacity=1, xOffset=-22,
+                                                    yOffset=-8).encode(
             x=x, y=y, tooltip=["label:N", "rank:O", "length:O",
                                alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
     return alt.layer(*layers).properties(title=title, height=240)
@@ -543,16 +566,22 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
 def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.Chart:
     """Bits per trainable parameter at the verbatim frontier, by rank (solid: measured and fitted), against
     reference capacities (dashed, flat), all as lines of one table so they share one y scale.
-    per_rank: rank, bits_per_param, kind."""
+    per_rank: rank, bits_per_param, kind ("<method> fitted" / "<method> interpolated"). Each kind is drawn a
+    little apart in rank (×0.94 … ×1.06, the tooltip keeps the true rank), so methods that tie stay visible
+    side by side instead of one hiding the other."""
     ranks = sorted(per_rank["rank"].unique())
-    refs = pd.DataFrame([{"rank": r, "bits_per_param": v, "kind": f"{v:g} bits/param: {k}"}
-                         for k, v in references.items() for r in (min(ranks), max(ranks))])
+    kinds = list(dict.fromkeys(per_rank["kind"]))
+    nudge = {k: 1.06 ** (i - (len(kinds) - 1) / 2) for i, k in enumerate(kinds)}
+    per_rank = per_rank.assign(drawn=[r * nudge[k] for r, k in zip(per_rank["rank"], per_rank["kind"])])
+    lo_r, hi_r = float(min(ranks)) / 1.15, float(max(ranks)) * 1.15
+    refs = pd.DataFrame([{"rank": r, "drawn": r, "bits_per_param": v, "kind": f"{v:g} bits/param: {k}"}
+                         for k, v in references.items() for r in (lo_r, hi_r)])
     df = pd.concat([per_rank.assign(reference=False), refs.assign(reference=True)], ignore_index=True)
     df["bits_per_param"] = df["bits_per_param"].astype(float)
     top = float(max(df["bits_per_param"].max() * 1.1, 4.0))
     return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("rank:Q", scale=alt.Scale(type="log", nice=False, domain=[float(min(ranks)), float(max(ranks))]),
-                title="rank r (log)"),
+        x=alt.X("drawn:Q", scale=alt.Scale(type="log", nice=False, domain=[lo_r, hi_r]),
+                axis=alt.Axis(values=[float(r) for r in ranks], format="d"), title="rank r (log)"),
         y=alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter"),
         # at the side: a bottom legend eats the height
         color=alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360)),

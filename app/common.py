@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import charts  # noqa: E402
 from jobs import Worker  # noqa: E402
 
-from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec  # noqa: E402
+from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TooManyTokens  # noqa: E402
 from memcore.home import memcore_home  # noqa: E402
 from memcore.loading import resolve_source  # noqa: E402
 from memcore.specs import preflight  # noqa: E402
@@ -56,7 +56,12 @@ def preflight_counts(model_name: str, data: DataSpec, layers: str | tuple[int, .
     """(target tokens, model context in tokens) of memorizing `data` with an adapter on `layers` of the model, by
     memcore's preflight; raises MemcoreError when that cannot run (too many tokens, a layer the model lacks, ...)."""
     spec = RunSpec(model=ModelSpec(name=model_name), adapter=AdapterSpec(layers=layers), data=data)
-    checked = preflight(spec, get_tokenizer(model_name), get_model_config(model_name))
+    try:
+        checked = preflight(spec, get_tokenizer(model_name), get_model_config(model_name))
+    except TooManyTokens as e:  # said in the app's terms: the limit is its own, and it has no flag to raise it
+        raise MemcoreError(f"The text is {e.total:,} target tokens; the app memorizes at most {e.limit:,}. Shorten it "
+                           "(the JSONL source's 'keep first ℓ tokens' does so), or train longer texts from the command "
+                           "line, where the limit can be raised.") from None
     return checked.n_tokens, checked.context_length
 
 

@@ -9,10 +9,23 @@ from common import MAX_PASTE_CHARS, MAX_UPLOAD_BYTES
 
 from memcore.config import MemcoreError, RunSpec
 from memcore.data import JsonlData, parse_jsonl
-from memcore.specs import parse_keys
+from memcore.specs import default, parse_keys
 from memcore.textio import decode_text
 
-LR_CHOICES = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]  # the learning rate slider's stops
+LR_RANGE = (1e-6, 1.0)  # learning rates the Memorize page accepts
+
+
+def parse_lr(text: str) -> tuple[float | None, str | None]:
+    """(the learning rate, None) typed in the Memorize page's box ('3e-2', '0.03'), or (None, why not): not a
+    number, or outside LR_RANGE."""
+    try:
+        lr = float(text.strip())
+    except ValueError:
+        return None, f"The learning rate must be a number such as 2e-3 or 0.03; got {text.strip()!r}."
+    lo, hi = LR_RANGE
+    if not lo <= lr <= hi:
+        return None, f"The learning rate must be between {lo:g} and {hi:g}; got {lr:g}."
+    return lr, None
 
 
 def paste_error(text: str) -> str | None:
@@ -73,13 +86,14 @@ def form_state(spec: RunSpec, compare: bool) -> dict[str, Any]:
     else:
         state = {"source": "PhoneBook", "phonebook": d.phonebook}
     state.update(adapter=a.kind, dropout=float(a.dropout), until_converged=t.until == "converged")
-    state.update(prompt=d.prompt or "", model=spec.model.name, quant=spec.model.quant, method=t.method, rank=a.rank,
+    # a compare job trains sft and memft-ot whatever the Method box says: it shows the default, not the first run's
+    method = default("method") if compare else t.method
+    state.update(prompt=d.prompt or "", model=spec.model.name, quant=spec.model.quant, method=method, rank=a.rank,
                  alpha=float(a.alpha or 0.0), tau=t.tau, max_steps=t.max_steps, seed=t.seed,
                  stop_when_recalled=t.stop_when_recalled, compare=compare)
     state["layers_bypass" if a.kind == "bypass" else "layers"] = a.layers if isinstance(a.layers, str) else ",".join(
         map(str, a.layers))
     if isinstance(a.targets, str):
         state["targets"] = a.targets
-    if t.lr in LR_CHOICES:
-        state["lr"] = t.lr
+    state["lr"] = f"{t.lr:g}"
     return state

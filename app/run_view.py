@@ -61,8 +61,9 @@ def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
     return view
 
 
-def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = True) -> None:
-    """One run's headline, where greedy decoding goes astray, its tokens coloured around τ and its two charts."""
+def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = True, narrow: bool = False) -> None:
+    """One run's headline, where greedy decoding goes astray, its tokens coloured around τ and its two charts
+    (side by side, or one above the other when the run has only a column of the page: compare mode)."""
     if not snap["steps"]:
         st.info(f"{snap['label']}: measuring the base model ...")
         return
@@ -80,9 +81,13 @@ def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = T
     if show_tokens:
         st.html(view["html"])
         st.html(charts.legend_html(tau))
-    c1, c2 = st.columns(2)
-    show_chart(view["histogram"], c1)
-    show_chart(view["trajectories"], c2)
+    if narrow:  # half a page each: side by side, the legends would leave each plot a sliver
+        show_chart(view["histogram"])
+        show_chart(view["trajectories"])
+    else:
+        c1, c2 = st.columns(2)
+        show_chart(view["histogram"], c1)
+        show_chart(view["trajectories"], c2)
 
 
 def _curves(job_id: str, snaps: list[dict[str, Any]], tau: float) -> dict[str, Any]:
@@ -158,7 +163,7 @@ def render_runs(job: Any) -> list[dict[str, Any]]:
         cols = st.columns(len(snaps))
         for i, (c, s) in enumerate(zip(cols, snaps)):
             with c:
-                render_run(s, f"{job.id}-{i}", tau_job)
+                render_run(s, f"{job.id}-{i}", tau_job, narrow=True)
     if curves is not None:
         show_chart(curves)
     return snaps
@@ -205,7 +210,7 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
             if not summ:
                 st.caption(f"{s['label']}: no summary ({job.status}).")
                 continue
-            st.markdown(f"**{s['label']}** · run `{summ.run_id}` · {summ.status} ({summ.stop_reason})")
+            st.markdown(f"**{s['label']}** · run `{summ.run_id}` · {summ.ending}")
             m1, m2, m3 = st.columns(3)
             m1.metric("Recalled verbatim", "yes" if summ.recalled else "no")
             m2.metric("Steps", summ.steps)

@@ -1,8 +1,11 @@
 """memcore app: paste text, pick rank and threshold, watch every token cross the line."""
 
+from pathlib import Path
+
 import streamlit as st
 
-st.set_page_config(page_title="memcore", page_icon=":material/psychology:", layout="wide")
+# a local file: a Material icon as the page icon is fetched from a font CDN, which fails offline
+st.set_page_config(page_title="memcore", page_icon=str(Path(__file__).parent / "static" / "favicon.png"), layout="wide")
 
 pages = [
     st.Page("app_pages/memorize.py", title="Memorize", icon=":material/psychology:", default=True),

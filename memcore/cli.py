@@ -33,13 +33,11 @@ def _quiet() -> None:
 
     for name in ("transformers", "peft", "bitsandbytes", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    if "transformers" in sys.modules:  # else the environment above quiets it when it loads (importing it costs ~1 s)
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
-    except Exception:
-        pass
 
 
 def _store():
@@ -202,12 +200,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """`memcore resume RUN`: continue a stopped, interrupted or failed run from its checkpoint."""
-    from memcore.runner import resumable_step, resume_iter
+    from memcore.runner import check_resumable, resumable_step, resume_iter
 
     store = _store()
     rid = store.resolve(args.run)
+    spec = RunSpec.from_dict(check_resumable(store, rid)["spec"])
     step = resumable_step(store, rid)
-    spec = RunSpec.from_dict(store.run(rid)["spec"])
     print(f"resuming run {rid} from its checkpoint at step {step}" if step is not None else
           f"run {rid} has no checkpoint (it stopped before its first one): training it again from step 0",
           file=sys.stderr)
@@ -233,9 +231,8 @@ def _fmt(x: Any, nd: int = 3) -> str:
 def _print_summary(s: RunSummary) -> None:
     how = "confirmed by greedy generate" if s.verified_by_generate else "every teacher-forced argmax right"
     recall = f"yes, verbatim ({how})" if s.recalled else f"no: greedy decoding diverges at token {s.first_divergence}"
-    why = f", {s.stop_reason})" if s.stop_reason != s.status else ")"
     lines = [
-        f"run            {s.run_id}  ({s.status}" + why,
+        f"run            {s.run_id}  ({s.ending})",
         f"steps          {s.steps}  ({_fmt(s.seconds_per_step, 2)} s/step)",
         f"recalled       {recall}",
         f"verbatim       first {s.verbatim_prefix} of {s.n_tokens} tokens in order   "
@@ -422,16 +419,48 @@ def _law_table(args: argparse.Namespace, required: tuple[str, ...] | None = None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """`memcore fit`: the memory law on a CSV or the store's runs (memcore.law.fit_all), printed or JSON."""
-    from memcore.law import fit_all
+    """`memcore fit`: the memory law on a CSV or the store's runs (memcore.law.fit_all), printed or JSON. A table
+    that holds several methods is fitted method by method (points trained differently need not share one law),
+    unless --method picks one; its JSON is then {"methods": [...], "by_method": {method: fit}}."""
+    from memcore.law import fit_all, method_rows
 
-    fits = fit_all(_law_table(args), with_p_eff=True)
-    out = fits.to_dict()
-    if args.json:
-        print(json.dumps(out))
+    df = _law_table(args)
+    methods = sorted(df["method"].dropna().unique()) if "method" in df.columns and not args.method else []
+    if len(methods) <= 1:
+        fits = fit_all(df, with_p_eff=True)
+        if args.json:
+            print(json.dumps(fits.to_dict()))
+        else:
+            _print_fit(fits.to_dict(), fits.regime.describe(), fits.fitted_on)
         return 0
-    print(fits.regime.describe())
-    print(f"ΔL = C · r^α · ℓ^(−β) + b   {fits.fitted_on}")
+    by_method, errors = {}, {}
+    for m in methods:
+        try:
+            by_method[m] = fit_all(method_rows(df, m), with_p_eff=True)
+        except MemcoreError as e:
+            errors[m] = str(e)
+    if not by_method:
+        raise MemcoreError("no method's points can be fitted: "
+                           + "; ".join(f"{m}: {why}" for m, why in errors.items()))
+    if args.json:
+        print(json.dumps({"methods": methods, "by_method": {m: f.to_dict() for m, f in by_method.items()},
+                          "errors": errors}))
+        return 0
+    print(f"the table holds {', '.join(methods)}: each method is fitted on its own points (choose one with --method)")
+    for m in methods:
+        print(f"\n== {m} ==")
+        if m in errors:
+            print(f"cannot fit: {errors[m]}")
+            continue
+        f = by_method[m]
+        _print_fit(f.to_dict(), f.regime.describe(), f.fitted_on)
+    return 0
+
+
+def _print_fit(out: dict[str, Any], regime: str, fitted_on: str) -> None:
+    """One fit (LawFits.to_dict) as text: the regime, the parameters with intervals, R², the forms compared."""
+    print(regime)
+    print(f"ΔL = C · r^α · ℓ^(−β) + b   {fitted_on}")
     for k in ("C", "alpha", "beta", "b"):
         lo, hi = out["intervals"][k]
         print(f"  {k:<6} {out[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
@@ -451,7 +480,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"  {k:<6} {pref[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
     for n in out.get("notes") or []:
         print(f"note: {n}")
-    return 0
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
@@ -598,7 +626,7 @@ def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults:
             _spec_flag(group, name, **kw)
 
     src = p.add_argument_group("what to memorize")
-    src.add_argument("--text-file", help="UTF-8 text file to memorize, or - for standard input")
+    src.add_argument("--text-file", help="text file to memorize (UTF-8, UTF-16 or UTF-32), or - for standard input")
     spec(src, "text")
     src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)")
     spec(src, "phonebook", metavar="N")
@@ -626,8 +654,8 @@ def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults:
     spec(a, "rank")
     spec(a, "alpha")
     spec(a, "dropout")
-    spec(a, "targets", note=" (comma-separated)")
-    layers_note = "" if "layers" in defaults else " (comma-separated; default: all for LoRA, paper for bypass)"
+    spec(a, "targets")
+    layers_note = "" if "layers" in defaults else " Default: all for LoRA, paper for bypass."
     spec(a, "layers", note=layers_note, default=defaults.get("layers"))
     o = p.add_argument_group("training")
     spec(o, "method")
@@ -637,7 +665,7 @@ def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults:
     spec(o, "max_seconds")
     if "full_budget" not in omit:
         o.add_argument("--full-budget", action="store_true",
-                       help="train all max-steps even once the passage is recalled")
+                       help="train the whole step budget even once the passage is recalled")
     spec(o, "until")
     spec(o, "plateau_window")
     spec(o, "plateau_tol")

@@ -31,6 +31,16 @@ class MemcoreError(Exception):
     """A problem the user can fix; its message is shown as one line, without a traceback."""
 
 
+class TooManyTokens(MemcoreError):
+    """The data hold more target tokens than the configured maximum. The message names the count, the limit and
+    the command line's flag that raises it; the app, which has no such flag, says it in its own words."""
+
+    def __init__(self, total: int, limit: int) -> None:
+        self.total, self.limit = total, limit
+        super().__init__(f"the text is {total} target tokens, more than the configured maximum of {limit} "
+                         "(raise --max-tokens or shorten the text; nothing is truncated silently)")
+
+
 class WriteFailed(MemcoreError):
     """A file or the run store could not be written (a full disk, a quota, a read-only or failing file system).
     Its message names what, where and why: "could not write the adapter to /.../adapter (No space left on
@@ -113,15 +123,15 @@ class ModelSpec:
 class AdapterSpec:
     """The adapter: kind (PEFT LoRA or the paper's bypass), rank, scaling, dropout, and where it goes."""
     rank: int = 8
-    """LoRA rank r."""
+    """Adapter rank r (of the LoRA or of the bypass)."""
     alpha: float | None = None
-    """LoRA alpha; None means alpha = rank, so the update scaling alpha/r is 1 at every rank."""
+    """LoRA alpha; unset means alpha = rank, so the update scaling alpha/r is 1 at every rank (LoRA only)."""
     dropout: float = 0.0
-    """LoRA dropout on the adapter input."""
+    """Dropout on the adapter's input (LoRA or bypass)."""
     targets: str | tuple[str, ...] = "all"
-    """'attn', 'mlp', 'all' (linear layers of each block), or an explicit tuple of module names."""
+    """'attn', 'mlp', 'all' (linear layers of each block), or module names such as q_proj,v_proj (LoRA only)."""
     layers: str | tuple[int, ...] = "all"
-    """'all', 'paper' (one middle layer, MLP projections, alpha = rank), or a tuple of layer indices."""
+    """'all', 'paper' (one layer at 2/3 depth, MLP projections, alpha = rank), or layer indices such as 0,5,9."""
     kind: AdapterKind = "lora"
     """'lora' (PEFT LoRA on the chosen linear layers) or 'bypass' (the paper's adapter: out = MLP(x) + x·A·B on
     the MLP of each chosen layer, no scaling; targets and alpha do not apply; saved by memcore, not PEFT)."""
@@ -158,18 +168,18 @@ class DataSpec:
     text: str | None = None
     """The passage to memorize (all of it is the target)."""
     prompt: str | None = DEFAULT_PROMPT
-    """Conditioned on but not trained. None or '' means the target follows the BOS token alone."""
+    """Text the target is conditioned on but not trained on. Empty: the target follows the BOS token alone."""
     phonebook: int | None = None
     """Instead of a passage: a PhoneBook of this many 'Name:' -> 10-digit number entries."""
     pairs: tuple[tuple[str, str], ...] | None = None
     """Instead of a passage: (prompt, target) samples trained together as one batch (read from JSONL)."""
     random_tokens: int | None = None
     """Instead of a passage: this many token ids drawn uniformly from the vocabulary's ordinary tokens (seeded by
-    `seed`): the paper's r100 data."""
+    the seed): the paper's r100 data."""
     length: int | None = None
-    """Keep only the first `length` target tokens (per sample for a PhoneBook)."""
+    """Keep only the first this many target tokens (of each sample, for a PhoneBook)."""
     noise: float = 0.0
-    """Fraction of target tokens replaced by random tokens (seeded by `seed`)."""
+    """Fraction of target tokens replaced by random tokens (seeded by the seed)."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template as a user turn."""
     seed: int = 0
@@ -215,11 +225,11 @@ class TrainSpec:
     method: Method = "memft-ot"
     """sft (mean cross-entropy), memft-ot (threshold only) or memft-sw (sliding window)."""
     tau: float = 0.5
-    """Probability threshold: a token counts as memorized once p(correct) > tau."""
+    """Probability threshold τ: a token counts as memorized once p(correct) > τ."""
     lr: float = 2e-3
-    """AdamW learning rate (decays linearly to 0 over max_steps, no warmup)."""
+    """AdamW learning rate (decays linearly to 0 over the step budget, no warmup)."""
     max_steps: int = 200
-    """Most optimizer updates."""
+    """The step budget: most optimizer updates."""
     max_seconds: float | None = None
     """Stop after this much wall time (the adapter so far is kept)."""
     stop_when_recalled: bool = True
@@ -227,7 +237,7 @@ class TrainSpec:
     verify: bool = True
     """Confirm the final recall with a real greedy generate (sweeps turn it off: the teacher-forced argmax is exact)."""
     ot_when_empty: OtWhenEmpty = "skip"
-    """memft-ot when no token is below tau: 'skip' the update or fall back to the plain 'mean' loss."""
+    """memft-ot when every token is above τ: 'skip' the update, or fall back to the plain 'mean' loss."""
     window: int = 50
     """memft-sw base window W in tokens."""
     weight_decay: float = 0.0
@@ -242,13 +252,13 @@ class TrainSpec:
     """Per-token replay history kept in the store: every step ('full'), or at most about 300 snapshots, denser
     early, plus the final step ('decimated': what sweeps keep unless asked). Scalars are kept for every step."""
     until: Until = "budget"
-    """'budget': train max_steps (or until recalled, see stop_when_recalled); 'converged': also stop once every
-    target token is above tau ('all_above_tau') or ΔL has gained less than plateau_tol nats over the last
-    plateau_window steps ('plateau'); max_steps stays the cap."""
+    """'budget': train the step budget (stopping early once recalled, unless the full budget is asked for);
+    'converged': also stop once every target token is above τ, or once ΔL has gained less than the plateau
+    tolerance over the plateau window (a plateau); the step budget stays the cap."""
     plateau_window: int = 100
-    """Steps over which a plateau is judged (until='converged')."""
+    """Steps over which a plateau is judged (until converged)."""
     plateau_tol: float = 0.01
-    """ΔL gain, in nats per token, below which plateau_window steps count as a plateau (until='converged')."""
+    """ΔL gain, in nats per token, below which the plateau window counts as a plateau (until converged)."""
     recompute: Recompute = "auto"
     """Recompute the trained blocks' activations in the backward instead of keeping them: less memory at long
     targets for about one more forward; 'auto' turns it on when their activations would take over 768 MB."""

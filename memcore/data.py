@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memcore.config import DataSpec, MemcoreError
+from memcore.config import DataSpec, MemcoreError, TooManyTokens
 from memcore.textio import decode_text, read_user_file
 
 MAX_FILE_BYTES = 20_000_000
@@ -252,8 +252,7 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
         samples.append(Sample(p, t))
     total = sum(len(s.target_ids) for s in samples)
     if total > spec.max_tokens:
-        raise MemcoreError(f"the text is {total} target tokens, more than the configured maximum of {spec.max_tokens} "
-                           f"(raise --max-tokens or shorten the text; nothing is truncated silently)")
+        raise TooManyTokens(total, spec.max_tokens)
     longest = max(len(s.prompt_ids) + len(s.target_ids) for s in samples)
     if context_length is not None and longest > context_length:
         raise MemcoreError(f"the text is {longest} tokens with its prompt, "

@@ -160,7 +160,7 @@ def _least_squares(form: str, x: np.ndarray, dl: np.ndarray,
 def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str = "power",
             x_name: str = "rank") -> LawFit:
     """Fit one form of the law; raises MemcoreError if the data cannot identify it or no start converges."""
-    from scipy import stats
+    from scipy.special import stdtrit  # Student's t quantile; scipy.stats would cost half a second to import
 
     if form not in FORMS:
         raise MemcoreError(f"unknown law form {form!r}; choose from {', '.join(FORMS)}")
@@ -177,7 +177,7 @@ def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str
     n, k = len(dl), len(names)
     sst = float(np.sum((dl - dl.mean()) ** 2))
     r2 = 1.0 - sse / sst
-    t = stats.t.ppf(0.975, max(1, n - k))
+    t = float(stdtrit(max(1, n - k), 0.975))
     se = np.sqrt(np.clip(np.diag(pcov), 0, np.inf)) if np.all(np.isfinite(pcov)) else np.full(k, np.inf)
     intervals = {nm: (float(v - t * s), float(v + t * s)) for nm, v, s in zip(names, popt, se)}
     loo = []
@@ -401,10 +401,19 @@ def law_points(df: pd.DataFrame, min_points: int = 6) -> tuple[pd.DataFrame, str
         return conv, f"fitted on the {len(conv)} converged, unsaturated points (as the paper does)"
     unsat = df[states != "saturated"]
     if len(unsat) >= min_points:
-        why = (f"only {len(conv)} point(s) converged unsaturated" if known
-               else "the table does not say which points converged")
+        if not known:
+            why = "the table does not say which points converged"
+        elif len(conv) == 0:
+            why = "none converged on a plateau short of saturation"
+        else:
+            why = f"only {_points(len(conv))} converged on a plateau short of saturation, fewer than {min_points}"
         return unsat, f"fitted on the {len(unsat)} unsaturated points ({why})"
-    return df, f"fitted on all {len(df)} points (only {len(unsat)} are unsaturated)"
+    have = "none is" if len(unsat) == 0 else f"only {_points(len(unsat))} {'is' if len(unsat) == 1 else 'are'}"
+    return df, f"fitted on all {len(df)} points ({have} unsaturated)"
+
+
+def _points(n: int) -> str:
+    return f"{n} point{'s' if n != 1 else ''}"
 
 
 # --- tables: the points a fit reads, and every form fitted to them ----------------------------------------------
@@ -494,6 +503,7 @@ class LawFits:
     fitted_on: str  # which points the forms were fitted on, in a sentence (law_points)
     p_eff: LawFit | None = None  # the main form again in x = P_eff (fit_all with_p_eff)
     p_eff_error: str | None = None  # why that fit failed
+    notes: list[str] = field(default_factory=list)  # what a reader of the fit must know about its points
 
     @property
     def main(self) -> LawFit:
@@ -512,6 +522,7 @@ class LawFits:
         elif self.p_eff_error is not None:
             out["p_eff_fit"] = {"error": self.p_eff_error}
         out["regime"], out["fitted_on"] = self.regime.to_dict(), self.fitted_on
+        out["notes"] = [*self.notes, *out.get("notes", [])]
         return out
 
 
@@ -531,13 +542,27 @@ def fit_all(df: pd.DataFrame, *, with_p_eff: bool = False) -> LawFits:
     pts, how = law_points(df)
     r, length, dl = (pts[c].to_numpy(float) for c in LAW_COLUMNS)
     forms, preferred = compare_forms(r, length, dl)
-    fits = LawFits(forms, preferred, reg, how)
+    fits = LawFits(forms, preferred, reg, how, notes=negative_delta_loss(pts))
     if with_p_eff and "p_eff" in pts.columns and pts["p_eff"].notna().all() and pts["p_eff"].nunique() > 1:
         try:
             fits.p_eff = fit_law(pts["p_eff"].to_numpy(float), length, dl, fits.main.form, x_name="p_eff")
         except MemcoreError as e:
             fits.p_eff_error = str(e)
     return fits
+
+
+def negative_delta_loss(df: pd.DataFrame) -> list[str]:
+    """A note naming the points whose ΔL is below 0 (the loss rose in training: a diverged run, or a learning
+    rate too high), which a fit takes as they are; no note when there are none."""
+    bad = df[df["delta_loss"] < 0]
+    if bad.empty:
+        return []
+    shown = ", ".join(f"rank {r:g} length {n:g} (ΔL {d:.3f})" for r, n, d in
+                      bad[["rank", "length", "delta_loss"]].to_numpy(float)[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return [f"{len(bad)} point{'s' if len(bad) != 1 else ''} with a negative ΔL, where the loss rose in training (a "
+            f"diverged run? too high a learning rate?): {shown}{more}; fitted as they are — drop or rerun them if "
+            "they are failures"]
 
 
 # --- a user's own runs beside a sweep -----------------------------------------------------------------------------

@@ -72,6 +72,11 @@ class StepRow:
         return cls(**d)
 
 
+# why a run stopped, in words (RunSummary.stop_reason -> what a reader is told)
+STOP_WORDS: dict[str, str] = {"recalled": "recalled verbatim", "max_steps": "reached its step budget",
+                              "all_above_tau": "every token above τ", "plateau": "ΔL reached a plateau",
+                              "max_seconds": "reached its time limit", "stopped": "stopped"}
+
 # the scalar columns of the store's steps table, in order (p and correct live in token_steps)
 STEP_COLUMNS: tuple[str, ...] = ("step", "loss", "delta_loss", "n_above", "n_correct", "n_tokens", "active", "recalled",
                                  "first_divergence", "elapsed", "lr", "skipped")
@@ -128,6 +133,16 @@ class RunSummary:
     device: str | None = None  # where it trained: cpu, cuda (None in older summaries)
     dtype: str | None = None  # the base model's compute dtype: float32, bfloat16, ... (None in older summaries)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept on a round trip)
+
+    @property
+    def ending(self) -> str:
+        """How the run ended, in words: its status, and why when the status does not say it ("completed: recalled
+        verbatim", "completed: reached its time limit", "stopped")."""
+        why = STOP_WORDS.get(self.stop_reason or "", self.stop_reason)
+        status = self.status or ("stopped" if self.stop_reason in ("stopped", "max_seconds") else "completed")
+        if not why or why == status:
+            return status
+        return f"{status}: {why}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data, fields in declaration order, then `extra`'s keys."""

@@ -238,15 +238,21 @@ def resumable_step(store: Store, run_id: str) -> int | None:
 RESUMABLE = ("interrupted", "stopped", "failed")
 
 
+def check_resumable(store: Store, run_id: str) -> dict[str, Any]:
+    """The stored run, if it can be resumed (interrupted, stopped or failed); else a MemcoreError saying why not."""
+    run = store.run(run_id)
+    if run["status"] not in RESUMABLE:
+        raise MemcoreError(f"run {run_id} is {run['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
+    return run
+
+
 def resume_iter(store: Store, run_id: str, base: Base | None = None,
                 should_stop: Callable[[], bool] | None = None) -> tuple[Base, Generator[StepReport, None, RunSummary]]:
     """Continue a stored run that did not finish (interrupted, stopped or failed) from its last checkpoint, on
     the exact target tokens it was training on. Returns the base model used and the execute_iter stream.
 
     Raises MemcoreError if the run finished or is still live."""
-    run = store.run(run_id)
-    if run["status"] not in RESUMABLE:
-        raise MemcoreError(f"run {run_id} is {run['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
+    run = check_resumable(store, run_id)
     spec = RunSpec.from_dict(run["spec"])
     base, samples = prepare(spec, base, store.home)
     try:  # the tokens it was trained on, even if the tokenizer has changed since

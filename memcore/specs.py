@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from memcore.blocks import context_length, layer_count
 from memcore.config import TARGET_PRESETS, AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
 
 SPECS: tuple[type, ...] = (ModelSpec, AdapterSpec, DataSpec, TrainSpec)
@@ -94,8 +93,19 @@ def option_type(name: str) -> tuple[type, tuple[str, ...] | None]:
 # --- parsing lists -------------------------------------------------------------------------------------------
 
 
-def _words(value: str) -> list[str]:
-    return [p for p in value.replace(",", " ").split() if p]
+def _words(value: str, what: str) -> list[str]:
+    """The items of a list the user typed, separated by commas, spaces or both ('0,5,9', '0, 5, 9', '0 5 9').
+    Raises MemcoreError naming `what` and the value for an empty item ('1,,2', a comma at an end) or an item given
+    twice."""
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise MemcoreError(f"{what} {value!r} has an empty item (two commas in a row, or one at an end); "
+                           "write them like 0,5,9")
+    items = [w for p in parts for w in p.split()]
+    twice = sorted({w for w in items if items.count(w) > 1})
+    if twice:
+        raise MemcoreError(f"{what} {value!r} lists {twice[0]} twice")
+    return items
 
 
 def parse_layers(value: str | Sequence[int]) -> str | tuple[int, ...]:
@@ -107,7 +117,7 @@ def parse_layers(value: str | Sequence[int]) -> str | tuple[int, ...]:
     if value in LAYER_PRESETS:
         return value
     try:
-        return tuple(int(p) for p in _words(value))
+        return tuple(int(p) for p in _words(value, "layers"))
     except ValueError:
         raise MemcoreError(f"layers must be 'all', 'paper' or layer indices like 0,5,9, got {value!r}") from None
 
@@ -117,7 +127,7 @@ def parse_targets(value: str | Sequence[str]) -> str | tuple[str, ...]:
     if not isinstance(value, str):
         return tuple(value)
     value = value.strip()
-    return value if value in TARGET_PRESETS else tuple(_words(value))
+    return value if value in TARGET_PRESETS else tuple(_words(value, "targets"))
 
 
 def parse_keys(value: str | None) -> tuple[str, str] | None:
@@ -202,6 +212,7 @@ def preflight(spec: RunSpec, tokenizer: Any, config: Any, vocab_size: int | None
     ids (default: the tokenizer's length). Raises MemcoreError naming the bad value: more target tokens than
     spec.data.max_tokens (with the count), a sample longer than the context (with both numbers), a layer the
     model does not have."""
+    from memcore.blocks import context_length, layer_count  # torch: imported only when a model is at hand
     from memcore.data import build_samples
 
     context = context_length(config)

@@ -93,7 +93,8 @@ def test_memorize_form_starts_at_the_spec_defaults_and_builds_the_default_spec(a
 
     at = _app()
     assert at.number_input(key="rank").value == default("rank") and at.slider(key="tau").value == default("tau")
-    assert at.select_slider(key="lr").value == default("lr") and at.number_input(key="seed").value == default("seed")
+    assert float(at.text_input(key="lr").value) == default("lr")
+    assert at.number_input(key="seed").value == default("seed")
     assert at.number_input(key="max_steps").value == default("max_steps")
     assert at.number_input(key="dropout").value == default("dropout")
     assert at.selectbox(key="method").value == default("method") and at.selectbox(key="quant").value == default("quant")
@@ -120,8 +121,9 @@ def test_a_jobs_spec_fills_the_form_back():
     state = form_state(spec, compare=True)
     assert state["source"] == "Paste" and state["passage"] == " 1\n 2"  # the uploaded file is gone: its targets
     assert state["layers_bypass"] == "3,5" and "layers" not in state and state["adapter"] == "bypass"
-    assert (state["rank"], state["lr"], state["until_converged"], state["prompt"]) == (2, 1e-2, True, "")
-    assert "lr" not in form_state(run_spec({"text": "x", "lr": 3e-3}), compare=False)  # not a stop of the slider
+    assert (state["rank"], state["lr"], state["until_converged"], state["prompt"]) == (2, "0.01", True, "")
+    assert form_state(run_spec({"text": "x", "lr": 3e-2}), compare=False)["lr"] == "0.03"  # any value, typed
+    assert state["method"] == "memft-ot"  # a compare job's link leaves the Method box at its default, not sft
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -130,7 +132,11 @@ def test_a_jobs_spec_fills_the_form_back():
      and at.text_input(key="layers").input("99").run(), "layer 99 does not exist"),
     (lambda at: at.text_area(key="passage").input("some words here").run()
      and at.text_input(key="layers").input("x,y").run(), "layers must be"),
-    (lambda at: at.text_area(key="passage").input("word " * 3000).run(), "configured maximum of 2048"),
+    (lambda at: at.text_area(key="passage").input("word " * 3000).run(), "the app memorizes at most 2,048"),
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.text_input(key="lr").input("fast").run(), "The learning rate must be a number such as 2e-3"),
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.text_input(key="lr").input("5").run(), "The learning rate must be between 1e-06 and 1; got 5."),
 ])
 def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, message):
     from common import get_worker
@@ -147,7 +153,7 @@ def test_a_tiny_run_finishes_and_its_results_appear_with_user_text_inert(app_env
     at = _app()
     at.text_area(key="passage").input(XSS).run()
     at.number_input(key="max_steps").set_value(3).run()
-    at.select_slider(key="lr").set_value(0.05).run()
+    at.text_input(key="lr").input("5e-2").run()
     assert "target tokens" in " ".join(c.value for c in at.caption)
     at.button(key="start").click().run()
     assert not at.exception
@@ -215,7 +221,7 @@ def test_runs_page_lists_replays_exports_and_deletes(app_env):
     at = _app("app_pages/runs.py")
     assert not at.exception
     df = at.dataframe[0].value
-    assert len(df) == 1 and df.iloc[0]["status"] == "completed"
+    assert len(df) == 1 and df.iloc[0]["status"] == "completed" and df.iloc[0]["adapter"] == "lora"
     slider = at.slider[0]
     assert slider.value == 2  # last recorded step (states after 0, 1, 2 updates)
     slider.set_value(0).run()
@@ -299,6 +305,15 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     at.number_input(key="wi_verbatim").set_value(40).run()
     md = " ".join(m.value for m in at.markdown)
     assert "Smallest rank predicted to recall **40** tokens verbatim" in md
+    # the newcomer's view of the capacity sweep: the saturated corner said, a what-if that is not trivially rank 1,
+    # the frontier table in numbers or words (never "None"), and the tie between the methods said
+    assert "Grey: where the fitted law predicts more than" in captions
+    need = next(m.value for m in at.markdown if m.value.startswith("Smallest rank predicted to reach ΔL"))
+    assert "**1**" not in need, need
+    frontier_tables = [t.value for t in at.dataframe if "bits/param there" in t.value.columns]
+    assert frontier_tables and all(t["bits/param there"].map(lambda v: v is not None and v != "None").all()
+                                   for t in frontier_tables)
+    assert "tie at every rank here" in captions
     at.selectbox(key="law_source").set_value("shipped: default_smollm2_135m").run()
     assert not at.exception
     captions = " ".join(c.value for c in at.caption)
@@ -412,3 +427,25 @@ def test_runs_page_counts_tokens_above_tau_as_the_trainer_did(app_env, tiny_mode
     assert not at.exception
     n = len(samples[0].target_ids)
     assert f"{n + 7}/{n} tokens above τ" in " ".join(m.value for m in at.markdown)
+
+
+def test_any_learning_rate_in_range_can_be_typed(app_env):
+    """The shipped capacity sweep's 3e-2 (not a stop of the old slider) reaches the run's spec as typed."""
+    from common import get_worker
+
+    at = _app()
+    at.text_area(key="passage").input("Learning at the sweep's rate.").run()
+    at.text_input(key="lr").input("3e-2").run()
+    at.number_input(key="max_steps").set_value(1).run()
+    at.button(key="start").click().run()
+    job = get_worker().find(get_worker().store.jobs()[0]["id"])
+    assert job.specs[0].train.lr == 0.03
+    _wait_for_job(at)
+
+
+def test_compare_mode_disables_the_method_box(app_env):
+    at = _app()
+    assert not at.selectbox(key="method").disabled
+    at.toggle(key="compare").set_value(True).run()
+    at.run()
+    assert at.selectbox(key="method").disabled

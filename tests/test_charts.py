@@ -381,3 +381,62 @@ def test_stable_spec_names_datasets_by_use_not_by_content():
     assert sorted(a["datasets"]) == sorted(b["datasets"]) and all(n.startswith("data") for n in a["datasets"])
     assert json.dumps({k: v for k, v in a.items() if k != "datasets"}, sort_keys=True) == \
         json.dumps({k: v for k, v in b.items() if k != "datasets"}, sort_keys=True)
+
+
+def _surface_layers(spec: dict) -> list[dict]:
+    return spec.get("layer", [])
+
+
+def test_the_surface_is_grey_where_the_law_runs_past_what_the_runs_reach():
+    """Cells predicted above the data's own ceiling (saturated runs: ΔL capped by the base loss) are drawn grey and
+    kept off the colour scale, instead of colouring the saturated corner up to ΔL 50."""
+    def predict(r, ell):
+        return 60.0 * np.asarray(r, float) ** 0.9 * np.asarray(ell, float) ** -0.5
+
+    ranks, lengths = pd.Series([1.0, 2.0, 4.0]), pd.Series([16.0, 64.0, 192.0])
+    grid = charts.law_grid(predict, ranks, lengths)
+    observed = pd.DataFrame({"rank": ranks, "length": lengths, "delta_loss": [14.0, 13.0, 12.0], "kind": "sweep"})
+    observed = observed.assign(predicted=predict(observed["rank"], observed["length"]))
+    assert grid.delta_loss.max() > 30  # the fitted form's own corner
+    spec = charts.law_surface_chart(grid, observed, "t", ceiling=14.0).to_dict()
+    greys = [lay for lay in _surface_layers(spec) if lay.get("mark", {}).get("color") == "#d9d9d9"]
+    assert len(greys) == 1
+    domains = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "delta_loss"
+               and isinstance(v.get("scale"), dict) and "domain" in v["scale"]]
+    assert domains and all(d[1] <= 14.0 + 1e-9 for d in domains)
+    grey_rows = spec["datasets"][greys[0]["data"]["name"]]
+    assert grey_rows and all(row["delta_loss"] > 14.0 for row in grey_rows)
+
+
+def test_your_runs_diamonds_sit_in_a_corner_under_the_cells_numbers():
+    cells = pd.DataFrame({"rank": [1, 1, 2, 2], "length": [32, 64, 32, 64], "exact_recall": [1.0, 0.0, 1.0, 1.0]})
+    mine = pd.DataFrame({"rank": [1.1], "length": [30], "label": ["your run x"], "exact_recall": [1.0]})
+    spec = charts.recall_heatmap(cells, "exact_recall", "t", mine=mine).to_dict()
+    marks = [lay["mark"] for lay in spec["layer"]]
+    kinds = [m["type"] if isinstance(m, dict) else m for m in marks]
+    assert kinds == ["rect", "point", "text"]  # the numbers are drawn last, over the diamond
+    diamond = marks[1]
+    assert diamond["shape"] == "diamond" and diamond["xOffset"] and diamond["yOffset"]
+
+
+def test_methods_that_tie_on_capacity_are_both_visible():
+    per_rank = pd.DataFrame([{"rank": r, "bits_per_param": 0.53, "kind": f"{m} fitted"}
+                             for m in ("memft-ot", "sft") for r in (1, 2, 4)])
+    spec = charts.capacity_chart(per_rank, {"knowledge": 2.0}).to_dict()
+    rows = [row for rows in spec["datasets"].values() for row in rows if not row["reference"]]
+    drawn = {k: sorted(r["drawn"] for r in rows if r["kind"] == k) for k in ("memft-ot fitted", "sft fitted")}
+    assert drawn["memft-ot fitted"] != drawn["sft fitted"]  # the same values at different x: both lines show
+    assert all(r["rank"] in (1, 2, 4) for r in rows)  # the tooltip keeps the true rank
+    assert all(abs(np.log(r["drawn"] / r["rank"])) < 0.07 for r in rows)
+
+
+def test_the_replays_curves_mark_the_shown_step():
+    hist = pd.DataFrame({"step": [0, 1, 2, 3], "loss": [3.0, 2.0, 1.0, 0.5], "delta_loss": [0, 1.0, 2.0, 2.5],
+                         "frac_above": [0, 0.2, 0.6, 1.0], "frac_correct": [0, 0.3, 0.7, 1.0], "run": "sft"})
+    spec = charts.curves_chart(hist, 0.5, mark_step=2).to_dict()
+    rules = [lay for panel in spec["hconcat"] for lay in panel.get("layer", [])
+             if (lay.get("mark") == "rule" or (isinstance(lay.get("mark"), dict) and lay["mark"]["type"] == "rule"))
+             and lay.get("encoding", {}).get("x", {}).get("field") == "step"]
+    assert len(rules) == 2  # one in each panel
+    assert all(spec["datasets"][r["data"]["name"]] == [{"step": 2}] for r in rules)
+    assert "hconcat" in charts.curves_chart(hist, 0.5).to_dict()  # unmarked: as before

@@ -264,3 +264,106 @@ def test_a_sigkilled_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed
     whole = json.loads(out)
     assert whole["loss"] == pytest.approx(resumed["loss"], rel=1e-4)
     assert whole["n_above"] == resumed["n_above"] and whole["n_correct"] == resumed["n_correct"]
+
+
+def _two_method_table(path: Path, with_negative: bool = False) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for method, c in (("sft", 1.0), ("memft-ot", 2.0)):
+        for r in (1, 2, 4, 8):
+            for n in (32, 64, 128, 256):
+                rows.append({"rank": r, "length": n, "method": method,
+                             "delta_loss": c * r ** 0.5 * n ** -0.3 + 0.01 * np.sin(r * n)})
+    if with_negative:
+        rows[3]["delta_loss"] = -0.2
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_fit_on_a_table_of_several_methods_fits_each_on_its_own(home, tmp_path, capsys):
+    csv = _two_method_table(tmp_path / "two.csv")
+    code, out, _ = run_cli(capsys, "fit", "--csv", str(csv), "--json")
+    res = json.loads(out)
+    assert code == 0 and res["methods"] == ["memft-ot", "sft"]
+    assert res["by_method"]["sft"]["n"] == res["by_method"]["memft-ot"]["n"] == 16  # not 32 pooled points
+    assert res["by_method"]["memft-ot"]["C"] == pytest.approx(2 * res["by_method"]["sft"]["C"], rel=0.2)
+    code, out, _ = run_cli(capsys, "fit", "--csv", str(csv))
+    assert "each method is fitted on its own points" in out and "== sft ==" in out and "== memft-ot ==" in out
+    code, out, _ = run_cli(capsys, "fit", "--csv", str(csv), "--method", "sft", "--json")
+    assert json.loads(out)["n"] == 16 and "by_method" not in json.loads(out)
+
+
+def test_a_negative_delta_loss_is_said_not_fitted_silently(home, tmp_path, capsys):
+    csv = _two_method_table(tmp_path / "neg.csv", with_negative=True)
+    code, out, _ = run_cli(capsys, "fit", "--csv", str(csv), "--method", "sft")
+    assert code == 0
+    assert re.search(r"note: 1 point with a negative ΔL, where the loss rose in training .*rank 1 length 256 "
+                     r"\(ΔL -0\.200\)", out)
+    code, out, _ = run_cli(capsys, "fit", "--csv", str(csv), "--method", "memft-ot")
+    assert "negative ΔL" not in out
+
+
+def test_resuming_a_completed_run_says_only_why_not(home, tiny_model_dir, capsys):
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "a b c", "--max-steps", "1",
+                           "--json")
+    rid = json.loads(out)["run_id"]
+    code, _, err = run_cli(capsys, "resume", rid)
+    assert code == 2 and _one_line_error(err) == (f"memcore: error: run {rid} is completed; only interrupted, "
+                                                  "stopped, failed runs can be resumed")
+    assert "checkpoint" not in err
+
+
+def test_help_speaks_the_users_words(capsys):
+    from memcore.cli import build_parser
+
+    for verb in ("train", "sweep"):
+        text = build_parser()._subparsers._group_actions[0].choices[verb].format_help()
+        for leak in ("stop_when_recalled", "until='converged'", "tuple of", "max_steps", "plateau_tol",
+                     "plateau_window", "`seed`", "`length`"):
+            assert leak not in text, (verb, leak)
+    flags = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert "LoRA or of the bypass" in flags["rank"].help and "LoRA or bypass" in flags["dropout"].help
+
+
+def test_a_stopped_run_reads_stopped_once(home, tiny_model_dir, capsys):
+    from memcore.records import RunSummary
+
+    code, out, _ = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "a b c", "--max-steps", "2",
+                           "--json")
+    s = RunSummary.from_dict(json.loads(out))
+    s.status, s.stop_reason = "stopped", "stopped"
+    assert s.ending == "stopped"
+    s.status, s.stop_reason = "completed", "recalled"
+    assert s.ending == "completed: recalled verbatim"
+    code, out, _ = run_cli(capsys, "show", "last")
+    assert re.search(r"\((completed: reached its step budget|completed: recalled verbatim)\)", out)
+
+
+@pytest.mark.parametrize("verb", [["--help"], ["runs"], ["show", "last"], ["fit", "--csv", "{csv}"],
+                                  ["predict", "--csv", "{csv}", "--rank", "2", "--length", "64"],
+                                  ["frontier", "--csv", "{frontier}"]])
+def test_verbs_that_need_no_model_do_not_load_torch(home, tmp_path, verb):
+    """`memcore --help`, runs, show, fit, predict and frontier start without importing torch or transformers (about
+    2 s of the start-up on this machine's CPU); what they do import is measured in the closing note, not here."""
+    store = Store(home)
+    from memcore.config import RunSpec
+
+    store.create_run(RunSpec().to_dict(), status="completed")
+    store.close()
+    csv = _two_method_table(tmp_path / "t.csv")
+    frontier = Path(__file__).resolve().parent.parent / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
+    args = [a.format(csv=csv, frontier=frontier) for a in verb]
+    code = ("import sys\n"
+            "from memcore.cli import main\n"
+            "try:\n"
+            f"    rc = main({args!r})\n"
+            "except SystemExit as e:  # --help\n"
+            "    rc = e.code\n"
+            "print('LOADED', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+            "sys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MEMCORE_HOME": str(home)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "LOADED []" in done.stdout, done.stdout[-500:]

@@ -326,3 +326,21 @@ def test_own_runs_and_how_they_differ_from_a_sweep(tmp_path):
     assert notes == [f"run {first} differs from the sweep in data text (sweep: random tokens)",
                      f"run {second} differs from the sweep in adapter bypass (sweep: lora)"]
     assert sweep_mismatches(store, {"model": ref["model"]}) == []  # only the sweep's own keys are compared
+
+
+def test_which_points_are_fitted_is_said_in_plain_words():
+    import pandas as pd
+
+    from memcore.law import law_points
+
+    rows = [{"rank": r, "length": n, "delta_loss": 1.0 / n * r, "stop_reason": "max_steps"}
+            for r in (1, 2, 4) for n in (32, 64, 128)]
+    _, how = law_points(pd.DataFrame(rows))
+    assert how == "fitted on the 9 unsaturated points (none converged on a plateau short of saturation)"
+    rows[0]["stop_reason"] = "plateau"
+    _, how = law_points(pd.DataFrame(rows))
+    assert "only 1 point converged on a plateau short of saturation, fewer than 6" in how
+    _, how = law_points(pd.DataFrame(rows[:3]))
+    assert how == "fitted on all 3 points (only 3 points are unsaturated)"
+    _, how = law_points(pd.DataFrame([dict(r, stop_reason="recalled") for r in rows[:4]]))
+    assert how == "fitted on all 4 points (none is unsaturated)"

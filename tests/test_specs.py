@@ -36,7 +36,7 @@ def test_every_spec_field_is_an_option_with_its_dataclass_default_and_a_docstrin
     assert (default("rank"), default("lr"), default("max_steps"), default("method")) == (8, 2e-3, 200, "memft-ot")
     assert default("rank") == AdapterSpec().rank and default("tau") == TrainSpec().tau
     assert default("model") == ModelSpec().name and default("prompt") == DataSpec(text="x").prompt
-    assert option_help("rank") == "LoRA rank r." and "AdamW learning rate" in option_help("lr")
+    assert option_help("rank") == "Adapter rank r (of the LoRA or of the bypass)." and "AdamW" in option_help("lr")
 
 
 def test_settings_left_out_take_the_dataclass_defaults():
@@ -70,6 +70,10 @@ def test_compare_mode_gives_one_spec_per_method_alike_otherwise():
     ({"text": "x", "adapter": "bypass", "alpha": 4.0}, "--alpha and --targets apply to LoRA"),
     ({"text": "x", "adapter": "bypass", "targets": "attn"}, "--alpha and --targets apply to LoRA"),
     ({"text": "x", "rank": 0}, "rank must be an integer >= 1, got 0"),
+    ({"text": "x", "layers": "1,,2"}, "layers '1,,2' has an empty item"),
+    ({"text": "x", "layers": "1,2,"}, "layers '1,2,' has an empty item"),
+    ({"text": "x", "layers": "3,5,3"}, "layers '3,5,3' lists 3 twice"),
+    ({"text": "x", "targets": "q_proj,,v_proj"}, "targets 'q_proj,,v_proj' has an empty item"),
     ({"text": "x", "rnak": 4}, "unknown setting 'rnak'"),
     ({}, "give exactly one of"),
     ({"text": "x", "phonebook": 3}, "got text and phonebook"),

@@ -136,7 +136,12 @@ if show_mine and len(extra):
                "surface shows how much that matters.")
 observed = observed.assign(predicted=fit.predict(observed["rank"].to_numpy(float), observed["length"].to_numpy(float)))
 grid = charts.law_grid(fit.predict, observed["rank"], observed["length"])
-surface = charts.law_surface_chart(grid, observed, f"{method}: fitted ΔL (R² {fit.r2:.3f})")
+ceiling = float(d["delta_loss"].max())  # the most ΔL this sweep reaches: past it the points are saturated
+surface = charts.law_surface_chart(grid, observed, f"{method}: fitted ΔL (R² {fit.r2:.3f})", ceiling=ceiling)
+if (grid["delta_loss"] > ceiling).any():
+    st.caption(f"Grey: where the fitted law predicts more than the {ceiling:.2f} nats/token the sweep's points reach; "
+               "there the runs are saturated (every token memorized, ΔL capped by the base loss) and the power form "
+               "runs on past what any adapter can gain.")
 front = None
 if has_recall(data):
     try:
@@ -157,7 +162,7 @@ ranks = sorted(d["rank"].unique())
 ls = np.geomspace(d["length"].min(), d["length"].max(), 40)
 curves = pd.DataFrame([{"rank": r, "length": x, "delta_loss": float(fit.predict(r, x))} for r in ranks for x in ls])
 show_chart(charts.law_slices_chart(d[["rank", "length", "delta_loss"]], curves,
-                                   f"{method}: ΔL against length, one line per rank"))
+                                   f"{method}: ΔL against length, one line per rank", ceiling=ceiling))
 
 # --- recall: low loss is not high accuracy ------------------------------------------------------------------------
 if has_recall(data):
@@ -205,7 +210,8 @@ if has_recall(data):
             for p in per_rank:
                 sym = {"at least": "≥", "at most": "≤"}.get(p.bound, "≈")
                 row = {"rank": p.rank, "longest recalled ℓ*": f"{sym} {p.ell_star:.0f}",
-                       "bits/param there": p.bits_per_param}
+                       "bits/param there": (f"{p.bits_per_param:.3f}" if p.bits_per_param is not None
+                                            else "— (no bits or P_eff column)")}
                 if ffit is not None:
                     lo, hi = ffit.ell_star_interval(p.rank)
                     row["fitted ℓ*"] = f"{float(ffit.ell_star(p.rank)):.0f} [{lo:.0f}, {hi:.0f}]"
@@ -217,8 +223,7 @@ if has_recall(data):
             gamma_lo, gamma_hi = ffit.gamma_interval if ffit else (None, None)
             st.markdown(f"**{m}**" + (f" · ℓ*(r) = {math.exp(ffit.a):.3g} · r^{ffit.gamma:.2f} "
                                         f"(γ 95% [{gamma_lo:.2f}, {gamma_hi:.2f}])" if ffit else ""))
-            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
-                         column_config={"bits/param there": st.column_config.NumberColumn(format="%.3f")})
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
             if ffit is None:
                 st.caption(f"No fitted frontier: {why}")
             else:
@@ -227,6 +232,11 @@ if has_recall(data):
     cap = pd.DataFrame([r for r in cap_rows if r["bits_per_param"] is not None])
     if len(cap):
         show_chart(charts.capacity_chart(cap, REFERENCE_BITS_PER_PARAM))
+        by = cap.assign(method=cap["kind"].str.split().str[0], how=cap["kind"].str.split().str[1])
+        wide = by.pivot_table(index=["rank", "how"], columns="method", values="bits_per_param")
+        if wide.shape[1] > 1 and np.allclose(wide.to_numpy(), wide.to_numpy()[:, :1], rtol=1e-6, equal_nan=True):
+            st.caption(f"{' and '.join(wide.columns)} tie at every rank here (the lines are drawn slightly apart in "
+                       "rank to show both): this sweep does not tell their capacities apart.")
         st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled "
                    "to the frontier length and divided by P_eff. References: about 2 bits/param for knowledge "
                    "(Allen-Zhu & Li), 3.6 for random data (Morris et al. 2025).")
@@ -236,7 +246,11 @@ st.subheader("What if")
 c1, c2, c3 = st.columns(3)
 r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=8, key="wi_rank"))
 l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=256, key="wi_len"))
-target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=20.0, value=1.0, step=0.1, key="wi_target")
+# a default the sweep makes non-trivial: nine tenths of the most ΔL it reaches (1.0 on a short-budget text sweep,
+# about 12 nats on random tokens, where a target of 1 is met by every rank); a new sweep or method resets it
+target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
+                         value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1,
+                         key=f"wi_target-{name}-{method}")
 pred = float(fit.predict(r_in, l_in))
 per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
 bits = pred * l_in / math.log(2)

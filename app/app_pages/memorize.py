@@ -6,7 +6,7 @@ and pass memcore's preflight before Start; app/inputs.py reads files, app/run_vi
 import run_view
 import streamlit as st
 from common import default_model_name, error_text, get_worker, preflight_counts, session_id
-from inputs import LR_CHOICES, describe_jsonl, form_state, paste_error, read_jsonl_upload, read_text_upload
+from inputs import describe_jsonl, form_state, parse_lr, paste_error, read_jsonl_upload, read_text_upload
 
 from memcore.config import ADAPTERS, METHODS, QUANTS, MemcoreError, ModelSpec
 from memcore.data import list_samples, read_sample
@@ -77,8 +77,9 @@ with right:
     quant = c1.selectbox("Quantization", QUANTS, index=QUANTS.index(default("quant")), key="quant",
                          help="nf4 = QLoRA on a 4-bit base (bitsandbytes)")
     method = c2.selectbox("Method", METHODS, index=METHODS.index(default("method")), key="method",
+                          disabled=st.session_state.get("compare", False),
                           help="sft: mean loss on every token · memft-ot: only tokens below τ · "
-                               "memft-sw: sliding window")
+                               "memft-sw: sliding window (compare mode trains sft and memft-ot)")
     adapter_kind = st.radio("Adapter", ADAPTERS, index=ADAPTERS.index(default("adapter")), horizontal=True,
                             key="adapter",
                             format_func=lambda k: {"lora": "LoRA (PEFT)", "bypass": "the paper's MLP bypass"}[k],
@@ -100,8 +101,9 @@ with right:
                                     help="dropout on the adapter's input during training (the paper uses 0.1 with its "
                                          "bypass)"))
     tau = st.slider("Threshold τ", min_value=0.05, max_value=0.95, value=default("tau"), step=0.05, key="tau")
-    lr = st.select_slider("Learning rate", options=LR_CHOICES, value=default("lr"), format_func=lambda x: f"{x:g}",
-                          key="lr")
+    lr, lr_error = parse_lr(st.text_input("Learning rate (AdamW)", value=f"{default('lr'):g}", key="lr",
+                                          help="any value from 1e-6 to 1, e.g. 2e-3, 1e-2 (the paper's) or 3e-2 (the "
+                                               "shipped capacity sweep's); it decays linearly to 0 over the budget"))
     c3, c4 = st.columns(2)
     max_steps = int(c3.number_input("Step budget", min_value=1, max_value=10_000, value=default("max_steps"),
                                     key="max_steps"))
@@ -113,6 +115,7 @@ with right:
         value=default("until") == "converged", key="until_converged",
         help="the paper's regime: train to convergence (as --until converged)")
     compare = st.toggle("Compare mode: sft and memft-ot side by side", key="compare")
+    input_error = input_error or lr_error
 
 settings = dict(model=model_name.strip() or default("model"), quant=quant, adapter=adapter_kind, rank=rank,
                 layers=layers, dropout=dropout, prompt=prompt, length=keep_len, seed=seed, method=method, tau=tau,

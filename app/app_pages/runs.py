@@ -23,7 +23,8 @@ def _table(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for r in runs:
         s = r["summary"]
-        rows.append({"run": r["id"], "status": r["status"], "model": r["model"], "method": r["method"],
+        rows.append({"run": r["id"], "status": r["status"], "model": r["model"],
+                     "adapter": r["spec"].get("adapter", {}).get("kind", "lora"), "method": r["method"],
                      "rank": r["rank"],
                      "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
@@ -65,7 +66,8 @@ picked = st.selectbox("Open a run", ids, key="picked",
                                             f"{df.set_index('run').loc[i, 'status']}")
 run = store.run(picked)
 spec = run["spec"]
-st.markdown(f"**{picked}** · {run['status']} · model `{run['model']}` · {run['method']} · rank {run['rank']} · "
+st.markdown(f"**{picked}** · {run['status']} · model `{run['model']}` · "
+            f"{run['spec'].get('adapter', {}).get('kind', 'lora')} · {run['method']} · rank {run['rank']} · "
             f"τ {spec['train']['tau']} · lr {spec['train']['lr']:g}")
 if run["error"]:
     st.error(run["error"])
@@ -127,7 +129,7 @@ if replay is not None and len(replay.steps):
         hist = hist.iloc[charts.thin(len(hist))]
         hist = hist.assign(frac_above=hist.n_above / hist.n_tokens, frac_correct=hist.n_correct / hist.n_tokens,
                            run=run["method"])
-        show_chart(charts.curves_chart(hist, tau))
+        show_chart(charts.curves_chart(hist, tau, mark_step=replay.steps[i]))
 
 with st.expander("Delete this run"):
     sure = st.checkbox(f"Yes, delete run {picked} and its adapter for good", key=f"sure-{picked}")
