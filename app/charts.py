@@ -564,28 +564,30 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
 
 
 def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.Chart:
-    """Bits per trainable parameter at the verbatim frontier, by rank (solid: measured and fitted), against
-    reference capacities (dashed, flat), all as lines of one table so they share one y scale.
+    """Bits per trainable parameter at the verbatim frontier, by rank (markers: measured and fitted, one shape per
+    method), against reference capacities (dashed lines), on one y scale.
     per_rank: rank, bits_per_param, kind ("<method> fitted" / "<method> interpolated"). Each kind is drawn a
-    little apart in rank (×0.94 … ×1.06, the tooltip keeps the true rank), so methods that tie stay visible
-    side by side instead of one hiding the other."""
+    little apart in rank (×0.94 … ×1.06; the tooltip keeps the true rank), so methods that tie stand side by side
+    instead of one hiding the other."""
     ranks = sorted(per_rank["rank"].unique())
     kinds = list(dict.fromkeys(per_rank["kind"]))
     nudge = {k: 1.06 ** (i - (len(kinds) - 1) / 2) for i, k in enumerate(kinds)}
-    per_rank = per_rank.assign(drawn=[r * nudge[k] for r, k in zip(per_rank["rank"], per_rank["kind"])])
+    methods = [k.split()[0] for k in per_rank["kind"]]
+    per_rank = per_rank.assign(drawn=[r * nudge[k] for r, k in zip(per_rank["rank"], per_rank["kind"])],
+                               method=methods, bits_per_param=per_rank["bits_per_param"].astype(float))
     lo_r, hi_r = float(min(ranks)) / 1.15, float(max(ranks)) * 1.15
-    refs = pd.DataFrame([{"rank": r, "drawn": r, "bits_per_param": v, "kind": f"{v:g} bits/param: {k}"}
+    refs = pd.DataFrame([{"drawn": r, "bits_per_param": float(v), "kind": f"{v:g} bits/param: {k}"}
                          for k, v in references.items() for r in (lo_r, hi_r)])
-    df = pd.concat([per_rank.assign(reference=False), refs.assign(reference=True)], ignore_index=True)
-    df["bits_per_param"] = df["bits_per_param"].astype(float)
-    top = float(max(df["bits_per_param"].max() * 1.1, 4.0))
-    return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("drawn:Q", scale=alt.Scale(type="log", nice=False, domain=[lo_r, hi_r]),
-                axis=alt.Axis(values=[float(r) for r in ranks], format="d"), title="rank r (log)"),
-        y=alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter"),
-        # at the side: a bottom legend eats the height
-        color=alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360)),
-        strokeDash=alt.StrokeDash("reference:N", legend=None,
-                                  scale=alt.Scale(domain=[False, True], range=[[1, 0], [6, 4]])),
-        tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")],
-    ).properties(title="capacity at the verbatim-recall frontier", height=280)
+    top = float(max(per_rank["bits_per_param"].max() * 1.1, max(references.values(), default=0) * 1.1, 4.0))
+    x = alt.X("drawn:Q", scale=alt.Scale(type="log", nice=False, domain=[lo_r, hi_r]),
+              axis=alt.Axis(values=[float(r) for r in ranks], format="d"), title="rank r (log)")
+    y = alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter")
+    # at the side: a bottom legend eats the height
+    color = alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360),
+                      scale=alt.Scale(domain=[*kinds, *dict.fromkeys(refs["kind"])]))
+    lines = alt.Chart(refs).mark_line(strokeDash=[6, 4]).encode(x=x, y=y, color=color,
+                                                                 tooltip=["kind:N"])
+    marks = alt.Chart(per_rank).mark_point(filled=True, size=90, opacity=0.9).encode(
+        x=x, y=y, color=color, shape=alt.Shape("method:N", title="method"),
+        tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")])
+    return alt.layer(lines, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
