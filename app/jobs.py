@@ -188,8 +188,10 @@ class Worker:
         jid = self.store.create_job([s.to_dict() for s in specs], labels, kind=kind, session=session, run_ids=run_ids)
         job = Job.from_row(self.store.job(jid))
         with self._lock:
-            self.jobs[jid] = job
-        return job
+            # the job is in the queue from create_job on: the dispatcher may have claimed it already and be feeding
+            # a Job of its own; keep that one (replacing it left the dispatcher's current job never finishing, so
+            # no later job ever started)
+            return self.jobs.setdefault(jid, job)
 
     def find(self, job_id: str | None) -> Job | None:
         """The job with this id, from any session or app process, brought up to date."""
@@ -389,7 +391,7 @@ class Worker:
             self.store.update_job(job.id, status=status, error=error)
             with self._lock:
                 job.status, job.error, job.finished = status, error, time.time()
-                if self._current is job:
+                if self._current is not None and self._current.id == job.id:
                     self._current = None
                 self._forget_old_jobs()
 
