@@ -286,10 +286,13 @@ def _panel(name: str, series: dict[str, str], has_run: bool, n_steps: int, title
     y_scale = alt.Scale(domain=[0, 1]) if unit_y else alt.Scale(zero=False)
     enc = dict(x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
                y=alt.Y("value:Q", title=None, scale=y_scale),
-               color=alt.Color("series:N", title="series", sort=list(series.values())),
+               # legends under each panel: at the side, two panels and their legends overflow the page
+               color=alt.Color("series:N", title="series", sort=list(series.values()),
+                               legend=alt.Legend(orient="bottom", direction="horizontal")),
                tooltip=["step:Q", "series:N", alt.Tooltip("value:Q", format=".4f")] + (["run:N"] if has_run else []))
-    if has_run:
-        enc["strokeDash"] = alt.StrokeDash("run:N", title="run")
+    if has_run:  # which line is which run, in each panel
+        enc["strokeDash"] = alt.StrokeDash("run:N", title="run", legend=alt.Legend(orient="bottom",
+                                                                                 direction="horizontal"))
     return _line_mark(alt.Chart(alt.NamedData(name)), n_steps).encode(**enc).properties(title=title, width=300,
                                                                                       height=220)
 
@@ -310,7 +313,7 @@ def _curves_template(tau: float, has_run: bool, one_step: bool) -> alt.TopLevelM
     n = 1 if one_step else 2
     left = _panel("fractions", FRAC_SERIES, has_run, n, f"tokens above τ = {tau} and argmax correct", unit_y=True)
     right = _panel("losses", LOSS_SERIES, has_run, n, "loss and ΔL (nats/token)", unit_y=False)
-    return alt.hconcat(left, right).resolve_scale(color="independent")
+    return alt.hconcat(left, right).resolve_scale(color="independent", strokeDash="independent")
 
 
 def curves_chart(history: pd.DataFrame, tau: float, mark_step: int | None = None) -> alt.Chart:
@@ -322,7 +325,8 @@ def curves_chart(history: pd.DataFrame, tau: float, mark_step: int | None = None
     if mark_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(color="#444", strokeWidth=2).encode(
             x="step:Q", tooltip=[alt.Tooltip("step:Q", title="shown step")])
-        chart = alt.hconcat(*(alt.layer(panel, rule) for panel in chart.hconcat)).resolve_scale(color="independent")
+        chart = alt.hconcat(*(alt.layer(panel, rule) for panel in chart.hconcat)).resolve_scale(
+            color="independent", strokeDash="independent")
     return _with_data(chart, curves_frames(history))
 
 
@@ -350,7 +354,7 @@ def _histogram_template(tau: float, bins: int) -> alt.TopLevelMixin:
     bars = alt.Chart(alt.NamedData("bins")).mark_bar().encode(
         x=alt.X("lo:Q", title="p(correct token)", scale=alt.Scale(domain=[0, 1])),
         x2="hi:Q",
-        y=alt.Y("tokens:Q", title="tokens"),
+        y=alt.Y("tokens:Q", title="tokens", axis=alt.Axis(format="d", tickMinStep=1)),
         y2="zero:Q",  # with a ranged x, a bar needs its baseline spelled out or it is drawn as a sliver
         color=alt.Color("side:N", title=None, scale=alt.Scale(domain=["below τ", "above τ"], range=[RED, BLUE])),
         tooltip=[alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f"), "tokens:Q"],
@@ -504,8 +508,10 @@ def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str,
     at `ceiling`, the most ΔL the data reach, where the law's form runs on past saturation)."""
     obs = observed[observed.delta_loss > 0]
     cur = curves[(curves.delta_loss > 0) & (curves.delta_loss <= (ceiling if ceiling is not None else np.inf))]
-    enc = dict(x=alt.X("length:Q", scale=alt.Scale(type="log"), title="target tokens ℓ (log)"),
-               y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log"), title="ΔL (log)"),
+    # the axes span the data (not rounded out to powers of ten, which left the points in a corner)
+    enc = dict(x=alt.X("length:Q", scale=alt.Scale(type="log", nice=False), title="target tokens ℓ (log)"),
+               y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log", nice=False), title="ΔL (log)",
+                       axis=alt.Axis(format=".3~g", tickCount=6)),
                color=alt.Color("rank:O", title="rank", scale=alt.Scale(scheme="viridis")))
     lines = alt.Chart(cur).mark_line().encode(**enc)
     pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(
@@ -540,7 +546,7 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
     cells: rank, length and `value` (the seed mean). mine: the user's runs (rank, length, value, label) drawn as
     black-ringed diamonds on the cell nearest in log rank and log length."""
     scale = alt.Scale(scheme=scheme, domain=list(domain) if domain else alt.Undefined)
-    x = alt.X("rank:O", title="rank r", sort="ascending")
+    x = alt.X("rank:O", title="rank r", sort="ascending", axis=alt.Axis(labelAngle=0))
     y = alt.Y("length:O", title="target tokens ℓ", sort="descending")
     base = alt.Chart(cells)
     heat = base.mark_rect().encode(x=x, y=y, color=alt.Color(f"{value}:Q", scale=scale, title=None, legend=None),
@@ -552,14 +558,16 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
     layers = [heat, text]
     if mine is not None and len(mine) and value in mine:
         rr, ll = (np.array(sorted(cells[c].unique()), float) for c in ("rank", "length"))
-        mine = mine.assign(rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine["rank"]],
+        mine = mine.assign(run_rank=mine["rank"], run_length=mine["length"],
+                           rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine["rank"]],
                            length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine["length"]])
         # in the cell's upper left corner, under the number: the cell's own value stays readable
         layers.insert(1, alt.Chart(mine).mark_point(shape="diamond", size=110, stroke="black", strokeWidth=1.5,
                                                     fill="white", filled=True, opacity=1, xOffset=-22,
                                                     yOffset=-8).encode(
-            x=x, y=y, tooltip=["label:N", "rank:O", "length:O",
-                               alt.Tooltip(f"{value}:Q", title="your run", format=fmt)]))
+            x=x, y=y, tooltip=["label:N", alt.Tooltip("run_rank:Q", title="its rank"),
+                               alt.Tooltip("run_length:Q", title="its tokens"),
+                               alt.Tooltip(f"{value}:Q", title="its value", format=fmt)]))
     return alt.layer(*layers).properties(title=title, height=240)
 
 
@@ -583,11 +591,15 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
               axis=alt.Axis(values=[float(r) for r in ranks], format="d"), title="rank r (log)")
     y = alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter")
     # at the side: a bottom legend eats the height
+    ref_kinds = list(dict.fromkeys(refs["kind"]))
     color = alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360),
-                      scale=alt.Scale(domain=[*kinds, *dict.fromkeys(refs["kind"])]))
-    lines = alt.Chart(refs).mark_line(strokeDash=[6, 4]).encode(x=x, y=y, color=color,
-                                                                 tooltip=["kind:N"])
+                      scale=alt.Scale(domain=[*kinds, *ref_kinds]))
+    shapes = {"sft": "square", "memft-ot": "circle", "memft-sw": "triangle-up"}
+    shape = alt.Shape("kind:N", legend=None, scale=alt.Scale(
+        domain=[*kinds, *ref_kinds], range=[shapes.get(k.split()[0], "diamond") for k in kinds] + ["stroke"] *
+        len(ref_kinds)))
+    lines = alt.Chart(refs).mark_line(strokeDash=[6, 4]).encode(x=x, y=y, color=color, tooltip=["kind:N"])
     marks = alt.Chart(per_rank).mark_point(filled=True, size=90, opacity=0.9).encode(
-        x=x, y=y, color=color, shape=alt.Shape("method:N", title="method"),
+        x=x, y=y, color=color, shape=shape,
         tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")])
     return alt.layer(lines, marks).properties(title="capacity at the verbatim-recall frontier", height=280)

@@ -61,11 +61,14 @@ def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
     return view
 
 
-def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = True, narrow: bool = False) -> None:
+def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = True, narrow: bool = False,
+               live: bool = True) -> None:
     """One run's headline, where greedy decoding goes astray, its tokens coloured around τ and its two charts
-    (side by side, or one above the other when the run has only a column of the page: compare mode)."""
+    (side by side, or one above the other when the run has only a column of the page: compare mode). `live`:
+    the run is still training (its words say "currently")."""
     if not snap["steps"]:
-        st.info(f"{snap['label']}: measuring the base model ...")
+        st.info(f"{snap['label']}: waiting for its first step (loading the model and measuring the base loss, or "
+                "queued) ...")
         return
     p, row = snap["p"], snap["last_row"]
     above, right = int(round(row["frac_above"] * len(p))), int(round(row["frac_correct"] * len(p)))
@@ -75,8 +78,9 @@ def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = T
     if fd is None:
         st.success("Every teacher-forced argmax is right: greedy decoding recites the whole text.")
     else:
-        st.caption(f"Greedy decoding currently goes astray at token #{fd} ({snap['pieces'][fd].label!r}); everything "
-                   "after it would be generated from a wrong prefix.")
+        when = "currently goes" if live else "goes"
+        st.caption(f"Greedy decoding {when} astray at token #{fd} ({snap['pieces'][fd].label!r}); everything after "
+                   "it would be generated from a wrong prefix.")
     view = _run_view(snap, key, tau)
     if show_tokens:
         st.html(view["html"])
@@ -125,6 +129,7 @@ def render_progress(job: Any) -> None:
     run's latest step row."""
     with job.lock:
         rows = [r.rows[-1] for r in job.runs if r.rows]
+        labels = [r.label for r in job.runs if r.rows]
         notes = [(r.label, n) for r in job.runs for n in r.notes if not r.summary]  # a summary lists its own
     _status(job)
     for label, note in notes:
@@ -141,9 +146,11 @@ def render_progress(job: Any) -> None:
             eta = " · finishing: final measurement, greedy check and save"
         elif job.is_live and done:
             eta = f" · at most {train_s / done * (total - done):.0f} s left"
-        steps = ", ".join(str(r["step"]) for r in rows)
-        st.progress(min(1.0, done / total),
-                    text=f"step {steps}/{job.max_steps} · {wall:.1f} s elapsed{eta} · {job.status}")
+        if len(job.runs) > 1:  # compare mode: each run's own step
+            steps = "steps " + ", ".join(f"{lab} {r['step']}" for lab, r in zip(labels, rows)) + f" of {job.max_steps}"
+        else:
+            steps = f"step {rows[0]['step']}/{job.max_steps}"
+        st.progress(min(1.0, done / total), text=f"{steps} · {wall:.1f} s elapsed{eta} · {job.status}")
     if job.is_live:
         if st.button("Stop", key=f"stop-{job.id}",
                      help="Stops after the current step; the adapter and metrics so far are kept"):
@@ -158,12 +165,12 @@ def render_runs(job: Any) -> list[dict[str, Any]]:
     tau_job = job.specs[0].train.tau
     curves = _curves(job.id, snaps, tau_job) if any(s["rows"] for s in snaps) else None
     if len(snaps) == 1:
-        render_run(snaps[0], f"{job.id}-0", tau_job)
+        render_run(snaps[0], f"{job.id}-0", tau_job, live=job.is_live)
     else:
         cols = st.columns(len(snaps))
         for i, (c, s) in enumerate(zip(cols, snaps)):
             with c:
-                render_run(s, f"{job.id}-{i}", tau_job, narrow=True)
+                render_run(s, f"{job.id}-{i}", tau_job, narrow=True, live=job.is_live)
     if curves is not None:
         show_chart(curves)
     return snaps
@@ -222,7 +229,8 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
             if gen is not None:
                 tok = get_tokenizer(s["spec"].model.name)
                 flat_gen, flat_tgt = _flat(gen), _flat(summ.target_ids)
-                st.caption("Greedy generation from the prompt, compared with the target:")
+                st.caption("Greedy generation from the prompt, compared with the target: blue tokens match it, red "
+                           "ones differ (the first difference outlined); hover a token for the target's.")
                 st.html(charts.generation_diff_html(flat_tgt, flat_gen, s["pieces"], token_pieces(tok, flat_gen)))
             for note in summ.notes:
                 st.warning(note)
@@ -237,7 +245,7 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
                     try:
                         with st.spinner("generating ..."):
                             out = get_worker().generate(summ.run_id, q or None)
-                        st.text((q or "") + out["text"][0])
+                        st.text(out["text"][0] if not q else f"{q}⟶{out['text'][0]}")
                     except Exception as e:
                         st.error(error_text(e))
 

@@ -127,7 +127,8 @@ def load_recipe(spec: RunSpec, base: str, folder: str, dtype: str = "float32") -
     else:
         imports.append("from peft import PeftModel")
         attach = "model = PeftModel.from_pretrained(base, adapter).eval()"
-    lines = [*imports, "", f"adapter = {folder!r}  # this folder", *load, attach, "",
+    lines = [*imports, "", f"adapter = {folder!r}  # the adapter's folder, as seen from where this runs", *load,
+             attach, "",
              "# the recall: each target token predicted from the prompt and the tokens before it; then greedy decoding",
              "memo = json.load(open(f\"{adapter}/memcore.json\"))",
              "for prompt, target in zip(memo[\"prompt_ids\"], memo[\"target_ids\"]):",
@@ -139,6 +140,26 @@ def load_recipe(spec: RunSpec, base: str, folder: str, dtype: str = "float32") -
              "    print(f\"{len(target)} tokens, mean loss {loss.mean():.4f} nats/token, \"",
              "          f\"recalled verbatim: {out == target}\")"]
     return "\n".join(lines)
+
+
+def _what_text(spec: RunSpec, limit: int = 600) -> str:
+    """The memorized data in a few lines of Markdown: the passage (the first `limit` characters), the first
+    samples, or what the random tokens were; the exact token ids are in memcore.json."""
+    d = spec.data
+    prompt = repr(d.prompt) if d.prompt else "none (the target follows BOS alone)"
+    if d.text is not None:
+        body = d.text if len(d.text) <= limit else d.text[:limit] + " …"
+        quoted = "\n".join("> " + (ln if ln.strip() else "") for ln in body.splitlines())
+        cut = f" (its first {d.length} tokens)" if d.length else ""
+        return f"Prompt: {prompt}. The passage{cut}:\n\n{quoted}"
+    if d.random_tokens is not None:
+        return (f"Prompt: {prompt}. {d.length or d.random_tokens} token ids drawn uniformly from the vocabulary's "
+                f"ordinary tokens (seed {d.seed}); the ids are in memcore.json.")
+    if d.phonebook is not None:
+        return f"A PhoneBook of {d.phonebook} entries ('Name: ...' → a 10-digit number), seed {d.seed}."
+    pairs = d.pairs or ()
+    shown = "\n".join(f"- {p!r} → {t[:80]!r}" for p, t in pairs[:5])
+    return f"{len(pairs)} prompt → target samples{' (the first five)' if len(pairs) > 5 else ''}:\n\n{shown}"
 
 
 def _yes(flag: bool) -> str:
@@ -182,7 +203,7 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
         ("argmax right (teacher forced)", f"{summary.n_correct:,} / {summary.n_tokens:,}"),
         ("verbatim prefix", f"{summary.verbatim_prefix:,} tokens"),
         ("ΔL", f"{summary.delta_loss:.4f} nats/token (base {summary.base_loss:.4f} → {summary.loss:.4f})"),
-        ("bits stored", f"{summary.bits_stored:,.1f} bits, {summary.bits_per_param:.4f} bits per trainable parameter"),
+        ("bits stored", f"{summary.bits_stored:,.1f} bits, {summary.bits_per_param:.3g} bits per trainable parameter"),
     ]
 
     def table(items: list[tuple[str, str]]) -> str:
@@ -203,6 +224,7 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
         f"A {'LoRA' if not bypass else 'bypass'} adapter trained by memcore to memorize {summary.n_tokens:,} tokens "
         f"verbatim. Recalled verbatim: {_yes(summary.recalled)}.", "",
         "## What it is", "", table(rows), "",
+        "## What it memorized", "", _what_text(spec), "",
         "## What it achieved", "", table(achieved), "",
         "## How to load it and check its recall", "", load, "",
         "```python", load_recipe(spec, base, folder, summary.dtype or "float32"), "```", "",
@@ -276,12 +298,13 @@ def _save_tokenizer(spec: RunSpec, dest: Path) -> None:
 
 
 def export_zip(store: Store, run_id: str) -> bytes:
-    """export_run into a temporary folder, zipped under adapter/ (bytes): what the app's download gives. The card's
-    recipe loads from "adapter", the folder unzipping makes."""
+    """export_run into a temporary folder, zipped under memcore-<run id>/ (bytes): what the app's download gives.
+    The card's recipe loads from that folder, as unzipping makes it (next to where the recipe runs)."""
+    name = f"memcore-{run_id}"
     with tempfile.TemporaryDirectory(prefix="memcore-export-") as tmp:
-        folder = export_run(store, run_id, Path(tmp) / "adapter", shown_as="adapter")
+        folder = export_run(store, run_id, Path(tmp) / name, shown_as=name)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted(folder.iterdir()):
-                z.write(f, arcname=f"adapter/{f.name}")
+                z.write(f, arcname=f"{name}/{f.name}")
     return buf.getvalue()

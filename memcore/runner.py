@@ -130,6 +130,10 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         summary.history, summary.snapshots = spec.train.history, snapshots
         summary.source_bits_per_token = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
         summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
+        if summary.delta_loss < 0:  # the loss rose: said where the run's result is read (CLI, app, card)
+            summary.notes.append(f"the loss rose in training (ΔL {summary.delta_loss:.3f} nats/token, from "
+                                 f"{summary.base_loss:.3f} to {summary.loss:.3f}): the learning rate "
+                                 f"({spec.train.lr:g}) is probably too high for this adapter; try a lower one")
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         summary.status = status
         store.set_status(run_id, status, summary=summary)

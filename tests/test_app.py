@@ -385,8 +385,8 @@ def _progress_text(runs_steps: list[int], max_steps: int, stop_requested: bool =
         spec = RunSpec(train=TrainSpec(max_steps=max_steps))
         job = Job(id="j", session=None, specs=[spec] * len(runs_steps), labels=["a", "b"][:len(runs_steps)],
                   status="running", started=time.time() - 5, stop_requested=stop_requested)
-        for s in runs_steps:
-            live = RunLive(label="x", spec=spec)
+        for s, label in zip(runs_steps, ["sft", "memft-ot"]):
+            live = RunLive(label=label, spec=spec)
             live.rows = [{"step": s, "elapsed": float(s)}] if s else []
             job.runs.append(live)
         run_view.render_progress(job)
@@ -399,7 +399,7 @@ def _progress_text(runs_steps: list[int], max_steps: int, stop_requested: bool =
 def test_the_progress_line_counts_every_run_and_says_when_it_is_finishing_or_stopping():
     # compare mode: one run done, the other half way -> a quarter of the work left, not "0 s left"
     text = _progress_text([20, 10], 20)
-    assert "step 20, 10/20" in text and "at most 10 s left" in text
+    assert "steps sft 20, memft-ot 10 of 20" in text and "at most 10 s left" in text
     assert "finishing" in _progress_text([20], 20)  # budget reached: the final check and save are running
     assert "stopping after the current step" in _progress_text([3], 20, stop_requested=True)
 
@@ -443,9 +443,10 @@ def test_any_learning_rate_in_range_can_be_typed(app_env):
     _wait_for_job(at)
 
 
-def test_compare_mode_disables_the_method_box(app_env):
+def test_compare_mode_says_both_methods_instead_of_one(app_env):
     at = _app()
     assert not at.selectbox(key="method").disabled
     at.toggle(key="compare").set_value(True).run()
     at.run()
-    assert at.selectbox(key="method").disabled
+    assert at.text_input(key="methods_compared").value == "sft and memft-ot"
+    assert at.text_input(key="methods_compared").disabled

@@ -118,13 +118,15 @@ def test_a_local_folder_run_names_the_users_folder_and_the_app_zip_holds_the_sam
     memo = json.loads((tmp_path / "out" / "memcore.json").read_text())
     assert_reproduces(token_losses(model, memo), *recorded_final(home, rid))
 
+    top = f"memcore-{rid}"  # one folder per run: two downloads unzip side by side
     with zipfile.ZipFile(io.BytesIO(export_zip(Store(home), rid))) as z:
         names = set(z.namelist())
-        assert {"adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                "adapter/memcore.json", "adapter/summary.json", "adapter/steps.csv"} <= names
-        card = z.read("adapter/README.md").decode()
-        assert "adapter = 'adapter'  # this folder" in card  # the recipe loads from where the zip unpacks
-        assert json.loads(z.read("adapter/adapter_config.json"))["base_model_name_or_path"] == config[
+        assert {f"{top}/{f}" for f in ("README.md", "adapter_config.json", "adapter_model.safetensors",
+                                       "memcore.json", "summary.json", "steps.csv")} <= names
+        card = z.read(f"{top}/README.md").decode()
+        assert f"adapter = '{top}'" in card  # the recipe loads from where the zip unpacks
+        assert "> The keeper drew the boat in the margin" in card  # what it memorized, quoted
+        assert json.loads(z.read(f"{top}/adapter_config.json"))["base_model_name_or_path"] == config[
             "base_model_name_or_path"]
 
 

@@ -99,3 +99,16 @@ def test_field_texts_are_memorized_verbatim_and_stored_as_their_characters(home,
     assert "".join(p.text for p in pieces) == text and not any("\ufffd" in p.label for p in pieces)
     assert main(["show", s["run_id"]]) == 0
     assert "\ufffd" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_whose_loss_rose_says_so(home, capsys):
+    """A learning rate far too high makes the loss rise: the summary says so and what to try, not just ΔL < 0."""
+    from memcore.cli import main
+
+    assert main(["train", "--sample", "lighthouse", "--length", "20", "--lr", "0.5", "--method", "sft",
+                 "--max-steps", "4", "--full-budget", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["delta_loss"] < 0
+    assert any(n.startswith("the loss rose in training (ΔL -") and "learning rate (0.5) is probably too high" in n
+               for n in s["notes"])

@@ -70,7 +70,10 @@ if uploaded is not None and st.session_state.get("law_last_upload") != uploaded:
     st.session_state["law_last_upload"] = st.session_state["law_source"] = uploaded
 name = st.selectbox("Sweep data", list(sources), key="law_source")
 data = sources[name]
-methods = sorted(data["method"].unique()) if "method" in data else ["all points"]
+# methods in one order on every part of the page: sft first, then memft-ot, memft-sw, then any other
+ORDER = ("sft", "memft-ot", "memft-sw")
+methods = (sorted(data["method"].unique(), key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+           if "method" in data else ["all points"])
 
 
 @st.cache_data(show_spinner="fitting ...", max_entries=32)
@@ -112,8 +115,9 @@ for c, (m, lf) in zip(cols, fits.items()):
         d = method_rows(data, m)
         if "bits_per_param" in d:
             cap = d.groupby("rank")["bits_per_param"].max()
-            st.caption("capacity, best bits per trainable parameter by rank: "
-                       + ", ".join(f"r{int(r)} {v:.4f}" for r, v in cap.items()))
+            st.caption("most bits stored per trainable parameter by any point, by rank (ΔL-based, recalled or not; "
+                       "the frontier's capacity below counts recalled tokens only): "
+                       + ", ".join(f"r{int(r)} {v:.4g}" for r, v in cap.items()))
 
 # --- surface with runs overlaid ---------------------------------------------------------------------------------
 st.subheader("Surface")
@@ -170,10 +174,10 @@ if has_recall(data):
     st.caption("Seed means over the grid, one column per method. Token accuracy is the share of target tokens whose "
                "teacher-forced argmax is right; exact recall is the share of seeds whose whole target is reproduced "
                "verbatim. The recall boundary is sharp and does not follow the ΔL contours.")
-    shown = [m for m in ("sft", "memft-ot", "memft-sw") if m in methods] or methods
+    shown = [m for m in ORDER if m in methods] or methods
     cell_tables = {m: recall_cells(method_rows(data, m)) for m in shown}
-    mine_cells = own.assign(label=[f"your run {rid}" for rid in own["run_id"]])[
-        ["rank", "length", "label", "delta_loss", "token_accuracy", "exact_recall"]]
+    mine_cells = own.assign(label=[f"your run {rid} ({m})" for rid, m in zip(own["run_id"], own["method"])])[
+        ["rank", "length", "label", "method", "delta_loss", "token_accuracy", "exact_recall"]]
     dl_hi = max(float(t["delta_loss"].max()) for t in cell_tables.values())
     for value, label, fmt, dom in (("delta_loss", "ΔL (nats/token)", ".2f", (0.0, dl_hi)),
                                    ("token_accuracy", "token accuracy", ".2f", (0.0, 1.0)),
@@ -184,10 +188,12 @@ if has_recall(data):
             if value not in t:
                 continue
             with c:  # a user's run sits on the sweep cell nearest to it
+                mine_m = mine_cells[mine_cells["method"] == m] if "method" in data else mine_cells
                 show_chart(charts.recall_heatmap(t, value, f"{m}: {label}", fmt, dom,
-                                                 mine=mine_cells if show_mine else None))
+                                                 mine=mine_m if show_mine else None))
     if show_mine and len(mine_cells):
-        st.caption("Diamonds: your own runs, on the nearest sweep cell (hover for their values).")
+        st.caption("Diamonds: your own runs of each panel's method, on the nearest sweep cell (hover for their own "
+                   "rank, length and values).")
         ref = settings.get(name)
         if ref:
             notes = sweep_mismatches(store, ref)
@@ -209,7 +215,7 @@ if has_recall(data):
             rows = []
             for p in per_rank:
                 sym = {"at least": "≥", "at most": "≤"}.get(p.bound, "≈")
-                row = {"rank": p.rank, "longest recalled ℓ*": f"{sym} {p.ell_star:.0f}",
+                row = {"rank": p.rank, "ℓ* (recall rate crosses 1/2)": f"{sym} {p.ell_star:.0f}",
                        "bits/param there": (f"{p.bits_per_param:.3f}" if p.bits_per_param is not None
                                             else "— (no bits or P_eff column)")}
                 if ffit is not None:
@@ -235,8 +241,8 @@ if has_recall(data):
         by = cap.assign(method=cap["kind"].str.split().str[0], how=cap["kind"].str.split().str[1])
         wide = by.pivot_table(index=["rank", "how"], columns="method", values="bits_per_param")
         if wide.shape[1] > 1 and np.allclose(wide.to_numpy(), wide.to_numpy()[:, :1], rtol=1e-6, equal_nan=True):
-            st.caption(f"{' and '.join(wide.columns)} tie at every rank here (the lines are drawn slightly apart in "
-                       "rank to show both): this sweep does not tell their capacities apart.")
+            st.caption(f"{' and '.join(wide.columns)} tie at every rank here (their markers are drawn slightly apart "
+                       "in rank to show both): this sweep does not tell their capacities apart.")
         st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled "
                    "to the frontier length and divided by P_eff. References: about 2 bits/param for knowledge "
                    "(Allen-Zhu & Li), 3.6 for random data (Morris et al. 2025).")
@@ -247,16 +253,20 @@ c1, c2, c3 = st.columns(3)
 r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=8, key="wi_rank"))
 l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=256, key="wi_len"))
 # a default the sweep makes non-trivial: nine tenths of the most ΔL it reaches (1.0 on a short-budget text sweep,
-# about 12 nats on random tokens, where a target of 1 is met by every rank); a new sweep or method resets it
+# about 12 nats on random tokens, where a target of 1 is met by every rank); a new sweep resets it
 target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
-                         value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1,
-                         key=f"wi_target-{name}-{method}")
+                         value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1, key=f"wi_target-{name}")
 pred = float(fit.predict(r_in, l_in))
+st.caption(f"With the {method} fit (choose the method above, under Surface).")
 per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
 bits = pred * l_in / math.log(2)
 if pred <= 0:  # the fitted form crosses zero outside its data: no stored bits to count
     st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, which no adapter can "
                 "reach (ΔL below 0 means worse than the base model): the law does not hold this far out.")
+elif pred > ceiling:  # past what the sweep's runs reach: they are saturated there, ΔL capped by the base loss
+    st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, more than the "
+                f"{ceiling:.2f} the sweep's runs ever reach: there the runs are saturated (every token memorized, ΔL "
+                "capped by the base loss), so read it as **saturated**, not as a number to count bits from.")
 else:
     st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
                 + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
@@ -268,9 +278,13 @@ if outside:
     st.caption(f"{' and '.join(outside).capitalize()} lie{'s' if len(outside) == 1 else ''} outside the fitted "
                "points: this is an extrapolation of the law.")
 try:
-    need = smallest_rank(fit, l_in, target)
-    st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens: "
-                f"**{need if need is not None else 'none up to 4096'}**")
+    need = smallest_rank(fit, l_in, target) if target <= ceiling else None
+    if target > ceiling:
+        st.markdown(f"A target ΔL of {target:g} is more than the {ceiling:.2f} the sweep's runs ever reach (a run "
+                    "cannot gain more than its base loss): **no rank** is predicted to reach it.")
+    else:
+        st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens with {method}: "
+                    f"**{need if need is not None else 'none up to 4096'}**")
 except Exception as e:
     st.error(error_text(e))
 if front is not None:

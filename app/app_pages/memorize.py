@@ -34,9 +34,11 @@ with left:
         data["text"] = st.text_area("Passage", key="passage", height=180, placeholder="Paste the text to memorize ...")
         input_error = paste_error(data["text"])
     elif source == "Upload":
-        f = st.file_uploader("Text file (.txt or .md, UTF-8)", type=["txt", "md"], key="upload")
+        f = st.file_uploader("Text file (.txt or .md; UTF-8, UTF-16 or UTF-32)", type=["txt", "md"], key="upload")
         if f is not None:
             data["text"], input_error = read_text_upload(f)
+            if data["text"]:
+                st.text(data["text"][:600] + (" ..." if len(data["text"]) > 600 else ""))
     elif source == "Sample":
         data["text"] = read_sample(st.selectbox("Sample passage", list_samples(), key="sample"))
         st.text(data["text"][:600] + (" ..." if len(data["text"]) > 600 else ""))
@@ -76,10 +78,14 @@ with right:
     c1, c2 = st.columns(2)
     quant = c1.selectbox("Quantization", QUANTS, index=QUANTS.index(default("quant")), key="quant",
                          help="nf4 = QLoRA on a 4-bit base (bitsandbytes)")
-    method = c2.selectbox("Method", METHODS, index=METHODS.index(default("method")), key="method",
-                          disabled=st.session_state.get("compare", False),
-                          help="sft: mean loss on every token · memft-ot: only tokens below τ · "
-                               "memft-sw: sliding window (compare mode trains sft and memft-ot)")
+    if st.session_state.get("compare", False):  # compare mode trains both, whatever a Method box would say
+        c2.text_input("Methods", value="sft and memft-ot", disabled=True, key="methods_compared",
+                      help="compare mode trains sft and memft-ot side by side; turn it off to pick one method")
+        method = default("method")
+    else:
+        method = c2.selectbox("Method", METHODS, index=METHODS.index(default("method")), key="method",
+                              help="sft: mean loss on every token · memft-ot: only tokens below τ · "
+                                   "memft-sw: sliding window")
     adapter_kind = st.radio("Adapter", ADAPTERS, index=ADAPTERS.index(default("adapter")), horizontal=True,
                             key="adapter",
                             format_func=lambda k: {"lora": "LoRA (PEFT)", "bypass": "the paper's MLP bypass"}[k],
@@ -104,6 +110,8 @@ with right:
     lr, lr_error = parse_lr(st.text_input("Learning rate (AdamW)", value=f"{default('lr'):g}", key="lr",
                                           help="any value from 1e-6 to 1, e.g. 2e-3, 1e-2 (the paper's) or 3e-2 (the "
                                                "shipped capacity sweep's); it decays linearly to 0 over the budget"))
+    if lr_error:
+        st.error(lr_error)  # beside the box (Start says it again)
     c3, c4 = st.columns(2)
     max_steps = int(c3.number_input("Step budget", min_value=1, max_value=10_000, value=default("max_steps"),
                                     key="max_steps"))
@@ -111,7 +119,7 @@ with right:
     stop_when_recalled = st.checkbox("Stop as soon as it is recalled verbatim", value=default("stop_when_recalled"),
                                      key="stop_when_recalled")
     until_converged = st.checkbox(
-        f"Stop when converged: every token above τ, or ΔL flat for {default('plateau_window')} steps",
+        f"Stop when converged (all above τ, or ΔL flat {default('plateau_window')} steps)",
         value=default("until") == "converged", key="until_converged",
         help="the paper's regime: train to convergence (as --until converged)")
     compare = st.toggle("Compare mode: sft and memft-ot side by side", key="compare")
