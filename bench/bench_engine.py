@@ -179,12 +179,26 @@ def one_untracked(args) -> dict:
     return {"s_per_step": per_step(stamps), "peak_mb": peak_memory_mb()}
 
 
+def _peft_baseline(model, spec):
+    """The baseline's adapter: stock PEFT LoRA on the same modules memcore adapts (get_peft_model)."""
+    from peft import LoraConfig, get_peft_model
+
+    from memcore.placement import target_module_regex
+
+    regex, _, _ = target_module_regex(model, spec)
+    return get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=regex,
+                                            bias="none", task_type="CAUSAL_LM"))
+
+
 def one_trainer(args) -> dict:
     """Baseline: transformers.Trainer + PEFT on the same single example, labels masked on the prompt."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     base, samples, batch, model = _setup(args)
+    from memcore.config import AdapterSpec
+
+    model = _peft_baseline(model.unload(), AdapterSpec(rank=args.rank, layers=args.layers))
     s = samples[0]
     ids = s.prompt_ids + s.target_ids
     example = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from memcore.blocks import ROLES, decoder_layers, is_mixture_of_experts, layers_path, linear_names, module_role
-from memcore.bypass import attach_bypass, is_bypass_dir, load_bypass
+from memcore.bypass import is_bypass_dir, load_bypass
 from memcore.config import AdapterSpec, MemcoreError
 
 
@@ -112,26 +111,15 @@ def _placed(model: Any) -> Any:
 
 
 def attach_adapter(model: nn.Module, spec: AdapterSpec, seed: int = 0) -> Any:
-    """Wrap `model` in a PEFT LoRA model (or, for spec.kind 'bypass', memcore's BypassModel); only the adapter
-    is trainable, in fp32 whatever the base dtype. Seeded (torch.manual_seed(seed)) so runs reproduce.
+    """Put a fresh adapter of `spec` on `model` (memcore.stack.SlotModel: the LoRA or bypass of one run, a stack
+    of one slot); only the adapter trains, in fp32 whatever the base dtype. A is drawn from a generator seeded
+    with `seed`, so runs reproduce; it saves as a stock PEFT adapter (LoRA) or memcore's bypass files.
 
-    The model is changed in place (adapter layers injected): give it back with detach_adapter. Raises
+    The model is changed in place (its target modules wrapped): give it back with detach_adapter. Raises
     MemcoreError as target_module_regex does."""
-    if spec.kind == "bypass":
-        return _placed(attach_bypass(model, spec, adapter_layers(model, spec), seed=seed))
-    from peft import LoraConfig, get_peft_model
+    from memcore.stack import SlotModel
 
-    regex, chosen, idx = target_module_regex(model, spec)
-    block = decoder_layers(model)[idx[0]]
-    conv1d = any(type(block.get_submodule(c)).__name__ == "Conv1D" for c in chosen)  # GPT-2: weights transposed
-    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout, target_modules=regex,
-                     bias="none", task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, cfg)
-    for _name, p in peft_model.named_parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # adapter weights train in fp32 whatever the base dtype
-    return _placed(peft_model)
+    return _placed(SlotModel(model, spec, seed=seed))
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> Any:

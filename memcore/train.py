@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from memcore import objectives as obj
-from memcore.config import MemcoreError, TrainSpec
-from memcore.data import Batch
-from memcore.measure import StepReport, base_losses, compare, fill_report, greedy_generate, read_targets, token_losses
+from memcore.config import AdapterSpec, MemcoreError, TrainSpec
+from memcore.data import Batch, make_batch
+from memcore.measure import StepReport, compare, fill_report, greedy_generate, read_targets, token_losses
 from memcore.placement import Placement, placement_of
+from memcore.stack import AdapterStack, SlotAdamW
 
 # --- frozen-prefix cache -------------------------------------------------------------------------------------
 
@@ -137,57 +138,27 @@ def recomputed(model: Any, start: int) -> Iterator[None]:
 # --- the loop ----------------------------------------------------------------------------------------------
 
 
-def _set_lora_dropout(model: Any, on: bool) -> None:
-    for name, m in model.named_modules():
-        if name.endswith(("lora_dropout", "bypass_dropout")) or ".lora_dropout." in name:
-            m.train(on)
-
-
 @dataclass
 class Checkpoint:
-    """Everything train_iter needs to continue a run exactly where it was: the adapter after `step` updates, the
-    optimizer's moments, memft-sw's window, the RNG, and the clocks. Saved by the runner every few minutes."""
+    """Everything the loop needs to continue a run exactly where it was: the adapter after `step` updates, the
+    optimizer's moments, memft-sw's window, the dropout generator, and the clocks. Saved by the runner every few
+    minutes.
+
+    adapter: '<module>.A' [in, r] and '<module>.B' [r, out] (memcore.stack.AdapterStack.state); optimizer:
+    {'step', 'exp_avg', 'exp_avg_sq'} by the same names (SlotAdamW.state). Checkpoints of older versions (PEFT
+    parameter names, torch.optim.AdamW's state dict) are read as well."""
 
     step: int  # updates applied
-    adapter: dict[str, torch.Tensor]  # trainable parameters by name, on the CPU
+    adapter: dict[str, torch.Tensor]  # the run's adapter by tensor name, on the CPU
     optimizer: dict[str, Any]
     window: dict[str, Any]
-    rng: torch.Tensor  # CPU generator state at the top of `step`, before its forward drew any dropout mask
+    rng: torch.Tensor | None  # the run's dropout generator state at the top of `step` (None: no dropout)
     cuda_rng: list[torch.Tensor] | None
     elapsed: float  # seconds of training so far
     generate_seconds: float
     last_check_step: int
     notes: list[str] = field(default_factory=list)
     recent_delta_loss: list[float] = field(default_factory=list)  # ΔL of the latest steps, for until='converged'
-
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _capture(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, step: int, rng: tuple, elapsed: float,
-             gen_seconds: float, last_check_step: int, notes: list[str], recent: Iterable[float] = ()) -> Checkpoint:
-    adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-    return Checkpoint(step=step, adapter=adapter, optimizer=opt.state_dict(), window=dict(vars(window)), rng=rng[0],
-                      cuda_rng=rng[1], elapsed=elapsed, generate_seconds=gen_seconds, last_check_step=last_check_step,
-                      notes=list(notes), recent_delta_loss=[float(x) for x in recent])
-
-
-def _restore(model: Any, opt: torch.optim.Optimizer, window: obj.SlidingWindow, ckpt: Checkpoint) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in ckpt.adapter if n not in params]
-    if missing or len(ckpt.adapter) != sum(p.requires_grad for p in params.values()):
-        raise MemcoreError(f"the checkpoint does not fit this adapter ({len(missing)} unknown parameter(s), "
-                           f"e.g. {missing[:1]})")
-    with torch.no_grad():
-        for n, v in ckpt.adapter.items():
-            params[n].copy_(v.to(params[n].device, params[n].dtype))
-    opt.load_state_dict(ckpt.optimizer)
-    for k, v in ckpt.window.items():
-        setattr(window, "size" if k == "base" else k, v)  # "base": the width's name in older checkpoints
-    torch.set_rng_state(ckpt.rng)
-    if ckpt.cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt.cuda_rng)
 
 
 PLATEAU_SMOOTH = 10  # ΔL is averaged over this many steps at each end of the plateau window (dropout makes it noisy)
@@ -206,210 +177,444 @@ def converged(report: StepReport, recent: deque[float], spec: TrainSpec) -> str 
     return "plateau" if gain < spec.plateau_tol else None
 
 
-class _Loop:
-    """The state of one training loop and its three parts, each readable on its own:
+@dataclass
+class RunInput:
+    """One run for the loop: its own batch (its samples, on the loop's device), how it trains, its adapter (the
+    kind and placement the loop's stack holds, with the run's rank, alpha and dropout), and its hooks.
 
-    - ``measure``: the forward pass at the current adapter -> a StepReport (how a step is measured);
-    - ``stop_reason`` / ``finish``: the stop policy, and the final report's clean re-measure and generate check;
-    - ``update``: the method's token weights (memcore.objectives.token_weights) -> one optimizer step."""
+    base_loss: [B, K] per-token base loss of `batch` (nats), measured when None. resume: a Checkpoint to go on from.
+    checkpoint: called with the run's whole state every spec.checkpoint_every seconds and when it stops short.
+    should_stop: polled once per step (cooperative stop: the adapter trained so far is kept)."""
 
-    def __init__(self, model: Any, batch: Batch, spec: TrainSpec, pad_id: int, base_loss: torch.Tensor | None,
-                 use_prefix_cache: bool, resume: Checkpoint | None, checkpoint: Callable[[Checkpoint], None] | None):
-        model.eval()
-        self.model, self.batch, self.spec, self.pad_id, self.checkpoint = model, batch, spec, pad_id, checkpoint
-        self.dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules()
-                           if "lora_dropout" in n or "bypass_dropout" in n)
-        self.prefix = FrozenPrefix.maybe(model) if use_prefix_cache else None
-        if self.prefix is not None:
-            self.prefix.capture(model, batch)
-        if base_loss is None:
-            base_loss = base_losses(model, batch)
-        self.where = batch.target_mask.flatten().nonzero()[:, 0]  # flat target positions, row-major: sample 0's, ...
-        self.base_np = read_targets(base_loss, batch.target_mask, self.where)[0]  # [N] base loss per target, nats
-        self.may_train = obj.may_train(spec.method, spec.tau)
-        self.prev_loss = base_loss  # [B, K] the latest per-token loss (nats), to guess which tokens train next
-        self.recompute = use_recompute(model, batch, spec.recompute, self.prefix.k if self.prefix is not None else 0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        # fused AdamW on accelerators: one kernel for all adapter tensors, no per-tensor launches
-        self.opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
-                                     fused=bool(params) and params[0].device.type == "cuda")
-        self.window = obj.SlidingWindow(size=spec.window)
-        torch.manual_seed(spec.seed)
+    batch: Batch
+    spec: TrainSpec
+    adapter: AdapterSpec
+    base_loss: torch.Tensor | None = None
+    resume: Checkpoint | None = None
+    checkpoint: Callable[[Checkpoint], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    tag: Any = None  # the caller's name for the run (given back with its reports)
+
+
+class _Run:
+    """One run's state in the loop: its slot and rows, its clocks, memft-sw window, convergence history."""
+
+    def __init__(self, inp: RunInput, slot: int, loop: _Loop) -> None:
+        self.inp, self.spec, self.batch, self.slot = inp, inp.spec, inp.batch, slot
+        self.tag = inp.tag
+        self.where = inp.batch.target_mask.flatten().nonzero()[:, 0]  # flat target positions in its own [B, K]
+        if inp.base_loss is None:
+            with loop.stack.routed([slot] * inp.batch.input_ids.shape[0]), loop.stack.disabled():
+                base_loss = token_losses(loop.model, inp.batch)[0].detach()
+        else:
+            base_loss = inp.base_loss
+        self.base_np = read_targets(base_loss, inp.batch.target_mask, self.where)[0]  # [N] base loss, nats
+        self.may_train = obj.may_train(self.spec.method, self.spec.tau)
+        self.prev_loss: torch.Tensor | None = base_loss  # [B, K] latest per-token loss, to guess who trains next
+        self.window = obj.SlidingWindow(size=self.spec.window)
+        self.dropout = inp.adapter.dropout > 0
         self.step, self.last_check_step, self.gen_seconds, self.notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
-        if resume is not None:
-            _restore(model, self.opt, self.window, resume)
-            self.step, self.last_check_step, elapsed0 = resume.step, resume.last_check_step, resume.elapsed
-            self.gen_seconds, self.notes = [resume.generate_seconds], list(resume.notes)
+        self.recent: deque[float] = deque(maxlen=self.spec.plateau_window + PLATEAU_SMOOTH)
+        if inp.resume is not None:
+            loop.restore(self, inp.resume)
+            self.step, self.last_check_step, elapsed0 = inp.resume.step, inp.resume.last_check_step, inp.resume.elapsed
+            self.gen_seconds, self.notes = [inp.resume.generate_seconds], list(inp.resume.notes)
+            self.recent.extend(inp.resume.recent_delta_loss)
         self.t0 = time.perf_counter() - elapsed0
         self.last_saved = time.perf_counter()
         self.first_step = self.step
-        # (loss, correct) [B, K] of the last forward, kept while the adapter and its dropout masks stay as they were
-        # (a skipped update without dropout): the next measure reuses it; None means run the forward
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the latest steps' ΔL (nats), for until='converged'
-        self.recent: deque[float] = deque(resume.recent_delta_loss if resume is not None else (),
-                                          maxlen=spec.plateau_window + PLATEAU_SMOOTH)
         self.measured = -1  # the last step whose ΔL is in `recent`
-        self.rng: tuple | None = None  # RNG state at the top of the current step, for a checkpoint
+        self.rng: torch.Tensor | None = None  # dropout generator state at the top of the current step
+        self.rows = range(0)  # its rows in the loop's batch (set by the loop)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.batch.input_ids.shape[0])
+
+    @property
+    def keep(self) -> int:
+        return self.batch.keep
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """Its rows and its own last K target positions of a [R, K_batch] tensor of the loop: [B, K]."""
+        return x[self.rows.start:self.rows.stop, x.shape[1] - self.keep:]
+
+
+class _Loop:
+    """The state of the training loop over a set of runs sharing one frozen base, and its parts, each readable on
+    its own:
+
+    - ``measure``: one forward of every run's rows at their current adapters -> a StepReport per run;
+    - ``stop_reason`` / ``finish``: each run's stop policy, and a final report's clean re-measure and generate check;
+    - ``update``: each run's token weights (memcore.objectives.token_weights) -> one backward, one step per slot.
+
+    A run alone is a loop of one run. Runs join (``add``) and leave (``remove``) between steps; their rows are laid
+    in one left-padded batch, and each run reads only its own rows and its own K target positions back, so its
+    numbers are those it gets alone (to float tolerance: padding changes summation order, nothing else)."""
+
+    def __init__(self, model: Any, stack: AdapterStack, pad_id: int, use_prefix_cache: bool = True) -> None:
+        model.eval()
+        self.model, self.stack, self.pad_id, self.use_prefix_cache = model, stack, pad_id, use_prefix_cache
+        self.opt = SlotAdamW(stack.parameters(), stack.n_slots)
+        self.runs: list[_Run] = []
+        self.batch: Batch | None = None
+        self.prefix: FrozenPrefix | None = None
+        self.recompute = False
+        # (loss, correct) [R, K] of the last forward, kept while no adapter and no dropout mask changed since (every
+        # run skipped its update): the next measure reuses it; None means run the forward
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- runs joining and leaving --
+
+    def add(self, inp: RunInput, slot: int | None = None) -> _Run:
+        """Start a run in a free slot (the adapter initialised from its seed, or its checkpoint's), between steps."""
+        free = self.stack.free_slots()
+        if slot is None:
+            if not free:
+                raise MemcoreError("no free slot in this batch")
+            slot = free[0]
+        if self.stack.slots[slot] is None:
+            self.stack.assign(slot, inp.adapter, inp.spec.seed)
+        self.opt.reset(slot)
+        run = _Run(inp, slot, self)
+        self.runs.append(run)
+        self._rebuild()
+        return run
+
+    def remove(self, run: _Run) -> None:
+        """A finished run leaves: its slot is freed for the next one."""
+        self.runs.remove(run)
+        self.stack.release(run.slot)
+        self.opt.reset(run.slot)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Lay every run's rows in one batch (left-padded to the longest), route them, refresh the frozen prefix."""
+        self.last = None
+        if not self.runs:
+            self.batch, self.prefix = None, None
+            return
+        samples, start = [], 0
+        for r in self.runs:
+            r.rows = range(start, start + r.n_rows)
+            start += r.n_rows
+            samples += r.batch.samples
+        device = self.runs[0].batch.input_ids.device
+        self.batch = make_batch(samples, self.pad_id).to(device)
+        self.stack.set_rows([r.slot for r in self.runs for _ in range(r.n_rows)])
+        self.prefix = FrozenPrefix.maybe(self.model) if self.use_prefix_cache else None
+        if self.prefix is not None:
+            self.prefix.capture(self.model, self.batch)
+        spec = self.runs[0].spec
+        self.recompute = use_recompute(self.model, self.batch, spec.recompute, self.prefix.k if self.prefix else 0)
+        for r in self.runs:  # the guess of who trains next is per position of the batch, which moved
+            if r.prev_loss is not None and r.prev_loss.shape != (r.n_rows, r.keep):
+                r.prev_loss = None
 
     # -- checkpoints --
 
-    def save(self) -> None:
-        """Hand the loop's whole state to `checkpoint` (continuing from it reproduces the rest of the run)."""
-        if self.checkpoint is not None:
-            # the checkpoint restarts at `step`, whose ΔL is appended again on resume: keep only the steps before it
-            recent = list(self.recent)[:-1] if self.measured == self.step else list(self.recent)
-            self.checkpoint(_capture(self.model, self.opt, self.window, self.step, self.rng,
-                                     time.perf_counter() - self.t0, self.gen_seconds[0], self.last_check_step,
-                                     self.notes, recent))
-        self.last_saved = time.perf_counter()
+    def capture(self, run: _Run) -> Checkpoint:
+        """The run's whole state (continuing from it reproduces the rest of the run)."""
+        # the checkpoint restarts at `step`, whose ΔL is appended again on resume: keep only the steps before it
+        recent = list(run.recent)[:-1] if run.measured == run.step else list(run.recent)
+        names = self.stack.parameter_names()
+        slot = self.stack.slots[run.slot]
+        return Checkpoint(step=run.step, adapter=self.stack.state(run.slot),
+                          optimizer=self.opt.state(run.slot, names, slot.rank), window=dict(vars(run.window)),
+                          rng=run.rng, cuda_rng=None, elapsed=time.perf_counter() - run.t0,
+                          generate_seconds=run.gen_seconds[0], last_check_step=run.last_check_step,
+                          notes=list(run.notes), recent_delta_loss=[float(x) for x in recent])
+
+    def restore(self, run: _Run, ckpt: Checkpoint) -> None:
+        """Put a checkpoint's adapter, optimizer, window and dropout generator into the run's slot."""
+        slot = self.stack.slots[run.slot]
+        adapter, optimizer = _current_format(ckpt, self.stack)
+        self.stack.load(run.slot, adapter)
+        self.opt.load(run.slot, optimizer, self.stack.parameter_names(), slot.rank)
+        for k, v in ckpt.window.items():
+            setattr(run.window, "size" if k == "base" else k, v)  # "base": the width's name in older checkpoints
+        if ckpt.rng is not None and slot.generator is not None and ckpt.rng.dtype == torch.uint8:
+            try:
+                slot.generator.set_state(ckpt.rng)
+            except RuntimeError:  # an older checkpoint's global RNG state: the dropout stream starts afresh
+                pass
+
+    def save(self, run: _Run) -> None:
+        """Hand the run's whole state to its checkpoint hook."""
+        if run.inp.checkpoint is not None:
+            run.inp.checkpoint(self.capture(run))
+        run.last_saved = time.perf_counter()
 
     def begin_step(self) -> None:
-        """Record the RNG state the step starts from, and save a checkpoint when one is due."""
-        self.rng = _rng_state() if self.checkpoint is not None else None
-        if (self.checkpoint is not None and self.spec.checkpoint_every and self.step > self.first_step
-                and time.perf_counter() - self.last_saved >= self.spec.checkpoint_every):
-            self.save()
+        """Record each run's dropout generator state at the top of the step, and save the checkpoints due."""
+        for run in self.runs:
+            gen = self.stack.slots[run.slot].generator
+            run.rng = gen.get_state() if gen is not None and run.inp.checkpoint is not None else None
+            if (run.inp.checkpoint is not None and run.spec.checkpoint_every and run.step > run.first_step
+                    and time.perf_counter() - run.last_saved >= run.spec.checkpoint_every):
+                self.save(run)
 
     # -- how a step is measured --
 
-    def measure(self) -> tuple[StepReport, obj.StepLosses, torch.Tensor]:
-        """The forward pass at the current adapter (dropout on when the adapter has it, reused when nothing
-        changed since the last one) -> the step's report; what the weighting rule reads (detached losses,
-        argmax-correct, their host copy); and the per-token loss [B, K] (nats, with grad) the update
-        backpropagates. One device-to-host copy."""
-        _set_lora_dropout(self.model, self.dropout)
+    def measure(self) -> tuple[list[StepReport], list[obj.StepLosses], torch.Tensor]:
+        """One forward of every run's rows (dropout on where a run has it; reused when nothing changed since the
+        last) -> each run's report and what its weighting rule reads, and the per-token loss [R, K] (nats, with
+        grad) the update backpropagates. One device-to-host copy for all runs."""
+        self.stack.set_dropout(any(r.dropout for r in self.runs))
         if self.last is None:
+            self.stack.new_forward()
             k = self.prefix.k if self.prefix is not None else 0
             with (self.prefix.installed() if self.prefix is not None else nullcontext(),
                   recomputed(self.model, k) if self.recompute else nullcontext()):
-                expect = None if self.may_train is None else self.may_train(self.prev_loss)
-                self.last = token_losses(self.model, self.batch, expect)
-                self.prev_loss = self.last[0].detach()
+                self.last = token_losses(self.model, self.batch, self._expected_rows())
+            for r in self.runs:
+                r.prev_loss = r.view(self.last[0]).detach()
         loss, correct = self.last
-        fl, fc = read_targets(loss.detach(), correct, self.where)
-        report = StepReport(step=self.step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0,
-                            active=0, recalled=False, first_divergence=None, elapsed=time.perf_counter() - self.t0,
-                            lr=self.spec.lr * max(0.0, 1.0 - self.step / self.spec.max_steps), bits_stored=0.0,
-                            notes=self.notes)
-        fill_report(report, fl, fc, self.base_np, self.spec.tau)
-        self.recent.append(report.delta_loss)
-        self.measured = self.step
-        losses = obj.StepLosses(loss=loss.detach(), correct=correct, mask=self.batch.target_mask, host_loss=fl,
-                                step=self.step)
-        return report, losses, loss
+        flat = [r.view(loss.detach()).flatten()[r.where] for r in self.runs]
+        flat_c = [r.view(correct).flatten()[r.where] for r in self.runs]
+        host = torch.cat([torch.cat(flat).float(), torch.cat(flat_c).float()]).cpu().numpy()
+        n_all = sum(int(f.numel()) for f in flat)
+        reports, losses, at = [], [], 0
+        for r, f in zip(self.runs, flat):
+            n = int(f.numel())
+            fl, fc = host[at:at + n], host[n_all + at:n_all + at + n] > 0.5
+            at += n
+            report = StepReport(step=r.step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0,
+                                active=0, recalled=False, first_divergence=None, elapsed=time.perf_counter() - r.t0,
+                                lr=r.spec.lr * max(0.0, 1.0 - r.step / r.spec.max_steps), bits_stored=0.0,
+                                notes=r.notes)
+            fill_report(report, fl, fc, r.base_np, r.spec.tau)
+            r.recent.append(report.delta_loss)
+            r.measured = r.step
+            reports.append(report)
+            losses.append(obj.StepLosses(loss=r.view(loss.detach()), correct=r.view(correct),
+                                         mask=r.batch.target_mask, host_loss=fl, step=r.step))
+        return reports, losses, loss
+
+    def _expected_rows(self) -> torch.Tensor | None:
+        """[R, K] bool: the tokens expected to carry weight in this step's update (each run's guess from its
+        previous losses, memcore.objectives.may_train), None when every token may."""
+        if all(r.may_train is None for r in self.runs):
+            return None
+        out = torch.zeros_like(self.batch.target_mask)
+        K = out.shape[1]
+        for r in self.runs:
+            rows = slice(r.rows.start, r.rows.stop)
+            if r.may_train is None or r.prev_loss is None:
+                out[rows, K - r.keep:] = r.batch.target_mask
+            else:
+                out[rows, K - r.keep:] = r.may_train(r.prev_loss) & r.batch.target_mask
+        return out
 
     # -- the stop policy --
 
-    def stop_reason(self, report: StepReport, should_stop: Callable[[], bool] | None) -> str | None:
-        """Why the run ends at this step, or None to train on. In order: asked to stop, time limit, step
-        budget, converged (when until='converged'), recalled (when stop_when_recalled, confirmed by a
-        greedy generate at most every 5 steps)."""
-        spec, step = self.spec, self.step
-        if should_stop is not None and should_stop():
+    def stop_reason(self, run: _Run, report: StepReport) -> str | None:
+        """Why the run ends at this step, or None to train on. In order: asked to stop, time limit, step budget,
+        converged (when until='converged'), recalled (when stop_when_recalled, confirmed by a greedy generate at
+        most every 5 steps)."""
+        spec, step = run.spec, run.step
+        if run.inp.should_stop is not None and run.inp.should_stop():
             return "stopped"
         if spec.max_seconds is not None and report.elapsed >= spec.max_seconds:
             return "max_seconds"
         if step >= spec.max_steps:
             return "max_steps"
-        reason = converged(report, self.recent, spec) if spec.until == "converged" else None
+        reason = converged(report, run.recent, spec) if spec.until == "converged" else None
         if reason is not None:
-            if reason == "all_above_tau" and self.dropout and not _all_above_without_dropout(
-                    self.model, self.batch, self.where, spec.tau):
+            if reason == "all_above_tau" and run.dropout and not self._all_above_without_dropout(run):
                 return None  # only dropout's noise put every token above tau: train on
             return reason
-        if report.recalled and spec.stop_when_recalled and step - self.last_check_step >= 5:
-            self.last_check_step = step
-            gen = _generate_check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
+        if report.recalled and spec.stop_when_recalled and step - run.last_check_step >= 5:
+            run.last_check_step = step
+            gen = self._generate_check(run, report)
             if report.generate_recalled:
                 report.generated = gen
                 return "recalled"
-            self.notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
-                              f"at token {report.generate_divergence}; training on")
+            run.notes.append(f"step {step}: teacher-forced argmax says recalled but greedy generate differs "
+                             f"at token {report.generate_divergence}; training on")
         return None
 
-    def finish(self, report: StepReport, reason: str) -> StepReport:
-        """Turn the step's report into the final one: checkpoint an unfinished run, re-measure without
-        dropout, run the greedy-generate check (when spec.verify) and note any disagreement with it."""
+    def finish(self, run: _Run, report: StepReport, reason: str) -> StepReport:
+        """Turn the run's report into its final one: checkpoint an unfinished run, re-measure without dropout,
+        run the greedy-generate check (when spec.verify) and note any disagreement with it."""
         if reason in ("stopped", "max_seconds"):  # unfinished: keep what continuing would need
-            self.save()
-        if self.dropout:  # the training forward had dropout on: measure the final adapter without it
-            _set_lora_dropout(self.model, False)
-            with torch.no_grad():
-                loss, correct = token_losses(self.model, self.batch)
-            fill_report(report, *read_targets(loss, correct, self.where), self.base_np, self.spec.tau)
-        if report.generated is None and self.spec.verify:
-            report.generated = _generate_check(self.model, self.batch, self.pad_id, report, self.gen_seconds)
+            self.save(run)
+        if run.dropout:  # the training forward had dropout on: measure the final adapter without it
+            loss, correct = self._alone(run)
+            fill_report(report, *read_targets(loss, correct, run.where), run.base_np, run.spec.tau)
+        if report.generated is None and run.spec.verify:
+            report.generated = self._generate_check(run, report)
         if report.generate_recalled is not None and report.recalled != report.generate_recalled:
             report.notes.append("teacher-forced recall and greedy generate disagree "
                                 f"(argmax: {report.recalled}, generate: {report.generate_recalled})")
         report.final, report.stop_reason = True, reason
-        report.elapsed = time.perf_counter() - self.t0
-        report.generate_seconds = self.gen_seconds[0]
+        report.elapsed = time.perf_counter() - run.t0
+        report.generate_seconds = run.gen_seconds[0]
         return report
+
+    @torch.no_grad()
+    def _alone(self, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's own batch through its own slot, dropout off: (loss, correct) [B, K]."""
+        with self.stack.routed([run.slot] * run.n_rows):
+            return token_losses(self.model, run.batch)
+
+    def _all_above_without_dropout(self, run: _Run) -> bool:
+        loss, _ = self._alone(run)
+        return bool((loss.flatten()[run.where] < obj.cut(run.spec.tau)).all())
+
+    def _generate_check(self, run: _Run, report: StepReport) -> list[list[int]]:
+        t = time.perf_counter()
+        with self.stack.routed([run.slot]):
+            gen = greedy_generate(self.model, run.batch.samples, self.pad_id)
+        run.gen_seconds[0] += time.perf_counter() - t
+        report.generate_divergence = compare(gen, run.batch.samples)
+        report.generate_recalled = report.generate_divergence is None
+        return gen
 
     # -- the update --
 
-    def update(self, report: StepReport, losses: obj.StepLosses, loss: torch.Tensor) -> None:
-        """One optimizer step on the weighted mean of `loss` [B, K], the weights chosen by the method's rule
-        from `losses`; skipped (report.skipped) when no token carries weight. Sets report.active."""
-        w, report.active = obj.token_weights(self.spec, losses, self.window)
-        if report.active == 0:  # nothing left to learn: skip backward and the optimizer step entirely
-            report.skipped = True
-            if self.dropout:  # with dropout the next forward differs anyway
-                self.last = None
-        else:
-            for group in self.opt.param_groups:  # linear decay to 0 over the budget, no warmup
-                group["lr"] = report.lr
-            self.opt.zero_grad(set_to_none=True)
-            obj.weighted_mean(loss, w).backward()
-            self.opt.step()
+    def update(self, runs: list[_Run], reports: list[StepReport], losses: list[obj.StepLosses],
+               loss: torch.Tensor) -> None:
+        """One backward of the runs' summed weighted means (each run's weights chosen by its method's rule) and one
+        AdamW step of each slot that trained; a run with no token carrying weight skips its update
+        (report.skipped). Sets report.active. Each run's gradient reaches only its own slot."""
+        total, moving, lrs, wds = None, [], [], []
+        for run, report, s in zip(runs, reports, losses):
+            w, report.active = obj.token_weights(run.spec, s, run.window)
+            if report.active == 0:  # nothing left to learn: no backward or optimizer step for this run
+                report.skipped = True
+            else:
+                term = obj.weighted_mean(run.view(loss), w)
+                total = term if total is None else total + term
+                moving.append(run.slot)
+                lrs.append(report.lr)
+                wds.append(run.spec.weight_decay)
+            run.step += 1
+        if total is not None:
+            self.opt.zero_grad()
+            total.backward()
+            self.opt.step(moving, lrs, wds)
             self.last = None
-        self.step += 1
+        elif any(r.dropout for r in self.runs):  # with dropout the next forward differs anyway
+            self.last = None
+
+
+def _current_format(ckpt: Checkpoint, stack: AdapterStack) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's adapter and optimizer state by the stack's tensor names. Older checkpoints held PEFT's
+    parameter names ('<module>.lora_A.default.weight' [r, in], '.lora_B...' [out, r]) or the old bypass's
+    ('<mlp>.bypass_A' [in, r], '.bypass_B' [r, out]) and torch.optim.AdamW's state dict, in the same order.
+    Raises MemcoreError when the checkpoint does not fit the stack."""
+    names = stack.parameter_names()
+    if set(ckpt.adapter) == set(names):
+        return ckpt.adapter, ckpt.optimizer
+
+    def rename(key: str) -> tuple[str, bool]:  # (stack name, transposed)
+        k = key.removeprefix("base_model.model.").removeprefix("base_model.")
+        for old, new, t in ((".lora_A.default.weight", ".A", True), (".lora_B.default.weight", ".B", True),
+                            (".bypass_A", ".A", False), (".bypass_B", ".B", False)):
+            if k.endswith(old):
+                return k[: -len(old)] + new, t
+        return k, False
+
+    renamed = {}
+    order = []
+    for key, value in ckpt.adapter.items():
+        new, transposed = rename(key)
+        renamed[new] = value.T.contiguous() if transposed else value
+        order.append((new, transposed))
+    if set(renamed) != set(names):
+        odd = sorted(set(renamed) ^ set(names))[:1]
+        raise MemcoreError(f"the checkpoint does not fit this adapter (e.g. {odd})")
+    opt = ckpt.optimizer
+    if "state" in opt:  # torch.optim.AdamW.state_dict(): params numbered in the adapter's order
+        state = opt["state"]
+        step = int(next(iter(state.values()))["step"]) if state else 0
+        converted: dict[str, Any] = {"step": step, "exp_avg": {}, "exp_avg_sq": {}}
+        for i, (new, transposed) in enumerate(order):
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = state[i][key] if i in state else torch.zeros_like(renamed[new].T if transposed else renamed[new])
+                converted[key][new] = t.T.contiguous() if transposed else t
+        opt = converted
+    return renamed, opt
+
+
+def train_many(model: Any, stack: AdapterStack, runs: Iterable[RunInput], *, pad_id: int = 0, slots: int | None = None,
+               use_prefix_cache: bool = True) -> Iterator[tuple[Any, StepReport]]:
+    """Train several runs together on one frozen base, yielding (run tag, StepReport) for every run at every step,
+    and each run's final report when it ends; a run that ends leaves the batch at once and the next of `runs`
+    takes its slot. At most `slots` runs (default: the stack's slots) train at a time.
+
+    `model` is the base with `stack` attached (memcore.stack.AdapterStack); every RunInput's adapter shares the
+    stack's kind and placement. Each run gets exactly the numbers it gets alone (train_iter), to float tolerance,
+    dropout aside (its masks come from its own generator, drawn over the batch's padded length)."""
+    loop = _Loop(model, stack, pad_id, use_prefix_cache)
+    pending = iter(runs)
+    limit = min(slots or stack.n_slots, stack.n_slots)
+
+    def fill() -> None:
+        while len(loop.runs) < limit:
+            nxt = next(pending, None)
+            if nxt is None:
+                return
+            loop.add(nxt)
+
+    fill()
+    while loop.runs:
+        loop.begin_step()
+        reports, losses, loss = loop.measure()
+        going, out, ended = [], [], []
+        for run, report, s in zip(list(loop.runs), reports, losses):
+            reason = loop.stop_reason(run, report)
+            if reason is not None:
+                ended.append((run, loop.finish(run, report, reason)))
+            else:
+                going.append((run, report, s))
+        if going:
+            loop.update([g[0] for g in going], [g[1] for g in going], [g[2] for g in going], loss)
+        for run, report, _ in going:
+            out.append((run.tag, report))
+        for run, final in ended:
+            out.append((run.tag, final))
+            loop.remove(run)
+        if ended:
+            fill()
+        yield from out
 
 
 def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,
                should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True,
                resume: Checkpoint | None = None,
                checkpoint: Callable[[Checkpoint], None] | None = None) -> Iterator[StepReport]:
-    """Train the adapter of `model` on `batch`, yielding a StepReport after every step and a final one.
+    """Train one run's adapter (`model`: a memcore.stack.SlotModel, as attach_adapter and Base.adapted give) on
+    `batch`, yielding a StepReport after every step and a final one: train_many with one run.
 
     The last report has final=True, the stop reason, and the greedy-generate check. `should_stop` is polled
     once per step (cooperative stop: the adapter trained so far is kept). `checkpoint` is called with the
     loop's whole state every `spec.checkpoint_every` seconds, and when a run stops before its end (stopped,
     time limit), after the reports of every earlier step were yielded; `resume` continues from such a
     state: the first report is then the one for the checkpoint's step, and the rest is what an uninterrupted
-    run would have yielded. Raises MemcoreError when `resume` does not fit the model's adapter."""
-    loop = _Loop(model, batch, spec, pad_id, base_loss, use_prefix_cache, resume, checkpoint)
-    while True:
-        loop.begin_step()
-        report, losses, loss = loop.measure()
-        reason = loop.stop_reason(report, should_stop)
-        if reason is not None:
-            yield loop.finish(report, reason)
-            return
-        loop.update(report, losses, loss)
-        yield report
-
-
-@torch.no_grad()
-def _all_above_without_dropout(model: Any, batch: Batch, where: torch.Tensor, tau: float) -> bool:
-    _set_lora_dropout(model, False)
+    run would have yielded. Raises MemcoreError when `model` carries no adapter memcore attached, or when
+    `resume` does not fit its adapter."""
+    stack = getattr(model, "stack", None)
+    if not isinstance(stack, AdapterStack):
+        raise MemcoreError("train_iter needs an adapter memcore attached (memcore.placement.attach_adapter)")
+    inp = RunInput(batch=batch, spec=spec, adapter=model.adapter_spec, base_loss=base_loss, resume=resume,
+                   checkpoint=checkpoint, should_stop=should_stop)
+    loop = _Loop(model.get_base_model(), stack, pad_id, use_prefix_cache)
+    loop.add(inp, slot=0)  # the model's own adapter, as attached (or as an earlier call left it)
     try:
-        loss, _ = token_losses(model, batch)
+        while True:
+            loop.begin_step()
+            (report,), (losses,), loss = loop.measure()
+            run = loop.runs[0]
+            reason = loop.stop_reason(run, report)
+            if reason is not None:
+                yield loop.finish(run, report, reason)
+                return
+            loop.update([run], [report], [losses], loss)
+            yield report
     finally:
-        _set_lora_dropout(model, True)
-    return bool((loss.flatten()[where] < obj.cut(tau)).all())
-
-
-def _generate_check(model: Any, batch: Batch, pad_id: int, report: StepReport, seconds: list[float]) -> list[list[int]]:
-    _set_lora_dropout(model, False)
-    t = time.perf_counter()
-    gen = greedy_generate(model, batch.samples, pad_id)
-    seconds[0] += time.perf_counter() - t
-    report.generate_divergence = compare(gen, batch.samples)
-    report.generate_recalled = report.generate_divergence is None
-    return gen
+        stack.set_rows([0])  # the model serves its one run again (generate, save) whatever the loop did
 
 
 def train(model: Any, batch: Batch, spec: TrainSpec, **kwargs: Any) -> tuple[StepReport, list[StepReport]]:

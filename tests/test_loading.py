@@ -17,7 +17,7 @@ def _batch(base):
 
 
 def _adapter_params(model) -> list[str]:
-    return [n for n, _ in model.named_parameters() if "lora_" in n or "bypass_" in n]
+    return [n for n, _ in model.named_parameters() if n.endswith((".A", ".B")) or "lora_" in n or "bypass_" in n]
 
 
 @pytest.mark.parametrize("kind", ["lora", "bypass"])

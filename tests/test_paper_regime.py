@@ -9,11 +9,12 @@ import torch
 from scipy import stats
 
 from memcore.blocks import decoder_layers
-from memcore.bypass import MLPBypass, mlp_of
+from memcore.bypass import mlp_of
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, RunSpec, TrainSpec
 from memcore.data import build_samples, make_batch, ordinary_token_ids, parse_jsonl, random_token_ids
 from memcore.measure import base_losses, token_losses
 from memcore.placement import p_eff, paper_layer
+from memcore.stack import SlotAdapter
 from memcore.train import FrozenPrefix, converged, train_iter
 
 # --- JSONL ---------------------------------------------------------------------------------------------------
@@ -122,19 +123,24 @@ def test_bypass_forward_is_mlp_plus_xab_and_starts_as_the_base(tiny_base, bypass
     assert p_eff(m) == 3 * 2 * hidden
     layer = paper_layer(len(decoder_layers(m)))
     _, bp = mlp_of(decoder_layers(m)[layer])
-    assert isinstance(bp, MLPBypass) and bp.bypass_A.shape == (hidden, 3) and bp.bypass_B.shape == (3, hidden)
-    assert torch.count_nonzero(bp.bypass_B) == 0 and torch.count_nonzero(bp.bypass_A) > 0
+    A, B = bp.A[0], bp.B[0]  # the run's slot
+    assert isinstance(bp, SlotAdapter) and A.shape == (hidden, 3) and B.shape == (3, hidden)
+    assert torch.count_nonzero(B) == 0 and torch.count_nonzero(A) > 0
+    bound = 1 / hidden ** 0.5  # PEFT's lora_A init: kaiming-uniform, a = sqrt(5), fan-in = hidden
+    assert A.abs().max() <= bound and A.abs().max() > 0.8 * bound
     start, _ = token_losses(m, b)
     assert torch.equal(start, before)  # B = 0: exactly the base model
-    torch.nn.init.normal_(bp.bypass_B, std=0.5)
+    with torch.no_grad():
+        torch.nn.init.normal_(bp.B, std=0.5)
     x = torch.randn(2, 5, hidden)
-    want = bp.mlp(x) + x @ bp.bypass_A @ bp.bypass_B  # eval mode: no dropout, no alpha/r scaling
+    m.stack.set_rows([0, 0])
+    want = bp.base(x) + x @ bp.A[0] @ bp.B[0]  # dropout off: no dropout, no alpha/r scaling
     assert torch.allclose(bp(x), want, atol=1e-5)
     after, _ = token_losses(m, b)
     assert not torch.allclose(after, before)
     assert torch.allclose(base_losses(m, b), before, atol=1e-6)  # switched off for the base loss
     # only A and B train; every other weight stays frozen
-    assert {n.split(".")[-1] for n, p in m.named_parameters() if p.requires_grad} == {"bypass_A", "bypass_B"}
+    assert {n.split(".")[-1] for n, p in m.named_parameters() if p.requires_grad} == {"A", "B"}
 
 
 def test_bypass_saves_reloads_and_detaches(tiny_base, tmp_path):

@@ -106,8 +106,9 @@ def test_every_preset_attaches_and_trains(models, arch, preset):
     spec = AdapterSpec(rank=2, layers="paper") if preset == "paper" else AdapterSpec(rank=2, targets=preset)
     peft_model = attach_adapter(model, spec, seed=0)
     try:
-        adapted = {n.split(".base_layer")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
-        assert adapted and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+        adapted = set(peft_model.stack.modules)
+        trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
+        assert adapted and trainable == {id(p) for p in peft_model.stack.parameters()}
         batch = _batch()
         reports = list(train_iter(peft_model, batch, TrainSpec(method="sft", lr=5e-2, max_steps=3, verify=False,
                                                                stop_when_recalled=False)))
