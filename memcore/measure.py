@@ -53,6 +53,7 @@ class StepReport:
     notes: list[str] = field(default_factory=list)
     run_id: str | None = None  # set by the runner once the report is stored
     summary: Any = None  # final report of a stored run: its memcore.records.RunSummary
+    adapter: dict[str, Any] | None = None  # final report from train_many: the run's adapter (AdapterStack.state)
 
     @property
     def n_tokens(self) -> int:

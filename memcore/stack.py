@@ -324,14 +324,19 @@ class AdapterStack:
                 m.B[slot, :r, :] = b.to(m.B.device, ADAPTER_DTYPE)
 
     def save(self, slot: int, path: str | Path, adapter: AdapterSpec, base_name: str | None) -> None:
-        """Write the slot's adapter as files that load without this stack: for LoRA a stock PEFT adapter
-        (adapter_config.json + adapter_model.safetensors, PeftModel.from_pretrained loads it), for the bypass
-        memcore's bypass_config.json + bypass_model.safetensors (memcore.bypass.load_bypass loads it)."""
+        """Write the slot's adapter as files that load without this stack (``write``)."""
+        self.write(self.state(slot), path, adapter, base_name)
+
+    def write(self, state: dict[str, torch.Tensor], path: str | Path, adapter: AdapterSpec,
+              base_name: str | None) -> None:
+        """Write an adapter of this stack's placement (``state``, as ``state`` gives a slot's; the slot may have
+        been freed since) as files that load without it: for LoRA a stock PEFT adapter (adapter_config.json +
+        adapter_model.safetensors, PeftModel.from_pretrained loads it), for the bypass memcore's
+        bypass_config.json + bypass_model.safetensors (memcore.bypass.load_bypass loads it)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = self.state(slot)
         if self.kind == "bypass":
             from memcore.bypass import CONFIG_NAME, WEIGHTS_NAME
 

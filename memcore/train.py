@@ -541,8 +541,9 @@ def _current_format(ckpt: Checkpoint, stack: AdapterStack) -> tuple[dict[str, to
 def train_many(model: Any, stack: AdapterStack, runs: Iterable[RunInput], *, pad_id: int = 0, slots: int | None = None,
                use_prefix_cache: bool = True) -> Iterator[tuple[Any, StepReport]]:
     """Train several runs together on one frozen base, yielding (run tag, StepReport) for every run at every step,
-    and each run's final report when it ends; a run that ends leaves the batch at once and the next of `runs`
-    takes its slot. At most `slots` runs (default: the stack's slots) train at a time.
+    and each run's final report when it ends (its `adapter` holds the run's final adapter, AdapterStack.state:
+    write it with AdapterStack.write); a run that ends leaves the batch at once and the next of `runs` takes its
+    slot. At most `slots` runs (default: the stack's slots) train at a time.
 
     `model` is the base with `stack` attached (memcore.stack.AdapterStack); every RunInput's adapter shares the
     stack's kind and placement. Each run gets exactly the numbers it gets alone (train_iter), to float tolerance,
@@ -574,6 +575,7 @@ def train_many(model: Any, stack: AdapterStack, runs: Iterable[RunInput], *, pad
         for run, report, _ in going:
             out.append((run.tag, report))
         for run, final in ended:
+            final.adapter = stack.state(run.slot)  # its slot goes to the next run: the caller saves from this
             out.append((run.tag, final))
             loop.remove(run)
         if ended:
