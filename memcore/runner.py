@@ -7,20 +7,22 @@ about once a second), saves the adapter in standard PEFT format, and returns the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack, suppress
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from memcore.config import MemcoreError, RunSpec, WriteFailed, is_write_error
-from memcore.data import Sample, make_batch
+from memcore.data import Batch, Sample, make_batch
 from memcore.loading import Base, load_base
 from memcore.measure import StepReport, base_losses
 from memcore.metrics import StubbornCounter, bits_per_param
@@ -45,90 +47,86 @@ def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -
     return base, samples
 
 
-def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
-                 should_stop: Callable[[], bool] | None = None, sweep: str | None = None, label: str | None = None,
-                 resume: bool = False) -> Generator[StepReport, None, RunSummary]:
-    """Train one run and record it, yielding each StepReport as it is stored; returns the summary.
+class _Record:
+    """One run's record in the store while it trains, whoever drives it (a run alone, or a batch of runs): its
+    row and status, tokens, steps (flushed at most about once a second; a decimated history keeps per-token
+    snapshots at a few hundred steps), checkpoints, adapter, summary, and the one line a failed write ends in.
 
-    Every `spec.train.checkpoint_every` seconds (and when a run stops early) the steps so far are flushed and
-    the adapter (PEFT folder) and a checkpoint of the loop's state are saved in the run's folder. With
-    resume=True, `run_id` names a stored run that continues from its checkpoint (or from the start if it
-    had none): its steps from the checkpoint on are dropped and the history goes on from there.
-    Consumers that interleave several runs (the app's compare mode) advance several of these in turn."""
-    if run_id is None:
-        run_id = store.create_run(spec.to_dict(), sweep=sweep, label=label)
-    kept = _Kept()
-    tok = base.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batch = make_batch(samples, pad_id).to(base.device)
-    adapter_dir = store.adapter_dir(run_id)
-    adapter = ExitStack()  # holds the adapter on the shared base until the run's outcome is recorded
-    try:
-        ckpt = load_checkpoint(store, run_id) if resume else None
-        kept.checkpoint = ckpt.step if ckpt else None
-        if resume:
-            store.truncate_steps(run_id, ckpt.step if ckpt else 0)
-        store.set_status(run_id, "running")
-        model = adapter.enter_context(base.adapted(spec.adapter, seed=spec.train.seed))
-        n_params = p_eff(model)
-        base_loss = base_losses(model, batch)
-        targets = [s.target_ids for s in samples]
-        pieces = token_pieces(tok, [t for ts in targets for t in ts])
-        store.save_tokens(run_id, [s.prompt_ids for s in samples], targets, pieces,
-                          base_loss[batch.target_mask].float().cpu().numpy())
-        stubborn = StubbornCounter(len(pieces), spec.train.tau)
-        earlier = store.replay(run_id) if ckpt else None  # a resumed run: the steps before its checkpoint
+    `write(state, folder)` writes an adapter state (memcore.stack.AdapterStack.state) as files into a folder."""
+
+    def __init__(self, spec: RunSpec, store: Store, base: Base, samples: list[Sample],
+                 write: Callable[[dict[str, Any], Path], None], *, run_id: str | None = None,
+                 sweep: str | None = None, label: str | None = None, resume: bool = False) -> None:
+        self.spec, self.store, self.base, self.samples, self.write = spec, store, base, samples, write
+        self.run_id = run_id or store.create_run(spec.to_dict(), sweep=sweep, label=label)
+        self.resume = resume
+        self.kept = _Kept()
+        self.adapter_dir = store.adapter_dir(self.run_id)
+        self.pending: list[StepRow] = []
+        self.warnings: list[str] = []  # failed checkpoints, said with the next report
+        self.last_flush = time.monotonic()
+        self.keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
+
+    def open(self, batch: Batch, base_loss: Any, n_params: int) -> Checkpoint | None:
+        """Mark the run running, store its tokens and base loss ([B, K] nats); returns the checkpoint a resumed run
+        goes on from (its later steps dropped), else None."""
+        ckpt = load_checkpoint(self.store, self.run_id) if self.resume else None
+        self.kept.checkpoint = ckpt.step if ckpt else None
+        if self.resume:
+            self.store.truncate_steps(self.run_id, ckpt.step if ckpt else 0)
+        self.store.set_status(self.run_id, "running")
+        self.n_params = n_params
+        self.base_flat = base_loss[batch.target_mask]
+        targets = [s.target_ids for s in self.samples]
+        self.pieces = token_pieces(self.base.tokenizer, [t for ts in targets for t in ts])
+        self.store.save_tokens(self.run_id, [s.prompt_ids for s in self.samples], targets, self.pieces,
+                               self.base_flat.float().cpu().numpy())
+        self.stubborn = StubbornCounter(len(self.pieces), self.spec.train.tau)
+        earlier = self.store.replay(self.run_id) if ckpt else None  # a resumed run: the steps before its checkpoint
         for p in earlier.p if earlier is not None else []:
-            stubborn.update(p)
-        pending: list[StepRow] = []
-        last_flush = time.monotonic()
-        keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
-        snapshots = len(earlier.steps) if earlier is not None else 0
-        warnings: list[str] = []  # failed checkpoints, said with the next report
+            self.stubborn.update(p)
+        self.snapshots = len(earlier.steps) if earlier is not None else 0
+        return ckpt
 
-        def save(state: Checkpoint) -> None:
-            """A checkpoint: the steps so far, the adapter, the loop's state. One that cannot be written is a
-            warning, not the end of the run: training goes on and the next checkpoint tries again."""
-            nonlocal pending
-            store.write_steps(run_id, pending)  # a store that cannot be written ends the run (WriteFailed)
-            pending = []
-            try:
-                save_adapter(model, adapter_dir, samples, spec)
-                save_checkpoint(store, run_id, state)
-                kept.checkpoint = state.step
-            except WriteFailed as e:
-                warnings.append(f"step {state.step}: {e}; training goes on and tries again at the next checkpoint")
+    def checkpoint(self, state: Checkpoint) -> None:
+        """A checkpoint: the steps so far, the adapter, the loop's state. One that cannot be written is a
+        warning, not the end of the run: training goes on and the next checkpoint tries again."""
+        self.store.write_steps(self.run_id, self.pending)  # a store that cannot be written ends the run (WriteFailed)
+        self.pending = []
+        try:
+            save_adapter(self.write, state.adapter, self.adapter_dir, self.samples, self.spec)
+            save_checkpoint(self.store, self.run_id, state)
+            self.kept.checkpoint = state.step
+        except WriteFailed as e:
+            self.warnings.append(f"step {state.step}: {e}; training goes on and tries again at the next checkpoint")
 
-        final: StepReport | None = None
-        for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
-                            resume=ckpt, checkpoint=save):
-            r.run_id = run_id
-            if warnings:  # the loop's notes: they reach the live view, the summary and the CLI
-                r.notes.extend(warnings)
-                warnings.clear()
-            stubborn.update(r.p)
-            row = StepRow.of(r)
-            if keep is not None and not r.final and r.step not in keep:
-                row.p = row.correct = None  # scalars only: a decimated history keeps no per-token snapshot here
-            else:
-                snapshots += 1
-            pending.append(row)
-            if r.final or time.monotonic() - last_flush >= FLUSH_SECONDS:
-                store.write_steps(run_id, pending)
-                pending, last_flush = [], time.monotonic()
-            if r.final:
-                final = r
-            else:
-                yield r
-        assert final is not None
-        if warnings:  # a checkpoint failed in the last step (a stopped run's own)
-            final.notes.extend(warnings)
-        save_adapter(model, adapter_dir, samples, spec)
-        kept.adapter = True
-        summary = _summary(run_id, spec, final, n_params, samples, adapter_dir, stubborn, base_loss[batch.target_mask],
-                           pieces)
-        summary.history, summary.snapshots = spec.train.history, snapshots
-        summary.source_bits_per_token = source_bits(spec, tok, getattr(base.model.config, "vocab_size", None))
+    def step(self, r: StepReport) -> None:
+        """Record one report (the final one included)."""
+        r.run_id = self.run_id
+        if self.warnings:  # the loop's notes: they reach the live view, the summary and the CLI
+            r.notes.extend(self.warnings)
+            self.warnings.clear()
+        self.stubborn.update(r.p)
+        row = StepRow.of(r)
+        if self.keep is not None and not r.final and r.step not in self.keep:
+            row.p = row.correct = None  # scalars only: a decimated history keeps no per-token snapshot here
+        else:
+            self.snapshots += 1
+        self.pending.append(row)
+        if r.final or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.store.write_steps(self.run_id, self.pending)
+            self.pending, self.last_flush = [], time.monotonic()
+
+    def close(self, final: StepReport, adapter: dict[str, Any]) -> RunSummary:
+        """Save the final adapter, write the summary and the status; returns the summary (also on final.summary)."""
+        spec, store, run_id, base = self.spec, self.store, self.run_id, self.base
+        save_adapter(self.write, adapter, self.adapter_dir, self.samples, spec)
+        self.kept.adapter = True
+        summary = _summary(run_id, spec, final, self.n_params, self.samples, self.adapter_dir, self.stubborn,
+                           self.base_flat, self.pieces)
+        summary.history, summary.snapshots = spec.train.history, self.snapshots
+        vocab = getattr(base.model.config, "vocab_size", None)
+        summary.source_bits_per_token = source_bits(spec, base.tokenizer, vocab)
         summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
         if summary.delta_loss < 0:  # the loss rose: said where the run's result is read (CLI, app, card)
             summary.notes.append(f"the loss rose in training (ΔL {summary.delta_loss:.3f} nats/token, from "
@@ -140,31 +138,162 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         if final.stop_reason in FINISHED:  # finished and recorded: nothing to resume
             checkpoint_path(store, run_id).unlink(missing_ok=True)
         try:  # a copy beside the adapter; the store holds the summary
-            (adapter_dir.parent / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+            (self.adapter_dir.parent / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
         except OSError as e:
-            summary.notes.append(f"{WriteFailed.of('summary.json', adapter_dir.parent, e)}; the store has the summary")
+            summary.notes.append(f"{WriteFailed.of('summary.json', self.adapter_dir.parent, e)}; the store has the "
+                                 "summary")
         final.summary = summary
-        yield final
         return summary
-    except GeneratorExit:  # the consumer walked away mid-run
-        store.set_status(run_id, "interrupted", error="abandoned by its consumer")
-        raise
-    except WriteFailed as e:  # said in one line: what could not be written, where, and what is kept
-        failed = WriteFailed(e.what, e.where, e.reason)
-        failed.args = (f"{e}; {kept.say(run_id)}",)
-        with suppress(MemcoreError, OSError):  # the store may be what is full: the run then shows as interrupted
-            store.set_status(run_id, "failed", error=str(failed))
-        raise failed from None
-    except BaseException as e:
+
+    def fail(self, e: BaseException) -> BaseException:
+        """Record how the run ended early (interrupted, failed or stopped) and return what to raise: a failed write
+        as one line saying what could not be written, where, and what is kept."""
+        store, run_id = self.store, self.run_id
+        if isinstance(e, GeneratorExit):  # the consumer walked away mid-run
+            with suppress(MemcoreError, OSError):
+                store.set_status(run_id, "interrupted", error="abandoned by its consumer")
+            return e
+        if isinstance(e, WriteFailed):
+            failed = WriteFailed(e.what, e.where, e.reason)
+            failed.args = (f"{e}; {self.kept.say(run_id)}",)
+            with suppress(MemcoreError, OSError):  # the store may be what is full: the run then shows as interrupted
+                store.set_status(run_id, "failed", error=str(failed))
+            return failed
         msg = str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
         with suppress(MemcoreError, OSError):
             store.set_status(run_id, "failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=msg)
         if not isinstance(e, (MemcoreError, KeyboardInterrupt)):
             with suppress(OSError):
                 (store.runs_dir / run_id / "error.txt").write_text(traceback.format_exc())
-        raise
+        return e
+
+
+def _writer(base: Base, stack: Any, adapter: Any) -> Callable[[dict[str, Any], Path], None]:
+    """How a run's adapter state becomes files: its stack's writer, naming the base as the model records it."""
+    name = getattr(base.model.config, "_name_or_path", None)
+    return lambda state, folder: stack.write(state, folder, adapter, name)
+
+
+def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample], *, run_id: str | None = None,
+                 should_stop: Callable[[], bool] | None = None, sweep: str | None = None, label: str | None = None,
+                 resume: bool = False) -> Generator[StepReport, None, RunSummary]:
+    """Train one run and record it, yielding each StepReport as it is stored; returns the summary.
+
+    Every `spec.train.checkpoint_every` seconds (and when a run stops early) the steps so far are flushed and
+    the adapter (PEFT folder) and a checkpoint of the loop's state are saved in the run's folder. With
+    resume=True, `run_id` names a stored run that continues from its checkpoint (or from the start if it
+    had none): its steps from the checkpoint on are dropped and the history goes on from there.
+    Consumers that interleave several runs (the app's compare mode) advance several of these in turn."""
+    tok = base.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = make_batch(samples, pad_id).to(base.device)
+    adapter = ExitStack()  # holds the adapter on the shared base until the run's outcome is recorded
+    record = None
+    try:
+        model = adapter.enter_context(base.adapted(spec.adapter, seed=spec.train.seed))
+        record = _Record(spec, store, base, samples, _writer(base, model.stack, spec.adapter), run_id=run_id,
+                         sweep=sweep, label=label, resume=resume)
+        base_loss = base_losses(model, batch)
+        ckpt = record.open(batch, base_loss, p_eff(model))
+        final: StepReport | None = None
+        for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
+                            resume=ckpt, checkpoint=record.checkpoint):
+            record.step(r)
+            if r.final:
+                final = r
+            else:
+                yield r
+        assert final is not None
+        if record.warnings:  # a checkpoint failed in the last step (a stopped run's own)
+            final.notes.extend(record.warnings)
+        summary = record.close(final, model.stack.state(0))
+        yield final
+        return summary
+    except BaseException as e:
+        if record is None:
+            raise
+        raised = record.fail(e)
+        if raised is e:
+            raise
+        raise raised from None
     finally:
         adapter.close()
+
+
+@dataclass
+class BatchedRun:
+    """One run for execute_many: its spec and samples, and its store bookkeeping (a new run, or `run_id` resumed
+    from its checkpoint); `tag` names it in what execute_many yields."""
+
+    spec: RunSpec
+    samples: list[Sample]
+    tag: Any = None
+    run_id: str | None = None
+    resume: bool = False
+    sweep: str | None = None
+    label: str | None = None
+
+
+def execute_many(runs: Iterable[BatchedRun], store: Store, base: Base, *, slots: int, max_rank: int,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[Any, StepReport]]:
+    """Train several runs together (memcore.train.train_many: one forward and one backward of the shared base per
+    step, `slots` runs at a time, the next run taking a finished one's slot) and record each as execute_iter does,
+    yielding (tag, StepReport) per run and step; a run's final report carries its summary. Every run shares the
+    first run's model and adapter kind and placement (targets, layers); ranks up to `max_rank`.
+
+    A failed write ends the batch with the one line execute_iter gives; the runs still training are marked
+    interrupted (each resumes from its own checkpoint)."""
+    from memcore.stack import AdapterStack
+
+    runs = iter(runs)
+    first = next(runs, None)
+    if first is None:
+        return
+    tok = base.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    stack = AdapterStack(base.model, first.spec.adapter, slots=slots, max_rank=max_rank)
+    records: dict[int, tuple[BatchedRun, _Record]] = {}
+
+    def inputs() -> Iterator[Any]:
+        from memcore.measure import token_losses
+        from memcore.train import RunInput
+
+        for i, run in enumerate(itertools.chain([first], runs)):
+            if should_stop is not None and should_stop():
+                return
+            batch = make_batch(run.samples, pad_id).to(base.device)
+            record = _Record(run.spec, store, base, run.samples, _writer(base, stack, run.spec.adapter),
+                             run_id=run.run_id, sweep=run.sweep, label=run.label, resume=run.resume)
+            records[i] = (run, record)
+            with stack.disabled(), torch.no_grad():
+                base_loss = token_losses(base.model, batch)[0]
+            ckpt = record.open(batch, base_loss, stack.p_eff_of(run.spec.adapter.rank))
+            yield RunInput(batch=batch, spec=run.spec.train, adapter=run.spec.adapter, base_loss=base_loss,
+                           resume=ckpt, checkpoint=record.checkpoint, should_stop=should_stop, tag=i)
+
+    from memcore.train import train_many
+
+    try:
+        for i, r in train_many(base.model, stack, inputs(), pad_id=pad_id, slots=slots):
+            run, record = records[i]
+            record.step(r)
+            if r.final:
+                if record.warnings:
+                    r.notes.extend(record.warnings)
+                record.close(r, r.adapter)
+                del records[i]
+            yield run.tag, r
+    except BaseException as e:
+        for _, record in list(records.values()):  # each run still training: failed, stopped or interrupted
+            record.fail(e)
+        if not isinstance(e, WriteFailed):
+            raise
+        n = len(records)
+        raise WriteFailed(e.what, e.where, f"{e.reason}; the {n} run{'s' if n != 1 else ''} training keep "
+                          "their last checkpoints: free some space and run the same command again to resume them"
+                          ) from None
+    finally:
+        stack.detach()
 
 
 HISTORY_SNAPSHOTS = 300
@@ -285,10 +414,12 @@ def drain(gen: Generator[StepReport, None, RunSummary],
             on_report(r)
 
 
-def save_adapter(model: Any, path: Path, samples: list[Sample], spec: RunSpec) -> None:
-    """Standard PEFT folder (adapter_config.json + adapter_model.safetensors; for the bypass adapter memcore's
-    bypass_config.json + bypass_model.safetensors) and memcore.json saying which prompt and target the adapter
-    memorized. (The tokenizer is the base model's: `memcore export` adds it to the folder it writes.)
+def save_adapter(write: Callable[[dict[str, Any], Path], None], state: dict[str, Any], path: Path,
+                 samples: list[Sample], spec: RunSpec) -> None:
+    """The adapter `state` (memcore.stack.AdapterStack.state) as files in `path` (`write` writes them: a stock PEFT
+    folder, adapter_config.json + adapter_model.safetensors, or for the bypass memcore's bypass_config.json +
+    bypass_model.safetensors), and memcore.json saying which prompt and target the adapter memorized. (The
+    tokenizer is the base model's: `memcore export` adds it to the folder it writes.)
 
     Written into a temporary folder first, then each file renamed into place: a run killed while saving, or a
     disk that fills up, keeps the previous save's files whole (a rename is atomic), never a half-written weights
@@ -300,7 +431,7 @@ def save_adapter(model: Any, path: Path, samples: list[Sample], spec: RunSpec) -
     try:
         path.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=path.parent))
-        model.save_pretrained(tmp)
+        write(state, tmp)
         (tmp / "memcore.json").write_text(json.dumps({
             "prompt_ids": [s.prompt_ids for s in samples], "target_ids": [s.target_ids for s in samples],
             "spec": spec.to_dict()}))

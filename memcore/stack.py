@@ -197,8 +197,11 @@ class AdapterStack:
 
     def p_eff(self, slot: int) -> int:
         """Trainable parameters of the slot's adapter: r · (in + out) summed over the adapted modules."""
-        r = self._slot(slot).rank
-        return sum(r * (m.d_in + m.d_out) for m in self.modules.values())
+        return self.p_eff_of(self._slot(slot).rank)
+
+    def p_eff_of(self, rank: int) -> int:
+        """Trainable parameters of an adapter of `rank` on this stack's placement: rank · Σ (in + out)."""
+        return sum(rank * (m.d_in + m.d_out) for m in self.modules.values())
 
     def _slot(self, slot: int) -> _Slot:
         s = self.slots[slot]

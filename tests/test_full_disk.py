@@ -72,8 +72,8 @@ def test_a_checkpoint_that_cannot_be_written_warns_and_training_goes_on(home, ti
 def test_a_final_save_that_fails_keeps_the_last_checkpoint_resumable(home, tiny_model_dir, capsys, monkeypatch):
     from memcore.stack import AdapterStack
 
-    save = _failing(AdapterStack.save, set(range(7, 100)))  # checkpoints 1-6 save; the final save fails
-    monkeypatch.setattr(AdapterStack, "save", save)
+    save = _failing(AdapterStack.write, set(range(7, 100)))  # checkpoints 1-6 save; the final save fails
+    monkeypatch.setattr(AdapterStack, "write", save)
     code, out, err = _train(capsys, tiny_model_dir)
     line = _one_line(err)
     store = Store(home)
@@ -87,7 +87,7 @@ def test_a_final_save_that_fails_keeps_the_last_checkpoint_resumable(home, tiny_
     assert (home / "runs" / rid / "checkpoint.pt").is_file()
     assert not any(p.name.startswith(".save-") for p in (home / "runs" / rid).iterdir())  # no half-written folder
 
-    monkeypatch.setattr(AdapterStack, "save", save.real)  # space again: the resume trains from step 6 on
+    monkeypatch.setattr(AdapterStack, "write", save.real)  # space again: the resume trains from step 6 on
     assert main(["resume", rid, "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out)
     assert resumed["status"] == "completed" and resumed["steps"] == 6
@@ -99,7 +99,7 @@ def test_a_final_save_that_fails_keeps_the_last_checkpoint_resumable(home, tiny_
 def test_a_run_with_no_checkpoint_yet_says_so(home, tiny_model_dir, capsys, monkeypatch):
     from memcore.stack import AdapterStack
 
-    monkeypatch.setattr(AdapterStack, "save", _failing(AdapterStack.save, {1}))
+    monkeypatch.setattr(AdapterStack, "write", _failing(AdapterStack.write, {1}))
     code, _, err = _train(capsys, tiny_model_dir, "--checkpoint-every", "0")
     assert code == 2
     assert "no checkpoint was saved yet, so the training is lost" in _one_line(err)
