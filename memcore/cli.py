@@ -40,11 +40,13 @@ def _quiet() -> None:
         tlog.disable_progress_bar()
 
 
-def _store():
+def _store(writable: bool = True):
+    """The store of the memcore home. writable=False for verbs that only read it (runs, show, export, generate,
+    fit, predict, frontier): they work on a home whose disk is full."""
     from memcore.home import memcore_home
     from memcore.store import Store
 
-    return Store(memcore_home())
+    return Store(memcore_home(writable=writable))
 
 
 # --- train ---------------------------------------------------------------------------------------------------
@@ -90,7 +92,8 @@ def _read_data(args: argparse.Namespace) -> dict[str, Any]:
                 raise MemcoreError(f"--jsonl-fields takes two key names, PROMPT,TARGET; got {args.jsonl_fields!r}")
             fields = (parts[0], parts[1])
         data = read_jsonl(args.jsonl, fields, args.jsonl_line)
-        print(f"{args.jsonl}: {data.layout} layout ({data.fields[0]} -> {data.fields[1]}), {len(data.pairs)} sample"
+        where = "standard input" if args.jsonl == "-" else args.jsonl
+        print(f"{where}: {data.layout} layout ({data.fields[0]} -> {data.fields[1]}), {len(data.pairs)} sample"
               f"{'s' if len(data.pairs) != 1 else ''}", file=sys.stderr)
         if data.note:
             print(data.note, file=sys.stderr)
@@ -255,7 +258,7 @@ def _print_summary(s: RunSummary) -> None:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """`memcore runs`: the stored runs as a table (or JSON), filtered by method, model, status."""
-    store = _store()
+    store = _store(writable=False)
     runs = store.runs(method=args.method, model=args.model, status=args.status)
     if args.json:
         keys = ("id", "status", "created", "started", "finished", "model", "method", "rank", "length", "seed", "sweep",
@@ -266,21 +269,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("no runs yet: try `memcore train --sample lighthouse`")
         return 0
-    head = (f"{'run':<20} {'status':<11} {'model':<14} {'adapter':<7} {'method':<9} {'rank':>4} {'tokens':>6} "
+    head = (f"{'run':<22} {'status':<11} {'model':<14} {'adapter':<7} {'method':<9} {'rank':>4} {'tokens':>6} "
             f"{'steps':>5} {'recalled':>8} {'ΔL':>7}")
     print(head)
     for r in runs:
         s = r["summary"]
         kind = r["spec"].get("adapter", {}).get("kind", "lora")
         recalled = ("yes" if s.recalled else "no") if s else "-"
-        print(f"{r['id']:<20} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} "
+        print(f"{r['id']:<22} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} "
               f"{_fmt(r['length']):>6} {_fmt(r['steps']):>5} {recalled:>8} {_fmt(s.delta_loss if s else None):>7}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     """`memcore show RUN`: one run's summary and its stubborn tokens (or JSON)."""
-    store = _store()
+    store = _store(writable=False)
     rid = store.resolve(args.run)
     r = store.run(rid)
     s = r["summary"]
@@ -310,7 +313,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     Raises MemcoreError for a run with no adapter or summary, or a non-empty DIR."""
     from memcore.export import export_run
 
-    store = _store()
+    store = _store(writable=False)
     rid = store.resolve(args.run)
     dest = export_run(store, rid, args.dir)
     kind = "bypass adapter (memcore)" if (dest / "bypass_config.json").is_file() else "PEFT adapter"
@@ -323,7 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from memcore.loading import load_base
     from memcore.runner import generate_from_run, stored_run_spec
 
-    store = _store()
+    store = _store(writable=False)
     rid = store.resolve(args.run)
     spec = stored_run_spec(store, rid)
     out = generate_from_run(store, rid, load_base(spec.model, store.home), args.prompt, args.max_new_tokens)
@@ -411,7 +414,7 @@ def _law_table(args: argparse.Namespace, required: tuple[str, ...] | None = None
     (default: the law's); its notes go to stderr."""
     from memcore.law import LAW_COLUMNS, law_table
 
-    df, notes = law_table(args.csv, None if args.csv else _store(), method=args.method, model=args.model,
+    df, notes = law_table(args.csv, None if args.csv else _store(writable=False), method=args.method, model=args.model,
                           required=required or LAW_COLUMNS)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -471,8 +474,9 @@ def _print_fit(out: dict[str, Any], regime: str, fitted_on: str) -> None:
     cmp_ = out["comparison"]
     print("model comparison (AIC, lower is better): "
           + ", ".join(f"{f} {a:.1f} (R² {cmp_['r2'][f]:.4f})" for f, a in cmp_["aic"].items()))
-    print(f"the data prefer the {cmp_['preferred']} form")
-    if cmp_["preferred"] != out.get("form", "power"):
+    print(f"the data prefer the {cmp_['preferred']} form" if cmp_.get("clear", True)
+          else "the data do not tell the forms apart (AIC within 2)")
+    if cmp_["preferred"] != out.get("form", "power") and cmp_.get("clear", True):
         pref = cmp_["forms"][cmp_["preferred"]]
         formula = "M · (1 − exp(−C · r^α · ℓ^(−β)))" if cmp_["preferred"] == "saturating" else cmp_["preferred"]
         print(f"ΔL = {formula}   R² {pref['r2']:.4f}")
@@ -628,7 +632,8 @@ def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults:
     src = p.add_argument_group("what to memorize")
     src.add_argument("--text-file", help="text file to memorize (UTF-8, UTF-16 or UTF-32), or - for standard input")
     spec(src, "text")
-    src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)")
+    src.add_argument("--sample", help="a shipped sample passage (lighthouse, recipe, orbit, long_archive)"
+                     + ("; a sweep without another source uses long_archive" if "full_budget" in omit else ""))
     spec(src, "phonebook", metavar="N")
     spec(src, "random_tokens", metavar="N")
     src.add_argument("--jsonl", metavar="FILE", help="JSONL of prompt/target pairs (or - for stdin): the paper's "
@@ -666,7 +671,10 @@ def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults:
     if "full_budget" not in omit:
         o.add_argument("--full-budget", action="store_true",
                        help="train the whole step budget even once the passage is recalled")
-    spec(o, "until")
+    spec(o, "until", help=None if "full_budget" not in omit else (
+        "'budget': train the whole step budget (a sweep's points never stop when recalled); 'converged': also stop "
+        "once every target token is above τ, or once ΔL has gained less than the plateau tolerance over the "
+        "plateau window (a plateau); the step budget stays the cap."))
     spec(o, "plateau_window")
     spec(o, "plateau_tol")
     spec(o, "ot_when_empty")

@@ -153,7 +153,8 @@ class AdapterSpec:
                   f"layers must be 'all', 'paper' or a list of layer indices, got {self.layers!r}")
         else:
             _need(len(self.layers) > 0 and all(_is_int(i) and i >= 0 for i in self.layers),
-                  f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+                  "layers must be layer indices >= 0 (like 0,5,9), got "
+                  + (",".join(map(str, self.layers)) if self.layers else "none"))
 
     @property
     def lora_alpha(self) -> float:

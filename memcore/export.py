@@ -122,7 +122,7 @@ def load_recipe(spec: RunSpec, base: str, folder: str, dtype: str = "float32") -
     imports = ["import json", *[i for i in imports if i.startswith("import ")], "", "import torch",
                "from transformers import AutoModelForCausalLM", *[i for i in imports if i.startswith("from ")]]
     if bypass:
-        imports.append("from memcore.bypass import load_bypass  # memcore's own adapter, not a PEFT one")
+        imports.append("from memcore.bypass import load_bypass  # memcore's own adapter (needs memcore), not PEFT's")
         attach = "model = load_bypass(base, adapter).eval()"
     else:
         imports.append("from peft import PeftModel")
@@ -262,10 +262,7 @@ def export_run(store: Store, run_id: str, dest: str | Path, shown_as: str | None
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != "README.md":  # PEFT's empty card gives way to ours
             shutil.copy2(f, dest / f.name)
-    if not bypass:
-        config["base_model_name_or_path"] = base
-    else:
-        config["base_model"] = base
+    config["base_model_name_or_path"] = base  # as another machine finds it, never this machine's cache
     (dest / config_name).write_text(json.dumps(config, indent=2))
     (dest / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     steps = [row.scalar_dict() for row in store.steps(run_id)]

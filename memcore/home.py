@@ -27,11 +27,14 @@ DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("default", "smollm2-135m", "smollm2-135m-instruct")  # model names that mean the default model
 
 
-def memcore_home() -> Path:
-    """The memcore home folder (env MEMCORE_HOME, default ~/.memcore), created and checked writable.
+def memcore_home(writable: bool = True) -> Path:
+    """The memcore home folder (env MEMCORE_HOME, default ~/.memcore), created and, unless `writable` is False (a
+    command that only reads: listing, showing, exporting elsewhere, fitting), checked writable.
 
     Raises MemcoreError naming the folder when it cannot be created or written to."""
     home = Path(os.environ.get("MEMCORE_HOME") or Path.home() / ".memcore").expanduser()
+    if not writable and home.is_dir():
+        return home
     try:
         home.mkdir(parents=True, exist_ok=True)
         probe = home / f".write-test-{uuid.uuid4().hex}"

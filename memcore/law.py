@@ -506,6 +506,19 @@ class LawFits:
     notes: list[str] = field(default_factory=list)  # what a reader of the fit must know about its points
 
     @property
+    def clear_preference(self) -> bool:
+        """Whether the preferred form wins by an AIC gap of at least 2 (below that the data support both about
+        equally: Burnham & Anderson 2002)."""
+        aics = sorted(f.aic for f in self.forms.values())
+        return len(aics) < 2 or aics[1] - aics[0] >= 2
+
+    def preference(self) -> str:
+        """The comparison in words: which form the data prefer, or that they do not tell the forms apart."""
+        if self.clear_preference:
+            return f"the data prefer the {self.preferred} form"
+        return "the data do not tell the forms apart (AIC within 2)"
+
+    @property
     def main(self) -> LawFit:
         """The fit reported first: the power law (the paper's form) when it was fitted, else the preferred form."""
         return self.forms["power"] if "power" in self.forms else self.forms[self.preferred]
@@ -516,7 +529,8 @@ class LawFits:
         out = self.main.to_dict()
         out["comparison"] = {"aic": {f: fit.aic for f, fit in self.forms.items()},
                              "r2": {f: fit.r2 for f, fit in self.forms.items()},
-                             "preferred": self.preferred, "forms": {f: fit.to_dict() for f, fit in self.forms.items()}}
+                             "preferred": self.preferred, "clear": self.clear_preference,
+                             "forms": {f: fit.to_dict() for f, fit in self.forms.items()}}
         if self.p_eff is not None:
             out["p_eff_fit"] = self.p_eff.to_dict()
         elif self.p_eff_error is not None:
@@ -561,8 +575,8 @@ def negative_delta_loss(df: pd.DataFrame) -> list[str]:
                       bad[["rank", "length", "delta_loss"]].to_numpy(float)[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return [f"{len(bad)} point{'s' if len(bad) != 1 else ''} with a negative ΔL, where the loss rose in training (a "
-            f"diverged run? too high a learning rate?): {shown}{more}; fitted as they are — drop or rerun them if "
-            "they are failures"]
+            f"diverged run? too high a learning rate?): {shown}{more}; fitted as "
+            f"{'it is: drop or rerun it if it' if len(bad) == 1 else 'they are: drop or rerun them if they'} failed"]
 
 
 # --- a user's own runs beside a sweep -----------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class _Record:
         self.adapter_dir = store.adapter_dir(self.run_id)
         self.pending: list[StepRow] = []
         self.warnings: list[str] = []  # failed checkpoints, said with the next report
+        self.failing: int | None = None  # the step of the first checkpoint of a streak that could not be written
         self.last_flush = time.monotonic()
         self.keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
 
@@ -97,8 +98,14 @@ class _Record:
             save_adapter(self.write, state.adapter, self.adapter_dir, self.samples, self.spec)
             save_checkpoint(self.store, self.run_id, state)
             self.kept.checkpoint = state.step
+            if self.failing is not None:  # a streak of failures ended: said once, with the first failure's step
+                self.warnings.append(f"step {state.step}: the checkpoint was written again (the ones since step "
+                                     f"{self.failing} could not be)")
+                self.failing = None
         except WriteFailed as e:
-            self.warnings.append(f"step {state.step}: {e}; training goes on and tries again at the next checkpoint")
+            if self.failing is None:  # the first of a streak; the next ones would say the same
+                self.warnings.append(f"step {state.step}: {e}; training goes on and tries again at each checkpoint")
+                self.failing = state.step
 
     def step(self, r: StepReport) -> None:
         """Record one report (the final one included)."""
@@ -375,7 +382,8 @@ def check_resumable(store: Store, run_id: str) -> dict[str, Any]:
     """The stored run, if it can be resumed (interrupted, stopped or failed); else a MemcoreError saying why not."""
     run = store.run(run_id)
     if run["status"] not in RESUMABLE:
-        raise MemcoreError(f"run {run_id} is {run['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
+        raise MemcoreError(f"run {run_id} is {run['status']}; only {', '.join(RESUMABLE[:-1])} or {RESUMABLE[-1]} "
+                           "runs can be resumed")
     return run
 
 

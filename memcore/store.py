@@ -81,6 +81,16 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding `folder` has less than `margin` bytes free (1 MB)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
+
+
 def new_run_id() -> str:
     """A run id: local time (YYYYmmdd-HHMMSS) and 6 hex digits."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -118,13 +128,19 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
+            if _disk_full(self.home):  # "disk I/O error" when SQLite cannot grow its files: the store is intact
+                raise WriteFailed("the run store", self.home / "runs.db", f"{e}: the disk is full; the store is kept "
+                                  "as it was, free some space and try again") from None
             raise MemcoreError(f"the run store {self.home / 'runs.db'} cannot be opened ({e}); "
                                "move it aside to start a new one") from None
         except OSError as e:
             raise MemcoreError(f"the memcore home {self.home} is not writable ({e.strerror or e})") from None
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        self.mark_interrupted()
+        try:
+            self.mark_interrupted()
+        except WriteFailed:  # a full disk: reading the store still works, the marks wait for space
+            pass
 
     def close(self) -> None:
         """Close the database connection."""

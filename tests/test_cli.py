@@ -311,7 +311,7 @@ def test_resuming_a_completed_run_says_only_why_not(home, tiny_model_dir, capsys
     rid = json.loads(out)["run_id"]
     code, _, err = run_cli(capsys, "resume", rid)
     assert code == 2 and _one_line_error(err) == (f"memcore: error: run {rid} is completed; only interrupted, "
-                                                  "stopped, failed runs can be resumed")
+                                                  "stopped or failed runs can be resumed")
     assert "checkpoint" not in err
 
 

@@ -143,6 +143,8 @@ def test_a_bypass_run_exports_with_a_card_whose_memcore_recipe_reproduces_it(hom
     assert "bypass adapter (memcore)" in capsys.readouterr().out
     card = (tmp_path / "bp" / "README.md").read_text()
     assert "not a PEFT one" in card and "library_name: peft" not in card and "rank 2" in card
+    config = json.loads((tmp_path / "bp" / "bypass_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())  # never memcore's home
     ns: dict = {}
     with redirect_stdout(io.StringIO()) as printed:
         exec(_recipe(card), ns)

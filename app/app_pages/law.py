@@ -109,8 +109,9 @@ for c, (m, lf) in zip(cols, fits.items()):
                      column_config={k: st.column_config.NumberColumn(format="%.4f")
                                     for k in ("value", "95% low", "95% high")})
         aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in lf.forms.items())
-        st.caption(f"AIC ({aics}): the data prefer the **{lf.preferred}** form"
-                   + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form else ""))
+        st.caption(f"AIC ({aics}): {lf.preference()}"
+                   + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form and lf.clear_preference
+                      else ""))
         st.caption(f"{lf.regime.describe()}; {lf.fitted_on}.")
         d = method_rows(data, m)
         if "bits_per_param" in d:
