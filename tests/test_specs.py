@@ -66,7 +66,7 @@ def test_compare_mode_gives_one_spec_per_method_alike_otherwise():
 
 @pytest.mark.parametrize("settings, words", [
     ({"text": "x", "layers": "x,y"}, "layers must be 'all', 'paper' or layer indices like 0,5,9, got 'x,y'"),
-    ({"text": "x", "layers": "3,-1"}, "layer indices >= 0, got (3, -1)"),
+    ({"text": "x", "layers": "3,-1"}, "layers must be layer indices >= 0 (like 0,5,9), got 3,-1"),
     ({"text": "x", "adapter": "bypass", "alpha": 4.0}, "--alpha and --targets apply to LoRA"),
     ({"text": "x", "adapter": "bypass", "targets": "attn"}, "--alpha and --targets apply to LoRA"),
     ({"text": "x", "rank": 0}, "rank must be an integer >= 1, got 0"),
