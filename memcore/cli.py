@@ -375,9 +375,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             from memcore.sweep_ray import run_sweep_ray
 
             stream = run_sweep_ray(sweep, store, address=args.address, cpus_per_run=args.cpus_per_run,
-                                   gpus_per_run=args.gpus_per_run, retries=args.retries, should_stop=flag)
+                                   gpus_per_run=args.gpus_per_run, retries=args.retries, should_stop=flag,
+                                   batch=args.batch)
         else:
-            stream = run_sweep(sweep, store, should_stop=flag)
+            stream = run_sweep(sweep, store, should_stop=flag, batch=args.batch)
         for point in stream:
             v = point.values
             where = f"{v['method']} r={v['rank']} ℓ={v['length']}"
@@ -618,6 +619,19 @@ def _spec_flag(group: Any, name: str, *, help: str | None = None, note: str = ""
 SEED_HELP = "seed for adapter init, dropout, noise and PhoneBook."
 
 
+def _batch_size(text: str) -> int | str:
+    """--batch: a whole number >= 1, or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch takes a whole number or auto, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--batch must be at least 1, got {n}")
+    return n
+
+
 def _run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
     """The flags that define a run, shared by `train` and `sweep`: what to memorize, model, adapter, training.
     `omit` leaves out the options a sweep varies over its grid; `defaults` replaces some defaults (the sweep's
@@ -748,7 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--json", action="store_true",
                     help="print the sweep's id, status and completed points as one JSON object")
     sw.add_argument("--backend", choices=("local", "ray"), default="local",
-                    help="run points here, one at a time, or as Ray tasks")
+                    help="run points here, or as Ray tasks")
+    sw.add_argument("--batch", type=_batch_size, default="auto", metavar="N|auto",
+                    help="points trained together through one forward of the model (each recorded exactly as if "
+                    "alone); auto: as many as fit in a quarter of the free memory, up to 64; 1: one at a time. On "
+                    "Ray, the points each task trains together (auto: 8). Default: auto")
     sw.add_argument("--address", help="Ray cluster: auto, ray://host:port, or unset for a new local instance")
     sw.add_argument("--cpus-per-run", type=float, default=1, help="Ray: CPUs each point asks for")
     sw.add_argument("--gpus-per-run", type=float, default=0, help="Ray: GPUs each point asks for")

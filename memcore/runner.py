@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from memcore.config import MemcoreError, RunSpec, WriteFailed, is_write_error
 from memcore.data import Batch, Sample, make_batch
@@ -68,14 +67,19 @@ class _Record:
         self.last_flush = time.monotonic()
         self.keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
 
-    def open(self, batch: Batch, base_loss: Any, n_params: int) -> Checkpoint | None:
-        """Mark the run running, store its tokens and base loss ([B, K] nats); returns the checkpoint a resumed run
-        goes on from (its later steps dropped), else None."""
+    def open(self) -> Checkpoint | None:
+        """Mark the run running; returns the checkpoint a resumed run goes on from (its later steps dropped), else
+        None."""
         ckpt = load_checkpoint(self.store, self.run_id) if self.resume else None
         self.kept.checkpoint = ckpt.step if ckpt else None
         if self.resume:
             self.store.truncate_steps(self.run_id, ckpt.step if ckpt else 0)
         self.store.set_status(self.run_id, "running")
+        self.ckpt_step = ckpt.step if ckpt else None
+        return ckpt
+
+    def begin(self, batch: Batch, base_loss: Any, n_params: int) -> None:
+        """Store the run's tokens and base loss ([B, K] nats), before its first step is recorded."""
         self.n_params = n_params
         self.base_flat = base_loss[batch.target_mask]
         targets = [s.target_ids for s in self.samples]
@@ -83,11 +87,10 @@ class _Record:
         self.store.save_tokens(self.run_id, [s.prompt_ids for s in self.samples], targets, self.pieces,
                                self.base_flat.float().cpu().numpy())
         self.stubborn = StubbornCounter(len(self.pieces), self.spec.train.tau)
-        earlier = self.store.replay(self.run_id) if ckpt else None  # a resumed run: the steps before its checkpoint
+        earlier = self.store.replay(self.run_id) if self.ckpt_step is not None else None  # steps before it
         for p in earlier.p if earlier is not None else []:
             self.stubborn.update(p)
         self.snapshots = len(earlier.steps) if earlier is not None else 0
-        return ckpt
 
     def checkpoint(self, state: Checkpoint) -> None:
         """A checkpoint: the steps so far, the adapter, the loop's state. One that cannot be written is a
@@ -201,7 +204,8 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         record = _Record(spec, store, base, samples, _writer(base, model.stack, spec.adapter), run_id=run_id,
                          sweep=sweep, label=label, resume=resume)
         base_loss = base_losses(model, batch)
-        ckpt = record.open(batch, base_loss, p_eff(model))
+        ckpt = record.open()
+        record.begin(batch, base_loss, p_eff(model))
         final: StepReport | None = None
         for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
                             resume=ckpt, checkpoint=record.checkpoint):
@@ -246,7 +250,8 @@ def execute_many(runs: Iterable[BatchedRun], store: Store, base: Base, *, slots:
     """Train several runs together (memcore.train.train_many: one forward and one backward of the shared base per
     step, `slots` runs at a time, the next run taking a finished one's slot) and record each as execute_iter does,
     yielding (tag, StepReport) per run and step; a run's final report carries its summary. Every run shares the
-    first run's model and adapter kind and placement (targets, layers); ranks up to `max_rank`.
+    first run's model and adapter kind and placement (targets, layers); ranks up to `max_rank`. `runs` is read
+    lazily, after the reports so far were consumed, and may give None for "nothing ready yet" (train_many).
 
     A failed write ends the batch with the one line execute_iter gives; the runs still training are marked
     interrupted (each resumes from its own checkpoint)."""
@@ -262,21 +267,23 @@ def execute_many(runs: Iterable[BatchedRun], store: Store, base: Base, *, slots:
     records: dict[int, tuple[BatchedRun, _Record]] = {}
 
     def inputs() -> Iterator[Any]:
-        from memcore.measure import token_losses
         from memcore.train import RunInput
 
         for i, run in enumerate(itertools.chain([first], runs)):
+            if run is None:  # nothing ready yet (a search waiting on its probes)
+                yield None
+                continue
             if should_stop is not None and should_stop():
                 return
             batch = make_batch(run.samples, pad_id).to(base.device)
             record = _Record(run.spec, store, base, run.samples, _writer(base, stack, run.spec.adapter),
                              run_id=run.run_id, sweep=run.sweep, label=run.label, resume=run.resume)
             records[i] = (run, record)
-            with stack.disabled(), torch.no_grad():
-                base_loss = token_losses(base.model, batch)[0]
-            ckpt = record.open(batch, base_loss, stack.p_eff_of(run.spec.adapter.rank))
-            yield RunInput(batch=batch, spec=run.spec.train, adapter=run.spec.adapter, base_loss=base_loss,
-                           resume=ckpt, checkpoint=record.checkpoint, should_stop=should_stop, tag=i)
+            ckpt = record.open()
+            n_params = stack.p_eff_of(run.spec.adapter.rank)
+            yield RunInput(batch=batch, spec=run.spec.train, adapter=run.spec.adapter, resume=ckpt,
+                           checkpoint=record.checkpoint, should_stop=should_stop, tag=i,
+                           started=lambda loss, record=record, batch=batch, n=n_params: record.begin(batch, loss, n))
 
     from memcore.train import train_many
 

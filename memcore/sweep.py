@@ -115,10 +115,14 @@ def completed_keys(store: Any, sweep: SweepSpec) -> set[str]:
 
 
 def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Callable[[], bool] | None = None,
-              on_point: Callable[[int, int, PointResult], None] | None = None) -> Iterator[PointResult]:
+              on_point: Callable[[int, int, PointResult], None] | None = None,
+              batch: int | str = 1) -> Iterator[PointResult]:
     """Run the points not yet completed, yielding each one's result as it finishes.
 
-    A stop request ends the current point as 'stopped' (kept, not counted as completed) and ends the sweep."""
+    batch: how many points train together through one forward of the shared base (memcore.runner.execute_many;
+    'auto' sizes it from memory, batch_size_for), each recorded exactly as if alone; 1 trains them one at a
+    time. A stop request ends the points in training as 'stopped' (kept, not counted as completed; a re-run
+    continues them from their checkpoints) and ends the sweep."""
     from memcore.runner import drain, execute, prepare, resume_iter
 
     todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
@@ -129,6 +133,11 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
         raise MemcoreError(f"the sweep asks for {longest} target tokens but the text has only {available}; "
                            "use a longer text or smaller --lengths")
     unfinished = _unfinished(store, sweep)
+    if batch == "auto":
+        batch = batch_size_for(base, sweep)
+    if int(batch) > 1 and todo:
+        yield from _run_batched(sweep, store, base, todo, unfinished, int(batch), should_stop, on_point)
+        return
     for i, point in enumerate(todo):
         if should_stop is not None and should_stop():
             return
@@ -145,6 +154,69 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
         if on_point is not None:
             on_point(i + 1, len(todo), result)
         yield result
+
+
+def _run_batched(sweep: SweepSpec, store: Any, base: Any, todo: list[Point], unfinished: dict[str, str], slots: int,
+                 should_stop: Callable[[], bool] | None,
+                 on_point: Callable[[int, int, PointResult], None] | None) -> Iterator[PointResult]:
+    """The points trained `slots` at a time (memcore.runner.execute_many), shortest first so that runs in training
+    together have lengths alike (little padding); a point cut off earlier resumes from its checkpoint."""
+    from memcore.data import Sample
+    from memcore.runner import BatchedRun, execute_many, prepare
+
+    def runs() -> Iterator[BatchedRun]:
+        for point in sorted(todo, key=lambda p: (p.values["length"], p.values["rank"])):
+            rid = unfinished.get(point.key)
+            if rid is not None:  # the tokens it was trained on, as stored
+                toks = store.tokens(rid)
+                samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+                yield BatchedRun(point.spec, samples, tag=point, run_id=rid, resume=True)
+            else:
+                _, samples = prepare(point.spec, base, store.home)
+                yield BatchedRun(point.spec, samples, tag=point, sweep=sweep.id, label=point.key)
+
+    done = 0
+    for point, r in execute_many(runs(), store, base, slots=slots, max_rank=max(sweep.ranks),
+                                 should_stop=should_stop):
+        if not r.final:
+            continue
+        done += 1
+        result = PointResult(values=point.values, summary=r.summary, run_id=r.summary.run_id, seconds=r.elapsed)
+        if on_point is not None:
+            on_point(done, len(todo), result)
+        yield result
+
+
+AUTO_BATCH_BYTES_CPU = 0.25  # share of the available memory 'auto' lets a batch's activations take
+AUTO_BATCH_MAX = 64
+
+
+def batch_size_for(base: Any, sweep: SweepSpec) -> int:
+    """How many of the sweep's points to train at once ('--batch auto'): as many as fit, by their activations, in
+    a quarter of the available memory (on CUDA half of the free device memory), between 1 and 64. A point's
+    activations: (prompt + longest length) tokens × trained blocks × 24 × hidden × element size bytes (the
+    estimate memcore.train.use_recompute makes), the trained blocks being those from the lowest adapted one."""
+    import os
+
+    import torch
+
+    from memcore.blocks import layer_count
+    from memcore.placement import adapter_layers
+
+    cfg = base.model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    n_layers = layer_count(cfg) or 1
+    lowest = min(adapter_layers(base.model, sweep.template.adapter))
+    tokens = max(sweep.lengths) + 64  # the prompt's few tokens, generously
+    per_point = tokens * (n_layers - lowest) * 24 * hidden * torch.finfo(base.dtype).bits // 8
+    if base.device.type == "cuda":
+        free = torch.cuda.mem_get_info(base.device)[0] * 0.5
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * AUTO_BATCH_BYTES_CPU
+        except (ValueError, OSError):
+            free = 2 * 2**30 * AUTO_BATCH_BYTES_CPU
+    return int(max(1, min(AUTO_BATCH_MAX, free // max(1, per_point), len(points(sweep)))))
 
 
 def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:

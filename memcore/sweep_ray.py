@@ -21,6 +21,7 @@ from memcore.store import Store
 from memcore.sweep import PointResult, SweepSpec, completed_keys, points
 
 _BASES: dict[ModelSpec, Any] = {}  # per worker process: base models loaded once
+RAY_AUTO_BATCH = 8  # points a task trains together with --batch auto (the worker's memory is not known here)
 
 
 def ray_available() -> bool:
@@ -34,30 +35,54 @@ def ray_available() -> bool:
 
 def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str, Any]:
     """Runs on a Ray worker: train one point into a scratch store and return the run as data."""
+    return train_points([spec_dict], sweep_id, [key])[0]
+
+
+def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str]) -> list[dict[str, Any]]:
+    """Runs on a Ray worker: train several points together (memcore.runner.execute_many; one alone is
+    execute's run) into a scratch store and return each run as data, in the order given."""
     import warnings
 
     warnings.filterwarnings("ignore")
     from memcore.home import memcore_home
     from memcore.loading import resolve_source
-    from memcore.runner import execute, prepare
+    from memcore.runner import BatchedRun, execute, execute_many, prepare
 
-    spec = RunSpec.from_dict(spec_dict)
+    specs = [RunSpec.from_dict(d) for d in spec_dicts]
     home = memcore_home()
-    base, samples = prepare(spec, _BASES.get(spec.model), home)
-    _BASES[spec.model] = base
+    base = _BASES.get(specs[0].model)
+    prepared = []
+    for spec in specs:
+        base, samples = prepare(spec, base, home)
+        prepared.append(samples)
+    _BASES[specs[0].model] = base
     with tempfile.TemporaryDirectory(prefix="memcore-point-") as scratch:
         store = Store(Path(scratch))
-        summary = execute(spec, store, base, samples, sweep=sweep_id, label=key)
-        payload = store.export_run(summary.run_id)
-        payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(spec.model, home)}
+        if len(specs) == 1:
+            run_ids = [execute(specs[0], store, base, prepared[0], sweep=sweep_id, label=keys[0]).run_id]
+        else:
+            runs = [BatchedRun(s, smp, tag=i, sweep=sweep_id, label=k)
+                    for i, (s, smp, k) in enumerate(zip(specs, prepared, keys))]
+            ids: dict[int, str] = {}
+            for i, r in execute_many(runs, store, base, slots=len(runs), max_rank=max(s.adapter.rank for s in specs)):
+                if r.final:
+                    ids[i] = r.summary.run_id
+            run_ids = [ids[i] for i in range(len(runs))]
+        payloads = []
+        for rid in run_ids:
+            payload = store.export_run(rid)
+            payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(specs[0].model, home)}
+            payloads.append(payload)
         store.close()
-    return payload
+    return payloads
 
 
 def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1,
                   gpus_per_run: float = 0, retries: int = 2, should_stop: Callable[[], bool] | None = None,
-                  task: Callable[..., dict[str, Any]] | None = None) -> Iterator[PointResult]:
-    """Run the missing points as Ray tasks; yield each point's result (with `error` when it failed) as it lands."""
+                  task: Callable[..., list[dict[str, Any]]] | None = None,
+                  batch: int | str = 1) -> Iterator[PointResult]:
+    """Run the missing points as Ray tasks, `batch` points per task trained together (auto: 8); yield each point's
+    result (with `error` when its task failed) as it lands."""
     if not ray_available():
         raise MemcoreError("--backend ray needs Ray: pip install 'memcore[ray]' (or pip install 'ray>=2.30')")
     import ray
@@ -70,40 +95,44 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
         except Exception as e:
             raise MemcoreError(f"cannot connect to Ray at {address or 'a new local instance'}: "
                                f"{str(e).splitlines()[0]}") from None
-    todo = [p for p in points(sweep) if p.key not in completed_keys(store, sweep)]
-    remote = ray.remote(task or train_point).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=retries,
-                                                     retry_exceptions=True)
+    todo = sorted((p for p in points(sweep) if p.key not in completed_keys(store, sweep)),
+                  key=lambda p: (p.values["length"], p.values["rank"]))  # lengths alike in a task: little padding
+    per_task = RAY_AUTO_BATCH if batch == "auto" else int(batch)
+    remote = ray.remote(task or train_points).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
+                                                      max_retries=retries, retry_exceptions=True)
     local_model = {}
-    pending: dict[Any, Any] = {}
-    queue = list(todo)
+    pending: dict[Any, list[Any]] = {}
+    queue = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
     window = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_run, 1e-9)))
     try:
         while queue or pending:
             while queue and len(pending) < window and not (should_stop and should_stop()):
-                p = queue.pop(0)
-                pending[remote.remote(p.spec.to_dict(), sweep.id, p.key)] = p
+                group = queue.pop(0)
+                pending[remote.remote([p.spec.to_dict() for p in group], sweep.id, [p.key for p in group])] = group
             if should_stop and should_stop():
                 queue.clear()
                 if not pending:
                     return
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in done:
-                p = pending.pop(ref)
+                group = pending.pop(ref)
                 try:
-                    payload = ray.get(ref)
+                    payloads = ray.get(ref)
                 except Exception as e:  # retries exhausted: record the failure, go on
                     msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    rid = store.create_run(p.spec.to_dict(), status="failed", sweep=sweep.id, label=p.key)
-                    store.set_status(rid, "failed", error=f"after {retries} retries: {msg}")
-                    yield PointResult(values=p.values, error=msg, run_id=rid)
+                    for p in group:
+                        rid = store.create_run(p.spec.to_dict(), status="failed", sweep=sweep.id, label=p.key)
+                        store.set_status(rid, "failed", error=f"after {retries} retries: {msg}")
+                        yield PointResult(values=p.values, error=msg, run_id=rid)
                     continue
-                model_key = p.spec.model.name
-                if model_key not in local_model:
-                    local_model[model_key] = resolve_source(p.spec.model, store.home)
-                wp = payload.pop("worker_paths")
-                rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir),
-                                                         wp["model"]: local_model[model_key]})
-                yield PointResult(values=p.values, summary=store.run(rid)["summary"], run_id=rid)
+                for p, payload in zip(group, payloads):
+                    model_key = p.spec.model.name
+                    if model_key not in local_model:
+                        local_model[model_key] = resolve_source(p.spec.model, store.home)
+                    wp = payload.pop("worker_paths")
+                    rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir),
+                                                             wp["model"]: local_model[model_key]})
+                    yield PointResult(values=p.values, summary=store.run(rid)["summary"], run_id=rid)
     finally:
         for ref in pending:
             ray.cancel(ref)

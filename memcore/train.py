@@ -48,8 +48,8 @@ class FrozenPrefix:
             return None
         return cls(placement, k)
 
-    def capture(self, model: Any, batch: Batch) -> None:
-        """Run the batch once and keep what block k-1 returns."""
+    def capture(self, model: Any, batch: Batch) -> torch.Tensor:
+        """Run the batch once and keep what block k-1 returns; returns that forward's per-token loss [B, K] (nats)."""
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
             if isinstance(out, tuple):
                 self.output = tuple(o.detach() if torch.is_tensor(o) else o for o in out)
@@ -59,7 +59,7 @@ class FrozenPrefix:
         h = self.layers[self.k - 1].register_forward_hook(hook)
         try:
             with torch.no_grad():
-                token_losses(model, batch)
+                return token_losses(model, batch)[0]
         finally:
             h.remove()
 
@@ -182,9 +182,11 @@ class RunInput:
     """One run for the loop: its own batch (its samples, on the loop's device), how it trains, its adapter (the
     kind and placement the loop's stack holds, with the run's rank, alpha and dropout), and its hooks.
 
-    base_loss: [B, K] per-token base loss of `batch` (nats), measured when None. resume: a Checkpoint to go on from.
-    checkpoint: called with the run's whole state every spec.checkpoint_every seconds and when it stops short.
-    should_stop: polled once per step (cooperative stop: the adapter trained so far is kept)."""
+    base_loss: [B, K] per-token base loss of `batch` (nats), measured when None (for all the runs joining at a step
+    in one forward, which also lays the frozen prefix). started: called with the base loss once it is known,
+    before the run's first report. resume: a Checkpoint to go on from. checkpoint: called with the run's whole
+    state every spec.checkpoint_every seconds and when it stops short. should_stop: polled once per step
+    (cooperative stop: the adapter trained so far is kept)."""
 
     batch: Batch
     spec: TrainSpec
@@ -193,6 +195,7 @@ class RunInput:
     resume: Checkpoint | None = None
     checkpoint: Callable[[Checkpoint], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    started: Callable[[torch.Tensor], None] | None = None
     tag: Any = None  # the caller's name for the run (given back with its reports)
 
 
@@ -203,14 +206,11 @@ class _Run:
         self.inp, self.spec, self.batch, self.slot = inp, inp.spec, inp.batch, slot
         self.tag = inp.tag
         self.where = inp.batch.target_mask.flatten().nonzero()[:, 0]  # flat target positions in its own [B, K]
-        if inp.base_loss is None:
-            with loop.stack.routed([slot] * inp.batch.input_ids.shape[0]), loop.stack.disabled():
-                base_loss = token_losses(loop.model, inp.batch)[0].detach()
-        else:
-            base_loss = inp.base_loss
-        self.base_np = read_targets(base_loss, inp.batch.target_mask, self.where)[0]  # [N] base loss, nats
+        self.base_np = None  # [N] base loss per target token (nats): set_base_loss, before the first report
         self.may_train = obj.may_train(self.spec.method, self.spec.tau)
-        self.prev_loss: torch.Tensor | None = base_loss  # [B, K] latest per-token loss, to guess who trains next
+        self.prev_loss: torch.Tensor | None = None  # [B, K] latest per-token loss, to guess who trains next
+        if inp.base_loss is not None:
+            self.set_base_loss(inp.base_loss)
         self.window = obj.SlidingWindow(size=self.spec.window)
         self.dropout = inp.adapter.dropout > 0
         self.step, self.last_check_step, self.gen_seconds, self.notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
@@ -226,6 +226,13 @@ class _Run:
         self.measured = -1  # the last step whose ΔL is in `recent`
         self.rng: torch.Tensor | None = None  # dropout generator state at the top of the current step
         self.rows = range(0)  # its rows in the loop's batch (set by the loop)
+
+    def set_base_loss(self, base_loss: torch.Tensor) -> None:
+        """The run's base loss [B, K] (nats, adapter off), the reference of its ΔL."""
+        self.base_np = read_targets(base_loss, self.batch.target_mask, self.where)[0]
+        self.prev_loss = base_loss.detach()
+        if self.inp.started is not None:
+            self.inp.started(base_loss)
 
     @property
     def n_rows(self) -> int:
@@ -260,6 +267,7 @@ class _Loop:
         self.batch: Batch | None = None
         self.prefix: FrozenPrefix | None = None
         self.recompute = False
+        self.changed = False  # runs joined or left since the batch was laid out
         # (loss, correct) [R, K] of the last forward, kept while no adapter and no dropout mask changed since (every
         # run skipped its update): the next measure reuses it; None means run the forward
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -267,7 +275,8 @@ class _Loop:
     # -- runs joining and leaving --
 
     def add(self, inp: RunInput, slot: int | None = None) -> _Run:
-        """Start a run in a free slot (the adapter initialised from its seed, or its checkpoint's), between steps."""
+        """Start a run in a free slot (the adapter initialised from its seed, or its checkpoint's), between steps; it
+        joins the batch at the next step (``layout``)."""
         free = self.stack.free_slots()
         if slot is None:
             if not free:
@@ -278,19 +287,23 @@ class _Loop:
         self.opt.reset(slot)
         run = _Run(inp, slot, self)
         self.runs.append(run)
-        self._rebuild()
+        self.changed = True
         return run
 
     def remove(self, run: _Run) -> None:
-        """A finished run leaves: its slot is freed for the next one."""
+        """A finished run leaves: its slot is freed for the next one (the batch is laid out anew at the next step)."""
         self.runs.remove(run)
         self.stack.release(run.slot)
         self.opt.reset(run.slot)
-        self._rebuild()
+        self.changed = True
 
-    def _rebuild(self) -> None:
-        """Lay every run's rows in one batch (left-padded to the longest), route them, refresh the frozen prefix."""
-        self.last = None
+    def layout(self) -> None:
+        """When runs joined or left: lay every run's rows in one batch (left-padded to the longest) and route them;
+        then one forward without the adapters gives the frozen prefix and the base loss of each run that lacks
+        one (every run joining at a step measured together)."""
+        if not self.changed:
+            return
+        self.changed, self.last = False, None
         if not self.runs:
             self.batch, self.prefix = None, None
             return
@@ -303,13 +316,15 @@ class _Loop:
         self.batch = make_batch(samples, self.pad_id).to(device)
         self.stack.set_rows([r.slot for r in self.runs for _ in range(r.n_rows)])
         self.prefix = FrozenPrefix.maybe(self.model) if self.use_prefix_cache else None
-        if self.prefix is not None:
-            self.prefix.capture(self.model, self.batch)
+        new = [r for r in self.runs if r.base_np is None]
+        if self.prefix is not None or new:
+            with self.stack.disabled(), torch.no_grad():  # no adapter sits below the prefix: the same either way
+                loss = self.prefix.capture(self.model, self.batch) if self.prefix is not None else \
+                    token_losses(self.model, self.batch)[0]
+            for r in new:
+                r.set_base_loss(r.view(loss))
         spec = self.runs[0].spec
         self.recompute = use_recompute(self.model, self.batch, spec.recompute, self.prefix.k if self.prefix else 0)
-        for r in self.runs:  # the guess of who trains next is per position of the batch, which moved
-            if r.prev_loss is not None and r.prev_loss.shape != (r.n_rows, r.keep):
-                r.prev_loss = None
 
     # -- checkpoints --
 
@@ -346,7 +361,9 @@ class _Loop:
         run.last_saved = time.perf_counter()
 
     def begin_step(self) -> None:
-        """Record each run's dropout generator state at the top of the step, and save the checkpoints due."""
+        """Lay out the batch if runs joined or left; record each run's dropout generator state at the top of the
+        step, and save the checkpoints due."""
+        self.layout()
         for run in self.runs:
             gen = self.stack.slots[run.slot].generator
             run.rng = gen.get_state() if gen is not None and run.inp.checkpoint is not None else None
@@ -547,17 +564,25 @@ def train_many(model: Any, stack: AdapterStack, runs: Iterable[RunInput], *, pad
 
     `model` is the base with `stack` attached (memcore.stack.AdapterStack); every RunInput's adapter shares the
     stack's kind and placement. Each run gets exactly the numbers it gets alone (train_iter), to float tolerance,
-    dropout aside (its masks come from its own generator, drawn over the batch's padded length)."""
+    dropout aside (its masks come from its own generator, drawn over the batch's padded length). `runs` is read
+    lazily, after the consumer has seen the reports so far (a run's next may depend on how the last ended); it may
+    give None for "nothing ready yet", while some run is still training."""
     loop = _Loop(model, stack, pad_id, use_prefix_cache)
     pending = iter(runs)
     limit = min(slots or stack.n_slots, stack.n_slots)
+    end = object()
+    exhausted = False
 
-    def fill() -> None:
-        while len(loop.runs) < limit:
-            nxt = next(pending, None)
-            if nxt is None:
+    def fill() -> None:  # called after the consumer has seen every report so far: it may decide what comes next
+        nonlocal exhausted
+        while len(loop.runs) < limit and not exhausted:
+            nxt = next(pending, end)
+            if nxt is end:
+                exhausted = True
+            elif nxt is None:  # nothing ready now (a search waiting on its probes): later
                 return
-            loop.add(nxt)
+            else:
+                loop.add(nxt)
 
     fill()
     while loop.runs:
@@ -578,9 +603,12 @@ def train_many(model: Any, stack: AdapterStack, runs: Iterable[RunInput], *, pad
             final.adapter = stack.state(run.slot)  # its slot goes to the next run: the caller saves from this
             out.append((run.tag, final))
             loop.remove(run)
+        yield from out
         if ended:
             fill()
-        yield from out
+        if not loop.runs and not exhausted:
+            raise MemcoreError("train_many: no run is training and the next is not ready (runs gave None with "
+                               "nothing in flight)")
 
 
 def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,

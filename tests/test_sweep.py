@@ -135,3 +135,25 @@ def test_every_grid_axis_and_the_template_change_the_sweep_id(sweep):
                 replace(unnamed, seeds=(1,)), replace(unnamed, noises=(0.5,)),
                 replace(unnamed, template=replace(sweep.template, train=replace(sweep.template.train, lr=0.5)))]
     assert len({v.id for v in variants} | ids) == len(variants) + 2  # one sweep, one id; another grid, another
+
+
+def test_a_batched_sweep_lands_the_same_points_as_one_at_a_time(sweep, home, tmp_path):
+    """--batch 3: the same grid through three slots gives every point the numbers it gets alone, records each as an
+    ordinary run of the sweep, and a stopped batched sweep resumes only what is missing."""
+    alone, together = Store(tmp_path / "alone"), Store(home)
+    list(run_sweep(sweep, alone, batch=1))
+    finished = []
+    for s in run_sweep(sweep, together, batch=3, should_stop=lambda: len(finished) >= 2):
+        if not s.stopped:
+            finished.append(s)
+    rerun = [s for s in run_sweep(sweep, together, batch=3) if not s.stopped]
+    assert len(finished) + len(rerun) == 8
+    a = {(r["rank"], r["length"], r["method"]): r for r in sweep_table(alone, "t")}
+    b = {(r["rank"], r["length"], r["method"]): r for r in sweep_table(together, "t")}
+    assert a.keys() == b.keys() and len(b) == 8
+    for k in a:
+        assert b[k]["delta_loss"] == pytest.approx(a[k]["delta_loss"], rel=1e-4, abs=1e-6), k
+        assert b[k]["p_eff"] == a[k]["p_eff"] and b[k]["steps"] == 2
+    rid = b[(2, 8, "memft-ot")]["run_id"]
+    assert (together.adapter_dir(rid) / "adapter_model.safetensors").is_file()
+    assert together.replay(rid).p.shape[1] == 8

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec  # noqa: E402
 from memcore.store import Store  # noqa: E402
 from memcore.sweep import SweepSpec, run_sweep, sweep_table  # noqa: E402
-from memcore.sweep_ray import run_sweep_ray, train_point  # noqa: E402
+from memcore.sweep_ray import run_sweep_ray, train_points  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,10 @@ def sweep(tiny_model_dir):
     return SweepSpec(template=base, ranks=(1, 2), lengths=(4, 8), methods=("sft",), name="ray-test")
 
 
-def fails_for_rank_2_length_8(spec_dict, sweep_id, key):
-    if json.loads(key) == {"length": 8, "method": "sft", "noise": 0.0, "rank": 2, "seed": 0}:
+def fails_for_rank_2_length_8(spec_dicts, sweep_id, keys):
+    if any(json.loads(k) == {"length": 8, "method": "sft", "noise": 0.0, "rank": 2, "seed": 0} for k in keys):
         raise RuntimeError("injected failure")
-    return train_point(spec_dict, sweep_id, key)
+    return train_points(spec_dicts, sweep_id, keys)
 
 
 def _by_point(rows):
@@ -56,6 +56,13 @@ def test_ray_sweep_matches_the_local_backend(local_ray, sweep, tmp_path):
     assert (remote.adapter_dir(rid) / "adapter_model.safetensors").is_file()
     assert remote.run(rid)["summary"].adapter_dir.startswith(str(remote.runs_dir))
     assert list(run_sweep_ray(sweep, remote)) == []  # re-running skips completed points
+    # each task training two points together lands the same numbers
+    batched = Store(tmp_path / "ray-batched")
+    got = list(run_sweep_ray(sweep, batched, retries=0, batch=2))
+    assert len(got) == 4 and not any(g.error for g in got)
+    c = _by_point(sweep_table(batched, "ray-test"))
+    for k in a:
+        assert c[k]["delta_loss"] == pytest.approx(a[k]["delta_loss"], rel=1e-3, abs=1e-5)
 
 
 def test_failing_point_is_recorded_after_retries_and_the_rest_complete(local_ray, sweep, tmp_path):
