@@ -603,3 +603,28 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
         x=x, y=y, color=color, shape=shape,
         tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")])
     return alt.layer(lines, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
+
+
+def frontier_brackets_chart(brackets: pd.DataFrame) -> alt.Chart:
+    """Verbatim-recall frontiers as brackets per rank, one colour per source (a search, a shipped sweep): a bar from
+    the longest length recalled (lo) to the shortest not recalled (hi), and a point at ℓ* between them. brackets:
+    rank, lo, hi, ell_star (tokens), source; lo or hi may be missing (an open end is drawn to the point alone).
+    Log axes, sources nudged apart in rank so that equal brackets both show."""
+    df = brackets.copy()
+    sources = list(dict.fromkeys(df["source"]))
+    nudge = {s: 1.06 ** (i - (len(sources) - 1) / 2) for i, s in enumerate(sources)}
+    df["x"] = [r * nudge[s] for r, s in zip(df["rank"], df["source"])]
+    df["lo_y"] = df["lo"].fillna(df["ell_star"])
+    df["hi_y"] = df["hi"].fillna(df["ell_star"])
+    x = alt.X("x:Q", scale=alt.Scale(type="log"), title="rank r",
+              axis=alt.Axis(values=sorted(df["rank"].unique().tolist())))
+    y = alt.Y("ell_star:Q", scale=alt.Scale(type="log"), title="ℓ* (tokens, log)")
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    color = alt.Color("source:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
+                      scale=alt.Scale(domain=sources, range=palette[:len(sources)]))
+    tips = ["source:N", "rank:Q", alt.Tooltip("lo:Q", title="longest recalled"),
+            alt.Tooltip("hi:Q", title="shortest not recalled"), alt.Tooltip("ell_star:Q", title="ℓ*", format=".1f")]
+    bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(x=x, y=alt.Y("lo_y:Q", scale=alt.Scale(type="log")),
+                                                         y2="hi_y:Q", color=color, tooltip=tips)
+    points = alt.Chart(df).mark_point(filled=True, size=70).encode(x=x, y=y, color=color, tooltip=tips)
+    return alt.layer(bars, points).properties(height=320)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from memcore.loading import Base, load_base
 from memcore.metrics import StubbornCounter
 from memcore.pieces import Piece
 from memcore.records import RunSummary, StepRow
-from memcore.service import TrainingProcess, trainer_lock
+from memcore.service import SEARCH_LABEL, TrainingProcess, trainer_lock
 from memcore.store import Store
 
 SYNC_SECONDS = 0.5
@@ -119,7 +120,7 @@ class Job:
     session: str | None
     specs: list[RunSpec]
     labels: list[str]
-    kind: str = "train"  # train (new runs) | resume (continue stored runs)
+    kind: str = "train"  # train (new runs) | resume (continue stored runs) | frontier (a frontier search)
     status: str = "queued"  # queued | loading | running | done | stopped | failed | interrupted
     error: str | None = None
     created: float = field(default_factory=time.time)
@@ -129,10 +130,19 @@ class Job:
     fed: bool = False  # this process's trainer streams its reports; otherwise it is followed through the store
     stop_requested: bool = False  # Stop was pressed; the trainer stops after its current step
     lock: threading.Lock = field(default_factory=threading.Lock)
+    search: dict[str, Any] | None = None  # a frontier search's latest progress (memcore.search.SearchProgress)
 
     @property
     def is_live(self) -> bool:
         return self.status in ("queued", "loading", "running")
+
+    @property
+    def title(self) -> str:
+        """What the job trains, in words: its runs' labels, or the frontier search's ranks."""
+        if self.kind == "frontier":
+            d = json.loads(self.labels[0][len(SEARCH_LABEL):])
+            return f"frontier search, ranks {', '.join(map(str, d['ranks']))}"
+        return ", ".join(self.labels)
 
     @property
     def max_steps(self) -> int:
@@ -143,13 +153,15 @@ class Job:
         specs = [RunSpec.from_dict(d) for d in row["specs"]]
         job = cls(id=row["id"], session=row["session"], specs=specs, labels=row["labels"], kind=row["kind"],
                   created=row["created"])
-        job.runs = [RunLive(label=lab, spec=s, run_id=rid) for lab, s, rid in zip(job.labels, specs, row["run_ids"])]
+        if job.kind != "frontier":  # a search's probes are not followed one by one: its progress says where it is
+            job.runs = [RunLive(label=lab, spec=s, run_id=rid)
+                        for lab, s, rid in zip(job.labels, specs, row["run_ids"])]
         job.update_from_row(row)
         return job
 
     def update_from_row(self, row: dict[str, Any]) -> None:
         status = row["status"]
-        if status == "running" and not any(r.steps for r in self.runs):
+        if status == "running" and not any(r.steps for r in self.runs) and self.search is None:
             status = "loading"
         self.status, self.error, self.started, self.finished = status, row["error"], row["started"], row["finished"]
 
@@ -382,6 +394,11 @@ class Worker:
             _, _, i, row, summary = msg
             with job.lock:
                 job.runs[i].record(row, summary)
+        elif kind == "search":
+            with job.lock:
+                job.search = msg[2]
+                job.status = "running"
+            self.ready_models.add(job.specs[0].model.name)
         elif kind == "note":
             _, _, i, note = msg
             with job.lock:

@@ -415,7 +415,15 @@ def _law_table(args: argparse.Namespace, required: tuple[str, ...] | None = None
     (default: the law's); its notes go to stderr."""
     from memcore.law import LAW_COLUMNS, law_table
 
-    df, notes = law_table(args.csv, None if args.csv else _store(writable=False), method=args.method, model=args.model,
+    sweep = getattr(args, "sweep", None)
+    if sweep and args.csv:
+        raise MemcoreError("give --csv or --sweep, not both: --sweep picks a sweep (or frontier search) in the store")
+    store = None if args.csv else _store(writable=False)
+    if sweep and not store.runs(sweep=sweep):
+        known = sorted({r["sweep"] for r in store.runs() if r["sweep"]})
+        raise MemcoreError(f"no sweep or frontier search {sweep!r} in the store"
+                           + (f"; the store holds {', '.join(known)}" if known else " (it holds none)"))
+    df, notes = law_table(args.csv, store, method=args.method, model=args.model, sweep=sweep,
                           required=required or LAW_COLUMNS)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -487,11 +495,94 @@ def _print_fit(out: dict[str, Any], regime: str, fitted_on: str) -> None:
         print(f"note: {n}")
 
 
+SEARCH_ONLY = ("ranks", "seeds", "resolution", "max_length", "start_length", "batch", "name")
+
+
 def cmd_frontier(args: argparse.Namespace) -> int:
-    """`memcore frontier`: the verbatim-recall frontier and capacity (memcore.frontier)."""
+    """`memcore frontier`: the verbatim-recall frontier and capacity of a table (memcore.frontier), or with --search
+    found by bisection (memcore.search)."""
+    if args.search:
+        return _frontier_search(args)
+    given = [f"--{n.replace('_', '-')}" for n in SEARCH_ONLY if getattr(args, n, None) is not None]
+    given += [f for f in SOURCES if getattr(args, f[2:].replace("-", "_"), None) is not None]
+    if given:
+        raise MemcoreError(f"{', '.join(given)} apply only with --search (without it, frontier reads a sweep's table)")
+    df = _law_table(args, required=("rank", "length"))
+    _print_frontier(args, df)
+    return 0
+
+
+def _frontier_search(args: argparse.Namespace) -> int:
+    """`memcore frontier --search`: memcore.search.FrontierSearch into the store, progress on stderr, then the
+    brackets, the fitted frontier over every probe and the commands that read the search like a sweep."""
+    import time
+
+    from tqdm import tqdm
+
+    from memcore.search import DEFAULT_RESOLUTION, DEFAULT_START, FrontierSearch, SearchSpec, search_result
+
+    if args.csv:
+        raise MemcoreError("--csv reads a sweep's table; --search trains its own probes (drop one of them)")
+    if args.sweep:
+        raise MemcoreError("--sweep reads a stored sweep or search; with --search, name the new one with --name")
+    if not _given_sources(args):
+        args.random_tokens = 512
+    settings = _settings(args)
+    settings["model"] = args.model or spec_default("model")
+    template = run_spec(settings | {"rank": 1, "method": args.method or "sft", "seed": 0,
+                                    "history": "full" if args.full_history else "decimated"})
+    search = SearchSpec(template=template, ranks=tuple(args.ranks or (1, 2, 4, 8)),
+                        methods=(args.method or "sft",), seeds=tuple(range(args.seeds or 1)),
+                        resolution=args.resolution if args.resolution is not None else DEFAULT_RESOLUTION,
+                        max_length=args.max_length, start_length=args.start_length or DEFAULT_START, name=args.name)
+    store = _store()
+    flag = StopFlag()
+    restore = flag.install()
+    t0 = time.perf_counter()
+    try:
+        fs = FrontierSearch(search, store, batch=args.batch or "auto", should_stop=flag)
+        print(f"frontier search {search.id}: ranks {', '.join(map(str, search.ranks))}, {len(search.seeds)} seed(s), "
+              f"{search.methods[0]}, lengths up to {fs.longest} tokens, within {search.resolution:.0%}",
+              file=sys.stderr)
+        bar = tqdm(unit="probe", file=sys.stderr, dynamic_ncols=True)
+        try:
+            for p in fs.run():
+                bar.n = p.probes_done
+                bar.set_postfix_str(f"{p.in_flight} training, {p.steps} steps   " + "  ".join(
+                    f"r={b.rank} [{b.lo or '?'}, {b.hi or '?'}]" for b in p.brackets), refresh=True)
+        finally:
+            bar.close()
+    finally:
+        restore()
+    result = search_result(fs, p)
+    took = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(result.to_dict() | {"seconds": took}))
+        return 130 if flag.stop else 0
+    state = "stopped (run the same command again to go on)" if flag.stop else "done"
+    print(f"frontier search {search.id} {state}: {p.probes_done} probes, {p.steps} steps, {took:.0f} s")
+    for row in result.rows():
+        where = {"bracketed": f"between {row['lo']} and {row['hi']} tokens",
+                 "at least": f"at least {row['lo']} tokens (the longest the data hold)",
+                 "at most": f"under {row['hi']} tokens (even the shortest failed)",
+                 "open": f"not yet bracketed ({row['lo'] or '?'} to {row['hi'] or '?'})"}[row["outcome"]]
+        rates = "; ".join(f"{n} token{'s' if n != 1 else ''} recalled by {row[k]:.0%} of seeds" for n, k in
+                          ((row["lo"], "lo_rate"), (row["hi"], "hi_rate")) if n is not None)
+        print(f"  rank {row['rank']:<4} ℓ* {where}   ({rates}; {row['probes']} lengths, {row['steps']} steps)")
+    args.method = search.methods[0]
+    print()
+    df = _law_table(argparse.Namespace(csv=None, method=args.method, model=None, sweep=search.id),
+                    required=("rank", "length"))
+    _print_frontier(args, df)
+    print(f"\nthe probes are the runs of sweep {search.id}: `memcore frontier --sweep {search.id}`, "
+          f"`memcore predict --verbatim --length N --sweep {search.id}`, `memcore fit --sweep {search.id}`")
+    return 130 if flag.stop else 0
+
+
+def _print_frontier(args: argparse.Namespace, df: Any) -> None:
+    """Each method's frontier in `df` (or --method's) as text, or all of them as one JSON object (--json)."""
     from memcore.frontier import REFERENCE_BITS_PER_PARAM, frontier_from_table
 
-    df = _law_table(args, required=("rank", "length"))
     methods = [args.method] if args.method else (sorted(df["method"].unique()) if "method" in df.columns else [None])
     result = {}
     for m in methods:
@@ -531,7 +622,6 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             print(f"  no fitted frontier: {why}")
     if args.json:
         print(json.dumps(result))
-    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -783,6 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit the memory law ΔL = C·r^α·ℓ^(−β) + b over runs or a CSV")
     f.add_argument("--csv", help="CSV with columns rank, length, delta_loss (optional p_eff, method, seed)")
     f.add_argument("--model", help="only runs of this model")
+    f.add_argument("--sweep", metavar="ID", help="only the runs of this sweep or frontier search in the store")
     f.add_argument("--method", choices=METHODS, help="only runs (or CSV rows) of this method")
     f.add_argument("--json", action="store_true", help="print one JSON object (C, alpha, beta, b, r2, *_ci, ...)")
     f.set_defaults(func=cmd_fit)
@@ -801,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--csv", help="a sweep CSV with rank, length, delta_loss (or exact_recall for --verbatim) "
                     "instead of the store's completed runs")
     pr.add_argument("--model", help="only runs of this model")
+    pr.add_argument("--sweep", metavar="ID", help="only the runs of this sweep or frontier search in the store")
     pr.add_argument("--method", choices=METHODS, help="only runs (or CSV rows) of this method")
     pr.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
     pr.set_defaults(func=cmd_predict)
@@ -809,9 +901,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "a fitted ℓ*(r), and bits stored per parameter there")
     fr.add_argument("--csv",
                     help="a sweep CSV with rank, length, exact_recall (and p_eff, bits_per_param for capacity)")
-    fr.add_argument("--model", help="only runs of this model")
-    fr.add_argument("--method", choices=METHODS, help="only this method (default: each method in turn)")
+    fr.add_argument("--model", help="only runs of this model; with --search, the model searched (a hub id or a local "
+                    "folder; default the default model)")
+    fr.add_argument("--method", choices=METHODS,
+                    help="only this method (default: each method in turn); with --search, the method trained (default "
+                    "sft)")
+    fr.add_argument("--sweep", metavar="ID", help="only the runs of this sweep or frontier search in the store")
     fr.add_argument("--json", action="store_true", help="print the frontier of each method as one JSON object")
+    srch = fr.add_argument_group("search (--search)")
+    srch.add_argument("--search", action="store_true",
+                      help="find the frontier by training: for each rank, bisection in log length, each probe trained "
+                      "until recalled, converged on a plateau or the step budget, probes of all ranks and seeds "
+                      "trained together; every probe is stored as a run of a sweep named after the search. Other "
+                      "flags: what to memorize (default --random-tokens 512), model (--model; default the default "
+                      "model), adapter (default the bypass on the paper's layer), training (default lr 3e-2, 300 "
+                      "steps, --until converged). Running the same command again reuses its finished probes")
+    srch.add_argument("--ranks", type=int, nargs="+", metavar="R", help="ranks to search (default 1 2 4 8)")
+    srch.add_argument("--seeds", type=int, metavar="K",
+                      help="seeds per probe, 0..K-1 (default 1); a length counts as recalled by at least half of them")
+    srch.add_argument("--resolution", type=float, metavar="F",
+                      help="stop once each rank's bracket is this narrow: longest failed / longest recalled <= 1 + F "
+                      "(default 0.05)")
+    srch.add_argument("--max-length", type=int, metavar="N",
+                      help="longest length to probe (default: all the data hold)")
+    srch.add_argument("--start-length", type=int, metavar="N",
+                      help="the first probe's length at rank 1, times the rank at other ranks (default 32)")
+    srch.add_argument("--batch", type=_batch_size, metavar="N|auto",
+                      help="probes trained together (default auto: every bracket's probes, as memory allows)")
+    srch.add_argument("--name", help="the search's id (default: a hash of its settings); the same id resumes")
+    srch.add_argument("--full-history", action="store_true", help="keep every step's per-token history")
+    _run_flags(fr, omit=("rank", "method", "seed", "length", "full_budget", "model"),
+               defaults={"max_steps": 300, "layers": "paper", "lr": 3e-2, "until": "converged", "adapter": "bypass",
+                         "dropout": 0.1})
     fr.set_defaults(func=cmd_frontier)
     return p
 

@@ -5,6 +5,9 @@ ops, each of which must win back the GIL, so training in a thread next to a busy
 times over. Here the model lives in a child process (spawned, CUDA-safe) that owns the device; the parent
 sends commands on one queue and reads small messages (scalars and a float16 array per step) from another.
 
+A job of kind 'frontier' is a frontier search (memcore.search): its one spec is the template, its label the
+search's settings (search_label).
+
 Jobs come from the queue in the run store (memcore.store, table jobs); the parent claims one and sends it.
 Messages from the child:
   ("ready", model_name) | ("load_error", model_name, msg)
@@ -12,6 +15,7 @@ Messages from the child:
   ("report", job_id, index, row, summary)         every step: a memcore.records.StepRow; summary (a RunSummary)
                                                   on the final one, else None
   ("note", job_id, run_index, text)               a run's note when it happens (a checkpoint not written)
+  ("search", job_id, progress)                    a frontier search's SearchProgress.to_dict() after each probe
   ("done", job_id, status, error)                 status: done | stopped | failed
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -68,6 +73,8 @@ class Engine:
         from memcore.records import StepRow
         from memcore.runner import execute_iter, prepare, resume_iter
 
+        if kind == "frontier":
+            return self.run_search(job_id, RunSpec.from_dict(spec_dicts[0]), labels[0], out, should_stop)
         gens = []
         for i, (d, label, rid) in enumerate(zip(spec_dicts, labels, run_ids)):
             spec = RunSpec.from_dict(d)
@@ -96,6 +103,38 @@ class Engine:
                 said[i] = len(r.notes)
                 out.put(("report", job_id, i, StepRow.of(r), r.summary))
         return "stopped" if should_stop() else "done"
+
+
+    def run_search(self, job_id: str, template: Any, label: str, out: Any, should_stop: Any) -> str:
+        """A frontier search (memcore.search) of `template` with the settings in `label` (search_label's JSON),
+        sending ("search", job_id, SearchProgress.to_dict() | {"search": id}) after every probe. Returns the
+        status."""
+        from memcore.search import FrontierSearch
+
+        search = search_from_label(template, label)
+        fs = FrontierSearch(search, self.store, self.base(template.model), batch="auto", should_stop=should_stop)
+        progress = None
+        for progress in fs.run():
+            out.put(("search", job_id, progress.to_dict() | {"search": search.id, "longest": fs.longest}))
+        return "stopped" if progress is None or progress.stopped else "done"
+
+
+SEARCH_LABEL = "frontier search "
+
+
+def search_label(ranks: Any, seeds: int, method: str, resolution: float, name: str | None = None) -> str:
+    """A frontier-search job's label: what the search varies, as JSON after SEARCH_LABEL."""
+    return SEARCH_LABEL + json.dumps({"ranks": list(ranks), "seeds": int(seeds), "method": method,
+                                      "resolution": float(resolution), "name": name})
+
+
+def search_from_label(template: Any, label: str) -> Any:
+    """The memcore.search.SearchSpec a frontier-search job's template and label (search_label) describe."""
+    from memcore.search import SearchSpec
+
+    d = json.loads(label[len(SEARCH_LABEL):])
+    return SearchSpec(template=template, ranks=tuple(d["ranks"]), methods=(d["method"],),
+                      seeds=tuple(range(d["seeds"])), resolution=d["resolution"], name=d.get("name"))
 
 
 def _parent_alive() -> bool:

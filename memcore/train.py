@@ -441,6 +441,12 @@ class _Loop:
             if reason == "all_above_tau" and run.dropout and not self._all_above_without_dropout(run):
                 return None  # only dropout's noise put every token above tau: train on
             return reason
+        if report.recalled and spec.stop_when_recalled and not spec.verify:
+            # the teacher-forced argmax is exact (greedy decoding makes the same choices); under dropout the
+            # training forward's argmax is not the adapter's own, so it is measured again without
+            if run.dropout and not self._recalled_without_dropout(run):
+                return None
+            return "recalled"
         if report.recalled and spec.stop_when_recalled and step - run.last_check_step >= 5:
             run.last_check_step = step
             gen = self._generate_check(run, report)
@@ -474,6 +480,10 @@ class _Loop:
         """The run's own batch through its own slot, dropout off: (loss, correct) [B, K]."""
         with self.stack.routed([run.slot] * run.n_rows):
             return token_losses(self.model, run.batch)
+
+    def _recalled_without_dropout(self, run: _Run) -> bool:
+        _, correct = self._alone(run)
+        return bool(correct.flatten()[run.where].all())
 
     def _all_above_without_dropout(self, run: _Run) -> bool:
         loss, _ = self._alone(run)

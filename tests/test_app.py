@@ -450,3 +450,37 @@ def test_compare_mode_says_both_methods_instead_of_one(app_env):
     at.run()
     assert at.text_input(key="methods_compared").value == "sft and memft-ot"
     assert at.text_input(key="methods_compared").disabled
+
+
+def test_law_page_finds_the_frontier_of_the_apps_model(app_env):
+    """Find the frontier: bad settings refused in words, then a search on the tiny model from the form to its
+    brackets, drawn beside the shipped sweep's, and its probes offered as sweep data."""
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    at.multiselect(key="fs_ranks").set_value([]).run()
+    at.button(key="fs_start").click().run()
+    assert any("choose at least one rank" in e.value for e in at.error)
+    at.multiselect(key="fs_ranks").set_value([1, 2]).run()
+    at.text_input(key="fs_lr").set_value("fast").run()
+    at.button(key="fs_start").click().run()
+    assert any("learning rate" in e.value.lower() for e in at.error)
+    at.text_input(key="fs_lr").set_value("0.1").run()
+    at.number_input(key="fs_tokens").set_value(48).run()
+    at.number_input(key="fs_seeds").set_value(1).run()
+    at.number_input(key="fs_steps").set_value(30).run()
+    at.button(key="fs_start").click().run()
+    assert not at.exception and at.query_params.get("search_job")
+    _wait_for_job(at, timeout=300)
+    at.run()
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert "Frontier of" in text and "probes" in text
+    sid = next(s for s in at.selectbox(key="law_source").options if s.startswith("your sweep: frontier-"))
+    table = next(d.value for d in at.dataframe if "ℓ* between (tokens)" in d.value.columns)
+    assert list(table["rank"]) == [1, 2]
+    assert all("–" in v or "≥" in v or "<" in v for v in table["ℓ* between (tokens)"])
+    charts = [str(c.proto) for c in at.get("vega_lite_chart") if "this search" in str(c.proto)]
+    assert charts and "shipped sweep" in charts[0]
+    job_id = at.query_params["search_job"]
+    at.button(key=f"fs-show-{job_id[0] if isinstance(job_id, list) else job_id}").click().run()
+    assert at.selectbox(key="law_source").value == sid

@@ -8,6 +8,7 @@ import altair as alt
 import charts
 import numpy as np
 import pandas as pd
+import search_view
 import streamlit as st
 from common import error_text, get_store, get_worker, show_chart
 
@@ -39,6 +40,8 @@ st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after trainin
            "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection "
            "grid start, with 95% intervals, on the points that converged short of full recall where the sweep says "
            "how its points stopped.")
+
+search_view.render()
 
 store = get_store()
 sources: dict[str, pd.DataFrame] = {}

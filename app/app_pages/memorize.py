@@ -206,6 +206,9 @@ elif worker.live_jobs():
     st.divider()
     st.caption("Jobs training now (from any session):")
     for j in worker.live_jobs():
-        if st.button(f"watch job {j.id} ({', '.join(j.labels)}, {j.status})", key=f"watch-{j.id}"):
+        if j.kind == "frontier":
+            st.page_link("app_pages/law.py", label=f"job {j.id} ({j.title}, {j.status}): on the Memory law page",
+                         query_params={"search_job": j.id})
+        elif st.button(f"watch job {j.id} ({j.title}, {j.status})", key=f"watch-{j.id}"):
             st.query_params["job"] = j.id
             st.rerun()

@@ -1,0 +1,416 @@
+"""The verbatim-recall frontier by search: for each rank, the longest target recalled verbatim, found by bisection.
+
+A grid spends most of its steps far from the frontier, and places it only between two of its lengths. The search
+probes one length per rank (all seeds and methods of it at once), trains each probe until it is recalled (every
+teacher-forced argmax right: greedy decoding reproduces the target, DESIGN.md §2), converged on a plateau, or the
+step budget, and moves the rank's bracket [lo, hi] (lo: the longest length recalled, hi: the shortest not) in log ℓ:
+
+- no probe yet: the start length (start_length · rank, a frontier linear in rank being the paper's finding);
+- only recalled so far: twice lo (up to the longest the data hold); only failures so far: half of hi;
+- both: the geometric mean of lo and hi, until hi / lo ≤ 1 + resolution (or hi = lo + 1 token).
+
+A length counts as recalled when at least half of its seeds recall it (the recall rate crossing 1/2, as
+memcore.frontier interpolates a grid). Probes of every rank, method and seed train together through one stack
+(memcore.runner.execute_many); each is an ordinary run in the store, tagged with the search's id as its sweep
+and its point (method, seed, noise, rank, length) as its label, so `memcore fit`, `memcore frontier`, `predict
+--verbatim` and the law page read a search like a sweep, and running the same search again reuses every probe
+already completed (a probe cut off mid-way continues from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from memcore.config import METHODS, MemcoreError, RunSpec
+
+DEFAULT_RESOLUTION = 0.05  # the bracket's width at the end, hi / lo − 1
+DEFAULT_START = 32  # tokens at rank 1 for the first probe (start_length · rank at other ranks)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A frontier search: the template every probe shares (model, adapter kind and placement, data, training), the
+    ranks, methods and seeds searched, the resolution (relative width of the final bracket), the lengths allowed
+    (min_length to max_length tokens; max_length None: all the data hold) and the first probe's length at rank 1
+    (tokens). Validation names the bad value (MemcoreError)."""
+
+    template: RunSpec
+    ranks: tuple[int, ...] = (1, 2, 4, 8)
+    methods: tuple[str, ...] = ("sft",)
+    seeds: tuple[int, ...] = (0,)
+    resolution: float = DEFAULT_RESOLUTION
+    min_length: int = 1
+    max_length: int | None = None
+    start_length: int = DEFAULT_START
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for label, values in (("ranks", self.ranks), ("methods", self.methods), ("seeds", self.seeds)):
+            if not values:
+                raise MemcoreError(f"a frontier search needs at least one value for {label}")
+        if any(not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise MemcoreError(f"search ranks must be whole numbers >= 1, got {list(self.ranks)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise MemcoreError(f"unknown method {bad[0]!r} in the search; choose from {', '.join(METHODS)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise MemcoreError(f"the seeds repeat: {list(self.seeds)}")
+        if not (isinstance(self.resolution, int | float) and 0 < self.resolution <= 1):
+            raise MemcoreError(f"the resolution is the final bracket's relative width, between 0 and 1 "
+                               f"(0.05: within 5%), got {self.resolution!r}")
+        if self.min_length < 1 or self.start_length < 1:
+            raise MemcoreError("the search's lengths must be at least 1 token")
+        if self.max_length is not None and self.max_length < self.min_length:
+            raise MemcoreError(f"the longest length ({self.max_length}) is below the shortest ({self.min_length})")
+
+    @property
+    def id(self) -> str:
+        """The name if given, else a hash of the template (what every probe shares): searches of other ranks,
+        seeds or resolutions on the same template share their probes."""
+        if self.name:
+            return self.name
+        from memcore.sweep import HOW_NOT_WHAT
+
+        template = self.template.to_dict()
+        for how in HOW_NOT_WHAT:
+            template["train"].pop(how, None)
+        template["data"].pop("length", None)
+        text = json.dumps({"frontier-search": template}, sort_keys=True, default=str)
+        return "frontier-" + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def probe_spec(self, method: str, rank: int, length: int, seed: int) -> RunSpec:
+        """The RunSpec of one probe: the template at this rank, length (tokens), method and seed, trained until
+        recalled (by the teacher-forced argmax, no generate), converged or the budget."""
+        t = self.template
+        return replace(t, adapter=replace(t.adapter, rank=rank), data=replace(t.data, length=length, seed=seed),
+                       train=replace(t.train, method=method, seed=seed, stop_when_recalled=True, verify=False,
+                                     until="converged", ot_when_empty="mean"))
+
+    def label(self, method: str, rank: int, length: int, seed: int) -> str:
+        """A probe's label in the store: the JSON of its point, as a sweep's points are labelled."""
+        values = {"method": method, "seed": seed, "noise": self.template.data.noise, "rank": rank, "length": length}
+        return json.dumps(values, sort_keys=True)
+
+
+@dataclass
+class Bracket:
+    """One (method, rank)'s search: lo, the longest length recalled (recall rate ≥ 1/2 over the seeds), hi, the
+    shortest not recalled (tokens; None until probed), and every probed length's verdicts (seed -> recalled)."""
+
+    method: str
+    rank: int
+    lo: int | None = None
+    hi: int | None = None
+    probed: dict[int, dict[int, bool]] = field(default_factory=dict)  # length -> seed -> recalled
+    steps: int = 0  # optimizer steps its probes took
+
+    def rate(self, length: int | None) -> float | None:
+        """Share of seeds that recalled `length`, or None when it was not probed."""
+        got = self.probed.get(length) if length is not None else None
+        return sum(got.values()) / len(got) if got else None
+
+    def record(self, length: int) -> None:
+        """Move the bracket once every seed of `length` has its verdict."""
+        if self.rate(length) >= 0.5:
+            self.lo = length if self.lo is None else max(self.lo, length)
+        else:
+            self.hi = length if self.hi is None else min(self.hi, length)
+
+    def next_length(self, search: SearchSpec, longest: int) -> int | None:
+        """The length to probe next, or None when the bracket is narrow enough or pinned at an end."""
+        lo, hi, shortest = self.lo, self.hi, search.min_length
+        if lo is not None and lo >= longest or hi is not None and hi <= shortest:
+            return None
+        if lo is not None and hi is not None:
+            if hi <= lo + 1 or hi / lo <= 1 + search.resolution + 1e-12:
+                return None
+            return min(hi - 1, max(lo + 1, round(math.sqrt(lo * hi))))
+        if lo is not None:
+            return min(longest, lo * 2)
+        if hi is not None:
+            return max(shortest, hi // 2)
+        return min(longest, max(shortest, search.start_length * self.rank))
+
+    def outcome(self, longest: int, shortest: int) -> tuple[str, float]:
+        """('bracketed', geometric mean of lo and hi), ('at least', lo) when even the longest length the data hold
+        is recalled, ('at most', hi) when not even the shortest allowed is, or ('open', nan) while unsettled."""
+        if self.lo is not None and self.hi is not None:
+            return "bracketed", math.sqrt(self.lo * self.hi)
+        if self.lo is not None and self.lo >= longest:
+            return "at least", float(self.lo)
+        if self.hi is not None and self.hi <= shortest:
+            return "at most", float(self.hi)
+        return "open", math.nan
+
+
+@dataclass
+class SearchProgress:
+    """Where a search stands after each probe: probes completed (here and earlier), probes training now, steps
+    spent, seconds this time, and each (method, rank)'s bracket."""
+
+    probes_done: int
+    in_flight: int
+    steps: int
+    seconds: float
+    brackets: list[Bracket]
+    finished: bool = False
+    stopped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the counts and, per bracket, method, rank, lo, hi and the recall rates at lo and hi."""
+        return {"probes_done": self.probes_done, "in_flight": self.in_flight, "steps": self.steps,
+                "seconds": self.seconds, "finished": self.finished, "stopped": self.stopped,
+                "brackets": [{"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
+                              "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps}
+                             for b in self.brackets]}
+
+
+@dataclass
+class _Probe:
+    bracket: Bracket
+    length: int
+    seed: int
+
+
+class FrontierSearch:
+    """Runs a SearchSpec into a store (see the module docstring). `run()` yields a SearchProgress after every
+    completed probe; `brackets` holds the result."""
+
+    def __init__(self, search: SearchSpec, store: Any, base: Any = None, *, batch: int | str = "auto",
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        from memcore.runner import prepare
+
+        self.search, self.store, self.should_stop = search, store, should_stop
+        whole = replace(search.template, data=replace(search.template.data, length=None))
+        self.base, samples = prepare(whole, base, store.home)
+        available = min(len(s.target_ids) for s in samples)
+        if search.max_length is not None and search.max_length > available:
+            raise MemcoreError(f"the search may go up to {search.max_length} tokens but the data hold only "
+                               f"{available}; give more data or a smaller longest length")
+        self.longest = search.max_length or available
+        if self.longest < search.min_length:
+            raise MemcoreError(f"the data hold {available} target tokens, fewer than the shortest length "
+                               f"{search.min_length}")
+        self.brackets = [Bracket(m, r) for m in search.methods for r in sorted(search.ranks)]
+        self.waiting: dict[tuple[str, int], tuple[int, set[int]]] = {}  # bracket -> (length, seeds not yet back)
+        self.queue: deque[_Probe] = deque()
+        self.in_flight = 0
+        self.done = 0
+        self.stopped = False
+        self.batch = batch
+        self.t0 = time.perf_counter()
+        self._known = self._completed()
+
+    # -- the store --
+
+    def _completed(self) -> dict[str, Any]:
+        """label -> the summary of the search's probes completed earlier."""
+        return {r["label"]: r["summary"] for r in self.store.runs(sweep=self.search.id, status="completed")}
+
+    def _unfinished(self) -> dict[str, str]:
+        from memcore.runner import RESUMABLE, checkpoint_path
+
+        out = {}
+        for r in self.store.runs(sweep=self.search.id):  # oldest first: the newest wins
+            if r["status"] in RESUMABLE and checkpoint_path(self.store, r["id"]).is_file():
+                out[r["label"]] = r["id"]
+        return out
+
+    # -- deciding --
+
+    def _verdict(self, b: Bracket, length: int, seed: int, summary: Any) -> None:
+        b.probed.setdefault(length, {})[seed] = bool(summary.exact_recall)
+        b.steps += int(summary.steps)
+        self.done += 1
+        key = (b.method, b.rank)
+        want, left = self.waiting[key]
+        left.discard(seed)
+        if not left:
+            del self.waiting[key]
+            b.record(length)
+
+    def _advance(self) -> None:
+        """Queue the next length of every bracket not waiting on one, taking verdicts already in the store at once."""
+        moved = True
+        while moved:
+            moved = False
+            for b in self.brackets:
+                key = (b.method, b.rank)
+                if key in self.waiting:
+                    continue
+                length = b.next_length(self.search, self.longest)
+                if length is None:
+                    continue
+                self.waiting[key] = (length, set(self.search.seeds))
+                for seed in self.search.seeds:
+                    summary = self._known.get(self.search.label(b.method, b.rank, length, seed))
+                    if summary is not None:
+                        self._verdict(b, length, seed, summary)
+                        moved = True
+                    else:
+                        self.queue.append(_Probe(b, length, seed))
+
+    def _runs(self) -> Iterator[Any]:
+        from memcore.data import Sample
+        from memcore.runner import BatchedRun, prepare
+
+        unfinished = self._unfinished()
+        while True:
+            self._advance()
+            if self.queue:
+                p = self.queue.popleft()
+                spec = self.search.probe_spec(p.bracket.method, p.bracket.rank, p.length, p.seed)
+                label = self.search.label(p.bracket.method, p.bracket.rank, p.length, p.seed)
+                self.in_flight += 1
+                rid = unfinished.get(label)
+                if rid is not None:
+                    toks = self.store.tokens(rid)
+                    samples = [Sample(a, b) for a, b in zip(toks["prompt_ids"], toks["target_ids"])]
+                    yield BatchedRun(spec, samples, tag=p, run_id=rid, resume=True)
+                else:
+                    _, samples = prepare(spec, self.base, self.store.home)
+                    yield BatchedRun(spec, samples, tag=p, sweep=self.search.id, label=label)
+            elif self.in_flight:
+                yield None  # every bracket waits on probes in training
+            else:
+                return
+
+    def progress(self, finished: bool = False) -> SearchProgress:
+        """The search as it stands (see SearchProgress)."""
+        return SearchProgress(probes_done=self.done, in_flight=self.in_flight,
+                              steps=sum(b.steps for b in self.brackets), seconds=time.perf_counter() - self.t0,
+                              brackets=self.brackets, finished=finished, stopped=self.stopped)
+
+    def slots(self) -> int:
+        """Probes trained together: at most one length per bracket, all its seeds; 'auto' also bounds it by memory
+        (memcore.sweep.batch_size_for at the longest length)."""
+        most = len(self.brackets) * len(self.search.seeds)
+        if self.batch == "auto":
+            from memcore.sweep import SweepSpec, batch_size_for
+
+            grid = SweepSpec(template=self.search.template, ranks=self.search.ranks, lengths=(self.longest,),
+                             methods=self.search.methods, seeds=self.search.seeds)
+            return max(1, min(most, batch_size_for(self.base, grid)))
+        return max(1, min(most, int(self.batch)))
+
+    def run(self) -> Iterator[SearchProgress]:
+        """Train the probes the search needs, yielding its progress after each one completes, and once more at the
+        end (finished, or stopped: a stop request ends the probes in training as 'stopped', each resuming from
+        its checkpoint when the same search runs again)."""
+        from memcore.runner import execute_many
+
+        self._advance()
+        yield self.progress()
+        for p, r in execute_many(self._runs(), self.store, self.base, slots=self.slots(),
+                                 max_rank=max(self.search.ranks), should_stop=self.should_stop):
+            if not r.final:
+                continue
+            self.in_flight -= 1
+            if r.summary.status != "completed":
+                self.stopped = True
+                continue
+            self._verdict(p.bracket, p.length, p.seed, r.summary)
+            yield self.progress()
+        self.stopped = self.stopped or bool(self.should_stop and self.should_stop())
+        yield self.progress(finished=not self.stopped)
+
+
+@dataclass
+class SearchResult:
+    """A finished (or stopped) search: per (method, rank) its bracket, ℓ* and recall rates at the bracket's ends;
+    per method the fitted frontier ℓ*(r) = c·r^γ over every probe (memcore.frontier), with bits per parameter."""
+
+    search_id: str
+    progress: SearchProgress
+    longest: int
+    fits: dict[str, Any]  # method -> FrontierFit or None
+    fit_errors: dict[str, str | None]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per (method, rank): method, rank, outcome ('bracketed', 'at least', 'at most', 'open'), ell_star
+        (tokens), lo, hi, lo_rate, hi_rate, probes, steps, and where the method's fit exists fitted ell_star with
+        its 95% interval and bits_per_param at the fitted ℓ*."""
+        out = []
+        for b in self.progress.brackets:
+            kind, ell = b.outcome(self.longest, 1)
+            row = {"method": b.method, "rank": b.rank, "outcome": kind, "ell_star": ell, "lo": b.lo, "hi": b.hi,
+                   "lo_rate": b.rate(b.lo), "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps}
+            fit = self.fits.get(b.method)
+            if fit is not None:
+                lo, hi = fit.ell_star_interval(b.rank)
+                row |= {"fitted_ell_star": float(fit.ell_star(b.rank)), "fitted_interval": [lo, hi],
+                        "bits_per_param": fit.bits_per_param(b.rank)}
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: search id, progress, per-rank rows and each method's fit (FrontierFit.to_dict)."""
+        return {"search": self.search_id, "progress": self.progress.to_dict(), "longest": self.longest,
+                "ranks": self.rows(), "fits": {m: f.to_dict() if f else None for m, f in self.fits.items()},
+                "fit_errors": self.fit_errors}
+
+
+def search_result(search: FrontierSearch, progress: SearchProgress) -> SearchResult:
+    """The result of a search run so far: brackets from `progress`, fits from every probe in the store."""
+    import pandas as pd
+
+    from memcore.frontier import frontier_from_table
+    from memcore.sweep import sweep_table
+
+    df = pd.DataFrame(sweep_table(search.store, search.search.id))
+    fits: dict[str, Any] = {}
+    errors: dict[str, str | None] = {}
+    for m in search.search.methods:
+        if df.empty or m not in set(df["method"]):
+            fits[m], errors[m] = None, "no probe completed"
+            continue
+        try:
+            _, fits[m], errors[m] = frontier_from_table(df, m)
+        except MemcoreError as e:
+            fits[m], errors[m] = None, str(e)
+    return SearchResult(search.search.id, progress, search.longest, fits, errors)
+
+
+def grid_lengths(lo: float, hi: float, resolution: float = DEFAULT_RESOLUTION) -> list[int]:
+    """The lengths (tokens) of a grid that places a frontier anywhere in [lo, hi] as finely as a search at
+    `resolution`: geometric steps of (1 + resolution), whole tokens, no repeats."""
+    out, x = [], float(lo)
+    while x < hi * (1 + 1e-9):
+        n = int(round(x))
+        if not out or n > out[-1]:
+            out.append(n)
+        x *= 1 + resolution
+    if out[-1] < hi:
+        out.append(int(math.ceil(hi)))
+    return out
+
+
+def brackets_of(df: Any, method: str | None = None) -> list[dict[str, Any]]:
+    """Each rank's bracket in a sweep table (a search's probes or a grid; optionally one method's rows): lo, the
+    longest length recalled by at least half of its seeds; hi, the shortest length longer than lo recalled by fewer;
+    ell_star their geometric mean (or the one end there is, tokens). Rows: rank, lo, hi, ell_star, lo_rate,
+    hi_rate, lengths (how many lengths were measured at the rank)."""
+    from memcore.frontier import recall_column
+    from memcore.law import as_bool, method_rows
+
+    d = method_rows(df, method) if method else df
+    d = d.assign(_rec=as_bool(d[recall_column(d)]).astype(float))
+    out = []
+    for rank, g in d.groupby("rank"):
+        rate = g.groupby("length")["_rec"].mean().sort_index()
+        ok = [n for n, v in rate.items() if v >= 0.5]
+        lo = max(ok) if ok else None
+        above = [n for n, v in rate.items() if v < 0.5 and (lo is None or n > lo)]
+        hi = min(above) if above else None
+        ell = math.sqrt(lo * hi) if lo is not None and hi is not None else float(lo if lo is not None else hi)
+        out.append({"rank": int(rank), "lo": lo, "hi": hi, "ell_star": ell,
+                    "lo_rate": float(rate[lo]) if lo is not None else None,
+                    "hi_rate": float(rate[hi]) if hi is not None else None, "lengths": int(len(rate))})
+    return out

@@ -1,0 +1,173 @@
+"""The frontier by search: bisection in log length per rank, probes trained together and stored as a sweep's runs."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from memcore.cli import main
+from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TrainSpec
+from memcore.frontier import frontier_from_table
+from memcore.search import Bracket, FrontierSearch, SearchSpec, grid_lengths, search_result
+from memcore.store import Store
+from memcore.sweep import SweepSpec, run_sweep, sweep_table
+
+
+def _template(model_dir, steps=60):
+    return RunSpec(model=ModelSpec(name=str(model_dir)),
+                   adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.0),
+                   data=DataSpec(random_tokens=96),
+                   train=TrainSpec(max_steps=steps, lr=0.1, checkpoint_every=0, history="decimated"))
+
+
+def _oracle_search(frontier: float, resolution=0.05, start=32, longest=4096, rank=1):
+    """A bracket driven by a known frontier: lengths <= frontier are recalled."""
+    spec = SearchSpec(template=RunSpec(), ranks=(rank,), resolution=resolution, start_length=start)
+    b = Bracket("sft", rank)
+    probes = []
+    while (n := b.next_length(spec, longest)) is not None:
+        probes.append(n)
+        b.probed[n] = {0: n <= frontier}
+        b.record(n)
+    return b, probes
+
+
+@pytest.mark.parametrize("frontier", [1, 3, 37, 39.5, 150, 1000, 4095])
+def test_bisection_places_the_frontier_within_the_resolution(frontier):
+    b, probes = _oracle_search(frontier)
+    assert len(set(probes)) == len(probes)  # never probes a length twice
+    assert b.lo <= frontier < b.hi
+    assert b.hi <= b.lo + 1 or b.hi / b.lo <= 1.05 + 1e-9
+    # a grid at the same resolution over 1..4096 tokens would need ~170 lengths; the search doubles (or halves)
+    # from its start until it brackets the frontier, then halves a factor-2 bracket down to 5%
+    doublings = math.ceil(abs(math.log2(max(frontier, 1) / 32))) + 1
+    assert len(probes) <= doublings + math.ceil(math.log2(math.log(2) / math.log(1.05))) + 1
+
+
+def test_a_frontier_outside_the_lengths_is_a_bound():
+    b, _ = _oracle_search(10_000, longest=300)
+    assert b.outcome(300, 1) == ("at least", 300.0)
+    b, _ = _oracle_search(0.5)
+    assert b.outcome(4096, 1) == ("at most", 1.0)
+
+
+def test_grid_lengths_are_as_fine_as_the_resolution():
+    g = grid_lengths(16, 192, 0.05)
+    assert g[0] == 16 and g[-1] >= 192
+    assert all(b > a for a, b in zip(g, g[1:]))
+    assert all(b / a <= 1.05 + 1 / a for a, b in zip(g, g[1:]))
+
+
+def test_bad_search_settings_are_named(tiny_model_dir):
+    t = _template(tiny_model_dir)
+    with pytest.raises(MemcoreError, match="resolution"):
+        SearchSpec(template=t, resolution=0)
+    with pytest.raises(MemcoreError, match="ranks"):
+        SearchSpec(template=t, ranks=(0,))
+    with pytest.raises(MemcoreError, match="seeds repeat"):
+        SearchSpec(template=t, seeds=(1, 1))
+    with pytest.raises(MemcoreError, match="unknown method"):
+        SearchSpec(template=t, methods=("adam",))
+
+
+def test_search_matches_a_fine_grid_and_stores_its_probes_as_a_sweep(tiny_model_dir, home):
+    store = Store(home)
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1, 2, 4), seeds=(0, 1), start_length=4,
+                        name="s")
+    fs = FrontierSearch(search, store)
+    progress = list(fs.run())
+    last = progress[-1]
+    assert last.finished and not last.stopped
+    assert [p.probes_done for p in progress] == sorted(p.probes_done for p in progress)
+    rows = sweep_table(store, "s")
+    assert len(rows) == last.probes_done == sum(len(b.probed) for b in fs.brackets) * 2
+    for b in fs.brackets:
+        assert b.lo is not None and b.hi is not None  # bracketed inside 1..96 tokens
+        assert b.hi <= b.lo + 1 or b.hi / b.lo <= 1.05
+        mine = [r for r in rows if r["rank"] == b.rank]
+        # every probe stopped for a reason a probe may stop for, and the recalled ones stopped as soon as recalled
+        assert {r["stop_reason"] for r in mine} <= {"recalled", "all_above_tau", "plateau", "max_steps"}
+        assert all(r["steps"] < 60 for r in mine if r["exact_recall"])
+        for r in mine:  # the bracket agrees with every probe
+            rate = b.rate(r["length"])
+            assert (rate >= 0.5) == (r["length"] <= b.lo)
+
+    # the same probes, trained as a grid of every length around the brackets, give the same frontier
+    lengths = tuple(sorted({n for b in fs.brackets for n in range(max(1, b.lo - 2), b.hi + 3)}))
+    probe = search.probe_spec("sft", 1, 1, 0)
+    grid = SweepSpec(template=probe, ranks=(1, 2, 4), lengths=lengths, methods=("sft",), seeds=(0, 1), name="g")
+    # a sweep trains a fixed budget: give its points the probes' own stop rules instead
+    import memcore.sweep as sw
+
+    real_points = sw.points
+
+    def probe_points(s):
+        return [sw.Point(p.key, search.probe_spec(p.values["method"], p.values["rank"], p.values["length"],
+                                                  p.values["seed"]), p.values) for p in real_points(s)]
+
+    sw.points = probe_points
+    try:
+        list(run_sweep(grid, store, batch=8))
+    finally:
+        sw.points = real_points
+    grid_df = pd.DataFrame(sweep_table(store, "g"))
+    for b in fs.brackets:
+        at = grid_df[grid_df["rank"] == b.rank].groupby("length")["exact_recall"].mean()
+        assert at[b.lo] >= 0.5 > at[b.hi]  # the grid sees the same verdicts at the bracket's ends
+
+    # the law page and `frontier` read the search like a sweep
+    per_rank, fit, why = frontier_from_table(pd.DataFrame(rows), "sft")
+    assert fit is not None, why
+    result = search_result(fs, last)
+    by_rank = {r["rank"]: r for r in result.rows()}
+    for b in fs.brackets:
+        assert by_rank[b.rank]["outcome"] == "bracketed"
+        assert b.lo <= by_rank[b.rank]["ell_star"] <= b.hi
+
+
+def test_a_stopped_search_resumes_and_a_finished_one_trains_nothing_new(tiny_model_dir, home):
+    store = Store(home)
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1, 2), seeds=(0,), start_length=4, name="r")
+    done = []
+
+    def stop():
+        return len(done) >= 2
+
+    fs = FrontierSearch(search, store, should_stop=stop)
+    for p in fs.run():
+        done = [b for b in fs.brackets for _ in b.probed]
+    assert p.stopped and not p.finished
+    again = FrontierSearch(search, store)
+    last = list(again.run())[-1]
+    assert last.finished
+    n_runs = len(store.runs(sweep="r", status="completed"))
+    third = FrontierSearch(search, store)
+    final = list(third.run())[-1]
+    assert final.finished and len(store.runs(sweep="r")) == len(store.runs(sweep="r"))
+    assert len(store.runs(sweep="r", status="completed")) == n_runs  # every verdict came from the store
+    assert [(b.lo, b.hi) for b in third.brackets] == [(b.lo, b.hi) for b in again.brackets]
+
+
+def test_the_cli_searches_and_predict_reads_the_search(tiny_model_dir, home, capsys):
+    code = main(["frontier", "--search", "--model", str(tiny_model_dir), "--ranks", "1", "2", "--random-tokens", "64",
+                 "--max-steps", "40", "--lr", "0.1", "--dropout", "0", "--start-length", "4", "--name", "cli",
+                 "--checkpoint-every", "0", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["search"] == "cli" and out["progress"]["finished"]
+    ranks = {r["rank"]: r for r in out["ranks"]}
+    assert set(ranks) == {1, 2} and all(r["lo"] is not None and r["hi"] is not None for r in ranks.values())
+    assert main(["frontier", "--sweep", "cli", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert "sft" in table
+    code = main(["predict", "--verbatim", "--length", str(ranks[2]["lo"]), "--sweep", "cli", "--json"])
+    assert code == 0
+    ans = json.loads(capsys.readouterr().out)
+    assert ans["rank"] == 2 or ans["rank"] < 2 and ranks[1]["lo"] >= ranks[2]["lo"]
+    with pytest.raises(SystemExit):
+        main(["frontier", "--search", "--seeds", "x"])
+    assert main(["frontier", "--ranks", "1"]) == 2  # search flags without --search
+    assert "apply only with --search" in capsys.readouterr().err
+    assert main(["frontier", "--sweep", "nope"]) == 2
+    assert "no sweep or frontier search 'nope'" in capsys.readouterr().err
