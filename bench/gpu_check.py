@@ -12,7 +12,10 @@ Rows (each printed as it finishes, all written to DIR/gpu_check.json):
      stay float32 under the bf16 base;
   3. one short capacity point (256 random tokens, `paper` placement, rank 1, sft, 30 steps, float32) whose
      ΔL and tokens above tau are compared with the CPU run's numbers in bench/gpu_check_expected.json
-     (written by `python bench/gpu_check.py --cpu-reference` on a CPU machine).
+     (written by `python bench/gpu_check.py --cpu-reference` on a CPU machine);
+  4. a sweep of 32 bypass points (ranks 1, 2, 4, 8 × 8 seeds, 48 random tokens, 30 steps) one point at a time
+     and as one batch: points per hour and the ratio (target >= 10x), host syncs per batched step, and the
+     largest ΔL difference between the two.
 
 CUDA-only parts are skipped with a message where no GPU is present; rows whose packages are missing (gguf,
 bitsandbytes) say so and the others still run.
@@ -154,13 +157,73 @@ def row_capacity(device) -> dict:
         return measure(model, batch, spec, 0, base.device)
 
 
+BATCHED = dict(points=32, tokens=48, steps=30)
+
+
+def row_batched_sweep(device) -> dict:
+    """The same 32-point bypass sweep (ranks 1, 2, 4, 8 × seeds 0..7, 48 random tokens, 30 steps each, dropout
+    off) one point at a time and as one batch, each into a scratch store: points per hour, the ratio, host syncs
+    per step of the batched loop, the largest |ΔL| difference between the two."""
+    import tempfile
+
+    import torch
+
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.loading import load_base
+    from memcore.store import Store
+    from memcore.sweep import SweepSpec, run_sweep
+
+    template = RunSpec(model=ModelSpec(dtype="float32", device=str(device)),
+                       adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.0),
+                       data=DataSpec(random_tokens=BATCHED["tokens"]),
+                       train=TrainSpec(max_steps=BATCHED["steps"], lr=3e-2, checkpoint_every=0, history="decimated"))
+    sweep = SweepSpec(template=template, ranks=(1, 2, 4, 8), lengths=(BATCHED["tokens"],), methods=("sft",),
+                      seeds=tuple(range(BATCHED["points"] // 4)), name="gpu-batched")
+    base = load_base(template.model)
+    out = {}
+    for label, batch in (("solo", 1), ("batched", BATCHED["points"])):
+        with tempfile.TemporaryDirectory() as d:
+            home = Path(d)
+            (home / "models").symlink_to(Path(os.environ["MEMCORE_HOME"]) / "models", target_is_directory=True)
+            cuda = device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if label == "batched" and cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                t = time.perf_counter()
+                results = list(run_sweep(sweep, Store(home), base=base, batch=batch))
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode(0)
+                seconds = time.perf_counter() - t
+            syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+            out[label] = {"seconds": seconds, "points_per_hour": 3600 * len(results) / seconds,
+                          "syncs": syncs, "delta_loss": {json.dumps(r.values, sort_keys=True): r.summary.delta_loss
+                                                         for r in results}}
+    diff = max(abs(out["solo"]["delta_loss"][k] - v) for k, v in out["batched"]["delta_loss"].items())
+    ratio = out["batched"]["points_per_hour"] / out["solo"]["points_per_hour"]
+    steps = BATCHED["steps"] + 1
+    print(f"  solo {out['solo']['points_per_hour']:.0f} points/h, batched {out['batched']['points_per_hour']:.0f} "
+          f"points/h: {ratio:.1f}x (target >= 10x); host syncs per batched step {out['batched']['syncs'] / steps:.1f}; "
+          f"largest |ΔL difference| {diff:.2e} nats", flush=True)
+    return {"ratio": ratio, "solo_points_per_hour": out["solo"]["points_per_hour"],
+            "batched_points_per_hour": out["batched"]["points_per_hour"],
+            "syncs_per_batched_step": out["batched"]["syncs"] / steps, "max_delta_loss_diff": diff,
+            "s_per_step": out["batched"]["seconds"] / steps, "tokens_per_s": BATCHED["points"] * BATCHED["tokens"]
+            * steps / out["batched"]["seconds"],
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "syncs_per_step": out["batched"]["syncs"] / steps, "tflops": 0.0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.json")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if it is not in the built-in table")
     p.add_argument("--cpu-reference", action="store_true",
                    help="run only the capacity point on CPU and write the expected numbers")
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: default,llama,capacity")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: default,llama,capacity,batched")
     args = p.parse_args()
 
     import torch
@@ -218,6 +281,9 @@ def main() -> None:
             results["capacity_matches_cpu"] = same
             print(f"  GPU ΔL {r['delta_loss']:.4f} vs CPU {exp['delta_loss']:.4f} nats; above tau {r['n_above']} vs "
                   f"{exp['n_above']}: {'MATCH' if same else 'DIFFERENT'} (within 2% and 3 tokens)", flush=True)
+    if "batched" not in skip:
+        print(f"4. a sweep of {BATCHED['points']} bypass points one at a time and as one batch", flush=True)
+        report("batched sweep", row_batched_sweep, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
