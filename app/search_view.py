@@ -103,7 +103,9 @@ def _table(brackets: list[dict[str, Any]]) -> pd.DataFrame:
     for b in brackets:
         lo, hi = b.get("lo"), b.get("hi")
         where = (f"{lo} – {hi}" if lo is not None and hi is not None else f"≥ {lo}" if lo is not None
-                 else f"< {hi}" if hi is not None else "searching")
+                 else f"< {hi}" if hi is not None else "not yet known")
+        if b.get("probing"):
+            where += f" (probing {b['probing']})"
         rate = "; ".join(f"{n}: {r:.0%}" for n, r in ((lo, b.get("lo_rate")), (hi, b.get("hi_rate")))
                          if n is not None and r is not None)
         rows.append({"rank": b["rank"], "ℓ* between (tokens)": where, "recall rate at the ends": rate or "—",
@@ -133,7 +135,8 @@ def _progress(job_id: str) -> None:
         wall = time.time() - (job.started or job.created)
         st.progress(1.0 if p["finished"] else min(0.95, p["probes_done"] / max(1, p["probes_done"] + p["in_flight"]
                                                                              + len(p["brackets"]))),
-                    text=f"{p['probes_done']} probes done · {p['in_flight']} training · {p['steps']:,} steps · "
+                    text=f"{p['probes_done']} probe{'s' if p['probes_done'] != 1 else ''} done · "
+                    f"{p['in_flight']} training · {p['steps']:,} steps · "
                     f"{wall:.0f} s elapsed" + (" · stopping after the current step" if job.stop_requested else ""))
         st.dataframe(_table(p["brackets"]), hide_index=True, width="stretch")
     if job.is_live:
@@ -143,15 +146,21 @@ def _progress(job_id: str) -> None:
             st.toast("Stopping after the current step ...")
         return
     rows = sweep_table(get_worker().store, search.id)
+    if job.status in ("stopped", "interrupted", "failed") and st.button(
+            "Continue this search", key=f"fs-again-{job.id}",
+            help="Queue the same search again: finished probes are reused, cut-off ones go on from their checkpoints"):
+        again = get_worker().submit([template], session_id(), labels=[label], kind="frontier")
+        st.query_params["search_job"] = again.id
+        st.rerun()
     if not rows:
-        st.info("No probe finished." if job.status != "done" else "The search trained nothing.")
+        st.info("Stopped before any probe finished." if job.status != "done" else "The search trained nothing.")
         return
     df = pd.DataFrame(rows)
     method = search.methods[0]
     steps = df[df["method"] == method].groupby("rank")["steps"].sum()
     mine = [b | {"steps": f"{int(steps.get(b['rank'], 0)):,}"} for b in brackets_of(df, method)]
     if job.status == "stopped":
-        st.warning("Stopped: the brackets below are where the search had got to; start it again to narrow them.")
+        st.warning("Stopped: the brackets below are where the search had got to; continue it to narrow them.")
     st.markdown(f"**Frontier of {template.model.name}** ({template.adapter.kind}, {method}, "
                 f"{len(search.seeds)} seed{'s' if len(search.seeds) != 1 else ''}): {len(rows)} probes, "
                 f"{int(df['steps'].sum()):,} steps. Its probes are the sweep **{search.id}**, selectable below "

@@ -566,10 +566,13 @@ def _frontier_search(args: argparse.Namespace) -> int:
                  "at least": f"at least {row['lo']} tokens (the longest the data hold)",
                  "at most": f"under {row['hi']} tokens (even the shortest failed)",
                  "open": f"not yet bracketed ({row['lo'] or '?'} to {row['hi'] or '?'})"}[row["outcome"]]
-        rates = "; ".join(f"{n} token{'s' if n != 1 else ''} recalled by {row[k]:.0%} of seeds" for n, k in
-                          ((row["lo"], "lo_rate"), (row["hi"], "hi_rate")) if n is not None)
-        print(f"  rank {row['rank']:<4} ℓ* {where}   ({rates}; {row['probes']} lengths, {row['steps']} steps)")
+        rates = [f"{n} token{'s' if n != 1 else ''} recalled by {row[k]:.0%} of seeds" for n, k in
+                 ((row["lo"], "lo_rate"), (row["hi"], "hi_rate")) if n is not None]
+        print(f"  rank {row['rank']:<4} ℓ* {where}   ("
+              + "; ".join(rates + [f"{row['probes']} lengths, {row['steps']} steps"]) + ")")
     args.method = search.methods[0]
+    if not store.runs(sweep=search.id, status="completed"):
+        return 130 if flag.stop else 0
     print()
     df = _law_table(argparse.Namespace(csv=None, method=args.method, model=None, sweep=search.id),
                     required=("rank", "length"))

@@ -32,6 +32,7 @@ from memcore.config import METHODS, MemcoreError, RunSpec
 
 DEFAULT_RESOLUTION = 0.05  # the bracket's width at the end, hi / lo − 1
 DEFAULT_START = 32  # tokens at rank 1 for the first probe (start_length · rank at other ranks)
+PROGRESS_EVERY_S = 2.0  # while probes train, progress is also yielded this often
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,8 @@ class Bracket:
 
 @dataclass
 class SearchProgress:
-    """Where a search stands after each probe: probes completed (here and earlier), probes training now, steps
-    spent, seconds this time, and each (method, rank)'s bracket."""
+    """Where a search stands: probes completed (here and earlier), probes training now, steps spent (those of the
+    probes in training included), seconds this time, and each (method, rank)'s bracket."""
 
     probes_done: int
     in_flight: int
@@ -162,13 +163,15 @@ class SearchProgress:
     brackets: list[Bracket]
     finished: bool = False
     stopped: bool = False
+    probing: dict[tuple[str, int], int] = field(default_factory=dict)  # (method, rank) -> length in training
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the counts and, per bracket, method, rank, lo, hi and the recall rates at lo and hi."""
         return {"probes_done": self.probes_done, "in_flight": self.in_flight, "steps": self.steps,
                 "seconds": self.seconds, "finished": self.finished, "stopped": self.stopped,
                 "brackets": [{"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-                              "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps}
+                              "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps,
+                              "probing": self.probing.get((b.method, b.rank))}
                              for b in self.brackets]}
 
 
@@ -202,6 +205,8 @@ class FrontierSearch:
         self.waiting: dict[tuple[str, int], tuple[int, set[int]]] = {}  # bracket -> (length, seeds not yet back)
         self.queue: deque[_Probe] = deque()
         self.in_flight = 0
+        self.training: dict[int, int] = {}  # probe -> steps so far, while it trains
+        self.cut_steps = 0  # steps of probes stopped before their end, this time
         self.done = 0
         self.stopped = False
         self.batch = batch
@@ -285,8 +290,11 @@ class FrontierSearch:
     def progress(self, finished: bool = False) -> SearchProgress:
         """The search as it stands (see SearchProgress)."""
         return SearchProgress(probes_done=self.done, in_flight=self.in_flight,
-                              steps=sum(b.steps for b in self.brackets), seconds=time.perf_counter() - self.t0,
-                              brackets=self.brackets, finished=finished, stopped=self.stopped)
+                              steps=sum(b.steps for b in self.brackets) + sum(self.training.values())
+                              + self.cut_steps,
+                              seconds=time.perf_counter() - self.t0,
+                              brackets=self.brackets, finished=finished, stopped=self.stopped,
+                              probing={k: n for k, (n, _) in self.waiting.items()})
 
     def slots(self) -> int:
         """Probes trained together: at most one length per bracket, all its seeds; 'auto' also bounds it by memory
@@ -301,22 +309,31 @@ class FrontierSearch:
         return max(1, min(most, int(self.batch)))
 
     def run(self) -> Iterator[SearchProgress]:
-        """Train the probes the search needs, yielding its progress after each one completes, and once more at the
-        end (finished, or stopped: a stop request ends the probes in training as 'stopped', each resuming from
-        its checkpoint when the same search runs again)."""
+        """Train the probes the search needs, yielding its progress after each one completes (and every
+        PROGRESS_EVERY_S seconds while probes train), and once more at the end (finished, or stopped: a stop
+        request ends the probes in training as 'stopped', each resuming from its checkpoint when the same search
+        runs again)."""
         from memcore.runner import execute_many
 
         self._advance()
         yield self.progress()
+        said = time.perf_counter()
         for p, r in execute_many(self._runs(), self.store, self.base, slots=self.slots(),
                                  max_rank=max(self.search.ranks), should_stop=self.should_stop):
             if not r.final:
+                self.training[id(p)] = r.step
+                if time.perf_counter() - said >= PROGRESS_EVERY_S:  # long probes: say the steps going by
+                    said = time.perf_counter()
+                    yield self.progress()
                 continue
+            self.training.pop(id(p), None)
             self.in_flight -= 1
-            if r.summary.status != "completed":
+            if r.summary.status != "completed":  # cut off: its steps count, its verdict waits for the next run
                 self.stopped = True
+                self.cut_steps += int(r.summary.steps)
                 continue
             self._verdict(p.bracket, p.length, p.seed, r.summary)
+            said = time.perf_counter()
             yield self.progress()
         self.stopped = self.stopped or bool(self.should_stop and self.should_stop())
         yield self.progress(finished=not self.stopped)
