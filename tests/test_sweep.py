@@ -157,3 +157,25 @@ def test_a_batched_sweep_lands_the_same_points_as_one_at_a_time(sweep, home, tmp
     rid = b[(2, 8, "memft-ot")]["run_id"]
     assert (together.adapter_dir(rid) / "adapter_model.safetensors").is_file()
     assert together.replay(rid).p.shape[1] == 8
+
+
+def test_a_batched_lora_point_saves_a_stock_peft_adapter_that_gives_its_recorded_probabilities(
+        sweep, home, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store = Store(home)
+    list(run_sweep(sweep, store, batch=4))
+    rows = {(r["rank"], r["length"], r["method"]): r for r in sweep_table(store, "t")}
+    for key in [(2, 8, "memft-ot"), (1, 4, "sft")]:
+        rid = rows[key]["run_id"]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                          store.adapter_dir(rid)).eval()
+        toks = store.tokens(rid)
+        prompt, target = toks["prompt_ids"][0], toks["target_ids"][0]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1:-1].float()
+        p = torch.softmax(logits, -1).gather(1, torch.tensor(target)[:, None])[:, 0].numpy()
+        recorded = store.replay(rid).p[-1]
+        assert p == pytest.approx(recorded.astype(float), abs=2e-3), key
