@@ -183,7 +183,7 @@ def _peft_baseline(model, spec):
     """The baseline's adapter: stock PEFT LoRA on the same modules memcore adapts (get_peft_model)."""
     from peft import LoraConfig, get_peft_model
 
-    from memcore.placement import target_module_regex
+    from memcore.targets import target_module_regex
 
     regex, _, _ = target_module_regex(model, spec)
     return get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=regex,

@@ -26,10 +26,11 @@ from memcore.loading import Base, load_base
 from memcore.measure import StepReport, base_losses
 from memcore.metrics import StubbornCounter, bits_per_param
 from memcore.pieces import Piece, token_pieces
-from memcore.placement import p_eff, target_module_regex
+from memcore.placement import p_eff
 from memcore.records import RunSummary, StepRow
 from memcore.specs import preflight
 from memcore.store import Store
+from memcore.targets import target_module_regex
 from memcore.train import Checkpoint, train_iter
 
 FLUSH_SECONDS = 1.0

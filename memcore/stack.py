@@ -114,11 +114,11 @@ class AdapterStack:
 
     `model` is changed in place (its target modules wrapped) until ``detach``. `spec` gives the kind and the
     placement (targets, layers) every slot shares; each slot then takes a run's rank (up to `max_rank`), alpha,
-    dropout and seed in ``assign``. Raises MemcoreError as memcore.placement.target_module_regex does, or when a
+    dropout and seed in ``assign``. Raises MemcoreError as memcore.targets.target_module_regex does, or when a
     module is not a linear layer."""
 
     def __init__(self, model: nn.Module, spec: AdapterSpec, slots: int, max_rank: int) -> None:
-        from memcore.placement import adapter_layers, target_module_regex
+        from memcore.targets import adapter_layers, target_module_regex
 
         if slots < 1 or max_rank < 1:
             raise MemcoreError(f"an adapter stack needs at least one slot and rank 1, got {slots} and {max_rank}")

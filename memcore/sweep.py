@@ -201,7 +201,7 @@ def batch_size_for(base: Any, sweep: SweepSpec) -> int:
     import torch
 
     from memcore.blocks import layer_count
-    from memcore.placement import adapter_layers
+    from memcore.targets import adapter_layers
 
     cfg = base.model.config
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)

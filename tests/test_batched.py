@@ -104,7 +104,7 @@ def test_a_checkpoint_from_before_the_stack_resumes(tiny_base):
     the numbers a checkpoint of today's format gives."""
     from peft import LoraConfig, get_peft_model
 
-    from memcore.placement import target_module_regex
+    from memcore.targets import target_module_regex
     from memcore.train import Checkpoint
 
     adapter = AdapterSpec(rank=2, layers=(1, 2))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import memcore.cli
+import memcore.cli.runs
 from memcore.cli import main
 from memcore.store import Store
 
@@ -131,18 +131,18 @@ class _FullDisk:
 
 
 def test_a_store_that_cannot_be_written_ends_the_run_in_one_line(home, tiny_model_dir, capsys, monkeypatch):
-    real = memcore.cli._store
+    real = memcore.cli.runs.open_store
 
     def full_store():
         store = real()
         store._db = _FullDisk(store._db, "steps", after=2)  # two flushes of steps get in, then the disk is full
         return store
 
-    monkeypatch.setattr(memcore.cli, "_store", full_store)
+    monkeypatch.setattr(memcore.cli.runs, "open_store", full_store)
     code, _, err = _train(capsys, tiny_model_dir)
     line = _one_line(err)
     assert code == 2 and f"could not write the run store to {home / 'runs.db'} (database or disk is full)" in line
-    monkeypatch.setattr(memcore.cli, "_store", real)
+    monkeypatch.setattr(memcore.cli.runs, "open_store", real)
     runs = Store(home).runs()
     assert runs[-1]["status"] in ("failed", "interrupted")  # resumable either way
     assert main(["resume", runs[-1]["id"], "--json"]) == 0

@@ -13,8 +13,9 @@ from memcore.bypass import mlp_of
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, RunSpec, TrainSpec
 from memcore.data import build_samples, make_batch, ordinary_token_ids, parse_jsonl, random_token_ids
 from memcore.measure import base_losses, token_losses
-from memcore.placement import p_eff, paper_layer
+from memcore.placement import p_eff
 from memcore.stack import SlotAdapter
+from memcore.targets import paper_layer
 from memcore.train import FrozenPrefix, converged, train_iter
 
 # --- JSONL ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from memcore.blocks import decoder_layers, module_role
 from memcore.config import AdapterSpec, MemcoreError, TrainSpec
 from memcore.data import Sample, make_batch
 from memcore.measure import token_losses
-from memcore.placement import attach_adapter, detach_adapter, placement_of, target_module_regex
+from memcore.placement import attach_adapter, detach_adapter, placement_of
+from memcore.targets import target_module_regex
 from memcore.train import FrozenPrefix, train_iter
 
 V = 96  # vocabulary of the tiny models

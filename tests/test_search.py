@@ -135,9 +135,11 @@ def test_a_stopped_search_resumes_and_a_finished_one_trains_nothing_new(tiny_mod
         return len(done) >= 2
 
     fs = FrontierSearch(search, store, should_stop=stop)
-    for p in fs.run():
+    seen = []
+    for progress in fs.run():
+        seen.append(progress)
         done = [b for b in fs.brackets for _ in b.probed]
-    assert p.stopped and not p.finished
+    assert seen[-1].stopped and not seen[-1].finished
     again = FrontierSearch(search, store)
     last = list(again.run())[-1]
     assert last.finished

@@ -10,7 +10,8 @@ import torch
 from memcore.config import AdapterSpec, DataSpec, TrainSpec
 from memcore.data import build_samples, make_batch
 from memcore.measure import base_losses, token_losses
-from memcore.placement import p_eff, target_module_regex
+from memcore.placement import p_eff
+from memcore.targets import target_module_regex
 from memcore.train import FrozenPrefix, train_iter
 
 TEXT = "Seven pale moths circled the lamp until the kettle sang and the window fogged over."
