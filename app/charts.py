@@ -616,15 +616,18 @@ def frontier_brackets_chart(brackets: pd.DataFrame) -> alt.Chart:
     df["x"] = [r * nudge[s] for r, s in zip(df["rank"], df["source"])]
     df["lo_y"] = df["lo"].fillna(df["ell_star"])
     df["hi_y"] = df["hi"].fillna(df["ell_star"])
-    x = alt.X("x:Q", scale=alt.Scale(type="log"), title="rank r",
-              axis=alt.Axis(values=sorted(df["rank"].unique().tolist())))
-    y = alt.Y("ell_star:Q", scale=alt.Scale(type="log"), title="ℓ* (tokens, log)")
+    ranks = sorted(df["rank"].unique().tolist())
+    x = alt.X("x:Q", scale=alt.Scale(type="log", domain=[ranks[0] / 1.4, ranks[-1] * 1.4], nice=False),
+              title="rank r", axis=alt.Axis(values=ranks, grid=False))
+    y = alt.Y("ell_star:Q", scale=alt.Scale(type="log"), title="ℓ* (tokens, log)",
+              axis=alt.Axis(tickCount=6, grid=False))
     palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
     color = alt.Color("source:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
                       scale=alt.Scale(domain=sources, range=palette[:len(sources)]))
     tips = ["source:N", "rank:Q", alt.Tooltip("lo:Q", title="longest recalled"),
             alt.Tooltip("hi:Q", title="shortest not recalled"), alt.Tooltip("ell_star:Q", title="ℓ*", format=".1f")]
-    bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(x=x, y=alt.Y("lo_y:Q", scale=alt.Scale(type="log")),
-                                                         y2="hi_y:Q", color=color, tooltip=tips)
+    bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(
+        x=x, y=alt.Y("lo_y:Q", scale=alt.Scale(type="log"), axis=alt.Axis(tickCount=6, grid=False)), y2="hi_y:Q",
+        color=color, tooltip=tips)
     points = alt.Chart(df).mark_point(filled=True, size=70).encode(x=x, y=y, color=color, tooltip=tips)
     return alt.layer(bars, points).properties(height=320)

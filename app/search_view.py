@@ -17,7 +17,7 @@ from inputs import parse_lr
 from memcore.config import METHODS, MemcoreError, RunSpec
 from memcore.data import list_samples, read_sample
 from memcore.law import read_law_csv
-from memcore.search import brackets_of
+from memcore.search import Bracket, SearchProgress, SearchResult, brackets_of, budget_notes
 from memcore.service import search_from_label, search_label
 from memcore.specs import run_spec
 from memcore.sweep import sweep_table
@@ -36,7 +36,7 @@ def _template(model: str, adapter: str, source: str, tokens: int, sample: str, t
     if source == "my text" and not text.strip():
         raise MemcoreError("paste the text to search on, or choose random tokens or a sample passage")
     return run_spec(data | {"model": model.strip() or "default", "adapter": adapter, "layers": "paper",
-                            "dropout": 0.1 if adapter == "bypass" else 0.05, "method": method, "lr": lr,
+                            "dropout": 0.1, "method": method, "lr": lr,
                             "max_steps": int(max_steps), "until": "converged", "stop_when_recalled": True,
                             "history": "decimated"})
 
@@ -113,6 +113,11 @@ def _table(brackets: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _bracket(b: dict[str, Any], method: str) -> Bracket:
+    """A table bracket (brackets_of) as a search's Bracket, for budget_notes."""
+    return Bracket(method, b["rank"], b["lo"], b["hi"])
+
+
 def _progress(job_id: str) -> None:
     job = get_worker().find(job_id)
     if job is None:
@@ -146,6 +151,10 @@ def _progress(job_id: str) -> None:
             st.toast("Stopping after the current step ...")
         return
     rows = sweep_table(get_worker().store, search.id)
+    if not rows:
+        st.info("Stopped before any probe finished." if job.status != "done" else "The search trained nothing.")
+    elif job.status == "stopped":
+        st.warning("Stopped: the brackets below are where the search had got to; continue it to narrow them.")
     if job.status in ("stopped", "interrupted", "failed") and st.button(
             "Continue this search", key=f"fs-again-{job.id}",
             help="Queue the same search again: finished probes are reused, cut-off ones go on from their checkpoints"):
@@ -153,19 +162,20 @@ def _progress(job_id: str) -> None:
         st.query_params["search_job"] = again.id
         st.rerun()
     if not rows:
-        st.info("Stopped before any probe finished." if job.status != "done" else "The search trained nothing.")
         return
     df = pd.DataFrame(rows)
     method = search.methods[0]
     steps = df[df["method"] == method].groupby("rank")["steps"].sum()
     mine = [b | {"steps": f"{int(steps.get(b['rank'], 0)):,}"} for b in brackets_of(df, method)]
-    if job.status == "stopped":
-        st.warning("Stopped: the brackets below are where the search had got to; continue it to narrow them.")
     st.markdown(f"**Frontier of {template.model.name}** ({template.adapter.kind}, {method}, "
                 f"{len(search.seeds)} seed{'s' if len(search.seeds) != 1 else ''}): {len(rows)} probes, "
                 f"{int(df['steps'].sum()):,} steps. Its probes are the sweep **{search.id}**, selectable below "
                 "under Sweep data, where the fit and the frontier read them like any sweep.")
     st.dataframe(_table(mine), hide_index=True, width="stretch")
+    result = SearchResult(search.id, SearchProgress(0, 0, 0, 0.0, [_bracket(b, method) for b in mine]),
+                          0, {}, {}, rows)
+    for note in budget_notes(result):
+        st.warning(note.replace("--max-steps", "the step budget"))
     shown = [b | {"source": f"this search ({search.id})"} for b in mine] + _shipped_brackets(method)
     show_chart(charts.frontier_brackets_chart(pd.DataFrame(shown)))
     st.caption("Each bar runs from the longest target recalled verbatim to the shortest not recalled (recall rate "

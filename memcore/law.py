@@ -419,7 +419,7 @@ def _points(n: int) -> str:
 # --- tables: the points a fit reads, and every form fitted to them ----------------------------------------------
 
 RUN_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "frac_above", "token_accuracy",
-               "exact_recall", "stop_reason", "bits_per_param", "adapter", "data")
+               "exact_recall", "stop_reason", "bits_per_param", "adapter", "data", "source_bits_per_token")
 
 
 def method_rows(df: pd.DataFrame, method: str | None) -> pd.DataFrame:
@@ -445,8 +445,9 @@ def runs_table(store: Store, *, method: str | None = None, model: str | None = N
     """The store's completed runs (of `method`, `model` and `sweep` where given) as law points, one row per run
     with a ΔL, columns RUN_COLUMNS: rank, length (target tokens), delta_loss (nats per token), p_eff (trainable
     parameters), method, seed, frac_above (share of tokens with p > τ), token_accuracy (share whose teacher-forced
-    argmax is right), exact_recall (bool), stop_reason, bits_per_param, adapter (lora, bypass, ...) and data
-    (random_tokens, pairs, phonebook or text).
+    argmax is right), exact_recall (bool), stop_reason, bits_per_param, adapter (lora, bypass, ...), data
+    (random_tokens, pairs, phonebook or text) and source_bits_per_token (information per target token where the
+    run knows it: random tokens).
 
     Returns (table, notes): a note for each of adapter and data that the runs mix, since points trained
     differently need not lie on one law. Raises MemcoreError when no completed run matches."""
@@ -462,7 +463,7 @@ def runs_table(store: Store, *, method: str | None = None, model: str | None = N
                          "method": r["method"], "seed": r["seed"], "frac_above": s.n_above / n,
                          "token_accuracy": s.n_correct / n, "exact_recall": bool(s.exact_recall),
                          "stop_reason": s.stop_reason, "bits_per_param": s.bits_per_param, "adapter": s.adapter,
-                         "data": data})
+                         "data": data, "source_bits_per_token": s.source_bits_per_token})
     df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     if df.empty:
         raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")

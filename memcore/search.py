@@ -33,6 +33,9 @@ from memcore.config import METHODS, MemcoreError, RunSpec
 DEFAULT_RESOLUTION = 0.05  # the bracket's width at the end, hi / lo − 1
 DEFAULT_START = 32  # tokens at rank 1 for the first probe (start_length · rank at other ranks)
 PROGRESS_EVERY_S = 2.0  # while probes train, progress is also yielded this often
+# what every probe sets itself (SearchSpec.probe_spec): left out of the search's id
+PROBE_SETS = (("adapter", "rank"), ("data", "length"), ("data", "seed"), ("train", "method"), ("train", "seed"),
+              ("train", "stop_when_recalled"), ("train", "verify"), ("train", "until"), ("train", "ot_when_empty"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class SearchSpec:
             raise MemcoreError(f"unknown method {bad[0]!r} in the search; choose from {', '.join(METHODS)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise MemcoreError(f"the seeds repeat: {list(self.seeds)}")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise MemcoreError(f"the ranks repeat: {list(self.ranks)}")
         if not (isinstance(self.resolution, int | float) and 0 < self.resolution <= 1):
             raise MemcoreError(f"the resolution is the final bracket's relative width, between 0 and 1 "
                                f"(0.05: within 5%), got {self.resolution!r}")
@@ -82,7 +87,8 @@ class SearchSpec:
         template = self.template.to_dict()
         for how in HOW_NOT_WHAT:
             template["train"].pop(how, None)
-        template["data"].pop("length", None)
+        for part, key in PROBE_SETS:  # every probe sets these itself
+            template[part].pop(key, None)
         text = json.dumps({"frontier-search": template}, sort_keys=True, default=str)
         return "frontier-" + hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -349,6 +355,7 @@ class SearchResult:
     longest: int
     fits: dict[str, Any]  # method -> FrontierFit or None
     fit_errors: dict[str, str | None]
+    probes: list[dict[str, Any]] = field(default_factory=list)  # memcore.sweep.sweep_table rows of every probe
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per (method, rank): method, rank, outcome ('bracketed', 'at least', 'at most', 'open'), ell_star
@@ -392,7 +399,21 @@ def search_result(search: FrontierSearch, progress: SearchProgress) -> SearchRes
             _, fits[m], errors[m] = frontier_from_table(df, m)
         except MemcoreError as e:
             fits[m], errors[m] = None, str(e)
-    return SearchResult(search.search.id, progress, search.longest, fits, errors)
+    return SearchResult(search.search.id, progress, search.longest, fits, errors, df.to_dict("records"))
+
+
+def budget_notes(result: SearchResult) -> list[str]:
+    """A line per rank whose unrecalled probes mostly stopped at the step budget (still improving, neither
+    recalled nor on a plateau): there the bracket says what the budget allows, not what the rank can hold."""
+    out = []
+    for b in result.progress.brackets:
+        failed = [r for r in result.probes if r["rank"] == b.rank and r["method"] == b.method and not r["exact_recall"]]
+        bound = [r for r in failed if r["stop_reason"] == "max_steps"]
+        if failed and len(bound) * 2 > len(failed):
+            out.append(f"rank {b.rank}: {len(bound)} of its {len(failed)} unrecalled probes stopped at the step budget "
+                       f"({bound[0]['steps']} steps) still improving: its bracket is where the budget runs out, which "
+                       "may be short of capacity; raise --max-steps to tell")
+    return out
 
 
 def grid_lengths(lo: float, hi: float, resolution: float = DEFAULT_RESOLUTION) -> list[int]:

@@ -162,14 +162,46 @@ def test_the_cli_searches_and_predict_reads_the_search(tiny_model_dir, home, cap
     assert set(ranks) == {1, 2} and all(r["lo"] is not None and r["hi"] is not None for r in ranks.values())
     assert main(["frontier", "--sweep", "cli", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert "sft" in table
+    # the stored search read back gives the capacity the search itself reported (random tokens: capped at log2 V)
+    again = {r["rank"]: r["bits_per_param"] for r in table["sft"]["fit_per_rank"]}
+    assert again == pytest.approx({r: ranks[r]["bits_per_param"] for r in ranks}, rel=1e-9)
     code = main(["predict", "--verbatim", "--length", str(ranks[2]["lo"]), "--sweep", "cli", "--json"])
     assert code == 0
     ans = json.loads(capsys.readouterr().out)
     assert ans["rank"] == 2 or ans["rank"] < 2 and ranks[1]["lo"] >= ranks[2]["lo"]
     with pytest.raises(SystemExit):
         main(["frontier", "--search", "--seeds", "x"])
+    assert main(["frontier", "--search", "--seeds", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["frontier", "--search", "--ranks", "1", "1"]) == 2
+    assert "the ranks repeat" in capsys.readouterr().err
     assert main(["frontier", "--ranks", "1"]) == 2  # search flags without --search
-    assert "apply only with --search" in capsys.readouterr().err
+    assert "applies only with --search" in capsys.readouterr().err
     assert main(["frontier", "--sweep", "nope"]) == 2
     assert "no sweep or frontier search 'nope'" in capsys.readouterr().err
+
+
+def test_a_search_is_named_by_what_its_probes_share(tiny_model_dir):
+    """The app and the CLI build their templates from different starting ranks and methods; every probe sets those
+    itself, so the same settings give the same search (and share their probes)."""
+    from dataclasses import replace
+
+    t = _template(tiny_model_dir)
+    other = replace(t, adapter=replace(t.adapter, rank=8), train=replace(t.train, method="memft-sw", seed=3))
+    assert SearchSpec(template=t).id == SearchSpec(template=other).id
+    lr = replace(t, train=replace(t.train, lr=0.5))
+    assert SearchSpec(template=lr).id != SearchSpec(template=t).id
+
+
+def test_a_bracket_set_by_the_step_budget_is_said():
+    from memcore.search import SearchProgress, SearchResult, budget_notes
+
+    b = Bracket("sft", 1, lo=8, hi=9)
+    probes = [{"rank": 1, "method": "sft", "exact_recall": n <= 8, "length": n, "steps": 40 if n > 8 else 12,
+               "stop_reason": "max_steps" if n > 8 else "recalled"} for n in (8, 9, 11, 16)]
+    result = SearchResult("s", SearchProgress(4, 0, 132, 1.0, [b]), 96, {}, {}, probes)
+    (note,) = budget_notes(result)
+    assert "rank 1" in note and "3 of its 3 unrecalled probes" in note and "40 steps" in note
+    for p in probes:
+        p["stop_reason"] = "plateau" if not p["exact_recall"] else p["stop_reason"]
+    assert budget_notes(result) == []

@@ -219,12 +219,12 @@ if has_recall(data):
             rows = []
             for p in per_rank:
                 sym = {"at least": "≥", "at most": "≤"}.get(p.bound, "≈")
-                row = {"rank": p.rank, "ℓ* (recall rate crosses 1/2)": f"{sym} {p.ell_star:.0f}",
+                row = {"rank": p.rank, "ℓ* (recall rate crosses 1/2)": f"{sym} {p.ell_star:.3g}",
                        "bits/param there": (f"{p.bits_per_param:.3f}" if p.bits_per_param is not None
                                             else "— (no bits or P_eff column)")}
                 if ffit is not None:
                     lo, hi = ffit.ell_star_interval(p.rank)
-                    row["fitted ℓ*"] = f"{float(ffit.ell_star(p.rank)):.0f} [{lo:.0f}, {hi:.0f}]"
+                    row["fitted ℓ*"] = f"{float(ffit.ell_star(p.rank)):.3g} [{lo:.3g}, {hi:.3g}]"
                     cap_rows.append({"rank": p.rank, "bits_per_param": ffit.bits_per_param(p.rank),
                                      "kind": f"{m} fitted"})
                 if p.bits_per_param is not None:

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--seeds", type=int, metavar="K",
                       help="seeds per probe, 0..K-1 (default 1); a length counts as recalled by at least half of them")
     srch.add_argument("--resolution", type=float, metavar="F",
-                      help="stop once each rank's bracket is this narrow: longest failed / longest recalled <= 1 + F "
+                      help="stop once each rank's bracket is this narrow: shortest failed / longest recalled <= 1 + F "
                       "(default 0.05)")
     srch.add_argument("--max-length", type=int, metavar="N",
                       help="longest length to probe (default: all the data hold)")

@@ -98,7 +98,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     given = [f"--{n.replace('_', '-')}" for n in SEARCH_ONLY if getattr(args, n, None) is not None]
     given += [f for f in SOURCES if getattr(args, f[2:].replace("-", "_"), None) is not None]
     if given:
-        raise MemcoreError(f"{', '.join(given)} apply only with --search (without it, frontier reads a sweep's table)")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise MemcoreError(f"{', '.join(given)} {verb} only with --search (without it, frontier reads a sweep's table)")
     df = law_table_of(args, required=("rank", "length"))
     _print_frontier(args, df)
     return 0
@@ -111,12 +112,24 @@ def _frontier_search(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from memcore.search import DEFAULT_RESOLUTION, DEFAULT_START, FrontierSearch, SearchSpec, search_result
+    from memcore.search import (
+        DEFAULT_RESOLUTION,
+        DEFAULT_START,
+        FrontierSearch,
+        SearchSpec,
+        budget_notes,
+        search_result,
+    )
 
     if args.csv:
         raise MemcoreError("--csv reads a sweep's table; --search trains its own probes (drop one of them)")
     if args.sweep:
         raise MemcoreError("--sweep reads a stored sweep or search; with --search, name the new one with --name")
+    if args.seeds is not None and args.seeds < 1:
+        raise MemcoreError(f"--seeds is how many seeds each length is probed with (0..K-1): at least 1, "
+                           f"got {args.seeds}")
+    if args.start_length is not None and args.start_length < 1:
+        raise MemcoreError(f"--start-length must be at least 1 token, got {args.start_length}")
     if not given_sources(args):
         args.random_tokens = 512
     settings = run_settings(args)
@@ -126,7 +139,8 @@ def _frontier_search(args: argparse.Namespace) -> int:
     search = SearchSpec(template=template, ranks=tuple(args.ranks or (1, 2, 4, 8)),
                         methods=(args.method or "sft",), seeds=tuple(range(args.seeds or 1)),
                         resolution=args.resolution if args.resolution is not None else DEFAULT_RESOLUTION,
-                        max_length=args.max_length, start_length=args.start_length or DEFAULT_START, name=args.name)
+                        max_length=args.max_length,
+                        start_length=DEFAULT_START if args.start_length is None else args.start_length, name=args.name)
     store = open_store()
     flag = StopFlag()
     restore = flag.install()
@@ -136,7 +150,8 @@ def _frontier_search(args: argparse.Namespace) -> int:
         print(f"frontier search {search.id}: ranks {', '.join(map(str, search.ranks))}, {len(search.seeds)} seed(s), "
               f"{search.methods[0]}, lengths up to {fs.longest} tokens, within {search.resolution:.0%}",
               file=sys.stderr)
-        bar = tqdm(unit="probe", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(unit="probe", file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{n} probes done [{elapsed}]{postfix}")
         try:
             for p in fs.run():
                 bar.n = p.probes_done
@@ -152,7 +167,8 @@ def _frontier_search(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict() | {"seconds": took}))
         return 130 if flag.stop else 0
     state = "stopped (run the same command again to go on)" if flag.stop else "done"
-    print(f"frontier search {search.id} {state}: {p.probes_done} probes, {p.steps} steps, {took:.0f} s")
+    print(f"frontier search {search.id} {state}: {p.probes_done} probe{'s' if p.probes_done != 1 else ''}, "
+          f"{p.steps} steps, {took:.0f} s")
     for row in result.rows():
         where = {"bracketed": f"between {row['lo']} and {row['hi']} tokens",
                  "at least": f"at least {row['lo']} tokens (the longest the data hold)",
@@ -160,8 +176,13 @@ def _frontier_search(args: argparse.Namespace) -> int:
                  "open": f"not yet bracketed ({row['lo'] or '?'} to {row['hi'] or '?'})"}[row["outcome"]]
         rates = [f"{n} token{'s' if n != 1 else ''} recalled by {row[k]:.0%} of seeds" for n, k in
                  ((row["lo"], "lo_rate"), (row["hi"], "hi_rate")) if n is not None]
+        adjacent = row["outcome"] == "bracketed" and row["hi"] == row["lo"] + 1
+        if adjacent and row["hi"] / row["lo"] > 1 + search.resolution:
+            rates.append("adjacent lengths: as narrow as whole tokens allow")
         print(f"  rank {row['rank']:<4} ℓ* {where}   ("
               + "; ".join(rates + [f"{row['probes']} lengths, {row['steps']} steps"]) + ")")
+    for line in budget_notes(result):
+        print(f"note: {line}")
     args.method = search.methods[0]
     if not store.runs(sweep=search.id, status="completed"):
         return 130 if flag.stop else 0
