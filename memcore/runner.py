@@ -395,6 +395,13 @@ def check_resumable(store: Store, run_id: str) -> dict[str, Any]:
     return run
 
 
+def stored_samples(store: Store, run_id: str) -> list[Sample]:
+    """The exact prompt and target token ids a stored run trained on (whatever the tokenizer says today).
+    Raises MemcoreError when the run has no tokens stored (it failed before measuring them)."""
+    toks = store.tokens(run_id)
+    return [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+
+
 def resume_iter(store: Store, run_id: str, base: Base | None = None,
                 should_stop: Callable[[], bool] | None = None) -> tuple[Base, Generator[StepReport, None, RunSummary]]:
     """Continue a stored run that did not finish (interrupted, stopped or failed) from its last checkpoint, on
@@ -405,8 +412,7 @@ def resume_iter(store: Store, run_id: str, base: Base | None = None,
     spec = RunSpec.from_dict(run["spec"])
     base, samples = prepare(spec, base, store.home)
     try:  # the tokens it was trained on, even if the tokenizer has changed since
-        toks = store.tokens(run_id)
-        samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+        samples = stored_samples(store, run_id)
     except MemcoreError:
         pass  # it failed before its tokens were stored: start it from its spec
     return base, execute_iter(spec, store, base, samples, run_id=run_id, should_stop=should_stop, resume=True)
@@ -567,10 +573,9 @@ def generate_from_run(store: Store, run_id: str, base: Base, prompt: str | None 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with base.adapted(store.adapter_dir(run_id)) as model:
         if prompt is None:
-            toks = store.tokens(run_id)
-            samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
+            samples = stored_samples(store, run_id)
             gen = greedy_generate(model, samples, pad, max_new_tokens)
-            return {"generated": gen, "targets": toks["target_ids"], "divergence": compare(gen, samples),
+            return {"generated": gen, "targets": [s.target_ids for s in samples], "divergence": compare(gen, samples),
                     "text": [tok.decode(g) for g in gen]}
         gen = greedy_generate(model, [Sample(prompt_ids(tok, prompt), [0])], pad, max_new_tokens or 100)
         return {"generated": gen, "text": [tok.decode(gen[0])]}

@@ -225,15 +225,6 @@ class FrontierSearch:
         """label -> the summary of the search's probes completed earlier."""
         return {r["label"]: r["summary"] for r in self.store.runs(sweep=self.search.id, status="completed")}
 
-    def _unfinished(self) -> dict[str, str]:
-        from memcore.runner import RESUMABLE, checkpoint_path
-
-        out = {}
-        for r in self.store.runs(sweep=self.search.id):  # oldest first: the newest wins
-            if r["status"] in RESUMABLE and checkpoint_path(self.store, r["id"]).is_file():
-                out[r["label"]] = r["id"]
-        return out
-
     # -- deciding --
 
     def _verdict(self, b: Bracket, length: int, seed: int, summary: Any) -> None:
@@ -269,10 +260,10 @@ class FrontierSearch:
                         self.queue.append(_Probe(b, length, seed))
 
     def _runs(self) -> Iterator[Any]:
-        from memcore.data import Sample
-        from memcore.runner import BatchedRun, prepare
+        from memcore.runner import BatchedRun, prepare, stored_samples
+        from memcore.sweep import resumable_points
 
-        unfinished = self._unfinished()
+        unfinished = resumable_points(self.store, self.search.id)
         while True:
             self._advance()
             if self.queue:
@@ -281,10 +272,8 @@ class FrontierSearch:
                 label = self.search.label(p.bracket.method, p.bracket.rank, p.length, p.seed)
                 self.in_flight += 1
                 rid = unfinished.get(label)
-                if rid is not None:
-                    toks = self.store.tokens(rid)
-                    samples = [Sample(a, b) for a, b in zip(toks["prompt_ids"], toks["target_ids"])]
-                    yield BatchedRun(spec, samples, tag=p, run_id=rid, resume=True)
+                if rid is not None:  # cut off earlier: on the tokens it was trained on, from its checkpoint
+                    yield BatchedRun(spec, stored_samples(self.store, rid), tag=p, run_id=rid, resume=True)
                 else:
                     _, samples = prepare(spec, self.base, self.store.home)
                     yield BatchedRun(spec, samples, tag=p, sweep=self.search.id, label=label)

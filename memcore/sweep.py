@@ -132,7 +132,7 @@ def run_sweep(sweep: SweepSpec, store: Any, *, base: Any = None, should_stop: Ca
     if longest > available:
         raise MemcoreError(f"the sweep asks for {longest} target tokens but the text has only {available}; "
                            "use a longer text or smaller --lengths")
-    unfinished = _unfinished(store, sweep)
+    unfinished = resumable_points(store, sweep.id)
     if batch == "auto":
         batch = batch_size_for(base, sweep)
     if int(batch) > 1 and todo:
@@ -161,16 +161,13 @@ def _run_batched(sweep: SweepSpec, store: Any, base: Any, todo: list[Point], unf
                  on_point: Callable[[int, int, PointResult], None] | None) -> Iterator[PointResult]:
     """The points trained `slots` at a time (memcore.runner.execute_many), shortest first so that runs in training
     together have lengths alike (little padding); a point cut off earlier resumes from its checkpoint."""
-    from memcore.data import Sample
-    from memcore.runner import BatchedRun, execute_many, prepare
+    from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
 
     def runs() -> Iterator[BatchedRun]:
         for point in sorted(todo, key=lambda p: (p.values["length"], p.values["rank"])):
             rid = unfinished.get(point.key)
             if rid is not None:  # the tokens it was trained on, as stored
-                toks = store.tokens(rid)
-                samples = [Sample(p, t) for p, t in zip(toks["prompt_ids"], toks["target_ids"])]
-                yield BatchedRun(point.spec, samples, tag=point, run_id=rid, resume=True)
+                yield BatchedRun(point.spec, stored_samples(store, rid), tag=point, run_id=rid, resume=True)
             else:
                 _, samples = prepare(point.spec, base, store.home)
                 yield BatchedRun(point.spec, samples, tag=point, sweep=sweep.id, label=point.key)
@@ -219,12 +216,13 @@ def batch_size_for(base: Any, sweep: SweepSpec) -> int:
     return int(max(1, min(AUTO_BATCH_MAX, free // max(1, per_point), len(points(sweep)))))
 
 
-def _unfinished(store: Any, sweep: SweepSpec) -> dict[str, str]:
-    """Point key -> the newest run of that point that stopped short with a checkpoint (resumable)."""
+def resumable_points(store: Any, sweep_id: str) -> dict[str, str]:
+    """Point label -> the newest run of that point of the sweep (or frontier search) `sweep_id` that stopped short
+    with a checkpoint (resumable)."""
     from memcore.runner import RESUMABLE, checkpoint_path
 
     out = {}
-    for r in store.runs(sweep=sweep.id):  # oldest first: the newest wins
+    for r in store.runs(sweep=sweep_id):  # oldest first: the newest wins
         if r["status"] in RESUMABLE and checkpoint_path(store, r["id"]).is_file():
             out[r["label"]] = r["id"]
     return out
