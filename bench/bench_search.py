@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--method", default="sft")
     ap.add_argument("--resolution", type=float, default=0.05)
     ap.add_argument("--batch", default="auto")
+    ap.add_argument("--name", help="the search's id (default: memcore's hash of its settings)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the probes already in the store (a search cut off, or finished)")
     args = ap.parse_args()
 
     import pandas as pd
@@ -61,12 +64,21 @@ def main() -> None:
                        data=DataSpec(random_tokens=192),
                        train=TrainSpec(max_steps=300, lr=3e-2, until="converged", history="decimated"))
     search = SearchSpec(template=template, ranks=tuple(args.ranks), methods=(args.method,), seeds=tuple(args.seeds),
-                        resolution=args.resolution)
+                        resolution=args.resolution, name=args.name)
     fs = FrontierSearch(search, Store(args.home), batch=args.batch if args.batch == "auto" else int(args.batch))
     t0 = time.perf_counter()
-    for p in fs.run():
-        print(f"[{time.perf_counter() - t0:6.0f} s] probes {p.probes_done:3d} done, {p.in_flight} training, "
-              f"{p.steps} steps   " + "   ".join(f"r={b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets), flush=True)
+    if args.report_only:
+        fs._advance()  # every verdict already in the store, nothing trained
+        p = fs.progress()
+    else:
+        done = -1
+        for p in fs.run():
+            if p.probes_done == done:  # progress while probes train: print only when one completes
+                continue
+            done = p.probes_done
+            print(f"[{time.perf_counter() - t0:6.0f} s] probes {p.probes_done:3d} done, {p.in_flight} training, "
+                  f"{p.steps} steps   " + "   ".join(f"r={b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
+                  flush=True)
     result = search_result(fs, p)
     print(f"\nsearch {search.id}: {p.probes_done} probes, {p.steps} steps, {time.perf_counter() - t0:.0f} s this time")
     for row in result.rows():
