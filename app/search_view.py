@@ -17,7 +17,7 @@ from inputs import parse_lr
 from memcore.config import METHODS, MemcoreError, RunSpec
 from memcore.data import list_samples, read_sample
 from memcore.law import read_law_csv
-from memcore.search import Bracket, SearchProgress, SearchResult, brackets_of, budget_notes
+from memcore.search import brackets_of, budget_notes
 from memcore.service import search_from_label, search_label
 from memcore.specs import run_spec
 from memcore.sweep import sweep_table
@@ -113,11 +113,6 @@ def _table(brackets: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _bracket(b: dict[str, Any], method: str) -> Bracket:
-    """A table bracket (brackets_of) as a search's Bracket, for budget_notes."""
-    return Bracket(method, b["rank"], b["lo"], b["hi"])
-
-
 def _progress(job_id: str) -> None:
     job = get_worker().find(job_id)
     if job is None:
@@ -172,9 +167,7 @@ def _progress(job_id: str) -> None:
                 f"{int(df['steps'].sum()):,} steps. Its probes are the sweep **{search.id}**, selectable below "
                 "under Sweep data, where the fit and the frontier read them like any sweep.")
     st.dataframe(_table(mine), hide_index=True, width="stretch")
-    result = SearchResult(search.id, SearchProgress(0, 0, 0, 0.0, [_bracket(b, method) for b in mine]),
-                          0, {}, {}, rows)
-    for note in budget_notes(result):
+    for note in budget_notes([r for r in rows if r["method"] == method]):
         st.warning(note.replace("--max-steps", "the step budget"))
     shown = [b | {"source": f"this search ({search.id})"} for b in mine] + _shipped_brackets(method)
     show_chart(charts.frontier_brackets_chart(pd.DataFrame(shown)))

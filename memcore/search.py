@@ -391,15 +391,16 @@ def search_result(search: FrontierSearch, progress: SearchProgress) -> SearchRes
     return SearchResult(search.search.id, progress, search.longest, fits, errors, df.to_dict("records"))
 
 
-def budget_notes(result: SearchResult) -> list[str]:
-    """A line per rank whose unrecalled probes mostly stopped at the step budget (still improving, neither
-    recalled nor on a plateau): there the bracket says what the budget allows, not what the rank can hold."""
+def budget_notes(probes: list[dict[str, Any]]) -> list[str]:
+    """A line per (method, rank) whose unrecalled probes mostly stopped at the step budget (still improving,
+    neither recalled nor on a plateau): there the bracket says what the budget allows, not what the rank can hold.
+    probes: memcore.sweep.sweep_table rows (rank, method, exact_recall, stop_reason, steps)."""
     out = []
-    for b in result.progress.brackets:
-        failed = [r for r in result.probes if r["rank"] == b.rank and r["method"] == b.method and not r["exact_recall"]]
+    for method, rank in sorted({(r["method"], r["rank"]) for r in probes}):
+        failed = [r for r in probes if r["rank"] == rank and r["method"] == method and not r["exact_recall"]]
         bound = [r for r in failed if r["stop_reason"] == "max_steps"]
         if failed and len(bound) * 2 > len(failed):
-            out.append(f"rank {b.rank}: {len(bound)} of its {len(failed)} unrecalled probes stopped at the step budget "
+            out.append(f"rank {rank}: {len(bound)} of its {len(failed)} unrecalled probes stopped at the step budget "
                        f"({bound[0]['steps']} steps) still improving: its bracket is where the budget runs out, which "
                        "may be short of capacity; raise --max-steps to tell")
     return out

@@ -194,14 +194,12 @@ def test_a_search_is_named_by_what_its_probes_share(tiny_model_dir):
 
 
 def test_a_bracket_set_by_the_step_budget_is_said():
-    from memcore.search import SearchProgress, SearchResult, budget_notes
+    from memcore.search import budget_notes
 
-    b = Bracket("sft", 1, lo=8, hi=9)
     probes = [{"rank": 1, "method": "sft", "exact_recall": n <= 8, "length": n, "steps": 40 if n > 8 else 12,
                "stop_reason": "max_steps" if n > 8 else "recalled"} for n in (8, 9, 11, 16)]
-    result = SearchResult("s", SearchProgress(4, 0, 132, 1.0, [b]), 96, {}, {}, probes)
-    (note,) = budget_notes(result)
+    (note,) = budget_notes(probes)
     assert "rank 1" in note and "3 of its 3 unrecalled probes" in note and "40 steps" in note
     for p in probes:
         p["stop_reason"] = "plateau" if not p["exact_recall"] else p["stop_reason"]
-    assert budget_notes(result) == []
+    assert budget_notes(probes) == []

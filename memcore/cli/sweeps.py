@@ -181,7 +181,7 @@ def _frontier_search(args: argparse.Namespace) -> int:
             rates.append("adjacent lengths: as narrow as whole tokens allow")
         print(f"  rank {row['rank']:<4} ℓ* {where}   ("
               + "; ".join(rates + [f"{row['probes']} lengths, {row['steps']} steps"]) + ")")
-    for line in budget_notes(result):
+    for line in budget_notes(result.probes):
         print(f"note: {line}")
     args.method = search.methods[0]
     if not store.runs(sweep=search.id, status="completed"):
