@@ -1,58 +1,274 @@
-"""MemFT against SFT at equal steps on a sweep: exact-recall rate, token accuracy and verbatim prefix, per cell and
-overall, with ratios (method / sft). Reads a sweep CSV (default: the shipped capacity sweep).
+"""MemFT against SFT on the default model, settled with intervals: the long-context benchmark (the paper's r100,
+random tokens, at its placement with the bypass adapter), converged.
 
-    python bench/bench_memft.py [--csv sample_data/sweeps/capacity_bypass_random.csv] [--baseline sft]
+    python bench/bench_memft.py run    [--home DIR] [--ranks 1 2 4] [--seeds 0 1 2] [--max-steps 2000] [--lr 3e-2]
+    python bench/bench_memft.py report [--home DIR] [--out DIR]
+    python bench/bench_memft.py compare --csv SWEEP.csv     (equal-step means of a sweep table, no intervals)
 
-Prints one line per (method, rank, length) cell, marking where MemFT does not win, then the overall ratios.
+`run` does two stages into a memcore store under --home (resumable: run it again after a stop and nothing
+finished is trained twice):
+  1. per method (sft, memft-ot, memft-sw) and rank, ℓ*(r) placed within --resolution by memcore's frontier search
+     (memcore.search), every seed trained on its own random tokens (seed s: the same tokens for every method);
+  2. around sft's frontier ℓ*_sft(r) (the bracket's geometric mean): 0.5·ℓ* (steps to exact recall) and 1.5·ℓ*,
+     2·ℓ* (past the frontier, trained to a plateau), every method and seed at the same lengths and data.
+Every point trains until recalled (teacher-forced argmax: greedy decoding reproduces the target), until a
+plateau judged alike for every method (--until converged --plateau-on recall: neither the tokens above τ nor
+the argmax-right tokens reached a new best in --plateau-window steps), or --max-steps.
+
+`report` prints and writes (under --out) the frontier per method with the recall rate at the bracket's ends and
+bits per parameter, the paired MemFT − SFT differences per rank and measure with 95% intervals (paired t over
+seeds: memcore.frontier.paired_differences), and the memory law fitted on the plateau ΔL past the frontier.
+Every setting is a flag, so the paper's grid on a GPU is the same command with --ranks 1 2 4 8 16 --seeds 0 1 2
+3 4 --lr 1e-2 (and --adapter lora for the LoRA cross-check).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+warnings.filterwarnings("ignore")
 
-from memcore.frontier import method_comparison  # noqa: E402
-from memcore.law import read_law_csv  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
+METHODS = ("sft", "memft-ot", "memft-sw")
+AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
 
-DEFAULT = Path(__file__).resolve().parent.parent / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
+
+def settings(args: argparse.Namespace):
+    """The SearchSpec every stage shares (its id names the store's sweep)."""
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.search import SearchSpec
+
+    # random tokens enough for 2·ℓ* at the largest rank (ℓ* ≈ 40 r on the default model's bypass), with room
+    n_tokens = max(256, 160 * max(args.ranks))
+    targets = "mlp" if args.adapter == "lora" else None
+    adapter = AdapterSpec(kind=args.adapter, rank=1, layers="paper", dropout=0.1,
+                          **({"targets": targets} if targets else {}))
+    template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(), adapter=adapter,
+                       data=DataSpec(random_tokens=n_tokens),
+                       train=TrainSpec(max_steps=args.max_steps, lr=args.lr, until="converged", plateau_on="recall",
+                                       plateau_window=args.plateau_window, history="decimated"))
+    return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods),
+                      seeds=tuple(args.seeds), resolution=args.resolution)
+
+
+def open_home(home: Path):
+    from memcore.home import default_model_dir
+    from memcore.store import Store
+
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():  # the converted default model, shared rather than converted again
+        (home / "models").symlink_to(default_model_dir().parent, target_is_directory=True)
+    return Store(home)
+
+
+def reference_lengths(brackets, method: str = "sft") -> dict[int, float]:
+    """rank -> ℓ* of `method`'s bracket (geometric mean of its ends; its one end when pinned)."""
+    out = {}
+    for b in brackets:
+        if b.method != method:
+            continue
+        if b.lo is not None and b.hi is not None:
+            out[b.rank] = math.sqrt(b.lo * b.hi)
+        elif b.lo is not None or b.hi is not None:
+            out[b.rank] = float(b.lo or b.hi)
+    return out
+
+
+def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
+    """(method, rank, length, seed, factor) of stage 2: every method and seed at AROUND × sft's ℓ*(r)."""
+    ref = reference_lengths(brackets)
+    out = []
+    for rank, ell in sorted(ref.items()):
+        for f in AROUND:
+            n = max(1, round(f * ell))
+            for m in search.methods:
+                for s in search.seeds:
+                    out.append((m, rank, n, s, f))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
+    from memcore.search import FrontierSearch
+    from memcore.sweep import resumable_points
+
+    store = open_home(args.home)
+    search = settings(args)
+    t0 = time.perf_counter()
+    print(f"search {search.id} into {args.home}: ranks {list(search.ranks)}, methods {list(search.methods)}, "
+          f"seeds {list(search.seeds)}", flush=True)
+    fs = FrontierSearch(search, store, batch=args.batch)
+    done = -1
+    for p in fs.run():
+        if p.probes_done != done:
+            done = p.probes_done
+            print(f"[{time.perf_counter() - t0:6.0f} s] stage 1: {p.probes_done} probes done, {p.in_flight} training, "
+                  f"{p.steps} steps   " + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
+                  flush=True)
+    if p.stopped:
+        return 1
+    todo = []
+    known = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
+    unfinished = resumable_points(store, search.id)
+    for m, rank, n, s, _ in around_points(search, fs.brackets):
+        label = search.label(m, rank, n, s)
+        if label not in known:
+            todo.append((m, rank, n, s, label))
+    print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {len(todo)} points around the frontier to train", flush=True)
+
+    def runs():
+        for m, rank, n, s, label in todo:
+            spec = search.probe_spec(m, rank, n, s)
+            rid = unfinished.get(label)
+            if rid is not None:
+                yield BatchedRun(spec, stored_samples(store, rid), tag=label, run_id=rid, resume=True)
+            else:
+                _, samples = prepare(spec, fs.base, store.home)
+                yield BatchedRun(spec, samples, tag=label, sweep=search.id, label=label)
+
+    left = len(todo)
+    if todo:
+        for _tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks)):
+            if r.final:
+                left -= 1
+                print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {_tag} -> {r.summary.stop_reason} at step "
+                      f"{r.summary.steps}, {left} left", flush=True)
+    print(f"done in {time.perf_counter() - t0:.0f} s this time", flush=True)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from memcore.frontier import paired_differences
+    from memcore.law import compare_forms
+    from memcore.search import FrontierSearch, search_result
+    from memcore.sweep import sweep_table
+
+    store = open_home(args.home)
+    search = settings(args)
+    fs = FrontierSearch(search, store, batch=1)
+    fs._advance()  # every verdict already in the store: nothing trained
+    result = search_result(fs, fs.progress())
+    df = pd.DataFrame(sweep_table(store, search.id))
+    if df.empty:
+        print(f"no completed points of {search.id} in {args.home}: run `bench_memft.py run` first")
+        return 1
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    print(f"search {search.id}: {len(df)} completed points ({df['steps'].sum()} steps)")
+
+    print("\n## ℓ*(r) per method (bracket within the resolution; recall rate over seeds at its ends)")
+    rows = result.rows()
+    fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
+    for r in rows:
+        print(f"  {r['method']:<9} rank {r['rank']}: ℓ* in [{r['lo']}, {r['hi']}] ({r['outcome']}), rate "
+              f"{r['lo_rate']} at {r['lo']}, {r['hi_rate']} at {r['hi']}"
+              + (f"; {r['bits_per_param']:.3f} bits/param" if r.get("bits_per_param") is not None else ""))
+
+    ref = reference_lengths(fs.brackets)
+    df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
+    stage2 = df[df["where"] != ""]
+    print("\n## Paired differences, method − sft on the same seeds and data (mean, 95% paired-t interval)")
+    measures = {"below": ["steps", "exact_recall"],
+                "past": ["token_accuracy", "frac_above", "verbatim_prefix", "delta_loss"]}
+    tables = []
+    for kind, cols in measures.items():
+        d = stage2[stage2["where"].str.startswith("0.5") == (kind == "below")]
+        if d.empty:
+            continue
+        t = paired_differences(d, cols, by=("rank", "length", "where"))
+        tables.append(t)
+        for _, r in t.iterrows():
+            print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['where']:>6}) {r['measure']:<15} "
+                  f"{r['mean']:+9.3f} [{r['lo']:+9.3f}, {r['hi']:+9.3f}]  n={r['n']}  {r['verdict']}")
+    paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+    print("\n## The law on plateau ΔL past the frontier (points not recalled, stopped on a plateau)")
+    past = df[(~df["exact_recall"].astype(bool)) & (df["stop_reason"] == "plateau")]
+    law_rows = []
+    for m in search.methods:
+        d = past[past["method"] == m]
+        if len(d) < 6 or d["rank"].nunique() < 2 or d["length"].nunique() < 2:
+            print(f"  {m}: {len(d)} plateau points: too few to fit (need 6 over 2+ ranks and lengths)")
+            continue
+        forms = compare_forms(d["rank"].to_numpy(float), d["length"].to_numpy(float), d["delta_loss"].to_numpy(float))
+        f = forms.power
+        print(f"  {m}: {len(d)} points; ΔL = {f.C:.3g}·r^{f.alpha:.3f}·ℓ^-{f.beta:.3f} + {f.b:.3g}, "
+              f"α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; {forms.verdict}")
+        law_rows.append({"method": m, "points": len(d), "C": f.C, "alpha": f.alpha, "beta": f.beta, "b": f.b,
+                         "r2": f.r2, "verdict": forms.verdict})
+    if out:
+        df.drop(columns=["run_id"]).to_csv(out / "long_context_points.csv", index=False)
+        fr.to_csv(out / "long_context_frontier.csv", index=False)
+        paired.to_csv(out / "long_context_paired.csv", index=False)
+        pd.DataFrame(law_rows).to_csv(out / "long_context_law.csv", index=False)
+        print(f"\nwrote {out}/long_context_{{points,frontier,paired,law}}.csv")
+    return 0
+
+
+def _where(rank: int, length: int, ref: dict[int, float]) -> str:
+    """'0.5ℓ*', '1.5ℓ*', '2ℓ*' for a stage-2 length of this rank, '' otherwise."""
+    ell = ref.get(rank)
+    for f in AROUND:
+        if ell is not None and length == max(1, round(f * ell)):
+            return f"{f:g}ℓ*"
+    return ""
+
+
+def _ci(fit, name: str) -> str:
+    ci = (fit.intervals or {}).get(name) if hasattr(fit, "intervals") else None
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
+
+
+def compare(args: argparse.Namespace) -> int:
+    from memcore.frontier import method_comparison
+    from memcore.law import read_law_csv
+
+    df = read_law_csv(args.csv)
+    cells, overall = method_comparison(df, "sft")
+    for _, o in overall.iterrows():
+        print(f"{o['method']} vs sft over {o['cells']} cells (means; ratio = {o['method']} / sft):")
+        for c in ("exact_recall", "token_accuracy", "verbatim_prefix", "frac_above", "delta_loss", "steps"):
+            if c in overall.columns:
+                print(f"  {c:<16} {o[c]:8.3f} vs {o[f'{c}_sft']:8.3f}   ratio {o[f'{c}_ratio']:.3f}")
+    return 0
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--csv", default=str(DEFAULT))
-    ap.add_argument("--baseline", default="sft")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft")
+        p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
+        p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
+                       help="bypass (the paper's) or lora on the MLP of the same layer")
+        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        p.add_argument("--methods", nargs="+", default=list(METHODS))
+        p.add_argument("--max-steps", type=int, default=2000)
+        p.add_argument("--lr", type=float, default=3e-2)
+        p.add_argument("--plateau-window", type=int, default=200)
+        p.add_argument("--resolution", type=float, default=0.05)
+        p.add_argument("--batch", default="auto")
+        if name == "report":
+            p.add_argument("--out", help="write the tables as CSV files here")
+    c = sub.add_parser("compare")
+    c.add_argument("--csv", default=str(SHIPPED))
     args = ap.parse_args()
-    df = read_law_csv(args.csv)
-    cells, overall = method_comparison(df, args.baseline)
-    b = args.baseline
-    seeds = df.groupby(["method", "rank", "length"]).size().min()
-    print(f"{args.csv}: {len(df)} points, at least {seeds} seed(s) per cell; both methods get the same step budget "
-          "(a point run --until converged stops earlier once converged: 'steps' is what it used)")
-    print(f"{'method':<9} {'rank':>4} {'len':>5} | {'recall':>6} {b:>6} | {'tok acc':>7} {b:>6} | "
-          f"{'prefix':>6} {b:>6} | "
-          f"{'steps':>5} {b:>5} | wins")
-    def pair(r, c: str, f: str) -> str:
-        return f"{r[c]:{f}} {r[c + '_' + b]:{f}}" if c in r else f"{'-':>6} {'-':>6}"
-
-    for _, r in cells.iterrows():
-        v = lambda c, f, r=r: pair(r, c, f)  # noqa: E731
-        print(f"{r['method']:<9} {r['rank']:>4} {r['length']:>5} | {v('exact_recall', '>6.2f')} | "
-              f"{v('token_accuracy', '>6.3f')} | "
-              f"{v('verbatim_prefix', '>6.1f')} | {v('steps', '>5.0f')} | {r.get('wins', '-')}")
-    for _, o in overall.iterrows():
-        print(f"\n{o['method']} vs {b} over {o['cells']} cells (means; ratio = {o['method']} / {b}):")
-        for c in ("exact_recall", "token_accuracy", "verbatim_prefix", "frac_above", "delta_loss", "steps"):
-            if c in overall.columns:
-                print(f"  {c:<16} {o[c]:8.3f} vs {o[f'{c}_{b}']:8.3f}   ratio {o[f'{c}_ratio']:.3f}")
-        if "wins" not in cells.columns:
-            continue
-        lost = cells[(cells["method"] == o["method"]) & (cells["wins"] == "no")]
-        where = ", ".join(f"r={r}/ℓ={ell}" for r, ell in zip(lost["rank"], lost["length"])) or "nowhere"
-        print(f"  does not win at: {where}")
-    return 0
+    if getattr(args, "batch", "auto") != "auto":
+        args.batch = int(args.batch)
+    return {"run": run, "report": report, "compare": compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Recompute = Literal["auto", "on", "off"]
 History = Literal["full", "decimated"]
 AdapterKind = Literal["lora", "bypass"]
 Until = Literal["budget", "converged"]
+PlateauOn = Literal["delta_loss", "recall"]
 ADAPTERS: tuple[str, ...] = ("lora", "bypass")
 
 METHODS: tuple[str, ...] = ("sft", "memft-ot", "memft-sw")
@@ -260,6 +261,11 @@ class TrainSpec:
     """Steps over which a plateau is judged (until converged)."""
     plateau_tol: float = 0.01
     """ΔL gain, in nats per token, below which the plateau window counts as a plateau (until converged)."""
+    plateau_on: PlateauOn = "delta_loss"
+    """What a plateau is judged on (until converged): 'delta_loss', ΔL gaining less than the plateau tolerance over
+    the plateau window; 'recall', neither the tokens above τ nor the argmax-right tokens reaching a new best in the
+    plateau window. 'recall' treats the methods alike (memft-ot's ΔL flattens by design once its tokens sit just
+    above τ, so a ΔL plateau stops it earlier than sft in the same state of recall)."""
     recompute: Recompute = "auto"
     """Recompute the trained blocks' activations in the backward instead of keeping them: less memory at long
     targets for about one more forward; 'auto' turns it on when their activations would take over 768 MB."""
@@ -287,6 +293,8 @@ class TrainSpec:
               f"plateau window must be an integer >= 2 steps, got {self.plateau_window!r}")
         _need(_is_number(self.plateau_tol) and self.plateau_tol >= 0,
               f"plateau tolerance must be >= 0 nats, got {self.plateau_tol!r}")
+        _need(self.plateau_on in ("delta_loss", "recall"),
+              f"plateau_on must be delta_loss or recall, got {self.plateau_on!r}")
         _need(self.recompute in ("auto", "on", "off"), f"recompute must be auto, on or off, got {self.recompute!r}")
 
 

@@ -421,3 +421,65 @@ def method_comparison(df: pd.DataFrame, baseline: str = "sft") -> tuple[pd.DataF
             row[c], row[f"{c}_{baseline}"], row[f"{c}_ratio"] = a, b, (a / b if b else float("inf") if a else 1.0)
         overall.append(row)
     return pd.concat(cells, ignore_index=True), pd.DataFrame(overall)
+
+
+LOWER_IS_BETTER = frozenset({"steps"})  # measures where a method wins by being smaller
+
+
+def paired_differences(df: pd.DataFrame, measures: list[str] | tuple[str, ...], *, baseline: str = "sft",
+                       by: tuple[str, ...] = ("rank", "length"), level: float = 0.95) -> pd.DataFrame:
+    """Each method minus `baseline` on the same seeds (and so the same data), per cell of `by` and measure, with a
+    paired-t interval: d_s = x_method,s − x_baseline,s over the seeds s both have; mean d̄, and
+    d̄ ± t_{level, n−1} · sd(d) / √n (Student's t with n − 1 degrees of freedom, sd with ddof 1).
+
+    df: a sweep table (memcore.sweep.sweep_table columns) with method, seed, the `by` columns and the measures
+    (exact_recall is read as 0/1). Returns one row per (method, cell, measure): method, the `by` values, measure,
+    n (paired seeds), mean, lo, hi (nan when n < 2), baseline_mean, method_mean, and verdict: 'wins' or 'loses'
+    when the interval excludes 0 (by the measure's direction: fewer steps win, more of anything else),
+    'tie' when it holds 0, 'one seed' when n < 2. Raises MemcoreError when the table lacks the baseline, a
+    measure, or the seed column."""
+    import pandas as pd
+    from scipy import stats
+
+    need = {"method", "seed", *by, *measures}
+    missing = sorted(need - set(df.columns))
+    if missing:
+        raise MemcoreError(f"the table lacks the column(s) {', '.join(missing)} for paired differences")
+    if baseline not in set(df["method"]):
+        raise MemcoreError(f"the table has no {baseline} rows to compare against")
+    if not 0 < level < 1:
+        raise MemcoreError(f"the interval's level must be between 0 and 1, got {level!r}")
+    d = df.copy()
+    if "exact_recall" in measures:
+        d["exact_recall"] = as_bool(d["exact_recall"]).astype(float)
+    keys = [*by, "seed"]
+    wide = d.groupby(["method", *keys])[list(measures)].mean()
+    base = wide.loc[baseline]
+    rows = []
+    for m in sorted(set(d["method"]) - {baseline}):
+        joined = wide.loc[m].join(base, rsuffix="__base", how="inner")
+        for cell, g in joined.groupby(level=list(range(len(by)))):
+            cell = cell if isinstance(cell, tuple) else (cell,)
+            for c in measures:
+                diff = (g[c] - g[f"{c}__base"]).to_numpy(float)
+                diff = diff[~np.isnan(diff)]
+                n = len(diff)
+                if n == 0:
+                    continue
+                mean = float(diff.mean())
+                if n >= 2:
+                    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / math.sqrt(n))
+                    lo, hi = mean - half, mean + half
+                    if lo > 0 or hi < 0:
+                        better = (hi < 0) if c in LOWER_IS_BETTER else (lo > 0)
+                        verdict = "wins" if better else "loses"
+                    else:
+                        verdict = "tie"
+                else:
+                    lo = hi = float("nan")
+                    verdict = "one seed"
+                rows.append({"method": m, **dict(zip(by, cell)), "measure": c, "n": n, "mean": mean, "lo": lo,
+                             "hi": hi, "baseline_mean": float(g[f"{c}__base"].mean()),
+                             "method_mean": float(g[c].mean()), "verdict": verdict})
+    return pd.DataFrame(rows, columns=["method", *by, "measure", "n", "mean", "lo", "hi", "baseline_mean",
+                                       "method_mean", "verdict"])

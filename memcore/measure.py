@@ -98,31 +98,59 @@ def base_losses(model: Any, batch: Batch) -> torch.Tensor:
     return loss
 
 
+DECODE_ROWS = 64  # samples decoded together by greedy_generate (bounds the KV cache: rows x length x layers)
+
+
 @torch.no_grad()
 def greedy_generate(model: Any, samples: list[Sample], pad_id: int = 0, max_new: int | None = None) -> list[list[int]]:
     """Greedy continuation of each sample's prompt: as many tokens as its target (or max_new), argmax at every
-    position, reusing the KV cache.
+    position, reusing the KV cache. Returns one list of token ids per sample, in order.
 
-    A plain argmax loop rather than ``generate``: nothing may end it early (an EOS that is really a target
-    token, say, or a model's generation config asking for EOS stops, repetition penalties or a minimum
-    length), so it is exactly the decoding that the teacher-forced argmax predicts. pad_id is unused (kept
-    for callers that pass it)."""
-    outs = []
+    Many samples (a PhoneBook) decode DECODE_ROWS at a time as one left-padded batch (attention mask and position
+    ids make each row's numbers its own, to float tolerance), grouped by prompt length so padding stays small: a
+    1,000-entry book is 16 batched decodes, not 1,000 single ones. A plain argmax loop rather than ``generate``:
+    nothing may end it early (an EOS that is really a target token, say, or a model's generation config asking
+    for EOS stops, repetition penalties or a minimum length), so it is exactly the decoding that the
+    teacher-forced argmax predicts. pad_id fills the padding (never attended to)."""
+    outs: list[list[int] | None] = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids))
+    for at in range(0, len(order), DECODE_ROWS):
+        group = order[at:at + DECODE_ROWS]
+        got = _decode_group(model, [samples[i] for i in group], pad_id, max_new)
+        for i, g in zip(group, got):
+            outs[i] = g
+    return [o or [] for o in outs]
+
+
+def _decode_group(model: Any, samples: list[Sample], pad_id: int, max_new: int | None) -> list[list[int]]:
+    """Greedy decode of a few samples as one left-padded batch: [B] lists of their targets' lengths (or max_new)."""
     device = _device(model)
     cache_arg = _cache_argument(model)
-    for s in samples:
-        n = max_new or len(s.target_ids)
-        ids = torch.tensor([s.prompt_ids], device=device)
-        out = model(input_ids=ids, use_cache=True)
-        gen: list[torch.Tensor] = []
-        for k in range(n):
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)  # [1, 1]
-            gen.append(nxt)
-            if k + 1 < n:
-                cache = out.cache if cache_arg == "cache" else out.past_key_values
-                out = model(input_ids=nxt, use_cache=True, **{cache_arg: cache})
-        outs.append(torch.cat(gen, dim=1)[0].tolist())
-    return outs
+    lengths = [max_new or len(s.target_ids) for s in samples]
+    n = max(lengths)
+    B, T = len(samples), max(len(s.prompt_ids) for s in samples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((B, T), dtype=torch.long, device=device)
+    for i, s in enumerate(samples):
+        ids[i, T - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=device)
+        attention[i, T - len(s.prompt_ids):] = 1
+    padded = bool((attention == 0).any())
+    extra = (lambda a: {"attention_mask": a, "position_ids": (a.cumsum(-1) - 1).clamp(min=0)}) if padded else \
+        (lambda a: {})
+    out = model(input_ids=ids, use_cache=True, **extra(attention))
+    gen: list[torch.Tensor] = []
+    for k in range(n):
+        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)  # [B, 1]
+        gen.append(nxt)
+        if k + 1 < n:
+            cache = out.cache if cache_arg == "cache" else out.past_key_values
+            attention = torch.cat([attention, attention.new_ones((B, 1))], dim=1)
+            step = extra(attention)
+            if padded:
+                step["position_ids"] = step["position_ids"][:, -1:]
+            out = model(input_ids=nxt, use_cache=True, **step, **{cache_arg: cache})
+    tokens = torch.cat(gen, dim=1).tolist()  # [B, n]
+    return [row[:m] for row, m in zip(tokens, lengths)]
 
 
 def _cache_argument(model: Any) -> str:

@@ -159,17 +159,38 @@ class Checkpoint:
     last_check_step: int
     notes: list[str] = field(default_factory=list)
     recent_delta_loss: list[float] = field(default_factory=list)  # ΔL of the latest steps, for until='converged'
+    best_counts: list[int] = field(default_factory=list)  # [best above τ, best argmax-right, step of the last new best]
 
 
 PLATEAU_SMOOTH = 10  # ΔL is averaged over this many steps at each end of the plateau window (dropout makes it noisy)
 
 
-def converged(report: StepReport, recent: deque[float], spec: TrainSpec) -> str | None:
+@dataclass
+class BestCounts:
+    """The most tokens above τ and argmax-right a run has had, and the step it last beat either
+    (plateau_on='recall')."""
+
+    above: int = -1
+    correct: int = -1
+    step: int = 0
+
+    def see(self, report: StepReport) -> None:
+        """Take a step's counts: a new best in either moves the step of the last new best."""
+        if report.n_above > self.above or report.n_correct > self.correct:
+            self.above, self.correct = max(self.above, report.n_above), max(self.correct, report.n_correct)
+            self.step = report.step
+
+
+def converged(report: StepReport, recent: deque[float], spec: TrainSpec, best: BestCounts | None = None) -> str | None:
     """Why a run has converged, or None: 'all_above_tau' when every target token has p > tau; 'plateau' when
-    the mean ΔL of the last PLATEAU_SMOOTH steps exceeds that of the PLATEAU_SMOOTH steps plateau_window
-    steps earlier by less than plateau_tol nats. `recent` holds the latest ΔL values (this step's last)."""
+    (plateau_on='delta_loss') the mean ΔL of the last PLATEAU_SMOOTH steps exceeds that of the PLATEAU_SMOOTH steps
+    plateau_window steps earlier by less than plateau_tol nats, or (plateau_on='recall') when neither the tokens
+    above τ nor the argmax-right tokens have reached a new best for plateau_window steps (`best`, which has seen
+    this step). `recent` holds the latest ΔL values (this step's last)."""
     if report.n_above == report.n_tokens:
         return "all_above_tau"
+    if spec.plateau_on == "recall":
+        return "plateau" if best is not None and report.step - best.step >= spec.plateau_window else None
     if len(recent) < spec.plateau_window + PLATEAU_SMOOTH:
         return None
     values = list(recent)
@@ -215,11 +236,14 @@ class _Run:
         self.dropout = inp.adapter.dropout > 0
         self.step, self.last_check_step, self.gen_seconds, self.notes, elapsed0 = 0, -10**9, [0.0], [], 0.0
         self.recent: deque[float] = deque(maxlen=self.spec.plateau_window + PLATEAU_SMOOTH)
+        self.best = BestCounts()
         if inp.resume is not None:
             loop.restore(self, inp.resume)
             self.step, self.last_check_step, elapsed0 = inp.resume.step, inp.resume.last_check_step, inp.resume.elapsed
             self.gen_seconds, self.notes = [inp.resume.generate_seconds], list(inp.resume.notes)
             self.recent.extend(inp.resume.recent_delta_loss)
+            if inp.resume.best_counts:
+                self.best = BestCounts(*inp.resume.best_counts)
         self.t0 = time.perf_counter() - elapsed0
         self.last_saved = time.perf_counter()
         self.first_step = self.step
@@ -338,7 +362,8 @@ class _Loop:
                           optimizer=self.opt.state(run.slot, names, slot.rank), window=dict(vars(run.window)),
                           rng=run.rng, cuda_rng=None, elapsed=time.perf_counter() - run.t0,
                           generate_seconds=run.gen_seconds[0], last_check_step=run.last_check_step,
-                          notes=list(run.notes), recent_delta_loss=[float(x) for x in recent])
+                          notes=list(run.notes), recent_delta_loss=[float(x) for x in recent],
+                          best_counts=[run.best.above, run.best.correct, run.best.step])
 
     def restore(self, run: _Run, ckpt: Checkpoint) -> None:
         """Put a checkpoint's adapter, optimizer, window and dropout generator into the run's slot."""
@@ -402,6 +427,7 @@ class _Loop:
                                 notes=r.notes)
             fill_report(report, fl, fc, r.base_np, r.spec.tau)
             r.recent.append(report.delta_loss)
+            r.best.see(report)
             r.measured = r.step
             reports.append(report)
             losses.append(obj.StepLosses(loss=r.view(loss.detach()), correct=r.view(correct),
@@ -436,7 +462,7 @@ class _Loop:
             return "max_seconds"
         if step >= spec.max_steps:
             return "max_steps"
-        reason = converged(report, run.recent, spec) if spec.until == "converged" else None
+        reason = converged(report, run.recent, spec, run.best) if spec.until == "converged" else None
         if reason is not None:
             if reason == "all_above_tau" and run.dropout and not self._all_above_without_dropout(run):
                 return None  # only dropout's noise put every token above tau: train on

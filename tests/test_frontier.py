@@ -154,3 +154,53 @@ def test_runs_stopped_when_recalled_count_as_saturated_not_budget_bound():
     states, known = point_states(df)
     assert known and states.tolist() == ["saturated", "saturated", "budget", "converged"]
     assert regime(df).label == "mixed" and "50% saturated (every token above τ or recalled)" in regime(df).describe()
+
+
+# --- paired differences ------------------------------------------------------------------------------------
+
+
+def _paired_table(diff, seeds, rng, spread=5.0, noise=1.0):
+    """sft and memft-ot on the same seeds: a shared per-seed level (large), memft-ot = sft + diff + noise."""
+    rows = []
+    for s in range(seeds):
+        level = rng.normal(50, spread)
+        rows.append({"method": "sft", "rank": 1, "length": 40, "seed": s, "token_accuracy": level,
+                     "steps": level, "exact_recall": False})
+        rows.append({"method": "memft-ot", "rank": 1, "length": 40, "seed": s,
+                     "token_accuracy": level + diff + rng.normal(0, noise),
+                     "steps": level + diff + rng.normal(0, noise),
+                     "exact_recall": s % 2 == 0})
+    return pd.DataFrame(rows)
+
+
+def test_paired_interval_covers_a_known_difference_at_its_level():
+    from memcore.frontier import paired_differences
+
+    rng = np.random.default_rng(0)
+    hits, sims = 0, 400
+    for _ in range(sims):
+        t = paired_differences(_paired_table(2.0, 5, rng), ["token_accuracy"])
+        hits += bool(t["lo"].iloc[0] <= 2.0 <= t["hi"].iloc[0])
+    assert 0.92 <= hits / sims <= 0.98  # a 95% interval: wrong quantiles or a wrong sd would miss this band
+
+
+def test_paired_differences_pair_by_seed_and_say_who_wins():
+    from memcore.frontier import paired_differences
+
+    rng = np.random.default_rng(1)
+    df = _paired_table(2.0, 8, rng, spread=20.0, noise=0.5)
+    t = paired_differences(df, ["token_accuracy", "steps", "exact_recall"]).set_index("measure")
+    acc = t.loc["token_accuracy"]
+    # the seeds' shared level (sd 20) cancels in the pairs: the interval is about the noise (sd 0.5), not the level
+    assert acc["n"] == 8 and acc["lo"] > 1.0 and acc["hi"] < 3.0 and acc["verdict"] == "wins"
+    assert t.loc["steps", "verdict"] == "loses"  # more steps is worse
+    assert t.loc["exact_recall", "mean"] == pytest.approx(0.5)  # read as 0/1: half the seeds recalled
+    one = paired_differences(df[df["seed"] == 0], ["token_accuracy"])
+    assert one["verdict"].iloc[0] == "one seed" and np.isnan(one["lo"].iloc[0])
+    # a seed only one method has is left out of the pairs
+    assert paired_differences(df[~((df["seed"] == 7) & (df["method"] == "sft"))],
+                              ["token_accuracy"])["n"].iloc[0] == 7
+    with pytest.raises(MemcoreError, match="no sft rows"):
+        paired_differences(df[df["method"] != "sft"], ["steps"])
+    with pytest.raises(MemcoreError, match="lacks the column"):
+        paired_differences(df.drop(columns=["seed"]), ["steps"])

@@ -16,7 +16,7 @@ from memcore.measure import base_losses, token_losses
 from memcore.placement import p_eff
 from memcore.stack import SlotAdapter
 from memcore.targets import paper_layer
-from memcore.train import FrozenPrefix, converged, train_iter
+from memcore.train import BestCounts, FrozenPrefix, converged, train_iter
 
 # --- JSONL ---------------------------------------------------------------------------------------------------
 
@@ -214,6 +214,48 @@ def test_converged_rule():
     flat = deque([5.0 + 0.001 * i for i in range(30)], maxlen=30)
     assert converged(_R(3), flat, spec) == "plateau"
     assert converged(_R(3), deque(list(flat)[:20]), spec) is None  # not enough history yet
+
+
+class _C:
+    def __init__(self, step, above, correct, n=10):
+        self.step, self.n_above, self.n_correct, self.n_tokens = step, above, correct, n
+
+
+def test_recall_plateau_waits_for_a_window_without_a_new_best_in_either_count():
+    from collections import deque
+
+    spec = TrainSpec(until="converged", plateau_on="recall", plateau_window=5, plateau_tol=100.0)
+    best = BestCounts()
+    # tokens above tau stall from step 2 while the argmax-right count still improves until step 6
+    counts = [(1, 1), (3, 2), (4, 3), (4, 4), (4, 5), (4, 5), (4, 6)] + [(4, 6), (3, 5)] * 5
+    verdicts = []
+    for step, (a, c) in enumerate(counts):
+        r = _C(step, a, c)
+        best.see(r)
+        verdicts.append(converged(r, deque([0.0] * 200), spec, best))
+    # a ΔL rule with a huge tolerance would call step 0 a plateau already; the recall rule waits for step 6 + 5
+    assert verdicts.index("plateau") == 11 and set(verdicts[:11]) == {None}
+    assert converged(_C(0, 10, 10), deque(), spec, BestCounts()) == "all_above_tau"
+    with pytest.raises(MemcoreError, match="plateau_on"):
+        TrainSpec(plateau_on="loss")
+
+
+def test_recall_plateau_stops_a_stalled_run_and_resumes_with_its_best_counts(bypassed, tiny_base):
+    b = _batch(tiny_base, "A much longer passage, " * 12)
+    spec = TrainSpec(method="memft-ot", lr=1e-5, max_steps=300, stop_when_recalled=False, until="converged",
+                     verify=False, plateau_on="recall", plateau_window=8)
+    whole = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=1), b, spec))
+    replay = BestCounts()
+    for r in whole:
+        replay.see(r)
+    assert whole[-1].stop_reason == "plateau" and whole[-1].step < 300
+    assert whole[-1].step == replay.step + 8  # exactly one window after its last new best in either count
+    saved, calls = [], iter(range(1000))
+    first = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=1), b, spec,
+                            should_stop=lambda: next(calls) >= 4, checkpoint=saved.append))
+    assert first[-1].stop_reason == "stopped" and len(saved[-1].best_counts) == 3
+    resumed = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=7), b, spec, resume=saved[-1]))
+    assert resumed[-1].stop_reason == "plateau" and resumed[-1].step == whole[-1].step
 
 
 def test_until_converged_stops_when_every_token_is_above_tau(default_base):

@@ -219,6 +219,25 @@ def test_greedy_check_never_stops_early_on_an_eos(tmp_path, default_model_dir):
     assert argmax == ours
 
 
+def test_many_samples_decode_as_batches_with_each_rows_own_tokens(default_base, monkeypatch):
+    """A PhoneBook's recall check decodes its entries in left-padded batches: every entry gets exactly the tokens it
+    gets decoded alone (prompts of different lengths, targets of different lengths, more entries than one batch)."""
+    import memcore.measure as measure
+    from memcore.data import Sample
+
+    tok = default_base.tokenizer
+    book = build_samples(tok, DataSpec(phonebook=7, seed=3))
+    odd = [Sample(tok.encode("The capital of France is"), [0] * 5),
+           Sample(tok.encode("Once upon a time, in a land far away, there lived a"), [0] * 9)]
+    samples = book + odd
+    assert len({len(s.prompt_ids) for s in samples}) >= 3  # really padded
+    monkeypatch.setattr(measure, "DECODE_ROWS", 4)  # 9 samples: 3 batches
+    model = default_base.model
+    together = measure.greedy_generate(model, samples)
+    alone = [measure.greedy_generate(model, [s])[0] for s in samples]
+    assert together == alone and [len(g) for g in together] == [len(s.target_ids) for s in samples]
+
+
 @pytest.mark.parametrize("method", ["sft", "memft-sw"])
 def test_resuming_from_a_checkpoint_continues_exactly(tiny, tiny_base, method):
     """Stop at step 5 with a checkpoint, resume on a fresh adapter: the same reports as a run never stopped

@@ -256,6 +256,7 @@ def run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults: 
         "plateau window (a plateau); the step budget stays the cap."))
     spec(o, "plateau_window")
     spec(o, "plateau_tol")
+    spec(o, "plateau_on")
     spec(o, "ot_when_empty")
     spec(o, "window")
     spec(o, "weight_decay")
