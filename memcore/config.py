@@ -42,6 +42,9 @@ class TooManyTokens(MemcoreError):
                          "(raise --max-tokens or shorten the text; nothing is truncated silently)")
 
 
+MAX_TOTAL_TARGET_TOKENS = 262_144  # many samples together (the paper's largest PhoneBook is 256k answer tokens)
+
+
 class WriteFailed(MemcoreError):
     """A file or the run store could not be written (a full disk, a quota, a read-only or failing file system).
     Its message names what, where and why: "could not write the adapter to /.../adapter (No space left on
@@ -187,7 +190,8 @@ class DataSpec:
     seed: int = 0
     """Seed for the PhoneBook generator and the noise."""
     max_tokens: int = 2048
-    """Largest number of target tokens accepted; longer text is refused, never truncated silently."""
+    """Largest number of target tokens of one passage (of each sample, when there are several: a PhoneBook or
+    JSONL pairs, whose total is bounded by memory instead); longer text is refused, never truncated silently."""
 
     def __post_init__(self) -> None:
         given = [k for k in ("text", "phonebook", "pairs", "random_tokens") if getattr(self, k) is not None]
@@ -248,6 +252,13 @@ class TrainSpec:
     """Seed for adapter initialisation and dropout."""
     curriculum_stages: int = 5
     """memft-sw with several samples: train on the first 1/k, 2/k, ... of them, k stages."""
+    batch_size: int | None = None
+    """Samples per step (minibatches of a PhoneBook, reshuffled every epoch; the reports still cover every sample,
+    each as last measured); None: every sample in every step. With memft-sw the curriculum then picks whole samples
+    by epoch (memcore.objectives.minibatch)."""
+    curriculum_epochs: tuple[int, ...] | None = None
+    """memft-sw with minibatches: the epochs at which each curriculum stage but the last ends, e.g. 20,40,60,80 (the
+    paper's PhoneBook at 1-2k answer tokens); None: the stages share the step budget equally."""
     checkpoint_every: float = 180.0
     """Save the adapter and optimizer state every this many seconds (0: never), so a killed run can resume."""
     history: History = "full"
@@ -285,6 +296,17 @@ class TrainSpec:
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         _need(_is_int(self.curriculum_stages) and self.curriculum_stages >= 1,
               f"curriculum stages must be >= 1, got {self.curriculum_stages!r}")
+        _need(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
+              f"batch size must be a whole number of samples >= 1, got {self.batch_size!r}")
+        if self.curriculum_epochs is not None:
+            e = self.curriculum_epochs
+            _need(isinstance(e, tuple) and all(_is_int(x) and x >= 1 for x in e)
+                  and all(a < b for a, b in zip(e, e[1:])),
+                  f"curriculum epochs must be increasing whole numbers >= 1, like 20,40,60,80; got {e!r}")
+            _need(len(e) == self.curriculum_stages - 1,
+                  f"curriculum epochs give where each stage but the last ends: {self.curriculum_stages - 1} "
+                  f"epoch(s) for {self.curriculum_stages} stages, got {len(e)}")
+            _need(self.batch_size is not None, "curriculum epochs need a batch size (epochs of minibatches)")
         _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
               f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         _need(self.history in ("full", "decimated"), f"history must be full or decimated, got {self.history!r}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memcore.config import DataSpec, MemcoreError, TooManyTokens
+from memcore.config import MAX_TOTAL_TARGET_TOKENS, DataSpec, MemcoreError, TooManyTokens
 from memcore.textio import decode_text, read_user_file
 
 MAX_FILE_BYTES = 20_000_000
@@ -251,8 +251,17 @@ def build_samples(tokenizer: Any, spec: DataSpec, context_length: int | None = N
             t = _noise(t, spec.noise, vocab, rng)
         samples.append(Sample(p, t))
     total = sum(len(s.target_ids) for s in samples)
-    if total > spec.max_tokens:
+    if len(samples) == 1 and total > spec.max_tokens:
         raise TooManyTokens(total, spec.max_tokens)
+    if len(samples) > 1:  # many samples: each is bounded like a passage, their sum by memory
+        longest_target = max(len(s.target_ids) for s in samples)
+        if longest_target > spec.max_tokens:
+            raise MemcoreError(f"a sample's target is {longest_target} tokens, more than the configured maximum of "
+                               f"{spec.max_tokens} for one sample (raise --max-tokens; nothing is truncated silently)")
+        if total > MAX_TOTAL_TARGET_TOKENS:
+            raise MemcoreError(f"the {len(samples)} samples hold {total} target tokens, more than memcore trains "
+                               f"at once ({MAX_TOTAL_TARGET_TOKENS}: every sample is measured at every epoch); "
+                               "split the data into several runs")
     longest = max(len(s.prompt_ids) + len(s.target_ids) for s in samples)
     if context_length is not None and longest > context_length:
         raise MemcoreError(f"the text is {longest} tokens with its prompt, "

@@ -54,6 +54,8 @@ class StepReport:
     run_id: str | None = None  # set by the runner once the report is stored
     summary: Any = None  # final report of a stored run: its memcore.records.RunSummary
     adapter: dict[str, Any] | None = None  # final report from train_many: the run's adapter (AdapterStack.state)
+    batch_rows: list[int] | None = None  # minibatches: the samples this step measured afresh and trains (data order)
+    epoch: int | None = None  # minibatches: the epoch this step belongs to (from 0)
 
     @property
     def n_tokens(self) -> int:
@@ -61,14 +63,30 @@ class StepReport:
         return int(self.p.shape[0])
 
 
+NO_GRAD_TOKENS = 4096  # a measuring forward (no gradient) of more input tokens than this runs in row chunks
+
+
+def rows_of_batch(batch: Batch, rows: slice) -> Batch:
+    """Some rows of a batch (same columns)."""
+    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.position_ids[rows], batch.labels[rows],
+                 batch.target_mask[rows], batch.samples[rows])
+
+
 def token_losses(model: Any, batch: Batch, train_rows: torch.Tensor | None = None,
                  chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy [B, K] (fp32, nats; 0 off the target mask) and argmax-correct [B, K] (bool)
-    at the target positions only.
+    at the target positions only. Without gradient (measuring), a batch of more than NO_GRAD_TOKENS input tokens
+    runs a few rows at a time, so measuring a 1,000-entry PhoneBook holds one chunk's activations, not all of them.
 
     Through ``memcore.head`` where the model's head allows it (no [B, K, vocab] tensor; `train_rows` [B, K]
     bool names the tokens expected to carry weight in this step's update, see ``chunked_head_loss``), else
     from the model's own logits."""
+    if not torch.is_grad_enabled() and batch.input_ids.shape[0] > 1 and batch.input_ids.numel() > NO_GRAD_TOKENS:
+        rows = max(1, NO_GRAD_TOKENS // batch.input_ids.shape[1])  # many samples measured: a few rows at a time
+        parts = [token_losses(model, rows_of_batch(batch, slice(i, i + rows)), None, chunked)
+                 for i in range(0, batch.input_ids.shape[0], rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def forward(keep: int | None) -> Any:
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                      logits_to_keep=keep, use_cache=False)

@@ -122,6 +122,60 @@ def curriculum_count(step: int, max_steps: int, n_rows: int, stages: int) -> int
     return math.ceil(stage * n_rows / stages)
 
 
+@dataclass(frozen=True)
+class Minibatch:
+    """The samples one step trains under minibatching (TrainSpec.batch_size): `rows` [b] sample indices (into the
+    run's samples, in data order), the epoch (counted from 0 over the whole run), the stage (1..stages of the
+    memft-sw curriculum, 1 without one) and how many samples that stage trains (the first `n_active`)."""
+
+    rows: np.ndarray
+    epoch: int
+    stage: int
+    n_active: int
+
+
+def _stage_starts(spec: TrainSpec, n_rows: int) -> list[tuple[int, int, int, int]]:
+    """(first step, first epoch, n_active, steps per epoch) of each curriculum stage (one stage without one)."""
+    bs = spec.batch_size
+    stages = spec.curriculum_stages if (spec.method == "memft-sw" and n_rows > 1) else 1
+    out, step, epoch = [], 0, 0
+    for s in range(1, stages + 1):
+        n_active = math.ceil(s * n_rows / stages)
+        per_epoch = math.ceil(n_active / bs)
+        out.append((step, epoch, n_active, per_epoch))
+        if s == stages:
+            break
+        if spec.curriculum_epochs:  # the stage ends at this epoch (the paper's PhoneBook schedule)
+            epochs = max(1, spec.curriculum_epochs[s - 1] - epoch)
+        else:  # equal slices of the step budget, rounded up to whole epochs
+            want = math.ceil(s * spec.max_steps / stages) - step
+            epochs = max(1, math.ceil(want / per_epoch))
+        step += epochs * per_epoch
+        epoch += epochs
+    return out
+
+
+def minibatch(step: int, n_rows: int, spec: TrainSpec) -> Minibatch:
+    """Which samples train at `step` when the run trains in minibatches of spec.batch_size samples.
+
+    Each epoch is one pass over the samples its stage trains, in an order reshuffled every epoch (a permutation
+    drawn from the run's seed and the epoch number: the same run gets the same batches, so a resumed run goes on
+    exactly); the last batch of an epoch holds what is left. memft-sw on several samples is the paper's
+    inter-batch temporal curriculum: the samples enter in spec.curriculum_stages stages, stage s training the first
+    ceil(s/stages · n) of them in data order, each stage ending at the epoch spec.curriculum_epochs gives (the
+    paper's PhoneBook at 1-2k answer tokens: 20, 40, 60, 80, the last stage running to the step budget) or, without
+    it, after an equal share of the step budget (rounded up to whole epochs). Other methods train every sample from
+    the start."""
+    starts = _stage_starts(spec, n_rows)
+    stage = max(i for i, st in enumerate(starts) if st[0] <= step)
+    first_step, first_epoch, n_active, per_epoch = starts[stage]
+    e, k = divmod(step - first_step, per_epoch)
+    epoch = first_epoch + e
+    order = np.random.default_rng([int(spec.seed) & 0xFFFFFFFF, epoch]).permutation(n_active)
+    bs = spec.batch_size
+    return Minibatch(rows=np.sort(order[k * bs:(k + 1) * bs]), epoch=epoch, stage=stage + 1, n_active=n_active)
+
+
 @dataclass
 class StepLosses:
     """What a weighting rule may read about the adapter's current state.
@@ -153,7 +207,8 @@ def _memft_ot(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[to
 def _memft_sw(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
     w = sw_weights(s.loss, s.correct, s.mask, spec.tau, window)
     n_rows = s.loss.shape[0]
-    n_train = curriculum_count(s.step, spec.max_steps, n_rows, spec.curriculum_stages)
+    n_train = n_rows if spec.batch_size is not None else \
+        curriculum_count(s.step, spec.max_steps, n_rows, spec.curriculum_stages)
     if n_train < n_rows:  # the curriculum's later samples wait for their stage
         w = w * (torch.arange(n_rows, device=w.device) < n_train).to(w.dtype)[:, None]
     return w, int((w > 0).sum())

@@ -130,6 +130,17 @@ def parse_targets(value: str | Sequence[str]) -> str | tuple[str, ...]:
     return value if value in TARGET_PRESETS else tuple(_words(value, "targets"))
 
 
+def parse_epochs(value: str) -> tuple[int, ...] | None:
+    """Curriculum epochs written '20,40,60,80' -> (20, 40, 60, 80); blank means None. Raises MemcoreError naming the
+    value when a part is not a whole number."""
+    if not value.strip():
+        return None
+    try:
+        return tuple(int(p) for p in _words(value, "curriculum epochs"))
+    except ValueError:
+        raise MemcoreError(f"curriculum epochs must be whole numbers like 20,40,60,80, got {value!r}") from None
+
+
 def parse_keys(value: str | None) -> tuple[str, str] | None:
     """JSONL keys written 'PROMPT,TARGET' -> (prompt key, target key); blank means None (the layout is detected).
     Raises MemcoreError naming the value unless it is two non-empty names."""
@@ -172,6 +183,8 @@ def run_spec(settings: Mapping[str, Any]) -> RunSpec:
         raise MemcoreError("--alpha and --targets apply to LoRA; the bypass adapter has no scaling and always wraps "
                            "the MLP")
     s["layers"] = parse_layers(s["layers"])
+    if isinstance(s.get("curriculum_epochs"), str):
+        s["curriculum_epochs"] = parse_epochs(s["curriculum_epochs"])
     return RunSpec(model=model, adapter=part(AdapterSpec), data=part(DataSpec), train=part(TrainSpec))
 
 

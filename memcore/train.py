@@ -9,6 +9,7 @@ reported rather than hidden. Also here: the frozen-prefix cache, block recomputa
 
 from __future__ import annotations
 
+import itertools
 import time
 import types
 from collections import deque
@@ -17,12 +18,22 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from memcore import objectives as obj
 from memcore.config import AdapterSpec, MemcoreError, TrainSpec
 from memcore.data import Batch, make_batch
-from memcore.measure import StepReport, compare, fill_report, greedy_generate, read_targets, token_losses
+from memcore.measure import (
+    NO_GRAD_TOKENS,
+    StepReport,
+    compare,
+    fill_report,
+    greedy_generate,
+    read_targets,
+    rows_of_batch,
+    token_losses,
+)
 from memcore.placement import Placement, placement_of
 from memcore.stack import AdapterStack, SlotAdamW
 
@@ -48,20 +59,33 @@ class FrozenPrefix:
             return None
         return cls(placement, k)
 
-    def capture(self, model: Any, batch: Batch) -> torch.Tensor:
-        """Run the batch once and keep what block k-1 returns; returns that forward's per-token loss [B, K] (nats)."""
+    def capture(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the batch once and keep what block k-1 returns; returns that forward's per-token loss [B, K] (nats)
+        and argmax-correct [B, K]."""
+        last: list[Any] = [None]  # the latest forward's (a model may run a small probe forward first)
+
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
             if isinstance(out, tuple):
-                self.output = tuple(o.detach() if torch.is_tensor(o) else o for o in out)
+                last[0] = tuple(o.detach() if torch.is_tensor(o) else o for o in out)
             else:
-                self.output = out.detach()
+                last[0] = out.detach()
 
+        # many samples (a PhoneBook) in row chunks, as token_losses measures them, each chunk's states kept
+        B, T = batch.input_ids.shape
+        step = max(1, NO_GRAD_TOKENS // T)
+        parts, losses, correct = [], [], []
         h = self.layers[self.k - 1].register_forward_hook(hook)
         try:
             with torch.no_grad():
-                return token_losses(model, batch)[0]
+                for i in range(0, B, step):
+                    loss, right = token_losses(model, rows_of_batch(batch, slice(i, i + step)))
+                    parts.append(last[0])
+                    losses.append(loss)
+                    correct.append(right)
         finally:
             h.remove()
+        self.output = parts[0] if len(parts) == 1 else _joined(parts)
+        return torch.cat(losses), torch.cat(correct)
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -250,6 +274,19 @@ class _Run:
         self.measured = -1  # the last step whose ΔL is in `recent`
         self.rng: torch.Tensor | None = None  # dropout generator state at the top of the current step
         self.rows = range(0)  # its rows in the loop's batch (set by the loop)
+        self.full_rows: range | None = None  # its rows in the loop's laid-out batch of every sample
+        # minibatches (spec.batch_size): each step forwards and trains some of its samples; its reports keep every
+        # sample's latest measurement in cur_loss / cur_correct [N] (host), refreshed where a step measured it
+        self.mb = self.spec.batch_size is not None and self.n_rows > 1
+        self.local = torch.arange(self.n_rows)  # its samples in this step's batch (all without minibatches)
+        self.minibatch: obj.Minibatch | None = None
+        lengths = [len(s.target_ids) for s in self.batch.samples]
+        self.offsets = [0, *itertools.accumulate(lengths)]  # sample i's targets: [offsets[i], offsets[i+1]) of [N]
+        self.flat_sel: np.ndarray | None = None  # the selected samples' positions in [N]
+        self.where_sel = self.where  # flat target positions in its rows of this step's batch
+        self.cur_loss: np.ndarray | None = None
+        self.cur_correct: np.ndarray | None = None
+        self.prev_full: torch.Tensor | None = None  # [B, K] latest loss of every sample (minibatches)
 
     def set_base_loss(self, base_loss: torch.Tensor) -> None:
         """The run's base loss [B, K] (nats, adapter off), the reference of its ΔL."""
@@ -289,6 +326,8 @@ class _Loop:
         self.opt = SlotAdamW(stack.parameters(), stack.n_slots)
         self.runs: list[_Run] = []
         self.batch: Batch | None = None
+        self.full: Batch | None = None  # every run's every sample, as laid out (the batch unless minibatches cut it)
+        self.full_prefix: Any = None  # the frozen prefix's output for `full`
         self.prefix: FrozenPrefix | None = None
         self.recompute = False
         self.changed = False  # runs joined or left since the batch was laid out
@@ -329,7 +368,7 @@ class _Loop:
             return
         self.changed, self.last = False, None
         if not self.runs:
-            self.batch, self.prefix = None, None
+            self.batch, self.prefix, self.full = None, None, None
             return
         samples, start = [], 0
         for r in self.runs:
@@ -343,12 +382,46 @@ class _Loop:
         new = [r for r in self.runs if r.base_np is None]
         if self.prefix is not None or new:
             with self.stack.disabled(), torch.no_grad():  # no adapter sits below the prefix: the same either way
-                loss = self.prefix.capture(self.model, self.batch) if self.prefix is not None else \
-                    token_losses(self.model, self.batch)[0]
+                loss, correct = self.prefix.capture(self.model, self.batch) if self.prefix is not None else \
+                    token_losses(self.model, self.batch)
             for r in new:
                 r.set_base_loss(r.view(loss))
+                if r.mb and r.inp.resume is None:  # a new adapter adds nothing yet: every sample is at its base
+                    r.cur_loss, r.cur_correct = read_targets(r.view(loss), r.view(correct), r.where)
+                    r.prev_full = r.view(loss).detach().clone()
         spec = self.runs[0].spec
         self.recompute = use_recompute(self.model, self.batch, spec.recompute, self.prefix.k if self.prefix else 0)
+        self.full, self.full_prefix = self.batch, (self.prefix.output if self.prefix is not None else None)
+        for r in self.runs:
+            r.full_rows = r.rows
+            if r.mb and r.cur_loss is None:  # every sample measured once (its adapter as it starts or resumes)
+                loss, correct = self._alone(r)
+                r.cur_loss, r.cur_correct = read_targets(loss, correct, r.where)
+                r.prev_full = loss.detach()
+
+    def select(self) -> None:
+        """With minibatches: this step's batch is the samples each run trains now (memcore.objectives.minibatch;
+        all of a run without them), cut from the laid-out batch with their frozen-prefix states."""
+        if not any(r.mb for r in self.runs):
+            return
+        idx, start = [], 0
+        for r in self.runs:
+            if r.mb:
+                r.minibatch = obj.minibatch(r.step, r.n_rows, r.spec)
+                r.local = torch.as_tensor(r.minibatch.rows, dtype=torch.long)
+                r.flat_sel = np.concatenate([np.arange(r.offsets[i], r.offsets[i + 1]) for i in r.minibatch.rows])
+                r.where_sel = r.batch.target_mask[r.local].flatten().nonzero()[:, 0]
+            idx.append(r.full_rows.start + r.local)
+            r.rows = range(start, start + len(r.local))
+            start += len(r.local)
+        sel = torch.cat(idx).to(self.full.input_ids.device)
+        f = self.full
+        self.batch = Batch(f.input_ids[sel], f.attention_mask[sel], f.position_ids[sel], f.labels[sel],
+                           f.target_mask[sel], [f.samples[i] for i in sel.tolist()])
+        if self.prefix is not None:
+            self.prefix.output = _rows_of(self.full_prefix, sel, f.input_ids.shape[0])
+        self.stack.set_rows([r.slot for r in self.runs for _ in range(len(r.local))])
+        self.last = None
 
     # -- checkpoints --
 
@@ -386,9 +459,10 @@ class _Loop:
         run.last_saved = time.perf_counter()
 
     def begin_step(self) -> None:
-        """Lay out the batch if runs joined or left; record each run's dropout generator state at the top of the
-        step, and save the checkpoints due."""
+        """Lay out the batch if runs joined or left (and pick this step's minibatches); record each run's dropout
+        generator state at the top of the step, and save the checkpoints due."""
         self.layout()
+        self.select()
         for run in self.runs:
             gen = self.stack.slots[run.slot].generator
             run.rng = gen.get_state() if gen is not None and run.inp.checkpoint is not None else None
@@ -411,9 +485,11 @@ class _Loop:
                 self.last = token_losses(self.model, self.batch, self._expected_rows())
             for r in self.runs:
                 r.prev_loss = r.view(self.last[0]).detach()
+                if r.mb:
+                    r.prev_full[r.local.to(r.prev_full.device)] = r.prev_loss
         loss, correct = self.last
-        flat = [r.view(loss.detach()).flatten()[r.where] for r in self.runs]
-        flat_c = [r.view(correct).flatten()[r.where] for r in self.runs]
+        flat = [r.view(loss.detach()).flatten()[r.where_sel] for r in self.runs]
+        flat_c = [r.view(correct).flatten()[r.where_sel] for r in self.runs]
         host = torch.cat([torch.cat(flat).float(), torch.cat(flat_c).float()]).cpu().numpy()
         n_all = sum(int(f.numel()) for f in flat)
         reports, losses, at = [], [], 0
@@ -421,17 +497,23 @@ class _Loop:
             n = int(f.numel())
             fl, fc = host[at:at + n], host[n_all + at:n_all + at + n] > 0.5
             at += n
+            sel_loss = fl
+            if r.mb:  # every sample as last measured, this step's afresh
+                r.cur_loss[r.flat_sel], r.cur_correct[r.flat_sel] = fl, fc
+                fl, fc = r.cur_loss.copy(), r.cur_correct.copy()
             report = StepReport(step=r.step, loss=0.0, delta_loss=0.0, p=fl, correct=fc, n_above=0, n_correct=0,
                                 active=0, recalled=False, first_divergence=None, elapsed=time.perf_counter() - r.t0,
                                 lr=r.spec.lr * max(0.0, 1.0 - r.step / r.spec.max_steps), bits_stored=0.0,
                                 notes=r.notes)
             fill_report(report, fl, fc, r.base_np, r.spec.tau)
+            if r.mb:
+                report.batch_rows, report.epoch = r.minibatch.rows.tolist(), r.minibatch.epoch
             r.recent.append(report.delta_loss)
             r.best.see(report)
             r.measured = r.step
             reports.append(report)
             losses.append(obj.StepLosses(loss=r.view(loss.detach()), correct=r.view(correct),
-                                         mask=r.batch.target_mask, host_loss=fl, step=r.step))
+                                         mask=r.view(self.batch.target_mask), host_loss=sel_loss, step=r.step))
         return reports, losses, loss
 
     def _expected_rows(self) -> torch.Tensor | None:
@@ -443,10 +525,12 @@ class _Loop:
         K = out.shape[1]
         for r in self.runs:
             rows = slice(r.rows.start, r.rows.stop)
+            mask = r.view(self.batch.target_mask)
             if r.may_train is None or r.prev_loss is None:
-                out[rows, K - r.keep:] = r.batch.target_mask
+                out[rows, K - r.keep:] = mask
             else:
-                out[rows, K - r.keep:] = r.may_train(r.prev_loss) & r.batch.target_mask
+                prev = r.prev_full[r.local.to(r.prev_full.device)] if r.mb else r.prev_loss
+                out[rows, K - r.keep:] = r.may_train(prev) & mask
         return out
 
     # -- the stop policy --
@@ -464,13 +548,13 @@ class _Loop:
             return "max_steps"
         reason = converged(report, run.recent, spec, run.best) if spec.until == "converged" else None
         if reason is not None:
-            if reason == "all_above_tau" and run.dropout and not self._all_above_without_dropout(run):
+            if reason == "all_above_tau" and (run.dropout or run.mb) and not self._all_above_without_dropout(run):
                 return None  # only dropout's noise put every token above tau: train on
             return reason
         if report.recalled and spec.stop_when_recalled and not spec.verify:
             # the teacher-forced argmax is exact (greedy decoding makes the same choices); under dropout the
             # training forward's argmax is not the adapter's own, so it is measured again without
-            if run.dropout and not self._recalled_without_dropout(run):
+            if (run.dropout or run.mb) and not self._recalled_without_dropout(run):
                 return None
             return "recalled"
         if report.recalled and spec.stop_when_recalled and step - run.last_check_step >= 5:
@@ -488,7 +572,7 @@ class _Loop:
         run the greedy-generate check (when spec.verify) and note any disagreement with it."""
         if reason in ("stopped", "max_seconds"):  # unfinished: keep what continuing would need
             self.save(run)
-        if run.dropout:  # the training forward had dropout on: measure the final adapter without it
+        if run.dropout or run.mb:  # dropout in training, or samples last measured steps ago: measure them all now
             loss, correct = self._alone(run)
             fill_report(report, *read_targets(loss, correct, run.where), run.base_np, run.spec.tau)
         if report.generated is None and run.spec.verify:
@@ -503,9 +587,23 @@ class _Loop:
 
     @torch.no_grad()
     def _alone(self, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run's own batch through its own slot, dropout off: (loss, correct) [B, K]."""
-        with self.stack.routed([run.slot] * run.n_rows):
-            return token_losses(self.model, run.batch)
+        """All of the run's samples through its own slot, dropout off: (loss, correct) [B, K]. From the frozen
+        prefix's states when the loop holds them (only the blocks from the adapter's up run again)."""
+        f, rows = self.full, getattr(run, "full_rows", None)
+        if self.prefix is None or f is None or rows is None or self.full_prefix is None:
+            with self.stack.routed([run.slot] * run.n_rows):
+                return token_losses(self.model, run.batch)
+        sel = torch.arange(rows.start, rows.stop, device=f.input_ids.device)
+        batch = Batch(f.input_ids[sel], f.attention_mask[sel], f.position_ids[sel], f.labels[sel], f.target_mask[sel],
+                      run.batch.samples)
+        saved, self.prefix.output = self.prefix.output, _rows_of(self.full_prefix, sel, f.input_ids.shape[0])
+        try:
+            with self.stack.routed([run.slot]), self.prefix.installed():
+                loss, correct = token_losses(self.model, batch)
+        finally:
+            self.prefix.output = saved
+        K = batch.keep
+        return loss[:, K - run.keep:], correct[:, K - run.keep:]
 
     def _recalled_without_dropout(self, run: _Run) -> bool:
         _, correct = self._alone(run)
@@ -550,6 +648,21 @@ class _Loop:
             self.last = None
         elif any(r.dropout for r in self.runs):  # with dropout the next forward differs anyway
             self.last = None
+
+
+def _joined(parts: list[Any]) -> Any:
+    """Block outputs of consecutive row chunks (tensors [b, T, H], or tuples holding them) as one, rows in order."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(col) if torch.is_tensor(col[0]) and col[0].dim() > 0 else col[0] for col in zip(*parts))
+    return torch.cat(parts)
+
+
+def _rows_of(out: Any, sel: torch.Tensor, n_rows: int) -> Any:
+    """A block's output (a tensor [B, T, H] or a tuple holding one) cut to the batch rows `sel`."""
+    def cut(o: Any) -> Any:
+        return o[sel] if torch.is_tensor(o) and o.dim() > 0 and o.shape[0] == n_rows else o
+
+    return tuple(cut(o) for o in out) if isinstance(out, tuple) else cut(out)
 
 
 def _current_format(ckpt: Checkpoint, stack: AdapterStack) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -54,6 +54,19 @@ def test_too_long_text_is_refused_with_both_numbers(default_base):
         build_samples(tok, DataSpec(text="word " * 200, max_tokens=4000), context_length=64)
 
 
+def test_many_samples_are_bounded_per_sample_and_by_memory_not_by_the_passage_limit(default_base, monkeypatch):
+    import memcore.data as data
+
+    tok = default_base.tokenizer
+    book = build_samples(tok, DataSpec(phonebook=250, seed=0))  # about 2,750 answer tokens: over one passage's 2,048
+    assert sum(len(s.target_ids) for s in book) > 2048 and len(book) == 250
+    with pytest.raises(MemcoreError, match="a sample's target is 11 tokens, more than the configured maximum of 5"):
+        build_samples(tok, DataSpec(phonebook=3, max_tokens=5))
+    monkeypatch.setattr(data, "MAX_TOTAL_TARGET_TOKENS", 100)
+    with pytest.raises(MemcoreError, match="the 20 samples hold 220 target tokens, more than memcore trains at once"):
+        build_samples(tok, DataSpec(phonebook=20))
+
+
 def test_chat_template_prompt(default_base):
     tok = default_base.tokenizer
     s = build_samples(tok, DataSpec(text="hello world", prompt="Recite:", chat_template=True))[0]
