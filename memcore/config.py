@@ -258,7 +258,7 @@ class TrainSpec:
     by epoch (memcore.objectives.minibatch)."""
     curriculum_epochs: tuple[int, ...] | None = None
     """memft-sw with minibatches: the epochs at which each curriculum stage but the last ends, e.g. 20,40,60,80 (the
-    paper's PhoneBook at 1-2k answer tokens); None: the stages share the step budget equally."""
+    paper's PhoneBook at 1-2k answer tokens); unset: the stages share the step budget equally."""
     checkpoint_every: float = 180.0
     """Save the adapter and optimizer state every this many seconds (0: never), so a killed run can resume."""
     history: History = "full"

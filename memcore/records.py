@@ -129,6 +129,8 @@ class RunSummary:
     history: str = "full"  # full | decimated: the per-token snapshots kept in the store
     snapshots: int | None = None  # steps with a per-token snapshot
     source_bits_per_token: float | None = None  # log2 of the ordinary vocabulary for random tokens; None for text
+    samples: int = 1  # samples trained together (PhoneBook entries, JSONL pairs)
+    samples_recalled: int | None = None  # samples whose every teacher-forced argmax is right (None: stored before)
     status: str | None = None  # the run's status when the summary was written
     device: str | None = None  # where it trained: cpu, cuda (None in older summaries)
     dtype: str | None = None  # the base model's compute dtype: float32, bfloat16, ... (None in older summaries)

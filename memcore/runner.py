@@ -537,7 +537,20 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
         generated_ids=_flat_or_nested(generated) if generated else None,
         stubborn_tokens=stubborn,
         notes=final.notes,
+        samples=len(samples),
+        samples_recalled=samples_recalled(final.correct, samples),
     )
+
+
+def samples_recalled(correct: Any, samples: list[Sample]) -> int:
+    """How many samples are recalled entry by entry: every teacher-forced argmax of the sample's target right.
+    `correct` [N] bool over all samples' targets, sample 0's first."""
+    out, at = 0, 0
+    for s in samples:
+        n = len(s.target_ids)
+        out += bool(np.all(correct[at:at + n]))
+        at += n
+    return out
 
 
 def source_bits(spec: RunSpec, tokenizer: Any, vocab_size: int | None = None) -> float | None:

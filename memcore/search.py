@@ -34,7 +34,8 @@ DEFAULT_RESOLUTION = 0.05  # the bracket's width at the end, hi / lo − 1
 DEFAULT_START = 32  # tokens at rank 1 for the first probe (start_length · rank at other ranks)
 PROGRESS_EVERY_S = 2.0  # while probes train, progress is also yielded this often
 # what every probe sets itself (SearchSpec.probe_spec): left out of the search's id
-PROBE_SETS = (("adapter", "rank"), ("data", "length"), ("data", "seed"), ("train", "method"), ("train", "seed"),
+PROBE_SETS = (("adapter", "rank"), ("data", "length"), ("data", "phonebook"), ("data", "seed"), ("train", "method"),
+              ("train", "seed"),
               ("train", "stop_when_recalled"), ("train", "verify"), ("train", "until"), ("train", "ot_when_empty"))
 
 
@@ -54,6 +55,12 @@ class SearchSpec:
     max_length: int | None = None
     start_length: int = DEFAULT_START
     name: str | None = None
+    unit: str = "tokens"
+    """What a length counts: 'tokens' of the target (the long-context benchmark), or 'entries' of a PhoneBook (the
+    template's data a PhoneBook; its size the most entries searched; capacity in facts)."""
+    epochs: int | None = None
+    """With unit='entries' and minibatches: each probe's step budget is this many epochs of its book (else the
+    template's max_steps)."""
 
     def __post_init__(self) -> None:
         for label, values in (("ranks", self.ranks), ("methods", self.methods), ("seeds", self.seeds)):
@@ -73,6 +80,12 @@ class SearchSpec:
                                f"(0.05: within 5%), got {self.resolution!r}")
         if self.min_length < 1 or self.start_length < 1:
             raise MemcoreError("the search's lengths must be at least 1 token")
+        if self.unit not in ("tokens", "entries"):
+            raise MemcoreError(f"a search counts tokens or entries, got {self.unit!r}")
+        if self.unit == "entries" and self.template.data.phonebook is None:
+            raise MemcoreError("a search over entries needs PhoneBook data (its size: the most entries searched)")
+        if self.epochs is not None and (self.unit != "entries" or self.template.train.batch_size is None):
+            raise MemcoreError("a budget in epochs needs a PhoneBook search trained in minibatches (--batch-size)")
         if self.max_length is not None and self.max_length < self.min_length:
             raise MemcoreError(f"the longest length ({self.max_length}) is below the shortest ({self.min_length})")
 
@@ -96,9 +109,14 @@ class SearchSpec:
         """The RunSpec of one probe: the template at this rank, length (tokens), method and seed, trained until
         recalled (by the teacher-forced argmax, no generate), converged or the budget."""
         t = self.template
-        return replace(t, adapter=replace(t.adapter, rank=rank), data=replace(t.data, length=length, seed=seed),
+        data = replace(t.data, phonebook=length, seed=seed) if self.unit == "entries" else \
+            replace(t.data, length=length, seed=seed)
+        steps = t.train.max_steps
+        if self.epochs is not None:
+            steps = self.epochs * math.ceil(length / t.train.batch_size)
+        return replace(t, adapter=replace(t.adapter, rank=rank), data=data,
                        train=replace(t.train, method=method, seed=seed, stop_when_recalled=True, verify=False,
-                                     until="converged", ot_when_empty="mean"))
+                                     until="converged", ot_when_empty="mean", max_steps=steps))
 
     def label(self, method: str, rank: int, length: int, seed: int) -> str:
         """A probe's label in the store: the JSON of its point, as a sweep's points are labelled."""
@@ -199,9 +217,9 @@ class FrontierSearch:
         self.search, self.store, self.should_stop = search, store, should_stop
         whole = replace(search.template, data=replace(search.template.data, length=None))
         self.base, samples = prepare(whole, base, store.home)
-        available = min(len(s.target_ids) for s in samples)
+        available = len(samples) if search.unit == "entries" else min(len(s.target_ids) for s in samples)
         if search.max_length is not None and search.max_length > available:
-            raise MemcoreError(f"the search may go up to {search.max_length} tokens but the data hold only "
+            raise MemcoreError(f"the search may go up to {search.max_length} {search.unit} but the data hold only "
                                f"{available}; give more data or a smaller longest length")
         self.longest = search.max_length or available
         if self.longest < search.min_length:

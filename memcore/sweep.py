@@ -230,7 +230,8 @@ def resumable_points(store: Any, sweep_id: str) -> dict[str, str]:
 
 SWEEP_COLUMNS = ("rank", "length", "delta_loss", "p_eff", "method", "seed", "noise", "adapter", "base_loss",
                  "frac_above", "frac_correct", "token_accuracy", "verbatim_prefix", "exact_recall", "recalled",
-                 "converged", "stop_reason", "bits_per_param", "source_bits_per_token", "steps", "run_id")
+                 "converged", "stop_reason", "bits_per_param", "source_bits_per_token", "samples", "samples_recalled",
+                 "steps", "run_id")
 
 
 def _source_bits(run: dict[str, Any], summary: RunSummary, store: Any, cache: dict[str, float | None]) -> float | None:
@@ -255,7 +256,8 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
     p > τ), token_accuracy (share whose teacher-forced argmax is right; frac_correct is the same, kept for older
     readers), verbatim_prefix (tokens before the first wrong argmax), exact_recall (all right), converged and
     stop_reason (how the point stopped), bits_per_param, source_bits_per_token (information per target token:
-    log2 of the ordinary vocabulary for random tokens, empty for text)."""
+    log2 of the ordinary vocabulary for random tokens, empty for text), samples and samples_recalled (entries of a
+    PhoneBook, and how many are recalled entry by entry)."""
     rows = []
     bits_of: dict[str, float | None] = {}  # model -> log2 #ordinary tokens, for points stored before the summary had it
     for r in store.runs(sweep=sweep_id, status="completed"):
@@ -265,6 +267,7 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
                      "method": v["method"], "seed": v["seed"], "noise": v["noise"], "adapter": s.adapter,
                      "base_loss": s.base_loss, "frac_above": s.n_above / n, "frac_correct": s.n_correct / n,
                      "token_accuracy": s.token_accuracy, "verbatim_prefix": s.verbatim_prefix,
+                     "samples": s.samples, "samples_recalled": s.samples_recalled,
                      "exact_recall": bool(s.exact_recall), "recalled": s.recalled, "converged": bool(s.converged),
                      "stop_reason": s.stop_reason, "bits_per_param": s.bits_per_param,
                      "source_bits_per_token": _source_bits(r, s, store, bits_of), "steps": s.steps, "run_id": r["id"]})

@@ -596,12 +596,20 @@ class _Loop:
         sel = torch.arange(rows.start, rows.stop, device=f.input_ids.device)
         batch = Batch(f.input_ids[sel], f.attention_mask[sel], f.position_ids[sel], f.labels[sel], f.target_mask[sel],
                       run.batch.samples)
-        saved, self.prefix.output = self.prefix.output, _rows_of(self.full_prefix, sel, f.input_ids.shape[0])
+        saved = self.prefix.output
+        step = max(1, NO_GRAD_TOKENS // batch.input_ids.shape[1])  # many samples: a few rows at a time
+        losses, rights = [], []
         try:
-            with self.stack.routed([run.slot]), self.prefix.installed():
-                loss, correct = token_losses(self.model, batch)
+            for i in range(0, len(sel), step):
+                part = sel[i:i + step]
+                self.prefix.output = _rows_of(self.full_prefix, part, f.input_ids.shape[0])
+                with self.stack.routed([run.slot]), self.prefix.installed():
+                    loss, correct = token_losses(self.model, rows_of_batch(batch, slice(i, i + step)))
+                losses.append(loss)
+                rights.append(correct)
         finally:
             self.prefix.output = saved
+        loss, correct = torch.cat(losses), torch.cat(rights)
         K = batch.keep
         return loss[:, K - run.keep:], correct[:, K - run.keep:]
 

@@ -138,3 +138,39 @@ def test_a_checkpoint_from_before_the_stack_resumes(tiny_base):
         from_old = list(train_iter(m, b, spec, resume=old))
     assert [r.step for r in from_old] == [3, 4, 5]
     assert [r.loss for r in from_old] == pytest.approx([r.loss for r in from_today], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lora", "bypass"])
+def test_minibatch_runs_in_a_batch_match_their_solo_runs(tiny_base, kind):
+    """PhoneBooks trained in minibatches (one with memft-sw's temporal curriculum) beside a plain passage: every run
+    gets its own batches and the numbers it gets alone, though the loop's batch is cut anew every step."""
+    layers = "paper" if kind == "bypass" else (1, 2)
+    common = dict(stop_when_recalled=False, verify=False, checkpoint_every=0)
+    runs = [
+        (AdapterSpec(kind=kind, rank=2, layers=layers), TrainSpec(method="sft", lr=5e-2, max_steps=7, seed=0,
+                                                                  batch_size=2, **common), DataSpec(phonebook=5, seed=1)),
+        (AdapterSpec(kind=kind, rank=1, layers=layers), TrainSpec(method="memft-sw", lr=5e-2, max_steps=8, seed=1,
+                                                                  batch_size=2, curriculum_stages=2,
+                                                                  curriculum_epochs=(2,), **common),
+         DataSpec(phonebook=6, seed=2)),
+        (AdapterSpec(kind=kind, rank=4, layers=layers), TrainSpec(method="sft", lr=5e-2, max_steps=5, seed=2, **common),
+         DataSpec(text=TEXTS[1])),
+    ]
+    solo = [_solo(tiny_base, a, t, d) for a, t, d in runs]
+    stack = AdapterStack(tiny_base.model, runs[0][0], slots=3, max_rank=4)
+    try:
+        inputs = [RunInput(batch=_batch(tiny_base, d), spec=t, adapter=a, tag=i) for i, (a, t, d) in enumerate(runs)]
+        got: dict[int, list] = {0: [], 1: [], 2: []}
+        for tag, report in train_many(tiny_base.model, stack, inputs, pad_id=tiny_base.tokenizer.pad_token_id):
+            got[tag].append(report)
+    finally:
+        stack.detach()
+    for i, (reports, state) in enumerate(solo):
+        batched = got[i]
+        assert [r.batch_rows for r in batched] == [r.batch_rows for r in reports]
+        for a, b in zip(batched, reports):
+            np.testing.assert_allclose(a.p.astype(np.float32), b.p.astype(np.float32), rtol=2e-3, atol=1e-5)
+            assert a.active == b.active
+        for name, value in state.items():
+            torch.testing.assert_close(batched[-1].adapter[name], value, rtol=1e-3, atol=1e-5)
+    assert got[1][0].batch_rows is not None and max(max(r.batch_rows) for r in got[1][:4]) <= 2  # stage 1: 3 of 6

@@ -132,3 +132,25 @@ def test_a_stopped_minibatch_run_resumes_on_the_same_batches(bypassed, tiny_base
     rest = list(train_iter(bypassed(seed=5), b, spec, resume=saved[-1]))
     assert [r.batch_rows for r in rest[:-1]] == [r.batch_rows for r in whole[4:-1]]
     assert np.allclose(rest[-1].p.astype(np.float32), whole[-1].p.astype(np.float32), atol=1e-3)
+
+
+def test_measuring_many_samples_in_row_chunks_gives_the_same_numbers(bypassed, tiny_base, monkeypatch):
+    """A big book's measuring forwards (the base loss with the frozen prefix, the start of a run whose base loss was
+    given, the final measure) run a few rows at a time: the same numbers as all rows at once."""
+    import memcore.measure as measure
+    import memcore.train as train
+
+    b = _book(tiny_base, 7)
+    spec = TrainSpec(method="memft-ot", lr=5e-2, batch_size=3, max_steps=5, stop_when_recalled=False, verify=False)
+    with torch.no_grad():
+        base_loss, _ = token_losses(tiny_base.model, b)
+    whole = list(train_iter(bypassed(seed=3), b, spec, base_loss=base_loss))
+    rows = b.input_ids.shape[1] * 2  # two rows a chunk: 4 chunks of the 7
+    monkeypatch.setattr(measure, "NO_GRAD_TOKENS", rows)
+    monkeypatch.setattr(train, "NO_GRAD_TOKENS", rows)
+    chunked = list(train_iter(bypassed(seed=3), b, spec, base_loss=base_loss))
+    fresh = list(train_iter(bypassed(seed=3), b, spec))  # base loss measured by the loop, in chunks
+    for a, c, d in zip(whole, chunked, fresh):
+        np.testing.assert_allclose(a.p.astype(np.float32), c.p.astype(np.float32), atol=1e-3)
+        np.testing.assert_allclose(a.p.astype(np.float32), d.p.astype(np.float32), atol=1e-3)
+        assert a.batch_rows == c.batch_rows

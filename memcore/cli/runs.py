@@ -113,6 +113,8 @@ def _print_summary(s: RunSummary) -> None:
         f"verbatim       first {s.verbatim_prefix} of {s.n_tokens} tokens in order   "
         f"token accuracy {s.token_accuracy:.3f}   converged: {'yes' if s.converged else 'no'}",
         f"tokens above τ {s.n_above}/{s.n_tokens}   argmax right {s.n_correct}/{s.n_tokens}",
+        *([f"entries        {s.samples_recalled} of {s.samples} recalled entry by entry (every token of the entry's "
+           "answer right)"] if s.samples > 1 and s.samples_recalled is not None else []),
         f"ΔL             {_fmt(s.delta_loss)} nats/token  (base {_fmt(s.base_loss)} -> {_fmt(s.loss)})",
         f"bits stored    {_fmt(s.bits_stored, 1)}  over P_eff {s.p_eff:,} = {_fmt(s.bits_per_param, 5)} bits/param",
         f"adapter        {s.adapter}: {s.adapter_dir}",

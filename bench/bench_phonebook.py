@@ -1,0 +1,158 @@
+"""The PhoneBook benchmark: capacity in facts. For each rank and method, the largest PhoneBook recalled entry by entry,
+found by memcore's frontier search over the book's size (memcore.search, unit 'entries').
+
+    python bench/bench_phonebook.py run    [--home DIR] [--ranks 1 2 4 8] [--seeds 0 1] [--batch-size 10] [--epochs 200]
+    python bench/bench_phonebook.py report [--home DIR] [--out DIR]
+
+Each probe is a PhoneBook of n entries ("Name: First Last\\nPhone:" -> " <10 digits>", the seed drawing the book)
+trained as the paper trains PhoneBook: minibatches of --batch-size entries reshuffled every epoch, up to --epochs
+epochs, lr --lr, the bypass adapter on the paper's layer, dropout 0.1; memft-sw is the inter-batch temporal
+curriculum (five stages, ending at epochs 20, 40, 60, 80 of the 1-2k-token setting, scaled to --epochs / 200). A
+probe stops once every entry is recalled (every teacher-forced argmax right), on a plateau of tokens above τ and
+argmax-right tokens (--plateau-window steps without a new best), or at its epoch budget; a size counts as recalled
+when at least half its seeds recall every entry.
+
+`report` prints, per method and rank: the largest book recalled (the bracket [lo, hi] in entries, within
+--resolution), facts and bits per parameter at it (a 10-digit number carries 10·log2(10) = 33.2 bits; P_eff of the
+rank), against 2 and 3.6 bits/param; and entries recalled against book size over every probe. Runs resumably into
+--home; the same command with --ranks 1 2 4 8 16 32 64 --seeds 0 1 2 runs the paper's grid on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+warnings.filterwarnings("ignore")
+
+BITS_PER_ENTRY = 10 * math.log2(10)  # a uniformly random 10-digit number
+METHODS = ("sft", "memft-ot", "memft-sw")
+REFERENCE = {"Allen-Zhu & Li": 2.0, "Morris et al.": 3.6}
+
+
+def settings(args: argparse.Namespace):
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.search import SearchSpec
+
+    scale = args.epochs / 200
+    stages = tuple(max(1, round(e * scale)) for e in (20, 40, 60, 80))
+    template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(),
+                       adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.1),
+                       data=DataSpec(phonebook=args.most),
+                       train=TrainSpec(lr=args.lr, batch_size=args.batch_size, until="converged", plateau_on="recall",
+                                       plateau_window=args.plateau_window, curriculum_stages=5,
+                                       curriculum_epochs=stages, history="decimated", max_steps=1))
+    return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods), seeds=tuple(args.seeds),
+                      resolution=args.resolution, unit="entries", epochs=args.epochs, start_length=args.start,
+                      max_length=args.most)
+
+
+def open_home(home: Path):
+    from memcore.home import default_model_dir
+    from memcore.store import Store
+
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(default_model_dir().parent, target_is_directory=True)
+    return Store(home)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memcore.search import FrontierSearch
+
+    store = open_home(args.home)
+    search = settings(args)
+    t0 = time.perf_counter()
+    print(f"search {search.id} into {args.home}", flush=True)
+    done = -1
+    fs = FrontierSearch(search, store, batch=args.batch)
+    for p in fs.run():
+        if p.probes_done != done:
+            done = p.probes_done
+            print(f"[{time.perf_counter() - t0:6.0f} s] {p.probes_done} probes done, {p.in_flight} training, "
+                  f"{p.steps} steps   " + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
+                  flush=True)
+    print(f"done in {time.perf_counter() - t0:.0f} s this time", flush=True)
+    return 0 if not p.stopped else 1
+
+
+def report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from memcore.search import FrontierSearch
+
+    store = open_home(args.home)
+    search = settings(args)
+    fs = FrontierSearch(search, store, batch=1)
+    fs._advance()  # the verdicts already in the store: nothing trained
+    rows = []
+    for r in store.runs(sweep=search.id, status="completed"):
+        s, v = r["summary"], json.loads(r["label"])
+        rows.append({"method": v["method"], "rank": v["rank"], "entries": v["length"], "seed": v["seed"],
+                     "entries_recalled": s.samples_recalled, "exact_recall": bool(s.exact_recall),
+                     "token_accuracy": s.token_accuracy, "frac_above": s.n_above / s.n_tokens,
+                     "delta_loss": s.delta_loss, "steps": s.steps, "stop_reason": s.stop_reason, "p_eff": s.p_eff})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        print(f"no completed probes of {search.id} in {args.home}: run `bench_phonebook.py run` first")
+        return 1
+    print(f"search {search.id}: {len(df)} probes, {int(df['steps'].sum())} steps")
+    print("\n## The largest PhoneBook recalled entry by entry (recall rate over seeds at the bracket's ends)")
+    cap = []
+    for b in fs.brackets:
+        p_eff = df[df["rank"] == b.rank]["p_eff"].iloc[0] if (df["rank"] == b.rank).any() else None
+        facts = b.lo or 0
+        bpp = facts * BITS_PER_ENTRY / p_eff if p_eff else float("nan")
+        cap.append({"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
+                    "hi_rate": b.rate(b.hi), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp})
+        print(f"  {b.method:<9} rank {b.rank}: [{b.lo}, {b.hi}] entries (rate {b.rate(b.lo)} at {b.lo}, "
+              f"{b.rate(b.hi)} at {b.hi}); {facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff {p_eff} = "
+              f"{bpp:.3f} bits/param (against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})")
+    print("\n## Entries recalled against book size (mean over seeds)")
+    t = df.groupby(["method", "rank", "entries"]).agg(entries_recalled=("entries_recalled", "mean"),
+                                                      seeds=("seed", "count"), steps=("steps", "mean")).reset_index()
+    for _, r in t.iterrows():
+        print(f"  {r['method']:<9} rank {r['rank']} book {r['entries']:>4}: {r['entries_recalled']:.1f} recalled "
+              f"({r['seeds']} seeds, {r['steps']:.0f} steps)")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out / "phonebook_points.csv", index=False)
+        pd.DataFrame(cap).to_csv(out / "phonebook_capacity.csv", index=False)
+        print(f"\nwrote {out}/phonebook_{{points,capacity}}.csv")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-phonebook")
+        p.add_argument("--model")
+        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        p.add_argument("--methods", nargs="+", default=list(METHODS))
+        p.add_argument("--batch-size", type=int, default=10)
+        p.add_argument("--epochs", type=int, default=200)
+        p.add_argument("--lr", type=float, default=1e-2)
+        p.add_argument("--plateau-window", type=int, default=200)
+        p.add_argument("--resolution", type=float, default=0.1)
+        p.add_argument("--start", type=int, default=8, help="entries of the first probe at rank 1 (times the rank)")
+        p.add_argument("--most", type=int, default=1000, help="the largest book searched")
+        p.add_argument("--batch", type=int, default=8, help="probes trained together")
+        if name == "report":
+            p.add_argument("--out")
+    args = ap.parse_args()
+    return {"run": run, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
