@@ -151,6 +151,48 @@ def token_html(pieces: Sequence[Piece | str], p: Sequence[float], tau: float, cr
     return f'<div class="mc-tokens" style="{_CONTAINER_STYLE}">{"".join(spans)}</div>'
 
 
+ENTRY_VIEW_FROM = 2  # a run of at least this many samples is drawn as a grid of entries, not one strip of tokens
+
+
+def entries_html(labels: Sequence[str], answers: Sequence[str], worst_p: Sequence[float], recalled: Sequence[bool],
+                 tau: float) -> str:
+    """Many samples (a PhoneBook) as a grid of entries in one <div class="mc-entries">: each cell holds the entry's
+    prompt (its name) and its answer, coloured by its worst token's p against τ, ✓ when every token of it is
+    recalled. Every text is escaped (user data). Sized for thousands of entries: one small <div> each."""
+    if not (len(labels) == len(answers) == len(worst_p) == len(recalled)):
+        raise ValueError("entries_html: labels, answers, worst_p and recalled differ in length")
+    cells = []
+    for i, (name, ans, w, ok) in enumerate(zip(labels, answers, worst_p, recalled)):
+        bg = prob_color(float(w), tau)
+        title = html.escape(f"#{i} {name} →{ans} · worst token p={float(w):.3f}"
+                            + (" · recalled" if ok else " · not recalled"), quote=True)
+        mark = "✓ " if ok else ""
+        cells.append(f'<div class="mc-entry{" mc-recalled" if ok else ""}" title="{title}" style="background:{bg};'
+                     f'color:{text_color(bg)};padding:1px 4px;border-radius:3px;overflow:hidden;white-space:nowrap;'
+                     f'text-overflow:ellipsis">{mark}{html.escape(name)}<b>{html.escape(ans)}</b></div>')
+    return ('<div class="mc-entries" style="display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));'
+            f'gap:2px;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.78em">{"".join(cells)}</div>')
+
+
+def entries_chart(history: pd.DataFrame, n_entries: int, mark_step: int | None = None) -> alt.Chart:
+    """Entries recalled (every token's argmax right) and entries above τ (every token's p > τ) over the steps:
+    `history` with columns step, entries_recalled, entries_above; the y axis spans 0..n_entries."""
+    long = history.melt(id_vars=["step"], value_vars=["entries_recalled", "entries_above"], var_name="count",
+                        value_name="entries")
+    long["count"] = long["count"].map({"entries_recalled": "recalled (argmax right)",
+                                       "entries_above": "every token above τ"})
+    chart = _line_mark(alt.Chart(long), long["step"].nunique()).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("entries:Q", title=f"entries of {n_entries:,}", scale=alt.Scale(domain=[0, max(1, n_entries)])),
+        color=alt.Color("count:N", title=None, legend=alt.Legend(orient="bottom")),
+        tooltip=["step:Q", "count:N", "entries:Q"]).properties(height=220, title="Entries recalled over the steps")
+    if mark_step is not None:
+        rule = alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(strokeDash=[4, 3], color="#555").encode(
+            x="step:Q")
+        chart = chart + rule
+    return chart
+
+
 def legend_html(tau: float) -> str:
     """A colour bar for token_html with labels 'p=0', 'τ=<tau>' (placed at tau) and 'p=1'."""
     pos = min(max(float(tau), 0.0), 1.0) * 100

@@ -84,7 +84,7 @@ def form_state(spec: RunSpec, compare: bool) -> dict[str, Any]:
     elif d.pairs is not None:  # the uploaded file is gone with its session: show the pairs as a pasted passage
         state = {"source": "Paste", "passage": "\n".join(target for _, target in d.pairs)}
     else:
-        state = {"source": "PhoneBook", "phonebook": d.phonebook}
+        state = {"source": "PhoneBook", "phonebook": d.phonebook, "batch_size": t.batch_size or 0}
     state.update(adapter=a.kind, dropout=float(a.dropout), until_converged=t.until == "converged")
     # a compare job trains sft and memft-ot whatever the Method box says: it shows the default, not the first run's
     method = default("method") if compare else t.method

@@ -27,7 +27,7 @@ import numpy as np
 
 from memcore.config import ModelSpec, RunSpec
 from memcore.loading import Base, load_base
-from memcore.metrics import StubbornCounter
+from memcore.metrics import StubbornCounter, per_sample
 from memcore.pieces import Piece
 from memcore.records import RunSummary, StepRow
 from memcore.service import SEARCH_LABEL, TrainingProcess, trainer_lock
@@ -63,6 +63,14 @@ class RunLive:
     recalled_at: int | None = None  # first step whose teacher-forced argmax was all right
     summary: RunSummary | None = None
     notes: list[str] = field(default_factory=list)  # said by the trainer as they happened
+    sample_lengths: list[int] = field(default_factory=list)  # target tokens of each sample (entries of a PhoneBook)
+    prompt_ids: list[list[int]] = field(default_factory=list)  # each sample's prompt (an entry's name)
+    target_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def entries(self) -> bool:
+        """Drawn as a grid of entries (many samples) rather than one strip of tokens."""
+        return len(self.sample_lengths) >= 2
 
     @property
     def p(self) -> np.ndarray | None:
@@ -80,6 +88,9 @@ class RunLive:
         p = np.asarray(r.p, dtype=np.float16)
         row = {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "frac_above": r.frac_above,
                "frac_correct": r.token_accuracy, "elapsed": r.elapsed}
+        if self.entries and len(p) == sum(self.sample_lengths):
+            worst, right = per_sample(p, r.correct, self.sample_lengths)
+            row.update(entries_recalled=int(right.sum()), entries_above=int((worst > self.spec.train.tau).sum()))
         if self.p_kept is None:
             self.p_kept = np.zeros((MAX_KEPT + 1, p.shape[0]), dtype=np.float16)
             self.stubborn = StubbornCounter(p.shape[0], self.spec.train.tau)
@@ -386,6 +397,7 @@ class Worker:
             with job.lock:
                 live = job.runs[i]
                 live.run_id, live.pieces = run_id, pieces
+                _sample_layout(live, self.store, run_id)
                 if step > 0:  # a resumed run: its history before the checkpoint comes from the store
                     _catch_up(live, self.store, run_id, before=step)
                 job.status = "running"
@@ -434,8 +446,21 @@ def _train_threads() -> int | None:
     return None
 
 
+def _sample_layout(live: RunLive, store: Store, run_id: str) -> None:
+    """The run's samples as stored (lengths, prompts, targets): what draws many samples as entries."""
+    try:
+        tok = store.tokens(run_id)
+    except Exception:  # no token data yet: drawn as one strip
+        return
+    lengths = tok["sample_lengths"] or [len(t) for t in tok["target_ids"]]
+    if len(lengths) >= 2:
+        live.sample_lengths, live.prompt_ids, live.target_ids = lengths, tok["prompt_ids"], tok["target_ids"]
+
+
 def _catch_up(live: RunLive, store: Store, run_id: str, before: int | None = None) -> None:
     """Record the steps the store has beyond what `live` shows (all of them, for a run trained elsewhere)."""
+    if live.run_id == run_id and not live.sample_lengths:
+        _sample_layout(live, store, run_id)
     after = live.steps[-1] if live.steps else -1
     rows = store.step_rows(run_id, after=after, before=before)
     for row in rows:

@@ -17,6 +17,7 @@ import streamlit as st
 from common import error_text, get_store, get_tokenizer, get_worker, show_chart
 
 from memcore.export import export_zip
+from memcore.metrics import per_sample
 from memcore.pieces import token_pieces
 
 
@@ -24,7 +25,8 @@ def snapshot(live: Any) -> dict[str, Any]:
     """What the page draws of a run, copied under the job's lock (the dispatcher thread records concurrently).
     Costs the same at step 10 and step 10,000: the run keeps a bounded history and running stubborn counts."""
     snap = dict(label=live.label, spec=live.spec, pieces=live.pieces, summary=live.summary,
-                recalled_at=live.recalled_at, run_id=live.run_id, steps=[], rows=[])
+                recalled_at=live.recalled_at, run_id=live.run_id, steps=[], rows=[],
+                sample_lengths=live.sample_lengths, prompt_ids=live.prompt_ids, target_ids=live.target_ids)
     if not live.steps:
         return snap
     stubborn_ever = [t["index"] for t in live.stubborn.top(6)]  # longest at or below τ so far
@@ -33,7 +35,8 @@ def snapshot(live: Any) -> dict[str, Any]:
                 last_row=live.rows[-1], p=live.p.astype(np.float32),
                 p_prev=None if live.p_prev is None else live.p_prev.astype(np.float32),
                 trajectories=live.p_history[kept][:, stubborn_ever].astype(np.float32), stubborn_ever=stubborn_ever,
-                first_divergence=live.first_divergence)
+                first_divergence=live.first_divergence,
+                correct=None if live.correct is None else live.correct.copy())
     return snap
 
 
@@ -51,14 +54,50 @@ def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
     idx = snap["stubborn_ever"]
     stubborn = [i for i in idx if p[i] <= tau]  # flagged in the text while still below
     layout = charts.trajectories_args(snap["steps"], idx, [snap["pieces"][i] for i in idx], tau, idx)
+    entries = len(snap.get("sample_lengths") or []) >= 2 and snap.get("correct") is not None
     view = {"step": snap["step"],
-            "html": charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn,
-                                      first_divergence=snap["first_divergence"]),
+            "html": entries_view(snap["spec"].model.name, snap.get("run_id"), snap["sample_lengths"],
+                                 snap["prompt_ids"], snap["target_ids"], p, snap["correct"], tau) if entries else
+            charts.token_html(snap["pieces"], p, tau, crossed=crossed, stubborn=stubborn,
+                              first_divergence=snap["first_divergence"]),
+            "entries": entries,
             "histogram": charts.live_spec("histogram", charts.histogram_args(tau), charts.histogram_frames(p, tau)),
             "trajectories": charts.live_spec("trajectories", layout, charts.trajectories_frames(
                 snap["steps"], np.asarray(snap["trajectories"]), list(range(len(idx))), layout[1]))}
     cache[key] = view
     return view
+
+
+def entry_texts(model: str, run_id: str | None, prompts: list[list[int]], targets: list[list[int]]
+                ) -> tuple[list[str], list[str]]:
+    """Each sample's prompt as a short name ("Name: Ann Lee\nPhone:" -> "Ann Lee: ") and its answer, decoded once
+    per run and session."""
+    cache = st.session_state.setdefault("entry_texts", {})
+    hit = cache.get(run_id)
+    if hit is not None and len(hit[0]) == len(prompts):
+        return hit
+    tok = get_tokenizer(model)
+    labels, answers = [], []
+    for pr, tg in zip(prompts, targets):
+        text = " ".join(tok.decode(pr, skip_special_tokens=True).split())
+        if text.startswith("Name:") and text.endswith("Phone:"):  # the PhoneBook's own prompt
+            text = text[len("Name:"):-len("Phone:")].strip() + ":"
+        labels.append(text[-28:] + " ")
+        answers.append(tok.decode(tg, skip_special_tokens=True).strip())
+    cache.clear()  # one run's texts at a time: a book of thousands is kept once
+    cache[run_id] = (labels, answers)
+    return labels, answers
+
+
+def entries_view(model: str, run_id: str | None, lengths: list[int], prompts: list[list[int]],
+                 targets: list[list[int]], p: np.ndarray, correct: np.ndarray, tau: float) -> str:
+    """Many samples as a grid of entries (charts.entries_html), each coloured by its worst token's p, with the
+    count recalled above it. p, correct: [N] over every sample's target tokens."""
+    worst, right = per_sample(p, correct, lengths)
+    labels, answers = entry_texts(model, run_id, prompts, targets)
+    head = (f'<div style="margin:0 0 4px 0"><b>{int(right.sum()):,}</b> of {len(right):,} entries recalled '
+            f'(every token of the answer right) · {int((worst > tau).sum()):,} with every token above τ</div>')
+    return head + charts.entries_html(labels, answers, worst, right, tau)
 
 
 def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = True, narrow: bool = False,
@@ -85,6 +124,9 @@ def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = T
     if show_tokens:
         st.html(view["html"])
         st.html(charts.legend_html(tau))
+    if view.get("entries") and snap["rows"] and "entries_recalled" in snap["rows"][-1]:
+        hist = pd.DataFrame(snap["rows"])[["step", "entries_recalled", "entries_above"]]
+        show_chart(charts.entries_chart(hist, len(snap["sample_lengths"])))
     if narrow:  # half a page each: side by side, the legends would leave each plot a sliver
         show_chart(view["histogram"])
         show_chart(view["trajectories"])

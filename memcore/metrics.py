@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -59,3 +60,16 @@ def stubborn_tokens(p_history: np.ndarray, tau: float, k: int = 10) -> list[dict
 def bits_per_param(bits_stored: float, p_eff: int) -> float:
     """Bits stored per trainable parameter (NaN when p_eff is 0)."""
     return bits_stored / p_eff if p_eff else math.nan
+
+
+def per_sample(p: Any, correct: Any, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (a PhoneBook entry): its worst token's p [S] and whether every teacher-forced argmax of it is right
+    [S] bool (recalled entry by entry). `p`, `correct`: [N] over all samples' target tokens, sample 0's first;
+    `lengths`: each sample's target tokens (summing to N). Raises ValueError when they do not add up."""
+    p, correct = np.asarray(p, dtype=np.float32), np.asarray(correct, dtype=bool)
+    if sum(lengths) != len(p) or len(p) != len(correct) or min(lengths, default=1) < 1:
+        raise ValueError(f"per_sample: the sample lengths add up to {sum(lengths)} but there are {len(p)} tokens")
+    if not len(p):
+        return np.zeros(0, np.float32), np.zeros(0, bool)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+    return np.minimum.reduceat(p, starts), np.logical_and.reduceat(correct, starts)

@@ -545,12 +545,10 @@ def _summary(run_id: str, spec: RunSpec, final: StepReport, n_params: int, sampl
 def samples_recalled(correct: Any, samples: list[Sample]) -> int:
     """How many samples are recalled entry by entry: every teacher-forced argmax of the sample's target right.
     `correct` [N] bool over all samples' targets, sample 0's first."""
-    out, at = 0, 0
-    for s in samples:
-        n = len(s.target_ids)
-        out += bool(np.all(correct[at:at + n]))
-        at += n
-    return out
+    from memcore.metrics import per_sample
+
+    _, right = per_sample(np.ones(len(correct), np.float32), correct, [len(s.target_ids) for s in samples])
+    return int(right.sum())
 
 
 def source_bits(spec: RunSpec, tokenizer: Any, vocab_size: int | None = None) -> float | None:

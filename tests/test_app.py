@@ -484,3 +484,25 @@ def test_law_page_finds_the_frontier_of_the_apps_model(app_env):
     job_id = at.query_params["search_job"]
     at.button(key=f"fs-show-{job_id[0] if isinstance(job_id, list) else job_id}").click().run()
     assert at.selectbox(key="law_source").value == sid
+
+
+def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
+    from common import get_worker
+
+    at = _app()
+    at.radio(key="source").set_value("PhoneBook").run()
+    at.number_input(key="phonebook").set_value(6).run()
+    at.number_input(key="batch_size").set_value(2).run()
+    at.number_input(key="max_steps").set_value(4).run()
+    at.button(key="start").click().run()
+    _wait_for_job(at)
+    (run,) = get_worker().store.runs()
+    assert run["spec"]["train"]["batch_size"] == 2 and run["summary"].samples == 6
+    html_ = _html(at)
+    tags, text = _parse(html_)
+    # a grid of six entries, each a name and its number, with the count recalled above it
+    assert html_.count('class="mc-entry') == 6 and "of 6 entries recalled" in text
+    assert any(ch.isdigit() for ch in text) and "Phone" not in text
+    assert "script" not in tags
+    at = _app("app_pages/runs.py")
+    assert not at.exception and _html(at).count('class="mc-entry') == 6

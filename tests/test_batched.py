@@ -148,7 +148,8 @@ def test_minibatch_runs_in_a_batch_match_their_solo_runs(tiny_base, kind):
     common = dict(stop_when_recalled=False, verify=False, checkpoint_every=0)
     runs = [
         (AdapterSpec(kind=kind, rank=2, layers=layers), TrainSpec(method="sft", lr=5e-2, max_steps=7, seed=0,
-                                                                  batch_size=2, **common), DataSpec(phonebook=5, seed=1)),
+                                                                  batch_size=2, **common),
+         DataSpec(phonebook=5, seed=1)),
         (AdapterSpec(kind=kind, rank=1, layers=layers), TrainSpec(method="memft-sw", lr=5e-2, max_steps=8, seed=1,
                                                                   batch_size=2, curriculum_stages=2,
                                                                   curriculum_epochs=(2,), **common),

@@ -440,3 +440,42 @@ def test_the_replays_curves_mark_the_shown_step():
     assert len(rules) == 2  # one in each panel
     assert all(spec["datasets"][r["data"]["name"]] == [{"step": 2}] for r in rules)
     assert "hconcat" in charts.curves_chart(hist, 0.5).to_dict()  # unmarked: as before
+
+
+def test_a_thousand_entries_are_one_small_cell_each_with_user_text_inert():
+    from memcore.metrics import per_sample
+
+    rng = np.random.default_rng(0)
+    lengths = [11] * 1000
+    p = rng.uniform(0, 1, 11000).astype(np.float32)
+    correct = np.ones(11000, bool)
+    correct[5 * 11 + 3] = False  # entry 5 has one wrong token
+    p[7 * 11:8 * 11] = 0.9  # entry 7 is above τ everywhere
+    worst, right = per_sample(p, correct, lengths)
+    assert right.sum() == 999 and not right[5] and worst[7] == pytest.approx(0.9) and worst.shape == (1000,)
+    with pytest.raises(ValueError, match="add up"):
+        per_sample(p, correct, [11] * 999)
+    names = [f"<script>alert({i})</script> Lee:" for i in range(1000)]
+    html_ = charts.entries_html(names, [" 0123456789"] * 1000, worst, right, 0.5)
+    assert html_.count('class="mc-entry') == 1000 and html_.count("mc-recalled") == 999
+    assert "<script>" not in html_ and "&lt;script&gt;" in html_
+    # one small <div> an entry: a 1,000-entry book is a page of about 0.4 MB at most, not a strip of 11,000 spans
+    assert len(html_) < 1000 * 400
+    chart = charts.entries_chart(pd.DataFrame({"step": [0, 1, 2], "entries_recalled": [0, 3, 9],
+                                               "entries_above": [0, 1, 7]}), 1000, mark_step=1).to_dict()
+    assert "layer" in chart  # the steps with the chosen step marked
+
+
+def test_live_rows_count_entries_recalled_and_above_tau():
+    from jobs import RunLive
+
+    from memcore.config import DataSpec, RunSpec, TrainSpec
+    from memcore.records import StepRow
+
+    live = RunLive(label="pb", spec=RunSpec(data=DataSpec(phonebook=3), train=TrainSpec(tau=0.5)),
+                   sample_lengths=[2, 3, 1])
+    p = np.array([0.9, 0.8, 0.2, 0.9, 0.9, 0.6], np.float32)
+    correct = np.array([True, True, True, True, True, False])
+    live.record(StepRow(step=0, loss=1.0, delta_loss=0.1, n_above=4, n_correct=5, n_tokens=6, active=6,
+                        recalled=False, first_divergence=5, elapsed=1.0, lr=0.01, skipped=False, p=p, correct=correct))
+    assert live.entries and live.rows[-1]["entries_recalled"] == 2 and live.rows[-1]["entries_above"] == 2

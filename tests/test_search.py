@@ -203,3 +203,24 @@ def test_a_bracket_set_by_the_step_budget_is_said():
     for p in probes:
         p["stop_reason"] = "plateau" if not p["exact_recall"] else p["stop_reason"]
     assert budget_notes(probes) == []
+
+
+def test_a_phonebook_search_counts_entries_and_budgets_in_epochs():
+    from memcore.config import AdapterSpec, DataSpec, RunSpec, TrainSpec
+    from memcore.search import SearchSpec
+
+    template = RunSpec(adapter=AdapterSpec(kind="bypass", rank=1, layers="paper"), data=DataSpec(phonebook=500),
+                       train=TrainSpec(batch_size=10, max_steps=1))
+    s = SearchSpec(template=template, ranks=(1, 2), methods=("sft", "memft-sw"), unit="entries", epochs=200)
+    probe = s.probe_spec("memft-sw", 2, 45, seed=3)
+    # a book of 45 entries drawn by the seed, 5 minibatches an epoch, 200 epochs
+    assert probe.data.phonebook == 45 and probe.data.seed == 3 and probe.train.max_steps == 200 * 5
+    assert probe.adapter.rank == 2 and probe.train.method == "memft-sw"
+    # the book's size is the probe's, not the search's: searches over other sizes share probes
+    other = SearchSpec(template=RunSpec(adapter=template.adapter, data=DataSpec(phonebook=900), train=template.train),
+                       unit="entries", epochs=200)
+    assert other.id == s.id
+    with pytest.raises(MemcoreError, match="needs PhoneBook data"):
+        SearchSpec(template=RunSpec(data=DataSpec(random_tokens=64)), unit="entries")
+    with pytest.raises(MemcoreError, match="budget in epochs needs"):
+        SearchSpec(template=RunSpec(data=DataSpec(phonebook=50)), unit="entries", epochs=100)

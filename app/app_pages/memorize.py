@@ -43,9 +43,14 @@ with left:
         data["text"] = read_sample(st.selectbox("Sample passage", list_samples(), key="sample"))
         st.text(data["text"][:600] + (" ..." if len(data["text"]) > 600 else ""))
     elif source == "PhoneBook":
-        data["phonebook"] = int(st.number_input(
+        c_n, c_b = st.columns(2)
+        data["phonebook"] = int(c_n.number_input(
             "PhoneBook entries", min_value=1, max_value=2000, value=20, key="phonebook",
-            help="Seeded 'Name: ...' -> 10-digit number pairs, trained as a batch"))
+            help="Seeded 'Name: ...' -> 10-digit number pairs; shown as a grid of entries while they train"))
+        data["batch_size"] = int(c_b.number_input(
+            "Entries per step (0 = all)", min_value=0, max_value=2000, value=0, key="batch_size",
+            help="Minibatches, as the paper trains PhoneBook (10-20 entries a step), reshuffled every epoch; "
+                 "every entry is still shown as last measured")) or None
     elif source == "Random tokens":
         data["random_tokens"] = int(st.number_input(
             "Random tokens", min_value=1, max_value=2048, value=64, key="random_tokens",

@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 from common import error_text, get_store, get_worker, session_id, show_chart
+from run_view import entries_view
 
 from memcore.config import RunSpec
-from memcore.metrics import stubborn_tokens
+from memcore.metrics import per_sample, stubborn_tokens
 from memcore.runner import RESUMABLE, resumable_step
 
 st.title("Runs")
@@ -117,8 +118,21 @@ if replay is not None and len(replay.steps):
     st.markdown(f"step **{replay.steps[i]}** · {n_above}/{len(p)} tokens above τ · "
                 f"argmax right {int(correct.sum())}/{len(p)}"
                 + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
-    st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
+    tokens = store.tokens(picked)
+    lengths = tokens["sample_lengths"] or [len(t) for t in tokens["target_ids"]]
+    many = len(lengths) >= 2  # a PhoneBook: a grid of entries instead of one strip
+    if many:
+        st.html(entries_view(spec["model"]["name"], picked, lengths, tokens["prompt_ids"], tokens["target_ids"], p,
+                             correct, tau))
+    else:
+        st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     st.html(charts.legend_html(tau))
+    if many:
+        counts = [per_sample(replay.p[k], replay.correct[k], lengths) for k in range(len(replay.steps))]
+        show_chart(charts.entries_chart(pd.DataFrame({"step": replay.steps,
+                                                      "entries_recalled": [int(r.sum()) for _, r in counts],
+                                                      "entries_above": [int((w > tau).sum()) for w, _ in counts]}),
+                                        len(lengths), mark_step=replay.steps[i]))
     c1, c2 = st.columns(2)
     show_chart(charts.histogram_chart(p, tau), c1)
     shown = charts.thin(i + 1)
