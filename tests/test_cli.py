@@ -206,7 +206,7 @@ def test_train_flags_take_their_defaults_and_help_from_the_spec_dataclasses():
     flags = {a.dest: a for a in train._actions}
     spec_flags = [name for name in OPTIONS if name in flags]
     # every spec option is a flag but these: --jsonl gives pairs, --full-budget stop_when_recalled, sweeps the rest
-    assert set(OPTIONS) - set(spec_flags) == {"pairs", "stop_when_recalled", "verify", "curriculum_stages", "history"}
+    assert set(OPTIONS) - set(spec_flags) == {"pairs", "stop_when_recalled", "verify", "history"}
     for name in spec_flags:
         if name not in ("layers", "text"):  # layers None: "all" for LoRA, "paper" for the bypass
             assert getattr(args, name) == default(name), name
