@@ -34,8 +34,7 @@ DEFAULT_RESOLUTION = 0.05  # the bracket's width at the end, hi / lo − 1
 DEFAULT_START = 32  # tokens at rank 1 for the first probe (start_length · rank at other ranks)
 PROGRESS_EVERY_S = 2.0  # while probes train, progress is also yielded this often
 # what every probe sets itself (SearchSpec.probe_spec): left out of the search's id
-PROBE_SETS = (("adapter", "rank"), ("data", "length"), ("data", "phonebook"), ("data", "seed"), ("train", "method"),
-              ("train", "seed"),
+PROBE_SETS = (("adapter", "rank"), ("data", "length"), ("data", "seed"), ("train", "method"), ("train", "seed"),
               ("train", "stop_when_recalled"), ("train", "verify"), ("train", "until"), ("train", "ot_when_empty"))
 
 
@@ -95,13 +94,14 @@ class SearchSpec:
         seeds or resolutions on the same template share their probes."""
         if self.name:
             return self.name
-        from memcore.sweep import HOW_NOT_WHAT
+        from memcore.sweep import identity
 
-        template = self.template.to_dict()
-        for how in HOW_NOT_WHAT:
-            template["train"].pop(how, None)
+        template = identity(self.template)
         for part, key in PROBE_SETS:  # every probe sets these itself
             template[part].pop(key, None)
+        if self.unit == "entries":  # the book's size is each probe's own
+            template["data"].pop("phonebook", None)
+            template["unit"], template["epochs"] = self.unit, self.epochs
         text = json.dumps({"frontier-search": template}, sort_keys=True, default=str)
         return "frontier-" + hashlib.sha1(text.encode()).hexdigest()[:10]
 

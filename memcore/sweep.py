@@ -24,6 +24,21 @@ SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512),
 
 
 HOW_NOT_WHAT = ("recompute", "history")  # TrainSpec fields left out of a sweep's id
+# TrainSpec fields added after sweeps were first stored, left out of an id while at their default: a sweep (or
+# frontier search) started before they existed keeps its id, and resumes, after an upgrade
+ADDED_AT_DEFAULT = {"plateau_on": "delta_loss", "batch_size": None, "curriculum_epochs": None}
+
+
+def identity(template: RunSpec) -> dict[str, Any]:
+    """What of a sweep's template names it (its id's hash): every setting but how a point runs (HOW_NOT_WHAT)
+    and the later settings at their defaults (ADDED_AT_DEFAULT)."""
+    d = template.to_dict()
+    for how in HOW_NOT_WHAT:  # settings that change how a point runs, not its numbers: same sweep
+        d["train"].pop(how, None)
+    for name, value in ADDED_AT_DEFAULT.items():
+        if name in d["train"] and d["train"][name] == value:
+            del d["train"][name]
+    return d
 
 
 @dataclass(frozen=True)
@@ -56,9 +71,7 @@ class SweepSpec:
         """Stable id: the name if given, else a hash of everything that defines the grid."""
         if self.name:
             return self.name
-        template = self.template.to_dict()
-        for how in HOW_NOT_WHAT:  # settings that change how a point runs, not its numbers: same sweep
-            template["train"].pop(how, None)
+        template = identity(self.template)
         # keyed "base" as it always was, so a sweep keeps its id
         d = {"base": template, "ranks": self.ranks, "lengths": self.lengths, "methods": self.methods,
              "seeds": self.seeds, "noises": self.noises}

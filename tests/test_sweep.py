@@ -179,3 +179,26 @@ def test_a_batched_lora_point_saves_a_stock_peft_adapter_that_gives_its_recorded
         p = torch.softmax(logits, -1).gather(1, torch.tensor(target)[:, None])[:, 0].numpy()
         recorded = store.replay(rid).p[-1]
         assert p == pytest.approx(recorded.astype(float), abs=2e-3), key
+
+
+def test_settings_added_later_leave_a_sweeps_id_alone_while_at_their_default():
+    """A sweep (or frontier search) stored before --plateau-on and --batch-size existed keeps its id, so the same
+    command resumes it; setting one of them names another sweep."""
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    from memcore.config import DataSpec, RunSpec, TrainSpec
+    from memcore.sweep import ADDED_AT_DEFAULT, HOW_NOT_WHAT, SweepSpec
+
+    template = RunSpec(data=DataSpec(random_tokens=64), train=TrainSpec(max_steps=30, until="converged"))
+    sweep = SweepSpec(template=template, ranks=(1, 2), lengths=(16, 32))
+    old = template.to_dict()  # as the id was built before the new settings: without them
+    for name in (*HOW_NOT_WHAT, *ADDED_AT_DEFAULT):
+        old["train"].pop(name, None)
+    d = {"base": old, "ranks": sweep.ranks, "lengths": sweep.lengths, "methods": sweep.methods, "seeds": sweep.seeds,
+         "noises": sweep.noises}
+    assert sweep.id == "sweep-" + hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    other = SweepSpec(template=replace(template, train=replace(template.train, plateau_on="recall")), ranks=(1, 2),
+                      lengths=(16, 32))
+    assert other.id != sweep.id
