@@ -60,6 +60,7 @@ def settings(args: argparse.Namespace):
 
 
 def open_home(home: Path):
+    """A memcore store under `home`, the converted default model linked in rather than converted again."""
     from memcore.home import default_model_dir
     from memcore.store import Store
 

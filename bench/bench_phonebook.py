@@ -30,7 +30,10 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
+
+from bench_memft import open_home  # noqa: E402  (one memcore home per benchmark, the default model linked in)
 
 BITS_PER_ENTRY = 10 * math.log2(10)  # a uniformly random 10-digit number
 METHODS = ("sft", "memft-ot", "memft-sw")
@@ -52,16 +55,6 @@ def settings(args: argparse.Namespace):
     return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods), seeds=tuple(args.seeds),
                       resolution=args.resolution, unit="entries", epochs=args.epochs, start_length=args.start,
                       max_length=args.most)
-
-
-def open_home(home: Path):
-    from memcore.home import default_model_dir
-    from memcore.store import Store
-
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "models").exists():
-        (home / "models").symlink_to(default_model_dir().parent, target_is_directory=True)
-    return Store(home)
 
 
 def run(args: argparse.Namespace) -> int:

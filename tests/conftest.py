@@ -71,3 +71,21 @@ def tiny_base(tiny_model_dir: Path):
     from memcore.loading import load_base
 
     return load_base(ModelSpec(name=str(tiny_model_dir)))
+
+
+@pytest.fixture
+def bypassed(tiny_base):
+    """Yields a function that attaches an adapter to the shared tiny base (Base.adapted; by default the paper's bypass
+    at rank 2), one at a time; the last one comes off when the test ends."""
+    from contextlib import ExitStack
+
+    from memcore.config import AdapterSpec
+
+    held = ExitStack()
+
+    def attach(spec=AdapterSpec(rank=2, layers="paper", kind="bypass"), seed=0):
+        held.close()
+        return held.enter_context(tiny_base.adapted(spec, seed=seed))
+
+    with held:
+        yield attach

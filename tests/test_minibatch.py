@@ -1,29 +1,16 @@
 """Minibatches of many samples (the paper's PhoneBook): epochs, reshuffling, memft-sw's temporal curriculum, and a
 training loop whose reports still cover every sample."""
 
-from contextlib import ExitStack
 
 import numpy as np
 import pytest
 import torch
 
-from memcore.config import AdapterSpec, DataSpec, MemcoreError, TrainSpec
+from memcore.config import DataSpec, MemcoreError, TrainSpec
 from memcore.data import build_samples, make_batch
 from memcore.measure import token_losses
 from memcore.objectives import minibatch
 from memcore.train import train_iter
-
-
-@pytest.fixture
-def bypassed(tiny_base):
-    held = ExitStack()
-
-    def attach(spec=AdapterSpec(rank=2, layers="paper", kind="bypass"), seed=0):
-        held.close()
-        return held.enter_context(tiny_base.adapted(spec, seed=seed))
-
-    with held:
-        yield attach
 
 
 def _book(base, n=6):

@@ -1,7 +1,6 @@
 """The paper's regime: its data layouts (JSONL, random tokens), its bypass adapter, and training to convergence."""
 
 import json
-from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -96,20 +95,6 @@ def test_random_tokens_are_seeded_ordinary_and_uniform(default_base):
 
 
 # --- the bypass adapter -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bypassed(tiny_base):
-    """Yields a function that attaches an adapter to the shared tiny base (Base.adapted), one at a time; the last
-    one comes off when the test ends."""
-    held = ExitStack()
-
-    def attach(spec=AdapterSpec(rank=2, layers="paper", kind="bypass"), seed=0):
-        held.close()
-        return held.enter_context(tiny_base.adapted(spec, seed=seed))
-
-    with held:
-        yield attach
 
 
 def _batch(base, text="Seven pale moths circled the lamp until the kettle sang."):
