@@ -177,15 +177,17 @@ def entries_html(labels: Sequence[str], answers: Sequence[str], worst_p: Sequenc
 def entries_chart(history: pd.DataFrame, n_entries: int, mark_step: int | None = None) -> alt.Chart:
     """Entries recalled (every token's argmax right) and entries above τ (every token's p > τ) over the steps:
     `history` with columns step, entries_recalled, entries_above; the y axis spans 0..n_entries."""
-    long = history.melt(id_vars=["step"], value_vars=["entries_recalled", "entries_above"], var_name="count",
+    long = history.melt(id_vars=["step"], value_vars=["entries_recalled", "entries_above"], var_name="series",
                         value_name="entries")
-    long["count"] = long["count"].map({"entries_recalled": "recalled (argmax right)",
+    long["series"] = long["series"].map({"entries_recalled": "recalled (argmax right)",
                                        "entries_above": "every token above τ"})
     chart = _line_mark(alt.Chart(long), long["step"].nunique()).encode(
         x=alt.X("step:Q", title="step"),
         y=alt.Y("entries:Q", title=f"entries of {n_entries:,}", scale=alt.Scale(domain=[0, max(1, n_entries)])),
-        color=alt.Color("count:N", title=None, legend=alt.Legend(orient="bottom")),
-        tooltip=["step:Q", "count:N", "entries:Q"]).properties(height=220, title="Entries recalled over the steps")
+        color=alt.Color("series:N", title=None,  # at the side: a bottom legend eats the chart's height
+                        scale=alt.Scale(domain=["recalled (argmax right)", "every token above τ"],
+                                        range=[BLUE, GREEN])),
+        tooltip=["step:Q", "series:N", "entries:Q"]).properties(height=220, title="Entries recalled over the steps")
     if mark_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(strokeDash=[4, 3], color="#555").encode(
             x="step:Q")
