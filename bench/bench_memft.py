@@ -232,16 +232,35 @@ def _ci(fit, name: str) -> str:
 
 
 def compare(args: argparse.Namespace) -> int:
+    """Each method against sft at equal steps on a sweep table: per (method, rank, length) cell the seed means, the
+    cells where MemFT does not win marked, then the overall means and ratios (no intervals: see `report`)."""
     from memcore.frontier import method_comparison
     from memcore.law import read_law_csv
 
     df = read_law_csv(args.csv)
     cells, overall = method_comparison(df, "sft")
+    seeds = df.groupby(["method", "rank", "length"]).size().min()
+    print(f"{args.csv}: {len(df)} points, at least {seeds} seed(s) per cell; both methods get the same step budget "
+          "(a point run --until converged stops earlier once converged: 'steps' is what it used)")
+    print(f"{'method':<9} {'rank':>4} {'len':>5} | {'recall':>6} {'sft':>6} | {'tok acc':>7} {'sft':>6} | "
+          f"{'prefix':>6} {'sft':>6} | {'steps':>5} {'sft':>5} | wins")
+
+    def pair(r, c: str, f: str) -> str:
+        return f"{r[c]:{f}} {r[c + '_sft']:{f}}" if c in r else f"{'-':>6} {'-':>6}"
+
+    for _, r in cells.iterrows():
+        print(f"{r['method']:<9} {r['rank']:>4} {r['length']:>5} | {pair(r, 'exact_recall', '>6.2f')} | "
+              f"{pair(r, 'token_accuracy', '>6.3f')} | {pair(r, 'verbatim_prefix', '>6.1f')} | "
+              f"{pair(r, 'steps', '>5.0f')} | {r.get('wins', '-')}")
     for _, o in overall.iterrows():
-        print(f"{o['method']} vs sft over {o['cells']} cells (means; ratio = {o['method']} / sft):")
+        print(f"\n{o['method']} vs sft over {o['cells']} cells (means; ratio = {o['method']} / sft):")
         for c in ("exact_recall", "token_accuracy", "verbatim_prefix", "frac_above", "delta_loss", "steps"):
             if c in overall.columns:
                 print(f"  {c:<16} {o[c]:8.3f} vs {o[f'{c}_sft']:8.3f}   ratio {o[f'{c}_ratio']:.3f}")
+        if "wins" in cells.columns:
+            lost = cells[(cells["method"] == o["method"]) & (cells["wins"] == "no")]
+            where = ", ".join(f"r={r}/ℓ={ell}" for r, ell in zip(lost["rank"], lost["length"])) or "nowhere"
+            print(f"  does not win at: {where}")
     return 0
 
 
