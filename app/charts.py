@@ -182,7 +182,7 @@ def entries_chart(history: pd.DataFrame, n_entries: int, mark_step: int | None =
     long["series"] = long["series"].map({"entries_recalled": "recalled (argmax right)",
                                        "entries_above": "every token above τ"})
     chart = _line_mark(alt.Chart(long), long["step"].nunique()).encode(
-        x=alt.X("step:Q", title="step"),
+        x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("entries:Q", title=f"entries of {n_entries:,}", scale=alt.Scale(domain=[0, max(1, n_entries)])),
         color=alt.Color("series:N", title=None,  # at the side: a bottom legend eats the chart's height
                         scale=alt.Scale(domain=["recalled (argmax right)", "every token above τ"],

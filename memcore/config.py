@@ -251,11 +251,12 @@ class TrainSpec:
     seed: int = 0
     """Seed for adapter initialisation and dropout."""
     curriculum_stages: int = 5
-    """memft-sw with several samples: train on the first 1/k, 2/k, ... of them, k stages."""
+    """memft-sw only, with several samples: train on the first 1/K, 2/K, ... of them, in K stages."""
     batch_size: int | None = None
-    """Samples per step (minibatches of a PhoneBook, reshuffled every epoch; the reports still cover every sample,
-    each as last measured); None: every sample in every step. With memft-sw the curriculum then picks whole samples
-    by epoch (memcore.objectives.minibatch)."""
+    """Samples trained per step (minibatches of a PhoneBook, in an order reshuffled every epoch); the reports
+    still cover every sample: those trained this step measured afresh, the others as they were when last
+    trained. Unset: every sample in every step. With memft-sw the curriculum then admits whole samples by
+    epoch."""
     curriculum_epochs: tuple[int, ...] | None = None
     """memft-sw with minibatches: the epochs at which each curriculum stage but the last ends, e.g. 20,40,60,80 (the
     paper's PhoneBook at 1-2k answer tokens); unset: the stages share the step budget equally."""
@@ -300,13 +301,16 @@ class TrainSpec:
               f"batch size must be a whole number of samples >= 1, got {self.batch_size!r}")
         if self.curriculum_epochs is not None:
             e = self.curriculum_epochs
+            shown = ",".join(map(str, e)) if isinstance(e, tuple) else repr(e)
             _need(isinstance(e, tuple) and all(_is_int(x) and x >= 1 for x in e)
                   and all(a < b for a, b in zip(e, e[1:])),
-                  f"curriculum epochs must be increasing whole numbers >= 1, like 20,40,60,80; got {e!r}")
+                  f"--curriculum-epochs must be increasing whole numbers >= 1, like 20,40,60,80; got {shown}")
             _need(len(e) == self.curriculum_stages - 1,
-                  f"curriculum epochs give where each stage but the last ends: {self.curriculum_stages - 1} "
-                  f"epoch(s) for {self.curriculum_stages} stages, got {len(e)}")
-            _need(self.batch_size is not None, "curriculum epochs need a batch size (epochs of minibatches)")
+                  f"--curriculum-epochs gives the epoch at which each stage but the last ends: "
+                  f"{self.curriculum_stages} stages need {self.curriculum_stages - 1} numbers, got {len(e)} ({shown}); "
+                  f"give {self.curriculum_stages - 1}, or set --curriculum-stages {len(e) + 1}")
+            _need(self.batch_size is not None,
+                  "--curriculum-epochs counts epochs of minibatches: give --batch-size N as well")
         _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
               f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         _need(self.history in ("full", "decimated"), f"history must be full or decimated, got {self.history!r}")

@@ -63,11 +63,12 @@ def test_memft_sw_on_many_samples_is_the_papers_temporal_curriculum():
 def test_minibatch_settings_are_checked():
     with pytest.raises(MemcoreError, match="batch size"):
         TrainSpec(batch_size=0)
-    with pytest.raises(MemcoreError, match="4 epoch"):
+    with pytest.raises(MemcoreError,
+                       match=r"5 stages need 4 numbers, got 2 \(20,40\); give 4, or set --curriculum-stages 3"):
         TrainSpec(method="memft-sw", batch_size=2, curriculum_epochs=(20, 40))
-    with pytest.raises(MemcoreError, match="increasing"):
+    with pytest.raises(MemcoreError, match="increasing whole numbers >= 1, like 20,40,60,80; got 20,10,60,80"):
         TrainSpec(method="memft-sw", batch_size=2, curriculum_epochs=(20, 10, 60, 80))
-    with pytest.raises(MemcoreError, match="need a batch size"):
+    with pytest.raises(MemcoreError, match="give --batch-size N as well"):
         TrainSpec(method="memft-sw", curriculum_epochs=(2, 4, 6, 8))
 
 

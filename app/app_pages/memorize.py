@@ -152,7 +152,12 @@ except Exception as e:  # tokenizer of an unreachable model, say
     problem = error_text(e)
 with left:
     if specs is not None and problem is None:
-        st.caption(f"**{n_tokens:,} target tokens** · limit {specs[0].data.max_tokens:,} · model context {context:,}")
+        limit = specs[0].data.max_tokens
+        if source == "PhoneBook":  # many samples: the limit is per entry, the total bounded by memory
+            st.caption(f"**{n_tokens:,} target tokens** in {data['phonebook']:,} entries · limit {limit:,} per "
+                       f"entry · model context {context:,}")
+        else:
+            st.caption(f"**{n_tokens:,} target tokens** · limit {limit:,} · model context {context:,}")
     elif problem and (any(data.values()) or input_error):
         st.error(problem)
 

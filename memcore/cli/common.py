@@ -216,8 +216,8 @@ def run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults: 
     spec(src, "phonebook", metavar="N")
     spec(src, "random_tokens", metavar="N")
     src.add_argument("--jsonl", metavar="FILE", help="JSONL of prompt/target pairs (or - for stdin): the paper's "
-                     "PhoneBook lines {query, target} (all trained as one batch) or long-context lines {question, "
-                     "matching} (one long target)")
+                     "PhoneBook lines {query, target} (trained together, or --batch-size N a step) or long-context "
+                     "lines {question, matching} (one long target)")
     src.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
                      help="the JSONL keys holding the prompt and the target, for other layouts")
     src.add_argument("--jsonl-line", type=int, metavar="N", help="train only the N-th JSON line (1-based)")
