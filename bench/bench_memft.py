@@ -70,6 +70,19 @@ def open_home(home: Path):
     return Store(home)
 
 
+def run_search(fs, t0: float, prefix: str = ""):
+    """Run a FrontierSearch to its end, printing a line each time a probe completes (seconds since t0, probes done
+    and training, steps, every bracket); returns its last SearchProgress."""
+    done = -1
+    for p in fs.run():
+        if p.probes_done != done:
+            done = p.probes_done
+            print(f"[{time.perf_counter() - t0:6.0f} s] {prefix}{p.probes_done} probes done, {p.in_flight} training, "
+                  f"{p.steps} steps   " + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
+                  flush=True)
+    return p
+
+
 def reference_lengths(brackets, method: str = "sft") -> dict[int, float]:
     """rank -> ℓ* of `method`'s bracket (geometric mean of its ends; its one end when pinned)."""
     out = {}
@@ -107,13 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"search {search.id} into {args.home}: ranks {list(search.ranks)}, methods {list(search.methods)}, "
           f"seeds {list(search.seeds)}", flush=True)
     fs = FrontierSearch(search, store, batch=args.batch)
-    done = -1
-    for p in fs.run():
-        if p.probes_done != done:
-            done = p.probes_done
-            print(f"[{time.perf_counter() - t0:6.0f} s] stage 1: {p.probes_done} probes done, {p.in_flight} training, "
-                  f"{p.steps} steps   " + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
-                  flush=True)
+    p = run_search(fs, t0, "stage 1: ")
     if p.stopped:
         return 1
     todo = []

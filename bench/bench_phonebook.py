@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from bench_memft import open_home  # noqa: E402  (one memcore home per benchmark, the default model linked in)
+from bench_memft import open_home, run_search  # noqa: E402  (one memcore home per benchmark, the default model linked in)
 
 BITS_PER_ENTRY = 10 * math.log2(10)  # a uniformly random 10-digit number
 METHODS = ("sft", "memft-ot", "memft-sw")
@@ -64,14 +64,7 @@ def run(args: argparse.Namespace) -> int:
     search = settings(args)
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}", flush=True)
-    done = -1
-    fs = FrontierSearch(search, store, batch=args.batch)
-    for p in fs.run():
-        if p.probes_done != done:
-            done = p.probes_done
-            print(f"[{time.perf_counter() - t0:6.0f} s] {p.probes_done} probes done, {p.in_flight} training, "
-                  f"{p.steps} steps   " + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
-                  flush=True)
+    p = run_search(FrontierSearch(search, store, batch=args.batch), t0)
     print(f"done in {time.perf_counter() - t0:.0f} s this time", flush=True)
     return 0 if not p.stopped else 1
 
