@@ -649,12 +649,16 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
     return alt.layer(lines, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
 
 
-def frontier_brackets_chart(brackets: pd.DataFrame) -> alt.Chart:
+def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = None) -> alt.Chart:
     """Verbatim-recall frontiers as brackets per rank, one colour per source (a search, a shipped sweep): a bar from
     the longest length recalled (lo) to the shortest not recalled (hi), and a point at ℓ* between them. brackets:
-    rank, lo, hi, ell_star (tokens), source; lo or hi may be missing (an open end is drawn to the point alone).
-    Log axes, sources nudged apart in rank so that equal brackets both show."""
+    rank, lo, hi, ell_star (tokens), source; lo or hi may be missing (an open end is drawn to the point alone;
+    a bracket with neither end is left out). Log axes, sources nudged apart in rank so that equal brackets both
+    show. runs (optional): a user's runs placed against the brackets, columns rank, length (target tokens), label
+    and recalled (bool): a filled black diamond when recalled verbatim, a hollow one when not."""
     df = brackets.copy()
+    df["ell_star"] = df["ell_star"].fillna(df["lo"]).fillna(df["hi"])
+    df = df[df["ell_star"].notna()]
     sources = list(dict.fromkeys(df["source"]))
     nudge = {s: 1.06 ** (i - (len(sources) - 1) / 2) for i, s in enumerate(sources)}
     df["x"] = [r * nudge[s] for r, s in zip(df["rank"], df["source"])]
@@ -674,4 +678,40 @@ def frontier_brackets_chart(brackets: pd.DataFrame) -> alt.Chart:
         x=x, y=alt.Y("lo_y:Q", scale=alt.Scale(type="log"), axis=alt.Axis(tickCount=6, grid=False)), y2="hi_y:Q",
         color=color, tooltip=tips)
     points = alt.Chart(df).mark_point(filled=True, size=70).encode(x=x, y=y, color=color, tooltip=tips)
-    return alt.layer(bars, points).properties(height=320)
+    layers = [bars, points]
+    if runs is not None and len(runs):
+        mine = runs.assign(x=runs["rank"].astype(float), ell_star=runs["length"].astype(float),
+                           how=["recalled verbatim" if bool(r) else "not recalled" for r in runs["recalled"]])
+        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=110, color="black", strokeWidth=1.5).encode(
+            x=x, y=y, fill=alt.Fill("how:N", title="your runs", legend=alt.Legend(orient="bottom"),
+                                    scale=alt.Scale(domain=["recalled verbatim", "not recalled"],
+                                                    range=["black", "white"])),
+            tooltip=["label:N", "rank:Q", alt.Tooltip("length:Q", title="target tokens"), "how:N"]))
+    return alt.layer(*layers).properties(height=320)
+
+
+def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
+    """One measure's paired differences (method − baseline on the same seeds) as a point at the mean with its 95%
+    interval, one row per (method, rank, length) cell, a rule at 0; coloured by verdict (wins green, loses red,
+    tie grey, one seed light grey, no interval drawn). paired: memcore.frontier.paired_differences rows (method,
+    rank, length, measure, mean, lo, hi, n, verdict; optional where)."""
+    d = paired[paired["measure"] == measure].copy()
+    where = d["where"].astype(str) if "where" in d else pd.Series([""] * len(d), index=d.index)
+    d["cell"] = [f"{m} · r{r} · ℓ={ell}" + (f" ({w})" if w else "")
+                 for m, r, ell, w in zip(d["method"], d["rank"], d["length"], where)]
+    d[["lo", "hi"]] = d[["lo", "hi"]].astype(float)
+    verdicts = ["wins", "tie", "loses", "one seed"]
+    color = alt.Color("verdict:N", title="against sft", legend=alt.Legend(orient="right"),
+                      scale=alt.Scale(domain=verdicts, range=["#2ca02c", "#7f7f7f", "#d62728", "#c7c7c7"]))
+    y = alt.Y("cell:N", title=None, sort=list(d["cell"]), axis=alt.Axis(labelLimit=320))
+    tips = ["cell:N", alt.Tooltip("mean:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f", title="95% lo"),
+            alt.Tooltip("hi:Q", format="+.3f", title="95% hi"), alt.Tooltip("n:Q", title="seeds"), "verdict:N"]
+    span = d[["mean", "lo", "hi"]].abs().max().max()
+    span = float(span) * 1.1 if np.isfinite(span) and span > 0 else 1.0
+    x = alt.X("mean:Q", title=title, scale=alt.Scale(domain=[-span, span]))
+    zero = alt.Chart(pd.DataFrame({"mean": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x=x)
+    bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2).encode(
+        x=alt.X("lo:Q", scale=alt.Scale(domain=[-span, span]), title=title), x2="hi:Q", y=y, color=color,
+        tooltip=tips)
+    points = alt.Chart(d).mark_point(filled=True, size=60).encode(x=x, y=y, color=color, tooltip=tips)
+    return alt.layer(zero, bars, points).properties(height=max(60, 22 * len(d)))

@@ -25,6 +25,7 @@ Every setting is a flag, so the paper's grid on a GPU is the same command with -
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -157,7 +158,7 @@ def report(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from memcore.frontier import paired_differences
-    from memcore.law import compare_forms
+    from memcore.law import comparable_settings, compare_forms
     from memcore.search import FrontierSearch, search_result
     from memcore.sweep import sweep_table
 
@@ -220,7 +221,12 @@ def report(args: argparse.Namespace) -> int:
         fr.to_csv(out / "long_context_frontier.csv", index=False)
         paired.to_csv(out / "long_context_paired.csv", index=False)
         pd.DataFrame(law_rows).to_csv(out / "long_context_law.csv", index=False)
-        print(f"\nwrote {out}/long_context_{{points,frontier,paired,law}}.csv")
+        side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
+                "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
+                "points": int(len(df)), "steps": int(df["steps"].sum()),
+                "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}"}
+        (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
+        print(f"\nwrote {out}/long_context_{{points,frontier,paired,law}}.csv and long_context.json")
     return 0
 
 

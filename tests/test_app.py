@@ -506,3 +506,70 @@ def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
     assert "script" not in tags
     at = _app("app_pages/runs.py")
     assert not at.exception and _html(at).count('class="mc-entry') == 6
+
+
+def _benchmark_tables(folder: Path) -> None:
+    """Benchmark tables as `bench_memft.py report --out` writes them, from a synthetic table where memft-ot recalls
+    in 20 fewer steps than sft on every seed (a clear win) and memft-sw in the same steps ± noise (a tie)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from memcore.frontier import paired_differences
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        level = rng.normal(100, 20)  # a per-seed level that pairing cancels
+        for m, shift in (("sft", 0.0), ("memft-ot", -20.0), ("memft-sw", 0.0)):
+            rows.append({"method": m, "rank": 1, "length": 20, "where": "0.5ℓ*", "seed": seed,
+                         "steps": level + shift + rng.normal(0, 1 if m != "memft-sw" else 8)})
+    paired = paired_differences(pd.DataFrame(rows), ["steps"], by=("rank", "length", "where"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paired.to_csv(folder / "long_context_paired.csv", index=False)
+    pd.DataFrame([{"method": m, "rank": r, "outcome": "bracketed", "lo": lo, "hi": hi, "lo_rate": 1.0,
+                   "hi_rate": 0.0, "bits_per_param": 0.6}
+                  for m, r, lo, hi in (("sft", 1, 38, 40), ("memft-ot", 1, 40, 42), ("memft-sw", 1, 36, 38),
+                                       ("sft", 2, 76, 80), ("memft-ot", 2, 80, None), ("memft-sw", 2, None, None))
+                  ]).to_csv(folder / "long_context_frontier.csv", index=False)
+    (folder / "long_context.json").write_text(json.dumps({"settings": {"adapter": "bypass", "data": "random tokens"},
+                                                          "note": "synthetic"}))
+
+
+def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tmp_path, monkeypatch):
+    """The benchmark's frontier per method (brackets, open ends in words), the paired differences with their
+    verdicts drawn and counted, and a user's own run placed against the brackets with what it differs in."""
+    from common import get_store
+
+    from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
+    from memcore.runner import execute, prepare
+
+    monkeypatch.setenv("MEMCORE_BENCHMARK_DIR", str(tmp_path / "none"))
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    assert "MemFT against SFT, settled with intervals" in [h.value for h in at.subheader]
+    assert any("bench/bench_memft.py run" in i.value for i in at.info)  # nothing yet: the command to make it
+
+    _benchmark_tables(tmp_path / "paper")
+    monkeypatch.setenv("MEMCORE_BENCHMARK_DIR", str(tmp_path / "paper"))
+    store = get_store()
+    spec = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), data=DataSpec(text="A run of my own."),
+                   train=TrainSpec(method="memft-ot", max_steps=2))
+    base, samples = prepare(spec, home=store.home)
+    execute(spec, store, base, samples)
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    md = " ".join(m.value for m in at.markdown)
+    assert "**memft-ot − sft**: of 1 comparisons it wins 1, ties 0, loses 0." in md
+    assert "**memft-sw − sft**: of 1 comparisons it wins 0, ties 1, loses 0." in md
+    table = next(t.value for t in at.dataframe if "frontier between (tokens)" in t.value.columns)
+    assert list(table["method"]) == ["sft", "sft", "memft-ot", "memft-ot", "memft-sw", "memft-sw"]
+    assert list(table["frontier between (tokens)"]) == ["38 – 40", "76 – 80", "40 – 42", "≥ 80", "36 – 38",
+                                                        "not yet known"]
+    specs = [c.proto.spec for c in at.get("vega_lite_chart")]
+    fronts = [s for s in specs if "shortest not recalled" in s and "memft-sw" in s]  # the benchmark's brackets
+    assert len(fronts) == 1 and '"title": "your runs"' in fronts[0] and "A run of my own" not in fronts[0]
+    assert "recalled verbatim" in fronts[0] and "not recalled" in fronts[0]
+    assert any("95% lo" in s and "against sft" in s for s in specs)  # the paired chart
+    assert "differs from the sweep in adapter lora (sweep: bypass)" in " ".join(c.value for c in at.caption)

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import altair as alt
+import benchmark_view
 import charts
 import numpy as np
 import pandas as pd
@@ -250,6 +251,8 @@ if has_recall(data):
         st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled "
                    "to the frontier length and divided by P_eff. References: about 2 bits/param for knowledge "
                    "(Allen-Zhu & Li), 3.6 for random data (Morris et al. 2025).")
+
+benchmark_view.render(store)
 
 # --- what if ---------------------------------------------------------------------------------------------------
 st.subheader("What if")

@@ -1,0 +1,150 @@
+"""The law page's benchmark section: the paper's two benchmarks as `bench/bench_memft.py report --out` and
+`bench/bench_phonebook.py report --out` wrote them (sample_data/paper by default, or the folder named by
+MEMCORE_BENCHMARK_DIR): per method the verbatim-recall frontier with its bracket, the paired MemFT − SFT
+differences with 95% intervals, the law fitted past the frontier and the PhoneBook's capacity in facts, with the
+user's own runs placed against the frontier."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import charts
+import pandas as pd
+import streamlit as st
+from common import show_chart
+
+from memcore.law import own_runs, sweep_mismatches
+
+SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
+ORDER = ("sft", "memft-ot", "memft-sw")
+MEASURES = {  # paired measure -> what the axis says
+    "steps": "steps to exact recall (fewer is better)",
+    "exact_recall": "exact recall (share of seeds)",
+    "token_accuracy": "token accuracy",
+    "frac_above": "share of tokens with p > τ",
+    "verbatim_prefix": "verbatim prefix (tokens)",
+    "delta_loss": "ΔL (nats/token)",
+}
+COMMANDS = ("python bench/bench_memft.py run && python bench/bench_memft.py report --out sample_data/paper",
+            "python bench/bench_phonebook.py run && python bench/bench_phonebook.py report --out sample_data/paper")
+
+
+def folder() -> Path:
+    """Where the benchmark tables are read from: $MEMCORE_BENCHMARK_DIR, else the shipped sample_data/paper."""
+    env = os.environ.get("MEMCORE_BENCHMARK_DIR")
+    return Path(env).expanduser() if env else SHIPPED_PAPER
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        st.warning(f"Could not read {path.name}: {e}")
+        return None
+    return df if len(df) else None
+
+
+def _order(methods) -> list[str]:
+    return sorted(set(methods), key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+
+
+def _ends(lo, hi) -> str:
+    lo = None if lo is None or (isinstance(lo, float) and math.isnan(lo)) else int(lo)
+    hi = None if hi is None or (isinstance(hi, float) and math.isnan(hi)) else int(hi)
+    if lo is not None and hi is not None:
+        return f"{lo} – {hi}"
+    return f"≥ {lo}" if lo is not None else f"< {hi}" if hi is not None else "not yet known"
+
+
+def _rate(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.0%}"
+
+
+def frontier_table(front: pd.DataFrame, unit: str = "tokens") -> pd.DataFrame:
+    """The frontier rows as a reader reads them: method, rank, the bracket, the recall rate at its ends and bits
+    per parameter. front: long_context_frontier.csv / phonebook_capacity.csv rows (method, rank, lo, hi, lo_rate,
+    hi_rate; optional bits_per_param)."""
+    rows = []
+    for _, r in front.iterrows():
+        row = {"method": r["method"], "rank": int(r["rank"]), f"frontier between ({unit})": _ends(r["lo"], r["hi"]),
+               "recall rate at the ends": f"{_rate(r.get('lo_rate'))} / {_rate(r.get('hi_rate'))}"}
+        bpp = r.get("bits_per_param")
+        row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{float(bpp):.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict_line(paired: pd.DataFrame, method: str) -> str:
+    """One sentence: over how many (cell, measure) pairs `method` wins, ties or loses against sft."""
+    d = paired[paired["method"] == method]
+    counts = d["verdict"].value_counts()
+    parts = [f"wins {counts.get('wins', 0)}", f"ties {counts.get('tie', 0)}", f"loses {counts.get('loses', 0)}"]
+    if counts.get("one seed", 0):
+        parts.append(f"{counts['one seed']} with one seed only")
+    return f"**{method} − sft**: of {len(d)} comparisons it " + ", ".join(parts) + "."
+
+
+def render(store) -> None:
+    """Draw the section; a note with the commands when no tables have been written yet."""
+    where = folder()
+    st.subheader("MemFT against SFT, settled with intervals")
+    front = _read(where / "long_context_frontier.csv")
+    paired = _read(where / "long_context_paired.csv")
+    law = _read(where / "long_context_law.csv")
+    book = _read(where / "phonebook_capacity.csv")
+    side = where / "long_context.json"
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    if front is None and book is None:
+        st.info(f"No benchmark tables in {where} yet. They come from\n\n```\n{COMMANDS[0]}\n{COMMANDS[1]}\n```\n\n"
+                "(hours on a CPU; the README says how long and how to run the paper's grid on a GPU).")
+        return
+    st.caption(f"From {where}" + (f" · {meta['note']}" if meta.get("note") else "") + ". Random tokens at the "
+               "paper's placement (bypass adapter), every point trained until recalled, on a plateau of tokens above "
+               "τ and argmax-right tokens, or at the step budget; the same seeds (and so the same data) for every "
+               "method.")
+    if front is not None:
+        front = front.assign(method=pd.Categorical(front["method"], _order(front["method"]), ordered=True)) \
+            .sort_values(["method", "rank"]).assign(method=lambda d: d["method"].astype(str))
+        st.markdown("**Verbatim-recall frontier per method**: the bar runs from the longest length every seed (or "
+                    "most) recalled to the shortest they did not; the point is ℓ* between them.")
+        brackets = front.assign(source=front["method"], ell_star=[
+            math.sqrt(lo * hi) if pd.notna(lo) and pd.notna(hi) else (lo if pd.notna(lo) else hi)
+            for lo, hi in zip(front["lo"], front["hi"])])
+        mine = own_runs(store)
+        show_mine = st.toggle("Place your own runs", value=len(mine) > 0, key="bench_mine")
+        runs = None
+        if show_mine and len(mine):
+            runs = mine.assign(label=[f"your run {rid} ({m})" for rid, m in zip(mine["run_id"], mine["method"])],
+                               recalled=mine["exact_recall"] > 0.5)
+            settings = meta.get("settings")
+            notes = sweep_mismatches(store, settings) if settings else []
+            if notes:
+                st.caption("Some of your runs were not trained like the benchmark, so they need not agree with its "
+                           "brackets: " + "; ".join(notes[:4]) + (f"; … and {len(notes) - 4} more" if len(notes) > 4
+                                                                 else "") + ".")
+        if brackets["ell_star"].notna().any():
+            show_chart(charts.frontier_brackets_chart(brackets, runs))
+        st.dataframe(frontier_table(front), hide_index=True, width="stretch")
+    if paired is not None:
+        st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
+                    "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "
+                    "excludes 0 on the better side); red: it loses; grey: a tie.")
+        for m in _order(paired["method"]):
+            st.markdown(verdict_line(paired, m))
+        for measure in [c for c in MEASURES if c in set(paired["measure"])]:
+            show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
+        with st.expander("The paired table"):
+            st.dataframe(paired, hide_index=True, width="stretch")
+    if law is not None:
+        st.markdown("**The law past the frontier** (plateau ΔL of the points not recalled, per method):")
+        st.dataframe(law, hide_index=True, width="stretch")
+    if book is not None:
+        st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
+                    "(a 10-digit number carries 33.2 bits).")
+        st.dataframe(frontier_table(book, unit="entries"), hide_index=True, width="stretch")
+
