@@ -282,22 +282,30 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report"):
         p = sub.add_parser(name)
-        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft")
+        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft",
+                       help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
                        help="bypass (the paper's) or lora on the MLP of the same layer")
-        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        p.add_argument("--methods", nargs="+", default=list(METHODS))
-        p.add_argument("--max-steps", type=int, default=2000)
-        p.add_argument("--lr", type=float, default=3e-2)
-        p.add_argument("--plateau-window", type=int, default=200)
-        p.add_argument("--resolution", type=float, default=0.05)
-        p.add_argument("--batch", default="auto")
+        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="adapter ranks (default: %(default)s)")
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                       help="seeds; seed s draws the same random tokens for every method (default: %(default)s)")
+        p.add_argument("--methods", nargs="+", default=list(METHODS),
+                       help="methods; sft is the baseline (default: %(default)s)")
+        p.add_argument("--max-steps", type=int, default=2000, help="step budget per point (default: %(default)s)")
+        p.add_argument("--lr", type=float, default=3e-2,
+                       help="learning rate (default: %(default)s; the paper's 1e-2 on a GPU)")
+        p.add_argument("--plateau-window", type=int, default=200,
+                       help="steps without a new best in tokens above τ or argmax-right tokens that end a point "
+                            "(default: %(default)s)")
+        p.add_argument("--resolution", type=float, default=0.05,
+                       help="the frontier is placed within this fraction of its length (default: %(default)s)")
+        p.add_argument("--batch", default="auto",
+                       help="points trained together: a number or auto (default: %(default)s)")
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
     c = sub.add_parser("compare")
-    c.add_argument("--csv", default=str(SHIPPED))
+    c.add_argument("--csv", default=str(SHIPPED), help="a sweep table (default: the shipped capacity sweep)")
     args = ap.parse_args()
     if getattr(args, "batch", "auto") != "auto":
         args.batch = int(args.batch)

@@ -121,21 +121,28 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report"):
         p = sub.add_parser(name)
-        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-phonebook")
-        p.add_argument("--model")
-        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
-        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-        p.add_argument("--methods", nargs="+", default=list(METHODS))
-        p.add_argument("--batch-size", type=int, default=10)
-        p.add_argument("--epochs", type=int, default=200)
-        p.add_argument("--lr", type=float, default=1e-2)
-        p.add_argument("--plateau-window", type=int, default=200)
-        p.add_argument("--resolution", type=float, default=0.1)
+        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-phonebook",
+                       help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
+        p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
+        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8],
+                       help="adapter ranks (default: %(default)s)")
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                       help="seeds; seed s draws the same book for every method (default: %(default)s)")
+        p.add_argument("--methods", nargs="+", default=list(METHODS),
+                       help="methods; sft is the baseline (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=10, help="entries per training step (default: %(default)s)")
+        p.add_argument("--epochs", type=int, default=200, help="epoch budget per probe (default: %(default)s)")
+        p.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: %(default)s)")
+        p.add_argument("--plateau-window", type=int, default=200,
+                       help="steps without a new best in tokens above τ or argmax-right tokens that end a probe "
+                            "(default: %(default)s)")
+        p.add_argument("--resolution", type=float, default=0.1,
+                       help="the largest book is placed within this fraction of its size (default: %(default)s)")
         p.add_argument("--start", type=int, default=8, help="entries of the first probe at rank 1 (times the rank)")
         p.add_argument("--most", type=int, default=1000, help="the largest book searched")
         p.add_argument("--batch", type=int, default=8, help="probes trained together")
         if name == "report":
-            p.add_argument("--out")
+            p.add_argument("--out", help="write the tables as CSV files here")
     args = ap.parse_args()
     return {"run": run, "report": report}[args.cmd](args)
 

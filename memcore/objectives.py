@@ -155,6 +155,30 @@ def _stage_starts(spec: TrainSpec, n_rows: int) -> list[tuple[int, int, int, int
     return out
 
 
+def schedule_notes(spec: TrainSpec, n_rows: int) -> list[str]:
+    """Plain-words notes on settings that will not do what their flags suggest for a run of `n_rows` samples (none
+    when all is well): curriculum flags that only memft-sw on several samples in minibatches uses, and a step
+    budget that ends before the curriculum's later stages (whose samples then never train)."""
+    notes = []
+    curriculum_set = spec.curriculum_epochs is not None or spec.curriculum_stages != 5
+    if curriculum_set and spec.method != "memft-sw":
+        notes.append(f"--curriculum-stages/--curriculum-epochs only shape memft-sw; this {spec.method} run trains "
+                     "every sample from the start")
+    elif curriculum_set and (spec.batch_size is None or n_rows < 2):
+        notes.append("the curriculum only applies to several samples trained in minibatches (--batch-size); this "
+                     "run trains " + ("one sample" if n_rows < 2 else "all samples every step") + " without it")
+    if spec.batch_size is None or spec.method != "memft-sw" or n_rows < 2:
+        return notes
+    starts = _stage_starts(spec, n_rows)
+    reached = [st for st in starts if st[0] < spec.max_steps]
+    if len(reached) < len(starts):
+        first_missed = starts[len(reached)]
+        notes.append(f"the step budget ({spec.max_steps}) ends in curriculum stage {len(reached)} of {len(starts)}: "
+                     f"only the first {reached[-1][2]} of {n_rows} samples ever train (stage {len(reached) + 1} "
+                     f"would start at step {first_missed[0]}); raise --max-steps or lower --curriculum-epochs")
+    return notes
+
+
 def minibatch(step: int, n_rows: int, spec: TrainSpec) -> Minibatch:
     """Which samples train at `step` when the run trains in minibatches of spec.batch_size samples.
 

@@ -367,3 +367,18 @@ def test_verbs_that_need_no_model_do_not_load_torch(home, tmp_path, verb):
                           env={**os.environ, "MEMCORE_HOME": str(home)})
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert "LOADED []" in done.stdout, done.stdout[-500:]
+
+
+def test_a_phonebook_run_speaks_of_entries_and_of_settings_that_do_nothing(home, tiny_model_dir, capsys):
+    """A book's summary counts the entries not recalled (not a token position across the whole book), and a
+    curriculum that the budget never reaches is said before training."""
+    code, out, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--phonebook", "6", "--method",
+                             "memft-sw", "--batch-size", "2", "--curriculum-epochs", "2,4,6,8", "--max-steps", "2",
+                             "--adapter", "bypass", "--rank", "1")
+    assert code == 0, err
+    assert "note: the step budget (2) ends in curriculum stage 1 of 5" in err
+    assert re.search(r"recalled +no: \d of 6 entries not recalled entry by entry", out)
+    assert "diverges at token" not in out
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--text", "one two three",
+                           "--method", "sft", "--curriculum-stages", "3", "--max-steps", "1")
+    assert code == 0 and "note: --curriculum-stages/--curriculum-epochs only shape memft-sw" in err

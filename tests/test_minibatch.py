@@ -9,7 +9,7 @@ import torch
 from memcore.config import DataSpec, MemcoreError, TrainSpec
 from memcore.data import build_samples, make_batch
 from memcore.measure import token_losses
-from memcore.objectives import minibatch
+from memcore.objectives import minibatch, schedule_notes
 from memcore.train import train_iter
 
 
@@ -58,6 +58,21 @@ def test_memft_sw_on_many_samples_is_the_papers_temporal_curriculum():
     plain = TrainSpec(method="memft-sw", batch_size=2, curriculum_stages=5, max_steps=50)
     assert [minibatch(s, 10, plain).stage for s in (0, 9, 10, 49)] == [1, 1, 2, 5]
     assert minibatch(0, 10, TrainSpec(method="sft", batch_size=2)).n_active == 10
+
+
+def test_settings_that_would_do_nothing_are_said():
+    """A curriculum given to another method, or without minibatches, and a budget that ends before the last stage
+    (its samples never train) each get a note; the paper's schedule with room to run gets none."""
+    paper = dict(batch_size=2, curriculum_epochs=(2, 4, 6, 8))
+    assert schedule_notes(TrainSpec(method="memft-sw", max_steps=100, **paper), 10) == []
+    assert schedule_notes(TrainSpec(method="sft", batch_size=2), 10) == []
+    [n] = schedule_notes(TrainSpec(method="sft", max_steps=100, **paper), 10)
+    assert "only shape memft-sw" in n and "sft run trains every sample" in n
+    [n] = schedule_notes(TrainSpec(method="memft-sw", curriculum_stages=3), 10)
+    assert "minibatches (--batch-size)" in n
+    # stage 3 of 5 starts at step 2 * (1 + 2) = 6: a 5-step budget ends in stage 2, training 4 of the 10 samples
+    [n] = schedule_notes(TrainSpec(method="memft-sw", max_steps=5, **paper), 10)
+    assert "ends in curriculum stage 2 of 5" in n and "first 4 of 10 samples" in n and "at step 6" in n
 
 
 def test_minibatch_settings_are_checked():

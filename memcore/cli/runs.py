@@ -62,6 +62,7 @@ def _run_in_foreground(args: argparse.Namespace, max_steps: int, stream: Callabl
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`memcore train`: one run in the foreground, its summary at the end. Returns the exit code."""
+    from memcore.objectives import schedule_notes
     from memcore.runner import execute_iter, prepare
 
     spec = spec_from_args(args)
@@ -69,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"loading {spec.model.name} ...", file=sys.stderr)
     base, samples = prepare(spec, home=store.home)
+    for note in schedule_notes(spec.train, len(samples)):
+        print(f"note: {note}", file=sys.stderr)
     return _run_in_foreground(args, spec.train.max_steps,
                               lambda stop: execute_iter(spec, store, base, samples, should_stop=stop, label=args.label))
 
@@ -105,7 +108,12 @@ def _fmt(x: Any, nd: int = 3) -> str:
 
 def _print_summary(s: RunSummary) -> None:
     how = "confirmed by greedy generate" if s.verified_by_generate else "every teacher-forced argmax right"
-    recall = f"yes, verbatim ({how})" if s.recalled else f"no: greedy decoding diverges at token {s.first_divergence}"
+    if s.recalled:
+        recall = f"yes, verbatim ({how})"
+    elif s.samples > 1 and s.samples_recalled is not None:  # a book: which entry, not a position across all of them
+        recall = f"no: {s.samples - s.samples_recalled} of {s.samples} entries not recalled entry by entry"
+    else:
+        recall = f"no: greedy decoding diverges at token {s.first_divergence}"
     lines = [
         f"run            {s.run_id}  ({s.ending})",
         f"steps          {s.steps}  ({_fmt(s.seconds_per_step, 2)} s/step)",
