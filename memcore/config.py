@@ -260,6 +260,12 @@ class TrainSpec:
     curriculum_epochs: tuple[int, ...] | None = None
     """memft-sw with minibatches: the epochs at which each curriculum stage but the last ends, e.g. 20,40,60,80 (the
     paper's PhoneBook at 1-2k answer tokens); unset: the stages share the step budget equally."""
+    after: str | None = None
+    """A run id: start from that run's final adapter (same model and placement) instead of a fresh one, and measure
+    its targets (and those of the runs it was itself trained after) at every step beside this run's own."""
+    keep: bool = False
+    """With --after: rehearse, i.e. train on the earlier runs' targets as well as this run's (under memft-ot an
+    earlier token carries weight only while it is below τ); without it they are measured, never trained."""
     checkpoint_every: float = 180.0
     """Save the adapter and optimizer state every this many seconds (0: never), so a killed run can resume."""
     history: History = "full"
@@ -311,6 +317,11 @@ class TrainSpec:
                   f"give {self.curriculum_stages - 1}, or set --curriculum-stages {len(e) + 1}")
             _need(self.batch_size is not None,
                   "--curriculum-epochs counts epochs of minibatches: give --batch-size N as well")
+        _need(self.after is None or (isinstance(self.after, str) and self.after.strip() != ""),
+              f"--after takes a run id, got {self.after!r}")
+        _need(isinstance(self.keep, bool), f"keep must be true or false, got {self.keep!r}")
+        _need(not self.keep or self.after is not None,
+              "--keep rehearses the targets of the run given by --after: give --after RUN as well")
         _need(_is_number(self.checkpoint_every) and self.checkpoint_every >= 0,
               f"checkpoint interval must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         _need(self.history in ("full", "decimated"), f"history must be full or decimated, got {self.history!r}")

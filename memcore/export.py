@@ -197,6 +197,10 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
                      f"weight decay {t.weight_decay:g}, seed {t.seed}; {summary.steps} steps taken, stopped: "
                      f"{summary.stop_reason}" + (f"; {summary.dtype} on {summary.device}" if summary.dtype else "")),
     ]
+    if summary.after:
+        rows.append(("trained after", " → ".join(f"run {r}" for r in summary.chain) + " → this run: it started from "
+                     f"run {summary.after}'s adapter" + (" and rehearsed the earlier targets (--keep)" if summary.keep
+                                                         else ", the earlier targets measured, not trained")))
     achieved = [
         ("exact recall (greedy)", recall),
         ("tokens above τ", f"{summary.n_above:,} / {summary.n_tokens:,}"),
@@ -205,6 +209,13 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
         ("ΔL", f"{summary.delta_loss:.4f} nats/token (base {summary.base_loss:.4f} → {summary.loss:.4f})"),
         ("bits stored", f"{summary.bits_stored:,.1f} bits, {summary.bits_per_param:.3g} bits per trainable parameter"),
     ]
+    if summary.after and summary.earlier_tokens:
+        m = summary.earlier_tokens
+        achieved.append(("earlier runs' targets", "recalled verbatim (teacher forced): "
+                         f"{_yes(summary.earlier_recalled)}; {summary.earlier_above:,} / {m:,} above τ, verbatim "
+                         f"prefix {summary.earlier_prefix:,}"
+                         + (f"; first lost verbatim recall at step {summary.earlier_lost_at}"
+                            if summary.earlier_lost_at is not None else "")))
 
     def table(items: list[tuple[str, str]]) -> str:
         return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)])

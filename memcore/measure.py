@@ -56,6 +56,14 @@ class StepReport:
     adapter: dict[str, Any] | None = None  # final report from train_many: the run's adapter (AdapterStack.state)
     batch_rows: list[int] | None = None  # minibatches: the samples this step measured afresh and trains (data order)
     epoch: int | None = None  # minibatches: the epoch this step belongs to (from 0)
+    # a run trained after another (TrainSpec.after): the earlier runs' targets, measured beside its own (the fields
+    # above cover its own targets only); None on a run without earlier targets
+    earlier_p: np.ndarray | None = None  # [M] float16, p of the correct token at each earlier target position
+    earlier_correct: np.ndarray | None = None  # [M] bool, teacher-forced argmax == earlier target
+    earlier_above: int | None = None  # earlier tokens with p > tau
+    earlier_recalled: bool | None = None  # every earlier argmax right
+    earlier_prefix: int | None = None  # earlier tokens before the first wrong argmax, in order (M when recalled)
+    rehearsal: float | None = None  # share of this step's update weight on earlier targets (0 without --keep)
 
     @property
     def n_tokens(self) -> int:
@@ -199,6 +207,15 @@ def read_targets(loss: torch.Tensor, correct: torch.Tensor, where: torch.Tensor)
     packed = torch.cat([loss.detach().flatten()[where].float(), correct.flatten()[where].float()]).cpu().numpy()
     n = where.numel()
     return packed[:n], packed[n:] > 0.5
+
+
+def fill_earlier(report: StepReport, fl: np.ndarray, fc: np.ndarray, tau: float) -> None:
+    """Set a report's measurements of the earlier runs' targets: losses `fl` [M] (nats), argmax-correct `fc` [M]."""
+    report.earlier_p = np.exp(-fl).astype(np.float16)
+    report.earlier_correct = fc
+    report.earlier_above = int((fl < obj.cut(tau)).sum())
+    report.earlier_recalled = bool(fc.all())
+    report.earlier_prefix = len(fc) if report.earlier_recalled else int(np.argmin(fc))
 
 
 def fill_report(report: StepReport, fl: np.ndarray, fc: np.ndarray, base_np: np.ndarray, tau: float) -> None:

@@ -207,14 +207,18 @@ class StepLosses:
     loss: [B, K] detached per-token cross-entropy (nats, 0 off the mask) on the device.
     correct: [B, K] bool, teacher-forced argmax == target, on the device.
     mask: [B, K] bool, target positions.
-    host_loss: [N] float32 host copy of the N target losses (row-major), for counting without a device sync.
-    step: optimizer updates applied so far."""
+    host_loss: [N] float32 host copy of the N target losses (row-major) that may carry weight, for counting
+    without a device sync.
+    step: optimizer updates applied so far.
+    own_rows: a run trained after another: its own rows come first, the earlier runs' after them (rehearsed, or
+    off the mask); memft-sw's curriculum counts the own rows only. None: every row is the run's own."""
 
     loss: torch.Tensor
     correct: torch.Tensor
     mask: torch.Tensor
     host_loss: np.ndarray
     step: int
+    own_rows: int | None = None
 
 
 def _sft(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
@@ -231,10 +235,12 @@ def _memft_ot(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[to
 def _memft_sw(spec: TrainSpec, s: StepLosses, window: SlidingWindow) -> tuple[torch.Tensor, int]:
     w = sw_weights(s.loss, s.correct, s.mask, spec.tau, window)
     n_rows = s.loss.shape[0]
-    n_train = n_rows if spec.batch_size is not None else \
-        curriculum_count(s.step, spec.max_steps, n_rows, spec.curriculum_stages)
-    if n_train < n_rows:  # the curriculum's later samples wait for their stage
-        w = w * (torch.arange(n_rows, device=w.device) < n_train).to(w.dtype)[:, None]
+    own = n_rows if s.own_rows is None else s.own_rows  # rows after the run's own: earlier targets, never delayed
+    n_train = own if spec.batch_size is not None else \
+        curriculum_count(s.step, spec.max_steps, own, spec.curriculum_stages)
+    if n_train < own:  # the curriculum's later samples wait for their stage
+        rows = torch.arange(n_rows, device=w.device)
+        w = w * ((rows < n_train) | (rows >= own)).to(w.dtype)[:, None]
     return w, int((w > 0).sum())
 
 

@@ -37,14 +37,36 @@ class StepRow:
     p: np.ndarray | None = None
     correct: np.ndarray | None = None
     final: bool = False  # the run's last report (sent live only; the store keeps the summary instead)
+    # a run trained after another: the earlier runs' targets (M tokens) at this step, and the share of the update
+    # weight spent rehearsing them (None on a run without earlier targets)
+    earlier_above: int | None = None
+    earlier_correct_n: int | None = None
+    earlier_tokens: int | None = None
+    earlier_recalled: bool | None = None
+    earlier_prefix: int | None = None
+    rehearsal: float | None = None
+    earlier_p: np.ndarray | None = None  # [M] float16 (None where p is None)
+    earlier_correct: np.ndarray | None = None  # [M] bool
 
     @classmethod
     def of(cls, report: Any) -> StepRow:
         """The row of a memcore.measure.StepReport."""
-        return cls(step=report.step, loss=report.loss, delta_loss=report.delta_loss, n_above=report.n_above,
-                   n_correct=report.n_correct, n_tokens=report.n_tokens, active=report.active,
-                   recalled=bool(report.recalled), first_divergence=report.first_divergence, elapsed=report.elapsed,
-                   lr=report.lr, skipped=bool(report.skipped), p=report.p, correct=report.correct, final=report.final)
+        row = cls(step=report.step, loss=report.loss, delta_loss=report.delta_loss, n_above=report.n_above,
+                  n_correct=report.n_correct, n_tokens=report.n_tokens, active=report.active,
+                  recalled=bool(report.recalled), first_divergence=report.first_divergence, elapsed=report.elapsed,
+                  lr=report.lr, skipped=bool(report.skipped), p=report.p, correct=report.correct, final=report.final)
+        if getattr(report, "earlier_p", None) is not None:
+            row.earlier_above, row.earlier_tokens = report.earlier_above, int(report.earlier_p.shape[0])
+            row.earlier_correct_n = int(report.earlier_correct.sum())
+            row.earlier_recalled, row.earlier_prefix = bool(report.earlier_recalled), report.earlier_prefix
+            row.rehearsal = report.rehearsal
+            row.earlier_p, row.earlier_correct = report.earlier_p, report.earlier_correct
+        return row
+
+    @property
+    def chained(self) -> bool:
+        """Whether the row measures earlier runs' targets too."""
+        return self.earlier_tokens is not None
 
     @property
     def frac_above(self) -> float:
@@ -134,6 +156,18 @@ class RunSummary:
     status: str | None = None  # the run's status when the summary was written
     device: str | None = None  # where it trained: cpu, cuda (None in older summaries)
     dtype: str | None = None  # the base model's compute dtype: float32, bfloat16, ... (None in older summaries)
+    # a run trained after another (TrainSpec.after): the chain and how the earlier runs' targets fared
+    after: str | None = None  # the run it started from
+    chain: list[str] = field(default_factory=list)  # every earlier run, oldest first (after is the last)
+    keep: bool = False  # the earlier targets were rehearsed (trained) as well
+    earlier_tokens: int | None = None  # the earlier runs' target tokens
+    earlier_above: int | None = None  # of them with p > tau at the end
+    earlier_correct: int | None = None  # of them with the argmax right at the end
+    earlier_recalled: bool | None = None  # every earlier argmax right at the end (teacher-forced: greedy decoding)
+    earlier_prefix: int | None = None  # earlier tokens recalled in order before the first wrong one, at the end
+    earlier_lost_at: int | None = None  # the step the earlier targets first lost verbatim recall (None: never)
+    earlier_regained_at: int | None = None  # the step they were recalled again after that (None: never)
+    rehearsal_share: float | None = None  # mean share of the update weight on earlier targets over the steps trained
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept on a round trip)
 
     @property

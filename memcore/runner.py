@@ -47,6 +47,73 @@ def prepare(spec: RunSpec, base: Base | None = None, home: Path | None = None) -
     return base, samples
 
 
+@dataclass
+class Earlier:
+    """What a run trained after another (TrainSpec.after) measures beside its own targets: the chain of runs before
+    it, oldest first (A, B for a run trained after B, itself trained after A), their target samples in that order,
+    each run's target token count, and the folder of the adapter it starts from (its parent's, the last run)."""
+
+    run_ids: list[str]
+    samples: list[Sample]
+    lengths: list[int]  # target tokens of each earlier run, in run_ids' order
+    adapter_dir: Path
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+CHAIN_SETTINGS = (("model", lambda s: s.model.name), ("adapter", lambda s: s.adapter.kind),
+                  ("rank", lambda s: s.adapter.rank), ("layers", lambda s: s.adapter.layers),
+                  ("targets", lambda s: s.adapter.targets), ("alpha", lambda s: s.adapter.alpha))
+
+
+def earlier_of(store: Store, spec: RunSpec) -> Earlier | None:
+    """The chain of runs `spec` is trained after (spec.train.after), or None. Raises MemcoreError, naming the run and
+    the reason, when the run is unknown, still training, has no saved adapter, was trained on another model or
+    placement (model, adapter kind, rank, layers, targets or alpha differ: each named with both values), or when
+    the chain runs in a circle."""
+    parent = spec.train.after
+    if parent is None:
+        return None
+    run = store.run(parent)
+    if run["status"] in ("queued", "running"):
+        raise MemcoreError(f"run {parent} is still {run['status']}: train after it once it has finished or stopped")
+    pspec = stored_run_spec(store, parent)
+    diff = [f"{name} {get(spec)!s} (run {parent}: {get(pspec)!s})" for name, get in CHAIN_SETTINGS
+            if get(spec) != get(pspec)]
+    if diff:
+        raise MemcoreError(f"--after {parent} continues that run's adapter, so the model and placement must be its "
+                           "own; this run differs in " + ", ".join(diff))
+    chain, rid = [], parent
+    while rid is not None:
+        if rid in chain:
+            raise MemcoreError(f"the chain of runs through {rid} runs in a circle")
+        chain.append(rid)
+        rid = RunSpec.from_dict(store.run(rid)["spec"]).train.after
+    chain.reverse()
+    samples, lengths = [], []
+    for rid in chain:
+        own = stored_samples(store, rid)
+        samples += own
+        lengths.append(sum(len(x.target_ids) for x in own))
+    return Earlier(chain, samples, lengths, store.adapter_dir(parent))
+
+
+def prompt_clash(samples: list[Sample], earlier: Earlier | None) -> str | None:
+    """A note when a chained run conditions one of its targets on the same prompt tokens as an earlier target: from
+    one prompt greedy decoding recites one text, so both cannot stay recalled verbatim. None when all differ."""
+    if earlier is None:
+        return None
+    mine = {tuple(s.prompt_ids) for s in samples}
+    same = [i for i, s in enumerate(earlier.samples) if tuple(s.prompt_ids) in mine]
+    if not same:
+        return None
+    return ("this run's prompt is the same as an earlier run's: from one prompt greedy decoding recites one text, so "
+            "the earlier one cannot stay recalled verbatim whatever the rank (give this run a --prompt of its own "
+            "to keep both)")
+
+
 class _Record:
     """One run's record in the store while it trains, whoever drives it (a run alone, or a batch of runs): its
     row and status, tokens, steps (flushed at most about once a second; a decimated history keeps per-token
@@ -67,6 +134,8 @@ class _Record:
         self.failing: int | None = None  # the step of the first checkpoint of a streak that could not be written
         self.last_flush = time.monotonic()
         self.keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
+        self.earlier: Earlier | None = None  # set by the caller for a run trained after another
+        self.retention = _Retention()
 
     def open(self) -> Checkpoint | None:
         """Mark the run running; returns the checkpoint a resumed run goes on from (its later steps dropped), else
@@ -82,16 +151,20 @@ class _Record:
     def begin(self, batch: Batch, base_loss: Any, n_params: int) -> None:
         """Store the run's tokens and base loss ([B, K] nats), before its first step is recorded."""
         self.n_params = n_params
-        self.base_flat = base_loss[batch.target_mask]
+        n_own = sum(len(s.target_ids) for s in self.samples)  # the earlier runs' targets follow its own
+        self.base_flat = base_loss[batch.target_mask][:n_own]
         targets = [s.target_ids for s in self.samples]
         self.pieces = token_pieces(self.base.tokenizer, [t for ts in targets for t in ts])
         self.store.save_tokens(self.run_id, [s.prompt_ids for s in self.samples], targets, self.pieces,
                                self.base_flat.float().cpu().numpy())
         self.stubborn = StubbornCounter(len(self.pieces), self.spec.train.tau)
-        earlier = self.store.replay(self.run_id) if self.ckpt_step is not None else None  # steps before it
-        for p in earlier.p if earlier is not None else []:
+        before = self.store.replay(self.run_id) if self.ckpt_step is not None else None  # steps before it
+        for p in before.p if before is not None else []:
             self.stubborn.update(p)
-        self.snapshots = len(earlier.steps) if earlier is not None else 0
+        self.snapshots = len(before.steps) if before is not None else 0
+        if self.ckpt_step is not None and self.earlier is not None:
+            for row in self.store.earlier_steps(self.run_id):
+                self.retention.see(row)
 
     def checkpoint(self, state: Checkpoint) -> None:
         """A checkpoint: the steps so far, the adapter, the loop's state. One that cannot be written is a
@@ -118,6 +191,7 @@ class _Record:
             r.notes.extend(self.warnings)
             self.warnings.clear()
         self.stubborn.update(r.p)
+        self.retention.see(r)
         row = StepRow.of(r)
         if self.keep is not None and not r.final and r.step not in self.keep:
             row.p = row.correct = None  # scalars only: a decimated history keeps no per-token snapshot here
@@ -136,6 +210,8 @@ class _Record:
         summary = _summary(run_id, spec, final, self.n_params, self.samples, self.adapter_dir, self.stubborn,
                            self.base_flat, self.pieces)
         summary.history, summary.snapshots = spec.train.history, self.snapshots
+        if self.earlier is not None:
+            self.retention.fill(summary, final, self.earlier, spec)
         vocab = getattr(base.model.config, "vocab_size", None)
         summary.source_bits_per_token = source_bits(spec, base.tokenizer, vocab)
         summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
@@ -197,19 +273,24 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
     Consumers that interleave several runs (the app's compare mode) advance several of these in turn."""
     tok = base.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batch = make_batch(samples, pad_id).to(base.device)
+    earlier = earlier_of(store, spec)  # a run trained after another: its targets measured too (refusals here)
+    batch = make_batch(samples + (earlier.samples if earlier else []), pad_id).to(base.device)
     adapter = ExitStack()  # holds the adapter on the shared base until the run's outcome is recorded
     record = None
     try:
         model = adapter.enter_context(base.adapted(spec.adapter, seed=spec.train.seed))
         record = _Record(spec, store, base, samples, _writer(base, model.stack, spec.adapter), run_id=run_id,
                          sweep=sweep, label=label, resume=resume)
+        record.earlier = earlier
+        if (clash := prompt_clash(samples, earlier)) is not None:
+            record.warnings.append(clash)
+        init = model.stack.read(earlier.adapter_dir) if earlier else None
         base_loss = base_losses(model, batch)
         ckpt = record.open()
         record.begin(batch, base_loss, p_eff(model))
         final: StepReport | None = None
         for r in train_iter(model, batch, spec.train, pad_id=pad_id, base_loss=base_loss, should_stop=should_stop,
-                            resume=ckpt, checkpoint=record.checkpoint):
+                            resume=ckpt, checkpoint=record.checkpoint, own_samples=len(samples), init_adapter=init):
             record.step(r)
             if r.final:
                 final = r
@@ -276,14 +357,19 @@ def execute_many(runs: Iterable[BatchedRun], store: Store, base: Base, *, slots:
                 continue
             if should_stop is not None and should_stop():
                 return
-            batch = make_batch(run.samples, pad_id).to(base.device)
+            earlier = earlier_of(store, run.spec)
+            batch = make_batch(run.samples + (earlier.samples if earlier else []), pad_id).to(base.device)
             record = _Record(run.spec, store, base, run.samples, _writer(base, stack, run.spec.adapter),
                              run_id=run.run_id, sweep=run.sweep, label=run.label, resume=run.resume)
+            record.earlier = earlier
+            if (clash := prompt_clash(run.samples, earlier)) is not None:
+                record.warnings.append(clash)
             records[i] = (run, record)
             ckpt = record.open()
             n_params = stack.p_eff_of(run.spec.adapter.rank)
             yield RunInput(batch=batch, spec=run.spec.train, adapter=run.spec.adapter, resume=ckpt,
-                           checkpoint=record.checkpoint, should_stop=should_stop, tag=i,
+                           checkpoint=record.checkpoint, should_stop=should_stop, tag=i, own_samples=len(run.samples),
+                           init_adapter=stack.read(earlier.adapter_dir) if earlier else None,
                            started=lambda loss, record=record, batch=batch, n=n_params: record.begin(batch, loss, n))
 
     from memcore.train import train_many
@@ -469,6 +555,41 @@ def save_adapter(write: Callable[[dict[str, Any], Path], None], state: dict[str,
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Retention:
+    """How a chained run's earlier targets fared over its steps: the step their verbatim recall was first lost and
+    the step it came back after that, and the rehearsal share of the update weight over the steps that trained.
+    Reads StepReports or StepRows (earlier_recalled, rehearsal, step)."""
+
+    def __init__(self) -> None:
+        self.was: bool | None = None
+        self.lost_at: int | None = None
+        self.regained_at: int | None = None
+        self.shares: list[float] = []
+
+    def see(self, r: Any) -> None:
+        if r.earlier_recalled is None:
+            return
+        if self.was is True and not r.earlier_recalled and self.lost_at is None:
+            self.lost_at = r.step
+        if self.lost_at is not None and self.regained_at is None and r.earlier_recalled and r.step > self.lost_at:
+            self.regained_at = r.step
+        self.was = bool(r.earlier_recalled)
+        if r.rehearsal is not None and not getattr(r, "final", False) and not getattr(r, "skipped", False):
+            self.shares.append(float(r.rehearsal))
+
+    def fill(self, summary: RunSummary, final: StepReport, earlier: Earlier, spec: RunSpec) -> None:
+        """Set the summary's chain fields from the final report and what was seen."""
+        m = int(final.earlier_p.shape[0]) if final.earlier_p is not None else 0
+        summary.after, summary.chain, summary.keep = spec.train.after, list(earlier.run_ids), bool(spec.train.keep)
+        summary.earlier_tokens = m
+        summary.earlier_above = final.earlier_above
+        summary.earlier_correct = int(final.earlier_correct.sum()) if final.earlier_correct is not None else None
+        summary.earlier_recalled = final.earlier_recalled
+        summary.earlier_prefix = final.earlier_prefix
+        summary.earlier_lost_at, summary.earlier_regained_at = self.lost_at, self.regained_at
+        summary.rehearsal_share = float(np.mean(self.shares)) if self.shares else 0.0
 
 
 class _Kept:

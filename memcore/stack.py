@@ -365,6 +365,39 @@ class AdapterStack:
             tensors[f"base_model.model.{name}.lora_B.weight"] = state[f"{name}.B"].T.contiguous()
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
 
+    def read(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """An adapter folder ``write`` wrote (or PEFT saved) as a slot's state ('<module>.A' [in, r], '<module>.B'
+        [r, out], fp32 on the CPU), to ``load`` into a slot of this placement. Raises MemcoreError when the folder
+        holds no adapter of this stack's kind, or one for other modules."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if self.kind == "bypass":
+            from memcore.bypass import WEIGHTS_NAME
+
+            f = path / WEIGHTS_NAME
+            if not f.is_file():
+                raise MemcoreError(f"{path} holds no bypass adapter ({WEIGHTS_NAME} missing)")
+            tensors = load_file(str(f))
+            by_layer = {int(n.split(".")[-2]): n for n in self.modules}
+            state = {}
+            for key, t in tensors.items():
+                _, i, k = key.split(".")
+                if int(i) not in by_layer:
+                    raise MemcoreError(f"{path} holds a bypass on layer {i}, which this placement does not have")
+                state[f"{by_layer[int(i)]}.{k}"] = t.float()
+            return state
+        f = path / "adapter_model.safetensors"
+        if not f.is_file():
+            raise MemcoreError(f"{path} holds no LoRA adapter (adapter_model.safetensors missing)")
+        state = {}
+        for key, t in load_file(str(f)).items():  # PEFT's names: lora_A.weight [r, in], lora_B.weight [out, r]
+            name = key.removeprefix("base_model.model.")
+            for part, k in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+                if name.endswith(part):
+                    state[f"{name.removesuffix(part)}.{k}"] = t.T.float().contiguous()
+        return state
+
     def detach(self) -> nn.Module:
         """Put every wrapped module back and give back the untouched base model, frozen, in eval mode."""
         for name, wrapped in self.modules.items():

@@ -17,6 +17,7 @@ whichever trainer claims it next, in the order jobs were created.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -56,6 +57,10 @@ CREATE TABLE IF NOT EXISTS token_steps (
 CREATE TABLE IF NOT EXISTS tokens (
   run_id TEXT PRIMARY KEY, prompt_ids TEXT NOT NULL, target_ids TEXT NOT NULL, pieces TEXT, base_loss BLOB, \
 sample_lengths TEXT
+);
+CREATE TABLE IF NOT EXISTS earlier_steps (
+  run_id TEXT NOT NULL, step INTEGER NOT NULL, n_above INTEGER, n_correct INTEGER, n_tokens INTEGER, recalled INTEGER,
+  prefix INTEGER, rehearsal REAL, p BLOB, correct BLOB, PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, created REAL NOT NULL, session TEXT, status TEXT NOT NULL, kind TEXT NOT NULL, \
@@ -266,12 +271,18 @@ class Store:
                            [(run_id, r.step, np.asarray(r.p, dtype=np.float16).tobytes(),
                              np.packbits(np.asarray(r.correct, dtype=bool)).tobytes())
                             for r in rows if r.p is not None])
+            db.executemany("INSERT OR REPLACE INTO earlier_steps VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           [(run_id, r.step, r.earlier_above, r.earlier_correct_n, r.earlier_tokens,
+                             int(bool(r.earlier_recalled)), r.earlier_prefix, r.rehearsal,
+                             None if r.p is None else np.asarray(r.earlier_p, dtype=np.float16).tobytes(),
+                             None if r.p is None else np.packbits(np.asarray(r.earlier_correct, dtype=bool)).tobytes())
+                            for r in rows if r.chained])
             db.execute("UPDATE runs SET heartbeat=?, steps=? WHERE id=?", (time.time(), rows[-1].step, run_id))
 
     def truncate_steps(self, run_id: str, from_step: int) -> None:
         """Drop the recorded steps from `from_step` on (a resumed run continues its history from there)."""
         with self._write() as db:
-            for table in ("steps", "token_steps"):
+            for table in ("steps", "token_steps", "earlier_steps"):
                 db.execute(f"DELETE FROM {table} WHERE run_id=? AND step>=?", (run_id, from_step))
             db.execute("UPDATE runs SET steps=?, summary=NULL, finished=NULL, error=NULL WHERE id=?",
                        (max(0, from_step - 1), run_id))
@@ -281,7 +292,7 @@ class Store:
         import shutil
 
         with self._write() as db:
-            for table in ("steps", "token_steps", "tokens"):
+            for table in ("steps", "token_steps", "tokens", "earlier_steps"):
                 db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
             db.execute("DELETE FROM runs WHERE id=?", (run_id,))
         shutil.rmtree(self.runs_dir / run_id, ignore_errors=True)
@@ -358,6 +369,27 @@ class Store:
             if rows else np.zeros((0, n), bool)
         return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
 
+    def earlier_steps(self, run_id: str, with_tokens: bool = False) -> list[StepRow]:
+        """A chained run's measurements of its earlier runs' targets, step by step: StepRows with only step and the
+        earlier_* fields (and rehearsal) set; with_tokens: earlier_p [M] float16 and earlier_correct [M] bool at the
+        steps that kept a per-token snapshot (the others are left out). Empty for a run without earlier targets."""
+        rows = self._exec("SELECT * FROM earlier_steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
+        out = []
+        for r in rows:
+            if with_tokens and r["p"] is None:
+                continue
+            row = StepRow(step=r["step"], loss=math.nan, delta_loss=math.nan, n_above=0, n_correct=0, n_tokens=0,
+                          active=0, recalled=False, first_divergence=None, elapsed=math.nan, lr=math.nan,
+                          skipped=False, earlier_above=r["n_above"], earlier_correct_n=r["n_correct"],
+                          earlier_tokens=r["n_tokens"], earlier_recalled=bool(r["recalled"]),
+                          earlier_prefix=r["prefix"], rehearsal=r["rehearsal"])
+            if with_tokens:
+                m = r["n_tokens"]
+                row.earlier_p = np.frombuffer(r["p"], dtype=np.float16)
+                row.earlier_correct = np.unpackbits(np.frombuffer(r["correct"], dtype=np.uint8))[:m].astype(bool)
+            out.append(row)
+        return out
+
     def step_rows(self, run_id: str, after: int = -1, before: int | None = None) -> list[StepRow]:
         """Recorded steps after step `after` (and before `before`), each with its scalars and the per-token
         p ([N] float16) and correct ([N] bool) arrays: what a live view needs to catch up incrementally."""
@@ -386,7 +418,7 @@ class Store:
         with self._lock:
             run = dict(self._db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
             tables = {t: [tuple(r) for r in self._db.execute(f"SELECT * FROM {t} WHERE run_id=?", (run_id,)).fetchall()]
-                      for t in ("steps", "token_steps", "tokens")}
+                      for t in ("steps", "token_steps", "tokens", "earlier_steps")}
         folder = self.runs_dir / run_id
         files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
         return {"run": run, "tables": tables, "files": files}
@@ -411,9 +443,9 @@ class Store:
             for old, new in rewrite.items():
                 run["summary"] = run["summary"].replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
         with self._write() as db:
-            for t in ("steps", "token_steps", "tokens"):
+            for t in ("steps", "token_steps", "tokens", "earlier_steps"):
                 db.execute(f"DELETE FROM {t} WHERE run_id=?", (rid,))
-                rows = payload["tables"][t]
+                rows = payload["tables"].get(t, [])  # a payload of an older version has no earlier_steps
                 if rows:
                     db.executemany(f"INSERT INTO {t} VALUES ({','.join('?' * len(rows[0]))})", rows)
             cols = list(run)

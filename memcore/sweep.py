@@ -26,7 +26,8 @@ SWEEP_DEFAULTS = {"ranks": (1, 2, 4, 8, 16), "lengths": (32, 64, 128, 256, 512),
 HOW_NOT_WHAT = ("recompute", "history")  # TrainSpec fields left out of a sweep's id
 # TrainSpec fields added after sweeps were first stored, left out of an id while at their default: a sweep (or
 # frontier search) started before they existed keeps its id, and resumes, after an upgrade
-ADDED_AT_DEFAULT = {"plateau_on": "delta_loss", "batch_size": None, "curriculum_epochs": None}
+ADDED_AT_DEFAULT = {"plateau_on": "delta_loss", "batch_size": None, "curriculum_epochs": None, "after": None,
+                    "keep": False}
 
 
 def identity(template: RunSpec) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from memcore.measure import (
     NO_GRAD_TOKENS,
     StepReport,
     compare,
+    fill_earlier,
     fill_report,
     greedy_generate,
     read_targets,
@@ -198,20 +199,29 @@ class BestCounts:
     correct: int = -1
     step: int = 0
 
-    def see(self, report: StepReport) -> None:
-        """Take a step's counts: a new best in either moves the step of the last new best."""
-        if report.n_above > self.above or report.n_correct > self.correct:
-            self.above, self.correct = max(self.above, report.n_above), max(self.correct, report.n_correct)
+    def see(self, report: StepReport, with_earlier: bool = False) -> None:
+        """Take a step's counts (with_earlier: the earlier runs' targets counted too, as a rehearsing run trains
+        them): a new best in either moves the step of the last new best."""
+        above, correct = report.n_above, report.n_correct
+        if with_earlier and report.earlier_p is not None:
+            above += report.earlier_above
+            correct += int(report.earlier_correct.sum())
+        if above > self.above or correct > self.correct:
+            self.above, self.correct = max(self.above, above), max(self.correct, correct)
             self.step = report.step
 
 
-def converged(report: StepReport, recent: deque[float], spec: TrainSpec, best: BestCounts | None = None) -> str | None:
+def converged(report: StepReport, recent: deque[float], spec: TrainSpec, best: BestCounts | None = None,
+              with_earlier: bool = False) -> str | None:
     """Why a run has converged, or None: 'all_above_tau' when every target token has p > tau; 'plateau' when
     (plateau_on='delta_loss') the mean ΔL of the last PLATEAU_SMOOTH steps exceeds that of the PLATEAU_SMOOTH steps
     plateau_window steps earlier by less than plateau_tol nats, or (plateau_on='recall') when neither the tokens
     above τ nor the argmax-right tokens have reached a new best for plateau_window steps (`best`, which has seen
-    this step). `recent` holds the latest ΔL values (this step's last)."""
-    if report.n_above == report.n_tokens:
+    this step). `recent` holds the latest ΔL values (this step's last). with_earlier: a rehearsing run, whose
+    'all_above_tau' needs the earlier runs' targets above τ as well."""
+    earlier_done = (not with_earlier or report.earlier_p is None
+                    or report.earlier_above == int(report.earlier_p.shape[0]))
+    if report.n_above == report.n_tokens and earlier_done:
         return "all_above_tau"
     if spec.plateau_on == "recall":
         return "plateau" if best is not None and report.step - best.step >= spec.plateau_window else None
@@ -242,6 +252,10 @@ class RunInput:
     should_stop: Callable[[], bool] | None = None
     started: Callable[[torch.Tensor], None] | None = None
     tag: Any = None  # the caller's name for the run (given back with its reports)
+    # a run trained after another (TrainSpec.after): the batch's first `own_samples` samples are the run's own, the
+    # rest the earlier runs' targets (measured at every step; trained only when spec.keep); None: all its own
+    own_samples: int | None = None
+    init_adapter: dict[str, torch.Tensor] | None = None  # the adapter it starts from (AdapterStack.state), not fresh
 
 
 class _Run:
@@ -287,6 +301,13 @@ class _Run:
         self.cur_loss: np.ndarray | None = None
         self.cur_correct: np.ndarray | None = None
         self.prev_full: torch.Tensor | None = None  # [B, K] latest loss of every sample (minibatches)
+        # earlier targets (TrainSpec.after): rows from own_rows on; own tokens are the first n_own of [N]
+        self.own_rows = self.n_rows if inp.own_samples is None else int(inp.own_samples)
+        self.n_own = self.offsets[self.own_rows]
+        self.chained = self.own_rows < self.n_rows
+        self.rehearse = self.chained and bool(self.spec.keep)
+        self.trainable = torch.arange(self.n_rows) < (self.n_rows if self.rehearse else self.own_rows)  # [B] rows
+        self.trainable_flat = np.repeat(self.trainable.numpy(), lengths)  # [N] target tokens that may carry weight
 
     def set_base_loss(self, base_loss: torch.Tensor) -> None:
         """The run's base loss [B, K] (nats, adapter off), the reference of its ΔL."""
@@ -347,6 +368,8 @@ class _Loop:
             slot = free[0]
         if self.stack.slots[slot] is None:
             self.stack.assign(slot, inp.adapter, inp.spec.seed)
+        if inp.init_adapter is not None and inp.resume is None:  # trained after another run: from its adapter
+            self.stack.load(slot, inp.init_adapter)
         self.opt.reset(slot)
         run = _Run(inp, slot, self)
         self.runs.append(run)
@@ -505,16 +528,31 @@ class _Loop:
                                 active=0, recalled=False, first_divergence=None, elapsed=time.perf_counter() - r.t0,
                                 lr=r.spec.lr * max(0.0, 1.0 - r.step / r.spec.max_steps), bits_stored=0.0,
                                 notes=r.notes)
-            fill_report(report, fl, fc, r.base_np, r.spec.tau)
+            self._fill(r, report, fl, fc)
             if r.mb:
                 report.batch_rows, report.epoch = r.minibatch.rows.tolist(), r.minibatch.epoch
             r.recent.append(report.delta_loss)
-            r.best.see(report)
+            r.best.see(report, r.rehearse)
             r.measured = r.step
             reports.append(report)
-            losses.append(obj.StepLosses(loss=r.view(loss.detach()), correct=r.view(correct),
-                                         mask=r.view(self.batch.target_mask), host_loss=sel_loss, step=r.step))
+            mask = r.view(self.batch.target_mask)
+            if r.chained:  # the earlier runs' rows carry no weight unless rehearsed
+                rows = r.trainable[r.local] if r.mb else r.trainable
+                mask = mask & rows.to(mask.device)[:, None]
+                sel_loss = sel_loss[r.trainable_flat[r.flat_sel] if r.mb else r.trainable_flat]
+            losses.append(obj.StepLosses(loss=r.view(loss.detach()), correct=r.view(correct), mask=mask,
+                                         host_loss=sel_loss, step=r.step,
+                                         own_rows=int((r.local < r.own_rows).sum()) if r.chained else None))
         return reports, losses, loss
+
+    @staticmethod
+    def _fill(run: _Run, report: StepReport, fl: np.ndarray, fc: np.ndarray) -> None:
+        """A report's measurements from every target of the run ([N] losses, nats; argmax-correct): its own, and
+        the earlier runs' apart (StepReport.earlier_*)."""
+        n = run.n_own
+        fill_report(report, fl[:n], fc[:n], run.base_np[:n], run.spec.tau)
+        if run.chained:
+            fill_earlier(report, fl[n:], fc[n:], run.spec.tau)
 
     def _expected_rows(self) -> torch.Tensor | None:
         """[R, K] bool: the tokens expected to carry weight in this step's update (each run's guess from its
@@ -526,6 +564,8 @@ class _Loop:
         for r in self.runs:
             rows = slice(r.rows.start, r.rows.stop)
             mask = r.view(self.batch.target_mask)
+            if r.chained:  # the earlier runs' rows carry no weight unless rehearsed
+                mask = mask & (r.trainable[r.local] if r.mb else r.trainable).to(mask.device)[:, None]
             if r.may_train is None or r.prev_loss is None:
                 out[rows, K - r.keep:] = mask
             else:
@@ -546,18 +586,19 @@ class _Loop:
             return "max_seconds"
         if step >= spec.max_steps:
             return "max_steps"
-        reason = converged(report, run.recent, spec, run.best) if spec.until == "converged" else None
+        reason = converged(report, run.recent, spec, run.best, run.rehearse) if spec.until == "converged" else None
         if reason is not None:
             if reason == "all_above_tau" and (run.dropout or run.mb) and not self._all_above_without_dropout(run):
                 return None  # only dropout's noise put every token above tau: train on
             return reason
-        if report.recalled and spec.stop_when_recalled and not spec.verify:
+        recalled = report.recalled and (not run.rehearse or bool(report.earlier_recalled))
+        if recalled and spec.stop_when_recalled and not spec.verify:
             # the teacher-forced argmax is exact (greedy decoding makes the same choices); under dropout the
             # training forward's argmax is not the adapter's own, so it is measured again without
             if (run.dropout or run.mb) and not self._recalled_without_dropout(run):
                 return None
             return "recalled"
-        if report.recalled and spec.stop_when_recalled and step - run.last_check_step >= 5:
+        if recalled and spec.stop_when_recalled and step - run.last_check_step >= 5:
             run.last_check_step = step
             gen = self._generate_check(run, report)
             if report.generate_recalled:
@@ -574,7 +615,7 @@ class _Loop:
             self.save(run)
         if run.dropout or run.mb:  # dropout in training, or samples last measured steps ago: measure them all now
             loss, correct = self._alone(run)
-            fill_report(report, *read_targets(loss, correct, run.where), run.base_np, run.spec.tau)
+            self._fill(run, report, *read_targets(loss, correct, run.where))
         if report.generated is None and run.spec.verify:
             report.generated = self._generate_check(run, report)
         if report.generate_recalled is not None and report.recalled != report.generate_recalled:
@@ -613,20 +654,25 @@ class _Loop:
         K = batch.keep
         return loss[:, K - run.keep:], correct[:, K - run.keep:]
 
+    def _stop_where(self, run: _Run) -> torch.Tensor:
+        """The flat target positions a stop rule judges: the run's own, and the earlier runs' when it rehearses."""
+        return run.where if run.rehearse or not run.chained else run.where[:run.n_own]
+
     def _recalled_without_dropout(self, run: _Run) -> bool:
         _, correct = self._alone(run)
-        return bool(correct.flatten()[run.where].all())
+        return bool(correct.flatten()[self._stop_where(run)].all())
 
     def _all_above_without_dropout(self, run: _Run) -> bool:
         loss, _ = self._alone(run)
-        return bool((loss.flatten()[run.where] < obj.cut(run.spec.tau)).all())
+        return bool((loss.flatten()[self._stop_where(run)] < obj.cut(run.spec.tau)).all())
 
     def _generate_check(self, run: _Run, report: StepReport) -> list[list[int]]:
         t = time.perf_counter()
+        own = run.batch.samples[:run.own_rows]  # the run's own targets (the earlier ones are judged teacher-forced)
         with self.stack.routed([run.slot]):
-            gen = greedy_generate(self.model, run.batch.samples, self.pad_id)
+            gen = greedy_generate(self.model, own, self.pad_id)
         run.gen_seconds[0] += time.perf_counter() - t
-        report.generate_divergence = compare(gen, run.batch.samples)
+        report.generate_divergence = compare(gen, own)
         report.generate_recalled = report.generate_divergence is None
         return gen
 
@@ -640,6 +686,8 @@ class _Loop:
         total, moving, lrs, wds = None, [], [], []
         for run, report, s in zip(runs, reports, losses):
             w, report.active = obj.token_weights(run.spec, s, run.window)
+            if run.chained:
+                report.rehearsal = _rehearsal_share(w, run)
             if report.active == 0:  # nothing left to learn: no backward or optimizer step for this run
                 report.skipped = True
             else:
@@ -656,6 +704,17 @@ class _Loop:
             self.last = None
         elif any(r.dropout for r in self.runs):  # with dropout the next forward differs anyway
             self.last = None
+
+
+def _rehearsal_share(w: torch.Tensor, run: _Run) -> float:
+    """The share of a chained run's update weight [B, K] (this step's rows) on the earlier runs' targets: 0.0
+    without rehearsal, or when no token carries weight."""
+    if not run.rehearse:
+        return 0.0
+    earlier = (run.local >= run.own_rows).to(w.device) if run.mb else \
+        (torch.arange(run.n_rows, device=w.device) >= run.own_rows)
+    total = float(w.sum())
+    return float(w[earlier].sum()) / total if total > 0 else 0.0
 
 
 def _joined(parts: list[Any]) -> Any:
@@ -770,8 +829,9 @@ def train_many(model: Any, stack: AdapterStack, runs: Iterable[RunInput], *, pad
 
 def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, base_loss: torch.Tensor | None = None,
                should_stop: Callable[[], bool] | None = None, use_prefix_cache: bool = True,
-               resume: Checkpoint | None = None,
-               checkpoint: Callable[[Checkpoint], None] | None = None) -> Iterator[StepReport]:
+               resume: Checkpoint | None = None, checkpoint: Callable[[Checkpoint], None] | None = None,
+               own_samples: int | None = None,
+               init_adapter: dict[str, torch.Tensor] | None = None) -> Iterator[StepReport]:
     """Train one run's adapter (`model`: a memcore.stack.SlotModel, as attach_adapter and Base.adapted give) on
     `batch`, yielding a StepReport after every step and a final one: train_many with one run.
 
@@ -780,13 +840,14 @@ def train_iter(model: Any, batch: Batch, spec: TrainSpec, *, pad_id: int = 0, ba
     loop's whole state every `spec.checkpoint_every` seconds, and when a run stops before its end (stopped,
     time limit), after the reports of every earlier step were yielded; `resume` continues from such a
     state: the first report is then the one for the checkpoint's step, and the rest is what an uninterrupted
-    run would have yielded. Raises MemcoreError when `model` carries no adapter memcore attached, or when
-    `resume` does not fit its adapter."""
+    run would have yielded. own_samples / init_adapter: a run trained after another (RunInput). Raises
+    MemcoreError when `model` carries no adapter memcore attached, or when `resume` (or init_adapter) does not fit
+    its adapter."""
     stack = getattr(model, "stack", None)
     if not isinstance(stack, AdapterStack):
         raise MemcoreError("train_iter needs an adapter memcore attached (memcore.placement.attach_adapter)")
     inp = RunInput(batch=batch, spec=spec, adapter=model.adapter_spec, base_loss=base_loss, resume=resume,
-                   checkpoint=checkpoint, should_stop=should_stop)
+                   checkpoint=checkpoint, should_stop=should_stop, own_samples=own_samples, init_adapter=init_adapter)
     loop = _Loop(model.get_base_model(), stack, pad_id, use_prefix_cache)
     loop.add(inp, slot=0)  # the model's own adapter, as attached (or as an earlier call left it)
     try:

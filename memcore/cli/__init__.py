@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep every step's per-token history for replay (default: about 300 snapshots per point, "
                     "denser early)")
     # every train flag that makes sense for a whole grid; a fixed small budget on the paper's placement by default
-    run_flags(sw, omit=("rank", "method", "seed", "noise", "length", "full_budget"),
+    run_flags(sw, omit=("rank", "method", "seed", "noise", "length", "full_budget", "after"),
                defaults={"max_steps": 10, "layers": "paper", "lr": 1e-2})
     sw.set_defaults(func=cmd_sweep)
 
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="probes trained together (default auto: every bracket's probes, as memory allows)")
     srch.add_argument("--name", help="the search's id (default: a hash of its settings); the same id resumes")
     srch.add_argument("--full-history", action="store_true", help="keep every step's per-token history")
-    run_flags(fr, omit=("rank", "method", "seed", "length", "full_budget", "model"),
+    run_flags(fr, omit=("rank", "method", "seed", "length", "full_budget", "model", "after"),
                defaults={"max_steps": 300, "layers": "paper", "lr": 3e-2, "until": "converged", "adapter": "bypass",
                          "dropout": 0.1})
     fr.set_defaults(func=cmd_frontier)

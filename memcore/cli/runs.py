@@ -65,8 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from memcore.objectives import schedule_notes
     from memcore.runner import execute_iter, prepare
 
-    spec = spec_from_args(args)
     store = open_store()
+    if args.after is not None:
+        inherit_placement(args, store)
+    spec = spec_from_args(args)
     if not args.json:
         print(f"loading {spec.model.name} ...", file=sys.stderr)
     base, samples = prepare(spec, home=store.home)
@@ -74,6 +76,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     return _run_in_foreground(args, spec.train.max_steps,
                               lambda stop: execute_iter(spec, store, base, samples, should_stop=stop, label=args.label))
+
+
+# the flags --after takes from the earlier run when left at their defaults: its model and placement
+INHERITED = ("model", "adapter", "rank", "alpha", "targets", "layers")
+
+
+def inherit_placement(args: argparse.Namespace, store: Any) -> None:
+    """`train --after RUN`: resolve RUN (an id, a unique prefix or 'last') and take its model and placement for every
+    such flag left at its default; a flag given with another value than the run's is refused by
+    memcore.runner.earlier_of, naming both values. Raises MemcoreError for an unknown run."""
+    from memcore.specs import default as spec_default
+
+    args.after = store.resolve(args.after)
+    parent = RunSpec.from_dict(store.run(args.after)["spec"])
+    values = {"model": parent.model.name, "adapter": parent.adapter.kind, "rank": parent.adapter.rank,
+              "alpha": parent.adapter.alpha, "targets": parent.adapter.targets, "layers": parent.adapter.layers}
+    for name in INHERITED:
+        given = getattr(args, name)
+        if given is None or (name != "layers" and given == spec_default(name)):
+            value = values[name]
+            setattr(args, name, ",".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -106,6 +129,24 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
+def _chain_lines(s: RunSummary) -> list[str]:
+    """What a run trained after another did to the earlier targets, in the summary's words."""
+    chain = " -> ".join([*s.chain, "this run"])
+    m = s.earlier_tokens or 0
+    kept = "yes, verbatim" if s.earlier_recalled else f"no: first {s.earlier_prefix} of {m} tokens in order"
+    story = ("never lost verbatim recall" if s.earlier_lost_at is None and s.earlier_recalled
+             else "were not recalled verbatim when it started" if s.earlier_lost_at is None
+             else f"lost verbatim recall at step {s.earlier_lost_at}" + (
+                 f", regained at step {s.earlier_regained_at}" if s.earlier_regained_at is not None else ""))
+    lines = [f"after          {chain}",
+             f"earlier        {kept}   above τ {s.earlier_above}/{m}   argmax right {s.earlier_correct}/{m}   "
+             f"({story})"]
+    if s.keep:
+        lines.append(f"rehearsal      --keep: {100 * (s.rehearsal_share or 0):.1f}% of the update weight went to the "
+                     "earlier targets on average")
+    return lines
+
+
 def _print_summary(s: RunSummary) -> None:
     how = "confirmed by greedy generate" if s.verified_by_generate else "every teacher-forced argmax right"
     if s.recalled:
@@ -123,6 +164,7 @@ def _print_summary(s: RunSummary) -> None:
         f"tokens above τ {s.n_above}/{s.n_tokens}   argmax right {s.n_correct}/{s.n_tokens}",
         *([f"entries        {s.samples_recalled} of {s.samples} recalled entry by entry (every token of the entry's "
            "answer right)"] if s.samples > 1 and s.samples_recalled is not None else []),
+        *(_chain_lines(s) if s.after else []),
         f"ΔL             {_fmt(s.delta_loss)} nats/token  (base {_fmt(s.base_loss)} -> {_fmt(s.loss)})",
         f"bits stored    {_fmt(s.bits_stored, 1)}  over P_eff {s.p_eff:,} = {_fmt(s.bits_per_param, 5)} bits/param",
         f"adapter        {s.adapter}: {s.adapter_dir}",
