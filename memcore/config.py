@@ -261,8 +261,9 @@ class TrainSpec:
     """memft-sw with minibatches: the epochs at which each curriculum stage but the last ends, e.g. 20,40,60,80 (the
     paper's PhoneBook at 1-2k answer tokens); unset: the stages share the step budget equally."""
     after: str | None = None
-    """A run id: start from that run's final adapter (same model and placement) instead of a fresh one, and measure
-    its targets (and those of the runs it was itself trained after) at every step beside this run's own."""
+    """Start from this run's final adapter instead of a fresh one (a run id, a unique prefix or 'last'; the model
+    and placement are taken from it) and measure its targets, and those of the runs it was trained after, at every
+    step beside the new ones: what the new text does to the old."""
     keep: bool = False
     """With --after: rehearse, i.e. train on the earlier runs' targets as well as this run's (under memft-ot an
     earlier token carries weight only while it is below τ); without it they are measured, never trained."""

@@ -264,9 +264,7 @@ def run_flags(p: argparse.ArgumentParser, omit: tuple[str, ...] = (), defaults: 
     spec(o, "curriculum_epochs", metavar="E1,E2,...")
     spec(o, "weight_decay")
     if "after" not in omit:
-        o.add_argument("--after", metavar="RUN", help="start from this run's final adapter (an id, a unique prefix "
-                       "or 'last'; same model and placement, taken from it) and measure its targets at every step "
-                       "beside the new ones: what the new text does to the old")
+        spec(o, "after", metavar="RUN")
         spec(o, "keep")
     spec(o, "seed", help=SEED_HELP)
     spec(o, "checkpoint_every")
