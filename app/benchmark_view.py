@@ -86,7 +86,8 @@ def verdict_line(paired: pd.DataFrame, method: str) -> str:
     parts = [f"wins {counts.get('wins', 0)}", f"ties {counts.get('tie', 0)}", f"loses {counts.get('loses', 0)}"]
     if counts.get("one seed", 0):
         parts.append(f"{counts['one seed']} with one seed only")
-    return f"**{method} − sft**: of {len(d)} comparisons it " + ", ".join(parts) + "."
+    n = len(d)
+    return f"**{method} − sft**: of {n} comparison{'s' if n != 1 else ''} it " + ", ".join(parts) + "."
 
 
 def render(store) -> None:
@@ -122,7 +123,8 @@ def render(store) -> None:
             runs = mine.assign(label=[f"your run {rid} ({m})" for rid, m in zip(mine["run_id"], mine["method"])],
                                recalled=mine["exact_recall"] > 0.5)
             settings = meta.get("settings")
-            notes = sweep_mismatches(store, settings) if settings else []
+            notes = [n.replace("from the sweep in", "from the benchmark in").replace("(sweep:", "(benchmark:")
+                     for n in (sweep_mismatches(store, settings) if settings else [])]
             if notes:
                 st.caption("Some of your runs were not trained like the benchmark, so they need not agree with its "
                            "brackets: " + "; ".join(notes[:4]) + (f"; … and {len(notes) - 4} more" if len(notes) > 4

@@ -714,4 +714,5 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
         x=alt.X("lo:Q", scale=alt.Scale(domain=[-span, span]), title=title), x2="hi:Q", y=y, color=color,
         tooltip=tips)
     points = alt.Chart(d).mark_point(filled=True, size=60).encode(x=x, y=y, color=color, tooltip=tips)
-    return alt.layer(zero, bars, points).properties(height=max(60, 22 * len(d)))
+    # the height Streamlit fits the whole chart into (axis, its title and the four-line legend included)
+    return alt.layer(zero, bars, points).properties(height=max(170, 30 * len(d) + 90))

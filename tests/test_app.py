@@ -561,8 +561,8 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     at = _app("app_pages/law.py")
     assert not at.exception
     md = " ".join(m.value for m in at.markdown)
-    assert "**memft-ot − sft**: of 1 comparisons it wins 1, ties 0, loses 0." in md
-    assert "**memft-sw − sft**: of 1 comparisons it wins 0, ties 1, loses 0." in md
+    assert "**memft-ot − sft**: of 1 comparison it wins 1, ties 0, loses 0." in md
+    assert "**memft-sw − sft**: of 1 comparison it wins 0, ties 1, loses 0." in md
     table = next(t.value for t in at.dataframe if "frontier between (tokens)" in t.value.columns)
     assert list(table["method"]) == ["sft", "sft", "memft-ot", "memft-ot", "memft-sw", "memft-sw"]
     assert list(table["frontier between (tokens)"]) == ["38 – 40", "76 – 80", "40 – 42", "≥ 80", "36 – 38",
@@ -572,4 +572,4 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert len(fronts) == 1 and '"title": "your runs"' in fronts[0] and "A run of my own" not in fronts[0]
     assert "recalled verbatim" in fronts[0] and "not recalled" in fronts[0]
     assert any("95% lo" in s and "against sft" in s for s in specs)  # the paired chart
-    assert "differs from the sweep in adapter lora (sweep: bypass)" in " ".join(c.value for c in at.caption)
+    assert "differs from the benchmark in adapter lora (benchmark: bypass)" in " ".join(c.value for c in at.caption)
