@@ -215,7 +215,11 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
                          f"{_yes(summary.earlier_recalled)}; {summary.earlier_above:,} / {m:,} above τ, verbatim "
                          f"prefix {summary.earlier_prefix:,}"
                          + (f"; first lost verbatim recall at step {summary.earlier_lost_at}"
-                            if summary.earlier_lost_at is not None else "")))
+                            if summary.earlier_lost_at is not None else "")
+                         + (f", regained at step {summary.earlier_regained_at}"
+                            if summary.earlier_regained_at is not None else "")
+                         + (f"; {100 * (summary.rehearsal_share or 0):.1f}% of the update weight rehearsed them"
+                            if summary.keep else "")))
 
     def table(items: list[tuple[str, str]]) -> str:
         return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)])

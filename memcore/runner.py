@@ -57,6 +57,7 @@ class Earlier:
     samples: list[Sample]
     lengths: list[int]  # target tokens of each earlier run, in run_ids' order
     adapter_dir: Path
+    note: str | None = None  # said with the run's first report (the earlier run had not finished)
 
     @property
     def n_tokens(self) -> int:
@@ -97,7 +98,11 @@ def earlier_of(store: Store, spec: RunSpec) -> Earlier | None:
         own = stored_samples(store, rid)
         samples += own
         lengths.append(sum(len(x.target_ids) for x in own))
-    return Earlier(chain, samples, lengths, store.adapter_dir(parent))
+    note = None
+    if run["status"] != "completed":
+        note = (f"run {parent} did not finish (status {run['status']}): this run starts from the adapter it last "
+                "saved")
+    return Earlier(chain, samples, lengths, store.adapter_dir(parent), note)
 
 
 def prompt_clash(samples: list[Sample], earlier: Earlier | None) -> str | None:
@@ -135,6 +140,7 @@ class _Record:
         self.last_flush = time.monotonic()
         self.keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
         self.earlier: Earlier | None = None  # set by the caller for a run trained after another
+        self.first_loss: float | None = None  # the loss at its first recorded step (a chain starts off the base)
         self.retention = _Retention()
 
     def open(self) -> Checkpoint | None:
@@ -165,6 +171,8 @@ class _Record:
         if self.ckpt_step is not None and self.earlier is not None:
             for row in self.store.earlier_steps(self.run_id):
                 self.retention.see(row)
+            kept = self.store.steps(self.run_id)
+            self.first_loss = kept[0].loss if kept else None
 
     def checkpoint(self, state: Checkpoint) -> None:
         """A checkpoint: the steps so far, the adapter, the loop's state. One that cannot be written is a
@@ -192,6 +200,8 @@ class _Record:
             self.warnings.clear()
         self.stubborn.update(r.p)
         self.retention.see(r)
+        if self.first_loss is None:
+            self.first_loss = r.loss
         row = StepRow.of(r)
         if self.keep is not None and not r.final and r.step not in self.keep:
             row.p = row.correct = None  # scalars only: a decimated history keeps no per-token snapshot here
@@ -215,10 +225,15 @@ class _Record:
         vocab = getattr(base.model.config, "vocab_size", None)
         summary.source_bits_per_token = source_bits(spec, base.tokenizer, vocab)
         summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
-        if summary.delta_loss < 0:  # the loss rose: said where the run's result is read (CLI, app, card)
+        if self.earlier is None and summary.delta_loss < 0:  # the loss rose: said where the result is read
             summary.notes.append(f"the loss rose in training (ΔL {summary.delta_loss:.3f} nats/token, from "
                                  f"{summary.base_loss:.3f} to {summary.loss:.3f}): the learning rate "
                                  f"({spec.train.lr:g}) is probably too high for this adapter; try a lower one")
+        elif self.earlier is not None and self.first_loss is not None and summary.loss > self.first_loss:
+            # a chain starts from the earlier adapter, not the base: its own start is what the loss rose from
+            summary.notes.append(f"the loss rose in training (from {self.first_loss:.3f} nats/token at its first "
+                                 f"step to {summary.loss:.3f}): the learning rate ({spec.train.lr:g}) is probably "
+                                 "too high for this adapter; try a lower one")
         status = "stopped" if final.stop_reason == "stopped" else "completed"
         summary.status = status
         store.set_status(run_id, status, summary=summary)
@@ -282,8 +297,7 @@ def execute_iter(spec: RunSpec, store: Store, base: Base, samples: list[Sample],
         record = _Record(spec, store, base, samples, _writer(base, model.stack, spec.adapter), run_id=run_id,
                          sweep=sweep, label=label, resume=resume)
         record.earlier = earlier
-        if (clash := prompt_clash(samples, earlier)) is not None:
-            record.warnings.append(clash)
+        record.warnings += [n for n in (prompt_clash(samples, earlier), earlier and earlier.note) if n]
         init = model.stack.read(earlier.adapter_dir) if earlier else None
         base_loss = base_losses(model, batch)
         ckpt = record.open()
@@ -362,8 +376,7 @@ def execute_many(runs: Iterable[BatchedRun], store: Store, base: Base, *, slots:
             record = _Record(run.spec, store, base, run.samples, _writer(base, stack, run.spec.adapter),
                              run_id=run.run_id, sweep=run.sweep, label=run.label, resume=run.resume)
             record.earlier = earlier
-            if (clash := prompt_clash(run.samples, earlier)) is not None:
-                record.warnings.append(clash)
+            record.warnings += [n for n in (prompt_clash(run.samples, earlier), earlier and earlier.note) if n]
             records[i] = (run, record)
             ckpt = record.open()
             n_params = stack.p_eff_of(run.spec.adapter.rank)

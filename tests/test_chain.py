@@ -213,9 +213,33 @@ def test_chained_runs_train_in_a_batch_and_resume_as_alone(store, tiny_model_dir
     base, samples = prepare(spec, home=store.home)
     cut = drain(execute_iter(spec, store, base, samples, should_stop=lambda: next(calls) >= 3))
     assert cut.stop_reason == "stopped"
+    child = _train(store, _spec(tiny_model_dir, "Rain on the roof.", after=cut.run_id, steps=1, prompt="Rain:"))
+    assert any(f"run {cut.run_id} did not finish (status stopped)" in n for n in child.notes)
     _, gen = resume_iter(store, cut.run_id, base)
     resumed = drain(gen)
     assert resumed.steps == whole.steps and resumed.earlier_tokens == whole.earlier_tokens
     assert resumed.earlier_above == whole.earlier_above and resumed.n_above == whole.n_above
     assert resumed.loss == pytest.approx(whole.loss, abs=1e-3)
     assert [r.step for r in store.earlier_steps(cut.run_id)] == list(range(7))
+
+
+def test_the_cli_takes_the_placement_from_the_earlier_run_and_refuses_a_typed_other(home, tiny_model_dir, capsys):
+    """`train --after` takes model and placement from the earlier run for every flag not typed; a typed one that
+    differs is refused before the model loads, even when it is the flag's default value (--adapter lora, --rank 8)."""
+    import json
+
+    from memcore.cli import main
+
+    common = ["--model", str(tiny_model_dir), "--max-steps", "1", "--json"]
+    assert main(["train", "--text", "First.", "--prompt", "A:", "--adapter", "bypass", "--layers", "1", "--rank", "2",
+                 *common]) == 0
+    a = json.loads(capsys.readouterr().out)
+    for typed, words in ((["--adapter", "lora"], "adapter lora"), (["--rank", "8"], "rank 8")):
+        assert main(["train", "--after", "last", "--text", "Second.", "--prompt", "B:", *typed, *common]) == 2
+        err = capsys.readouterr().err
+        assert f"{words} (run {a['run_id']}: " in err and "loading" not in err, err
+    assert main(["train", "--after", "last", "--text", "Second.", "--prompt", "B:", *common[2:]]) == 0
+    b = json.loads(capsys.readouterr().out)
+    spec = Store(home).run(b["run_id"])["spec"]
+    assert spec["adapter"]["kind"] == "bypass" and spec["adapter"]["rank"] == 2 and spec["adapter"]["layers"] == [1]
+    assert spec["model"]["name"] == str(tiny_model_dir) and b["after"] == a["run_id"]

@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default sys.argv[1:]). Returns the exit code: 0, 2 on a MemcoreError, 130 stopped."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as typed: which flags were given (train --after takes the others from the earlier run)
     quiet()
     try:
         code = args.func(args)

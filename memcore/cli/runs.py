@@ -69,6 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.after is not None:
         inherit_placement(args, store)
     spec = spec_from_args(args)
+    if spec.train.after is not None:  # a refusal before the model loads
+        from memcore.runner import earlier_of
+
+        earlier_of(store, spec)
     if not args.json:
         print(f"loading {spec.model.name} ...", file=sys.stderr)
     base, samples = prepare(spec, home=store.home)
@@ -82,19 +86,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 INHERITED = ("model", "adapter", "rank", "alpha", "targets", "layers")
 
 
+def given_flags(argv: list[str], verb: str, names: tuple[str, ...]) -> set[str]:
+    """Which of the options `names` the command line `argv` (verb first) typed, whatever their values (a flag typed
+    with its default value counts as given)."""
+    from memcore.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    marker = object()
+    ns = argparse.Namespace(**{n: marker for n in names})
+    sub.choices[verb].parse_known_args(argv[argv.index(verb) + 1:], namespace=ns)  # defaults fill only what is unset
+    return {n for n in names if getattr(ns, n) is not marker}
+
+
 def inherit_placement(args: argparse.Namespace, store: Any) -> None:
     """`train --after RUN`: resolve RUN (an id, a unique prefix or 'last') and take its model and placement for every
-    such flag left at its default; a flag given with another value than the run's is refused by
-    memcore.runner.earlier_of, naming both values. Raises MemcoreError for an unknown run."""
-    from memcore.specs import default as spec_default
-
+    such flag not typed; a flag typed with another value than the run's is refused by memcore.runner.earlier_of,
+    naming both values. Raises MemcoreError for an unknown run."""
     args.after = store.resolve(args.after)
     parent = RunSpec.from_dict(store.run(args.after)["spec"])
     values = {"model": parent.model.name, "adapter": parent.adapter.kind, "rank": parent.adapter.rank,
               "alpha": parent.adapter.alpha, "targets": parent.adapter.targets, "layers": parent.adapter.layers}
+    typed = given_flags(getattr(args, "argv", []), "train", INHERITED) if getattr(args, "argv", None) else set()
     for name in INHERITED:
-        given = getattr(args, name)
-        if given is None or (name != "layers" and given == spec_default(name)):
+        if name not in typed:
             value = values[name]
             setattr(args, name, ",".join(map(str, value)) if isinstance(value, tuple) else value)
 
