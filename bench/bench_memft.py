@@ -187,6 +187,14 @@ def report(args: argparse.Namespace) -> int:
     ref = reference_lengths(fs.brackets)
     df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
     stage2 = df[df["where"] != ""]
+    probes = df[(df["where"] == "") & df["exact_recall"].astype(bool)]
+    if len(probes):
+        print("\n## Steps to exact recall on the search's probes, method − sft on the same seeds (where both recalled; "
+              "mean, 95% paired-t interval)")
+        for _, r in paired_differences(probes, ["steps"]).iterrows():
+            print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} {r['mean']:+8.1f} [{r['lo']:+8.1f}, "
+                  f"{r['hi']:+8.1f}]  ({r['method_mean']:.1f} vs {r['baseline_mean']:.1f} steps, n={r['n']})  "
+                  f"{r['verdict']}")
     print("\n## Paired differences, method − sft on the same seeds and data (mean, 95% paired-t interval)")
     measures = {"below": ["steps", "exact_recall"],
                 "past": ["token_accuracy", "frac_above", "verbatim_prefix", "delta_loss"]}
