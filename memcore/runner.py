@@ -64,6 +64,7 @@ class Earlier:
         return sum(self.lengths)
 
 
+# the model and placement a run trained after another keeps (option name, its value in a RunSpec)
 CHAIN_SETTINGS = (("model", lambda s: s.model.name), ("adapter", lambda s: s.adapter.kind),
                   ("rank", lambda s: s.adapter.rank), ("layers", lambda s: s.adapter.layers),
                   ("targets", lambda s: s.adapter.targets), ("alpha", lambda s: s.adapter.alpha))

@@ -276,9 +276,8 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)
 
 
-def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
-    """The capacity sweep: regime from how points stopped, ΔL / accuracy / recall heatmaps per method, the frontier
-    and capacity, the verbatim what-if; a user's own run is placed on the cells with a note on what differs."""
+def _own_run(tiny_model_dir) -> None:
+    """A user's own finished run in the app's store (LoRA on a text, 2 steps of memft-ot): unlike any sweep."""
     from common import get_store
 
     from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
@@ -289,6 +288,12 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
                    train=TrainSpec(method="memft-ot", max_steps=2))
     base, samples = prepare(spec, home=store.home)
     execute(spec, store, base, samples)
+
+
+def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
+    """The capacity sweep: regime from how points stopped, ΔL / accuracy / recall heatmaps per method, the frontier
+    and capacity, the verbatim what-if; a user's own run is placed on the cells with a note on what differs."""
+    _own_run(tiny_model_dir)
     at = _app("app_pages/law.py")
     assert not at.exception
     assert at.selectbox(key="law_source").value == "shipped: capacity_bypass_random"
@@ -540,11 +545,6 @@ def _benchmark_tables(folder: Path) -> None:
 def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tmp_path, monkeypatch):
     """The benchmark's frontier per method (brackets, open ends in words), the paired differences with their
     verdicts drawn and counted, and a user's own run placed against the brackets with what it differs in."""
-    from common import get_store
-
-    from memcore.config import DataSpec, ModelSpec, RunSpec, TrainSpec
-    from memcore.runner import execute, prepare
-
     monkeypatch.setenv("MEMCORE_BENCHMARK_DIR", str(tmp_path / "none"))
     at = _app("app_pages/law.py")
     assert not at.exception
@@ -553,11 +553,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
 
     _benchmark_tables(tmp_path / "paper")
     monkeypatch.setenv("MEMCORE_BENCHMARK_DIR", str(tmp_path / "paper"))
-    store = get_store()
-    spec = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), data=DataSpec(text="A run of my own."),
-                   train=TrainSpec(method="memft-ot", max_steps=2))
-    base, samples = prepare(spec, home=store.home)
-    execute(spec, store, base, samples)
+    _own_run(tiny_model_dir)
     at = _app("app_pages/law.py")
     assert not at.exception
     md = " ".join(m.value for m in at.markdown)

@@ -82,8 +82,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                               lambda stop: execute_iter(spec, store, base, samples, should_stop=stop, label=args.label))
 
 
-# the flags --after takes from the earlier run when left at their defaults: its model and placement
-INHERITED = ("model", "adapter", "rank", "alpha", "targets", "layers")
 
 
 def given_flags(argv: list[str], verb: str, names: tuple[str, ...]) -> set[str]:
@@ -102,14 +100,15 @@ def inherit_placement(args: argparse.Namespace, store: Any) -> None:
     """`train --after RUN`: resolve RUN (an id, a unique prefix or 'last') and take its model and placement for every
     such flag not typed; a flag typed with another value than the run's is refused by memcore.runner.earlier_of,
     naming both values. Raises MemcoreError for an unknown run."""
+    from memcore.runner import CHAIN_SETTINGS  # the model and placement a chain keeps, by option name
+
     args.after = store.resolve(args.after)
     parent = RunSpec.from_dict(store.run(args.after)["spec"])
-    values = {"model": parent.model.name, "adapter": parent.adapter.kind, "rank": parent.adapter.rank,
-              "alpha": parent.adapter.alpha, "targets": parent.adapter.targets, "layers": parent.adapter.layers}
-    typed = given_flags(getattr(args, "argv", []), "train", INHERITED) if getattr(args, "argv", None) else set()
-    for name in INHERITED:
+    names = tuple(name for name, _ in CHAIN_SETTINGS)
+    typed = given_flags(args.argv, "train", names) if getattr(args, "argv", None) else set()
+    for name, get in CHAIN_SETTINGS:
         if name not in typed:
-            value = values[name]
+            value = get(parent)
             setattr(args, name, ",".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
