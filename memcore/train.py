@@ -537,8 +537,7 @@ class _Loop:
             reports.append(report)
             mask = r.view(self.batch.target_mask)
             if r.chained:  # the earlier runs' rows carry no weight unless rehearsed
-                rows = r.trainable[r.local] if r.mb else r.trainable
-                mask = mask & rows.to(mask.device)[:, None]
+                mask = mask & r.trainable[r.local].to(mask.device)[:, None]
                 sel_loss = sel_loss[r.trainable_flat[r.flat_sel] if r.mb else r.trainable_flat]
             losses.append(obj.StepLosses(loss=r.view(loss.detach()), correct=r.view(correct), mask=mask,
                                          host_loss=sel_loss, step=r.step,
@@ -565,7 +564,7 @@ class _Loop:
             rows = slice(r.rows.start, r.rows.stop)
             mask = r.view(self.batch.target_mask)
             if r.chained:  # the earlier runs' rows carry no weight unless rehearsed
-                mask = mask & (r.trainable[r.local] if r.mb else r.trainable).to(mask.device)[:, None]
+                mask = mask & r.trainable[r.local].to(mask.device)[:, None]
             if r.may_train is None or r.prev_loss is None:
                 out[rows, K - r.keep:] = mask
             else:
@@ -711,8 +710,7 @@ def _rehearsal_share(w: torch.Tensor, run: _Run) -> float:
     without rehearsal, or when no token carries weight."""
     if not run.rehearse:
         return 0.0
-    earlier = (run.local >= run.own_rows).to(w.device) if run.mb else \
-        (torch.arange(run.n_rows, device=w.device) >= run.own_rows)
+    earlier = (run.local >= run.own_rows).to(w.device)  # this step's rows (all of them without minibatches)
     total = float(w.sum())
     return float(w[earlier].sum()) / total if total > 0 else 0.0
 
