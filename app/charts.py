@@ -716,3 +716,57 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     points = alt.Chart(d).mark_point(filled=True, size=60).encode(x=x, y=y, color=color, tooltip=tips)
     # the height Streamlit fits the whole chart into (axis, its title and the four-line legend included)
     return alt.layer(zero, bars, points).properties(height=max(170, 30 * len(d) + 90))
+
+
+def chain_chart(history: pd.DataFrame, events: pd.DataFrame | None = None, mark_step: int | None = None,
+                title: str = "Each passage over the steps") -> alt.Chart:
+    """Passages trained one after another (memcore.chain), each as a line of its tokens above τ (share, 0..1) and,
+    under the lines, a band per passage that is blue while it is recalled verbatim (every teacher-forced argmax
+    right). One chart (not a concatenation), so it takes the page's width.
+
+    history: step, passage (its name), frac_above (0..1), recalled (bool), one row per passage and step measured.
+    events: step, label: steps to mark with a dashed rule and their label (a passage losing or winning back
+    verbatim recall, the next run starting). mark_step: a step to mark with a solid rule (the step a replay shows)."""
+    d = history.sort_values(["passage", "step"]).copy()
+    d["recalled"] = d["recalled"].astype(bool)
+    d["recall"] = np.where(d["recalled"], "recalled verbatim", "not recalled")
+    gap = float(np.median(np.diff(np.unique(d["step"])))) if d["step"].nunique() > 1 else 1.0
+    d["next"] = d.groupby("passage")["step"].shift(-1).fillna(d["step"] + gap)  # a band cell spans to the next step
+    passages = list(dict.fromkeys(history["passage"]))
+    band = 0.12  # each passage's recall band, under y = 0
+    row = {p: i for i, p in enumerate(passages)}
+    d["band_hi"] = [-0.03 - band * row[p] for p in d["passage"]]
+    d["band_lo"] = d["band_hi"] - band * 0.8
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    color = alt.Color("passage:N", title=None, sort=passages, legend=alt.Legend(orient="bottom", labelLimit=400),
+                      scale=alt.Scale(domain=passages, range=(palette * 4)[:len(passages)]))
+    y_lo = -0.03 - band * len(passages)
+    y_scale = alt.Scale(domain=[y_lo, 1.02], nice=False)
+    x = alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1))
+    y = alt.Y("frac_above:Q", scale=y_scale, title="share above τ",  # short: a long title squeezes the plot
+              axis=alt.Axis(values=[0, 0.2, 0.4, 0.6, 0.8, 1.0]))
+    lines = _line_mark(alt.Chart(d), d["step"].nunique()).encode(
+        x=x, y=y, color=color, tooltip=["passage:N", "step:Q", alt.Tooltip("frac_above:Q", format=".3f",
+                                                                           title="above τ"), "recall:N"])
+    bands = alt.Chart(d).mark_rect().encode(
+        x="step:Q", x2="next:Q", y=alt.Y("band_lo:Q", scale=y_scale), y2="band_hi:Q",
+        fill=alt.Fill("recall:N", title=None, legend=alt.Legend(orient="bottom"),
+                      scale=alt.Scale(domain=["recalled verbatim", "not recalled"], range=[BLUE, "#e6e6e6"])),
+        tooltip=["passage:N", "step:Q", "recall:N"])
+    names = pd.DataFrame({"passage": passages, "step": [d["step"].min()] * len(passages),
+                          "y": [-0.03 - band * row[p] - band * 0.4 for p in passages]})
+    labels = alt.Chart(names).mark_text(align="left", baseline="middle", dx=3, fontSize=10, color="#333").encode(
+        x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="passage:N")
+    layers = [bands, labels, lines]
+    if events is not None and len(events):
+        ev = events.reset_index(drop=True).copy()
+        ev["y"] = [1.0 - 0.07 * (i % 4) for i in range(len(ev))]  # labels stacked when steps are close
+        layers.append(alt.Chart(ev).mark_rule(strokeDash=[5, 3], color="#444").encode(
+            x="step:Q", tooltip=["label:N", "step:Q"]))
+        layers.append(alt.Chart(ev).mark_text(align="left", baseline="top", dx=4, fontSize=11, color="#222").encode(
+            x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="label:N"))
+    if mark_step is not None:
+        layers.append(alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(color="#444", strokeWidth=2).encode(
+            x="step:Q", tooltip=[alt.Tooltip("step:Q", title="shown step")]))
+    return alt.layer(*layers).resolve_scale(color="independent").properties(
+        height=380 + 24 * len(passages), title=title)  # the whole chart: title, axes and legends included

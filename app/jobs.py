@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from memcore.chain import Retention, chain_of
 from memcore.config import ModelSpec, RunSpec
 from memcore.loading import Base, load_base
 from memcore.metrics import StubbornCounter, per_sample
 from memcore.pieces import Piece
-from memcore.records import RunSummary, StepRow
+from memcore.records import EARLIER_FIELDS, RunSummary, StepRow
 from memcore.service import SEARCH_LABEL, TrainingProcess, trainer_lock
 from memcore.store import Store
 
@@ -66,6 +67,18 @@ class RunLive:
     sample_lengths: list[int] = field(default_factory=list)  # target tokens of each sample (entries of a PhoneBook)
     prompt_ids: list[list[int]] = field(default_factory=list)  # each sample's prompt (an entry's name)
     target_ids: list[list[int]] = field(default_factory=list)
+    # a run trained after others (spec.train.after): their targets, measured every step without being trained on
+    # (unless rehearsed), laid end to end in chain order
+    earlier_runs: list[str] = field(default_factory=list)  # the chain before this run, oldest first
+    earlier_pieces: list[Piece] = field(default_factory=list)
+    earlier_p: np.ndarray | None = None  # [M] p of the earlier targets at the latest step
+    earlier_correct: np.ndarray | None = None  # [M] bool
+    retention: Retention = field(default_factory=Retention)  # lost / regained over every step as it arrives
+
+    @property
+    def chained(self) -> bool:
+        """Trained on top of an earlier run: its earlier passage is drawn beside its own."""
+        return self.spec.train.after is not None
 
     @property
     def entries(self) -> bool:
@@ -88,6 +101,13 @@ class RunLive:
         p = np.asarray(r.p, dtype=np.float16)
         row = {"step": r.step, "loss": r.loss, "delta_loss": r.delta_loss, "frac_above": r.frac_above,
                "frac_correct": r.token_accuracy, "elapsed": r.elapsed}
+        if r.chained:  # this passage and the earlier ones, side by side in the chart of the chain
+            row.update(recalled=bool(r.recalled), earlier_above=r.earlier_above, earlier_tokens=r.earlier_tokens,
+                       earlier_recalled=bool(r.earlier_recalled), rehearsal=r.rehearsal)
+            self.retention.see(r)
+            if r.earlier_p is not None:
+                self.earlier_p = np.asarray(r.earlier_p, dtype=np.float16)
+                self.earlier_correct = np.asarray(r.earlier_correct, dtype=bool)
         if self.entries and len(p) == sum(self.sample_lengths):
             worst, right = per_sample(p, r.correct, self.sample_lengths)
             row.update(entries_recalled=int(right.sum()), entries_above=int((worst > self.spec.train.tau).sum()))
@@ -455,6 +475,13 @@ def _sample_layout(live: RunLive, store: Store, run_id: str) -> None:
     lengths = tok["sample_lengths"] or [len(t) for t in tok["target_ids"]]
     if len(lengths) >= 2:
         live.sample_lengths, live.prompt_ids, live.target_ids = lengths, tok["prompt_ids"], tok["target_ids"]
+    if live.chained and not live.earlier_runs:
+        try:
+            chain = chain_of(store, run_id)
+            live.earlier_pieces = [piece for rid in chain for piece in store.tokens(rid)["pieces"]]
+            live.earlier_runs = chain
+        except Exception:  # an earlier run deleted since: its passage is not drawn, this run's still is
+            pass
 
 
 def _catch_up(live: RunLive, store: Store, run_id: str, before: int | None = None) -> None:
@@ -463,6 +490,13 @@ def _catch_up(live: RunLive, store: Store, run_id: str, before: int | None = Non
         _sample_layout(live, store, run_id)
     after = live.steps[-1] if live.steps else -1
     rows = store.step_rows(run_id, after=after, before=before)
+    if live.chained and rows:  # the earlier passages' measurements are kept in a table of their own
+        earlier = {r.step: r for r in store.earlier_steps(run_id, with_tokens=True, after=after)}
+        for row in rows:
+            e = earlier.get(row.step)
+            if e is not None:
+                for f in EARLIER_FIELDS:
+                    setattr(row, f, getattr(e, f))
     for row in rows:
         live.record(row)
     if before is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import chain_view
 import charts
 import numpy as np
 import pandas as pd
@@ -26,7 +27,10 @@ def snapshot(live: Any) -> dict[str, Any]:
     Costs the same at step 10 and step 10,000: the run keeps a bounded history and running stubborn counts."""
     snap = dict(label=live.label, spec=live.spec, pieces=live.pieces, summary=live.summary,
                 recalled_at=live.recalled_at, run_id=live.run_id, steps=[], rows=[],
-                sample_lengths=live.sample_lengths, prompt_ids=live.prompt_ids, target_ids=live.target_ids)
+                sample_lengths=live.sample_lengths, prompt_ids=live.prompt_ids, target_ids=live.target_ids,
+                chained=live.chained, earlier_runs=list(live.earlier_runs), earlier_pieces=live.earlier_pieces,
+                earlier_p=None if live.earlier_p is None else live.earlier_p.astype(np.float32),
+                lost_at=live.retention.lost_at, regained_at=live.retention.regained_at)
     if not live.steps:
         return snap
     stubborn_ever = [t["index"] for t in live.stubborn.top(6)]  # longest at or below τ so far
@@ -124,6 +128,8 @@ def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = T
     if show_tokens:
         st.html(view["html"])
         st.html(charts.legend_html(tau))
+    if snap.get("chained"):
+        chain_view.render_earlier(snap, key, tau, show_tokens)
     if view.get("entries") and snap["rows"] and "entries_recalled" in snap["rows"][-1]:
         hist = pd.DataFrame(snap["rows"])[["step", "entries_recalled", "entries_above"]]
         show_chart(charts.entries_chart(hist, len(snap["sample_lengths"])))
@@ -267,6 +273,8 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
             m1.metric("P_eff", f"{summ.p_eff:,}")
             m2.metric("Bits stored", f"{summ.bits_stored:.0f}")
             m3.metric("Bits / parameter", f"{summ.bits_per_param:.2e}")
+            if summ.earlier_tokens:
+                chain_view.render_earlier_result(summ)
             gen = summ.generated_ids
             if gen is not None:
                 tok = get_tokenizer(s["spec"].model.name)
@@ -290,6 +298,8 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
                         st.text(out["text"][0] if not q else f"{q}⟶{out['text'][0]}")
                     except Exception as e:
                         st.error(error_text(e))
+            if (summ.status or "completed") in ("completed", "stopped") and len(snaps) == 1:
+                chain_view.render_more(summ, s["spec"])
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 
+EARLIER_FIELDS = ("earlier_above", "earlier_correct_n", "earlier_tokens", "earlier_recalled", "earlier_prefix",
+                  "rehearsal", "earlier_p", "earlier_correct")
+"""The StepRow fields a run trained after others sets (Store.earlier_steps reads them back)."""
+
 
 @dataclass
 class StepRow:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from memcore.chain import Retention, chain_of
 from memcore.config import MemcoreError, RunSpec, WriteFailed, is_write_error
 from memcore.data import Batch, Sample, make_batch
 from memcore.loading import Base, load_base
@@ -87,13 +88,7 @@ def earlier_of(store: Store, spec: RunSpec) -> Earlier | None:
     if diff:
         raise MemcoreError(f"--after {parent} continues that run's adapter, so the model and placement must be its "
                            "own; this run differs in " + ", ".join(diff))
-    chain, rid = [], parent
-    while rid is not None:
-        if rid in chain:
-            raise MemcoreError(f"the chain of runs through {rid} runs in a circle")
-        chain.append(rid)
-        rid = RunSpec.from_dict(store.run(rid)["spec"]).train.after
-    chain.reverse()
+    chain = [*chain_of(store, parent), parent]
     samples, lengths = [], []
     for rid in chain:
         own = stored_samples(store, rid)
@@ -142,7 +137,7 @@ class _Record:
         self.keep = None if spec.train.history == "full" else snapshot_steps(spec.train.max_steps)
         self.earlier: Earlier | None = None  # set by the caller for a run trained after another
         self.first_loss: float | None = None  # the loss at its first recorded step (a chain starts off the base)
-        self.retention = _Retention()
+        self.retention = Retention()
 
     def open(self) -> Checkpoint | None:
         """Mark the run running; returns the checkpoint a resumed run goes on from (its later steps dropped), else
@@ -222,7 +217,7 @@ class _Record:
                            self.base_flat, self.pieces)
         summary.history, summary.snapshots = spec.train.history, self.snapshots
         if self.earlier is not None:
-            self.retention.fill(summary, final, self.earlier, spec)
+            _fill_retention(summary, final, self.earlier, spec, self.retention)
         vocab = getattr(base.model.config, "vocab_size", None)
         summary.source_bits_per_token = source_bits(spec, base.tokenizer, vocab)
         summary.device, summary.dtype = base.device.type, str(base.dtype).removeprefix("torch.")
@@ -571,39 +566,18 @@ def save_adapter(write: Callable[[dict[str, Any], Path], None], state: dict[str,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _Retention:
-    """How a chained run's earlier targets fared over its steps: the step their verbatim recall was first lost and
-    the step it came back after that, and the rehearsal share of the update weight over the steps that trained.
-    Reads StepReports or StepRows (earlier_recalled, rehearsal, step)."""
-
-    def __init__(self) -> None:
-        self.was: bool | None = None
-        self.lost_at: int | None = None
-        self.regained_at: int | None = None
-        self.shares: list[float] = []
-
-    def see(self, r: Any) -> None:
-        if r.earlier_recalled is None:
-            return
-        if self.was is True and not r.earlier_recalled and self.lost_at is None:
-            self.lost_at = r.step
-        if self.lost_at is not None and self.regained_at is None and r.earlier_recalled and r.step > self.lost_at:
-            self.regained_at = r.step
-        self.was = bool(r.earlier_recalled)
-        if r.rehearsal is not None and not getattr(r, "final", False) and not getattr(r, "skipped", False):
-            self.shares.append(float(r.rehearsal))
-
-    def fill(self, summary: RunSummary, final: StepReport, earlier: Earlier, spec: RunSpec) -> None:
-        """Set the summary's chain fields from the final report and what was seen."""
-        m = int(final.earlier_p.shape[0]) if final.earlier_p is not None else 0
-        summary.after, summary.chain, summary.keep = spec.train.after, list(earlier.run_ids), bool(spec.train.keep)
-        summary.earlier_tokens = m
-        summary.earlier_above = final.earlier_above
-        summary.earlier_correct = int(final.earlier_correct.sum()) if final.earlier_correct is not None else None
-        summary.earlier_recalled = final.earlier_recalled
-        summary.earlier_prefix = final.earlier_prefix
-        summary.earlier_lost_at, summary.earlier_regained_at = self.lost_at, self.regained_at
-        summary.rehearsal_share = float(np.mean(self.shares)) if self.shares else 0.0
+def _fill_retention(summary: RunSummary, final: StepReport, earlier: Earlier, spec: RunSpec,
+                    seen: Retention) -> None:
+    """Set a chained run's summary fields from its final report and what `seen` followed over its steps."""
+    m = int(final.earlier_p.shape[0]) if final.earlier_p is not None else 0
+    summary.after, summary.chain, summary.keep = spec.train.after, list(earlier.run_ids), bool(spec.train.keep)
+    summary.earlier_tokens = m
+    summary.earlier_above = final.earlier_above
+    summary.earlier_correct = int(final.earlier_correct.sum()) if final.earlier_correct is not None else None
+    summary.earlier_recalled = final.earlier_recalled
+    summary.earlier_prefix = final.earlier_prefix
+    summary.earlier_lost_at, summary.earlier_regained_at = seen.lost_at, seen.regained_at
+    summary.rehearsal_share = seen.rehearsal_share
 
 
 class _Kept:

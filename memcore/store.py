@@ -369,11 +369,13 @@ class Store:
             if rows else np.zeros((0, n), bool)
         return Replay([r["step"] for r in rows], p, c, [t for ts in tok["target_ids"] for t in ts], tok["pieces"])
 
-    def earlier_steps(self, run_id: str, with_tokens: bool = False) -> list[StepRow]:
-        """A chained run's measurements of its earlier runs' targets, step by step: StepRows with only step and the
-        earlier_* fields (and rehearsal) set; with_tokens: earlier_p [M] float16 and earlier_correct [M] bool at the
-        steps that kept a per-token snapshot (the others are left out). Empty for a run without earlier targets."""
-        rows = self._exec("SELECT * FROM earlier_steps WHERE run_id=? ORDER BY step", (run_id,)).fetchall()
+    def earlier_steps(self, run_id: str, with_tokens: bool = False, after: int = -1) -> list[StepRow]:
+        """A chained run's measurements of its earlier runs' targets, step by step (those after step `after`):
+        StepRows with only step and the earlier_* fields (and rehearsal) set; with_tokens: earlier_p [M] float16 and
+        earlier_correct [M] bool at the steps that kept a per-token snapshot (the others are left out). Empty for a
+        run without earlier targets."""
+        rows = self._exec("SELECT * FROM earlier_steps WHERE run_id=? AND step>? ORDER BY step",
+                          (run_id, after)).fetchall()
         out = []
         for r in rows:
             if with_tokens and r["p"] is None:

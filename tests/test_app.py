@@ -569,3 +569,72 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert "recalled verbatim" in fronts[0] and "not recalled" in fronts[0]
     assert any("95% lo" in s and "against sft" in s for s in specs)  # the paired chart
     assert "differs from the benchmark in adapter lora (benchmark: bypass)" in " ".join(c.value for c in at.caption)
+
+
+def test_memorize_more_on_top_of_a_run_and_replay_the_chain(app_env):
+    """A finished run offers 'Memorize more on top of this': the next passage trains from its adapter with the earlier
+    one measured beside it (its tokens and a chart of both passages), the results say how the earlier one fared, and
+    the Runs page replays the chain as one story."""
+    from common import get_store
+
+    at = _app()
+    at.text_area(key="passage").input("The first line to keep.").run()
+    at.number_input(key="max_steps").set_value(3).run()
+    at.button(key="start").click().run()
+    _wait_for_job(at)
+    (first,) = get_store().runs()
+    rid = first["id"]
+    at.button(key=f"more-start-{rid}").click().run()
+    assert "Cannot start" in " ".join(e.value for e in at.error) and len(get_store().jobs()) == 1  # empty: refused
+    assert at.text_area(key=f"more-prompt-{rid}").value == "Recite passage 2.\n"  # a prompt of its own
+    at.text_area(key=f"more-text-{rid}").input("A second line on top.")
+    at.number_input(key=f"more-steps-{rid}").set_value(2)
+    at.checkbox(key=f"more-keep-{rid}").check()
+    at.button(key=f"more-start-{rid}").click().run()
+    _wait_for_job(at)
+    assert not at.exception
+    second = next(r for r in get_store().runs() if r["id"] != rid)
+    assert second["spec"]["train"]["after"] == rid and second["spec"]["train"]["keep"] is True
+    assert second["spec"]["data"]["text"] == "A second line on top." and second["steps"] == 2
+    md = " ".join(m.value for m in at.markdown)
+    n_first = first["summary"].n_tokens
+    assert f"The earlier passage (run {rid})" in md and f"/{n_first}** tokens above τ" in md
+    # the earlier passage's tokens drawn beside the new one's: both texts in the token views
+    html = _html(at)
+    assert "first" in html and "second" in html
+    labels = {m.label for m in at.metric}
+    assert {"Still recalled", "Tokens above τ", "Lost at step", "Rehearsal share"} <= labels
+    summ = get_store().run(second["id"])["summary"]
+    assert summ.after == rid and summ.earlier_tokens == n_first and summ.keep
+    assert next(m.value for m in at.metric if m.label == "Tokens above τ") == f"{summ.earlier_above}/{n_first}"
+
+    at = _app("app_pages/runs.py")
+    df = at.dataframe[0].value
+    assert df.set_index("run").loc[second["id"], "after"] == rid
+    at.selectbox(key="picked").set_value(rid).run()
+    assert second["id"] in " ".join(c.value for c in at.caption)  # trained on top of this one
+    at.selectbox(key="picked").set_value(second["id"]).run()
+    assert not at.exception
+    md = " ".join(m.value for m in at.markdown)
+    assert "A chain of runs" in md and f"A: run {rid}" in md and f"B: run {second['id']}" in md
+    assert f"at step **2** · {summ.earlier_above}/{n_first} tokens above τ" in md
+    story = [c for c in at.get("vega_lite_chart") if "one story" in c.proto.spec]
+    assert story, "the chain's story chart is drawn"
+
+
+def test_the_chain_chart_marks_each_passage_and_event():
+    """charts.chain_chart: one line per passage, a recall strip per passage, and a labelled rule per event."""
+    import charts
+    import pandas as pd
+
+    hist = pd.DataFrame({"step": [0, 1, 2, 0, 1, 2], "passage": ["A"] * 3 + ["B"] * 3,
+                         "frac_above": [1.0, 0.5, 0.9, 0.0, 0.6, 1.0], "recalled": [1, 0, 1, 0, 0, 1]})
+    spec = charts.stable_spec(charts.chain_chart(hist, pd.DataFrame({"step": [1], "label": ["A lost"]}), mark_step=2))
+    text = str(spec)
+    assert "A lost" in text and "recalled verbatim" in text
+    data = [row for rows in spec["datasets"].values() for row in rows]
+    band = [r for r in data if "next" in r and r["passage"] == "A"]
+    assert [(r["step"], r["next"], r["recall"]) for r in band] == [(0, 1, "recalled verbatim"),
+                                                                  (1, 2, "not recalled"), (2, 3, "recalled verbatim")]
+    assert all(r["band_hi"] < 0 for r in data if "band_hi" in r)  # the bands sit under the lines' [0, 1]
+    assert "vconcat" not in spec and "hconcat" not in spec  # one chart: it takes the page's width

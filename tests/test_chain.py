@@ -243,3 +243,33 @@ def test_the_cli_takes_the_placement_from_the_earlier_run_and_refuses_a_typed_ot
     spec = Store(home).run(b["run_id"])["spec"]
     assert spec["adapter"]["kind"] == "bypass" and spec["adapter"]["rank"] == 2 and spec["adapter"]["layers"] == [1]
     assert spec["model"]["name"] == str(tiny_model_dir) and b["after"] == a["run_id"]
+
+
+def test_a_chain_of_three_is_told_as_one_story(store, tiny_model_dir):
+    """chain_story: A → B → C on one step axis, every passage measured over the runs after its own (split per passage
+    when C measures A and B together, matching what B measured of A at its end), each run's start, and a 'lost'
+    event wherever a passage recalled verbatim stopped being recalled while a later run trained."""
+    from memcore.chain import chain_of, chain_story
+
+    a = _train(store, _spec(tiny_model_dir, FIRST, steps=30, prompt="One:"))
+    b = _train(store, _spec(tiny_model_dir, SECOND, after=a.run_id, steps=30, prompt="Two:"))
+    c = _train(store, _spec(tiny_model_dir, "Third words here.", after=b.run_id, steps=4, prompt="Three:"))
+    assert chain_of(store, c.run_id) == [a.run_id, b.run_id] and chain_of(store, a.run_id) == []
+    story = chain_story(store, c.run_id)
+    assert story.runs == [a.run_id, b.run_id, c.run_id]
+    assert story.starts == [(0, a.run_id), (a.steps, b.run_id), (a.steps + b.steps, c.run_id)]
+    rows = {(r["run"], r["passage"], r["story_step"]): r for r in story.rows}
+    end_b = a.steps + b.steps
+    # A at B's last step (measured by B) is A at C's step 0 (measured by C, split from A and B together)
+    by_b, by_c = rows[(b.run_id, a.run_id, end_b)], rows[(c.run_id, a.run_id, end_b)]
+    assert (by_b["above"], by_b["recalled"], by_b["tokens"]) == (by_c["above"], by_c["recalled"], a.n_tokens)
+    assert rows[(c.run_id, b.run_id, end_b)]["above"] == store.steps(b.run_id)[-1].n_above
+    assert {r["passage"] for r in story.rows if r["run"] == c.run_id} == {a.run_id, b.run_id, c.run_id}
+    for step, passage, kind in story.events:  # each event where its passage's recall changed, in a later run
+        series = sorted((r["story_step"], r["recalled"]) for r in story.rows
+                        if r["passage"] == passage and r["run"] != passage)
+        before = [rec for st, rec in series if st < step]
+        at = [rec for st, rec in series if st == step]
+        assert before and before[-1] is (kind == "lost") and at[-1] is (kind == "regained")
+    assert a.recalled and b.earlier_lost_at is not None  # A was recalled, and B's training knocked it out
+    assert (a.steps + b.earlier_lost_at, a.run_id, "lost") in story.events

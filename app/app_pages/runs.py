@@ -1,5 +1,6 @@
 """Runs: every run in the store; filter, export as CSV, replay one step by step, delete with confirmation."""
 
+import chain_view
 import charts
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ def _table(runs: list[dict]) -> pd.DataFrame:
                      "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
                      "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
-                     "label": r["label"], "sweep": r["sweep"],
+                     "after": r["spec"].get("train", {}).get("after"), "label": r["label"], "sweep": r["sweep"],
                      "created": pd.to_datetime(r["created"], unit="s"), "error": r["error"]})
     return pd.DataFrame(rows)
 
@@ -72,6 +73,9 @@ st.markdown(f"**{picked}** · {run['status']} · model `{run['model']}` · "
             f"τ {spec['train']['tau']} · lr {spec['train']['lr']:g}")
 if run["error"]:
     st.error(run["error"])
+later = [r["id"] for r in runs if r["spec"].get("train", {}).get("after") == picked]
+if later:
+    st.caption("Trained on top of this run: " + ", ".join(f"`{r}`" for r in later) + " (open one to replay the chain).")
 if run["status"] in RESUMABLE:
     step = resumable_step(store, picked)
     c1, c2, _ = st.columns([1, 1, 3])
@@ -85,6 +89,9 @@ if run["status"] in RESUMABLE:
     if c2.button("Run again", key=f"again-{picked}", help="A new run with the same settings and text, from step 0"):
         job = get_worker().submit([again], session_id(), labels=[run["method"]])
         st.switch_page("app_pages/memorize.py", query_params={"job": job.id})
+
+if run["status"] in ("completed", "stopped") and run["summary"] is not None:
+    chain_view.render_more(run["summary"], RunSpec.from_dict(spec), switch=True)
 
 try:
     replay = store.replay(picked)
@@ -127,6 +134,9 @@ if replay is not None and len(replay.steps):
     else:
         st.html(charts.token_html(replay.pieces, p, tau, crossed=crossed, stubborn=stubborn, first_divergence=fd))
     st.html(charts.legend_html(tau))
+    if spec["train"].get("after"):  # trained on top of another run: the earlier passage then, and the chain's story
+        chain_view.render_earlier_at(store, picked, replay.steps[i], tau)
+        chain_view.render_story(store, picked, replay.steps[i])
     if many:
         counts = [per_sample(replay.p[k], replay.correct[k], lengths) for k in range(len(replay.steps))]
         show_chart(charts.entries_chart(pd.DataFrame({"step": replay.steps,
