@@ -770,3 +770,44 @@ def chain_chart(history: pd.DataFrame, events: pd.DataFrame | None = None, mark_
             x="step:Q", tooltip=[alt.Tooltip("step:Q", title="shown step")]))
     return alt.layer(*layers).resolve_scale(color="independent").properties(
         height=380 + 24 * len(passages), title=title)  # the whole chart: title, axes and legends included
+
+
+STRATEGY_COLORS = {"none": "#d62728", "keep-sft": "#1f77b4", "keep-memft-ot": "#2ca02c"}
+
+
+def retention_chart(cells: pd.DataFrame, measure: str = "kept") -> alt.Chart:
+    """A first passage's retention after a second one, against capacity: per strategy (colour) and rank (shape),
+    `measure` (kept: share of its tokens above τ, with the seeds' least..most as a bar; recalled: share of seeds
+    reciting it verbatim) against fill = (ℓ_A + ℓ_B)/ℓ*(r), a line through each strategy's points per rank, and a
+    dashed rule at fill 1 (the verbatim-recall frontier). cells: memcore.chain_sweep.retention_against_capacity."""
+    d = cells.sort_values(["strategy", "rank", "fill"]).copy()
+    d["ranks"] = "r = " + d["rank"].astype(str)
+    strategies = [s for s in STRATEGY_COLORS if s in set(d["strategy"])] + sorted(
+        set(d["strategy"]) - set(STRATEGY_COLORS))
+    color = alt.Color("strategy:N", title="strategy", sort=strategies, legend=alt.Legend(orient="bottom"),
+                      scale=alt.Scale(domain=strategies,
+                                      range=[STRATEGY_COLORS.get(s, "#7f7f7f") for s in strategies]))
+    top = max(2.0, float(d["fill"].max()) * 1.1)
+    x = alt.X("fill:Q", title="(ℓ_A + ℓ_B) / ℓ*(r): both passages against the frontier",
+              scale=alt.Scale(domain=[0, top], nice=False))
+    title = {"kept": "share of the first passage's tokens still above τ",
+             "recalled": "share of seeds still reciting it verbatim"}[measure]
+    y = alt.Y(f"{measure}:Q", title=title, scale=alt.Scale(domain=[0, 1]))
+    tips = ["strategy:N", "rank:Q", alt.Tooltip("first_length:Q", title="ℓ_A"),
+            alt.Tooltip("second_length:Q", title="ℓ_B"), alt.Tooltip("fill:Q", format=".2f"),
+            alt.Tooltip("kept:Q", format=".3f"), alt.Tooltip("recalled:Q", format=".2f"),
+            alt.Tooltip("second_steps:Q", format=".0f", title="steps of the second"),
+            alt.Tooltip("rehearsal:Q", format=".1%", title="rehearsal share"), "seeds:Q"]
+    base = alt.Chart(d)
+    layers = [base.mark_line(opacity=0.6).encode(x=x, y=y, color=color, detail="ranks:N"),
+              base.mark_point(filled=True, size=70).encode(
+                  x=x, y=y, color=color, shape=alt.Shape("ranks:N", title="rank", legend=alt.Legend(orient="bottom")),
+                  tooltip=tips)]
+    if measure == "kept":
+        layers.insert(0, base.mark_rule(opacity=0.5).encode(x=x, y=alt.Y("kept_lo:Q", scale=alt.Scale(domain=[0, 1])),
+                                                             y2="kept_hi:Q", color=color))
+    front = pd.DataFrame({"fill": [1.0], "label": ["frontier ℓ*(r)"]})
+    layers.append(alt.Chart(front).mark_rule(strokeDash=[6, 4], color="#444").encode(x="fill:Q"))
+    layers.append(alt.Chart(front).mark_text(align="left", dx=4, dy=-6, color="#444").encode(
+        x="fill:Q", y=alt.value(8), text="label:N"))
+    return alt.layer(*layers).properties(height=340)

@@ -638,3 +638,36 @@ def test_the_chain_chart_marks_each_passage_and_event():
                                                                   (1, 2, "not recalled"), (2, 3, "recalled verbatim")]
     assert all(r["band_hi"] < 0 for r in data if "band_hi" in r)  # the bands sit under the lines' [0, 1]
     assert "vconcat" not in spec and "hconcat" not in spec  # one chart: it takes the page's width
+
+
+def test_law_page_shows_retention_against_capacity(app_env, tmp_path, monkeypatch):
+    """The chain sweep's section: the first passage's retention per strategy against (ℓ_A + ℓ_B)/ℓ*(r), two charts
+    and the table behind them, first passages never learned left out and said so."""
+    import pandas as pd
+    import retention_view
+
+    rows = []
+    for strategy, kept in (("none", 0.2), ("keep-sft", 1.0), ("keep-memft-ot", 0.9)):
+        for ell_b in (8, 64):
+            for seed in (0, 1):
+                rows.append({"rank": 1, "first_length": 16, "second_length": ell_b, "strategy": strategy,
+                             "seed": seed, "first_recalled": seed == 0 or ell_b == 8, "first_steps": 40,
+                             "retained_above": kept, "retained_recalled": kept > 0.5, "retained_prefix": 3,
+                             "lost_at": None, "regained_at": None, "second_steps": 50, "second_recalled": True,
+                             "second_above": 1.0, "rehearsal_share": 0.0 if strategy == "none" else 0.3,
+                             "stop_reason": "recalled", "first_run": "r"})
+    csv = tmp_path / "chains.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    monkeypatch.setattr(retention_view, "SHIPPED_CHAINS", csv)
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    assert "Memory that keeps changing: a second passage on top of the first" in [s.value for s in at.subheader]
+    specs = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert any("still above" in s for s in specs) and any("reciting it verbatim" in s for s in specs)
+    captions = " ".join(c.value for c in at.caption)
+    assert "3 chain(s) left out" in captions and "ℓ*(r) = " in captions
+    table = next(d.value for d in at.dataframe if "(ℓ_A+ℓ_B)/ℓ*" in d.value.columns)
+    assert len(table) == 6 and set(table["strategy"]) == {"none", "keep-sft", "keep-memft-ot"}
+    slope = float(captions.split("ℓ*(r) = ")[1].split("·r")[0])
+    fills = sorted(table["(ℓ_A+ℓ_B)/ℓ*"].round(3).unique())
+    assert fills == sorted({round(24 / slope, 3), round(80 / slope, 3)})

@@ -9,6 +9,7 @@ import benchmark_view
 import charts
 import numpy as np
 import pandas as pd
+import retention_view
 import search_view
 import streamlit as st
 from common import error_text, get_store, get_worker, show_chart
@@ -253,6 +254,7 @@ if has_recall(data):
                    "(Allen-Zhu & Li), 3.6 for random data (Morris et al. 2025).")
 
 benchmark_view.render(store)
+retention_view.render(store)
 
 # --- what if ---------------------------------------------------------------------------------------------------
 st.subheader("What if")

@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", type=int, nargs="+", default=[0], help=f"{SEED_HELP} A point per seed.")
     sw.add_argument("--noises", type=float, nargs="+", default=[0.0],
                     help="fractions of target tokens replaced at random")
+    sw.add_argument("--chain", action="store_true",
+                    help="a sweep over chains: per rank, first length and seed a first passage of random tokens, "
+                    "then on top of it a second one of each --lengths under each --strategies; the table gives the "
+                    "first passage's retention (see 'Memorize more on top of a run')")
+    sw.add_argument("--first-lengths", type=int, nargs="+", default=[16], metavar="N",
+                    help="with --chain: the first passage's target tokens (default: %(default)s)")
+    sw.add_argument("--strategies", nargs="+", default=["none", "keep-sft", "keep-memft-ot"], metavar="S",
+                    help="with --chain: none (the second passage alone, sft), keep-sft (the first rehearsed, sft), "
+                    "keep-memft-ot (the first rehearsed under memft-ot) (default: all three)")
     sw.add_argument("--name", help="sweep id (default: a hash of its definition); the same id resumes")
     sw.add_argument("--out", help="write the completed points as CSV (rank, length, delta_loss, p_eff, method, ...)")
     sw.add_argument("--json", action="store_true",

@@ -30,6 +30,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from memcore.sweep import SweepSpec, completed_keys, points, run_sweep, sweep_table
 
+    if args.chain:
+        return _chain_sweep(args)
+    for flag, default in (("first_lengths", [16]), ("strategies", ["none", "keep-sft", "keep-memft-ot"])):
+        if getattr(args, flag) != default:
+            raise MemcoreError(f"--{flag.replace('_', '-')} applies only with --chain")
     if not given_sources(args):
         args.sample = "long_archive"
     # the grid's first point stands for it; points vary rank, length, method, seed and noise (fixed budget each)
@@ -85,6 +90,81 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if not flag.stop else 130
 
 
+
+
+def _chain_sweep(args: argparse.Namespace) -> int:
+    """`memcore sweep --chain`: chains A → B into the store (memcore.chain_sweep), resumable, progress on stderr; the
+    first passages' retention as a table, optionally CSV/JSON."""
+    import time
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from memcore.chain_sweep import ChainSweepSpec, chain_table, run_chain_sweep
+
+    if args.backend != "local":
+        raise MemcoreError("a chain sweep runs here (--backend local): its second passages wait for the first ones")
+    if args.methods != ["sft", "memft-ot"] or args.noises != [0.0]:
+        raise MemcoreError("--methods and --noises do not apply with --chain: --strategies says how each second "
+                           "passage trains")
+    others = [f for f in given_sources(args) if f != "--random-tokens"]
+    if others:
+        raise MemcoreError(f"{others[0]} does not apply with --chain: both passages are random tokens")
+    if args.random_tokens is None:
+        args.random_tokens = max(args.first_lengths)
+    template = run_spec(run_settings(args) | {"rank": args.ranks[0], "seed": args.seeds[0],
+                                           "history": "full" if args.full_history else "decimated"})
+    sweep = ChainSweepSpec(template=template, ranks=tuple(args.ranks), first_lengths=tuple(args.first_lengths),
+                           second_lengths=tuple(args.lengths), strategies=tuple(args.strategies),
+                           seeds=tuple(args.seeds), name=args.name)
+    store = open_store()
+    firsts = len(sweep.first_points())
+    total = firsts * (1 + len(sweep.second_lengths) * len(sweep.strategies))
+    done = len({r["label"] for r in store.runs(sweep=sweep.id, status="completed")})
+    print(f"chain sweep {sweep.id}: {total} runs ({firsts} first passages, {total - firsts} chains), {done} already "
+          f"completed, {total - done} to run", file=sys.stderr)
+    flag = StopFlag()
+    restore = flag.install()
+    bar = tqdm(total=total, initial=done, unit="run", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for point, summary in run_chain_sweep(sweep, store, should_stop=flag, batch=args.batch):
+            v = point.values
+            where = f"r={v['rank']} ℓ_A={v['first_length']}" + (
+                f" ℓ_B={v['second_length']} {v['strategy']}" if v["passage"] == "second" else " (first)")
+            if summary.status == "stopped":
+                bar.set_postfix_str(f"{where} stopped at step {summary.steps}", refresh=True)
+                continue
+            bar.update(1)
+            what = (f"first kept {summary.earlier_above}/{summary.earlier_tokens} above τ" if summary.after
+                    else f"recalled: {'yes' if summary.exact_recall else 'no'} in {summary.steps} steps")
+            bar.set_postfix_str(f"{where} {what}", refresh=True)
+    finally:
+        bar.close()
+        restore()
+    rows = chain_table(store, sweep.id)
+    left = total - len(store.runs(sweep=sweep.id, status="completed"))
+    status = "stopped" if flag.stop else "completed"
+    msg = (f"chain sweep {sweep.id} {status}: {len(rows)} chains in the store "
+           f"({time.perf_counter() - t0:.0f} s this time)")
+    if left:
+        msg += f"; run the same command again to finish the {left} missing"
+    print(msg, file=sys.stderr)
+    if rows:
+        df = pd.DataFrame(rows)
+        agg = df.groupby(["rank", "first_length", "second_length", "strategy"]).agg(
+            seeds=("seed", "size"), kept=("retained_above", "mean"), recalled=("retained_recalled", "mean"),
+            steps=("second_steps", "mean"), second=("second_recalled", "mean"), rehearsal=("rehearsal_share", "mean"))
+        print("first passage after the second (means over seeds): kept = share of its tokens above τ, recalled = "
+              "share of seeds recalling it verbatim; steps and recall of the second; rehearsal share of the update")
+        print(agg.to_string(float_format=lambda x: f"{x:.3f}"))
+    if args.out:
+        pd.DataFrame(rows, columns=list(rows[0]) if rows else None).drop(columns=["run_id"], errors="ignore").to_csv(
+            args.out, index=False)
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"sweep": sweep.id, "status": status, "runs": total, "chains": len(rows), "rows": rows}))
+    return 0 if not flag.stop else 130
 
 
 SEARCH_ONLY = ("ranks", "seeds", "resolution", "max_length", "start_length", "batch", "name")
