@@ -184,7 +184,7 @@ class Checkpoint:
     last_check_step: int
     notes: list[str] = field(default_factory=list)
     recent_delta_loss: list[float] = field(default_factory=list)  # ΔL of the latest steps, for until='converged'
-    best_counts: list[int] = field(default_factory=list)  # [best above τ, best argmax-right, step of the last new best]
+    best_counts: list[int] = field(default_factory=list)  # BestCounts.saved(): bests above τ and argmax-right, their step, own-target bests
 
 
 PLATEAU_SMOOTH = 10  # ΔL is averaged over this many steps at each end of the plateau window (dropout makes it noisy)
@@ -193,22 +193,34 @@ PLATEAU_SMOOTH = 10  # ΔL is averaged over this many steps at each end of the p
 @dataclass
 class BestCounts:
     """The most tokens above τ and argmax-right a run has had, and the step it last beat either
-    (plateau_on='recall')."""
+    (plateau_on='recall'). A rehearsing run keeps two sets of bests: over the whole set it trains (its own targets
+    and the earlier runs') and over its own targets alone, since the earlier targets start out learned and the
+    whole set's best is often step 0 while the new passage is still going in."""
 
     above: int = -1
     correct: int = -1
     step: int = 0
+    own_above: int = -1
+    own_correct: int = -1
 
     def see(self, report: StepReport, with_earlier: bool = False) -> None:
         """Take a step's counts (with_earlier: the earlier runs' targets counted too, as a rehearsing run trains
-        them): a new best in either moves the step of the last new best."""
+        them): a new best in any count moves the step of the last new best."""
         above, correct = report.n_above, report.n_correct
+        gained = above > self.own_above or correct > self.own_correct
+        self.own_above, self.own_correct = max(self.own_above, above), max(self.own_correct, correct)
         if with_earlier and report.earlier_p is not None:
             above += report.earlier_above
             correct += int(report.earlier_correct.sum())
         if above > self.above or correct > self.correct:
-            self.above, self.correct = max(self.above, above), max(self.correct, correct)
+            gained = True
+        self.above, self.correct = max(self.above, above), max(self.correct, correct)
+        if gained:
             self.step = report.step
+
+    def saved(self) -> list[int]:
+        """The counts as a checkpoint keeps them (BestCounts(*saved) restores them)."""
+        return [self.above, self.correct, self.step, self.own_above, self.own_correct]
 
 
 def converged(report: StepReport, recent: deque[float], spec: TrainSpec, best: BestCounts | None = None,
@@ -459,7 +471,7 @@ class _Loop:
                           rng=run.rng, cuda_rng=None, elapsed=time.perf_counter() - run.t0,
                           generate_seconds=run.gen_seconds[0], last_check_step=run.last_check_step,
                           notes=list(run.notes), recent_delta_loss=[float(x) for x in recent],
-                          best_counts=[run.best.above, run.best.correct, run.best.step])
+                          best_counts=run.best.saved())
 
     def restore(self, run: _Run, ckpt: Checkpoint) -> None:
         """Put a checkpoint's adapter, optimizer, window and dropout generator into the run's slot."""

@@ -225,6 +225,45 @@ def test_recall_plateau_waits_for_a_window_without_a_new_best_in_either_count():
         TrainSpec(plateau_on="loss")
 
 
+class _E(_C):
+    """A rehearsing run's step: its own counts and the earlier targets' (n_earlier of them, `kept` above τ and
+    argmax-right)."""
+
+    def __init__(self, step, above, correct, kept, n_earlier=16):
+        super().__init__(step, above, correct, n=64)
+        self.earlier_p = torch.full((n_earlier,), 0.9)
+        self.earlier_above = kept
+        self.earlier_correct = torch.arange(n_earlier) < kept
+
+
+def test_a_rehearsing_run_is_not_called_a_plateau_while_its_own_passage_is_still_going_in():
+    from collections import deque
+
+    spec = TrainSpec(until="converged", plateau_on="recall", plateau_window=5, plateau_tol=100.0)
+    # the earlier 16 tokens start learned and are lost at once; the new passage gains a token every 3 steps,
+    # never bringing the whole set back to its step-0 count of 16
+    steps = [_E(s, s // 3, s // 3, 16 if s == 0 else 0) for s in range(31)]
+    best, verdicts = BestCounts(), []
+    for r in steps:
+        best.see(r, with_earlier=True)
+        verdicts.append(converged(r, deque([0.0] * 200), spec, best, with_earlier=True))
+    assert set(verdicts) == {None} and best.step == 30 and (best.above, best.own_above) == (16, 10)
+    # once the new passage stalls too, a window later it is a plateau
+    later = []
+    for s in range(31, 40):
+        r = _E(s, 10, 10, 0)
+        best.see(r, with_earlier=True)
+        later.append(converged(r, deque([0.0] * 200), spec, best, with_earlier=True))
+    assert 31 + later.index("plateau") == 30 + 5
+
+
+def replay_at(reports) -> BestCounts:
+    replay = BestCounts()
+    for r in reports:
+        replay.see(r)
+    return replay
+
+
 def test_recall_plateau_stops_a_stalled_run_and_resumes_with_its_best_counts(bypassed, tiny_base):
     b = _batch(tiny_base, "A much longer passage, " * 12)
     spec = TrainSpec(method="memft-ot", lr=1e-5, max_steps=300, stop_when_recalled=False, until="converged",
@@ -238,7 +277,7 @@ def test_recall_plateau_stops_a_stalled_run_and_resumes_with_its_best_counts(byp
     saved, calls = [], iter(range(1000))
     first = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=1), b, spec,
                             should_stop=lambda: next(calls) >= 4, checkpoint=saved.append))
-    assert first[-1].stop_reason == "stopped" and len(saved[-1].best_counts) == 3
+    assert first[-1].stop_reason == "stopped" and BestCounts(*saved[-1].best_counts) == replay_at(first)
     resumed = list(train_iter(bypassed(AdapterSpec(rank=1, layers="paper"), seed=7), b, spec, resume=saved[-1]))
     assert resumed[-1].stop_reason == "plateau" and resumed[-1].step == whole[-1].step
 
