@@ -22,7 +22,7 @@ from typing import Any
 
 from memcore.chain import next_prompt
 from memcore.config import MemcoreError, RunSpec
-from memcore.sweep import Point, identity, resumable_points
+from memcore.sweep import Point, PointResult, identity, resumable_points
 
 STRATEGIES: dict[str, tuple[str, bool]] = {"none": ("sft", False), "keep-sft": ("sft", True),
                                            "keep-memft-ot": ("memft-ot", True)}
@@ -115,26 +115,35 @@ def _completed(store: Any, sweep_id: str) -> dict[str, str]:
 
 def run_chain_sweep(sweep: ChainSweepSpec, store: Any, *, base: Any = None,
                     should_stop: Callable[[], bool] | None = None, batch: int | str = "auto",
-                    on_point: Callable[[Point, Any], None] | None = None) -> Iterator[tuple[Point, Any]]:
-    """Train the sweep's points not yet completed, the first passages, then the second ones on top of them, each
-    group `batch` at a time (memcore.runner.execute_many; 'auto': as many as fit, memcore.sweep.batch_size_for), and
-    yield (point, its final RunSummary) as each finishes (a stopped point's summary has status 'stopped'). A stop
-    request ends the points in training as 'stopped' (a re-run continues them) and ends the sweep."""
+                    on_point: Callable[[Point, Any], None] | None = None,
+                    ray: dict[str, Any] | None = None) -> Iterator[tuple[Point, PointResult]]:
+    """Train the sweep's points not yet completed, the first passages, then the second ones on top of them, and
+    yield (point, its PointResult: the final RunSummary, or the error of a point that failed) as each finishes (a
+    stopped point's summary has status 'stopped'). Here (ray None) each group trains `batch` at a time
+    (memcore.runner.execute_many; 'auto': as many as fit, memcore.sweep.batch_size_for); with ray (keyword arguments
+    of memcore.sweep_ray.run_points_ray: address, cpus_per_run, gpus_per_run, retries) every point is a Ray task
+    of `batch` points ('auto': 8) that carries the first passage's run to its worker, and the finished runs land in
+    this store. A stop request ends the points in training as 'stopped' (a re-run continues them; on Ray, what is in
+    flight is cancelled and re-runs whole) and ends the sweep. Raises MemcoreError when Ray is asked for and missing
+    or unreachable."""
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.sweep import SweepSpec, batch_size_for
 
-    base, _ = prepare(sweep.first_points()[0].spec, base, store.home)
-    if batch == "auto":
-        longest = max(sweep.first_lengths) + max(sweep.second_lengths)
-        grid = SweepSpec(template=sweep.template, ranks=sweep.ranks, lengths=(longest,))
-        batch = max(1, min(batch_size_for(base, grid), len(sweep.seeds) * len(sweep.ranks) * len(sweep.strategies)
-                           * len(sweep.first_lengths) * len(sweep.second_lengths)))
+    if ray is not None:
+        from memcore.sweep_ray import run_points_ray
 
-    def phase(todo: list[Point]) -> Iterator[tuple[Point, Any]]:
+    def local(todo: list[Point]) -> Iterator[tuple[Point, PointResult]]:
+        nonlocal base, batch
+        base, _ = prepare(sweep.first_points()[0].spec, base, store.home)
+        if batch == "auto":
+            longest = max(sweep.first_lengths) + max(sweep.second_lengths)
+            grid = SweepSpec(template=sweep.template, ranks=sweep.ranks, lengths=(longest,))
+            batch = max(1, min(batch_size_for(base, grid), len(sweep.seeds) * len(sweep.ranks)
+                               * len(sweep.strategies) * len(sweep.first_lengths) * len(sweep.second_lengths)))
         unfinished = resumable_points(store, sweep.id)
 
         def runs() -> Iterator[BatchedRun]:
-            for p in sorted(todo, key=lambda p: (p.values.get("second_length", 0), p.values["rank"])):
+            for p in todo:
                 rid = unfinished.get(p.key)
                 if rid is not None:
                     yield BatchedRun(p.spec, stored_samples(store, rid), tag=p, run_id=rid, resume=True)
@@ -145,9 +154,19 @@ def run_chain_sweep(sweep: ChainSweepSpec, store: Any, *, base: Any = None,
         for p, r in execute_many(runs(), store, base, slots=int(batch), max_rank=max(sweep.ranks),
                                  should_stop=should_stop):
             if r.final:
-                if on_point is not None:
-                    on_point(p, r.summary)
-                yield p, r.summary
+                yield p, PointResult(values=p.values, summary=r.summary, run_id=r.summary.run_id)
+
+    def remote(todo: list[Point]) -> Iterator[tuple[Point, PointResult]]:
+        by_key = {p.key: p for p in todo}
+        for result in run_points_ray(todo, store, sweep.id, should_stop=should_stop, batch=batch, **(ray or {})):
+            yield by_key[json.dumps(result.values, sort_keys=True)], result
+
+    def phase(todo: list[Point]) -> Iterator[tuple[Point, PointResult]]:
+        todo = sorted(todo, key=lambda p: (p.values.get("second_length", 0), p.values["rank"]))  # little padding
+        for p, result in (local(todo) if ray is None else remote(todo)):
+            if on_point is not None:
+                on_point(p, result)
+            yield p, result
 
     done = _completed(store, sweep.id)
     firsts = [p for p in sweep.first_points() if p.key not in done]

@@ -18,7 +18,7 @@ from typing import Any
 
 from memcore.config import MemcoreError, ModelSpec, RunSpec
 from memcore.store import Store
-from memcore.sweep import PointResult, SweepSpec, completed_keys, points
+from memcore.sweep import Point, PointResult, SweepSpec, completed_keys, points
 
 _BASES: dict[ModelSpec, Any] = {}  # per worker process: base models loaded once
 RAY_AUTO_BATCH = 8  # points a task trains together with --batch auto (the worker's memory is not known here)
@@ -38,9 +38,13 @@ def train_point(spec_dict: dict[str, Any], sweep_id: str, key: str) -> dict[str,
     return train_points([spec_dict], sweep_id, [key])[0]
 
 
-def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str]) -> list[dict[str, Any]]:
+def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str],
+                 earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Runs on a Ray worker: train several points together (memcore.runner.execute_many; one alone is
-    execute's run) into a scratch store and return each run as data, in the order given."""
+    execute's run) into a scratch store and return each run as data, in the order given. earlier: the runs the
+    points are trained on top of (TrainSpec.after, with the whole chain behind them) as the driver exported them
+    (with_paths), imported into the scratch store first so that a chained point starts from its parent's adapter
+    and measures the earlier targets as it would on the driver."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -58,6 +62,11 @@ def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str
     _BASES[specs[0].model] = base
     with tempfile.TemporaryDirectory(prefix="memcore-point-") as scratch:
         store = Store(Path(scratch))
+        for payload in earlier or []:
+            payload = dict(payload)
+            dp = payload.pop("worker_paths")
+            store.import_run(payload, rewrite={dp["runs"]: str(store.runs_dir),
+                                               dp["model"]: resolve_source(specs[0].model, home)})
         if len(specs) == 1:
             run_ids = [execute(specs[0], store, base, prepared[0], sweep=sweep_id, label=keys[0]).run_id]
         else:
@@ -77,17 +86,22 @@ def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str
     return payloads
 
 
-def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1,
-                  gpus_per_run: float = 0, retries: int = 2, should_stop: Callable[[], bool] | None = None,
-                  task: Callable[..., list[dict[str, Any]]] | None = None,
-                  batch: int | str = 1) -> Iterator[PointResult]:
-    """Run the missing points as Ray tasks, `batch` points per task trained together (auto: 8); yield each point's
-    result (with `error` when its task failed) as it lands."""
+def with_paths(store: Store, run_id: str, spec: RunSpec) -> dict[str, Any]:
+    """A run exported as data (Store.export_run) with the paths in it that the other side rewrites to its own
+    (`worker_paths`: this store's runs folder and the model's folder here)."""
+    from memcore.loading import resolve_source
+
+    payload = store.export_run(run_id)
+    payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(spec.model, store.home)}
+    return payload
+
+
+def _connect(address: str | None) -> Any:
+    """Ray, initialized (a new local instance, or the cluster at `address`). Raises MemcoreError when Ray is not
+    installed or the cluster cannot be reached."""
     if not ray_available():
         raise MemcoreError("--backend ray needs Ray: pip install 'memcore[ray]' (or pip install 'ray>=2.30')")
     import ray
-
-    from memcore.loading import resolve_source
 
     if not ray.is_initialized():
         try:
@@ -95,11 +109,47 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
         except Exception as e:
             raise MemcoreError(f"cannot connect to Ray at {address or 'a new local instance'}: "
                                f"{str(e).splitlines()[0]}") from None
+    return ray
+
+
+def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None, cpus_per_run: float = 1,
+                  gpus_per_run: float = 0, retries: int = 2, should_stop: Callable[[], bool] | None = None,
+                  task: Callable[..., list[dict[str, Any]]] | None = None,
+                  batch: int | str = 1) -> Iterator[PointResult]:
+    """Run the missing points as Ray tasks, `batch` points per task trained together (auto: 8); yield each point's
+    result (with `error` when its task failed) as it lands."""
     todo = sorted((p for p in points(sweep) if p.key not in completed_keys(store, sweep)),
                   key=lambda p: (p.values["length"], p.values["rank"]))  # lengths alike in a task: little padding
+    yield from run_points_ray(todo, store, sweep.id, address=address, cpus_per_run=cpus_per_run,
+                              gpus_per_run=gpus_per_run, retries=retries, should_stop=should_stop, task=task,
+                              batch=batch)
+
+
+def run_points_ray(todo: list[Point], store: Store, sweep_id: str, *, address: str | None = None,
+                   cpus_per_run: float = 1, gpus_per_run: float = 0, retries: int = 2,
+                   should_stop: Callable[[], bool] | None = None,
+                   task: Callable[..., list[dict[str, Any]]] | None = None,
+                   batch: int | str = 1) -> Iterator[PointResult]:
+    """Train `todo` (points of sweep `sweep_id`, in this order) as Ray tasks of `batch` points each (auto: 8) and
+    import each finished run into `store`, yielding its result as it lands; a task that fails after `retries`
+    records its points as failed runs (PointResult.error) and the rest go on. A chained point (TrainSpec.after)
+    travels with its chain's runs, so a worker needs none of this store's disk. Raises MemcoreError when Ray is
+    missing or unreachable."""
+    ray = _connect(address)
+    from memcore.chain import chain_of
+    from memcore.loading import resolve_source
+
     per_task = RAY_AUTO_BATCH if batch == "auto" else int(batch)
     remote = ray.remote(task or train_points).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
                                                       max_retries=retries, retry_exceptions=True)
+
+    def chains(group: list[Point]) -> dict[str, Any]:
+        ids: list[str] = []
+        for p in group:
+            if p.spec.train.after is not None:
+                ids += [r for r in [*chain_of(store, p.spec.train.after), p.spec.train.after] if r not in ids]
+        return {"earlier": [with_paths(store, r, group[0].spec) for r in ids]} if ids else {}
+
     local_model = {}
     pending: dict[Any, list[Any]] = {}
     queue = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
@@ -108,7 +158,8 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
         while queue or pending:
             while queue and len(pending) < window and not (should_stop and should_stop()):
                 group = queue.pop(0)
-                pending[remote.remote([p.spec.to_dict() for p in group], sweep.id, [p.key for p in group])] = group
+                pending[remote.remote([p.spec.to_dict() for p in group], sweep_id, [p.key for p in group],
+                                      **chains(group))] = group
             if should_stop and should_stop():
                 queue.clear()
                 if not pending:
@@ -121,7 +172,7 @@ def run_sweep_ray(sweep: SweepSpec, store: Store, *, address: str | None = None,
                 except Exception as e:  # retries exhausted: record the failure, go on
                     msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                     for p in group:
-                        rid = store.create_run(p.spec.to_dict(), status="failed", sweep=sweep.id, label=p.key)
+                        rid = store.create_run(p.spec.to_dict(), status="failed", sweep=sweep_id, label=p.key)
                         store.set_status(rid, "failed", error=f"after {retries} retries: {msg}")
                         yield PointResult(values=p.values, error=msg, run_id=rid)
                     continue

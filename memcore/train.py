@@ -184,7 +184,7 @@ class Checkpoint:
     last_check_step: int
     notes: list[str] = field(default_factory=list)
     recent_delta_loss: list[float] = field(default_factory=list)  # ΔL of the latest steps, for until='converged'
-    best_counts: list[int] = field(default_factory=list)  # BestCounts.saved(): bests above τ and argmax-right, their step, own-target bests
+    best_counts: list[int] = field(default_factory=list)  # BestCounts.saved()
 
 
 PLATEAU_SMOOTH = 10  # ΔL is averaged over this many steps at each end of the plateau window (dropout makes it noisy)

@@ -62,7 +62,6 @@ def test_a_chain_sweep_trains_each_first_passage_once_then_every_chain_on_it_and
     (["--text", "some words"], "--text does not apply with --chain"),
     (["--methods", "sft"], "--methods and --noises do not apply with --chain"),
     (["--strategies", "forget"], "unknown strategy 'forget'"),
-    (["--backend", "ray"], "runs here (--backend local)"),
 ])
 def test_a_chain_sweep_refuses_what_it_cannot_do(home, tiny_model_dir, capsys, args, message):
     code, _, err = _cli(capsys, "sweep", "--chain", "--model", str(tiny_model_dir), *args)

@@ -77,3 +77,29 @@ def test_failing_point_is_recorded_after_retries_and_the_rest_complete(local_ray
     # a re-run retries only the failed point
     again = list(run_sweep_ray(sweep, store, retries=0))
     assert len(again) == 1 and again[0].values["rank"] == 2 and again[0].values["length"] == 8 and not again[0].error
+
+
+def test_a_chain_sweep_on_ray_lands_the_same_chains_as_here(local_ray, tiny_model_dir, tmp_path):
+    """Each second passage's task carries its first passage's run to the worker (which has no share of the driver's
+    disk): the chains land in the driver's store, on top of the right first run, with the numbers of a local run."""
+    from memcore.chain_sweep import ChainSweepSpec, chain_table, run_chain_sweep
+
+    template = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=2, layers="all"),
+                       data=DataSpec(random_tokens=6), train=TrainSpec(max_steps=3, lr=2e-2))
+    sweep = ChainSweepSpec(template=template, ranks=(2,), first_lengths=(6,), second_lengths=(3,),
+                           strategies=("none", "keep-memft-ot"), seeds=(0,), name="ray-chains")
+    local, remote = Store(tmp_path / "local"), Store(tmp_path / "ray")
+    list(run_chain_sweep(sweep, local, batch=1))
+    got = list(run_chain_sweep(sweep, remote, batch=1, ray={"retries": 0}))
+    assert len(got) == 3 and not any(r.error for _, r in got)
+    a = {r["strategy"]: r for r in chain_table(local, "ray-chains")}
+    b = {r["strategy"]: r for r in chain_table(remote, "ray-chains")}
+    assert a.keys() == b.keys() == {"none", "keep-memft-ot"}
+    firsts = [r["id"] for r in remote.runs(sweep="ray-chains") if r["summary"].after is None]
+    for strategy, row in b.items():
+        assert row["first_run"] == firsts[0]  # chained on the first passage imported from its own task
+        assert row["retained_above"] == pytest.approx(a[strategy]["retained_above"])
+        assert row["rehearsal_share"] == pytest.approx(a[strategy]["rehearsal_share"], abs=1e-4)
+        assert remote.earlier_steps(row["run_id"], with_tokens=True)  # the earlier targets measured every step
+    assert b["keep-memft-ot"]["rehearsal_share"] > 0 and b["none"]["rehearsal_share"] == 0
+    assert list(run_chain_sweep(sweep, remote, ray={"retries": 0})) == []  # resumes: nothing left

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--json", action="store_true",
                     help="print the sweep's id, status and completed points as one JSON object")
     sw.add_argument("--backend", choices=("local", "ray"), default="local",
-                    help="run points here, or as Ray tasks")
+                    help="run points here, or as Ray tasks (with --chain too: a chain's task carries its first "
+                    "passage's run)")
     sw.add_argument("--batch", type=batch_size, default="auto", metavar="N|auto",
                     help="points trained together through one forward of the model (each recorded exactly as if "
                     "alone); auto: as many as fit in a quarter of the free memory, up to 64; 1: one at a time. On "

@@ -102,8 +102,6 @@ def _chain_sweep(args: argparse.Namespace) -> int:
 
     from memcore.chain_sweep import ChainSweepSpec, chain_table, run_chain_sweep
 
-    if args.backend != "local":
-        raise MemcoreError("a chain sweep runs here (--backend local): its second passages wait for the first ones")
     if args.methods != ["sft", "memft-ot"] or args.noises != [0.0]:
         raise MemcoreError("--methods and --noises do not apply with --chain: --strategies says how each second "
                            "passage trains")
@@ -128,16 +126,23 @@ def _chain_sweep(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, initial=done, unit="run", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for point, summary in run_chain_sweep(sweep, store, should_stop=flag, batch=args.batch):
-            v = point.values
+        ray = None if args.backend == "local" else {
+            "address": args.address, "cpus_per_run": args.cpus_per_run, "gpus_per_run": args.gpus_per_run,
+            "retries": args.retries}
+        for point, result in run_chain_sweep(sweep, store, should_stop=flag, batch=args.batch, ray=ray):
+            v, summary = point.values, result.summary
             where = f"r={v['rank']} ℓ_A={v['first_length']}" + (
                 f" ℓ_B={v['second_length']} {v['strategy']}" if v["passage"] == "second" else " (first)")
-            if summary.status == "stopped":
+            if result.stopped:
                 bar.set_postfix_str(f"{where} stopped at step {summary.steps}", refresh=True)
                 continue
             bar.update(1)
-            what = (f"first kept {summary.earlier_above}/{summary.earlier_tokens} above τ" if summary.after
-                    else f"recalled: {'yes' if summary.exact_recall else 'no'} in {summary.steps} steps")
+            if result.error:
+                what = f"FAILED ({result.error[:60]})"
+            elif summary.after:
+                what = f"first kept {summary.earlier_above}/{summary.earlier_tokens} above τ"
+            else:
+                what = f"recalled: {'yes' if summary.exact_recall else 'no'} in {summary.steps} steps"
             bar.set_postfix_str(f"{where} {what}", refresh=True)
     finally:
         bar.close()
