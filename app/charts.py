@@ -784,14 +784,18 @@ def retention_chart(cells: pd.DataFrame, measure: str = "kept") -> alt.Chart:
     d["ranks"] = "r = " + d["rank"].astype(str)
     strategies = [s for s in STRATEGY_COLORS if s in set(d["strategy"])] + sorted(
         set(d["strategy"]) - set(STRATEGY_COLORS))
-    color = alt.Color("strategy:N", title="strategy", sort=strategies, legend=alt.Legend(orient="bottom"),
+    # strategies often land on the same value (every seed recalled): each is drawn a little to the side of its fill
+    # (the tooltip gives the true one) and with a dash of its own, so that none hides another
+    nudge = {s: (i - (len(strategies) - 1) / 2) * 0.025 for i, s in enumerate(strategies)}
+    d["shown_fill"] = d["fill"] + d["strategy"].map(nudge)
+    color = alt.Color("strategy:N", title="strategy", sort=strategies,
+                      legend=alt.Legend(orient="bottom", symbolType="circle", symbolStrokeWidth=0),
                       scale=alt.Scale(domain=strategies,
                                       range=[STRATEGY_COLORS.get(s, "#7f7f7f") for s in strategies]))
     top = max(2.0, float(d["fill"].max()) * 1.1)
-    x = alt.X("fill:Q", title="(ℓ_A + ℓ_B) / ℓ*(r): both passages against the frontier",
+    x = alt.X("shown_fill:Q", title="(ℓ_A + ℓ_B) / ℓ*(r): both passages against the frontier",
               scale=alt.Scale(domain=[0, top], nice=False))
-    title = {"kept": "share of the first passage's tokens still above τ",
-             "recalled": "share of seeds still reciting it verbatim"}[measure]
+    title = {"kept": "A's tokens still above τ", "recalled": "seeds still reciting A"}[measure]
     y = alt.Y(f"{measure}:Q", title=title, scale=alt.Scale(domain=[0, 1]))
     tips = ["strategy:N", "rank:Q", alt.Tooltip("first_length:Q", title="ℓ_A"),
             alt.Tooltip("second_length:Q", title="ℓ_B"), alt.Tooltip("fill:Q", format=".2f"),
@@ -799,15 +803,18 @@ def retention_chart(cells: pd.DataFrame, measure: str = "kept") -> alt.Chart:
             alt.Tooltip("second_steps:Q", format=".0f", title="steps of the second"),
             alt.Tooltip("rehearsal:Q", format=".1%", title="rehearsal share"), "seeds:Q"]
     base = alt.Chart(d)
-    layers = [base.mark_line(opacity=0.6).encode(x=x, y=y, color=color, detail="ranks:N"),
+    dash = alt.StrokeDash("strategy:N", sort=strategies, legend=None,
+                          scale=alt.Scale(domain=strategies, range=[[1, 0], [6, 3], [2, 2]][:len(strategies)]
+                                          + [[4, 2, 1, 2]] * max(0, len(strategies) - 3)))
+    layers = [base.mark_line(opacity=0.6).encode(x=x, y=y, color=color, strokeDash=dash, detail="ranks:N"),
               base.mark_point(filled=True, size=70).encode(
                   x=x, y=y, color=color, shape=alt.Shape("ranks:N", title="rank", legend=alt.Legend(orient="bottom")),
                   tooltip=tips)]
     if measure == "kept":
         layers.insert(0, base.mark_rule(opacity=0.5).encode(x=x, y=alt.Y("kept_lo:Q", scale=alt.Scale(domain=[0, 1])),
                                                              y2="kept_hi:Q", color=color))
-    front = pd.DataFrame({"fill": [1.0], "label": ["frontier ℓ*(r)"]})
-    layers.append(alt.Chart(front).mark_rule(strokeDash=[6, 4], color="#444").encode(x="fill:Q"))
-    layers.append(alt.Chart(front).mark_text(align="left", dx=4, dy=-6, color="#444").encode(
-        x="fill:Q", y=alt.value(8), text="label:N"))
+    front = pd.DataFrame({"shown_fill": [1.0], "label": ["frontier ℓ*(r)"]})
+    layers.append(alt.Chart(front).mark_rule(strokeDash=[6, 4], color="#444").encode(x="shown_fill:Q"))
+    layers.append(alt.Chart(front).mark_text(align="center", dy=-8, color="#444").encode(
+        x="shown_fill:Q", y=alt.value(0), text="label:N"))  # above the plot, clear of the points
     return alt.layer(*layers).properties(height=340)

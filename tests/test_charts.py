@@ -479,3 +479,22 @@ def test_live_rows_count_entries_recalled_and_above_tau():
     live.record(StepRow(step=0, loss=1.0, delta_loss=0.1, n_above=4, n_correct=5, n_tokens=6, active=6,
                         recalled=False, first_divergence=5, elapsed=1.0, lr=0.01, skipped=False, p=p, correct=correct))
     assert live.entries and live.rows[-1]["entries_recalled"] == 2 and live.rows[-1]["entries_above"] == 2
+
+
+def test_retention_chart_keeps_strategies_that_land_on_the_same_point_apart():
+    """Every seed recalled under both keep strategies: the same (fill, recalled); each is drawn a little to its own
+    side with a dash of its own, the tooltip still gives the true fill."""
+    cells = pd.DataFrame([{"rank": 1, "first_length": 16, "second_length": 8, "strategy": s, "fill": 0.61,
+                           "kept": k, "kept_lo": k, "kept_hi": k, "recalled": 1.0, "second_steps": 30.0,
+                           "rehearsal": 0.6, "seeds": 3} for s, k in [("keep-sft", 0.9), ("keep-memft-ot", 0.67),
+                                                                      ("none", 0.0)]])
+    spec = charts.retention_chart(cells, "recalled").to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    shown = {r["strategy"]: r["shown_fill"] for r in rows if "strategy" in r}
+    assert len(set(shown.values())) == 3 and all(abs(v - 0.61) < 0.05 for v in shown.values())
+    assert {r["fill"] for r in rows if "strategy" in r} == {0.61}
+    point = next(layer for layer in spec["layer"] if layer["mark"].get("type", layer["mark"]) == "point")
+    assert {"field": "fill", "type": "quantitative", "format": ".2f"}.items() <= next(
+        t for t in point["encoding"]["tooltip"] if t.get("field") == "fill").items()
+    line = next(layer for layer in spec["layer"] if layer["mark"].get("type", layer["mark"]) == "line")
+    assert len({json.dumps(d) for d in line["encoding"]["strokeDash"]["scale"]["range"]}) == 3
