@@ -663,7 +663,7 @@ def test_law_page_shows_retention_against_capacity(app_env, tmp_path, monkeypatc
     assert not at.exception
     assert "Memory that keeps changing: a second passage on top of the first" in [s.value for s in at.subheader]
     specs = [c.proto.spec for c in at.get("vega_lite_chart")]
-    assert any("still above" in s for s in specs) and any("reciting it verbatim" in s for s in specs)
+    assert any("still above" in s for s in specs) and any("seeds still reciting A" in s for s in specs)
     captions = " ".join(c.value for c in at.caption)
     assert "3 chain(s) left out" in captions and "ℓ*(r) = " in captions
     table = next(d.value for d in at.dataframe if "(ℓ_A+ℓ_B)/ℓ*" in d.value.columns)
