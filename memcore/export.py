@@ -246,8 +246,10 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
         "## Files", "",
         "- " + ("`adapter_config.json`, `adapter_model.safetensors`: the PEFT adapter" if not bypass else
                 "`bypass_config.json`, `bypass_model.safetensors`: the bypass (layers, rank, hidden size; A and B)"),
-        "- `memcore.json`: the prompt and target token ids it memorized, and the run's settings",
-        "- `summary.json`: the run's summary; `steps.csv`: loss, ΔL, tokens above τ and recall at every step",
+        "- `memcore.json`: the prompt and target token ids it memorized, and the run's settings"
+        + ("; under `earlier`, those of every run it was trained on top of" if summary.after else ""),
+        "- `summary.json`: the run's summary; `steps.csv`: loss, ΔL, tokens above τ and recall at every step"
+        + (", with the earlier targets' tokens above τ, recall and the rehearsal share" if summary.after else ""),
         "- the tokenizer's files", "",
     ])
 
@@ -281,6 +283,8 @@ def export_run(store: Store, run_id: str, dest: str | Path, shown_as: str | None
     (dest / config_name).write_text(json.dumps(config, indent=2))
     (dest / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     steps = [row.scalar_dict() for row in store.steps(run_id)]
+    if summary.after:
+        _add_chain(store, run_id, summary, dest, steps)
     if steps:
         with open(dest / "steps.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(steps[0]))
@@ -290,6 +294,31 @@ def export_run(store: Store, run_id: str, dest: str | Path, shown_as: str | None
     card = model_card(spec, summary, base, shown_as or str(dest.resolve()), config)
     (dest / "README.md").write_text(card, encoding="utf-8")
     return dest
+
+
+EARLIER_COLUMNS = ("earlier_above", "earlier_correct_n", "earlier_tokens", "earlier_recalled", "earlier_prefix",
+                   "rehearsal")
+"""The per-step measures of a chained run's earlier targets that its steps.csv gains (memcore.records.StepRow)."""
+
+
+def _add_chain(store: Store, run_id: str, summary: RunSummary, dest: Path, steps: list[dict[str, Any]]) -> None:
+    """A chained run's export also holds its earlier passages: memcore.json gains `earlier` (per run of the chain,
+    oldest first: its id, prompt_ids and target_ids, what the adapter should still recite) and each row of `steps`
+    the earlier targets' measures at that step (EARLIER_COLUMNS; empty where a step did not measure them)."""
+    from memcore.runner import stored_samples
+
+    memo_path = dest / "memcore.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    memo["earlier"] = []
+    for rid in summary.chain or [summary.after]:
+        samples = stored_samples(store, rid)
+        memo["earlier"].append({"run": rid, "prompt_ids": [x.prompt_ids for x in samples],
+                                "target_ids": [x.target_ids for x in samples]})
+    memo_path.write_text(json.dumps(memo))
+    earlier = {row.step: row for row in store.earlier_steps(run_id)}
+    for row in steps:
+        e = earlier.get(row["step"])
+        row.update({c: (getattr(e, c) if e is not None else None) for c in EARLIER_COLUMNS})
 
 
 def _save_tokenizer(spec: RunSpec, dest: Path) -> None:

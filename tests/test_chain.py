@@ -2,6 +2,9 @@
 earlier targets at every step without training them, or rehearses them with --keep (under memft-ot only what fell
 below τ), and records the chain."""
 
+import csv
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -149,8 +152,17 @@ def test_a_chain_exports_an_adapter_that_recites_both_passages(store, tmp_path):
     dest = export_run(store, b.run_id, tmp_path / "chain")
     card = (dest / "README.md").read_text()
     assert f"run {a.run_id} → this run" in card and "rehearsed the earlier targets" in card
-    base, _ = prepare(spec("x", "Cat:"), home=store.home)
+    # the folder alone says what to recite: its own passage and, under `earlier`, A's
+    memo = json.loads((dest / "memcore.json").read_text())
+    assert [e["run"] for e in memo["earlier"]] == [a.run_id]
     both = stored_samples(store, a.run_id) + stored_samples(store, b.run_id)
+    assert memo["earlier"][0]["target_ids"] + memo["target_ids"] == [s.target_ids for s in both]
+    assert memo["earlier"][0]["prompt_ids"] + memo["prompt_ids"] == [s.prompt_ids for s in both]
+    with open(dest / "steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["step"] == str(b.steps) and rows[-1]["earlier_above"] == str(b.earlier_above)
+    assert rows[-1]["earlier_tokens"] == str(b.earlier_tokens) and float(rows[1]["rehearsal"]) > 0
+    base, _ = prepare(spec("x", "Cat:"), home=store.home)
     with base.adapted(dest) as model:
         gen = greedy_generate(model, both, base.tokenizer.pad_token_id)
     assert gen == [s.target_ids for s in both]
