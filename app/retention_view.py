@@ -47,13 +47,14 @@ def render(store) -> None:
     """The section: source choice, the retention charts against capacity and the table behind them."""
     st.subheader("Memory that keeps changing: a second passage on top of the first")
     st.caption("A first passage A of ℓ_A random tokens is memorized; then a second, B, of ℓ_B goes into the same "
-               "adapter, with A only measured (none), or rehearsed under sft or memft-ot (keep). Capacity predicts A "
-               "survives while both fit under the frontier: (ℓ_A + ℓ_B)/ℓ*(r) < 1.")
+               "adapter, with A only measured (none), or rehearsed under sft or memft-ot (keep). Capacity bounds what "
+               "rehearsal can keep: both passages fit while (ℓ_A + ℓ_B)/ℓ*(r) < 1. Without rehearsal nothing "
+               "protects A, however much room is left: B's gradient overwrites it.")
     sources = {}
     if SHIPPED_CHAINS.is_file():
         sources[f"shipped: {SHIPPED_CHAINS.stem}"] = None
     for sid in _stored_chain_sweeps(store):
-        sources[f"stored: {sid}"] = sid
+        sources[f"your chain sweep: {sid}"] = sid
     if not sources:
         st.info(f"No chain sweep yet. Run one (on this CPU about an hour), then reload: `{COMMAND}`")
         return

@@ -440,6 +440,12 @@ def one_method(df: pd.DataFrame, asked: str | None) -> tuple[pd.DataFrame, str |
     return df[df["method"] == pick], pick, f"the table holds {', '.join(methods)}; using {pick} (choose with --method)"
 
 
+CHAIN_SWEEP = ("{sweep} is a chain sweep (memcore sweep --chain): its runs are first passages and passages "
+               "trained on top of them, not points of the law; its table is the first passage's retention "
+               "(memcore sweep --chain ... --out, or the law page's 'Memory that keeps changing')")
+"""What is said when a chain sweep is read as law points."""
+
+
 def runs_table(store: Store, *, method: str | None = None, model: str | None = None,
                sweep: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The store's completed runs (of `method`, `model` and `sweep` where given) as law points, one row per run
@@ -453,9 +459,14 @@ def runs_table(store: Store, *, method: str | None = None, model: str | None = N
     differently need not lie on one law. Raises MemcoreError when no completed run matches."""
     import pandas as pd
 
-    rows = []
+    rows, chained = [], 0
     for r in store.runs(method=method, model=model, status="completed", sweep=sweep):
         s = r["summary"]
+        if sweep and '"passage"' in (r["label"] or ""):
+            raise MemcoreError(CHAIN_SWEEP.format(sweep=sweep))
+        if r["spec"]["train"].get("after"):  # started from another run's adapter: not a point of the law
+            chained += 1
+            continue
         if s and s.delta_loss is not None:
             n = s.n_tokens
             data = next((k for k in ("random_tokens", "pairs", "phonebook") if r["spec"]["data"].get(k)), "text")
@@ -466,8 +477,12 @@ def runs_table(store: Store, *, method: str | None = None, model: str | None = N
                          "data": data, "source_bits_per_token": s.source_bits_per_token})
     df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     if df.empty:
-        raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE")
+        raise MemcoreError("no completed runs match in the store (see `memcore runs`), or give --csv FILE"
+                           + (f" ({chained} trained on top of another run are not law points)" if chained else ""))
     notes = []
+    if chained:
+        notes.append(f"{chained} run(s) trained on top of another (--after) left out: their ΔL starts from an adapter "
+                     "that already holds another passage, so they are not points of the law")
     for col, what in (("adapter", "adapters"), ("data", "kinds of data")):
         kinds = sorted(df[col].unique())
         if len(kinds) > 1:
@@ -594,7 +609,8 @@ def own_runs(store: Store) -> pd.DataFrame:
     rows = [{"run_id": r["id"], "method": r["method"], "rank": r["rank"], "length": s.n_tokens,
              "delta_loss": s.delta_loss, "token_accuracy": s.n_correct / s.n_tokens,
              "exact_recall": float(bool(s.exact_recall))}
-            for r in store.runs(status="completed") if not r["sweep"] and (s := r["summary"])]
+            for r in store.runs(status="completed")
+            if not r["sweep"] and not r["spec"]["train"].get("after") and (s := r["summary"])]
     return pd.DataFrame(rows, columns=list(OWN_RUN_COLUMNS))
 
 

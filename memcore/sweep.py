@@ -271,11 +271,16 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
     readers), verbatim_prefix (tokens before the first wrong argmax), exact_recall (all right), converged and
     stop_reason (how the point stopped), bits_per_param, source_bits_per_token (information per target token:
     log2 of the ordinary vocabulary for random tokens, empty for text), samples and samples_recalled (entries of a
-    PhoneBook, and how many are recalled entry by entry)."""
+    PhoneBook, and how many are recalled entry by entry). Raises MemcoreError for a chain sweep (memcore sweep
+    --chain), whose table is memcore.chain_sweep.chain_table."""
     rows = []
     bits_of: dict[str, float | None] = {}  # model -> log2 #ordinary tokens, for points stored before the summary had it
     for r in store.runs(sweep=sweep_id, status="completed"):
         s, v = r["summary"], json.loads(r["label"])
+        if "passage" in v:
+            from memcore.law import CHAIN_SWEEP
+
+            raise MemcoreError(CHAIN_SWEEP.format(sweep=sweep_id))
         n = s.n_tokens
         rows.append({"rank": v["rank"], "length": n, "delta_loss": s.delta_loss, "p_eff": s.p_eff,
                      "method": v["method"], "seed": v["seed"], "noise": v["noise"], "adapter": s.adapter,

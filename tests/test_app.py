@@ -640,6 +640,32 @@ def test_the_chain_chart_marks_each_passage_and_event():
     assert "vconcat" not in spec and "hconcat" not in spec  # one chart: it takes the page's width
 
 
+def test_a_chain_sweep_in_the_store_is_offered_as_retention_never_as_law_points(app_env, tiny_model_dir, capsys):
+    """After `memcore sweep --chain` the law page still renders; the chain sweep is a source of the retention section
+    only (its runs are not law points), and `memcore fit --sweep` on it says what it is instead of fitting it."""
+    from common import get_store
+
+    from memcore.chain_sweep import ChainSweepSpec, run_chain_sweep
+    from memcore.cli import main
+    from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+
+    template = RunSpec(model=ModelSpec(name=str(tiny_model_dir)), adapter=AdapterSpec(rank=2, layers="all"),
+                       data=DataSpec(random_tokens=6), train=TrainSpec(max_steps=2, lr=2e-2))
+    sweep = ChainSweepSpec(template=template, ranks=(2,), first_lengths=(6,), second_lengths=(3,),
+                           strategies=("none",), seeds=(0,), name="my-chains")
+    assert len(list(run_chain_sweep(sweep, get_store(), batch=1))) == 2
+    at = _app("app_pages/law.py")
+    assert not at.exception
+    law_sources = next(s.options for s in at.selectbox if s.key == "law_source")
+    assert not any("my-chains" in o for o in law_sources)
+    chain_sources = next(s.options for s in at.selectbox if "shipped: chains_bypass_random" in s.options)
+    assert "your chain sweep: my-chains" in chain_sources
+    assert main(["fit", "--sweep", "my-chains"]) != 0
+    assert "my-chains is a chain sweep" in capsys.readouterr().err
+    main(["fit"])  # the whole store: the first passage is a point, the chained run is left out and said so
+    assert "1 run(s) trained on top of another (--after) left out" in capsys.readouterr().err
+
+
 def test_law_page_shows_retention_against_capacity(app_env, tmp_path, monkeypatch):
     """The chain sweep's section: the first passage's retention per strategy against (ℓ_A + ℓ_B)/ℓ*(r), two charts
     and the table behind them, first passages never learned left out and said so."""
