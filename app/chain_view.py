@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 import charts
+import numpy as np
 import pandas as pd
 import streamlit as st
 from common import MAX_PASTE_CHARS, error_text, get_worker, preflight_counts, session_id, show_chart
@@ -63,7 +64,8 @@ def render_earlier(snap: dict[str, Any], key: str, tau: float, show_tokens: bool
                 f"{rehearse}")
     p, pieces = snap["earlier_p"], snap["earlier_pieces"]
     if show_tokens and p is not None and len(pieces) == len(p):
-        st.html(charts.token_html(pieces, p, tau))
+        render_passages(snap["earlier_runs"], snap.get("earlier_lengths") or [], pieces, p,
+                        snap.get("earlier_correct"), tau)
     cache = st.session_state.setdefault("chain_views", {})
     hit = cache.get(key)
     if hit is None or hit[0] != snap["step"]:  # built once per step: the refreshes between two steps resend it
@@ -71,6 +73,25 @@ def render_earlier(snap: dict[str, Any], key: str, tau: float, show_tokens: bool
         chart = charts.chain_chart(hist, retention_events(lost, back), title="This passage and the earlier one")
         hit = cache[key] = (snap["step"], charts.stable_spec(chart))
     show_chart(copy.deepcopy(hit[1]))
+
+
+def render_passages(runs: list[str], lengths: list[int], pieces: list[Any], p: np.ndarray,
+                    correct: np.ndarray | None, tau: float) -> None:
+    """The earlier targets' tokens coloured by p against τ (p, correct: [M], laid end to end in chain order): one
+    passage alone as one strip; a longer chain as one strip per run, each named with its own count above τ and
+    whether it is still recalled verbatim (every argmax right), so passages never run together."""
+    if len(runs) < 2 or sum(lengths) != len(p) or len(lengths) != len(runs):
+        st.html(charts.token_html(pieces, p, tau))
+        return
+    at = 0
+    for rid, n in zip(runs, lengths):
+        part = slice(at, at + n)
+        at += n
+        above = int((p[part] > tau).sum())
+        state = "" if correct is None else (" · recalled verbatim" if bool(np.all(correct[part]))
+                                            else " · not recalled verbatim")
+        st.caption(f"run {rid}: {above}/{n} tokens above τ{state}")
+        st.html(charts.token_html(pieces[part], p[part], tau))
 
 
 def render_earlier_result(summ: Any) -> None:
@@ -176,12 +197,13 @@ def render_earlier_at(store: Any, run_id: str, step: int, tau: float) -> None:
         return
     try:
         runs = chain_of(store, run_id)
-        pieces = [piece for rid in runs for piece in store.tokens(rid)["pieces"]]
+        per_run = [store.tokens(rid)["pieces"] for rid in runs]
     except MemcoreError:
-        runs, pieces = [], []
+        runs, per_run = [], []
+    pieces, lengths = [piece for ps in per_run for piece in ps], [len(ps) for ps in per_run]
     name = earlier_name(runs)
     state = "still recalled verbatim" if row.earlier_recalled else "not recalled verbatim"
     st.markdown(f"{name[0].upper() + name[1:]} at step **{step}** · {row.earlier_above}/{row.earlier_tokens} tokens "
                 f"above τ · {state}")
     if len(pieces) == len(row.earlier_p):
-        st.html(charts.token_html(pieces, row.earlier_p.astype("float32"), tau))
+        render_passages(runs, lengths, pieces, row.earlier_p.astype("float32"), row.earlier_correct, tau)

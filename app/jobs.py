@@ -71,6 +71,7 @@ class RunLive:
     # (unless rehearsed), laid end to end in chain order
     earlier_runs: list[str] = field(default_factory=list)  # the chain before this run, oldest first
     earlier_pieces: list[Piece] = field(default_factory=list)
+    earlier_lengths: list[int] = field(default_factory=list)  # target tokens of each earlier run, in chain order
     earlier_p: np.ndarray | None = None  # [M] p of the earlier targets at the latest step
     earlier_correct: np.ndarray | None = None  # [M] bool
     retention: Retention = field(default_factory=Retention)  # lost / regained over every step as it arrives
@@ -478,7 +479,9 @@ def _sample_layout(live: RunLive, store: Store, run_id: str) -> None:
     if live.chained and not live.earlier_runs:
         try:
             chain = chain_of(store, run_id)
-            live.earlier_pieces = [piece for rid in chain for piece in store.tokens(rid)["pieces"]]
+            per_run = [store.tokens(rid)["pieces"] for rid in chain]
+            live.earlier_pieces = [piece for pieces in per_run for piece in pieces]
+            live.earlier_lengths = [len(pieces) for pieces in per_run]
             live.earlier_runs = chain
         except Exception:  # an earlier run deleted since: its passage is not drawn, this run's still is
             pass

@@ -29,7 +29,9 @@ def snapshot(live: Any) -> dict[str, Any]:
                 recalled_at=live.recalled_at, run_id=live.run_id, steps=[], rows=[],
                 sample_lengths=live.sample_lengths, prompt_ids=live.prompt_ids, target_ids=live.target_ids,
                 chained=live.chained, earlier_runs=list(live.earlier_runs), earlier_pieces=live.earlier_pieces,
+                earlier_lengths=list(live.earlier_lengths),
                 earlier_p=None if live.earlier_p is None else live.earlier_p.astype(np.float32),
+                earlier_correct=None if live.earlier_correct is None else live.earlier_correct.copy(),
                 lost_at=live.retention.lost_at, regained_at=live.retention.regained_at)
     if not live.steps:
         return snap

@@ -258,6 +258,13 @@ def test_a_reloaded_page_finds_its_job_from_the_url(app_env):
     # and the form shows that job's settings, ready to run again or vary
     assert fresh.text_area(key="passage").value == "Find me again after a reload."
     assert fresh.number_input(key="rank").value == 3 and fresh.number_input(key="max_steps").value == 2
+    # a job started from the Runs page may keep that page's path in its URL: reloaded, it shows the job all the same
+    on_runs = AppTest.from_file(APP, default_timeout=60)
+    on_runs.run()
+    on_runs.switch_page("app_pages/runs.py")
+    on_runs.query_params["job"] = job_id
+    on_runs.run()
+    assert not on_runs.exception and "Result" in [s.value for s in on_runs.subheader]
 
 
 def test_law_page_renders_the_shipped_sweep(app_env):
@@ -610,7 +617,8 @@ def test_memorize_more_on_top_of_a_run_and_replay_the_chain(app_env):
 
     at = _app("app_pages/runs.py")
     df = at.dataframe[0].value
-    assert df.set_index("run").loc[second["id"], "after"] == rid
+    row = df.set_index("run").loc[second["id"]]
+    assert row["after"] == rid and row["rehearsed"]
     at.selectbox(key="picked").set_value(rid).run()
     assert second["id"] in " ".join(c.value for c in at.caption)  # trained on top of this one
     at.selectbox(key="picked").set_value(second["id"]).run()
@@ -697,3 +705,26 @@ def test_law_page_shows_retention_against_capacity(app_env, tmp_path, monkeypatc
     slope = float(captions.split("ℓ*(r) = ")[1].split("·r")[0])
     fills = sorted(table["(ℓ_A+ℓ_B)/ℓ*"].round(3).unique())
     assert fills == sorted({round(24 / slope, 3), round(80 / slope, 3)})
+
+
+def test_a_chain_of_two_earlier_passages_draws_each_apart_with_its_own_count():
+    """C on top of B on top of A: A's and B's tokens are two strips, each named with its run, its count above τ and
+    whether it is still recalled (all argmax right), never run together into one text."""
+    def script():
+        import chain_view
+        import numpy as np
+
+        from memcore.pieces import Piece
+
+        pieces = [Piece(text=t) for t in ("The", " cat", ".", "Orbit", " ninety", " two")]
+        p = np.array([0.9, 0.8, 0.7, 0.9, 0.2, 0.6], dtype=np.float32)
+        correct = np.array([True, True, True, True, False, True])
+        chain_view.render_passages(["run-a", "run-b"], [3, 3], pieces, p, correct, 0.5)
+
+    at = AppTest.from_function(script, default_timeout=30)
+    at.run()
+    assert not at.exception
+    assert [c.value for c in at.caption] == ["run run-a: 3/3 tokens above τ · recalled verbatim",
+                                             "run run-b: 2/3 tokens above τ · not recalled verbatim"]
+    strips = [str(e.proto.body) for e in at.get("html")]
+    assert len(strips) == 2 and "Orbit" not in strips[0] and "Orbit" in strips[1]

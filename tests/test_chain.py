@@ -255,9 +255,16 @@ def test_the_cli_takes_the_placement_from_the_earlier_run_and_refuses_a_typed_ot
     spec = Store(home).run(b["run_id"])["spec"]
     assert spec["adapter"]["kind"] == "bypass" and spec["adapter"]["rank"] == 2 and spec["adapter"]["layers"] == [1]
     assert spec["model"]["name"] == str(tiny_model_dir) and b["after"] == a["run_id"]
-    assert main(["runs"]) == 0  # the table names each run's parent
+    assert main(["train", "--after", "last", "--keep", "--text", "Third.", "--prompt", "C:", *common[2:]]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert main(["runs"]) == 0  # the table names each run's parent, and which rehearsed it
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert lines[b["run_id"]].rstrip().endswith(a["run_id"]) and lines[a["run_id"]].rstrip().endswith("-")
+    assert lines[c["run_id"]].rstrip().endswith(f"{b['run_id']} +keep")
+    assert main(["runs", "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (listed[c["run_id"]]["after"], listed[c["run_id"]]["keep"]) == (b["run_id"], True)
+    assert (listed[b["run_id"]]["after"], listed[b["run_id"]]["keep"]) == (a["run_id"], False)
 
 
 def test_a_chain_of_three_is_told_as_one_story(store, tiny_model_dir):

@@ -12,6 +12,9 @@ from memcore.config import RunSpec
 from memcore.metrics import per_sample, stubborn_tokens
 from memcore.runner import RESUMABLE, resumable_step
 
+job_id = st.query_params.get("job")
+if job_id and get_worker().find(job_id) is not None:  # a job's URL as a page switch may leave it: watch the job
+    st.switch_page("app_pages/memorize.py", query_params={"job": job_id})
 st.title("Runs")
 store = get_store()
 store.mark_interrupted()
@@ -24,14 +27,15 @@ if not runs:
 def _table(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        s = r["summary"]
+        s, train = r["summary"], r["spec"].get("train", {})
+        after = train.get("after")
         rows.append({"run": r["id"], "status": r["status"], "model": r["model"],
                      "adapter": r["spec"].get("adapter", {}).get("kind", "lora"), "method": r["method"],
-                     "rank": r["rank"],
+                     "after": after, "rehearsed": bool(train.get("keep")) if after else None, "rank": r["rank"],
                      "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
                      "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
-                     "after": r["spec"].get("train", {}).get("after"), "label": r["label"], "sweep": r["sweep"],
+                     "label": r["label"], "sweep": r["sweep"],
                      "created": pd.to_datetime(r["created"], unit="s"), "error": r["error"]})
     return pd.DataFrame(rows)
 

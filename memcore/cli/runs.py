@@ -200,6 +200,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         keys = ("id", "status", "created", "started", "finished", "model", "method", "rank", "length", "seed", "sweep",
                 "label", "steps", "error")
         print(json.dumps([{k: r[k] for k in keys} | {"after": r["spec"].get("train", {}).get("after"),
+                                                     "keep": bool(r["spec"].get("train", {}).get("keep")),
                                                      "summary": r["summary"].to_dict() if r["summary"] else {}}
                           for r in runs]))
         return 0
@@ -207,13 +208,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print("no runs yet: try `memcore train --sample lighthouse`")
         return 0
     head = (f"{'run':<22} {'status':<11} {'model':<14} {'adapter':<7} {'method':<9} {'rank':>4} {'tokens':>6} "
-            f"{'steps':>5} {'recalled':>8} {'ΔL':>7}  after")
+            f"{'steps':>5} {'recalled':>8} {'ΔL':>7}  after (+keep: rehearsed it)")
     print(head)
     for r in runs:
         s = r["summary"]
         kind = r["spec"].get("adapter", {}).get("kind", "lora")
         recalled = ("yes" if s.recalled else "no") if s else "-"
-        after = r["spec"].get("train", {}).get("after") or "-"  # the run it was trained on top of
+        train = r["spec"].get("train", {})
+        after = train.get("after") or "-"  # the run it was trained on top of, +keep when it rehearsed that run
+        after += " +keep" if train.get("after") and train.get("keep") else ""
         print(f"{r['id']:<22} {r['status']:<11} {str(r['model'])[:14]:<14} {kind:<7} {r['method']:<9} {r['rank']:>4} "
               f"{_fmt(r['length']):>6} {_fmt(r['steps']):>5} {recalled:>8} {_fmt(s.delta_loss if s else None):>7}  "
               f"{after}")
