@@ -120,7 +120,9 @@ def render_more(summ: Any, spec: Any, switch: bool = False) -> None:
     with st.expander("Memorize more on top of this", expanded=False):
         st.caption("A second passage goes into the same adapter, starting from this run's. This run's passage is "
                    "measured at every step beside it: watch its tokens turn from blue to red as they fall below τ. "
-                   "Rehearsing trains on it as well (under memft-ot only its tokens that fell below τ carry weight).")
+                   "Rehearsing trains on it as well (under memft-ot only its tokens that fell below τ carry weight). "
+                   f"The model, adapter (rank {spec.adapter.rank}) and the other training settings are this run's: "
+                   f"learning rate {spec.train.lr:g}, τ {spec.train.tau:g}, dropout {spec.adapter.dropout:g}.")
         with st.form(f"more-{summ.run_id}"):
             rid = summ.run_id
             text = st.text_area("Next passage", height=120, placeholder="Paste the next text to memorize ...",

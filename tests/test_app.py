@@ -594,6 +594,8 @@ def test_memorize_more_on_top_of_a_run_and_replay_the_chain(app_env):
     at.button(key=f"more-start-{rid}").click().run()
     assert "Cannot start" in " ".join(e.value for e in at.error) and len(get_store().jobs()) == 1  # empty: refused
     assert at.text_area(key=f"more-prompt-{rid}").value == "Recite passage 2.\n"  # a prompt of its own
+    lr = first["spec"]["train"]["lr"]
+    assert any(f"learning rate {lr:g}" in c.value for c in at.caption)  # what it inherits is said
     at.text_area(key=f"more-text-{rid}").input("A second line on top.")
     at.number_input(key=f"more-steps-{rid}").set_value(2)
     at.checkbox(key=f"more-keep-{rid}").check()
