@@ -218,6 +218,9 @@ def model_card(spec: RunSpec, summary: RunSummary, base: str, folder: str, adapt
                             if summary.earlier_lost_at is not None else "")
                          + (f", regained at step {summary.earlier_regained_at}"
                             if summary.earlier_regained_at is not None else "")
+                         + ("".join(f"; run {x['run']}: {'recalled' if x['recalled'] else 'not recalled'}, "
+                                    f"{x['above']:,} / {x['tokens']:,} above τ"
+                                    for x in summary.earlier_parts) if len(summary.earlier_parts) > 1 else "")
                          + (f"; {100 * (summary.rehearsal_share or 0):.1f}% of the update weight rehearsed them"
                             if summary.keep else "")))
 

@@ -172,6 +172,8 @@ class RunSummary:
     earlier_lost_at: int | None = None  # the step the earlier targets first lost verbatim recall (None: never)
     earlier_regained_at: int | None = None  # the step they were recalled again after that (None: never)
     rehearsal_share: float | None = None  # mean share of the update weight on earlier targets over the steps trained
+    # the same at the end per earlier run (chain order): {"run", "tokens", "above", "correct", "recalled", "prefix"}
+    earlier_parts: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept on a round trip)
 
     @property

@@ -265,9 +265,12 @@ def test_the_cli_takes_the_placement_from_the_earlier_run_and_refuses_a_typed_ot
     listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     assert (listed[c["run_id"]]["after"], listed[c["run_id"]]["keep"]) == (b["run_id"], True)
     assert (listed[b["run_id"]]["after"], listed[b["run_id"]]["keep"]) == (a["run_id"], False)
+    assert main(["show", c["run_id"]]) == 0  # on top of two passages: each earlier one said on its own line
+    shown = capsys.readouterr().out
+    assert f"  run {a['run_id']}  " in shown and f"  run {b['run_id']}  " in shown
 
 
-def test_a_chain_of_three_is_told_as_one_story(store, tiny_model_dir):
+def test_a_chain_of_three_is_told_as_one_story(store, tiny_model_dir, tmp_path):
     """chain_story: A → B → C on one step axis, every passage measured over the runs after its own (split per passage
     when C measures A and B together, matching what B measured of A at its end), each run's start, and a 'lost'
     event wherever a passage recalled verbatim stopped being recalled while a later run trained."""
@@ -295,3 +298,18 @@ def test_a_chain_of_three_is_told_as_one_story(store, tiny_model_dir):
         assert before and before[-1] is (kind == "lost") and at[-1] is (kind == "regained")
     assert a.recalled and b.earlier_lost_at is not None  # A was recalled, and B's training knocked it out
     assert (a.steps + b.earlier_lost_at, a.run_id, "lost") in story.events
+    # C's summary gives A and B apart, each as C's last step measured it, adding up to the combined figures
+    parts = {x["run"]: x for x in c.earlier_parts}
+    assert list(parts) == [a.run_id, b.run_id]
+    assert (parts[a.run_id]["tokens"], parts[b.run_id]["tokens"]) == (a.n_tokens, b.n_tokens)
+    assert sum(x["above"] for x in parts.values()) == c.earlier_above
+    assert sum(x["correct"] for x in parts.values()) == c.earlier_correct
+    assert c.earlier_recalled == all(x["recalled"] for x in parts.values())
+    assert parts[a.run_id]["prefix"] == min(c.earlier_prefix, a.n_tokens)
+    assert store.run(c.run_id)["summary"].earlier_parts == c.earlier_parts  # stored with the summary
+    from memcore.export import export_run
+
+    card = (export_run(store, c.run_id, tmp_path / "c") / "README.md").read_text()
+    for x in c.earlier_parts:  # and in the card
+        state = "recalled" if x["recalled"] else "not recalled"
+        assert f"run {x['run']}: {state}, {x['above']} / {x['tokens']}" in card

@@ -154,6 +154,12 @@ def _chain_lines(s: RunSummary) -> list[str]:
     lines = [f"after          {chain}",
              f"earlier        {kept}   above τ {s.earlier_above}/{m}   argmax right {s.earlier_correct}/{m}   "
              f"({story})"]
+    if len(s.earlier_parts) > 1:  # a longer chain: each earlier passage on its own
+        for part in s.earlier_parts:
+            n = part["tokens"]
+            state = "yes, verbatim" if part["recalled"] else f"no: first {part['prefix']} of {n} tokens in order"
+            lines.append(f"  run {part['run']}  {state}   above τ {part['above']}/{n}   argmax right "
+                         f"{part['correct']}/{n}")
     if s.keep:
         lines.append(f"rehearsal      --keep: {100 * (s.rehearsal_share or 0):.1f}% of the update weight went to the "
                      "earlier targets on average")
