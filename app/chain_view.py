@@ -26,12 +26,13 @@ def earlier_name(runs: list[str]) -> str:
 
 def chain_history(rows: list[dict[str, Any]], earlier: str) -> pd.DataFrame:
     """A chained run's step rows (RunLive rows with frac_above, recalled, earlier_above, earlier_tokens,
-    earlier_recalled) as charts.chain_chart's history: one row per passage and step."""
+    earlier_recalled) as charts.chain_chart's history: one row per passage and step, the earlier passage first (so
+    that it takes the first colour, as the oldest passage does in the chain story on the Runs page)."""
     own = [{"step": r["step"], "passage": "this passage", "frac_above": r["frac_above"],
             "recalled": bool(r.get("recalled", False))} for r in rows]
     old = [{"step": r["step"], "passage": earlier, "frac_above": r["earlier_above"] / max(1, r["earlier_tokens"]),
             "recalled": bool(r["earlier_recalled"])} for r in rows if r.get("earlier_tokens")]
-    return pd.DataFrame(own + old)
+    return pd.DataFrame(old + own)
 
 
 def retention_events(lost_at: int | None, regained_at: int | None, earlier: str = "earlier") -> pd.DataFrame:

@@ -498,3 +498,16 @@ def test_retention_chart_keeps_strategies_that_land_on_the_same_point_apart():
         t for t in point["encoding"]["tooltip"] if t.get("field") == "fill").items()
     line = next(layer for layer in spec["layer"] if layer["mark"].get("type", layer["mark"]) == "line")
     assert len({json.dumps(d) for d in line["encoding"]["strokeDash"]["scale"]["range"]}) == 3
+
+
+def test_the_live_chain_chart_gives_the_earlier_passage_the_first_colour_as_the_story_does():
+    """While B trains on top of A, A takes the first colour (blue) and B the second, as on the Runs page's story."""
+    import chain_view
+
+    rows = [{"step": s, "frac_above": 0.1 * s, "recalled": False, "earlier_above": 16 - s, "earlier_tokens": 16,
+             "earlier_recalled": s == 0} for s in range(3)]
+    spec = charts.chain_chart(chain_view.chain_history(rows, "earlier passage")).to_dict()
+    scales = [enc["color"]["scale"] for layer in spec["layer"] for enc in [layer.get("encoding", {})]
+              if "color" in enc and enc["color"].get("field") == "passage"]
+    assert scales and scales[0]["domain"] == ["earlier passage", "this passage"]
+    assert scales[0]["range"][0] == "#1f77b4"
