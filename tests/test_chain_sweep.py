@@ -23,15 +23,18 @@ def test_a_chain_sweep_trains_each_first_passage_once_then_every_chain_on_it_and
     out = tmp_path / "chains.csv"
     args = ["sweep", "--chain", "--model", str(tiny_model_dir), "--ranks", "2", "4", "--first-lengths", "6",
             "--lengths", "3", "9", "--seeds", "0", "--max-steps", "3", "--lr", "2e-2", "--layers", "all",
-            "--name", "chains-test", "--out", str(out)]
+            "--name", "chains-test", "--out", str(out), "--first-method", "sft"]
     code, _, err = _cli(capsys, *args)
     assert code == 0 and "14 runs (2 first passages, 12 chains)" in err
+    # 3 steps do not teach the tiny model a first passage: said, since those chains retain nothing learned
+    assert "2 first passage(s) were not recalled when their own run ended" in err
     store = Store(home)
     runs = store.runs(sweep="chains-test", status="completed")
     assert len(runs) == 2 + 12  # a first per rank and seed; a chain per first, second length and strategy
     firsts = {r["id"]: r for r in runs if json.loads(r["label"])["passage"] == "first"}
     chains = [r for r in runs if json.loads(r["label"])["passage"] == "second"]
     assert len(firsts) == 2 and len(chains) == 12
+    assert {f["method"] for f in firsts.values()} == {"sft"}  # --first-method
     for c in chains:
         v, spec = json.loads(c["label"]), c["spec"]
         first = firsts[spec["train"]["after"]]  # on top of its own first passage: same rank and seed
@@ -71,6 +74,8 @@ def test_a_chain_sweep_refuses_what_it_cannot_do(home, tiny_model_dir, capsys, a
 def test_chain_flags_need_chain(home, tiny_model_dir, capsys):
     code, _, err = _cli(capsys, "sweep", "--model", str(tiny_model_dir), "--strategies", "none")
     assert code != 0 and "--strategies applies only with --chain" in err
+    code, _, err = _cli(capsys, "sweep", "--model", str(tiny_model_dir), "--first-method", "sft")
+    assert code != 0 and "--first-method applies only with --chain" in err
 
 
 def test_a_chain_sweep_draws_random_tokens_only():

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "first passage's retention (see 'Memorize more on top of a run')")
     sw.add_argument("--first-lengths", type=int, nargs="+", default=[16], metavar="N",
                     help="with --chain: the first passage's target tokens (default: %(default)s)")
+    sw.add_argument("--first-method", choices=METHODS, default="memft-ot",
+                    help="with --chain: how each first passage is memorized (default: %(default)s)")
     sw.add_argument("--strategies", nargs="+", default=["none", "keep-sft", "keep-memft-ot"], metavar="S",
                     help="with --chain: none (the second passage alone, sft), keep-sft (the first rehearsed, sft), "
                     "keep-memft-ot (the first rehearsed under memft-ot) (default: all three)")

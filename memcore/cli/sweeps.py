@@ -32,7 +32,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.chain:
         return _chain_sweep(args)
-    for flag, default in (("first_lengths", [16]), ("strategies", ["none", "keep-sft", "keep-memft-ot"])):
+    for flag, default in (("first_lengths", [16]), ("strategies", ["none", "keep-sft", "keep-memft-ot"]),
+                          ("first_method", "memft-ot")):
         if getattr(args, flag) != default:
             raise MemcoreError(f"--{flag.replace('_', '-')} applies only with --chain")
     if not given_sources(args):
@@ -110,7 +111,7 @@ def _chain_sweep(args: argparse.Namespace) -> int:
         raise MemcoreError(f"{others[0]} does not apply with --chain: both passages are random tokens")
     if args.random_tokens is None:
         args.random_tokens = max(args.first_lengths)
-    template = run_spec(run_settings(args) | {"rank": args.ranks[0], "seed": args.seeds[0],
+    template = run_spec(run_settings(args) | {"rank": args.ranks[0], "seed": args.seeds[0], "method": args.first_method,
                                            "history": "full" if args.full_history else "decimated"})
     sweep = ChainSweepSpec(template=template, ranks=tuple(args.ranks), first_lengths=tuple(args.first_lengths),
                            second_lengths=tuple(args.lengths), strategies=tuple(args.strategies),
@@ -148,6 +149,11 @@ def _chain_sweep(args: argparse.Namespace) -> int:
         bar.close()
         restore()
     rows = chain_table(store, sweep.id)
+    unlearned = sorted({r["first_run"] for r in rows if not r["first_recalled"]})
+    if unlearned:
+        print(f"note: {len(unlearned)} first passage(s) were not recalled when their own run ended (within "
+              f"--max-steps); their chains measure the retention of a passage never learned, and the law page leaves "
+              f"them out", file=sys.stderr)
     left = total - len(store.runs(sweep=sweep.id, status="completed"))
     status = "stopped" if flag.stop else "completed"
     msg = (f"chain sweep {sweep.id} {status}: {len(rows)} chains in the store "
