@@ -4,6 +4,7 @@ and tiny Llama models built in code for fast tests of mechanics."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The converted default model is cached across test sessions so only the first run pays the ~30 s conversion.
 MODEL_CACHE = Path(os.environ.get("MEMCORE_TEST_CACHE", Path.home() / ".cache" / "memcore-tests"))
+
+
+@pytest.fixture(autouse=True)
+def _main_module_kept():
+    """Streamlit's AppTest runs its script as __main__ and leaves it there; a process spawned afterwards (the app's
+    training process) would run that script again on start. Each test ends with the real __main__ back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="session")
