@@ -22,6 +22,19 @@ from memcore.cli.common import (
 from memcore.config import MemcoreError
 
 
+def _say_end(what: str, stopped: bool, held: str, t0: float, left: int) -> str:
+    """The line a sweep ends with, on stderr: its status, what the store holds of it, this call's seconds (from
+    perf_counter t0) and, with points left, how to finish them. Returns the status (stopped or completed)."""
+    import time
+
+    status = "stopped" if stopped else "completed"
+    msg = f"{what} {status}: {held} in the store ({time.perf_counter() - t0:.0f} s this time)"
+    if left:
+        msg += f"; run the same command again to finish the {left} missing"
+    print(msg, file=sys.stderr)
+    return status
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`memcore sweep`: a grid of runs into the store, resumable; optionally its table as CSV/JSON."""
     import time
@@ -77,12 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         restore()
     rows = sweep_table(store, sweep.id)
     left = total - len(rows)
-    status = "stopped" if flag.stop else "completed"
-    msg = (f"sweep {sweep.id} {status}: {len(rows)}/{total} points in the store "
-           f"({time.perf_counter() - t0:.0f} s this time)")
-    if left:
-        msg += f"; run the same command again to finish the {left} missing"
-    print(msg, file=sys.stderr)
+    status = _say_end(f"sweep {sweep.id}", flag.stop, f"{len(rows)}/{total} points", t0, left)
     if args.out:
         pd.DataFrame(rows).drop(columns=["run_id"]).to_csv(args.out, index=False)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -155,12 +163,7 @@ def _chain_sweep(args: argparse.Namespace) -> int:
               f"--max-steps); their chains measure the retention of a passage never learned, and the law page leaves "
               f"them out", file=sys.stderr)
     left = total - len(store.runs(sweep=sweep.id, status="completed"))
-    status = "stopped" if flag.stop else "completed"
-    msg = (f"chain sweep {sweep.id} {status}: {len(rows)} chains in the store "
-           f"({time.perf_counter() - t0:.0f} s this time)")
-    if left:
-        msg += f"; run the same command again to finish the {left} missing"
-    print(msg, file=sys.stderr)
+    status = _say_end(f"chain sweep {sweep.id}", flag.stop, f"{len(rows)} chains", t0, left)
     if rows:
         df = pd.DataFrame(rows)
         agg = df.groupby(["rank", "first_length", "second_length", "strategy"]).agg(
