@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 from common import MAX_PASTE_CHARS, error_text, get_worker, preflight_counts, session_id, show_chart
 
+from memcore.chain import passage_parts
 from memcore.config import MemcoreError
 
 
@@ -80,18 +81,18 @@ def render_passages(runs: list[str], lengths: list[int], pieces: list[Any], p: n
                     correct: np.ndarray | None, tau: float) -> None:
     """The earlier targets' tokens coloured by p against τ (p, correct: [M], laid end to end in chain order): one
     passage alone as one strip; a longer chain as one strip per run, each named with its own count above τ and
-    whether it is still recalled verbatim (every argmax right), so passages never run together."""
-    if len(runs) < 2 or sum(lengths) != len(p) or len(lengths) != len(runs):
+    whether it is still recalled verbatim (every argmax right; memcore.chain.passage_parts), so passages never run
+    together."""
+    parts = passage_parts(p, correct, runs, lengths, tau) if len(runs) >= 2 and len(lengths) == len(runs) else []
+    if not parts:
         st.html(charts.token_html(pieces, p, tau))
         return
     at = 0
-    for rid, n in zip(runs, lengths):
-        part = slice(at, at + n)
-        at += n
-        above = int((p[part] > tau).sum())
-        state = "" if correct is None else (" · recalled verbatim" if bool(np.all(correct[part]))
-                                            else " · not recalled verbatim")
-        st.caption(f"run {rid}: {above}/{n} tokens above τ{state}")
+    for x in parts:
+        part = slice(at, at + x["tokens"])
+        at += x["tokens"]
+        state = {None: "", True: " · recalled verbatim", False: " · not recalled verbatim"}[x["recalled"]]
+        st.caption(f"run {x['run']}: {x['above']}/{x['tokens']} tokens above τ{state}")
         st.html(charts.token_html(pieces[part], p[part], tau))
 
 
@@ -192,15 +193,14 @@ def render_story(store: Any, run_id: str, shown_step: int | None = None) -> dict
 def render_earlier_at(store: Any, run_id: str, step: int, tau: float) -> None:
     """On the Runs page, a chained run's earlier passages as they stood at `step` of its replay: their tokens
     coloured by p against τ, with the count above τ and whether they were still recalled verbatim."""
-    from memcore.chain import chain_of
+    from memcore.chain import chain_pieces
 
     row = next((r for r in store.earlier_steps(run_id, with_tokens=True, after=step - 1) if r.step == step), None)
     if row is None:
         st.caption("The earlier passage has no per-token snapshot at this step.")
         return
     try:
-        runs = chain_of(store, run_id)
-        per_run = [store.tokens(rid)["pieces"] for rid in runs]
+        runs, per_run = chain_pieces(store, run_id)
     except MemcoreError:
         runs, per_run = [], []
     pieces, lengths = [piece for ps in per_run for piece in ps], [len(ps) for ps in per_run]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from memcore.chain import Retention, chain_of
+from memcore.chain import Retention, chain_pieces
 from memcore.config import ModelSpec, RunSpec
 from memcore.loading import Base, load_base
 from memcore.metrics import StubbornCounter, per_sample
@@ -478,8 +478,7 @@ def _sample_layout(live: RunLive, store: Store, run_id: str) -> None:
         live.sample_lengths, live.prompt_ids, live.target_ids = lengths, tok["prompt_ids"], tok["target_ids"]
     if live.chained and not live.earlier_runs:
         try:
-            chain = chain_of(store, run_id)
-            per_run = [store.tokens(rid)["pieces"] for rid in chain]
+            chain, per_run = chain_pieces(store, run_id)
             live.earlier_pieces = [piece for pieces in per_run for piece in pieces]
             live.earlier_lengths = [len(pieces) for pieces in per_run]
             live.earlier_runs = chain

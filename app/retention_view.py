@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 from common import show_chart
 
+from memcore.chain import is_chain_label
 from memcore.chain_sweep import chain_table, retention_against_capacity
 from memcore.config import MemcoreError
 from memcore.frontier import frontier_from_table
@@ -38,7 +39,7 @@ def _stored_chain_sweeps(store) -> list[str]:
     """Ids of the chain sweeps in the store (runs labelled with a passage), newest last."""
     out = []
     for r in store.runs():
-        if r["sweep"] and r["sweep"] not in out and '"passage"' in (r["label"] or ""):
+        if r["sweep"] and r["sweep"] not in out and is_chain_label(r["label"]):
             out.append(r["sweep"])
     return out
 

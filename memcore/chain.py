@@ -31,6 +31,38 @@ def chain_of(store: Store, run_id: str) -> list[str]:
     return chain
 
 
+def passage_parts(p: Any, correct: Any, run_ids: list[str], lengths: list[int], tau: float) -> list[dict[str, Any]]:
+    """The earlier targets of a chained run (p and correct: [M], every earlier run's targets end to end in chain
+    order, M = sum(lengths)) cut per run: {"run", "tokens", "above" (p > tau), "correct" (argmax right),
+    "recalled" (all right), "prefix" (right in order before the first wrong)}; correct None leaves the last three
+    None. Empty when p is missing or does not cover `lengths`."""
+    if p is None or len(p) != sum(lengths):
+        return []
+    parts, at = [], 0
+    for rid, n in zip(run_ids, lengths):
+        part = {"run": rid, "tokens": n, "above": int((np.asarray(p[at:at + n], dtype=np.float32) > tau).sum()),
+                "correct": None, "recalled": None, "prefix": None}
+        if correct is not None:
+            ok = [bool(c) for c in correct[at:at + n]]
+            part.update(correct=sum(ok), recalled=all(ok), prefix=ok.index(False) if False in ok else n)
+        parts.append(part)
+        at += n
+    return parts
+
+
+def chain_pieces(store: Store, run_id: str) -> tuple[list[str], list[list[Any]]]:
+    """The runs `run_id` was trained after (chain_of, oldest first) and each one's target tokens as text pieces
+    (memcore.pieces.Piece), for drawing the earlier passages. Raises MemcoreError as chain_of and Store.tokens."""
+    runs = chain_of(store, run_id)
+    return runs, [store.tokens(rid)["pieces"] for rid in runs]
+
+
+def is_chain_label(label: str | None) -> bool:
+    """Whether a stored run's label marks it as a point of a chain sweep (memcore.chain_sweep: a first or second
+    passage), whose runs are not points of the law."""
+    return '"passage"' in (label or "")
+
+
 class Retention:
     """How a chained run's earlier targets fare over its steps, fed one step at a time (StepReports or StepRows with
     step, earlier_recalled and rehearsal): `lost_at`, the first step at which they were no longer recalled verbatim
@@ -100,12 +132,10 @@ def chain_story(store: Store, run_id: str) -> ChainStory:
                                            r.earlier_recalled))
             else:
                 for r in store.earlier_steps(rid, with_tokens=True):
-                    at = 0
-                    for e in earlier:
-                        p = r.earlier_p[at:at + lengths[e]].astype(np.float32)
-                        c = r.earlier_correct[at:at + lengths[e]]
-                        at += lengths[e]
-                        story.rows.append(_row(offset + r.step, rid, e, int((p > tau).sum()), len(p), bool(c.all())))
+                    for x in passage_parts(r.earlier_p, r.earlier_correct, earlier, [lengths[e] for e in earlier],
+                                           tau):
+                        story.rows.append(_row(offset + r.step, rid, x["run"], x["above"], x["tokens"],
+                                               x["recalled"]))
         offset += own[-1].step if own else 0
     for passage in runs:  # lost / regained: only while a later run trained (its own training is learning it)
         was = None

@@ -459,10 +459,12 @@ def runs_table(store: Store, *, method: str | None = None, model: str | None = N
     differently need not lie on one law. Raises MemcoreError when no completed run matches."""
     import pandas as pd
 
+    from memcore.chain import is_chain_label
+
     rows, chained = [], 0
     for r in store.runs(method=method, model=model, status="completed", sweep=sweep):
         s = r["summary"]
-        if sweep and '"passage"' in (r["label"] or ""):
+        if sweep and is_chain_label(r["label"]):
             raise MemcoreError(CHAIN_SWEEP.format(sweep=sweep))
         if r["spec"]["train"].get("after"):  # started from another run's adapter: not a point of the law
             chained += 1

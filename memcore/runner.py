@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from memcore.chain import Retention, chain_of
+from memcore.chain import Retention, chain_of, passage_parts
 from memcore.config import MemcoreError, RunSpec, WriteFailed, is_write_error
 from memcore.data import Batch, Sample, make_batch
 from memcore.loading import Base, load_base
@@ -578,23 +578,8 @@ def _fill_retention(summary: RunSummary, final: StepReport, earlier: Earlier, sp
     summary.earlier_prefix = final.earlier_prefix
     summary.earlier_lost_at, summary.earlier_regained_at = seen.lost_at, seen.regained_at
     summary.rehearsal_share = seen.rehearsal_share
-    summary.earlier_parts = earlier_parts(final.earlier_p, final.earlier_correct, earlier, spec.train.tau)
-
-
-def earlier_parts(p: Any, correct: Any, earlier: Earlier, tau: float) -> list[dict[str, Any]]:
-    """Per earlier run of the chain (earlier.run_ids order), how its own targets stand: p and correct [M] (the
-    earlier targets end to end, M = earlier.n_tokens) cut at earlier.lengths into {"run", "tokens", "above" (p >
-    tau), "correct" (argmax right), "recalled" (all right), "prefix" (right in order before the first wrong)}.
-    Empty when the measures are missing or do not cover the chain."""
-    if p is None or correct is None or len(p) != earlier.n_tokens:
-        return []
-    parts, at = [], 0
-    for rid, n in zip(earlier.run_ids, earlier.lengths):
-        ok = [bool(c) for c in correct[at:at + n]]
-        parts.append({"run": rid, "tokens": n, "above": int(sum(float(x) > tau for x in p[at:at + n])),
-                      "correct": sum(ok), "recalled": all(ok), "prefix": ok.index(False) if False in ok else n})
-        at += n
-    return parts
+    summary.earlier_parts = passage_parts(final.earlier_p, final.earlier_correct, earlier.run_ids, earlier.lengths,
+                                          spec.train.tau)
 
 
 class _Kept:

@@ -273,14 +273,16 @@ def sweep_table(store: Any, sweep_id: str) -> list[dict[str, Any]]:
     log2 of the ordinary vocabulary for random tokens, empty for text), samples and samples_recalled (entries of a
     PhoneBook, and how many are recalled entry by entry). Raises MemcoreError for a chain sweep (memcore sweep
     --chain), whose table is memcore.chain_sweep.chain_table."""
+    from memcore.chain import is_chain_label
+
     rows = []
     bits_of: dict[str, float | None] = {}  # model -> log2 #ordinary tokens, for points stored before the summary had it
     for r in store.runs(sweep=sweep_id, status="completed"):
-        s, v = r["summary"], json.loads(r["label"])
-        if "passage" in v:
+        if is_chain_label(r["label"]):
             from memcore.law import CHAIN_SWEEP
 
             raise MemcoreError(CHAIN_SWEEP.format(sweep=sweep_id))
+        s, v = r["summary"], json.loads(r["label"])
         n = s.n_tokens
         rows.append({"rank": v["rank"], "length": n, "delta_loss": s.delta_loss, "p_eff": s.p_eff,
                      "method": v["method"], "seed": v["seed"], "noise": v["noise"], "adapter": s.adapter,
