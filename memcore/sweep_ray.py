@@ -62,11 +62,9 @@ def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str
     _BASES[specs[0].model] = base
     with tempfile.TemporaryDirectory(prefix="memcore-point-") as scratch:
         store = Store(Path(scratch))
+        model_here = resolve_source(specs[0].model, home)
         for payload in earlier or []:
-            payload = dict(payload)
-            dp = payload.pop("worker_paths")
-            store.import_run(payload, rewrite={dp["runs"]: str(store.runs_dir),
-                                               dp["model"]: resolve_source(specs[0].model, home)})
+            import_with_paths(store, payload, model_here)
         if len(specs) == 1:
             run_ids = [execute(specs[0], store, base, prepared[0], sweep=sweep_id, label=keys[0]).run_id]
         else:
@@ -79,21 +77,25 @@ def train_points(spec_dicts: list[dict[str, Any]], sweep_id: str, keys: list[str
             run_ids = [ids[i] for i in range(len(runs))]
         payloads = []
         for rid in run_ids:
-            payload = store.export_run(rid)
-            payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(specs[0].model, home)}
-            payloads.append(payload)
+            payloads.append(with_paths(store, rid, model_here))
         store.close()
     return payloads
 
 
-def with_paths(store: Store, run_id: str, spec: RunSpec) -> dict[str, Any]:
+def with_paths(store: Store, run_id: str, model_folder: str) -> dict[str, Any]:
     """A run exported as data (Store.export_run) with the paths in it that the other side rewrites to its own
-    (`worker_paths`: this store's runs folder and the model's folder here)."""
-    from memcore.loading import resolve_source
-
+    (`worker_paths`: this store's runs folder and `model_folder`, the model's folder here; import_with_paths)."""
     payload = store.export_run(run_id)
-    payload["worker_paths"] = {"runs": str(store.runs_dir), "model": resolve_source(spec.model, store.home)}
+    payload["worker_paths"] = {"runs": str(store.runs_dir), "model": model_folder}
     return payload
+
+
+def import_with_paths(store: Store, payload: dict[str, Any], model_folder: str) -> str:
+    """Add a run that with_paths exported elsewhere to `store`, its paths rewritten to this store's runs folder and
+    `model_folder` (the model's folder here); the payload itself is left as it was. Returns the run id."""
+    payload = dict(payload)
+    there = payload.pop("worker_paths")
+    return store.import_run(payload, rewrite={there["runs"]: str(store.runs_dir), there["model"]: model_folder})
 
 
 def _connect(address: str | None) -> Any:
@@ -143,14 +145,20 @@ def run_points_ray(todo: list[Point], store: Store, sweep_id: str, *, address: s
     remote = ray.remote(task or train_points).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
                                                       max_retries=retries, retry_exceptions=True)
 
+    local_model: dict[str, str] = {}
+
+    def model_here(spec: RunSpec) -> str:  # the model's folder on this machine, resolved once per model
+        if spec.model.name not in local_model:
+            local_model[spec.model.name] = resolve_source(spec.model, store.home)
+        return local_model[spec.model.name]
+
     def chains(group: list[Point]) -> dict[str, Any]:
         ids: list[str] = []
         for p in group:
             if p.spec.train.after is not None:
                 ids += [r for r in [*chain_of(store, p.spec.train.after), p.spec.train.after] if r not in ids]
-        return {"earlier": [with_paths(store, r, group[0].spec) for r in ids]} if ids else {}
+        return {"earlier": [with_paths(store, r, model_here(group[0].spec)) for r in ids]} if ids else {}
 
-    local_model = {}
     pending: dict[Any, list[Any]] = {}
     queue = [todo[i:i + per_task] for i in range(0, len(todo), per_task)]
     window = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_run, 1e-9)))
@@ -177,12 +185,7 @@ def run_points_ray(todo: list[Point], store: Store, sweep_id: str, *, address: s
                         yield PointResult(values=p.values, error=msg, run_id=rid)
                     continue
                 for p, payload in zip(group, payloads):
-                    model_key = p.spec.model.name
-                    if model_key not in local_model:
-                        local_model[model_key] = resolve_source(p.spec.model, store.home)
-                    wp = payload.pop("worker_paths")
-                    rid = store.import_run(payload, rewrite={wp["runs"]: str(store.runs_dir),
-                                                             wp["model"]: local_model[model_key]})
+                    rid = import_with_paths(store, payload, model_here(p.spec))
                     yield PointResult(values=p.values, summary=store.run(rid)["summary"], run_id=rid)
     finally:
         for ref in pending:
