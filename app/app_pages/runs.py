@@ -32,7 +32,7 @@ def _table(runs: list[dict]) -> pd.DataFrame:
         rows.append({"run": r["id"], "status": r["status"], "model": r["model"],
                      "adapter": r["spec"].get("adapter", {}).get("kind", "lora"), "method": r["method"],
                      "after": after, "rehearsed": bool(train.get("keep")) if after else None, "rank": r["rank"],
-                     "tau": r["spec"].get("train", {}).get("tau"), "tokens": r["length"], "steps": r["steps"],
+                     "tau": train.get("tau"), "tokens": r["length"], "steps": r["steps"],
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
                      "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
                      "label": r["label"], "sweep": r["sweep"],
