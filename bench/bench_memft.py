@@ -1,7 +1,7 @@
 """MemFT against SFT on the default model, settled with intervals: the long-context benchmark (the paper's r100,
 random tokens, at its placement with the bypass adapter), converged.
 
-    python bench/bench_memft.py run    [--home DIR] [--ranks 1 2 4] [--seeds 0 1 2] [--max-steps 2000] [--lr 3e-2]
+    python bench/bench_memft.py run    [--home DIR] [--keep DIR] [--ranks 1 2 4] [--seeds 0 1 2] [--max-steps 2000]
     python bench/bench_memft.py report [--home DIR] [--out DIR]
     python bench/bench_memft.py compare --csv SWEEP.csv     (equal-step means of a sweep table, no intervals)
 
@@ -11,6 +11,10 @@ finished is trained twice):
      (memcore.search), every seed trained on its own random tokens (seed s: the same tokens for every method);
   2. around sft's frontier ℓ*_sft(r) (the bracket's geometric mean): 0.5·ℓ* (steps to exact recall) and 1.5·ℓ*,
      2·ℓ* (past the frontier, trained to a plateau), every method and seed at the same lengths and data.
+Every completed point is also kept under --keep (default sample_data/paper/long_context_runs, one small gzipped
+JSON per point: its row, scalar steps and tokens; no adapter weights or per-token history) and read back into a
+fresh --home before anything trains, so the experiment resumes from what a clone holds as well as from its store;
+kept.json there adds up the wall time every `run` spent.
 Every point trains until recalled (teacher-forced argmax: greedy decoding reproduces the target), until a
 plateau judged alike for every method (--until converged --plateau-on recall: neither the tokens above τ nor
 the argmax-right tokens reached a new best in --plateau-window steps), or --max-steps.
@@ -39,6 +43,8 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
 METHODS = ("sft", "memft-ot", "memft-sw")
+KEEP = ROOT / "sample_data" / "paper" / "long_context_runs"
+POOL = 1280  # random tokens drawn per seed; a point trains on the first `length` of them
 AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
 
 
@@ -47,8 +53,9 @@ def settings(args: argparse.Namespace):
     from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
     from memcore.search import SearchSpec
 
-    # random tokens enough for 2·ℓ* at the largest rank (ℓ* ≈ 40 r on the default model's bypass), with room
-    n_tokens = max(256, 160 * max(args.ranks))
+    # one pool of random tokens per seed, whatever the ranks (the search's id, and so what it resumes, is the
+    # template's): enough for 2·ℓ* at rank 16 (ℓ* ≈ 40 r on the default model's bypass)
+    n_tokens = POOL
     targets = "mlp" if args.adapter == "lora" else None
     adapter = AdapterSpec(kind=args.adapter, rank=1, layers="paper", dropout=0.1,
                           **({"targets": targets} if targets else {}))
@@ -71,11 +78,14 @@ def open_home(home: Path):
     return Store(home)
 
 
-def run_search(fs, t0: float, prefix: str = ""):
+def run_search(fs, t0: float, prefix: str = "", on_progress=None):
     """Run a FrontierSearch to its end, printing a line each time a probe completes (seconds since t0, probes done
-    and training, steps, every bracket); returns its last SearchProgress."""
+    and training, steps, every bracket; `on_progress()` called at every progress); returns its last
+    SearchProgress."""
     done = -1
     for p in fs.run():
+        if on_progress is not None:
+            on_progress()
         if p.probes_done != done:
             done = p.probes_done
             print(f"[{time.perf_counter() - t0:6.0f} s] {prefix}{p.probes_done} probes done, {p.in_flight} training, "
@@ -111,6 +121,8 @@ def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kept import Ledger, keep_new, restore
+
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.search import FrontierSearch
     from memcore.sweep import resumable_points
@@ -119,9 +131,15 @@ def run(args: argparse.Namespace) -> int:
     search = settings(args)
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}: ranks {list(search.ranks)}, methods {list(search.methods)}, "
-          f"seeds {list(search.seeds)}", flush=True)
+          f"seeds {list(search.seeds)}; {restore(store, args.keep)} points read back from {args.keep}", flush=True)
+    ledger = Ledger(args.keep, " ".join(["python", "bench/bench_memft.py", *sys.argv[1:]]))
+
+    def keep():
+        keep_new(store, search.id, args.keep)
+        ledger.tick()
+
     fs = FrontierSearch(search, store, batch=args.batch)
-    p = run_search(fs, t0, "stage 1: ")
+    p = run_search(fs, t0, "stage 1: ", keep)
     if p.stopped:
         return 1
     todo = []
@@ -147,15 +165,19 @@ def run(args: argparse.Namespace) -> int:
     if todo:
         for _tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks)):
             if r.final:
+                keep()
                 left -= 1
                 print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {_tag} -> {r.summary.stop_reason} at step "
                       f"{r.summary.steps}, {left} left", flush=True)
-    print(f"done in {time.perf_counter() - t0:.0f} s this time", flush=True)
+    keep()
+    print(f"done in {time.perf_counter() - t0:.0f} s this time ({ledger.data['wall_s'] / 3600:.2f} h over "
+          f"{ledger.data['invocations']} invocations, kept in {args.keep})", flush=True)
     return 0
 
 
 def report(args: argparse.Namespace) -> int:
     import pandas as pd
+    from kept import restore
 
     from memcore.frontier import paired_differences
     from memcore.law import comparable_settings, compare_forms
@@ -164,6 +186,7 @@ def report(args: argparse.Namespace) -> int:
 
     store = open_home(args.home)
     search = settings(args)
+    restore(store, args.keep)
     fs = FrontierSearch(search, store, batch=1)
     fs._advance()  # every verdict already in the store: nothing trained
     result = search_result(fs, fs.progress())
@@ -292,6 +315,8 @@ def main() -> int:
         p = sub.add_parser(name)
         p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft",
                        help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
+        p.add_argument("--keep", type=Path, default=KEEP,
+                       help="completed points kept here and read back into --home (default: %(default)s)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
                        help="bypass (the paper's) or lora on the MLP of the same layer")

@@ -1,0 +1,96 @@
+"""A benchmark's completed points kept beside the repository, so that an experiment of many hours resumes from a
+fresh clone as well as from its store.
+
+Each completed run of a sweep is written once as `<run id>.json.gz` under a folder: its row in the store (spec,
+summary, label), its scalar step rows and its tokens. Left out are the adapter's weights and the per-token
+history, which the benchmarks' tables do not read (a point of ranks 1-2 keeps in a few kB). `restore` puts the
+kept runs a store lacks back into it before anything trains; a search then counts their verdicts as its own.
+`kept.json` in the folder adds up the wall seconds every invocation spent, whatever store it used.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+KEPT_TABLES = ("steps", "tokens")
+
+
+def _plain(v: Any) -> Any:
+    return {"b64": base64.b64encode(v).decode()} if isinstance(v, bytes | memoryview) else v
+
+
+def _raw(v: Any) -> Any:
+    return base64.b64decode(v["b64"]) if isinstance(v, dict) and "b64" in v else v
+
+
+def keep_new(store, sweep: str, folder: Path) -> int:
+    """Write every completed run of `sweep` in `store` that `folder` does not hold yet; returns how many."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for r in store.runs(sweep=sweep, status="completed"):
+        path = folder / f"{r['id']}.json.gz"
+        if path.exists():
+            continue
+        payload = store.export_run(r["id"])
+        data = {"run": payload["run"],
+                "tables": {t: [[_plain(v) for v in row] for row in payload["tables"].get(t, [])] for t in KEPT_TABLES}}
+        tmp = path.with_suffix(".tmp")
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+        tmp.replace(path)  # a stop mid-write leaves no half file
+        n += 1
+    return n
+
+
+def restore(store, folder: Path) -> int:
+    """Import every kept run `store` does not hold (by id); returns how many. A file that cannot be read is named
+    in the ValueError raised, and nothing is imported from it."""
+    if not folder.is_dir():
+        return 0
+    have = {r["id"] for r in store.runs()}
+    n = 0
+    for path in sorted(folder.glob("*.json.gz")):
+        if path.name.removesuffix(".json.gz") in have:
+            continue
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                data = json.load(f)
+            payload = {"run": data["run"], "files": {},
+                       "tables": {t: [tuple(_raw(v) for v in row) for row in rows]
+                                  for t, rows in data["tables"].items()}}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a kept run ({e})") from e
+        store.import_run(payload)
+        n += 1
+    return n
+
+
+class Ledger:
+    """The wall seconds of every invocation of one benchmark, in `folder/kept.json`: `tick()` adds the seconds
+    since the last tick (call it after each completed point, so that a stopped run still counts its time)."""
+
+    def __init__(self, folder: Path, command: str):
+        self.path = folder / "kept.json"
+        self.command = command
+        self.last = time.time()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"wall_s": 0.0, "invocations": 0}
+        self.data["invocations"] = int(self.data.get("invocations", 0)) + 1
+        self.data["command"] = command
+        self._write()
+
+    def tick(self) -> None:
+        now = time.time()
+        self.data["wall_s"] = round(float(self.data.get("wall_s", 0.0)) + now - self.last, 1)
+        self.last = now
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)

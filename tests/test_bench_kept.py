@@ -1,0 +1,87 @@
+"""A benchmark's points kept beside the repository (bench/kept.py): a fresh store resumes from them as from its own."""
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
+from memcore.search import FrontierSearch, SearchSpec
+from memcore.store import Store
+from memcore.sweep import sweep_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _kept():
+    spec = importlib.util.spec_from_file_location("kept", ROOT / "bench" / "kept.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _search(model_dir):
+    template = RunSpec(model=ModelSpec(name=str(model_dir)),
+                       adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.0),
+                       data=DataSpec(random_tokens=96),
+                       train=TrainSpec(max_steps=40, lr=0.1, checkpoint_every=0, history="decimated"))
+    return SearchSpec(template=template, ranks=(1,), seeds=(0, 1), start_length=4, name="kept")
+
+
+def test_a_fresh_store_resumes_a_search_from_its_kept_points_and_trains_nothing(tiny_model_dir, tmp_path):
+    kept = _kept()
+    folder = tmp_path / "kept_runs"
+    first = Store(tmp_path / "a")
+    search = _search(tiny_model_dir)
+    done = list(FrontierSearch(search, first).run())[-1]
+    assert done.finished
+    n = kept.keep_new(first, "kept", folder)
+    assert n == len(first.runs(sweep="kept", status="completed")) > 0
+    assert kept.keep_new(first, "kept", folder) == 0  # each point written once
+
+    fresh = Store(tmp_path / "b")
+    assert kept.restore(fresh, folder) == n
+    assert kept.restore(fresh, folder) == 0  # nothing imported twice
+    again = FrontierSearch(search, fresh)
+    last = list(again.run())[-1]
+    assert last.finished and last.probes_done == done.probes_done
+    assert len(fresh.runs(sweep="kept")) == n  # every verdict came from the kept points: nothing trained
+    assert [(b.lo, b.hi, b.probed) for b in last.brackets] == [(b.lo, b.hi, b.probed) for b in done.brackets]
+
+    def table(store):
+        return sorted((r["method"], r["rank"], r["length"], r["seed"], r["steps"], r["exact_recall"],
+                       round(r["delta_loss"], 6)) for r in sweep_table(store, "kept"))
+
+    assert table(fresh) == table(first)
+    rid = first.runs(sweep="kept")[0]["id"]
+    assert fresh.tokens(rid)["target_ids"] == first.tokens(rid)["target_ids"]  # bytes and all
+    assert [s.n_above for s in fresh.steps(rid)] == [s.n_above for s in first.steps(rid)]
+
+
+def test_a_broken_kept_file_is_named_and_nothing_is_imported_from_it(tmp_path):
+    kept = _kept()
+    folder = tmp_path / "kept_runs"
+    folder.mkdir()
+    (folder / "abc.json.gz").write_bytes(b"not gzip")
+    store = Store(tmp_path / "a")
+    with pytest.raises(ValueError, match="abc.json.gz"):
+        kept.restore(store, folder)
+    assert store.runs() == []
+    with gzip.open(folder / "abc.json.gz", "wt") as f:
+        json.dump({"tables": {}}, f)
+    with pytest.raises(ValueError, match="not a kept run"):
+        kept.restore(store, folder)
+
+
+def test_the_ledger_adds_the_wall_time_of_every_invocation(tmp_path, monkeypatch):
+    kept = _kept()
+    clock = iter([100.0, 130.0, 200.0, 205.0])
+    monkeypatch.setattr(kept.time, "time", lambda: next(clock))
+    one = kept.Ledger(tmp_path, "python bench/x.py run")
+    one.tick()
+    two = kept.Ledger(tmp_path, "python bench/x.py run --ranks 4")
+    two.tick()
+    data = json.loads((tmp_path / "kept.json").read_text())
+    assert data["wall_s"] == 35.0 and data["invocations"] == 2 and data["command"].endswith("--ranks 4")
