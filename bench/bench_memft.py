@@ -233,6 +233,14 @@ def report(args: argparse.Namespace) -> int:
                   f"{r['mean']:+9.3f} [{r['lo']:+9.3f}, {r['hi']:+9.3f}]  n={r['n']}  {r['verdict']}")
     paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
+    rule = plateau_rule_check(store, df, args.plateau_window)
+    print(f"\n## The plateau rule against the curves (a point stops after {args.plateau_window} steps without a new "
+          "best in tokens above τ or argmax-right tokens)")
+    for _, r in rule.iterrows():
+        print(f"  {r['method']:<9} {r['points']:>3} points ran on to recall or the budget: the longest wait for a new "
+              f"best {r['longest_wait']} steps (95th percentile {r['wait_p95']:.0f}); {r['cut_short']} would have "
+              f"been cut short by the window. {r['plateau_stops']} points stopped on it.")
+
     print("\n## The law on plateau ΔL past the frontier (points not recalled, stopped on a plateau)")
     past = df[(~df["exact_recall"].astype(bool)) & (df["stop_reason"] == "plateau")]
     law_rows = []
@@ -252,13 +260,38 @@ def report(args: argparse.Namespace) -> int:
         fr.to_csv(out / "long_context_frontier.csv", index=False)
         paired.to_csv(out / "long_context_paired.csv", index=False)
         pd.DataFrame(law_rows).to_csv(out / "long_context_law.csv", index=False)
+        rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
                 "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
                 "points": int(len(df)), "steps": int(df["steps"].sum()),
                 "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}"}
         (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
-        print(f"\nwrote {out}/long_context_{{points,frontier,paired,law}}.csv and long_context.json")
+        print(f"\nwrote {out}/long_context_{{points,frontier,paired,law,plateau_rule}}.csv and long_context.json")
     return 0
+
+
+def plateau_rule_check(store, df, window: int):
+    """Per method, over the points that did not stop on the plateau rule (they ran on to recall or the budget, so
+    their whole curve is known): how long they waited for a new best in tokens above τ or argmax-right tokens
+    (memcore.train.waits_for_a_new_best), and how many a window of `window` steps would have stopped before a later
+    gain. Returns a DataFrame: method, points, longest_wait, wait_p95, cut_short, plateau_stops."""
+    import numpy as np
+    import pandas as pd
+
+    from memcore.train import waits_for_a_new_best
+
+    rows = []
+    for m, d in df.groupby("method", sort=False):
+        waits, cut = [], 0
+        ran_on = d[d["stop_reason"] != "plateau"]
+        for rid in ran_on["run_id"]:
+            w, _ = waits_for_a_new_best((s.step, s.n_above, s.n_correct) for s in store.steps(rid))
+            waits += w
+            cut += any(x > window for x in w)
+        rows.append({"method": m, "points": len(ran_on), "longest_wait": max(waits, default=0),
+                     "wait_p95": float(np.percentile(waits, 95)) if waits else 0.0, "cut_short": cut,
+                     "plateau_stops": int((d["stop_reason"] == "plateau").sum())})
+    return pd.DataFrame(rows)
 
 
 def _where(rank: int, length: int, ref: dict[int, float]) -> str:

@@ -223,6 +223,26 @@ class BestCounts:
         return [self.above, self.correct, self.step, self.own_above, self.own_correct]
 
 
+def waits_for_a_new_best(counts: Iterable[tuple[int, int, int]]) -> tuple[list[int], int]:
+    """How long a run waited, again and again, for a new best in tokens above τ or argmax-right tokens: the recall
+    plateau rule's view of its curve (BestCounts on a run's own targets).
+
+    counts: (step, n_above, n_correct) per recorded step, in step order (a run's scalar step rows).
+    Returns (waits, last): the steps between each new best and the one before it (a wait that ended in a new best)
+    and the steps from the last new best to the last row (the wait still open when the run ended). A plateau window
+    of W steps would have stopped the run early, before a later gain, exactly when some wait is longer than W."""
+    best = BestCounts()
+    waits: list[int] = []
+    last_step = 0
+    for step, above, correct in counts:
+        before = best.step
+        best.see(types.SimpleNamespace(step=step, n_above=above, n_correct=correct, earlier_p=None))
+        if best.step != before:
+            waits.append(step - before)
+        last_step = step
+    return waits, last_step - best.step
+
+
 def converged(report: StepReport, recent: deque[float], spec: TrainSpec, best: BestCounts | None = None,
               with_earlier: bool = False) -> str | None:
     """Why a run has converged, or None: 'all_above_tau' when every target token has p > tau; 'plateau' when

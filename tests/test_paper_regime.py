@@ -15,7 +15,7 @@ from memcore.measure import base_losses, token_losses
 from memcore.placement import p_eff
 from memcore.stack import SlotAdapter
 from memcore.targets import paper_layer
-from memcore.train import BestCounts, FrozenPrefix, converged, train_iter
+from memcore.train import BestCounts, FrozenPrefix, converged, train_iter, waits_for_a_new_best
 
 # --- JSONL ---------------------------------------------------------------------------------------------------
 
@@ -223,6 +223,26 @@ def test_recall_plateau_waits_for_a_window_without_a_new_best_in_either_count():
     assert converged(_C(0, 10, 10), deque(), spec, BestCounts()) == "all_above_tau"
     with pytest.raises(MemcoreError, match="plateau_on"):
         TrainSpec(plateau_on="loss")
+
+
+def test_the_waits_for_a_new_best_say_which_windows_would_have_cut_a_run_short():
+    from collections import deque
+
+    # gains at steps 1, 2, 3 (argmax-right only), then a stall of 7 steps before a late gain at 10, then 4 quiet
+    counts = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 2, 3)] + [(s, 2, 3) for s in range(4, 10)] + \
+        [(10, 3, 3)] + [(s, 1, 1) for s in range(11, 15)]
+    waits, last = waits_for_a_new_best(counts)
+    assert waits == [1, 1, 1, 7] and last == 4
+    for window in (3, 6, 7):  # the rule stops the run before step 10's gain exactly when a wait exceeds the window
+        spec = TrainSpec(until="converged", plateau_on="recall", plateau_window=window, plateau_tol=100.0)
+        best, stopped = BestCounts(), None
+        for step, a, c in counts:
+            r = _C(step, a, c)
+            best.see(r)
+            if converged(r, deque([0.0] * 200), spec, best) == "plateau":
+                stopped = step
+                break
+        assert (stopped is not None and stopped < 10) == any(w > window for w in waits)
 
 
 class _E(_C):
