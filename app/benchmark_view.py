@@ -49,6 +49,14 @@ def _read(path: Path) -> pd.DataFrame | None:
     return df if len(df) else None
 
 
+def _meta(path: Path) -> dict:
+    """A report's side JSON (note, state, command, wall_s), {} when missing or unreadable."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _order(methods) -> list[str]:
     return sorted(set(methods), key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
 
@@ -98,8 +106,7 @@ def render(store) -> None:
     paired = _read(where / "long_context_paired.csv")
     law = _read(where / "long_context_law.csv")
     book = _read(where / "phonebook_capacity.csv")
-    side = where / "long_context.json"
-    meta = json.loads(side.read_text()) if side.is_file() else {}
+    meta = _meta(where / "long_context.json")
     if front is None and book is None:
         st.info(f"No benchmark tables in {where} yet. They come from\n\n```\n{COMMANDS[0]}\n{COMMANDS[1]}\n```\n\n"
                 "(hours on a CPU; the README says how long and how to run the paper's grid on a GPU).")
@@ -108,6 +115,10 @@ def render(store) -> None:
                "paper's placement (bypass adapter), every point trained until recalled, on a plateau of tokens above "
                "τ and argmax-right tokens, or at the step budget; the same seeds (and so the same data) for every "
                "method.")
+    for what, m in (("The long-context benchmark", meta), ("The PhoneBook benchmark", _meta(where / "phonebook.json"))):
+        if str(m.get("state", "")).startswith("interim"):
+            st.warning(f"{what} is not finished: {m['state'].removeprefix('interim: ')}. Its tables hold what has "
+                       f"been trained so far; `{m.get('command') or 'its run command'}` resumes it.")
     if front is not None:
         front = front.assign(method=pd.Categorical(front["method"], _order(front["method"]), ordered=True)) \
             .sort_values(["method", "rank"]).assign(method=lambda d: d["method"].astype(str))
@@ -149,4 +160,7 @@ def render(store) -> None:
         st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
                     "(a 10-digit number carries 33.2 bits).")
         st.dataframe(frontier_table(book, unit="entries"), hide_index=True, width="stretch")
+        book_meta = _meta(where / "phonebook.json")
+        if book_meta.get("note"):
+            st.caption(f"From {where} · {book_meta['note']}.")
 

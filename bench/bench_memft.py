@@ -121,7 +121,7 @@ def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kept import Ledger, keep_new, restore
+    from kept import Ledger, command_of, keep_new, restore
 
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.search import FrontierSearch
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}: ranks {list(search.ranks)}, methods {list(search.methods)}, "
           f"seeds {list(search.seeds)}; {restore(store, args.keep)} points read back from {args.keep}", flush=True)
-    ledger = Ledger(args.keep, " ".join(["python", "bench/bench_memft.py", *sys.argv[1:]]))
+    ledger = Ledger(args.keep, command_of("bench/bench_memft.py", sys.argv[1:]))
 
     def keep():
         keep_new(store, search.id, args.keep)
@@ -261,11 +261,20 @@ def report(args: argparse.Namespace) -> int:
         paired.to_csv(out / "long_context_paired.csv", index=False)
         pd.DataFrame(law_rows).to_csv(out / "long_context_law.csv", index=False)
         rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
+        open_ = [f"{r['method']}/r{r['rank']}" for r in rows if r["outcome"] != "bracketed"]
+        stage2_left = len(around_points(search, fs.brackets)) - len(stage2)
+        ledger = _ledger(args.keep)
+        state = ("complete" if not open_ and stage2_left == 0 else
+                 f"interim: {len(open_)} frontier(s) still open ({', '.join(open_)})" if open_ else
+                 f"interim: {stage2_left} points around the frontier still to train")
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
                 "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
-                "points": int(len(df)), "steps": int(df["steps"].sum()),
-                "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}"}
+                "points": int(len(df)), "steps": int(df["steps"].sum()), "state": state,
+                "command": ledger.get("command"), "wall_s": ledger.get("wall_s"),
+                "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
+                        f"{_hours(ledger.get('wall_s'))} of training on this CPU; {state}"}
         (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
+        print(f"\n{state}")
         print(f"\nwrote {out}/long_context_{{points,frontier,paired,law,plateau_rule}}.csv and long_context.json")
     return 0
 
@@ -292,6 +301,16 @@ def plateau_rule_check(store, df, window: int):
                      "wait_p95": float(np.percentile(waits, 95)) if waits else 0.0, "cut_short": cut,
                      "plateau_stops": int((d["stop_reason"] == "plateau").sum())})
     return pd.DataFrame(rows)
+
+
+def _ledger(folder: Path) -> dict:
+    """The kept points' kept.json (command, wall_s, invocations), {} when there is none."""
+    path = Path(folder) / "kept.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _hours(seconds) -> str:
+    return "an unknown time" if seconds is None else f"{seconds / 3600:.1f} h"
 
 
 def _where(rank: int, length: int, ref: dict[int, float]) -> str:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from bench_memft import open_home, run_search  # noqa: E402  (one memcore home per benchmark, the default model linked in)
+from bench_memft import _hours, _ledger, open_home, plateau_rule_check, run_search  # noqa: E402  (one memcore home per benchmark, the default model linked in)
 
 ROOT = Path(__file__).resolve().parent.parent
 BITS_PER_ENTRY = 10 * math.log2(10)  # a uniformly random 10-digit number
@@ -62,7 +62,7 @@ def settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kept import Ledger, keep_new, restore
+    from kept import Ledger, command_of, keep_new, restore
 
     from memcore.search import FrontierSearch
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}; {restore(store, args.keep)} probes read back from {args.keep}",
           flush=True)
-    ledger = Ledger(args.keep, " ".join(["python", "bench/bench_phonebook.py", *sys.argv[1:]]))
+    ledger = Ledger(args.keep, command_of("bench/bench_phonebook.py", sys.argv[1:]))
 
     def keep():
         keep_new(store, search.id, args.keep)
@@ -88,7 +88,7 @@ def report(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import restore
 
-    from memcore.search import FrontierSearch
+    from memcore.search import FrontierSearch, search_result
 
     store = open_home(args.home)
     search = settings(args)
@@ -98,7 +98,8 @@ def report(args: argparse.Namespace) -> int:
     rows = []
     for r in store.runs(sweep=search.id, status="completed"):
         s, v = r["summary"], json.loads(r["label"])
-        rows.append({"method": v["method"], "rank": v["rank"], "entries": v["length"], "seed": v["seed"],
+        rows.append({"run_id": r["id"], "method": v["method"], "rank": v["rank"], "entries": v["length"],
+                     "seed": v["seed"],
                      "entries_recalled": s.samples_recalled, "exact_recall": bool(s.exact_recall),
                      "token_accuracy": s.token_accuracy, "frac_above": s.n_above / s.n_tokens,
                      "delta_loss": s.delta_loss, "steps": s.steps, "stop_reason": s.stop_reason, "p_eff": s.p_eff})
@@ -124,12 +125,32 @@ def report(args: argparse.Namespace) -> int:
     for _, r in t.iterrows():
         print(f"  {r['method']:<9} rank {r['rank']} book {r['entries']:>4}: {r['entries_recalled']:.1f} recalled "
               f"({r['seeds']} seeds, {r['steps']:.0f} steps)")
+    rule = plateau_rule_check(store, df, args.plateau_window)
+    print(f"\n## The plateau rule against the curves (a probe stops after {args.plateau_window} steps without a new "
+          "best in tokens above τ or argmax-right tokens)")
+    for _, r in rule.iterrows():
+        print(f"  {r['method']:<9} {r['points']:>3} probes ran on to recall or the budget: the longest wait for a new "
+              f"best {r['longest_wait']} steps; {r['cut_short']} would have been cut short. {r['plateau_stops']} "
+              "probes stopped on it.")
+    open_ = [f"{r['method']}/r{r['rank']}" for r in search_result(fs, fs.progress()).rows()
+             if r["outcome"] != "bracketed"]
+    state = "complete" if not open_ else f"interim: {len(open_)} capacities still open ({', '.join(open_)})"
+    print(f"\n{state}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / "phonebook_points.csv", index=False)
+        df.drop(columns=["run_id"]).to_csv(out / "phonebook_points.csv", index=False)
         pd.DataFrame(cap).to_csv(out / "phonebook_capacity.csv", index=False)
-        print(f"\nwrote {out}/phonebook_{{points,capacity}}.csv")
+        rule.to_csv(out / "phonebook_plateau_rule.csv", index=False)
+        ledger = _ledger(args.keep)
+        side = {"search": search.id, "ranks": list(search.ranks), "methods": list(search.methods),
+                "seeds": list(search.seeds), "resolution": search.resolution, "batch_size": args.batch_size,
+                "epochs": args.epochs, "lr": args.lr, "probes": int(len(df)), "steps": int(df["steps"].sum()),
+                "state": state, "command": ledger.get("command"), "wall_s": ledger.get("wall_s"),
+                "note": f"{len(df)} probes of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
+                        f"{_hours(ledger.get('wall_s'))} of training on this CPU; {state}"}
+        (out / "phonebook.json").write_text(json.dumps(side, indent=2) + "\n")
+        print(f"\nwrote {out}/phonebook_{{points,capacity,plateau_rule}}.csv and phonebook.json")
     return 0
 
 

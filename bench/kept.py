@@ -70,6 +70,23 @@ def restore(store, folder: Path) -> int:
     return n
 
 
+def command_of(script: str, argv: list[str]) -> str:
+    """The command line that regenerates the kept points: `python <script>` and argv without --home/--keep and
+    their values (where this machine kept its store is not part of the experiment)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--home", "--keep"):
+            skip = True
+            continue
+        if a.startswith(("--home=", "--keep=")):
+            continue
+        out.append(a)
+    return " ".join(["python", script, *out])
+
+
 class Ledger:
     """The wall seconds of every invocation of one benchmark, in `folder/kept.json`: `tick()` adds the seconds
     since the last tick (call it after each completed point, so that a stopped run still counts its time)."""

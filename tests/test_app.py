@@ -546,7 +546,8 @@ def _benchmark_tables(folder: Path) -> None:
                                        ("sft", 2, 76, 80), ("memft-ot", 2, 80, None), ("memft-sw", 2, None, None))
                   ]).to_csv(folder / "long_context_frontier.csv", index=False)
     (folder / "long_context.json").write_text(json.dumps({"settings": {"adapter": "bypass", "data": "random tokens"},
-                                                          "note": "synthetic"}))
+                                                          "note": "synthetic", "command": "python bench/x.py run",
+                                                          "state": "interim: 1 frontier(s) still open (memft-sw/r2)"}))
 
 
 def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tmp_path, monkeypatch):
@@ -576,6 +577,8 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert "recalled verbatim" in fronts[0] and "not recalled" in fronts[0]
     assert any("95% lo" in s and "against sft" in s for s in specs)  # the paired chart
     assert "differs from the benchmark in adapter lora (benchmark: bypass)" in " ".join(c.value for c in at.caption)
+    warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
+    assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
 
 
 def test_memorize_more_on_top_of_a_run_and_replay_the_chain(app_env):

@@ -85,3 +85,9 @@ def test_the_ledger_adds_the_wall_time_of_every_invocation(tmp_path, monkeypatch
     two.tick()
     data = json.loads((tmp_path / "kept.json").read_text())
     assert data["wall_s"] == 35.0 and data["invocations"] == 2 and data["command"].endswith("--ranks 4")
+
+
+def test_the_kept_command_leaves_out_where_this_machine_kept_its_store():
+    kept = _kept()
+    assert kept.command_of("bench/bench_memft.py", ["run", "--home", "/root/x", "--ranks", "1", "2",
+                                                    "--keep=/tmp/k"]) == "python bench/bench_memft.py run --ranks 1 2"
