@@ -3,8 +3,11 @@ fresh clone as well as from its store.
 
 Each completed run of a sweep is written once as `<run id>.json.gz` under a folder: its row in the store (spec,
 summary, label), its scalar step rows and its tokens. Left out are the adapter's weights and the per-token
-history, which the benchmarks' tables do not read (a point of ranks 1-2 keeps in a few kB). `restore` puts the
-kept runs a store lacks back into it before anything trains; a search then counts their verdicts as its own.
+history, which the benchmarks' tables do not read (a point of ranks 1-2 keeps in a few kB). A run still training
+is kept under `in_flight/` with its files (adapter and resumable checkpoint, tens of kB at ranks 1-2), rewritten
+whenever its checkpoint moves and removed once it completes, so a point of an hour is not lost with the store.
+`restore` puts the kept runs a store lacks back into it before anything trains (the unfinished ones as
+interrupted, so the sweep resumes them from their checkpoints); a search then counts the verdicts as its own.
 `kept.json` in the folder adds up the wall seconds every invocation spent, whatever store it used.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 KEPT_TABLES = ("steps", "tokens")
+IN_FLIGHT = "in_flight"
 
 
 def _plain(v: Any) -> Any:
@@ -28,45 +32,72 @@ def _raw(v: Any) -> Any:
     return base64.b64decode(v["b64"]) if isinstance(v, dict) and "b64" in v else v
 
 
+def _write(store, run_id: str, path: Path, with_files: bool) -> None:
+    payload = store.export_run(run_id)
+    data = {"run": payload["run"],
+            "tables": {t: [[_plain(v) for v in row] for row in payload["tables"].get(t, [])] for t in KEPT_TABLES}}
+    if with_files:
+        data["files"] = {rel: _plain(b) for rel, b in payload["files"].items()}
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+    tmp.replace(path)  # a stop mid-write leaves no half file
+
+
 def keep_new(store, sweep: str, folder: Path) -> int:
-    """Write every completed run of `sweep` in `store` that `folder` does not hold yet; returns how many."""
+    """Write every completed run of `sweep` in `store` that `folder` does not hold yet, and the resumable
+    checkpoint of every run of it still training (or cut off) whose checkpoint is newer than the one kept; drop the
+    kept checkpoints of runs that have completed. Returns how many completed runs were written."""
     folder.mkdir(parents=True, exist_ok=True)
+    flight = folder / IN_FLIGHT
     n = 0
-    for r in store.runs(sweep=sweep, status="completed"):
+    for r in store.runs(sweep=sweep):
         path = folder / f"{r['id']}.json.gz"
-        if path.exists():
+        unfinished = flight / f"{r['id']}.json.gz"
+        if r["status"] == "completed":
+            if not path.exists():
+                _write(store, r["id"], path, with_files=False)
+                n += 1
+            unfinished.unlink(missing_ok=True)
             continue
-        payload = store.export_run(r["id"])
-        data = {"run": payload["run"],
-                "tables": {t: [[_plain(v) for v in row] for row in payload["tables"].get(t, [])] for t in KEPT_TABLES}}
-        tmp = path.with_suffix(".tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-        tmp.replace(path)  # a stop mid-write leaves no half file
-        n += 1
+        ckpt = store.runs_dir / r["id"] / "checkpoint.pt"
+        if ckpt.is_file() and (not unfinished.exists() or unfinished.stat().st_mtime < ckpt.stat().st_mtime):
+            flight.mkdir(exist_ok=True)
+            _write(store, r["id"], unfinished, with_files=True)
     return n
 
 
 def restore(store, folder: Path) -> int:
-    """Import every kept run `store` does not hold (by id); returns how many. A file that cannot be read is named
-    in the ValueError raised, and nothing is imported from it."""
+    """Import every kept run `store` does not hold (by id), the unfinished ones (in_flight/) as interrupted with
+    their checkpoints, unless the same point's completed run is kept; returns how many completed runs were
+    imported. A file that cannot be read is named in the ValueError raised, and nothing is imported from it."""
     if not folder.is_dir():
         return 0
     have = {r["id"] for r in store.runs()}
     n = 0
-    for path in sorted(folder.glob("*.json.gz")):
-        if path.name.removesuffix(".json.gz") in have:
-            continue
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                data = json.load(f)
-            payload = {"run": data["run"], "files": {},
-                       "tables": {t: [tuple(_raw(v) for v in row) for row in rows]
-                                  for t, rows in data["tables"].items()}}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a kept run ({e})") from e
-        store.import_run(payload)
-        n += 1
+    done_labels = {(r["sweep"], r["label"]) for r in store.runs(status="completed")}
+    for unfinished, paths in ((False, sorted(folder.glob("*.json.gz"))),
+                              (True, sorted((folder / IN_FLIGHT).glob("*.json.gz")))):
+        for path in paths:
+            if path.name.removesuffix(".json.gz") in have:
+                continue
+            try:
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    data = json.load(f)
+                run = dict(data["run"])
+                payload = {"run": run, "files": {rel: _raw(v) for rel, v in data.get("files", {}).items()},
+                           "tables": {t: [tuple(_raw(v) for v in row) for row in rows]
+                                      for t, rows in data["tables"].items()}}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not a kept run ({e})") from e
+            if unfinished:
+                if (run.get("sweep"), run.get("label")) in done_labels:
+                    continue  # finished since (a kept checkpoint left behind by a stop)
+                run["status"] = "interrupted"
+            else:
+                done_labels.add((run.get("sweep"), run.get("label")))
+                n += 1
+            store.import_run(payload)
     return n
 
 

@@ -91,3 +91,43 @@ def test_the_kept_command_leaves_out_where_this_machine_kept_its_store():
     kept = _kept()
     assert kept.command_of("bench/bench_memft.py", ["run", "--home", "/root/x", "--ranks", "1", "2",
                                                     "--keep=/tmp/k"]) == "python bench/bench_memft.py run --ranks 1 2"
+
+
+def test_a_point_cut_off_mid_training_resumes_from_its_kept_checkpoint_in_a_fresh_store(tiny_model_dir, tmp_path):
+    from memcore.sweep import resumable_points
+
+    kept = _kept()
+    folder = tmp_path / "kept_runs"
+    search = _search(tiny_model_dir)
+    first = Store(tmp_path / "a")
+    calls = []
+
+    def stop():  # cut the first probes off a few steps in
+        calls.append(1)
+        return len(calls) > 12
+
+    assert list(FrontierSearch(search, first, should_stop=stop).run())[-1].stopped
+    kept.keep_new(first, "kept", folder)
+    cut = {p.name.removesuffix(".json.gz") for p in (folder / "in_flight").glob("*.json.gz")}
+    assert cut and cut == set(resumable_points(first, "kept").values())
+
+    fresh = Store(tmp_path / "b")
+    kept.restore(fresh, folder)
+    assert set(resumable_points(fresh, "kept").values()) == cut  # interrupted, each with its checkpoint
+    steps_before = {rid: fresh.run(rid)["steps"] for rid in cut}
+    assert all(s > 0 for s in steps_before.values())
+    last = list(FrontierSearch(search, fresh).run())[-1]
+    assert last.finished
+    resumed = [r for r in fresh.runs(sweep="kept", status="completed") if r["id"] in cut]
+    assert len(resumed) == len(cut)  # the same runs went on; none started over under a new id
+    assert all(fresh.steps(r["id"])[0].step <= 1 for r in resumed)  # their early steps came back with them
+
+    never_cut = Store(tmp_path / "c")
+    whole = list(FrontierSearch(search, never_cut).run())[-1]
+    assert [(b.lo, b.hi) for b in last.brackets] == [(b.lo, b.hi) for b in whole.brackets]
+
+    kept.keep_new(fresh, "kept", folder)
+    assert not list((folder / "in_flight").glob("*.json.gz"))  # finished: their checkpoints are dropped
+    again = Store(tmp_path / "d")
+    kept.restore(again, folder)
+    assert resumable_points(again, "kept") == {}
