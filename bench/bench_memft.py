@@ -121,7 +121,7 @@ def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kept import Ledger, command_of, keep_new, restore
+    from kept import Ledger, StopOnSignal, command_of, keep_new, restore
 
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.search import FrontierSearch
@@ -138,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
         keep_new(store, search.id, args.keep)
         ledger.tick()
 
-    fs = FrontierSearch(search, store, batch=args.batch)
+    stop = StopOnSignal()
+    fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
     p = run_search(fs, t0, "stage 1: ", keep)
     if p.stopped:
+        keep()
+        print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
         return 1
     todo = []
     known = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
@@ -163,13 +166,17 @@ def run(args: argparse.Namespace) -> int:
 
     left = len(todo)
     if todo:
-        for _tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks)):
+        for _tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks),
+                                     should_stop=stop):
             if r.final:
                 keep()
                 left -= 1
                 print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {_tag} -> {r.summary.stop_reason} at step "
                       f"{r.summary.steps}, {left} left", flush=True)
     keep()
+    if stop():
+        print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
+        return 1
     print(f"done in {time.perf_counter() - t0:.0f} s this time ({ledger.data['wall_s'] / 3600:.2f} h over "
           f"{ledger.data['invocations']} invocations, kept in {args.keep})", flush=True)
     return 0

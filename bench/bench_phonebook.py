@@ -62,7 +62,7 @@ def settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kept import Ledger, command_of, keep_new, restore
+    from kept import Ledger, StopOnSignal, command_of, keep_new, restore
 
     from memcore.search import FrontierSearch
 
@@ -77,8 +77,11 @@ def run(args: argparse.Namespace) -> int:
         keep_new(store, search.id, args.keep)
         ledger.tick()
 
-    p = run_search(FrontierSearch(search, store, batch=args.batch), t0, on_progress=keep)
+    p = run_search(FrontierSearch(search, store, batch=args.batch, should_stop=StopOnSignal()), t0, on_progress=keep)
     keep()
+    if p.stopped:
+        print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
+        return 1
     print(f"done in {time.perf_counter() - t0:.0f} s this time ({ledger.data['wall_s'] / 3600:.2f} h over "
           f"{ledger.data['invocations']} invocations, kept in {args.keep})", flush=True)
     return 0 if not p.stopped else 1

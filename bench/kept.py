@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,22 @@ class Ledger:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         tmp.replace(self.path)
+
+
+class StopOnSignal:
+    """A should_stop for memcore's searches and batched runs that turns SIGTERM and SIGINT into a clean stop: the
+    points in training end as 'stopped' with their checkpoints (and so are kept), instead of dying mid-step. A
+    second signal is not caught again."""
+
+    def __init__(self):
+        self.asked = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._ask)
+
+    def _ask(self, signum, _frame) -> None:
+        self.asked = True
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"signal {signum}: stopping after this step, checkpoints kept", flush=True)
+
+    def __call__(self) -> bool:
+        return self.asked
