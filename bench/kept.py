@@ -65,7 +65,23 @@ def keep_new(store, sweep: str, folder: Path) -> int:
         if ckpt.is_file() and (not unfinished.exists() or unfinished.stat().st_mtime < ckpt.stat().st_mtime):
             flight.mkdir(exist_ok=True)
             _write(store, r["id"], unfinished, with_files=True)
+    _drop_stale(store, sweep, flight)
     return n
+
+
+def _drop_stale(store, sweep: str, flight: Path) -> None:
+    """Remove kept checkpoints that nothing will resume: of a point that has completed since under another run, or
+    superseded by a newer run of the same point (one cut off before its first checkpoint, then started afresh)."""
+    from memcore.sweep import resumable_points
+
+    runs = store.runs(sweep=sweep)
+    done = {r["label"] for r in runs if r["status"] == "completed"}
+    live = {r["id"] for r in runs if r["status"] == "running"} | set(resumable_points(store, sweep).values())
+    known = {r["id"]: r["label"] for r in runs}
+    for path in flight.glob("*.json.gz") if flight.is_dir() else ():
+        rid = path.name.removesuffix(".json.gz")
+        if rid in known and (known[rid] in done or rid not in live):
+            path.unlink(missing_ok=True)
 
 
 def restore(store, folder: Path) -> int:
