@@ -1,7 +1,7 @@
 """MemFT against SFT on the default model, settled with intervals: the long-context benchmark (the paper's r100,
 random tokens, at its placement with the bypass adapter), converged.
 
-    python bench/bench_memft.py run    [--home DIR] [--keep DIR] [--ranks 1 2 4] [--seeds 0 1 2] [--max-steps 2000]
+    python bench/bench_memft.py run    [--home DIR] [--keep DIR] [--ranks 1 2] [--seeds 0 1 2] [--max-steps 2000]
     python bench/bench_memft.py report [--home DIR] [--out DIR]
     python bench/bench_memft.py compare --csv SWEEP.csv     (equal-step means of a sweep table, no intervals)
 
@@ -11,7 +11,7 @@ finished is trained twice):
      (memcore.search), every seed trained on its own random tokens (seed s: the same tokens for every method);
   2. around sft's frontier ℓ*_sft(r) (the bracket's geometric mean): 0.5·ℓ* (steps to exact recall) and 1.5·ℓ*,
      2·ℓ* (past the frontier, trained to a plateau), every method and seed at the same lengths and data.
-Every completed point is also kept under --keep (default sample_data/paper/long_context_runs, one small gzipped
+Every completed point is also kept under --keep (default sample_data/paper/long_context_runs/<search id>, one gzipped
 JSON per point: its row, scalar steps and tokens; no adapter weights or per-token history) and read back into a
 fresh --home before anything trains, so the experiment resumes from what a clone holds as well as from its store;
 kept.json there adds up the wall time every `run` spent.
@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     store = open_home(args.home)
     search = settings(args)
+    args.keep = args.keep or KEEP / search.id
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}: ranks {list(search.ranks)}, methods {list(search.methods)}, "
           f"seeds {list(search.seeds)}; {restore(store, args.keep)} points read back from {args.keep}", flush=True)
@@ -193,6 +194,7 @@ def report(args: argparse.Namespace) -> int:
 
     store = open_home(args.home)
     search = settings(args)
+    args.keep = args.keep or KEEP / search.id
     restore(store, args.keep)
     fs = FrontierSearch(search, store, batch=1)
     fs._advance()  # every verdict already in the store: nothing trained
@@ -374,12 +376,15 @@ def main() -> int:
         p = sub.add_parser(name)
         p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft",
                        help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
-        p.add_argument("--keep", type=Path, default=KEEP,
-                       help="completed points kept here and read back into --home (default: %(default)s)")
+        p.add_argument("--keep", type=Path,
+                       help="completed points kept here and read back into --home (default: "
+                            "sample_data/paper/long_context_runs/<the search's id>)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
                        help="bypass (the paper's) or lora on the MLP of the same layer")
-        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="adapter ranks (default: %(default)s)")
+        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
+                       help="adapter ranks (default: %(default)s, what fits this benchmark's CPU budget; the search "
+                            "is the same whatever the ranks, so adding one goes on from the kept points)")
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                        help="seeds; seed s draws the same random tokens for every method (default: %(default)s)")
         p.add_argument("--methods", nargs="+", default=list(METHODS),

@@ -1,7 +1,7 @@
 """The PhoneBook benchmark: capacity in facts. For each rank and method, the largest PhoneBook recalled entry by entry,
 found by memcore's frontier search over the book's size (memcore.search, unit 'entries').
 
-    python bench/bench_phonebook.py run    [--home DIR] [--keep DIR] [--ranks 1 2 4 8] [--seeds 0 1] [--batch-size 10]
+    python bench/bench_phonebook.py run    [--home DIR] [--keep DIR] [--ranks 1 2] [--seeds 0 1] [--batch-size 10]
                                            [--epochs 200]
     python bench/bench_phonebook.py report [--home DIR] [--out DIR]
 
@@ -16,9 +16,9 @@ when at least half its seeds recall every entry.
 `report` prints, per method and rank: the largest book recalled (the bracket [lo, hi] in entries, within
 --resolution), facts and bits per parameter at it (a 10-digit number carries 10·log2(10) = 33.2 bits; P_eff of the
 rank), against 2 and 3.6 bits/param; and entries recalled against book size over every probe. Runs resumably into
---home, every completed probe also kept under --keep (default sample_data/paper/phonebook_runs: bench/kept.py) and
-read back into a fresh --home, with the wall time of every invocation added up in kept.json there; the same command
-with --ranks 1 2 4 8 16 32 64 --seeds 0 1 2 runs the paper's grid on a GPU.
+--home, every completed probe also kept under --keep (default sample_data/paper/phonebook_runs/<search id>:
+bench/kept.py) and read back into a fresh --home, with the wall time of every invocation added up in kept.json
+there; the same command with --ranks 1 2 4 8 16 32 64 --seeds 0 1 2 runs the paper's grid on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ warnings.filterwarnings("ignore")
 from bench_memft import _hours, _ledger, open_home, plateau_rule_check, run_search  # noqa: E402  (one memcore home per benchmark, the default model linked in)
 
 ROOT = Path(__file__).resolve().parent.parent
+KEEP = ROOT / "sample_data" / "paper" / "phonebook_runs"
 BITS_PER_ENTRY = 10 * math.log2(10)  # a uniformly random 10-digit number
 METHODS = ("sft", "memft-ot", "memft-sw")
 REFERENCE = {"Allen-Zhu & Li": 2.0, "Morris et al.": 3.6}
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     store = open_home(args.home)
     search = settings(args)
+    args.keep = args.keep or KEEP / search.id
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}; {restore(store, args.keep)} probes read back from {args.keep}",
           flush=True)
@@ -95,6 +97,7 @@ def report(args: argparse.Namespace) -> int:
 
     store = open_home(args.home)
     search = settings(args)
+    args.keep = args.keep or KEEP / search.id
     restore(store, args.keep)
     fs = FrontierSearch(search, store, batch=1)
     fs._advance()  # the verdicts already in the store: nothing trained
@@ -164,10 +167,11 @@ def main() -> int:
         p = sub.add_parser(name)
         p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-phonebook",
                        help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
-        p.add_argument("--keep", type=Path, default=ROOT / "sample_data" / "paper" / "phonebook_runs",
-                       help="completed probes kept here and read back into --home (default: %(default)s)")
+        p.add_argument("--keep", type=Path,
+                       help="completed probes kept here and read back into --home (default: "
+                            "sample_data/paper/phonebook_runs/<the search's id>)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
-        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8],
+        p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                        help="adapter ranks (default: %(default)s)")
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                        help="seeds; seed s draws the same book for every method (default: %(default)s)")
