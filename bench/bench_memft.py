@@ -165,15 +165,19 @@ def run(args: argparse.Namespace) -> int:
                 _, samples = prepare(spec, fs.base, store.home)
                 yield BatchedRun(spec, samples, tag=label, sweep=search.id, label=label)
 
-    left = len(todo)
+    left, kept_at = len(todo), time.perf_counter()
     if todo:
         for _tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks),
                                      should_stop=stop):
-            if r.final:
-                keep()
-                left -= 1
-                print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {_tag} -> {r.summary.stop_reason} at step "
-                      f"{r.summary.steps}, {left} left", flush=True)
+            if not r.final:
+                if time.perf_counter() - kept_at >= 30:  # checkpoints of points still training, now and then
+                    kept_at = time.perf_counter()
+                    keep()
+                continue
+            keep()
+            left -= 1
+            print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {_tag} -> {r.summary.stop_reason} at step "
+                  f"{r.summary.steps}, {left} left", flush=True)
     keep()
     if stop():
         print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)

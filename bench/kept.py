@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -85,37 +86,49 @@ def _drop_stale(store, sweep: str, flight: Path) -> None:
 
 
 def restore(store, folder: Path) -> int:
-    """Import every kept run `store` does not hold (by id), the unfinished ones (in_flight/) as interrupted with
-    their checkpoints, unless the same point's completed run is kept; returns how many completed runs were
-    imported. A file that cannot be read is named in the ValueError raised, and nothing is imported from it."""
+    """Bring `store` up to what `folder` keeps; returns how many completed runs were imported.
+
+    A kept completed run is imported unless the store holds it completed already (a store that was cut off in
+    that run takes the finished one over its own). A kept unfinished run (in_flight/) is imported as interrupted,
+    with its checkpoint, when the store holds no completed run of that point and no copy of it with as many steps.
+    A file that cannot be read or imported is named in the ValueError raised."""
     if not folder.is_dir():
         return 0
-    have = {r["id"] for r in store.runs()}
+    mine = {r["id"]: r for r in store.runs()}
+    done_labels = {(r["sweep"], r["label"]) for r in mine.values() if r["status"] == "completed"}
     n = 0
-    done_labels = {(r["sweep"], r["label"]) for r in store.runs(status="completed")}
     for unfinished, paths in ((False, sorted(folder.glob("*.json.gz"))),
                               (True, sorted((folder / IN_FLIGHT).glob("*.json.gz")))):
         for path in paths:
-            if path.name.removesuffix(".json.gz") in have:
+            have = mine.get(path.name.removesuffix(".json.gz"))
+            if have is not None and have["status"] == "completed":
                 continue
-            try:
-                with gzip.open(path, "rt", encoding="utf-8") as f:
-                    data = json.load(f)
-                run = dict(data["run"])
-                payload = {"run": run, "files": {rel: _raw(v) for rel, v in data.get("files", {}).items()},
-                           "tables": {t: [tuple(_raw(v) for v in row) for row in rows]
-                                      for t, rows in data["tables"].items()}}
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: not a kept run ({e})") from e
+            payload = _read(path)
+            run = payload["run"]
             if unfinished:
                 if (run.get("sweep"), run.get("label")) in done_labels:
                     continue  # finished since (a kept checkpoint left behind by a stop)
+                if have is not None and int(have.get("steps") or 0) >= int(run.get("steps") or 0):
+                    continue  # the store is as far along
                 run["status"] = "interrupted"
             else:
                 done_labels.add((run.get("sweep"), run.get("label")))
                 n += 1
-            store.import_run(payload)
+            try:
+                store.import_run(payload)
+            except Exception as e:  # a kept file of another schema: say which
+                raise ValueError(f"{path}: could not be imported into {store.home} ({e})") from e
     return n
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+        return {"run": dict(data["run"]), "files": {rel: _raw(v) for rel, v in data.get("files", {}).items()},
+                "tables": {t: [tuple(_raw(v) for v in row) for row in rows] for t, rows in data["tables"].items()}}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a kept run ({e})") from e
 
 
 def command_of(script: str, argv: list[str]) -> str:
@@ -137,44 +150,52 @@ def command_of(script: str, argv: list[str]) -> str:
 
 class Ledger:
     """The wall seconds of every invocation of one benchmark, in `folder/kept.json`: `tick()` adds the seconds
-    since the last tick (call it after each completed point, so that a stopped run still counts its time)."""
+    since the last tick (call it often, so that a stopped run still counts its time). Each tick reads, adds and
+    writes under a lock, so two invocations at once both count (their wall times add up, as CPU time would)."""
 
     def __init__(self, folder: Path, command: str):
         self.path = folder / "kept.json"
         self.command = command
         self.last = time.time()
         folder.mkdir(parents=True, exist_ok=True)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"wall_s": 0.0, "invocations": 0}
-        self.data["invocations"] = int(self.data.get("invocations", 0)) + 1
-        self.data["command"] = command
-        self._write()
+        self.data = self._update(invocations=1)
 
     def tick(self) -> None:
         now = time.time()
-        self.data["wall_s"] = round(float(self.data.get("wall_s", 0.0)) + now - self.last, 1)
+        self.data = self._update(seconds=now - self.last)
         self.last = now
-        self._write()
 
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.path)
+    def _update(self, seconds: float = 0.0, invocations: int = 0) -> dict[str, Any]:
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(self.path.read_text()) if self.path.exists() else {}
+            data["wall_s"] = round(float(data.get("wall_s", 0.0)) + seconds, 1)
+            data["invocations"] = int(data.get("invocations", 0)) + invocations
+            data["command"] = self.command
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            tmp.replace(self.path)
+        return data
 
 
 class StopOnSignal:
     """A should_stop for memcore's searches and batched runs that turns SIGTERM and SIGINT into a clean stop: the
     points in training end as 'stopped' with their checkpoints (and so are kept), instead of dying mid-step. A
-    second signal is not caught again."""
+    second signal does what it did before (Ctrl-C twice: KeyboardInterrupt)."""
 
     def __init__(self):
         self.asked = False
+        self.before = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._ask)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # a job started in the background keeps ignoring Ctrl-C
+                self.before[sig] = signal.signal(sig, self._ask)
 
     def _ask(self, signum, _frame) -> None:
         self.asked = True
-        signal.signal(signum, signal.SIG_DFL)
-        print(f"signal {signum}: stopping after this step, checkpoints kept", flush=True)
+        signal.signal(signum, self.before.get(signum, signal.SIG_DFL))  # a second one does what it did before
+        os.write(2, f"signal {signum}: stopping after this step, checkpoints kept\n".encode())
 
     def __call__(self) -> bool:
         return self.asked

@@ -131,3 +131,27 @@ def test_a_point_cut_off_mid_training_resumes_from_its_kept_checkpoint_in_a_fres
     again = Store(tmp_path / "d")
     kept.restore(again, folder)
     assert resumable_points(again, "kept") == {}
+
+    # the store that was cut off takes the finished points over its own stopped copies and trains nothing again
+    kept.restore(first, folder)
+    assert resumable_points(first, "kept") == {} and all(first.run(rid)["status"] == "completed" for rid in cut)
+    n_first = len(first.runs(sweep="kept"))
+    assert list(FrontierSearch(search, first).run())[-1].finished and len(first.runs(sweep="kept")) == n_first
+
+
+def test_a_signal_asks_for_a_clean_stop_and_an_ignored_ctrl_c_stays_ignored():
+    import os
+    import signal
+
+    kept = _kept()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a job started in the background has it
+        stop = kept.StopOnSignal()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()  # the run ends after this step instead of dying in it
+        assert signal.getsignal(signal.SIGTERM) == saved[signal.SIGTERM]  # a second one does what it did before
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
