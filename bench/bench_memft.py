@@ -55,16 +55,47 @@ def settings(args: argparse.Namespace):
 
     # one pool of random tokens per seed, whatever the ranks (the search's id, and so what it resumes, is the
     # template's): enough for 2·ℓ* at rank 16 (ℓ* ≈ 40 r on the default model's bypass)
-    n_tokens = POOL
+    data = DataSpec(random_tokens=POOL)
+    if args.jsonl:  # the paper's own r100 (or r0-r80) file: one long target, the same for every seed
+        data = DataSpec(pairs=read_pairs(args.jsonl, None, args.jsonl_line))
     targets = "mlp" if args.adapter == "lora" else None
     adapter = AdapterSpec(kind=args.adapter, rank=1, layers="paper", dropout=0.1,
                           **({"targets": targets} if targets else {}))
     template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(), adapter=adapter,
-                       data=DataSpec(random_tokens=n_tokens),
+                       data=data,
                        train=TrainSpec(max_steps=args.max_steps, lr=args.lr, until="converged", plateau_on="recall",
                                        plateau_window=args.plateau_window, history="decimated"))
     return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods),
                       seeds=tuple(args.seeds), resolution=args.resolution)
+
+
+def read_pairs(path: str, fields: str | None = None, line: int | None = None) -> tuple[tuple[str, str], ...]:
+    """The (prompt, target) pairs of a JSONL file in one of the paper's layouts (memcore.data.read_jsonl: PhoneBook
+    query/target lines, or long-context question/matching lines, of which the first or the `line`-th is taken);
+    `fields` 'PROMPT,TARGET' names other keys. Raises MemcoreError naming what is wrong with the file."""
+    from memcore.config import MemcoreError
+    from memcore.data import read_jsonl
+
+    keys = None
+    if fields:
+        keys = tuple(k.strip() for k in fields.split(","))
+        if len(keys) != 2 or not all(keys):
+            raise MemcoreError(f"--jsonl-fields takes two key names, PROMPT,TARGET; got {fields!r}")
+    data = read_jsonl(path, keys, line)
+    print(f"{path}: {data.layout} layout, {len(data.pairs)} sample{'s' if len(data.pairs) != 1 else ''}"
+          + (f"; {data.note}" if data.note else ""), flush=True)
+    return data.pairs
+
+
+def main_of(command, args) -> int:
+    """Run a benchmark command; a MemcoreError (bad file, impossible setting) is one line naming it, exit 2."""
+    from memcore.config import MemcoreError
+
+    try:
+        return command(args)
+    except MemcoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def open_home(home: Path):
@@ -274,7 +305,7 @@ def report(args: argparse.Namespace) -> int:
         paired.to_csv(out / "long_context_paired.csv", index=False)
         pd.DataFrame(law_rows).to_csv(out / "long_context_law.csv", index=False)
         rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
-        open_ = [f"{r['method']}/r{r['rank']}" for r in rows if r["outcome"] != "bracketed"]
+        open_ = still_open(fs)
         stage2_left = len(around_points(search, fs.brackets)) - len(stage2)
         ledger = _ledger(args.keep)
         state = ("complete" if not open_ and stage2_left == 0 else
@@ -314,6 +345,11 @@ def plateau_rule_check(store, df, window: int):
                      "wait_p95": float(np.percentile(waits, 95)) if waits else 0.0, "cut_short": cut,
                      "plateau_stops": int((d["stop_reason"] == "plateau").sum())})
     return pd.DataFrame(rows)
+
+
+def still_open(fs) -> list[str]:
+    """'method/rN' of every bracket of a FrontierSearch (its verdicts read) that still has a length to probe."""
+    return [f"{b.method}/r{b.rank}" for b in fs.brackets if b.next_length(fs.search, fs.longest) is not None]
 
 
 def _ledger(folder: Path) -> dict:
@@ -383,6 +419,10 @@ def main() -> int:
         p.add_argument("--keep", type=Path,
                        help="completed points kept here and read back into --home (default: "
                             "sample_data/paper/long_context_runs/<the search's id>)")
+        p.add_argument("--jsonl", metavar="FILE",
+                       help="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
+                            "of random tokens; every seed then trains on the same target")
+        p.add_argument("--jsonl-line", type=int, metavar="N", help="the N-th line of --jsonl (default: the first)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
                        help="bypass (the paper's) or lora on the MLP of the same layer")
@@ -410,7 +450,7 @@ def main() -> int:
     args = ap.parse_args()
     if getattr(args, "batch", "auto") != "auto":
         args.batch = int(args.batch)
-    return {"run": run, "report": report, "compare": compare}[args.cmd](args)
+    return main_of({"run": run, "report": report, "compare": compare}[args.cmd], args)
 
 
 if __name__ == "__main__":

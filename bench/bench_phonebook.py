@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from bench_memft import _hours, _ledger, open_home, plateau_rule_check, run_search  # noqa: E402  (one memcore home per benchmark, the default model linked in)
+from bench_memft import _hours, _ledger, main_of, open_home, plateau_rule_check, read_pairs, run_search, still_open  # noqa: E402  (one memcore home per benchmark, the default model linked in)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = ROOT / "sample_data" / "paper" / "phonebook_runs"
@@ -50,16 +50,23 @@ def settings(args: argparse.Namespace):
     from memcore.search import SearchSpec
 
     scale = args.epochs / 200
-    stages = tuple(max(1, round(e * scale)) for e in (20, 40, 60, 80))
+    stages: list[int] = []
+    for e in (20, 40, 60, 80):  # the paper's stage ends scaled, each at least an epoch after the one before
+        stages.append(max(round(e * scale), stages[-1] + 1 if stages else 1))
+    stages = tuple(stages)
+    most, data = args.most, DataSpec(phonebook=args.most)
+    if args.jsonl:  # the paper's own PB file: a book of n entries is its first n
+        pairs = read_pairs(args.jsonl, args.jsonl_fields)
+        most, data = min(most, len(pairs)), DataSpec(pairs=pairs)
     template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(),
                        adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.1),
-                       data=DataSpec(phonebook=args.most),
+                       data=data,
                        train=TrainSpec(lr=args.lr, batch_size=args.batch_size, until="converged", plateau_on="recall",
                                        plateau_window=args.plateau_window, curriculum_stages=5,
                                        curriculum_epochs=stages, history="decimated", max_steps=1))
     return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods), seeds=tuple(args.seeds),
                       resolution=args.resolution, unit="entries", epochs=args.epochs, start_length=args.start,
-                      max_length=args.most)
+                      max_length=most)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +100,7 @@ def report(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import restore
 
-    from memcore.search import FrontierSearch, search_result
+    from memcore.search import FrontierSearch
 
     store = open_home(args.home)
     search = settings(args)
@@ -138,8 +145,7 @@ def report(args: argparse.Namespace) -> int:
         print(f"  {r['method']:<9} {r['points']:>3} probes ran on to recall or the budget: the longest wait for a new "
               f"best {r['longest_wait']} steps; {r['cut_short']} would have been cut short. {r['plateau_stops']} "
               "probes stopped on it.")
-    open_ = [f"{r['method']}/r{r['rank']}" for r in search_result(fs, fs.progress()).rows()
-             if r["outcome"] != "bracketed"]
+    open_ = still_open(fs)
     state = "complete" if not open_ else f"interim: {len(open_)} capacities still open ({', '.join(open_)})"
     print(f"\n{state}")
     if args.out:
@@ -170,6 +176,10 @@ def main() -> int:
         p.add_argument("--keep", type=Path,
                        help="completed probes kept here and read back into --home (default: "
                             "sample_data/paper/phonebook_runs/<the search's id>)")
+        p.add_argument("--jsonl", metavar="FILE",
+                       help="the paper's own PhoneBook file (query/target lines) instead of generated books: a book "
+                            "of n entries is its first n, the largest the file's size (or --most)")
+        p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET", help="other key names for --jsonl")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                        help="adapter ranks (default: %(default)s)")
@@ -191,7 +201,7 @@ def main() -> int:
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
     args = ap.parse_args()
-    return {"run": run, "report": report}[args.cmd](args)
+    return main_of({"run": run, "report": report}[args.cmd], args)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ class SearchSpec:
     name: str | None = None
     unit: str = "tokens"
     """What a length counts: 'tokens' of the target (the long-context benchmark), or 'entries' of a PhoneBook (the
-    template's data a PhoneBook; its size the most entries searched; capacity in facts)."""
+    template's data a PhoneBook, its size the most entries searched, or JSONL pairs such as the paper's PB files,
+    a probe of n entries taking their first n; capacity in facts)."""
     epochs: int | None = None
     """With unit='entries' and minibatches: each probe's step budget is this many epochs of its book (else the
     template's max_steps)."""
@@ -81,8 +82,9 @@ class SearchSpec:
             raise MemcoreError("the search's lengths must be at least 1 token")
         if self.unit not in ("tokens", "entries"):
             raise MemcoreError(f"a search counts tokens or entries, got {self.unit!r}")
-        if self.unit == "entries" and self.template.data.phonebook is None:
-            raise MemcoreError("a search over entries needs PhoneBook data (its size: the most entries searched)")
+        if self.unit == "entries" and self.template.data.phonebook is None and self.template.data.pairs is None:
+            raise MemcoreError("a search over entries needs PhoneBook data (a size: the most entries searched) or "
+                               "JSONL pairs (their first n make a book of n)")
         if self.epochs is not None and (self.unit != "entries" or self.template.train.batch_size is None):
             raise MemcoreError("a budget in epochs needs a PhoneBook search trained in minibatches (--batch-size)")
         if self.max_length is not None and self.max_length < self.min_length:
@@ -109,8 +111,11 @@ class SearchSpec:
         """The RunSpec of one probe: the template at this rank, length (tokens), method and seed, trained until
         recalled (by the teacher-forced argmax, no generate), converged or the budget."""
         t = self.template
-        data = replace(t.data, phonebook=length, seed=seed) if self.unit == "entries" else \
-            replace(t.data, length=length, seed=seed)
+        if self.unit == "entries":  # a book of `length` entries: generated, or the first of the file's
+            data = replace(t.data, seed=seed, **({"pairs": t.data.pairs[:length]} if t.data.pairs is not None
+                                                 else {"phonebook": length}))
+        else:
+            data = replace(t.data, length=length, seed=seed)
         steps = t.train.max_steps
         if self.epochs is not None:
             steps = self.epochs * math.ceil(length / t.train.batch_size)

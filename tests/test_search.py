@@ -224,3 +224,19 @@ def test_a_phonebook_search_counts_entries_and_budgets_in_epochs():
         SearchSpec(template=RunSpec(data=DataSpec(random_tokens=64)), unit="entries")
     with pytest.raises(MemcoreError, match="budget in epochs needs"):
         SearchSpec(template=RunSpec(data=DataSpec(phonebook=50)), unit="entries", epochs=100)
+
+
+def test_a_search_over_a_phonebook_file_takes_its_first_entries(tiny_model_dir, home):
+    """The paper's own PB files (JSONL pairs) go through the same search: a probe of n entries is the file's
+    first n, and the longest book is the file's size."""
+    pairs = tuple((f"Name: Person {i}:", f" {1000000000 + 7919 * i}") for i in range(12))
+    template = RunSpec(model=ModelSpec(name=str(tiny_model_dir)),
+                       adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.0),
+                       data=DataSpec(pairs=pairs), train=TrainSpec(batch_size=4, lr=0.1, checkpoint_every=0))
+    s = SearchSpec(template=template, ranks=(1,), seeds=(0,), unit="entries", epochs=2, start_length=4)
+    probe = s.probe_spec("sft", 1, 5, seed=1)
+    assert probe.data.pairs == pairs[:5] and probe.data.phonebook is None and probe.train.max_steps == 2 * 2
+    fs = FrontierSearch(s, Store(home))
+    assert fs.longest == 12
+    with pytest.raises(MemcoreError, match="hold only 12"):
+        FrontierSearch(SearchSpec(template=template, unit="entries", epochs=2, max_length=20), Store(home))
