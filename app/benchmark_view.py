@@ -43,7 +43,9 @@ def _read(path: Path) -> pd.DataFrame | None:
         return None
     try:
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except pd.errors.EmptyDataError:  # written with nothing in it yet (a law with too few points to fit)
+        return None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
         st.warning(f"Could not read {path.name}: {e}")
         return None
     return df if len(df) else None

@@ -652,10 +652,11 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
 def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = None) -> alt.Chart:
     """Verbatim-recall frontiers as brackets per rank, one colour per source (a search, a shipped sweep): a bar from
     the longest length recalled (lo) to the shortest not recalled (hi), and a point at ℓ* between them. brackets:
-    rank, lo, hi, ell_star (tokens), source; lo or hi may be missing (an open end is drawn to the point alone;
-    a bracket with neither end is left out). Log axes, sources nudged apart in rank so that equal brackets both
-    show. runs (optional): a user's runs placed against the brackets, columns rank, length (target tokens), label
-    and recalled (bool): a filled black diamond when recalled verbatim, a hollow one when not."""
+    rank, lo, hi, ell_star (tokens), source; lo or hi may be missing (an open end is drawn to the point alone,
+    a triangle pointing the way the frontier may still lie; a bracket with neither end is left out). Log axes,
+    sources nudged apart in rank so that equal brackets both show. runs (optional): a user's runs placed against
+    the brackets, columns rank, length (target tokens), label and recalled (bool): a filled black diamond when
+    recalled verbatim, a hollow one when not."""
     df = brackets.copy()
     df["ell_star"] = df["ell_star"].fillna(df["lo"]).fillna(df["hi"])
     df = df[df["ell_star"].notna()]
@@ -677,7 +678,13 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(
         x=x, y=alt.Y("lo_y:Q", scale=alt.Scale(type="log"), axis=alt.Axis(tickCount=6, grid=False)), y2="hi_y:Q",
         color=color, tooltip=tips)
-    points = alt.Chart(df).mark_point(filled=True, size=70).encode(x=x, y=y, color=color, tooltip=tips)
+    kinds = ["ℓ* between the ends", "at least (nothing failed yet)", "at most (nothing recalled yet)"]
+    df["bound"] = [kinds[0] if pd.notna(lo) and pd.notna(hi) else kinds[1] if pd.notna(lo) else kinds[2]
+                   for lo, hi in zip(df["lo"], df["hi"])]
+    shape = alt.Shape("bound:N", title=None, legend=alt.Legend(orient="bottom"),
+                      scale=alt.Scale(domain=kinds, range=["circle", "triangle-up", "triangle-down"]))
+    points = alt.Chart(df).mark_point(filled=True, size=90).encode(x=x, y=y, color=color, shape=shape,
+                                                                   tooltip=tips + ["bound:N"])
     layers = [bars, points]
     if runs is not None and len(runs):
         mine = runs.assign(x=runs["rank"].astype(float), ell_star=runs["length"].astype(float),

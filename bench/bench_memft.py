@@ -255,17 +255,19 @@ def report(args: argparse.Namespace) -> int:
     df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
     stage2 = df[df["where"] != ""]
     probes = df[(df["where"] == "") & df["exact_recall"].astype(bool)]
+    tables = []
     if len(probes):
         print("\n## Steps to exact recall on the search's probes, method − sft on the same seeds (where both recalled; "
               "mean, 95% paired-t interval)")
-        for _, r in paired_differences(probes, ["steps"]).iterrows():
+        on_probes = paired_differences(probes, ["steps"]).assign(where="search probe")
+        tables.append(on_probes)
+        for _, r in on_probes.iterrows():
             print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} {r['mean']:+8.1f} [{r['lo']:+8.1f}, "
                   f"{r['hi']:+8.1f}]  ({r['method_mean']:.1f} vs {r['baseline_mean']:.1f} steps, n={r['n']})  "
                   f"{r['verdict']}")
     print("\n## Paired differences, method − sft on the same seeds and data (mean, 95% paired-t interval)")
     measures = {"below": ["steps", "exact_recall"],
                 "past": ["token_accuracy", "frac_above", "verbatim_prefix", "delta_loss"]}
-    tables = []
     for kind, cols in measures.items():
         d = stage2[stage2["where"].str.startswith("0.5") == (kind == "below")]
         if d.empty:
@@ -297,13 +299,18 @@ def report(args: argparse.Namespace) -> int:
         f = forms.power
         print(f"  {m}: {len(d)} points; ΔL = {f.C:.3g}·r^{f.alpha:.3f}·ℓ^-{f.beta:.3f} + {f.b:.3g}, "
               f"α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; {forms.verdict}")
-        law_rows.append({"method": m, "points": len(d), "C": f.C, "alpha": f.alpha, "beta": f.beta, "b": f.b,
-                         "r2": f.r2, "verdict": forms.verdict})
+        ci = getattr(f, "intervals", None) or {}
+        law_rows.append({"method": m, "points": len(d), "C": f.C, "alpha": f.alpha,
+                         "alpha_lo": ci.get("alpha", (None, None))[0], "alpha_hi": ci.get("alpha", (None, None))[1],
+                         "beta": f.beta, "beta_lo": ci.get("beta", (None, None))[0],
+                         "beta_hi": ci.get("beta", (None, None))[1], "b": f.b, "r2": f.r2, "verdict": forms.verdict})
     if out:
         df.drop(columns=["run_id"]).to_csv(out / "long_context_points.csv", index=False)
         fr.to_csv(out / "long_context_frontier.csv", index=False)
         paired.to_csv(out / "long_context_paired.csv", index=False)
-        pd.DataFrame(law_rows).to_csv(out / "long_context_law.csv", index=False)
+        pd.DataFrame(law_rows, columns=["method", "points", "C", "alpha", "alpha_lo", "alpha_hi", "beta", "beta_lo",
+                                        "beta_hi", "b", "r2", "verdict"]) \
+            .to_csv(out / "long_context_law.csv", index=False)
         rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
         open_ = still_open(fs)
         stage2_left = len(around_points(search, fs.brackets)) - len(stage2)

@@ -511,3 +511,18 @@ def test_the_live_chain_chart_gives_the_earlier_passage_the_first_colour_as_the_
               if "color" in enc and enc["color"].get("field") == "passage"]
     assert scales and scales[0]["domain"] == ["earlier passage", "this passage"]
     assert scales[0]["range"][0] == "#1f77b4"
+
+
+def test_an_open_frontier_bracket_is_drawn_as_a_bound_not_as_a_frontier():
+    """A bracket with only its recalled end (no failure yet) is a lower bound: drawn as an upward triangle, told
+    apart from a closed bracket's ℓ*, so that '≥ 32' never reads as 'ℓ* = 32'."""
+    brackets = pd.DataFrame([{"source": "sft", "rank": 1, "lo": 38, "hi": 40, "ell_star": 39.0},
+                             {"source": "sft", "rank": 2, "lo": 64, "hi": None, "ell_star": None},
+                             {"source": "memft-ot", "rank": 1, "lo": None, "hi": 8, "ell_star": None}])
+    spec = charts.frontier_brackets_chart(brackets).to_dict()
+    rows = next(v for v in spec["datasets"].values() if len(v) == 3)
+    bound = {(r["source"], r["rank"]): r["bound"] for r in rows}
+    assert bound == {("sft", 1): "ℓ* between the ends", ("sft", 2): "at least (nothing failed yet)",
+                     ("memft-ot", 1): "at most (nothing recalled yet)"}
+    shape = next(layer["encoding"]["shape"] for layer in spec["layer"] if "shape" in layer["encoding"])
+    assert shape["scale"]["range"] == ["circle", "triangle-up", "triangle-down"]
