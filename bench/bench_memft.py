@@ -249,7 +249,8 @@ def report(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"  {r['method']:<9} rank {r['rank']}: ℓ* in [{r['lo']}, {r['hi']}] ({r['outcome']}), rate "
               f"{r['lo_rate']} at {r['lo']}, {r['hi_rate']} at {r['hi']}"
-              + (f"; {r['bits_per_param']:.3f} bits/param" if r.get("bits_per_param") is not None else ""))
+              + (f"; {r['bits_per_param']:.3f} bits/param (against 2 and 3.6)" if r.get("bits_per_param") is not None
+                 else ""))
 
     ref = reference_lengths(fs.brackets)
     df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
