@@ -57,7 +57,7 @@ def settings(args: argparse.Namespace):
     # template's): enough for 2·ℓ* at rank 16 (ℓ* ≈ 40 r on the default model's bypass)
     data = DataSpec(random_tokens=POOL)
     if args.jsonl:  # the paper's own r100 (or r0-r80) file: one long target, the same for every seed
-        data = DataSpec(pairs=read_pairs(args.jsonl, None, args.jsonl_line))
+        data = DataSpec(pairs=read_pairs(args.jsonl, "long-context", args.jsonl_fields, args.jsonl_line))
     targets = "mlp" if args.adapter == "lora" else None
     adapter = AdapterSpec(kind=args.adapter, rank=1, layers="paper", dropout=0.1,
                           **({"targets": targets} if targets else {}))
@@ -69,10 +69,14 @@ def settings(args: argparse.Namespace):
                       seeds=tuple(args.seeds), resolution=args.resolution)
 
 
-def read_pairs(path: str, fields: str | None = None, line: int | None = None) -> tuple[tuple[str, str], ...]:
-    """The (prompt, target) pairs of a JSONL file in one of the paper's layouts (memcore.data.read_jsonl: PhoneBook
-    query/target lines, or long-context question/matching lines, of which the first or the `line`-th is taken);
-    `fields` 'PROMPT,TARGET' names other keys. Raises MemcoreError naming what is wrong with the file."""
+def read_pairs(path: str, want: str, fields: str | None = None,
+               line: int | None = None) -> tuple[tuple[str, str], ...]:
+    """The (prompt, target) pairs of a JSONL file in one of the paper's layouts (memcore.data.read_jsonl).
+
+    want: 'long-context' (question/matching lines, of which the first or the `line`-th is taken: one target) or
+    'phonebook' (query/target lines: every line an entry). `fields` 'PROMPT,TARGET' names other keys (then every
+    line is a sample; with want='long-context', `line` picks one, else the first). Raises MemcoreError naming what
+    is wrong with the file, and the other benchmark when the file is in its layout."""
     from memcore.config import MemcoreError
     from memcore.data import read_jsonl
 
@@ -81,7 +85,14 @@ def read_pairs(path: str, fields: str | None = None, line: int | None = None) ->
         keys = tuple(k.strip() for k in fields.split(","))
         if len(keys) != 2 or not all(keys):
             raise MemcoreError(f"--jsonl-fields takes two key names, PROMPT,TARGET; got {fields!r}")
-    data = read_jsonl(path, keys, line)
+    data = read_jsonl(path, keys, line if line is not None else (1 if keys and want == "long-context" else None))
+    other = {"long-context": ("phonebook", "bench/bench_phonebook.py"),
+             "phonebook": ("long-context", "bench/bench_memft.py")}[want]
+    if data.layout == other[0]:
+        raise MemcoreError(f"{path} is in the paper's {other[0]} layout ({data.fields[0]} -> {data.fields[1]}): it "
+                           f"belongs to {other[1]} --jsonl, not this benchmark")
+    if want == "phonebook" and len(data.pairs) < 2:
+        raise MemcoreError(f"{path} holds {len(data.pairs)} entry: a PhoneBook search needs several")
     print(f"{path}: {data.layout} layout, {len(data.pairs)} sample{'s' if len(data.pairs) != 1 else ''}"
           + (f"; {data.note}" if data.note else ""), flush=True)
     return data.pairs
@@ -236,7 +247,8 @@ def report(args: argparse.Namespace) -> int:
     result = search_result(fs, fs.progress())
     df = pd.DataFrame(sweep_table(store, search.id))
     if df.empty:
-        print(f"no completed points of {search.id} in {args.home}: run `bench_memft.py run` first")
+        print(f"no completed points of search {search.id} (the settings given: report takes the same settings flags "
+              f"as run) in {args.home} or {args.keep}: run `bench_memft.py run` first.{kept_searches(KEEP)}")
         return 1
     out = Path(args.out) if args.out else None
     if out:
@@ -247,8 +259,7 @@ def report(args: argparse.Namespace) -> int:
     rows = result.rows()
     fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
     for r in rows:
-        print(f"  {r['method']:<9} rank {r['rank']}: ℓ* in [{r['lo']}, {r['hi']}] ({r['outcome']}), rate "
-              f"{r['lo_rate']} at {r['lo']}, {r['hi_rate']} at {r['hi']}"
+        print(f"  {r['method']:<9} rank {r['rank']}: {bracket_words(r['lo'], r['hi'], r['lo_rate'], r['hi_rate'])}"
               + (f"; {r['bits_per_param']:.3f} bits/param (against 2 and 3.6)" if r.get("bits_per_param") is not None
                  else ""))
 
@@ -280,6 +291,12 @@ def report(args: argparse.Namespace) -> int:
                   f"{r['mean']:+9.3f} [{r['lo']:+9.3f}, {r['hi']:+9.3f}]  n={r['n']}  {r['verdict']}")
     paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
+    open_ = still_open(fs)
+    stage2_left = len({search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)}
+                      - {r["label"] for r in store.runs(sweep=search.id, status="completed")})
+    state = ("complete" if not open_ and stage2_left == 0 else
+             f"interim: {len(open_)} frontier(s) still open ({', '.join(open_)})" if open_ else
+             f"interim: {stage2_left} points around the frontier still to train")
     rule = plateau_rule_check(store, df, args.plateau_window)
     print(f"\n## The plateau rule against the curves (a point stops after {args.plateau_window} steps without a new "
           "best in tokens above τ or argmax-right tokens)")
@@ -305,6 +322,7 @@ def report(args: argparse.Namespace) -> int:
                          "alpha_lo": ci.get("alpha", (None, None))[0], "alpha_hi": ci.get("alpha", (None, None))[1],
                          "beta": f.beta, "beta_lo": ci.get("beta", (None, None))[0],
                          "beta_hi": ci.get("beta", (None, None))[1], "b": f.b, "r2": f.r2, "verdict": forms.verdict})
+    print(f"\n{state}")
     if out:
         df.drop(columns=["run_id"]).to_csv(out / "long_context_points.csv", index=False)
         fr.to_csv(out / "long_context_frontier.csv", index=False)
@@ -313,12 +331,7 @@ def report(args: argparse.Namespace) -> int:
                                         "beta_hi", "b", "r2", "verdict"]) \
             .to_csv(out / "long_context_law.csv", index=False)
         rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
-        open_ = still_open(fs)
-        stage2_left = len(around_points(search, fs.brackets)) - len(stage2)
         ledger = _ledger(args.keep)
-        state = ("complete" if not open_ and stage2_left == 0 else
-                 f"interim: {len(open_)} frontier(s) still open ({', '.join(open_)})" if open_ else
-                 f"interim: {stage2_left} points around the frontier still to train")
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
                 "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
                 "points": int(len(df)), "steps": int(df["steps"].sum()), "state": state,
@@ -326,7 +339,6 @@ def report(args: argparse.Namespace) -> int:
                 "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
                         f"{_hours(ledger.get('wall_s'))} of training on this CPU; {state}"}
         (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
-        print(f"\n{state}")
         print(f"\nwrote {out}/long_context_{{points,frontier,paired,law,plateau_rule}}.csv and long_context.json")
     return 0
 
@@ -353,6 +365,30 @@ def plateau_rule_check(store, df, window: int):
                      "wait_p95": float(np.percentile(waits, 95)) if waits else 0.0, "cut_short": cut,
                      "plateau_stops": int((d["stop_reason"] == "plateau").sum())})
     return pd.DataFrame(rows)
+
+
+def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens") -> str:
+    """A bracket as a reader reads it: both ends with the recall rate over the seeds at each, or the bound known so
+    far, or 'not probed yet'."""
+    def rate(x):
+        return "—" if x is None else f"{float(x):.0%}"
+
+    if lo is not None and hi is not None:
+        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}, "
+                f"{rate(hi_rate)} at {hi})")
+    if lo is not None:
+        return f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}; nothing longer has failed)"
+    if hi is not None:
+        return f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate)} of the seeds at {hi}; nothing shorter was recalled)"
+    return "not probed yet"
+
+
+def kept_searches(folder: Path) -> str:
+    """A line per search kept under `folder`: its id and the command that made it (so a report can be pointed at
+    it), or '' when none."""
+    found = [f"\n  {d.name}: {_ledger(d).get('command', '(no command kept)')}" for d in sorted(Path(folder).glob("*"))
+             if d.is_dir() and (d / "kept.json").is_file()]
+    return ("\nKept searches, each reported by its own command's settings:" + "".join(found)) if found else ""
 
 
 def still_open(fs) -> list[str]:
@@ -431,6 +467,8 @@ def main() -> int:
                        help="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
                             "of random tokens; every seed then trains on the same target")
         p.add_argument("--jsonl-line", type=int, metavar="N", help="the N-th line of --jsonl (default: the first)")
+        p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
+                       help="other key names for --jsonl (default: the paper's question,matching)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
                        help="bypass (the paper's) or lora on the MLP of the same layer")

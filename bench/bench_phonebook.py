@@ -36,7 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from bench_memft import _hours, _ledger, main_of, open_home, plateau_rule_check, read_pairs, run_search, still_open  # noqa: E402  (one memcore home per benchmark, the default model linked in)
+from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the default model linked in)
+    _hours,
+    _ledger,
+    bracket_words,
+    main_of,
+    open_home,
+    plateau_rule_check,
+    read_pairs,
+    run_search,
+    still_open,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = ROOT / "sample_data" / "paper" / "phonebook_runs"
@@ -56,7 +66,7 @@ def settings(args: argparse.Namespace):
     stages = tuple(stages)
     most, data = args.most, DataSpec(phonebook=args.most)
     if args.jsonl:  # the paper's own PB file: a book of n entries is its first n
-        pairs = read_pairs(args.jsonl, args.jsonl_fields)
+        pairs = read_pairs(args.jsonl, "phonebook", args.jsonl_fields)
         most, data = min(most, len(pairs)), DataSpec(pairs=pairs)
     template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(),
                        adapter=AdapterSpec(kind="bypass", rank=1, layers="paper", dropout=0.1),
@@ -123,15 +133,18 @@ def report(args: argparse.Namespace) -> int:
     print(f"search {search.id}: {len(df)} probes, {int(df['steps'].sum())} steps")
     print("\n## The largest PhoneBook recalled entry by entry (recall rate over seeds at the bracket's ends)")
     cap = []
+    known = df.dropna(subset=["p_eff"]).drop_duplicates("rank")
+    per_rank = float(known["p_eff"].iloc[0]) / int(known["rank"].iloc[0]) if len(known) else None  # P_eff ∝ r
     for b in fs.brackets:
-        p_eff = df[df["rank"] == b.rank]["p_eff"].iloc[0] if (df["rank"] == b.rank).any() else None
-        facts = b.lo or 0
-        bpp = facts * BITS_PER_ENTRY / p_eff if p_eff else float("nan")
+        p_eff = round(per_rank * b.rank) if per_rank else None
+        facts = b.lo
+        bpp = facts * BITS_PER_ENTRY / p_eff if facts and p_eff else None
         cap.append({"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
                     "hi_rate": b.rate(b.hi), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp})
-        print(f"  {b.method:<9} rank {b.rank}: [{b.lo}, {b.hi}] entries (rate {b.rate(b.lo)} at {b.lo}, "
-              f"{b.rate(b.hi)} at {b.hi}); {facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff {p_eff} = "
-              f"{bpp:.3f} bits/param (against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})")
+        where = bracket_words(b.lo, b.hi, b.rate(b.lo), b.rate(b.hi), "entries").replace("ℓ*", "the largest book")
+        stored = (f"; {facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff {p_eff} = {bpp:.3f} bits/param "
+                  f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")
+        print(f"  {b.method:<9} rank {b.rank}: {where}{stored}")
     print("\n## Entries recalled against book size (mean over seeds)")
     t = df.groupby(["method", "rank", "entries"]).agg(entries_recalled=("entries_recalled", "mean"),
                                                       seeds=("seed", "count"), steps=("steps", "mean")).reset_index()
@@ -179,7 +192,8 @@ def main() -> int:
         p.add_argument("--jsonl", metavar="FILE",
                        help="the paper's own PhoneBook file (query/target lines) instead of generated books: a book "
                             "of n entries is its first n, the largest the file's size (or --most)")
-        p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET", help="other key names for --jsonl")
+        p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
+                       help="other key names for --jsonl (default: the paper's query,target)")
         p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                        help="adapter ranks (default: %(default)s)")
@@ -195,9 +209,10 @@ def main() -> int:
                             "(default: %(default)s)")
         p.add_argument("--resolution", type=float, default=0.1,
                        help="the largest book is placed within this fraction of its size (default: %(default)s)")
-        p.add_argument("--start", type=int, default=8, help="entries of the first probe at rank 1 (times the rank)")
-        p.add_argument("--most", type=int, default=1000, help="the largest book searched")
-        p.add_argument("--batch", type=int, default=8, help="probes trained together")
+        p.add_argument("--start", type=int, default=8,
+                       help="entries of the first probe at rank 1, times the rank (default: %(default)s)")
+        p.add_argument("--most", type=int, default=1000, help="the largest book searched (default: %(default)s)")
+        p.add_argument("--batch", type=int, default=8, help="probes trained together (default: %(default)s)")
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
     args = ap.parse_args()
