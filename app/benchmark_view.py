@@ -81,11 +81,27 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens") -> pd.DataFrame:
     hi_rate; optional bits_per_param)."""
     rows = []
     for _, r in front.iterrows():
-        row = {"method": r["method"], "rank": int(r["rank"]), f"frontier between ({unit})": _ends(r["lo"], r["hi"]),
+        row = {"method": r["method"], "rank": int(r["rank"]), f"frontier ({unit})": _ends(r["lo"], r["hi"]),
                "recall rate at the ends": f"{_rate(r.get('lo_rate'))} / {_rate(r.get('hi_rate'))}"}
         bpp = r.get("bits_per_param")
         row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{float(bpp):.3f}"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences as a reader reads them: named columns, the interval as one cell, 3 significant
+    digits."""
+    def num(x) -> str:
+        return "—" if x is None or pd.isna(x) else f"{float(x):+.3g}"
+
+    rows = []
+    for _, r in paired.iterrows():
+        rows.append({"method − sft": r["method"], "rank": int(r["rank"]), "length (tokens)": int(r["length"]),
+                     "where": r.get("where", ""), "measure": MEASURES.get(r["measure"], r["measure"]),
+                     "mean difference": num(r["mean"]), "95% interval": f"[{num(r['lo'])}, {num(r['hi'])}]",
+                     "seeds": int(r["n"]), "sft": f"{float(r['baseline_mean']):.3g}",
+                     "method": f"{float(r['method_mean']):.3g}", "verdict": r["verdict"]})
     return pd.DataFrame(rows)
 
 
@@ -103,7 +119,7 @@ def verdict_line(paired: pd.DataFrame, method: str) -> str:
 def render(store) -> None:
     """Draw the section; a note with the commands when no tables have been written yet."""
     where = folder()
-    st.subheader("MemFT against SFT, settled with intervals")
+    st.subheader("MemFT against SFT, with intervals")
     front = _read(where / "long_context_frontier.csv")
     paired = _read(where / "long_context_paired.csv")
     law = _read(where / "long_context_law.csv")
@@ -124,8 +140,9 @@ def render(store) -> None:
     if front is not None:
         front = front.assign(method=pd.Categorical(front["method"], _order(front["method"]), ordered=True)) \
             .sort_values(["method", "rank"]).assign(method=lambda d: d["method"].astype(str))
-        st.markdown("**Verbatim-recall frontier per method**: the bar runs from the longest length every seed (or "
-                    "most) recalled to the shortest they did not; the point is ℓ* between them.")
+        st.markdown("**Verbatim-recall frontier per method**: a bar runs from the longest length most seeds "
+                    "recalled to the shortest they did not, with ℓ* (a circle) between them; while only one end is "
+                    "known, a triangle marks the bound (up: at least that long; down: shorter than that).")
         brackets = front.assign(source=front["method"], ell_star=[
             math.sqrt(lo * hi) if pd.notna(lo) and pd.notna(hi) else (lo if pd.notna(lo) else hi)
             for lo, hi in zip(front["lo"], front["hi"])])
@@ -154,11 +171,14 @@ def render(store) -> None:
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
             show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
         with st.expander("The paired table"):
-            st.dataframe(paired, hide_index=True, width="stretch")
+            st.dataframe(paired_table(paired), hide_index=True, width="stretch")
     if law is not None:
         st.markdown("**The law past the frontier** (plateau ΔL of the points not recalled, per method):")
         st.dataframe(law, hide_index=True, width="stretch")
-    if book is not None:
+    if book is None:
+        st.caption(f"No PhoneBook tables in {where} yet: `{COMMANDS[1]}` makes them (capacity in facts per method "
+                   "and rank).")
+    else:
         st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
                     "(a 10-digit number carries 33.2 bits).")
         st.dataframe(frontier_table(book, unit="entries"), hide_index=True, width="stretch")

@@ -681,7 +681,7 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     kinds = ["ℓ* between the ends", "at least (nothing failed yet)", "at most (nothing recalled yet)"]
     df["bound"] = [kinds[0] if pd.notna(lo) and pd.notna(hi) else kinds[1] if pd.notna(lo) else kinds[2]
                    for lo, hi in zip(df["lo"], df["hi"])]
-    shape = alt.Shape("bound:N", title=None, legend=alt.Legend(orient="bottom"),
+    shape = alt.Shape("bound:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
                       scale=alt.Scale(domain=kinds, range=["circle", "triangle-up", "triangle-down"]))
     points = alt.Chart(df).mark_point(filled=True, size=90).encode(x=x, y=y, color=color, shape=shape,
                                                                    tooltip=tips + ["bound:N"])
@@ -707,9 +707,10 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     d["cell"] = [f"{m} · r{r} · ℓ={ell}" + (f" ({w})" if w else "")
                  for m, r, ell, w in zip(d["method"], d["rank"], d["length"], where)]
     d[["lo", "hi"]] = d[["lo", "hi"]].astype(float)
-    verdicts = ["wins", "tie", "loses", "one seed"]
+    palette = {"wins": "#2ca02c", "tie": "#7f7f7f", "loses": "#d62728", "one seed": "#c7c7c7"}
+    verdicts = [v for v in palette if v in set(d["verdict"])]  # the legend names only what is drawn
     color = alt.Color("verdict:N", title="against sft", legend=alt.Legend(orient="right"),
-                      scale=alt.Scale(domain=verdicts, range=["#2ca02c", "#7f7f7f", "#d62728", "#c7c7c7"]))
+                      scale=alt.Scale(domain=verdicts, range=[palette[v] for v in verdicts]))
     y = alt.Y("cell:N", title=None, sort=list(d["cell"]), axis=alt.Axis(labelLimit=320))
     tips = ["cell:N", alt.Tooltip("mean:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f", title="95% lo"),
             alt.Tooltip("hi:Q", format="+.3f", title="95% hi"), alt.Tooltip("n:Q", title="seeds"), "verdict:N"]

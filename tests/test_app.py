@@ -556,7 +556,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     monkeypatch.setenv("MEMCORE_BENCHMARK_DIR", str(tmp_path / "none"))
     at = _app("app_pages/law.py")
     assert not at.exception
-    assert "MemFT against SFT, settled with intervals" in [h.value for h in at.subheader]
+    assert "MemFT against SFT, with intervals" in [h.value for h in at.subheader]
     assert any("bench/bench_memft.py run" in i.value for i in at.info)  # nothing yet: the command to make it
 
     _benchmark_tables(tmp_path / "paper")
@@ -567,9 +567,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     md = " ".join(m.value for m in at.markdown)
     assert "**memft-ot − sft**: of 1 comparison it wins 1, ties 0, loses 0." in md
     assert "**memft-sw − sft**: of 1 comparison it wins 0, ties 1, loses 0." in md
-    table = next(t.value for t in at.dataframe if "frontier between (tokens)" in t.value.columns)
+    table = next(t.value for t in at.dataframe if "frontier (tokens)" in t.value.columns)
     assert list(table["method"]) == ["sft", "sft", "memft-ot", "memft-ot", "memft-sw", "memft-sw"]
-    assert list(table["frontier between (tokens)"]) == ["38 – 40", "76 – 80", "40 – 42", "≥ 80", "36 – 38",
+    assert list(table["frontier (tokens)"]) == ["38 – 40", "76 – 80", "40 – 42", "≥ 80", "36 – 38",
                                                         "not yet known"]
     specs = [c.proto.spec for c in at.get("vega_lite_chart")]
     fronts = [s for s in specs if "shortest not recalled" in s and "memft-sw" in s]  # the benchmark's brackets
@@ -577,6 +577,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert "recalled verbatim" in fronts[0] and "not recalled" in fronts[0]
     assert any("95% lo" in s and "against sft" in s for s in specs)  # the paired chart
     assert "differs from the benchmark in adapter lora (benchmark: bypass)" in " ".join(c.value for c in at.caption)
+    paired = next(t.value for t in at.dataframe if "95% interval" in t.value.columns)  # read as a reader reads it
+    assert set(paired["verdict"]) == {"wins", "tie"} and paired["mean difference"].str.match(r"^[+-]\d").all()
+    assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
+    assert any("No PhoneBook tables" in c.value for c in at.caption)  # the other benchmark, and its command
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
     assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
 
