@@ -2,7 +2,8 @@
 random tokens, at its placement with the bypass adapter), converged.
 
     python bench/bench_memft.py run    [--home DIR] [--keep DIR] [--ranks 1 2] [--seeds 0 1 2] [--max-steps 2000]
-    python bench/bench_memft.py report [--home DIR] [--out DIR]
+    python bench/bench_memft.py report [--home DIR] [--out DIR]      (the same settings flags as run)
+    python bench/bench_memft.py spot   --seeds 3 4 [--paired CSV]    (the shipped cells again with other seeds)
     python bench/bench_memft.py compare --csv SWEEP.csv     (equal-step means of a sweep table, no intervals)
 
 `run` does two stages into a memcore store under --home (resumable: run it again after a stop and nothing
@@ -162,12 +163,48 @@ def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
     return out
 
 
+def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str) -> None:
+    """Train the (method, rank, length, seed) points of `search` that `store` has not completed, together (a
+    stopped one resuming from its checkpoint), printing a line as each ends; `keep()` after each and every 30 s."""
+    from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
+    from memcore.sweep import resumable_points
+
+    known = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
+    unfinished = resumable_points(store, search.id)
+    todo = list(dict.fromkeys((m, rank, n, sd, search.label(m, rank, n, sd)) for m, rank, n, sd in points
+                              if search.label(m, rank, n, sd) not in known))
+    print(f"[{time.perf_counter() - t0:6.0f} s] {stage}: {len(todo)} {what} to train", flush=True)
+
+    def runs():
+        for m, rank, n, sd, label in todo:
+            spec = search.probe_spec(m, rank, n, sd)
+            rid = unfinished.get(label)
+            if rid is not None:
+                yield BatchedRun(spec, stored_samples(store, rid), tag=label, run_id=rid, resume=True)
+            else:
+                _, samples = prepare(spec, fs.base, store.home)
+                yield BatchedRun(spec, samples, tag=label, sweep=search.id, label=label)
+
+    if not todo:
+        return
+    left, kept_at = len(todo), time.perf_counter()
+    for tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks),
+                               should_stop=stop):
+        if not r.final:
+            if time.perf_counter() - kept_at >= 30:  # checkpoints of points still training, now and then
+                kept_at = time.perf_counter()
+                keep()
+            continue
+        keep()
+        left -= 1
+        print(f"[{time.perf_counter() - t0:6.0f} s] {stage}: {tag} -> {r.summary.stop_reason} at step "
+              f"{r.summary.steps}, {left} left", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from kept import Ledger, StopOnSignal, command_of, keep_new, restore
 
-    from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.search import FrontierSearch
-    from memcore.sweep import resumable_points
 
     store = open_home(args.home)
     search = settings(args)
@@ -188,44 +225,78 @@ def run(args: argparse.Namespace) -> int:
         keep()
         print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
         return 1
-    todo = []
-    known = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
-    unfinished = resumable_points(store, search.id)
-    for m, rank, n, s, _ in around_points(search, fs.brackets):
-        label = search.label(m, rank, n, s)
-        if label not in known:
-            todo.append((m, rank, n, s, label))
-    print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {len(todo)} points around the frontier to train", flush=True)
-
-    def runs():
-        for m, rank, n, s, label in todo:
-            spec = search.probe_spec(m, rank, n, s)
-            rid = unfinished.get(label)
-            if rid is not None:
-                yield BatchedRun(spec, stored_samples(store, rid), tag=label, run_id=rid, resume=True)
-            else:
-                _, samples = prepare(spec, fs.base, store.home)
-                yield BatchedRun(spec, samples, tag=label, sweep=search.id, label=label)
-
-    left, kept_at = len(todo), time.perf_counter()
-    if todo:
-        for _tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks),
-                                     should_stop=stop):
-            if not r.final:
-                if time.perf_counter() - kept_at >= 30:  # checkpoints of points still training, now and then
-                    kept_at = time.perf_counter()
-                    keep()
-                continue
-            keep()
-            left -= 1
-            print(f"[{time.perf_counter() - t0:6.0f} s] stage 2: {_tag} -> {r.summary.stop_reason} at step "
-                  f"{r.summary.steps}, {left} left", flush=True)
+    points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)]
+    train_points(store, search, fs, points, stop, keep, t0, "stage 2", "points around the frontier")
     keep()
     if stop():
         print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
         return 1
     print(f"done in {time.perf_counter() - t0:.0f} s this time ({ledger.data['wall_s'] / 3600:.2f} h over "
           f"{ledger.data['invocations']} invocations, kept in {args.keep})", flush=True)
+    return 0
+
+
+def spot(args: argparse.Namespace) -> int:
+    """Re-run the shipped table's cells with other seeds and say, per cell and measure, whether the new seeds'
+    paired difference (method − sft) falls inside the shipped 95% interval."""
+    import pandas as pd
+    from kept import Ledger, StopOnSignal, command_of, keep_new, restore
+
+    from memcore.frontier import paired_differences
+    from memcore.search import FrontierSearch
+    from memcore.sweep import sweep_table
+
+    shipped = pd.read_csv(args.paired) if Path(args.paired).is_file() else pd.DataFrame()
+    if shipped.empty:
+        print(f"no shipped paired table at {args.paired}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
+        return 2
+    store = open_home(args.home)
+    search = settings(args)
+    side = _meta_of(Path(args.paired).with_name("long_context.json"))
+    if side.get("search") and side["search"] != search.id:
+        print(f"note: these settings are search {search.id}, the shipped table's are {side['search']} "
+              f"({side.get('command') or 'its command'}): the comparison holds only for the same settings",
+              flush=True)
+    args.keep = args.keep or Path(tempfile.gettempdir()) / "memcore-bench-memft-spot" / search.id
+    t0 = time.perf_counter()
+    print(f"spot re-run of {args.paired} with seeds {list(search.seeds)}; {restore(store, args.keep)} points read "
+          f"back from {args.keep}", flush=True)
+    ledger = Ledger(args.keep, command_of("bench/bench_memft.py", sys.argv[1:]))
+
+    def keep():
+        keep_new(store, search.id, args.keep)
+        ledger.tick()
+
+    stop = StopOnSignal()
+    fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
+    cells = shipped[["method", "rank", "length"]].drop_duplicates()
+    points = [(m, int(rank), int(n), sd) for _, (meth, rank, n) in cells.iterrows() for m in ("sft", meth)
+              for sd in search.seeds]
+    train_points(store, search, fs, points, stop, keep, t0, "spot", "points of the shipped cells")
+    keep()
+    if stop():
+        print("stopped; run the same command to go on", flush=True)
+        return 1
+    df = pd.DataFrame(sweep_table(store, search.id))
+    df = df[df["seed"].isin(search.seeds)]
+    inside = outside = 0
+    print(f"\n## The shipped 95% intervals (seeds of {args.paired}) against seeds {list(search.seeds)}")
+    for _, c in shipped.iterrows():
+        here = df[(df["rank"] == c["rank"]) & (df["length"] == c["length"])]
+        if c["measure"] == "steps":  # steps to exact recall: where both recalled, as the shipped table
+            here = here[here["exact_recall"].astype(bool)]
+        new = paired_differences(here, [c["measure"]]) if len(here) else pd.DataFrame()
+        new = new[new["method"] == c["method"]] if len(new) else new
+        where = f"{c['method']:<9} r{c['rank']} ℓ={c['length']:<4} {c['measure']:<15}"
+        if new.empty:
+            print(f"  {where} no pair of the new seeds to compare (not recalled by both?)")
+            continue
+        mean = float(new["mean"].iloc[0])
+        ok = pd.notna(c["lo"]) and c["lo"] <= mean <= c["hi"]
+        inside, outside = inside + ok, outside + (not ok)
+        print(f"  {where} new {mean:+9.3f} (n={int(new['n'].iloc[0])})  shipped [{c['lo']:+.3f}, {c['hi']:+.3f}]  "
+              f"{'inside' if ok else 'OUTSIDE'}")
+    print(f"\n{inside} inside, {outside} outside the shipped intervals ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -246,6 +317,8 @@ def report(args: argparse.Namespace) -> int:
     fs._advance()  # every verdict already in the store: nothing trained
     result = search_result(fs, fs.progress())
     df = pd.DataFrame(sweep_table(store, search.id))
+    if not df.empty:
+        df = df[df["seed"].isin(search.seeds)]  # a spot re-run's other seeds are not this table's
     if df.empty:
         print(f"no completed points of search {search.id} (the settings given: report takes the same settings flags "
               f"as run) in {args.home} or {args.keep}: run `bench_memft.py run` first.{kept_searches(KEEP)}")
@@ -396,6 +469,13 @@ def still_open(fs) -> list[str]:
     return [f"{b.method}/r{b.rank}" for b in fs.brackets if b.next_length(fs.search, fs.longest) is not None]
 
 
+def _meta_of(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _ledger(folder: Path) -> dict:
     """The kept points' kept.json (command, wall_s, invocations), {} when there is none."""
     path = Path(folder) / "kept.json"
@@ -456,7 +536,7 @@ def compare(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "spot"):
         p = sub.add_parser(name)
         p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft",
                        help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
@@ -491,12 +571,17 @@ def main() -> int:
                        help="points trained together: a number or auto (default: %(default)s)")
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
+        if name == "spot":
+            p.add_argument("--paired", default=str(ROOT / "sample_data" / "paper" / "long_context_paired.csv"),
+                           help="the shipped paired table whose cells are re-run (default: %(default)s)")
     c = sub.add_parser("compare")
     c.add_argument("--csv", default=str(SHIPPED), help="a sweep table (default: the shipped capacity sweep)")
     args = ap.parse_args()
+    if args.cmd == "spot" and args.home == Path(tempfile.gettempdir()) / "memcore-bench-memft":
+        args.home = Path(tempfile.gettempdir()) / "memcore-bench-memft-spot"  # never the run's own store
     if getattr(args, "batch", "auto") != "auto":
         args.batch = int(args.batch)
-    return main_of({"run": run, "report": report, "compare": compare}[args.cmd], args)
+    return main_of({"run": run, "report": report, "spot": spot, "compare": compare}[args.cmd], args)
 
 
 if __name__ == "__main__":
