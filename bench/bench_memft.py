@@ -404,13 +404,13 @@ def report(args: argparse.Namespace) -> int:
                                         "beta_hi", "b", "r2", "verdict"]) \
             .to_csv(out / "long_context_law.csv", index=False)
         rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
-        ledger = _ledger(args.keep)
+        ledger = ledger_of(args.keep)
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
                 "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
                 "points": int(len(df)), "steps": int(df["steps"].sum()), "state": state,
                 "command": ledger.get("command"), "wall_s": ledger.get("wall_s"),
                 "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
-                        f"{_hours(ledger.get('wall_s'))} of training on this CPU; {state}"}
+                        f"{hours_of(ledger.get('wall_s'))} of training on this CPU; {state}"}
         (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
         print(f"\nwrote {out}/long_context_{{points,frontier,paired,law,plateau_rule}}.csv and long_context.json")
     return 0
@@ -459,7 +459,7 @@ def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens") -> str:
 def kept_searches(folder: Path) -> str:
     """A line per search kept under `folder`: its id and the command that made it (so a report can be pointed at
     it), or '' when none."""
-    found = [f"\n  {d.name}: {_ledger(d).get('command', '(no command kept)')}" for d in sorted(Path(folder).glob("*"))
+    found = [f"\n  {d.name}: {ledger_of(d).get('command', '(no command kept)')}" for d in sorted(Path(folder).glob("*"))
              if d.is_dir() and (d / "kept.json").is_file()]
     return ("\nKept searches, each reported by its own command's settings:" + "".join(found)) if found else ""
 
@@ -470,19 +470,19 @@ def still_open(fs) -> list[str]:
 
 
 def _meta_of(path: Path) -> dict:
+    """A JSON file beside the tables (long_context.json, kept.json) as a dict, {} when missing or unreadable."""
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
 
 
-def _ledger(folder: Path) -> dict:
+def ledger_of(folder: Path) -> dict:
     """The kept points' kept.json (command, wall_s, invocations), {} when there is none."""
-    path = Path(folder) / "kept.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _meta_of(Path(folder) / "kept.json")
 
 
-def _hours(seconds) -> str:
+def hours_of(seconds) -> str:
     return "an unknown time" if seconds is None else f"{seconds / 3600:.1f} h"
 
 

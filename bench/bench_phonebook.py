@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the default model linked in)
-    _hours,
-    _ledger,
     bracket_words,
+    hours_of,
+    ledger_of,
     main_of,
     open_home,
     plateau_rule_check,
@@ -167,13 +167,13 @@ def report(args: argparse.Namespace) -> int:
         df.drop(columns=["run_id"]).to_csv(out / "phonebook_points.csv", index=False)
         pd.DataFrame(cap).to_csv(out / "phonebook_capacity.csv", index=False)
         rule.to_csv(out / "phonebook_plateau_rule.csv", index=False)
-        ledger = _ledger(args.keep)
+        ledger = ledger_of(args.keep)
         side = {"search": search.id, "ranks": list(search.ranks), "methods": list(search.methods),
                 "seeds": list(search.seeds), "resolution": search.resolution, "batch_size": args.batch_size,
                 "epochs": args.epochs, "lr": args.lr, "probes": int(len(df)), "steps": int(df["steps"].sum()),
                 "state": state, "command": ledger.get("command"), "wall_s": ledger.get("wall_s"),
                 "note": f"{len(df)} probes of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
-                        f"{_hours(ledger.get('wall_s'))} of training on this CPU; {state}"}
+                        f"{hours_of(ledger.get('wall_s'))} of training on this CPU; {state}"}
         (out / "phonebook.json").write_text(json.dumps(side, indent=2) + "\n")
         print(f"\nwrote {out}/phonebook_{{points,capacity,plateau_rule}}.csv and phonebook.json")
     return 0
