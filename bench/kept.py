@@ -46,14 +46,17 @@ def _write(store, run_id: str, path: Path, with_files: bool) -> None:
     tmp.replace(path)  # a stop mid-write leaves no half file
 
 
-def keep_new(store, sweep: str, folder: Path) -> int:
-    """Write every completed run of `sweep` in `store` that `folder` does not hold yet, and the resumable
-    checkpoint of every run of it still training (or cut off) whose checkpoint is newer than the one kept; drop the
-    kept checkpoints of runs that have completed. Returns how many completed runs were written."""
+def keep_new(store, sweep: str, folder: Path, seeds=None) -> int:
+    """Write every completed run of `sweep` in `store` (of `seeds` only, when given) that `folder` does not hold
+    yet, and the resumable checkpoint of every run of it still training (or cut off) whose checkpoint is newer than
+    the one kept; drop the kept checkpoints of runs that have completed. Returns how many completed runs were
+    written."""
     folder.mkdir(parents=True, exist_ok=True)
     flight = folder / IN_FLIGHT
     n = 0
     for r in store.runs(sweep=sweep):
+        if seeds is not None and r["seed"] not in seeds:
+            continue
         path = folder / f"{r['id']}.json.gz"
         unfinished = flight / f"{r['id']}.json.gz"
         if r["status"] == "completed":

@@ -40,6 +40,10 @@ def test_a_fresh_store_resumes_a_search_from_its_kept_points_and_trains_nothing(
     n = kept.keep_new(first, "kept", folder)
     assert n == len(first.runs(sweep="kept", status="completed")) > 0
     assert kept.keep_new(first, "kept", folder) == 0  # each point written once
+    only = kept.keep_new(first, "kept", tmp_path / "seed1", seeds={1})  # a spot re-run keeps its own seeds only
+    assert only == len(first.runs(sweep="kept", status="completed")) - len([r for r in first.runs(sweep="kept",
+                                                                        status="completed") if r["seed"] != 1])
+    assert 0 < only < n
 
     fresh = Store(tmp_path / "b")
     assert kept.restore(fresh, folder) == n
