@@ -341,6 +341,10 @@ def report(args: argparse.Namespace) -> int:
 
     print("\n## ℓ*(r) per method (bracket within the resolution; recall rate over seeds at its ends)")
     rows = result.rows()
+    unsettled = set(still_open(fs))
+    for r in rows:  # bits per parameter only where the frontier is placed: an open bracket's figure is no capacity
+        if f"{r['method']}/r{r['rank']}" in unsettled:
+            r["bits_per_param"] = None
     fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
     for r in rows:
         print(f"  {r['method']:<9} rank {r['rank']}: {bracket_words(r['lo'], r['hi'], r['lo_rate'], r['hi_rate'])}"
