@@ -202,7 +202,7 @@ def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, w
 
 
 def run(args: argparse.Namespace) -> int:
-    from kept import Ledger, StopOnSignal, command_of, keep_new, restore
+    from kept import Keeper, StopOnSignal, restore
 
     from memcore.search import FrontierSearch
 
@@ -212,35 +212,24 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}: ranks {list(search.ranks)}, methods {list(search.methods)}, "
           f"seeds {list(search.seeds)}; {restore(store, args.keep)} points read back from {args.keep}", flush=True)
-    ledger = Ledger(args.keep, command_of("bench/bench_memft.py", sys.argv[1:]))
-
-    def keep():
-        keep_new(store, search.id, args.keep)
-        ledger.tick()
-
+    keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
     p = run_search(fs, t0, "stage 1: ", keep)
     if p.stopped:
-        keep()
-        print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
+        print(keep.ended(stopped=True), flush=True)
         return 1
     points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)]
     train_points(store, search, fs, points, stop, keep, t0, "stage 2", "points around the frontier")
-    keep()
-    if stop():
-        print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
-        return 1
-    print(f"done in {time.perf_counter() - t0:.0f} s this time ({ledger.data['wall_s'] / 3600:.2f} h over "
-          f"{ledger.data['invocations']} invocations, kept in {args.keep})", flush=True)
-    return 0
+    print(keep.ended(stopped=stop()), flush=True)
+    return 1 if stop() else 0
 
 
 def spot(args: argparse.Namespace) -> int:
     """Re-run the shipped table's cells with other seeds and say, per cell and measure, whether the new seeds'
     paired difference (method − sft) falls inside the shipped 95% interval."""
     import pandas as pd
-    from kept import Ledger, StopOnSignal, command_of, keep_new, restore
+    from kept import Keeper, StopOnSignal, restore
 
     from memcore.frontier import paired_differences
     from memcore.search import FrontierSearch
@@ -261,11 +250,8 @@ def spot(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"spot re-run of {shown(args.paired)} with seeds {list(search.seeds)}; {restore(store, args.keep)} points "
           f"read back from {shown(args.keep)}", flush=True)
-    ledger = Ledger(args.keep, command_of("bench/bench_memft.py", sys.argv[1:]))
-
-    def keep():
-        keep_new(store, search.id, args.keep, seeds=set(search.seeds))  # never the shipped seeds read back below
-        ledger.tick()
+    keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0,
+                  seeds=set(search.seeds))  # never the shipped seeds read back below
 
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)

@@ -80,7 +80,7 @@ def settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kept import Ledger, StopOnSignal, command_of, keep_new, restore
+    from kept import Keeper, StopOnSignal, restore
 
     from memcore.search import FrontierSearch
 
@@ -90,20 +90,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"search {search.id} into {args.home}; {restore(store, args.keep)} probes read back from {args.keep}",
           flush=True)
-    ledger = Ledger(args.keep, command_of("bench/bench_phonebook.py", sys.argv[1:]))
-
-    def keep():
-        keep_new(store, search.id, args.keep)
-        ledger.tick()
-
+    keep = Keeper(store, search.id, args.keep, "bench/bench_phonebook.py", sys.argv[1:], t0)
     p = run_search(FrontierSearch(search, store, batch=args.batch, should_stop=StopOnSignal()), t0, on_progress=keep)
-    keep()
-    if p.stopped:
-        print(f"stopped after {time.perf_counter() - t0:.0f} s; run the same command to go on", flush=True)
-        return 1
-    print(f"done in {time.perf_counter() - t0:.0f} s this time ({ledger.data['wall_s'] / 3600:.2f} h over "
-          f"{ledger.data['invocations']} invocations, kept in {args.keep})", flush=True)
-    return 0 if not p.stopped else 1
+    print(keep.ended(p.stopped), flush=True)
+    return 1 if p.stopped else 0
 
 
 def report(args: argparse.Namespace) -> int:

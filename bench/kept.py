@@ -183,6 +183,29 @@ class Ledger:
         return data
 
 
+class Keeper:
+    """What a benchmark invocation does after each point and now and then: keep_new into `folder` (of `seeds`
+    only, when given) and add the wall time to its Ledger. `ended(stopped)` keeps once more and gives the line
+    the invocation ends on; t0 is when it began (time.perf_counter)."""
+
+    def __init__(self, store, sweep: str, folder: Path, script: str, argv: list[str], t0: float, seeds=None):
+        self.store, self.sweep, self.folder, self.seeds, self.t0 = store, sweep, folder, seeds, t0
+        self.ledger = Ledger(folder, command_of(script, argv))
+
+    def __call__(self) -> None:
+        keep_new(self.store, self.sweep, self.folder, seeds=self.seeds)
+        self.ledger.tick()
+
+    def ended(self, stopped: bool) -> str:
+        self()
+        seconds = time.perf_counter() - self.t0
+        if stopped:
+            return f"stopped after {seconds:.0f} s; run the same command to go on"
+        d = self.ledger.data
+        return (f"done in {seconds:.0f} s this time ({d['wall_s'] / 3600:.2f} h over {d['invocations']} "
+                f"invocations, kept in {self.folder})")
+
+
 class StopOnSignal:
     """A should_stop for memcore's searches and batched runs that turns SIGTERM and SIGINT into a clean stop: the
     points in training end as 'stopped' with their checkpoints (and so are kept), instead of dying mid-step. A
