@@ -47,6 +47,14 @@ METHODS = ("sft", "memft-ot", "memft-sw")
 KEEP = ROOT / "sample_data" / "paper" / "long_context_runs"
 POOL = 1280  # random tokens drawn per seed; a point trains on the first `length` of them
 AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
+ABOUT = {  # each command's --help
+    "run": "Train the search (stage 1) and the points around sft's frontier (stage 2) into --home, resuming from "
+           "what --home and --keep hold; SIGTERM or Ctrl-C stops after the current step.",
+    "report": "Print the tables of the search the settings flags name (the same flags as its run; --home and "
+              "--keep only say where it lies) and, with --out, write them as CSV.",
+    "spot": "Train the shipped paired table's cells again with other --seeds and say whether each difference "
+            "falls inside the shipped interval.",
+}
 
 
 def settings(args: argparse.Namespace):
@@ -540,23 +548,29 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def store_flags(p: argparse.ArgumentParser, home: str, keep: str, jsonl: str, fields: str) -> None:
+    """The flags both benchmarks' commands share: --home (default <tmp>/`home`), --keep (default `keep`/<search id>),
+    --jsonl (help `jsonl`), --jsonl-fields (the paper's keys `fields`) and --model."""
+    p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / home,
+                   help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
+    p.add_argument("--keep", type=Path, help=f"completed points kept here and read back into --home (default: "
+                                             f"{keep}/<the search's id>)")
+    p.add_argument("--jsonl", metavar="FILE", help=jsonl)
+    p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
+                   help=f"other key names for --jsonl (default: the paper's {fields})")
+    p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report", "spot"):
-        p = sub.add_parser(name)
-        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-memft",
-                       help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
-        p.add_argument("--keep", type=Path,
-                       help="completed points kept here and read back into --home (default: "
-                            "sample_data/paper/long_context_runs/<the search's id>)")
-        p.add_argument("--jsonl", metavar="FILE",
-                       help="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
-                            "of random tokens; every seed then trains on the same target")
+        p = sub.add_parser(name, description=ABOUT[name])
+        store_flags(p, "memcore-bench-memft", "sample_data/paper/long_context_runs",
+                    jsonl="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
+                          "of random tokens; every seed then trains on the same target",
+                    fields="question,matching")
         p.add_argument("--jsonl-line", type=int, metavar="N", help="the N-th line of --jsonl (default: the first)")
-        p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
-                       help="other key names for --jsonl (default: the paper's question,matching)")
-        p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
         p.add_argument("--adapter", choices=["bypass", "lora"], default="bypass",
                        help="bypass (the paper's) or lora on the MLP of the same layer")
         p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
@@ -574,8 +588,9 @@ def main() -> int:
                             "(default: %(default)s)")
         p.add_argument("--resolution", type=float, default=0.05,
                        help="the frontier is placed within this fraction of its length (default: %(default)s)")
-        p.add_argument("--batch", default="auto",
-                       help="points trained together: a number or auto (default: %(default)s)")
+        if name != "report":
+            p.add_argument("--batch", default="auto",
+                           help="points trained together: a number or auto (default: %(default)s)")
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
         if name == "spot":

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +45,7 @@ from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the de
     read_pairs,
     run_search,
     still_open,
+    store_flags,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,12 @@ KEEP = ROOT / "sample_data" / "paper" / "phonebook_runs"
 BITS_PER_ENTRY = 10 * math.log2(10)  # a uniformly random 10-digit number
 METHODS = ("sft", "memft-ot", "memft-sw")
 REFERENCE = {"Allen-Zhu & Li": 2.0, "Morris et al.": 3.6}
+ABOUT = {  # each command's --help
+    "run": "Search the largest PhoneBook recalled per method and rank into --home, resuming from what --home and "
+           "--keep hold; SIGTERM or Ctrl-C stops after the current step.",
+    "report": "Print the tables of the search the settings flags name (the same flags as its run; --home and "
+              "--keep only say where it lies) and, with --out, write them as CSV.",
+}
 
 
 def settings(args: argparse.Namespace):
@@ -173,18 +179,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report"):
-        p = sub.add_parser(name)
-        p.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "memcore-bench-phonebook",
-                       help="the memcore store the benchmark trains into and resumes from (default: %(default)s)")
-        p.add_argument("--keep", type=Path,
-                       help="completed probes kept here and read back into --home (default: "
-                            "sample_data/paper/phonebook_runs/<the search's id>)")
-        p.add_argument("--jsonl", metavar="FILE",
-                       help="the paper's own PhoneBook file (query/target lines) instead of generated books: a book "
-                            "of n entries is its first n, the largest the file's size (or --most)")
-        p.add_argument("--jsonl-fields", metavar="PROMPT,TARGET",
-                       help="other key names for --jsonl (default: the paper's query,target)")
-        p.add_argument("--model", help="a hub id or local folder (default: memcore's default model)")
+        p = sub.add_parser(name, description=ABOUT[name])
+        store_flags(p, "memcore-bench-phonebook", "sample_data/paper/phonebook_runs",
+                    jsonl="the paper's own PhoneBook file (query/target lines) instead of generated books: a book of "
+                          "n entries is its first n, the largest the file's size (or --most)",
+                    fields="query,target")
         p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                        help="adapter ranks (default: %(default)s)")
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
@@ -202,7 +201,8 @@ def main() -> int:
         p.add_argument("--start", type=int, default=8,
                        help="entries of the first probe at rank 1, times the rank (default: %(default)s)")
         p.add_argument("--most", type=int, default=1000, help="the largest book searched (default: %(default)s)")
-        p.add_argument("--batch", type=int, default=8, help="probes trained together (default: %(default)s)")
+        if name == "run":
+            p.add_argument("--batch", type=int, default=8, help="probes trained together (default: %(default)s)")
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
     args = ap.parse_args()
