@@ -133,10 +133,11 @@ def _progress(job_id: str) -> None:
                    "settings to go on: finished probes are reused.")
     if p is not None and job.is_live:
         wall = time.time() - (job.started or job.created)
-        st.progress(1.0 if p["finished"] else min(0.95, p["probes_done"] / max(1, p["probes_done"] + p["in_flight"]
-                                                                             + len(p["brackets"]))),
+        fewest, most = p.get("probes_left") or (p["in_flight"], p["in_flight"])
+        st.progress(1.0 if p["finished"] else min(0.95, p["probes_done"] / max(1, p["probes_done"] + fewest)),
                     text=f"{p['probes_done']} probe{'s' if p['probes_done'] != 1 else ''} done · "
-                    f"{p['in_flight']} training · {p['steps']:,} steps · "
+                    f"{p['in_flight']} training · {fewest if fewest == most else f'{fewest}-{most}'} to go · "
+                    f"{p['steps']:,} steps · "
                     f"{wall:.0f} s elapsed" + (" · stopping after the current step" if job.stop_requested else ""))
         st.dataframe(_table(p["brackets"]), hide_index=True, width="stretch")
     if job.is_live:

@@ -130,8 +130,8 @@ def open_home(home: Path):
 
 
 def run_search(fs, t0: float, prefix: str = "", on_progress=None):
-    """Run a FrontierSearch to its end, printing a line each time a probe completes (seconds since t0, probes done
-    and training, steps, every bracket; `on_progress()` called at every progress); returns its last
+    """Run a FrontierSearch to its end, printing a line each time a probe completes (seconds since t0, probes done,
+    training and to go, steps, every bracket; `on_progress()` called at every progress); returns its last
     SearchProgress."""
     done = -1
     for p in fs.run():
@@ -140,8 +140,8 @@ def run_search(fs, t0: float, prefix: str = "", on_progress=None):
         if p.probes_done != done:
             done = p.probes_done
             print(f"[{time.perf_counter() - t0:6.0f} s] {prefix}{p.probes_done} probes done, {p.in_flight} training, "
-                  f"{p.steps} steps   " + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets),
-                  flush=True)
+                  f"{p.probes_left[0]}-{p.probes_left[1]} to go, {p.steps} steps   "
+                  + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets), flush=True)
     return p
 
 

@@ -10,7 +10,10 @@ step budget, and moves the rank's bracket [lo, hi] (lo: the longest length recal
 - both: the geometric mean of lo and hi, until hi / lo ≤ 1 + resolution (or hi = lo + 1 token).
 
 A length counts as recalled when at least half of its seeds recall it (the recall rate crossing 1/2, as
-memcore.frontier interpolates a grid). Probes of every rank, method and seed train together through one stack
+memcore.frontier interpolates a grid). Its first ⌈seeds/2⌉ seeds train first: when they settle the verdict whatever
+the others give (two of three agreeing), the others are not trained there, except at the bracket's two ends, which
+get every seed, so the recall rates at the ends are over all of them (a third fewer probes at three seeds where
+they agree, and the same bracket). Probes of every rank, method and seed train together through one stack
 (memcore.runner.execute_many); each is an ordinary run in the store, tagged with the search's id as its sweep
 and its point (method, seed, noise, rank, length) as its label, so `memcore fit`, `memcore frontier`, `predict
 --verbatim` and the law page read a search like a sweep, and running the same search again reuses every probe
@@ -19,6 +22,7 @@ already completed (a probe cut off mid-way continues from its checkpoint).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -146,9 +150,9 @@ class Bracket:
         got = self.probed.get(length) if length is not None else None
         return sum(got.values()) / len(got) if got else None
 
-    def record(self, length: int) -> None:
-        """Move the bracket once every seed of `length` has its verdict."""
-        if self.rate(length) >= 0.5:
+    def record(self, length: int, recalled: bool | None = None) -> None:
+        """Move the bracket by the verdict on `length`: `recalled`, or when None its seeds' recall rate ≥ 1/2."""
+        if (self.rate(length) >= 0.5) if recalled is None else recalled:
             self.lo = length if self.lo is None else max(self.lo, length)
         else:
             self.hi = length if self.hi is None else min(self.hi, length)
@@ -168,6 +172,14 @@ class Bracket:
             return max(shortest, hi // 2)
         return min(longest, max(shortest, search.start_length * self.rank))
 
+    def lengths_left(self, search: SearchSpec, longest: int) -> tuple[int, int]:
+        """(fewest, most) lengths this bracket may still probe, the one in training included (its verdict not yet
+        in): over every way the verdicts to come could fall, so the search ends within these counts whatever the
+        frontier. Once both ends are known the most is a few (5 from a factor-2 bracket to 5%); while one is
+        missing it counts doubling (or halving) to the end of the lengths allowed."""
+        return _lengths_left(self.lo, self.hi, search.resolution, search.min_length, longest, search.start_length
+                             * self.rank)
+
     def outcome(self, longest: int, shortest: int) -> tuple[str, float]:
         """('bracketed', geometric mean of lo and hi), ('at least', lo) when even the longest length the data hold
         is recalled, ('at most', hi) when not even the shortest allowed is, or ('open', nan) while unsettled."""
@@ -178,6 +190,28 @@ class Bracket:
         if self.hi is not None and self.hi <= shortest:
             return "at most", float(self.hi)
         return "open", math.nan
+
+
+@functools.lru_cache(maxsize=4096)
+def _lengths_left(lo: int | None, hi: int | None, resolution: float, shortest: int, longest: int,
+                  start: int) -> tuple[int, int]:
+    """Bracket.lengths_left over the bracket [lo, hi]: the next length, then the fewest and most of both verdicts."""
+    spec = _Ends(resolution=resolution, min_length=shortest, start_length=start)
+    length = Bracket("", 1, lo, hi).next_length(spec, longest)
+    if length is None:
+        return 0, 0
+    recalled = _lengths_left(length if lo is None else max(lo, length), hi, resolution, shortest, longest, start)
+    failed = _lengths_left(lo, length if hi is None else min(hi, length), resolution, shortest, longest, start)
+    return 1 + min(recalled[0], failed[0]), 1 + max(recalled[1], failed[1])
+
+
+@dataclass(frozen=True)
+class _Ends:
+    """What Bracket.next_length reads of a SearchSpec (at rank 1: start_length is the rank's own)."""
+
+    resolution: float
+    min_length: int
+    start_length: int
 
 
 @dataclass
@@ -193,11 +227,13 @@ class SearchProgress:
     finished: bool = False
     stopped: bool = False
     probing: dict[tuple[str, int], int] = field(default_factory=dict)  # (method, rank) -> length in training
+    probes_left: tuple[int, int] = (0, 0)  # (fewest, most) probes still to train, those in training included
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the counts and, per bracket, method, rank, lo, hi and the recall rates at lo and hi."""
         return {"probes_done": self.probes_done, "in_flight": self.in_flight, "steps": self.steps,
                 "seconds": self.seconds, "finished": self.finished, "stopped": self.stopped,
+                "probes_left": list(self.probes_left),
                 "brackets": [{"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
                               "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps,
                               "probing": self.probing.get((b.method, b.rank))}
@@ -231,8 +267,11 @@ class FrontierSearch:
             raise MemcoreError(f"the data hold {available} target tokens, fewer than the shortest length "
                                f"{search.min_length}")
         self.brackets = [Bracket(m, r) for m in search.methods for r in sorted(search.ranks)]
-        self.waiting: dict[tuple[str, int], tuple[int, set[int]]] = {}  # bracket -> (length, seeds not yet back)
-        self.queue: deque[_Probe] = deque()
+        self.waiting: dict[tuple[str, int], int] = {}  # bracket -> the length whose verdict it waits for
+        self.first: deque[_Probe] = deque()  # probes a verdict needs: the first seeds of a length, a bracket's ends
+        self.held: deque[_Probe] = deque()  # the other seeds of a length: trained only if the first ones split
+        self.asked: set[tuple[str, int, int, int]] = set()  # (method, rank, length, seed) queued, trained or known
+        self.live: dict[int, _Probe] = {}  # probes in training
         self.in_flight = 0
         self.training: dict[int, int] = {}  # probe -> steps so far, while it trains
         self.cut_steps = 0  # steps of probes stopped before their end, this time
@@ -250,19 +289,64 @@ class FrontierSearch:
 
     # -- deciding --
 
-    def _verdict(self, b: Bracket, length: int, seed: int, summary: Any) -> None:
+    def _verdict(self, b: Bracket, length: int, seed: int, summary: Any, decide: bool = True) -> None:
         b.probed.setdefault(length, {})[seed] = bool(summary.exact_recall)
         b.steps += int(summary.steps)
         self.done += 1
+        if decide:
+            self._decide(b)
+
+    def _decide(self, b: Bracket) -> bool:
+        """Move `b` once the seeds back on the length it waits for settle the verdict whatever the others give
+        (recalled by at least half of all the seeds, or failed by more than half), dropping that length's probes
+        not yet started; until then, its remaining seeds are wanted first. True when the bracket moved."""
         key = (b.method, b.rank)
-        want, left = self.waiting[key]
-        left.discard(seed)
-        if not left:
-            del self.waiting[key]
-            b.record(length)
+        length = self.waiting.get(key)
+        if length is None:
+            return False
+        got, every = b.probed.get(length, {}), len(self.search.seeds)
+        recalled = sum(got.values())
+        if 2 * recalled < every <= 2 * (recalled + every - len(got)):  # the seeds to come still decide
+            if len(got) >= -(-every // 2):  # the first seeds are back and split: the others are wanted now
+                mine = [p for p in self.held if p.bracket is b and p.length == length]
+                self.held = deque(p for p in self.held if not (p.bracket is b and p.length == length))
+                self.first.extend(mine)
+            return False
+        del self.waiting[key]
+        b.record(length, recalled=2 * recalled >= every)
+        for q in (self.first, self.held):  # not needed any more, unless it becomes an end (then _advance asks again)
+            for p in [p for p in q if p.bracket is b and p.length == length]:
+                q.remove(p)
+                self.asked.discard((b.method, b.rank, length, p.seed))
+        return True
+
+    def _ask(self, b: Bracket, length: int, seeds: list[int], first: int) -> bool:
+        """Take the store's verdicts on `length` for `seeds` at once and queue the others: the first `first` of
+        them to train, the rest held until the first ones split; True when a verdict came from the store."""
+        found = False
+        todo = []
+        for seed in seeds:
+            point = (b.method, b.rank, length, seed)
+            if point in self.asked:
+                continue
+            self.asked.add(point)
+            summary = self._known.get(self.search.label(b.method, b.rank, length, seed))
+            if summary is not None:
+                self._verdict(b, length, seed, summary, decide=False)  # the caller decides once all are read
+                found = True
+            else:
+                todo.append(_Probe(b, length, seed))
+        first = max(0, first - len(b.probed.get(length, {})))  # the seeds the store gave count among the first
+        self.first.extend(todo[:first])
+        self.held.extend(todo[first:])
+        return found
 
     def _advance(self) -> None:
-        """Queue the next length of every bracket not waiting on one, taking verdicts already in the store at once."""
+        """Queue the next length of every bracket not waiting on one (its first ⌈seeds/2⌉ seeds; the others only if
+        those split, as a batch trains no faster for a slot left empty but a slot spent on a seed whose verdict
+        cannot change the bracket is wasted), taking verdicts already in the store at once; once a bracket is
+        narrow enough, queue the seeds its two ends still lack, so that their recall rates are over every seed."""
+        seeds = list(self.search.seeds)
         moved = True
         while moved:
             moved = False
@@ -272,15 +356,13 @@ class FrontierSearch:
                     continue
                 length = b.next_length(self.search, self.longest)
                 if length is None:
+                    for end in (b.lo, b.hi):
+                        if end is not None:
+                            self._ask(b, end, seeds, len(seeds))
                     continue
-                self.waiting[key] = (length, set(self.search.seeds))
-                for seed in self.search.seeds:
-                    summary = self._known.get(self.search.label(b.method, b.rank, length, seed))
-                    if summary is not None:
-                        self._verdict(b, length, seed, summary)
-                        moved = True
-                    else:
-                        self.queue.append(_Probe(b, length, seed))
+                self.waiting[key] = length
+                self._ask(b, length, seeds, -(-len(seeds) // 2))
+                moved = self._decide(b) or moved
 
     def _runs(self) -> Iterator[Any]:
         from memcore.runner import BatchedRun, prepare, stored_samples
@@ -289,8 +371,11 @@ class FrontierSearch:
         unfinished = resumable_points(self.store, self.search.id)
         while True:
             self._advance()
-            if self.queue:
-                p = self.queue.popleft()
+            if not self.first and not self.in_flight and self.held:  # (never expected: _decide asks for them)
+                self.first, self.held = self.held, deque()
+            if self.first:
+                p = self.first.popleft()
+                self.live[id(p)] = p
                 spec = self.search.probe_spec(p.bracket.method, p.bracket.rank, p.length, p.seed)
                 label = self.search.label(p.bracket.method, p.bracket.rank, p.length, p.seed)
                 self.in_flight += 1
@@ -307,12 +392,31 @@ class FrontierSearch:
 
     def progress(self, finished: bool = False) -> SearchProgress:
         """The search as it stands (see SearchProgress)."""
-        return SearchProgress(probes_done=self.done, in_flight=self.in_flight,
+        every, need = len(self.search.seeds), -(-len(self.search.seeds) // 2)
+        fewest = most = 0
+        for b in self.brackets:
+            few, many = b.lengths_left(self.search, self.longest)
+            length = self.waiting.get((b.method, b.rank))
+            if length is not None and many:  # the length it waits for: the seeds back count
+                back = len(b.probed.get(length, {}))
+                fewest += (few - 1) * need + max(1, need - back)
+                most += (many - 1) * every + every - back
+            else:
+                fewest, most = fewest + few * need, most + many * every
+            for end in (b.lo, b.hi):  # an end now may stay one: the seeds it lacks are asked for at the close
+                if end is not None and end != length:
+                    most += sum((b.method, b.rank, end, seed) not in self.asked and seed not in b.probed.get(end, {})
+                                for seed in self.search.seeds)
+        # probes asked for outside a length being decided (a settled length's later seeds, a bracket's ends)
+        for p in [*self.live.values(), *self.first, *self.held]:
+            if self.waiting.get((p.bracket.method, p.bracket.rank)) != p.length:
+                fewest, most = fewest + 1, most + 1
+        return SearchProgress(probes_left=(fewest, most), probes_done=self.done, in_flight=self.in_flight,
                               steps=sum(b.steps for b in self.brackets) + sum(self.training.values())
                               + self.cut_steps,
                               seconds=time.perf_counter() - self.t0,
                               brackets=self.brackets, finished=finished, stopped=self.stopped,
-                              probing={k: n for k, (n, _) in self.waiting.items()})
+                              probing=dict(self.waiting))
 
     def slots(self) -> int:
         """Probes trained together: at most one length per bracket, all its seeds; 'auto' also bounds it by memory
@@ -345,6 +449,7 @@ class FrontierSearch:
                     yield self.progress()
                 continue
             self.training.pop(id(p), None)
+            self.live.pop(id(p), None)
             self.in_flight -= 1
             if r.summary.status != "completed":  # cut off: its steps count, its verdict waits for the next run
                 self.stopped = True

@@ -45,6 +45,22 @@ def test_bisection_places_the_frontier_within_the_resolution(frontier):
     assert len(probes) <= doublings + math.ceil(math.log2(math.log(2) / math.log(1.05))) + 1
 
 
+@pytest.mark.parametrize("frontier", [0.5, 1, 3, 37, 39.5, 47, 150, 1000, 4095, 5000])
+def test_lengths_left_bounds_the_probes_the_search_still_makes(frontier):
+    """A user is told how many probes are to go: the search, whatever the frontier, ends within those counts."""
+    spec = SearchSpec(template=RunSpec(), ranks=(1,), resolution=0.05, start_length=32)
+    _, probes = _oracle_search(frontier)
+    b = Bracket("sft", 1)
+    for done, n in enumerate(probes):
+        fewest, most = b.lengths_left(spec, 4096)
+        assert 1 <= fewest <= len(probes) - done <= most
+        b.probed[n] = {0: n <= frontier}
+        b.record(n)
+    assert b.lengths_left(spec, 4096) == (0, 0)
+    # from a factor-2 bracket to 5%: 32..64 tokens takes 4 or 5 more lengths, wherever the frontier lies in it
+    assert Bracket("sft", 1, lo=32, hi=64).lengths_left(spec, 4096) == (4, 5)
+
+
 def test_a_frontier_outside_the_lengths_is_a_bound():
     b, _ = _oracle_search(10_000, longest=300)
     assert b.outcome(300, 1) == ("at least", 300.0)
@@ -79,9 +95,13 @@ def test_search_matches_a_fine_grid_and_stores_its_probes_as_a_sweep(tiny_model_
     progress = list(fs.run())
     last = progress[-1]
     assert last.finished and not last.stopped
+    assert last.probes_left == (0, 0)
+    for p in progress:  # the probes to go bound what the search went on to train
+        assert p.in_flight <= p.probes_left[1]
+        assert p.probes_left[0] <= last.probes_done - p.probes_done <= p.probes_left[1]
     assert [p.probes_done for p in progress] == sorted(p.probes_done for p in progress)
     rows = sweep_table(store, "s")
-    assert len(rows) == last.probes_done == sum(len(b.probed) for b in fs.brackets) * 2
+    assert len(rows) == last.probes_done == sum(len(v) for b in fs.brackets for v in b.probed.values())
     for b in fs.brackets:
         assert b.lo is not None and b.hi is not None  # bracketed inside 1..96 tokens
         assert b.hi <= b.lo + 1 or b.hi / b.lo <= 1.05
@@ -240,3 +260,62 @@ def test_a_search_over_a_phonebook_file_takes_its_first_entries(tiny_model_dir, 
     assert fs.longest == 12
     with pytest.raises(MemcoreError, match="hold only 12"):
         FrontierSearch(SearchSpec(template=template, unit="entries", epochs=2, max_length=20), Store(home))
+
+
+def _oracle_runs(frontiers: dict[int, float], slots: int, order: list):
+    """An execute_many that trains nothing: `slots` probes at a time, each ending (in the order started) recalled
+    when its length is at most its seed's frontier; `order` collects (length, seed) as probes start."""
+    from types import SimpleNamespace
+
+    def fake(runs, store, base, *, slots=slots, max_rank=1, should_stop=None):
+        runs, flying = iter(runs), []
+        while True:
+            while len(flying) < slots:
+                run = next(runs, "end")
+                if run is None or run == "end":
+                    break
+                flying.append(run)
+                order.append((run.tag.length, run.tag.seed))
+            if not flying:
+                if run == "end":
+                    return
+                raise AssertionError("the search waits on nothing in training")
+            run = flying.pop(0)
+            p = run.tag
+            summary = SimpleNamespace(exact_recall=p.length <= frontiers[p.seed], steps=10, status="completed")
+            yield p, SimpleNamespace(final=True, step=10, summary=summary)
+    return fake
+
+
+@pytest.mark.parametrize("frontiers", [{0: 40, 1: 44, 2: 37}, {0: 40, 1: 40, 2: 40}, {0: 10, 1: 200, 2: 52}])
+def test_a_verdict_settled_by_the_first_seeds_skips_the_rest_but_the_ends_get_every_seed(
+        tiny_model_dir, home, monkeypatch, frontiers):
+    """Three seeds: two that agree settle a length (recalled by at least half of the seeds whatever the third
+    gives), so the third is not trained there; the bracket is the one every seed would give, and its two ends still
+    have all three seeds' verdicts, so the recall rates at the ends are over every seed."""
+    import memcore.runner
+
+    order = []
+    monkeypatch.setattr(memcore.runner, "execute_many", _oracle_runs(frontiers, slots=2, order=order))
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=(0, 1, 2), start_length=32,
+                        max_length=96, name="early")
+    fs = FrontierSearch(search, Store(home), batch=2)
+    progress = list(fs.run())
+    b = fs.brackets[0]
+    assert progress[-1].finished and progress[-1].probes_left == (0, 0)
+
+    # the bracket every seed would give: a length is recalled when at least 2 of the 3 seeds recall it
+    full = Bracket("sft", 1)
+    while (n := full.next_length(search, 96)) is not None:
+        full.probed[n] = {s: n <= f for s, f in frontiers.items()}
+        full.record(n)
+    assert (b.lo, b.hi) == (full.lo, full.hi)
+    for end in (b.lo, b.hi):
+        if end is not None:
+            assert sorted(b.probed[end]) == [0, 1, 2]
+            assert b.rate(end) == full.rate(end)
+    assert len(order) == len(set(order)) == progress[-1].probes_done  # nothing trained twice
+    agree = [n for n in full.probed if n not in (b.lo, b.hi) and len(set(full.probed[n][s] for s in (0, 1))) == 1]
+    assert len(order) <= 3 * len(full.probed) - len(agree)  # a third seed skipped wherever the first two agree
+    for p in progress:  # the probes to go bound what the search went on to train
+        assert p.probes_left[0] <= progress[-1].probes_done - p.probes_done <= p.probes_left[1]
