@@ -78,13 +78,15 @@ def _rate(x) -> str:
 def frontier_table(front: pd.DataFrame, unit: str = "tokens") -> pd.DataFrame:
     """The frontier rows as a reader reads them: method, rank, the bracket, the recall rate at its ends and bits
     per parameter. front: long_context_frontier.csv / phonebook_capacity.csv rows (method, rank, lo, hi, lo_rate,
-    hi_rate; optional bits_per_param)."""
+    hi_rate; optional bits_per_param, and settled: False while the search still trains there, when bits per
+    parameter at the longest recalled so far is a lower bound)."""
     rows = []
     for _, r in front.iterrows():
         row = {"method": r["method"], "rank": int(r["rank"]), f"frontier ({unit})": _ends(r["lo"], r["hi"]),
                "recall rate at the ends": f"{_rate(r.get('lo_rate'))} / {_rate(r.get('hi_rate'))}"}
         bpp = r.get("bits_per_param")
-        row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{float(bpp):.3f}"
+        bound = "settled" in r and not pd.isna(r["settled"]) and not bool(r["settled"])
+        row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{'≥ ' if bound else ''}{float(bpp):.3f}"
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -319,7 +319,7 @@ def report(args: argparse.Namespace) -> int:
     args.keep = args.keep or KEEP / search.id
     restore(store, args.keep)
     fs = FrontierSearch(search, store, batch=1)
-    fs._advance()  # every verdict already in the store: nothing trained
+    fs.read()  # every verdict already in the store: nothing trained
     result = search_result(fs, fs.progress())
     df = pd.DataFrame(sweep_table(store, search.id))
     if not df.empty:
@@ -337,11 +337,14 @@ def report(args: argparse.Namespace) -> int:
     rows = result.rows()
     unsettled = set(still_open(fs))
     for r in rows:  # bits per parameter only where the frontier is placed: an open bracket's figure is no capacity
-        if f"{r['method']}/r{r['rank']}" in unsettled:
+        r["settled"] = f"{r['method']}/r{r['rank']}" not in unsettled
+        if not r["settled"]:
             r["bits_per_param"] = None
     fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
     for r in rows:
-        print(f"  {r['method']:<9} rank {r['rank']}: {bracket_words(r['lo'], r['hi'], r['lo_rate'], r['hi_rate'])}"
+        words = bracket_words(r["lo"], r["hi"], r["lo_rate"], r["hi_rate"],
+                              seeds=(r["lo_seeds"], r["hi_seeds"], len(search.seeds)))
+        print(f"  {r['method']:<9} rank {r['rank']}: {words}"
               + (f"; {r['bits_per_param']:.3f} bits/param (against 2 and 3.6)" if r.get("bits_per_param") is not None
                  else ""))
 
@@ -377,8 +380,12 @@ def report(args: argparse.Namespace) -> int:
     stage2_left = len({search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)}
                       - {r["label"] for r in store.runs(sweep=search.id, status="completed")})
     state = ("complete" if not open_ and stage2_left == 0 else
-             f"interim: {len(open_)} frontier(s) still open ({', '.join(open_)})" if open_ else
-             f"interim: {stage2_left} points around the frontier still to train")
+             f"interim: {len(open_)} frontier(s) still open ({', '.join(open_)}), then the points around sft's "
+             f"frontier" if open_ else f"interim: {stage2_left} points around the frontier still to train")
+    if open_ or stage2_left:  # stage 2 is 3 lengths × methods × seeds per rank once sft's frontier is placed
+        left = to_go(fs, ledger_of(args.keep), len(df), stage2_left if not open_ else
+                     len(AROUND) * len(search.ranks) * len(search.methods) * len(search.seeds))
+        state += f"; {left}"
     rule = plateau_rule_check(store, df, args.plateau_window)
     print(f"\n## The plateau rule against the curves (a point stops after {args.plateau_window} steps without a new "
           "best in tokens above τ or argmax-right tokens)")
@@ -449,19 +456,26 @@ def plateau_rule_check(store, df, window: int):
     return pd.DataFrame(rows)
 
 
-def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens") -> str:
+def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens", seeds: tuple[int, int, int] | None = None) -> str:
     """A bracket as a reader reads it: both ends with the recall rate over the seeds at each, or the bound known so
-    far, or 'not probed yet'."""
-    def rate(x):
-        return "—" if x is None else f"{float(x):.0%}"
+    far, or 'not probed yet'. seeds: (seeds with a verdict at lo, at hi, seeds searched), to say where an end's
+    rate is over fewer seeds so far (the search trains an end's other seeds when its bracket closes)."""
+    def rate(x, n=None):
+        if x is None:
+            return "—"
+        short = seeds is not None and n is not None and n < seeds[2]
+        return f"{float(x):.0%}" + (f" ({n} of {seeds[2]} seeds so far)" if short else "")
 
+    n_lo, n_hi = (seeds[0], seeds[1]) if seeds else (None, None)
     if lo is not None and hi is not None:
-        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}, "
-                f"{rate(hi_rate)} at {hi})")
+        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate, n_lo)} of the seeds at {lo}, "
+                f"{rate(hi_rate, n_hi)} at {hi})")
     if lo is not None:
-        return f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}; nothing longer has failed)"
+        return (f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate, n_lo)} of the seeds at {lo}; nothing longer has "
+                "failed)")
     if hi is not None:
-        return f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate)} of the seeds at {hi}; nothing shorter was recalled)"
+        return (f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate, n_hi)} of the seeds at {hi}; nothing shorter was "
+                "recalled)")
     return "not probed yet"
 
 
@@ -474,8 +488,25 @@ def kept_searches(folder: Path) -> str:
 
 
 def still_open(fs) -> list[str]:
-    """'method/rN' of every bracket of a FrontierSearch (its verdicts read) that still has a length to probe."""
-    return [f"{b.method}/r{b.rank}" for b in fs.brackets if b.next_length(fs.search, fs.longest) is not None]
+    """'method/rN' of every bracket of a FrontierSearch (its verdicts read) with a probe still to train."""
+    return [f"{b.method}/r{b.rank}" for b in fs.unsettled()]
+
+
+def to_go(fs, ledger: dict, points_done: int, more: int = 0) -> str:
+    """'between A and B probes to go (about X-Y h at this search's pace so far)' for a FrontierSearch whose
+    verdicts are read, with `more` points of other stages to train besides; the pace is the kept wall time over
+    the `points_done` points completed. '' when nothing is left."""
+    fewest, most = fs.progress().probes_left
+    fewest, most = fewest + more, most + more
+    if most == 0:
+        return ""
+    count = f"{fewest} probes" if fewest == most else f"between {fewest} and {most} probes"
+    wall = ledger.get("wall_s")
+    if not wall or not points_done:
+        return f"{count} to go"
+    pace = float(wall) / points_done / 3600
+    return f"{count} to go (about {fewest * pace:.0f}-{most * pace:.0f} h at this search's pace so far, " \
+           f"{pace * 60:.0f} min a point on this CPU)"
 
 
 def shown(path) -> str:

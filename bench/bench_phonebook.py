@@ -46,6 +46,7 @@ from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the de
     run_search,
     still_open,
     store_flags,
+    to_go,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,7 @@ def report(args: argparse.Namespace) -> int:
     args.keep = args.keep or KEEP / search.id
     restore(store, args.keep)
     fs = FrontierSearch(search, store, batch=1)
-    fs._advance()  # the verdicts already in the store: nothing trained
+    fs.read()  # every verdict already in the store: nothing trained
     rows = []
     for r in store.runs(sweep=search.id, status="completed"):
         s, v = r["summary"], json.loads(r["label"])
@@ -135,10 +136,15 @@ def report(args: argparse.Namespace) -> int:
         p_eff = round(per_rank * b.rank) if per_rank else None
         facts = b.lo
         bpp = facts * BITS_PER_ENTRY / p_eff if facts and p_eff else None
+        settled = b not in fs.unsettled()  # else lo is only what is recalled so far: a lower bound
         cap.append({"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-                    "hi_rate": b.rate(b.hi), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp})
-        where = bracket_words(b.lo, b.hi, b.rate(b.lo), b.rate(b.hi), "entries").replace("ℓ*", "the largest book")
-        stored = (f"; {facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff {p_eff} = {bpp:.3f} bits/param "
+                    "hi_rate": b.rate(b.hi), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
+                    "settled": settled})
+        where = bracket_words(b.lo, b.hi, b.rate(b.lo), b.rate(b.hi), "entries",
+                              (len(b.probed.get(b.lo, {})), len(b.probed.get(b.hi, {})), len(search.seeds)))
+        where = where.replace("ℓ*", "the largest book")
+        stored = (f"; {'' if settled else 'at least '}{facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff "
+                  f"{p_eff}{' =' if settled else ', so at least'} {bpp:.3f} bits/param "
                   f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")
         print(f"  {b.method:<9} rank {b.rank}: {where}{stored}")
     print("\n## Entries recalled against book size (mean over seeds)")
@@ -155,7 +161,8 @@ def report(args: argparse.Namespace) -> int:
               f"best {r['longest_wait']} steps; {r['cut_short']} would have been cut short. {r['plateau_stops']} "
               "probes stopped on it.")
     open_ = still_open(fs)
-    state = "complete" if not open_ else f"interim: {len(open_)} capacities still open ({', '.join(open_)})"
+    state = ("complete" if not open_ else f"interim: {len(open_)} capacities still open ({', '.join(open_)}); "
+             + to_go(fs, ledger_of(args.keep), len(df)))
     print(f"\n{state}")
     if args.out:
         out = Path(args.out)

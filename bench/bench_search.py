@@ -68,7 +68,7 @@ def main() -> None:
     fs = FrontierSearch(search, Store(args.home), batch=args.batch if args.batch == "auto" else int(args.batch))
     t0 = time.perf_counter()
     if args.report_only:
-        fs._advance()  # every verdict already in the store, nothing trained
+        fs.read()  # every verdict already in the store: nothing trained
         p = fs.progress()
     else:
         done = -1

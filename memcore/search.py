@@ -418,6 +418,17 @@ class FrontierSearch:
                               brackets=self.brackets, finished=finished, stopped=self.stopped,
                               probing=dict(self.waiting))
 
+    def read(self) -> SearchProgress:
+        """Take every verdict the store already holds, training nothing, and say where that leaves the search (the
+        brackets, and the probes to go)."""
+        self._advance()
+        return self.progress()
+
+    def unsettled(self) -> list[Bracket]:
+        """The brackets with a probe still to train: a length whose verdict is awaited, or an end lacking seeds."""
+        wanted = {(p.bracket.method, p.bracket.rank) for p in [*self.live.values(), *self.first, *self.held]}
+        return [b for b in self.brackets if (b.method, b.rank) in self.waiting or (b.method, b.rank) in wanted]
+
     def slots(self) -> int:
         """Probes trained together: at most one length per bracket, all its seeds; 'auto' also bounds it by memory
         (memcore.sweep.batch_size_for at the longest length)."""
@@ -476,13 +487,14 @@ class SearchResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per (method, rank): method, rank, outcome ('bracketed', 'at least', 'at most', 'open'), ell_star
-        (tokens), lo, hi, lo_rate, hi_rate, probes, steps, and where the method's fit exists fitted ell_star with
-        its 95% interval and bits_per_param at the fitted ℓ*."""
+        (tokens), lo, hi, lo_rate, hi_rate (over the lo_seeds and hi_seeds seeds with a verdict), probes, steps, and
+        where the method's fit exists fitted ell_star with its 95% interval and bits_per_param at the fitted ℓ*."""
         out = []
         for b in self.progress.brackets:
             kind, ell = b.outcome(self.longest, 1)
             row = {"method": b.method, "rank": b.rank, "outcome": kind, "ell_star": ell, "lo": b.lo, "hi": b.hi,
-                   "lo_rate": b.rate(b.lo), "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps}
+                   "lo_rate": b.rate(b.lo), "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps,
+                   "lo_seeds": len(b.probed.get(b.lo, {})), "hi_seeds": len(b.probed.get(b.hi, {}))}
             fit = self.fits.get(b.method)
             if fit is not None:
                 lo, hi = fit.ell_star_interval(b.rank)
