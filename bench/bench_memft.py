@@ -392,7 +392,8 @@ def report(args: argparse.Namespace) -> int:
     for _, r in rule.iterrows():
         print(f"  {r['method']:<9} {r['points']:>3} points ran on to recall or the budget: the longest wait for a new "
               f"best {r['longest_wait']} steps (95th percentile {r['wait_p95']:.0f}); {r['cut_short']} would have "
-              f"been cut short by the window. {r['plateau_stops']} points stopped on it.")
+              f"been cut short by the window. {r['plateau_stops']} points stopped on it; of {r['failed']} not "
+              f"recalled, {r['budget_stops']} ran out of the {args.max_steps}-step budget instead.")
 
     print("\n## The law on plateau ΔL past the frontier (points not recalled, stopped on a plateau)")
     past = df[(~df["exact_recall"].astype(bool)) & (df["stop_reason"] == "plateau")]
@@ -436,7 +437,9 @@ def plateau_rule_check(store, df, window: int):
     """Per method, over the points that did not stop on the plateau rule (they ran on to recall or the budget, so
     their whole curve is known): how long they waited for a new best in tokens above τ or argmax-right tokens
     (memcore.train.waits_for_a_new_best), and how many a window of `window` steps would have stopped before a later
-    gain. Returns a DataFrame: method, points, longest_wait, wait_p95, cut_short, plateau_stops."""
+    gain. Returns a DataFrame: method, points, longest_wait, wait_p95, cut_short, plateau_stops, and of the points
+    not recalled (failed) how many ran out of the step budget instead (budget_stops: still improving, so their
+    length is not shown to be past what the adapter can hold, only past what the budget reaches)."""
     import numpy as np
     import pandas as pd
 
@@ -446,13 +449,16 @@ def plateau_rule_check(store, df, window: int):
     for m, d in df.groupby("method", sort=False):
         waits, cut = [], 0
         ran_on = d[d["stop_reason"] != "plateau"]
+        failed = ~d["exact_recall"].astype(bool)
         for rid in ran_on["run_id"]:
             w, _ = waits_for_a_new_best((s.step, s.n_above, s.n_correct) for s in store.steps(rid))
             waits += w
             cut += any(x > window for x in w)
         rows.append({"method": m, "points": len(ran_on), "longest_wait": max(waits, default=0),
                      "wait_p95": float(np.percentile(waits, 95)) if waits else 0.0, "cut_short": cut,
-                     "plateau_stops": int((d["stop_reason"] == "plateau").sum())})
+                     "plateau_stops": int((d["stop_reason"] == "plateau").sum()),
+                     "failed": int(failed.sum()),
+                     "budget_stops": int((failed & (d["stop_reason"] == "max_steps")).sum())})
     return pd.DataFrame(rows)
 
 

@@ -159,7 +159,11 @@ def report(args: argparse.Namespace) -> int:
     for _, r in rule.iterrows():
         print(f"  {r['method']:<9} {r['points']:>3} probes ran on to recall or the budget: the longest wait for a new "
               f"best {r['longest_wait']} steps; {r['cut_short']} would have been cut short. {r['plateau_stops']} "
-              "probes stopped on it.")
+              f"probes stopped on it; of {r['failed']} not recalled, {r['budget_stops']} ran out of the "
+              f"{args.epochs}-epoch budget instead.")
+    if len(rule) and rule["failed"].sum() and rule["budget_stops"].sum() == rule["failed"].sum():
+        print(f"  Every probe not recalled ran out of its {args.epochs} epochs while still improving: the capacities "
+              f"above are what {args.epochs} epochs at lr {args.lr} reach, lower bounds on what the adapter holds.")
     open_ = still_open(fs)
     state = ("complete" if not open_ else f"interim: {len(open_)} capacities still open ({', '.join(open_)}); "
              + to_go(fs, ledger_of(args.keep), len(df)))

@@ -1,0 +1,69 @@
+"""What the benchmarks' reports tell a reader (bench/bench_memft.py, shared by bench_phonebook.py): which points
+ran out of their budget, whether the plateau rule cut a curve short, an end's rate over fewer seeds so far, and
+how much is still to go."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_memft", ROOT / "bench" / "bench_memft.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Steps:
+    """A store whose runs' step rows are given: run id -> [(step, n_above, n_correct)]."""
+
+    def __init__(self, curves):
+        self.curves = curves
+
+    def steps(self, rid):
+        return [SimpleNamespace(step=s, n_above=a, n_correct=c) for s, a, c in self.curves[rid]]
+
+
+def test_the_plateau_check_counts_budget_stops_and_curves_the_window_would_have_cut():
+    bench = _bench()
+    flat_then_up = [(0, 1, 1), (10, 2, 2), (300, 3, 3)]  # 290 steps without a new best, then one
+    steady = [(s, s, s) for s in range(0, 100, 10)]
+    store = _Steps({"a": flat_then_up, "b": steady, "c": steady, "d": steady})
+    df = pd.DataFrame([
+        {"run_id": "a", "method": "sft", "exact_recall": True, "stop_reason": "recalled"},
+        {"run_id": "b", "method": "sft", "exact_recall": False, "stop_reason": "max_steps"},
+        {"run_id": "c", "method": "sft", "exact_recall": False, "stop_reason": "plateau"},
+        {"run_id": "d", "method": "memft-ot", "exact_recall": True, "stop_reason": "recalled"},
+    ])
+    rule = bench.plateau_rule_check(store, df, window=200).set_index("method")
+    assert rule.loc["sft", "points"] == 2 and rule.loc["sft", "longest_wait"] == 290
+    assert rule.loc["sft", "cut_short"] == 1  # a 200-step window would have stopped 'a' before its gain
+    assert rule.loc["sft", "plateau_stops"] == 1
+    assert (rule.loc["sft", "failed"], rule.loc["sft", "budget_stops"]) == (2, 1)
+    assert (rule.loc["memft-ot", "failed"], rule.loc["memft-ot", "cut_short"]) == (0, 0)
+
+
+def test_a_bracket_in_words_says_where_an_end_has_fewer_seeds_so_far():
+    bench = _bench()
+    words = bench.bracket_words(32, 64, 1.0, 0.0, seeds=(3, 2, 3))
+    assert words == "ℓ* between 32 and 64 tokens (recalled by 100% of the seeds at 32, 0% (2 of 3 seeds so far) at 64)"
+    assert "so far" not in bench.bracket_words(32, 64, 1.0, 0.0, seeds=(3, 3, 3))
+    assert bench.bracket_words(None, None, None, None) == "not probed yet"
+    assert bench.bracket_words(8, None, 0.5, None, "entries").startswith("ℓ* ≥ 8 entries (recalled by 50%")
+
+
+def test_what_is_left_is_said_in_probes_and_hours_at_the_pace_so_far():
+    bench = _bench()
+    fs = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(10, 20)))
+    line = bench.to_go(fs, {"wall_s": 3600.0}, points_done=6, more=2)  # 10 minutes a point so far
+    assert line == "between 12 and 22 probes to go (about 2-4 h at this search's pace so far, 10 min a point on " \
+                   "this CPU)"
+    assert bench.to_go(fs, {}, points_done=0) == "between 10 and 20 probes to go"
+    done = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)))
+    assert bench.to_go(done, {"wall_s": 10.0}, points_done=3) == ""
