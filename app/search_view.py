@@ -98,7 +98,12 @@ def _shipped_brackets(method: str) -> list[dict[str, Any]]:
             for b in brackets_of(df, method)]
 
 
-def _table(brackets: list[dict[str, Any]]) -> pd.DataFrame:
+def _table(brackets: list[dict[str, Any]], seeds: int = 0) -> pd.DataFrame:
+    """A row per rank: the bracket, the length in training, the recall rate at each end (and over how many of the
+    `seeds` where fewer so far: the search trains an end's other seeds when its bracket closes)."""
+    def rate(n, r, k):
+        return f"{n}: {r:.0%}" + (f" ({k} of {seeds} seeds so far)" if k is not None and 0 < k < seeds else "")
+
     rows = []
     for b in brackets:
         lo, hi = b.get("lo"), b.get("hi")
@@ -106,9 +111,10 @@ def _table(brackets: list[dict[str, Any]]) -> pd.DataFrame:
                  else f"< {hi}" if hi is not None else "not yet known")
         if b.get("probing"):
             where += f" (probing {b['probing']})"
-        rate = "; ".join(f"{n}: {r:.0%}" for n, r in ((lo, b.get("lo_rate")), (hi, b.get("hi_rate")))
-                         if n is not None and r is not None)
-        rows.append({"rank": b["rank"], "ℓ* between (tokens)": where, "recall rate at the ends": rate or "—",
+        rates = "; ".join(rate(n, r, k) for n, r, k in ((lo, b.get("lo_rate"), b.get("lo_seeds")),
+                                                           (hi, b.get("hi_rate"), b.get("hi_seeds")))
+                          if n is not None and r is not None)
+        rows.append({"rank": b["rank"], "ℓ* between (tokens)": where, "recall rate at the ends": rates or "—",
                      "lengths probed": b.get("probes", b.get("lengths")), "steps": str(b.get("steps", ""))})
     return pd.DataFrame(rows)
 
@@ -139,7 +145,7 @@ def _progress(job_id: str) -> None:
                     f"{p['in_flight']} training · {fewest if fewest == most else f'{fewest}-{most}'} to go · "
                     f"{p['steps']:,} steps · "
                     f"{wall:.0f} s elapsed" + (" · stopping after the current step" if job.stop_requested else ""))
-        st.dataframe(_table(p["brackets"]), hide_index=True, width="stretch")
+        st.dataframe(_table(p["brackets"], p.get("seeds", 0)), hide_index=True, width="stretch")
     if job.is_live:
         if st.button("Stop", key=f"fs-stop-{job.id}",
                      help="Stops after the current step; finished probes are kept and reused by the same search"):

@@ -227,15 +227,20 @@ class SearchProgress:
     finished: bool = False
     stopped: bool = False
     probing: dict[tuple[str, int], int] = field(default_factory=dict)  # (method, rank) -> length in training
-    probes_left: tuple[int, int] = (0, 0)  # (fewest, most) probes still to train, those in training included
+    probes_left: tuple[int, int] = (0, 0)  # (fewest, most) probes still to complete (trained, or read from a store
+    # that holds another search's probes on the same template), those in training included
+    seeds: int = 0  # seeds searched (an end's rate may be over fewer so far)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the counts and, per bracket, method, rank, lo, hi and the recall rates at lo and hi."""
+        """JSON-ready: the counts and, per bracket, method, rank, lo, hi, the recall rates at lo and hi and the seeds
+        each is over."""
         return {"probes_done": self.probes_done, "in_flight": self.in_flight, "steps": self.steps,
                 "seconds": self.seconds, "finished": self.finished, "stopped": self.stopped,
                 "probes_left": list(self.probes_left),
+                "seeds": self.seeds,
                 "brackets": [{"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-                              "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps,
+                              "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
+                              "hi_seeds": len(b.probed.get(b.hi, {})), "probes": len(b.probed), "steps": b.steps,
                               "probing": self.probing.get((b.method, b.rank))}
                              for b in self.brackets]}
 
@@ -411,7 +416,7 @@ class FrontierSearch:
         for p in [*self.live.values(), *self.first, *self.held]:
             if self.waiting.get((p.bracket.method, p.bracket.rank)) != p.length:
                 fewest, most = fewest + 1, most + 1
-        return SearchProgress(probes_left=(fewest, most), probes_done=self.done, in_flight=self.in_flight,
+        return SearchProgress(probes_left=(fewest, most), seeds=every, probes_done=self.done, in_flight=self.in_flight,
                               steps=sum(b.steps for b in self.brackets) + sum(self.training.values())
                               + self.cut_steps,
                               seconds=time.perf_counter() - self.t0,
@@ -426,8 +431,9 @@ class FrontierSearch:
 
     def unsettled(self) -> list[Bracket]:
         """The brackets with a probe still to train: a length whose verdict is awaited, or an end lacking seeds."""
-        wanted = {(p.bracket.method, p.bracket.rank) for p in [*self.live.values(), *self.first, *self.held]}
-        return [b for b in self.brackets if (b.method, b.rank) in self.waiting or (b.method, b.rank) in wanted]
+        every = set(self.search.seeds)
+        return [b for b in self.brackets if b.next_length(self.search, self.longest) is not None
+                or any(end is not None and not every <= b.probed.get(end, {}).keys() for end in (b.lo, b.hi))]
 
     def slots(self) -> int:
         """Probes trained together: at most one length per bracket, all its seeds; 'auto' also bounds it by memory
@@ -465,10 +471,17 @@ class FrontierSearch:
             if r.summary.status != "completed":  # cut off: its steps count, its verdict waits for the next run
                 self.stopped = True
                 self.cut_steps += int(r.summary.steps)
+                self.asked.discard((p.bracket.method, p.bracket.rank, p.length, p.seed))  # still to train
                 continue
             self._verdict(p.bracket, p.length, p.seed, r.summary)
             said = time.perf_counter()
             yield self.progress()
+        for p in self.live.values():  # taken for a slot after the stop request, never started
+            self.asked.discard((p.bracket.method, p.bracket.rank, p.length, p.seed))
+        self.live.clear()
+        self.training.clear()
+        self.in_flight = 0
+        self._advance()  # a bracket the last verdicts moved: its next length or its ends' seeds are still to go
         self.stopped = self.stopped or bool(self.should_stop and self.should_stop())
         yield self.progress(finished=not self.stopped)
 
@@ -484,6 +497,7 @@ class SearchResult:
     fits: dict[str, Any]  # method -> FrontierFit or None
     fit_errors: dict[str, str | None]
     probes: list[dict[str, Any]] = field(default_factory=list)  # memcore.sweep.sweep_table rows of every probe
+    shortest: int = 1  # the shortest length the search allowed (a bracket pinned there is 'at most')
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per (method, rank): method, rank, outcome ('bracketed', 'at least', 'at most', 'open'), ell_star
@@ -491,7 +505,7 @@ class SearchResult:
         where the method's fit exists fitted ell_star with its 95% interval and bits_per_param at the fitted ℓ*."""
         out = []
         for b in self.progress.brackets:
-            kind, ell = b.outcome(self.longest, 1)
+            kind, ell = b.outcome(self.longest, self.shortest)
             row = {"method": b.method, "rank": b.rank, "outcome": kind, "ell_star": ell, "lo": b.lo, "hi": b.hi,
                    "lo_rate": b.rate(b.lo), "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps,
                    "lo_seeds": len(b.probed.get(b.lo, {})), "hi_seeds": len(b.probed.get(b.hi, {}))}
@@ -528,7 +542,8 @@ def search_result(search: FrontierSearch, progress: SearchProgress) -> SearchRes
             _, fits[m], errors[m] = frontier_from_table(df, m)
         except MemcoreError as e:
             fits[m], errors[m] = None, str(e)
-    return SearchResult(search.search.id, progress, search.longest, fits, errors, df.to_dict("records"))
+    return SearchResult(search.search.id, progress, search.longest, fits, errors, df.to_dict("records"),
+                        shortest=search.search.min_length)
 
 
 def budget_notes(probes: list[dict[str, Any]]) -> list[str]:

@@ -68,6 +68,15 @@ def test_a_frontier_outside_the_lengths_is_a_bound():
     assert b.outcome(4096, 1) == ("at most", 1.0)
 
 
+def test_a_frontier_below_the_shortest_length_allowed_is_an_upper_bound():
+    from memcore.search import SearchProgress, SearchResult
+
+    pinned = Bracket("sft", 1, lo=None, hi=4, probed={4: {0: False}})
+    progress = SearchProgress(probes_done=1, in_flight=0, steps=10, seconds=1.0, brackets=[pinned])
+    (row,) = SearchResult("s", progress, longest=96, fits={}, fit_errors={}, shortest=4).rows()
+    assert (row["outcome"], row["ell_star"], row["hi_seeds"]) == ("at most", 4.0, 1)
+
+
 def test_grid_lengths_are_as_fine_as_the_resolution():
     g = grid_lengths(16, 192, 0.05)
     assert g[0] == 16 and g[-1] >= 192
@@ -319,3 +328,42 @@ def test_a_verdict_settled_by_the_first_seeds_skips_the_rest_but_the_ends_get_ev
     assert len(order) <= 3 * len(full.probed) - len(agree)  # a third seed skipped wherever the first two agree
     for p in progress:  # the probes to go bound what the search went on to train
         assert p.probes_left[0] <= progress[-1].probes_done - p.probes_done <= p.probes_left[1]
+
+
+@pytest.mark.parametrize("stop_after", [9, 12, 15])
+def test_a_stopped_search_says_what_is_left_as_a_fresh_read_of_its_store_does(tiny_model_dir, home, monkeypatch,
+                                                                              stop_after):
+    """Stopped while an end's last seed trains, the search that stopped and a fresh one reading the same verdicts
+    agree on what is still to train (the cut-off probe included) and on which brackets are unsettled; nothing is
+    left counted as in training."""
+    from types import SimpleNamespace
+
+    import memcore.runner
+
+    frontiers = {0: 40, 1: 44, 2: 37}
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=(0, 1, 2), start_length=32,
+                        max_length=96, name="stopped")
+    known, asked = {}, [False]
+
+    def fake(runs, store, base, *, slots, max_rank=1, should_stop=None):
+        for run in runs:
+            if should_stop():
+                return  # as execute_many: the run taken for the slot is never started
+            p = run.tag
+            if len(known) == stop_after:  # the stop comes while this one trains
+                asked[0] = True
+                s = SimpleNamespace(status="stopped", steps=3, exact_recall=False)
+            else:
+                s = SimpleNamespace(status="completed", steps=10, exact_recall=p.length <= frontiers[p.seed])
+                known[search.label(p.bracket.method, p.bracket.rank, p.length, p.seed)] = s
+            yield p, SimpleNamespace(final=True, step=s.steps, summary=s)
+
+    monkeypatch.setattr(memcore.runner, "execute_many", fake)
+    monkeypatch.setattr(FrontierSearch, "_completed", lambda self: dict(known))
+    fs = FrontierSearch(search, Store(home), batch=1, should_stop=lambda: asked[0])
+    last = list(fs.run())[-1]
+    assert last.stopped and not last.finished and last.in_flight == 0
+    fresh = FrontierSearch(search, Store(home), batch=1)
+    again = fresh.read()
+    assert last.probes_left == again.probes_left and last.probes_left[0] >= 1
+    assert [b.rank for b in fs.unsettled()] == [b.rank for b in fresh.unsettled()] == [1]
