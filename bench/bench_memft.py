@@ -338,8 +338,8 @@ def report(args: argparse.Namespace) -> int:
     unsettled = set(still_open(fs))
     for r in rows:  # bits per parameter only where the frontier is placed: an open bracket's figure is no capacity
         r["settled"] = f"{r['method']}/r{r['rank']}" not in unsettled
-        if not r["settled"]:
-            r["bits_per_param"] = None
+        if not r["settled"]:  # nor a fit through open brackets (it extrapolated ℓ*(2) to 47,001 tokens once)
+            r["bits_per_param"] = r["fitted_ell_star"] = r["fitted_interval"] = None
     fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
     for r in rows:
         words = bracket_words(r["lo"], r["hi"], r["lo_rate"], r["hi_rate"],
