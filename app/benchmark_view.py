@@ -75,15 +75,20 @@ def _rate(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.0%}"
 
 
-def frontier_table(front: pd.DataFrame, unit: str = "tokens") -> pd.DataFrame:
+def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) -> pd.DataFrame:
     """The frontier rows as a reader reads them: method, rank, the bracket, the recall rate at its ends and bits
     per parameter. front: long_context_frontier.csv / phonebook_capacity.csv rows (method, rank, lo, hi, lo_rate,
     hi_rate; optional bits_per_param, and settled: False while the search still trains there, when bits per
-    parameter at the longest recalled so far is a lower bound)."""
+    parameter at the longest recalled so far is a lower bound; lo_seeds, hi_seeds: the seeds each end's rate is
+    over, said where fewer than the `seeds` searched so far)."""
+    def so_far(k) -> str:
+        return f" ({int(k)} of {seeds} so far)" if seeds and k is not None and not pd.isna(k) and k < seeds else ""
+
     rows = []
     for _, r in front.iterrows():
         row = {"method": r["method"], "rank": int(r["rank"]), f"frontier ({unit})": _ends(r["lo"], r["hi"]),
-               "recall rate at the ends": f"{_rate(r.get('lo_rate'))} / {_rate(r.get('hi_rate'))}"}
+               "recall rate at the ends": f"{_rate(r.get('lo_rate'))}{so_far(r.get('lo_seeds'))} / "
+                                          f"{_rate(r.get('hi_rate'))}{so_far(r.get('hi_seeds'))}"}
         bpp = r.get("bits_per_param")
         bound = "settled" in r and not pd.isna(r["settled"]) and not bool(r["settled"])
         row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{'≥ ' if bound else ''}{float(bpp):.3f}"
@@ -94,17 +99,41 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens") -> pd.DataFrame:
 def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     """The paired differences as a reader reads them: named columns, the interval as one cell, 3 significant
     digits."""
-    def num(x) -> str:
-        return "—" if x is None or pd.isna(x) else f"{float(x):+.3g}"
-
     rows = []
     for _, r in paired.iterrows():
-        rows.append({"method − sft": r["method"], "rank": int(r["rank"]), "length (tokens)": int(r["length"]),
-                     "where": r.get("where", ""), "measure": MEASURES.get(r["measure"], r["measure"]),
-                     "mean difference": num(r["mean"]), "95% interval": f"[{num(r['lo'])}, {num(r['hi'])}]",
-                     "seeds": int(r["n"]), "sft": f"{float(r['baseline_mean']):.3g}",
-                     "method": f"{float(r['method_mean']):.3g}", "verdict": r["verdict"]})
+        rows.append({"method − sft": r["method"], "cell": f"r{int(r['rank'])} · {int(r['length'])} tokens"
+                     + (f" · {r['where']}" if r.get("where") else ""),
+                     "measure": MEASURES.get(r["measure"], r["measure"]),
+                     "difference [95% interval]": f"{signed(r['mean'])} " + (
+                         f"[{signed(r['lo'])}, {signed(r['hi'])}]" if pd.notna(r["lo"]) else "(one seed)"),
+                     "method / sft": f"{float(r['method_mean']):.3g} / {float(r['baseline_mean']):.3g}",
+                     "seeds": int(r["n"]), "verdict": r["verdict"]})
     return pd.DataFrame(rows)
+
+
+def signed(x) -> str:
+    """A difference as a reader reads it: 3 significant digits, a true minus sign, '—' when missing."""
+    if x is None or pd.isna(x):
+        return "—"
+    text = f"{float(x):+.3g}"
+    return text.replace("-", "−")
+
+
+def show_spot(spot: pd.DataFrame) -> None:
+    """The spot re-run (bench_memft.py spot: the shipped cells trained again with other seeds): how many fell inside
+    the shipped intervals, and the verdict pooled over every seed, per method and cell."""
+    seeds = ", ".join(sorted(set(str(s) for s in spot["new_seeds"])))
+    inside = int(spot["inside"].astype(bool).sum())
+    lines = [f"**Spot re-run with seeds {seeds}**: {inside} of {len(spot)} differences fall inside the shipped 95% "
+             "intervals (a mean over other, fewer seeds strays outside more often than 5%). Pooled over every seed:"]
+    for _, r in spot.iterrows():
+        if pd.isna(r.get("pooled_mean")):
+            continue
+        lines.append(f"- {r['method']} − sft, r{int(r['rank'])} · {int(r['length'])} tokens, "
+                     f"{MEASURES.get(r['measure'], r['measure'])}: {signed(r['pooled_mean'])} "
+                     f"[{signed(r['pooled_lo'])}, {signed(r['pooled_hi'])}] over {int(r['pooled_n'])} seeds, "
+                     f"**{r['pooled_verdict']}**")
+    st.markdown("\n".join(lines))
 
 
 def verdict_line(paired: pd.DataFrame, method: str) -> str:
@@ -163,7 +192,10 @@ def render(store) -> None:
                                                                  else "") + ".")
         if brackets["ell_star"].notna().any():
             show_chart(charts.frontier_brackets_chart(brackets, runs))
-        st.dataframe(frontier_table(front), hide_index=True, width="stretch")
+        st.dataframe(frontier_table(front, seeds=len(meta.get("seeds") or [])), hide_index=True, width="stretch")
+        if "settled" in front and not front["settled"].astype(bool).all():
+            st.caption("Bits per parameter: at the frontier once it is placed; while the search still trains there, "
+                       "at the longest length recalled so far (≥: a lower bound), or — where none is known yet.")
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "
@@ -172,19 +204,37 @@ def render(store) -> None:
             st.markdown(verdict_line(paired, m))
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
             show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
+        if set(paired.get("where", pd.Series(dtype=str)).astype(str)) <= {"search probe"}:
+            st.caption("So far these are the search's own probes: steps to exact recall where both methods recalled "
+                       "the same seeds' tokens. Fidelity past the frontier (token accuracy, tokens above τ, verbatim "
+                       "prefix, ΔL at 1.5 and 2 times sft's ℓ*) is measured once every sft frontier is placed.")
         with st.expander("The paired table"):
             st.dataframe(paired_table(paired), hide_index=True, width="stretch")
+        spot = _read(where / "long_context_spot.csv")
+        if spot is not None:
+            show_spot(spot)
     if law is not None:
         st.markdown("**The law past the frontier** (plateau ΔL of the points not recalled, per method):")
         st.dataframe(law, hide_index=True, width="stretch")
+    elif front is not None:
+        st.caption("The law past the frontier is not fitted yet: it needs six plateau points over two ranks and two "
+                   "lengths per method, which the points around sft's frontier give.")
     if book is None:
         st.caption(f"No PhoneBook tables in {where} yet: `{COMMANDS[1]}` makes them (capacity in facts per method "
                    "and rank).")
     else:
         st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
                     "(a 10-digit number carries 33.2 bits).")
-        st.dataframe(frontier_table(book, unit="entries"), hide_index=True, width="stretch")
         book_meta = _meta(where / "phonebook.json")
+        st.dataframe(frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])), hide_index=True,
+                     width="stretch")
+        rule = _read(where / "phonebook_plateau_rule.csv")
+        if rule is not None and {"failed", "budget_stops"} <= set(rule.columns) and rule["failed"].sum() \
+                and (rule["budget_stops"] == rule["failed"]).all():
+            epochs = book_meta.get("epochs", "its")
+            st.caption(f"Every probe not recalled ran out of its {epochs} epochs while still improving (none stopped "
+                       f"on a plateau): these capacities are what {epochs} epochs reach, lower bounds on what the "
+                       "adapter can hold.")
         if book_meta.get("note"):
             st.caption(f"From {where} · {book_meta['note']}.")
 

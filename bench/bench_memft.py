@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
 METHODS = ("sft", "memft-ot", "memft-sw")
 KEEP = ROOT / "sample_data" / "paper" / "long_context_runs"
+KEEP_SPOT = ROOT / "sample_data" / "paper" / "long_context_spot_runs"  # the spot re-run's own seeds
 POOL = 1280  # random tokens drawn per seed; a point trains on the first `length` of them
 AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
 ABOUT = {  # each command's --help
@@ -254,7 +255,7 @@ def spot(args: argparse.Namespace) -> int:
         print(f"note: these settings are search {search.id}, the shipped table's are {side['search']} "
               f"({side.get('command') or 'its command'}): the comparison holds only for the same settings",
               flush=True)
-    args.keep = args.keep or Path(tempfile.gettempdir()) / "memcore-bench-memft-spot" / search.id
+    args.keep = args.keep or KEEP_SPOT / search.id
     t0 = time.perf_counter()
     print(f"spot re-run of {shown(args.paired)} with seeds {list(search.seeds)}; {restore(store, args.keep)} points "
           f"read back from {shown(args.keep)}", flush=True)
@@ -263,6 +264,7 @@ def spot(args: argparse.Namespace) -> int:
 
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
+    shipped = shipped[shipped["lo"].notna() & shipped["hi"].notna()]  # a cell of one seed has no interval to check
     cells = shipped[["method", "rank", "length"]].drop_duplicates()
     points = [(m, int(rank), int(n), sd) for _, (meth, rank, n) in cells.iterrows() for m in ("sft", meth)
               for sd in search.seeds]
@@ -275,6 +277,7 @@ def spot(args: argparse.Namespace) -> int:
     every = pd.DataFrame(sweep_table(store, search.id))
     df = every[every["seed"].isin(search.seeds)]
     inside = outside = 0
+    checks = []
     print(f"\n## The shipped 95% intervals (seeds of {shown(args.paired)}) against seeds {list(search.seeds)}")
     for _, c in shipped.iterrows():
         here = df[(df["rank"] == c["rank"]) & (df["length"] == c["length"])]
@@ -299,9 +302,19 @@ def spot(args: argparse.Namespace) -> int:
                 if len(pooled) else "")
         print(f"  {where} new {mean:+9.3f} (n={int(new['n'].iloc[0])})  shipped [{c['lo']:+.3f}, {c['hi']:+.3f}]  "
               f"{'inside' if ok else 'OUTSIDE'}{pool}")
+        checks.append({"method": c["method"], "rank": int(c["rank"]), "length": int(c["length"]),
+                       "measure": c["measure"], "new_seeds": ",".join(map(str, search.seeds)), "new_mean": mean,
+                       "new_n": int(new["n"].iloc[0]), "shipped_lo": c["lo"], "shipped_hi": c["hi"], "inside": bool(ok),
+                       **({"pooled_n": int(pooled["n"].iloc[0]), "pooled_mean": float(pooled["mean"].iloc[0]),
+                           "pooled_lo": float(pooled["lo"].iloc[0]), "pooled_hi": float(pooled["hi"].iloc[0]),
+                           "pooled_verdict": pooled["verdict"].iloc[0]} if len(pooled) else {})})
     print(f"\n{inside} inside, {outside} outside the shipped intervals ({time.perf_counter() - t0:.0f} s). A shipped "
           "interval is one for the mean over its own seeds: a mean over other, fewer seeds strays outside it more "
           "often than 5% of the time, so read the pooled interval beside it.")
+    if checks:
+        table = Path(args.paired).with_name("long_context_spot.csv")
+        pd.DataFrame(checks).to_csv(table, index=False)
+        print(f"wrote {shown(table)}")
     return 0
 
 
@@ -333,20 +346,29 @@ def report(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     print(f"search {search.id}: {len(df)} completed points ({df['steps'].sum()} steps)")
 
-    print("\n## ℓ*(r) per method (bracket within the resolution; recall rate over seeds at its ends)")
     rows = result.rows()
     unsettled = set(still_open(fs))
-    for r in rows:  # bits per parameter only where the frontier is placed: an open bracket's figure is no capacity
+    within = f"{search.resolution:.0%}"
+    print(f"\n## ℓ*(r) per method: the longest length recalled by at least half the seeds and the shortest not, "
+          f"{'placed within ' + within if not unsettled else 'so far (not yet within ' + within + ')'}; "
+          "the recall rate over the seeds at each end; bits per parameter there (against 2, Allen-Zhu & Li, and "
+          "3.6, Morris et al.)")
+    for r in rows:
         r["settled"] = f"{r['method']}/r{r['rank']}" not in unsettled
-        if not r["settled"]:  # nor a fit through open brackets (it extrapolated ℓ*(2) to 47,001 tokens once)
-            r["bits_per_param"] = r["fitted_ell_star"] = r["fitted_interval"] = None
+        if not r["settled"]:  # no fit through brackets still moving (it once put memft-sw's ℓ*(2) at 47,001 tokens):
+            fit = result.fits.get(r["method"])  # at the longest recalled so far, a lower bound
+            per_token = fit.capacity_bits_per_token if fit is not None else None
+            r["fitted_ell_star"] = r["fitted_interval"] = None
+            r["bits_per_param"] = (r["lo"] * per_token / (r["rank"] * fit.p_eff_per_rank)
+                                   if per_token and fit.p_eff_per_rank and r["lo"] else None)
     fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
     for r in rows:
         words = bracket_words(r["lo"], r["hi"], r["lo_rate"], r["hi_rate"],
                               seeds=(r["lo_seeds"], r["hi_seeds"], len(search.seeds)))
+        bpp = r.get("bits_per_param")
         print(f"  {r['method']:<9} rank {r['rank']}: {words}"
-              + (f"; {r['bits_per_param']:.3f} bits/param (against 2 and 3.6)" if r.get("bits_per_param") is not None
-                 else ""))
+              + ("" if bpp is None else f"; {bpp:.3f} bits/param" if r["settled"] else
+                 f"; at least {bpp:.3f} bits/param (at {r['lo']} tokens)"))
 
     ref = reference_lengths(fs.brackets)
     df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
@@ -359,10 +381,12 @@ def report(args: argparse.Namespace) -> int:
         on_probes = paired_differences(probes, ["steps"]).assign(where="search probe")
         tables.append(on_probes)
         for _, r in on_probes.iterrows():
-            print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} {r['mean']:+8.1f} [{r['lo']:+8.1f}, "
-                  f"{r['hi']:+8.1f}]  ({r['method_mean']:.1f} vs {r['baseline_mean']:.1f} steps, n={r['n']})  "
-                  f"{r['verdict']}")
-    print("\n## Paired differences, method − sft on the same seeds and data (mean, 95% paired-t interval)")
+            print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} {r['mean']:+8.1f} {interval(r, '+8.1f')}  "
+                  f"({r['method_mean']:.1f} vs {r['baseline_mean']:.1f} steps, {seeds_word(r['n'])})  {r['verdict']}")
+    print("\n## Paired differences around sft's frontier (stage 2: 0.5, 1.5 and 2 times its ℓ*), method − sft on the "
+          "same seeds and data (mean, 95% paired-t interval)")
+    if stage2.empty:
+        print("  none yet: stage 2 trains once every sft frontier is placed")
     measures = {"below": ["steps", "exact_recall"],
                 "past": ["token_accuracy", "frac_above", "verbatim_prefix", "delta_loss"]}
     for kind, cols in measures.items():
@@ -373,15 +397,16 @@ def report(args: argparse.Namespace) -> int:
         tables.append(t)
         for _, r in t.iterrows():
             print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['where']:>6}) {r['measure']:<15} "
-                  f"{r['mean']:+9.3f} [{r['lo']:+9.3f}, {r['hi']:+9.3f}]  n={r['n']}  {r['verdict']}")
+                  f"{r['mean']:+9.3f} {interval(r, '+9.3f')}  {seeds_word(r['n'])}  {r['verdict']}")
     paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
     open_ = still_open(fs)
     stage2_left = len({search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)}
                       - {r["label"] for r in store.runs(sweep=search.id, status="completed")})
     state = ("complete" if not open_ and stage2_left == 0 else
-             f"interim: {len(open_)} frontier(s) still open ({', '.join(open_)}), then the points around sft's "
-             f"frontier" if open_ else f"interim: {stage2_left} points around the frontier still to train")
+             f"interim: {len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
+             f"{search.resolution:.0%} ({', '.join(open_)}), then the points around sft's frontier" if open_ else
+             f"interim: {stage2_left} points around the frontier still to train")
     if open_ or stage2_left:  # stage 2 is 3 lengths × methods × seeds per rank once sft's frontier is placed
         left = to_go(fs, ledger_of(args.keep), len(df), stage2_left if not open_ else
                      len(AROUND) * len(search.ranks) * len(search.methods) * len(search.seeds))
@@ -392,7 +417,7 @@ def report(args: argparse.Namespace) -> int:
     for _, r in rule.iterrows():
         print(f"  {r['method']:<9} {r['points']:>3} points ran on to recall or the budget: the longest wait for a new "
               f"best {r['longest_wait']} steps (95th percentile {r['wait_p95']:.0f}); {r['cut_short']} would have "
-              f"been cut short by the window. {r['plateau_stops']} points stopped on it; of {r['failed']} not "
+              f"been cut short by the window. {points_word(r['plateau_stops'])} stopped on it; of {r['failed']} not "
               f"recalled, {r['budget_stops']} ran out of the {args.max_steps}-step budget instead.")
 
     print("\n## The law on plateau ΔL past the frontier (points not recalled, stopped on a plateau)")
@@ -425,9 +450,9 @@ def report(args: argparse.Namespace) -> int:
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
                 "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
                 "points": int(len(df)), "steps": int(df["steps"].sum()), "state": state,
-                "command": ledger.get("command"), "wall_s": ledger.get("wall_s"),
+                "command": ledger.get("command"), "wall_s": ledger.get("wall_s"), "as_of": as_of(),
                 "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
-                        f"{hours_of(ledger.get('wall_s'))} of training on this CPU; {state}"}
+                        f"{hours_of(ledger.get('wall_s'))} of training on this CPU, as of {as_of()}"}
         (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
         print(f"\nwrote {out}/long_context_{{points,frontier,paired,law,plateau_rule}}.csv and long_context.json")
     return 0
@@ -462,26 +487,52 @@ def plateau_rule_check(store, df, window: int):
     return pd.DataFrame(rows)
 
 
+def as_of() -> str:
+    """Now, as the tables' JSON says when they were written (UTC, to the minute)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def interval(r, fmt: str) -> str:
+    """A paired row's 95% interval as '[lo, hi]', or 'no interval' when one seed is all there is."""
+    if pd_isna(r["lo"]) or pd_isna(r["hi"]):
+        return "(no interval)"
+    return f"[{r['lo']:{fmt}}, {r['hi']:{fmt}}]"
+
+
+def pd_isna(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def seeds_word(n) -> str:
+    return f"{int(n)} seed{'s' if int(n) != 1 else ''}"
+
+
+def points_word(n) -> str:
+    return f"{int(n)} point{'s' if int(n) != 1 else ''}"
+
+
 def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens", seeds: tuple[int, int, int] | None = None) -> str:
     """A bracket as a reader reads it: both ends with the recall rate over the seeds at each, or the bound known so
     far, or 'not probed yet'. seeds: (seeds with a verdict at lo, at hi, seeds searched), to say where an end's
     rate is over fewer seeds so far (the search trains an end's other seeds when its bracket closes)."""
-    def rate(x, n=None):
-        if x is None:
-            return "—"
-        short = seeds is not None and n is not None and n < seeds[2]
-        return f"{float(x):.0%}" + (f" ({n} of {seeds[2]} seeds so far)" if short else "")
+    def rate(x):
+        return "—" if x is None else f"{float(x):.0%}"
+
+    def so_far(n):
+        return f" ({n} of {seeds[2]} so far)" if seeds is not None and n is not None and n < seeds[2] else ""
 
     n_lo, n_hi = (seeds[0], seeds[1]) if seeds else (None, None)
     if lo is not None and hi is not None:
-        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate, n_lo)} of the seeds at {lo}, "
-                f"{rate(hi_rate, n_hi)} at {hi})")
+        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}{so_far(n_lo)}, "
+                f"{rate(hi_rate)} at {hi}{so_far(n_hi)})")
     if lo is not None:
-        return (f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate, n_lo)} of the seeds at {lo}; nothing longer has "
-                "failed)")
+        return (f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}{so_far(n_lo)}; nothing longer "
+                "has failed)")
     if hi is not None:
-        return (f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate, n_hi)} of the seeds at {hi}; nothing shorter was "
-                "recalled)")
+        return (f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate)} of the seeds at {hi}{so_far(n_hi)}; nothing shorter "
+                "was recalled)")
     return "not probed yet"
 
 
@@ -603,7 +654,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report", "spot"):
         p = sub.add_parser(name, description=ABOUT[name])
-        store_flags(p, "memcore-bench-memft", "sample_data/paper/long_context_runs",
+        store_flags(p, "memcore-bench-memft", f"sample_data/paper/long_context{'_spot' if name == 'spot' else ''}_runs",
                     jsonl="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
                           "of random tokens; every seed then trains on the same target",
                     fields="question,matching")

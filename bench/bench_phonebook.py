@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the default model linked in)
+    as_of,
     bracket_words,
     hours_of,
     ledger_of,
@@ -44,6 +45,7 @@ from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the de
     plateau_rule_check,
     read_pairs,
     run_search,
+    seeds_word,
     still_open,
     store_flags,
     to_go,
@@ -138,7 +140,8 @@ def report(args: argparse.Namespace) -> int:
         bpp = facts * BITS_PER_ENTRY / p_eff if facts and p_eff else None
         settled = b not in fs.unsettled()  # else lo is only what is recalled so far: a lower bound
         cap.append({"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-                    "hi_rate": b.rate(b.hi), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
+                    "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
+                    "hi_seeds": len(b.probed.get(b.hi, {})), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
                     "settled": settled})
         where = bracket_words(b.lo, b.hi, b.rate(b.lo), b.rate(b.hi), "entries",
                               (len(b.probed.get(b.lo, {})), len(b.probed.get(b.hi, {})), len(search.seeds)))
@@ -148,11 +151,12 @@ def report(args: argparse.Namespace) -> int:
                   f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")
         print(f"  {b.method:<9} rank {b.rank}: {where}{stored}")
     print("\n## Entries recalled against book size (mean over seeds)")
-    t = df.groupby(["method", "rank", "entries"]).agg(entries_recalled=("entries_recalled", "mean"),
+    t = df.assign(method=pd.Categorical(df["method"], list(dict.fromkeys([*METHODS, *df["method"]])), ordered=True)) \
+        .groupby(["method", "rank", "entries"], observed=True).agg(entries_recalled=("entries_recalled", "mean"),
                                                       seeds=("seed", "count"), steps=("steps", "mean")).reset_index()
     for _, r in t.iterrows():
         print(f"  {r['method']:<9} rank {r['rank']} book {r['entries']:>4}: {r['entries_recalled']:.1f} recalled "
-              f"({r['seeds']} seeds, {r['steps']:.0f} steps)")
+              f"({seeds_word(r['seeds'])}, {r['steps']:.0f} steps)")
     rule = plateau_rule_check(store, df, args.plateau_window)
     print(f"\n## The plateau rule against the curves (a probe stops after {args.plateau_window} steps without a new "
           "best in tokens above τ or argmax-right tokens)")
@@ -165,8 +169,8 @@ def report(args: argparse.Namespace) -> int:
         print(f"  Every probe not recalled ran out of its {args.epochs} epochs while still improving: the capacities "
               f"above are what {args.epochs} epochs at lr {args.lr} reach, lower bounds on what the adapter holds.")
     open_ = still_open(fs)
-    state = ("complete" if not open_ else f"interim: {len(open_)} capacities still open ({', '.join(open_)}); "
-             + to_go(fs, ledger_of(args.keep), len(df)))
+    state = ("complete" if not open_ else f"interim: {len(open_)} capacit{'ies' if len(open_) != 1 else 'y'} not yet "
+             f"placed within {search.resolution:.0%} ({', '.join(open_)}); " + to_go(fs, ledger_of(args.keep), len(df)))
     print(f"\n{state}")
     if args.out:
         out = Path(args.out)
@@ -178,9 +182,9 @@ def report(args: argparse.Namespace) -> int:
         side = {"search": search.id, "ranks": list(search.ranks), "methods": list(search.methods),
                 "seeds": list(search.seeds), "resolution": search.resolution, "batch_size": args.batch_size,
                 "epochs": args.epochs, "lr": args.lr, "probes": int(len(df)), "steps": int(df["steps"].sum()),
-                "state": state, "command": ledger.get("command"), "wall_s": ledger.get("wall_s"),
+                "state": state, "command": ledger.get("command"), "wall_s": ledger.get("wall_s"), "as_of": as_of(),
                 "note": f"{len(df)} probes of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
-                        f"{hours_of(ledger.get('wall_s'))} of training on this CPU; {state}"}
+                        f"{hours_of(ledger.get('wall_s'))} of training on this CPU, as of {as_of()}"}
         (out / "phonebook.json").write_text(json.dumps(side, indent=2) + "\n")
         print(f"\nwrote {out}/phonebook_{{points,capacity,plateau_rule}}.csv and phonebook.json")
     return 0

@@ -545,6 +545,19 @@ def _benchmark_tables(folder: Path) -> None:
                   for m, r, lo, hi in (("sft", 1, 38, 40), ("memft-ot", 1, 40, 42), ("memft-sw", 1, 36, 38),
                                        ("sft", 2, 76, 80), ("memft-ot", 2, 80, None), ("memft-sw", 2, None, None))
                   ]).to_csv(folder / "long_context_frontier.csv", index=False)
+    pd.DataFrame([{"method": m, "rank": 1, "length": 20, "measure": "steps", "new_seeds": "3,4", "new_mean": mean,
+                   "new_n": 2, "shipped_lo": -1.0, "shipped_hi": 1.0, "inside": inside, "pooled_n": 5,
+                   "pooled_mean": pm, "pooled_lo": plo, "pooled_hi": phi, "pooled_verdict": v}
+                  for m, mean, inside, pm, plo, phi, v in (("memft-ot", 0.5, True, -3.8, -8.2, 0.6, "tie"),
+                                                           ("memft-sw", 18.0, False, 12.0, 3.353, 20.647, "loses"))
+                  ]).to_csv(folder / "long_context_spot.csv", index=False)
+    pd.DataFrame([{"method": "sft", "rank": r, "lo": lo, "hi": hi, "lo_rate": 1.0, "hi_rate": 0.0, "lo_seeds": k,
+                   "hi_seeds": 2, "facts": lo, "p_eff": 1152 * r, "bits_per_param": 0.23, "settled": r == 1}
+                  for r, lo, hi, k in ((1, 8, 9, 2), (2, 16, 32, 1))]).to_csv(folder / "phonebook_capacity.csv",
+                                                                              index=False)
+    pd.DataFrame([{"method": "sft", "points": 4, "failed": 2, "budget_stops": 2, "plateau_stops": 0}]) \
+        .to_csv(folder / "phonebook_plateau_rule.csv", index=False)
+    (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book"}))
     (folder / "long_context.json").write_text(json.dumps({"settings": {"adapter": "bypass", "data": "random tokens"},
                                                           "note": "synthetic", "command": "python bench/x.py run",
                                                           "state": "interim: 1 frontier(s) still open (memft-sw/r2)"}))
@@ -579,12 +592,24 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert "recalled verbatim" in fronts[0] and "not recalled" in fronts[0]
     assert any("95% lo" in s and "against sft" in s for s in specs)  # the paired chart
     assert "differs from the benchmark in adapter lora (benchmark: bypass)" in " ".join(c.value for c in at.caption)
-    paired = next(t.value for t in at.dataframe if "95% interval" in t.value.columns)  # read as a reader reads it
-    assert set(paired["verdict"]) == {"wins", "tie"} and paired["mean difference"].str.match(r"^[+-]\d").all()
+    paired = next(t.value for t in at.dataframe  # read as a reader reads it
+                  if "difference [95% interval]" in t.value.columns)
+    assert set(paired["verdict"]) == {"wins", "tie"}
+    assert paired["difference [95% interval]"].str.match(r"^[+−]\d\S* \[[+−]\d").all()  # a true minus sign
+    md = " ".join(m.value for m in at.markdown)  # the spot re-run, pooled over every seed
+    assert "**Spot re-run with seeds 3,4**: 1 of 2 differences fall inside" in md
+    assert ("memft-sw − sft, r1 · 20 tokens, steps to exact recall (fewer is better): +12 [+3.35, +20.6] over 5 "
+            "seeds, **loses**") in md
+    caps = " ".join(c.value for c in at.caption)
+    assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
+    book = next(t.value for t in at.dataframe if "frontier (entries)" in t.value.columns)
+    assert list(book["recall rate at the ends"]) == ["100% / 0%", "100% (1 of 2 so far) / 0%"]
     assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
-    assert any("No PhoneBook tables" in c.value for c in at.caption)  # the other benchmark, and its command
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
     assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
+    (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named
+    at = _app("app_pages/law.py")
+    assert any("No PhoneBook tables" in c.value and "bench_phonebook.py" in c.value for c in at.caption)
 
 
 def test_memorize_more_on_top_of_a_run_and_replay_the_chain(app_env):
