@@ -602,6 +602,8 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "seeds, **loses**") in md
     caps = " ".join(c.value for c in at.caption)
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
+    # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau
+    assert "18 of the 18 points not recalled stopped at the step budget (300 steps) still improving" in caps
     book = next(t.value for t in at.dataframe if "frontier (entries)" in t.value.columns)
     assert list(book["recall rate at the ends"]) == ["100% / 0%", "100% (1 of 2 so far) / 0%"]
     assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn

@@ -244,6 +244,15 @@ if has_recall(data):
             else:
                 for n in ffit.notes:
                     st.caption(n)
+            if {"stop_reason", "exact_recall", "steps"} <= set(data.columns):
+                mine = data[data["method"] == m]
+                failed = mine[~mine["exact_recall"].astype(bool)]
+                bound = failed[failed["stop_reason"] == "max_steps"]
+                if len(failed) and 2 * len(bound) > len(failed):
+                    st.caption(f"{len(bound)} of the {len(failed)} points not recalled stopped at the step budget "
+                               f"({int(bound['steps'].max())} steps) still improving: this frontier is where that "
+                               "budget runs out, which may be short of capacity. The benchmark below trains each "
+                               "point up to 2,000 steps and to a plateau.")
     cap = pd.DataFrame([r for r in cap_rows if r["bits_per_param"] is not None])
     if len(cap):
         show_chart(charts.capacity_chart(cap, REFERENCE_BITS_PER_PARAM))
