@@ -82,7 +82,7 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) ->
     parameter at the longest recalled so far is a lower bound; lo_seeds, hi_seeds: the seeds each end's rate is
     over, said where fewer than the `seeds` searched so far)."""
     def so_far(k) -> str:
-        return f" ({int(k)} of {seeds} so far)" if seeds and k is not None and not pd.isna(k) and k < seeds else ""
+        return f" ({int(k)} of {seeds} so far)" if seeds and k is not None and not pd.isna(k) and 0 < k < seeds else ""
 
     rows = []
     for _, r in front.iterrows():

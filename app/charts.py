@@ -669,15 +669,17 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     x = alt.X("x:Q", scale=alt.Scale(type="log", domain=[ranks[0] / 1.4, ranks[-1] * 1.4], nice=False),
               title="rank r", axis=alt.Axis(values=ranks, grid=False))
     shown = [*df["lo_y"], *df["hi_y"], *(runs["length"] if runs is not None and len(runs) else [])]
-    span = alt.Scale(type="log", domain=[float(min(shown)) / 1.25, float(max(shown)) * 1.25], nice=False)  # the data's
-    y = alt.Y("ell_star:Q", scale=span, title="ℓ* (tokens, log)", axis=alt.Axis(tickCount=6, grid=False))
+    low, high = float(min(shown)) / 1.25, float(max(shown)) * 1.25
+    span = alt.Scale(type="log", domain=[low, high], nice=False)  # the data's, not a decade's
+    ticks = [v for v in sorted({b * 2 ** k for b in (1, 1.5) for k in range(24)}) if low <= v <= high]
+    y = alt.Y("ell_star:Q", scale=span, title="ℓ* (tokens, log)", axis=alt.Axis(values=ticks, grid=False))
     palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
     color = alt.Color("source:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
                       scale=alt.Scale(domain=sources, range=palette[:len(sources)]))
     tips = ["source:N", "rank:Q", alt.Tooltip("lo:Q", title="longest recalled"),
             alt.Tooltip("hi:Q", title="shortest not recalled"), alt.Tooltip("ell_star:Q", title="ℓ*", format=".1f")]
     bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(
-        x=x, y=alt.Y("lo_y:Q", scale=span, axis=alt.Axis(tickCount=6, grid=False)), y2="hi_y:Q",
+        x=x, y=alt.Y("lo_y:Q", scale=span, axis=alt.Axis(values=ticks, grid=False)), y2="hi_y:Q",
         color=color, tooltip=tips)
     kinds = ["ℓ* between the ends", "at least (nothing failed yet)", "at most (nothing recalled yet)"]
     df["bound"] = [kinds[0] if pd.notna(lo) and pd.notna(hi) else kinds[1] if pd.notna(lo) else kinds[2]
