@@ -717,14 +717,17 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     y = alt.Y("cell:N", title=None, sort=list(d["cell"]), axis=alt.Axis(labelLimit=320))
     tips = ["cell:N", alt.Tooltip("mean:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f", title="95% lo"),
             alt.Tooltip("hi:Q", format="+.3f", title="95% hi"), alt.Tooltip("n:Q", title="seeds"), "verdict:N"]
-    span = d[["mean", "lo", "hi"]].abs().max().max()
+    # the axis spans the cells with every seed: a cell of fewer seeds so far (a search end still being completed)
+    # has an interval many times wider, which would squeeze the rest to a dot; it runs off the edge instead
+    full = d[d["n"] >= d["n"].max()] if len(d) else d
+    span = full[["mean", "lo", "hi"]].abs().max().max()
     span = float(span) * 1.1 if np.isfinite(span) and span > 0 else 1.0
     x = alt.X("mean:Q", title=title, scale=alt.Scale(domain=[-span, span]))
     zero = alt.Chart(pd.DataFrame({"mean": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x=x)
-    bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2).encode(
+    bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2, clip=True).encode(
         x=alt.X("lo:Q", scale=alt.Scale(domain=[-span, span]), title=title), x2="hi:Q", y=y, color=color,
         tooltip=tips)
-    points = alt.Chart(d).mark_point(filled=True, size=60).encode(x=x, y=y, color=color, tooltip=tips)
+    points = alt.Chart(d).mark_point(filled=True, size=60, clip=True).encode(x=x, y=y, color=color, tooltip=tips)
     # the height Streamlit fits the whole chart into (axis, its title and the four-line legend included)
     return alt.layer(zero, bars, points).properties(height=max(170, 30 * len(d) + 90))
 

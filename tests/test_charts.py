@@ -526,3 +526,16 @@ def test_an_open_frontier_bracket_is_drawn_as_a_bound_not_as_a_frontier():
                      ("memft-ot", 1): "at most (nothing recalled yet)"}
     shape = next(layer["encoding"]["shape"] for layer in spec["layer"] if "shape" in layer["encoding"])
     assert shape["scale"]["range"] == ["circle", "triangle-up", "triangle-down"]
+
+
+def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
+    """A search end still being completed has 2 seeds and a paired-t interval many times wider than the 3-seed cells:
+    the axis spans the cells with every seed, and the wide one is drawn (clipped), not dropped."""
+    rows = [{"method": "memft-ot", "rank": 1, "length": n, "measure": "steps", "mean": m, "lo": lo, "hi": hi, "n": k,
+             "verdict": "tie"} for n, m, lo, hi, k in ((32, -2.0, -11.0, 7.0, 3), (45, 9.0, -190.0, 180.0, 2),
+                                                       (64, -3.3, -17.7, 11.0, 3))]
+    spec = charts.paired_chart(pd.DataFrame(rows), "steps", "steps to exact recall").to_dict()
+    domains = [layer["encoding"]["x"]["scale"]["domain"] for layer in spec["layer"][1:]]
+    assert all(abs(d[1] - 17.7 * 1.1) < 1e-9 and d[0] == -d[1] for d in domains)
+    data = [v for v in spec["datasets"].values() if any(r.get("length") == 45 for r in v)]
+    assert data and all(layer["mark"]["clip"] for layer in spec["layer"][1:])
