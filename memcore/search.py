@@ -257,12 +257,16 @@ class FrontierSearch:
     completed probe; `brackets` holds the result."""
 
     def __init__(self, search: SearchSpec, store: Any, base: Any = None, *, batch: int | str = "auto",
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, hold: bool | None = None) -> None:
         from memcore.runner import prepare
 
         self.search, self.store, self.should_stop = search, store, should_stop
         whole = replace(search.template, data=replace(search.template.data, length=None))
         self.base, samples = prepare(whole, base, store.home)
+        # hold a length's later seeds until its first ones split: on a CPU every run in the batch costs its own
+        # compute, so a seed that cannot change the verdict is wasted; on a GPU a slot left empty is the waste, so
+        # the held seeds fill free slots at once (hold=None: by the base's device)
+        self.hold = (getattr(self.base.device, "type", "cpu") != "cuda") if hold is None else hold
         available = len(samples) if search.unit == "entries" else min(len(s.target_ids) for s in samples)
         if search.max_length is not None and search.max_length > available:
             raise MemcoreError(f"the search may go up to {search.max_length} {search.unit} but the data hold only "
@@ -376,8 +380,8 @@ class FrontierSearch:
         unfinished = resumable_points(self.store, self.search.id)
         while True:
             self._advance()
-            if not self.first and not self.in_flight and self.held:  # (never expected: _decide asks for them)
-                self.first, self.held = self.held, deque()
+            if not self.first and self.held and (not self.hold or not self.in_flight):  # a free slot on a GPU
+                self.first.append(self.held.popleft())  # (with nothing in training: never expected on a CPU)
             if self.first:
                 p = self.first.popleft()
                 self.live[id(p)] = p

@@ -367,3 +367,22 @@ def test_a_stopped_search_says_what_is_left_as_a_fresh_read_of_its_store_does(ti
     again = fresh.read()
     assert last.probes_left == again.probes_left and last.probes_left[0] >= 1
     assert [b.rank for b in fs.unsettled()] == [b.rank for b in fresh.unsettled()] == [1]
+
+
+def test_on_a_device_with_free_slots_the_later_seeds_train_at_once(tiny_model_dir, home, monkeypatch):
+    """Where a slot left empty is the waste (a GPU: hold=False, the default there), a length's later seeds fill the
+    free slots at once instead of waiting for the first ones: the same bracket, every seed at every length."""
+    import memcore.runner
+
+    frontiers = {0: 40, 1: 44, 2: 37}
+    order = []
+    monkeypatch.setattr(memcore.runner, "execute_many", _oracle_runs(frontiers, slots=9, order=order))
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=(0, 1, 2), start_length=32,
+                        max_length=96, name="at-once")
+    fs = FrontierSearch(search, Store(home), batch=9, hold=False)
+    assert FrontierSearch(search, Store(home), batch=9).hold  # on this CPU the default holds them
+    list(fs.run())
+    b = fs.brackets[0]
+    assert (b.lo, b.hi) == (40, 41)
+    assert all(sorted(seeds) == [0, 1, 2] for seeds in b.probed.values())
+    assert len(order) == 3 * len(b.probed)
