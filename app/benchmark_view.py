@@ -80,15 +80,29 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) ->
     per parameter. front: long_context_frontier.csv / phonebook_capacity.csv rows (method, rank, lo, hi, lo_rate,
     hi_rate; optional bits_per_param, and settled: False while the search still trains there, when bits per
     parameter at the longest recalled so far is a lower bound; lo_seeds, hi_seeds: the seeds each end's rate is
-    over, said where fewer than the `seeds` searched so far)."""
-    def so_far(k) -> str:
-        return f" ({int(k)} of {seeds} so far)" if seeds and k is not None and not pd.isna(k) and 0 < k < seeds else ""
+    over, said where fewer than the `seeds` searched so far; probing, probing_back, probing_recalled: the length in
+    training and its seeds back)."""
+    def recalled(rate, k) -> str:  # "2 of 3", "2 of 2 so far" (of the seeds with a verdict), or the rate alone
+        if rate is None or pd.isna(rate):
+            return "—"
+        if k is None or pd.isna(k) or not k:
+            return _rate(rate)
+        return f"{round(float(rate) * k)} of {int(k)}" + (" so far" if seeds and k < seeds else "")
+
+    def training(r) -> str:
+        n = r.get("probing")
+        if n is None or pd.isna(n):
+            return "—"
+        back = int(r.get("probing_back") or 0)
+        return f"{int(n)}" + (f" ({int(r.get('probing_recalled') or 0)} of {back} back recalled it)" if back else "")
 
     rows = []
     for _, r in front.iterrows():
         row = {"method": r["method"], "rank": int(r["rank"]), f"frontier ({unit})": _ends(r["lo"], r["hi"]),
-               "recall rate at the ends": f"{_rate(r.get('lo_rate'))}{so_far(r.get('lo_seeds'))} / "
-                                          f"{_rate(r.get('hi_rate'))}{so_far(r.get('hi_seeds'))}"}
+               "seeds recalling each end": f"{recalled(r.get('lo_rate'), r.get('lo_seeds'))} · "
+                                           f"{recalled(r.get('hi_rate'), r.get('hi_seeds'))}"}
+        if "probing" in front:
+            row[f"in training ({unit})"] = training(r)
         bpp = r.get("bits_per_param")
         bound = "settled" in r and not pd.isna(r["settled"]) and not bool(r["settled"])
         row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{'≥ ' if bound else ''}{float(bpp):.3f}"
@@ -104,19 +118,28 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
         rows.append({"method − sft": r["method"], "cell": f"r{int(r['rank'])} · {int(r['length'])} tokens"
                      + (f" · {r['where']}" if r.get("where") else ""),
                      "measure": MEASURES.get(r["measure"], r["measure"]),
-                     "difference [95% interval]": f"{signed(r['mean'])} " + (
-                         f"[{signed(r['lo'])}, {signed(r['hi'])}]" if pd.notna(r["lo"]) else "(one seed)"),
-                     "method / sft": f"{float(r['method_mean']):.3g} / {float(r['baseline_mean']):.3g}",
+                     "difference [95% interval]": f"{signed(r['mean'], r['measure'])} " + (
+                         f"[{signed(r['lo'], r['measure'])}, {signed(r['hi'], r['measure'])}]" if pd.notna(r["lo"])
+                         else "(one seed)"),
+                     "method / sft": f"{plain(r['method_mean'], r['measure'])} / "
+                                     f"{plain(r['baseline_mean'], r['measure'])}",
                      "seeds": int(r["n"]), "verdict": r["verdict"]})
     return pd.DataFrame(rows)
 
 
-def signed(x) -> str:
-    """A difference as a reader reads it: 3 significant digits, a true minus sign, '—' when missing."""
+DECIMALS = {"steps": 1, "verbatim_prefix": 1}  # a measure's decimals in the tables (3 for shares and nats)
+
+
+def signed(x, measure: str = "") -> str:
+    """A difference as a reader reads it: the measure's decimals, a true minus sign, '—' when missing."""
     if x is None or pd.isna(x):
         return "—"
-    text = f"{float(x):+.3g}"
-    return text.replace("-", "−")
+    return f"{float(x):+.{DECIMALS.get(measure, 3)}f}".replace("-", "−")
+
+
+def plain(x, measure: str = "") -> str:
+    """A mean as a reader reads it, in the measure's decimals."""
+    return "—" if x is None or pd.isna(x) else f"{float(x):.{DECIMALS.get(measure, 3)}f}"
 
 
 def show_spot(spot: pd.DataFrame) -> None:
@@ -130,21 +153,29 @@ def show_spot(spot: pd.DataFrame) -> None:
         if pd.isna(r.get("pooled_mean")):
             continue
         lines.append(f"- {r['method']} − sft, r{int(r['rank'])} · {int(r['length'])} tokens, "
-                     f"{MEASURES.get(r['measure'], r['measure'])}: {signed(r['pooled_mean'])} "
-                     f"[{signed(r['pooled_lo'])}, {signed(r['pooled_hi'])}] over {int(r['pooled_n'])} seeds, "
+                     f"{MEASURES.get(r['measure'], r['measure'])}: {signed(r['pooled_mean'], r['measure'])} "
+                     f"[{signed(r['pooled_lo'], r['measure'])}, {signed(r['pooled_hi'], r['measure'])}] over "
+                     f"{int(r['pooled_n'])} seeds, "
                      f"**{r['pooled_verdict']}**")
     st.markdown("\n".join(lines))
 
 
-def verdict_line(paired: pd.DataFrame, method: str) -> str:
-    """One sentence: over how many (cell, measure) pairs `method` wins, ties or loses against sft."""
+def verdict_line(paired: pd.DataFrame, method: str, spot: pd.DataFrame | None = None) -> str:
+    """One sentence: over how many (cell, measure) pairs `method` wins, ties or loses against sft; with the spot
+    re-run's table, also how its cells come out pooled over every seed (which can overturn a tie on fewer seeds)."""
     d = paired[paired["method"] == method]
     counts = d["verdict"].value_counts()
     parts = [f"wins {counts.get('wins', 0)}", f"ties {counts.get('tie', 0)}", f"loses {counts.get('loses', 0)}"]
     if counts.get("one seed", 0):
         parts.append(f"{counts['one seed']} with one seed only")
     n = len(d)
-    return f"**{method} − sft**: of {n} comparison{'s' if n != 1 else ''} it " + ", ".join(parts) + "."
+    line = f"**{method} − sft**: of {n} comparison{'s' if n != 1 else ''} it " + ", ".join(parts) + "."
+    pooled = spot[(spot["method"] == method) & spot["pooled_verdict"].notna()] if spot is not None else None
+    if pooled is not None and len(pooled):
+        c = pooled["pooled_verdict"].value_counts()
+        line += (f" Pooled with the spot re-run over {int(pooled['pooled_n'].max())} seeds, of its {len(pooled)} it "
+                 f"wins {c.get('wins', 0)}, ties {c.get('tie', 0)}, loses **{c.get('loses', 0)}**.")
+    return line
 
 
 def render(store) -> None:
@@ -200,17 +231,20 @@ def render(store) -> None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "
                     "excludes 0 on the better side); red: it loses; grey: a tie.")
+        spot = _read(where / "long_context_spot.csv")
         for m in _order(paired["method"]):
-            st.markdown(verdict_line(paired, m))
+            st.markdown(verdict_line(paired, m, spot))
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
             show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
+        if (paired["n"] < paired["n"].max()).any():
+            st.caption("A cell with fewer seeds so far (a search end still being completed) has a much wider "
+                       "interval; it runs off the chart's edge, and the paired table gives it whole.")
         if set(paired.get("where", pd.Series(dtype=str)).astype(str)) <= {"search probe"}:
             st.caption("So far these are the search's own probes: steps to exact recall where both methods recalled "
                        "the same seeds' tokens. Fidelity past the frontier (token accuracy, tokens above τ, verbatim "
                        "prefix, ΔL at 1.5 and 2 times sft's ℓ*) is measured once every sft frontier is placed.")
         with st.expander("The paired table"):
             st.dataframe(paired_table(paired), hide_index=True, width="stretch")
-        spot = _read(where / "long_context_spot.csv")
         if spot is not None:
             show_spot(spot)
     if law is not None:

@@ -37,6 +37,10 @@ LOSS_SERIES = {"loss": "loss", "delta_loss": "ΔL"}
 # colours
 
 
+# a method's colour wherever methods are compared (the capacity chart's fitted marks, the benchmark's brackets)
+METHOD_COLOURS = {"sft": "#0068c9", "memft-ot": "#ff2b2b", "memft-sw": "#29b09d"}
+METHOD_LIGHT = {"sft": "#83c9ff", "memft-ot": "#ffabab", "memft-sw": "#7defa1"}  # their interpolated marks
+
 def _rgb(hex_color: str) -> tuple[int, int, int]:
     return int(hex_color[1:3], 16), int(hex_color[3:5], 16), int(hex_color[5:7], 16)
 
@@ -636,8 +640,13 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
     y = alt.Y("bits_per_param:Q", scale=alt.Scale(domain=[0, top]), title="bits / parameter")
     # at the side: a bottom legend eats the height
     ref_kinds = list(dict.fromkeys(refs["kind"]))
+    def kind_colour(kind: str) -> str:
+        method, how = (kind.split() + [""])[:2]
+        return (METHOD_COLOURS if how != "interpolated" else METHOD_LIGHT).get(method, "#9467bd")
+
     color = alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360),
-                      scale=alt.Scale(domain=[*kinds, *ref_kinds]))
+                      scale=alt.Scale(domain=[*kinds, *ref_kinds],
+                                      range=[kind_colour(k) for k in kinds] + ["#555555", "#999999"][:len(ref_kinds)]))
     shapes = {"sft": "square", "memft-ot": "circle", "memft-sw": "triangle-up"}
     shape = alt.Shape("kind:N", legend=None, scale=alt.Scale(
         domain=[*kinds, *ref_kinds], range=[shapes.get(k.split()[0], "diamond") for k in kinds] + ["stroke"] *
@@ -647,6 +656,8 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
         x=x, y=y, color=color, shape=shape,
         tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")])
     return alt.layer(lines, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
+
+
 
 
 def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = None) -> alt.Chart:
@@ -673,9 +684,11 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     span = alt.Scale(type="log", domain=[low, high], nice=False)  # the data's, not a decade's
     ticks = [v for v in sorted({b * 2 ** k for b in (1, 1.5) for k in range(24)}) if low <= v <= high]
     y = alt.Y("ell_star:Q", scale=span, title="ℓ* (tokens, log)", axis=alt.Axis(values=ticks, grid=False))
-    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    spare = iter(c for c in ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
+                 if c not in {METHOD_COLOURS.get(s) for s in sources})
+    palette = [METHOD_COLOURS.get(s) or next(spare, "#7f7f7f") for s in sources]  # a method keeps its colour
     color = alt.Color("source:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
-                      scale=alt.Scale(domain=sources, range=palette[:len(sources)]))
+                      scale=alt.Scale(domain=sources, range=palette))
     tips = ["source:N", "rank:Q", alt.Tooltip("lo:Q", title="longest recalled"),
             alt.Tooltip("hi:Q", title="shortest not recalled"), alt.Tooltip("ell_star:Q", title="ℓ*", format=".1f")]
     bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(

@@ -354,6 +354,7 @@ def report(args: argparse.Namespace) -> int:
           "the recall rate over the seeds at each end; bits per parameter there (against 2, Allen-Zhu & Li, and "
           "3.6, Morris et al.)")
     for r in rows:
+        r |= probing_of(fs, r["method"], r["rank"])
         r["settled"] = f"{r['method']}/r{r['rank']}" not in unsettled
         if not r["settled"]:  # no fit through brackets still moving (it once put memft-sw's ℓ*(2) at 47,001 tokens):
             fit = result.fits.get(r["method"])  # at the longest recalled so far, a lower bound
@@ -365,6 +366,10 @@ def report(args: argparse.Namespace) -> int:
     for r in rows:
         words = bracket_words(r["lo"], r["hi"], r["lo_rate"], r["hi_rate"],
                               seeds=(r["lo_seeds"], r["hi_seeds"], len(search.seeds)))
+        if r["probing"] is not None:
+            back = r["probing_back"]
+            words += f"; {r['probing']} tokens in training" + (
+                f" ({r['probing_recalled']} of {seeds_word(back)} back recalled it)" if back else "")
         bpp = r.get("bits_per_param")
         print(f"  {r['method']:<9} rank {r['rank']}: {words}"
               + ("" if bpp is None else f"; {bpp:.3f} bits/param" if r["settled"] else
@@ -487,6 +492,15 @@ def plateau_rule_check(store, df, window: int):
     return pd.DataFrame(rows)
 
 
+def probing_of(fs, method: str, rank: int) -> dict:
+    """The length a bracket of a FrontierSearch (its verdicts read) waits on, with the seeds back on it and how many
+    of them recalled it: probing, probing_back, probing_recalled (None, 0, 0 when it waits on none)."""
+    length = fs.waiting.get((method, rank))
+    b = next(b for b in fs.brackets if (b.method, b.rank) == (method, rank))
+    got = b.probed.get(length, {}) if length is not None else {}
+    return {"probing": length, "probing_back": len(got), "probing_recalled": int(sum(got.values()))}
+
+
 def as_of() -> str:
     """Now, as the tables' JSON says when they were written (UTC, to the minute)."""
     from datetime import datetime, timezone
@@ -517,22 +531,21 @@ def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens", seeds: tuple[i
     """A bracket as a reader reads it: both ends with the recall rate over the seeds at each, or the bound known so
     far, or 'not probed yet'. seeds: (seeds with a verdict at lo, at hi, seeds searched), to say where an end's
     rate is over fewer seeds so far (the search trains an end's other seeds when its bracket closes)."""
-    def rate(x):
-        return "—" if x is None else f"{float(x):.0%}"
-
-    def so_far(n):
-        return f" ({n} of {seeds[2]} so far)" if seeds is not None and n is not None and n < seeds[2] else ""
+    def rate(x, n):
+        if x is None:
+            return "—"
+        if seeds is None or n is None:
+            return f"{float(x):.0%} of the seeds"
+        return f"{round(float(x) * n)} of {seeds_word(n)}" + (" so far" if n < seeds[2] else "")
 
     n_lo, n_hi = (seeds[0], seeds[1]) if seeds else (None, None)
     if lo is not None and hi is not None:
-        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}{so_far(n_lo)}, "
-                f"{rate(hi_rate)} at {hi}{so_far(n_hi)})")
+        return (f"ℓ* between {lo} and {hi} {unit} (recalled by {rate(lo_rate, n_lo)} at {lo}, {rate(hi_rate, n_hi)} "
+                f"at {hi})")
     if lo is not None:
-        return (f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate)} of the seeds at {lo}{so_far(n_lo)}; nothing longer "
-                "has failed)")
+        return f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate, n_lo)} at {lo}; nothing longer has failed)"
     if hi is not None:
-        return (f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate)} of the seeds at {hi}{so_far(n_hi)}; nothing shorter "
-                "was recalled)")
+        return f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate, n_hi)} at {hi}; nothing shorter was recalled)"
     return "not probed yet"
 
 

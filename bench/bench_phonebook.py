@@ -43,6 +43,7 @@ from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the de
     main_of,
     open_home,
     plateau_rule_check,
+    probing_of,
     read_pairs,
     run_search,
     seeds_word,
@@ -142,10 +143,14 @@ def report(args: argparse.Namespace) -> int:
         cap.append({"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
                     "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
                     "hi_seeds": len(b.probed.get(b.hi, {})), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
-                    "settled": settled})
+                    "settled": settled, **probing_of(fs, b.method, b.rank)})
         where = bracket_words(b.lo, b.hi, b.rate(b.lo), b.rate(b.hi), "entries",
                               (len(b.probed.get(b.lo, {})), len(b.probed.get(b.hi, {})), len(search.seeds)))
         where = where.replace("ℓ*", "the largest book")
+        if cap[-1]["probing"] is not None:
+            back = cap[-1]["probing_back"]
+            where += f"; a book of {cap[-1]['probing']} in training" + (
+                f" ({cap[-1]['probing_recalled']} of {seeds_word(back)} back recalled it)" if back else "")
         stored = (f"; {'' if settled else 'at least '}{facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff "
                   f"{p_eff}{' =' if settled else ', so at least'} {bpp:.3f} bits/param "
                   f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")

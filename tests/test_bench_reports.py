@@ -52,7 +52,7 @@ def test_the_plateau_check_counts_budget_stops_and_curves_the_window_would_have_
 def test_a_bracket_in_words_says_where_an_end_has_fewer_seeds_so_far():
     bench = _bench()
     words = bench.bracket_words(32, 64, 1.0, 0.0, seeds=(3, 2, 3))
-    assert words == "ℓ* between 32 and 64 tokens (recalled by 100% of the seeds at 32, 0% at 64 (2 of 3 so far))"
+    assert words == "ℓ* between 32 and 64 tokens (recalled by 3 of 3 seeds at 32, 0 of 2 seeds so far at 64)"
     assert "so far" not in bench.bracket_words(32, 64, 1.0, 0.0, seeds=(3, 3, 3))
     assert bench.bracket_words(None, None, None, None) == "not probed yet"
     assert bench.bracket_words(8, None, 0.5, None, "entries").startswith("ℓ* ≥ 8 entries (recalled by 50%")

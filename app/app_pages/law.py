@@ -249,7 +249,7 @@ if has_recall(data):
                 failed = mine[~mine["exact_recall"].astype(bool)]
                 bound = failed[failed["stop_reason"] == "max_steps"]
                 if len(failed) and 2 * len(bound) > len(failed):
-                    st.caption(f"{len(bound)} of the {len(failed)} points not recalled stopped at the step budget "
+                    st.info(f"{len(bound)} of the {len(failed)} points not recalled stopped at the step budget "
                                f"({int(bound['steps'].max())} steps) still improving: this frontier is where that "
                                "budget runs out, which may be short of capacity. The benchmark below trains each "
                                "point up to 2,000 steps and to a plateau.")
