@@ -260,8 +260,9 @@ def render(store) -> None:
         st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
                     "(a 10-digit number carries 33.2 bits).")
         book_meta = _meta(where / "phonebook.json")
-        st.dataframe(frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])), hide_index=True,
-                     width="stretch")
+        st.dataframe(frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])).rename(
+            columns={"frontier (entries)": "largest book recalled (entries = facts)"}), hide_index=True,
+            width="stretch")
         rule = _read(where / "phonebook_plateau_rule.csv")
         if rule is not None and {"failed", "budget_stops"} <= set(rule.columns) and rule["failed"].sum() \
                 and (rule["budget_stops"] == rule["failed"]).all():

@@ -610,7 +610,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau
     assert any("18 of the 18 points not recalled stopped at the step budget (300 steps) still improving" in i.value
                for i in at.info)
-    book = next(t.value for t in at.dataframe if "frontier (entries)" in t.value.columns)
+    book = next(t.value for t in at.dataframe if "largest book recalled (entries = facts)" in t.value.columns)
     assert list(book["seeds recalling each end"]) == ["2 of 2 · 0 of 2", "1 of 1 so far · 0 of 2"]
     assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
