@@ -351,10 +351,9 @@ class FrontierSearch:
         return found
 
     def _advance(self) -> None:
-        """Queue the next length of every bracket not waiting on one (its first ⌈seeds/2⌉ seeds; the others only if
-        those split, as a batch trains no faster for a slot left empty but a slot spent on a seed whose verdict
-        cannot change the bracket is wasted), taking verdicts already in the store at once; once a bracket is
-        narrow enough, queue the seeds its two ends still lack, so that their recall rates are over every seed."""
+        """Queue the next length of every bracket not waiting on one (its first ⌈seeds/2⌉ seeds to train, the others
+        held: see `hold`), taking verdicts already in the store at once; once a bracket is narrow enough, queue the
+        seeds its two ends still lack, so that their recall rates are over every seed."""
         seeds = list(self.search.seeds)
         moved = True
         while moved:
