@@ -366,10 +366,7 @@ def report(args: argparse.Namespace) -> int:
     for r in rows:
         words = bracket_words(r["lo"], r["hi"], r["lo_rate"], r["hi_rate"],
                               seeds=(r["lo_seeds"], r["hi_seeds"], len(search.seeds)))
-        if r["probing"] is not None:
-            back = r["probing_back"]
-            words += f"; {r['probing']} tokens in training" + (
-                f" ({r['probing_recalled']} of {seeds_word(back)} back recalled it)" if back else "")
+        words += training_words(r, f"{r['probing']} tokens")
         bpp = r.get("bits_per_param")
         print(f"  {r['method']:<9} rank {r['rank']}: {words}"
               + ("" if bpp is None else f"; {bpp:.3f} bits/param" if r["settled"] else
@@ -499,6 +496,16 @@ def probing_of(fs, method: str, rank: int) -> dict:
     b = next(b for b in fs.brackets if (b.method, b.rank) == (method, rank))
     got = b.probed.get(length, {}) if length is not None else {}
     return {"probing": length, "probing_back": len(got), "probing_recalled": int(sum(got.values()))}
+
+
+def training_words(r: dict, what: str) -> str:
+    """'; <what> in training (k of n seeds back recalled it)' for a row with probing_of's fields, '' when the
+    bracket waits on no length."""
+    if r["probing"] is None:
+        return ""
+    back = r["probing_back"]
+    return f"; {what} in training" + (f" ({r['probing_recalled']} of {seeds_word(back)} back recalled it)"
+                                      if back else "")
 
 
 def as_of() -> str:

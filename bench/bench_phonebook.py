@@ -50,6 +50,7 @@ from bench_memft import (  # noqa: E402  (one memcore home per benchmark, the de
     still_open,
     store_flags,
     to_go,
+    training_words,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,22 +136,21 @@ def report(args: argparse.Namespace) -> int:
     cap = []
     known = df.dropna(subset=["p_eff"]).drop_duplicates("rank")
     per_rank = float(known["p_eff"].iloc[0]) / int(known["rank"].iloc[0]) if len(known) else None  # P_eff ∝ r
+    unsettled = fs.unsettled()  # their lo is only what is recalled so far: a lower bound
     for b in fs.brackets:
         p_eff = round(per_rank * b.rank) if per_rank else None
         facts = b.lo
         bpp = facts * BITS_PER_ENTRY / p_eff if facts and p_eff else None
-        settled = b not in fs.unsettled()  # else lo is only what is recalled so far: a lower bound
-        cap.append({"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-                    "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
-                    "hi_seeds": len(b.probed.get(b.hi, {})), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
-                    "settled": settled, **probing_of(fs, b.method, b.rank)})
-        where = bracket_words(b.lo, b.hi, b.rate(b.lo), b.rate(b.hi), "entries",
-                              (len(b.probed.get(b.lo, {})), len(b.probed.get(b.hi, {})), len(search.seeds)))
-        where = where.replace("ℓ*", "the largest book")
-        if cap[-1]["probing"] is not None:
-            back = cap[-1]["probing_back"]
-            where += f"; a book of {cap[-1]['probing']} in training" + (
-                f" ({cap[-1]['probing_recalled']} of {seeds_word(back)} back recalled it)" if back else "")
+        settled = b not in unsettled
+        row = {"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
+               "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
+               "hi_seeds": len(b.probed.get(b.hi, {})), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
+               "settled": settled,
+               **probing_of(fs, b.method, b.rank)}
+        cap.append(row)
+        where = bracket_words(b.lo, b.hi, row["lo_rate"], row["hi_rate"], "entries",
+                              (row["lo_seeds"], row["hi_seeds"], len(search.seeds))).replace("ℓ*", "the largest book")
+        where += training_words(row, f"a book of {row['probing']}")
         stored = (f"; {'' if settled else 'at least '}{facts} facts = {facts * BITS_PER_ENTRY:.0f} bits over P_eff "
                   f"{p_eff}{' =' if settled else ', so at least'} {bpp:.3f} bits/param "
                   f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")
