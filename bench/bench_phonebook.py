@@ -143,8 +143,8 @@ def report(args: argparse.Namespace) -> int:
         bpp = facts * BITS_PER_ENTRY / p_eff if facts and p_eff else None
         settled = b not in unsettled
         row = {"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-               "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
-               "hi_seeds": len(b.probed.get(b.hi, {})), "facts": facts, "p_eff": p_eff, "bits_per_param": bpp,
+               "hi_rate": b.rate(b.hi), "lo_seeds": b.seeds_at(b.lo), "hi_seeds": b.seeds_at(b.hi), "facts": facts,
+               "p_eff": p_eff, "bits_per_param": bpp,
                "settled": settled,
                **probing_of(fs, b.method, b.rank)}
         cap.append(row)

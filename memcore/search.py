@@ -150,6 +150,10 @@ class Bracket:
         got = self.probed.get(length) if length is not None else None
         return sum(got.values()) / len(got) if got else None
 
+    def seeds_at(self, length: int | None) -> int:
+        """How many seeds have a verdict on `length` (the seeds its rate is over; 0 when not probed)."""
+        return len(self.probed.get(length, {})) if length is not None else 0
+
     def record(self, length: int, recalled: bool | None = None) -> None:
         """Move the bracket by the verdict on `length`: `recalled`, or when None its seeds' recall rate ≥ 1/2."""
         if (self.rate(length) >= 0.5) if recalled is None else recalled:
@@ -239,8 +243,8 @@ class SearchProgress:
                 "probes_left": list(self.probes_left),
                 "seeds": self.seeds,
                 "brackets": [{"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
-                              "hi_rate": b.rate(b.hi), "lo_seeds": len(b.probed.get(b.lo, {})),
-                              "hi_seeds": len(b.probed.get(b.hi, {})), "probes": len(b.probed), "steps": b.steps,
+                              "hi_rate": b.rate(b.hi), "lo_seeds": b.seeds_at(b.lo),
+                              "hi_seeds": b.seeds_at(b.hi), "probes": len(b.probed), "steps": b.steps,
                               "probing": self.probing.get((b.method, b.rank))}
                              for b in self.brackets]}
 
@@ -511,7 +515,7 @@ class SearchResult:
             kind, ell = b.outcome(self.longest, self.shortest)
             row = {"method": b.method, "rank": b.rank, "outcome": kind, "ell_star": ell, "lo": b.lo, "hi": b.hi,
                    "lo_rate": b.rate(b.lo), "hi_rate": b.rate(b.hi), "probes": len(b.probed), "steps": b.steps,
-                   "lo_seeds": len(b.probed.get(b.lo, {})), "hi_seeds": len(b.probed.get(b.hi, {}))}
+                   "lo_seeds": b.seeds_at(b.lo), "hi_seeds": b.seeds_at(b.hi)}
             fit = self.fits.get(b.method)
             if fit is not None:
                 lo, hi = fit.ell_star_interval(b.rank)
