@@ -127,6 +127,21 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def law_table(law: pd.DataFrame) -> pd.DataFrame:
+    """The law past the frontier as a reader reads it: per method the exponents with their 95% intervals in one
+    cell each, R², the points fitted and the regime they were in."""
+    def exponent(r, k: str) -> str:
+        if pd.isna(r.get(k)):
+            return "—"
+        lo, hi = r.get(f"{k}_lo"), r.get(f"{k}_hi")
+        return (f"{r[k]:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else "")).replace("-", "−")
+
+    return pd.DataFrame([{"method": r["method"], "α (rank) [95%]": exponent(r, "alpha"),
+                          "β (length) [95%]": exponent(r, "beta"), "R²": f"{r['r2']:.3f}", "points": int(r["points"]),
+                          "regime": r.get("regime", ""), "fitted on": r.get("fitted_on", "")}
+                         for _, r in law.iterrows()])
+
+
 DECIMALS = {"steps": 1, "verbatim_prefix": 1}  # a measure's decimals in the tables (3 for shares and nats)
 
 
@@ -249,7 +264,10 @@ def render(store) -> None:
             show_spot(spot)
     if law is not None:
         st.markdown("**The law past the frontier** (plateau ΔL of the points not recalled, per method):")
-        st.dataframe(law, hide_index=True, width="stretch")
+        st.dataframe(law_table(law), hide_index=True, width="stretch")
+        if front is not None and len(law) < front["method"].nunique():
+            st.caption("A method missing here has fewer than six points past its frontier over two ranks and two "
+                       "lengths so far; the points around sft's frontier give them.")
     elif front is not None:
         st.caption("The law past the frontier is not fitted yet: it needs six plateau points over two ranks and two "
                    "lengths per method, which the points around sft's frontier give.")

@@ -37,6 +37,10 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
@@ -323,7 +327,7 @@ def report(args: argparse.Namespace) -> int:
     from kept import restore
 
     from memcore.frontier import paired_differences
-    from memcore.law import comparable_settings, compare_forms
+    from memcore.law import comparable_settings
     from memcore.search import FrontierSearch, search_result
     from memcore.sweep import sweep_table
 
@@ -422,31 +426,16 @@ def report(args: argparse.Namespace) -> int:
               f"been cut short by the window. {points_word(r['plateau_stops'])} stopped on it; of {r['failed']} not "
               f"recalled, {r['budget_stops']} ran out of the {args.max_steps}-step budget instead.")
 
-    print("\n## The law on plateau ΔL past the frontier (points not recalled, stopped on a plateau)")
-    past = df[(~df["exact_recall"].astype(bool)) & (df["stop_reason"] == "plateau")]
-    law_rows = []
-    for m in search.methods:
-        d = past[past["method"] == m]
-        if len(d) < 6 or d["rank"].nunique() < 2 or d["length"].nunique() < 2:
-            print(f"  {m}: {len(d)} plateau points: too few to fit (need 6 over 2+ ranks and lengths)")
-            continue
-        forms = compare_forms(d["rank"].to_numpy(float), d["length"].to_numpy(float), d["delta_loss"].to_numpy(float))
-        f = forms.power
-        print(f"  {m}: {len(d)} points; ΔL = {f.C:.3g}·r^{f.alpha:.3f}·ℓ^-{f.beta:.3f} + {f.b:.3g}, "
-              f"α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; {forms.verdict}")
-        ci = getattr(f, "intervals", None) or {}
-        law_rows.append({"method": m, "points": len(d), "C": f.C, "alpha": f.alpha,
-                         "alpha_lo": ci.get("alpha", (None, None))[0], "alpha_hi": ci.get("alpha", (None, None))[1],
-                         "beta": f.beta, "beta_lo": ci.get("beta", (None, None))[0],
-                         "beta_hi": ci.get("beta", (None, None))[1], "b": f.b, "r2": f.r2, "verdict": forms.verdict})
+    print("\n## The law past the frontier (points not recalled; fitted on those that stopped on a plateau, as the "
+          "paper fits plateau ΔL)")
+    lines, law = law_past_frontier(df, search.methods)
+    print("\n".join(lines))
     print(f"\n{state}")
     if out:
         df.drop(columns=["run_id"]).to_csv(out / "long_context_points.csv", index=False)
         fr.to_csv(out / "long_context_frontier.csv", index=False)
         paired.to_csv(out / "long_context_paired.csv", index=False)
-        pd.DataFrame(law_rows, columns=["method", "points", "C", "alpha", "alpha_lo", "alpha_hi", "beta", "beta_lo",
-                                        "beta_hi", "b", "r2", "verdict"]) \
-            .to_csv(out / "long_context_law.csv", index=False)
+        law.to_csv(out / "long_context_law.csv", index=False)
         rule.to_csv(out / "long_context_plateau_rule.csv", index=False)
         ledger = ledger_of(args.keep)
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
@@ -458,6 +447,48 @@ def report(args: argparse.Namespace) -> int:
         (out / "long_context.json").write_text(json.dumps(side, indent=2) + "\n")
         print(f"\nwrote {out}/long_context_{{points,frontier,paired,law,plateau_rule}}.csv and long_context.json")
     return 0
+
+
+LAW_COLUMNS = ["method", "points", "form", "C", "alpha", "alpha_lo", "alpha_hi", "beta", "beta_lo", "beta_hi", "b",
+               "r2", "fitted_on", "regime"]
+
+
+def law_past_frontier(df, methods) -> tuple[list[str], pd.DataFrame]:
+    """The law per method on its points past the frontier (not recalled), as the paper fits it: memcore.law.fit_all
+    takes the points that stopped on a plateau short of saturation when there are 6 or more (else says which it
+    fell back to), and states the regime from how all of them stopped. df: the report's points (method, rank,
+    length, delta_loss in nats per token, exact_recall, stop_reason). Returns the report's lines and one row per
+    fitted method (LAW_COLUMNS: the power law's C, α and β with 95% intervals, b, R², the points and the regime); a
+    method with fewer than 6 such points over 2+ ranks and lengths, or whose fit fails, gets a line saying why."""
+    import pandas as pd
+
+    from memcore.config import MemcoreError
+    from memcore.law import fit_all
+
+    lines, rows = [], []
+    past = df[~df["exact_recall"].astype(bool)]
+    for m in methods:
+        d = past[past["method"] == m]
+        if len(d) < 6 or d["rank"].nunique() < 2 or d["length"].nunique() < 2:
+            lines.append(f"  {m}: {points_word(len(d))} not recalled: too few to fit (need 6 over 2+ ranks and "
+                         "lengths)")
+            continue
+        try:
+            fits = fit_all(d)
+        except MemcoreError as e:
+            lines.append(f"  {m}: {points_word(len(d))} not recalled: no fit ({e})")
+            continue
+        f, p, ci = fits.main, fits.main.params, fits.main.intervals
+        form = (f"ΔL = {p['C']:.3g}·r^{p['alpha']:.3f}·ℓ^-{p['beta']:.3f} + {p['b']:.3g}" if f.form == "power" else
+                f"ΔL = {p['M']:.3g}·(1 − exp(−{p['C']:.3g}·r^{p['alpha']:.3f}·ℓ^-{p['beta']:.3f}))")
+        lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; {fits.fitted_on}; "
+                     f"the data prefer the {fits.preferred} form{'' if fits.clear_preference else ' (not clearly)'}; "
+                     f"{fits.regime.describe()}")
+        rows.append({"method": m, "points": f.n, "form": f.form, "C": p.get("C"), "alpha": p["alpha"],
+                     "alpha_lo": ci["alpha"][0], "alpha_hi": ci["alpha"][1], "beta": p["beta"],
+                     "beta_lo": ci["beta"][0], "beta_hi": ci["beta"][1], "b": p.get("b"), "r2": f.r2,
+                     "fitted_on": fits.fitted_on, "regime": fits.regime.label})
+    return lines, pd.DataFrame(rows, columns=LAW_COLUMNS)
 
 
 def plateau_rule_check(store, df, window: int):
@@ -619,7 +650,7 @@ def _where(rank: int, length: int, ref: dict[int, float]) -> str:
 
 
 def _ci(fit, name: str) -> str:
-    ci = (fit.intervals or {}).get(name) if hasattr(fit, "intervals") else None
+    ci = fit.intervals.get(name)
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
 
 

@@ -67,3 +67,25 @@ def test_what_is_left_is_said_in_probes_and_hours_at_the_pace_so_far():
     assert bench.to_go(fs, {}, points_done=0) == "between 10 and 20 probes to go"
     done = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)))
     assert bench.to_go(done, {"wall_s": 10.0}, points_done=3) == ""
+
+
+def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_recovers_known_exponents():
+    import numpy as np
+
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    rows = [{"method": "sft", "rank": r, "length": n, "exact_recall": False, "stop_reason": "plateau",
+             "delta_loss": 2.0 * r ** 0.5 * n ** -0.3 + 0.1 + rng.normal(0, 0.002)}
+            for r in (1, 2, 4) for n in (64, 96, 128, 192)]
+    rows += [{"method": "sft", "rank": r, "length": 32, "exact_recall": True, "stop_reason": "recalled",
+              "delta_loss": 9.0} for r in (1, 2, 4)]  # recalled: below the frontier, not the law's points
+    rows += [{"method": "memft-ot", "rank": r, "length": n, "exact_recall": False, "stop_reason": "plateau",
+              "delta_loss": 1.0} for r in (1, 2) for n in (64, 128)]
+    lines, law = bench.law_past_frontier(pd.DataFrame(rows), ("sft", "memft-ot"))
+    fit = law.set_index("method").loc["sft"]
+    assert fit["points"] == 12 and fit["regime"] == "capacity-bound (converged)"
+    assert fit["alpha_lo"] < 0.5 < fit["alpha_hi"] and abs(fit["alpha"] - 0.5) < 0.05
+    assert fit["beta_lo"] < 0.3 < fit["beta_hi"] and fit["r2"] > 0.99
+    assert "memft-ot" not in set(law["method"])
+    assert lines[1] == "  memft-ot: 4 points not recalled: too few to fit (need 6 over 2+ ranks and lengths)"
+    assert "fitted on the 12 converged, unsaturated points" in lines[0]
