@@ -278,9 +278,19 @@ def render(store) -> None:
         st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
                     "(a 10-digit number carries 33.2 bits).")
         book_meta = _meta(where / "phonebook.json")
-        st.dataframe(frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])).rename(
-            columns={"frontier (entries)": "largest book recalled (entries = facts)"}), hide_index=True,
-            width="stretch")
+        table = frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])).rename(
+            columns={"frontier (entries)": "largest book recalled (entries = facts)"})
+        if "most_recalled" in book:
+            table["most entries recalled in any book"] = [
+                "—" if pd.isna(n) else f"{n:g} of {int(at)}" + (f" ({b:.3f} bits/param)" if pd.notna(b) else "")
+                for n, at, b in zip(book["most_recalled"], book["most_recalled_book"],
+                                    book.get("most_recalled_bits_per_param", pd.Series([None] * len(book))))]
+        st.dataframe(table, hide_index=True, width="stretch")
+        if "most_recalled" in book:
+            st.caption("The most entries any book had recalled (mean over its seeds) is a second reading of capacity "
+                       "in facts: a book larger than the largest recalled whole still holds entries, and a larger "
+                       "book is not always the one that holds the most (its epoch budget and last, partial minibatch "
+                       "change with its size).")
         rule = _read(where / "phonebook_plateau_rule.csv")
         if rule is not None and {"failed", "budget_stops"} <= set(rule.columns) and rule["failed"].sum() \
                 and (rule["budget_stops"] == rule["failed"]).all():

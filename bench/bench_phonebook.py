@@ -107,6 +107,22 @@ def run(args: argparse.Namespace) -> int:
     return 1 if p.stopped else 0
 
 
+def most_recalled(df) -> dict[tuple[str, int], dict]:
+    """Per (method, rank): the most entries any one book had recalled, as the mean over that book's seeds, with
+    the book's size and its seeds (most_recalled, most_recalled_book, most_recalled_seeds; the smaller book on a
+    tie). A second reading of capacity in facts beside the largest book recalled whole: a book past that one still
+    holds entries, and its size need not be the one that holds the most (the epoch budget and the last partial
+    batch change with the size). df: one row per probe (method, rank, entries, seed, entries_recalled)."""
+    out = {}
+    mean = df.groupby(["method", "rank", "entries"]).agg(recalled=("entries_recalled", "mean"),
+                                                        seeds=("seed", "count")).reset_index()
+    for (m, r), d in mean.groupby(["method", "rank"]):
+        best = d.sort_values(["recalled", "entries"], ascending=[False, True]).iloc[0]
+        out[(m, int(r))] = {"most_recalled": float(best["recalled"]), "most_recalled_book": int(best["entries"]),
+                            "most_recalled_seeds": int(best["seeds"])}
+    return out
+
+
 def report(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import restore
@@ -137,6 +153,7 @@ def report(args: argparse.Namespace) -> int:
     known = df.dropna(subset=["p_eff"]).drop_duplicates("rank")
     per_rank = float(known["p_eff"].iloc[0]) / int(known["rank"].iloc[0]) if len(known) else None  # P_eff ∝ r
     unsettled = fs.unsettled()  # their lo is only what is recalled so far: a lower bound
+    most = most_recalled(df)
     for b in fs.brackets:
         p_eff = round(per_rank * b.rank) if per_rank else None
         facts = b.lo
@@ -145,8 +162,10 @@ def report(args: argparse.Namespace) -> int:
         row = {"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
                "hi_rate": b.rate(b.hi), "lo_seeds": b.seeds_at(b.lo), "hi_seeds": b.seeds_at(b.hi), "facts": facts,
                "p_eff": p_eff, "bits_per_param": bpp,
-               "settled": settled,
+               "settled": settled, **most.get((b.method, b.rank), {}),
                **probing_of(fs, b.method, b.rank)}
+        if row.get("most_recalled") is not None and p_eff:
+            row["most_recalled_bits_per_param"] = row["most_recalled"] * BITS_PER_ENTRY / p_eff
         cap.append(row)
         where = bracket_words(b.lo, b.hi, row["lo_rate"], row["hi_rate"], "entries",
                               (row["lo_seeds"], row["hi_seeds"], len(search.seeds))).replace("ℓ*", "the largest book")
@@ -155,6 +174,11 @@ def report(args: argparse.Namespace) -> int:
                   f"{p_eff}{' =' if settled else ', so at least'} {bpp:.3f} bits/param "
                   f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")
         print(f"  {b.method:<9} rank {b.rank}: {where}{stored}")
+        if row.get("most_recalled") is not None:
+            print(f"  {'':<9}         the most entries any book had recalled so far: {row['most_recalled']:g} of "
+                  f"{row['most_recalled_book']} ("
+                  + (f"mean over {seeds_word(n)}" if (n := row['most_recalled_seeds']) > 1 else "1 seed so far") + ")"
+                  + (f" = {row['most_recalled_bits_per_param']:.3f} bits/param" if p_eff else ""))
     print("\n## Entries recalled against book size (mean over seeds)")
     t = df.assign(method=pd.Categorical(df["method"], list(dict.fromkeys([*METHODS, *df["method"]])), ordered=True)) \
         .groupby(["method", "rank", "entries"], observed=True).agg(entries_recalled=("entries_recalled", "mean"),

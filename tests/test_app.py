@@ -554,9 +554,11 @@ def _benchmark_tables(folder: Path) -> None:
                                                            ("memft-sw", 18.0, False, 12.0, 3.353, 20.647, "loses"))
                   ]).to_csv(folder / "long_context_spot.csv", index=False)
     pd.DataFrame([{"method": "sft", "rank": r, "lo": lo, "hi": hi, "lo_rate": 1.0, "hi_rate": 0.0, "lo_seeds": k,
-                   "hi_seeds": 2, "facts": lo, "p_eff": 1152 * r, "bits_per_param": 0.23, "settled": r == 1}
-                  for r, lo, hi, k in ((1, 8, 9, 2), (2, 16, 32, 1))]).to_csv(folder / "phonebook_capacity.csv",
-                                                                              index=False)
+                   "hi_seeds": 2, "facts": lo, "p_eff": 1152 * r, "bits_per_param": 0.23, "settled": r == 1,
+                   "most_recalled": most, "most_recalled_book": at, "most_recalled_seeds": 2,
+                   "most_recalled_bits_per_param": most * 33.22 / (1152 * r)}
+                  for r, lo, hi, k, most, at in ((1, 8, 9, 2, 10.0, 16), (2, 16, 32, 1, 20.5, 32))]) \
+        .to_csv(folder / "phonebook_capacity.csv", index=False)
     pd.DataFrame([{"method": "sft", "points": 4, "failed": 2, "budget_stops": 2, "plateau_stops": 0}]) \
         .to_csv(folder / "phonebook_plateau_rule.csv", index=False)
     (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book"}))
@@ -616,6 +618,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
                for i in at.info)
     book = next(t.value for t in at.dataframe if "largest book recalled (entries = facts)" in t.value.columns)
     assert list(book["seeds recalling each end"]) == ["2 of 2 · 0 of 2", "1 of 1 so far · 0 of 2"]
+    # a book past the largest recalled whole still holds entries: the most any book held, beside it
+    assert list(book["most entries recalled in any book"]) == ["10 of 16 (0.288 bits/param)",
+                                                               "20.5 of 32 (0.296 bits/param)"]
     assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
     law = next(t.value for t in at.dataframe if "α (rank) [95%]" in t.value.columns)  # the law past the frontier
     assert law.iloc[0].to_dict() == {"method": "sft", "α (rank) [95%]": "0.50 [0.31, 0.69]",

@@ -89,3 +89,24 @@ def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_reco
     assert "memft-ot" not in set(law["method"])
     assert lines[1] == "  memft-ot: 4 points not recalled: too few to fit (need 6 over 2+ ranks and lengths)"
     assert "fitted on the 12 converged, unsaturated points" in lines[0]
+
+
+def _phonebook():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_phonebook", ROOT / "bench" / "bench_phonebook.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_seeds():
+    bench = _phonebook()
+    probes = [("sft", 1, 10, 0, 10), ("sft", 1, 10, 1, 8),  # mean 9 of 10
+              ("sft", 1, 11, 0, 3), ("sft", 1, 11, 1, 4),  # a larger book recalling fewer
+              ("sft", 1, 16, 0, 9), ("sft", 1, 16, 1, 11),  # mean 10 of 16: the most
+              ("sft", 1, 20, 0, 10),  # 10 again on one seed, in a larger book: the smaller one is named
+              ("sft", 2, 23, 0, 23), ("memft-ot", 1, 16, 0, 12), ("memft-ot", 1, 16, 1, 13)]
+    df = pd.DataFrame(probes, columns=["method", "rank", "entries", "seed", "entries_recalled"])
+    most = bench.most_recalled(df)
+    assert most[("sft", 1)] == {"most_recalled": 10.0, "most_recalled_book": 16, "most_recalled_seeds": 2}
+    assert most[("sft", 2)]["most_recalled"] == 23.0 and most[("memft-ot", 1)]["most_recalled"] == 12.5
