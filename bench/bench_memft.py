@@ -565,6 +565,9 @@ def points_word(n) -> str:
     return f"{int(n)} point{'s' if int(n) != 1 else ''}"
 
 
+ONE = {"tokens": "token", "entries": "entry"}
+
+
 def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens", seeds: tuple[int, int, int] | None = None) -> str:
     """A bracket as a reader reads it: both ends with the recall rate over the seeds at each, or the bound known so
     far, or 'not probed yet'. seeds: (seeds with a verdict at lo, at hi, seeds searched), to say where an end's
@@ -582,6 +585,8 @@ def bracket_words(lo, hi, lo_rate, hi_rate, unit: str = "tokens", seeds: tuple[i
                 f"at {hi})")
     if lo is not None:
         return f"ℓ* ≥ {lo} {unit} (recalled by {rate(lo_rate, n_lo)} at {lo}; nothing longer has failed)"
+    if hi is not None and hi <= 1:
+        return f"nothing recalled, not even 1 {ONE.get(unit, unit)} ({rate(hi_rate, n_hi)} recalled it)"
     if hi is not None:
         return f"ℓ* < {hi} {unit} (recalled by {rate(hi_rate, n_hi)} at {hi}; nothing shorter was recalled)"
     return "not probed yet"

@@ -56,13 +56,14 @@ def default_base(default_model_dir: Path):
     return load_base(ModelSpec(name=str(default_model_dir)))
 
 
-def make_tiny_model(path: Path, tokenizer_dir: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+def make_tiny_model(path: Path, tokenizer_dir: Path, layers: int = 4, hidden: int = 64, seed: int = 0,
+                    context: int = 512) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path)

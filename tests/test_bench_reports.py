@@ -55,6 +55,8 @@ def test_a_bracket_in_words_says_where_an_end_has_fewer_seeds_so_far():
     assert words == "ℓ* between 32 and 64 tokens (recalled by 3 of 3 seeds at 32, 0 of 2 seeds so far at 64)"
     assert "so far" not in bench.bracket_words(32, 64, 1.0, 0.0, seeds=(3, 3, 3))
     assert bench.bracket_words(None, None, None, None) == "not probed yet"
+    assert bench.bracket_words(None, 1, None, 0.0, "entries", seeds=(0, 2, 2)) == \
+        "nothing recalled, not even 1 entry (0 of 2 seeds recalled it)"
     assert bench.bracket_words(8, None, 0.5, None, "entries").startswith("ℓ* ≥ 8 entries (recalled by 50%")
 
 
@@ -110,3 +112,47 @@ def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_see
     most = bench.most_recalled(df)
     assert most[("sft", 1)] == {"most_recalled": 10.0, "most_recalled_book": 16, "most_recalled_seeds": 2}
     assert most[("sft", 2)]["most_recalled"] == 23.0 and most[("memft-ot", 1)]["most_recalled"] == 12.5
+
+
+def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables(default_model_dir, tmp_path):
+    """The whole experiment on a tiny model, as a user runs it: `run` places every frontier, trains the points at
+    0.5, 1.5 and 2 × sft's ℓ*, and `report --out` writes complete tables (the brackets, the paired differences
+    there, the law past the frontier) that a fresh store reads back without training anything again."""
+    import json
+    import math
+    import subprocess
+
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", default_model_dir, context=2048)  # the benchmark draws 1,280 tokens
+    flags = ["--model", str(model), "--ranks", "1", "2", "--seeds", "0", "1", "--methods", "sft", "memft-ot",
+             "--max-steps", "60", "--lr", "0.1", "--plateau-window", "20", "--resolution", "0.3",
+             "--keep", str(tmp_path / "kept")]
+
+    def bench(*args, home):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memft.py"), *args, *flags, "--home",
+                               str(tmp_path / home)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    bench("run", home="a")
+    kept = sorted(p.name for p in (tmp_path / "kept").glob("*.json.gz"))
+    out = bench("report", "--out", str(tmp_path / "out"), home="b")
+    assert out.rstrip().splitlines()[-3] == "complete"
+    front = pd.read_csv(tmp_path / "out" / "long_context_frontier.csv")
+    assert len(front) == 4 and front["settled"].all() and (front["lo"] < front["hi"]).all()
+    points = pd.read_csv(tmp_path / "out" / "long_context_points.csv")
+    for rank in (1, 2):
+        lo, hi = front[(front["method"] == "sft") & (front["rank"] == rank)][["lo", "hi"]].iloc[0]
+        for f in (0.5, 1.5, 2.0):  # stage 2: every method and seed at each multiple of sft's ℓ*
+            at = points[(points["rank"] == rank) & (points["length"] == max(1, round(f * math.sqrt(lo * hi))))]
+            assert {(m, s) for m, s in zip(at["method"], at["seed"])} >= {(m, s) for m in ("sft", "memft-ot")
+                                                                          for s in (0, 1)}
+    law = pd.read_csv(tmp_path / "out" / "long_context_law.csv").set_index("method")
+    assert set(law.index) == {"sft", "memft-ot"}
+    assert ((law["alpha_lo"] <= law["alpha"]) & (law["alpha"] <= law["alpha_hi"])).all()
+    side = json.loads((tmp_path / "out" / "long_context.json").read_text())
+    assert side["state"] == "complete" and side["command"].startswith("python bench/bench_memft.py run")
+    again = bench("run", home="c")  # a fresh store: every point read back, nothing trained twice
+    assert "stage 2: 0 points around the frontier to train" in again
+    assert sorted(p.name for p in (tmp_path / "kept").glob("*.json.gz")) == kept
