@@ -257,7 +257,8 @@ def render(store) -> None:
         if set(paired.get("where", pd.Series(dtype=str)).astype(str)) <= {"search probe"}:
             st.caption("So far these are the search's own probes: steps to exact recall where both methods recalled "
                        "the same seeds' tokens. Fidelity past the frontier (token accuracy, tokens above τ, verbatim "
-                       "prefix, ΔL at 1.5 and 2 times sft's ℓ*) is measured once every sft frontier is placed.")
+                       "prefix, ΔL at 1.5 and 2 times sft's ℓ*) is measured at a rank once sft's frontier there is "
+                       "placed.")
         with st.expander("The paired table"):
             st.dataframe(paired_table(paired), hide_index=True, width="stretch")
         if spot is not None:

@@ -53,7 +53,8 @@ KEEP_SPOT = ROOT / "sample_data" / "paper" / "long_context_spot_runs"  # the spo
 POOL = 1280  # random tokens drawn per seed; a point trains on the first `length` of them
 AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
 ABOUT = {  # each command's --help
-    "run": "Train the search (stage 1) and the points around sft's frontier (stage 2) into --home, resuming from "
+    "run": "Train the search (stage 1) and, beside it as soon as sft's frontier at a rank is placed, the points "
+           "around that frontier (stage 2) into --home, resuming from "
            "what --home and --keep hold; SIGTERM or Ctrl-C stops after the current step.",
     "report": "Print the tables of the search the settings flags name (the same flags as its run; --home and "
               "--keep only say where it lies) and, with --out, write them as CSV.",
@@ -138,14 +139,16 @@ def run_search(fs, t0: float, prefix: str = "", on_progress=None):
     """Run a FrontierSearch to its end, printing a line each time a probe completes (seconds since t0, probes done,
     training and to go, steps, every bracket; `on_progress()` called at every progress); returns its last
     SearchProgress."""
-    done = -1
+    done = None
     for p in fs.run():
         if on_progress is not None:
             on_progress()
-        if p.probes_done != done:
-            done = p.probes_done
+        if (p.probes_done, p.also_done) != done:
+            done = p.probes_done, p.also_done
+            beside = (f" (and {points_word(p.also_done)} around sft's frontier, {p.also_in_flight} training)"
+                      if p.also_done or p.also_in_flight else "")
             print(f"[{time.perf_counter() - t0:6.0f} s] {prefix}{p.probes_done} probes done, {p.in_flight} training, "
-                  f"{p.probes_left[0]}-{p.probes_left[1]} to go, {p.steps} steps   "
+                  f"{p.probes_left[0]}-{p.probes_left[1]} to go{beside}, {p.steps} steps   "
                   + "  ".join(f"{b.method}/r{b.rank}: [{b.lo}, {b.hi}]" for b in p.brackets), flush=True)
     return p
 
@@ -164,7 +167,8 @@ def reference_lengths(brackets, method: str = "sft") -> dict[int, float]:
 
 
 def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
-    """(method, rank, length, seed, factor) of stage 2: every method and seed at AROUND × sft's ℓ*(r)."""
+    """(method, rank, length, seed, factor) of stage 2: every method and seed at AROUND × sft's ℓ*(r), for the
+    ranks where `brackets` (the placed ones: FrontierSearch.placed) hold sft's."""
     ref = reference_lengths(brackets)
     out = []
     for rank, ell in sorted(ref.items()):
@@ -174,6 +178,16 @@ def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
                 for s in search.seeds:
                     out.append((m, rank, n, s, f))
     return out
+
+
+def stage2_to_go(search, fs, store) -> int:
+    """Points of stage 2 not completed yet: those of the ranks where sft's frontier is placed, less the ones the
+    store holds, and every point of the ranks where it is not (len(AROUND) lengths × methods × seeds each)."""
+    placed = fs.placed()
+    labels = {search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, placed)}
+    done = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
+    waiting = len(set(search.ranks) - {b.rank for b in placed if b.method == "sft"})
+    return len(labels - done) + waiting * len(AROUND) * len(search.methods) * len(search.seeds)
 
 
 def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str) -> None:
@@ -227,12 +241,13 @@ def run(args: argparse.Namespace) -> int:
           f"seeds {list(search.seeds)}; {restore(store, args.keep)} points read back from {args.keep}", flush=True)
     keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
     stop = StopOnSignal()
-    fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
+    fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop,  # stage 2 beside it, rank by rank
+                        also=lambda placed: [point[:4] for point in around_points(search, placed)])
     p = run_search(fs, t0, "stage 1: ", keep)
     if p.stopped:
         print(keep.ended(stopped=True), flush=True)
         return 1
-    points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)]
+    points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.placed())]
     train_points(store, search, fs, points, stop, keep, t0, "stage 2", "points around the frontier")
     print(keep.ended(stopped=stop()), flush=True)
     return 1 if stop() else 0
@@ -376,7 +391,7 @@ def report(args: argparse.Namespace) -> int:
               + ("" if bpp is None else f"; {bpp:.3f} bits/param" if r["settled"] else
                  f"; at least {bpp:.3f} bits/param (at {r['lo']} tokens)"))
 
-    ref = reference_lengths(fs.brackets)
+    ref = reference_lengths(fs.placed())  # a rank's stage 2 trains once sft's frontier there is placed
     df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
     stage2 = df[df["where"] != ""]
     probes = df[(df["where"] == "") & df["exact_recall"].astype(bool)]
@@ -392,7 +407,7 @@ def report(args: argparse.Namespace) -> int:
     print("\n## Paired differences around sft's frontier (stage 2: 0.5, 1.5 and 2 times its ℓ*), method − sft on the "
           "same seeds and data (mean, 95% paired-t interval)")
     if stage2.empty:
-        print("  none yet: stage 2 trains once every sft frontier is placed")
+        print("  none yet: a rank's points train once sft's frontier there is placed")
     measures = {"below": ["steps", "exact_recall"],
                 "past": ["token_accuracy", "frac_above", "verbatim_prefix", "delta_loss"]}
     for kind, cols in measures.items():
@@ -407,16 +422,14 @@ def report(args: argparse.Namespace) -> int:
     paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
     open_ = still_open(fs)
-    stage2_left = len({search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.brackets)}
-                      - {r["label"] for r in store.runs(sweep=search.id, status="completed")})
-    state = ("complete" if not open_ and stage2_left == 0 else
-             f"interim: {len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
-             f"{search.resolution:.0%} ({', '.join(open_)}), then the points around sft's frontier" if open_ else
-             f"interim: {stage2_left} points around the frontier still to train")
-    if open_ or stage2_left:  # stage 2 is 3 lengths × methods × seeds per rank once sft's frontier is placed
-        left = to_go(fs, ledger_of(args.keep), len(df), stage2_left if not open_ else
-                     len(AROUND) * len(search.ranks) * len(search.methods) * len(search.seeds))
-        state += f"; {left}"
+    stage2_left = stage2_to_go(search, fs, store)
+    if not open_ and stage2_left == 0:
+        state = "complete"
+    else:
+        parts = ([f"{len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
+                  f"{search.resolution:.0%} ({', '.join(open_)})"] if open_ else []) \
+            + ([f"{stage2_left} points around sft's frontier still to train"] if stage2_left else [])
+        state = f"interim: {' and '.join(parts)}; {to_go(fs, ledger_of(args.keep), len(df), stage2_left)}"
     rule = plateau_rule_check(store, df, args.plateau_window)
     print(f"\n## The plateau rule against the curves (a point stops after {args.plateau_window} steps without a new "
           "best in tokens above τ or argmax-right tokens)")

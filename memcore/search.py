@@ -18,6 +18,10 @@ they agree, and the same bracket). Probes of every rank, method and seed train t
 and its point (method, seed, noise, rank, length) as its label, so `memcore fit`, `memcore frontier`, `predict
 --verbatim` and the law page read a search like a sweep, and running the same search again reuses every probe
 already completed (a probe cut off mid-way continues from its checkpoint).
+
+Points that depend on a placed bracket (a benchmark's lengths around the frontier) can train beside the search
+(`also`): they fill the slots its probes leave free as soon as their bracket is placed, instead of waiting for every
+bracket, in the same sweep; a probe that is also such a point trains once, its verdict taken when it ends.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -234,6 +238,8 @@ class SearchProgress:
     probes_left: tuple[int, int] = (0, 0)  # (fewest, most) probes still to complete (trained, or read from a store
     # that holds another search's probes on the same template), those in training included
     seeds: int = 0  # seeds searched (an end's rate may be over fewer so far)
+    also_done: int = 0  # points trained beside the search (FrontierSearch's `also`) completed this time
+    also_in_flight: int = 0  # and those training now
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the counts and, per bracket, method, rank, lo, hi, the recall rates at lo and hi and the seeds
@@ -241,7 +247,7 @@ class SearchProgress:
         return {"probes_done": self.probes_done, "in_flight": self.in_flight, "steps": self.steps,
                 "seconds": self.seconds, "finished": self.finished, "stopped": self.stopped,
                 "probes_left": list(self.probes_left),
-                "seeds": self.seeds,
+                "seeds": self.seeds, "also_done": self.also_done, "also_in_flight": self.also_in_flight,
                 "brackets": [{"method": b.method, "rank": b.rank, "lo": b.lo, "hi": b.hi, "lo_rate": b.rate(b.lo),
                               "hi_rate": b.rate(b.hi), "lo_seeds": b.seeds_at(b.lo),
                               "hi_seeds": b.seeds_at(b.hi), "probes": len(b.probed), "steps": b.steps,
@@ -256,12 +262,26 @@ class _Probe:
     seed: int
 
 
+@dataclass(frozen=True)
+class _Also:
+    """A point trained beside the search (FrontierSearch's `also`): (method, rank, length, seed)."""
+
+    point: tuple[str, int, int, int]
+
+
 class FrontierSearch:
     """Runs a SearchSpec into a store (see the module docstring). `run()` yields a SearchProgress after every
-    completed probe; `brackets` holds the result."""
+    completed probe; `brackets` holds the result.
+
+    also: called with the brackets placed so far (no length left to probe), it returns the (method, rank, length,
+    seed) points to train beside the search, in the search's sweep and with its labels (SearchSpec.probe_spec).
+    They fill the slots the search's own probes leave free, so they never hold a probe back; one the search asks
+    for while it trains is not trained twice (its verdict is taken when it ends), and the search does not
+    finish before they do. Points already completed, asked for or training are skipped."""
 
     def __init__(self, search: SearchSpec, store: Any, base: Any = None, *, batch: int | str = "auto",
-                 should_stop: Callable[[], bool] | None = None, hold: bool | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, hold: bool | None = None,
+                 also: Callable[[list[Bracket]], Iterable[tuple[str, int, int, int]]] | None = None) -> None:
         from memcore.runner import prepare
 
         self.search, self.store, self.should_stop = search, store, should_stop
@@ -287,6 +307,11 @@ class FrontierSearch:
         self.live: dict[int, _Probe] = {}  # probes in training
         self.in_flight = 0
         self.training: dict[int, int] = {}  # probe -> steps so far, while it trains
+        self.also = also
+        self.also_live: dict[tuple[str, int, int, int], _Also] = {}  # points beside the search, in training
+        self.awaited: dict[tuple[str, int, int, int], Bracket] = {}  # of those, the ones a bracket asked for
+        self.also_done = 0
+        self.also_steps = 0  # steps of the points beside the search completed this time
         self.cut_steps = 0  # steps of probes stopped before their end, this time
         self.done = 0
         self.stopped = False
@@ -347,9 +372,12 @@ class FrontierSearch:
             if summary is not None:
                 self._verdict(b, length, seed, summary, decide=False)  # the caller decides once all are read
                 found = True
+            elif point in self.also_live:  # training beside the search: its verdict is taken when it ends
+                self.awaited[point] = b
             else:
                 todo.append(_Probe(b, length, seed))
-        first = max(0, first - len(b.probed.get(length, {})))  # the seeds the store gave count among the first
+        coming = sum(self.awaited.get((b.method, b.rank, length, sd)) is b for sd in seeds)
+        first = max(0, first - len(b.probed.get(length, {})) - coming)  # the store's and those coming count
         self.first.extend(todo[:first])
         self.held.extend(todo[first:])
         return found
@@ -383,8 +411,10 @@ class FrontierSearch:
         unfinished = resumable_points(self.store, self.search.id)
         while True:
             self._advance()
-            if not self.first and self.held and (not self.hold or not self.in_flight):  # a free slot on a GPU
-                self.first.append(self.held.popleft())  # (with nothing in training: never expected on a CPU)
+            if not self.first and self.held and (not self.hold or not (self.in_flight or self.awaited)):
+                self.first.append(self.held.popleft())  # a free slot on a GPU (with nothing the search waits on
+                # in training: never expected on a CPU)
+            point = None if self.first else self._next_also()
             if self.first:
                 p = self.first.popleft()
                 self.live[id(p)] = p
@@ -397,10 +427,30 @@ class FrontierSearch:
                 else:
                     _, samples = prepare(spec, self.base, self.store.home)
                     yield BatchedRun(spec, samples, tag=p, sweep=self.search.id, label=label)
-            elif self.in_flight:
+            elif point is not None:  # a slot the search leaves free: a point beside it
+                tag = self.also_live[point] = _Also(point)
+                spec, label = self.search.probe_spec(*point), self.search.label(*point)
+                rid = unfinished.get(label)
+                if rid is not None:
+                    yield BatchedRun(spec, stored_samples(self.store, rid), tag=tag, run_id=rid, resume=True)
+                else:
+                    _, samples = prepare(spec, self.base, self.store.home)
+                    yield BatchedRun(spec, samples, tag=tag, sweep=self.search.id, label=label)
+            elif self.in_flight or self.also_live:
                 yield None  # every bracket waits on probes in training
             else:
                 return
+
+    def _next_also(self) -> tuple[str, int, int, int] | None:
+        """The next point beside the search to train (see `also`), or None."""
+        if self.also is None:
+            return None
+        for point in self.also(self.placed()):
+            point = (str(point[0]), int(point[1]), int(point[2]), int(point[3]))
+            if point not in self.asked and point not in self.also_live \
+                    and self.search.label(*point) not in self._known:
+                return point
+        return None
 
     def progress(self, finished: bool = False) -> SearchProgress:
         """The search as it stands (see SearchProgress)."""
@@ -417,24 +467,54 @@ class FrontierSearch:
                 fewest, most = fewest + few * need, most + many * every
             for end in (b.lo, b.hi):  # an end now may stay one: the seeds it lacks are asked for at the close
                 if end is not None and end != length:
-                    most += sum((b.method, b.rank, end, seed) not in self.asked and seed not in b.probed.get(end, {})
-                                for seed in self.search.seeds)
+                    lacking = sum((b.method, b.rank, end, seed) not in self.asked and seed not in b.probed.get(end, {})
+                                  for seed in self.search.seeds)
+                    most += lacking
+                    fewest += lacking if not many else 0  # placed: its ends are final, so they will be asked for
         # probes asked for outside a length being decided (a settled length's later seeds, a bracket's ends)
         for p in [*self.live.values(), *self.first, *self.held]:
             if self.waiting.get((p.bracket.method, p.bracket.rank)) != p.length:
                 fewest, most = fewest + 1, most + 1
         return SearchProgress(probes_left=(fewest, most), seeds=every, probes_done=self.done, in_flight=self.in_flight,
                               steps=sum(b.steps for b in self.brackets) + sum(self.training.values())
-                              + self.cut_steps,
+                              + self.cut_steps + self.also_steps,
                               seconds=time.perf_counter() - self.t0,
                               brackets=self.brackets, finished=finished, stopped=self.stopped,
-                              probing=dict(self.waiting))
+                              probing=dict(self.waiting), also_done=self.also_done,
+                              also_in_flight=len(self.also_live))
+
+    def _also_ended(self, tag: _Also, r: Any) -> bool:
+        """Book a report of a point beside the search; True when it was its last (completed or cut off)."""
+        if not r.final:
+            self.training[id(tag)] = r.step
+            return False
+        self.training.pop(id(tag), None)
+        self.also_live.pop(tag.point, None)
+        b = self.awaited.pop(tag.point, None)
+        if r.summary.status != "completed":  # cut off: it resumes from its checkpoint next time
+            self.stopped = True
+            self.cut_steps += int(r.summary.steps)
+            if b is not None:
+                self.asked.discard(tag.point)
+            return True
+        self._known[self.search.label(*tag.point)] = r.summary
+        self.also_done += 1
+        if b is not None:  # a probe too: the bracket's verdict (its steps counted there)
+            self._verdict(b, tag.point[2], tag.point[3], r.summary)
+        else:
+            self.also_steps += int(r.summary.steps)
+        return True
 
     def read(self) -> SearchProgress:
         """Take every verdict the store already holds, training nothing, and say where that leaves the search (the
         brackets, and the probes to go)."""
         self._advance()
         return self.progress()
+
+    def placed(self) -> list[Bracket]:
+        """The brackets with no length left to probe (within the resolution, or pinned at the shortest or longest
+        length): their ends are final, though an end may still lack some seeds' verdicts (see unsettled)."""
+        return [b for b in self.brackets if b.next_length(self.search, self.longest) is None]
 
     def unsettled(self) -> list[Bracket]:
         """The brackets with a probe still to train: a length whose verdict is awaited, or an end lacking seeds."""
@@ -466,6 +546,11 @@ class FrontierSearch:
         said = time.perf_counter()
         for p, r in execute_many(self._runs(), self.store, self.base, slots=self.slots(),
                                  max_rank=max(self.search.ranks), should_stop=self.should_stop):
+            if isinstance(p, _Also):
+                if self._also_ended(p, r):
+                    said = time.perf_counter()
+                    yield self.progress()
+                continue
             if not r.final:
                 self.training[id(p)] = r.step
                 if time.perf_counter() - said >= PROGRESS_EVERY_S:  # long probes: say the steps going by
@@ -485,6 +570,10 @@ class FrontierSearch:
             yield self.progress()
         for p in self.live.values():  # taken for a slot after the stop request, never started
             self.asked.discard((p.bracket.method, p.bracket.rank, p.length, p.seed))
+        for point in self.also_live:  # likewise beside the search: a bracket waiting on one asks again next time
+            if self.awaited.pop(point, None) is not None:
+                self.asked.discard(point)
+        self.also_live.clear()
         self.live.clear()
         self.training.clear()
         self.in_flight = 0

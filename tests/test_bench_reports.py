@@ -115,11 +115,13 @@ def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_see
 
 
 def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables(default_model_dir, tmp_path):
-    """The whole experiment on a tiny model, as a user runs it: `run` places every frontier, trains the points at
-    0.5, 1.5 and 2 × sft's ℓ*, and `report --out` writes complete tables (the brackets, the paired differences
-    there, the law past the frontier) that a fresh store reads back without training anything again."""
+    """The whole experiment on a tiny model, as a user runs it: `run` places every frontier and trains the points at
+    0.5, 1.5 and 2 × sft's ℓ* (beside the search, once sft's frontier at that rank is placed), and `report --out`
+    writes complete tables (the brackets, the paired differences there, the law past the frontier) that a fresh
+    store reads back without training anything again."""
     import json
     import math
+    import re
     import subprocess
 
     from conftest import make_tiny_model
@@ -135,7 +137,9 @@ def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout
 
-    bench("run", home="a")
+    out = bench("run", home="a")
+    # a rank's points around sft's frontier trained beside the search, before its last probes
+    assert re.search(r"training, [1-9]\d*-\d+ to go \(and [1-9]\d* points? around sft's frontier", out), out
     kept = sorted(p.name for p in (tmp_path / "kept").glob("*.json.gz"))
     out = bench("report", "--out", str(tmp_path / "out"), home="b")
     assert out.rstrip().splitlines()[-3] == "complete"

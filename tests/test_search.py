@@ -386,3 +386,158 @@ def test_on_a_device_with_free_slots_the_later_seeds_train_at_once(tiny_model_di
     assert (b.lo, b.hi) == (40, 41)
     assert all(sorted(seeds) == [0, 1, 2] for seeds in b.probed.values())
     assert len(order) == 3 * len(b.probed)
+
+
+def _oracle_points(frontiers: dict[tuple[int, int], float], slots: int, order: list, stop_after: int | None = None,
+                   stop=None):
+    """An execute_many over probes and points beside the search alike, training nothing: `slots` at a time, each
+    ending in the order started, recalled when its length is at most frontiers[(rank, seed)]; `order` collects
+    (kind, rank, length, seed) as each starts. After `stop_after` endings the next one is cut off and stop() asked."""
+    from types import SimpleNamespace
+
+    def point(tag):
+        if hasattr(tag, "point"):
+            return ("also", *tag.point[1:])
+        return ("probe", tag.bracket.rank, tag.length, tag.seed)
+
+    def fake(runs, store, base, *, slots=slots, max_rank=1, should_stop=None):
+        runs, flying, ended = iter(runs), [], 0
+        while True:
+            while len(flying) < slots and not (should_stop and should_stop()):
+                run = next(runs, "end")
+                if run is None or run == "end":
+                    break
+                flying.append(run)
+                order.append(point(run.tag))
+            if not flying:
+                if run == "end" or (should_stop and should_stop()):
+                    return
+                raise AssertionError("the search waits on nothing in training")
+            run = flying.pop(0)
+            _, rank, length, seed = point(run.tag)
+            if stop_after is not None and ended == stop_after:
+                stop()
+                summary = SimpleNamespace(exact_recall=False, steps=3, status="stopped")
+            else:
+                summary = SimpleNamespace(exact_recall=length <= frontiers[(rank, seed)], steps=10,
+                                          status="completed")
+            ended += 1
+            yield run.tag, SimpleNamespace(final=True, step=summary.steps, summary=summary)
+    return fake
+
+
+def _around(placed, fs=None):
+    """Points beside the search: every seed at 0.5, 1.5 and 2 × a placed bracket's geometric mean; with `fs`, also
+    the first two seeds at each length its rank-2 bracket may probe next, whichever way the verdict it waits for
+    falls (so the search asks for points while they train beside it)."""
+    import copy
+
+    out = []
+    for b in placed:
+        ell = math.sqrt(b.lo * b.hi)
+        out += [("sft", b.rank, max(1, round(f * ell)), s) for f in (0.5, 1.5, 2.0) for s in (0, 1, 2)]
+    if fs is not None:
+        b2 = fs.brackets[1]
+        waiting = fs.waiting.get(("sft", 2))
+        if waiting is not None:
+            for recalled in (True, False):
+                nxt = copy.deepcopy(b2)
+                nxt.record(waiting, recalled=recalled)
+                if (n := nxt.next_length(fs.search, fs.longest)) is not None:
+                    out += [("sft", 2, n, s) for s in (0, 1)]
+    return out
+
+
+@pytest.mark.parametrize("rank2", [(70, 82, 75), (75, 75, 75), (60, 90, 90)])
+@pytest.mark.parametrize("slots", [3, 4])
+def test_points_beside_the_search_train_once_their_bracket_is_placed_and_never_twice(tiny_model_dir, home,
+                                                                                      monkeypatch, rank2, slots):
+    """`also`: points that depend on a placed bracket fill the slots the search leaves free as soon as it is placed
+    (before the search ends), a point the search asks for while it trains beside it trains once with its verdict
+    taken by the bracket (and counts among the first seeds there), and the brackets are the ones the search gives
+    alone."""
+    import memcore.runner
+
+    frontiers = {(1, 0): 40, (1, 1): 44, (1, 2): 37, **{(2, s): f for s, f in enumerate(rank2)}}
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1, 2), seeds=(0, 1, 2), start_length=32,
+                        max_length=96, name="beside")
+    alone_order, order = [], []
+    monkeypatch.setattr(memcore.runner, "execute_many", _oracle_points(frontiers, slots=slots, order=alone_order))
+    alone = FrontierSearch(search, Store(home / "a"), batch=slots)
+    list(alone.run())
+    monkeypatch.setattr(memcore.runner, "execute_many", _oracle_points(frontiers, slots=slots, order=order))
+    fs = FrontierSearch(search, Store(home / "b"), batch=slots, also=lambda placed: _around(placed, fs))
+    awaited = []
+    ask = fs._ask
+
+    def watching(b, length, seeds, first):
+        found = ask(b, length, seeds, first)
+        awaited.extend(p for p in fs.awaited if p[2] == length and p[1] == b.rank)
+        return found
+
+    fs._ask = watching
+    progress = list(fs.run())
+    assert progress[-1].finished and progress[-1].also_in_flight == 0
+    assert [(b.lo, b.hi, b.probed) for b in fs.brackets] == [(b.lo, b.hi, b.probed) for b in alone.brackets]
+    assert awaited  # the search asked for points while they trained beside it ...
+    trained = [o[1:] for o in order]
+    assert len(trained) == len(set(trained))  # ... and nothing was trained twice, probe or point beside
+    for _, rank, length, _ in awaited:  # and those counted among the first seeds: no third seed where two agree
+        got = fs.brackets[rank - 1].probed[length]
+        if length not in (fs.brackets[rank - 1].lo, fs.brackets[rank - 1].hi) and len(set(got.values())) == 1:
+            assert len(got) == 2
+    wanted = set(_around(fs.brackets))
+    assert {("sft", *o) for o in trained} >= wanted  # every point beside the search trained (or was a probe)
+    first_also = next(i for i, o in enumerate(order) if o[0] == "also")
+    last_probe = max(i for i, o in enumerate(order) if o[0] == "probe")
+    assert first_also < last_probe  # they started before the search ended
+    assert progress[-1].also_done == sum(o[0] == "also" for o in order)
+
+
+def _stop_beside(search, frontiers, slots, stop_after, base, home, monkeypatch):
+    """Run `search` with points beside it (_around) until the oracle cuts off its `stop_after`-th ending, and check
+    that a fresh search reading the same verdicts agrees with it. Returns (how many points a bracket awaited at the
+    stop, or None when the search finished first; the base, to share)."""
+    import memcore.runner
+
+    known, at_stop, now = {}, [], []
+    inner = _oracle_points(frontiers, slots=slots, order=[], stop_after=stop_after,
+                           stop=lambda: at_stop.append(len(now[-1].awaited)))
+
+    def recording(runs, store, base, **kw):
+        for tag, r in inner(runs, store, base, **kw):
+            if r.summary.status == "completed":
+                point = tag.point if hasattr(tag, "point") else ("sft", tag.bracket.rank, tag.length, tag.seed)
+                known[search.label(*point)] = r.summary
+            yield tag, r
+
+    monkeypatch.setattr(memcore.runner, "execute_many", recording)
+    monkeypatch.setattr(FrontierSearch, "_completed", lambda self: dict(known))
+    now.append(FrontierSearch(search, Store(home), base, batch=slots, should_stop=lambda: bool(at_stop),
+                              also=lambda placed: _around(placed, now[-1])))
+    fs = now[-1]
+    last = list(fs.run())[-1]
+    if not at_stop:
+        return None, fs.base
+    assert last.stopped and not last.finished and last.in_flight == 0 and last.also_in_flight == 0
+    now.append(FrontierSearch(search, Store(home), fs.base, batch=slots, also=lambda placed: _around(placed, now[-1])))
+    again = now[-1].read()
+    assert last.probes_left == again.probes_left, (frontiers, slots, stop_after)
+    assert [b.rank for b in fs.unsettled()] == [b.rank for b in now[-1].unsettled()]
+    return at_stop[0], fs.base
+
+
+def test_a_search_stopped_with_points_beside_it_in_training_reads_back_the_same(tiny_model_dir, home, monkeypatch):
+    """Stopped at any point, points beside the search in training (some awaited by a bracket) included, the search
+    that stopped and a fresh one reading the same store agree on the probes left and the brackets unsettled, and
+    nothing counts as in training."""
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1, 2), seeds=(0, 1, 2), start_length=32,
+                        max_length=96, name="beside-stopped")
+    base, awaited = None, []
+    for rank2 in [(70, 82, 75), (75, 75, 75)]:
+        frontiers = {(1, 0): 40, (1, 1): 44, (1, 2): 37, **{(2, s): f for s, f in enumerate(rank2)}}
+        for slots in (3, 4):
+            for stop_after in range(2, 32, 3):
+                n, base = _stop_beside(search, frontiers, slots, stop_after, base, home, monkeypatch)
+                awaited.append(n)
+    assert any(awaited)  # some stops came while a bracket awaited a point beside the search
