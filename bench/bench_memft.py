@@ -166,14 +166,17 @@ def reference_lengths(brackets, method: str = "sft") -> dict[int, float]:
     return out
 
 
-def around_points(search, brackets) -> list[tuple[str, int, int, int, float]]:
+def around_points(search, brackets, longest: int = POOL) -> list[tuple[str, int, int, int, float]]:
     """(method, rank, length, seed, factor) of stage 2: every method and seed at AROUND × sft's ℓ*(r), for the
-    ranks where `brackets` (the placed ones: FrontierSearch.placed) hold sft's."""
+    ranks where `brackets` (the placed ones: FrontierSearch.placed) hold sft's; none past `longest` (the tokens the
+    data hold: a longer point would train on the same ones)."""
     ref = reference_lengths(brackets)
     out = []
     for rank, ell in sorted(ref.items()):
         for f in AROUND:
             n = max(1, round(f * ell))
+            if n > longest:
+                continue
             for m in search.methods:
                 for s in search.seeds:
                     out.append((m, rank, n, s, f))
@@ -184,7 +187,7 @@ def stage2_to_go(search, fs, store) -> int:
     """Points of stage 2 not completed yet: those of the ranks where sft's frontier is placed, less the ones the
     store holds, and every point of the ranks where it is not (len(AROUND) lengths × methods × seeds each)."""
     placed = fs.placed()
-    labels = {search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, placed)}
+    labels = {search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, placed, fs.longest)}
     done = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
     waiting = len(set(search.ranks) - {b.rank for b in placed if b.method == "sft"})
     return len(labels - done) + waiting * len(AROUND) * len(search.methods) * len(search.seeds)
@@ -242,12 +245,12 @@ def run(args: argparse.Namespace) -> int:
     keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop,  # stage 2 beside it, rank by rank
-                        also=lambda placed: [point[:4] for point in around_points(search, placed)])
+                        also=lambda placed: [point[:4] for point in around_points(search, placed, fs.longest)])
     p = run_search(fs, t0, "stage 1: ", keep)
     if p.stopped:
         print(keep.ended(stopped=True), flush=True)
         return 1
-    points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.placed())]
+    points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.placed(), fs.longest)]
     train_points(store, search, fs, points, stop, keep, t0, "stage 2", "points around the frontier")
     print(keep.ended(stopped=stop()), flush=True)
     return 1 if stop() else 0

@@ -20,8 +20,8 @@ and its point (method, seed, noise, rank, length) as its label, so `memcore fit`
 already completed (a probe cut off mid-way continues from its checkpoint).
 
 Points that depend on a placed bracket (a benchmark's lengths around the frontier) can train beside the search
-(`also`): they fill the slots its probes leave free as soon as their bracket is placed, instead of waiting for every
-bracket, in the same sweep; a probe that is also such a point trains once, its verdict taken when it ends.
+(`also`): they take the slots its probes leave free as soon as their bracket is placed, instead of waiting for
+every bracket, in the same sweep; a probe that is also such a point trains once, its verdict taken when it ends.
 """
 
 from __future__ import annotations
@@ -274,10 +274,12 @@ class FrontierSearch:
     completed probe; `brackets` holds the result.
 
     also: called with the brackets placed so far (no length left to probe), it returns the (method, rank, length,
-    seed) points to train beside the search, in the search's sweep and with its labels (SearchSpec.probe_spec).
-    They fill the slots the search's own probes leave free, so they never hold a probe back; one the search asks
-    for while it trains is not trained twice (its verdict is taken when it ends), and the search does not
-    finish before they do. Points already completed, asked for or training are skipped."""
+    seed) points to train beside the search, in the search's sweep and with its labels (SearchSpec.probe_spec), at
+    the search's ranks or below. They take a slot only when the search has no probe ready for it (once started,
+    one runs to its end: a probe asked for meanwhile waits for the next free slot); one the search asks for while
+    it trains is not trained twice (its verdict is taken when it ends), and the search does not finish before
+    they do. Points already completed, asked for or training are skipped. Raises MemcoreError for a point of a
+    rank above the search's (the batch's adapter stack holds up to its largest)."""
 
     def __init__(self, search: SearchSpec, store: Any, base: Any = None, *, batch: int | str = "auto",
                  should_stop: Callable[[], bool] | None = None, hold: bool | None = None,
@@ -447,6 +449,9 @@ class FrontierSearch:
             return None
         for point in self.also(self.placed()):
             point = (str(point[0]), int(point[1]), int(point[2]), int(point[3]))
+            if point[1] > max(self.search.ranks):
+                raise MemcoreError(f"a point beside the search at rank {point[1]}, above the search's largest rank "
+                                   f"{max(self.search.ranks)}: the batch's adapter stack cannot hold it")
             if point not in self.asked and point not in self.also_live \
                     and self.search.label(*point) not in self._known:
                 return point
@@ -471,9 +476,13 @@ class FrontierSearch:
                                   for seed in self.search.seeds)
                     most += lacking
                     fewest += lacking if not many else 0  # placed: its ends are final, so they will be asked for
-        # probes asked for outside a length being decided (a settled length's later seeds, a bracket's ends)
+        # probes asked for outside a length being decided (a settled length's later seeds, a bracket's ends), and
+        # points beside the search a bracket asked for there: each still brings a verdict
         for p in [*self.live.values(), *self.first, *self.held]:
             if self.waiting.get((p.bracket.method, p.bracket.rank)) != p.length:
+                fewest, most = fewest + 1, most + 1
+        for point, b in self.awaited.items():
+            if self.waiting.get((b.method, b.rank)) != point[2]:
                 fewest, most = fewest + 1, most + 1
         return SearchProgress(probes_left=(fewest, most), seeds=every, probes_done=self.done, in_flight=self.in_flight,
                               steps=sum(b.steps for b in self.brackets) + sum(self.training.values())
@@ -499,10 +508,16 @@ class FrontierSearch:
             return True
         self._known[self.search.label(*tag.point)] = r.summary
         self.also_done += 1
+        method, rank, length, seed = tag.point
         if b is not None:  # a probe too: the bracket's verdict (its steps counted there)
-            self._verdict(b, tag.point[2], tag.point[3], r.summary)
-        else:
-            self.also_steps += int(r.summary.steps)
+            self._verdict(b, length, seed, r.summary)
+            return True
+        for b in self.brackets:  # a seed an end lacks: taken there now, as a fresh read of the store would take it
+            if (b.method, b.rank) == (method, rank) and length in (b.lo, b.hi) and seed not in b.probed.get(length, {}):
+                self.asked.add(tag.point)
+                self._verdict(b, length, seed, r.summary, decide=False)
+                return True
+        self.also_steps += int(r.summary.steps)
         return True
 
     def read(self) -> SearchProgress:

@@ -494,7 +494,7 @@ def test_points_beside_the_search_train_once_their_bracket_is_placed_and_never_t
     assert progress[-1].also_done == sum(o[0] == "also" for o in order)
 
 
-def _stop_beside(search, frontiers, slots, stop_after, base, home, monkeypatch):
+def _stop_beside(search, frontiers, slots, stop_after, base, home, monkeypatch, also_of=_around):
     """Run `search` with points beside it (_around) until the oracle cuts off its `stop_after`-th ending, and check
     that a fresh search reading the same verdicts agrees with it. Returns (how many points a bracket awaited at the
     stop, or None when the search finished first; the base, to share)."""
@@ -507,20 +507,21 @@ def _stop_beside(search, frontiers, slots, stop_after, base, home, monkeypatch):
     def recording(runs, store, base, **kw):
         for tag, r in inner(runs, store, base, **kw):
             if r.summary.status == "completed":
-                point = tag.point if hasattr(tag, "point") else ("sft", tag.bracket.rank, tag.length, tag.seed)
+                point = tag.point if hasattr(tag, "point") else (tag.bracket.method, tag.bracket.rank, tag.length,
+                                                                 tag.seed)
                 known[search.label(*point)] = r.summary
             yield tag, r
 
     monkeypatch.setattr(memcore.runner, "execute_many", recording)
     monkeypatch.setattr(FrontierSearch, "_completed", lambda self: dict(known))
     now.append(FrontierSearch(search, Store(home), base, batch=slots, should_stop=lambda: bool(at_stop),
-                              also=lambda placed: _around(placed, now[-1])))
+                              also=lambda placed: also_of(placed, now[-1])))
     fs = now[-1]
     last = list(fs.run())[-1]
     if not at_stop:
         return None, fs.base
     assert last.stopped and not last.finished and last.in_flight == 0 and last.also_in_flight == 0
-    now.append(FrontierSearch(search, Store(home), fs.base, batch=slots, also=lambda placed: _around(placed, now[-1])))
+    now.append(FrontierSearch(search, Store(home), fs.base, batch=slots, also=lambda placed: also_of(placed, now[-1])))
     again = now[-1].read()
     assert last.probes_left == again.probes_left, (frontiers, slots, stop_after)
     assert [b.rank for b in fs.unsettled()] == [b.rank for b in now[-1].unsettled()]
@@ -541,3 +542,80 @@ def test_a_search_stopped_with_points_beside_it_in_training_reads_back_the_same(
                 n, base = _stop_beside(search, frontiers, slots, stop_after, base, home, monkeypatch)
                 awaited.append(n)
     assert any(awaited)  # some stops came while a bracket awaited a point beside the search
+
+
+def _collide(fs):
+    """Points beside the search where it may ask next: every seed at the length each bracket waits on, at both
+    lengths it may go to next, and at its ends."""
+    import copy
+
+    out = []
+    for b in fs.brackets:
+        waiting = fs.waiting.get((b.method, b.rank))
+        lengths = [b.lo, b.hi]
+        if waiting is not None:
+            lengths.append(waiting)
+            for recalled in (True, False):
+                nxt = copy.deepcopy(b)
+                nxt.record(waiting, recalled=recalled)
+                lengths += [nxt.next_length(fs.search, fs.longest), nxt.lo, nxt.hi]
+        out += [(b.method, b.rank, n, s) for n in lengths if n is not None for s in fs.search.seeds]
+    return out
+
+
+def test_points_beside_the_search_where_it_probes_keep_the_probes_to_go_true(tiny_model_dir, home, monkeypatch):
+    """Points beside the search that land where it probes (the length it waits on, its next lengths, its ends):
+    at every step the probes to go bound the verdicts still to come, the brackets are the ones it gives alone, and
+    a search stopped midway agrees with a fresh read of its store (random frontiers, seeds and slots)."""
+    import random
+
+    import memcore.runner
+
+    rng = random.Random(0)
+    base = None
+    for case in range(24):
+        seeds = tuple(sorted(rng.sample(range(5), rng.randint(2, 3))))
+        methods = ("sft", "memft-ot")[:rng.randint(1, 2)]
+        frontiers = {(m, s): rng.choice([12, 20, 26, 33, 40]) for m in methods for s in seeds}
+        search = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=seeds, methods=methods,
+                            start_length=32, max_length=64, resolution=rng.choice([0.1, 0.5]), name=f"collide{case}")
+        slots = rng.randint(2, 5)
+
+        def fake(runs, store, base, *, slots=slots, max_rank=1, should_stop=None, frontiers=frontiers):
+            from types import SimpleNamespace
+
+            runs, flying = iter(runs), []
+            while True:
+                while len(flying) < slots and not (should_stop and should_stop()):
+                    run = next(runs, "end")
+                    if run is None or run == "end":
+                        break
+                    flying.append(run)
+                if not flying:
+                    return
+                run = flying.pop(0)
+                tag = run.tag
+                m, _, length, seed = tag.point if hasattr(tag, "point") else (tag.bracket.method, 1, tag.length,
+                                                                              tag.seed)
+                summary = SimpleNamespace(exact_recall=length <= frontiers[(m, seed)], steps=10, status="completed")
+                yield tag, SimpleNamespace(final=True, step=10, summary=summary)
+
+        monkeypatch.setattr(memcore.runner, "execute_many", fake)
+        alone = FrontierSearch(search, Store(home / f"a{case}"), base, batch=slots)
+        base = alone.base
+        list(alone.run())
+        now = []
+        now.append(FrontierSearch(search, Store(home / f"b{case}"), base, batch=slots,
+                                  also=lambda _, now=now: _collide(now[0])))
+        seen = [(p.probes_done, p.probes_left) for p in now[0].run()]
+        done = seen[-1][0]
+        for at, (few, most) in seen:
+            assert few <= done - at <= most, (case, at, few, most, done)
+        assert [(b.lo, b.hi) for b in now[0].brackets] == [(b.lo, b.hi) for b in alone.brackets], case
+        assert [sorted(now[0].brackets[i].probed[end]) for i, b in enumerate(alone.brackets)
+                for end in (b.lo, b.hi) if end is not None] == [list(seeds)] * sum(
+            end is not None for b in alone.brackets for end in (b.lo, b.hi))
+        stopped = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=seeds, methods=methods,
+                             start_length=32, max_length=64, resolution=search.resolution, name=f"collide-stop{case}")
+        _stop_beside(stopped, {(1, s): frontiers[(methods[0], s)] for s in seeds}, slots, rng.randint(2, 14), base,
+                     home / f"c{case}", monkeypatch, also_of=lambda placed, fs: _collide(fs))
