@@ -129,7 +129,7 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
 
 def law_table(law: pd.DataFrame) -> pd.DataFrame:
     """The law past the frontier as a reader reads it: per method the exponents with their 95% intervals in one
-    cell each, R², the points fitted and the regime they were in."""
+    cell each, R², the points fitted and the regime they were in (which points, in words: law_caption)."""
     def exponent(r, k: str) -> str:
         if pd.isna(r.get(k)):
             return "—"
@@ -138,8 +138,19 @@ def law_table(law: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame([{"method": r["method"], "α (rank) [95%]": exponent(r, "alpha"),
                           "β (length) [95%]": exponent(r, "beta"), "R²": f"{r['r2']:.3f}", "points": int(r["points"]),
-                          "regime": r.get("regime", ""), "fitted on": r.get("fitted_on", "")}
+                          "regime": r.get("regime", "")}
                          for _, r in law.iterrows()])
+
+
+def law_caption(law: pd.DataFrame) -> str:
+    """Which points each method's law was fitted on, in words (once when every method's are alike)."""
+    said = {m: str(w) for m, w in zip(law["method"], law.get("fitted_on", pd.Series([""] * len(law)))) if w and
+            pd.notna(w)}
+    if not said:
+        return ""
+    if len(set(said.values())) == 1 and len(said) == len(law):
+        return f"{next(iter(said.values())).capitalize()}."
+    return " ".join(f"{m}: {w}." for m, w in said.items())
 
 
 DECIMALS = {"steps": 1, "verbatim_prefix": 1}  # a measure's decimals in the tables (3 for shares and nats)
@@ -266,6 +277,8 @@ def render(store) -> None:
     if law is not None:
         st.markdown("**The law past the frontier** (plateau ΔL of the points not recalled, per method):")
         st.dataframe(law_table(law), hide_index=True, width="stretch")
+        if caption := law_caption(law):
+            st.caption(caption)
         if front is not None and len(law) < front["method"].nunique():
             st.caption("A method missing here has fewer than six points past its frontier over two ranks and two "
                        "lengths so far; the points around sft's frontier give them.")
@@ -282,8 +295,8 @@ def render(store) -> None:
         table = frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])).rename(
             columns={"frontier (entries)": "largest book recalled (entries = facts)"})
         if "most_recalled" in book:
-            table["most entries recalled in any book"] = [
-                "—" if pd.isna(n) else f"{n:g} of {int(at)}" + (f" ({b:.3f} bits/param)" if pd.notna(b) else "")
+            table["most recalled in a book (bits/param)"] = [
+                "—" if pd.isna(n) else f"{n:g} of {int(at)}" + (f" ({b:.3f})" if pd.notna(b) else "")
                 for n, at, b in zip(book["most_recalled"], book["most_recalled_book"],
                                     book.get("most_recalled_bits_per_param", pd.Series([None] * len(book))))]
         st.dataframe(table, hide_index=True, width="stretch")
