@@ -561,8 +561,8 @@ class FrontierSearch:
         said = time.perf_counter()
         for p, r in execute_many(self._runs(), self.store, self.base, slots=self.slots(),
                                  max_rank=max(self.search.ranks), should_stop=self.should_stop):
-            if isinstance(p, _Also):
-                if self._also_ended(p, r):
+            if isinstance(p, _Also):  # a point beside the search: said when it ends, and every PROGRESS_EVERY_S
+                if self._also_ended(p, r) or time.perf_counter() - said >= PROGRESS_EVERY_S:
                     said = time.perf_counter()
                     yield self.progress()
                 continue

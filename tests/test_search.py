@@ -619,3 +619,35 @@ def test_points_beside_the_search_where_it_probes_keep_the_probes_to_go_true(tin
                              start_length=32, max_length=64, resolution=search.resolution, name=f"collide-stop{case}")
         _stop_beside(stopped, {(1, s): frontiers[(methods[0], s)] for s in seeds}, slots, rng.randint(2, 14), base,
                      home / f"c{case}", monkeypatch, also_of=lambda placed, fs: _collide(fs))
+
+
+def test_a_point_beside_the_search_in_training_is_reported_as_it_goes(tiny_model_dir, home, monkeypatch):
+    """While only points beside the search train (its own probes done), progress still comes every
+    PROGRESS_EVERY_S, so a caller keeping checkpoints (the benchmarks' kept folders) keeps theirs too."""
+    from types import SimpleNamespace
+
+    import memcore.runner
+    import memcore.search
+
+    def fake(runs, store, base, *, slots, max_rank=1, should_stop=None):
+        for run in runs:
+            if run is None:
+                continue
+            tag = run.tag
+            length, seed = (tag.point[2], tag.point[3]) if hasattr(tag, "point") else (tag.length, tag.seed)
+            if hasattr(tag, "point"):  # a long point: three reports before its last
+                for step in (10, 20, 30):
+                    yield tag, SimpleNamespace(final=False, step=step, summary=None)
+            summary = SimpleNamespace(exact_recall=length <= 40, steps=40, status="completed")
+            yield tag, SimpleNamespace(final=True, step=40, summary=summary)
+
+    monkeypatch.setattr(memcore.runner, "execute_many", fake)
+    monkeypatch.setattr(memcore.search, "PROGRESS_EVERY_S", 0.0)
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=(0,), start_length=32, max_length=96,
+                        name="reported")
+    fs = FrontierSearch(search, Store(home), batch=1, also=lambda placed: [("sft", 1, 20, 0)] if placed else [])
+    seen = [(p.also_in_flight, p.also_done, p.steps) for p in fs.run()]
+    training = [s for s in seen if s[0] == 1 and s[1] == 0]
+    assert len(training) >= 3  # said while it trained, with its steps so far
+    assert [s[2] for s in training][-3:] == sorted(s[2] for s in training)[-3:]
+    assert seen[-1][:2] == (0, 1)
