@@ -175,7 +175,8 @@ def report(args: argparse.Namespace) -> int:
                   f"(against {', '.join(f'{v} ({k})' for k, v in REFERENCE.items())})" if bpp is not None else "")
         print(f"  {b.method:<9} rank {b.rank}: {where}{stored}")
         if row.get("most_recalled") is not None:
-            print(f"  {'':<9}         the most entries any book had recalled so far: {row['most_recalled']:g} of "
+            print(f"  {'':<9}         the most entries any book had recalled{'' if settled else ' so far'}: "
+                  f"{row['most_recalled']:g} of "
                   f"{row['most_recalled_book']} ("
                   + (f"mean over {seeds_word(n)}" if (n := row['most_recalled_seeds']) > 1 else "1 seed so far") + ")"
                   + (f" = {row['most_recalled_bits_per_param']:.3f} bits/param" if p_eff else ""))
