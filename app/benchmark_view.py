@@ -279,6 +279,11 @@ def render(store) -> None:
         st.dataframe(law_table(law), hide_index=True, width="stretch")
         if caption := law_caption(law):
             st.caption(caption)
+        around = paired is not None and "where" in paired and (paired["where"].astype(str) != "search probe").any()
+        if not around:
+            st.caption("Until the points at 1.5 and 2 × sft's ℓ* are trained, these are the search's own failed "
+                       "probes, all just past the frontier: the lengths barely vary, so the exponents are loose "
+                       "(read their intervals) and the fit is not yet the law.")
         if front is not None and len(law) < front["method"].nunique():
             st.caption("A method missing here has fewer than six points past its frontier over two ranks and two "
                        "lengths so far; the points around sft's frontier give them.")
@@ -295,7 +300,7 @@ def render(store) -> None:
         table = frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])).rename(
             columns={"frontier (entries)": "largest book recalled (entries = facts)"})
         if "most_recalled" in book:
-            table["most recalled in a book (bits/param)"] = [
+            table["most in a book (bits/param)"] = [
                 "—" if pd.isna(n) else f"{n:g} of {int(at)}" + (f" ({b:.3f})" if pd.notna(b) else "")
                 for n, at, b in zip(book["most_recalled"], book["most_recalled_book"],
                                     book.get("most_recalled_bits_per_param", pd.Series([None] * len(book))))]

@@ -619,7 +619,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     book = next(t.value for t in at.dataframe if "largest book recalled (entries = facts)" in t.value.columns)
     assert list(book["seeds recalling each end"]) == ["2 of 2 · 0 of 2", "1 of 1 so far · 0 of 2"]
     # a book past the largest recalled whole still holds entries: the most any book held, beside it
-    assert list(book["most recalled in a book (bits/param)"]) == ["10 of 16 (0.288)", "20.5 of 32 (0.296)"]
+    assert list(book["most in a book (bits/param)"]) == ["10 of 16 (0.288)", "20.5 of 32 (0.296)"]
     assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
     law = next(t.value for t in at.dataframe if "α (rank) [95%]" in t.value.columns)  # the law past the frontier
     assert law.iloc[0].to_dict() == {"method": "sft", "α (rank) [95%]": "0.50 [0.31, 0.69]",
@@ -627,10 +627,16 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
                                      "regime": "capacity-bound (converged)"}
     assert any(c.value == "Fitted on the 7 converged, unsaturated points (as the paper does)." for c in at.caption)
     assert any("A method missing here has fewer than six points past its frontier" in c.value for c in at.caption)
+    assert not any("the fit is not yet the law" in c.value for c in at.caption)  # stage-2 cells are in
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
     assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
     (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named
+    import pandas as pd
+
+    paired_csv = tmp_path / "paper" / "long_context_paired.csv"  # and only the search's probes paired so far
+    pd.read_csv(paired_csv).assign(where="search probe").to_csv(paired_csv, index=False)
     at = _app("app_pages/law.py")
+    assert any("the fit is not yet the law" in c.value for c in at.caption)
     assert any("No PhoneBook tables" in c.value and "bench_phonebook.py" in c.value for c in at.caption)
 
 
