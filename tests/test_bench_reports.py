@@ -12,9 +12,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench():
+def _bench(name: str = "bench_memft"):
     sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_memft", ROOT / "bench" / "bench_memft.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -93,16 +93,8 @@ def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_reco
     assert "fitted on the 12 converged, unsaturated points" in lines[0]
 
 
-def _phonebook():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_phonebook", ROOT / "bench" / "bench_phonebook.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_seeds():
-    bench = _phonebook()
+    bench = _bench("bench_phonebook")
     probes = [("sft", 1, 10, 0, 10), ("sft", 1, 10, 1, 8),  # mean 9 of 10
               ("sft", 1, 11, 0, 3), ("sft", 1, 11, 1, 4),  # a larger book recalling fewer
               ("sft", 1, 16, 0, 9), ("sft", 1, 16, 1, 11),  # mean 10 of 16: the most

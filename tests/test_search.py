@@ -391,8 +391,9 @@ def test_on_a_device_with_free_slots_the_later_seeds_train_at_once(tiny_model_di
 def _oracle_points(frontiers: dict[tuple[int, int], float], slots: int, order: list, stop_after: int | None = None,
                    stop=None):
     """An execute_many over probes and points beside the search alike, training nothing: `slots` at a time, each
-    ending in the order started, recalled when its length is at most frontiers[(rank, seed)]; `order` collects
-    (kind, rank, length, seed) as each starts. After `stop_after` endings the next one is cut off and stop() asked."""
+    ending in the order started, recalled when its length is at most frontiers[(method, rank, seed)] (or
+    frontiers[(rank, seed)], the same for every method); `order` collects (kind, rank, length, seed) as each starts.
+    After `stop_after` endings the next one is cut off and stop() asked."""
     from types import SimpleNamespace
 
     def point(tag):
@@ -415,12 +416,13 @@ def _oracle_points(frontiers: dict[tuple[int, int], float], slots: int, order: l
                 raise AssertionError("the search waits on nothing in training")
             run = flying.pop(0)
             _, rank, length, seed = point(run.tag)
+            method = run.tag.point[0] if hasattr(run.tag, "point") else run.tag.bracket.method
             if stop_after is not None and ended == stop_after:
                 stop()
                 summary = SimpleNamespace(exact_recall=False, steps=3, status="stopped")
             else:
-                summary = SimpleNamespace(exact_recall=length <= frontiers[(rank, seed)], steps=10,
-                                          status="completed")
+                frontier = frontiers.get((method, rank, seed), frontiers.get((rank, seed)))
+                summary = SimpleNamespace(exact_recall=length <= frontier, steps=10, status="completed")
             ended += 1
             yield run.tag, SimpleNamespace(final=True, step=summary.steps, summary=summary)
     return fake
@@ -581,26 +583,8 @@ def test_points_beside_the_search_where_it_probes_keep_the_probes_to_go_true(tin
                             start_length=32, max_length=64, resolution=rng.choice([0.1, 0.5]), name=f"collide{case}")
         slots = rng.randint(2, 5)
 
-        def fake(runs, store, base, *, slots=slots, max_rank=1, should_stop=None, frontiers=frontiers):
-            from types import SimpleNamespace
-
-            runs, flying = iter(runs), []
-            while True:
-                while len(flying) < slots and not (should_stop and should_stop()):
-                    run = next(runs, "end")
-                    if run is None or run == "end":
-                        break
-                    flying.append(run)
-                if not flying:
-                    return
-                run = flying.pop(0)
-                tag = run.tag
-                m, _, length, seed = tag.point if hasattr(tag, "point") else (tag.bracket.method, 1, tag.length,
-                                                                              tag.seed)
-                summary = SimpleNamespace(exact_recall=length <= frontiers[(m, seed)], steps=10, status="completed")
-                yield tag, SimpleNamespace(final=True, step=10, summary=summary)
-
-        monkeypatch.setattr(memcore.runner, "execute_many", fake)
+        frontiers = {(m, 1, s): f for (m, s), f in frontiers.items()}
+        monkeypatch.setattr(memcore.runner, "execute_many", _oracle_points(frontiers, slots, order=[]))
         alone = FrontierSearch(search, Store(home / f"a{case}"), base, batch=slots)
         base = alone.base
         list(alone.run())
@@ -617,8 +601,8 @@ def test_points_beside_the_search_where_it_probes_keep_the_probes_to_go_true(tin
             end is not None for b in alone.brackets for end in (b.lo, b.hi))
         stopped = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=seeds, methods=methods,
                              start_length=32, max_length=64, resolution=search.resolution, name=f"collide-stop{case}")
-        _stop_beside(stopped, {(1, s): frontiers[(methods[0], s)] for s in seeds}, slots, rng.randint(2, 14), base,
-                     home / f"c{case}", monkeypatch, also_of=lambda placed, fs: _collide(fs))
+        _stop_beside(stopped, frontiers, slots, rng.randint(2, 14), base, home / f"c{case}", monkeypatch,
+                     also_of=lambda placed, fs: _collide(fs))
 
 
 def test_a_point_beside_the_search_in_training_is_reported_as_it_goes(tiny_model_dir, home, monkeypatch):
