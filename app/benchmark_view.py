@@ -318,5 +318,7 @@ def render(store) -> None:
                        f"on a plateau): these capacities are what {epochs} epochs reach, lower bounds on what the "
                        "adapter can hold.")
         if book_meta.get("note"):
-            st.caption(f"From {where} · {book_meta['note']}.")
+            done = (f" Complete: made by `{book_meta['command']}`." if book_meta.get("state") == "complete"
+                    and book_meta.get("command") else "")
+            st.caption(f"From {where} · {book_meta['note']}.{done}")
 

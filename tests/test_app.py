@@ -561,7 +561,9 @@ def _benchmark_tables(folder: Path) -> None:
         .to_csv(folder / "phonebook_capacity.csv", index=False)
     pd.DataFrame([{"method": "sft", "points": 4, "failed": 2, "budget_stops": 2, "plateau_stops": 0}]) \
         .to_csv(folder / "phonebook_plateau_rule.csv", index=False)
-    (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book"}))
+    (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book",
+                                                       "state": "complete",
+                                                       "command": "python bench/bench_phonebook.py run"}))
     pd.DataFrame([{"method": "sft", "points": 7, "form": "power", "C": 2.0, "alpha": 0.5, "alpha_lo": 0.31,
                    "alpha_hi": 0.69, "beta": -0.05, "beta_lo": -0.2, "beta_hi": 0.1, "b": 0.1, "r2": 0.97,
                    "fitted_on": "fitted on the 7 converged, unsaturated points (as the paper does)",
@@ -613,6 +615,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "seeds, **loses**") in md
     caps = " ".join(c.value for c in at.caption)
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
+    assert "synthetic book. Complete: made by `python bench/bench_phonebook.py run`." in caps  # and that it is done
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau
     assert any("18 of the 18 points not recalled stopped at the step budget (300 steps) still improving" in i.value
                for i in at.info)
