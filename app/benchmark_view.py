@@ -263,8 +263,10 @@ def render(store) -> None:
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
             show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
         if (paired["n"] < paired["n"].max()).any():
-            st.caption("A cell with fewer seeds so far (a search end still being completed) has a much wider "
-                       "interval; it runs off the chart's edge, and the paired table gives it whole.")
+            st.caption("A cell with fewer seeds so far (a search end still being completed; dashed) has a much "
+                       "wider interval: it is drawn up to the chart's edge, an arrow there where it goes on (an open "
+                       "point at the edge when its mean lies past it too), with its numbers written at the edge; the "
+                       "paired table gives it whole.")
         if set(paired.get("where", pd.Series(dtype=str)).astype(str)) <= {"search probe"}:
             st.caption("So far these are the search's own probes: steps to exact recall where both methods recalled "
                        "the same seeds' tokens. Fidelity past the frontier (token accuracy, tokens above τ, verbatim "

@@ -731,18 +731,44 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     tips = ["cell:N", alt.Tooltip("mean:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f", title="95% lo"),
             alt.Tooltip("hi:Q", format="+.3f", title="95% hi"), alt.Tooltip("n:Q", title="seeds"), "verdict:N"]
     # the axis spans the cells with every seed: a cell of fewer seeds so far (a search end still being completed)
-    # has an interval many times wider, which would squeeze the rest to a dot; it runs off the edge instead
+    # has an interval many times wider, which would squeeze the rest to a dot. Such a cell is drawn up to the edge
+    # with an arrow there (the interval goes on), its mean at the edge as an open point when the mean itself lies
+    # past it, and its numbers written beside the edge; the tooltip gives them all.
     full = d[d["n"] >= d["n"].max()] if len(d) else d
     span = full[["mean", "lo", "hi"]].abs().max().max()
     span = float(span) * 1.1 if np.isfinite(span) and span > 0 else 1.0
-    x = alt.X("mean:Q", title=title, scale=alt.Scale(domain=[-span, span]))
-    zero = alt.Chart(pd.DataFrame({"mean": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x=x)
-    bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2, clip=True).encode(
-        x=alt.X("lo:Q", scale=alt.Scale(domain=[-span, span]), title=title), x2="hi:Q", y=y, color=color,
-        tooltip=tips)
-    points = alt.Chart(d).mark_point(filled=True, size=60, clip=True).encode(x=x, y=y, color=color, tooltip=tips)
+    d["lo_shown"], d["hi_shown"] = d["lo"].clip(-span, span), d["hi"].clip(-span, span)
+    d["mean_shown"] = d["mean"].astype(float).clip(-span, span)
+    scale = alt.Scale(domain=[-span, span], nice=False)
+    x = alt.X("mean_shown:Q", title=title, scale=scale)
+    zero = alt.Chart(pd.DataFrame({"mean_shown": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x=x)
+    most = int(d["n"].max()) if len(d) else 0
+    bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2, clip=True).encode(  # fewer seeds: dashed
+        x=alt.X("lo_shown:Q", scale=scale, title=title), x2="hi_shown:Q", y=y, color=color, tooltip=tips,
+        strokeDash=alt.condition(f"datum.n < {most}", alt.value([5, 4]), alt.value([1, 0])))
+    past = d["mean"].astype(float).abs() > span
+    points = alt.Chart(d[~past]).mark_point(filled=True, size=60, clip=True).encode(x=x, y=y, color=color,
+                                                                                    tooltip=tips)
+    layers = [zero, bars, points]
+    if past.any():  # a mean past the edge: an open point at the edge
+        layers.append(alt.Chart(d[past]).mark_point(filled=False, size=60, strokeWidth=2, clip=False).encode(
+            x=x, y=y, color=color, tooltip=tips))
+    ends = pd.DataFrame([{**r, "edge": side * span, "arrow": shape} for r in d.to_dict("records")
+                         for side, shape, beyond in ((-1, "triangle-left", r["lo"] < -span),
+                                                     (1, "triangle-right", r["hi"] > span)) if beyond])
+    if len(ends):
+        layers.append(alt.Chart(ends).mark_point(filled=True, size=70, clip=False).encode(
+            x=alt.X("edge:Q", scale=scale, title=title), y=y, color=color, tooltip=tips,
+            shape=alt.Shape("arrow:N", scale=alt.Scale(domain=["triangle-left", "triangle-right"],
+                                                       range=["triangle-left", "triangle-right"]), legend=None)))
+        off = d[(d["lo"] < -span) | (d["hi"] > span) | past].copy()
+        off["numbers"] = [f"{m:+.4g} [{lo:+.4g}, {hi:+.4g}]" for m, lo, hi in zip(off["mean"], off["lo"], off["hi"])]
+        off["at"] = span
+        layers.append(alt.Chart(off).mark_text(align="right", baseline="bottom", dx=-8, dy=-3, fontSize=10,
+                                               color="#555").encode(
+            x=alt.X("at:Q", scale=scale, title=title), y=y, text="numbers:N", tooltip=tips))
     # the height Streamlit fits the whole chart into (axis, its title and the four-line legend included)
-    return alt.layer(zero, bars, points).properties(height=max(170, 30 * len(d) + 90))
+    return alt.layer(*layers).properties(height=max(170, 30 * len(d) + 90))
 
 
 def chain_chart(history: pd.DataFrame, events: pd.DataFrame | None = None, mark_step: int | None = None,

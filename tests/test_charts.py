@@ -530,12 +530,34 @@ def test_an_open_frontier_bracket_is_drawn_as_a_bound_not_as_a_frontier():
 
 def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
     """A search end still being completed has 2 seeds and a paired-t interval many times wider than the 3-seed cells:
-    the axis spans the cells with every seed, and the wide one is drawn (clipped), not dropped."""
+    the axis spans the cells with every seed, and the wide one is drawn up to the edge with an arrow where its
+    interval goes on, its mean (when past the edge) as an open point at the edge, and its numbers written there."""
     rows = [{"method": "memft-ot", "rank": 1, "length": n, "measure": "steps", "mean": m, "lo": lo, "hi": hi, "n": k,
              "verdict": "tie"} for n, m, lo, hi, k in ((32, -2.0, -11.0, 7.0, 3), (45, 9.0, -190.0, 180.0, 2),
-                                                       (64, -3.3, -17.7, 11.0, 3))]
+                                                       (64, -3.3, -17.7, 11.0, 3), (91, 429.5, -4608.5, 5467.5, 2))]
     spec = charts.paired_chart(pd.DataFrame(rows), "steps", "steps to exact recall").to_dict()
+    span = 17.7 * 1.1
     domains = [layer["encoding"]["x"]["scale"]["domain"] for layer in spec["layer"][1:]]
-    assert all(abs(d[1] - 17.7 * 1.1) < 1e-9 and d[0] == -d[1] for d in domains)
-    data = [v for v in spec["datasets"].values() if any(r.get("length") == 45 for r in v)]
-    assert data and all(layer["mark"]["clip"] for layer in spec["layer"][1:])
+    assert all(abs(d[1] - span) < 1e-9 and d[0] == -d[1] for d in domains)
+    data = {name: rows for name, rows in spec["datasets"].items()}
+
+    def layer_rows(layer):
+        return data[layer["data"]["name"]]
+
+    drawn = {}  # length -> (where its bar runs, its mean's point: filled or open)
+    for layer in spec["layer"][1:]:
+        mark = layer["mark"]
+        for r in layer_rows(layer):
+            if mark["type"] == "rule":
+                drawn.setdefault(r["length"], {})["bar"] = (r["lo_shown"], r["hi_shown"])
+            elif mark["type"] == "point" and "shape" not in layer["encoding"]:
+                drawn.setdefault(r["length"], {})["mean"] = (r["mean_shown"], mark.get("filled", False))
+            elif mark["type"] == "point":
+                drawn.setdefault(r["length"], {}).setdefault("arrows", set()).add(r["arrow"])
+            elif mark["type"] == "text":
+                drawn.setdefault(r["length"], {})["numbers"] = r["numbers"]
+    assert drawn[32] == {"bar": (-11.0, 7.0), "mean": (-2.0, True)}  # inside: as it is, no arrow, no numbers
+    assert drawn[45]["bar"] == (-span, span) and drawn[45]["mean"] == (9.0, True)
+    assert drawn[45]["arrows"] == {"triangle-left", "triangle-right"} and drawn[45]["numbers"] == "+9 [-190, +180]"
+    assert drawn[91]["mean"] == (span, False)  # the mean itself is past the edge: an open point at the edge
+    assert drawn[91]["numbers"] == "+429.5 [-4608, +5468]"
