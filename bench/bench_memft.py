@@ -438,9 +438,11 @@ def report(args: argparse.Namespace) -> int:
           "best in tokens above τ or argmax-right tokens)")
     for _, r in rule.iterrows():
         print(f"  {r['method']:<9} {r['points']:>3} points ran on to recall or the budget: the longest wait for a new "
-              f"best {r['longest_wait']} steps (95th percentile {r['wait_p95']:.0f}); {r['cut_short']} would have "
-              f"been cut short by the window. {points_word(r['plateau_stops'])} stopped on it; of {r['failed']} not "
-              f"recalled, {r['budget_stops']} ran out of the {args.max_steps}-step budget instead.")
+              f"best {r['longest_wait']} steps ({r['longest_before_recall']} on one that went on to recall; a point's "
+              f"longest: median {r['median_longest']:.0f}; past half the window in {r['over_half']} of "
+              f"{r['points']}); {r['cut_short']} would have been cut short by the window. "
+              f"{points_word(r['plateau_stops'])} stopped on it; of {r['failed']} not recalled, "
+              f"{r['budget_stops']} ran out of the {args.max_steps}-step budget instead.")
 
     print("\n## The law past the frontier (points not recalled; fitted on those that stopped on a plateau, as the "
           "paper fits plateau ΔL)")
@@ -511,9 +513,12 @@ def plateau_rule_check(store, df, window: int):
     """Per method, over the points that did not stop on the plateau rule (they ran on to recall or the budget, so
     their whole curve is known): how long they waited for a new best in tokens above τ or argmax-right tokens
     (memcore.train.waits_for_a_new_best), and how many a window of `window` steps would have stopped before a later
-    gain. Returns a DataFrame: method, points, longest_wait, wait_p95, cut_short, plateau_stops, and of the points
-    not recalled (failed) how many ran out of the step budget instead (budget_stops: still improving, so their
-    length is not shown to be past what the adapter can hold, only past what the budget reaches)."""
+    gain. Returns a DataFrame: method, points, longest_wait (steps, over every point), longest_before_recall
+    (over the points that went on to recall: a wait the window must not cut, or the verdict changes),
+    median_longest (the median over points of each point's longest wait), over_half (points whose longest wait
+    passed half the window: how near the tail comes to it), cut_short, plateau_stops, and of the points not
+    recalled (failed) how many ran out of the step budget instead (budget_stops: still improving, so their length
+    is not shown to be past what the adapter can hold, only past what the budget reaches)."""
     import numpy as np
     import pandas as pd
 
@@ -521,15 +526,19 @@ def plateau_rule_check(store, df, window: int):
 
     rows = []
     for m, d in df.groupby("method", sort=False):
-        waits, cut = [], 0
+        longest, recalled = [], []
         ran_on = d[d["stop_reason"] != "plateau"]
         failed = ~d["exact_recall"].astype(bool)
-        for rid in ran_on["run_id"]:
+        for rid, ok in zip(ran_on["run_id"], ran_on["exact_recall"].astype(bool)):
             w, _ = waits_for_a_new_best((s.step, s.n_above, s.n_correct) for s in store.steps(rid))
-            waits += w
-            cut += any(x > window for x in w)
-        rows.append({"method": m, "points": len(ran_on), "longest_wait": max(waits, default=0),
-                     "wait_p95": float(np.percentile(waits, 95)) if waits else 0.0, "cut_short": cut,
+            longest.append(max(w, default=0))
+            if ok:
+                recalled.append(longest[-1])
+        rows.append({"method": m, "points": len(ran_on), "longest_wait": max(longest, default=0),
+                     "longest_before_recall": max(recalled, default=0),
+                     "median_longest": float(np.median(longest)) if longest else 0.0,
+                     "over_half": sum(x > window / 2 for x in longest),
+                     "cut_short": sum(x > window for x in longest),
                      "plateau_stops": int((d["stop_reason"] == "plateau").sum()),
                      "failed": int(failed.sum()),
                      "budget_stops": int((failed & (d["stop_reason"] == "max_steps")).sum())})

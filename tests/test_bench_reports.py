@@ -34,19 +34,25 @@ def test_the_plateau_check_counts_budget_stops_and_curves_the_window_would_have_
     bench = _bench()
     flat_then_up = [(0, 1, 1), (10, 2, 2), (300, 3, 3)]  # 290 steps without a new best, then one
     steady = [(s, s, s) for s in range(0, 100, 10)]
-    store = _Steps({"a": flat_then_up, "b": steady, "c": steady, "d": steady})
+    slow = [(0, 1, 1), (150, 2, 2), (160, 2, 2)]  # a 150-step wait on a point that never recalled
+    store = _Steps({"a": flat_then_up, "b": steady, "c": steady, "d": steady, "e": slow})
     df = pd.DataFrame([
         {"run_id": "a", "method": "sft", "exact_recall": True, "stop_reason": "recalled"},
         {"run_id": "b", "method": "sft", "exact_recall": False, "stop_reason": "max_steps"},
         {"run_id": "c", "method": "sft", "exact_recall": False, "stop_reason": "plateau"},
         {"run_id": "d", "method": "memft-ot", "exact_recall": True, "stop_reason": "recalled"},
+        {"run_id": "e", "method": "memft-ot", "exact_recall": False, "stop_reason": "max_steps"},
     ])
     rule = bench.plateau_rule_check(store, df, window=200).set_index("method")
     assert rule.loc["sft", "points"] == 2 and rule.loc["sft", "longest_wait"] == 290
     assert rule.loc["sft", "cut_short"] == 1  # a 200-step window would have stopped 'a' before its gain
+    assert rule.loc["sft", "longest_before_recall"] == 290  # 'a' recalled after its long wait; 'b' did not
+    assert rule.loc["sft", "over_half"] == 1 and rule.loc["sft", "median_longest"] == (290 + 10) / 2
     assert rule.loc["sft", "plateau_stops"] == 1
     assert (rule.loc["sft", "failed"], rule.loc["sft", "budget_stops"]) == (2, 1)
-    assert (rule.loc["memft-ot", "failed"], rule.loc["memft-ot", "cut_short"]) == (0, 0)
+    assert (rule.loc["memft-ot", "failed"], rule.loc["memft-ot", "cut_short"]) == (1, 0)
+    assert (rule.loc["memft-ot", "longest_wait"], rule.loc["memft-ot", "longest_before_recall"]) == (150, 10)
+    assert rule.loc["memft-ot", "over_half"] == 1
 
 
 def test_a_bracket_in_words_says_where_an_end_has_fewer_seeds_so_far():
