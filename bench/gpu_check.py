@@ -15,7 +15,13 @@ Rows (each printed as it finishes, all written to DIR/gpu_check.json):
      (written by `python bench/gpu_check.py --cpu-reference` on a CPU machine);
   4. a sweep of 32 bypass points (ranks 1, 2, 4, 8 × 8 seeds, 48 random tokens, 30 steps) one point at a time
      and as one batch: points per hour and the ratio (target >= 10x), host syncs per batched step, and the
-     largest ΔL difference between the two.
+     largest ΔL difference between the two;
+  5. the paper's long-context grid (`bench/bench_memft.py run --ranks 1 2 4 8 16 --seeds 0 1 2 3 4 --lr 1e-2`, the
+     command the README gives for a GPU) for --bench-seconds into a scratch store, stopped with SIGTERM as a user
+     stops it: the device its points trained on, points and steps per hour, whether it stopped cleanly and its
+     report's hours to go (points beside the search, `hold=False`, and the batched loop on CUDA, end to end);
+  6. the same for the PhoneBook grid (`bench/bench_phonebook.py run --ranks 1 2 4 8 16 32 64 --seeds 0 1 2`).
+Rows 5 and 6 alone: `--only grid,phonebook` (the checks of the paper's two benchmarks on a GPU).
 
 CUDA-only parts are skipped with a message where no GPU is present; rows whose packages are missing (gguf,
 bitsandbytes) say so and the others still run.
@@ -158,6 +164,11 @@ def row_capacity(device) -> dict:
 
 
 BATCHED = dict(points=32, tokens=48, steps=30)
+GRIDS = {  # row -> (script, the README's flags for the paper's grid on a GPU)
+    "grid": ("bench_memft.py", ["--ranks", "1", "2", "4", "8", "16", "--seeds", "0", "1", "2", "3", "4",
+                                "--lr", "1e-2"]),
+    "phonebook": ("bench_phonebook.py", ["--ranks", "1", "2", "4", "8", "16", "32", "64", "--seeds", "0", "1", "2"]),
+}
 
 
 def row_batched_sweep(device) -> dict:
@@ -217,13 +228,66 @@ def row_batched_sweep(device) -> dict:
             "syncs_per_step": out["batched"]["syncs"] / steps, "tflops": 0.0}
 
 
+def row_benchmark(script: str, flags: list[str], seconds: float) -> dict:
+    """A benchmark's `run` (bench/`script` with `flags`) for `seconds` into a scratch --home and --keep, then
+    SIGTERM, as a user stops it, and its `report`. Returns the devices its completed points trained on, points and
+    steps (and per hour of this row's wall time), whether it stopped cleanly (its "stopped after" line and exit 1
+    within 300 s of the signal, or "done in" and exit 0 if it finished first), the report's last line (its state
+    and hours to go) and the run's last lines."""
+    import signal
+    import subprocess
+    import tempfile
+
+    from memcore.store import Store
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory() as d:
+        where = ["--home", str(Path(d) / "home"), "--keep", str(Path(d) / "keep")]
+        cmd = [sys.executable, str(ROOT / "bench" / script), "run", *where, *flags]
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            proc.communicate(timeout=seconds)  # a grid this size does not finish in a check's seconds
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        wall = time.perf_counter() - t
+        lines = (out or "").strip().splitlines()
+        stopped = any(ln.startswith("stopped after") for ln in lines[-3:])  # exit 1: stopped, resumable
+        clean = (proc.returncode == 1 and stopped) or (proc.returncode == 0 and any(ln.startswith("done in")
+                                                                                      for ln in lines[-3:]))
+        rep = subprocess.run([sys.executable, str(ROOT / "bench" / script), "report", *where, *flags],
+                             capture_output=True, text=True, timeout=300, env=env)
+        runs = Store(Path(d) / "home").runs(status="completed")
+        steps = sum(int(r.get("steps") or 0) for r in runs)
+        devices = sorted({str(getattr(r.get("summary"), "device", "?")) for r in runs})
+    state = [ln for ln in rep.stdout.strip().splitlines() if ln.strip()][-1:] or [rep.stderr.strip()[-300:]]
+    print(f"  {script} run {' '.join(flags)}: {len(runs)} points ({steps} steps) in {wall:.0f} s on "
+          f"{', '.join(devices) or 'nothing completed'}: {3600 * len(runs) / wall:.0f} points/h, "
+          f"{3600 * steps / wall:.0f} steps/h; stopped {'cleanly' if clean else 'NOT cleanly'} "
+          f"(exit {proc.returncode})\n    report: {state[0][:400]}", flush=True)
+    return {"points": len(runs), "steps": steps, "wall_s": wall, "points_per_hour": 3600 * len(runs) / wall,
+            "steps_per_hour": 3600 * steps / wall, "devices": devices, "stopped_cleanly": clean,
+            "exit": proc.returncode, "report_state": state[0], "run_tail": lines[-8:],
+            "s_per_step": wall / max(steps, 1), "tokens_per_s": 0.0, "syncs_per_step": None, "tflops": 0.0,
+            "peak_gpu_mb": None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_check.json")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if it is not in the built-in table")
     p.add_argument("--cpu-reference", action="store_true",
                    help="run only the capacity point on CPU and write the expected numbers")
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: default,llama,capacity,batched")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: default,llama,capacity,batched,grid,"
+                                              "phonebook")
+    p.add_argument("--only", default="", help="comma-separated rows to run, the others skipped")
+    p.add_argument("--bench-seconds", type=float, default=75.0,
+                   help="seconds each benchmark grid (rows 5, 6) trains before it is stopped (default: %(default)s)")
     args = p.parse_args()
 
     import torch
@@ -245,7 +309,14 @@ def main() -> None:
     print(f"gpu_check: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, dense bf16 peak "
           f"{peak or 'unknown'} TFLOP/s, MEMCORE_HOME {home}", flush=True)
     results: dict = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "rows": {}}
-    skip = set(filter(None, args.skip.split(",")))
+    rows = ("default", "llama", "capacity", "batched", "grid", "phonebook")
+    only = set(filter(None, args.only.split(",")))
+    skip = set(filter(None, args.skip.split(","))) | (set(rows) - only if only else set())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: a check cut off by its time limit still leaves what it measured
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
 
     def report(label: str, fn, *a) -> None:
         t = time.perf_counter()
@@ -253,9 +324,14 @@ def main() -> None:
             r = fn(*a)
         except Exception as e:  # one row's failure (a missing package, an old GPU) must not hide the others
             results["rows"][label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            save()
             print(f"  {label:<28} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
             return
         results["rows"][label] = r
+        save()
+        if "report_state" in r:  # a benchmark grid: it printed its own line
+            print(f"  {label:<28} [{time.perf_counter() - t:.0f} s]", flush=True)
+            return
         util = f"{100 * r['tflops'] / peak:.1f}% of peak" if peak else "peak unknown"
         mem = f"{r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") is not None else "n/a"
         print(f"  {label:<28} {r['s_per_step'] * 1000:8.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s  peak {mem:>9}  "
@@ -284,9 +360,13 @@ def main() -> None:
     if "batched" not in skip:
         print(f"4. a sweep of {BATCHED['points']} bypass points one at a time and as one batch", flush=True)
         report("batched sweep", row_batched_sweep, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
+    for n, row in ((5, "grid"), (6, "phonebook")):
+        if row not in skip:
+            script, flags = GRIDS[row]
+            print(f"{n}. the paper's {'long-context' if row == 'grid' else 'PhoneBook'} grid for "
+                  f"{args.bench_seconds:.0f} s, then stopped", flush=True)
+            report(f"{row} benchmark", row_benchmark, script, flags, args.bench_seconds)
+    save()
     print(f"wrote {out / 'gpu_check.json'}")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check on a CUDA machine with no internet, in under 8 minutes: see bench/gpu_check.py for what it measures.
+# The GPU check on a CUDA machine with no internet, in under 10 minutes: see bench/gpu_check.py for what it measures.
 #
 # Packages the machine's Python lacks travel as wheels in .whl/ (ignored by git). Fetch them where pip works:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -28,4 +28,4 @@ for name in ("torch", "transformers", "peft", "gguf", "bitsandbytes", "safetenso
     except Exception as e:
         print(f"  {name:<13} MISSING ({type(e).__name__}): rows that need it will say so")
 PY
-exec timeout 470 "$PY" bench/gpu_check.py "$@"
+exec timeout 590 "$PY" bench/gpu_check.py "$@"

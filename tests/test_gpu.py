@@ -28,6 +28,22 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_cleanly():
     assert out.returncode == 0 and "no CUDA device" in out.stdout
 
 
+def test_the_grid_check_stops_a_benchmark_as_a_user_does_and_reads_what_it_trained(default_model_dir, tmp_path):
+    """Rows 5-6 of the GPU check run a benchmark's grid command for a few seconds, stop it with SIGTERM and read its
+    store and report: here on a tiny model on the CPU, so the check that runs on a GPU is known to work."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", default_model_dir, context=2048)
+    flags = ["--model", str(model), "--ranks", "1", "2", "4", "--seeds", "0", "1", "2", "--max-steps", "400",
+             "--lr", "0.1", "--plateau-window", "40"]
+    r = gpu_check.row_benchmark("bench_memft.py", flags, 40)
+    assert r["stopped_cleanly"], r["run_tail"]
+    assert r["points"] > 0 and r["devices"] == ["cpu"] and r["steps"] > 0
+    assert r["report_state"].startswith("interim"), r["report_state"]
+
+
 @cuda
 def test_chunked_head_on_cuda_matches_cpu():
     torch.manual_seed(0)
