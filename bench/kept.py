@@ -197,13 +197,25 @@ class Keeper:
         self.ledger.tick()
 
     def ended(self, stopped: bool) -> str:
+        """Keep once more and give the invocation's last line. When it ran to the end (not `stopped`), nothing of
+        this experiment trains again, so the checkpoints still under in_flight/ (later seeds the search held back
+        while they trained, whose length it then never needed) are stale: they are removed, and the line says
+        how many."""
         self()
         seconds = time.perf_counter() - self.t0
         if stopped:
             return f"stopped after {seconds:.0f} s; run the same command to go on"
+        flight = self.folder / IN_FLIGHT
+        stale = sorted(flight.glob("*.json.gz")) if flight.is_dir() else []
+        for path in stale:
+            path.unlink()
+        if flight.is_dir() and not any(flight.iterdir()):
+            flight.rmdir()
         d = self.ledger.data
         return (f"done in {seconds:.0f} s this time ({d['wall_s'] / 3600:.2f} h over {d['invocations']} "
-                f"invocations, kept in {self.folder})")
+                f"invocations, kept in {self.folder}"
+                + (f"; {len(stale)} stale checkpoint{'s' if len(stale) != 1 else ''} of held-back seeds removed"
+                   if stale else "") + ")")
 
 
 class StopOnSignal:

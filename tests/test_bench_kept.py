@@ -159,3 +159,22 @@ def test_a_signal_asks_for_a_clean_stop_and_an_ignored_ctrl_c_stays_ignored():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_a_finished_experiment_drops_the_checkpoints_nothing_will_resume(tmp_path):
+    """A later seed held back while it trained, whose length the search never needed again, leaves its checkpoint
+    under in_flight/; once the experiment runs to its end nothing resumes it, so it is removed (and said), while a
+    stopped invocation keeps every checkpoint."""
+    import time
+
+    kept = _kept()
+    folder = tmp_path / "kept_runs"
+    (folder / "in_flight").mkdir(parents=True)
+    stale = folder / "in_flight" / "20261201-000000-abcdef.json.gz"
+    stale.write_bytes(b"x")
+    store = Store(tmp_path / "home")
+    keeper = kept.Keeper(store, "kept", folder, "bench/bench_memft.py", ["run"], time.perf_counter())
+    assert keeper.ended(stopped=True).startswith("stopped after") and stale.exists()
+    line = keeper.ended(stopped=False)
+    assert not stale.exists() and not (folder / "in_flight").exists()
+    assert line.startswith("done in") and "1 stale checkpoint of held-back seeds removed" in line
