@@ -127,6 +127,28 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BOOK_MEASURES = {"entries_recalled": "entries recalled", "share_recalled": "share of the book recalled"}
+
+
+def book_paired_table(paired: pd.DataFrame) -> pd.DataFrame:
+    """The PhoneBook's method − sft on the same books (bench_phonebook.same_books: per rank, over every book size
+    and seed both searches trained) as a reader reads it: the interval in one cell, the books paired, the verdict."""
+    rows = []
+    for _, r in paired.iterrows():
+        digits = 1 if r["measure"] == "entries_recalled" else 2
+
+        def f(x, digits=digits) -> str:
+            return "—" if pd.isna(x) else f"{float(x):+.{digits}f}".replace("-", "−")
+
+        rows.append({"method − sft": r["method"], "rank": int(r["rank"]),
+                     "measure": BOOK_MEASURES.get(r["measure"], r["measure"]),
+                     "difference [95% interval]": f"{f(r['mean'])} " + (f"[{f(r['lo'])}, {f(r['hi'])}]"
+                                                                        if pd.notna(r["lo"]) else "(one book)"),
+                     "method / sft": f"{r['method_mean']:.{digits}f} / {r['baseline_mean']:.{digits}f}",
+                     "books": int(r["n"]), "verdict": r["verdict"]})
+    return pd.DataFrame(rows)
+
+
 def law_table(law: pd.DataFrame) -> pd.DataFrame:
     """The law past the frontier as a reader reads it: per method the exponents with their 95% intervals in one
     cell each, R², the points fitted and the regime they were in (which points, in words: law_caption)."""
@@ -312,6 +334,14 @@ def render(store) -> None:
                        "in facts: a book larger than the largest recalled whole still holds entries, and a larger "
                        "book is not always the one that holds the most (its epoch budget and last, partial minibatch "
                        "change with its size).")
+        book_paired = _read(where / "phonebook_paired.csv")
+        if book_paired is not None and len(book_paired):
+            st.markdown("**MemFT against SFT on the same books**: method − sft per rank, over every book size and "
+                        "seed both searches trained (the seed draws the book, so the same entries), with a 95% "
+                        "paired-t interval over those books.")
+            st.dataframe(book_paired_table(book_paired), hide_index=True, width="stretch")
+            st.caption("The books paired are the ones both searches happened to probe, near their own capacities: "
+                       "the comparison holds on those books, not on every size.")
         rule = _read(where / "phonebook_plateau_rule.csv")
         if rule is not None and {"failed", "budget_stops"} <= set(rule.columns) and rule["failed"].sum() \
                 and (rule["budget_stops"] == rule["failed"]).all():

@@ -123,6 +123,25 @@ def most_recalled(df) -> dict[tuple[str, int], dict]:
     return out
 
 
+def same_books(df):
+    """Each method minus sft on the same books, per rank: over every (book size, seed) both searches trained (the
+    seed draws the book, so both saw the same entries), the entries recalled and the share of the book recalled,
+    as a mean with a 95% paired-t interval (memcore.frontier.paired_differences, each pair keyed by its book and
+    seed; Student's t with n − 1 degrees of freedom over the n books both trained). The books are those both
+    searches happened to probe, near their own frontiers, so this reads "on the books both trained", not "on
+    every book". df: one row per probe (method, rank, entries, seed, entries_recalled). Returns the paired rows
+    (method, rank, measure, n, mean, lo, hi, baseline_mean, method_mean, verdict), empty without sft."""
+    import pandas as pd
+
+    from memcore.frontier import paired_differences
+
+    if "sft" not in set(df["method"]) or df["method"].nunique() < 2:
+        return pd.DataFrame()
+    d = df.assign(share_recalled=df["entries_recalled"] / df["entries"],
+                  seed=[f"{n}/{s}" for n, s in zip(df["entries"], df["seed"])])
+    return paired_differences(d, ("entries_recalled", "share_recalled"), by=("rank",))
+
+
 def report(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import restore
@@ -198,6 +217,15 @@ def report(args: argparse.Namespace) -> int:
     if len(rule) and rule["failed"].sum() and rule["budget_stops"].sum() == rule["failed"].sum():
         print(f"  Every probe not recalled ran out of its {args.epochs} epochs while still improving: the capacities "
               f"above are what {args.epochs} epochs at lr {args.lr} reach, lower bounds on what the adapter holds.")
+    paired = same_books(df)
+    if len(paired):
+        print("\n## MemFT against SFT on the same books (method − sft over every book size and seed both trained; "
+              "mean, 95% paired-t interval)")
+        for _, r in paired.iterrows():
+            what = "entries recalled" if r["measure"] == "entries_recalled" else "share of the book recalled"
+            span = (f"[{r['lo']:+8.2f}, {r['hi']:+8.2f}]" if pd.notna(r["lo"]) else "(one book: no interval)")
+            print(f"  {r['method']:<9} rank {r['rank']}  {what:<27} {r['mean']:+7.2f} {span}  ({r['method_mean']:.2f} "
+                  f"vs {r['baseline_mean']:.2f} over {r['n']} books)  {r['verdict']}")
     open_ = still_open(fs)
     state = ("complete" if not open_ else f"interim: {len(open_)} capacit{'ies' if len(open_) != 1 else 'y'} not yet "
              f"placed within {search.resolution:.0%} ({', '.join(open_)}); " + to_go(fs, ledger_of(args.keep), len(df)))
@@ -208,6 +236,7 @@ def report(args: argparse.Namespace) -> int:
         df.drop(columns=["run_id"]).to_csv(out / "phonebook_points.csv", index=False)
         pd.DataFrame(cap).to_csv(out / "phonebook_capacity.csv", index=False)
         rule.to_csv(out / "phonebook_plateau_rule.csv", index=False)
+        paired.to_csv(out / "phonebook_paired.csv", index=False)
         ledger = ledger_of(args.keep)
         side = {"search": search.id, "ranks": list(search.ranks), "methods": list(search.methods),
                 "seeds": list(search.seeds), "resolution": search.resolution, "batch_size": args.batch_size,
@@ -216,7 +245,7 @@ def report(args: argparse.Namespace) -> int:
                 "note": f"{len(df)} probes of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
                         f"{hours_of(ledger.get('wall_s'))} of training on this CPU, as of {as_of()}"}
         (out / "phonebook.json").write_text(json.dumps(side, indent=2) + "\n")
-        print(f"\nwrote {out}/phonebook_{{points,capacity,plateau_rule}}.csv and phonebook.json")
+        print(f"\nwrote {out}/phonebook_{{points,capacity,plateau_rule,paired}}.csv and phonebook.json")
     return 0
 
 

@@ -561,6 +561,11 @@ def _benchmark_tables(folder: Path) -> None:
         .to_csv(folder / "phonebook_capacity.csv", index=False)
     pd.DataFrame([{"method": "sft", "points": 4, "failed": 2, "budget_stops": 2, "plateau_stops": 0}]) \
         .to_csv(folder / "phonebook_plateau_rule.csv", index=False)
+    pd.DataFrame([{"method": "memft-ot", "rank": 2, "measure": m, "n": 7, "mean": mean, "lo": lo, "hi": hi,
+                   "baseline_mean": base, "method_mean": base + mean, "verdict": "tie"}
+                  for m, mean, lo, hi, base in (("entries_recalled", 2.43, -0.81, 5.67, 19.0),
+                                                ("share_recalled", 0.08, -0.02, 0.18, 0.81))]) \
+        .to_csv(folder / "phonebook_paired.csv", index=False)
     (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book",
                                                        "state": "complete",
                                                        "command": "python bench/bench_phonebook.py run"}))
@@ -623,6 +628,11 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert list(book["seeds recalling each end"]) == ["2 of 2 · 0 of 2", "1 of 1 so far · 0 of 2"]
     # a book past the largest recalled whole still holds entries: the most any book held, beside it
     assert list(book["most in a book (bits/param)"]) == ["10 of 16 (0.288)", "20.5 of 32 (0.296)"]
+    same = next(t.value for t in at.dataframe if "books" in t.value.columns)  # PhoneBook: MemFT on the same books
+    assert same.iloc[0].to_dict() == {"method − sft": "memft-ot", "rank": 2, "measure": "entries recalled",
+                                      "difference [95% interval]": "+2.4 [−0.8, +5.7]", "method / sft": "21.4 / 19.0",
+                                      "books": 7, "verdict": "tie"}
+    assert same.iloc[1]["difference [95% interval]"] == "+0.08 [−0.02, +0.18]"
     assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
     law = next(t.value for t in at.dataframe if "α (rank) [95%]" in t.value.columns)  # the law past the frontier
     assert law.iloc[0].to_dict() == {"method": "sft", "α (rank) [95%]": "0.50 [0.31, 0.69]",

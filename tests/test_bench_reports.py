@@ -112,6 +112,28 @@ def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_see
     assert most[("sft", 2)]["most_recalled"] == 23.0 and most[("memft-ot", 1)]["most_recalled"] == 12.5
 
 
+def test_memft_against_sft_on_the_phonebook_pairs_the_same_books_and_leaves_out_books_one_method_lacks():
+    """memft-ot recalls 2 more entries than sft on every book both trained, give or take one: the paired mean is
+    +2 with an interval around it that excludes 0 (a win); a book only one search probed is not paired; the share
+    is the entries over the book's size; memft-sw, no better than sft, ties."""
+    bench = _bench("bench_phonebook")
+    rows, noise = [], [0.5, -0.5, 1.0, -1.0, 0.0, 0.5, -0.5, 0.0]
+    for i, (n, seed) in enumerate([(8, 0), (8, 1), (16, 0), (16, 1), (24, 0), (24, 1), (32, 0), (32, 1)]):
+        base = n // 2
+        rows += [("sft", 1, n, seed, base), ("memft-ot", 1, n, seed, base + 2 + noise[i]),
+                 ("memft-sw", 1, n, seed, base + noise[i])]
+    rows += [("memft-ot", 1, 40, 0, 40), ("sft", 1, 48, 0, 0)]  # each only in one search: not paired
+    df = pd.DataFrame(rows, columns=["method", "rank", "entries", "seed", "entries_recalled"])
+    paired = bench.same_books(df).set_index(["method", "measure"])
+    ot = paired.loc[("memft-ot", "entries_recalled")]
+    assert ot["n"] == 8 and abs(ot["mean"] - 2.0) < 1e-9 and 0 < ot["lo"] < 2 < ot["hi"] and ot["verdict"] == "wins"
+    share = paired.loc[("memft-ot", "share_recalled")]
+    expect = sum((2 + e) / n for e, n in zip(noise, [8, 8, 16, 16, 24, 24, 32, 32])) / 8
+    assert abs(share["mean"] - expect) < 1e-9
+    assert paired.loc[("memft-sw", "entries_recalled"), "verdict"] == "tie"
+    assert bench.same_books(df[df["method"] != "sft"]).empty
+
+
 def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables(default_model_dir, tmp_path):
     """The whole experiment on a tiny model, as a user runs it: `run` places every frontier and trains the points at
     0.5, 1.5 and 2 × sft's ℓ* (beside the search, once sft's frontier at that rank is placed), and `report --out`
