@@ -4,6 +4,8 @@ random tokens, at its placement with the bypass adapter), converged.
     python bench/bench_memft.py run    [--home DIR] [--keep DIR] [--ranks 1 2] [--seeds 0 1 2] [--max-steps 2000]
     python bench/bench_memft.py report [--home DIR] [--out DIR]      (the same settings flags as run)
     python bench/bench_memft.py spot   --seeds 3 4 [--paired CSV]    (the shipped cells again with other seeds)
+    python bench/bench_memft.py window [--seeds 0] [--points CSV]    (the plateau rule against the same points
+                                                                      trained on without it)
     python bench/bench_memft.py compare --csv SWEEP.csv     (equal-step means of a sweep table, no intervals)
 
 `run` does two stages into a memcore store under --home (resumable: run it again after a stop and nothing
@@ -50,6 +52,7 @@ SHIPPED = ROOT / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
 METHODS = ("sft", "memft-ot", "memft-sw")
 KEEP = ROOT / "sample_data" / "paper" / "long_context_runs"
 KEEP_SPOT = ROOT / "sample_data" / "paper" / "long_context_spot_runs"  # the spot re-run's own seeds
+KEEP_WINDOW = ROOT / "sample_data" / "paper" / "long_context_window_runs"  # the plateau rule's check
 POOL = 1280  # random tokens drawn per seed; a point trains on the first `length` of them
 AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
 ABOUT = {  # each command's --help
@@ -60,11 +63,14 @@ ABOUT = {  # each command's --help
               "--keep only say where it lies) and, with --out, write them as CSV.",
     "spot": "Train the shipped paired table's cells again with other --seeds and say whether each difference "
             "falls inside the shipped interval.",
+    "window": "Check the plateau rule: train again, without it (until recalled or --max-steps), the points it "
+              "stopped nearest each frontier, and say how many would have gone on to recall.",
 }
 
 
-def settings(args: argparse.Namespace):
-    """The SearchSpec every stage shares (its id names the store's sweep)."""
+def settings(args: argparse.Namespace, until: str = "converged"):
+    """The SearchSpec every stage shares (its id names the store's sweep); `until` 'budget' drops the plateau rule
+    (the `window` check: points trained on until recalled or the step budget)."""
     from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
     from memcore.search import SearchSpec
 
@@ -78,7 +84,7 @@ def settings(args: argparse.Namespace):
                           **({"targets": targets} if targets else {}))
     template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(), adapter=adapter,
                        data=data,
-                       train=TrainSpec(max_steps=args.max_steps, lr=args.lr, until="converged", plateau_on="recall",
+                       train=TrainSpec(max_steps=args.max_steps, lr=args.lr, until=until, plateau_on="recall",
                                        plateau_window=args.plateau_window, history="decimated"))
     return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods),
                       seeds=tuple(args.seeds), resolution=args.resolution)
@@ -337,6 +343,87 @@ def spot(args: argparse.Namespace) -> int:
         table = Path(args.paired).with_name("long_context_spot.csv")
         pd.DataFrame(checks).to_csv(table, index=False)
         print(f"wrote {shown(table)}")
+    return 0
+
+
+def window_points(points, seeds=None) -> list[tuple[str, int, int, int, int]]:
+    """The points the plateau rule stopped nearest each frontier: per (method, rank), the not-recalled points that
+    stopped on the plateau at the shortest such length (the bracket's upper end, where a cut that came too soon
+    would move the frontier), of `seeds` when given. points: the report's points table (method, rank, length,
+    seed, exact_recall, stop_reason, steps). Returns (method, rank, length, seed, the step it stopped at)."""
+    p = points[(points["stop_reason"] == "plateau") & ~points["exact_recall"].astype(bool)]
+    if seeds is not None:
+        p = p[p["seed"].isin(seeds)]
+    out = []
+    for (m, rank), d in p.groupby(["method", "rank"], sort=False):
+        at = d[d["length"] == d["length"].min()]
+        out += [(m, int(rank), int(n), int(sd), int(st)) for n, sd, st in zip(at["length"], at["seed"], at["steps"])]
+    return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
+
+
+def window(args: argparse.Namespace) -> int:
+    """Train the plateau-stopped points nearest each frontier again without the plateau rule (until recalled or
+    --max-steps) and count how many go on to recall: the share of such points the window cut short, with a 95%
+    Clopper-Pearson interval; each point's steps beyond its plateau stop and its longest wait for a new best."""
+    import pandas as pd
+    from kept import Keeper, StopOnSignal, restore
+    from scipy import stats
+
+    from memcore.search import FrontierSearch
+    from memcore.train import waits_for_a_new_best
+
+    table = Path(args.points)
+    if not table.is_file():
+        print(f"no points table at {table}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
+        return 2
+    chosen = window_points(pd.read_csv(table), set(args.seeds) if args.seeds else None)
+    if not chosen:
+        print(f"no point in {shown(table)} stopped on the plateau without recall: nothing to check")
+        return 0
+    args.seeds = sorted({sd for *_, sd, _ in chosen})
+    store = open_home(args.home)
+    search = settings(args, until="budget")
+    args.keep = args.keep or KEEP_WINDOW / search.id
+    t0 = time.perf_counter()
+    print(f"the plateau rule against {len(chosen)} points it stopped (from {shown(table)}), trained again without it "
+          f"up to {args.max_steps} steps; {restore(store, args.keep)} points read back from {shown(args.keep)}",
+          flush=True)
+    keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
+    stop = StopOnSignal()
+    fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
+    train_points(store, search, fs, [c[:4] for c in chosen], stop, keep, t0, "window", "points without the rule")
+    if stop():
+        print(keep.ended(stopped=True), flush=True)
+        return 1
+    print(keep.ended(stopped=False), flush=True)
+    done = {r["label"]: r for r in store.runs(sweep=search.id, status="completed")}
+    rows = []
+    print(f"\n## The plateau rule ({args.plateau_window} steps without a new best) against the same points trained "
+          f"on without it")
+    for m, rank, n, sd, stopped_at in chosen:
+        r = done.get(search.label(m, rank, n, sd))
+        if r is None:
+            continue
+        s = r["summary"]
+        waits, _ = waits_for_a_new_best((x.step, x.n_above, x.n_correct) for x in store.steps(r["id"]))
+        rows.append({"method": m, "rank": rank, "length": n, "seed": sd, "plateau_stop": stopped_at,
+                     "recalled": bool(s.exact_recall), "steps": int(s.steps), "stop_reason": s.stop_reason,
+                     "longest_wait": max(waits, default=0), "frac_above": s.n_above / s.n_tokens,
+                     "token_accuracy": s.token_accuracy})
+        print(f"  {m:<9} r{rank} ℓ={n:<4} seed {sd}: stopped by the rule at step {stopped_at}; without it "
+              + (f"recalled at step {s.steps}" if s.exact_recall else f"not recalled by step {s.steps} "
+                 f"({s.stop_reason}; {s.token_accuracy:.1%} of tokens argmax-right)")
+              + f", longest wait for a new best {max(waits, default=0)} steps")
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return 0
+    k, n = int(df["recalled"].sum()), len(df)
+    ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
+    print(f"\n{k} of {n} points the rule stopped went on to recall without it (95% Clopper-Pearson interval on the "
+          f"share: {ci.low:.0%}-{ci.high:.0%}); {time.perf_counter() - t0:.0f} s")
+    out = table.with_name("long_context_window.csv")
+    df.to_csv(out, index=False)
+    print(f"wrote {shown(out)}")
     return 0
 
 
@@ -733,9 +820,10 @@ def store_flags(p: argparse.ArgumentParser, home: str, keep: str, jsonl: str, fi
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "spot"):
+    for name in ("run", "report", "spot", "window"):
         p = sub.add_parser(name, description=ABOUT[name])
-        store_flags(p, "memcore-bench-memft", f"sample_data/paper/long_context{'_spot' if name == 'spot' else ''}_runs",
+        kept_at = {"spot": "_spot", "window": "_window"}.get(name, "")
+        store_flags(p, "memcore-bench-memft", f"sample_data/paper/long_context{kept_at}_runs",
                     jsonl="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
                           "of random tokens; every seed then trains on the same target",
                     fields="question,matching")
@@ -745,8 +833,9 @@ def main() -> int:
         p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                        help="adapter ranks (default: %(default)s, what fits this benchmark's CPU budget; the search "
                             "is the same whatever the ranks, so adding one goes on from the kept points)")
-        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                       help="seeds; seed s draws the same random tokens for every method (default: %(default)s)")
+        p.add_argument("--seeds", type=int, nargs="+", default=None if name == "window" else [0, 1, 2],
+                       help="seeds; seed s draws the same random tokens for every method (default: "
+                            + ("every seed the rule stopped there)" if name == "window" else "%(default)s)"))
         p.add_argument("--methods", nargs="+", default=list(METHODS),
                        help="methods; sft is the baseline (default: %(default)s)")
         p.add_argument("--max-steps", type=int, default=2000, help="step budget per point (default: %(default)s)")
@@ -762,17 +851,21 @@ def main() -> int:
                            help="points trained together: a number or auto (default: %(default)s)")
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
+        if name == "window":
+            p.add_argument("--points", default=str(ROOT / "sample_data" / "paper" / "long_context_points.csv"),
+                           help="the report's points table whose plateau stops are checked (default: %(default)s)")
         if name == "spot":
             p.add_argument("--paired", default=str(ROOT / "sample_data" / "paper" / "long_context_paired.csv"),
                            help="the shipped paired table whose cells are re-run (default: %(default)s)")
     c = sub.add_parser("compare")
     c.add_argument("--csv", default=str(SHIPPED), help="a sweep table (default: the shipped capacity sweep)")
     args = ap.parse_args()
-    if args.cmd == "spot" and args.home == Path(tempfile.gettempdir()) / "memcore-bench-memft":
-        args.home = Path(tempfile.gettempdir()) / "memcore-bench-memft-spot"  # never the run's own store
+    if args.cmd in ("spot", "window") and args.home == Path(tempfile.gettempdir()) / "memcore-bench-memft":
+        args.home = Path(tempfile.gettempdir()) / f"memcore-bench-memft-{args.cmd}"  # never the run's own store
     if getattr(args, "batch", "auto") != "auto":
         args.batch = int(args.batch)
-    return main_of({"run": run, "report": report, "spot": spot, "compare": compare}[args.cmd], args)
+    return main_of({"run": run, "report": report, "spot": spot, "window": window, "compare": compare}[args.cmd],
+                   args)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,52 @@ def test_memft_against_sft_on_the_phonebook_pairs_the_same_books_and_leaves_out_
     assert bench.same_books(df[df["method"] != "sft"]).empty
 
 
+def test_the_window_check_takes_the_plateau_stops_nearest_each_frontier():
+    """The plateau rule is checked where a cut that came too soon would move the frontier: per method and rank the
+    shortest length it stopped without recall, every seed stopped there (or those asked for); recalled points,
+    budget stops and longer plateau stops are left out."""
+    bench = _bench()
+    rows = [("sft", 1, 45, 0, True, "recalled", 300), ("sft", 1, 49, 0, False, "plateau", 1368),
+            ("sft", 1, 49, 1, False, "plateau", 974), ("sft", 1, 49, 2, False, "max_steps", 2000),
+            ("sft", 1, 54, 0, False, "plateau", 1189), ("memft-ot", 2, 128, 1, False, "plateau", 1481),
+            ("memft-ot", 2, 108, 1, True, "recalled", 1458), ("memft-sw", 1, 64, 0, False, "max_steps", 2000)]
+    points = pd.DataFrame(rows, columns=["method", "rank", "length", "seed", "exact_recall", "stop_reason", "steps"])
+    assert bench.window_points(points) == [("sft", 1, 49, 0, 1368), ("sft", 1, 49, 1, 974),
+                                           ("memft-ot", 2, 128, 1, 1481)]
+    assert bench.window_points(points, seeds={1}) == [("sft", 1, 49, 1, 974), ("memft-ot", 2, 128, 1, 1481)]
+
+
+def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_model_dir, tmp_path):
+    """`window` trains the chosen points again without the plateau rule (until recalled or the step budget), says
+    per point whether it recalled and writes the table; run again, it reads its kept points back and trains
+    nothing."""
+    import subprocess
+
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", default_model_dir, context=2048)
+    table = tmp_path / "long_context_points.csv"
+    pd.DataFrame([("sft", 1, 6, 0, False, "plateau", 12), ("sft", 1, 24, 0, False, "plateau", 30),
+                  ("memft-ot", 1, 6, 0, False, "plateau", 10)],
+                 columns=["method", "rank", "length", "seed", "exact_recall", "stop_reason", "steps"]).to_csv(table)
+    flags = ["--model", str(model), "--ranks", "1", "--methods", "sft", "memft-ot", "--max-steps", "40", "--lr",
+             "0.1", "--points", str(table), "--keep", str(tmp_path / "kept")]
+
+    def window(home):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memft.py"), "window", *flags, "--home",
+                               str(tmp_path / home)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    out = window("a")
+    got = pd.read_csv(tmp_path / "long_context_window.csv")
+    assert [(m, n) for m, n in zip(got["method"], got["length"])] == [("sft", 6), ("memft-ot", 6)]
+    for _, r in got.iterrows():  # trained on to recall or the whole budget, never stopped on a plateau
+        assert (r["recalled"] and r["stop_reason"] == "recalled") or (not r["recalled"] and r["steps"] == 40)
+    assert f"{int(got['recalled'].sum())} of 2 points the rule stopped went on to recall" in out
+    assert "window: 0 points without the rule to train" in window("b")
+
+
 def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables(default_model_dir, tmp_path):
     """The whole experiment on a tiny model, as a user runs it: `run` places every frontier and trains the points at
     0.5, 1.5 and 2 × sft's ℓ* (beside the search, once sft's frontier at that rank is placed), and `report --out`
