@@ -68,9 +68,8 @@ ABOUT = {  # each command's --help
 }
 
 
-def settings(args: argparse.Namespace, until: str = "converged"):
-    """The SearchSpec every stage shares (its id names the store's sweep); `until` 'budget' drops the plateau rule
-    (the `window` check: points trained on until recalled or the step budget)."""
+def settings(args: argparse.Namespace):
+    """The SearchSpec every stage shares (its id names the store's sweep)."""
     from memcore.config import AdapterSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
     from memcore.search import SearchSpec
 
@@ -84,7 +83,7 @@ def settings(args: argparse.Namespace, until: str = "converged"):
                           **({"targets": targets} if targets else {}))
     template = RunSpec(model=ModelSpec(name=args.model) if args.model else ModelSpec(), adapter=adapter,
                        data=data,
-                       train=TrainSpec(max_steps=args.max_steps, lr=args.lr, until=until, plateau_on="recall",
+                       train=TrainSpec(max_steps=args.max_steps, lr=args.lr, until="converged", plateau_on="recall",
                                        plateau_window=args.plateau_window, history="decimated"))
     return SearchSpec(template=template, ranks=tuple(args.ranks), methods=tuple(args.methods),
                       seeds=tuple(args.seeds), resolution=args.resolution)
@@ -199,9 +198,10 @@ def stage2_to_go(search, fs, store) -> int:
     return len(labels - done) + waiting * len(AROUND) * len(search.methods) * len(search.seeds)
 
 
-def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str) -> None:
+def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str, spec_of=None) -> None:
     """Train the (method, rank, length, seed) points of `search` that `store` has not completed, together (a
-    stopped one resuming from its checkpoint), printing a line as each ends; `keep()` after each and every 30 s."""
+    stopped one resuming from its checkpoint), printing a line as each ends; `keep()` after each and every 30 s.
+    `spec_of(method, rank, length, seed)` gives each point's RunSpec (default: the search's probe_spec)."""
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.sweep import resumable_points
 
@@ -213,7 +213,7 @@ def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, w
 
     def runs():
         for m, rank, n, sd, label in todo:
-            spec = search.probe_spec(m, rank, n, sd)
+            spec = (spec_of or search.probe_spec)(m, rank, n, sd)
             rid = unfinished.get(label)
             if rid is not None:
                 yield BatchedRun(spec, stored_samples(store, rid), tag=label, run_id=rid, resume=True)
@@ -380,9 +380,17 @@ def window(args: argparse.Namespace) -> int:
     if not chosen:
         print(f"no point in {shown(table)} stopped on the plateau without recall: nothing to check")
         return 0
+    from dataclasses import replace
+
     args.seeds = sorted({sd for *_, sd, _ in chosen})
     store = open_home(args.home)
-    search = settings(args, until="budget")
+    main = settings(args)
+    search = replace(main, name=f"{main.id}-window")  # its own sweep: never taken for the run's points
+
+    def spec_of(m, rank, n, sd):  # the run's probe, with the plateau rule dropped: until recalled or the budget
+        spec = main.probe_spec(m, rank, n, sd)
+        return replace(spec, train=replace(spec.train, until="budget"))
+
     args.keep = args.keep or KEEP_WINDOW / search.id
     t0 = time.perf_counter()
     print(f"the plateau rule against {len(chosen)} points it stopped (from {shown(table)}), trained again without it "
@@ -391,7 +399,8 @@ def window(args: argparse.Namespace) -> int:
     keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
-    train_points(store, search, fs, [c[:4] for c in chosen], stop, keep, t0, "window", "points without the rule")
+    train_points(store, search, fs, [c[:4] for c in chosen], stop, keep, t0, "window", "points without the rule",
+                 spec_of=spec_of)
     if stop():
         print(keep.ended(stopped=True), flush=True)
         return 1

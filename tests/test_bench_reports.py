@@ -159,11 +159,11 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
 
     model = make_tiny_model(tmp_path / "tiny", default_model_dir, context=2048)
     table = tmp_path / "long_context_points.csv"
-    pd.DataFrame([("sft", 1, 6, 0, False, "plateau", 12), ("sft", 1, 24, 0, False, "plateau", 30),
-                  ("memft-ot", 1, 6, 0, False, "plateau", 10)],
+    pd.DataFrame([("sft", 1, 160, 0, False, "plateau", 12), ("sft", 1, 320, 0, False, "plateau", 30),
+                  ("memft-ot", 1, 160, 0, False, "plateau", 10)],
                  columns=["method", "rank", "length", "seed", "exact_recall", "stop_reason", "steps"]).to_csv(table)
     flags = ["--model", str(model), "--ranks", "1", "--methods", "sft", "memft-ot", "--max-steps", "40", "--lr",
-             "0.1", "--points", str(table), "--keep", str(tmp_path / "kept")]
+             "0.1", "--plateau-window", "2", "--points", str(table), "--keep", str(tmp_path / "kept")]
 
     def window(home):
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memft.py"), "window", *flags, "--home",
@@ -173,9 +173,9 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
 
     out = window("a")
     got = pd.read_csv(tmp_path / "long_context_window.csv")
-    assert [(m, n) for m, n in zip(got["method"], got["length"])] == [("sft", 6), ("memft-ot", 6)]
-    for _, r in got.iterrows():  # trained on to recall or the whole budget, never stopped on a plateau
-        assert (r["recalled"] and r["stop_reason"] == "recalled") or (not r["recalled"] and r["steps"] == 40)
+    assert [(m, n) for m, n in zip(got["method"], got["length"])] == [("sft", 160), ("memft-ot", 160)]
+    for _, r in got.iterrows():  # trained on to recall or the whole budget, never stopped by the 2-step window
+        assert (r["recalled"] and r["stop_reason"] == "recalled") or (not r["recalled"] and r["steps"] == 40), r
     assert f"{int(got['recalled'].sum())} of 2 points the rule stopped went on to recall" in out
     assert "window: 0 points without the rule to train" in window("b")
 
