@@ -539,6 +539,19 @@ def report(args: argparse.Namespace) -> int:
               f"{r['points']}); {r['cut_short']} would have been cut short by the window. "
               f"{points_word(r['plateau_stops'])} stopped on it; of {r['failed']} not recalled, "
               f"{r['budget_stops']} ran out of the {args.max_steps}-step budget instead.")
+    print("  (Points trained under a window run on only while every wait is shorter than it, so these curves bound "
+          "how near the tail comes to it, and a shorter --plateau-window here asks what that one would have cut; "
+          "whether the window cut points that would have recalled is what `bench_memft.py window` measures, by "
+          "training the points it stopped again without it.)")
+    checked = (out or ROOT / "sample_data" / "paper") / "long_context_window.csv"
+    if checked.is_file():
+        w = pd.read_csv(checked)
+        k, n = int(w["recalled"].astype(bool).sum()), len(w)
+        late = [f"{m} r{rank} ℓ={ell} seed {sd} (stopped at step {a}, recalled at {b})" for m, rank, ell, sd, a, b, ok
+                in zip(w["method"], w["rank"], w["length"], w["seed"], w["plateau_stop"], w["steps"], w["recalled"])
+                if bool(ok)]
+        print(f"  The window check ({shown(checked)}): {k} of {n} points the rule stopped nearest a frontier went on "
+              f"to recall without it{': ' + ', '.join(late) if late else ''}.")
 
     print("\n## The law past the frontier (points not recalled; fitted on those that stopped on a plateau, as the "
           "paper fits plateau ΔL)")
