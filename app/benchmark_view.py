@@ -127,6 +127,24 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def window_words(checked: pd.DataFrame) -> str:
+    """The plateau rule's check (bench_memft.py window: the points it stopped nearest each frontier, trained again
+    without it) in one sentence: how many went on to recall, which, and what that means for the brackets."""
+    late = checked[checked["recalled"].astype(bool)]
+    k, n = len(late), len(checked)
+    window = f"{int(checked['window'].iloc[0])} steps" if "window" in checked else "its window"
+    words = (f"The plateau rule ({window} without a new best) against the points it stopped nearest each "
+             f"frontier, trained again without it up to the step budget (`python bench/bench_memft.py window`): "
+             f"{k} of {n} went on to recall")
+    if not k:
+        return words + ", so the rule did not move these brackets' upper ends."
+    which = ", ".join(f"{m} r{int(r)} at {int(ell)} tokens (seed {int(sd)}: stopped at step {int(a)}, recalled at "
+                      f"{int(b)})" for m, r, ell, sd, a, b in zip(late["method"], late["rank"], late["length"],
+                                                                  late["seed"], late["plateau_stop"], late["steps"]))
+    return (words + f": {which}. Where the rule stopped a point that would have recalled, that bracket's upper end "
+            "may be too short: its frontier is a lower bound.")
+
+
 BOOK_MEASURES = {"entries_recalled": "entries recalled", "share_recalled": "share of the book recalled"}
 
 
@@ -275,6 +293,8 @@ def render(store) -> None:
         if "settled" in front and not front["settled"].astype(bool).all():
             st.caption("Bits per parameter: at the frontier once it is placed; while the search still trains there, "
                        "at the longest length recalled so far (≥: a lower bound), or — where none is known yet.")
+        if (checked := _read(where / "long_context_window.csv")) is not None and len(checked):
+            st.caption(window_words(checked))
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "

@@ -415,7 +415,8 @@ def window(args: argparse.Namespace) -> int:
             continue
         s = r["summary"]
         waits, _ = waits_for_a_new_best((x.step, x.n_above, x.n_correct) for x in store.steps(r["id"]))
-        rows.append({"method": m, "rank": rank, "length": n, "seed": sd, "plateau_stop": stopped_at,
+        rows.append({"method": m, "rank": rank, "length": n, "seed": sd, "window": args.plateau_window,
+                     "plateau_stop": stopped_at,
                      "recalled": bool(s.exact_recall), "steps": int(s.steps), "stop_reason": s.stop_reason,
                      "longest_wait": max(waits, default=0), "frac_above": s.n_above / s.n_tokens,
                      "token_accuracy": s.token_accuracy})
