@@ -129,20 +129,31 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
 
 def window_words(checked: pd.DataFrame) -> str:
     """The plateau rule's check (bench_memft.py window: the points it stopped nearest each frontier, trained again
-    without it) in one sentence: how many went on to recall, which, and what that means for the brackets."""
-    late = checked[checked["recalled"].astype(bool)]
-    k, n = len(late), len(checked)
+    without it) in words: how many recalled, how many of those the rule had cut short (the same curve up to its
+    stop) and how many took another floating-point path, and what a cut means for the brackets."""
+    recalled = checked["recalled"].astype(bool)
+    kinds = checked["kind"] if "kind" in checked else pd.Series(["recalled"] * len(checked),
+                                                                index=checked.index).where(recalled, "held")
+    k, n, cut = int(recalled.sum()), len(checked), int((kinds == "cut short").sum())
     window = f"{int(checked['window'].iloc[0])} steps" if "window" in checked else "its window"
     words = (f"The plateau rule ({window} without a new best) against the points it stopped nearest each "
              f"frontier, trained again without it up to the step budget (`python bench/bench_memft.py window`): "
-             f"{k} of {n} went on to recall")
+             f"{k} of {n} recalled, {cut} of them cut short by the rule")
     if not k:
         return words + ", so the rule did not move these brackets' upper ends."
-    which = ", ".join(f"{m} r{int(r)} at {int(ell)} tokens (seed {int(sd)}: stopped at step {int(a)}, recalled at "
-                      f"{int(b)})" for m, r, ell, sd, a, b in zip(late["method"], late["rank"], late["length"],
-                                                                  late["seed"], late["plateau_stop"], late["steps"]))
-    return (words + f": {which}. Where the rule stopped a point that would have recalled, that bracket's upper end "
-            "may be too short: its frontier is a lower bound.")
+    which = "; ".join(f"{m} r{int(r)} at {int(ell)} tokens, seed {int(sd)}: stopped at step {int(a)}, recalled at "
+                      f"{int(b)} ({kind})" for m, r, ell, sd, a, b, kind in zip(
+                          checked["method"], checked["rank"], checked["length"], checked["seed"],
+                          checked["plateau_stop"], checked["steps"], kinds) if kind != "held")
+    notes = []
+    if cut:
+        notes.append("Where the rule cut a point that would have recalled, that bracket's upper end may be too short "
+                     "and its frontier is a lower bound.")
+    if (kinds == "diverged").any():
+        notes.append("Diverged: the same point (data, start, dropout) whose curve left the run's copy's before the "
+                     "rule stopped it, so near the frontier a seed's verdict turns on floating-point order (another "
+                     "thread count), not on the rule.")
+    return " ".join([words + f" ({which}).", *notes])
 
 
 BOOK_MEASURES = {"entries_recalled": "entries recalled", "share_recalled": "share of the book recalled"}

@@ -361,6 +361,31 @@ def window_points(points, seeds=None) -> list[tuple[str, int, int, int, int]]:
     return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
 
 
+def diverged_at(a, b) -> int | None:
+    """The first step at which two runs' curves differ, over the steps both recorded: a and b are step rows (step,
+    n_above, n_correct); None when they agree at every such step. Two copies of a point (same data, start and
+    dropout stream) follow the same curve until the floating-point order of some sum differs (another thread count,
+    another kernel), and from there their own ways."""
+    mine = {x.step: (x.n_above, x.n_correct) for x in a}
+    for x in b:
+        if x.step in mine and mine[x.step] != (x.n_above, x.n_correct):
+            return int(x.step)
+    return None
+
+
+def window_kind(recalled: bool, steps: int, stopped_at: int, split: int | None, have_copy: bool) -> str:
+    """What a point trained on without the plateau rule says of the rule: 'held' (not recalled by the budget
+    either), 'cut short' (recalled after the step the rule stopped the run's copy, on the same curve up to there:
+    the rule cut a point that would have recalled), 'diverged' (recalled, but its curve left the copy's before that
+    step, so it is the same point on another floating-point path, not the rule's doing), or 'recalled (no copy to
+    compare)'. split: the step the two curves first differ (diverged_at), None if they never do."""
+    if not recalled:
+        return "held"
+    if not have_copy:
+        return "recalled (no copy to compare)"
+    return "cut short" if (split is None or split > stopped_at) and steps > stopped_at else "diverged"
+
+
 def window(args: argparse.Namespace) -> int:
     """Train the plateau-stopped points nearest each frontier again without the plateau rule (until recalled or
     --max-steps) and count how many go on to recall: the share of such points the window cut short, with a 95%
@@ -406,6 +431,10 @@ def window(args: argparse.Namespace) -> int:
         return 1
     print(keep.ended(stopped=False), flush=True)
     done = {r["label"]: r for r in store.runs(sweep=search.id, status="completed")}
+    with tempfile.TemporaryDirectory() as d:  # the run's own copies of the points, to compare curves with
+        ran = open_home(Path(d))
+        restore(ran, args.run_keep or KEEP / main.id)
+        theirs = {r["label"]: ran.steps(r["id"]) for r in ran.runs(sweep=main.id, status="completed")}
     rows = []
     print(f"\n## The plateau rule ({args.plateau_window} steps without a new best) against the same points trained "
           f"on without it")
@@ -414,23 +443,34 @@ def window(args: argparse.Namespace) -> int:
         if r is None:
             continue
         s = r["summary"]
-        waits, _ = waits_for_a_new_best((x.step, x.n_above, x.n_correct) for x in store.steps(r["id"]))
+        mine = store.steps(r["id"])
+        waits, _ = waits_for_a_new_best((x.step, x.n_above, x.n_correct) for x in mine)
+        label = main.label(m, rank, n, sd)
+        split = diverged_at(theirs[label], mine) if label in theirs else None
+        same = label in theirs and (split is None or split > stopped_at)
+        kind = window_kind(bool(s.exact_recall), int(s.steps), stopped_at, split, label in theirs)
         rows.append({"method": m, "rank": rank, "length": n, "seed": sd, "window": args.plateau_window,
                      "plateau_stop": stopped_at,
                      "recalled": bool(s.exact_recall), "steps": int(s.steps), "stop_reason": s.stop_reason,
                      "longest_wait": max(waits, default=0), "frac_above": s.n_above / s.n_tokens,
-                     "token_accuracy": s.token_accuracy})
+                     "token_accuracy": s.token_accuracy, "diverged_at": split, "kind": kind})
+        path = ("the same curve as the run's copy up to its stop" if same else
+                f"its curve left the run's copy's at step {split}" if split is not None else "no copy to compare")
         print(f"  {m:<9} r{rank} ℓ={n:<4} seed {sd}: stopped by the rule at step {stopped_at}; without it "
               + (f"recalled at step {s.steps}" if s.exact_recall else f"not recalled by step {s.steps} "
                  f"({s.stop_reason}; {s.token_accuracy:.1%} of tokens argmax-right)")
-              + f", longest wait for a new best {max(waits, default=0)} steps")
+              + f"; {path}; longest wait for a new best {max(waits, default=0)} steps: {kind}")
     df = pd.DataFrame(rows)
     if df.empty:
         return 0
-    k, n = int(df["recalled"].sum()), len(df)
-    ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
-    print(f"\n{k} of {n} points the rule stopped went on to recall without it (95% Clopper-Pearson interval on the "
-          f"share: {ci.low:.0%}-{ci.high:.0%}); {time.perf_counter() - t0:.0f} s")
+    k, n, cut = int(df["recalled"].sum()), len(df), int((df["kind"] == "cut short").sum())
+    ci = stats.binomtest(cut, n).proportion_ci(0.95, method="exact")
+    print(f"\n{k} of {n} points the rule stopped recalled without it. {cut} of {n} were cut short by the rule (the "
+          f"same curve up to its stop, recalled after it; 95% Clopper-Pearson interval on the share the rule cuts "
+          f"there: {ci.low:.0%}-{ci.high:.0%})"
+          + (f"; {k - cut} recalled on a diverged path (the same point, data and start, whose curve left the run's "
+             "copy's before its stop: near the frontier a verdict turns on floating-point order)" if k - cut else "")
+          + f". {time.perf_counter() - t0:.0f} s")
     out = table.with_name("long_context_window.csv")
     df.to_csv(out, index=False)
     print(f"wrote {shown(out)}")
@@ -548,11 +588,13 @@ def report(args: argparse.Namespace) -> int:
     if checked.is_file():
         w = pd.read_csv(checked)
         k, n = int(w["recalled"].astype(bool).sum()), len(w)
-        late = [f"{m} r{rank} ℓ={ell} seed {sd} (stopped at step {a}, recalled at {b})" for m, rank, ell, sd, a, b, ok
-                in zip(w["method"], w["rank"], w["length"], w["seed"], w["plateau_stop"], w["steps"], w["recalled"])
-                if bool(ok)]
-        print(f"  The window check ({shown(checked)}): {k} of {n} points the rule stopped nearest a frontier went on "
-              f"to recall without it{': ' + ', '.join(late) if late else ''}.")
+        kinds = w["kind"] if "kind" in w else pd.Series(["recalled"] * n).where(w["recalled"].astype(bool), "held")
+        late = [f"{m} r{rank} ℓ={ell} seed {sd} (stopped at step {a}, recalled at {b}: {kind})"
+                for m, rank, ell, sd, a, b, kind in zip(w["method"], w["rank"], w["length"], w["seed"],
+                                                        w["plateau_stop"], w["steps"], kinds) if kind != "held"]
+        print(f"  The window check ({shown(checked)}): {k} of {n} points the rule stopped nearest a frontier recalled "
+              f"without it, {int((kinds == 'cut short').sum())} of them cut short by the rule"
+              f"{': ' + ', '.join(late) if late else ''}.")
 
     print("\n## The law past the frontier (points not recalled; fitted on those that stopped on a plateau, as the "
           "paper fits plateau ΔL)")
@@ -875,6 +917,8 @@ def main() -> int:
         if name == "report":
             p.add_argument("--out", help="write the tables as CSV files here")
         if name == "window":
+            p.add_argument("--run-keep", type=Path, help="the run's kept points, whose curves the check compares "
+                                                         "with (default: sample_data/paper/long_context_runs/<id>)")
             p.add_argument("--points", default=str(ROOT / "sample_data" / "paper" / "long_context_points.csv"),
                            help="the report's points table whose plateau stops are checked (default: %(default)s)")
         if name == "spot":

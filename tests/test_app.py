@@ -566,9 +566,12 @@ def _benchmark_tables(folder: Path) -> None:
                   for m, mean, lo, hi, base in (("entries_recalled", 2.43, -0.81, 5.67, 19.0),
                                                 ("share_recalled", 0.08, -0.02, 0.18, 0.81))]) \
         .to_csv(folder / "phonebook_paired.csv", index=False)
-    pd.DataFrame([{"method": m, "rank": 1, "length": n, "seed": 0, "window": 200, "plateau_stop": a, "recalled": ok,
-                   "steps": b, "stop_reason": "recalled" if ok else "max_steps"}
-                  for m, n, a, b, ok in (("sft", 40, 900, 2000, False), ("memft-ot", 42, 1100, 1450, True))]) \
+    pd.DataFrame([{"method": m, "rank": 1, "length": n, "seed": sd, "window": 200, "plateau_stop": a,
+                   "recalled": kind != "held", "steps": b, "kind": kind,
+                   "stop_reason": "recalled" if kind != "held" else "max_steps"}
+                  for m, n, sd, a, b, kind in (("sft", 40, 0, 900, 2000, "held"),
+                                               ("memft-ot", 42, 0, 1100, 1450, "cut short"),
+                                               ("sft", 44, 1, 800, 250, "diverged"))]) \
         .to_csv(folder / "long_context_window.csv", index=False)
     (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book",
                                                        "state": "complete",
@@ -624,8 +627,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "seeds, **loses**") in md
     caps = " ".join(c.value for c in at.caption)
     assert ("(200 steps without a new best) against the points it stopped nearest each frontier, trained again "
-            "without it up to the step budget (`python bench/bench_memft.py window`): 1 of 2 went on to recall: "
-            "memft-ot r1 at 42 tokens (seed 0: stopped at step 1100, recalled at 1450)") in caps
+            "without it up to the step budget (`python bench/bench_memft.py window`): 2 of 3 recalled, 1 of them cut "
+            "short by the rule (memft-ot r1 at 42 tokens, seed 0: stopped at step 1100, recalled at 1450 (cut "
+            "short); sft r1 at 44 tokens, seed 1: stopped at step 800, recalled at 250 (diverged)). Where the rule "
+            "cut a point") in caps and "turns on floating-point order" in caps
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
     assert "synthetic book. Complete: made by `python bench/bench_phonebook.py run`." in caps  # and that it is done
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau

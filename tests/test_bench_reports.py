@@ -149,6 +149,23 @@ def test_the_window_check_takes_the_plateau_stops_nearest_each_frontier():
     assert bench.window_points(points, seeds={1}) == [("sft", 1, 49, 1, 974), ("memft-ot", 2, 128, 1, 1481)]
 
 
+def test_the_window_check_tells_a_cut_from_a_diverged_path():
+    """A point that recalls after the step the rule stopped its copy, on the same curve up to there, was cut short by
+    the rule; one whose curve left the copy's before that step is the same point on another floating-point path."""
+    bench = _bench()
+    rows = [SimpleNamespace(step=s, n_above=a, n_correct=c) for s, a, c in ((0, 0, 0), (10, 2, 5), (20, 4, 9))]
+    same = [SimpleNamespace(step=s, n_above=a, n_correct=c) for s, a, c in ((0, 0, 0), (20, 4, 9), (30, 6, 12))]
+    other = [SimpleNamespace(step=s, n_above=a, n_correct=c) for s, a, c in ((0, 0, 0), (10, 2, 6), (20, 5, 9))]
+    assert bench.diverged_at(rows, same) is None  # only the steps both recorded are compared
+    assert bench.diverged_at(rows, other) == 10
+    assert bench.window_kind(True, 900, 600, None, True) == "cut short"
+    assert bench.window_kind(True, 900, 600, 700, True) == "cut short"  # they parted only after the stop
+    assert bench.window_kind(True, 300, 600, 50, True) == "diverged"
+    assert bench.window_kind(True, 900, 600, 50, True) == "diverged"
+    assert bench.window_kind(False, 2000, 600, None, True) == "held"
+    assert bench.window_kind(True, 900, 600, None, False) == "recalled (no copy to compare)"
+
+
 def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_model_dir, tmp_path):
     """`window` trains the chosen points again without the plateau rule (until recalled or the step budget), says
     per point whether it recalled and writes the table; run again, it reads its kept points back and trains
@@ -163,7 +180,8 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
                   ("memft-ot", 1, 160, 0, False, "plateau", 10)],
                  columns=["method", "rank", "length", "seed", "exact_recall", "stop_reason", "steps"]).to_csv(table)
     flags = ["--model", str(model), "--ranks", "1", "--methods", "sft", "memft-ot", "--max-steps", "40", "--lr",
-             "0.1", "--plateau-window", "2", "--points", str(table), "--keep", str(tmp_path / "kept")]
+             "0.1", "--plateau-window", "2", "--points", str(table), "--keep", str(tmp_path / "kept"),
+             "--run-keep", str(tmp_path / "no-copies")]
 
     def window(home):
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memft.py"), "window", *flags, "--home",
@@ -176,7 +194,8 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
     assert [(m, n) for m, n in zip(got["method"], got["length"])] == [("sft", 160), ("memft-ot", 160)]
     for _, r in got.iterrows():  # trained on to recall or the whole budget, never stopped by the 2-step window
         assert (r["recalled"] and r["stop_reason"] == "recalled") or (not r["recalled"] and r["steps"] == 40), r
-    assert f"{int(got['recalled'].sum())} of 2 points the rule stopped went on to recall" in out
+    assert f"{int(got['recalled'].sum())} of 2 points the rule stopped recalled without it. 0 of 2 were cut" in out
+    assert set(got["kind"]) <= {"held", "recalled (no copy to compare)"}
     assert "window: 0 points without the rule to train" in window("b")
 
 
