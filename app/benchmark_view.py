@@ -127,6 +127,34 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def benchmark_rank_words(method: str, tokens: int) -> str | None:
+    """What the long-context benchmark (up to its step budget and a plateau, unlike the 300-step sweep the law
+    is fitted on) says of the rank `method` needs to recall `tokens` random tokens verbatim: the smallest rank
+    whose bracket's recalled end reaches it, or the most any rank recalled so far. None when there is no
+    benchmark table or no row for `method`."""
+    front = _read(folder() / "long_context_frontier.csv")
+    if front is None or "method" not in front or method not in set(front["method"]):
+        return None
+    d = front[front["method"] == method].sort_values("rank")
+    meta = _meta(folder() / "long_context.json")
+    budget = (meta.get("settings") or {}).get("max steps")
+    where = (f"The long-context benchmark (random tokens, up to {budget:,} steps and a plateau"
+             if budget else "The long-context benchmark (random tokens, trained to a plateau") + \
+        (", interim" if str(meta.get("state", "")).startswith("interim") else "") + ")"
+    enough = d[d["lo"].notna() & (d["lo"] >= tokens)]
+    if len(enough):
+        r = enough.iloc[0]
+        ends = f"{int(r['lo'])}–{int(r['hi'])}" if pd.notna(r["hi"]) else f"at least {int(r['lo'])}"
+        return (f"{where}: {method} recalled {int(r['lo'])} tokens verbatim at rank {int(r['rank'])} (its frontier "
+                f"there: {ends} tokens), so rank {int(r['rank'])} holds {tokens} with that budget.")
+    known = d[d["lo"].notna()]
+    if not len(known):
+        return f"{where}: {method} has recalled nothing yet."
+    best = known.sort_values("lo").iloc[-1]
+    return (f"{where}: no rank it searches ({', '.join(str(int(x)) for x in d['rank'])}) has {method} recalling "
+            f"{tokens} tokens; the most is {int(best['lo'])} at rank {int(best['rank'])}.")
+
+
 def window_words(checked: pd.DataFrame) -> str:
     """The plateau rule's check (bench_memft.py window: the points it stopped nearest each frontier, trained again
     without it) in words: how many recalled, how many of those the rule had cut short (the same curve up to its
@@ -136,23 +164,31 @@ def window_words(checked: pd.DataFrame) -> str:
                                                                 index=checked.index).where(recalled, "held")
     k, n, cut = int(recalled.sum()), len(checked), int((kinds == "cut short").sum())
     window = f"{int(checked['window'].iloc[0])} steps" if "window" in checked else "its window"
+    from scipy import stats
+
+    ci = stats.binomtest(cut, n).proportion_ci(0.95, method="exact")
     words = (f"The plateau rule ({window} without a new best) against the points it stopped nearest each "
              f"frontier, trained again without it up to the step budget (`python bench/bench_memft.py window`): "
-             f"{k} of {n} recalled, {cut} of them cut short by the rule")
+             f"{k} of {n} recalled, {cut} of them cut short by the rule (the share it cuts there: 95% "
+             f"Clopper-Pearson interval {ci.low:.0%}–{ci.high:.0%})")
     if not k:
         return words + ", so the rule did not move these brackets' upper ends."
-    which = "; ".join(f"{m} r{int(r)} at {int(ell)} tokens, seed {int(sd)}: stopped at step {int(a)}, recalled at "
-                      f"{int(b)} ({kind})" for m, r, ell, sd, a, b, kind in zip(
-                          checked["method"], checked["rank"], checked["length"], checked["seed"],
-                          checked["plateau_stop"], checked["steps"], kinds) if kind != "held")
+    split = checked["diverged_at"] if "diverged_at" in checked else pd.Series([None] * n, index=checked.index)
+    which = "; ".join(
+        f"{m} r{int(r)} at {int(ell)} tokens, seed {int(sd)}: the run's copy stopped on the rule at step {int(a)} "
+        f"without recall, the new one " + (f"(its curve apart from the copy's from step {int(x)}) " if pd.notna(x)
+                                           else "") + f"recalled at step {int(b)}: {kind}"
+        for m, r, ell, sd, a, b, kind, x in zip(checked["method"], checked["rank"], checked["length"],
+                                                checked["seed"], checked["plateau_stop"], checked["steps"], kinds,
+                                                split) if kind != "held")
     notes = []
     if cut:
         notes.append("Where the rule cut a point that would have recalled, that bracket's upper end may be too short "
                      "and its frontier is a lower bound.")
     if (kinds == "diverged").any():
         notes.append("Diverged: the same point (data, start, dropout) whose curve left the run's copy's before the "
-                     "rule stopped it, so near the frontier a seed's verdict turns on floating-point order (another "
-                     "thread count), not on the rule.")
+                     "rule stopped it, so near the frontier a seed's verdict turns on floating-point order (the "
+                     "batch it trained in), not on the rule; the search keeps the run's verdict.")
     return " ".join([words + f" ({which}).", *notes])
 
 
@@ -250,7 +286,8 @@ def verdict_line(paired: pd.DataFrame, method: str, spot: pd.DataFrame | None = 
     pooled = spot[(spot["method"] == method) & spot["pooled_verdict"].notna()] if spot is not None else None
     if pooled is not None and len(pooled):
         c = pooled["pooled_verdict"].value_counts()
-        line += (f" Pooled with the spot re-run over {int(pooled['pooled_n'].max())} seeds, of its {len(pooled)} it "
+        line += (f" Pooled with the spot re-run over {int(pooled['pooled_n'].max())} seeds, of its {len(pooled)} "
+                 f"cell{'s' if len(pooled) != 1 else ''} it "
                  f"wins {c.get('wins', 0)}, ties {c.get('tie', 0)}, loses **{c.get('loses', 0)}**.")
     return line
 
@@ -315,6 +352,9 @@ def render(store) -> None:
             st.markdown(verdict_line(paired, m, spot))
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
             show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
+        if spot is not None:
+            st.caption("The chart holds the benchmark's own seeds; the verdicts pooled with the spot re-run's seeds "
+                       "are in the lines above it and the list below.")
         if (paired["n"] < paired["n"].max()).any():
             st.caption("A cell with fewer seeds so far (a search end still being completed; dashed) has a much "
                        "wider interval: it is drawn up to the chart's edge, an arrow there where it goes on (an open "

@@ -595,7 +595,8 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
     black-ringed diamonds on the cell nearest in log rank and log length."""
     scale = alt.Scale(scheme=scheme, domain=list(domain) if domain else alt.Undefined)
     x = alt.X("rank:O", title="rank r", sort="ascending", axis=alt.Axis(labelAngle=0))
-    y = alt.Y("length:O", title="target tokens ℓ", sort="descending")
+    y = alt.Y("length:O", title="target tokens ℓ", sort="descending",
+              axis=alt.Axis(labelOverlap=False))  # every row named: a reader should not count rows
     base = alt.Chart(cells)
     heat = base.mark_rect().encode(x=x, y=y, color=alt.Color(f"{value}:Q", scale=scale, title=None, legend=None),
                                    tooltip=["rank:O", "length:O", alt.Tooltip(f"{value}:Q", format=fmt)])
@@ -763,10 +764,13 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
                                                        range=["triangle-left", "triangle-right"]), legend=None)))
         off = d[(d["lo"] < -span) | (d["hi"] > span) | past].copy()
         off["numbers"] = [f"{m:+.4g} [{lo:+.4g}, {hi:+.4g}]" for m, lo, hi in zip(off["mean"], off["lo"], off["hi"])]
-        off["at"] = span
-        layers.append(alt.Chart(off).mark_text(align="right", baseline="bottom", dx=-8, dy=-3, fontSize=10,
-                                               color="#555").encode(
-            x=alt.X("at:Q", scale=scale, title=title), y=y, text="numbers:N", tooltip=tips))
+        left = off["mean"].astype(float) < -span  # written at the edge its mean lies past (else the right one)
+        for side, rows in ((-1, off[left]), (1, off[~left])):
+            if len(rows):
+                layers.append(alt.Chart(rows.assign(at=side * span)).mark_text(
+                    align="left" if side < 0 else "right", baseline="bottom", dx=-8 * side, dy=-3, fontSize=11,
+                    color="#333").encode(x=alt.X("at:Q", scale=scale, title=title), y=y, text="numbers:N",
+                                         tooltip=tips))
     # the height Streamlit fits the whole chart into (axis, its title and the four-line legend included)
     return alt.layer(*layers).properties(height=max(170, 30 * len(d) + 90))
 

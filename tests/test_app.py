@@ -572,6 +572,7 @@ def _benchmark_tables(folder: Path) -> None:
                   for m, n, sd, a, b, kind in (("sft", 40, 0, 900, 2000, "held"),
                                                ("memft-ot", 42, 0, 1100, 1450, "cut short"),
                                                ("sft", 44, 1, 800, 250, "diverged"))]) \
+        .assign(diverged_at=[300, None, 35]) \
         .to_csv(folder / "long_context_window.csv", index=False)
     (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book",
                                                        "state": "complete",
@@ -602,7 +603,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     md = " ".join(m.value for m in at.markdown)
     assert "**memft-ot − sft**: of 1 comparison it wins 1, ties 0, loses 0." in md
     assert ("**memft-sw − sft**: of 1 comparison it wins 0, ties 1, loses 0. Pooled with the spot re-run over 5 "
-            "seeds, of its 1 it wins 0, ties 0, loses **1**.") in md  # a tie on 3 seeds, a loss on 5: both said
+            "seeds, of its 1 cell it wins 0, ties 0, loses **1**.") in md  # a tie on 3 seeds, a loss on 5: both said
     table = next(t.value for t in at.dataframe if "frontier (tokens)" in t.value.columns)
     assert list(table["method"]) == ["sft", "sft", "memft-ot", "memft-ot", "memft-sw", "memft-sw"]
     assert list(table["frontier (tokens)"]) == ["38 – 40", "76 – 80", "40 – 42", "≥ 80", "36 – 38",
@@ -628,9 +629,11 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     caps = " ".join(c.value for c in at.caption)
     assert ("(200 steps without a new best) against the points it stopped nearest each frontier, trained again "
             "without it up to the step budget (`python bench/bench_memft.py window`): 2 of 3 recalled, 1 of them cut "
-            "short by the rule (memft-ot r1 at 42 tokens, seed 0: stopped at step 1100, recalled at 1450 (cut "
-            "short); sft r1 at 44 tokens, seed 1: stopped at step 800, recalled at 250 (diverged)). Where the rule "
-            "cut a point") in caps and "turns on floating-point order" in caps
+            "short by the rule (the share it cuts there: 95% Clopper-Pearson interval 1%–91%) (memft-ot r1 at 42 "
+            "tokens, seed 0: the run's copy stopped on the rule at step 1100 without recall, the new one recalled at "
+            "step 1450: cut short; sft r1 at 44 tokens, seed 1: the run's copy stopped on the rule at step 800 "
+            "without recall, the new one (its curve apart from the copy's from step 35) recalled at step 250: "
+            "diverged). Where the rule cut a point") in caps and "turns on floating-point order" in caps
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
     assert "synthetic book. Complete: made by `python bench/bench_phonebook.py run`." in caps  # and that it is done
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau
@@ -653,6 +656,14 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert any(c.value == "Fitted on the 7 converged, unsaturated points (as the paper does)." for c in at.caption)
     assert any("A method missing here has fewer than six points past its frontier" in c.value for c in at.caption)
     assert not any("the fit is not yet the law" in c.value for c in at.caption)  # stage-2 cells are in
+    # the verbatim what-if (the 300-step sweep's law) says what the benchmark, trained on, found at that length
+    at.number_input(key="wi_verbatim").set_value(60).run()
+    caps = " ".join(c.value for c in at.caption)
+    assert ("The long-context benchmark (random tokens, trained to a plateau, interim): sft recalled 76 tokens "
+            "verbatim at rank 2 (its frontier there: 76–80 tokens), so rank 2 holds 60 with that budget.") in caps
+    at.number_input(key="wi_verbatim").set_value(100).run()
+    assert "no rank it searches (1, 2) has sft recalling 100 tokens; the most is 76 at rank 2." in " ".join(
+        c.value for c in at.caption)
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
     assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
     (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named

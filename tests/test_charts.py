@@ -534,7 +534,8 @@ def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
     interval goes on, its mean (when past the edge) as an open point at the edge, and its numbers written there."""
     rows = [{"method": "memft-ot", "rank": 1, "length": n, "measure": "steps", "mean": m, "lo": lo, "hi": hi, "n": k,
              "verdict": "tie"} for n, m, lo, hi, k in ((32, -2.0, -11.0, 7.0, 3), (45, 9.0, -190.0, 180.0, 2),
-                                                       (64, -3.3, -17.7, 11.0, 3), (91, 429.5, -4608.5, 5467.5, 2))]
+                                                       (64, -3.3, -17.7, 11.0, 3), (91, 429.5, -4608.5, 5467.5, 2),
+                                                       (108, -87.0, -480.9, 306.9, 2))]
     spec = charts.paired_chart(pd.DataFrame(rows), "steps", "steps to exact recall").to_dict()
     span = 17.7 * 1.1
     domains = [layer["encoding"]["x"]["scale"]["domain"] for layer in spec["layer"][1:]]
@@ -556,8 +557,10 @@ def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
                 drawn.setdefault(r["length"], {}).setdefault("arrows", set()).add(r["arrow"])
             elif mark["type"] == "text":
                 drawn.setdefault(r["length"], {})["numbers"] = r["numbers"]
+                drawn[r["length"]]["written_at"] = r["at"]
     assert drawn[32] == {"bar": (-11.0, 7.0), "mean": (-2.0, True)}  # inside: as it is, no arrow, no numbers
     assert drawn[45]["bar"] == (-span, span) and drawn[45]["mean"] == (9.0, True)
     assert drawn[45]["arrows"] == {"triangle-left", "triangle-right"} and drawn[45]["numbers"] == "+9 [-190, +180]"
     assert drawn[91]["mean"] == (span, False)  # the mean itself is past the edge: an open point at the edge
-    assert drawn[91]["numbers"] == "+429.5 [-4608, +5468]"
+    assert drawn[91]["numbers"] == "+429.5 [-4608, +5468]" and drawn[91]["written_at"] == span
+    assert drawn[108]["mean"] == (-span, False) and drawn[108]["written_at"] == -span  # by the edge its mean is past

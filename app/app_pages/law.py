@@ -321,5 +321,7 @@ if front is not None:
                     f"(95% interval {ans.interval[0]}–{hi})")
         for n in ans.notes:
             st.warning(n)
+    if (bench := benchmark_view.benchmark_rank_words(method, v_len)) is not None:
+        st.caption(("The answer above is the sweep's, at its step budget. " if front[1] is not None else "") + bench)
 with st.expander("Fit as JSON"):
     st.code(json.dumps(fit.to_dict(), indent=1))
