@@ -567,7 +567,7 @@ def report(args: argparse.Namespace) -> int:
         state = "complete"
     else:
         parts = ([f"{len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
-                  f"{search.resolution:.0%} ({', '.join(open_)})"] if open_ else []) \
+                  f"{search.resolution:.0%} with every seed at both ends ({', '.join(open_)})"] if open_ else []) \
             + ([f"{stage2_left} points around sft's frontier still to train"] if stage2_left else [])
         state = f"interim: {' and '.join(parts)}; {to_go(fs, ledger_of(args.keep), len(df), stage2_left)}"
     rule = plateau_rule_check(store, df, args.plateau_window)
