@@ -401,7 +401,9 @@ def window(args: argparse.Namespace) -> int:
     if not table.is_file():
         print(f"no points table at {table}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
         return 2
-    chosen = window_points(pd.read_csv(table), set(args.seeds) if args.seeds else None)
+    points = pd.read_csv(table)
+    points = points[(points["stop_reason"] == "plateau") & ~points["exact_recall"].astype(bool)]
+    chosen = window_points(points, set(args.seeds) if args.seeds else None)
     if not chosen:
         print(f"no point in {shown(table)} stopped on the plateau without recall: nothing to check")
         return 0
@@ -438,7 +440,11 @@ def window(args: argparse.Namespace) -> int:
     rows = []
     print(f"\n## The plateau rule ({args.plateau_window} steps without a new best) against the same points trained "
           f"on without it")
-    for m, rank, n, sd, stopped_at in chosen:
+    stops = {main.label(m, int(rank), int(n), int(sd)): (m, int(rank), int(n), int(sd), int(st))
+             for m, rank, n, sd, st in zip(points["method"], points["rank"], points["length"], points["seed"],
+                                           points["steps"])}
+    earlier = [stops[lab] for lab in done if lab in stops and stops[lab] not in chosen]  # checked by an earlier call
+    for m, rank, n, sd, stopped_at in chosen + earlier:
         r = done.get(search.label(m, rank, n, sd))
         if r is None:
             continue

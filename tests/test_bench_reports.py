@@ -197,6 +197,15 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
     assert f"{int(got['recalled'].sum())} of 2 points the rule stopped recalled without it. 0 of 2 were cut" in out
     assert set(got["kind"]) <= {"held", "recalled (no copy to compare)"}
     assert "window: 0 points without the rule to train" in window("b")
+    # the run goes on and the nearest stop moves (sft now stopped at 100 tokens): the new point is trained and the
+    # table keeps the ones checked before
+    pd.read_csv(table).pipe(lambda d: pd.concat([d, pd.DataFrame([{"method": "sft", "rank": 1, "length": 100,
+                                                                    "seed": 0, "exact_recall": False,
+                                                                    "stop_reason": "plateau", "steps": 8}])])) \
+        .to_csv(table, index=False)
+    assert "window: 1 points without the rule to train" in window("b")
+    got = pd.read_csv(tmp_path / "long_context_window.csv")
+    assert sorted(zip(got["method"], got["length"])) == [("memft-ot", 160), ("sft", 100), ("sft", 160)]
 
 
 def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables(default_model_dir, tmp_path):
