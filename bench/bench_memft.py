@@ -346,12 +346,17 @@ def spot(args: argparse.Namespace) -> int:
     return 0
 
 
+def plateau_stops(points):
+    """The rows of the report's points table that stopped on the plateau rule without recall."""
+    return points[(points["stop_reason"] == "plateau") & ~points["exact_recall"].astype(bool)]
+
+
 def window_points(points, seeds=None) -> list[tuple[str, int, int, int, int]]:
     """The points the plateau rule stopped nearest each frontier: per (method, rank), the not-recalled points that
     stopped on the plateau at the shortest such length (the bracket's upper end, where a cut that came too soon
     would move the frontier), of `seeds` when given. points: the report's points table (method, rank, length,
     seed, exact_recall, stop_reason, steps). Returns (method, rank, length, seed, the step it stopped at)."""
-    p = points[(points["stop_reason"] == "plateau") & ~points["exact_recall"].astype(bool)]
+    p = plateau_stops(points)
     if seeds is not None:
         p = p[p["seed"].isin(seeds)]
     out = []
@@ -390,6 +395,8 @@ def window(args: argparse.Namespace) -> int:
     """Train the plateau-stopped points nearest each frontier again without the plateau rule (until recalled or
     --max-steps) and count how many go on to recall: the share of such points the window cut short, with a 95%
     Clopper-Pearson interval; each point's steps beyond its plateau stop and its longest wait for a new best."""
+    from dataclasses import replace
+
     import pandas as pd
     from kept import Keeper, StopOnSignal, restore
     from scipy import stats
@@ -401,14 +408,11 @@ def window(args: argparse.Namespace) -> int:
     if not table.is_file():
         print(f"no points table at {table}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
         return 2
-    points = pd.read_csv(table)
-    points = points[(points["stop_reason"] == "plateau") & ~points["exact_recall"].astype(bool)]
+    points = plateau_stops(pd.read_csv(table))
     chosen = window_points(points, set(args.seeds) if args.seeds else None)
     if not chosen:
         print(f"no point in {shown(table)} stopped on the plateau without recall: nothing to check")
         return 0
-    from dataclasses import replace
-
     args.seeds = sorted({sd for *_, sd, _ in chosen})
     store = open_home(args.home)
     main = settings(args)

@@ -272,9 +272,7 @@ def row_benchmark(script: str, flags: list[str], seconds: float) -> dict:
           f"(exit {proc.returncode})\n    report: {state[0][:400]}", flush=True)
     return {"points": len(runs), "steps": steps, "wall_s": wall, "points_per_hour": 3600 * len(runs) / wall,
             "steps_per_hour": 3600 * steps / wall, "devices": devices, "stopped_cleanly": clean,
-            "exit": proc.returncode, "report_state": state[0], "run_tail": lines[-8:],
-            "s_per_step": wall / max(steps, 1), "tokens_per_s": 0.0, "syncs_per_step": None, "tflops": 0.0,
-            "peak_gpu_mb": None}
+            "exit": proc.returncode, "report_state": state[0], "run_tail": lines[-8:]}
 
 
 def main() -> None:
