@@ -177,8 +177,8 @@ def around_points(search, brackets, longest: int = POOL) -> list[tuple[str, int,
     data hold: a longer point would train on the same ones)."""
     ref = reference_lengths(brackets)
     out = []
-    for rank, ell in sorted(ref.items()):
-        for f in AROUND:
+    for f in AROUND:  # a factor at every placed rank before the next factor: 2 × ℓ* is the last to come
+        for rank, ell in sorted(ref.items()):
             n = max(1, round(f * ell))
             if n > longest:
                 continue
@@ -188,14 +188,20 @@ def around_points(search, brackets, longest: int = POOL) -> list[tuple[str, int,
     return out
 
 
-def stage2_to_go(search, fs, store) -> int:
-    """Points of stage 2 not completed yet: those of the ranks where sft's frontier is placed, less the ones the
-    store holds, and every point of the ranks where it is not (len(AROUND) lengths × methods × seeds each)."""
+def stage2_left(search, fs, store) -> list[tuple[int, float]]:
+    """(length, factor) of every stage-2 point not completed yet: those of the ranks where sft's frontier is placed,
+    less the ones the store holds, and every point of the ranks where it is not, at AROUND × sft's ℓ* so far (the
+    geometric mean of its bracket's ends, 0 when it has none yet)."""
     placed = fs.placed()
-    labels = {search.label(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, placed, fs.longest)}
     done = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
-    waiting = len(set(search.ranks) - {b.rank for b in placed if b.method == "sft"})
-    return len(labels - done) + waiting * len(AROUND) * len(search.methods) * len(search.seeds)
+    out = [(n, f) for m, rank, n, sd, f in around_points(search, placed, fs.longest)
+           if search.label(m, rank, n, sd) not in done]
+    so_far = reference_lengths(fs.brackets)
+    for rank in sorted(set(search.ranks) - {b.rank for b in placed if b.method == "sft"}):
+        ell = so_far.get(rank, 0.0)
+        out += [(min(fs.longest, max(1, round(f * ell))), f) for f in AROUND
+                for _ in search.methods for _ in search.seeds]
+    return out
 
 
 def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str, spec_of=None) -> None:
@@ -209,7 +215,7 @@ def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, w
     unfinished = resumable_points(store, search.id)
     todo = list(dict.fromkeys((m, rank, n, sd, search.label(m, rank, n, sd)) for m, rank, n, sd in points
                               if search.label(m, rank, n, sd) not in known))
-    print(f"[{time.perf_counter() - t0:6.0f} s] {stage}: {len(todo)} {what} to train", flush=True)
+    print(f"[{time.perf_counter() - t0:6.0f} s] {stage}: {points_word(len(todo))} {what} to train", flush=True)
 
     def runs():
         for m, rank, n, sd, label in todo:
@@ -257,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         print(keep.ended(stopped=True), flush=True)
         return 1
     points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.placed(), fs.longest)]
-    train_points(store, search, fs, points, stop, keep, t0, "stage 2", "points around the frontier")
+    train_points(store, search, fs, points, stop, keep, t0, "stage 2", "around the frontier")
     print(keep.ended(stopped=stop()), flush=True)
     return 1 if stop() else 0
 
@@ -296,7 +302,7 @@ def spot(args: argparse.Namespace) -> int:
     cells = shipped[["method", "rank", "length"]].drop_duplicates()
     points = [(m, int(rank), int(n), sd) for _, (meth, rank, n) in cells.iterrows() for m in ("sft", meth)
               for sd in search.seeds]
-    train_points(store, search, fs, points, stop, keep, t0, "spot", "points of the shipped cells")
+    train_points(store, search, fs, points, stop, keep, t0, "spot", "of the shipped cells")
     keep()
     if stop():
         print("stopped; run the same command to go on", flush=True)
@@ -430,7 +436,7 @@ def window(args: argparse.Namespace) -> int:
     keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
-    train_points(store, search, fs, [c[:4] for c in chosen], stop, keep, t0, "window", "points without the rule",
+    train_points(store, search, fs, [c[:4] for c in chosen], stop, keep, t0, "window", "without the rule",
                  spec_of=spec_of)
     if stop():
         print(keep.ended(stopped=True), flush=True)
@@ -572,14 +578,14 @@ def report(args: argparse.Namespace) -> int:
     paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
     open_ = still_open(fs)
-    stage2_left = stage2_to_go(search, fs, store)
-    if not open_ and stage2_left == 0:
+    stage2 = stage2_left(search, fs, store)
+    if not open_ and not stage2:
         state = "complete"
     else:
         parts = ([f"{len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
                   f"{search.resolution:.0%} with every seed at both ends ({', '.join(open_)})"] if open_ else []) \
-            + ([f"{stage2_left} points around sft's frontier still to train"] if stage2_left else [])
-        state = f"interim: {' and '.join(parts)}; {to_go(fs, ledger_of(args.keep), len(df), stage2_left)}"
+            + ([f"{points_word(len(stage2))} around sft's frontier still to train"] if stage2 else [])
+        state = f"interim: {' and '.join(parts)}; {to_go(fs, ledger_of(args.keep), df, stage2)}"
     rule = plateau_rule_check(store, df, args.plateau_window)
     print(f"\n## The plateau rule against the curves (a point stops after {args.plateau_window} steps without a new "
           "best in tokens above τ or argmax-right tokens)")
@@ -792,21 +798,37 @@ def still_open(fs) -> list[str]:
     return [f"{b.method}/r{b.rank}" for b in fs.unsettled()]
 
 
-def to_go(fs, ledger: dict, points_done: int, more: int = 0) -> str:
-    """'between A and B probes to go (about X-Y h at this search's pace so far)' for a FrontierSearch whose
-    verdicts are read, with `more` points of other stages to train besides; the pace is the kept wall time over
-    the `points_done` points completed. '' when nothing is left."""
+def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token") -> str:
+    """'between A and B probes (and N other points) to go (about X-Y h at this search's pace so far ...)' for a
+    FrontierSearch whose verdicts are read, `done` its completed points (a DataFrame with length, steps and
+    exact_recall), `stage2` the (length, factor) of other points still to train. '' when nothing is left.
+
+    A point's cost is taken as its length × its steps (a step's compute grows with the tokens it trains on), at
+    the kept wall time (seconds) over the completed points' length-steps. A probe to come costs what the points at
+    the open brackets' ends cost; another point, its length × the mean steps of the points not recalled (factor
+    above 1: past the frontier) or recalled (below it). Points in training when the time was kept count as
+    nothing done, so the pace errs slow."""
     fewest, most = fs.progress().probes_left
-    fewest, most = fewest + more, most + more
-    if most == 0:
+    if most == 0 and not len(stage2):
         return ""
     count = f"{fewest} probes" if fewest == most else f"between {fewest} and {most} probes"
+    if len(stage2):
+        count += f" and {points_word(len(stage2))} beside them"
     wall = ledger.get("wall_s")
-    if not wall or not points_done:
+    if done is None or not len(done) or not wall:
         return f"{count} to go"
-    pace = float(wall) / points_done / 3600
-    return f"{count} to go (about {fewest * pace:.0f}-{most * pace:.0f} h at this search's pace so far, " \
-           f"{pace * 60:.0f} min a point on this CPU)"
+    cost = done["length"].astype(float) * done["steps"].astype(float)
+    pace = float(wall) / float(cost.sum())  # seconds per length-step
+    ends = [(b.method, b.rank, end) for b in fs.unsettled() for end in (b.lo, b.hi) if end is not None]
+    at_ends = cost[[(m, r, n) in ends for m, r, n in zip(done["method"], done["rank"], done["length"])]]
+    probe = float((at_ends if len(at_ends) else cost).mean())
+    recalled = done["exact_recall"].astype(bool)
+    steps_past = float(done.loc[~recalled, "steps"].mean()) if (~recalled).any() else float(done["steps"].mean())
+    steps_below = float(done.loc[recalled, "steps"].mean()) if recalled.any() else float(done["steps"].mean())
+    others = sum(n * (steps_past if f > 1 else steps_below) for n, f in stage2)
+    lo, hi = (fewest * probe + others) * pace / 3600, (most * probe + others) * pace / 3600
+    return (f"{count} to go (about {lo:.0f}-{hi:.0f} h at this search's pace so far: {pace * 1000:.2f} s per 1,000 "
+            f"{unit}-steps on this CPU, a point costing its length × its steps)")
 
 
 def shown(path) -> str:

@@ -227,8 +227,9 @@ def report(args: argparse.Namespace) -> int:
             print(f"  {r['method']:<9} rank {r['rank']}  {what:<27} {r['mean']:+7.2f} {span}  ({r['method_mean']:.2f} "
                   f"vs {r['baseline_mean']:.2f} over {r['n']} books)  {r['verdict']}")
     open_ = still_open(fs)
+    left = to_go(fs, ledger_of(args.keep), df.rename(columns={"entries": "length"}), unit="entry")
     state = ("complete" if not open_ else f"interim: {len(open_)} capacit{'ies' if len(open_) != 1 else 'y'} not yet "
-             f"placed within {search.resolution:.0%} ({', '.join(open_)}); " + to_go(fs, ledger_of(args.keep), len(df)))
+             f"placed within {search.resolution:.0%} ({', '.join(open_)}); " + left)
     print(f"\n{state}")
     if args.out:
         out = Path(args.out)

@@ -66,15 +66,39 @@ def test_a_bracket_in_words_says_where_an_end_has_fewer_seeds_so_far():
     assert bench.bracket_words(8, None, 0.5, None, "entries").startswith("ℓ* ≥ 8 entries (recalled by 50%")
 
 
-def test_what_is_left_is_said_in_probes_and_hours_at_the_pace_so_far():
+def test_what_is_left_is_costed_by_length_times_steps_at_the_pace_so_far():
     bench = _bench()
-    fs = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(10, 20)))
-    line = bench.to_go(fs, {"wall_s": 3600.0}, points_done=6, more=2)  # 10 minutes a point so far
-    assert line == "between 12 and 22 probes to go (about 2-4 h at this search's pace so far, 10 min a point on " \
-                   "this CPU)"
-    assert bench.to_go(fs, {}, points_done=0) == "between 10 and 20 probes to go"
-    done = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)))
-    assert bench.to_go(done, {"wall_s": 10.0}, points_done=3) == ""
+    end = SimpleNamespace(method="sft", rank=1, lo=40, hi=50)
+    fs = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(10, 20)), unsettled=lambda: [end])
+    done = pd.DataFrame({"method": ["sft", "sft", "sft"], "rank": [1, 1, 1], "length": [20, 40, 50],
+                         "steps": [100, 1000, 1000], "exact_recall": [True, True, False]})
+    # 2,000 + 40,000 + 50,000 = 92,000 length-steps in 92,000 s: 1 s each. A probe to come costs what the open
+    # bracket's ends cost: 45,000; a point past the frontier its length × 1,000 steps (the one not recalled), one
+    # below it its length × 550 steps (the mean of the recalled ones)
+    line = bench.to_go(fs, {"wall_s": 92000.0}, done, stage2=[(100, 2.0), (20, 0.5)])
+    lo, hi = (10 * 45000 + 100 * 1000 + 20 * 550) / 3600, (20 * 45000 + 100 * 1000 + 20 * 550) / 3600
+    assert line == (f"between 10 and 20 probes and 2 points beside them to go (about {lo:.0f}-{hi:.0f} h at this "
+                    "search's pace so far: 1000.00 s per 1,000 token-steps on this CPU, a point costing its length × "
+                    "its steps)")
+    # a long stage-2 point weighs more than a short one, not the same as every point so far
+    longer = bench.to_go(fs, {"wall_s": 92000.0}, done, stage2=[(400, 2.0), (20, 0.5)])
+    assert f"about {lo + 300 * 1000 / 3600:.0f}-{hi + 300 * 1000 / 3600:.0f} h" in longer
+    assert bench.to_go(fs, {}, done) == "between 10 and 20 probes to go"
+    finished = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)), unsettled=lambda: [])
+    assert bench.to_go(finished, {"wall_s": 10.0}, done) == ""
+    assert bench.to_go(finished, {"wall_s": 92000.0}, done, stage2=[(50, 1.5)]).startswith(
+        "0 probes and 1 point beside them to go (about 14-14 h")  # 50 × 1,000 s
+
+
+def test_stage_two_trains_each_factor_at_every_placed_rank_before_the_next_factor():
+    bench = _bench()
+    search = SimpleNamespace(methods=("sft",), seeds=(0,))
+    brackets = [SimpleNamespace(method="sft", rank=1, lo=40, hi=40), SimpleNamespace(method="sft", rank=2, lo=90,
+                                                                                      hi=90)]
+    points = bench.around_points(search, brackets, longest=1000)
+    assert [(p[1], p[4]) for p in points] == [(1, 0.5), (2, 0.5), (1, 1.5), (2, 1.5), (1, 2.0), (2, 2.0)]
+    assert [p[2] for p in points] == [20, 45, 60, 135, 80, 180]
+    assert all(p[2] <= 100 for p in bench.around_points(search, brackets, longest=100))
 
 
 def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_recovers_known_exponents():
@@ -203,7 +227,7 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
                                                                     "seed": 0, "exact_recall": False,
                                                                     "stop_reason": "plateau", "steps": 8}])])) \
         .to_csv(table, index=False)
-    assert "window: 1 points without the rule to train" in window("b")
+    assert "window: 1 point without the rule to train" in window("b")
     got = pd.read_csv(tmp_path / "long_context_window.csv")
     assert sorted(zip(got["method"], got["length"])) == [("memft-ot", 160), ("sft", 100), ("sft", 160)]
 
