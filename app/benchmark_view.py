@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 from common import show_chart
 
+from memcore.frontier import gained_after_stop, gained_words
 from memcore.law import own_runs, sweep_mismatches
 
 SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
@@ -171,8 +172,12 @@ def window_words(checked: pd.DataFrame) -> str:
              f"frontier, trained again without it up to the step budget (`python bench/bench_memft.py window`): "
              f"{k} of {n} recalled, {cut} of them cut short by the rule (the share it cuts there: 95% "
              f"Clopper-Pearson interval {ci.low:.0%}–{ci.high:.0%})")
+    gained = gained_after_stop(checked)
+    after = ([f"From the rule's stop to the budget, the points it held (not recalled either way) gained: "
+              f"{gained_words(gained)}. So the points past the frontier (stage 2) train to the common budget "
+              "instead of stopping on the rule."] if len(gained) else [])
     if not k:
-        return words + ", so the rule did not move these brackets' upper ends."
+        return " ".join([words + ", so the rule did not move these brackets' upper ends.", *after])
     split = checked["diverged_at"] if "diverged_at" in checked else pd.Series([None] * n, index=checked.index)
     which = "; ".join(
         f"{m} r{int(r)} at {int(ell)} tokens, seed {int(sd)}: the run's copy stopped on the rule at step {int(a)} "
@@ -189,7 +194,7 @@ def window_words(checked: pd.DataFrame) -> str:
         notes.append("Diverged: the same point (data, start, dropout) whose curve left the run's copy's before the "
                      "rule stopped it, so near the frontier a seed's verdict turns on floating-point order (the "
                      "batch it trained in), not on the rule; the search keeps the run's verdict.")
-    return " ".join([words + f" ({which}).", *notes])
+    return " ".join([words + f" ({which}).", *notes, *after])
 
 
 BOOK_MEASURES = {"entries_recalled": "entries recalled", "share_recalled": "share of the book recalled"}
@@ -306,9 +311,10 @@ def render(store) -> None:
                 "(hours on a CPU; the README says how long and how to run the paper's grid on a GPU).")
         return
     st.caption(f"From {where}" + (f" · {meta['note']}" if meta.get("note") else "") + ". Random tokens at the "
-               "paper's placement (bypass adapter), every point trained until recalled, on a plateau of tokens above "
-               "τ and argmax-right tokens, or at the step budget; the same seeds (and so the same data) for every "
-               "method.")
+               "paper's placement (bypass adapter); the search's probes trained until recalled, on a plateau of "
+               "tokens above τ and argmax-right tokens, or at the step budget, and the points around sft's frontier "
+               "until recalled or the step budget (the paper's), every method alike; the same seeds (and so the same "
+               "data) for every method.")
     for what, m in (("The long-context benchmark", meta), ("The PhoneBook benchmark", _meta(where / "phonebook.json"))):
         if str(m.get("state", "")).startswith("interim"):
             st.warning(f"{what} is not finished: {m['state'].removeprefix('interim: ')}. Its tables hold what has "

@@ -195,7 +195,7 @@ def stage2_left(search, fs, store) -> list[tuple[int, float]]:
     placed = fs.placed()
     done = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
     out = [(n, f) for m, rank, n, sd, f in around_points(search, placed, fs.longest)
-           if search.label(m, rank, n, sd) not in done]
+           if around_label(search, m, rank, n, sd) not in done]
     so_far = reference_lengths(fs.brackets)
     for rank in sorted(set(search.ranks) - {b.rank for b in placed if b.method == "sft"}):
         ell = so_far.get(rank, 0.0)
@@ -204,22 +204,59 @@ def stage2_left(search, fs, store) -> list[tuple[int, float]]:
     return out
 
 
-def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str, spec_of=None) -> None:
+def around_run(search):
+    """point -> (RunSpec, label) of a stage-2 point (method, rank, length, seed): the search's probe there trained on
+    the common budget instead of the plateau rule (until recalled or the step budget, for every method alike), and
+    labelled as the probe with "until": "budget", so the search never takes one for a probe nor a probe for one."""
+    from dataclasses import replace
+
+    def run_of(point):
+        spec = search.probe_spec(*point)
+        return replace(spec, train=replace(spec.train, until="budget")), around_label(search, *point)
+    return run_of
+
+
+def around_label(search, method: str, rank: int, length: int, seed: int) -> str:
+    """The store label of a stage-2 point (see around_run)."""
+    return json.dumps({**json.loads(search.label(method, rank, length, seed)), "until": "budget"}, sort_keys=True)
+
+
+def is_around(label: str) -> bool:
+    """Whether a store label is a stage-2 point's (around_label), not a search probe's."""
+    try:
+        return json.loads(label).get("until") == "budget"
+    except (ValueError, AttributeError):
+        return False
+
+
+def points_table(store, search_id: str):
+    """memcore.sweep.sweep_table of a search's completed points as a DataFrame, with `around`: True for stage 2's
+    points (trained on the common budget, around_label), False for the search's probes."""
+    import pandas as pd
+
+    from memcore.sweep import sweep_table
+
+    df = pd.DataFrame(sweep_table(store, search_id))
+    kind = {r["id"]: is_around(r["label"]) for r in store.runs(sweep=search_id, status="completed")}
+    return df.assign(around=[kind.get(rid, False) for rid in df["run_id"]]) if len(df) else df.assign(around=[])
+
+
+def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str, run_of=None) -> None:
     """Train the (method, rank, length, seed) points of `search` that `store` has not completed, together (a
     stopped one resuming from its checkpoint), printing a line as each ends; `keep()` after each and every 30 s.
-    `spec_of(method, rank, length, seed)` gives each point's RunSpec (default: the search's probe_spec)."""
+    `run_of((method, rank, length, seed))` gives each point's (RunSpec, label) (default: the search's probe there)."""
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.sweep import resumable_points
 
     known = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
     unfinished = resumable_points(store, search.id)
-    todo = list(dict.fromkeys((m, rank, n, sd, search.label(m, rank, n, sd)) for m, rank, n, sd in points
-                              if search.label(m, rank, n, sd) not in known))
+    run_of = run_of or (lambda point: (search.probe_spec(*point), search.label(*point)))
+    todo = [(point, *run_of(point)) for point in dict.fromkeys(tuple(p) for p in points)]
+    todo = [(point, spec, label) for point, spec, label in todo if label not in known]
     print(f"[{time.perf_counter() - t0:6.0f} s] {stage}: {points_word(len(todo))} {what} to train", flush=True)
 
     def runs():
-        for m, rank, n, sd, label in todo:
-            spec = (spec_of or search.probe_spec)(m, rank, n, sd)
+        for _, spec, label in todo:
             rid = unfinished.get(label)
             if rid is not None:
                 yield BatchedRun(spec, stored_samples(store, rid), tag=label, run_id=rid, resume=True)
@@ -257,13 +294,15 @@ def run(args: argparse.Namespace) -> int:
     keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0)
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop,  # stage 2 beside it, rank by rank
-                        also=lambda placed: [point[:4] for point in around_points(search, placed, fs.longest)])
+                        also=lambda placed: [point[:4] for point in around_points(search, placed, fs.longest)],
+                        also_run=around_run(search))
     p = run_search(fs, t0, "stage 1: ", keep)
     if p.stopped:
         print(keep.ended(stopped=True), flush=True)
         return 1
     points = [(m, rank, n, sd) for m, rank, n, sd, _ in around_points(search, fs.placed(), fs.longest)]
-    train_points(store, search, fs, points, stop, keep, t0, "stage 2", "around the frontier")
+    train_points(store, search, fs, points, stop, keep, t0, "stage 2", "around the frontier",
+                 run_of=around_run(search))
     print(keep.ended(stopped=stop()), flush=True)
     return 1 if stop() else 0
 
@@ -276,7 +315,6 @@ def spot(args: argparse.Namespace) -> int:
 
     from memcore.frontier import paired_differences
     from memcore.search import FrontierSearch
-    from memcore.sweep import sweep_table
 
     shipped = pd.read_csv(args.paired) if Path(args.paired).is_file() else pd.DataFrame()
     if shipped.empty:
@@ -299,22 +337,29 @@ def spot(args: argparse.Namespace) -> int:
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
     shipped = shipped[shipped["lo"].notna() & shipped["hi"].notna()]  # a cell of one seed has no interval to check
-    cells = shipped[["method", "rank", "length"]].drop_duplicates()
-    points = [(m, int(rank), int(n), sd) for _, (meth, rank, n) in cells.iterrows() for m in ("sft", meth)
+    if "where" not in shipped:
+        shipped = shipped.assign(where="search probe")
+    shipped = shipped.assign(around=shipped["where"].astype(str) != "search probe")  # a stage-2 cell: on the budget
+    cells = shipped[["method", "rank", "length", "around"]].drop_duplicates()
+    around, probe = around_run(search), (lambda point: (search.probe_spec(*point), search.label(*point)))
+    on_budget = {(m, int(rank), int(n), sd) for _, (meth, rank, n, a) in cells.iterrows() if a for m in ("sft", meth)
+                 for sd in search.seeds}
+    points = [(m, int(rank), int(n), sd) for _, (meth, rank, n, _) in cells.iterrows() for m in ("sft", meth)
               for sd in search.seeds]
-    train_points(store, search, fs, points, stop, keep, t0, "spot", "of the shipped cells")
+    train_points(store, search, fs, points, stop, keep, t0, "spot", "of the shipped cells",
+                 run_of=lambda point: (around if point in on_budget else probe)(point))
     keep()
     if stop():
         print("stopped; run the same command to go on", flush=True)
         return 1
     restore(store, KEEP / search.id)  # the shipped seeds' points, for the pooled estimate beside each check
-    every = pd.DataFrame(sweep_table(store, search.id))
+    every = points_table(store, search.id)
     df = every[every["seed"].isin(search.seeds)]
     inside = outside = 0
     checks = []
     print(f"\n## The shipped 95% intervals (seeds of {shown(args.paired)}) against seeds {list(search.seeds)}")
     for _, c in shipped.iterrows():
-        here = df[(df["rank"] == c["rank"]) & (df["length"] == c["length"])]
+        here = df[(df["rank"] == c["rank"]) & (df["length"] == c["length"]) & (df["around"] == c["around"])]
         if c["measure"] == "steps":  # steps to exact recall: where both recalled, as the shipped table
             here = here[here["exact_recall"].astype(bool)]
         new = paired_differences(here, [c["measure"]]) if len(here) else pd.DataFrame()
@@ -326,7 +371,7 @@ def spot(args: argparse.Namespace) -> int:
         mean = float(new["mean"].iloc[0])
         ok = pd.notna(c["lo"]) and c["lo"] <= mean <= c["hi"]
         inside, outside = inside + ok, outside + (not ok)
-        both = every[(every["rank"] == c["rank"]) & (every["length"] == c["length"])]
+        both = every[(every["rank"] == c["rank"]) & (every["length"] == c["length"]) & (every["around"] == c["around"])]
         if c["measure"] == "steps":
             both = both[both["exact_recall"].astype(bool)]
         pooled = paired_differences(both, [c["measure"]])
@@ -407,6 +452,7 @@ def window(args: argparse.Namespace) -> int:
     from kept import Keeper, StopOnSignal, restore
     from scipy import stats
 
+    from memcore.frontier import gained_after_stop, gained_words
     from memcore.search import FrontierSearch
     from memcore.train import waits_for_a_new_best
 
@@ -424,9 +470,9 @@ def window(args: argparse.Namespace) -> int:
     main = settings(args)
     search = replace(main, name=f"{main.id}-window")  # its own sweep: never taken for the run's points
 
-    def spec_of(m, rank, n, sd):  # the run's probe, with the plateau rule dropped: until recalled or the budget
-        spec = main.probe_spec(m, rank, n, sd)
-        return replace(spec, train=replace(spec.train, until="budget"))
+    def run_of(point):  # the run's probe, with the plateau rule dropped: until recalled or the budget
+        spec = main.probe_spec(*point)
+        return replace(spec, train=replace(spec.train, until="budget")), search.label(*point)
 
     args.keep = args.keep or KEEP_WINDOW / search.id
     t0 = time.perf_counter()
@@ -437,7 +483,7 @@ def window(args: argparse.Namespace) -> int:
     stop = StopOnSignal()
     fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
     train_points(store, search, fs, [c[:4] for c in chosen], stop, keep, t0, "window", "without the rule",
-                 spec_of=spec_of)
+                 run_of=run_of)
     if stop():
         print(keep.ended(stopped=True), flush=True)
         return 1
@@ -454,6 +500,10 @@ def window(args: argparse.Namespace) -> int:
              for m, rank, n, sd, st in zip(points["method"], points["rank"], points["length"], points["seed"],
                                            points["steps"])}
     earlier = [stops[lab] for lab in done if lab in stops and stops[lab] not in chosen]  # checked by an earlier call
+    at = [points[c] if c in points else [None] * len(points) for c in ("delta_loss", "token_accuracy", "frac_above")]
+    at_stop = {main.label(m, int(rank), int(n), int(sd)): (dl, acc, above)  # the run's copy where the rule stopped it
+               for m, rank, n, sd, dl, acc, above in zip(points["method"], points["rank"], points["length"],
+                                                         points["seed"], *at)}
     for m, rank, n, sd, stopped_at in chosen + earlier:
         r = done.get(search.label(m, rank, n, sd))
         if r is None:
@@ -469,7 +519,9 @@ def window(args: argparse.Namespace) -> int:
                      "plateau_stop": stopped_at,
                      "recalled": bool(s.exact_recall), "steps": int(s.steps), "stop_reason": s.stop_reason,
                      "longest_wait": max(waits, default=0), "frac_above": s.n_above / s.n_tokens,
-                     "token_accuracy": s.token_accuracy, "diverged_at": split, "kind": kind})
+                     "token_accuracy": s.token_accuracy, "diverged_at": split, "kind": kind,
+                     "delta_loss": s.delta_loss, "stop_delta_loss": at_stop[label][0],
+                     "stop_token_accuracy": at_stop[label][1], "stop_frac_above": at_stop[label][2]})
         path = ("the same curve as the run's copy up to its stop" if same else
                 f"its curve left the run's copy's at step {split}" if split is not None else "no copy to compare")
         print(f"  {m:<9} r{rank} ℓ={n:<4} seed {sd}: stopped by the rule at step {stopped_at}; without it "
@@ -487,6 +539,10 @@ def window(args: argparse.Namespace) -> int:
           + (f"; {k - cut} recalled on a diverged path (the same point, data and start, whose curve left the run's "
              "copy's before its stop: near the frontier a verdict turns on floating-point order)" if k - cut else "")
           + f". {time.perf_counter() - t0:.0f} s")
+    gained = gained_after_stop(df)
+    if len(gained):
+        print(f"From the rule's stop to the budget, the points held (not recalled either way) gained: "
+              f"{gained_words(gained)}.")
     out = table.with_name("long_context_window.csv")
     df.to_csv(out, index=False)
     print(f"wrote {shown(out)}")
@@ -497,10 +553,9 @@ def report(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import restore
 
-    from memcore.frontier import paired_differences
+    from memcore.frontier import gained_after_stop, gained_words, paired_differences
     from memcore.law import comparable_settings
     from memcore.search import FrontierSearch, search_result
-    from memcore.sweep import sweep_table
 
     store = open_home(args.home)
     search = settings(args)
@@ -509,7 +564,7 @@ def report(args: argparse.Namespace) -> int:
     fs = FrontierSearch(search, store, batch=1)
     fs.read()  # every verdict already in the store: nothing trained
     result = search_result(fs, fs.progress())
-    df = pd.DataFrame(sweep_table(store, search.id))
+    df = points_table(store, search.id)
     if not df.empty:
         df = df[df["seed"].isin(search.seeds)]  # a spot re-run's other seeds are not this table's
     if df.empty:
@@ -548,9 +603,9 @@ def report(args: argparse.Namespace) -> int:
                  f"; at least {bpp:.3f} bits/param (at {r['lo']} tokens)"))
 
     ref = reference_lengths(fs.placed())  # a rank's stage 2 trains once sft's frontier there is placed
-    df["where"] = [_where(rank, n, ref) for rank, n in zip(df["rank"], df["length"])]
-    stage2 = df[df["where"] != ""]
-    probes = df[(df["where"] == "") & df["exact_recall"].astype(bool)]
+    df["where"] = [_where(rank, n, ref) if a else "" for rank, n, a in zip(df["rank"], df["length"], df["around"])]
+    stage2 = df[df["around"] & (df["where"] != "")]
+    probes = df[~df["around"] & df["exact_recall"].astype(bool)]
     tables = []
     if len(probes):
         print("\n## Steps to exact recall on the search's probes, method − sft on the same seeds (where both recalled; "
@@ -560,8 +615,9 @@ def report(args: argparse.Namespace) -> int:
         for _, r in on_probes.iterrows():
             print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} {r['mean']:+8.1f} {interval(r, '+8.1f')}  "
                   f"({r['method_mean']:.1f} vs {r['baseline_mean']:.1f} steps, {seeds_word(r['n'])})  {r['verdict']}")
-    print("\n## Paired differences around sft's frontier (stage 2: 0.5, 1.5 and 2 times its ℓ*), method − sft on the "
-          "same seeds and data (mean, 95% paired-t interval)")
+    print("\n## Paired differences around sft's frontier (stage 2: 0.5, 1.5 and 2 times its ℓ*, every method trained "
+          f"until recalled or the common {args.max_steps}-step budget), method − sft on the same seeds and data "
+          "(mean, 95% paired-t interval)")
     if stage2.empty:
         print("  none yet: a rank's points train once sft's frontier there is placed")
     measures = {"below": ["steps", "exact_recall"],
@@ -585,7 +641,8 @@ def report(args: argparse.Namespace) -> int:
         parts = ([f"{len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
                   f"{search.resolution:.0%} with every seed at both ends ({', '.join(open_)})"] if open_ else []) \
             + ([f"{points_word(len(stage2))} around sft's frontier still to train"] if stage2 else [])
-        state = f"interim: {' and '.join(parts)}; {to_go(fs, ledger_of(args.keep), df, stage2)}"
+        left = to_go(fs, ledger_of(args.keep), df, stage2, past_steps=args.max_steps)
+        state = f"interim: {' and '.join(parts)}; {left}"
     rule = plateau_rule_check(store, df, args.plateau_window)
     print(f"\n## The plateau rule against the curves (a point stops after {args.plateau_window} steps without a new "
           "best in tokens above τ or argmax-right tokens)")
@@ -611,10 +668,15 @@ def report(args: argparse.Namespace) -> int:
         print(f"  The window check ({shown(checked)}): {k} of {n} points the rule stopped nearest a frontier recalled "
               f"without it, {int((kinds == 'cut short').sum())} of them cut short by the rule"
               f"{': ' + ', '.join(late) if late else ''}.")
+        gained = gained_after_stop(w)
+        if len(gained):
+            print(f"  From the rule's stop to the {args.max_steps}-step budget, the points it held (not recalled "
+                  f"either way) gained: {gained_words(gained)}. Fidelity past the frontier, read where the rule "
+                  "stops, may understate a method by about that much.")
 
     print("\n## The law past the frontier (points not recalled; fitted on those that stopped on a plateau, as the "
           "paper fits plateau ΔL)")
-    lines, law = law_past_frontier(df, search.methods)
+    lines, law = law_past_frontier(df, search.methods, args.max_steps)
     print("\n".join(lines))
     print(f"\n{state}")
     if out:
@@ -639,23 +701,35 @@ LAW_COLUMNS = ["method", "points", "form", "C", "alpha", "alpha_lo", "alpha_hi",
                "r2", "fitted_on", "regime"]
 
 
-def law_past_frontier(df, methods) -> tuple[list[str], pd.DataFrame]:
-    """The law per method on its points past the frontier (not recalled), as the paper fits it: memcore.law.fit_all
-    takes the points that stopped on a plateau short of saturation when there are 6 or more (else says which it
-    fell back to), and states the regime from how all of them stopped. df: the report's points (method, rank,
-    length, delta_loss in nats per token, exact_recall, stop_reason). Returns the report's lines and one row per
-    fitted method (LAW_COLUMNS: the power law's C, α and β with 95% intervals, b, R², the points and the regime); a
-    method with fewer than 6 such points over 2+ ranks and lengths, or whose fit fails, gets a line saying why."""
+def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.DataFrame]:
+    """The law per method on its points past the frontier (not recalled), as the paper fits it. Once stage 2 gives
+    a method 6 or more past the frontier over 2+ ranks and lengths, on those alone: every method trained the same
+    `budget` steps there, as the paper's runs are, so memcore.law.fit_all fits them all and its regime says they
+    stopped at the budget. Until then on the search's failed probes, where fit_all takes the ones that stopped on a
+    plateau short of saturation when there are 6 or more (else says which it fell back to). df: the report's points
+    (method, rank, length, delta_loss in nats per token, exact_recall, stop_reason, around). Returns the report's
+    lines and one row per fitted method (LAW_COLUMNS: the power law's C, α and β with 95% intervals, b, R², the
+    points, which ones, and the regime); a method with fewer than 6 such points over 2+ ranks and lengths, or whose
+    fit fails, gets a line saying why."""
     import pandas as pd
 
     from memcore.config import MemcoreError
     from memcore.law import fit_all
 
+    def enough(d):
+        return len(d) >= 6 and d["rank"].nunique() >= 2 and d["length"].nunique() >= 2
+
     lines, rows = [], []
+    around = df["around"].astype(bool) if "around" in df else pd.Series(False, index=df.index)
     past = df[~df["exact_recall"].astype(bool)]
     for m in methods:
-        d = past[past["method"] == m]
-        if len(d) < 6 or d["rank"].nunique() < 2 or d["length"].nunique() < 2:
+        mine = past[past["method"] == m]
+        d = mine[around[mine.index]]
+        which = f"stage 2's points past the frontier, every one trained to recall or the {budget}-step budget"
+        if not enough(d):
+            d = mine[~around[mine.index]]
+            which = "the search's failed probes (stage 2's points past the frontier are too few so far)"
+        if not enough(d):
             lines.append(f"  {m}: {points_word(len(d))} not recalled: too few to fit (need 6 over 2+ ranks and "
                          "lengths)")
             continue
@@ -667,13 +741,14 @@ def law_past_frontier(df, methods) -> tuple[list[str], pd.DataFrame]:
         f, p, ci = fits.main, fits.main.params, fits.main.intervals
         form = (f"ΔL = {p['C']:.3g}·r^{p['alpha']:.3f}·ℓ^-{p['beta']:.3f} + {p['b']:.3g}" if f.form == "power" else
                 f"ΔL = {p['M']:.3g}·(1 − exp(−{p['C']:.3g}·r^{p['alpha']:.3f}·ℓ^-{p['beta']:.3f}))")
-        lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; {fits.fitted_on}; "
+        lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; on {which}: "
+                     f"{fits.fitted_on}; "
                      f"the data prefer the {fits.preferred} form{'' if fits.clear_preference else ' (not clearly)'}; "
                      f"{fits.regime.describe()}")
         rows.append({"method": m, "points": f.n, "form": f.form, "C": p.get("C"), "alpha": p["alpha"],
                      "alpha_lo": ci["alpha"][0], "alpha_hi": ci["alpha"][1], "beta": p["beta"],
                      "beta_lo": ci["beta"][0], "beta_hi": ci["beta"][1], "b": p.get("b"), "r2": f.r2,
-                     "fitted_on": fits.fitted_on, "regime": fits.regime.label})
+                     "fitted_on": f"{which}: {fits.fitted_on}", "regime": fits.regime.label})
     return lines, pd.DataFrame(rows, columns=LAW_COLUMNS)
 
 
@@ -798,16 +873,16 @@ def still_open(fs) -> list[str]:
     return [f"{b.method}/r{b.rank}" for b in fs.unsettled()]
 
 
-def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token") -> str:
+def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token", past_steps: float | None = None) -> str:
     """'between A and B probes (and N other points) to go (about X-Y h at this search's pace so far ...)' for a
     FrontierSearch whose verdicts are read, `done` its completed points (a DataFrame with length, steps and
     exact_recall), `stage2` the (length, factor) of other points still to train. '' when nothing is left.
 
     A point's cost is taken as its length × its steps (a step's compute grows with the tokens it trains on), at
     the kept wall time (seconds) over the completed points' length-steps. A probe to come costs what the points at
-    the open brackets' ends cost; another point, its length × the mean steps of the points not recalled (factor
-    above 1: past the frontier) or recalled (below it). Points in training when the time was kept count as
-    nothing done, so the pace errs slow."""
+    the open brackets' ends cost; another point, its length × `past_steps` (default: the mean steps of the points
+    not recalled) past the frontier (factor above 1), or × the mean steps of the points recalled below it. Points
+    in training when the time was kept count as nothing done, so the pace errs slow."""
     fewest, most = fs.progress().probes_left
     if most == 0 and not len(stage2):
         return ""
@@ -823,7 +898,8 @@ def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token") -> str:
     at_ends = cost[[(m, r, n) in ends for m, r, n in zip(done["method"], done["rank"], done["length"])]]
     probe = float((at_ends if len(at_ends) else cost).mean())
     recalled = done["exact_recall"].astype(bool)
-    steps_past = float(done.loc[~recalled, "steps"].mean()) if (~recalled).any() else float(done["steps"].mean())
+    steps_past = past_steps if past_steps is not None else float(done.loc[~recalled, "steps"].mean()) \
+        if (~recalled).any() else float(done["steps"].mean())
     steps_below = float(done.loc[recalled, "steps"].mean()) if recalled.any() else float(done["steps"].mean())
     others = sum(n * (steps_past if f > 1 else steps_below) for n, f in stage2)
     lo, hi = (fewest * probe + others) * pace / 3600, (most * probe + others) * pace / 3600

@@ -483,3 +483,45 @@ def paired_differences(df: pd.DataFrame, measures: list[str] | tuple[str, ...], 
                              "method_mean": float(g[c].mean()), "verdict": verdict})
     return pd.DataFrame(rows, columns=["method", *by, "measure", "n", "mean", "lo", "hi", "baseline_mean",
                                        "method_mean", "verdict"])
+
+
+def gained_after_stop(checked: pd.DataFrame) -> pd.DataFrame:
+    """What the points a plateau rule stopped without recall gained when trained on to the step budget instead: per
+    method, over the points that did not recall then either ('held': the ones a fidelity past the frontier is read
+    from), the change in ΔL (percent of its value at the stop) and in token accuracy and tokens above τ
+    (percentage points), each as its least and most.
+
+    checked: a window-check table (bench/bench_memft.py window: long_context_window.csv) with method, recalled, and
+    the end and at-stop values delta_loss / stop_delta_loss (nats), token_accuracy / stop_token_accuracy and
+    frac_above / stop_frac_above (fractions). Returns method, held (points), and dl_pct_min, dl_pct_max,
+    acc_pts_min, acc_pts_max, above_pts_min, above_pts_max; an empty frame when the table lacks the at-stop
+    columns (one written before they were kept) or holds no held point."""
+    import pandas as pd
+
+    cols = ["method", "held", "dl_pct_min", "dl_pct_max", "acc_pts_min", "acc_pts_max", "above_pts_min",
+            "above_pts_max"]
+    need = {"method", "recalled", "delta_loss", "stop_delta_loss", "token_accuracy", "stop_token_accuracy",
+            "frac_above", "stop_frac_above"}
+    if not need <= set(checked.columns):
+        return pd.DataFrame(columns=cols)
+    d = checked[~as_bool(checked["recalled"])].dropna(subset=sorted(need - {"method", "recalled"}))
+    d = d.assign(dl=100 * (d["delta_loss"] - d["stop_delta_loss"]) / d["stop_delta_loss"].abs(),
+                 acc=100 * (d["token_accuracy"] - d["stop_token_accuracy"]),
+                 above=100 * (d["frac_above"] - d["stop_frac_above"]))
+    rows = [{"method": m, "held": len(g), "dl_pct_min": g["dl"].min(), "dl_pct_max": g["dl"].max(),
+             "acc_pts_min": g["acc"].min(), "acc_pts_max": g["acc"].max(),
+             "above_pts_min": g["above"].min(), "above_pts_max": g["above"].max()}
+            for m, g in d.groupby("method", sort=False)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def gained_words(gained: pd.DataFrame) -> str:
+    """gained_after_stop's table in words, per method: 'sft (1 point) ΔL +0.4%, token accuracy +0.0 points, tokens
+    above τ +3.1 points', each a range ('+0.7 to +2.1') where a method's points differ."""
+    def span(lo: float, hi: float) -> str:
+        return f"{lo:+.1f}" if abs(hi - lo) < 0.05 else f"{lo:+.1f} to {hi:+.1f}"
+
+    return "; ".join(f"{r['method']} ({int(r['held'])} point{'s' if int(r['held']) != 1 else ''}) ΔL "
+                     f"{span(r['dl_pct_min'], r['dl_pct_max'])}%, token accuracy "
+                     f"{span(r['acc_pts_min'], r['acc_pts_max'])} points, tokens above τ "
+                     f"{span(r['above_pts_min'], r['above_pts_max'])} points" for _, r in gained.iterrows())

@@ -279,11 +279,16 @@ class FrontierSearch:
     one runs to its end: a probe asked for meanwhile waits for the next free slot); one the search asks for while
     it trains is not trained twice (its verdict is taken when it ends), and the search does not finish before
     they do. Points already completed, asked for or training are skipped. Raises MemcoreError for a point of a
-    rank above the search's (the batch's adapter stack holds up to its largest)."""
+    rank above the search's (the batch's adapter stack holds up to its largest).
+
+    also_run: with it, the points beside the search are runs of their own, not probes: also_run(point) gives each
+    one's (RunSpec, label), a label no probe has (say, the point trained on another stopping rule), so one at a
+    point the search probes trains beside that probe, and neither's verdict is taken for the other."""
 
     def __init__(self, search: SearchSpec, store: Any, base: Any = None, *, batch: int | str = "auto",
                  should_stop: Callable[[], bool] | None = None, hold: bool | None = None,
-                 also: Callable[[list[Bracket]], Iterable[tuple[str, int, int, int]]] | None = None) -> None:
+                 also: Callable[[list[Bracket]], Iterable[tuple[str, int, int, int]]] | None = None,
+                 also_run: Callable[[tuple[str, int, int, int]], tuple[Any, str]] | None = None) -> None:
         from memcore.runner import prepare
 
         self.search, self.store, self.should_stop = search, store, should_stop
@@ -309,7 +314,7 @@ class FrontierSearch:
         self.live: dict[int, _Probe] = {}  # probes in training
         self.in_flight = 0
         self.training: dict[int, int] = {}  # probe -> steps so far, while it trains
-        self.also = also
+        self.also, self.also_run = also, also_run
         self.also_live: dict[tuple[str, int, int, int], _Also] = {}  # points beside the search, in training
         self.awaited: dict[tuple[str, int, int, int], Bracket] = {}  # of those, the ones a bracket asked for
         self.also_done = 0
@@ -374,7 +379,8 @@ class FrontierSearch:
             if summary is not None:
                 self._verdict(b, length, seed, summary, decide=False)  # the caller decides once all are read
                 found = True
-            elif point in self.also_live:  # training beside the search: its verdict is taken when it ends
+            elif point in self.also_live and self.also_run is None:  # training beside the search: its verdict is
+                # taken when it ends
                 self.awaited[point] = b
             else:
                 todo.append(_Probe(b, length, seed))
@@ -431,7 +437,7 @@ class FrontierSearch:
                     yield BatchedRun(spec, samples, tag=p, sweep=self.search.id, label=label)
             elif point is not None:  # a slot the search leaves free: a point beside it
                 tag = self.also_live[point] = _Also(point)
-                spec, label = self.search.probe_spec(*point), self.search.label(*point)
+                spec, label = self._also_of(point)
                 rid = unfinished.get(label)
                 if rid is not None:
                     yield BatchedRun(spec, stored_samples(self.store, rid), tag=tag, run_id=rid, resume=True)
@@ -452,10 +458,16 @@ class FrontierSearch:
             if point[1] > max(self.search.ranks):
                 raise MemcoreError(f"a point beside the search at rank {point[1]}, above the search's largest rank "
                                    f"{max(self.search.ranks)}: the batch's adapter stack cannot hold it")
-            if point not in self.asked and point not in self.also_live \
-                    and self.search.label(*point) not in self._known:
+            if (self.also_run is not None or point not in self.asked) and point not in self.also_live \
+                    and self._also_of(point)[1] not in self._known:
                 return point
         return None
+
+    def _also_of(self, point: tuple[str, int, int, int]) -> tuple[Any, str]:
+        """(RunSpec, label) of a point beside the search: also_run's, else the probe's at that point."""
+        if self.also_run is not None:
+            return self.also_run(point)
+        return self.search.probe_spec(*point), self.search.label(*point)
 
     def progress(self, finished: bool = False) -> SearchProgress:
         """The search as it stands (see SearchProgress)."""
@@ -506,13 +518,14 @@ class FrontierSearch:
             if b is not None:
                 self.asked.discard(tag.point)
             return True
-        self._known[self.search.label(*tag.point)] = r.summary
+        self._known[self._also_of(tag.point)[1]] = r.summary
         self.also_done += 1
         method, rank, length, seed = tag.point
         if b is not None:  # a probe too: the bracket's verdict (its steps counted there)
             self._verdict(b, length, seed, r.summary)
             return True
-        for b in self.brackets:  # a seed an end lacks: taken there now, as a fresh read of the store would take it
+        # a seed an end lacks: taken there now, as a fresh read of the store would take it (a probe's own run only)
+        for b in self.brackets if self.also_run is None else ():
             if (b.method, b.rank) == (method, rank) and length in (b.lo, b.hi) and seed not in b.probed.get(length, {}):
                 self.asked.add(tag.point)
                 self._verdict(b, length, seed, r.summary, decide=False)

@@ -572,7 +572,9 @@ def _benchmark_tables(folder: Path) -> None:
                   for m, n, sd, a, b, kind in (("sft", 40, 0, 900, 2000, "held"),
                                                ("memft-ot", 42, 0, 1100, 1450, "cut short"),
                                                ("sft", 44, 1, 800, 250, "diverged"))]) \
-        .assign(diverged_at=[300, None, 35]) \
+        .assign(diverged_at=[300, None, 35], delta_loss=[10.5, 11.0, 11.0], stop_delta_loss=[10.0, 11.0, 11.0],
+                token_accuracy=[0.95, 1.0, 1.0], stop_token_accuracy=[0.90, 0.9, 0.9], frac_above=[0.6, 1.0, 1.0],
+                stop_frac_above=[0.5, 0.8, 0.8]) \
         .to_csv(folder / "long_context_window.csv", index=False)
     (folder / "phonebook.json").write_text(json.dumps({"seeds": [0, 1], "epochs": 200, "note": "synthetic book",
                                                        "state": "complete",
@@ -634,6 +636,8 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "step 1450: cut short; sft r1 at 44 tokens, seed 1: the run's copy stopped on the rule at step 800 "
             "without recall, the new one (its curve apart from the copy's from step 35) recalled at step 250: "
             "diverged). Where the rule cut a point") in caps and "turns on floating-point order" in caps
+    assert ("From the rule's stop to the budget, the points it held (not recalled either way) gained: sft (1 point) "
+            "ΔL +5.0%, token accuracy +5.0 points, tokens above τ +10.0 points.") in caps  # the held one only
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
     assert "synthetic book. Complete: made by `python bench/bench_phonebook.py run`." in caps  # and that it is done
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau

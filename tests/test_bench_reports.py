@@ -123,6 +123,28 @@ def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_reco
     assert "fitted on the 12 converged, unsaturated points" in lines[0]
 
 
+def test_once_stage_two_has_enough_points_past_the_frontier_the_law_is_fitted_on_them_alone():
+    import numpy as np
+
+    bench = _bench()
+    rng = np.random.default_rng(1)
+    probes = [{"method": m, "rank": r, "length": n, "exact_recall": False, "stop_reason": "plateau", "around": False,
+               "delta_loss": 2.0 * r ** 0.5 * n ** -0.3 + 0.1 + rng.normal(0, 0.002)}
+              for m in ("sft", "memft-ot") for r in (1, 2) for n in (50, 55, 60)]
+    budget = [{"method": "sft", "rank": r, "length": n, "exact_recall": False, "stop_reason": "max_steps",
+               "around": True, "delta_loss": 3.0 * r ** 0.8 * n ** -0.2 + 0.1 + rng.normal(0, 0.002)}
+              for r in (1, 2) for n in (72, 96, 150, 200) for _ in (0, 1)]
+    budget += [{"method": "memft-ot", "rank": 1, "length": n, "exact_recall": False, "stop_reason": "max_steps",
+                "around": True, "delta_loss": 1.0} for n in (72, 96)]  # one rank so far: too few
+    lines, law = bench.law_past_frontier(pd.DataFrame(probes + budget), ("sft", "memft-ot"), budget=2000)
+    law = law.set_index("method")
+    assert law.loc["sft", "points"] == 16 and abs(law.loc["sft", "alpha"] - 0.8) < 0.1  # the budget points' law
+    assert law.loc["sft", "fitted_on"].startswith("stage 2's points past the frontier, every one trained to recall "
+                                                  "or the 2000-step budget")
+    assert law.loc["memft-ot", "points"] == 6 and abs(law.loc["memft-ot", "alpha"] - 0.5) < 0.1  # the probes'
+    assert "the search's failed probes (stage 2's points past the frontier are too few so far)" in lines[1]
+
+
 def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_seeds():
     bench = _bench("bench_phonebook")
     probes = [("sft", 1, 10, 0, 10), ("sft", 1, 10, 1, 8),  # mean 9 of 10
@@ -267,11 +289,15 @@ def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables
     for rank in (1, 2):
         lo, hi = front[(front["method"] == "sft") & (front["rank"] == rank)][["lo", "hi"]].iloc[0]
         for f in (0.5, 1.5, 2.0):  # stage 2: every method and seed at each multiple of sft's ℓ*
-            at = points[(points["rank"] == rank) & (points["length"] == max(1, round(f * math.sqrt(lo * hi))))]
+            at = points[(points["rank"] == rank) & (points["length"] == max(1, round(f * math.sqrt(lo * hi))))
+                        & points["around"]]
             assert {(m, s) for m, s in zip(at["method"], at["seed"])} >= {(m, s) for m in ("sft", "memft-ot")
                                                                           for s in (0, 1)}
+            assert set(at["stop_reason"]) <= {"recalled", "max_steps"}  # on the common budget, never the plateau
+    assert (points[~points["around"]]["stop_reason"] == "plateau").any()  # which the search's probes do stop on
     law = pd.read_csv(tmp_path / "out" / "long_context_law.csv").set_index("method")
     assert set(law.index) == {"sft", "memft-ot"}
+    assert law["fitted_on"].str.startswith("stage 2's points past the frontier").all()
     assert ((law["alpha_lo"] <= law["alpha"]) & (law["alpha"] <= law["alpha_hi"])).all()
     side = json.loads((tmp_path / "out" / "long_context.json").read_text())
     assert side["state"] == "complete" and side["command"].startswith("python bench/bench_memft.py run")

@@ -204,3 +204,23 @@ def test_paired_differences_pair_by_seed_and_say_who_wins():
         paired_differences(df[df["method"] != "sft"], ["steps"])
     with pytest.raises(MemcoreError, match="lacks the column"):
         paired_differences(df.drop(columns=["seed"]), ["steps"])
+
+
+def test_what_points_gained_after_a_plateau_stop_is_read_per_method_over_the_ones_held():
+    from memcore.frontier import gained_after_stop, gained_words
+
+    checked = pd.DataFrame({
+        "method": ["sft", "memft-ot", "memft-ot", "memft-ot"], "recalled": [False, False, False, True],
+        "delta_loss": [10.1, 12.0, 13.0, 99.0], "stop_delta_loss": [10.0, 10.0, 12.5, 1.0],
+        "token_accuracy": [0.9, 0.95, 0.99, 1.0], "stop_token_accuracy": [0.9, 0.9, 0.9, 0.1],
+        "frac_above": [0.5, 0.625, 0.5, 1.0], "stop_frac_above": [0.5, 0.3125, 0.4, 0.0]})
+    g = gained_after_stop(checked).set_index("method")
+    assert g.loc["memft-ot", "held"] == 2  # the recalled one is no fidelity past the frontier
+    assert g.loc["memft-ot", ["dl_pct_min", "dl_pct_max"]].tolist() == pytest.approx([4.0, 20.0])
+    assert g.loc["memft-ot", ["acc_pts_min", "acc_pts_max"]].tolist() == pytest.approx([5.0, 9.0])
+    assert g.loc["memft-ot", ["above_pts_min", "above_pts_max"]].tolist() == pytest.approx([10.0, 31.25])
+    assert g.loc["sft", "dl_pct_max"] == pytest.approx(1.0)
+    assert gained_words(gained_after_stop(checked)) == (
+        "sft (1 point) ΔL +1.0%, token accuracy +0.0 points, tokens above τ +0.0 points; memft-ot (2 points) ΔL "
+        "+4.0 to +20.0%, token accuracy +5.0 to +9.0 points, tokens above τ +10.0 to +31.2 points")
+    assert gained_after_stop(checked.drop(columns=["stop_delta_loss"])).empty  # a table from before they were kept

@@ -635,3 +635,51 @@ def test_a_point_beside_the_search_in_training_is_reported_as_it_goes(tiny_model
     assert len(training) >= 3  # said while it trained, with its steps so far
     assert [s[2] for s in training][-3:] == sorted(s[2] for s in training)[-3:]
     assert seen[-1][:2] == (0, 1)
+
+
+def test_points_beside_the_search_on_runs_of_their_own_never_stand_in_for_its_probes(tiny_model_dir, home,
+                                                                                      monkeypatch):
+    """`also_run`: points beside the search trained on another rule (their own spec and label) where the search
+    probes train beside its probes, not instead of them: the search trains every probe it trains alone and gives
+    the same brackets, and each such point trains once."""
+    import json
+    from dataclasses import replace
+
+    import memcore.runner
+
+    frontiers = {(m, 1, s): f for m in ("sft",) for s, f in enumerate((40, 44, 37))}
+    search = SearchSpec(template=_template(tiny_model_dir), ranks=(1,), seeds=(0, 1, 2), start_length=32,
+                        max_length=64, name="own-runs")
+    alone_order, order = [], []
+    monkeypatch.setattr(memcore.runner, "execute_many", _oracle_points(frontiers, slots=3, order=alone_order))
+    alone = FrontierSearch(search, Store(home / "a"), batch=3)
+    list(alone.run())
+
+    def own(point):
+        spec = search.probe_spec(*point)
+        label = json.dumps({**json.loads(search.label(*point)), "until": "budget"}, sort_keys=True)
+        return replace(spec, train=replace(spec.train, until="budget")), label
+
+    fake, started = _oracle_points(frontiers, slots=3, order=order), []
+
+    def recording(runs, *args, **kwargs):  # the runs as started, with their spec and label
+        def seen():
+            for run in runs:
+                if run is not None:
+                    started.append(run)
+                yield run
+        yield from fake(seen(), *args, **kwargs)
+
+    monkeypatch.setattr(memcore.runner, "execute_many", recording)
+    now = []
+    now.append(FrontierSearch(search, Store(home / "b"), batch=3, also=lambda _: _collide(now[0]), also_run=own))
+    list(now[0].run())
+    fs = now[0]
+    assert [(b.lo, b.hi, b.probed) for b in fs.brackets] == [(b.lo, b.hi, b.probed) for b in alone.brackets]
+    assert sorted(o for o in order if o[0] == "probe") == sorted(alone_order)  # every probe trained by the search
+    beside = [o[1:] for o in order if o[0] == "also"]
+    assert len(beside) == len(set(beside))  # each point beside it once
+    assert set(beside) & {o[1:] for o in order if o[0] == "probe"}  # and some where the search probed too
+    for run in started:  # trained on their own rule and label, the probes on the search's
+        own_run = hasattr(run.tag, "point")
+        assert (run.spec.train.until == "budget") == own_run and ('"until": "budget"' in run.label) == own_run
