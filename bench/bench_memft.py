@@ -674,8 +674,9 @@ def report(args: argparse.Namespace) -> int:
                   f"either way) gained: {gained_words(gained)}. Fidelity past the frontier, read where the rule "
                   "stops, may understate a method by about that much.")
 
-    print("\n## The law past the frontier (points not recalled; fitted on those that stopped on a plateau, as the "
-          "paper fits plateau ΔL)")
+    print("\n## The law past the frontier (points not recalled: stage 2's, all trained to the common "
+          f"{args.max_steps}-step budget as the paper's runs are, once a method has enough; until then the search's "
+          "failed probes that stopped on a plateau)")
     lines, law = law_past_frontier(df, search.methods, args.max_steps)
     print("\n".join(lines))
     print(f"\n{state}")
