@@ -241,7 +241,8 @@ def law_caption(law: pd.DataFrame) -> str:
     if not said:
         return ""
     if len(set(said.values())) == 1 and len(said) == len(law):
-        return f"{next(iter(said.values())).capitalize()}."
+        words = next(iter(said.values()))
+        return f"{words[:1].upper()}{words[1:]}."  # not str.capitalize, which lowers the rest (ΔL, ℓ*)
     return " ".join(f"{m}: {w}." for m, w in said.items())
 
 
@@ -376,7 +377,9 @@ def render(store) -> None:
         if spot is not None:
             show_spot(spot)
     if law is not None:
-        st.markdown("**The law past the frontier** (plateau ΔL of the points not recalled, per method):")
+        st.markdown("**The law past the frontier** (ΔL of the points not recalled, per method: stage 2's, trained "
+                    "to the common budget, once a method has six over two ranks and two lengths; until then the "
+                    "search's failed probes, stopped on a plateau):")
         st.dataframe(law_table(law), hide_index=True, width="stretch")
         if caption := law_caption(law):
             st.caption(caption)

@@ -681,9 +681,13 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     x = alt.X("x:Q", scale=alt.Scale(type="log", domain=[ranks[0] / 1.4, ranks[-1] * 1.4], nice=False),
               title="rank r", axis=alt.Axis(values=ranks, grid=False))
     shown = [*df["lo_y"], *df["hi_y"], *(runs["length"] if runs is not None and len(runs) else [])]
-    low, high = float(min(shown)) / 1.25, float(max(shown)) * 1.25
-    span = alt.Scale(type="log", domain=[low, high], nice=False)  # the data's, not a decade's
-    ticks = [v for v in sorted({b * 2 ** k for b in (1, 1.5) for k in range(24)}) if low <= v <= high]
+    grid = sorted({b * 2 ** k for b in (1, 1.5) for k in range(24)})
+    least, most = float(min(shown)), float(max(shown))
+    # the data's span, not a decade's, reaching out to a labelled tick on either side of every bracket end
+    low = min(least / 1.25, max((v for v in grid if v <= least), default=least / 1.25))
+    high = max(most * 1.25, min((v for v in grid if v >= most), default=most * 1.25))
+    span = alt.Scale(type="log", domain=[low, high], nice=False)
+    ticks = [v for v in grid if low <= v <= high]
     y = alt.Y("ell_star:Q", scale=span, title="ℓ* (tokens, log)", axis=alt.Axis(values=ticks, grid=False))
     spare = iter(c for c in ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
                  if c not in {METHOD_COLOURS.get(s) for s in sources})

@@ -564,3 +564,15 @@ def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
     assert drawn[91]["mean"] == (span, False)  # the mean itself is past the edge: an open point at the edge
     assert drawn[91]["numbers"] == "+429.5 [-4608, +5468]" and drawn[91]["written_at"] == span
     assert drawn[108]["mean"] == (-span, False) and drawn[108]["written_at"] == -span  # by the edge its mean is past
+
+
+def test_the_frontier_chart_labels_a_tick_below_its_lowest_bracket_end_and_above_its_highest():
+    """A bracket of 47-49 tokens (sft at rank 1) sat under the axis's lowest label (48): the axis now reaches out to
+    a labelled tick (1 or 1.5 × a power of 2) on either side of every bracket end."""
+    brackets = pd.DataFrame([{"source": "sft", "rank": 1, "lo": 47, "hi": 49, "ell_star": 48.0},
+                             {"source": "sft", "rank": 2, "lo": 108, "hi": 118, "ell_star": 112.9}])
+    spec = charts.frontier_brackets_chart(brackets).to_dict()
+    y = next(layer["encoding"]["y"] for layer in spec["layer"] if layer["encoding"]["y"]["field"] == "ell_star")
+    ticks, (low, high) = y["axis"]["values"], y["scale"]["domain"]
+    assert min(ticks) <= 47 and max(ticks) >= 118 and low <= min(ticks) and high >= max(ticks)
+    assert ticks == [32, 48, 64, 96, 128]  # 32 below 47; 128 above 118
