@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 from common import show_chart
 
-from memcore.frontier import gained_after_stop, gained_words
+from memcore.frontier import gained_after_stop, gained_words, window_tally
 from memcore.law import own_runs, sweep_mismatches
 
 SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
@@ -160,18 +160,13 @@ def window_words(checked: pd.DataFrame) -> str:
     """The plateau rule's check (bench_memft.py window: the points it stopped nearest each frontier, trained again
     without it) in words: how many recalled, how many of those the rule had cut short (the same curve up to its
     stop) and how many took another floating-point path, and what a cut means for the brackets."""
-    recalled = checked["recalled"].astype(bool)
-    kinds = checked["kind"] if "kind" in checked else pd.Series(["recalled"] * len(checked),
-                                                                index=checked.index).where(recalled, "held")
-    k, n, cut = int(recalled.sum()), len(checked), int((kinds == "cut short").sum())
+    t = window_tally(checked)
+    k, n, cut, kinds = t.recalled, t.n, t.cut, t.kinds
     window = f"{int(checked['window'].iloc[0])} steps" if "window" in checked else "its window"
-    from scipy import stats
-
-    ci = stats.binomtest(cut, n).proportion_ci(0.95, method="exact")
     words = (f"The plateau rule ({window} without a new best) against the points it stopped nearest each "
              f"frontier, trained again without it up to the step budget (`python bench/bench_memft.py window`): "
              f"{k} of {n} recalled, {cut} of them cut short by the rule (the share it cuts there: 95% "
-             f"Clopper-Pearson interval {ci.low:.0%}–{ci.high:.0%})")
+             f"Clopper-Pearson interval {t.cut_lo:.0%}–{t.cut_hi:.0%})")
     gained = gained_after_stop(checked)
     after = ([f"From the rule's stop to the budget, the points it held (not recalled either way) gained: "
               f"{gained_words(gained)}. So the points past the frontier (stage 2) train to the common budget "

@@ -450,9 +450,8 @@ def window(args: argparse.Namespace) -> int:
 
     import pandas as pd
     from kept import Keeper, StopOnSignal, restore
-    from scipy import stats
 
-    from memcore.frontier import gained_after_stop, gained_words
+    from memcore.frontier import gained_after_stop, gained_words, window_tally
     from memcore.search import FrontierSearch
     from memcore.train import waits_for_a_new_best
 
@@ -531,11 +530,11 @@ def window(args: argparse.Namespace) -> int:
     df = pd.DataFrame(rows)
     if df.empty:
         return 0
-    k, n, cut = int(df["recalled"].sum()), len(df), int((df["kind"] == "cut short").sum())
-    ci = stats.binomtest(cut, n).proportion_ci(0.95, method="exact")
+    t = window_tally(df)
+    k, n, cut = t.recalled, t.n, t.cut
     print(f"\n{k} of {n} points the rule stopped recalled without it. {cut} of {n} were cut short by the rule (the "
           f"same curve up to its stop, recalled after it; 95% Clopper-Pearson interval on the share the rule cuts "
-          f"there: {ci.low:.0%}-{ci.high:.0%})"
+          f"there: {t.cut_lo:.0%}-{t.cut_hi:.0%})"
           + (f"; {k - cut} recalled on a diverged path (the same point, data and start, whose curve left the run's "
              "copy's before its stop: near the frontier a verdict turns on floating-point order)" if k - cut else "")
           + f". {time.perf_counter() - t0:.0f} s")
@@ -553,7 +552,7 @@ def report(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import restore
 
-    from memcore.frontier import gained_after_stop, gained_words, paired_differences
+    from memcore.frontier import gained_after_stop, gained_words, paired_differences, window_tally
     from memcore.law import comparable_settings
     from memcore.search import FrontierSearch, search_result
 
@@ -660,14 +659,13 @@ def report(args: argparse.Namespace) -> int:
     checked = (out or ROOT / "sample_data" / "paper") / "long_context_window.csv"
     if checked.is_file():
         w = pd.read_csv(checked)
-        k, n = int(w["recalled"].astype(bool).sum()), len(w)
-        kinds = w["kind"] if "kind" in w else pd.Series(["recalled"] * n).where(w["recalled"].astype(bool), "held")
+        t = window_tally(w)
         late = [f"{m} r{rank} ℓ={ell} seed {sd} (stopped at step {a}, recalled at {b}: {kind})"
                 for m, rank, ell, sd, a, b, kind in zip(w["method"], w["rank"], w["length"], w["seed"],
-                                                        w["plateau_stop"], w["steps"], kinds) if kind != "held"]
-        print(f"  The window check ({shown(checked)}): {k} of {n} points the rule stopped nearest a frontier recalled "
-              f"without it, {int((kinds == 'cut short').sum())} of them cut short by the rule"
-              f"{': ' + ', '.join(late) if late else ''}.")
+                                                        w["plateau_stop"], w["steps"], t.kinds) if kind != "held"]
+        print(f"  The window check ({shown(checked)}): {t.recalled} of {t.n} points the rule stopped nearest a "
+              f"frontier recalled without it, {t.cut} of them cut short by the rule (95% Clopper-Pearson interval on "
+              f"the share it cuts there: {t.cut_lo:.0%}-{t.cut_hi:.0%}){': ' + ', '.join(late) if late else ''}.")
         gained = gained_after_stop(w)
         if len(gained):
             print(f"  From the rule's stop to the {args.max_steps}-step budget, the points it held (not recalled "

@@ -525,3 +525,36 @@ def gained_words(gained: pd.DataFrame) -> str:
                      f"{span(r['dl_pct_min'], r['dl_pct_max'])}%, token accuracy "
                      f"{span(r['acc_pts_min'], r['acc_pts_max'])} points, tokens above τ "
                      f"{span(r['above_pts_min'], r['above_pts_max'])} points" for _, r in gained.iterrows())
+
+
+@dataclass
+class WindowTally:
+    """A window-check table counted (see window_tally): recalled, of `n` points; `cut` of them cut short by the
+    rule; [cut_lo, cut_hi] the 95% Clopper-Pearson interval on the share it cuts; `kinds` [n] each point's kind."""
+
+    recalled: int
+    n: int
+    cut: int
+    cut_lo: float
+    cut_hi: float
+    kinds: pd.Series
+
+
+def window_tally(checked: pd.DataFrame) -> WindowTally:
+    """Count a window-check table (bench/bench_memft.py window: long_context_window.csv, a plateau rule's stops
+    trained again without it): how many recalled, how many the rule had cut short, and a 95% Clopper-Pearson
+    (exact binomial) interval on the share it cuts. Each point's kind is its `kind` column ('held', 'cut short',
+    'diverged', ...); a table written before kinds were kept reads 'recalled' or 'held'. Raises MemcoreError for a
+    table without points or a `recalled` column."""
+    import pandas as pd
+    from scipy import stats
+
+    if "recalled" not in checked or not len(checked):
+        raise MemcoreError("a window-check table needs points with a recalled column")
+    recalled = pd.Series(as_bool(checked["recalled"]), index=checked.index)
+    kinds = checked["kind"].astype(str) if "kind" in checked else \
+        pd.Series("recalled", index=checked.index).where(recalled, "held")
+    n, cut = len(checked), int((kinds == "cut short").sum())
+    ci = stats.binomtest(cut, n).proportion_ci(0.95, method="exact")
+    return WindowTally(recalled=int(recalled.sum()), n=n, cut=cut, cut_lo=float(ci.low), cut_hi=float(ci.high),
+                       kinds=kinds)

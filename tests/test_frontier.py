@@ -224,3 +224,20 @@ def test_what_points_gained_after_a_plateau_stop_is_read_per_method_over_the_one
         "sft (1 point) ΔL +1.0%, token accuracy +0.0 points, tokens above τ +0.0 points; memft-ot (2 points) ΔL "
         "+4.0 to +20.0%, token accuracy +5.0 to +9.0 points, tokens above τ +10.0 to +31.2 points")
     assert gained_after_stop(checked.drop(columns=["stop_delta_loss"])).empty  # a table from before they were kept
+
+
+def test_a_window_check_is_tallied_with_an_exact_interval_on_the_share_cut_short():
+    from scipy import stats
+
+    from memcore.frontier import window_tally
+
+    checked = pd.DataFrame({"recalled": [True, True, False, False, "false"],
+                            "kind": ["cut short", "diverged", "held", "held", "held"]})
+    t = window_tally(checked)
+    assert (t.recalled, t.n, t.cut) == (2, 5, 1)
+    ci = stats.binomtest(1, 5).proportion_ci(0.95, method="exact")
+    assert (t.cut_lo, t.cut_hi) == pytest.approx((ci.low, ci.high)) and t.cut_lo < 0.2 < t.cut_hi
+    old = window_tally(checked.drop(columns=["kind"]))  # before kinds were kept: nothing counts as cut
+    assert old.cut == 0 and list(old.kinds) == ["recalled", "recalled", "held", "held", "held"]
+    with pytest.raises(MemcoreError, match="recalled column"):
+        window_tally(pd.DataFrame({"kind": ["held"]}))
