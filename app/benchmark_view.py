@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 from common import show_chart
 
+from memcore.config import MemcoreError
 from memcore.frontier import gained_after_stop, gained_words, window_tally
 from memcore.law import own_runs, sweep_mismatches
 
@@ -344,7 +345,10 @@ def render(store) -> None:
             st.caption("Bits per parameter: at the frontier once it is placed; while the search still trains there, "
                        "at the longest length recalled so far (≥: a lower bound), or — where none is known yet.")
         if (checked := _read(where / "long_context_window.csv")) is not None and len(checked):
-            st.caption(window_words(checked))
+            try:
+                st.caption(window_words(checked))
+            except (MemcoreError, KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
+                st.warning(f"Could not read long_context_window.csv as a window check: {e}")
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "
