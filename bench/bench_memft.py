@@ -902,8 +902,31 @@ def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token", past_steps: fl
     steps_below = float(done.loc[recalled, "steps"].mean()) if recalled.any() else float(done["steps"].mean())
     others = sum(n * (steps_past if f > 1 else steps_below) for n, f in stage2)
     lo, hi = (fewest * probe + others) * pace / 3600, (most * probe + others) * pace / 3600
-    return (f"{count} to go (about {lo:.0f}-{hi:.0f} h at this search's pace so far: {pace * 1000:.2f} s per 1,000 "
-            f"{unit}-steps on this CPU, a point costing its length × its steps)")
+    overall = (f"about {lo:.0f}-{hi:.0f} h at this search's pace so far: {pace * 1000:.2f} s per 1,000 {unit}-steps "
+               f"on this CPU, a point costing its length × its steps")
+    now = recent_pace(ledger)
+    if now is None:
+        return f"{count} to go ({overall})"
+    rate, hours = now
+    f = rate / pace
+    return (f"{count} to go (about {lo * f:.0f}-{hi * f:.0f} h at the pace of the latest runs, {rate * 1000:.2f} s "
+            f"per 1,000 {unit}-steps over their last {hours:.1f} h; {overall}, restarts, work cut off and a shared "
+            "machine included)")
+
+
+def recent_pace(ledger: dict, least_s: float = 1800.0) -> tuple[float, float] | None:
+    """(seconds per length-step, hours it is read over) of the latest invocations in kept.json's `recent` list
+    (bench/kept.py Ledger): their wall over the length × steps their points advanced, going back from the last
+    one until at least `least_s` seconds; None when those hold less (or no work recorded)."""
+    wall = work = 0.0
+    for r in reversed([r for r in ledger.get("recent", []) if isinstance(r, dict)]):
+        w, k = float(r.get("wall_s") or 0), float(r.get("work") or 0)
+        if k <= 0:
+            continue
+        wall, work = wall + w, work + k
+        if wall >= least_s:
+            break
+    return (wall / work, wall / 3600) if wall >= least_s and work > 0 else None
 
 
 def shown(path) -> str:

@@ -151,24 +151,39 @@ def command_of(script: str, argv: list[str]) -> str:
     return " ".join(["python", script, *out])
 
 
+RECENT = 12  # invocations kept in kept.json's "recent" list
+
+
 class Ledger:
     """The wall seconds of every invocation of one benchmark, in `folder/kept.json`: `tick()` adds the seconds
     since the last tick (call it often, so that a stopped run still counts its time). Each tick reads, adds and
-    writes under a lock, so two invocations at once both count (their wall times add up, as CPU time would)."""
+    writes under a lock, so two invocations at once both count (their wall times add up, as CPU time would).
+
+    `recent` lists the last RECENT invocations, each with its start (UTC), wall seconds and `work`: the length ×
+    steps its points advanced (tick(work=...) gives the total so far), from which the report reads the pace of
+    the runs as they go now, apart from the time lost over the whole history (restarts, work cut off, a machine
+    shared with other jobs)."""
 
     def __init__(self, folder: Path, command: str):
         self.path = folder / "kept.json"
         self.command = command
         self.last = time.time()
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.last))
+        self.first_work: float | None = None
+        self.id = os.urandom(4).hex()  # this invocation's entry in `recent`
         folder.mkdir(parents=True, exist_ok=True)
         self.data = self._update(invocations=1)
 
-    def tick(self) -> None:
+    def tick(self, work: float | None = None) -> None:
+        """Add the seconds since the last tick; `work`: the sweep's length × steps now (all its points)."""
         now = time.time()
-        self.data = self._update(seconds=now - self.last)
+        if work is not None and self.first_work is None:
+            self.first_work = work
+        done = None if work is None or self.first_work is None else max(0.0, work - self.first_work)
+        self.data = self._update(seconds=now - self.last, done=done)
         self.last = now
 
-    def _update(self, seconds: float = 0.0, invocations: int = 0) -> dict[str, Any]:
+    def _update(self, seconds: float = 0.0, invocations: int = 0, done: float | None = None) -> dict[str, Any]:
         import fcntl
 
         with open(self.path.with_suffix(".lock"), "w") as lock:
@@ -177,6 +192,15 @@ class Ledger:
             data["wall_s"] = round(float(data.get("wall_s", 0.0)) + seconds, 1)
             data["invocations"] = int(data.get("invocations", 0)) + invocations
             data["command"] = self.command
+            recent = [r for r in data.get("recent", []) if isinstance(r, dict)]
+            mine = next((r for r in recent if r.get("id") == self.id), None)
+            if mine is None:
+                mine = {"started": self.started, "id": self.id, "wall_s": 0.0, "work": 0.0}
+                recent.append(mine)
+            mine["wall_s"] = round(float(mine["wall_s"]) + seconds, 1)
+            if done is not None:
+                mine["work"] = round(done, 1)
+            data["recent"] = recent[-RECENT:]
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=2) + "\n")
             tmp.replace(self.path)
@@ -191,10 +215,15 @@ class Keeper:
     def __init__(self, store, sweep: str, folder: Path, script: str, argv: list[str], t0: float, seeds=None):
         self.store, self.sweep, self.folder, self.seeds, self.t0 = store, sweep, folder, seeds, t0
         self.ledger = Ledger(folder, command_of(script, argv))
+        self.ledger.first_work = self._work()  # what the store holds as this invocation begins
+
+    def _work(self) -> float:
+        """length × steps summed over every point of the sweep in the store, completed or in training."""
+        return float(sum((r.get("length") or 0) * (r.get("steps") or 0) for r in self.store.runs(sweep=self.sweep)))
 
     def __call__(self) -> None:
         keep_new(self.store, self.sweep, self.folder, seeds=self.seeds)
-        self.ledger.tick()
+        self.ledger.tick(work=self._work())
 
     def ended(self, stopped: bool) -> str:
         """Keep once more and give the invocation's last line. When it ran to the end (not `stopped`), nothing of

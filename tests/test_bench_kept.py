@@ -91,6 +91,26 @@ def test_the_ledger_adds_the_wall_time_of_every_invocation(tmp_path, monkeypatch
     assert data["wall_s"] == 35.0 and data["invocations"] == 2 and data["command"].endswith("--ranks 4")
 
 
+def test_the_ledger_keeps_each_recent_invocation_s_wall_time_and_the_work_its_points_advanced(tmp_path, monkeypatch):
+    kept = _kept()
+    clock = iter([1000.0, 1600.0, 2200.0, 5000.0, 5100.0])
+    monkeypatch.setattr(kept.time, "time", lambda: next(clock))
+    one = kept.Ledger(tmp_path, "python bench/x.py run")
+    one.first_work = 5000.0  # what the store held when it began
+    one.tick(work=8000.0)
+    one.tick(work=9500.0)  # 4,500 length-steps in 1,200 s
+    two = kept.Ledger(tmp_path, "python bench/x.py run")
+    two.first_work = 9000.0  # resumed from checkpoints a little behind
+    two.tick(work=8900.0)  # never below nothing done
+    data = json.loads((tmp_path / "kept.json").read_text())
+    assert [(r["wall_s"], r["work"]) for r in data["recent"]] == [(1200.0, 4500.0), (100.0, 0.0)]
+    assert data["wall_s"] == 1300.0 and data["invocations"] == 2
+    for _ in range(kept.RECENT + 3):  # only the latest are kept
+        clock = iter([0.0, 1.0])
+        kept.Ledger(tmp_path, "python bench/x.py run").tick()
+    assert len(json.loads((tmp_path / "kept.json").read_text())["recent"]) == kept.RECENT
+
+
 def test_the_kept_command_leaves_out_where_this_machine_kept_its_store():
     kept = _kept()
     assert kept.command_of("bench/bench_memft.py", ["run", "--home", "/root/x", "--ranks", "1", "2",
