@@ -218,8 +218,14 @@ class Keeper:
         self.ledger.first_work = self._work()  # what the store holds as this invocation begins
 
     def _work(self) -> float:
-        """length × steps summed over every point of the sweep in the store, completed or in training."""
-        return float(sum((r.get("length") or 0) * (r.get("steps") or 0) for r in self.store.runs(sweep=self.sweep)))
+        """length × steps summed over every point of the sweep in the store, completed or in training; the length in
+        the search's own unit, as its label gives it (tokens, or a PhoneBook's entries), as the report costs it."""
+        def length(r) -> float:
+            try:
+                return float(json.loads(r.get("label") or "{}").get("length") or r.get("length") or 0)
+            except (ValueError, AttributeError, TypeError):
+                return float(r.get("length") or 0)
+        return float(sum(length(r) * (r.get("steps") or 0) for r in self.store.runs(sweep=self.sweep)))
 
     def __call__(self) -> None:
         keep_new(self.store, self.sweep, self.folder, seeds=self.seeds)

@@ -111,6 +111,18 @@ def test_the_ledger_keeps_each_recent_invocation_s_wall_time_and_the_work_its_po
     assert len(json.loads((tmp_path / "kept.json").read_text())["recent"]) == kept.RECENT
 
 
+def test_an_invocation_s_work_is_counted_in_the_search_s_own_unit(tmp_path):
+    """A PhoneBook's points are costed in entries (its label's length), not in the tokens the store also holds, so
+    the recent pace and the report's costing agree."""
+    from types import SimpleNamespace
+
+    kept = _kept()
+    runs = [{"label": json.dumps({"length": 23, "method": "sft"}), "length": 253, "steps": 600},
+            {"label": "not json", "length": 40, "steps": 10}]
+    keeper = kept.Keeper(SimpleNamespace(runs=lambda sweep=None: runs), "s", tmp_path, "bench/x.py", ["run"], 0.0)
+    assert keeper._work() == 23 * 600 + 40 * 10 == keeper.ledger.first_work
+
+
 def test_the_kept_command_leaves_out_where_this_machine_kept_its_store():
     kept = _kept()
     assert kept.command_of("bench/bench_memft.py", ["run", "--home", "/root/x", "--ranks", "1", "2",
