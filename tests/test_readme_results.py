@@ -1,0 +1,72 @@
+"""The README's "What memcore finds" tables say what the shipped tables in sample_data/paper say: the frontier
+brackets per method and rank, the PhoneBook's largest books, and the PhoneBook's paired differences. A report
+regenerated without the README following it fails here, instead of a reader finding two answers."""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "sample_data" / "paper"
+
+
+def _answer() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Where the answer stands")
+    return text[start:text.index("\n## ", start)]
+
+
+def _rows(section: str, first_cell: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header's first cell is `first_cell`: method -> its cells."""
+    lines = section.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.strip().startswith(f"| {first_cell} |"))
+    out = {}
+    for line in lines[head + 2:]:
+        if not line.strip().startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        out[cells[0]] = cells[1:]
+    return out
+
+
+def _ends(cell: str) -> tuple[int, int]:
+    """'47-49 tokens (...)' or '**10** entries (10-11; ...)' -> (47, 49) / (10, 11)."""
+    m = re.search(r"(\d+)-(\d+)", cell.replace("**", ""))
+    assert m, cell
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.skipif(not (PAPER / "long_context_frontier.csv").is_file(), reason="no shipped long-context tables")
+def test_the_readme_frontier_brackets_are_the_shipped_ones():
+    front = pd.read_csv(PAPER / "long_context_frontier.csv").set_index(["method", "rank"])
+    rows = _rows(_answer(), "method")  # the first such table: the frontier
+    assert set(rows) == set(front.index.get_level_values("method"))
+    for method, cells in rows.items():
+        for rank, cell in ((1, cells[0]), (2, cells[1])):
+            r = front.loc[(method, rank)]
+            assert _ends(cell) == (int(r["lo"]), int(r["hi"])), (method, rank, cell)
+
+
+@pytest.mark.skipif(not (PAPER / "phonebook_capacity.csv").is_file(), reason="no shipped PhoneBook tables")
+def test_the_readme_phonebook_books_and_paired_differences_are_the_shipped_ones():
+    section = _answer()
+    cap = pd.read_csv(PAPER / "phonebook_capacity.csv").set_index(["method", "rank"])
+    books = _rows(section[section.index("**PhoneBook"):], "method")
+    for method, cells in books.items():
+        for rank, cell in ((1, cells[0]), (2, cells[1])):
+            r = cap.loc[(method, rank)]
+            assert _ends(cell) == (int(r["lo"]), int(r["hi"])), (method, rank, cell)
+    paired = pd.read_csv(PAPER / "phonebook_paired.csv")
+    paired = paired[paired["measure"] == "entries_recalled"].set_index(["method", "rank"])
+    said = _rows(section, "method − sft, entries recalled on the same book")
+    assert set(said) == set(paired.index.get_level_values("method"))
+    for method, cells in said.items():
+        for rank, cell in ((1, cells[0]), (2, cells[1])):
+            r = paired.loc[(method, rank)]
+            mean, lo, hi, n = re.match(r"([+−-]?[\d.]+) \[([+−-]?[\d.]+), ([+−-]?[\d.]+)\] \((\d+) books\)",
+                                       cell).groups()
+            number = [float(x.replace("−", "-")) for x in (mean, lo, hi)]
+            assert number == pytest.approx([r["mean"], r["lo"], r["hi"]], abs=0.051), (method, rank, cell)
+            assert int(n) == int(r["n"])
