@@ -630,6 +630,11 @@ def report(args: argparse.Namespace) -> int:
         for _, r in t.iterrows():
             print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['where']:>6}) {r['measure']:<15} "
                   f"{r['mean']:+9.3f} {interval(r, '+9.3f')}  {seeds_word(r['n'])}  {r['verdict']}")
+    if len(stage2) and not any(len(t) and (t["where"] != "search probe").any() for t in tables):
+        print(f"  {points_word(len(stage2))} so far ("
+              + ", ".join(f"{m} r{rank} at {n} tokens ×{len(g)}" for (m, rank, n), g in
+                          stage2.groupby(["method", "rank", "length"], sort=False))
+              + "): no other method beside sft on the same seeds yet, so nothing to pair")
     paired = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
     open_ = still_open(fs)
