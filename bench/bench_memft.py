@@ -907,16 +907,21 @@ def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token", past_steps: fl
     steps_below = float(done.loc[recalled, "steps"].mean()) if recalled.any() else float(done["steps"].mean())
     others = sum(n * (steps_past if f > 1 else steps_below) for n, f in stage2)
     lo, hi = (fewest * probe + others) * pace / 3600, (most * probe + others) * pace / 3600
-    overall = (f"about {lo:.0f}-{hi:.0f} h at this search's pace so far: {pace * 1000:.2f} s per 1,000 {unit}-steps "
+    overall = (f"about {hours_span(lo, hi)} at this search's pace so far: {pace * 1000:.2f} s per 1,000 {unit}-steps "
                f"on this CPU, a point costing its length × its steps")
     now = recent_pace(ledger)
     if now is None:
         return f"{count} to go ({overall})"
     rate, hours = now
     f = rate / pace
-    return (f"{count} to go (about {lo * f:.0f}-{hi * f:.0f} h at the pace of the latest runs, {rate * 1000:.2f} s "
+    return (f"{count} to go (about {hours_span(lo * f, hi * f)} at the pace of the latest runs, {rate * 1000:.2f} s "
             f"per 1,000 {unit}-steps over their last {hours:.1f} h; {overall}, restarts, work cut off and a shared "
             "machine included)")
+
+
+def hours_span(lo: float, hi: float) -> str:
+    """'15-17 h', or '15 h' when the two round alike."""
+    return f"{lo:.0f} h" if f"{lo:.0f}" == f"{hi:.0f}" else f"{lo:.0f}-{hi:.0f} h"
 
 
 def recent_pace(ledger: dict, least_s: float = 1800.0) -> tuple[float, float] | None:
