@@ -924,10 +924,11 @@ def hours_span(lo: float, hi: float) -> str:
     return f"{lo:.0f} h" if f"{lo:.0f}" == f"{hi:.0f}" else f"{lo:.0f}-{hi:.0f} h"
 
 
-def recent_pace(ledger: dict, least_s: float = 1800.0) -> tuple[float, float] | None:
+def recent_pace(ledger: dict, least_s: float = 3 * 3600.0) -> tuple[float, float] | None:
     """(seconds per length-step, hours it is read over) of the latest invocations in kept.json's `recent` list
     (bench/kept.py Ledger): their wall over the length × steps their points advanced, going back from the last
-    one until at least `least_s` seconds; None when those hold less (or no work recorded)."""
+    one until at least `least_s` seconds; None when those hold less (or no work recorded). Three hours by
+    default, so one short invocation that shared the machine with a test run does not set the pace alone."""
     wall = work = 0.0
     for r in reversed([r for r in ledger.get("recent", []) if isinstance(r, dict)]):
         w, k = float(r.get("wall_s") or 0), float(r.get("work") or 0)

@@ -84,14 +84,18 @@ def test_what_is_left_is_costed_by_length_times_steps_at_the_pace_so_far():
     longer = bench.to_go(fs, {"wall_s": 92000.0}, done, stage2=[(400, 2.0), (20, 0.5)])
     assert f"about {lo + 300 * 1000 / 3600:.0f}-{hi + 300 * 1000 / 3600:.0f} h" in longer
     assert bench.to_go(fs, {}, done) == "between 10 and 20 probes to go"
-    # the latest invocations ran at half that pace (2,000 s over 4,000 length-steps): the hours at both
-    recent = {"wall_s": 92000.0, "recent": [{"wall_s": 50000.0, "work": 1000.0}, {"wall_s": 1000.0, "work": 2000.0},
-                                            {"wall_s": 1000.0, "work": 2000.0}]}
+    # the latest invocations ran at half that pace (12,000 s over 24,000 length-steps): the hours at both
+    recent = {"wall_s": 92000.0, "recent": [{"wall_s": 50000.0, "work": 1000.0}, {"wall_s": 6000.0, "work": 12000.0},
+                                            {"wall_s": 6000.0, "work": 12000.0}]}
     both = bench.to_go(fs, recent, done, stage2=[(100, 2.0), (20, 0.5)])
     assert both.startswith(f"between 10 and 20 probes and 2 points beside them to go (about {lo / 2:.0f}-{hi / 2:.0f} "
-                           "h at the pace of the latest runs, 500.00 s per 1,000 token-steps over their last 0.6 h; "
+                           "h at the pace of the latest runs, 500.00 s per 1,000 token-steps over their last 3.3 h; "
                            f"about {lo:.0f}-{hi:.0f} h at this search's pace so far")
     assert bench.recent_pace({"recent": [{"wall_s": 600.0, "work": 10.0}]}) is None  # too short to read a pace
+    # one short invocation on a shared machine (the last) is read with the ones before it, not alone
+    shared = {"recent": [{"wall_s": 6000.0, "work": 12000.0}, {"wall_s": 2000.0, "work": 400.0}]}
+    assert bench.recent_pace(shared) is None
+    assert bench.recent_pace(shared, least_s=1800.0) == (5.0, 2000.0 / 3600)
     finished = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)), unsettled=lambda: [])
     assert bench.to_go(finished, {"wall_s": 10.0}, done) == ""
     assert bench.to_go(finished, {"wall_s": 92000.0}, done, stage2=[(50, 1.5)]).startswith(
