@@ -2,6 +2,7 @@
 brackets per method and rank, the PhoneBook's largest books, and the PhoneBook's paired differences. A report
 regenerated without the README following it fails here, instead of a reader finding two answers."""
 
+import json
 import re
 from pathlib import Path
 
@@ -47,6 +48,14 @@ def test_the_readme_frontier_brackets_are_the_shipped_ones():
         for rank, cell in ((1, cells[0]), (2, cells[1])):
             r = front.loc[(method, rank)]
             assert _ends(cell) == (int(r["lo"]), int(r["hi"])), (method, rank, cell)
+            # bold, and only bold, where the bracket is placed (within the resolution, every seed at both ends)
+            assert cell.startswith("**") == bool(r["settled"]), (method, rank, cell)
+
+
+@pytest.mark.skipif(not (PAPER / "long_context.json").is_file(), reason="no shipped long-context tables")
+def test_the_readme_says_when_the_long_context_tables_were_made():
+    as_of = json.loads((PAPER / "long_context.json").read_text())["as_of"]  # '2026-12-01 22:37 UTC'
+    assert f"As of {as_of} (`as_of` in `sample_data/paper/long_context.json`" in _answer()
 
 
 @pytest.mark.skipif(not (PAPER / "phonebook_capacity.csv").is_file(), reason="no shipped PhoneBook tables")
