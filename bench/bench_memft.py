@@ -241,18 +241,31 @@ def points_table(store, search_id: str):
     return df.assign(around=[kind.get(rid, False) for rid in df["run_id"]]) if len(df) else df.assign(around=[])
 
 
+def runs_to_train(items, run_of, known) -> list[tuple]:
+    """(item, RunSpec, label) of each of `items` whose run (`run_of(item)` -> (RunSpec, label)) is not among the
+    `known` (completed) labels, one per label, in order. A run is told apart by its label, not by its point: the
+    same (method, rank, length, seed) as a search probe (plateau rule) and as a stage-2 point (common budget) is two
+    runs."""
+    todo = {}
+    for item in items:
+        spec, label = run_of(item)
+        if label not in known and label not in todo:
+            todo[label] = (item, spec, label)
+    return list(todo.values())
+
+
 def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, what: str, run_of=None) -> None:
-    """Train the (method, rank, length, seed) points of `search` that `store` has not completed, together (a
-    stopped one resuming from its checkpoint), printing a line as each ends; `keep()` after each and every 30 s.
-    `run_of((method, rank, length, seed))` gives each point's (RunSpec, label) (default: the search's probe there)."""
+    """Train the points of `search` that `store` has not completed, together (a stopped one resuming from its
+    checkpoint), printing a line as each ends; `keep()` after each and every 30 s. `run_of(item)` gives each of
+    `points`' (RunSpec, label); by default an item is a (method, rank, length, seed) point and its run the
+    search's probe there."""
     from memcore.runner import BatchedRun, execute_many, prepare, stored_samples
     from memcore.sweep import resumable_points
 
     known = {r["label"] for r in store.runs(sweep=search.id, status="completed")}
     unfinished = resumable_points(store, search.id)
     run_of = run_of or (lambda point: (search.probe_spec(*point), search.label(*point)))
-    todo = [(point, *run_of(point)) for point in dict.fromkeys(tuple(p) for p in points)]
-    todo = [(point, spec, label) for point, spec, label in todo if label not in known]
+    todo = runs_to_train(points, run_of, known)
     print(f"[{time.perf_counter() - t0:6.0f} s] {stage}: {points_word(len(todo))} {what} to train", flush=True)
 
     def runs():
@@ -342,12 +355,10 @@ def spot(args: argparse.Namespace) -> int:
     shipped = shipped.assign(around=shipped["where"].astype(str) != "search probe")  # a stage-2 cell: on the budget
     cells = shipped[["method", "rank", "length", "around"]].drop_duplicates()
     around, probe = around_run(search), (lambda point: (search.probe_spec(*point), search.label(*point)))
-    on_budget = {(m, int(rank), int(n), sd) for _, (meth, rank, n, a) in cells.iterrows() if a for m in ("sft", meth)
-                 for sd in search.seeds}
-    points = [(m, int(rank), int(n), sd) for _, (meth, rank, n, _) in cells.iterrows() for m in ("sft", meth)
-              for sd in search.seeds]
+    points = [((m, int(rank), int(n), sd), bool(a)) for _, (meth, rank, n, a) in cells.iterrows()
+              for m in ("sft", meth) for sd in search.seeds]  # (point, a stage-2 cell?): a length can be both
     train_points(store, search, fs, points, stop, keep, t0, "spot", "of the shipped cells",
-                 run_of=lambda point: (around if point in on_budget else probe)(point))
+                 run_of=lambda item: (around if item[1] else probe)(item[0]))
     keep()
     if stop():
         print("stopped; run the same command to go on", flush=True)

@@ -113,6 +113,26 @@ def test_stage_two_trains_each_factor_at_every_placed_rank_before_the_next_facto
     assert all(p[2] <= 100 for p in bench.around_points(search, brackets, longest=100))
 
 
+def test_a_length_that_is_both_a_probe_and_a_stage_two_cell_trains_under_both_rules():
+    """spot re-runs cells of both kinds; one (method, rank, length, seed) as a search probe (plateau rule) and as a
+    stage-2 point (common budget) is two runs, told apart by label, and a run already completed is not trained."""
+    bench = _bench()
+    args = SimpleNamespace(jsonl=None, adapter="bypass", model=None, max_steps=2000, lr=3e-2, plateau_window=200,
+                           ranks=[1], methods=["sft", "memft-ot"], seeds=[3], resolution=0.05)
+    search = bench.settings(args)
+    around, probe = bench.around_run(search), (lambda point: (search.probe_spec(*point), search.label(*point)))
+    items = [(("sft", 1, 72, 3), False), (("sft", 1, 72, 3), True), (("sft", 1, 72, 3), True),
+             (("memft-ot", 1, 72, 3), True)]
+    todo = bench.runs_to_train(items, lambda item: (around if item[1] else probe)(item[0]), known=set())
+    assert [item for item, _, _ in todo] == [(("sft", 1, 72, 3), False), (("sft", 1, 72, 3), True),
+                                              (("memft-ot", 1, 72, 3), True)]
+    assert [spec.train.until for _, spec, _ in todo] == ["converged", "budget", "budget"]
+    assert [bench.is_around(label) for _, _, label in todo] == [False, True, True]
+    done = {todo[1][2]}  # the stage-2 run at sft's 72 tokens completed: only the other two are left
+    left = bench.runs_to_train(items, lambda item: (around if item[1] else probe)(item[0]), known=done)
+    assert [item for item, _, _ in left] == [(("sft", 1, 72, 3), False), (("memft-ot", 1, 72, 3), True)]
+
+
 def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_recovers_known_exponents():
     import numpy as np
 
