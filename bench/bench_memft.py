@@ -140,13 +140,19 @@ def open_home(home: Path):
     return Store(home)
 
 
+KEEP_EVERY_S = 30.0  # points still training are kept (their checkpoints copied out) this often
+
+
 def run_search(fs, t0: float, prefix: str = "", on_progress=None):
     """Run a FrontierSearch to its end, printing a line each time a probe completes (seconds since t0, probes done,
-    training and to go, steps, every bracket; `on_progress()` called at every progress); returns its last
-    SearchProgress."""
-    done = None
+    training and to go, steps, every bracket); returns its last SearchProgress. `on_progress()` (the Keeper) is
+    called when a point completes and otherwise at most every KEEP_EVERY_S seconds, not at every progress the
+    search yields (every 2 s): each call reads the whole sweep from the store."""
+    done, kept_at = None, time.perf_counter()
     for p in fs.run():
-        if on_progress is not None:
+        if on_progress is not None and ((p.probes_done, p.also_done) != done
+                                        or time.perf_counter() - kept_at >= KEEP_EVERY_S):
+            kept_at = time.perf_counter()
             on_progress()
         if (p.probes_done, p.also_done) != done:
             done = p.probes_done, p.also_done
@@ -283,7 +289,7 @@ def train_points(store, search, fs, points, stop, keep, t0: float, stage: str, w
     for tag, r in execute_many(runs(), store, fs.base, slots=fs.slots(), max_rank=max(search.ranks),
                                should_stop=stop):
         if not r.final:
-            if time.perf_counter() - kept_at >= 30:  # checkpoints of points still training, now and then
+            if time.perf_counter() - kept_at >= KEEP_EVERY_S:  # checkpoints of points still training
                 kept_at = time.perf_counter()
                 keep()
             continue

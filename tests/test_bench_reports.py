@@ -113,6 +113,26 @@ def test_stage_two_trains_each_factor_at_every_placed_rank_before_the_next_facto
     assert all(p[2] <= 100 for p in bench.around_points(search, brackets, longest=100))
 
 
+def test_the_search_keeps_its_points_when_one_completes_and_now_and_then_not_at_every_progress(capsys):
+    """The Keeper reads the whole sweep each call: the search yields progress every 2 s, and keeping at each cost
+    about 3% of the benchmark's time. It is called when a point completes, and otherwise every KEEP_EVERY_S."""
+    bench = _bench()
+
+    def progress(done):
+        return SimpleNamespace(probes_done=done, also_done=0, also_in_flight=0, in_flight=1, probes_left=(1, 2),
+                               steps=10 * done, brackets=[])
+    ticks = [progress(d) for d in (0, 0, 0, 1, 1, 1, 1, 2)]
+    fs = SimpleNamespace(run=lambda: iter(ticks))
+    calls = []
+    bench.run_search(fs, 0.0, on_progress=lambda: calls.append(1))
+    assert len(calls) == 3  # the first, and the two completions
+    assert len(capsys.readouterr().out.splitlines()) == 3  # one line per completion, as before
+    bench.KEEP_EVERY_S = 0.0  # now and then: every progress once that much time has gone by
+    calls.clear()
+    bench.run_search(fs, 0.0, on_progress=lambda: calls.append(1))
+    assert len(calls) == len(ticks)
+
+
 def test_a_length_that_is_both_a_probe_and_a_stage_two_cell_trains_under_both_rules():
     """spot re-runs cells of both kinds; one (method, rank, length, seed) as a search probe (plateau rule) and as a
     stage-2 point (common budget) is two runs, told apart by label, and a run already completed is not trained."""
