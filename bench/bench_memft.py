@@ -646,7 +646,8 @@ def report(args: argparse.Namespace) -> int:
         tables.append(t)
         for _, r in t.iterrows():
             print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['where']:>6}) {r['measure']:<15} "
-                  f"{r['mean']:+9.3f} {interval(r, '+9.3f')}  {seeds_word(r['n'])}  {r['verdict']}")
+                  f"{r['mean']:+9.3f} {interval(r, '+9.3f')}  ({r['method_mean']:.3f} vs {r['baseline_mean']:.3f}, "
+                  f"{seeds_word(r['n'])})  {r['verdict']}")
     if len(stage2) and not any(len(t) and (t["where"] != "search probe").any() for t in tables):
         print(f"  {points_word(len(stage2))} so far ("
               + ", ".join(f"{m} r{rank} at {n} tokens ×{len(g)}" for (m, rank, n), g in
