@@ -377,7 +377,8 @@ def render(store) -> None:
             show_spot(spot)
     if law is not None:
         st.markdown("**The law past the frontier** (ΔL of the points not recalled, per method: stage 2's, trained "
-                    "to the common budget, once a method has six over two ranks and two lengths; until then the "
+                    "to the common budget, once a method has six on a grid that tells rank from length (two lengths "
+                    "at some rank, not one per rank); until then the "
                     "search's failed probes, stopped on a plateau):")
         st.dataframe(law_table(law), hide_index=True, width="stretch")
         if caption := law_caption(law):

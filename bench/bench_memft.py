@@ -725,21 +725,22 @@ LAW_COLUMNS = ["method", "points", "form", "C", "alpha", "alpha_lo", "alpha_hi",
 
 def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.DataFrame]:
     """The law per method on its points past the frontier (not recalled), as the paper fits it. Once stage 2 gives
-    a method 6 or more past the frontier over 2+ ranks and lengths, on those alone: every method trained the same
+    a method 6 or more past the frontier on a grid that identifies α and β (memcore.law.grid_problem: 4+ (rank,
+    length) cells, not one length per rank, which 1.5 × ℓ* alone at every rank would be), on those alone: every method trained the same
     `budget` steps there, as the paper's runs are, so memcore.law.fit_all fits them all and its regime says they
     stopped at the budget. Until then on the search's failed probes, where fit_all takes the ones that stopped on a
     plateau short of saturation when there are 6 or more (else says which it fell back to). df: the report's points
     (method, rank, length, delta_loss in nats per token, exact_recall, stop_reason, around). Returns the report's
     lines and one row per fitted method (LAW_COLUMNS: the power law's C, α and β with 95% intervals, b, R², the
-    points, which ones, and the regime); a method with fewer than 6 such points over 2+ ranks and lengths, or whose
-    fit fails, gets a line saying why."""
+    points, which ones, and the regime); a method with fewer than 6 such points on such a grid, or whose fit
+    fails, gets a line saying why."""
     import pandas as pd
 
     from memcore.config import MemcoreError
-    from memcore.law import fit_all
+    from memcore.law import fit_all, grid_problem
 
-    def enough(d):
-        return len(d) >= 6 and d["rank"].nunique() >= 2 and d["length"].nunique() >= 2
+    def enough(d):  # 6 points on a grid that identifies α and β (not one length per rank: memcore.law.grid_problem)
+        return len(d) >= 6 and grid_problem(d["rank"], d["length"]) is None
 
     lines, rows = [], []
     around = df["around"].astype(bool) if "around" in df else pd.Series(False, index=df.index)
@@ -750,10 +751,11 @@ def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.Da
         which = f"stage 2's points past the frontier, every one trained to recall or the {budget}-step budget"
         if not enough(d):
             d = mine[~around[mine.index]]
-            which = "the search's failed probes (stage 2's points past the frontier are too few so far)"
+            which = ("the search's failed probes (stage 2's points past the frontier are too few so far, or one "
+                     "length per rank)")
         if not enough(d):
-            lines.append(f"  {m}: {points_word(len(d))} not recalled: too few to fit (need 6 over 2+ ranks and "
-                         "lengths)")
+            lines.append(f"  {m}: {points_word(len(d))} not recalled: too few to fit (need 6 on at least 4 (rank, "
+                         "length) cells, 2+ ranks and 2+ lengths, not one length per rank)")
             continue
         try:
             fits = fit_all(d)

@@ -79,6 +79,32 @@ class LawFit:
         return d
 
 
+def grid_problem(r, ell, n_params: int = 4) -> str | None:
+    """Why the law's rank and length exponents cannot both be identified from points at these (rank, length)
+    cells, or None when they can. r, ell: shape (n,), positive (ranks or P_eff; lengths in tokens). The law has
+    `n_params` parameters (4 in either form), so the points need:
+      - at least 2 distinct ranks and 2 distinct lengths;
+      - at least n_params distinct (rank, length) cells (a cell's seeds are replicates: they add no equation);
+      - cells not on one line in (log r, log ℓ): where ℓ = k·r^γ on every cell (say, each rank at 1.5 × its own
+        frontier), r^α·ℓ^(−β) = k^(−β)·r^(α − γβ), so only α − γβ is identified, whatever the number of cells."""
+    r, ell = np.asarray(r, float), np.asarray(ell, float)
+    if len(np.unique(r)) < 2 or len(np.unique(ell)) < 2:
+        return (f"degenerate grid: need at least 2 distinct ranks and 2 distinct lengths (got {len(np.unique(r))} "
+                f"and {len(np.unique(ell))}); α and β cannot both be identified")
+    cells = np.unique(np.column_stack([r, ell]), axis=0)
+    if len(cells) < n_params:
+        return (f"degenerate grid: {len(cells)} distinct (rank, length) cells, fewer than the law's {n_params} "
+                "parameters (seeds at one cell are replicates); add a length at some rank")
+    x = np.column_stack([np.ones(len(cells)), np.log(cells[:, 0]), np.log(cells[:, 1])])
+    s = np.linalg.svd(x, compute_uv=False)
+    if s[-1] <= 1e-9 * s[0]:
+        gamma = float(np.polyfit(np.log(cells[:, 0]), np.log(cells[:, 1]), 1)[0])
+        return (f"degenerate grid: every length is the same power of its rank (ℓ ∝ r^{gamma:.2f} on all "
+                f"{len(cells)} cells), so only α − {gamma:.2f}·β can be identified, not α and β; add a second "
+                "length at some rank")
+    return None
+
+
 def _validate_points(r: np.ndarray, ell: np.ndarray, dl: np.ndarray, n_params: int) -> None:
     if not (len(r) == len(ell) == len(dl)):
         raise MemcoreError(f"rank, length and delta_loss must have the same number of values "
@@ -90,9 +116,9 @@ def _validate_points(r: np.ndarray, ell: np.ndarray, dl: np.ndarray, n_params: i
         raise MemcoreError("rank and length must be positive (the law takes their logarithms)")
     if len(dl) < n_params + 2:
         raise MemcoreError(f"too few points to fit the law: {len(dl)} given, at least {n_params + 2} needed")
-    if len(np.unique(r)) < 2 or len(np.unique(ell)) < 2:
-        raise MemcoreError(f"degenerate grid: need at least 2 distinct ranks and 2 distinct lengths "
-                           f"(got {len(np.unique(r))} and {len(np.unique(ell))}); α and β cannot both be identified")
+    problem = grid_problem(r, ell, n_params)
+    if problem:
+        raise MemcoreError(problem)
     if np.ptp(dl) == 0:
         raise MemcoreError("every delta_loss is the same: there is nothing to fit")
 

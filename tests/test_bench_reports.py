@@ -171,7 +171,8 @@ def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_reco
     assert fit["alpha_lo"] < 0.5 < fit["alpha_hi"] and abs(fit["alpha"] - 0.5) < 0.05
     assert fit["beta_lo"] < 0.3 < fit["beta_hi"] and fit["r2"] > 0.99
     assert "memft-ot" not in set(law["method"])
-    assert lines[1] == "  memft-ot: 4 points not recalled: too few to fit (need 6 over 2+ ranks and lengths)"
+    assert lines[1] == ("  memft-ot: 4 points not recalled: too few to fit (need 6 on at least 4 (rank, length) cells, "
+                        "2+ ranks and 2+ lengths, not one length per rank)")
     assert "fitted on the 12 converged, unsaturated points" in lines[0]
 
 
@@ -182,19 +183,27 @@ def test_once_stage_two_has_enough_points_past_the_frontier_the_law_is_fitted_on
     rng = np.random.default_rng(1)
     probes = [{"method": m, "rank": r, "length": n, "exact_recall": False, "stop_reason": "plateau", "around": False,
                "delta_loss": 2.0 * r ** 0.5 * n ** -0.3 + 0.1 + rng.normal(0, 0.002)}
-              for m in ("sft", "memft-ot") for r in (1, 2) for n in (50, 55, 60)]
+              for m in ("sft", "memft-ot", "memft-sw") for r in (1, 2) for n in (50, 55, 60)]
     budget = [{"method": "sft", "rank": r, "length": n, "exact_recall": False, "stop_reason": "max_steps",
                "around": True, "delta_loss": 3.0 * r ** 0.8 * n ** -0.2 + 0.1 + rng.normal(0, 0.002)}
               for r in (1, 2) for n in (72, 96, 150, 200) for _ in (0, 1)]
     budget += [{"method": "memft-ot", "rank": 1, "length": n, "exact_recall": False, "stop_reason": "max_steps",
                 "around": True, "delta_loss": 1.0} for n in (72, 96)]  # one rank so far: too few
-    lines, law = bench.law_past_frontier(pd.DataFrame(probes + budget), ("sft", "memft-ot"), budget=2000)
+    # 1.5 × ℓ* at both ranks and nothing else yet: 6 points, but one length per rank (ℓ ∝ r), so α is not told
+    # from β there and the probes are fitted instead
+    budget += [{"method": "memft-sw", "rank": r, "length": n, "exact_recall": False, "stop_reason": "max_steps",
+                "around": True, "delta_loss": 3.0 * r ** 0.8 * n ** -0.2 + rng.normal(0, 0.002)}
+               for r, n in ((1, 72), (2, 173)) for _ in (0, 1, 2)]
+    lines, law = bench.law_past_frontier(pd.DataFrame(probes + budget), ("sft", "memft-ot", "memft-sw"), budget=2000)
     law = law.set_index("method")
     assert law.loc["sft", "points"] == 16 and abs(law.loc["sft", "alpha"] - 0.8) < 0.1  # the budget points' law
     assert law.loc["sft", "fitted_on"].startswith("stage 2's points past the frontier, every one trained to recall "
                                                   "or the 2000-step budget")
     assert law.loc["memft-ot", "points"] == 6 and abs(law.loc["memft-ot", "alpha"] - 0.5) < 0.1  # the probes'
-    assert "the search's failed probes (stage 2's points past the frontier are too few so far)" in lines[1]
+    assert "the search's failed probes (stage 2's points past the frontier are too few so far, or one length per " \
+           "rank)" in lines[1]
+    assert law.loc["memft-sw", "points"] == 6 and abs(law.loc["memft-sw", "alpha"] - 0.5) < 0.1  # the probes'
+    assert "the search's failed probes" in law.loc["memft-sw", "fitted_on"]
 
 
 def test_the_most_entries_any_book_held_is_read_per_method_and_rank_over_its_seeds():

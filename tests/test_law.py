@@ -42,6 +42,10 @@ def test_aic_prefers_the_form_that_generated_the_data():
     ([1, 2, 4], [32, 64, 128], [0.1, 0.2, 0.3], "too few points"),
     ([4] * 8, [32, 64, 128, 256, 32, 64, 128, 256], np.linspace(0.1, 1, 8), "degenerate grid"),
     ([1, 2, 4, 8] * 2, [64] * 8, np.linspace(0.1, 1, 8), "degenerate grid"),
+    # each rank at 1.5 × its own frontier: ℓ ∝ r, so only α − β is identified, however many seeds
+    (np.repeat([1, 2, 4, 8], 3), np.repeat([72, 144, 288, 576], 3), np.linspace(0.1, 1, 12), r"ℓ ∝ r\^1.00"),
+    ([1, 2, 4, 8] * 2, [30, 60, 120, 240] * 2, np.linspace(0.1, 1, 8), "only α − 1.00·β"),
+    ([1] * 3 + [2] * 3 + [1] * 2, [72] * 3 + [173] * 3 + [96] * 2, np.linspace(0.1, 1, 8), "3 distinct"),
     ([0, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [64] * 4, np.linspace(0.1, 1, 8), "positive"),
     ([1, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [-64] * 4, np.linspace(0.1, 1, 8), "positive"),
     ([1, 2, 4, 8, 1, 2, 4, 8], [32] * 4 + [64] * 4, [0.5] * 8, "nothing to fit"),
