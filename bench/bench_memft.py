@@ -724,16 +724,16 @@ LAW_COLUMNS = ["method", "points", "form", "C", "alpha", "alpha_lo", "alpha_hi",
 
 
 def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.DataFrame]:
-    """The law per method on its points past the frontier (not recalled), as the paper fits it. Once stage 2 gives
-    a method 6 or more past the frontier on a grid that identifies α and β (memcore.law.grid_problem: 4+ (rank,
-    length) cells, not one length per rank, which 1.5 × ℓ* alone at every rank would be), on those alone: every method trained the same
-    `budget` steps there, as the paper's runs are, so memcore.law.fit_all fits them all and its regime says they
-    stopped at the budget. Until then on the search's failed probes, where fit_all takes the ones that stopped on a
+    """The law per method on its points past the frontier (not recalled), as the paper fits it. Once stage 2 gives a
+    method 6 or more past the frontier on a grid that identifies α and β (memcore.law.grid_problem: 4+ (rank, length)
+    cells, not one length per rank, which 1.5 × ℓ* alone at every rank would be), on those alone: every method trained
+    the same `budget` steps there, as the paper's runs are, so memcore.law.fit_all fits them all and its regime says
+    they stopped at the budget. Until then on the search's failed probes, where fit_all takes the ones that stopped on a
     plateau short of saturation when there are 6 or more (else says which it fell back to). df: the report's points
-    (method, rank, length, delta_loss in nats per token, exact_recall, stop_reason, around). Returns the report's
-    lines and one row per fitted method (LAW_COLUMNS: the power law's C, α and β with 95% intervals, b, R², the
-    points, which ones, and the regime); a method with fewer than 6 such points on such a grid, or whose fit
-    fails, gets a line saying why."""
+    (method, rank, length, delta_loss in nats per token, exact_recall, stop_reason, around). Returns the report's lines
+    and one row per fitted method (LAW_COLUMNS: the power law's C, α and β with 95% intervals, b, R², the points, which
+    ones, and the regime); a method with fewer than 6 such points on such a grid, or whose fit fails, gets a line saying
+    why."""
     import pandas as pd
 
     from memcore.config import MemcoreError
