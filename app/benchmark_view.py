@@ -17,7 +17,7 @@ import streamlit as st
 from common import show_chart
 
 from memcore.config import MemcoreError
-from memcore.frontier import gained_after_stop, gained_words, window_tally
+from memcore.frontier import end_of_budget_words, gained_after_stop, gained_words, window_tally
 from memcore.law import own_runs, sweep_mismatches
 
 SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
@@ -215,6 +215,20 @@ def book_paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def budget_words(points: pd.DataFrame, meta: dict) -> str:
+    """Where the points past the frontier stood at the step budget (memcore.frontier.end_of_budget_words on the
+    points table's open_wait, late_delta_loss and on_plateau), as one caption; meta: long_context.json."""
+    window = int(meta.get("plateau_window") or 200)
+    budget = (meta.get("settings") or {}).get("max steps")
+    lines = [" ".join(line.split()) for line in end_of_budget_words(points, window)]
+    past = points[points["open_wait"].notna()]
+    still = not past["on_plateau"].astype(bool).all()
+    return (f"Past the frontier, where the points stood at the {f'{budget:,}-step ' if budget else ''}budget: "
+            + "; ".join(lines) + "."
+            + (" Points still rising there give what the budget reaches, as the paper's runs do, not a plateau: "
+               "the fidelity and the law past the frontier are read at the budget." if still else ""))
+
+
 def law_table(law: pd.DataFrame) -> pd.DataFrame:
     """The law past the frontier as a reader reads it: per method the exponents with their 95% intervals in one
     cell each, R², the points fitted and the regime they were in (which points, in words: law_caption)."""
@@ -371,6 +385,9 @@ def render(store) -> None:
                        "the same seeds' tokens. Fidelity past the frontier (token accuracy, tokens above τ, verbatim "
                        "prefix, ΔL at 1.5 and 2 times sft's ℓ*) is measured at a rank once sft's frontier there is "
                        "placed.")
+        if (points := _read(where / "long_context_points.csv")) is not None and "open_wait" in points \
+                and points["open_wait"].notna().any():
+            st.caption(budget_words(points, meta))
         with st.expander("The paired table"):
             st.dataframe(paired_table(paired), hide_index=True, width="stretch")
         if spot is not None:
@@ -383,17 +400,18 @@ def render(store) -> None:
         st.dataframe(law_table(law), hide_index=True, width="stretch")
         if caption := law_caption(law):
             st.caption(caption)
-        around = paired is not None and "where" in paired and (paired["where"].astype(str) != "search probe").any()
-        if not around:
-            st.caption("Until the points at 1.5 and 2 × sft's ℓ* are trained, these are the search's own failed "
-                       "probes, all just past the frontier: the lengths barely vary, so the exponents are loose "
-                       "(read their intervals) and the fit is not yet the law.")
+        on_probes = "fitted_on" in law and law["fitted_on"].astype(str).str.contains("failed probes").any()
+        if on_probes:
+            st.caption("Until the points at 1.5 and 2 × sft's ℓ* are trained at both ranks, a method's law is on "
+                       "the search's own failed probes, all just past the frontier: the lengths barely vary, so the "
+                       "exponents are loose (read their intervals) and the fit is not yet the law.")
         if front is not None and len(law) < front["method"].nunique():
-            st.caption("A method missing here has fewer than six points past its frontier over two ranks and two "
-                       "lengths so far; the points around sft's frontier give them.")
+            st.caption("A method missing here has fewer than six points past its frontier on a grid that tells rank "
+                       "from length so far; the points around sft's frontier give them.")
     elif front is not None:
-        st.caption("The law past the frontier is not fitted yet: it needs six plateau points over two ranks and two "
-                   "lengths per method, which the points around sft's frontier give.")
+        st.caption("The law past the frontier is not fitted yet: it needs six points past the frontier per method, "
+                   "at four or more (rank, length) cells with two lengths at some rank, which the points around "
+                   "sft's frontier give.")
     if book is None:
         st.caption(f"No PhoneBook tables in {where} yet: `{COMMANDS[1]}` makes them (capacity in facts per method "
                    "and rank).")

@@ -566,10 +566,18 @@ def window(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
+    import numpy as np
     import pandas as pd
     from kept import restore
 
-    from memcore.frontier import gained_after_stop, gained_words, paired_differences, window_tally
+    from memcore.frontier import (
+        end_of_budget,
+        end_of_budget_words,
+        gained_after_stop,
+        gained_words,
+        paired_differences,
+        window_tally,
+    )
     from memcore.law import comparable_settings
     from memcore.search import FrontierSearch, search_result
 
@@ -648,6 +656,14 @@ def report(args: argparse.Namespace) -> int:
             print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['where']:>6}) {r['measure']:<15} "
                   f"{r['mean']:+9.3f} {interval(r, '+9.3f')}  ({r['method_mean']:.3f} vs {r['baseline_mean']:.3f}, "
                   f"{seeds_word(r['n'])})  {r['verdict']}")
+    past = stage2[~stage2["where"].str.startswith("0.5") & ~stage2["exact_recall"].astype(bool)]
+    ends = end_of_budget(store, past["run_id"], args.plateau_window)
+    df = df.join(ends, on="run_id") if len(ends) else df.assign(open_wait=np.nan, late_delta_loss=np.nan,
+                                                                 on_plateau=np.nan)
+    if len(ends):
+        print(f"  Past the frontier, where the points stood at the {args.max_steps}-step budget (the rule's "
+              f"{args.plateau_window}-step window read at the end):")
+        print("\n".join(end_of_budget_words(df, args.plateau_window)))
     if len(stage2) and not any(len(t) and (t["where"] != "search probe").any() for t in tables):
         print(f"  {points_word(len(stage2))} so far ("
               + ", ".join(f"{m} r{rank} at {n} tokens ×{len(g)}" for (m, rank, n), g in
@@ -711,6 +727,7 @@ def report(args: argparse.Namespace) -> int:
         side = {"search": search.id, "settings": comparable_settings(search.template), "ranks": list(search.ranks),
                 "methods": list(search.methods), "seeds": list(search.seeds), "resolution": search.resolution,
                 "points": int(len(df)), "steps": int(df["steps"].sum()), "state": state,
+                "plateau_window": args.plateau_window,
                 "command": ledger.get("command"), "wall_s": ledger.get("wall_s"), "as_of": as_of(),
                 "note": f"{len(df)} points of search {search.id}, seeds {', '.join(map(str, search.seeds))}, "
                         f"{hours_of(ledger.get('wall_s'))} of training on this CPU, as of {as_of()}"}

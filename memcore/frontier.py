@@ -31,6 +31,8 @@ from memcore.law import as_bool, method_rows
 if TYPE_CHECKING:
     import pandas as pd
 
+    from memcore.store import Store
+
 REFERENCE_BITS_PER_PARAM = {"knowledge (Allen-Zhu & Li)": 2.0, "random data (Morris et al.)": 3.6}
 MAX_SHARPNESS = 40.0  # bound on k (per unit of ln ℓ): a perfectly separated frontier sits at the bound
 BOOTSTRAP = 300
@@ -558,3 +560,48 @@ def window_tally(checked: pd.DataFrame) -> WindowTally:
     ci = stats.binomtest(cut, n).proportion_ci(0.95, method="exact")
     return WindowTally(recalled=int(recalled.sum()), n=n, cut=cut, cut_lo=float(ci.low), cut_hi=float(ci.high),
                        kinds=kinds)
+
+
+def end_of_budget(store: Store, run_ids, window: int) -> pd.DataFrame:
+    """Where each run stood at its end, for points past the frontier trained to a step budget (bench_memft.py's stage
+    2): how many steps it had gone without a new best in tokens above τ or argmax-right tokens (open_wait, from
+    memcore.train.waits_for_a_new_best: at least `window` means the plateau rule would have called it converged, 'on a
+    plateau'), and how much its ΔL rose over its last `window` steps (late_delta_loss, nats per token; from the recorded
+    rows, which a decimated history thins, so read at the latest row `window` or more steps before the end). Returns a
+    DataFrame indexed by run id: open_wait (steps), late_delta_loss (nats), on_plateau."""
+    import pandas as pd
+
+    from memcore.train import waits_for_a_new_best
+
+    rows = {}
+    for rid in run_ids:
+        steps = store.steps(rid)
+        if not steps:
+            continue
+        _, open_wait = waits_for_a_new_best((s.step, s.n_above, s.n_correct) for s in steps)
+        last = steps[-1]
+        before = [s for s in steps if s.step <= last.step - window]
+        late = float(last.delta_loss - before[-1].delta_loss) if before else float("nan")
+        rows[rid] = {"open_wait": int(open_wait), "late_delta_loss": late, "on_plateau": open_wait >= window}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["open_wait", "late_delta_loss", "on_plateau"])
+
+
+def end_of_budget_words(df: pd.DataFrame, window: int) -> list[str]:
+    """One line per method on where its points past the frontier stood at the step budget (df: the benchmark's
+    points table with end_of_budget's columns, and method and delta_loss; the rows without open_wait are left
+    out): how many were on a plateau by the rule's `window`, the steps since their last best, and their ΔL's rise
+    over the last `window` steps (nats, and as a share of the final ΔL). Raises KeyError on a table without
+    those columns."""
+    lines = []
+    past = df[df["open_wait"].notna()] if "open_wait" in df else df.iloc[:0]
+    for m, d in past.groupby("method", sort=False):
+        late = d["late_delta_loss"].dropna()
+        rel = (late / d.loc[late.index, "delta_loss"].abs()).replace([np.inf, -np.inf], np.nan).dropna()
+        points = f"{len(d)} point{'' if len(d) == 1 else 's'}"
+        lines.append(f"  {m:<9} {int(d['on_plateau'].astype(bool).sum())} of {points} on a plateau at "
+                     f"the budget (no new best in tokens above τ or argmax-right tokens for {window}+ steps; steps "
+                     f"since the last best: median {float(d['open_wait'].median()):.0f}, least "
+                     f"{int(d['open_wait'].min())})"
+                     + (f"; ΔL over the last {window} steps: median {float(late.median()):+.4f} nats "
+                        f"({float(rel.median()):+.1%} of the final ΔL)" if len(late) and len(rel) else ""))
+    return lines

@@ -583,7 +583,15 @@ def _benchmark_tables(folder: Path) -> None:
                    "alpha_hi": 0.69, "beta": -0.05, "beta_lo": -0.2, "beta_hi": 0.1, "b": 0.1, "r2": 0.97,
                    "fitted_on": "fitted on the 7 converged, unsaturated points (as the paper does)",
                    "regime": "capacity-bound (converged)"}]).to_csv(folder / "long_context_law.csv", index=False)
-    (folder / "long_context.json").write_text(json.dumps({"settings": {"adapter": "bypass", "data": "random tokens"},
+    pd.DataFrame([{"run_id": None, "method": m, "rank": 1, "length": 60, "seed": sd, "around": True, "where": "1.5ℓ*",
+                   "exact_recall": False, "delta_loss": 10.0, "open_wait": wait, "late_delta_loss": late,
+                   "on_plateau": wait >= 200}
+                  for m, sd, wait, late in (("sft", 0, 0, 0.4), ("sft", 1, 300, 0.0), ("memft-ot", 0, 10, 0.2))]
+                 + [{"run_id": None, "method": "sft", "rank": 1, "length": 40, "seed": 0, "around": False,
+                     "where": "", "exact_recall": True, "delta_loss": 12.0}]) \
+        .to_csv(folder / "long_context_points.csv", index=False)
+    (folder / "long_context.json").write_text(json.dumps({"settings": {"adapter": "bypass", "data": "random tokens",
+                                                                       "max steps": 2000}, "plateau_window": 200,
                                                           "note": "synthetic", "command": "python bench/x.py run",
                                                           "state": "interim: 1 frontier(s) still open (memft-sw/r2)"}))
 
@@ -676,6 +684,12 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert any(c.value == "Fitted on the 7 converged, unsaturated points (as the paper does)." for c in at.caption)
     assert any("A method missing here has fewer than six points past its frontier" in c.value for c in at.caption)
     assert not any("the fit is not yet the law" in c.value for c in at.caption)  # stage-2 cells are in
+    budget = next(c.value for c in at.caption if c.value.startswith("Past the frontier, where the points stood"))
+    assert budget.startswith("Past the frontier, where the points stood at the 2,000-step budget: sft 1 of 2 points "
+                             "on a plateau at the budget (no new best in tokens above τ or argmax-right tokens for "
+                             "200+ steps; steps since the last best: median 150, least 0); ΔL over the last 200 steps: "
+                             "median +0.2000 nats (+2.0% of the final ΔL); memft-ot 0 of 1 point")
+    assert "not a plateau" in budget  # some were still rising: read at the budget, and said so
     # the verbatim what-if (the 300-step sweep's law) says what the benchmark, trained on, found at that length
     at.number_input(key="wi_verbatim").set_value(60).run()
     caps = " ".join(c.value for c in at.caption)
@@ -689,8 +703,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named
     import pandas as pd
 
-    paired_csv = tmp_path / "paper" / "long_context_paired.csv"  # and only the search's probes paired so far
-    pd.read_csv(paired_csv).assign(where="search probe").to_csv(paired_csv, index=False)
+    law_csv = tmp_path / "paper" / "long_context_law.csv"  # and the law still on the search's failed probes
+    pd.read_csv(law_csv).assign(fitted_on="the search's failed probes (stage 2's points past the frontier are too "
+                                          "few so far): fitted on the 7 converged points").to_csv(law_csv, index=False)
     at = _app("app_pages/law.py")
     assert any("the fit is not yet the law" in c.value for c in at.caption)
     assert any("No PhoneBook tables" in c.value and "bench_phonebook.py" in c.value for c in at.caption)

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,31 @@ def test_the_plateau_check_counts_budget_stops_and_curves_the_window_would_have_
     assert (rule.loc["memft-ot", "failed"], rule.loc["memft-ot", "cut_short"]) == (1, 0)
     assert (rule.loc["memft-ot", "longest_wait"], rule.loc["memft-ot", "longest_before_recall"]) == (150, 10)
     assert rule.loc["memft-ot", "over_half"] == 1
+
+
+def test_where_stage_two_points_stood_at_the_budget_plateau_or_still_improving():
+    """A point past the frontier trained to the budget is on a plateau when it has gone the rule's window without a
+    new best; its ΔL over the last window steps says how much it was still gaining (read on decimated rows)."""
+    from memcore.frontier import end_of_budget, end_of_budget_words
+
+    class Rows:
+        curves = {"flat": [(0, 1, 1, 0.0), (500, 9, 9, 5.0), (1500, 9, 9, 5.2), (2000, 9, 9, 5.25)],
+                  "rising": [(0, 1, 1, 0.0), (1000, 5, 5, 4.0), (1700, 6, 6, 4.5), (2000, 7, 7, 4.9)]}
+
+        def steps(self, rid):
+            return [SimpleNamespace(step=s, n_above=a, n_correct=c, delta_loss=d) for s, a, c, d in self.curves[rid]]
+
+    ends = end_of_budget(Rows(), ["flat", "rising"], window=200)
+    assert ends.loc["flat", "open_wait"] == 1500 and bool(ends.loc["flat", "on_plateau"])
+    assert ends.loc["flat", "late_delta_loss"] == pytest.approx(0.05)  # 5.25 − 5.2: the row 200+ steps back
+    assert ends.loc["rising", "open_wait"] == 0 and not bool(ends.loc["rising", "on_plateau"])
+    assert ends.loc["rising", "late_delta_loss"] == pytest.approx(0.4)  # 4.9 − 4.5
+    df = pd.DataFrame({"run_id": ["flat", "rising", "probe"], "method": ["sft", "sft", "sft"],
+                       "delta_loss": [5.25, 4.9, 3.0]}).join(ends, on="run_id")
+    line, = end_of_budget_words(df, 200)  # the probe (no open_wait) is not one of them
+    assert line == ("  sft       1 of 2 points on a plateau at the budget (no new best in tokens above τ or "
+                    "argmax-right tokens for 200+ steps; steps since the last best: median 750, least 0); ΔL over "
+                    f"the last 200 steps: median +0.2250 nats ({(0.05 / 5.25 + 0.4 / 4.9) / 2:+.1%} of the final ΔL)")
 
 
 def test_a_bracket_in_words_says_where_an_end_has_fewer_seeds_so_far():
@@ -356,6 +382,10 @@ def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables
                                                                           for s in (0, 1)}
             assert set(at["stop_reason"]) <= {"recalled", "max_steps"}  # on the common budget, never the plateau
     assert (points[~points["around"]]["stop_reason"] == "plateau").any()  # which the search's probes do stop on
+    past = points["around"] & ~points["where"].astype(str).str.startswith("0.5") & ~points["exact_recall"]
+    assert past.any() and points.loc[past, "open_wait"].notna().all()  # where each stood at the budget
+    assert points.loc[~past, "open_wait"].isna().all()
+    assert "on a plateau at the budget" in out
     law = pd.read_csv(tmp_path / "out" / "long_context_law.csv").set_index("method")
     assert set(law.index) == {"sft", "memft-ot"}
     assert law["fitted_on"].str.startswith("stage 2's points past the frontier").all()
