@@ -693,8 +693,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     # the verbatim what-if (the 300-step sweep's law) says what the benchmark, trained on, found at that length
     at.number_input(key="wi_verbatim").set_value(60).run()
     caps = " ".join(c.value for c in at.caption)
-    assert ("The long-context benchmark (random tokens, trained to a plateau, interim): sft recalled 76 tokens "
-            "verbatim at rank 2 (its frontier there: 76–80 tokens), so rank 2 holds 60 with that budget.") in caps
+    assert ("The long-context benchmark (random tokens, up to 2,000 steps and a plateau, interim): sft recalled "
+            "76 tokens verbatim at rank 2 (its frontier there: 76–80 tokens), so rank 2 holds 60 with that "
+            "budget.") in caps
     at.number_input(key="wi_verbatim").set_value(100).run()
     assert "no rank it searches (1, 2) has sft recalling 100 tokens; the most is 76 at rank 2." in " ".join(
         c.value for c in at.caption)
