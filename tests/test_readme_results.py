@@ -79,3 +79,29 @@ def test_the_readme_phonebook_books_and_paired_differences_are_the_shipped_ones(
             number = [float(x.replace("−", "-")) for x in (mean, lo, hi)]
             assert number == pytest.approx([r["mean"], r["lo"], r["hi"]], abs=0.051), (method, rank, cell)
             assert int(n) == int(r["n"])
+
+
+@pytest.mark.skipif(not (PAPER / "long_context_law.csv").is_file(), reason="no shipped long-context tables")
+def test_the_readme_law_past_the_frontier_is_the_shipped_one():
+    """'12 for sft (α 95% interval [−14.7, +14.8]), 9 for memft-ot ([−20.7, +20.7]) and …': the points and α's
+    interval per method, as long_context_law.csv has them."""
+    law = pd.read_csv(PAPER / "long_context_law.csv").set_index("method")
+    section = _answer()
+    text = section[section.index("**The law past the frontier**"):]
+    text = text[:text.index("\n- **")]
+    said = {m: (int(n), float(lo.replace("−", "-")), float(hi.replace("−", "-")))
+            for n, m, lo, hi in re.findall(r"(\d+) for ([\w-]+) \((?:α 95% interval )?\[([+−-]?[\d.]+), "
+                                           r"([+−-]?[\d.]+)\]\)", " ".join(text.split()))}
+    assert set(said) == set(law.index)
+    for m, (n, lo, hi) in said.items():
+        assert n == int(law.loc[m, "points"]), m
+        assert (lo, hi) == pytest.approx((law.loc[m, "alpha_lo"], law.loc[m, "alpha_hi"]), abs=0.051), m
+
+
+@pytest.mark.skipif(not (PAPER / "long_context_frontier.csv").is_file(), reason="no shipped long-context tables")
+def test_the_readme_says_what_sft_recalled_at_each_rank_as_the_shipped_frontier():
+    """The shipped sweep's paragraph: 'has sft recall 47 random tokens at rank 1 and 113 at rank 2'."""
+    front = pd.read_csv(PAPER / "long_context_frontier.csv").set_index(["method", "rank"])
+    text = " ".join((ROOT / "README.md").read_text().split())
+    one, two = re.search(r"has sft recall (\d+) random tokens at rank 1 and (\d+) at rank 2", text).groups()
+    assert (int(one), int(two)) == (int(front.loc[("sft", 1), "lo"]), int(front.loc[("sft", 2), "lo"]))
