@@ -610,10 +610,10 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
         mine = mine.assign(run_rank=mine["rank"], run_length=mine["length"],
                            rank=[rr[np.argmin(abs(np.log(rr) - np.log(x)))] for x in mine["rank"]],
                            length=[ll[np.argmin(abs(np.log(ll) - np.log(x)))] for x in mine["length"]])
-        # in the cell's upper left corner, under the number: the cell's own value stays readable
+        # left of the cell's number, on its row's middle: inside the cell however short the rows are
         layers.insert(1, alt.Chart(mine).mark_point(shape="diamond", size=110, stroke="black", strokeWidth=1.5,
-                                                    fill="white", filled=True, opacity=1, xOffset=-22,
-                                                    yOffset=-8).encode(
+                                                    fill="white", filled=True, opacity=1, xOffset=-34,
+                                                    yOffset=0).encode(
             x=x, y=y, tooltip=["label:N", alt.Tooltip("run_rank:Q", title="its rank"),
                                alt.Tooltip("run_length:Q", title="its tokens"),
                                alt.Tooltip(f"{value}:Q", title="its value", format=fmt)]))
@@ -699,19 +699,26 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     bars = alt.Chart(df).mark_rule(strokeWidth=3).encode(
         x=x, y=alt.Y("lo_y:Q", scale=span, axis=alt.Axis(values=ticks, grid=False)), y2="hi_y:Q",
         color=color, tooltip=tips)
+    # a cap at each known end, as on an error bar: a bracket placed within a few percent is shorter than the
+    # point at ℓ*, and its ends would otherwise hide under it
+    ends = pd.concat([df[df["lo"].notna()].assign(end_y=df["lo"], end="longest recalled"),
+                      df[df["hi"].notna()].assign(end_y=df["hi"], end="shortest not recalled")])
+    caps = alt.Chart(ends).mark_tick(orient="horizontal", thickness=2, size=16).encode(
+        x=x, y=alt.Y("end_y:Q", scale=span, axis=alt.Axis(values=ticks, grid=False)), color=color,
+        tooltip=tips + ["end:N"])
     kinds = ["ℓ* between the ends", "at least (nothing failed yet)", "at most (nothing recalled yet)"]
     df["bound"] = [kinds[0] if pd.notna(lo) and pd.notna(hi) else kinds[1] if pd.notna(lo) else kinds[2]
                    for lo, hi in zip(df["lo"], df["hi"])]
     shape = alt.Shape("bound:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
                       scale=alt.Scale(domain=kinds, range=["circle", "triangle-up", "triangle-down"]))
-    points = alt.Chart(df).mark_point(filled=True, size=90).encode(x=x, y=y, color=color, shape=shape,
+    points = alt.Chart(df).mark_point(filled=True, size=50).encode(x=x, y=y, color=color, shape=shape,
                                                                    tooltip=tips + ["bound:N"])
-    layers = [bars, points]
+    layers = [bars, caps, points]
     if runs is not None and len(runs):
         mine = runs.assign(x=runs["rank"].astype(float), ell_star=runs["length"].astype(float),
                            how=["recalled verbatim" if bool(r) else "not recalled" for r in runs["recalled"]])
         layers.append(alt.Chart(mine).mark_point(shape="diamond", size=110, color="black", strokeWidth=1.5).encode(
-            x=x, y=y, fill=alt.Fill("how:N", title="your runs", legend=alt.Legend(orient="bottom"),
+            x=x, y=y, fill=alt.Fill("how:N", title="your runs", legend=alt.Legend(orient="right", labelLimit=400),
                                     scale=alt.Scale(domain=["recalled verbatim", "not recalled"],
                                                     range=["black", "white"])),
             tooltip=["label:N", "rank:Q", alt.Tooltip("length:Q", title="target tokens"), "how:N"]))
@@ -745,7 +752,7 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     d["lo_shown"], d["hi_shown"] = d["lo"].clip(-span, span), d["hi"].clip(-span, span)
     d["mean_shown"] = d["mean"].astype(float).clip(-span, span)
     scale = alt.Scale(domain=[-span, span], nice=False)
-    x = alt.X("mean_shown:Q", title=title, scale=scale)
+    x = alt.X("mean_shown:Q", title=title, scale=scale, axis=alt.Axis(tickCount=8))  # labels apart at any width
     zero = alt.Chart(pd.DataFrame({"mean_shown": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x=x)
     most = int(d["n"].max()) if len(d) else 0
     bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2, clip=True).encode(  # fewer seeds: dashed

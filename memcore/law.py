@@ -183,6 +183,39 @@ def _least_squares(form: str, x: np.ndarray, dl: np.ndarray,
     return (popt, pcov) if np.isfinite(sse) else None
 
 
+def loose_parameters(names, popt, intervals: dict[str, tuple[float, float]], pcov: np.ndarray,
+                     wide: float = 4.0, tied: float = 0.99) -> list[str]:
+    """A note naming the parameters these points do not tell apart: those in a pair correlated beyond `tied` (|ρ|,
+    from the covariance pcov, k × k in `names` order) where either has a 95% interval that holds 0 and is more
+    than `wide` times its estimate. The power law's C and b are such a pair where r^α·ℓ^(−β) barely varies over
+    the points; with α and β near 0 as well, C·r^α·ℓ^(−β) + b ≈ (C + b) + C·α·ln r − C·β·ln ℓ and all four are.
+    Then only combinations are fitted. [] when there is none; a parameter merely consistent with 0 (a tight
+    interval around a small value, uncorrelated) is not one."""
+    sd = np.sqrt(np.clip(np.diag(pcov), 1e-300, np.inf))
+    corr = pcov / np.outer(sd, sd)
+
+    def loose(i: int) -> bool:
+        lo, hi = intervals[names[i]]
+        return lo < 0 < hi and hi - lo > wide * abs(popt[i])
+
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))
+             if abs(corr[i, j]) > tied and (loose(i) or loose(j))]
+    if not pairs:
+        return []
+    tangled = sorted({k for pair in pairs for k in pair})
+    named = [names[k] for k in tangled]
+    listed = ", ".join(named[:-1]) + f" and {named[-1]}"
+    most = max(abs(corr[i, j]) for i, j in pairs)
+    exponents = {"alpha", "beta"} & set(named)
+    free = [names[k] for k in tangled if loose(k)]
+    free_words = free[0] if len(free) == 1 else ", ".join(free[:-1]) + f" and {free[-1]}"
+    return [f"{listed} trade off against each other (|correlation| up to {most:.3f}), and {free_words} "
+            f"{'is' if len(free) == 1 else 'are'} not pinned down (95% interval holding 0, over {wide:g} times the "
+            "estimate): these points fit combinations of them, not each one, so read the fit's "
+            + ("predictions, not these values or their intervals" if exponents else
+               "predictions and the exponents' intervals, not these values")]
+
+
 def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str = "power",
             x_name: str = "rank") -> LawFit:
     """Fit one form of the law; raises MemcoreError if the data cannot identify it or no start converges."""
@@ -216,6 +249,8 @@ def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str
     notes = []
     if not np.all(np.isfinite(se)):
         notes.append("the parameter covariance could not be estimated: intervals are unbounded")
+    else:
+        notes += loose_parameters(names, popt, intervals, pcov)
     return LawFit(form=form, params=dict(zip(names, map(float, popt))), intervals=intervals, r2=r2,
                   rmse=math.sqrt(sse / n), loo_rmse=math.sqrt(np.mean(np.square(loo))) if loo else math.nan, aic=aic,
                   n=n, x_name=x_name, notes=notes)

@@ -408,7 +408,9 @@ def test_the_surface_is_grey_where_the_law_runs_past_what_the_runs_reach():
     assert grey_rows and all(row["delta_loss"] > 14.0 for row in grey_rows)
 
 
-def test_your_runs_diamonds_sit_in_a_corner_under_the_cells_numbers():
+def test_your_runs_diamonds_sit_left_of_the_cells_numbers_on_their_rows_middle():
+    """Left of the number, clear of it, and on the row's middle: with 30-pixel rows a diamond set above the middle
+    sat on the border between two lengths."""
     cells = pd.DataFrame({"rank": [1, 1, 2, 2], "length": [32, 64, 32, 64], "exact_recall": [1.0, 0.0, 1.0, 1.0]})
     mine = pd.DataFrame({"rank": [1.1], "length": [30], "label": ["your run x"], "exact_recall": [1.0]})
     spec = charts.recall_heatmap(cells, "exact_recall", "t", mine=mine).to_dict()
@@ -416,7 +418,7 @@ def test_your_runs_diamonds_sit_in_a_corner_under_the_cells_numbers():
     kinds = [m["type"] if isinstance(m, dict) else m for m in marks]
     assert kinds == ["rect", "point", "text"]  # the numbers are drawn last, over the diamond
     diamond = marks[1]
-    assert diamond["shape"] == "diamond" and diamond["xOffset"] and diamond["yOffset"]
+    assert diamond["shape"] == "diamond" and diamond["xOffset"] <= -30 and not diamond.get("yOffset")
 
 
 def test_methods_that_tie_on_capacity_are_both_visible():
@@ -576,3 +578,17 @@ def test_the_frontier_chart_labels_a_tick_below_its_lowest_bracket_end_and_above
     ticks, (low, high) = y["axis"]["values"], y["scale"]["domain"]
     assert min(ticks) <= 47 and max(ticks) >= 118 and low <= min(ticks) and high >= max(ticks)
     assert ticks == [32, 48, 64, 96, 128]  # 32 below 47; 128 above 118
+
+
+def test_a_bracket_placed_within_a_few_percent_shows_both_ends_as_caps():
+    """47-49 tokens is shorter than the point at ℓ*: each known end gets a cap (an error bar's), an open bracket
+    only the end it has."""
+    brackets = pd.DataFrame([{"source": "sft", "rank": 1, "lo": 47, "hi": 49, "ell_star": 48.0},
+                             {"source": "memft-ot", "rank": 2, "lo": 80, "hi": None, "ell_star": None}])
+    spec = charts.frontier_brackets_chart(brackets).to_dict()
+    caps = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "tick")
+    rows = spec["datasets"][caps["data"]["name"]]
+    assert sorted((r["source"], r["rank"], r["end_y"], r["end"]) for r in rows) == [
+        ("memft-ot", 2, 80.0, "longest recalled"), ("sft", 1, 47.0, "longest recalled"),
+        ("sft", 1, 49.0, "shortest not recalled")]
+    assert caps["mark"]["orient"] == "horizontal" and caps["encoding"]["y"]["field"] == "end_y"

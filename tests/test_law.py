@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from memcore.config import MemcoreError
-from memcore.law import compare_forms, fit_law, power_law, saturating_law, smallest_rank
+from memcore.law import compare_forms, fit_all, fit_law, power_law, saturating_law, smallest_rank
 
 RANKS = np.array([1, 2, 4, 8, 16])
 LENGTHS = np.array([32, 64, 128, 256, 512])
@@ -348,3 +348,22 @@ def test_which_points_are_fitted_is_said_in_plain_words():
     assert how == "fitted on all 3 points (only 3 points are unsaturated)"
     _, how = law_points(pd.DataFrame([dict(r, stop_reason="recalled") for r in rows[:4]]))
     assert how == "fitted on all 4 points (none is unsaturated)"
+
+
+def test_a_fit_says_when_its_points_tell_its_parameters_apart_and_when_not():
+    """Healthy exponents get no note; where ΔL barely depends on rank and length, parameters trade off and the fit
+    says so, instead of offering the shipped 300-step sweep's sft C = 137 [−834, 1175] as a finding."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    noisy = power_law(np.array([R, L]), **TRUE) + np.random.default_rng(2).normal(0, 0.02, R.shape)
+    assert fit_law(R, L, noisy).notes == []
+    flat = 12.0 + np.random.default_rng(3).normal(0, 0.05, R.shape)  # no dependence at all
+    assert any("not pinned down" in n for n in fit_law(R, L, flat).notes)
+    sweep = pd.read_csv(Path(__file__).resolve().parent.parent / "sample_data" / "sweeps" /
+                        "capacity_bypass_random.csv")
+    notes = {m: fit_all(sweep[sweep["method"] == m]).main.notes for m in ("sft", "memft-ot")}  # as `memcore fit`
+    assert notes["memft-ot"] == []
+    note, = notes["sft"]
+    assert note.startswith("C, alpha, beta and b trade off against each other") and "not pinned down" in note

@@ -40,8 +40,9 @@ SHIPPED = Path(__file__).resolve().parent.parent.parent / "sample_data" / "sweep
 st.title("Memory law")
 st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after training, as a function of adapter rank r "
            "and the number of memorized tokens ℓ. Fitted by bounded least squares (scipy) from a variable-projection "
-           "grid start, with 95% intervals, on the points that converged short of full recall where the sweep says "
-           "how its points stopped.")
+           "grid start, with 95% intervals, on the points that converged short of full recall (as the paper does) "
+           "where the sweep says how its points stopped and has enough of them, else on every point short of it; "
+           "each method's fit says which.")
 
 search_view.render()
 
@@ -121,6 +122,8 @@ for c, (m, lf) in zip(cols, fits.items()):
                    + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form and lf.clear_preference
                       else ""))
         st.caption(f"{lf.regime.describe()}; {lf.fitted_on}.")
+        for note in fit.notes:
+            st.caption(f"Note: {note}.")
         d = method_rows(data, m)
         if "bits_per_param" in d:
             cap = d.groupby("rank")["bits_per_param"].max()
