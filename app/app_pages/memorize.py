@@ -17,7 +17,8 @@ worker = get_worker()
 st.title("Memorize")
 st.caption("Paste a passage, pick a LoRA rank and a threshold τ, and watch each token's probability climb past τ. "
            "A token with p > 0.5 is necessarily the model's top choice, so once every token is past 0.5 the passage is "
-           "recited verbatim.")
+           "recited verbatim. That is enough, not needed: a token below 0.5 can still be the top choice, so a passage "
+           "is often recited before every token is past 0.5.")
 
 job = worker.find(st.query_params.get("job"))
 if job is not None and "source" not in st.session_state:
