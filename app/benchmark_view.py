@@ -333,9 +333,10 @@ def render(store) -> None:
     if front is not None:
         front = front.assign(method=pd.Categorical(front["method"], _order(front["method"]), ordered=True)) \
             .sort_values(["method", "rank"]).assign(method=lambda d: d["method"].astype(str))
-        st.markdown("**Verbatim-recall frontier per method**: a bar runs from the longest length most seeds "
-                    "recalled to the shortest they did not, with ℓ* (a circle) between them; while only one end is "
-                    "known, a triangle marks the bound (up: at least that long; down: shorter than that).")
+        st.markdown("**Verbatim-recall frontier per method**: a bar, capped at each end, runs from the longest "
+                    "length most seeds recalled to the shortest they did not, with ℓ* (a circle) between them; while "
+                    "only one end is known, a triangle marks the bound (up: at least that long; down: shorter than "
+                    "that).")
         brackets = front.assign(source=front["method"], ell_star=[
             math.sqrt(lo * hi) if pd.notna(lo) and pd.notna(hi) else (lo if pd.notna(lo) else hi)
             for lo, hi in zip(front["lo"], front["hi"])])
