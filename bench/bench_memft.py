@@ -434,6 +434,30 @@ def window_points(points, seeds=None) -> list[tuple[str, int, int, int, int]]:
     return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
 
 
+def decisive_points(points, frontier, seeds: int) -> list[tuple[str, int, int, int, int]]:
+    """The points whose verdict, if the plateau rule cut them short, would move a bracket: at each bracket's
+    shortest length not recalled (hi), the seeds it stopped on the plateau without recall, where one of them
+    recalling would bring that length to at least half the `seeds` (the search's majority: then hi is recalled
+    and the frontier lies further out). A cut can only turn a failure into a recall, so the bracket's other end
+    and lengths held by a wider margin cannot move. points: the report's points table (with around and
+    stop_reason); frontier: its frontier table (method, rank, hi). Returns (method, rank, length, seed, the step
+    it stopped at), as window_points."""
+    probes = points[~points["around"].astype(bool)] if "around" in points else points
+    out = []
+    for _, b in frontier.iterrows():
+        if b["hi"] != b["hi"]:  # no failure yet: nothing the rule stopped there
+            continue
+        at = probes[(probes["method"] == b["method"]) & (probes["rank"] == b["rank"])
+                    & (probes["length"] == int(b["hi"]))]
+        recalled = int(at["exact_recall"].astype(bool).sum())
+        if recalled + 1 < seeds / 2:
+            continue
+        held = plateau_stops(at)
+        out += [(b["method"], int(b["rank"]), int(n), int(sd), int(st))
+                for n, sd, st in zip(held["length"], held["seed"], held["steps"])]
+    return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
+
+
 def diverged_at(a, b) -> int | None:
     """The first step at which two runs' curves differ, over the steps both recorded: a and b are step rows (step,
     n_above, n_correct); None when they agree at every such step. Two copies of a point (same data, start and
@@ -476,8 +500,19 @@ def window(args: argparse.Namespace) -> int:
     if not table.is_file():
         print(f"no points table at {table}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
         return 2
-    points = plateau_stops(pd.read_csv(table))
-    chosen = window_points(points, set(args.seeds) if args.seeds else None)
+    every = pd.read_csv(table)
+    points = plateau_stops(every)
+    if args.decisive:
+        front = table.with_name("long_context_frontier.csv")
+        if not front.is_file():
+            print(f"no frontier table at {front} beside {table}: run `bench_memft.py report --out DIR` first",
+                  file=sys.stderr)
+            return 2
+        seeds = int(every.groupby(["method", "rank", "length"])["seed"].nunique().max())  # the search's seeds
+        chosen = decisive_points(every, pd.read_csv(front), seeds)
+        chosen = [c for c in chosen if not args.seeds or c[3] in args.seeds]
+    else:
+        chosen = window_points(points, set(args.seeds) if args.seeds else None)
     if not chosen:
         print(f"no point in {shown(table)} stopped on the plateau without recall: nothing to check")
         return 0
@@ -1099,6 +1134,10 @@ def main() -> int:
                                                          "with (default: sample_data/paper/long_context_runs/<id>)")
             p.add_argument("--points", default=str(ROOT / "sample_data" / "paper" / "long_context_points.csv"),
                            help="the report's points table whose plateau stops are checked (default: %(default)s)")
+            p.add_argument("--decisive", action="store_true",
+                           help="check the plateau stops whose recall would move a bracket (at its shortest length "
+                                "not recalled, where one more seed recalling makes half), from the frontier table "
+                                "beside --points, instead of the stops nearest each frontier")
         if name == "spot":
             p.add_argument("--paired", default=str(ROOT / "sample_data" / "paper" / "long_context_paired.csv"),
                            help="the shipped paired table whose cells are re-run (default: %(default)s)")

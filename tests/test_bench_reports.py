@@ -282,6 +282,28 @@ def test_the_window_check_takes_the_plateau_stops_nearest_each_frontier():
     assert bench.window_points(points, seeds={1}) == [("sft", 1, 49, 1, 974), ("memft-ot", 2, 128, 1, 1481)]
 
 
+def test_the_decisive_window_check_takes_the_stops_that_would_move_a_bracket():
+    """A cut only turns a failure into a recall: the stops that matter are at a bracket's shortest length not
+    recalled, where one more seed recalling makes half the seeds. 1 of 3 there: both plateau stops; 0 of 3: none
+    (one more makes 1 of 3); a failure at the budget is not the rule's; stage-2 points are not the search's."""
+    bench = _bench()
+
+    def row(m, rank, n, sd, ok, why, around=False):
+        return {"method": m, "rank": rank, "length": n, "seed": sd, "exact_recall": ok, "stop_reason": why,
+                "steps": 900 + sd, "around": around}
+    points = pd.DataFrame([row("sft", 1, 49, 0, False, "plateau"), row("sft", 1, 49, 1, False, "plateau"),
+                           row("sft", 1, 49, 2, True, "recalled"), row("sft", 1, 47, 0, False, "plateau"),
+                           row("memft-ot", 1, 54, 0, False, "plateau"), row("memft-ot", 1, 54, 1, False, "max_steps"),
+                           row("memft-ot", 1, 54, 2, True, "recalled"), row("memft-sw", 1, 56, 0, False, "plateau"),
+                           row("memft-sw", 1, 56, 1, False, "plateau"), row("memft-sw", 1, 56, 2, False, "plateau"),
+                           row("sft", 1, 49, 0, False, "max_steps", around=True)])
+    frontier = pd.DataFrame([{"method": "sft", "rank": 1, "hi": 49}, {"method": "memft-ot", "rank": 1, "hi": 54},
+                             {"method": "memft-sw", "rank": 1, "hi": 56}, {"method": "sft", "rank": 2,
+                                                                           "hi": float("nan")}])
+    assert bench.decisive_points(points, frontier, seeds=3) == [("sft", 1, 49, 0, 900), ("sft", 1, 49, 1, 901),
+                                                                 ("memft-ot", 1, 54, 0, 900)]
+
+
 def test_the_window_check_tells_a_cut_from_a_diverged_path():
     """A point that recalls after the step the rule stopped its copy, on the same curve up to there, was cut short by
     the rule; one whose curve left the copy's before that step is the same point on another floating-point path."""
