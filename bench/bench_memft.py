@@ -492,7 +492,7 @@ def window(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import Keeper, StopOnSignal, restore
 
-    from memcore.frontier import gained_after_stop, gained_words, window_tally
+    from memcore.frontier import end_of_budget, end_of_budget_words, gained_after_stop, gained_words, window_tally
     from memcore.search import FrontierSearch
     from memcore.train import waits_for_a_new_best
 
@@ -572,7 +572,8 @@ def window(args: argparse.Namespace) -> int:
                      "longest_wait": max(waits, default=0), "frac_above": s.n_above / s.n_tokens,
                      "token_accuracy": s.token_accuracy, "diverged_at": split, "kind": kind,
                      "delta_loss": s.delta_loss, "stop_delta_loss": at_stop[label][0],
-                     "stop_token_accuracy": at_stop[label][1], "stop_frac_above": at_stop[label][2]})
+                     "stop_token_accuracy": at_stop[label][1], "stop_frac_above": at_stop[label][2],
+                     **end_of_budget(store, [r["id"]], args.plateau_window).iloc[0].to_dict()})
         path = ("the same curve as the run's copy up to its stop" if same else
                 f"its curve left the run's copy's at step {split}" if split is not None else "no copy to compare")
         print(f"  {m:<9} r{rank} ℓ={n:<4} seed {sd}: stopped by the rule at step {stopped_at}; without it "
@@ -594,6 +595,10 @@ def window(args: argparse.Namespace) -> int:
     if len(gained):
         print(f"From the rule's stop to the budget, the points held (not recalled either way) gained: "
               f"{gained_words(gained)}.")
+    held = df[~df["recalled"].astype(bool)]
+    if len(held):
+        print(f"Where the held points stood at the {args.max_steps}-step budget:")
+        print("\n".join(end_of_budget_words(held, args.plateau_window)))
     out = table.with_name("long_context_window.csv")
     df.to_csv(out, index=False)
     print(f"wrote {shown(out)}")

@@ -351,6 +351,9 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
         assert (r["recalled"] and r["stop_reason"] == "recalled") or (not r["recalled"] and r["steps"] == 40), r
     assert f"{int(got['recalled'].sum())} of 2 points the rule stopped recalled without it. 0 of 2 were cut" in out
     assert set(got["kind"]) <= {"held", "recalled (no copy to compare)"}
+    assert got["open_wait"].notna().all() and got["late_delta_loss"].notna().all()  # where each stood at its end
+    if not got["recalled"].all():
+        assert "Where the held points stood at the 40-step budget:" in out
     assert "window: 0 points without the rule to train" in window("b")
     # the run goes on and the nearest stop moves (sft now stopped at 100 tokens): the new point is trained and the
     # table keeps the ones checked before
