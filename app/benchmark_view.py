@@ -18,7 +18,7 @@ from common import show_chart
 
 from memcore.config import MemcoreError
 from memcore.frontier import end_of_budget_words, gained_after_stop, gained_words, window_tally
-from memcore.law import own_runs, sweep_mismatches
+from memcore.law import as_bool, own_runs, sweep_mismatches
 
 SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
 ORDER = ("sft", "memft-ot", "memft-sw")
@@ -164,14 +164,20 @@ def window_words(checked: pd.DataFrame) -> str:
     t = window_tally(checked)
     k, n, cut, kinds = t.recalled, t.n, t.cut, t.kinds
     window = f"{int(checked['window'].iloc[0])} steps" if "window" in checked else "its window"
-    words = (f"The plateau rule ({window} without a new best) against the points it stopped nearest each "
-             f"frontier, trained again without it up to the step budget (`python bench/bench_memft.py window`): "
+    words = (f"The plateau rule ({window} without a new best) against points it stopped at the frontiers (the "
+             f"nearest each, and those whose recall would move a bracket), trained again without it up to the step "
+             f"budget (`python bench/bench_memft.py window`, `--decisive`): "
              f"{k} of {n} recalled, {cut} of them cut short by the rule (the share it cuts there: 95% "
              f"Clopper-Pearson interval {t.cut_lo:.0%}–{t.cut_hi:.0%})")
     gained = gained_after_stop(checked)
     after = ([f"From the rule's stop to the budget, the points it held (not recalled either way) gained: "
               f"{gained_words(gained)}. So the points past the frontier (stage 2) train to the common budget "
               "instead of stopping on the rule."] if len(gained) else [])
+    held = checked[~as_bool(checked["recalled"])] if "open_wait" in checked else checked.iloc[:0]
+    if len(held) and held["open_wait"].notna().any():
+        after.append("At the budget, the held points: " + "; ".join(
+            " ".join(line.split()) for line in end_of_budget_words(held, int(checked["window"].iloc[0])
+                                                                   if "window" in checked else 200)) + ".")
     if not k:
         return " ".join([words + ", so the rule did not move these brackets' upper ends.", *after])
     split = checked["diverged_at"] if "diverged_at" in checked else pd.Series([None] * n, index=checked.index)

@@ -573,6 +573,7 @@ def _benchmark_tables(folder: Path) -> None:
                                                ("memft-ot", 42, 0, 1100, 1450, "cut short"),
                                                ("sft", 44, 1, 800, 250, "diverged"))]) \
         .assign(diverged_at=[300, None, 35], delta_loss=[10.5, 11.0, 11.0], stop_delta_loss=[10.0, 11.0, 11.0],
+                open_wait=[12, 0, 0], late_delta_loss=[0.3, 0.0, 0.0], on_plateau=[False, False, False],
                 token_accuracy=[0.95, 1.0, 1.0], stop_token_accuracy=[0.90, 0.9, 0.9], frac_above=[0.6, 1.0, 1.0],
                 stop_frac_above=[0.5, 0.8, 0.8]) \
         .to_csv(folder / "long_context_window.csv", index=False)
@@ -653,8 +654,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert ("memft-sw − sft, r1 · 20 tokens, steps to exact recall (fewer is better): +12.0 [+3.4, +20.6] over 5 "
             "seeds, **loses**") in md
     caps = " ".join(c.value for c in at.caption)
-    assert ("(200 steps without a new best) against the points it stopped nearest each frontier, trained again "
-            "without it up to the step budget (`python bench/bench_memft.py window`): 2 of 3 recalled, 1 of them cut "
+    assert ("(200 steps without a new best) against points it stopped at the frontiers (the nearest each, and those "
+            "whose recall would move a bracket), trained again without it up to the step budget (`python "
+            "bench/bench_memft.py window`, `--decisive`): 2 of 3 recalled, 1 of them cut "
             "short by the rule (the share it cuts there: 95% Clopper-Pearson interval 1%–91%) (memft-ot r1 at 42 "
             "tokens, seed 0: the run's copy stopped on the rule at step 1100 without recall, the new one recalled at "
             "step 1450: cut short; sft r1 at 44 tokens, seed 1: the run's copy stopped on the rule at step 800 "
@@ -662,6 +664,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "diverged). Where the rule cut a point") in caps and "turns on floating-point order" in caps
     assert ("From the rule's stop to the budget, the points it held (not recalled either way) gained: sft (1 point) "
             "ΔL +5.0%, token accuracy +5.0 points, tokens above τ +10.0 points.") in caps  # the held one only
+    assert ("At the budget, the held points: sft 0 of 1 point on a plateau at the budget (no new best in tokens above "
+            "τ or argmax-right tokens for 200+ steps; steps since the last best: median 12, least 12); ΔL over the "
+            "last 200 steps: median +0.3000 nats (+2.9% of the final ΔL).") in caps
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
     assert "synthetic book. Complete: made by `python bench/bench_phonebook.py run`." in caps  # and that it is done
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau
