@@ -108,6 +108,15 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) ->
         bpp = r.get("bits_per_param")
         bound = "settled" in r and not pd.isna(r["settled"]) and not bool(r["settled"])
         row["bits/param"] = "—" if bpp is None or pd.isna(bpp) else f"{'≥ ' if bound else ''}{float(bpp):.3f}"
+        if "fitted_lo" in front:  # the logistic fit's ℓ* with its interval, and the method's minus sft's
+            ok = pd.notna(r.get("fitted_lo")) and pd.notna(r.get("fitted_ell_star"))
+            row[f"fitted ℓ* [95%] ({unit})"] = (f"{r['fitted_ell_star']:.1f} [{r['fitted_lo']:.1f}, "
+                                               f"{r['fitted_hi']:.1f}]" if ok else "—")
+        if "minus_sft" in front:
+            d = r.get("minus_sft")
+            row["− sft [95%]"] = ("—" if d is None or pd.isna(d) else
+                                  f"{signed(d, 'ell_star')} [{signed(r['minus_sft_lo'], 'ell_star')}, "
+                                  f"{signed(r['minus_sft_hi'], 'ell_star')}] {r['minus_sft_verdict']}")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -262,7 +271,7 @@ def law_caption(law: pd.DataFrame) -> str:
     return " ".join(f"{m}: {w}." for m, w in said.items())
 
 
-DECIMALS = {"steps": 1, "verbatim_prefix": 1}  # a measure's decimals in the tables (3 for shares and nats)
+DECIMALS = {"steps": 1, "verbatim_prefix": 1, "ell_star": 1}  # decimals in the tables (3 for shares, nats)
 
 
 def signed(x, measure: str = "") -> str:

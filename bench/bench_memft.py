@@ -434,6 +434,26 @@ def window_points(points, seeds=None) -> list[tuple[str, int, int, int, int]]:
     return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
 
 
+def frontier_differences(fits, rows) -> dict[tuple[str, int], dict]:
+    """(method, rank) -> minus_sft, minus_sft_lo, minus_sft_hi (tokens) and minus_sft_verdict ('more', 'fewer',
+    'tie') of memcore.frontier.frontier_difference, for every method other than sft at the ranks where both its
+    bracket and sft's are placed (rows: SearchResult.rows() with `settled`) and both have a fit."""
+    from memcore.config import MemcoreError
+    from memcore.frontier import frontier_difference
+
+    placed = {(r["method"], r["rank"]) for r in rows if r.get("settled") and r.get("fitted_lo") is not None}
+    out = {}
+    for m, rank in sorted(placed, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1])):
+        if m == "sft" or ("sft", rank) not in placed or fits.get(m) is None or fits.get("sft") is None:
+            continue
+        try:
+            d, lo, hi, verdict = frontier_difference(fits[m], fits["sft"], rank)
+        except MemcoreError:
+            continue
+        out[(m, rank)] = {"minus_sft": d, "minus_sft_lo": lo, "minus_sft_hi": hi, "minus_sft_verdict": verdict}
+    return out
+
+
 def decisive_points(points, frontier, seeds: int) -> list[tuple[str, int, int, int, int]]:
     """The points whose verdict, if the plateau rule cut them short, would move a bracket: at each bracket's
     shortest length not recalled (hi), the seeds it stopped on the plateau without recall, where one of them
@@ -656,6 +676,12 @@ def report(args: argparse.Namespace) -> int:
             r["fitted_ell_star"] = r["fitted_interval"] = None
             r["bits_per_param"] = (r["lo"] * per_token / (r["rank"] * fit.p_eff_per_rank)
                                    if per_token and fit.p_eff_per_rank and r["lo"] else None)
+    for r in rows:  # the fitted ℓ* with its 95% interval, and each method's minus sft's where both are placed
+        ci = r.pop("fitted_interval", None)
+        r["fitted_lo"], r["fitted_hi"] = (float(ci[0]), float(ci[1])) if ci else (None, None)
+    diffs = frontier_differences(result.fits, rows)
+    for r in rows:
+        r |= diffs.get((r["method"], r["rank"]), {})
     fr = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list | tuple | dict)} for r in rows])
     for r in rows:
         words = bracket_words(r["lo"], r["hi"], r["lo_rate"], r["hi_rate"],
@@ -664,7 +690,17 @@ def report(args: argparse.Namespace) -> int:
         bpp = r.get("bits_per_param")
         print(f"  {r['method']:<9} rank {r['rank']}: {words}"
               + ("" if bpp is None else f"; {bpp:.3f} bits/param" if r["settled"] else
-                 f"; at least {bpp:.3f} bits/param (at {r['lo']} tokens)"))
+                 f"; at least {bpp:.3f} bits/param (at {r['lo']} tokens)")
+              + (f"; fitted ℓ* {r['fitted_ell_star']:.1f} [{r['fitted_lo']:.1f}, {r['fitted_hi']:.1f}]"
+                 if r.get("fitted_lo") is not None else ""))
+    print("  (fitted ℓ*: P(recalled) = σ(k·(a + γ ln r − ln ℓ)) by maximum likelihood over every probe of the "
+          "method, each run a draw, with a 95% bootstrap interval; only where the bracket is placed)")
+    if diffs:
+        print("\n## ℓ* method − sft, tokens (the fitted frontiers; 95% bootstrap interval of the difference, the two "
+              "methods' resamples independent)")
+        for (m, rank), d in diffs.items():
+            print(f"  {m:<9} rank {rank}: {d['minus_sft']:+6.1f} [{d['minus_sft_lo']:+6.1f}, "
+                  f"{d['minus_sft_hi']:+6.1f}]  {d['minus_sft_verdict']}")
 
     ref = reference_lengths(fs.placed())  # a rank's stage 2 trains once sft's frontier there is placed
     df["where"] = [_where(rank, n, ref) if a else "" for rank, n, a in zip(df["rank"], df["length"], df["around"])]

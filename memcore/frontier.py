@@ -114,6 +114,10 @@ class FrontierFit:
         env = self._envelope(rank)
         return (min(lo, env[0]), max(hi, env[1])) if env else (lo, hi)
 
+    def ell_star_boot(self, rank: float) -> np.ndarray:
+        """[B] the bootstrap's ℓ*(rank), tokens (one per resample, in the order drawn)."""
+        return np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(rank))
+
     def rank_for(self, length: float) -> float:
         """The (real) rank at which ℓ* equals `length`: (length / e^a)^(1/γ)."""
         return float(math.exp((math.log(length) - self.a) / self.gamma))
@@ -605,3 +609,23 @@ def end_of_budget_words(df: pd.DataFrame, window: int) -> list[str]:
                      + (f"; ΔL over the last {window} steps: median {float(late.median()):+.4f} nats "
                         f"({float(rel.median()):+.1%} of the final ΔL)" if len(late) and len(rel) else ""))
     return lines
+
+
+def frontier_difference(fit: FrontierFit, baseline: FrontierFit, rank: float,
+                        level: float = 0.95) -> tuple[float, float, float, str]:
+    """ℓ*(rank) of `fit` minus that of `baseline` (tokens), with a bootstrap interval: the two fits' resamples are
+    independent (each method's probes are its own lengths, so there is nothing to pair), so the difference's
+    distribution is that of boot_fit[i] − boot_baseline[i] over the resamples both have; percentile interval at
+    `level`. Returns (difference, lo, hi, verdict): 'more' when lo > 0, 'fewer' when hi < 0, else 'tie'. Where a
+    method's recall data are perfectly separated its own interval is widened to every separating line
+    (FrontierFit.ell_star_interval); this one is the bootstrap's alone, so read it beside those. Raises
+    MemcoreError when a fit has no bootstrap resamples."""
+    a, b = fit.ell_star_boot(rank), baseline.ell_star_boot(rank)
+    n = min(len(a), len(b))
+    if n < 2:
+        raise MemcoreError("a frontier fit without bootstrap resamples has no interval to compare")
+    d = a[:n] - b[:n]
+    tail = (1 - level) / 2
+    lo, hi = float(np.quantile(d, tail)), float(np.quantile(d, 1 - tail))
+    diff = float(fit.ell_star(rank) - baseline.ell_star(rank))
+    return diff, lo, hi, "more" if lo > 0 else "fewer" if hi < 0 else "tie"

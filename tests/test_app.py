@@ -546,7 +546,14 @@ def _benchmark_tables(folder: Path) -> None:
                    "probing_recalled": 1 if lo == 80 else 0}
                   for m, r, lo, hi in (("sft", 1, 38, 40), ("memft-ot", 1, 40, 42), ("memft-sw", 1, 36, 38),
                                        ("sft", 2, 76, 80), ("memft-ot", 2, 80, None), ("memft-sw", 2, None, None))
-                  ]).to_csv(folder / "long_context_frontier.csv", index=False)
+                  ]).assign(fitted_ell_star=[39.2, 41.5, 37.0, 78.1, None, None],
+                            fitted_lo=[38.1, 40.2, 35.5, 75.0, None, None],
+                            fitted_hi=[40.9, 44.0, 38.2, 81.0, None, None],
+                            minus_sft=[None, 2.3, -2.2, None, None, None],
+                            minus_sft_lo=[None, 0.4, -4.0, None, None, None],
+                            minus_sft_hi=[None, 4.6, 0.1, None, None, None],
+                            minus_sft_verdict=[None, "more", "tie", None, None, None]) \
+        .to_csv(folder / "long_context_frontier.csv", index=False)
     pd.DataFrame([{"method": m, "rank": 1, "length": 20, "measure": "steps", "new_seeds": "3,4", "new_mean": mean,
                    "new_n": 2, "shipped_lo": -1.0, "shipped_hi": 1.0, "inside": inside, "pooled_n": 5,
                    "pooled_mean": pm, "pooled_lo": plo, "pooled_hi": phi, "pooled_verdict": v}
@@ -639,6 +646,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert list(table["bits/param"]) == ["0.600", "0.600", "0.600", "≥ 0.600", "0.600", "≥ 0.600"]
     # what each open frontier is training now, and how its seeds back have done
     assert list(table["in training (tokens)"]) == ["—", "—", "—", "160 (1 of 1 back recalled it)", "—", "40"]
+    # the fitted ℓ* with its interval where placed, and each method's minus sft's
+    assert list(table["fitted ℓ* [95%] (tokens)"]) == ["39.2 [38.1, 40.9]", "78.1 [75.0, 81.0]", "41.5 [40.2, 44.0]",
+                                                      "—", "37.0 [35.5, 38.2]", "—"]
+    assert list(table["− sft [95%]"]) == ["—", "—", "+2.3 [+0.4, +4.6] more", "—", "−2.2 [−4.0, +0.1] tie", "—"]
     specs = [c.proto.spec for c in at.get("vega_lite_chart")]
     fronts = [s for s in specs if "shortest not recalled" in s and "memft-sw" in s]  # the benchmark's brackets
     assert len(fronts) == 1 and '"title": "your runs"' in fronts[0] and "A run of my own" not in fronts[0]

@@ -397,6 +397,11 @@ def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables
     assert out.rstrip().splitlines()[-3] == "complete"
     front = pd.read_csv(tmp_path / "out" / "long_context_frontier.csv")
     assert len(front) == 4 and front["settled"].all() and (front["lo"] < front["hi"]).all()
+    # the fitted ℓ* with its interval, and memft-ot's minus sft's with the interval of the difference
+    assert ((front["fitted_lo"] <= front["fitted_ell_star"]) & (front["fitted_ell_star"] <= front["fitted_hi"])).all()
+    ot = front[front["method"] == "memft-ot"]
+    assert ((ot["minus_sft_lo"] <= ot["minus_sft_hi"]) & ot["minus_sft_verdict"].isin(["more", "fewer", "tie"])).all()
+    assert front.loc[front["method"] == "sft", "minus_sft"].isna().all()
     points = pd.read_csv(tmp_path / "out" / "long_context_points.csv")
     for rank in (1, 2):
         lo, hi = front[(front["method"] == "sft") & (front["rank"] == rank)][["lo", "hi"]].iloc[0]

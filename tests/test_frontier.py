@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 
 from memcore.config import MemcoreError
-from memcore.frontier import fit_frontier, frontier_from_table, interpolated_frontier, smallest_verbatim_rank
+from memcore.frontier import (
+    fit_frontier,
+    frontier_difference,
+    frontier_from_table,
+    interpolated_frontier,
+    smallest_verbatim_rank,
+)
 from memcore.law import law_points, regime
 
 RANKS = [1, 2, 4, 8, 16]
@@ -241,3 +247,18 @@ def test_a_window_check_is_tallied_with_an_exact_interval_on_the_share_cut_short
     assert old.cut == 0 and list(old.kinds) == ["recalled", "recalled", "held", "held", "held"]
     with pytest.raises(MemcoreError, match="recalled column"):
         window_tally(pd.DataFrame({"kind": ["held"]}))
+
+
+def test_the_difference_of_two_frontiers_has_an_interval_that_tells_more_from_a_tie():
+    """A method whose frontier is twice as far out (ℓ*(r) = 40·r^0.8 against 20·r^0.8) holds more, with an interval
+    around the true difference; two draws of the same frontier tie."""
+    def fit(a, seed):
+        df = _synthetic(a=a, seed=seed, seeds=10)
+        return fit_frontier(df["rank"], df["length"], df["exact_recall"], seed=seed)
+    base, further, again = fit(math.log(20), 0), fit(math.log(40), 1), fit(math.log(20), 2)
+    diff, lo, hi, verdict = frontier_difference(further, base, 4)
+    truth = (40 - 20) * 4 ** 0.8
+    assert verdict == "more" and lo < truth < hi and 0 < lo
+    assert diff == pytest.approx(float(further.ell_star(4) - base.ell_star(4)))
+    assert frontier_difference(base, further, 4)[3] == "fewer"
+    assert frontier_difference(again, base, 4)[3] == "tie"
