@@ -105,3 +105,33 @@ def test_the_readme_says_what_sft_recalled_at_each_rank_as_the_shipped_frontier(
     text = " ".join((ROOT / "README.md").read_text().split())
     one, two = re.search(r"has sft recall (\d+) random tokens at rank 1 and (\d+) at rank 2", text).groups()
     assert (int(one), int(two)) == (int(front.loc[("sft", 1), "lo"]), int(front.loc[("sft", 2), "lo"]))
+
+
+def _interval_cell(cell: str):
+    """'+4.5 [+0.5, +8.9] (more)' or '49.0 [47.5, 52.0]' -> (4.5, 0.5, 8.9, 'more' or None); '—…' -> None."""
+    m = re.match(r"([+−-]?[\d.]+) \[([+−-]?[\d.]+), ([+−-]?[\d.]+)\](?: \((\w+)\))?", cell)
+    if not m:
+        return None
+    *numbers, verdict = m.groups()
+    return (*(float(x.replace("−", "-")) for x in numbers), verdict)
+
+
+@pytest.mark.skipif(not (PAPER / "long_context_frontier.csv").is_file(), reason="no shipped long-context tables")
+def test_the_readme_fitted_frontiers_and_their_differences_are_the_shipped_ones():
+    front = pd.read_csv(PAPER / "long_context_frontier.csv").set_index(["method", "rank"])
+    section = _answer()
+    for head, cols in (("fitted ℓ* [95%], tokens", ("fitted_ell_star", "fitted_lo", "fitted_hi", None)),
+                       ("method − sft, fitted ℓ* (tokens)", ("minus_sft", "minus_sft_lo", "minus_sft_hi",
+                                                             "minus_sft_verdict"))):
+        rows = _rows(section, head)
+        assert rows, head
+        for method, cells in rows.items():
+            for rank, cell in ((1, cells[0]), (2, cells[1])):
+                r = front.loc[(method, rank)]
+                said = _interval_cell(cell)
+                if said is None:  # '—': nothing fitted there yet
+                    assert pd.isna(r[cols[0]]), (method, rank, cell)
+                    continue
+                assert said[:3] == pytest.approx([r[c] for c in cols[:3]], abs=0.051), (method, rank, cell)
+                if cols[3]:
+                    assert said[3] == r[cols[3]], (method, rank, cell)
