@@ -512,7 +512,7 @@ def window(args: argparse.Namespace) -> int:
     import pandas as pd
     from kept import Keeper, StopOnSignal, restore
 
-    from memcore.frontier import end_of_budget, end_of_budget_words, gained_after_stop, gained_words, window_tally
+    from memcore.frontier import end_of_budget_words, gained_after_stop, gained_words, stood_at_end, window_tally
     from memcore.search import FrontierSearch
     from memcore.train import waits_for_a_new_best
 
@@ -593,7 +593,7 @@ def window(args: argparse.Namespace) -> int:
                      "token_accuracy": s.token_accuracy, "diverged_at": split, "kind": kind,
                      "delta_loss": s.delta_loss, "stop_delta_loss": at_stop[label][0],
                      "stop_token_accuracy": at_stop[label][1], "stop_frac_above": at_stop[label][2],
-                     **end_of_budget(store, [r["id"]], args.plateau_window).iloc[0].to_dict()})
+                     **stood_at_end(mine, args.plateau_window)})  # the rows read above, not read again
         path = ("the same curve as the run's copy up to its stop" if same else
                 f"its curve left the run's copy's at step {split}" if split is not None else "no copy to compare")
         print(f"  {m:<9} r{rank} ℓ={n:<4} seed {sd}: stopped by the rule at step {stopped_at}; without it "

@@ -575,19 +575,24 @@ def end_of_budget(store: Store, run_ids, window: int) -> pd.DataFrame:
     DataFrame indexed by run id: open_wait (steps), late_delta_loss (nats), on_plateau."""
     import pandas as pd
 
-    from memcore.train import waits_for_a_new_best
-
     rows = {}
     for rid in run_ids:
         steps = store.steps(rid)
-        if not steps:
-            continue
-        _, open_wait = waits_for_a_new_best((s.step, s.n_above, s.n_correct) for s in steps)
-        last = steps[-1]
-        before = [s for s in steps if s.step <= last.step - window]
-        late = float(last.delta_loss - before[-1].delta_loss) if before else float("nan")
-        rows[rid] = {"open_wait": int(open_wait), "late_delta_loss": late, "on_plateau": open_wait >= window}
+        if steps:
+            rows[rid] = stood_at_end(steps, window)
     return pd.DataFrame.from_dict(rows, orient="index", columns=["open_wait", "late_delta_loss", "on_plateau"])
+
+
+def stood_at_end(steps, window: int) -> dict[str, Any]:
+    """end_of_budget for one run's recorded step rows (records.StepRow, in step order, at least one): open_wait
+    (steps), late_delta_loss (nats), on_plateau."""
+    from memcore.train import waits_for_a_new_best
+
+    _, open_wait = waits_for_a_new_best((s.step, s.n_above, s.n_correct) for s in steps)
+    last = steps[-1]
+    before = [s for s in steps if s.step <= last.step - window]
+    late = float(last.delta_loss - before[-1].delta_loss) if before else float("nan")
+    return {"open_wait": int(open_wait), "late_delta_loss": late, "on_plateau": open_wait >= window}
 
 
 def end_of_budget_words(df: pd.DataFrame, window: int) -> list[str]:
