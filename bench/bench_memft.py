@@ -414,6 +414,11 @@ def spot(args: argparse.Namespace) -> int:
     return 0
 
 
+def point_order(x: tuple) -> tuple:
+    """Sort key of a (method, rank, length, seed, ...) point: METHODS' order (others after), then rank, then seed."""
+    return METHODS.index(x[0]) if x[0] in METHODS else len(METHODS), x[1], x[3]
+
+
 def plateau_stops(points):
     """The rows of the report's points table that stopped on the plateau rule without recall."""
     return points[(points["stop_reason"] == "plateau") & ~points["exact_recall"].astype(bool)]
@@ -431,7 +436,7 @@ def window_points(points, seeds=None) -> list[tuple[str, int, int, int, int]]:
     for (m, rank), d in p.groupby(["method", "rank"], sort=False):
         at = d[d["length"] == d["length"].min()]
         out += [(m, int(rank), int(n), int(sd), int(st)) for n, sd, st in zip(at["length"], at["seed"], at["steps"])]
-    return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
+    return sorted(out, key=point_order)
 
 
 def frontier_differences(fits, rows) -> dict[tuple[str, int], dict]:
@@ -441,9 +446,9 @@ def frontier_differences(fits, rows) -> dict[tuple[str, int], dict]:
     from memcore.config import MemcoreError
     from memcore.frontier import frontier_difference
 
-    placed = {(r["method"], r["rank"]) for r in rows if r.get("settled") and r.get("fitted_lo") is not None}
+    placed = [(r["method"], r["rank"]) for r in rows if r.get("settled") and r.get("fitted_lo") is not None]
     out = {}
-    for m, rank in sorted(placed, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1])):
+    for m, rank in placed:  # in the rows' order (the search's methods, then rank)
         if m == "sft" or ("sft", rank) not in placed or fits.get(m) is None or fits.get("sft") is None:
             continue
         try:
@@ -475,7 +480,7 @@ def decisive_points(points, frontier, seeds: int) -> list[tuple[str, int, int, i
         held = plateau_stops(at)
         out += [(b["method"], int(b["rank"]), int(n), int(sd), int(st))
                 for n, sd, st in zip(held["length"], held["seed"], held["steps"])]
-    return sorted(out, key=lambda x: (METHODS.index(x[0]) if x[0] in METHODS else 9, x[1], x[3]))
+    return sorted(out, key=point_order)
 
 
 def diverged_at(a, b) -> int | None:

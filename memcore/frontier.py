@@ -109,7 +109,7 @@ class FrontierFit:
     def ell_star_interval(self, rank: float) -> tuple[float, float]:
         """95% interval of ℓ*(rank), tokens: the bootstrap's, widened (for perfectly separated data) to every
         separating line's value at this rank, since the data cannot place the frontier inside that range."""
-        vals = np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(rank))
+        vals = self.ell_star_boot(rank)
         lo, hi = float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
         env = self._envelope(rank)
         return (min(lo, env[0]), max(hi, env[1])) if env else (lo, hi)
