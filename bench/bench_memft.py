@@ -4,6 +4,7 @@ random tokens, at its placement with the bypass adapter), converged.
     python bench/bench_memft.py run    [--home DIR] [--keep DIR] [--ranks 1 2] [--seeds 0 1 2] [--max-steps 2000]
     python bench/bench_memft.py report [--home DIR] [--out DIR]      (the same settings flags as run)
     python bench/bench_memft.py spot   --seeds 3 4 [--paired CSV]    (the shipped cells again with other seeds)
+    python bench/bench_memft.py spot   --frontier --seeds 3 4        (the placed brackets' ends again, other seeds)
     python bench/bench_memft.py window [--seeds 0] [--points CSV]    (the plateau rule against the same points
                                                                       trained on without it)
     python bench/bench_memft.py compare --csv SWEEP.csv     (equal-step means of a sweep table, no intervals)
@@ -330,31 +331,17 @@ def spot(args: argparse.Namespace) -> int:
     """Re-run the shipped table's cells with other seeds and say, per cell and measure, whether the new seeds'
     paired difference (method − sft) falls inside the shipped 95% interval."""
     import pandas as pd
-    from kept import Keeper, StopOnSignal, restore
+    from kept import restore
 
     from memcore.frontier import paired_differences
-    from memcore.search import FrontierSearch
 
+    if args.frontier:
+        return spot_frontier(args)
     shipped = pd.read_csv(args.paired) if Path(args.paired).is_file() else pd.DataFrame()
     if shipped.empty:
         print(f"no shipped paired table at {args.paired}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
         return 2
-    store = open_home(args.home)
-    search = settings(args)
-    side = _meta_of(Path(args.paired).with_name("long_context.json"))
-    if side.get("search") and side["search"] != search.id:
-        print(f"note: these settings are search {search.id}, the shipped table's are {side['search']} "
-              f"({side.get('command') or 'its command'}): the comparison holds only for the same settings",
-              flush=True)
-    args.keep = args.keep or KEEP_SPOT / search.id
-    t0 = time.perf_counter()
-    print(f"spot re-run of {shown(args.paired)} with seeds {list(search.seeds)}; {restore(store, args.keep)} points "
-          f"read back from {shown(args.keep)}", flush=True)
-    keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0,
-                  seeds=set(search.seeds))  # never the shipped seeds read back below
-
-    stop = StopOnSignal()
-    fs = FrontierSearch(search, store, batch=args.batch, should_stop=stop)
+    store, search, keep, stop, fs, t0 = spot_setup(args, Path(args.paired))
     shipped = shipped[shipped["lo"].notna() & shipped["hi"].notna()]  # a cell of one seed has no interval to check
     if "where" not in shipped:
         shipped = shipped.assign(where="search probe")
@@ -411,6 +398,157 @@ def spot(args: argparse.Namespace) -> int:
         table = Path(args.paired).with_name("long_context_spot.csv")
         pd.DataFrame(checks).to_csv(table, index=False)
         print(f"wrote {shown(table)}")
+    return 0
+
+
+def spot_setup(args: argparse.Namespace, shipped: Path):
+    """(store, search, keep, stop, fs, t0) of a spot re-run of the report table `shipped` with other --seeds: its own
+    store and kept folder (long_context_spot_runs/<search id>, the new seeds' points only), and a note when these
+    settings are not the shipped table's."""
+    from kept import Keeper, StopOnSignal, restore
+
+    from memcore.search import FrontierSearch
+
+    store = open_home(args.home)
+    search = settings(args)
+    side = _meta_of(shipped.with_name("long_context.json"))
+    if side.get("search") and side["search"] != search.id:
+        print(f"note: these settings are search {search.id}, the shipped table's are {side['search']} "
+              f"({side.get('command') or 'its command'}): the comparison holds only for the same settings",
+              flush=True)
+    args.keep = args.keep or KEEP_SPOT / search.id
+    t0 = time.perf_counter()
+    print(f"spot re-run of {shown(shipped)} with seeds {list(search.seeds)}; {restore(store, args.keep)} points "
+          f"read back from {shown(args.keep)}", flush=True)
+    keep = Keeper(store, search.id, args.keep, "bench/bench_memft.py", sys.argv[1:], t0,
+                  seeds=set(search.seeds))  # never the shipped seeds, read back into this store afterwards
+    stop = StopOnSignal()
+    return store, search, keep, stop, FrontierSearch(search, store, batch=args.batch, should_stop=stop), t0
+
+
+def bracket_ends(frontier, methods, ranks) -> list[tuple[str, int, str, int]]:
+    """(method, rank, 'lo' or 'hi', length) of both ends of every placed bracket (`settled`) in a report's frontier
+    table, for these methods and ranks, in the table's order."""
+    placed = frontier[frontier["settled"].astype(bool) & frontier["method"].isin(list(methods))
+                      & frontier["rank"].isin(list(ranks)) & frontier["lo"].notna() & frontier["hi"].notna()]
+    return [(r["method"], int(r["rank"]), end, int(r[end])) for _, r in placed.iterrows() for end in ("lo", "hi")]
+
+
+def frontier_spot(df, ends, new_seeds, sft_placed) -> pd.DataFrame:
+    """The frontier's spot check, one row per bracket end of `ends` (bracket_ends): the search's probes there
+    (`df`: points_table of every seed; stage-2 points are not probes) recalled by the shipped seeds and by
+    `new_seeds`; the recall probability there on the frontier fitted to the shipped seeds' points (p_fit, with its
+    95% bootstrap band p_lo..p_hi) and whether the new count is a plausible draw from it (`inside`:
+    memcore.frontier.recall_count_inside; None without new runs); and, per (method, rank), ℓ* refitted over every
+    seed (`pooled_*`, tokens, 95% interval) with its difference from sft's (`pooled_minus_sft*`, at the ranks in
+    `sft_placed`, where sft's bracket is placed, as the report gives it), beside the shipped seeds' own
+    (`shipped_*`). Every fit is memcore.frontier.frontier_from_table over a method's points, as the
+    report fits it."""
+    import pandas as pd
+
+    from memcore.config import MemcoreError
+    from memcore.frontier import frontier_difference, frontier_from_table, recall_count_inside
+    from memcore.law import as_bool
+
+    new = df["seed"].isin(list(new_seeds))
+    recalled = as_bool(df["exact_recall"])
+    methods = list(dict.fromkeys(["sft"] + [m for m, *_ in ends]))
+
+    def fits(rows):
+        out = {}
+        for m in methods:
+            try:
+                out[m] = frontier_from_table(rows, m)[1] if m in set(rows["method"]) else None
+            except MemcoreError:
+                out[m] = None
+        return out
+
+    shipped, pooled = fits(df[~new]), fits(df)
+    out = []
+    for m, rank, end, length in ends:
+        here = (df["method"] == m) & (df["rank"] == rank) & (df["length"] == length) & ~df["around"].astype(bool)
+        row = {"method": m, "rank": rank, "end": end, "length": length,
+               "shipped_recalled": int(recalled[here & ~new].sum()), "shipped_runs": int((here & ~new).sum()),
+               "new_seeds": ",".join(map(str, new_seeds)), "new_recalled": int(recalled[here & new].sum()),
+               "new_runs": int((here & new).sum()), "p_fit": None, "p_lo": None, "p_hi": None, "inside": None}
+        if shipped[m] is not None:
+            row["p_fit"], row["p_lo"], row["p_hi"] = shipped[m].recall_probability(rank, length)
+            if row["new_runs"]:
+                row["inside"] = recall_count_inside(row["new_recalled"], row["new_runs"], row["p_lo"], row["p_hi"])
+        for kind, f in (("shipped", shipped), ("pooled", pooled)):
+            if f[m] is None:
+                continue
+            row[f"{kind}_ell_star"] = float(f[m].ell_star(rank))
+            row[f"{kind}_lo"], row[f"{kind}_hi"] = f[m].ell_star_interval(rank)
+            if m != "sft" and rank in sft_placed and f["sft"] is not None:
+                try:
+                    d, lo, hi, verdict = frontier_difference(f[m], f["sft"], rank)
+                except MemcoreError:
+                    continue
+                row |= {f"{kind}_minus_sft": d, f"{kind}_minus_sft_lo": lo, f"{kind}_minus_sft_hi": hi,
+                        f"{kind}_minus_sft_verdict": verdict}
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def spot_frontier(args: argparse.Namespace) -> int:
+    """Train both ends of every placed bracket (at --ranks, for --methods) again with other --seeds, as the search's
+    own probes (its plateau rule and budget), and say whether each end's new recall count is a plausible draw from
+    the frontier fitted to the shipped seeds; then the frontier refitted over every seed and each method's ℓ* minus
+    sft's (frontier_spot). Writes long_context_spot_frontier.csv beside the shipped frontier table."""
+    import pandas as pd
+    from kept import restore
+
+    path = Path(args.paired).with_name("long_context_frontier.csv")
+    frontier = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if frontier.empty:
+        print(f"no shipped frontier table at {path}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
+        return 2
+    store, search, keep, stop, fs, t0 = spot_setup(args, path)
+    ends = bracket_ends(frontier, search.methods, search.ranks)
+    if not ends:
+        print(f"no placed bracket in {shown(path)} at ranks {list(search.ranks)} for {list(search.methods)}",
+              file=sys.stderr)
+        return 2
+    points = [(m, rank, length, sd) for m, rank, _, length in ends for sd in search.seeds]
+    train_points(store, search, fs, points, stop, keep, t0, "spot", "at the placed brackets' ends")
+    keep()
+    if stop():
+        print("stopped; run the same command to go on", flush=True)
+        return 1
+    restore(store, KEEP / search.id)  # the shipped seeds' points: the fit they give, and the refit over all
+    df = points_table(store, search.id)
+    sft_placed = {rank for m, rank, *_ in bracket_ends(frontier, ["sft"], frontier["rank"].unique())}
+    table = frontier_spot(df, ends, search.seeds, sft_placed)
+    seeds = " ".join(map(str, search.seeds))
+    print(f"\n## Each placed bracket's ends: seeds {seeds} against the frontier fitted to the shipped seeds (its "
+          "recall probability there, 95% band; inside = the new count's exact interval meets the band)")
+    for _, r in table.iterrows():
+        p = "no fit" if pd_isna(r["p_fit"]) else f"P(recall) {r['p_fit']:.2f} [{r['p_lo']:.2f}, {r['p_hi']:.2f}]"
+        verdict = "no new run" if pd_isna(r["inside"]) else "inside" if r["inside"] else "OUTSIDE"
+        print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['end']})  shipped {r['shipped_recalled']} of "
+              f"{r['shipped_runs']}  new {r['new_recalled']} of {r['new_runs']}  {p}  {verdict}")
+    every = sorted(set(df["seed"]))
+    print(f"\n## ℓ* refitted over seeds {' '.join(map(str, every))} (shipped seeds' fit in brackets)")
+    for (m, rank), r in table.groupby(["method", "rank"], sort=False):
+        r = r.iloc[0]
+        if pd_isna(r.get("pooled_ell_star")):
+            continue
+        line = (f"  {m:<9} r{rank} fitted ℓ* {r['pooled_ell_star']:.1f} [{r['pooled_lo']:.1f}, {r['pooled_hi']:.1f}]"
+                + (f" (shipped {r['shipped_ell_star']:.1f} [{r['shipped_lo']:.1f}, {r['shipped_hi']:.1f}])"
+                   if not pd_isna(r.get("shipped_ell_star")) else ""))
+        if not pd_isna(r.get("pooled_minus_sft")):
+            line += (f"; minus sft {r['pooled_minus_sft']:+.1f} [{r['pooled_minus_sft_lo']:+.1f}, "
+                     f"{r['pooled_minus_sft_hi']:+.1f}] {r['pooled_minus_sft_verdict']}")
+            if not pd_isna(r.get("shipped_minus_sft")):
+                line += (f" (shipped {r['shipped_minus_sft']:+.1f} [{r['shipped_minus_sft_lo']:+.1f}, "
+                         f"{r['shipped_minus_sft_hi']:+.1f}] {r['shipped_minus_sft_verdict']})")
+        print(line)
+    checked = table["inside"].dropna()
+    print(f"\n{int(checked.sum())} of {len(checked)} ends inside ({time.perf_counter() - t0:.0f} s)")
+    out = path.with_name("long_context_spot_frontier.csv")
+    table.to_csv(out, index=False)
+    print(f"wrote {shown(out)}")
     return 0
 
 
@@ -1187,6 +1325,9 @@ def main() -> int:
         if name == "spot":
             p.add_argument("--paired", default=str(ROOT / "sample_data" / "paper" / "long_context_paired.csv"),
                            help="the shipped paired table whose cells are re-run (default: %(default)s)")
+            p.add_argument("--frontier", action="store_true",
+                           help="re-run both ends of every placed bracket instead (the frontier table beside "
+                                "--paired) and check them against its fitted frontier; then refit over every seed")
     c = sub.add_parser("compare")
     c.add_argument("--csv", default=str(SHIPPED), help="a sweep table (default: the shipped capacity sweep)")
     args = ap.parse_args()

@@ -118,6 +118,16 @@ class FrontierFit:
         """[B] the bootstrap's ℓ*(rank), tokens (one per resample, in the order drawn)."""
         return np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(rank))
 
+    def recall_probability(self, rank: float, length: float, level: float = 0.95) -> tuple[float, float, float]:
+        """P(recalled) of a run at `rank` and `length` tokens on the fitted curve σ(k · (a + γ ln r − ln ℓ)), with
+        the bootstrap's percentile interval at `level` (each resample's a and γ, the fit's k). Returns (p, lo, hi),
+        each in [0, 1]."""
+        z = lambda a, g: self.k * (a + g * math.log(rank) - math.log(length))  # noqa: E731
+        boot = 1.0 / (1.0 + np.exp(-z(self.boot[:, 0], self.boot[:, 1])))
+        tail = (1 - level) / 2
+        return (float(1.0 / (1.0 + math.exp(-z(self.a, self.gamma)))), float(np.quantile(boot, tail)),
+                float(np.quantile(boot, 1 - tail)))
+
     def rank_for(self, length: float) -> float:
         """The (real) rank at which ℓ* equals `length`: (length / e^a)^(1/γ)."""
         return float(math.exp((math.log(length) - self.a) / self.gamma))
@@ -634,3 +644,15 @@ def frontier_difference(fit: FrontierFit, baseline: FrontierFit, rank: float,
     lo, hi = float(np.quantile(d, tail)), float(np.quantile(d, 1 - tail))
     diff = float(fit.ell_star(rank) - baseline.ell_star(rank))
     return diff, lo, hi, "more" if lo > 0 else "fewer" if hi < 0 else "tie"
+
+
+def recall_count_inside(recalled: int, runs: int, p_lo: float, p_hi: float, level: float = 0.95) -> bool:
+    """Whether `recalled` of `runs` new runs is a plausible draw from a recall probability somewhere in [p_lo, p_hi]
+    (a fit's band, FrontierFit.recall_probability): the count's exact (Clopper-Pearson) interval at `level`
+    overlaps the band. Raises MemcoreError for a count outside 0..runs or no runs."""
+    from scipy.stats import binomtest
+
+    if runs < 1 or not 0 <= recalled <= runs:
+        raise MemcoreError(f"{recalled} recalled of {runs} runs is not a count of runs")
+    ci = binomtest(int(recalled), int(runs)).proportion_ci(confidence_level=level, method="exact")
+    return ci.low <= p_hi and ci.high >= p_lo

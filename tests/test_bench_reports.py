@@ -425,3 +425,63 @@ def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables
     again = bench("run", home="c")  # a fresh store: every point read back, nothing trained twice
     assert "stage 2: 0 points around the frontier to train" in again
     assert sorted(p.name for p in (tmp_path / "kept").glob("*.json.gz")) == kept
+
+
+def _ends_table(new_at_hi: bool):
+    """Points of two methods at ranks 1 and 2 drawn from known frontiers (memft-ot's 1.25 × sft's, 20·r tokens),
+    seeds 0-9 shipped, seeds 10 and 11 new at the rank-1 bracket ends only: drawn from the same curves, or (with
+    `new_at_hi`) both recalling at a length far past the frontier."""
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, scale in (("sft", 1.0), ("memft-ot", 1.25)):
+        for rank in (1, 2):
+            for length in (8, 12, 16, 20, 24, 28, 32, 40, 48, 64):
+                for seed in range(10):
+                    p = 1 / (1 + math.exp(-6 * (math.log(20 * scale * rank) - math.log(length))))
+                    rows.append({"method": method, "rank": rank, "length": length, "seed": seed, "around": False,
+                                 "exact_recall": bool(rng.random() < p), "p_eff": 1152 * rank})
+    ends = [("sft", 1, "lo", 16), ("sft", 1, "hi", 24), ("memft-ot", 1, "lo", 20), ("memft-ot", 1, "hi", 32)]
+    for method, rank, end, length in ends:
+        for seed in (10, 11):
+            recalled = end == "lo" or (new_at_hi and method == "sft")
+            rows.append({"method": method, "rank": rank, "length": length if not (new_at_hi and end == "hi") else 64,
+                         "seed": seed, "around": False, "exact_recall": recalled, "p_eff": 1152 * rank})
+    if new_at_hi:
+        ends = [e if e[2] == "lo" else (*e[:3], 64) for e in ends]
+    return pd.DataFrame(rows), ends
+
+
+def test_the_frontier_spot_check_counts_each_end_against_the_shipped_fit_and_refits_over_every_seed():
+    """New seeds at the bracket ends are checked against the frontier fitted to the shipped seeds alone; a new
+    count the fit makes implausible (2 of 2 recalled far past the frontier) is outside. The refit over every seed
+    keeps memft-ot's known lead over sft; no difference is given at a rank where sft's bracket is not placed."""
+    df, ends = _ends_table(new_at_hi=False)
+    t = _bench().frontier_spot(df, ends, (10, 11), sft_placed={1}).set_index(["method", "end"])
+    assert list(t["new_runs"]) == [2, 2, 2, 2] and list(t["shipped_runs"]) == [10, 10, 10, 10]
+    assert t.loc[("sft", "lo"), "new_recalled"] == 2 and t["inside"].all()
+    assert t.loc[("sft", "lo"), "p_fit"] > t.loc[("sft", "hi"), "p_fit"]
+    ot = t.loc[("memft-ot", "lo")]
+    truth = 0.25 * 20
+    assert ot["pooled_minus_sft_lo"] < truth < ot["pooled_minus_sft_hi"]
+    assert ot["pooled_minus_sft_verdict"] == ot["shipped_minus_sft_verdict"] == "more"
+    assert ot["pooled_lo"] < 25 < ot["pooled_hi"]
+    assert "pooled_minus_sft" not in _bench().frontier_spot(df, ends, (10, 11), sft_placed=set()).columns
+
+    df, ends = _ends_table(new_at_hi=True)
+    t = _bench().frontier_spot(df, ends, (10, 11), sft_placed={1}).set_index(["method", "end"])
+    assert t.loc[("sft", "hi"), "length"] == 64 and t.loc[("sft", "hi"), "new_recalled"] == 2
+    assert not t.loc[("sft", "hi"), "inside"]  # sft recalling 64 tokens on both new seeds: far past its frontier
+    assert t.loc[("memft-ot", "hi"), "inside"]  # memft-ot failing there, as its fit says
+
+
+def test_a_frontier_spot_takes_both_ends_of_the_placed_brackets_only():
+    fr = pd.DataFrame([{"method": "sft", "rank": 1, "lo": 47, "hi": 49, "settled": True},
+                       {"method": "sft", "rank": 2, "lo": 113, "hi": 118, "settled": False},
+                       {"method": "memft-ot", "rank": 1, "lo": 52, "hi": 54, "settled": True}])
+    assert _bench().bracket_ends(fr, ["sft", "memft-ot"], [1, 2]) == [
+        ("sft", 1, "lo", 47), ("sft", 1, "hi", 49), ("memft-ot", 1, "lo", 52), ("memft-ot", 1, "hi", 54)]
+    assert _bench().bracket_ends(fr, ["sft"], [2]) == []

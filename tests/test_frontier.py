@@ -13,6 +13,7 @@ from memcore.frontier import (
     frontier_difference,
     frontier_from_table,
     interpolated_frontier,
+    recall_count_inside,
     smallest_verbatim_rank,
 )
 from memcore.law import law_points, regime
@@ -262,3 +263,26 @@ def test_the_difference_of_two_frontiers_has_an_interval_that_tells_more_from_a_
     assert diff == pytest.approx(float(further.ell_star(4) - base.ell_star(4)))
     assert frontier_difference(base, further, 4)[3] == "fewer"
     assert frontier_difference(again, base, 4)[3] == "tie"
+
+
+def test_the_fitted_recall_probability_is_a_half_at_the_frontier_and_its_band_holds_the_truth():
+    """P(recalled) on the fitted curve: 1/2 at ℓ*(r) by definition, near 1 far below and near 0 far above; the
+    bootstrap band at a length near the frontier holds the true probability of the curve that drew the data."""
+    df = _synthetic(seeds=10)
+    fit = fit_frontier(df["rank"], df["length"], df["exact_recall"])
+    p, lo, hi = fit.recall_probability(4, float(fit.ell_star(4)))
+    assert p == pytest.approx(0.5) and lo < 0.5 < hi
+    assert fit.recall_probability(4, 8)[0] > 0.95 and fit.recall_probability(4, 512)[0] < 0.05
+    truth = 1 / (1 + math.exp(-3.0 * (math.log(20) + 0.8 * math.log(4) - math.log(64))))
+    _, lo, hi = fit.recall_probability(4, 64)
+    assert lo < truth < hi
+
+
+def test_a_recall_count_is_inside_a_band_when_its_exact_interval_meets_it():
+    assert recall_count_inside(8, 10, 0.7, 0.95)
+    assert not recall_count_inside(0, 10, 0.7, 0.95)  # 0 of 10: at most 0.31 at 95%
+    assert not recall_count_inside(2, 2, 0.0, 0.1)  # 2 of 2: at least 0.16
+    assert recall_count_inside(1, 2, 0.0, 0.1)  # 1 of 2 is a plausible draw at 0.1
+    for bad in ((3, 2), (-1, 2), (0, 0)):
+        with pytest.raises(MemcoreError, match="not a count of runs"):
+            recall_count_inside(*bad, 0.2, 0.8)
