@@ -304,6 +304,41 @@ def show_spot(spot: pd.DataFrame) -> None:
     st.markdown("\n".join(lines))
 
 
+def frontier_spot_words(table: pd.DataFrame) -> str:
+    """The frontier's spot re-run (bench_memft.py spot --frontier: every placed bracket's ends trained again with
+    other seeds) in words: how many ends' new recall counts the shipped seeds' fitted frontier makes plausible, each
+    end that it does not, and ℓ* refitted over every seed with each method's difference from sft's beside the
+    shipped one."""
+    seeds = ", ".join(sorted({str(s) for s in table["new_seeds"]}))
+    checked = table[table["inside"].notna()]
+    inside = int(checked["inside"].astype(bool).sum())
+    out = [f"Frontier spot re-run with seeds {seeds} (`python bench/bench_memft.py spot --frontier`): at {inside} of "
+           f"{len(checked)} bracket ends the new seeds' recall is a plausible draw from the frontier fitted to the "
+           "shipped seeds (its exact interval meets the fit's 95% band of P(recall) there)"]
+    for _, r in checked[~checked["inside"].astype(bool)].iterrows():
+        out.append(f"not at {r['method']} r{int(r['rank'])} · {int(r['length'])} tokens: {int(r['new_recalled'])} of "
+                   f"{int(r['new_runs'])} recalled where the fit gives P(recall) {r['p_fit']:.2f} "
+                   f"[{r['p_lo']:.2f}, {r['p_hi']:.2f}]")
+    refit = []
+    for (m, rank), r in table.groupby(["method", "rank"], sort=False):
+        r = r.iloc[0]
+        if pd.isna(r.get("pooled_ell_star")):
+            continue
+        words = (f"{m} r{int(rank)} ℓ* {r['pooled_ell_star']:.1f} [{r['pooled_lo']:.1f}, {r['pooled_hi']:.1f}]")
+        if pd.notna(r.get("pooled_minus_sft")):
+            words += (f", − sft {signed(r['pooled_minus_sft'], 'ell_star')} [{signed(r['pooled_minus_sft_lo'], 'ell_star')}, "
+                      f"{signed(r['pooled_minus_sft_hi'], 'ell_star')}] **{r['pooled_minus_sft_verdict']}**")
+            if pd.notna(r.get("shipped_minus_sft")):
+                words += (f" (shipped seeds: {signed(r['shipped_minus_sft'], 'ell_star')} "
+                          f"[{signed(r['shipped_minus_sft_lo'], 'ell_star')}, {signed(r['shipped_minus_sft_hi'], 'ell_star')}] "
+                          f"{r['shipped_minus_sft_verdict']})")
+        refit.append(words)
+    line = "; ".join(out) + "."
+    if refit:
+        line += " Refitted over every seed (tokens, 95% interval): " + "; ".join(refit) + "."
+    return line
+
+
 def verdict_line(paired: pd.DataFrame, method: str, spot: pd.DataFrame | None = None) -> str:
     """One sentence: over how many (cell, measure) pairs `method` wins, ties or loses against sft; with the spot
     re-run's table, also how its cells come out pooled over every seed (which can overturn a tie on fewer seeds)."""
@@ -379,6 +414,11 @@ def render(store) -> None:
                 st.caption(window_words(checked))
             except (MemcoreError, KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
                 st.warning(f"Could not read long_context_window.csv as a window check: {e}")
+        if (spotted := _read(where / "long_context_spot_frontier.csv")) is not None and len(spotted):
+            try:
+                st.markdown(frontier_spot_words(spotted))
+            except (KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
+                st.warning(f"Could not read long_context_spot_frontier.csv as a frontier spot re-run: {e}")
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "

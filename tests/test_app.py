@@ -560,6 +560,18 @@ def _benchmark_tables(folder: Path) -> None:
                   for m, mean, inside, pm, plo, phi, v in (("memft-ot", 0.5, True, -3.8, -8.2, 0.6, "tie"),
                                                            ("memft-sw", 18.0, False, 12.0, 3.353, 20.647, "loses"))
                   ]).to_csv(folder / "long_context_spot.csv", index=False)
+    pd.DataFrame([{"method": m, "rank": 1, "end": end, "length": n, "shipped_recalled": 3 if end == "lo" else 1,
+                   "shipped_runs": 3, "new_seeds": "3,4", "new_recalled": k, "new_runs": 2, "p_fit": p,
+                   "p_lo": max(p - 0.3, 0.0), "p_hi": min(p + 0.1, 1.0), "inside": inside, "pooled_ell_star": ell,
+                   "pooled_lo": ell - 1.5, "pooled_hi": ell + 3.0,
+                   **({"pooled_minus_sft": 2.0, "pooled_minus_sft_lo": -0.5, "pooled_minus_sft_hi": 4.5,
+                       "pooled_minus_sft_verdict": "tie", "shipped_minus_sft": 2.3, "shipped_minus_sft_lo": 0.4,
+                       "shipped_minus_sft_hi": 4.6, "shipped_minus_sft_verdict": "more"} if m != "sft" else {})}
+                  for m, end, n, k, p, inside, ell in (("sft", "lo", 38, 2, 0.9, True, 39.2),
+                                                      ("sft", "hi", 40, 2, 0.2, False, 39.2),
+                                                      ("memft-ot", "lo", 40, 2, 0.8, True, 41.2),
+                                                      ("memft-ot", "hi", 42, 0, 0.4, True, 41.2))
+                  ]).to_csv(folder / "long_context_spot_frontier.csv", index=False)
     pd.DataFrame([{"method": "sft", "rank": r, "lo": lo, "hi": hi, "lo_rate": 1.0, "hi_rate": 0.0, "lo_seeds": k,
                    "hi_seeds": 2, "facts": lo, "p_eff": 1152 * r, "bits_per_param": 0.23, "settled": r == 1,
                    "most_recalled": most, "most_recalled_book": at, "most_recalled_seeds": 2,
@@ -661,6 +673,11 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert set(paired["verdict"]) == {"wins", "tie"}
     assert paired["difference [95% interval]"].str.match(r"^[+−]\d+\.\d \[[+−]\d+\.\d, [+−]\d+\.\d\]$").all()
     md = " ".join(m.value for m in at.markdown)  # the spot re-run, pooled over every seed
+    assert ("Frontier spot re-run with seeds 3,4 (`python bench/bench_memft.py spot --frontier`): at 3 of 4 bracket "
+            "ends the new seeds' recall is a plausible draw") in md
+    assert "; not at sft r1 · 40 tokens: 2 of 2 recalled where the fit gives P(recall) 0.20 [0.00, 0.30]." in md
+    assert ("Refitted over every seed (tokens, 95% interval): sft r1 ℓ* 39.2 [37.7, 42.2]; memft-ot r1 ℓ* 41.2 "
+            "[39.7, 44.2], − sft +2.0 [−0.5, +4.5] **tie** (shipped seeds: +2.3 [+0.4, +4.6] more).") in md
     assert "**Spot re-run with seeds 3,4**: 1 of 2 differences fall inside" in md
     assert ("memft-sw − sft, r1 · 20 tokens, steps to exact recall (fewer is better): +12.0 [+3.4, +20.6] over 5 "
             "seeds, **loses**") in md
