@@ -304,6 +304,12 @@ def show_spot(spot: pd.DataFrame) -> None:
     st.markdown("\n".join(lines))
 
 
+def difference(r, kind: str) -> str:
+    """'+d [lo, hi]' of a frontier spot row's `kind`_minus_sft columns (tokens, one decimal, true minus signs)."""
+    return (f"{signed(r[f'{kind}_minus_sft'], 'ell_star')} [{signed(r[f'{kind}_minus_sft_lo'], 'ell_star')}, "
+            f"{signed(r[f'{kind}_minus_sft_hi'], 'ell_star')}]")
+
+
 def frontier_spot_words(table: pd.DataFrame) -> str:
     """The frontier's spot re-run (bench_memft.py spot --frontier: every placed bracket's ends trained again with
     other seeds) in words: how many ends' new recall counts the shipped seeds' fitted frontier makes plausible, each
@@ -324,14 +330,11 @@ def frontier_spot_words(table: pd.DataFrame) -> str:
         r = r.iloc[0]
         if pd.isna(r.get("pooled_ell_star")):
             continue
-        words = (f"{m} r{int(rank)} ℓ* {r['pooled_ell_star']:.1f} [{r['pooled_lo']:.1f}, {r['pooled_hi']:.1f}]")
+        words = f"{m} r{int(rank)} ℓ* {r['pooled_ell_star']:.1f} [{r['pooled_lo']:.1f}, {r['pooled_hi']:.1f}]"
         if pd.notna(r.get("pooled_minus_sft")):
-            words += (f", − sft {signed(r['pooled_minus_sft'], 'ell_star')} [{signed(r['pooled_minus_sft_lo'], 'ell_star')}, "
-                      f"{signed(r['pooled_minus_sft_hi'], 'ell_star')}] **{r['pooled_minus_sft_verdict']}**")
+            words += f", − sft {difference(r, 'pooled')} **{r['pooled_minus_sft_verdict']}**"
             if pd.notna(r.get("shipped_minus_sft")):
-                words += (f" (shipped seeds: {signed(r['shipped_minus_sft'], 'ell_star')} "
-                          f"[{signed(r['shipped_minus_sft_lo'], 'ell_star')}, {signed(r['shipped_minus_sft_hi'], 'ell_star')}] "
-                          f"{r['shipped_minus_sft_verdict']})")
+                words += f" (shipped seeds: {difference(r, 'shipped')} {r['shipped_minus_sft_verdict']})"
         refit.append(words)
     line = "; ".join(out) + "."
     if refit:
