@@ -135,3 +135,25 @@ def test_the_readme_fitted_frontiers_and_their_differences_are_the_shipped_ones(
                 assert said[:3] == pytest.approx([r[c] for c in cols[:3]], abs=0.051), (method, rank, cell)
                 if cols[3]:
                     assert said[3] == r[cols[3]], (method, rank, cell)
+
+
+@pytest.mark.skipif(not (PAPER / "long_context_spot_frontier.csv").is_file(), reason="no frontier spot re-run shipped")
+def test_the_readme_frontier_spot_is_the_shipped_one():
+    """The frontier spot's table: ℓ* refitted over every seed, its difference from sft's, and the new seeds' recall
+    at each end, as long_context_spot_frontier.csv has them."""
+    spot = pd.read_csv(PAPER / "long_context_spot_frontier.csv")
+    rows = _rows(_answer(), "frontier spot, rank 1, seeds 0-4")
+    assert set(rows) == set(spot.loc[spot["rank"] == 1, "method"])
+    for method, (fitted, minus, ends) in rows.items():
+        r = spot[(spot["method"] == method) & (spot["rank"] == 1)]
+        first = r.iloc[0]
+        assert _interval_cell(fitted)[:3] == pytest.approx(
+            [first["pooled_ell_star"], first["pooled_lo"], first["pooled_hi"]], abs=0.051), (method, fitted)
+        said = _interval_cell(minus)
+        if said is None:
+            assert "pooled_minus_sft" not in r or pd.isna(first["pooled_minus_sft"]), (method, minus)
+        else:
+            assert said[:3] == pytest.approx([first["pooled_minus_sft"], first["pooled_minus_sft_lo"],
+                                              first["pooled_minus_sft_hi"]], abs=0.051), (method, minus)
+            assert said[3] == first["pooled_minus_sft_verdict"], (method, minus)
+        assert ends == "; ".join(f"{e['length']}: {e['new_recalled']} of {e['new_runs']}" for _, e in r.iterrows())
