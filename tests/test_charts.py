@@ -533,11 +533,13 @@ def test_an_open_frontier_bracket_is_drawn_as_a_bound_not_as_a_frontier():
 def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
     """A search end still being completed has 2 seeds and a paired-t interval many times wider than the 3-seed cells:
     the axis spans the cells with every seed, and the wide one is drawn up to the edge with an arrow where its
-    interval goes on, its mean (when past the edge) as an open point at the edge, and its numbers written there."""
+    interval goes on, its mean (when past the edge) as an open point at the edge, and its numbers written there;
+    a cell of one seed has no interval, and its numbers say so instead of printing nan."""
     rows = [{"method": "memft-ot", "rank": 1, "length": n, "measure": "steps", "mean": m, "lo": lo, "hi": hi, "n": k,
              "verdict": "tie"} for n, m, lo, hi, k in ((32, -2.0, -11.0, 7.0, 3), (45, 9.0, -190.0, 180.0, 2),
                                                        (64, -3.3, -17.7, 11.0, 3), (91, 429.5, -4608.5, 5467.5, 2),
-                                                       (108, -87.0, -480.9, 306.9, 2))]
+                                                       (108, -87.0, -480.9, 306.9, 2),
+                                                       (118, -806.0, float("nan"), float("nan"), 1))]
     spec = charts.paired_chart(pd.DataFrame(rows), "steps", "steps to exact recall").to_dict()
     span = 17.7 * 1.1
     domains = [layer["encoding"]["x"]["scale"]["domain"] for layer in spec["layer"][1:]]
@@ -566,6 +568,7 @@ def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
     assert drawn[91]["mean"] == (span, False)  # the mean itself is past the edge: an open point at the edge
     assert drawn[91]["numbers"] == "+429.5 [-4608, +5468]" and drawn[91]["written_at"] == span
     assert drawn[108]["mean"] == (-span, False) and drawn[108]["written_at"] == -span  # by the edge its mean is past
+    assert drawn[118] == {"mean": (-span, False), "numbers": "-806 (one seed, no interval)", "written_at": -span}
 
 
 def test_the_frontier_chart_labels_a_tick_below_its_lowest_bracket_end_and_above_its_highest():
