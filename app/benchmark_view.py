@@ -315,10 +315,13 @@ def frontier_spot_words(table: pd.DataFrame) -> str:
     other seeds) in words: how many ends' new recall counts the shipped seeds' fitted frontier makes plausible, each
     end that it does not, and ℓ* refitted over every seed with each method's difference from sft's beside the
     shipped one."""
-    seeds = ", ".join(sorted({str(s) for s in table["new_seeds"]}))
+    seeds = sorted({int(s) for cell in table["new_seeds"].astype(str) for s in cell.split(",") if s.strip()})
+    ranks = sorted({int(r) for r in table["rank"]})
+    command = (f"python bench/bench_memft.py spot --frontier --seeds {' '.join(map(str, seeds))} "
+               f"--ranks {' '.join(map(str, ranks))}")
     checked = table[table["inside"].notna()]
     inside = int(checked["inside"].astype(bool).sum())
-    out = [f"Frontier spot re-run with seeds {seeds} (`python bench/bench_memft.py spot --frontier`): at {inside} of "
+    out = [f"Frontier spot re-run with seeds {', '.join(map(str, seeds))} (`{command}`): at {inside} of "
            f"{len(checked)} bracket ends the new seeds' recall is a plausible draw from the frontier fitted to the "
            "shipped seeds (its exact interval meets the fit's 95% band of P(recall) there)"]
     for _, r in checked[~checked["inside"].astype(bool)].iterrows():

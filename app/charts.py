@@ -774,8 +774,9 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
             shape=alt.Shape("arrow:N", scale=alt.Scale(domain=["triangle-left", "triangle-right"],
                                                        range=["triangle-left", "triangle-right"]), legend=None)))
         off = d[(d["lo"] < -span) | (d["hi"] > span) | past].copy()
-        off["numbers"] = [f"{m:+.4g} [{lo:+.4g}, {hi:+.4g}]" if np.isfinite(lo) and np.isfinite(hi) else
-                          f"{m:+.4g} (one seed, no interval)" for m, lo, hi in zip(off["mean"], off["lo"], off["hi"])]
+        off["numbers"] = [(f"{m:+.4g} [{lo:+.4g}, {hi:+.4g}]" if np.isfinite(lo) and np.isfinite(hi) else
+                           f"{m:+.4g} (one seed, no interval)").replace("-", "−")  # true minus signs, as the text
+                          for m, lo, hi in zip(off["mean"], off["lo"], off["hi"])]
         left = off["mean"].astype(float) < -span  # written at the edge its mean lies past (else the right one)
         for side, rows in ((-1, off[left]), (1, off[~left])):
             if len(rows):

@@ -53,9 +53,14 @@ SHIPPED = ROOT / "sample_data" / "sweeps" / "capacity_bypass_random.csv"
 METHODS = ("sft", "memft-ot", "memft-sw")
 KEEP = ROOT / "sample_data" / "paper" / "long_context_runs"
 KEEP_SPOT = ROOT / "sample_data" / "paper" / "long_context_spot_runs"  # the spot re-run's own seeds
+KEEP_SPOT_FRONTIER = ROOT / "sample_data" / "paper" / "long_context_spot_frontier_runs"  # spot --frontier's
 KEEP_WINDOW = ROOT / "sample_data" / "paper" / "long_context_window_runs"  # the plateau rule's check
 POOL = 1280  # random tokens drawn per seed; a point trains on the first `length` of them
 AROUND = (0.5, 1.5, 2.0)  # lengths as multiples of sft's ℓ*(r): below, and past the frontier
+# bootstrap resamples of the report's and the spot's frontier fits: with memcore's default 300 the 2.5% end of a
+# difference's interval moved by up to 2.9 tokens with the resampling's seed alone (8 seeds, on the frontier spot's
+# five-seed pool), enough to turn a verdict; with 2,000, by 0.3 at most (3 seeds)
+RESAMPLES = 2000
 ABOUT = {  # each command's --help
     "run": "Train the search (stage 1) and, beside it as soon as sft's frontier at a rank is placed, the points "
            "around that frontier (stage 2) into --home, resuming from "
@@ -63,7 +68,8 @@ ABOUT = {  # each command's --help
     "report": "Print the tables of the search the settings flags name (the same flags as its run; --home and "
               "--keep only say where it lies) and, with --out, write them as CSV.",
     "spot": "Train the shipped paired table's cells again with other --seeds and say whether each difference "
-            "falls inside the shipped interval.",
+            "falls inside the shipped interval; with --frontier, train both ends of every placed bracket again with "
+            "them and check the shipped fitted frontier.",
     "window": "Check the plateau rule: train again, without it (until recalled or --max-steps), the points it "
               "stopped nearest each frontier, and say how many would have gone on to recall.",
 }
@@ -341,7 +347,7 @@ def spot(args: argparse.Namespace) -> int:
     if shipped.empty:
         print(f"no shipped paired table at {args.paired}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
         return 2
-    store, search, keep, stop, fs, t0 = spot_setup(args, Path(args.paired))
+    store, search, keep, stop, fs, t0 = spot_setup(args, Path(args.paired), KEEP_SPOT)
     shipped = shipped[shipped["lo"].notna() & shipped["hi"].notna()]  # a cell of one seed has no interval to check
     if "where" not in shipped:
         shipped = shipped.assign(where="search probe")
@@ -401,10 +407,26 @@ def spot(args: argparse.Namespace) -> int:
     return 0
 
 
-def spot_setup(args: argparse.Namespace, shipped: Path):
+def shipped_seeds(shipped: Path) -> tuple[int, ...]:
+    """The seeds of the benchmark whose report wrote `shipped` (long_context.json beside it), else run's default."""
+    return tuple(int(s) for s in _meta_of(shipped.with_name("long_context.json")).get("seeds") or (0, 1, 2))
+
+
+def spot_seeds_problem(new, shipped) -> str | None:
+    """Why `new` seeds cannot spot-check a table made with `shipped` seeds (none given, or some the same), else None."""
+    if not new:
+        return f"spot needs other seeds than the benchmark's own ({', '.join(map(str, shipped))}): e.g. --seeds 3 4"
+    if same := sorted(set(new) & set(shipped)):
+        return (f"seed{'s' if len(same) > 1 else ''} {', '.join(map(str, same))} "
+                f"{'are' if len(same) > 1 else 'is'} the benchmark's own (its seeds: {', '.join(map(str, shipped))}): "
+                "a spot re-run needs other seeds")
+    return None
+
+
+def spot_setup(args: argparse.Namespace, shipped: Path, keep_root: Path):
     """(store, search, keep, stop, fs, t0) of a spot re-run of the report table `shipped` with other --seeds: its own
-    store and kept folder (long_context_spot_runs/<search id>, the new seeds' points only), and a note when these
-    settings are not the shipped table's."""
+    store and kept folder (`keep_root`/<search id>, the new seeds' points only), and a note when these settings
+    are not the shipped table's."""
     from kept import Keeper, StopOnSignal, restore
 
     from memcore.search import FrontierSearch
@@ -416,7 +438,7 @@ def spot_setup(args: argparse.Namespace, shipped: Path):
         print(f"note: these settings are search {search.id}, the shipped table's are {side['search']} "
               f"({side.get('command') or 'its command'}): the comparison holds only for the same settings",
               flush=True)
-    args.keep = args.keep or KEEP_SPOT / search.id
+    args.keep = args.keep or keep_root / search.id
     t0 = time.perf_counter()
     print(f"spot re-run of {shown(shipped)} with seeds {list(search.seeds)}; {restore(store, args.keep)} points "
           f"read back from {shown(args.keep)}", flush=True)
@@ -434,22 +456,28 @@ def bracket_ends(frontier, methods, ranks) -> list[tuple[str, int, str, int]]:
     return [(r["method"], int(r["rank"]), end, int(r[end])) for _, r in placed.iterrows() for end in ("lo", "hi")]
 
 
-def frontier_spot(df, ends, new_seeds, sft_placed) -> pd.DataFrame:
+def frontier_spot(df, ends, new_seeds, sft_placed, shipped_seeds=(0, 1, 2)) -> pd.DataFrame:
     """The frontier's spot check, one row per bracket end of `ends` (bracket_ends): the search's probes there
-    (`df`: points_table of every seed; stage-2 points are not probes) recalled by the shipped seeds and by
+    (`df`: points_table; stage-2 points are not probes) recalled by `shipped_seeds` (the benchmark's) and by
     `new_seeds`; the recall probability there on the frontier fitted to the shipped seeds' points (p_fit, with its
     95% bootstrap band p_lo..p_hi) and whether the new count is a plausible draw from it (`inside`:
     memcore.frontier.recall_count_inside; None without new runs); and, per (method, rank), ℓ* refitted over every
-    seed (`pooled_*`, tokens, 95% interval) with its difference from sft's (`pooled_minus_sft*`, at the ranks in
-    `sft_placed`, where sft's bracket is placed, as the report gives it), beside the shipped seeds' own
-    (`shipped_*`). Every fit is memcore.frontier.frontier_from_table over a method's points, as the
-    report fits it."""
+    shipped point and every new one at the ends (`pooled_*`, tokens, 95% interval; the new seeds' other points and
+    other seeds are left out, so the check stands on its own points) with its difference from sft's
+    (`pooled_minus_sft*`, at the ranks in `sft_placed`, where sft's bracket is placed, as the report gives it),
+    beside the shipped seeds' own (`shipped_*`). Every fit is memcore.frontier.frontier_from_table over a method's
+    points, as the report fits it."""
     import pandas as pd
 
     from memcore.config import MemcoreError
     from memcore.frontier import frontier_difference, frontier_from_table, recall_count_inside
     from memcore.law import as_bool
 
+    at_ends = {(m, rank, length) for m, rank, _, length in ends}
+    new = df["seed"].isin(list(new_seeds))
+    probe_at_end = [(m, r, n) in at_ends and not a for m, r, n, a in
+                    zip(df["method"], df["rank"], df["length"], df["around"].astype(bool))]
+    df = df[df["seed"].isin(list(shipped_seeds)) | (new & pd.Series(probe_at_end, index=df.index))]
     new = df["seed"].isin(list(new_seeds))
     recalled = as_bool(df["exact_recall"])
     methods = list(dict.fromkeys(["sft"] + [m for m, *_ in ends]))
@@ -458,7 +486,7 @@ def frontier_spot(df, ends, new_seeds, sft_placed) -> pd.DataFrame:
         out = {}
         for m in methods:
             try:
-                out[m] = frontier_from_table(rows, m)[1] if m in set(rows["method"]) else None
+                out[m] = frontier_from_table(rows, m, RESAMPLES)[1] if m in set(rows["method"]) else None
             except MemcoreError:
                 out[m] = None
         return out
@@ -502,14 +530,16 @@ def spot_frontier(args: argparse.Namespace) -> int:
     path = Path(args.paired).with_name("long_context_frontier.csv")
     frontier = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     if frontier.empty:
-        print(f"no shipped frontier table at {path}: run `bench_memft.py report --out DIR` first", file=sys.stderr)
+        print(f"no shipped frontier table at {path} (spot --frontier reads the report's frontier table from the "
+              "folder of --paired): run `bench_memft.py report --out DIR` first", file=sys.stderr)
         return 2
-    store, search, keep, stop, fs, t0 = spot_setup(args, path)
-    ends = bracket_ends(frontier, search.methods, search.ranks)
+    ends = bracket_ends(frontier, args.methods, args.ranks)
     if not ends:
-        print(f"no placed bracket in {shown(path)} at ranks {list(search.ranks)} for {list(search.methods)}",
-              file=sys.stderr)
+        placed = bracket_ends(frontier, frontier["method"].unique(), frontier["rank"].unique())
+        print(f"no placed bracket in {shown(path)} at ranks {args.ranks} for {args.methods}; placed: "
+              + (", ".join(sorted({f'{m} at rank {r}' for m, r, *_ in placed})) or "none yet"), file=sys.stderr)
         return 2
+    store, search, keep, stop, fs, t0 = spot_setup(args, path, KEEP_SPOT_FRONTIER)
     points = [(m, rank, length, sd) for m, rank, _, length in ends for sd in search.seeds]
     train_points(store, search, fs, points, stop, keep, t0, "spot", "at the placed brackets' ends")
     keep()
@@ -519,7 +549,7 @@ def spot_frontier(args: argparse.Namespace) -> int:
     restore(store, KEEP / search.id)  # the shipped seeds' points: the fit they give, and the refit over all
     df = points_table(store, search.id)
     sft_placed = {rank for m, rank, *_ in bracket_ends(frontier, ["sft"], frontier["rank"].unique())}
-    table = frontier_spot(df, ends, search.seeds, sft_placed)
+    table = frontier_spot(df, ends, search.seeds, sft_placed, shipped_seeds(path))
     seeds = " ".join(map(str, search.seeds))
     print(f"\n## Each placed bracket's ends: seeds {seeds} against the frontier fitted to the shipped seeds (its "
           "recall probability there, 95% band; inside = the new count's exact interval meets the band)")
@@ -528,8 +558,8 @@ def spot_frontier(args: argparse.Namespace) -> int:
         verdict = "no new run" if pd_isna(r["inside"]) else "inside" if r["inside"] else "OUTSIDE"
         print(f"  {r['method']:<9} r{r['rank']} ℓ={r['length']:<4} ({r['end']})  shipped {r['shipped_recalled']} of "
               f"{r['shipped_runs']}  new {r['new_recalled']} of {r['new_runs']}  {p}  {verdict}")
-    every = sorted(set(df["seed"]))
-    print(f"\n## ℓ* refitted over seeds {' '.join(map(str, every))} (shipped seeds' fit in brackets)")
+    every = sorted(set(shipped_seeds(path)) | set(search.seeds))
+    print(f"\n## ℓ* refitted over seeds {' '.join(map(str, every))} (the shipped seeds' own fit in brackets)")
     for (m, rank), r in table.groupby(["method", "rank"], sort=False):
         r = r.iloc[0]
         if pd_isna(r.get("pooled_ell_star")):
@@ -790,7 +820,7 @@ def report(args: argparse.Namespace) -> int:
     restore(store, args.keep)
     fs = FrontierSearch(search, store, batch=1)
     fs.read()  # every verdict already in the store: nothing trained
-    result = search_result(fs, fs.progress())
+    result = search_result(fs, fs.progress(), RESAMPLES)
     df = points_table(store, search.id)
     if not df.empty:
         df = df[df["seed"].isin(search.seeds)]  # a spot re-run's other seeds are not this table's
@@ -1284,8 +1314,11 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "report", "spot", "window"):
         p = sub.add_parser(name, description=ABOUT[name])
-        kept_at = {"spot": "_spot", "window": "_window"}.get(name, "")
-        store_flags(p, "memcore-bench-memft", f"sample_data/paper/long_context{kept_at}_runs",
+        kept_at = {"spot": "_spot_runs/<the search's id>; with --frontier "
+                           "sample_data/paper/long_context_spot_frontier_runs",
+                   "window": "_window_runs"}.get(name, "_runs")
+        store_flags(p, {"spot": "memcore-bench-memft-spot", "window": "memcore-bench-memft-window"}.get(
+                        name, "memcore-bench-memft"), f"sample_data/paper/long_context{kept_at}",
                     jsonl="the paper's own long-context file (question/matching lines: its r100 or r0-r80) instead "
                           "of random tokens; every seed then trains on the same target",
                     fields="question,matching")
@@ -1295,9 +1328,11 @@ def main() -> int:
         p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                        help="adapter ranks (default: %(default)s, what fits this benchmark's CPU budget; the search "
                             "is the same whatever the ranks, so adding one goes on from the kept points)")
-        p.add_argument("--seeds", type=int, nargs="+", default=None if name == "window" else [0, 1, 2],
+        p.add_argument("--seeds", type=int, nargs="+", default=None if name in ("window", "spot") else [0, 1, 2],
                        help="seeds; seed s draws the same random tokens for every method (default: "
-                            + ("every seed the rule stopped there)" if name == "window" else "%(default)s)"))
+                            + {"window": "every seed the rule stopped there)",
+                               "spot": "none: give seeds other than the benchmark's, e.g. 3 4)"}.get(name,
+                                                                                         "%(default)s)"))
         p.add_argument("--methods", nargs="+", default=list(METHODS),
                        help="methods; sft is the baseline (default: %(default)s)")
         p.add_argument("--max-steps", type=int, default=2000, help="step budget per point (default: %(default)s)")
@@ -1326,13 +1361,14 @@ def main() -> int:
             p.add_argument("--paired", default=str(ROOT / "sample_data" / "paper" / "long_context_paired.csv"),
                            help="the shipped paired table whose cells are re-run (default: %(default)s)")
             p.add_argument("--frontier", action="store_true",
-                           help="re-run both ends of every placed bracket instead (the frontier table beside "
-                                "--paired) and check them against its fitted frontier; then refit over every seed")
+                           help="re-run both ends of every placed bracket instead (long_context_frontier.csv in the "
+                                "folder of --paired) and check them against its fitted frontier, then refit over "
+                                "both seed sets; writes long_context_spot_frontier.csv there, replacing it")
     c = sub.add_parser("compare")
     c.add_argument("--csv", default=str(SHIPPED), help="a sweep table (default: the shipped capacity sweep)")
     args = ap.parse_args()
-    if args.cmd in ("spot", "window") and args.home == Path(tempfile.gettempdir()) / "memcore-bench-memft":
-        args.home = Path(tempfile.gettempdir()) / f"memcore-bench-memft-{args.cmd}"  # never the run's own store
+    if args.cmd == "spot" and (problem := spot_seeds_problem(args.seeds, shipped_seeds(Path(args.paired)))):
+        ap.error(problem)
     if getattr(args, "batch", "auto") != "auto":
         args.batch = int(args.batch)
     return main_of({"run": run, "report": report, "spot": spot, "window": window, "compare": compare}[args.cmd],

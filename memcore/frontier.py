@@ -245,10 +245,10 @@ def _mle(lr: np.ndarray, ll: np.ndarray, y: np.ndarray, start: np.ndarray) -> np
 
 
 def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, bits_per_token: float | None = None,
-                 p_eff_per_rank: float | None = None, seed: int = 0) -> FrontierFit:
+                 p_eff_per_rank: float | None = None, seed: int = 0, resamples: int = BOOTSTRAP) -> FrontierFit:
     """Fit ℓ*(r) = e^a · r^γ to recall outcomes by logistic maximum likelihood (see the module docstring).
 
-    rank, length: [n] (length in tokens); recalled: [n] bool. Intervals: bootstrap 95% (BOOTSTRAP resamples
+    rank, length: [n] (length in tokens); recalled: [n] bool. Intervals: bootstrap 95% (`resamples` resamples
     within each rank, seeded). Raises MemcoreError when there are fewer than 2 ranks, or no recalled or no
     unrecalled point (the frontier then lies outside the grid: it can only be bounded, see
     interpolated_frontier)."""
@@ -266,7 +266,7 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(r == v) for v in np.unique(r)]
     boot = []
-    for _ in range(BOOTSTRAP):
+    for _ in range(resamples):
         idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
         if y[idx].all() or not y[idx].any():
             continue
@@ -298,8 +298,8 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
                        bits_per_token, p_eff_per_rank, notes, separating, (r, ell, y))
 
 
-def frontier_from_table(df: pd.DataFrame,
-                        method: str | None = None) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
+def frontier_from_table(df: pd.DataFrame, method: str | None = None,
+                        resamples: int = BOOTSTRAP) -> tuple[list[RankFrontier], FrontierFit | None, str | None]:
     """Interpolated and fitted frontiers of a sweep table (optionally one method's rows). The fit is None (with
     the reason as the third value) when the grid does not bracket the frontier."""
     df = method_rows(df, method)
@@ -314,7 +314,7 @@ def frontier_from_table(df: pd.DataFrame,
     src = _source_bits(df)
     try:
         fit = fit_frontier(df["rank"].to_numpy(float), df["length"].to_numpy(float), y, bits_per_token=per_token,
-                           p_eff_per_rank=per_rank_peff)
+                           p_eff_per_rank=per_rank_peff, resamples=resamples)
     except MemcoreError as e:
         return per_rank, None, str(e)
     fit.source_bits = src

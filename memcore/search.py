@@ -648,11 +648,12 @@ class SearchResult:
                 "fit_errors": self.fit_errors}
 
 
-def search_result(search: FrontierSearch, progress: SearchProgress) -> SearchResult:
-    """The result of a search run so far: brackets from `progress`, fits from every probe in the store."""
+def search_result(search: FrontierSearch, progress: SearchProgress, resamples: int | None = None) -> SearchResult:
+    """The result of a search run so far: brackets from `progress`, fits from every probe in the store, each with
+    `resamples` bootstrap resamples (default memcore.frontier.BOOTSTRAP)."""
     import pandas as pd
 
-    from memcore.frontier import frontier_from_table
+    from memcore.frontier import BOOTSTRAP, frontier_from_table
     from memcore.sweep import sweep_table
 
     df = pd.DataFrame(sweep_table(search.store, search.search.id))
@@ -663,7 +664,7 @@ def search_result(search: FrontierSearch, progress: SearchProgress) -> SearchRes
             fits[m], errors[m] = None, "no probe completed"
             continue
         try:
-            _, fits[m], errors[m] = frontier_from_table(df, m)
+            _, fits[m], errors[m] = frontier_from_table(df, m, resamples or BOOTSTRAP)
         except MemcoreError as e:
             fits[m], errors[m] = None, str(e)
     return SearchResult(search.search.id, progress, search.longest, fits, errors, df.to_dict("records"),

@@ -460,7 +460,7 @@ def test_the_frontier_spot_check_counts_each_end_against_the_shipped_fit_and_ref
     count the fit makes implausible (2 of 2 recalled far past the frontier) is outside. The refit over every seed
     keeps memft-ot's known lead over sft; no difference is given at a rank where sft's bracket is not placed."""
     df, ends = _ends_table(new_at_hi=False)
-    t = _bench().frontier_spot(df, ends, (10, 11), sft_placed={1}).set_index(["method", "end"])
+    t = _bench().frontier_spot(df, ends, (10, 11), sft_placed={1}, shipped_seeds=range(10)).set_index(["method", "end"])
     assert list(t["new_runs"]) == [2, 2, 2, 2] and list(t["shipped_runs"]) == [10, 10, 10, 10]
     assert t.loc[("sft", "lo"), "new_recalled"] == 2 and t["inside"].all()
     assert t.loc[("sft", "lo"), "p_fit"] > t.loc[("sft", "hi"), "p_fit"]
@@ -469,13 +469,37 @@ def test_the_frontier_spot_check_counts_each_end_against_the_shipped_fit_and_ref
     assert ot["pooled_minus_sft_lo"] < truth < ot["pooled_minus_sft_hi"]
     assert ot["pooled_minus_sft_verdict"] == ot["shipped_minus_sft_verdict"] == "more"
     assert ot["pooled_lo"] < 25 < ot["pooled_hi"]
-    assert "pooled_minus_sft" not in _bench().frontier_spot(df, ends, (10, 11), sft_placed=set()).columns
+    no_sft = _bench().frontier_spot(df, ends, (10, 11), sft_placed=set(), shipped_seeds=range(10))
+    assert "pooled_minus_sft" not in no_sft.columns
 
     df, ends = _ends_table(new_at_hi=True)
-    t = _bench().frontier_spot(df, ends, (10, 11), sft_placed={1}).set_index(["method", "end"])
+    t = _bench().frontier_spot(df, ends, (10, 11), sft_placed={1}, shipped_seeds=range(10)).set_index(["method", "end"])
     assert t.loc[("sft", "hi"), "length"] == 64 and t.loc[("sft", "hi"), "new_recalled"] == 2
     assert not t.loc[("sft", "hi"), "inside"]  # sft recalling 64 tokens on both new seeds: far past its frontier
     assert t.loc[("memft-ot", "hi"), "inside"]  # memft-ot failing there, as its fit says
+
+
+def test_the_frontier_spot_counts_the_benchmarks_seeds_as_shipped_and_only_the_new_seeds_points_at_the_ends():
+    """A store that also holds another spot's seeds (12: not this check's) and the new seeds' points away from the
+    ends: none of them is counted as shipped or enters the refit."""
+    df, ends = _ends_table(new_at_hi=False)
+    extra = pd.DataFrame([{"method": "sft", "rank": 1, "length": 24, "seed": 12, "around": False,
+                           "exact_recall": True, "p_eff": 1152},
+                          {"method": "sft", "rank": 1, "length": 64, "seed": 10, "around": False,
+                           "exact_recall": True, "p_eff": 1152}])
+    bench = _bench()
+    plain = bench.frontier_spot(df, ends, (10, 11), sft_placed={1}, shipped_seeds=range(10))
+    more = bench.frontier_spot(pd.concat([df, extra], ignore_index=True), ends, (10, 11), sft_placed={1},
+                               shipped_seeds=range(10))
+    pd.testing.assert_frame_equal(plain, more)
+
+
+def test_a_spot_re_run_needs_seeds_other_than_the_benchmarks():
+    problem = _bench().spot_seeds_problem
+    assert problem([3, 4], (0, 1, 2)) is None
+    assert problem(None, (0, 1, 2)) == ("spot needs other seeds than the benchmark's own (0, 1, 2): e.g. --seeds 3 4")
+    assert problem([2, 3], (0, 1, 2)) == ("seed 2 is the benchmark's own (its seeds: 0, 1, 2): a spot re-run needs "
+                                          "other seeds")
 
 
 def test_a_frontier_spot_takes_both_ends_of_the_placed_brackets_only():

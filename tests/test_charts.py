@@ -564,11 +564,11 @@ def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
                 drawn[r["length"]]["written_at"] = r["at"]
     assert drawn[32] == {"bar": (-11.0, 7.0), "mean": (-2.0, True)}  # inside: as it is, no arrow, no numbers
     assert drawn[45]["bar"] == (-span, span) and drawn[45]["mean"] == (9.0, True)
-    assert drawn[45]["arrows"] == {"triangle-left", "triangle-right"} and drawn[45]["numbers"] == "+9 [-190, +180]"
+    assert drawn[45]["arrows"] == {"triangle-left", "triangle-right"} and drawn[45]["numbers"] == "+9 [−190, +180]"
     assert drawn[91]["mean"] == (span, False)  # the mean itself is past the edge: an open point at the edge
-    assert drawn[91]["numbers"] == "+429.5 [-4608, +5468]" and drawn[91]["written_at"] == span
+    assert drawn[91]["numbers"] == "+429.5 [−4608, +5468]" and drawn[91]["written_at"] == span
     assert drawn[108]["mean"] == (-span, False) and drawn[108]["written_at"] == -span  # by the edge its mean is past
-    assert drawn[118] == {"mean": (-span, False), "numbers": "-806 (one seed, no interval)", "written_at": -span}
+    assert drawn[118] == {"mean": (-span, False), "numbers": "−806 (one seed, no interval)", "written_at": -span}
 
 
 def test_the_frontier_chart_labels_a_tick_below_its_lowest_bracket_end_and_above_its_highest():
