@@ -323,7 +323,8 @@ def frontier_spot_words(table: pd.DataFrame) -> str:
     inside = int(checked["inside"].astype(bool).sum())
     out = [f"Frontier spot re-run with seeds {', '.join(map(str, seeds))} (`{command}`): at {inside} of "
            f"{len(checked)} bracket ends the new seeds' recall is a plausible draw from the frontier fitted to the "
-           "shipped seeds (its exact interval meets the fit's 95% band of P(recall) there)"]
+           "benchmark's own seeds (its exact interval meets the fit's 95% band of P(recall) there: with few new seeds "
+           "a weak check)"]
     for _, r in checked[~checked["inside"].astype(bool)].iterrows():
         out.append(f"not at {r['method']} r{int(r['rank'])} · {int(r['length'])} tokens: {int(r['new_recalled'])} of "
                    f"{int(r['new_runs'])} recalled where the fit gives P(recall) {r['p_fit']:.2f} "
@@ -337,11 +338,12 @@ def frontier_spot_words(table: pd.DataFrame) -> str:
         if pd.notna(r.get("pooled_minus_sft")):
             words += f", − sft {difference(r, 'pooled')} **{r['pooled_minus_sft_verdict']}**"
             if pd.notna(r.get("shipped_minus_sft")):
-                words += f" (shipped seeds: {difference(r, 'shipped')} {r['shipped_minus_sft_verdict']})"
+                words += f" (the benchmark's seeds alone: {difference(r, 'shipped')} {r['shipped_minus_sft_verdict']})"
         refit.append(words)
     line = "; ".join(out) + "."
     if refit:
-        line += " Refitted over every seed (tokens, 95% interval): " + "; ".join(refit) + "."
+        line += (" Refitted over the benchmark's points and the new seeds' at the ends (tokens, 95% interval): "
+                 + "; ".join(refit) + ".")
     return line
 
 
