@@ -470,14 +470,13 @@ def frontier_spot(df, ends, new_seeds, sft_placed, shipped_seeds=(0, 1, 2)) -> p
     import pandas as pd
 
     from memcore.config import MemcoreError
-    from memcore.frontier import frontier_difference, frontier_from_table, recall_count_inside
+    from memcore.frontier import frontier_from_table, recall_count_inside
     from memcore.law import as_bool
 
     at_ends = {(m, rank, length) for m, rank, _, length in ends}
-    new = df["seed"].isin(list(new_seeds))
-    probe_at_end = [(m, r, n) in at_ends and not a for m, r, n, a in
-                    zip(df["method"], df["rank"], df["length"], df["around"].astype(bool))]
-    df = df[df["seed"].isin(list(shipped_seeds)) | (new & pd.Series(probe_at_end, index=df.index))]
+    probe_at_end = pd.Series([(m, r, n) in at_ends and not a for m, r, n, a in
+                              zip(df["method"], df["rank"], df["length"], df["around"].astype(bool))], index=df.index)
+    df = df[df["seed"].isin(list(shipped_seeds)) | (df["seed"].isin(list(new_seeds)) & probe_at_end)]
     new = df["seed"].isin(list(new_seeds))
     recalled = as_bool(df["exact_recall"])
     methods = list(dict.fromkeys(["sft"] + [m for m, *_ in ends]))
@@ -508,13 +507,8 @@ def frontier_spot(df, ends, new_seeds, sft_placed, shipped_seeds=(0, 1, 2)) -> p
                 continue
             row[f"{kind}_ell_star"] = float(f[m].ell_star(rank))
             row[f"{kind}_lo"], row[f"{kind}_hi"] = f[m].ell_star_interval(rank)
-            if m != "sft" and rank in sft_placed and f["sft"] is not None:
-                try:
-                    d, lo, hi, verdict = frontier_difference(f[m], f["sft"], rank)
-                except MemcoreError:
-                    continue
-                row |= {f"{kind}_minus_sft": d, f"{kind}_minus_sft_lo": lo, f"{kind}_minus_sft_hi": hi,
-                        f"{kind}_minus_sft_verdict": verdict}
+            if rank in sft_placed:
+                row |= minus_sft(f, m, rank, prefix=f"{kind}_")
         out.append(row)
     return pd.DataFrame(out)
 
@@ -611,20 +605,29 @@ def frontier_differences(fits, rows) -> dict[tuple[str, int], dict]:
     """(method, rank) -> minus_sft, minus_sft_lo, minus_sft_hi (tokens) and minus_sft_verdict ('more', 'fewer',
     'tie') of memcore.frontier.frontier_difference, for every method other than sft at the ranks where both its
     bracket and sft's are placed (rows: SearchResult.rows() with `settled`) and both have a fit."""
-    from memcore.config import MemcoreError
-    from memcore.frontier import frontier_difference
-
     placed = [(r["method"], r["rank"]) for r in rows if r.get("settled") and r.get("fitted_lo") is not None]
     out = {}
     for m, rank in placed:  # in the rows' order (the search's methods, then rank)
-        if m == "sft" or ("sft", rank) not in placed or fits.get(m) is None or fits.get("sft") is None:
-            continue
-        try:
-            d, lo, hi, verdict = frontier_difference(fits[m], fits["sft"], rank)
-        except MemcoreError:
-            continue
-        out[(m, rank)] = {"minus_sft": d, "minus_sft_lo": lo, "minus_sft_hi": hi, "minus_sft_verdict": verdict}
+        if ("sft", rank) in placed and (d := minus_sft(fits, m, rank)):
+            out[(m, rank)] = d
     return out
+
+
+def minus_sft(fits, method: str, rank: int, prefix: str = "") -> dict:
+    """{prefix}minus_sft, _lo, _hi (tokens) and _verdict of memcore.frontier.frontier_difference between `method`'s
+    fit and sft's at `rank` (fits: method -> FrontierFit or None); empty for sft itself, a method without a fit, or
+    fits without bootstrap resamples to compare."""
+    from memcore.config import MemcoreError
+    from memcore.frontier import frontier_difference
+
+    if method == "sft" or fits.get(method) is None or fits.get("sft") is None:
+        return {}
+    try:
+        d, lo, hi, verdict = frontier_difference(fits[method], fits["sft"], rank)
+    except MemcoreError:
+        return {}
+    return {f"{prefix}minus_sft": d, f"{prefix}minus_sft_lo": lo, f"{prefix}minus_sft_hi": hi,
+            f"{prefix}minus_sft_verdict": verdict}
 
 
 def decisive_points(points, frontier, seeds: int) -> list[tuple[str, int, int, int, int]]:
