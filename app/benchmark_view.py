@@ -91,12 +91,12 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) ->
             return _rate(rate)
         return f"{round(float(rate) * k)} of {int(k)}" + (" so far" if seeds and k < seeds else "")
 
-    def training(r) -> str:
+    def training(r) -> str:  # the length in training and its seeds back, short enough for the column's width
         n = r.get("probing")
         if n is None or pd.isna(n):
             return "—"
         back = int(r.get("probing_back") or 0)
-        return f"{int(n)}" + (f" ({int(r.get('probing_recalled') or 0)} of {back} back recalled it)" if back else "")
+        return f"{int(n)}" + (f": {int(r.get('probing_recalled') or 0)} of {back} recalled" if back else "")
 
     rows = []
     for _, r in front.iterrows():
@@ -416,7 +416,9 @@ def render(store) -> None:
         st.dataframe(frontier_table(front, seeds=len(meta.get("seeds") or [])), hide_index=True, width="stretch")
         if "settled" in front and not front["settled"].astype(bool).all():
             st.caption("Bits per parameter: at the frontier once it is placed; while the search still trains there, "
-                       "at the longest length recalled so far (≥: a lower bound), or — where none is known yet.")
+                       "at the longest length recalled so far (≥: a lower bound), or — where none is known yet. In "
+                       "training: the length the search trains there now, and how many of its seeds back recalled "
+                       "it.")
         if (checked := _read(where / "long_context_window.csv")) is not None and len(checked):
             try:
                 st.caption(window_words(checked))

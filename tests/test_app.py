@@ -657,7 +657,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     # bits per parameter at the longest recalled so far is a lower bound while the search still trains there
     assert list(table["bits/param"]) == ["0.600", "0.600", "0.600", "≥ 0.600", "0.600", "≥ 0.600"]
     # what each open frontier is training now, and how its seeds back have done
-    assert list(table["in training (tokens)"]) == ["—", "—", "—", "160 (1 of 1 back recalled it)", "—", "40"]
+    assert list(table["in training (tokens)"]) == ["—", "—", "—", "160: 1 of 1 recalled", "—", "40"]
     # the fitted ℓ* with its interval where placed, and each method's minus sft's
     assert list(table["fitted ℓ* [95%] (tokens)"]) == ["39.2 [38.1, 40.9]", "78.1 [75.0, 81.0]", "41.5 [40.2, 44.0]",
                                                       "—", "37.0 [35.5, 38.2]", "—"]
