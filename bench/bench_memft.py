@@ -709,6 +709,7 @@ def window(args: argparse.Namespace) -> int:
         chosen = [c for c in chosen if not args.seeds or c[3] in args.seeds]
     else:
         chosen = window_points(points, set(args.seeds) if args.seeds else None)
+    chosen = [c for c in chosen if c[0] in args.methods and c[1] in args.ranks]  # --methods, --ranks choose which
     if not chosen:
         print(f"no point in {shown(table)} stopped on the plateau without recall: nothing to check")
         return 0

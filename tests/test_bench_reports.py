@@ -338,9 +338,9 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
              "0.1", "--plateau-window", "2", "--points", str(table), "--keep", str(tmp_path / "kept"),
              "--run-keep", str(tmp_path / "no-copies")]
 
-    def window(home):
-        done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memft.py"), "window", *flags, "--home",
-                               str(tmp_path / home)], capture_output=True, text=True, timeout=600)
+    def window(home, *more):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memft.py"), "window", *flags, *more,
+                               "--home", str(tmp_path / home)], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout
 
@@ -364,6 +364,16 @@ def test_the_window_check_trains_the_stopped_points_on_without_the_rule(default_
     assert "window: 1 point without the rule to train" in window("b")
     got = pd.read_csv(tmp_path / "long_context_window.csv")
     assert sorted(zip(got["method"], got["length"])) == [("memft-ot", 160), ("sft", 100), ("sft", 160)]
+    # both methods' nearest stops move again; --methods memft-ot checks memft-ot's alone, the table keeps the rest
+    pd.read_csv(table).pipe(lambda d: pd.concat([d, pd.DataFrame([
+        {"method": "sft", "rank": 1, "length": 80, "seed": 0, "exact_recall": False, "stop_reason": "plateau",
+         "steps": 8},
+        {"method": "memft-ot", "rank": 1, "length": 120, "seed": 0, "exact_recall": False,
+         "stop_reason": "plateau", "steps": 8}])])).to_csv(table, index=False)
+    assert "window: 1 point without the rule to train" in window("b", "--methods", "memft-ot")
+    got = pd.read_csv(tmp_path / "long_context_window.csv")
+    assert sorted(zip(got["method"], got["length"])) == [("memft-ot", 120), ("memft-ot", 160), ("sft", 100),
+                                                         ("sft", 160)]
 
 
 def test_the_long_context_benchmark_runs_both_stages_and_reports_complete_tables(default_model_dir, tmp_path):
