@@ -310,11 +310,12 @@ def difference(r, kind: str) -> str:
             f"{signed(r[f'{kind}_minus_sft_hi'], 'ell_star')}]")
 
 
-def frontier_spot_words(table: pd.DataFrame) -> str:
+def frontier_spot_words(table: pd.DataFrame, front: pd.DataFrame | None = None) -> str:
     """The frontier's spot re-run (bench_memft.py spot --frontier: every placed bracket's ends trained again with
     other seeds) in words: how many ends' new recall counts the shipped seeds' fitted frontier makes plausible, each
     end that it does not, and ℓ* refitted over every seed with each method's difference from sft's beside the
-    shipped one."""
+    shipped one. front: the benchmark's frontier table now (long_context_frontier.csv); where its difference from
+    sft has moved since the spot ran (the benchmark went on: more points, another fit), both are given, each named."""
     seeds = sorted({int(s) for cell in table["new_seeds"].astype(str) for s in cell.split(",") if s.strip()})
     ranks = sorted({int(r) for r in table["rank"]})
     command = (f"python bench/bench_memft.py spot --frontier --seeds {' '.join(map(str, seeds))} "
@@ -338,7 +339,18 @@ def frontier_spot_words(table: pd.DataFrame) -> str:
         if pd.notna(r.get("pooled_minus_sft")):
             words += f", − sft {difference(r, 'pooled')} **{r['pooled_minus_sft_verdict']}**"
             if pd.notna(r.get("shipped_minus_sft")):
-                words += f" (the benchmark's seeds alone: {difference(r, 'shipped')} {r['shipped_minus_sft_verdict']})"
+                now = None
+                if front is not None and "minus_sft" in front:
+                    at = front[(front["method"] == m) & (front["rank"] == rank)]
+                    now = at.iloc[0] if len(at) and pd.notna(at.iloc[0]["minus_sft"]) else None
+                moved = now is not None and any(abs(float(now[f"minus_sft{k}"]) - float(r[f"shipped_minus_sft{k}"]))
+                                                >= 0.05 for k in ("", "_lo", "_hi"))
+                words += (f" (the benchmark's seeds alone{', on its points when the spot ran' if moved else ''}: "
+                          f"{difference(r, 'shipped')} {r['shipped_minus_sft_verdict']}"
+                          + (f"; refitted since on the points it has now, as in the table above: "
+                             f"{signed(now['minus_sft'], 'ell_star')} [{signed(now['minus_sft_lo'], 'ell_star')}, "
+                             f"{signed(now['minus_sft_hi'], 'ell_star')}] {now['minus_sft_verdict']}" if moved
+                             else "") + ")")
         refit.append(words)
     line = "; ".join(out) + "."
     if refit:
@@ -426,7 +438,7 @@ def render(store) -> None:
                 st.warning(f"Could not read long_context_window.csv as a window check: {e}")
         if (spotted := _read(where / "long_context_spot_frontier.csv")) is not None and len(spotted):
             try:
-                st.markdown(frontier_spot_words(spotted))
+                st.markdown(frontier_spot_words(spotted, front))
             except (KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
                 st.warning(f"Could not read long_context_spot_frontier.csv as a frontier spot re-run: {e}")
     if paired is not None:
@@ -442,8 +454,9 @@ def render(store) -> None:
             st.caption("The chart holds the benchmark's own seeds; the verdicts pooled with the spot re-run's seeds "
                        "are in the lines above it and the list below.")
         if (paired["n"] < paired["n"].max()).any():
-            st.caption("A cell with fewer seeds so far (a search end still being completed; dashed) has a much "
-                       "wider interval: it is drawn up to the chart's edge, an arrow there where it goes on (an open "
+            st.caption("A cell with fewer seeds (dashed: steps are paired only over the seeds both methods "
+                       "recalled, so near the frontier a cell may keep two or one; a stage-2 cell may still be "
+                       "training) has a much wider interval: it is drawn up to the chart's edge, an arrow there where it goes on (an open "
                        "point at the edge when its mean lies past it too), with its numbers written at the edge; the "
                        "paired table gives it whole.")
         if set(paired.get("where", pd.Series(dtype=str)).astype(str)) <= {"search probe"}:

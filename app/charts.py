@@ -742,8 +742,8 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     y = alt.Y("cell:N", title=None, sort=list(d["cell"]), axis=alt.Axis(labelLimit=320))
     tips = ["cell:N", alt.Tooltip("mean:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f", title="95% lo"),
             alt.Tooltip("hi:Q", format="+.3f", title="95% hi"), alt.Tooltip("n:Q", title="seeds"), "verdict:N"]
-    # the axis spans the cells with every seed: a cell of fewer seeds so far (a search end still being completed)
-    # has an interval many times wider, which would squeeze the rest to a dot. Such a cell is drawn up to the edge
+    # the axis spans the cells with every seed: a cell of fewer seeds (paired only where both methods recalled, or
+    # a stage-2 cell still training) has an interval many times wider, which would squeeze the rest to a dot. Such a cell is drawn up to the edge
     # with an arrow there (the interval goes on), its mean at the edge as an open point when the mean itself lies
     # past it, and its numbers written beside the edge; the tooltip gives them all.
     full = d[d["n"] >= d["n"].max()] if len(d) else d

@@ -1168,7 +1168,8 @@ def still_open(fs) -> list[str]:
 
 
 def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token", past_steps: float | None = None) -> str:
-    """'between A and B probes (and N other points) to go (about X-Y h at this search's pace so far ...)' for a
+    """'between A and B probes (and N points beside them) to go (about X-Y h at this search's pace so far ...)', or
+    'the search's probes done, the N points to go (...)' once no probe is left, for a
     FrontierSearch whose verdicts are read, `done` its completed points (a DataFrame with length, steps and
     exact_recall), `stage2` the (length, factor) of other points still to train. '' when nothing is left.
 
@@ -1182,7 +1183,8 @@ def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token", past_steps: fl
         return ""
     count = f"{fewest} probes" if fewest == most else f"between {fewest} and {most} probes"
     if len(stage2):
-        count += f" and {points_word(len(stage2))} beside them"
+        count = (f"the search's probes done, the {points_word(len(stage2))}" if most == 0
+                 else f"{count} and {points_word(len(stage2))} beside them")
     wall = ledger.get("wall_s")
     if done is None or not len(done) or not wall:
         return f"{count} to go"

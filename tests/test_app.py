@@ -632,6 +632,29 @@ def test_law_page_names_a_broken_benchmark_table_and_shows_the_rest(app_env, tmp
                for t in at.dataframe)
 
 
+def test_the_frontier_spot_says_when_the_benchmark_was_refitted_since(tmp_path, monkeypatch):
+    """The spot's 'benchmark's seeds alone' difference is the fit when the spot ran; once the benchmark goes on and
+    its table is refitted, the words give both, each named, instead of two intervals for one quantity."""
+    import sys
+
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(Path(APP).parent))
+    sys.modules.pop("benchmark_view", None)
+    from benchmark_view import frontier_spot_words
+
+    _benchmark_tables(tmp_path)
+    spot = pd.read_csv(tmp_path / "long_context_spot_frontier.csv")
+    front = pd.read_csv(tmp_path / "long_context_frontier.csv")
+    same = frontier_spot_words(spot, front)  # the table as the spot saw it: one interval, as before
+    assert "(the benchmark's seeds alone: +2.3 [+0.4, +4.6] more)" in same and "refitted since" not in same
+    front.loc[front["method"] == "memft-ot", ["minus_sft", "minus_sft_lo", "minus_sft_hi", "minus_sft_verdict"]] = \
+        [2.3, -0.1, 4.9, "tie"]  # more points since: the lower end crossed 0
+    moved = frontier_spot_words(spot, front)
+    assert ("(the benchmark's seeds alone, on its points when the spot ran: +2.3 [+0.4, +4.6] more; refitted since "
+            "on the points it has now, as in the table above: +2.3 [−0.1, +4.9] tie)") in moved
+
+
 def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tmp_path, monkeypatch):
     """The benchmark's frontier per method (brackets, open ends in words), the paired differences with their
     verdicts drawn and counted, and a user's own run placed against the brackets with what it differs in."""

@@ -125,7 +125,7 @@ def test_what_is_left_is_costed_by_length_times_steps_at_the_pace_so_far():
     finished = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)), unsettled=lambda: [])
     assert bench.to_go(finished, {"wall_s": 10.0}, done) == ""
     assert bench.to_go(finished, {"wall_s": 92000.0}, done, stage2=[(50, 1.5)]).startswith(
-        "0 probes and 1 point beside them to go (about 14 h at")  # 50 × 1,000 s
+        "the search's probes done, the 1 point to go (about 14 h at")  # 50 × 1,000 s
 
 
 def test_stage_two_trains_each_factor_at_every_placed_rank_before_the_next_factor():
