@@ -24,11 +24,11 @@ SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
 ORDER = ("sft", "memft-ot", "memft-sw")
 MEASURES = {  # paired measure -> what the axis says
     "steps": "steps to exact recall (fewer is better)",
-    "exact_recall": "exact recall (share of seeds)",
-    "token_accuracy": "token accuracy",
-    "frac_above": "share of tokens with p > τ",
-    "verbatim_prefix": "verbatim prefix (tokens)",
-    "delta_loss": "ΔL (nats/token)",
+    "exact_recall": "exact recall (share of seeds; higher is better)",
+    "token_accuracy": "token accuracy (share of tokens; higher is better)",
+    "frac_above": "share of tokens with p > τ (higher is better)",
+    "verbatim_prefix": "verbatim prefix (tokens; longer is better)",
+    "delta_loss": "ΔL (nats/token; higher is better)",
 }
 COMMANDS = ("python bench/bench_memft.py run && python bench/bench_memft.py report --out sample_data/paper",
             "python bench/bench_phonebook.py run && python bench/bench_phonebook.py report --out sample_data/paper")
