@@ -304,10 +304,12 @@ def show_spot(spot: pd.DataFrame) -> None:
     st.markdown("\n".join(lines))
 
 
-def difference(r, kind: str) -> str:
-    """'+d [lo, hi]' of a frontier spot row's `kind`_minus_sft columns (tokens, one decimal, true minus signs)."""
-    return (f"{signed(r[f'{kind}_minus_sft'], 'ell_star')} [{signed(r[f'{kind}_minus_sft_lo'], 'ell_star')}, "
-            f"{signed(r[f'{kind}_minus_sft_hi'], 'ell_star')}]")
+def difference(r, kind: str = "") -> str:
+    """'+d [lo, hi]' of a row's `kind`_minus_sft columns (a frontier spot row's 'shipped' or 'pooled'; '' for the
+    frontier table's own minus_sft), in tokens, one decimal, true minus signs."""
+    col = f"{kind}_minus_sft" if kind else "minus_sft"
+    return (f"{signed(r[col], 'ell_star')} [{signed(r[f'{col}_lo'], 'ell_star')}, "
+            f"{signed(r[f'{col}_hi'], 'ell_star')}]")
 
 
 def frontier_spot_words(table: pd.DataFrame, front: pd.DataFrame | None = None) -> str:
@@ -348,9 +350,7 @@ def frontier_spot_words(table: pd.DataFrame, front: pd.DataFrame | None = None) 
                 words += (f" (the benchmark's seeds alone{', on its points when the spot ran' if moved else ''}: "
                           f"{difference(r, 'shipped')} {r['shipped_minus_sft_verdict']}"
                           + (f"; refitted since on the points it has now, as in the table above: "
-                             f"{signed(now['minus_sft'], 'ell_star')} [{signed(now['minus_sft_lo'], 'ell_star')}, "
-                             f"{signed(now['minus_sft_hi'], 'ell_star')}] {now['minus_sft_verdict']}" if moved
-                             else "") + ")")
+                             f"{difference(now)} {now['minus_sft_verdict']}" if moved else "") + ")")
         refit.append(words)
     line = "; ".join(out) + "."
     if refit:
@@ -456,9 +456,9 @@ def render(store) -> None:
         if (paired["n"] < paired["n"].max()).any():
             st.caption("A cell with fewer seeds (dashed: steps are paired only over the seeds both methods "
                        "recalled, so near the frontier a cell may keep two or one; a stage-2 cell may still be "
-                       "training) has a much wider interval: it is drawn up to the chart's edge, an arrow there where it goes on (an open "
-                       "point at the edge when its mean lies past it too), with its numbers written at the edge; the "
-                       "paired table gives it whole.")
+                       "training) has a much wider interval: it is drawn up to the chart's edge, an arrow there where "
+                       "it goes on (an open point at the edge when its mean lies past it too), with its numbers "
+                       "written at the edge; the paired table gives it whole.")
         if set(paired.get("where", pd.Series(dtype=str)).astype(str)) <= {"search probe"}:
             st.caption("So far these are the search's own probes: steps to exact recall where both methods recalled "
                        "the same seeds' tokens. Fidelity past the frontier (token accuracy, tokens above τ, verbatim "

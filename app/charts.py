@@ -743,9 +743,9 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     tips = ["cell:N", alt.Tooltip("mean:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f", title="95% lo"),
             alt.Tooltip("hi:Q", format="+.3f", title="95% hi"), alt.Tooltip("n:Q", title="seeds"), "verdict:N"]
     # the axis spans the cells with every seed: a cell of fewer seeds (paired only where both methods recalled, or
-    # a stage-2 cell still training) has an interval many times wider, which would squeeze the rest to a dot. Such a cell is drawn up to the edge
-    # with an arrow there (the interval goes on), its mean at the edge as an open point when the mean itself lies
-    # past it, and its numbers written beside the edge; the tooltip gives them all.
+    # a stage-2 cell still training) has an interval many times wider, which would squeeze the rest to a dot. Such
+    # a cell is drawn up to the edge with an arrow there (the interval goes on), its mean at the edge as an open
+    # point when the mean itself lies past it, and its numbers written beside the edge; the tooltip gives them all.
     full = d[d["n"] >= d["n"].max()] if len(d) else d
     span = full[["mean", "lo", "hi"]].abs().max().max()
     span = float(span) * 1.1 if np.isfinite(span) and span > 0 else 1.0
