@@ -53,7 +53,7 @@ def _read(path: Path) -> pd.DataFrame | None:
     return df if len(df) else None
 
 
-def _meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
     """A report's side JSON (note, state, command, wall_s), {} when missing or unreadable."""
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -147,7 +147,7 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
     if front is None or "method" not in front or method not in set(front["method"]):
         return None
     d = front[front["method"] == method].sort_values("rank")
-    meta = _meta(folder() / "long_context.json")
+    meta = read_meta(folder() / "long_context.json")
     budget = (meta.get("settings") or {}).get("max steps")
     where = (f"The long-context benchmark (random tokens, up to {budget:,} steps and a plateau"
              if budget else "The long-context benchmark (random tokens, trained to a plateau") + \
@@ -164,6 +164,59 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
     best = known.sort_values("lo").iloc[-1]
     return (f"{where}: no rank it searches ({', '.join(str(int(x)) for x in d['rank'])}) has {method} recalling "
             f"{tokens} tokens; the most is {int(best['lo'])} at rank {int(best['rank'])}.")
+
+
+ANCHOR = "memft-against-sft"  # the benchmark section's heading, linked from the top of the law page
+
+
+def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
+                  sweep_budget: int | None = None) -> str | None:
+    """The long-context benchmark's answer in one paragraph for the top of the law page: per method and rank the
+    fitted verbatim-recall frontier ℓ* (tokens) and, for MemFT, its difference from sft's with the verdict, the
+    budget and seeds it was trained with, and a link to the section below. front: long_context_frontier.csv (read
+    from folder() when None); meta: long_context.json; sweep_budget: the step budget of the shipped sweep the page's
+    law is fitted on, said when it is shorter than the benchmark's. None when there is no benchmark table or nothing
+    placed."""
+    if front is None:
+        front = _read(folder() / "long_context_frontier.csv")
+        meta = read_meta(folder() / "long_context.json")
+    meta = meta or {}
+    if front is None or not {"method", "rank"} <= set(front.columns):
+        return None
+    col = "fitted_ell_star" if "fitted_ell_star" in front else "ell_star"
+    placed = front[front[col].notna()] if col in front else front.iloc[:0]
+    if not len(placed):
+        return None
+    ranks = sorted({int(r) for r in placed["rank"]})
+    rows = [f"| ℓ* (tokens) | {' | '.join(f'rank {r}' for r in ranks)} |", f"|---|{'---:|' * len(ranks)}"]
+    for m in _order(placed["method"]):
+        cells = []
+        for rank in ranks:
+            at = placed[(placed["method"] == m) & (placed["rank"] == rank)]
+            if not len(at):
+                cells.append("—")
+                continue
+            r = at.iloc[0]
+            cell = f"{float(r[col]):.1f}"
+            if pd.notna(r.get("minus_sft")):
+                verdict = r["minus_sft_verdict"]
+                cell += f" ({signed(r['minus_sft'], 'ell_star')}: {f'**{verdict}**' if verdict != 'tie' else verdict})"
+            cells.append(cell)
+        rows.append(f"| {m} | {' | '.join(cells)} |")
+    budget = (meta.get("settings") or {}).get("max steps")
+    seeds = meta.get("seeds") or []
+    how = ", ".join(x for x in (f"up to {budget:,} steps" if budget else "",
+                                f"{len(seeds)} seeds" if seeds else "") if x)
+    interim = str(meta.get("state", "")).startswith("interim")
+    return (f"**What the long-context benchmark finds on this model**{f' ({how})' if how else ''}: the fitted "
+            "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
+            "crosses 1/2; in brackets MemFT's "
+            "difference from sft's (more, fewer, or a tie where its 95% interval holds 0).\n\n" + "\n".join(rows)
+            + f"\n\n[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
+            + (" (interim: it is still training)" if interim else "") + "."
+            + (f" The shipped sweep the law below is fitted on stops at {sweep_budget:,} steps, so its frontier sits "
+               "shorter and does not tell the methods apart." if sweep_budget and budget and sweep_budget < budget
+               else ""))
 
 
 def window_words(checked: pd.DataFrame) -> str:
@@ -381,12 +434,12 @@ def verdict_line(paired: pd.DataFrame, method: str, spot: pd.DataFrame | None = 
 def render(store) -> None:
     """Draw the section; a note with the commands when no tables have been written yet."""
     where = folder()
-    st.subheader("MemFT against SFT, with intervals")
+    st.subheader("MemFT against SFT, with intervals", anchor=ANCHOR)
     front = _read(where / "long_context_frontier.csv")
     paired = _read(where / "long_context_paired.csv")
     law = _read(where / "long_context_law.csv")
     book = _read(where / "phonebook_capacity.csv")
-    meta = _meta(where / "long_context.json")
+    meta = read_meta(where / "long_context.json")
     if front is None and book is None:
         st.info(f"No benchmark tables in {where} yet. They come from\n\n```\n{COMMANDS[0]}\n{COMMANDS[1]}\n```\n\n"
                 "(hours on a CPU; the README says how long and how to run the paper's grid on a GPU).")
@@ -396,7 +449,7 @@ def render(store) -> None:
                "tokens above τ and argmax-right tokens, or at the step budget, and the points around sft's frontier "
                "until recalled or the step budget (the paper's), every method alike; the same seeds (and so the same "
                "data) for every method.")
-    for what, m in (("The long-context benchmark", meta), ("The PhoneBook benchmark", _meta(where / "phonebook.json"))):
+    for what, m in (("The long-context benchmark", meta), ("The PhoneBook benchmark", read_meta(where / "phonebook.json"))):
         if str(m.get("state", "")).startswith("interim"):
             st.warning(f"{what} is not finished: {m['state'].removeprefix('interim: ')}. Its tables hold what has "
                        f"been trained so far; `{m.get('command') or 'its run command'}` resumes it.")
@@ -497,7 +550,7 @@ def render(store) -> None:
     else:
         st.markdown("**PhoneBook capacity in facts**: the largest book recalled entry by entry, per method and rank "
                     "(a 10-digit number carries 33.2 bits).")
-        book_meta = _meta(where / "phonebook.json")
+        book_meta = read_meta(where / "phonebook.json")
         table = frontier_table(book, unit="entries", seeds=len(book_meta.get("seeds") or [])).rename(
             columns={"frontier (entries)": "largest book recalled (entries = facts)"})
         if "most_recalled" in book:

@@ -663,12 +663,20 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert not at.exception
     assert "MemFT against SFT, with intervals" in [h.value for h in at.subheader]
     assert any("bench/bench_memft.py run" in i.value for i in at.info)  # nothing yet: the command to make it
+    assert not any("What the long-context benchmark finds" in i.value for i in at.info)  # and no answer on top
 
     _benchmark_tables(tmp_path / "paper")
     monkeypatch.setenv("MEMCORE_BENCHMARK_DIR", str(tmp_path / "paper"))
     _own_run(tiny_model_dir)
     at = _app("app_pages/law.py")
     assert not at.exception
+    # the answer at the top of the page: each method's fitted frontier and difference from sft's, and a link down
+    top = next(i.value for i in at.info if i.value.startswith("**What the long-context benchmark finds"))
+    assert "(up to 2,000 steps)" in top
+    assert "| sft | 39.2 | 78.1 |" in top and "| memft-ot | 41.5 (+2.3: **more**) | — |" in top
+    assert "| memft-sw | 37.0 (−2.2: tie) | — |" in top
+    assert "](#memft-against-sft) (interim: it is still training)" in top
+    assert "The shipped sweep the law below is fitted on stops at 300 steps" in top
     md = " ".join(m.value for m in at.markdown)
     assert "**memft-ot − sft**: of 1 comparison it wins 1, ties 0, loses 0." in md
     assert ("**memft-sw − sft**: of 1 comparison it wins 0, ties 1, loses 0. Pooled with the spot re-run over 5 "

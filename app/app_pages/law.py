@@ -43,6 +43,10 @@ st.caption("ΔL = C · r^α · ℓ^(−β) + b: the loss reduction after trainin
            "grid start, with 95% intervals, on the points that converged short of full recall (as the paper does) "
            "where the sweep says how its points stopped and has enough of them, else on every point short of it; "
            "each method's fit says which.")
+_shipped_budget = (benchmark_view.read_meta(SHIPPED / "capacity_bypass_random.json").get("settings") or {}).get(
+    "max steps")  # the sweep the law is fitted on by default
+if (answer := benchmark_view.summary_words(sweep_budget=_shipped_budget)) is not None:
+    st.info(answer)
 
 search_view.render()
 
