@@ -449,7 +449,8 @@ def render(store) -> None:
                "tokens above τ and argmax-right tokens, or at the step budget, and the points around sft's frontier "
                "until recalled or the step budget (the paper's), every method alike; the same seeds (and so the same "
                "data) for every method.")
-    for what, m in (("The long-context benchmark", meta), ("The PhoneBook benchmark", read_meta(where / "phonebook.json"))):
+    for what, m in (("The long-context benchmark", meta),
+                    ("The PhoneBook benchmark", read_meta(where / "phonebook.json"))):
         if str(m.get("state", "")).startswith("interim"):
             st.warning(f"{what} is not finished: {m['state'].removeprefix('interim: ')}. Its tables hold what has "
                        f"been trained so far; `{m.get('command') or 'its run command'}` resumes it.")
