@@ -222,43 +222,75 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
 def window_words(checked: pd.DataFrame) -> str:
     """The plateau rule's check (bench_memft.py window: the points it stopped nearest each frontier, trained again
     without it) in words: how many recalled, how many of those the rule had cut short (the same curve up to its
-    stop) and how many took another floating-point path, and what a cut means for the brackets."""
+    stop) and how many took another floating-point path, what a cut means for the brackets, and, per method, what
+    the points it held gained from its stop to the budget. window_table gives each point."""
     t = window_tally(checked)
     k, n, cut, kinds = t.recalled, t.n, t.cut, t.kinds
     window = f"{int(checked['window'].iloc[0])} steps" if "window" in checked else "its window"
+    diverged = int((kinds == "diverged").sum())
     words = (f"The plateau rule ({window} without a new best) against points it stopped at the frontiers (the "
              f"nearest each, and those whose recall would move a bracket), trained again without it up to the step "
              f"budget (`python bench/bench_memft.py window`, `--decisive`): "
              f"{k} of {n} recalled, {cut} of them cut short by the rule (the share it cuts there: 95% "
-             f"Clopper-Pearson interval {t.cut_lo:.0%}–{t.cut_hi:.0%})")
-    gained = gained_after_stop(checked)
-    after = ([f"From the rule's stop to the budget, the points it held (not recalled either way) gained: "
-              f"{gained_words(gained)}. So the points past the frontier (stage 2) train to the common budget "
-              "instead of stopping on the rule."] if len(gained) else [])
-    held = checked[~as_bool(checked["recalled"])] if "open_wait" in checked else checked.iloc[:0]
-    if len(held) and held["open_wait"].notna().any():
-        after.append("At the budget, the held points: " + "; ".join(
-            " ".join(line.split()) for line in end_of_budget_words(held, int(checked["window"].iloc[0])
-                                                                   if "window" in checked else 200)) + ".")
-    if not k:
-        return " ".join([words + ", so the rule did not move these brackets' upper ends.", *after])
-    split = checked["diverged_at"] if "diverged_at" in checked else pd.Series([None] * n, index=checked.index)
-    which = "; ".join(
-        f"{m} r{int(r)} at {int(ell)} tokens, seed {int(sd)}: the run's copy stopped on the rule at step {int(a)} "
-        f"without recall, the new one " + (f"(its curve apart from the copy's from step {int(x)}) " if pd.notna(x)
-                                           else "") + f"recalled at step {int(b)}: {kind}"
-        for m, r, ell, sd, a, b, kind, x in zip(checked["method"], checked["rank"], checked["length"],
-                                                checked["seed"], checked["plateau_stop"], checked["steps"], kinds,
-                                                split) if kind != "held")
+             f"Clopper-Pearson interval {t.cut_lo:.0%}–{t.cut_hi:.0%})"
+             + (f", {diverged} on a path that had left the run's copy before the rule stopped it" if diverged else "")
+             + ("" if k else ", so the rule did not move these brackets' upper ends") + "; each point in the table.")
     notes = []
     if cut:
         notes.append("Where the rule cut a point that would have recalled, that bracket's upper end may be too short "
                      "and its frontier is a lower bound.")
-    if (kinds == "diverged").any():
+    if diverged:
         notes.append("Diverged: the same point (data, start, dropout) whose curve left the run's copy's before the "
                      "rule stopped it, so near the frontier a seed's verdict turns on floating-point order (the "
                      "batch it trained in), not on the rule; the search keeps the run's verdict.")
-    return " ".join([words + f" ({which}).", *notes, *after])
+    gained = gained_after_stop(checked)
+    if len(gained):
+        notes.append(f"From the rule's stop to the budget, the points it held (not recalled either way) gained: "
+                     f"{gained_words(gained)}. So the points past the frontier (stage 2) train to the common budget "
+                     "instead of stopping on the rule.")
+    return " ".join([words, *notes])
+
+
+def _gain(r, held: bool, end: str, stop: str, pct: bool = False) -> str:
+    """A held point's change from the rule's stop to the budget: percent of the value at the stop (pct), else
+    percentage points of a share; '—' for a recalled point or a missing column."""
+    if not held or pd.isna(r.get(end)) or pd.isna(r.get(stop)):
+        return "—"
+    v = (100 * (r[end] - r[stop]) / abs(r[stop])) if pct else 100 * (r[end] - r[stop])
+    return f"{v:+.1f}{'%' if pct else ''}".replace("-", "−")
+
+
+def window_table(checked: pd.DataFrame) -> pd.DataFrame:
+    """The plateau rule's check point by point, as a reader reads it: the point (method, rank, tokens, seed), the
+    step the rule stopped the run's copy at, what training on without it did (recalled at a step, with the point's
+    kind: cut short or diverged; or held to the budget), the step its curve left the copy's where it did, and for a
+    held point what it gained from the stop to the budget (ΔL in percent of its value at the stop, token accuracy
+    and tokens above τ in percentage points) and whether it stood on a plateau there ('improving' with the steps
+    since its last best where that was not its last step). checked: long_context_window.csv (bench_memft.py
+    window); the at-stop and at-budget columns are optional."""
+    kinds = window_tally(checked).kinds
+    rows = []
+    for (_, r), kind, recalled in zip(checked.iterrows(), kinds, as_bool(checked["recalled"])):
+        held = not bool(recalled)
+        row = {"method": r["method"], "rank": int(r["rank"]), "tokens": int(r["length"]), "seed": int(r["seed"]),
+               "rule's stop": int(r["plateau_stop"]) if pd.notna(r.get("plateau_stop")) else None,
+               "without the rule": (f"held to {int(r['steps']):,}" if held else
+                                    f"recalled at {int(r['steps']):,}: {kind}"),
+               "apart from": int(r["diverged_at"]) if pd.notna(r.get("diverged_at")) else None}
+
+        row["ΔL gain"] = _gain(r, held, "delta_loss", "stop_delta_loss", pct=True)
+        row["accuracy gain"] = _gain(r, held, "token_accuracy", "stop_token_accuracy")
+        row["above τ gain"] = _gain(r, held, "frac_above", "stop_frac_above")
+        wait = r.get("open_wait")
+        window = int(r["window"]) if pd.notna(r.get("window")) else 200
+        row["at the budget"] = ("—" if not held or wait is None or pd.isna(wait) else
+                                "on a plateau" if int(wait) >= window else
+                                "improving" if int(wait) == 0 else f"improving ({int(wait)} steps since best)")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(_order(out["method"]))}
+    return out.sort_values(["method", "rank", "tokens", "seed"], key=lambda c: c.map(order) if c.name == "method"
+                           else c, kind="stable").reset_index(drop=True)
 
 
 BOOK_MEASURES = {"entries_recalled": "entries recalled", "share_recalled": "share of the book recalled"}
@@ -487,9 +519,21 @@ def render(store) -> None:
                        "it.")
         if (checked := _read(where / "long_context_window.csv")) is not None and len(checked):
             try:
-                st.caption(window_words(checked))
+                words, table = window_words(checked), window_table(checked)
             except (MemcoreError, KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
                 st.warning(f"Could not read long_context_window.csv as a window check: {e}")
+            else:
+                st.caption(words)
+                with st.expander(f"The plateau rule's check, point by point ({len(table)} points)"):
+                    st.dataframe(table, hide_index=True, width="stretch", height=38 + 35 * len(table))
+                    st.caption("Rule's stop: the step the rule stopped the search's own copy of the point at. "
+                               "Without the rule: trained on from the start to the step budget, recalled at a step "
+                               "(cut short: on the copy's curve; diverged: on another) or held to the budget. Apart "
+                               "from: the step where the new run's curve first left that copy's. Gains, for the "
+                               "points held: from the rule's stop to the budget, ΔL in percent of its value at the "
+                               "stop, token accuracy and tokens above τ in percentage points. At the budget: on a "
+                               "plateau by the rule, or still improving (with the steps since its last best where "
+                               "that was not its last step).")
         if (spotted := _read(where / "long_context_spot_frontier.csv")) is not None and len(spotted):
             try:
                 st.markdown(frontier_spot_words(spotted, front))

@@ -716,17 +716,20 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     caps = " ".join(c.value for c in at.caption)
     assert ("(200 steps without a new best) against points it stopped at the frontiers (the nearest each, and those "
             "whose recall would move a bracket), trained again without it up to the step budget (`python "
-            "bench/bench_memft.py window`, `--decisive`): 2 of 3 recalled, 1 of them cut "
-            "short by the rule (the share it cuts there: 95% Clopper-Pearson interval 1%–91%) (memft-ot r1 at 42 "
-            "tokens, seed 0: the run's copy stopped on the rule at step 1100 without recall, the new one recalled at "
-            "step 1450: cut short; sft r1 at 44 tokens, seed 1: the run's copy stopped on the rule at step 800 "
-            "without recall, the new one (its curve apart from the copy's from step 35) recalled at step 250: "
-            "diverged). Where the rule cut a point") in caps and "turns on floating-point order" in caps
+            "bench/bench_memft.py window`, `--decisive`): 2 of 3 recalled, 1 of them cut short by the rule (the share "
+            "it cuts there: 95% Clopper-Pearson interval 1%–91%), 1 on a path that had left the run's copy before the "
+            "rule stopped it; each point in the table. Where the rule cut a point") in caps
+    assert "turns on floating-point order" in caps
     assert ("From the rule's stop to the budget, the points it held (not recalled either way) gained: sft (1 point) "
             "ΔL +5.0%, token accuracy +5.0 points, tokens above τ +10.0 points.") in caps  # the held one only
-    assert ("At the budget, the held points: sft 0 of 1 point on a plateau at the budget (no new best in tokens above "
-            "τ or argmax-right tokens for 200+ steps; steps since the last best: median 12, least 12); ΔL over the "
-            "last 200 steps: median +0.3000 nats (+2.9% of the final ΔL).") in caps
+    window = next(t.value for t in at.dataframe if "rule's stop" in t.value.columns)  # point by point
+    assert window[["method", "tokens", "seed", "rule's stop", "without the rule"]].values.tolist() == [
+        ["sft", 40, 0, 900, "held to 2,000"], ["sft", 44, 1, 800, "recalled at 250: diverged"],
+        ["memft-ot", 42, 0, 1100, "recalled at 1,450: cut short"]]
+    assert window.iloc[0][["ΔL gain", "accuracy gain",
+                           "above τ gain", "at the budget"]].tolist() == \
+        ["+5.0%", "+5.0", "+10.0", "improving (12 steps since best)"]
+    assert window.iloc[1]["ΔL gain"] == "—"  # recalled: nothing held to gain
     assert "Every probe not recalled ran out of its 200 epochs" in caps  # a budget-bound PhoneBook says so
     assert "synthetic book. Complete: made by `python bench/bench_phonebook.py run`." in caps  # and that it is done
     # and so does the shipped 300-step sweep's frontier, beside the benchmark that trains on to a plateau
