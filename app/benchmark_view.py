@@ -24,12 +24,15 @@ SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
 ORDER = ("sft", "memft-ot", "memft-sw")
 MEASURES = {  # paired measure -> what the axis says
     "steps": "steps to exact recall (fewer is better)",
-    "exact_recall": "exact recall (share of seeds; higher is better)",
-    "token_accuracy": "token accuracy (share of tokens; higher is better)",
-    "frac_above": "share of tokens with p > τ (higher is better)",
+    "exact_recall": "exact recall (% of seeds, differences in points; higher is better)",
+    "token_accuracy": "token accuracy (% of tokens, differences in points; higher is better)",
+    "frac_above": "tokens with p > τ (% of tokens, differences in points; higher is better)",
     "verbatim_prefix": "verbatim prefix (tokens; longer is better)",
     "delta_loss": "ΔL (nats/token; higher is better)",
 }
+SHARES = ("exact_recall", "token_accuracy", "frac_above")  # fractions in the tables, shown in percent (points)
+PAIRED_VALUES = ("mean", "lo", "hi", "method_mean", "baseline_mean")  # long_context_paired.csv's values
+SPOT_VALUES = ("new_mean", "shipped_lo", "shipped_hi", "pooled_mean", "pooled_lo", "pooled_hi")  # _spot.csv's
 COMMANDS = ("python bench/bench_memft.py run && python bench/bench_memft.py report --out sample_data/paper",
             "python bench/bench_phonebook.py run && python bench/bench_phonebook.py report --out sample_data/paper")
 
@@ -75,6 +78,42 @@ def _ends(lo, hi) -> str:
 
 def _rate(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.0%}"
+
+
+def in_points(table: pd.DataFrame, columns=PAIRED_VALUES) -> pd.DataFrame:
+    """A paired or spot table with its share measures (SHARES: fractions 0..1 as the report writes them) in percent,
+    so a difference reads in percentage points: `columns` of the rows whose measure is a share, times 100. The other
+    measures (steps, tokens, nats) are left as they are; a table without a measure column is returned unchanged."""
+    if "measure" not in table:
+        return table
+    out = table.copy()
+    share = out["measure"].isin(SHARES)
+    for c in columns:
+        if c in out:
+            out[c] = out[c].astype(float).where(~share, out[c].astype(float) * 100)
+    return out
+
+
+def with_pooled(paired: pd.DataFrame, spot: pd.DataFrame | None) -> pd.DataFrame:
+    """The paired rows to chart, each cell the spot re-run pooled over every seed (bench_memft.py spot) right after
+    it as a row of its own: pooled True, its mean, interval, seeds and verdict over the benchmark's seeds and the
+    spot's together, its `where` naming the spot's seeds. paired: long_context_paired.csv rows; spot:
+    long_context_spot.csv (None or without pooled values: the paired rows alone, pooled False)."""
+    out = paired.assign(pooled=False)
+    if spot is None or "pooled_mean" not in spot or not spot["pooled_mean"].notna().any():
+        return out
+    rows = []
+    for _, r in out.iterrows():
+        rows.append(r.to_dict())
+        at = spot[(spot["method"] == r["method"]) & (spot["rank"] == r["rank"]) & (spot["length"] == r["length"])
+                  & (spot["measure"] == r["measure"]) & spot["pooled_mean"].notna()]
+        if len(at):
+            p = at.iloc[0]
+            where = f"{r['where']}, " if isinstance(r.get("where"), str) and r.get("where") else ""
+            rows.append({**r.to_dict(), "mean": p["pooled_mean"], "lo": p["pooled_lo"], "hi": p["pooled_hi"],
+                         "n": int(p["pooled_n"]), "verdict": p["pooled_verdict"], "pooled": True,
+                         "where": f"{where}with seeds {str(p['new_seeds']).replace(',', ', ')}"})
+    return pd.DataFrame(rows)
 
 
 def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) -> pd.DataFrame:
@@ -356,7 +395,7 @@ def law_caption(law: pd.DataFrame) -> str:
     return " ".join(f"{m}: {w}." for m, w in said.items())
 
 
-DECIMALS = {"steps": 1, "verbatim_prefix": 1, "ell_star": 1}  # decimals in the tables (3 for shares, nats)
+DECIMALS = {"steps": 1, "verbatim_prefix": 1, "ell_star": 1, **dict.fromkeys(SHARES, 1)}  # 3 for nats
 
 
 def signed(x, measure: str = "") -> str:
@@ -543,14 +582,17 @@ def render(store) -> None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "
                     "excludes 0 on the better side); red: it loses; grey: a tie.")
+        paired = in_points(paired)
         spot = _read(where / "long_context_spot.csv")
+        spot = in_points(spot, SPOT_VALUES) if spot is not None else None
         for m in _order(paired["method"]):
             st.markdown(verdict_line(paired, m, spot))
+        drawn = with_pooled(paired, spot)
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
-            show_chart(charts.paired_chart(paired, measure, MEASURES[measure]))
-        if spot is not None:
-            st.caption("The chart holds the benchmark's own seeds; the verdicts pooled with the spot re-run's seeds "
-                       "are in the lines above it and the list below.")
+            show_chart(charts.paired_chart(drawn, measure, MEASURES[measure]))
+        if drawn["pooled"].any():
+            st.caption("A diamond is a cell pooled over the benchmark's seeds and the spot re-run's (its row says "
+                       "which seeds): the same cell as the row above it, its verdict over every seed.")
         if (paired["n"] < paired["n"].max()).any():
             st.caption("A cell with fewer seeds (dashed: steps are paired only over the seeds both methods "
                        "recalled, so near the frontier a cell may keep two or one; a stage-2 cell may still be "

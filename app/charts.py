@@ -725,12 +725,24 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     return alt.layer(*layers).properties(height=320)
 
 
+def edge_numbers(mean: float, lo: float, hi: float) -> str:
+    """'+m [lo, hi]' written at a paired chart's edge, all three in the same decimals (none from 1,000 up, one from
+    1, three below), true minus signs; '+m (one seed, no interval)' where the interval is missing."""
+    finite = np.isfinite(lo) and np.isfinite(hi)
+    top = max(abs(x) for x in ((mean, lo, hi) if finite else (mean,)))
+    k = 0 if top >= 1000 else 1 if top >= 1 else 3
+    return (f"{mean:+.{k}f} [{lo:+.{k}f}, {hi:+.{k}f}]" if finite else
+            f"{mean:+.{k}f} (one seed, no interval)").replace("-", "−")
+
+
 def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     """One measure's paired differences (method − baseline on the same seeds) as a point at the mean with its 95%
     interval, one row per (method, rank, length) cell, a rule at 0; coloured by verdict (wins green, loses red,
     tie grey, one seed light grey, no interval drawn). paired: memcore.frontier.paired_differences rows (method,
-    rank, length, measure, mean, lo, hi, n, verdict; optional where)."""
+    rank, length, measure, mean, lo, hi, n, verdict; optional where, and pooled: True for a row that pools the
+    cell's seeds with a spot re-run's, drawn as a diamond and never dashed for its extra seeds)."""
     d = paired[paired["measure"] == measure].copy()
+    d["pooled"] = d["pooled"].astype(bool) if "pooled" in d else False
     where = d["where"].astype(str) if "where" in d else pd.Series([""] * len(d), index=d.index)
     d["cell"] = [f"{m} · r{r} · ℓ={ell}" + (f" ({w})" if w else "")
                  for m, r, ell, w in zip(d["method"], d["rank"], d["length"], where)]
@@ -746,7 +758,9 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     # a stage-2 cell still training) has an interval many times wider, which would squeeze the rest to a dot. Such
     # a cell is drawn up to the edge with an arrow there (the interval goes on), its mean at the edge as an open
     # point when the mean itself lies past it, and its numbers written beside the edge; the tooltip gives them all.
-    full = d[d["n"] >= d["n"].max()] if len(d) else d
+    own = d[~d["pooled"]]  # the benchmark's own seeds: the most of them sets what 'fewer seeds' means
+    most = int(own["n"].max()) if len(own) else int(d["n"].max()) if len(d) else 0
+    full = d[(d["n"] >= most) | d["pooled"]] if len(d) else d
     span = full[["mean", "lo", "hi"]].abs().max().max()
     span = float(span) * 1.1 if np.isfinite(span) and span > 0 else 1.0
     d["lo_shown"], d["hi_shown"] = d["lo"].clip(-span, span), d["hi"].clip(-span, span)
@@ -754,13 +768,14 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     scale = alt.Scale(domain=[-span, span], nice=False)
     x = alt.X("mean_shown:Q", title=title, scale=scale, axis=alt.Axis(tickCount=8))  # labels apart at any width
     zero = alt.Chart(pd.DataFrame({"mean_shown": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x=x)
-    most = int(d["n"].max()) if len(d) else 0
     bars = alt.Chart(d[d["lo"].notna()]).mark_rule(strokeWidth=2, clip=True).encode(  # fewer seeds: dashed
         x=alt.X("lo_shown:Q", scale=scale, title=title), x2="hi_shown:Q", y=y, color=color, tooltip=tips,
-        strokeDash=alt.condition(f"datum.n < {most}", alt.value([5, 4]), alt.value([1, 0])))
+        strokeDash=alt.condition(f"datum.n < {most} && !datum.pooled", alt.value([5, 4]), alt.value([1, 0])))
     past = d["mean"].astype(float).abs() > span
-    points = alt.Chart(d[~past]).mark_point(filled=True, size=60, clip=True).encode(x=x, y=y, color=color,
-                                                                                    tooltip=tips)
+    marks = {"x": x, "y": y, "color": color, "tooltip": tips}
+    if d["pooled"].any():  # a cell pooled with a spot re-run's seeds: a diamond
+        marks["shape"] = alt.condition("datum.pooled", alt.value("diamond"), alt.value("circle"))
+    points = alt.Chart(d[~past]).mark_point(filled=True, size=60, clip=True).encode(**marks)
     layers = [zero, bars, points]
     if past.any():  # a mean past the edge: an open point at the edge
         layers.append(alt.Chart(d[past]).mark_point(filled=False, size=60, strokeWidth=2, clip=False).encode(
@@ -774,9 +789,7 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
             shape=alt.Shape("arrow:N", scale=alt.Scale(domain=["triangle-left", "triangle-right"],
                                                        range=["triangle-left", "triangle-right"]), legend=None)))
         off = d[(d["lo"] < -span) | (d["hi"] > span) | past].copy()
-        off["numbers"] = [(f"{m:+.4g} [{lo:+.4g}, {hi:+.4g}]" if np.isfinite(lo) and np.isfinite(hi) else
-                           f"{m:+.4g} (one seed, no interval)").replace("-", "−")  # true minus signs, as the text
-                          for m, lo, hi in zip(off["mean"], off["lo"], off["hi"])]
+        off["numbers"] = [edge_numbers(m, lo, hi) for m, lo, hi in zip(off["mean"], off["lo"], off["hi"])]
         left = off["mean"].astype(float) < -span  # written at the edge its mean lies past (else the right one)
         for side, rows in ((-1, off[left]), (1, off[~left])):
             if len(rows):

@@ -538,6 +538,11 @@ def _benchmark_tables(folder: Path) -> None:
             rows.append({"method": m, "rank": 1, "length": 20, "where": "0.5ℓ*", "seed": seed,
                          "steps": level + shift + rng.normal(0, 1 if m != "memft-sw" else 8)})
     paired = paired_differences(pd.DataFrame(rows), ["steps"], by=("rank", "length", "where"))
+    shares = [{"method": m, "rank": 1, "length": 30, "where": "1.5ℓ*", "seed": seed,  # a share: read in points
+               "frac_above": above + 0.01 * seed}
+              for seed in range(3) for m, above in (("sft", 0.4), ("memft-sw", 0.6))]
+    paired = pd.concat([paired, paired_differences(pd.DataFrame(shares), ["frac_above"],
+                                                   by=("rank", "length", "where"))], ignore_index=True)
     folder.mkdir(parents=True, exist_ok=True)
     paired.to_csv(folder / "long_context_paired.csv", index=False)
     pd.DataFrame([{"method": m, "rank": r, "outcome": "bracketed", "lo": lo, "hi": hi, "lo_rate": 1.0,
@@ -679,7 +684,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert "The shipped sweep the law below is fitted on stops at 300 steps" in top
     md = " ".join(m.value for m in at.markdown)
     assert "**memft-ot − sft**: of 1 comparison it wins 1, ties 0, loses 0." in md
-    assert ("**memft-sw − sft**: of 1 comparison it wins 0, ties 1, loses 0. Pooled with the spot re-run over 5 "
+    assert ("**memft-sw − sft**: of 2 comparisons it wins 1, ties 1, loses 0. Pooled with the spot re-run over 5 "
             "seeds, of its 1 cell it wins 0, ties 0, loses **1**.") in md  # a tie on 3 seeds, a loss on 5: both said
     table = next(t.value for t in at.dataframe if "frontier (tokens)" in t.value.columns)
     assert list(table["method"]) == ["sft", "sft", "memft-ot", "memft-ot", "memft-sw", "memft-sw"]
@@ -703,6 +708,18 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
                   if "difference [95% interval]" in t.value.columns)
     assert set(paired["verdict"]) == {"wins", "tie"}
     assert paired["difference [95% interval]"].str.match(r"^[+−]\d+\.\d \[[+−]\d+\.\d, [+−]\d+\.\d\]$").all()
+    share = paired[paired["measure"].str.startswith("tokens with p > τ")].iloc[0]  # a share reads in points
+    assert share["difference [95% interval]"].startswith("+20.0 [") and share["method / sft"] == "61.0 / 41.0"
+    assert "% of tokens, differences in points" in share["measure"]
+    steps_chart = next(s for s in specs if "steps to exact recall" in s and "95% lo" in s)
+    import json
+
+    sort = next(layer["encoding"]["y"]["sort"] for layer in json.loads(steps_chart)["layer"]
+                if "y" in layer.get("encoding", {}))
+    assert sort[sort.index("memft-sw · r1 · ℓ=20 (0.5ℓ*)") + 1] == "memft-sw · r1 · ℓ=20 (0.5ℓ*, with seeds 3, 4)"
+    assert '"value": "diamond"' in steps_chart  # the spot's pooled cell drawn right after its own, a diamond
+    assert "A diamond is a cell pooled over the benchmark's seeds and the spot re-run's" in " ".join(
+        c.value for c in at.caption)
     md = " ".join(m.value for m in at.markdown)  # the spot re-run, pooled over every seed
     assert ("Frontier spot re-run with seeds 3, 4 (`python bench/bench_memft.py spot --frontier --seeds 3 4 --ranks "
             "1`): at 3 of 4 bracket ends the new seeds' recall is a plausible draw") in md
@@ -744,7 +761,8 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
                                       "difference [95% interval]": "+2.4 [−0.8, +5.7]", "method / sft": "21.4 / 19.0",
                                       "books": 7, "verdict": "tie"}
     assert same.iloc[1]["difference [95% interval]"] == "+0.08 [−0.02, +0.18]"
-    assert '"domain": ["wins", "tie"]' in " ".join(specs)  # the legend names only the verdicts drawn
+    assert '"domain": ["wins", "tie", "loses"]' in steps_chart  # the legend names only the verdicts drawn
+    assert '"domain": ["wins"]' in next(s for s in specs if "tokens with p > τ" in s or "tokens with p > \\u03c4" in s)
     law = next(t.value for t in at.dataframe if "α (rank) [95%]" in t.value.columns)  # the law past the frontier
     assert law.iloc[0].to_dict() == {"method": "sft", "α (rank) [95%]": "0.50 [0.31, 0.69]",
                                      "β (length) [95%]": "−0.05 [−0.20, 0.10]", "R²": "0.970", "points": 7,

@@ -564,11 +564,39 @@ def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
                 drawn[r["length"]]["written_at"] = r["at"]
     assert drawn[32] == {"bar": (-11.0, 7.0), "mean": (-2.0, True)}  # inside: as it is, no arrow, no numbers
     assert drawn[45]["bar"] == (-span, span) and drawn[45]["mean"] == (9.0, True)
-    assert drawn[45]["arrows"] == {"triangle-left", "triangle-right"} and drawn[45]["numbers"] == "+9 [−190, +180]"
+    assert drawn[45]["arrows"] == {"triangle-left", "triangle-right"}
+    assert drawn[45]["numbers"] == "+9.0 [−190.0, +180.0]"  # one decimal for all three
     assert drawn[91]["mean"] == (span, False)  # the mean itself is past the edge: an open point at the edge
-    assert drawn[91]["numbers"] == "+429.5 [−4608, +5468]" and drawn[91]["written_at"] == span
+    assert drawn[91]["numbers"] == "+430 [−4608, +5468]" and drawn[91]["written_at"] == span
     assert drawn[108]["mean"] == (-span, False) and drawn[108]["written_at"] == -span  # by the edge its mean is past
-    assert drawn[118] == {"mean": (-span, False), "numbers": "−806 (one seed, no interval)", "written_at": -span}
+    assert drawn[118] == {"mean": (-span, False), "numbers": "−806.0 (one seed, no interval)", "written_at": -span}
+
+
+def test_a_cell_pooled_with_a_spot_re_run_is_a_diamond_and_does_not_make_the_others_fewer_seeds():
+    """The spot re-run's pooled cell (5 seeds: the benchmark's 3 and the spot's 2) is drawn after its own cell as a
+    diamond; the 3-seed cells stay solid (fewer seeds means fewer than the benchmark's own), the axis spans it too,
+    and a cell of its own with 2 seeds is still dashed."""
+    from benchmark_view import with_pooled
+
+    paired = pd.DataFrame([{"method": "memft-sw", "rank": 1, "length": n, "measure": "steps", "mean": m, "lo": lo,
+                            "hi": hi, "n": k, "verdict": "tie", "where": "search probe"}
+                           for n, m, lo, hi, k in ((32, 8.0, -0.6, 16.6, 3), (64, 2.0, -5.0, 9.0, 3),
+                                                   (45, 5.0, -50.0, 60.0, 2))])
+    spot = pd.DataFrame([{"method": "memft-sw", "rank": 1, "length": 32, "measure": "steps", "new_seeds": "3,4",
+                          "pooled_n": 5, "pooled_mean": 12.0, "pooled_lo": 3.4, "pooled_hi": 20.6,
+                          "pooled_verdict": "loses"}])
+    drawn = with_pooled(paired, spot)
+    assert list(zip(drawn["length"], drawn["pooled"], drawn["n"])) == [(32, False, 3), (32, True, 5), (64, False, 3),
+                                                                      (45, False, 2)]
+    spec = charts.paired_chart(drawn, "steps", "steps to exact recall").to_dict()
+    y = next(layer["encoding"]["y"] for layer in spec["layer"][1:] if "y" in layer["encoding"])
+    assert y["sort"][:2] == ["memft-sw · r1 · ℓ=32 (search probe)", "memft-sw · r1 · ℓ=32 (search probe, with seeds "
+                                                                     "3, 4)"]
+    rule = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "rule" and "x2" in layer["encoding"])
+    assert rule["encoding"]["strokeDash"]["condition"]["test"] == "datum.n < 3 && !datum.pooled"
+    point = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "point" and layer["mark"]["filled"])
+    assert point["encoding"]["shape"]["condition"] == {"test": "datum.pooled", "value": "diamond"}
+    assert abs(spec["layer"][1]["encoding"]["x"]["scale"]["domain"][1] - 20.6 * 1.1) < 1e-9  # the pooled cell fits
 
 
 def test_the_frontier_chart_labels_a_tick_below_its_lowest_bracket_end_and_above_its_highest():
