@@ -483,6 +483,27 @@ def frontier_spot_words(table: pd.DataFrame, front: pd.DataFrame | None = None) 
     return line
 
 
+def frontier_spot_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The frontier's spot re-run end by end, as a reader reads it: each placed bracket's end (the longest length
+    recalled, the shortest not), how many of the benchmark's seeds and of the new ones recalled it, the recall
+    probability the benchmark's own fit gives there with its 95% band, and whether the new count is a plausible
+    draw from it (its exact interval meets the band). table: long_context_spot_frontier.csv (bench_memft.py spot
+    --frontier)."""
+    def count(r, k: str) -> str:
+        return "—" if pd.isna(r.get(f"{k}_recalled")) else f"{int(r[f'{k}_recalled'])} of {int(r[f'{k}_runs'])}"
+
+    inside = as_bool(table["inside"].fillna(False))
+    return pd.DataFrame([{"method": r["method"], "rank": int(r["rank"]),
+                          "end": {"lo": "longest recalled", "hi": "shortest not recalled"}.get(str(r["end"]),
+                                                                                             str(r["end"])),
+                          "tokens": int(r["length"]), "benchmark's seeds": count(r, "shipped"),
+                          "new seeds": count(r, "new"),
+                          "fit's P(recall) [95%]": ("—" if pd.isna(r.get("p_fit")) else
+                                                    f"{r['p_fit']:.2f} [{r['p_lo']:.2f}, {r['p_hi']:.2f}]"),
+                          "plausible": "—" if pd.isna(r["inside"]) else "yes" if ok else "no"}
+                         for (_, r), ok in zip(table.iterrows(), inside)])
+
+
 def verdict_line(paired: pd.DataFrame, method: str, spot: pd.DataFrame | None = None) -> str:
     """One sentence: over how many (cell, measure) pairs `method` wins, ties or loses against sft; with the spot
     re-run's table, also how its cells come out pooled over every seed (which can overturn a tie on fewer seeds)."""
@@ -575,9 +596,15 @@ def render(store) -> None:
                                "that was not its last step).")
         if (spotted := _read(where / "long_context_spot_frontier.csv")) is not None and len(spotted):
             try:
-                st.markdown(frontier_spot_words(spotted, front))
+                words, ends = frontier_spot_words(spotted, front), frontier_spot_table(spotted)
             except (KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
                 st.warning(f"Could not read long_context_spot_frontier.csv as a frontier spot re-run: {e}")
+            else:
+                st.markdown(words)
+                seeds = sorted({s.strip() for c in spotted["new_seeds"].astype(str) for s in c.split(",")})
+                with st.expander(f"The frontier spot re-run, end by end ({len(ends)} ends, new seeds "
+                                 f"{', '.join(seeds)})"):
+                    st.dataframe(ends, hide_index=True, width="stretch")
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "

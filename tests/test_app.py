@@ -727,6 +727,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert ("Refitted over the benchmark's points and the new seeds' at the ends (tokens, 95% interval): sft r1 ℓ* "
             "39.2 [37.7, 42.2]; memft-ot r1 ℓ* 41.2 [39.7, 44.2], − sft +2.0 [−0.5, +4.5] **tie** (the benchmark's "
             "seeds alone: +2.3 [+0.4, +4.6] more).") in md
+    ends = next(t.value for t in at.dataframe if "plausible" in t.value.columns)  # and end by end
+    assert ends[ends["plausible"] == "no"][["method", "end", "tokens", "new seeds", "fit's P(recall) [95%]"]] \
+        .values.tolist() == [["sft", "shortest not recalled", 40, "2 of 2", "0.20 [0.00, 0.30]"]]
+    assert (ends["plausible"] == "yes").sum() == 3
     assert "**Spot re-run with seeds 3,4**: 1 of 2 differences fall inside" in md
     assert ("memft-sw − sft, r1 · 20 tokens, steps to exact recall (fewer is better): +12.0 [+3.4, +20.6] over 5 "
             "seeds, **loses**") in md
