@@ -616,7 +616,8 @@ def render(store) -> None:
             st.markdown(verdict_line(paired, m, spot))
         drawn = with_pooled(paired, spot)
         for measure in [c for c in MEASURES if c in set(paired["measure"])]:
-            show_chart(charts.paired_chart(drawn, measure, MEASURES[measure]))
+            show_chart(charts.paired_chart(drawn, measure, MEASURES[measure],
+                                           least_span=10.0 if measure in SHARES else 1.0))  # 10 points
         if drawn["pooled"].any():
             st.caption("A diamond is a cell pooled over the benchmark's seeds and the spot re-run's (its row says "
                        "which seeds): the same cell as the row above it, its verdict over every seed.")

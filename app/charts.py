@@ -735,12 +735,14 @@ def edge_numbers(mean: float, lo: float, hi: float) -> str:
             f"{mean:+.{k}f} (one seed, no interval)").replace("-", "−")
 
 
-def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
+def paired_chart(paired: pd.DataFrame, measure: str, title: str, least_span: float = 1.0) -> alt.Chart:
     """One measure's paired differences (method − baseline on the same seeds) as a point at the mean with its 95%
     interval, one row per (method, rank, length) cell, a rule at 0; coloured by verdict (wins green, loses red,
     tie grey, one seed light grey, no interval drawn). paired: memcore.frontier.paired_differences rows (method,
     rank, length, measure, mean, lo, hi, n, verdict; optional where, and pooled: True for a row that pools the
-    cell's seeds with a spot re-run's, drawn as a diamond and never dashed for its extra seeds)."""
+    cell's seeds with a spot re-run's, drawn as a diamond and never dashed for its extra seeds). least_span: the
+    axis reaches at least this far either side of 0 (in the measure's units), so cells that all differ by 0 sit on
+    a scale that says how small that is."""
     d = paired[paired["measure"] == measure].copy()
     d["pooled"] = d["pooled"].astype(bool) if "pooled" in d else False
     where = d["where"].astype(str) if "where" in d else pd.Series([""] * len(d), index=d.index)
@@ -762,7 +764,7 @@ def paired_chart(paired: pd.DataFrame, measure: str, title: str) -> alt.Chart:
     most = int(own["n"].max()) if len(own) else int(d["n"].max()) if len(d) else 0
     full = d[(d["n"] >= most) | d["pooled"]] if len(d) else d
     span = full[["mean", "lo", "hi"]].abs().max().max()
-    span = float(span) * 1.1 if np.isfinite(span) and span > 0 else 1.0
+    span = max(float(span) * 1.1 if np.isfinite(span) and span > 0 else 0.0, least_span)
     d["lo_shown"], d["hi_shown"] = d["lo"].clip(-span, span), d["hi"].clip(-span, span)
     d["mean_shown"] = d["mean"].astype(float).clip(-span, span)
     scale = alt.Scale(domain=[-span, span], nice=False)

@@ -599,6 +599,18 @@ def test_a_cell_pooled_with_a_spot_re_run_is_a_diamond_and_does_not_make_the_oth
     assert abs(spec["layer"][1]["encoding"]["x"]["scale"]["domain"][1] - 20.6 * 1.1) < 1e-9  # the pooled cell fits
 
 
+def test_a_paired_chart_of_zero_differences_keeps_a_readable_scale():
+    """Every method recalls every seed below the frontier, so exact recall differs by 0 points in every cell: the
+    axis spans the least span asked for (10 points for a share), not ±1, and a wider cell still widens it."""
+    rows = [{"method": m, "rank": 1, "length": 24, "measure": "exact_recall", "mean": 0.0, "lo": 0.0, "hi": 0.0,
+             "n": 3, "verdict": "tie"} for m in ("memft-ot", "memft-sw")]
+    spec = charts.paired_chart(pd.DataFrame(rows), "exact_recall", "exact recall", least_span=10.0).to_dict()
+    assert spec["layer"][1]["encoding"]["x"]["scale"]["domain"] == [-10.0, 10.0]
+    rows[0].update(lo=-20.0, hi=20.0)
+    spec = charts.paired_chart(pd.DataFrame(rows), "exact_recall", "exact recall", least_span=10.0).to_dict()
+    assert spec["layer"][1]["encoding"]["x"]["scale"]["domain"] == [-22.0, 22.0]
+
+
 def test_the_frontier_chart_labels_a_tick_below_its_lowest_bracket_end_and_above_its_highest():
     """A bracket of 47-49 tokens (sft at rank 1) sat under the axis's lowest label (48): the axis now reaches out to
     a labelled tick (1 or 1.5 × a power of 2) on either side of every bracket end."""
