@@ -191,34 +191,48 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
     where = (f"The long-context benchmark (random tokens, up to {budget:,} steps and a plateau"
              if budget else "The long-context benchmark (random tokens, trained to a plateau") + \
         (", interim" if str(meta.get("state", "")).startswith("interim") else "") + ")"
+    def fitted(r) -> str:  # the fitted ℓ* with its interval, where the report has one
+        if pd.isna(r.get("fitted_ell_star")) or pd.isna(r.get("fitted_lo")):
+            return ""
+        return (f"; fitted ℓ*, where its chance of recall crosses 1/2: {r['fitted_ell_star']:.1f} "
+                f"[{r['fitted_lo']:.1f}, {r['fitted_hi']:.1f}]")
+
+    def seeds(r) -> str:  # "2 of 3 seeds" at the recalled end, where the report says
+        k, rate = r.get("lo_seeds"), r.get("lo_rate")
+        return "" if k is None or pd.isna(k) or pd.isna(rate) else \
+            f" ({round(float(rate) * k)} of {int(k)} seeds there)"
+
     enough = d[d["lo"].notna() & (d["lo"] >= tokens)]
     if len(enough):
         r = enough.iloc[0]
         ends = f"{int(r['lo'])}–{int(r['hi'])}" if pd.notna(r["hi"]) else f"at least {int(r['lo'])}"
-        return (f"{where}: {method} recalled {int(r['lo'])} tokens verbatim at rank {int(r['rank'])} (its frontier "
-                f"there: {ends} tokens), so rank {int(r['rank'])} holds {tokens} with that budget.")
+        return (f"{where}: **rank {int(r['rank'])}** holds {tokens} tokens verbatim with {method}: it recalled "
+                f"{int(r['lo'])}{seeds(r)} (its frontier there: {ends} tokens{fitted(r)}).")
     known = d[d["lo"].notna()]
     if not len(known):
         return f"{where}: {method} has recalled nothing yet."
     best = known.sort_values("lo").iloc[-1]
     return (f"{where}: no rank it searches ({', '.join(str(int(x)) for x in d['rank'])}) has {method} recalling "
-            f"{tokens} tokens; the most is {int(best['lo'])} at rank {int(best['rank'])}.")
+            f"{tokens} tokens; the most is {int(best['lo'])} at rank {int(best['rank'])}{seeds(best)}, so more "
+            "than that takes a higher rank than it trained.")
 
 
 ANCHOR = "memft-against-sft"  # the benchmark section's heading, linked from the top of the law page
 
 
 def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
-                  sweep_budget: int | None = None) -> str | None:
+                  sweep_budget: int | None = None, spot: pd.DataFrame | None = None) -> str | None:
     """The long-context benchmark's answer in one paragraph for the top of the law page: per method and rank the
     fitted verbatim-recall frontier ℓ* (tokens) and, for MemFT, its difference from sft's with the verdict, the
     budget and seeds it was trained with, and a link to the section below. front: long_context_frontier.csv (read
     from folder() when None); meta: long_context.json; sweep_budget: the step budget of the shipped sweep the page's
-    law is fitted on, said when it is shorter than the benchmark's. None when there is no benchmark table or nothing
-    placed."""
+    law is fitted on, said when it is shorter than the benchmark's; spot: long_context_spot_frontier.csv (the
+    frontier's spot re-run), whose differences refitted over every seed are given under the table. The difference
+    is also given in percent of sft's ℓ*. None when there is no benchmark table or nothing placed."""
     if front is None:
         front = _read(folder() / "long_context_frontier.csv")
         meta = read_meta(folder() / "long_context.json")
+        spot = _read(folder() / "long_context_spot_frontier.csv")
     meta = meta or {}
     if front is None or not {"method", "rank"} <= set(front.columns):
         return None
@@ -239,7 +253,11 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
             cell = f"{float(r[col]):.1f}"
             if pd.notna(r.get("minus_sft")):
                 verdict = r["minus_sft_verdict"]
-                cell += f" ({signed(r['minus_sft'], 'ell_star')}: {f'**{verdict}**' if verdict != 'tie' else verdict})"
+                base = placed[(placed["method"] == "sft") & (placed["rank"] == rank)]
+                pct = (f", {100 * float(r['minus_sft']) / float(base.iloc[0][col]):+.0f}%".replace("-", "−")
+                       if len(base) and float(base.iloc[0][col]) > 0 else "")
+                cell += (f" ({signed(r['minus_sft'], 'ell_star')}{pct}: "
+                         f"{f'**{verdict}**' if verdict != 'tie' else verdict})")
             cells.append(cell)
         rows.append(f"| {m} | {' | '.join(cells)} |")
     budget = (meta.get("settings") or {}).get("max steps")
@@ -247,11 +265,22 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
     how = ", ".join(x for x in (f"up to {budget:,} steps" if budget else "",
                                 f"{len(seeds)} seeds" if seeds else "") if x)
     interim = str(meta.get("state", "")).startswith("interim")
+    pooled = ""
+    if spot is not None and {"pooled_minus_sft", "new_seeds"} <= set(spot.columns) \
+            and spot["pooled_minus_sft"].notna().any():
+        said = spot[spot["pooled_minus_sft"].notna()].drop_duplicates(["method", "rank"])
+        new = sorted({x.strip() for c in said["new_seeds"].astype(str) for x in c.split(",") if x.strip()})
+        pooled = (f" With seeds {' and '.join(new)} added at the bracket ends (the frontier's spot re-run), refitted "
+                  "over every seed: " + "; ".join(
+                      f"{r['method']} at rank {int(r['rank'])} {difference(r, 'pooled')} "
+                      + (f"**{r['pooled_minus_sft_verdict']}**" if r["pooled_minus_sft_verdict"] != "tie" else "tie")
+                      for _, r in said.iterrows()) + ".")
     return (f"**What the long-context benchmark finds on this model**{f' ({how})' if how else ''}: the fitted "
             "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
-            "crosses 1/2; in brackets MemFT's "
-            "difference from sft's (more, fewer, or a tie where its 95% interval holds 0).\n\n" + "\n".join(rows)
-            + f"\n\n[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
+            "crosses 1/2; in brackets MemFT's difference from sft's, in tokens and percent, and its verdict (more or "
+            "fewer where the 95% interval excludes 0, else a tie).\n\n" + "\n".join(rows) + "\n\n"
+            + (pooled.strip() + " " if pooled else "")
+            + f"[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
             + (" (interim: it is still training)" if interim else "") + "."
             + (f" The shipped sweep the law below is fitted on stops at {sweep_budget:,} steps, so its frontier sits "
                "shorter and does not tell the methods apart." if sweep_budget and budget and sweep_budget < budget
@@ -559,6 +588,9 @@ def render(store) -> None:
         mine = own_runs(store)
         show_mine = st.toggle("Place your own runs", value=len(mine) > 0, key="bench_mine")
         runs = None
+        if show_mine and not len(mine):
+            st.caption("No runs of your own in this store yet: a run trained on the Memorize page is placed here "
+                       "(against its method's bracket at its rank), recalled or not.")
         if show_mine and len(mine):
             runs = mine.assign(label=[f"your run {rid} ({m})" for rid, m in zip(mine["run_id"], mine["method"])],
                                recalled=mine["exact_recall"] > 0.5)
@@ -636,7 +668,7 @@ def render(store) -> None:
                 and points["open_wait"].notna().any():
             st.caption(budget_words(points, meta))
         with st.expander("The paired table"):
-            st.dataframe(paired_table(paired), hide_index=True, width="stretch")
+            st.dataframe(paired_table(paired), hide_index=True, width="stretch", height=38 + 35 * len(paired))
         if spot is not None:
             show_spot(spot)
     if law is not None:

@@ -316,7 +316,8 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
             and "data text (sweep: random tokens)" in warnings)
     at.number_input(key="wi_verbatim").set_value(40).run()
     md = " ".join(m.value for m in at.markdown)
-    assert "Smallest rank predicted to recall **40** tokens verbatim" in md
+    assert ("this sweep's frontier ℓ*(r) (at its 300-step budget, fitted over every rank, so it also extrapolates): "
+            "the smallest rank predicted to recall **40** tokens verbatim with sft is **") in md
     # the newcomer's view of the capacity sweep: the saturated corner said, a what-if that is not trivially rank 1,
     # the frontier table in numbers or words (never "None"), and the tie between the methods said
     assert "Grey: where the fitted law predicts more than" in captions
@@ -635,6 +636,8 @@ def test_law_page_names_a_broken_benchmark_table_and_shows_the_rest(app_env, tmp
     assert any("Could not read long_context_window.csv as a window check" in w.value for w in at.warning)
     assert any("ℓ* (tokens)" in " ".join(t.value.columns) or "frontier (tokens)" in t.value.columns
                for t in at.dataframe)
+    at.toggle(key="bench_mine").set_value(True).run()  # no runs of one's own yet: said, not an empty chart
+    assert any(c.value.startswith("No runs of your own in this store yet") for c in at.caption)
 
 
 def test_the_frontier_spot_says_when_the_benchmark_was_refitted_since(tmp_path, monkeypatch):
@@ -678,8 +681,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     # the answer at the top of the page: each method's fitted frontier and difference from sft's, and a link down
     top = next(i.value for i in at.info if i.value.startswith("**What the long-context benchmark finds"))
     assert "(up to 2,000 steps)" in top
-    assert "| sft | 39.2 | 78.1 |" in top and "| memft-ot | 41.5 (+2.3: **more**) | — |" in top
-    assert "| memft-sw | 37.0 (−2.2: tie) | — |" in top
+    assert "| sft | 39.2 | 78.1 |" in top and "| memft-ot | 41.5 (+2.3, +6%: **more**) | — |" in top
+    assert "| memft-sw | 37.0 (−2.2, −6%: tie) | — |" in top
+    assert ("With seeds 3 and 4 added at the bracket ends (the frontier's spot re-run), refitted over every seed: "
+            "memft-ot at rank 1 +2.0 [−0.5, +4.5] tie.") in top  # the five-seed answer beside the three-seed one
     assert "](#memft-against-sft) (interim: it is still training)" in top
     assert "The shipped sweep the law below is fitted on stops at 300 steps" in top
     md = " ".join(m.value for m in at.markdown)
@@ -782,13 +787,14 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert "not a plateau" in budget  # some were still rising: read at the budget, and said so
     # the verbatim what-if (the 300-step sweep's law) says what the benchmark, trained on, found at that length
     at.number_input(key="wi_verbatim").set_value(60).run()
-    caps = " ".join(c.value for c in at.caption)
-    assert ("The long-context benchmark (random tokens, up to 2,000 steps and a plateau, interim): sft recalled "
-            "76 tokens verbatim at rank 2 (its frontier there: 76–80 tokens), so rank 2 holds 60 with that "
-            "budget.") in caps
+    md = " ".join(m.value for m in at.markdown)  # the benchmark's answer first, the sweep's beside it
+    assert ("The long-context benchmark (random tokens, up to 2,000 steps and a plateau, interim): **rank 2** holds "
+            "60 tokens verbatim with sft: it recalled 76 (its frontier there: 76–80 tokens; fitted ℓ*, where its "
+            "chance of recall crosses 1/2: 78.1 [75.0, 81.0]).") in md
+    assert md.index("**rank 2** holds 60") < md.index("Beside it, by this sweep's frontier")
     at.number_input(key="wi_verbatim").set_value(100).run()
-    assert "no rank it searches (1, 2) has sft recalling 100 tokens; the most is 76 at rank 2." in " ".join(
-        c.value for c in at.caption)
+    assert ("no rank it searches (1, 2) has sft recalling 100 tokens; the most is 76 at rank 2, so more than that "
+            "takes a higher rank than it trained.") in " ".join(m.value for m in at.markdown)
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
     assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
     (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named
