@@ -579,12 +579,15 @@ def render(store) -> None:
         front = front.assign(method=pd.Categorical(front["method"], _order(front["method"]), ordered=True)) \
             .sort_values(["method", "rank"]).assign(method=lambda d: d["method"].astype(str))
         st.markdown("**Verbatim-recall frontier per method**: a bar, capped at each end, runs from the longest "
-                    "length most seeds recalled to the shortest they did not, with ℓ* (a circle) between them; while "
-                    "only one end is known, a triangle marks the bound (up: at least that long; down: shorter than "
-                    "that).")
-        brackets = front.assign(source=front["method"], ell_star=[
-            math.sqrt(lo * hi) if pd.notna(lo) and pd.notna(hi) else (lo if pd.notna(lo) else hi)
-            for lo, hi in zip(front["lo"], front["hi"])])
+                    "length most seeds recalled to the shortest they did not; the circle is the fitted ℓ* (where the "
+                    "fitted chance of recall crosses 1/2, which can sit just outside a narrow bracket when an end's "
+                    "seeds split), with its 95% interval as a thin line beside the bar; while only one end is known, "
+                    "a triangle marks the bound (up: at least that long; down: shorter than that).")
+        fit = front["fitted_ell_star"] if "fitted_ell_star" in front else pd.Series(float("nan"), index=front.index)
+        has_ci = {"fitted_lo", "fitted_hi"} <= set(front.columns)
+        brackets = front.assign(source=front["method"], ell_star=[  # the fit's ℓ* where there is one
+            f if has_ci and pd.notna(f) else math.sqrt(lo * hi) if pd.notna(lo) and pd.notna(hi) else
+            (lo if pd.notna(lo) else hi) for f, lo, hi in zip(fit, front["lo"], front["hi"])])
         mine = own_runs(store)
         show_mine = st.toggle("Place your own runs", value=len(mine) > 0, key="bench_mine")
         runs = None

@@ -668,7 +668,9 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     a triangle pointing the way the frontier may still lie; a bracket with neither end is left out). Log axes,
     sources nudged apart in rank so that equal brackets both show. runs (optional): a user's runs placed against
     the brackets, columns rank, length (target tokens), label and recalled (bool): a filled black diamond when
-    recalled verbatim, a hollow one when not."""
+    recalled verbatim, a hollow one when not. Optional fitted_lo, fitted_hi: the 95% interval of a fitted ℓ*
+    (ell_star then being the fit's, which may lie outside a narrow bracket where an end's seeds split), drawn as a
+    thin line just right of the bracket."""
     df = brackets.copy()
     df["ell_star"] = df["ell_star"].fillna(df["lo"]).fillna(df["hi"])
     df = df[df["ell_star"].notna()]
@@ -678,9 +680,10 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     df["lo_y"] = df["lo"].fillna(df["ell_star"])
     df["hi_y"] = df["hi"].fillna(df["ell_star"])
     ranks = sorted(df["rank"].unique().tolist())
-    x = alt.X("x:Q", scale=alt.Scale(type="log", domain=[ranks[0] / 1.4, ranks[-1] * 1.4], nice=False),
-              title="rank r", axis=alt.Axis(values=ranks, grid=False))
-    shown = [*df["lo_y"], *df["hi_y"], *(runs["length"] if runs is not None and len(runs) else [])]
+    xscale = alt.Scale(type="log", domain=[ranks[0] / 1.4, ranks[-1] * 1.4], nice=False)
+    x = alt.X("x:Q", scale=xscale, title="rank r", axis=alt.Axis(values=ranks, grid=False))
+    shown = [*df["lo_y"], *df["hi_y"], *(runs["length"] if runs is not None and len(runs) else []),
+             *[v for c in ("fitted_lo", "fitted_hi") if c in df for v in df[c].dropna()]]
     grid = sorted({b * 2 ** k for b in (1, 1.5) for k in range(24)})
     least, most = float(min(shown)), float(max(shown))
     # the data's span, not a decade's, reaching out to a labelled tick on either side of every bracket end
@@ -706,7 +709,9 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     caps = alt.Chart(ends).mark_tick(orient="horizontal", thickness=2, size=16).encode(
         x=x, y=alt.Y("end_y:Q", scale=span, axis=alt.Axis(values=ticks, grid=False)), color=color,
         tooltip=tips + ["end:N"])
-    kinds = ["ℓ* between the ends", "at least (nothing failed yet)", "at most (nothing recalled yet)"]
+    fitted = {"fitted_lo", "fitted_hi"} <= set(df.columns) and df["fitted_lo"].notna().any()
+    kinds = ["fitted ℓ* (thin line: its 95% interval)" if fitted else "ℓ* between the ends",
+             "at least (nothing failed yet)", "at most (nothing recalled yet)"]
     df["bound"] = [kinds[0] if pd.notna(lo) and pd.notna(hi) else kinds[1] if pd.notna(lo) else kinds[2]
                    for lo, hi in zip(df["lo"], df["hi"])]
     shape = alt.Shape("bound:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
@@ -714,6 +719,14 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     points = alt.Chart(df).mark_point(filled=True, size=50).encode(x=x, y=y, color=color, shape=shape,
                                                                    tooltip=tips + ["bound:N"])
     layers = [bars, caps, points]
+    if fitted:
+        fit = df[df["fitted_lo"].notna() & df["fitted_hi"].notna()].assign(
+            x_fit=lambda d: d["x"] * 1.035)  # beside the bracket, not over it
+        layers.insert(0, alt.Chart(fit).mark_rule(strokeWidth=1.2).encode(
+            x=alt.X("x_fit:Q", scale=xscale, title="rank r", axis=alt.Axis(values=ranks, grid=False)),
+            y=alt.Y("fitted_lo:Q", scale=span, axis=alt.Axis(values=ticks, grid=False)), y2="fitted_hi:Q",
+            color=color, tooltip=tips + [alt.Tooltip("fitted_lo:Q", title="fitted ℓ* 95% lo", format=".1f"),
+                                         alt.Tooltip("fitted_hi:Q", title="fitted ℓ* 95% hi", format=".1f")]))
     if runs is not None and len(runs):
         mine = runs.assign(x=runs["rank"].astype(float), ell_star=runs["length"].astype(float),
                            how=["recalled verbatim" if bool(r) else "not recalled" for r in runs["recalled"]])

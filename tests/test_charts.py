@@ -635,3 +635,24 @@ def test_a_bracket_placed_within_a_few_percent_shows_both_ends_as_caps():
         ("memft-ot", 2, 80.0, "longest recalled"), ("sft", 1, 47.0, "longest recalled"),
         ("sft", 1, 49.0, "shortest not recalled")]
     assert caps["mark"]["orient"] == "horizontal" and caps["encoding"]["y"]["field"] == "end_y"
+
+
+def test_the_benchmark_frontier_chart_draws_the_fitted_ell_star_with_its_interval():
+    """The verdicts rest on the fitted ℓ* and its interval, not on the bracket's middle: with fitted_lo/hi the circle
+    is the fit's (here below its bracket's recalled end, as where an end's seeds split), its 95% interval a thin line
+    beside the bar, the axis reaches it, and the legend names it; without them the circle stays between the ends."""
+    brackets = pd.DataFrame([{"source": "memft-sw", "rank": 1, "lo": 54, "hi": 56, "ell_star": 53.9,
+                              "fitted_lo": 48.8, "fitted_hi": 55.9},
+                             {"source": "sft", "rank": 2, "lo": 113, "hi": 118, "ell_star": 115.6,
+                              "fitted_lo": 111.0, "fitted_hi": 131.0}])
+    spec = charts.frontier_brackets_chart(brackets).to_dict()
+    line = next(layer for layer in spec["layer"] if layer["encoding"]["x"]["field"] == "x_fit")
+    rows = spec["datasets"][line["data"]["name"]]
+    assert [(r["source"], r["fitted_lo"], r["fitted_hi"]) for r in rows] == [("memft-sw", 48.8, 55.9),
+                                                                           ("sft", 111.0, 131.0)]
+    assert all(r["x_fit"] > r["x"] for r in rows)  # beside the bracket, not over it
+    y = next(layer["encoding"]["y"] for layer in spec["layer"] if layer["encoding"]["y"]["field"] == "ell_star")
+    assert y["scale"]["domain"][1] >= 131.0 and y["scale"]["domain"][0] <= 48.8
+    assert "fitted ℓ* (thin line: its 95% interval)" in json.dumps(spec, ensure_ascii=False)
+    plain = charts.frontier_brackets_chart(brackets.drop(columns=["fitted_lo", "fitted_hi"])).to_dict()
+    assert "ℓ* between the ends" in json.dumps(plain, ensure_ascii=False) and "x_fit" not in json.dumps(plain)
