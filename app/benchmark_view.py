@@ -220,6 +220,40 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
 ANCHOR = "memft-against-sft"  # the benchmark section's heading, linked from the top of the law page
 
 
+TERMS = (  # the words the law page uses, each in a line, for a reader who has not read the paper
+    ("τ (tau)", "the probability threshold a target token must clear: a token is 'above τ' when the model, shown "
+     "the text before it, gives it more than τ (0.5 by default)."),
+    ("sft", "plain fine-tuning: the mean cross-entropy over every target token (the baseline)."),
+    ("memft-ot", "MemFT, threshold only: the gradient goes only to the tokens still below τ."),
+    ("memft-sw", "MemFT, sliding window: weights from each token's distance to τ, concentrated on a window after "
+     "the first token the model gets wrong, which moves along as the text is learnt."),
+    ("verbatim recall", "the whole target reproduced: every token is the model's top (argmax) choice given the "
+     "true text before it."),
+    ("ℓ* and the frontier", "the longest target a rank recalls verbatim: the bracket is the longest length most "
+     "seeds recalled and the shortest they did not; the fitted ℓ* is where a logistic fit of recall against "
+     "length crosses 1/2, with a bootstrap 95% interval."),
+    ("ΔL", "the loss reduction training bought, base loss − final loss, in nats per target token."),
+    ("P_eff and bits/param", "the adapter's trainable parameters (the bypass: 2 · rank · hidden size), and the "
+     "information stored, Σ ΔL / ln 2 over the recalled tokens, per parameter."),
+    ("bypass adapter", "the paper's adapter: one rank-r path around one layer's MLP (out = MLP(x) + x·A·B)."),
+    ("search probe, stage 1", "a run at one (method, rank, length, seed) that bisection placed to find the "
+     "bracket; it trains until recalled, a plateau or the step budget."),
+    ("stage 2, 0.5ℓ*, 1.5ℓ*, 2ℓ*", "points at those multiples of sft's ℓ*, every method on the same seeds: "
+     "below the frontier, steps to recall; past it, what each method holds at the step budget."),
+    ("plateau rule", "stop a run after 200 steps without a new best in tokens above τ or argmax-right tokens, "
+     "alike for every method."),
+    ("spot re-run", "cells or bracket ends trained again with seeds the benchmark did not use, to check its "
+     "intervals."),
+    ("diverged", "a re-run of the same point whose loss curve parted from the first run's early (floating-point "
+     "order), so the two are two draws, not one."),
+)
+
+
+def terms_markdown() -> str:
+    """The law page's glossary (TERMS) as a markdown list."""
+    return "\n".join(f"- **{term}**: {words}" for term, words in TERMS)
+
+
 def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                   sweep_budget: int | None = None, spot: pd.DataFrame | None = None) -> str | None:
     """The long-context benchmark's answer in one paragraph for the top of the law page: per method and rank the

@@ -204,8 +204,11 @@ def render() -> None:
     with st.expander("Find the frontier for this model", expanded=job is not None):
         st.caption("For each rank, the longest target the model recalls verbatim, found by bisection in length: "
                    "each probe trains until recalled, converged on a plateau or the step budget, probes of every "
-                   "rank and seed train together, and each rank stops once its bracket is narrow enough. Minutes "
-                   "instead of the hours a grid takes.")
+                   "rank and seed train together, and each rank stops once its bracket is narrow enough. About a "
+                   "sixth of the steps a grid at the same resolution takes, but a probe that fails trains its whole "
+                   "budget: on a 2-core CPU, ranks 1, 2 and 4 with two seeds took about 2 h at 300 steps (the "
+                   "README's numbers). A short budget places the frontier where that budget runs out, which may be "
+                   "short of capacity; the benchmark below trains up to 2,000 steps.")
         if job is None:
             _form()
             return

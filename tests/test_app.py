@@ -687,6 +687,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "memft-ot at rank 1 +2.0 [−0.5, +4.5] tie.") in top  # the five-seed answer beside the three-seed one
     assert "](#memft-against-sft) (interim: it is still training)" in top
     assert "The shipped sweep the law below is fitted on stops at 300 steps" in top
+    assert "Terms on this page" in [e.label for e in at.expander]  # the page's words explained for a newcomer
+    assert "- **memft-ot**: MemFT, threshold only: the gradient goes only to the tokens still below τ." in " ".join(
+        m.value for m in at.markdown)
     md = " ".join(m.value for m in at.markdown)
     assert "**memft-ot − sft**: of 1 comparison it wins 1, ties 0, loses 0." in md
     assert ("**memft-sw − sft**: of 2 comparisons it wins 1, ties 1, loses 0. Pooled with the spot re-run over 5 "

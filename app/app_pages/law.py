@@ -47,6 +47,8 @@ _shipped_budget = (benchmark_view.read_meta(SHIPPED / "capacity_bypass_random.js
     "max steps")  # the sweep the law is fitted on by default
 if (answer := benchmark_view.summary_words(sweep_budget=_shipped_budget)) is not None:
     st.info(answer)
+with st.expander("Terms on this page"):
+    st.markdown(benchmark_view.terms_markdown())
 
 search_view.render()
 
