@@ -251,7 +251,10 @@ TERMS = (  # the words the law page uses, each in a line, for a reader who has n
 
 def terms_markdown() -> str:
     """The law page's glossary (TERMS) as a markdown list."""
-    return "\n".join(f"- **{term}**: {words}" for term, words in TERMS)
+    def plain(text: str) -> str:  # ℓ*'s star is not markdown's emphasis
+        return text.replace("*", "\\*")
+
+    return "\n".join(f"- **{plain(term)}**: {plain(words)}" for term, words in TERMS)
 
 
 def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
