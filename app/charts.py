@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -550,16 +551,34 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     return alt.layer(*layers).properties(title=title, height=360)
 
 
+def log_ticks(low: float, high: float, most: int = 8) -> list[float]:
+    """Round tick values (1, 1.5, 2, 3, 4, 5, 6, 8 × a power of ten) between low and high (> 0) for a log axis,
+    thinned to at most `most`, the top one kept, so the axis is labelled up to its data."""
+    steps = (1, 1.5, 2, 3, 4, 5, 6, 8)
+    k0, k1 = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    vals = [round(m * 10 ** k, 10) for k in range(k0, k1 + 1) for m in steps if low <= m * 10 ** k <= high]
+    while len(vals) > most:
+        vals = vals[::-1][::2][::-1]  # every other one, counted from the top
+    return vals
+
+
 def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str,
                      ceiling: float | None = None) -> alt.Chart:
     """ΔL against length on log–log axes, one colour per rank: observed points and fitted curves (the curves cut
     at `ceiling`, the most ΔL the data reach, where the law's form runs on past saturation)."""
     obs = observed[observed.delta_loss > 0]
     cur = curves[(curves.delta_loss > 0) & (curves.delta_loss <= (ceiling if ceiling is not None else np.inf))]
-    # the axes span the data (not rounded out to powers of ten, which left the points in a corner)
-    enc = dict(x=alt.X("length:Q", scale=alt.Scale(type="log", nice=False), title="target tokens ℓ (log)"),
-               y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log", nice=False), title="ΔL (log)",
-                       axis=alt.Axis(format=".3~g", tickCount=6)),
+    # the axes span the data (not rounded out to powers of ten, which left the points in a corner), with room at
+    # each end and labelled ticks up to the top (a log axis labels only its round values: 6-10 under points at 14)
+    shown = pd.concat([obs["delta_loss"], cur["delta_loss"]]).astype(float)
+    low, high = (float(shown.min()) / 1.12, float(shown.max()) * 1.12) if len(shown) else (0.1, 10.0)
+    ticks = log_ticks(low, high)
+    lengths = pd.concat([obs["length"], cur["length"]]).astype(float)
+    left, right = (float(lengths.min()) / 1.08, float(lengths.max()) * 1.08) if len(lengths) else (1.0, 100.0)
+    enc = dict(x=alt.X("length:Q", scale=alt.Scale(type="log", nice=False, domain=[left, right]),
+                       title="target tokens ℓ (log)", axis=alt.Axis(format=".3~g", values=log_ticks(left, right))),
+               y=alt.Y("delta_loss:Q", scale=alt.Scale(type="log", nice=False, domain=[low, high]),
+                       title="ΔL (nats/token, log)", axis=alt.Axis(format=".3~g", values=ticks)),
                color=alt.Color("rank:O", title="rank", scale=alt.Scale(scheme="viridis")))
     lines = alt.Chart(cur).mark_line().encode(**enc)
     pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(

@@ -375,9 +375,9 @@ def test_stable_spec_names_datasets_by_use_not_by_content():
     a = charts.stable_spec(charts.law_slices_chart(
         pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [1.0, 2.0]}),
         pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [1.1, 1.9]}), "t"))
-    b = charts.stable_spec(charts.law_slices_chart(
-        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [3.0, 4.0]}),
-        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [3.1, 3.9]}), "t"))
+    b = charts.stable_spec(charts.law_slices_chart(  # other content over the same span (the axis follows the span)
+        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [2.0, 1.0]}),
+        pd.DataFrame({"rank": [1, 2], "length": [64, 64], "delta_loss": [1.9, 1.1]}), "t"))
     assert sorted(a["datasets"]) == sorted(b["datasets"]) and all(n.startswith("data") for n in a["datasets"])
     assert json.dumps({k: v for k, v in a.items() if k != "datasets"}, sort_keys=True) == \
         json.dumps({k: v for k, v in b.items() if k != "datasets"}, sort_keys=True)
@@ -656,3 +656,16 @@ def test_the_benchmark_frontier_chart_draws_the_fitted_ell_star_with_its_interva
     assert "fitted ℓ* (thin line: its 95% interval)" in json.dumps(spec, ensure_ascii=False)
     plain = charts.frontier_brackets_chart(brackets.drop(columns=["fitted_lo", "fitted_hi"])).to_dict()
     assert "ℓ* between the ends" in json.dumps(plain, ensure_ascii=False) and "x_fit" not in json.dumps(plain)
+
+
+def test_the_law_slices_chart_labels_its_log_axis_up_to_the_data():
+    """ΔL from 5 to 14.6 nats: a log axis labelled only at its round values showed 6-10 with the saturated points
+    at 14 above the last label; now the axis holds every point with room and is labelled near its top."""
+    observed = pd.DataFrame({"rank": [1, 1, 2, 2], "length": [16, 128, 16, 128], "delta_loss": [14.6, 5.2, 14.5, 7.9]})
+    curves = pd.DataFrame({"rank": [1, 1], "length": [16, 128], "delta_loss": [14.0, 5.0]})
+    spec = charts.law_slices_chart(observed, curves, "sft: ΔL against length").to_dict()
+    y = spec["layer"][1]["encoding"]["y"]
+    low, high = y["scale"]["domain"]
+    assert low < 5.0 and high > 14.6
+    assert max(y["axis"]["values"]) >= 14.6 / 1.5 and min(y["axis"]["values"]) <= 6
+    assert charts.log_ticks(4.5, 16.4) == [5, 6, 8, 10, 15]
