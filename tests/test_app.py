@@ -314,6 +314,7 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     warnings = " ".join(w.value for w in at.warning)
     assert ("differs from the sweep in adapter lora (sweep: bypass)" in warnings
             and "data text (sweep: random tokens)" in warnings)
+    assert "Its parameters are not pinned down by its points" in captions  # the what-if says what its fit is
     at.number_input(key="wi_verbatim").set_value(40).run()
     md = " ".join(m.value for m in at.markdown)
     assert ("this sweep's frontier ℓ*(r) (at its 300-step budget, fitted over every rank, so it also extrapolates): "

@@ -287,7 +287,10 @@ l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, 
 target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
                          value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1, key=f"wi_target-{name}")
 pred = float(fit.predict(r_in, l_in))
-st.caption(f"With the {method} fit (choose the method above, under Surface).")
+st.caption(f"With the {method} fit (choose the method above, under Surface)."
+           + (" Its parameters are not pinned down by its points (the note under Fitted parameters): read its "
+              "predictions inside the ranks and lengths it was fitted on, not its values; outside them it "
+              "extrapolates." if any("not pinned down" in n for n in fit.notes) else ""))
 per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
 bits = pred * l_in / math.log(2)
 if pred <= 0:  # the fitted form crosses zero outside its data: no stored bits to count
