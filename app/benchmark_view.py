@@ -17,7 +17,7 @@ import streamlit as st
 from common import show_chart
 
 from memcore.config import MemcoreError
-from memcore.frontier import end_of_budget_words, gained_after_stop, gained_words, window_tally
+from memcore.frontier import end_of_budget_summary, gained_after_stop, gained_words, window_tally
 from memcore.law import as_bool, own_runs, sweep_mismatches
 
 SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
@@ -421,17 +421,36 @@ def book_paired_table(paired: pd.DataFrame) -> pd.DataFrame:
 
 
 def budget_words(points: pd.DataFrame, meta: dict) -> str:
-    """Where the points past the frontier stood at the step budget (memcore.frontier.end_of_budget_words on the
-    points table's open_wait, late_delta_loss and on_plateau), as one caption; meta: long_context.json."""
+    """What budget_table shows, in one caption: where the points past the frontier stood at the step budget, and
+    that points still rising there are read at the budget. meta: long_context.json."""
     window = int(meta.get("plateau_window") or 200)
     budget = (meta.get("settings") or {}).get("max steps")
-    lines = [" ".join(line.split()) for line in end_of_budget_words(points, window)]
     past = points[points["open_wait"].notna()]
-    still = not past["on_plateau"].astype(bool).all()
-    return (f"Past the frontier, where the points stood at the {f'{budget:,}-step ' if budget else ''}budget: "
-            + "; ".join(lines) + "."
+    on = int(past["on_plateau"].astype(bool).sum())
+    still = on < len(past)
+    return (f"Past the frontier, where the points stood at the {f'{budget:,}-step ' if budget else ''}budget: {on} "
+            f"of {len(past)} on a plateau (no new best in tokens above τ or argmax-right tokens for {window}+ "
+            "steps), per method in the table."
             + (" Points still rising there give what the budget reaches, as the paper's runs do, not a plateau: "
                "the fidelity and the law past the frontier are read at the budget." if still else ""))
+
+
+def budget_table(points: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Per method, where its points past the frontier stood at the step budget (the points table's open_wait,
+    late_delta_loss, on_plateau and delta_loss, as memcore.frontier.end_of_budget wrote them): how many, how many
+    on a plateau by the rule's window, the steps since their last best (median, least), and their ΔL's rise over
+    the last window of steps (median, nats per token and percent of the final ΔL). meta: long_context.json."""
+    window = int(meta.get("plateau_window") or 200)
+    summary = end_of_budget_summary(points)
+    rows = []
+    for m in _order(summary["method"]):
+        r = summary[summary["method"] == m].iloc[0]
+        rows.append({"method": m, "points": int(r["points"]), "on a plateau": int(r["on_plateau"]),
+                     "steps since last best (median, least)": f"{r['wait_median']:.0f}, {int(r['wait_least'])}",
+                     f"ΔL rise over the last {window} steps (median)":
+                         "—" if pd.isna(r["late_median"]) else f"{r['late_median']:+.3f} nats"
+                         + ("" if pd.isna(r["late_share"]) else f" ({r['late_share']:+.1%})")})
+    return pd.DataFrame(rows)
 
 
 def law_table(law: pd.DataFrame) -> pd.DataFrame:
@@ -707,6 +726,7 @@ def render(store) -> None:
         if (points := _read(where / "long_context_points.csv")) is not None and "open_wait" in points \
                 and points["open_wait"].notna().any():
             st.caption(budget_words(points, meta))
+            st.dataframe(budget_table(points, meta), hide_index=True, width="stretch")
         with st.expander("The paired table"):
             st.dataframe(paired_table(paired), hide_index=True, width="stretch", height=38 + 35 * len(paired))
         if spot is not None:

@@ -605,24 +605,42 @@ def stood_at_end(steps, window: int) -> dict[str, Any]:
     return {"open_wait": int(open_wait), "late_delta_loss": late, "on_plateau": open_wait >= window}
 
 
-def end_of_budget_words(df: pd.DataFrame, window: int) -> list[str]:
-    """One line per method on where its points past the frontier stood at the step budget (df: the benchmark's
-    points table with end_of_budget's columns, and method and delta_loss; the rows without open_wait are left
-    out): how many were on a plateau by the rule's `window`, the steps since their last best, and their ΔL's rise
-    over the last `window` steps (nats, and as a share of the final ΔL). Raises KeyError on a table without
-    those columns."""
-    lines = []
+def end_of_budget_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method, where its points past the frontier stood at the step budget. df: the benchmark's points table
+    with end_of_budget's columns (open_wait, late_delta_loss, on_plateau) and method and delta_loss; the rows
+    without open_wait are left out. Returns method, points, on_plateau (how many), wait_median and wait_least
+    (steps since the last best), late_median (ΔL's rise over the last window, nats per token; NaN where none is
+    known) and late_share (that rise over the final ΔL, median; NaN likewise), in the table's order of methods.
+    Raises KeyError on a table without those columns."""
+    import pandas as pd
+
+    rows = []
     past = df[df["open_wait"].notna()] if "open_wait" in df else df.iloc[:0]
     for m, d in past.groupby("method", sort=False):
         late = d["late_delta_loss"].dropna()
         rel = (late / d.loc[late.index, "delta_loss"].abs()).replace([np.inf, -np.inf], np.nan).dropna()
-        points = f"{len(d)} point{'' if len(d) == 1 else 's'}"
-        lines.append(f"  {m:<9} {int(d['on_plateau'].astype(bool).sum())} of {points} on a plateau at "
+        rows.append({"method": m, "points": len(d), "on_plateau": int(d["on_plateau"].astype(bool).sum()),
+                     "wait_median": float(d["open_wait"].median()), "wait_least": int(d["open_wait"].min()),
+                     "late_median": float(late.median()) if len(late) else float("nan"),
+                     "late_share": float(rel.median()) if len(rel) else float("nan")})
+    return pd.DataFrame(rows, columns=["method", "points", "on_plateau", "wait_median", "wait_least", "late_median",
+                                       "late_share"])
+
+
+def end_of_budget_words(df: pd.DataFrame, window: int) -> list[str]:
+    """One line per method on where its points past the frontier stood at the step budget (end_of_budget_summary
+    in words): how many were on a plateau by the rule's `window`, the steps since their last best, and their ΔL's
+    rise over the last `window` steps (nats, and as a share of the final ΔL). Raises KeyError on a table without
+    those columns."""
+    lines = []
+    for _, r in end_of_budget_summary(df).iterrows():
+        points = f"{int(r['points'])} point{'' if r['points'] == 1 else 's'}"
+        lines.append(f"  {r['method']:<9} {int(r['on_plateau'])} of {points} on a plateau at "
                      f"the budget (no new best in tokens above τ or argmax-right tokens for {window}+ steps; steps "
-                     f"since the last best: median {float(d['open_wait'].median()):.0f}, least "
-                     f"{int(d['open_wait'].min())})"
-                     + (f"; ΔL over the last {window} steps: median {float(late.median()):+.4f} nats "
-                        f"({float(rel.median()):+.1%} of the final ΔL)" if len(late) and len(rel) else ""))
+                     f"since the last best: median {r['wait_median']:.0f}, least {int(r['wait_least'])})"
+                     + (f"; ΔL over the last {window} steps: median {r['late_median']:+.4f} nats "
+                        f"({r['late_share']:+.1%} of the final ΔL)" if np.isfinite(r["late_median"])
+                        and np.isfinite(r["late_share"]) else ""))
     return lines
 
 

@@ -784,10 +784,15 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert any("A method missing here has fewer than six points past its frontier" in c.value for c in at.caption)
     assert not any("the fit is not yet the law" in c.value for c in at.caption)  # stage-2 cells are in
     budget = next(c.value for c in at.caption if c.value.startswith("Past the frontier, where the points stood"))
-    assert budget.startswith("Past the frontier, where the points stood at the 2,000-step budget: sft 1 of 2 points "
-                             "on a plateau at the budget (no new best in tokens above τ or argmax-right tokens for "
-                             "200+ steps; steps since the last best: median 150, least 0); ΔL over the last 200 steps: "
-                             "median +0.2000 nats (+2.0% of the final ΔL); memft-ot 0 of 1 point")
+    assert budget.startswith("Past the frontier, where the points stood at the 2,000-step budget: 1 of 3 on a "
+                             "plateau (no new best in tokens above τ or argmax-right tokens for 200+ steps), per "
+                             "method in the table.")
+    stood = next(t.value for t in at.dataframe if "on a plateau" in t.value.columns)  # per method, in a table
+    assert stood.to_dict("records") == [
+        {"method": "sft", "points": 2, "on a plateau": 1, "steps since last best (median, least)": "150, 0",
+         "ΔL rise over the last 200 steps (median)": "+0.200 nats (+2.0%)"},
+        {"method": "memft-ot", "points": 1, "on a plateau": 0, "steps since last best (median, least)": "10, 10",
+         "ΔL rise over the last 200 steps (median)": "+0.200 nats (+2.0%)"}]
     assert "not a plateau" in budget  # some were still rising: read at the budget, and said so
     # the verbatim what-if (the 300-step sweep's law) says what the benchmark, trained on, found at that length
     at.number_input(key="wi_verbatim").set_value(60).run()
