@@ -17,7 +17,7 @@ import streamlit as st
 from common import show_chart
 
 from memcore.config import MemcoreError
-from memcore.frontier import end_of_budget_summary, gained_after_stop, gained_words, window_tally
+from memcore.frontier import end_of_budget_summary, gained_after_stop, gained_words, point_gains, window_tally
 from memcore.law import as_bool, own_runs, sweep_mismatches
 
 SHIPPED_PAPER = Path(__file__).resolve().parent.parent / "sample_data" / "paper"
@@ -78,6 +78,12 @@ def _ends(lo, hi) -> str:
 
 def _rate(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.0%}"
+
+
+def spot_seeds(table: pd.DataFrame) -> list[int]:
+    """The new seeds a spot table (long_context_spot.csv, long_context_spot_frontier.csv) was trained with, from its
+    new_seeds cells ('3,4'), sorted."""
+    return sorted({int(x) for cell in table["new_seeds"].astype(str) for x in cell.split(",") if x.strip()})
 
 
 def in_points(table: pd.DataFrame, columns=PAIRED_VALUES) -> pd.DataFrame:
@@ -306,8 +312,8 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
     if spot is not None and {"pooled_minus_sft", "new_seeds"} <= set(spot.columns) \
             and spot["pooled_minus_sft"].notna().any():
         said = spot[spot["pooled_minus_sft"].notna()].drop_duplicates(["method", "rank"])
-        new = sorted({x.strip() for c in said["new_seeds"].astype(str) for x in c.split(",") if x.strip()})
-        pooled = (f" With seeds {' and '.join(new)} added at the bracket ends (the frontier's spot re-run), refitted "
+        new = " and ".join(map(str, spot_seeds(said)))
+        pooled = (f" With seeds {new} added at the bracket ends (the frontier's spot re-run), refitted "
                   "over every seed: " + "; ".join(
                       f"{r['method']} at rank {int(r['rank'])} {difference(r, 'pooled')} "
                       + (f"**{r['pooled_minus_sft_verdict']}**" if r["pooled_minus_sft_verdict"] != "tie" else "tie")
@@ -356,15 +362,6 @@ def window_words(checked: pd.DataFrame) -> str:
     return " ".join([words, *notes])
 
 
-def _gain(r, held: bool, end: str, stop: str, pct: bool = False) -> str:
-    """A held point's change from the rule's stop to the budget: percent of the value at the stop (pct), else
-    percentage points of a share; '—' for a recalled point or a missing column."""
-    if not held or pd.isna(r.get(end)) or pd.isna(r.get(stop)):
-        return "—"
-    v = (100 * (r[end] - r[stop]) / abs(r[stop])) if pct else 100 * (r[end] - r[stop])
-    return f"{v:+.1f}{'%' if pct else ''}".replace("-", "−")
-
-
 def window_table(checked: pd.DataFrame) -> pd.DataFrame:
     """The plateau rule's check point by point, as a reader reads it: the point (method, rank, tokens, seed), the
     step the rule stopped the run's copy at, what training on without it did (recalled at a step, with the point's
@@ -374,8 +371,16 @@ def window_table(checked: pd.DataFrame) -> pd.DataFrame:
     since its last best where that was not its last step). checked: long_context_window.csv (bench_memft.py
     window); the at-stop and at-budget columns are optional."""
     kinds = window_tally(checked).kinds
+    try:
+        gains = point_gains(checked)
+    except KeyError:  # a table written before the at-stop values were kept
+        gains = pd.DataFrame(float("nan"), index=checked.index, columns=["dl", "acc", "above"])
+
+    def gain(v, held: bool, unit: str = "") -> str:  # a held point's gain, '—' for a recalled one or none known
+        return "—" if not held or pd.isna(v) else f"{v:+.1f}{unit}".replace("-", "−")
+
     rows = []
-    for (_, r), kind, recalled in zip(checked.iterrows(), kinds, as_bool(checked["recalled"])):
+    for (i, r), kind, recalled in zip(checked.iterrows(), kinds, as_bool(checked["recalled"])):
         held = not bool(recalled)
         row = {"method": r["method"], "rank": int(r["rank"]), "tokens": int(r["length"]), "seed": int(r["seed"]),
                "rule's stop": int(r["plateau_stop"]) if pd.notna(r.get("plateau_stop")) else None,
@@ -383,9 +388,9 @@ def window_table(checked: pd.DataFrame) -> pd.DataFrame:
                                     f"recalled at {int(r['steps']):,}: {kind}"),
                "apart from": int(r["diverged_at"]) if pd.notna(r.get("diverged_at")) else None}
 
-        row["ΔL gain"] = _gain(r, held, "delta_loss", "stop_delta_loss", pct=True)
-        row["accuracy gain"] = _gain(r, held, "token_accuracy", "stop_token_accuracy")
-        row["above τ gain"] = _gain(r, held, "frac_above", "stop_frac_above")
+        row["ΔL gain"] = gain(gains.at[i, "dl"], held, "%")
+        row["accuracy gain"] = gain(gains.at[i, "acc"], held)
+        row["above τ gain"] = gain(gains.at[i, "above"], held)
         wait = r.get("open_wait")
         window = int(r["window"]) if pd.notna(r.get("window")) else 200
         row["at the budget"] = ("—" if not held or wait is None or pd.isna(wait) else
@@ -527,7 +532,7 @@ def frontier_spot_words(table: pd.DataFrame, front: pd.DataFrame | None = None) 
     end that it does not, and ℓ* refitted over every seed with each method's difference from sft's beside the
     shipped one. front: the benchmark's frontier table now (long_context_frontier.csv); where its difference from
     sft has moved since the spot ran (the benchmark went on: more points, another fit), both are given, each named."""
-    seeds = sorted({int(s) for cell in table["new_seeds"].astype(str) for s in cell.split(",") if s.strip()})
+    seeds = spot_seeds(table)
     ranks = sorted({int(r) for r in table["rank"]})
     command = (f"python bench/bench_memft.py spot --frontier --seeds {' '.join(map(str, seeds))} "
                f"--ranks {' '.join(map(str, ranks))}")
@@ -687,14 +692,14 @@ def render(store) -> None:
                                "that was not its last step).")
         if (spotted := _read(where / "long_context_spot_frontier.csv")) is not None and len(spotted):
             try:
-                words, ends = frontier_spot_words(spotted, front), frontier_spot_table(spotted)
+                words, ends, seeds = (frontier_spot_words(spotted, front), frontier_spot_table(spotted),
+                                      spot_seeds(spotted))
             except (KeyError, ValueError, TypeError) as e:  # a table from another tool or hand-edited
                 st.warning(f"Could not read long_context_spot_frontier.csv as a frontier spot re-run: {e}")
             else:
                 st.markdown(words)
-                seeds = sorted({s.strip() for c in spotted["new_seeds"].astype(str) for s in c.split(",")})
                 with st.expander(f"The frontier spot re-run, end by end ({len(ends)} ends, new seeds "
-                                 f"{', '.join(seeds)})"):
+                                 f"{', '.join(map(str, seeds))})"):
                     st.dataframe(ends, hide_index=True, width="stretch")
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "

@@ -501,6 +501,17 @@ def paired_differences(df: pd.DataFrame, measures: list[str] | tuple[str, ...], 
                                        "method_mean", "verdict"])
 
 
+def point_gains(checked: pd.DataFrame) -> pd.DataFrame:
+    """Each point's change from a plateau rule's stop to the step budget, from a window-check table's end and
+    at-stop values (delta_loss / stop_delta_loss in nats, token_accuracy / stop_token_accuracy and frac_above /
+    stop_frac_above as fractions): dl (ΔL, percent of its value at the stop), acc and above (percentage points);
+    indexed like `checked`, NaN where a value is missing. Raises KeyError on a table without those columns."""
+    return checked.assign(dl=100 * (checked["delta_loss"] - checked["stop_delta_loss"])
+                          / checked["stop_delta_loss"].abs(),
+                          acc=100 * (checked["token_accuracy"] - checked["stop_token_accuracy"]),
+                          above=100 * (checked["frac_above"] - checked["stop_frac_above"]))[["dl", "acc", "above"]]
+
+
 def gained_after_stop(checked: pd.DataFrame) -> pd.DataFrame:
     """What the points a plateau rule stopped without recall gained when trained on to the step budget instead: per
     method, over the points that did not recall then either ('held': the ones a fidelity past the frontier is read
@@ -521,9 +532,7 @@ def gained_after_stop(checked: pd.DataFrame) -> pd.DataFrame:
     if not need <= set(checked.columns):
         return pd.DataFrame(columns=cols)
     d = checked[~as_bool(checked["recalled"])].dropna(subset=sorted(need - {"method", "recalled"}))
-    d = d.assign(dl=100 * (d["delta_loss"] - d["stop_delta_loss"]) / d["stop_delta_loss"].abs(),
-                 acc=100 * (d["token_accuracy"] - d["stop_token_accuracy"]),
-                 above=100 * (d["frac_above"] - d["stop_frac_above"]))
+    d = d.join(point_gains(d))
     rows = [{"method": m, "held": len(g), "dl_pct_min": g["dl"].min(), "dl_pct_max": g["dl"].max(),
              "acc_pts_min": g["acc"].min(), "acc_pts_max": g["acc"].max(),
              "above_pts_min": g["above"].min(), "above_pts_max": g["above"].max()}
