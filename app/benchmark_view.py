@@ -263,6 +263,11 @@ def terms_markdown() -> str:
     return "\n".join(f"- **{plain(term)}**: {plain(words)}" for term, words in TERMS)
 
 
+def _marked(verdict: str) -> str:
+    """A frontier verdict for the top box: 'more' or 'fewer' in bold, a tie plain."""
+    return verdict if verdict == "tie" else f"**{verdict}**"
+
+
 def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                   sweep_budget: int | None = None, spot: pd.DataFrame | None = None) -> str | None:
     """The long-context benchmark's answer in one paragraph for the top of the law page: per method and rank the
@@ -295,12 +300,10 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
             r = at.iloc[0]
             cell = f"{float(r[col]):.1f}"
             if pd.notna(r.get("minus_sft")):
-                verdict = r["minus_sft_verdict"]
                 base = placed[(placed["method"] == "sft") & (placed["rank"] == rank)]
                 pct = (f", {100 * float(r['minus_sft']) / float(base.iloc[0][col]):+.0f}%".replace("-", "−")
                        if len(base) and float(base.iloc[0][col]) > 0 else "")
-                cell += (f" ({signed(r['minus_sft'], 'ell_star')}{pct}: "
-                         f"{f'**{verdict}**' if verdict != 'tie' else verdict})")
+                cell += f" ({signed(r['minus_sft'], 'ell_star')}{pct}: {_marked(r['minus_sft_verdict'])})"
             cells.append(cell)
         rows.append(f"| {m} | {' | '.join(cells)} |")
     budget = (meta.get("settings") or {}).get("max steps")
@@ -316,7 +319,7 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
         pooled = (f" With seeds {new} added at the bracket ends (the frontier's spot re-run), refitted "
                   "over every seed: " + "; ".join(
                       f"{r['method']} at rank {int(r['rank'])} {difference(r, 'pooled')} "
-                      + (f"**{r['pooled_minus_sft_verdict']}**" if r["pooled_minus_sft_verdict"] != "tie" else "tie")
+                      + _marked(r["pooled_minus_sft_verdict"])
                       for _, r in said.iterrows()) + ".")
     return (f"**What the long-context benchmark finds on this model**{f' ({how})' if how else ''}: the fitted "
             "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
@@ -367,9 +370,10 @@ def window_table(checked: pd.DataFrame) -> pd.DataFrame:
     step the rule stopped the run's copy at, what training on without it did (recalled at a step, with the point's
     kind: cut short or diverged; or held to the budget), the step its curve left the copy's where it did, and for a
     held point what it gained from the stop to the budget (ΔL in percent of its value at the stop, token accuracy
-    and tokens above τ in percentage points) and whether it stood on a plateau there ('improving' with the steps
-    since its last best where that was not its last step). checked: long_context_window.csv (bench_memft.py
-    window); the at-stop and at-budget columns are optional."""
+    and tokens above τ in percentage points) and whether it stood on a plateau there (its on_plateau, as the
+    check wrote it beside open_wait; 'improving' with the steps since its last best where that was not its last
+    step). checked: long_context_window.csv (bench_memft.py window); the at-stop and at-budget columns are
+    optional."""
     kinds = window_tally(checked).kinds
     try:
         gains = point_gains(checked)
@@ -392,9 +396,8 @@ def window_table(checked: pd.DataFrame) -> pd.DataFrame:
         row["accuracy gain"] = gain(gains.at[i, "acc"], held)
         row["above τ gain"] = gain(gains.at[i, "above"], held)
         wait = r.get("open_wait")
-        window = int(r["window"]) if pd.notna(r.get("window")) else 200
         row["at the budget"] = ("—" if not held or wait is None or pd.isna(wait) else
-                                "on a plateau" if int(wait) >= window else
+                                "on a plateau" if as_bool(pd.Series([r.get("on_plateau")]))[0] else
                                 "improving" if int(wait) == 0 else f"improving ({int(wait)} steps since best)")
         rows.append(row)
     out = pd.DataFrame(rows)
