@@ -223,6 +223,36 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
             "than that takes a higher rank than it trained.")
 
 
+def benchmark_rank_table(tokens: int) -> pd.DataFrame | None:
+    """The long-context benchmark's answer to "what rank recalls `tokens` tokens verbatim?" for every method it
+    trained (sft, memft-ot, memft-sw), one row each: the smallest rank whose bracket's recalled end reaches
+    `tokens` ("above N" when no rank it searched, up to N, does; "not known yet" while a rank has recalled nothing
+    yet), the recalled end there (or, where no rank reaches `tokens`, the most any rank recalled) with its
+    seeds, and the fitted ℓ* (tokens) with its 95% interval at that rank. None when there is no benchmark
+    frontier table."""
+    front = _read(folder() / "long_context_frontier.csv")
+    if front is None or not {"method", "rank", "lo"} <= set(front):
+        return None
+    rows = []
+    for method in _order(front["method"]):
+        d = front[front["method"] == method].sort_values("rank")
+        enough, known = d[d["lo"].notna() & (d["lo"] >= tokens)], d[d["lo"].notna()]
+        r = enough.iloc[0] if len(enough) else known.sort_values("lo").iloc[-1] if len(known) else d.iloc[-1]
+        rank = str(int(r["rank"])) if len(enough) else f"above {int(d['rank'].max())}" \
+            if len(known) == len(d) else "not known yet"  # a rank that has recalled nothing yet is still searching
+        k, rate = r.get("lo_seeds"), r.get("lo_rate")
+        fitted = "" if pd.isna(r.get("fitted_ell_star")) or pd.isna(r.get("fitted_lo")) else \
+            f"{r['fitted_ell_star']:.1f} [{r['fitted_lo']:.1f}, {r['fitted_hi']:.1f}]"
+        rows.append({
+            "method": method,
+            "smallest rank": rank,
+            "recalled end (tokens)": "—" if pd.isna(r["lo"]) else f"{int(r['lo'])} at rank {int(r['rank'])}",
+            "seeds recalling it": "" if k is None or pd.isna(k) or pd.isna(rate) else
+            f"{round(float(rate) * k)} of {int(k)}",
+            "fitted ℓ* [95%]": fitted})
+    return pd.DataFrame(rows)
+
+
 ANCHOR = "memft-against-sft"  # the benchmark section's heading, linked from the top of the law page
 
 

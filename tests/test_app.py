@@ -801,7 +801,20 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "60 tokens verbatim with sft: it recalled 76 (its frontier there: 76–80 tokens; fitted ℓ*, where its "
             "chance of recall crosses 1/2: 78.1 [75.0, 81.0]).") in md
     assert md.index("**rank 2** holds 60") < md.index("Beside it, by this sweep's frontier")
+    every = next(t.value for t in at.dataframe if "seeds recalling it" in t.value.columns)  # every method's answer
+    assert every.to_dict("records") == [  # memft-sw's rank 2 has recalled nothing yet: its answer is not known
+        {"method": "sft", "smallest rank": "2", "recalled end (tokens)": "76 at rank 2", "seeds recalling it":
+         "", "fitted ℓ* [95%]": "78.1 [75.0, 81.0]"},
+        {"method": "memft-ot", "smallest rank": "2", "recalled end (tokens)": "80 at rank 2", "seeds recalling it":
+         "", "fitted ℓ* [95%]": ""},
+        {"method": "memft-sw", "smallest rank": "not known yet", "recalled end (tokens)": "36 at rank 1",
+         "seeds recalling it": "", "fitted ℓ* [95%]": "37.0 [35.5, 38.2]"}]
+    at.number_input(key="wi_verbatim").set_value(30).run()  # short enough for rank 1 with every method
+    every = next(t.value for t in at.dataframe if "seeds recalling it" in t.value.columns)
+    assert list(every["smallest rank"]) == ["1", "1", "1"]
     at.number_input(key="wi_verbatim").set_value(100).run()
+    every = next(t.value for t in at.dataframe if "seeds recalling it" in t.value.columns)
+    assert list(every["smallest rank"]) == ["above 2", "above 2", "not known yet"]
     assert ("no rank it searches (1, 2) has sft recalling 100 tokens; the most is 76 at rank 2, so more than that "
             "takes a higher rank than it trained.") in " ".join(m.value for m in at.markdown)
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on

@@ -326,6 +326,10 @@ if front is not None:
                                 key="wi_verbatim"))
     if (bench := benchmark_view.benchmark_rank_words(method, v_len)) is not None:
         st.markdown(bench)  # trained on to the paper's budget: the answer to lead with where it has one
+        if (every := benchmark_view.benchmark_rank_table(v_len)) is not None and len(every) > 1:
+            st.caption(f"The benchmark's answer for {v_len} tokens with each method it trained (where no rank "
+                       "reaches it, the row gives the most any rank recalled):")
+            st.dataframe(every, hide_index=True)
     budget = (settings.get(name) or {}).get("max steps")
     if front[1] is None:
         st.info(f"No verbatim what-if for {method}: {front[2]}")
