@@ -510,6 +510,10 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     # the colours span the surface and the sweep's own points: a user's run far off the grid is drawn in the end
     # colour (its tooltip keeps the value) instead of stretching the scale until the surface is one colour
     sweep = observed[observed["kind"] == "sweep"] if len(observed) else observed
+    # the axes span the whole grid, grey cells included (taken after the split below they stopped at the coloured
+    # cells, and the axis ticks under the grey went missing)
+    xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
+    ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)
     beyond = grid[grid.delta_loss > ceiling] if ceiling is not None else grid.iloc[:0]
     grid = grid[grid.delta_loss <= ceiling] if ceiling is not None else grid
     lo = float(np.nanmin([grid.delta_loss.min() if len(grid) else np.inf,
@@ -517,11 +521,16 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
     hi = float(np.nanmax([grid.delta_loss.max() if len(grid) else -np.inf,
                           sweep.delta_loss.max() if len(sweep) else -np.inf]))
     color = alt.Scale(type="quantize", domain=[lo, hi], scheme="viridis", nice=False, zero=False)
-    xs = alt.Scale(type="log", domain=[float(grid.r_lo.min()), float(grid.r_hi.max())], nice=False)
-    ys = alt.Scale(type="log", domain=[float(grid.l_lo.min()), float(grid.l_hi.max())], nice=False)
+    # ticks a reader can use: whole ranks (powers of two, as LoRA ranks go; no 0.8 from the padding below rank 1)
+    # and round lengths
+    r_ticks = rank_ticks(float(xs.domain[0]), float(xs.domain[1]))
     heat = alt.Chart(grid).mark_rect(opacity=0.9).encode(
-        x=alt.X("r_lo:Q", scale=xs, title="adapter rank r (log)"), x2="r_hi:Q",
-        y=alt.Y("l_lo:Q", scale=ys, title="target tokens ℓ (log)"), y2="l_hi:Q",
+        x=alt.X("r_lo:Q", scale=xs, title="adapter rank r (log)", axis=alt.Axis(values=r_ticks, format="d")),
+        x2="r_hi:Q",
+        y=alt.Y("l_lo:Q", scale=ys, title="target tokens ℓ (log)",
+                axis=alt.Axis(values=log_ticks(float(ys.domain[0]), float(ys.domain[1]), most=6), format=".3~g",
+                              labelOverlap=False)),
+        y2="l_hi:Q",
         color=alt.Color("delta_loss:Q", scale=color, title="ΔL", legend=alt.Legend(format=".2f", tickCount=bands)),
         tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
                  alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
@@ -530,6 +539,9 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
         layers.append(alt.Chart(beyond.assign(state=f"beyond the data's ΔL ({ceiling:.2f}): saturated")).mark_rect(
             color="#d9d9d9", opacity=0.9).encode(
             x=alt.X("r_lo:Q", scale=xs), x2="r_hi:Q", y=alt.Y("l_lo:Q", scale=ys), y2="l_hi:Q",
+            # its own legend entry, under the plot, so the grey is named on the chart and not only in a caption
+            color=alt.Color("state:N", scale=alt.Scale(range=["#d9d9d9"]),
+                            legend=alt.Legend(title=None, orient="bottom", symbolType="square", labelLimit=0)),
             tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
                      alt.Tooltip("delta_loss:Q", title="fitted ΔL (not reached)", format=".3f"), "state:N"]))
     if len(observed):
@@ -548,7 +560,15 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
             tooltip=["kind:N", "rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", title="observed ΔL", format=".3f"),
                      alt.Tooltip("predicted:Q", title="fitted ΔL", format=".3f"),
                      alt.Tooltip("residual:Q", format="+.3f")]))
-    return alt.layer(*layers).properties(title=title, height=360)
+    chart = alt.layer(*layers).properties(title=title, height=360)
+    return chart.resolve_scale(color="independent") if len(beyond) else chart
+
+
+def rank_ticks(low: float, high: float) -> list[int]:
+    """Whole-number ticks for a log rank axis from `low` to `high`: the powers of two inside (1, 2, 4, 8, ...), or
+    every whole rank when fewer than three powers of two fit (ranks 1-5: 1, 2, 3, 4, 5)."""
+    powers = [2 ** k for k in range(0, 20) if low <= 2 ** k <= high]
+    return powers if len(powers) >= 3 else [k for k in range(max(1, math.ceil(low)), math.floor(high) + 1)]
 
 
 def log_ticks(low: float, high: float, most: int = 8) -> list[float]:

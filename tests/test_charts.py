@@ -406,6 +406,29 @@ def test_the_surface_is_grey_where_the_law_runs_past_what_the_runs_reach():
     assert domains and all(d[1] <= 14.0 + 1e-9 for d in domains)
     grey_rows = spec["datasets"][greys[0]["data"]["name"]]
     assert grey_rows and all(row["delta_loss"] > 14.0 for row in grey_rows)
+    # the grey is named on the chart itself, in a legend entry of its own
+    legends = [v["legend"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "state" and "legend" in v]
+    assert legends and legends[0] is not None and spec.get("resolve", {}).get("scale", {}).get("color") == \
+        "independent"
+    # every layer's axes span the whole grid, the grey corner included: the shortest lengths sat under grey cells,
+    # and a domain taken from the coloured cells alone cut their ticks off
+    ys = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") in ("l_lo", "length")
+          and isinstance(v.get("scale"), dict)]
+    assert ys and all(d == pytest.approx([grid.l_lo.min(), grid.l_hi.max()]) for d in ys)
+    xs = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") in ("r_lo", "rank")
+          and isinstance(v.get("scale"), dict)]
+    assert xs and all(d == pytest.approx([grid.r_lo.min(), grid.r_hi.max()]) for d in xs)
+    axes = {v["field"]: v["axis"] for v in _walk(spec) if isinstance(v, dict) and v.get("axis")}
+    assert axes["r_lo"]["values"] == [1, 2, 4]  # whole ranks: no 0.8 from the padding below rank 1
+    ticks = axes["l_lo"]["values"]  # round lengths, a few, inside the grid's lengths
+    assert 3 <= len(ticks) <= 6 and grid.l_lo.min() <= ticks[0] < ticks[-1] <= grid.l_hi.max()
+
+
+def test_rank_ticks_are_whole_ranks():
+    assert charts.rank_ticks(0.71, 5.6) == [1, 2, 4]
+    assert charts.rank_ticks(0.71, 2.8) == [1, 2]  # fewer than three powers of two: every whole rank
+    assert charts.rank_ticks(1.4, 2.8) == [2]
+    assert charts.rank_ticks(0.7, 90) == [1, 2, 4, 8, 16, 32, 64]
 
 
 def test_your_runs_diamonds_sit_left_of_the_cells_numbers_on_their_rows_middle():
