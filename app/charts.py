@@ -878,7 +878,10 @@ def chain_chart(history: pd.DataFrame, events: pd.DataFrame | None = None, mark_
     color = alt.Color("passage:N", title=None, sort=passages, legend=alt.Legend(orient="bottom", labelLimit=400),
                       scale=alt.Scale(domain=passages, range=(palette * 4)[:len(passages)]))
     y_lo = -0.03 - band * len(passages)
-    y_scale = alt.Scale(domain=[y_lo, 1.02], nice=False)
+    # the events' labels get a strip of their own above 1.0 (stacked up to 4 deep when steps are close), so they
+    # do not sit on the lines of passages held at 1.0, and the top line does not run along the plot's edge
+    levels = min(4, len(events)) if events is not None else 0
+    y_scale = alt.Scale(domain=[y_lo, 1.04 + 0.07 * levels], nice=False)
     x = alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1))
     y = alt.Y("frac_above:Q", scale=y_scale, title="share above τ",  # short: a long title squeezes the plot
               axis=alt.Axis(values=[0, 0.2, 0.4, 0.6, 0.8, 1.0]))
@@ -897,10 +900,10 @@ def chain_chart(history: pd.DataFrame, events: pd.DataFrame | None = None, mark_
     layers = [bands, labels, lines]
     if events is not None and len(events):
         ev = events.reset_index(drop=True).copy()
-        ev["y"] = [1.0 - 0.07 * (i % 4) for i in range(len(ev))]  # labels stacked when steps are close
+        ev["y"] = [1.03 + 0.07 * (i % levels) for i in range(len(ev))]  # the first lowest, later ones stacked up
         layers.append(alt.Chart(ev).mark_rule(strokeDash=[5, 3], color="#444").encode(
             x="step:Q", tooltip=["label:N", "step:Q"]))
-        layers.append(alt.Chart(ev).mark_text(align="left", baseline="top", dx=4, fontSize=11, color="#222").encode(
+        layers.append(alt.Chart(ev).mark_text(align="left", baseline="bottom", dx=4, fontSize=11, color="#222").encode(
             x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="label:N"))
     if mark_step is not None:
         layers.append(alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(color="#444", strokeWidth=2).encode(

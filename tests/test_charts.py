@@ -538,6 +538,23 @@ def test_the_live_chain_chart_gives_the_earlier_passage_the_first_colour_as_the_
     assert scales[0]["range"][0] == "#1f77b4"
 
 
+
+def test_the_chain_charts_event_labels_sit_above_the_lines_held_at_one():
+    """A passage held at every token above τ draws its line at 1.0; the events' labels (a passage lost, the next
+    run starting) go in a strip above it, stacked when steps are close, inside the plot and off the lines."""
+    history = pd.DataFrame([{"step": s, "passage": p, "frac_above": 1.0, "recalled": True}
+                            for s in range(0, 50, 5) for p in ("A", "B")])
+    events = pd.DataFrame({"step": [10, 12, 14, 30, 31], "label": ["B starts", "A lost", "A back", "x", "y"]})
+    spec = charts.chain_chart(history, events).to_dict()
+    top = max(d["domain"][1] for d in (enc["y"]["scale"] for layer in spec["layer"]
+                                       for enc in [layer.get("encoding", {})] if "scale" in enc.get("y", {})))
+    text = next(layer for layer in spec["layer"] if (layer["mark"] if isinstance(layer["mark"], str)
+                                                     else layer["mark"]["type"]) == "text"
+                and layer["encoding"]["text"]["field"] == "label")
+    ys = [row["y"] for row in spec["datasets"][text["data"]["name"]]]
+    assert text["mark"]["baseline"] == "bottom" and all(1.0 < y < top for y in ys)  # each label's foot above 1.0
+    assert len(set(ys[:4])) == 4  # close steps: stacked, not drawn over each other
+
 def test_an_open_frontier_bracket_is_drawn_as_a_bound_not_as_a_frontier():
     """A bracket with only its recalled end (no failure yet) is a lower bound: drawn as an upward triangle, told
     apart from a closed bracket's ℓ*, so that '≥ 32' never reads as 'ℓ* = 32'."""
