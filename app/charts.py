@@ -686,16 +686,22 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
 
     color = alt.Color("kind:N", title=None, legend=alt.Legend(labelLimit=360),
                       scale=alt.Scale(domain=[*kinds, *ref_kinds],
-                                      range=[kind_colour(k) for k in kinds] + ["#555555", "#999999"][:len(ref_kinds)]))
+                                      range=[kind_colour(k) for k in kinds] + ["#444444", "#8c6d31"][:len(ref_kinds)]))
     shapes = {"sft": "square", "memft-ot": "circle", "memft-sw": "triangle-up"}
     shape = alt.Shape("kind:N", legend=None, scale=alt.Scale(
         domain=[*kinds, *ref_kinds], range=[shapes.get(k.split()[0], "diamond") for k in kinds] + ["stroke"] *
         len(ref_kinds)))
-    lines = alt.Chart(refs).mark_line(strokeDash=[6, 4]).encode(x=x, y=y, color=color, tooltip=["kind:N"])
+    # the references told apart by dash as well as shade, and each named on the chart over its line's left end
+    dashes = alt.StrokeDash("kind:N", legend=None, scale=alt.Scale(
+        domain=ref_kinds, range=[[6, 4], [2, 3], [10, 3, 2, 3]][:len(ref_kinds)]))
+    lines = alt.Chart(refs).mark_line().encode(x=x, y=y, color=color, strokeDash=dashes, tooltip=["kind:N"])
+    names = alt.Chart(refs[refs["drawn"] == lo_r]).mark_text(align="left", baseline="bottom", dx=4, dy=-2,
+                                                               fontSize=11, color="#444").encode(
+        x=x, y=y, text="kind:N")
     marks = alt.Chart(per_rank).mark_point(filled=True, size=90, opacity=0.9).encode(
         x=x, y=y, color=color, shape=shape,
         tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")])
-    return alt.layer(lines, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
+    return alt.layer(lines, names, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
 
 
 

@@ -455,6 +455,22 @@ def test_methods_that_tie_on_capacity_are_both_visible():
     assert all(abs(np.log(r["drawn"] / r["rank"])) < 0.07 for r in rows)
 
 
+def test_the_capacity_references_are_told_apart_and_named_on_the_chart():
+    """The two reference capacities (2 and 3.6 bits/param) differ in dash as well as shade, and each is named in
+    text over its own line, so a reader need not match two grey dashes to a legend."""
+    per_rank = pd.DataFrame([{"rank": r, "bits_per_param": 0.7, "kind": "sft fitted"} for r in (1, 2, 4)])
+    refs = {"knowledge": 2.0, "random data": 3.6}
+    spec = charts.capacity_chart(per_rank, refs).to_dict()
+    line = next(lay for lay in spec["layer"] if (lay["mark"] if isinstance(lay["mark"], str)
+                                                 else lay["mark"]["type"]) == "line")
+    dashes = line["encoding"]["strokeDash"]["scale"]["range"]
+    assert len(dashes) == 2 and dashes[0] != dashes[1]
+    text = next(lay for lay in spec["layer"] if (lay["mark"] if isinstance(lay["mark"], str)
+                                                 else lay["mark"]["type"]) == "text")
+    named = {row["kind"]: row["bits_per_param"] for row in spec["datasets"][text["data"]["name"]]}
+    assert named == {"2 bits/param: knowledge": 2.0, "3.6 bits/param: random data": 3.6}  # one label a line
+
+
 def test_the_replays_curves_mark_the_shown_step():
     hist = pd.DataFrame({"step": [0, 1, 2, 3], "loss": [3.0, 2.0, 1.0, 0.5], "delta_loss": [0, 1.0, 2.0, 2.5],
                          "frac_above": [0, 0.2, 0.6, 1.0], "frac_correct": [0, 0.3, 0.7, 1.0], "run": "sft"})
