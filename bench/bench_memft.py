@@ -1038,11 +1038,11 @@ def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.Da
         lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; on {which}: "
                      f"{fits.fitted_on}; "
                      f"the data prefer the {fits.preferred} form{'' if fits.clear_preference else ' (not clearly)'}; "
-                     f"{fits.regime.describe()}")
+                     f"{(fits.fitted_regime or fits.regime).describe()} (of the points fitted)")
         rows.append({"method": m, "points": f.n, "form": f.form, "C": p.get("C"), "alpha": p["alpha"],
                      "alpha_lo": ci["alpha"][0], "alpha_hi": ci["alpha"][1], "beta": p["beta"],
                      "beta_lo": ci["beta"][0], "beta_hi": ci["beta"][1], "b": p.get("b"), "r2": f.r2,
-                     "fitted_on": f"{which}: {fits.fitted_on}", "regime": fits.regime.label})
+                     "fitted_on": f"{which}: {fits.fitted_on}", "regime": (fits.fitted_regime or fits.regime).label})
     return lines, pd.DataFrame(rows, columns=LAW_COLUMNS)
 
 

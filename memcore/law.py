@@ -396,15 +396,20 @@ class Regime:
         """Share of points saturated, converged and budget-bound (0..1 each)."""
         return {k: getattr(self, k) / self.n if self.n else 0.0 for k in ("saturated", "converged", "budget_bound")}
 
-    def describe(self) -> str:
-        """One line naming the regime and the shares behind it."""
+    def shares_words(self) -> str:
+        """How the points stopped, in shares: '0% converged on a plateau, 62% saturated (...), 38% stopped at the
+        step budget', with a word when the table does not say."""
         s = self.shares()
         head = (f"{s['converged']:.0%} converged on a plateau, "
                 f"{s['saturated']:.0%} saturated (every token above τ or recalled), "
                 f"{s['budget_bound']:.0%} stopped at the step budget")
         if not self.known:
             head += " (the table has no stop_reason or converged column: points are taken as fixed-budget runs)"
-        return f"regime: {self.label} — {head}"
+        return head
+
+    def describe(self) -> str:
+        """One line naming the regime and the shares behind it."""
+        return f"regime: {self.label} — {self.shares_words()}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: the counts, label, known and shares."""
@@ -583,6 +588,28 @@ class LawFits:
     p_eff: LawFit | None = None  # the main form again in x = P_eff (fit_all with_p_eff)
     p_eff_error: str | None = None  # why that fit failed
     notes: list[str] = field(default_factory=list)  # what a reader of the fit must know about its points
+    fitted_regime: Regime | None = None  # how the points the law is fitted on stopped (a subset of regime's)
+
+    def regime_words(self) -> str:
+        """How the table's points stopped, which of them the law is fitted on, and the regime of those, in Markdown:
+        the table's majority alone misleads when it is exactly what the fit leaves out (a sweep mostly saturated,
+        fitted on its unsaturated points, all stopped at the step budget, is a budget-bound fit). E.g. "How its
+        points stopped: 0% converged on a plateau, 62% saturated (...), 38% stopped at the step budget. Fitted on
+        the 18 unsaturated points (...): all 18 stopped at the step budget, so the fit is **budget-bound
+        (optimization)**: its ΔL measures how far the step budget got, not capacity." """
+        head = f"How its points stopped: {self.regime.shares_words()}. {self.fitted_on[:1].upper()}{self.fitted_on[1:]}"
+        f = self.fitted_regime
+        if f is None or not f.n:
+            return head + "."
+        what = {"budget-bound (optimization)": "its ΔL measures how far the step budget got, not capacity",
+                "capacity-bound (converged)": "as the paper fits its law",
+                "saturated": "ΔL there is capped by the base loss, not by capacity",
+                "mixed": "its points stopped in more than one way"}.get(f.label, "")
+        counts = [(k, how) for k, how in ((f.converged, "converged on a plateau"),
+                                          (f.budget_bound, "stopped at the step budget"), (f.saturated, "saturated"))
+                  if k]
+        said = f"all {f.n} {counts[0][1]}" if len(counts) == 1 else ", ".join(f"{k} {how}" for k, how in counts)
+        return f"{head}: {said}, so the fit is **{f.label}**" + (f": {what}." if what else ".")
 
     @property
     def clear_preference(self) -> bool:
@@ -604,7 +631,8 @@ class LawFits:
 
     def to_dict(self) -> dict[str, Any]:
         """main.to_dict(), then comparison (aic and r2 per form, preferred, each form's to_dict), p_eff_fit (its
-        to_dict, or {"error": why}) when it was attempted, regime (Regime.to_dict) and fitted_on."""
+        to_dict, or {"error": why}) when it was attempted, regime (the whole table's Regime.to_dict), fitted_on and
+        fitted_regime (the fitted points' Regime.to_dict)."""
         out = self.main.to_dict()
         out["comparison"] = {"aic": {f: fit.aic for f, fit in self.forms.items()},
                              "r2": {f: fit.r2 for f, fit in self.forms.items()},
@@ -615,6 +643,8 @@ class LawFits:
         elif self.p_eff_error is not None:
             out["p_eff_fit"] = {"error": self.p_eff_error}
         out["regime"], out["fitted_on"] = self.regime.to_dict(), self.fitted_on
+        if self.fitted_regime is not None:
+            out["fitted_regime"] = self.fitted_regime.to_dict()
         out["notes"] = [*self.notes, *out.get("notes", [])]
         return out
 
@@ -635,7 +665,7 @@ def fit_all(df: pd.DataFrame, *, with_p_eff: bool = False) -> LawFits:
     pts, how = law_points(df)
     r, length, dl = (pts[c].to_numpy(float) for c in LAW_COLUMNS)
     forms, preferred = compare_forms(r, length, dl)
-    fits = LawFits(forms, preferred, reg, how, notes=negative_delta_loss(pts))
+    fits = LawFits(forms, preferred, reg, how, notes=negative_delta_loss(pts), fitted_regime=regime(pts))
     if with_p_eff and "p_eff" in pts.columns and pts["p_eff"].notna().all() and pts["p_eff"].nunique() > 1:
         try:
             fits.p_eff = fit_law(pts["p_eff"].to_numpy(float), length, dl, fits.main.form, x_name="p_eff")

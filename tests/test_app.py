@@ -307,8 +307,9 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     heads = [h.value for h in at.subheader]
     assert "Recall: low loss is not high accuracy" in heads and "Verbatim-recall frontier and capacity" in heads
     captions = " ".join(c.value for c in at.caption)
-    assert "regime:" in captions and "stopped at the step budget" in captions
-    assert "capacity-bound" not in captions or "converged on a plateau" in captions
+    # how the points stopped, and the regime of the points the law is fitted on (not the table's saturated majority)
+    assert "How its points stopped:" in captions and "stopped at the step budget" in captions
+    assert "so the fit is **budget-bound (optimization)**" in captions and "capacity-bound" not in captions
     # surface + slices + 3 heatmaps for each of the 2 methods + the capacity chart
     assert len(at.get("vega_lite_chart")) >= 2 + 6 + 1
     warnings = " ".join(w.value for w in at.warning)
@@ -331,7 +332,7 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     at.selectbox(key="law_source").set_value("shipped: default_smollm2_135m").run()
     assert not at.exception
     captions = " ".join(c.value for c in at.caption)
-    assert "regime: budget-bound (optimization)" in captions and "capacity-bound" not in captions
+    assert "so the fit is **budget-bound (optimization)**" in captions and "capacity-bound" not in captions
 
 
 def test_an_interrupted_run_resumes_from_the_runs_page(app_env, tiny_model_dir):

@@ -282,7 +282,7 @@ def test_fit_all_reports_the_power_form_and_says_which_form_the_data_prefer():
     assert "table does not say which points converged" in fits.fitted_on and not fits.regime.known
     out = fits.to_dict()
     assert out["form"] == "power" and out["comparison"]["preferred"] == "saturating"
-    assert list(out)[-3:] == ["p_eff_fit", "regime", "fitted_on"] and out["p_eff_fit"]["x"] == "p_eff"
+    assert list(out)[-4:] == ["p_eff_fit", "regime", "fitted_on", "fitted_regime"] and out["p_eff_fit"]["x"] == "p_eff"
     assert "p_eff_fit" not in fit_all(table).to_dict()  # only when asked for
     only_sat = LawFits({"saturating": fits.forms["saturating"]}, "saturating", fits.regime, fits.fitted_on)
     assert only_sat.main.form == "saturating"  # no power fit: the preferred form is reported
@@ -348,6 +348,33 @@ def test_which_points_are_fitted_is_said_in_plain_words():
     assert how == "fitted on all 3 points (only 3 points are unsaturated)"
     _, how = law_points(pd.DataFrame([dict(r, stop_reason="recalled") for r in rows[:4]]))
     assert how == "fitted on all 4 points (none is unsaturated)"
+
+
+def test_the_regime_said_is_that_of_the_points_fitted_not_the_tables_majority():
+    """A sweep mostly saturated is fitted on its unsaturated points; when those all stopped at the step budget the
+    fit is budget-bound, and the words say so instead of leading with 'saturated' for a fit that leaves every
+    saturated point out. With enough points converged on a plateau it is capacity-bound, as the paper fits."""
+    import pandas as pd
+
+    from memcore.law import fit_all
+
+    rng = np.random.default_rng(0)
+    rows = [{"rank": r, "length": n, "delta_loss": 3.0 * r ** 0.5 * n ** -0.3 + rng.normal(0, 0.01),
+             "stop_reason": "max_steps"} for r in (1, 2, 4) for n in (32, 64, 128)]
+    rows += [{"rank": r, "length": n, "delta_loss": 14.0, "stop_reason": "recalled"}
+             for r in (1, 2, 4) for n in (4, 8, 16, 20)]  # 12 of 21 saturated: the table's majority
+    fits = fit_all(pd.DataFrame(rows))
+    assert fits.regime.label == "saturated"
+    words = fits.regime_words()
+    assert words.startswith("How its points stopped: 0% converged on a plateau, 57% saturated")
+    assert ("Fitted on the 9 unsaturated points (none converged on a plateau short of saturation): all 9 stopped "
+            "at the step budget, so the fit is **budget-bound (optimization)**") in words
+    assert fits.to_dict()["fitted_regime"]["budget_bound"] == 9
+    for row in rows[:7]:
+        row["stop_reason"] = "plateau"  # 7 converged, 2 at the budget: the paper's points
+    words = fit_all(pd.DataFrame(rows)).regime_words()
+    assert ("Fitted on the 7 converged, unsaturated points (as the paper does): all 7 converged on a plateau, so "
+            "the fit is **capacity-bound (converged)**: as the paper fits its law.") in words
 
 
 def test_a_fit_says_when_its_points_tell_its_parameters_apart_and_when_not():

@@ -127,7 +127,7 @@ for c, (m, lf) in zip(cols, fits.items()):
         st.caption(f"AIC ({aics}): {lf.preference()}"
                    + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form and lf.clear_preference
                       else ""))
-        st.caption(f"{lf.regime.describe()}; {lf.fitted_on}.")
+        st.caption(lf.regime_words())
         for note in fit.notes:
             st.caption(f"Note: {note}.")
         d = method_rows(data, m)

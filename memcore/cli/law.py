@@ -26,7 +26,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(fits.to_dict()))
         else:
-            _print_fit(fits.to_dict(), fits.regime.describe(), fits.fitted_on)
+            _print_fit(fits.to_dict(), fits.regime_words().replace("**", ""))
         return 0
     by_method, errors = {}, {}
     for m in methods:
@@ -48,14 +48,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"cannot fit: {errors[m]}")
             continue
         f = by_method[m]
-        _print_fit(f.to_dict(), f.regime.describe(), f.fitted_on)
+        _print_fit(f.to_dict(), f.regime_words().replace("**", ""))
     return 0
 
 
-def _print_fit(out: dict[str, Any], regime: str, fitted_on: str) -> None:
-    """One fit (LawFits.to_dict) as text: the regime, the parameters with intervals, R², the forms compared."""
+def _print_fit(out: dict[str, Any], regime: str) -> None:
+    """One fit (LawFits.to_dict) as text: how its points stopped, which were fitted and their regime
+    (LawFits.regime_words), the parameters with intervals, R², the forms compared."""
     print(regime)
-    print(f"ΔL = C · r^α · ℓ^(−β) + b   {fitted_on}")
+    print("ΔL = C · r^α · ℓ^(−β) + b")
     for k in ("C", "alpha", "beta", "b"):
         lo, hi = out["intervals"][k]
         print(f"  {k:<6} {out[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
