@@ -218,9 +218,16 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
     if not len(known):
         return f"{where}: {method} has recalled nothing yet."
     best = known.sort_values("lo").iloc[-1]
+    guess = ""  # ℓ* grows about in proportion to rank (the paper's linear frontier): a rough rank past the trained
+    top = d[d["fitted_ell_star"].notna()].sort_values("rank") if "fitted_ell_star" in d else d.iloc[:0]
+    if len(top):
+        r = top.iloc[-1]
+        per = float(r["fitted_ell_star"]) / float(r["rank"])
+        guess = (f" At its fitted {per:.0f} tokens per rank (rank {int(r['rank'])}'s ℓ*), that is about **rank "
+                 f"{math.ceil(tokens / per)}**, a guess past what it trained.")
     return (f"{where}: no rank it searches ({', '.join(str(int(x)) for x in d['rank'])}) has {method} recalling "
             f"{tokens} tokens; the most is {int(best['lo'])} at rank {int(best['rank'])}{seeds(best)}, so more "
-            "than that takes a higher rank than it trained.")
+            f"than that takes a higher rank than it trained.{guess}")
 
 
 def benchmark_rank_table(tokens: int) -> pd.DataFrame | None:
@@ -268,9 +275,22 @@ TERMS = (  # the words the law page uses, each in a line, for a reader who has n
     ("ℓ* and the frontier", "the longest target a rank recalls verbatim: the bracket is the longest length most "
      "seeds recalled and the shortest they did not; the fitted ℓ* is where a logistic fit of recall against "
      "length crosses 1/2, with a bootstrap 95% interval."),
-    ("ΔL", "the loss reduction training bought, base loss − final loss, in nats per target token."),
+    ("ΔL", "the loss reduction training bought, base loss − final loss, in nats per target token (a nat is "
+     "1/ln 2 ≈ 1.44 bits)."),
+    ("the law: C, α, β, b", "ΔL = C · r^α · ℓ^(−β) + b, fitted over runs at several ranks r and lengths ℓ: α says "
+     "how fast ΔL grows with rank, β how fast it falls with length; R² is the share of ΔL's spread the fit "
+     "explains, AIC compares it with a saturating form (lower is better)."),
+    ("saturated, budget-bound, capacity-bound", "how a run stopped: saturated, every token above τ or recalled (ΔL "
+     "then capped by the base loss); budget-bound, at the step budget still improving (ΔL then measures how far "
+     "the budget got); capacity-bound, on a plateau short of recall (where the paper fits its law). A fit's "
+     "regime is that of the points it is fitted on."),
     ("P_eff and bits/param", "the adapter's trainable parameters (the bypass: 2 · rank · hidden size), and the "
-     "information stored, Σ ΔL / ln 2 over the recalled tokens, per parameter."),
+     "information stored per parameter: the recalled tokens' loss reduction in bits (Σ ΔL / ln 2), counted at no "
+     "more than a token carries (log2 of the vocabulary, 15.58 bits, for random tokens)."),
+    ("verbatim prefix", "how many target tokens, from the start, the model gets right (argmax) before its first "
+     "mistake."),
+    ("paired difference, paired-t", "method − sft on the same seeds and data, seed by seed; its 95% interval is the "
+     "paired t interval over the seeds. 'wins', 'loses' or 'more', 'fewer' where it excludes 0, else a tie."),
     ("bypass adapter", "the paper's adapter: one rank-r path around one layer's MLP (out = MLP(x) + x·A·B)."),
     ("search probe, stage 1", "a run at one (method, rank, length, seed) that bisection placed to find the "
      "bracket; it trains until recalled, a plateau or the step budget."),
@@ -280,6 +300,9 @@ TERMS = (  # the words the law page uses, each in a line, for a reader who has n
      "alike for every method."),
     ("spot re-run", "cells or bracket ends trained again with seeds the benchmark did not use, to check its "
      "intervals."),
+    ("ℓ_A, ℓ_B, rehearsal share", "in the section on a second passage: the first passage's and the second's "
+     "lengths in tokens, and the share of each update's weight that went to keeping the first (0 without "
+     "rehearsal)."),
     ("diverged", "a re-run of the same point whose loss curve parted from the first run's early (floating-point "
      "order), so the two are two draws, not one."),
 )

@@ -531,7 +531,8 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
                 axis=alt.Axis(values=log_ticks(float(ys.domain[0]), float(ys.domain[1]), most=6), format=".3~g",
                               labelOverlap=False)),
         y2="l_hi:Q",
-        color=alt.Color("delta_loss:Q", scale=color, title="ΔL", legend=alt.Legend(format=".2f", tickCount=bands)),
+        color=alt.Color("delta_loss:Q", scale=color, title="ΔL (nats/token)",
+                        legend=alt.Legend(format=".2f", tickCount=bands)),
         tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
                  alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
     layers = [heat]
@@ -548,11 +549,11 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
         obs = observed.assign(residual=observed.delta_loss - observed.predicted)
         # below the plot: beside the ΔL bar it is cut off
         legend = alt.Legend(title="runs", orient="bottom", direction="horizontal")
-        size = alt.Size("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"], range=[110, 220, 360]),
-                        legend=legend)
-        shape = alt.Shape("kind:N", scale=alt.Scale(domain=["sweep", "your runs", "this session"],
-                                                    range=["circle", "diamond", "triangle-up"]),
-                          legend=legend)
+        # the legend lists only the kinds drawn (no 'your runs' before there are any)
+        looks = {"sweep": (110, "circle"), "your runs": (220, "diamond"), "this session": (360, "triangle-up")}
+        drawn = [k for k in looks if k in set(obs["kind"])]
+        size = alt.Size("kind:N", scale=alt.Scale(domain=drawn, range=[looks[k][0] for k in drawn]), legend=legend)
+        shape = alt.Shape("kind:N", scale=alt.Scale(domain=drawn, range=[looks[k][1] for k in drawn]), legend=legend)
         layers.append(alt.Chart(obs).mark_point(filled=True, stroke="black", strokeWidth=0.8, opacity=1).encode(
             x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys),
             color=alt.Color("delta_loss:Q", scale=color, legend=None),

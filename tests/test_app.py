@@ -325,6 +325,12 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     assert "Grey: where the fitted law predicts more than" in captions
     need = next(m.value for m in at.markdown if m.value.startswith("Smallest rank predicted to reach ΔL"))
     assert "**1**" not in need, need
+    assert need.endswith("(above the fitted ranks 1–4: an extrapolation of the law)")  # rank 9 of a rank 1-4 fit
+    # random tokens: ΔL / ln 2 passes the bits a token carries (a base model worse than uniform); counted at that
+    said = next(m.value for m in at.markdown if m.value.startswith("Predicted ΔL at rank 8, 256 tokens"))
+    import re
+    bits = float(re.search(r"≈ ([\d,]+) bits over", said).group(1).replace(",", ""))
+    assert "bits a token carries: ΔL / ln 2 is more than that" in said and bits <= 15.6 * 256 < 13.092 / 0.6931 * 256
     frontier_tables = [t.value for t in at.dataframe if "bits/param there" in t.value.columns]
     assert frontier_tables and all(t["bits/param there"].map(lambda v: v is not None and v != "None").all()
                                    for t in frontier_tables)
@@ -817,7 +823,9 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     every = next(t.value for t in at.dataframe if "seeds recalling it" in t.value.columns)
     assert list(every["smallest rank"]) == ["above 2", "above 2", "not known yet"]
     assert ("no rank it searches (1, 2) has sft recalling 100 tokens; the most is 76 at rank 2, so more than that "
-            "takes a higher rank than it trained.") in " ".join(m.value for m in at.markdown)
+            "takes a higher rank than it trained. At its fitted 39 tokens per rank (rank 2's ℓ*), that is about "
+            "**rank 3**, a guess past what it trained.") in " ".join(m.value for m in at.markdown)
+    assert any(c.value.startswith("Where the two differ, go by the benchmark") for c in at.caption)
     warned = " ".join(w.value for w in at.warning)  # unfinished tables say so, and how to go on
     assert "not finished: 1 frontier(s) still open (memft-sw/r2)" in warned and "python bench/x.py run" in warned
     (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named

@@ -327,6 +327,9 @@ def test_a_users_run_far_off_the_surface_does_not_stretch_its_colour_scale():
     domains = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "delta_loss"
                and isinstance(v.get("scale"), dict) and "domain" in v["scale"]]
     assert domains and all(d[1] == pytest.approx(max(0.5, float(grid.delta_loss.max()))) for d in domains)
+    kinds = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "kind"
+             and isinstance(v.get("scale"), dict)]
+    assert kinds and all(k == ["sweep", "your runs"] for k in kinds)  # no 'this session' in the legend: none drawn
 
 
 def _walk(node):

@@ -270,9 +270,11 @@ if has_recall(data):
         if wide.shape[1] > 1 and np.allclose(wide.to_numpy(), wide.to_numpy()[:, :1], rtol=1e-6, equal_nan=True):
             st.caption(f"{' and '.join(wide.columns)} tie at every rank here (their markers are drawn slightly apart "
                        "in rank to show both): this sweep does not tell their capacities apart.")
-        st.caption("Bits stored = Σ (base loss − loss) / ln 2 over the target tokens of the recalled points, scaled "
-                   "to the frontier length and divided by P_eff. References: about 2 bits/param for knowledge "
-                   "(Allen-Zhu & Li), 3.6 for random data (Morris et al. 2025).")
+        st.caption("Bits stored = the bits per token the recalled points' loss fell by (Σ (base loss − loss) / ln 2 "
+                   "over their target tokens), capped at what a token carries (log2 of the vocabulary for random "
+                   "tokens: a base model worse than uniform loses more than that without storing more), times the "
+                   "frontier length, divided by P_eff. References: about 2 bits/param for knowledge (Allen-Zhu & Li), "
+                   "3.6 for random data (Morris et al. 2025).")
 
 benchmark_view.render(store)
 retention_view.render(store)
@@ -293,6 +295,10 @@ st.caption(f"With the {method} fit (choose the method above, under Surface)."
               "extrapolates." if any("not pinned down" in n for n in fit.notes) else ""))
 per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
 bits = pred * l_in / math.log(2)
+carries = front[1].source_bits if front is not None and front[1] is not None else None  # bits a token carries
+capped = bool(carries) and pred / math.log(2) > carries  # a base model worse than uniform: loses more than it stores
+if capped:
+    bits = carries * l_in
 if pred <= 0:  # the fitted form crosses zero outside its data: no stored bits to count
     st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, which no adapter can "
                 "reach (ΔL below 0 means worse than the base model): the law does not hold this far out.")
@@ -303,7 +309,10 @@ elif pred > ceiling:  # past what the sweep's runs reach: they are saturated the
 else:
     st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
                 + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
-                   f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else ""))
+                   f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else "")
+                + (f" (counted at the {carries:.2f} bits a token carries: ΔL / ln 2 is more than that, because the "
+                   "base model is worse than uniform on these tokens, and no more can be stored)"
+                   if capped and per_rank == per_rank else ""))
 r_lo, r_hi, l_lo, l_hi = d["rank"].min(), d["rank"].max(), d["length"].min(), d["length"].max()
 outside = ([f"rank {r_in} (fitted ranks {r_lo:g}–{r_hi:g})"] if not r_lo <= r_in <= r_hi else []) + \
     ([f"{l_in} tokens (fitted lengths {l_lo:g}–{l_hi:g})"] if not l_lo <= l_in <= l_hi else [])
@@ -317,7 +326,9 @@ try:
                     "cannot gain more than its base loss): **no rank** is predicted to reach it.")
     else:
         st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens with {method}: "
-                    f"**{need if need is not None else 'none up to 4096'}**")
+                    f"**{need if need is not None else 'none up to 4096'}**"
+                    + (f" (above the fitted ranks {r_lo:g}–{r_hi:g}: an extrapolation of the law)"
+                       if need is not None and need > r_hi else ""))
 except Exception as e:
     st.error(error_text(e))
 if front is not None:
@@ -341,6 +352,10 @@ if front is not None:
         st.markdown(("By " if bench is None else "Beside it, by ") + said + f": the smallest rank predicted to "
                     f"recall **{v_len}** tokens verbatim with {method} is **{ans.rank}** (95% interval "
                     f"{ans.interval[0]}–{hi}).")
+        if bench is not None:
+            st.caption("Where the two differ, go by the benchmark: it trains each point to the paper's budget, where "
+                       f"the {budget or 'short'}-step sweep stops short of capacity and so asks for more rank; the "
+                       "sweep's answer only reaches past the ranks the benchmark trained.")
         for n in ans.notes:
             st.warning(n)
 with st.expander("Fit as JSON"):
