@@ -356,7 +356,8 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                 base = placed[(placed["method"] == "sft") & (placed["rank"] == rank)]
                 pct = (f", {100 * float(r['minus_sft']) / float(base.iloc[0][col]):+.0f}%".replace("-", "−")
                        if len(base) and float(base.iloc[0][col]) > 0 else "")
-                cell += f" ({signed(r['minus_sft'], 'ell_star')}{pct}: {_marked(r['minus_sft_verdict'])})"
+                span = difference(r) if pd.notna(r.get("minus_sft_lo")) else signed(r["minus_sft"], "ell_star")
+                cell += f" ({span}{pct}: {_marked(r['minus_sft_verdict'])})"
             cells.append(cell)
         rows.append(f"| {m} | {' | '.join(cells)} |")
     budget = (meta.get("settings") or {}).get("max steps")
@@ -376,14 +377,38 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                       for _, r in said.iterrows()) + ".")
     return (f"**What the long-context benchmark finds on this model**{f' ({how})' if how else ''}: the fitted "
             "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
-            "crosses 1/2; in brackets MemFT's difference from sft's, in tokens and percent, and its verdict (more or "
-            "fewer where the 95% interval excludes 0, else a tie).\n\n" + "\n".join(rows) + "\n\n"
-            + (pooled.strip() + " " if pooled else "")
+            "crosses 1/2; in brackets MemFT's difference from sft's in tokens with its 95% interval, in percent, "
+            "and its verdict (more or fewer where the interval excludes 0, else a tie).\n\n" + "\n".join(rows)
+            + "\n\n" + _overall(placed, col) + (pooled.strip() + " " if pooled else "")
             + f"[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
             + (" (interim: it is still training)" if interim else "") + "."
             + (f" The shipped sweep the law below is fitted on stops at {sweep_budget:,} steps, so its frontier sits "
                "shorter and does not tell the methods apart." if sweep_budget and budget and sweep_budget < budget
                else ""))
+
+
+def _overall(placed: pd.DataFrame, col: str) -> str:
+    """The top box's answer to "does MemFT hold more than SFT?" in one sentence, from the frontier verdicts: each
+    MemFT method's cells counted as more, tie and fewer, and the answer: yes only where every cell is 'more'.
+    '' when no cell has a verdict."""
+    said = []
+    for m in _order(placed["method"]):
+        v = placed.loc[placed["method"] == m, "minus_sft_verdict"].dropna() \
+            if "minus_sft_verdict" in placed else pd.Series(dtype=str)
+        if not len(v):
+            continue
+        ranks = placed.loc[v.index, "rank"].astype(int)
+        parts = [f"{w} at rank{'s' if (v == w).sum() > 1 else ''} "
+                 f"{', '.join(str(x) for x in ranks[v == w])}" for w in ("more", "tie", "fewer") if (v == w).any()]
+        parts = [p.replace("tie at", "the same at") for p in parts]
+        said.append(f"{m} {'holds ' if not said else ''}"
+                    + (" and ".join(parts) if len(parts) <= 2 else ", ".join(parts[:-1]) + " and " + parts[-1]))
+    if not said:
+        return ""
+    wins = all(placed["minus_sft_verdict"].dropna() == "more") if "minus_sft_verdict" in placed else False
+    head = "**So MemFT holds more than SFT at every rank here**, as the paper claims:" if wins else \
+        "**So, unlike the paper's claim, MemFT does not hold more than SFT at every rank here**:"
+    return f"{head} {'; '.join(said)}. "
 
 
 def window_words(checked: pd.DataFrame) -> str:

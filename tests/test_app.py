@@ -671,6 +671,31 @@ def test_the_frontier_spot_says_when_the_benchmark_was_refitted_since(tmp_path, 
             "on the points it has now, as in the table above: +2.3 [−0.1, +4.9] tie)") in moved
 
 
+def test_the_top_box_says_memft_wins_only_where_every_cell_is_more(tmp_path, monkeypatch):
+    """The top box's sentence answers the user's question from the verdicts: 'holds more at every rank' only when
+    every MemFT cell is 'more'; one tie is enough for 'not at every rank'."""
+    import sys
+
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(Path(APP).parent))
+    sys.modules.pop("benchmark_view", None)
+    from benchmark_view import summary_words
+
+    front = pd.DataFrame([{"method": m, "rank": r, "fitted_ell_star": 40.0 * r + (3 if m != "sft" else 0),
+                           "minus_sft": None if m == "sft" else 3.0, "minus_sft_lo": None if m == "sft" else 1.0,
+                           "minus_sft_hi": None if m == "sft" else 5.0,
+                           "minus_sft_verdict": None if m == "sft" else "more"}
+                          for m in ("sft", "memft-ot") for r in (1, 2)])
+    words = summary_words(front, {"seeds": [0, 1, 2]})
+    assert ("**So MemFT holds more than SFT at every rank here**, as the paper claims: memft-ot holds more at ranks "
+            "1, 2.") in words
+    front.loc[3, ["minus_sft_lo", "minus_sft_verdict"]] = [-1.0, "tie"]
+    words = summary_words(front, {"seeds": [0, 1, 2]})
+    assert "does not hold more than SFT at every rank here**: memft-ot holds more at rank 1 and the same at rank 2." \
+        in words
+
+
 def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tmp_path, monkeypatch):
     """The benchmark's frontier per method (brackets, open ends in words), the paired differences with their
     verdicts drawn and counted, and a user's own run placed against the brackets with what it differs in."""
@@ -689,8 +714,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     # the answer at the top of the page: each method's fitted frontier and difference from sft's, and a link down
     top = next(i.value for i in at.info if i.value.startswith("**What the long-context benchmark finds"))
     assert "(up to 2,000 steps)" in top
-    assert "| sft | 39.2 | 78.1 |" in top and "| memft-ot | 41.5 (+2.3, +6%: **more**) | — |" in top
-    assert "| memft-sw | 37.0 (−2.2, −6%: tie) | — |" in top
+    assert "| sft | 39.2 | 78.1 |" in top and "| memft-ot | 41.5 (+2.3 [+0.4, +4.6], +6%: **more**) | — |" in top
+    assert "| memft-sw | 37.0 (−2.2 [−4.0, +0.1], −6%: tie) | — |" in top  # the interval that makes it a tie
+    assert ("**So, unlike the paper's claim, MemFT does not hold more than SFT at every rank here**: memft-ot holds "
+            "more at rank 1; memft-sw the same at rank 1.") in top  # the answer in words, not left to the reader
     assert ("With seeds 3 and 4 added at the bracket ends (the frontier's spot re-run), refitted over every seed: "
             "memft-ot at rank 1 +2.0 [−0.5, +4.5] tie.") in top  # the five-seed answer beside the three-seed one
     assert "](#memft-against-sft) (interim: it is still training)" in top
