@@ -943,7 +943,10 @@ def retention_chart(cells: pd.DataFrame, measure: str = "kept") -> alt.Chart:
     x = alt.X("shown_fill:Q", title="(ℓ_A + ℓ_B) / ℓ*(r): both passages against the frontier",
               scale=alt.Scale(domain=[0, top], nice=False))
     title = {"kept": "A's tokens still above τ", "recalled": "seeds still reciting A"}[measure]
-    y = alt.Y(f"{measure}:Q", title=title, scale=alt.Scale(domain=[0, 1]))
+    # a little room above 1 so the points of a passage kept whole are not cut by the plot's edge
+    y_scale = alt.Scale(domain=[0, 1.06], nice=False)
+    y_axis = alt.Axis(values=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    y = alt.Y(f"{measure}:Q", title=title, scale=y_scale, axis=y_axis)
     tips = ["strategy:N", "rank:Q", alt.Tooltip("first_length:Q", title="ℓ_A"),
             alt.Tooltip("second_length:Q", title="ℓ_B"), alt.Tooltip("fill:Q", format=".2f"),
             alt.Tooltip("kept:Q", format=".3f"), alt.Tooltip("recalled:Q", format=".2f"),
@@ -958,10 +961,10 @@ def retention_chart(cells: pd.DataFrame, measure: str = "kept") -> alt.Chart:
                   x=x, y=y, color=color, shape=alt.Shape("ranks:N", title="rank", legend=alt.Legend(orient="bottom")),
                   tooltip=tips)]
     if measure == "kept":
-        layers.insert(0, base.mark_rule(opacity=0.5).encode(x=x, y=alt.Y("kept_lo:Q", scale=alt.Scale(domain=[0, 1])),
-                                                             y2="kept_hi:Q", color=color))
+        spread = alt.Y("kept_lo:Q", scale=y_scale, axis=y_axis, title=title)  # the seeds' least..most as a bar
+        layers.insert(0, base.mark_rule(opacity=0.5).encode(x=x, y=spread, y2="kept_hi:Q", color=color))
     front = pd.DataFrame({"shown_fill": [1.0], "label": ["frontier ℓ*(r)"]})
     layers.append(alt.Chart(front).mark_rule(strokeDash=[6, 4], color="#444").encode(x="shown_fill:Q"))
     layers.append(alt.Chart(front).mark_text(align="center", dy=-8, color="#444").encode(
         x="shown_fill:Q", y=alt.value(0), text="label:N"))  # above the plot, clear of the points
-    return alt.layer(*layers).properties(height=340)
+    return alt.layer(*layers).properties(height=340, title=f"{title}, after the second passage")

@@ -542,6 +542,9 @@ def test_retention_chart_keeps_strategies_that_land_on_the_same_point_apart():
         t for t in point["encoding"]["tooltip"] if t.get("field") == "fill").items()
     line = next(layer for layer in spec["layer"] if layer["mark"].get("type", layer["mark"]) == "line")
     assert len({json.dumps(d) for d in line["encoding"]["strokeDash"]["scale"]["range"]}) == 3
+    # every seed recalled sits at 1.0: inside the plot, not on its edge where half of each marker was cut off
+    assert point["encoding"]["y"]["scale"]["domain"][1] > 1.0 and point["encoding"]["y"]["axis"]["values"][-1] == 1.0
+    assert spec["title"] == "seeds still reciting A, after the second passage"
 
 
 def test_the_live_chain_chart_gives_the_earlier_passage_the_first_colour_as_the_story_does():
