@@ -760,8 +760,10 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
              "at least (nothing failed yet)", "at most (nothing recalled yet)"]
     df["bound"] = [kinds[0] if pd.notna(lo) and pd.notna(hi) else kinds[1] if pd.notna(lo) else kinds[2]
                    for lo, hi in zip(df["lo"], df["hi"])]
+    marks = dict(zip(kinds, ["circle", "triangle-up", "triangle-down"]))
+    drawn = [k for k in kinds if k in set(df["bound"])]  # the legend names only the shapes on the chart
     shape = alt.Shape("bound:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=400),
-                      scale=alt.Scale(domain=kinds, range=["circle", "triangle-up", "triangle-down"]))
+                      scale=alt.Scale(domain=drawn, range=[marks[k] for k in drawn]))
     points = alt.Chart(df).mark_point(filled=True, size=50).encode(x=x, y=y, color=color, shape=shape,
                                                                    tooltip=tips + ["bound:N"])
     layers = [bars, caps, points]

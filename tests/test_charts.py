@@ -590,6 +590,9 @@ def test_an_open_frontier_bracket_is_drawn_as_a_bound_not_as_a_frontier():
                      ("memft-ot", 1): "at most (nothing recalled yet)"}
     shape = next(layer["encoding"]["shape"] for layer in spec["layer"] if "shape" in layer["encoding"])
     assert shape["scale"]["range"] == ["circle", "triangle-up", "triangle-down"]
+    closed = charts.frontier_brackets_chart(brackets.iloc[:1]).to_dict()  # every bracket closed: no triangles
+    shape = next(layer["encoding"]["shape"] for layer in closed["layer"] if "shape" in layer["encoding"])
+    assert shape["scale"]["range"] == ["circle"] and shape["scale"]["domain"] == ["ℓ* between the ends"]
 
 
 def test_a_paired_cell_of_fewer_seeds_does_not_squeeze_the_others():
