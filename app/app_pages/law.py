@@ -280,83 +280,91 @@ benchmark_view.render(store)
 retention_view.render(store)
 
 # --- what if ---------------------------------------------------------------------------------------------------
-st.subheader("What if")
-c1, c2, c3 = st.columns(3)
-r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=8, key="wi_rank"))
-l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=256, key="wi_len"))
-# a default the sweep makes non-trivial: nine tenths of the most ΔL it reaches (1.0 on a short-budget text sweep,
-# about 12 nats on random tokens, where a target of 1 is met by every rank); a new sweep resets it
-target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
-                         value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1, key=f"wi_target-{name}")
-pred = float(fit.predict(r_in, l_in))
-st.caption(f"With the {method} fit (choose the method above, under Surface)."
-           + (" Its parameters are not pinned down by its points (the note under Fitted parameters): read its "
-              "predictions inside the ranks and lengths it was fitted on, not its values; outside them it "
-              "extrapolates." if any("not pinned down" in n for n in fit.notes) else ""))
-per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
-bits = pred * l_in / math.log(2)
-carries = front[1].source_bits if front is not None and front[1] is not None else None  # bits a token carries
-capped = bool(carries) and pred / math.log(2) > carries  # a base model worse than uniform: loses more than it stores
-if capped:
-    bits = carries * l_in
-if pred <= 0:  # the fitted form crosses zero outside its data: no stored bits to count
-    st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, which no adapter can "
-                "reach (ΔL below 0 means worse than the base model): the law does not hold this far out.")
-elif pred > ceiling:  # past what the sweep's runs reach: they are saturated there, ΔL capped by the base loss
-    st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, more than the "
-                f"{ceiling:.2f} the sweep's runs ever reach: there the runs are saturated (every token memorized, ΔL "
-                "capped by the base loss), so read it as **saturated**, not as a number to count bits from.")
-else:
-    st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
-                + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
-                   f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else "")
-                + (f" (counted at the {carries:.2f} bits a token carries: ΔL / ln 2 is more than that, because the "
-                   "base model is worse than uniform on these tokens, and no more can be stored)"
-                   if capped and per_rank == per_rank else ""))
-r_lo, r_hi, l_lo, l_hi = d["rank"].min(), d["rank"].max(), d["length"].min(), d["length"].max()
-outside = ([f"rank {r_in} (fitted ranks {r_lo:g}–{r_hi:g})"] if not r_lo <= r_in <= r_hi else []) + \
-    ([f"{l_in} tokens (fitted lengths {l_lo:g}–{l_hi:g})"] if not l_lo <= l_in <= l_hi else [])
-if outside:
-    st.caption(f"{' and '.join(outside).capitalize()} lie{'s' if len(outside) == 1 else ''} outside the fitted "
-               "points: this is an extrapolation of the law.")
-try:
-    need = smallest_rank(fit, l_in, target) if target <= ceiling else None
-    if target > ceiling:
-        st.markdown(f"A target ΔL of {target:g} is more than the {ceiling:.2f} the sweep's runs ever reach (a run "
-                    "cannot gain more than its base loss): **no rank** is predicted to reach it.")
+@st.fragment
+def what_if(fit, d: pd.DataFrame, ceiling: float, front, method: str, name: str) -> None:
+    """The what-if section, as a fragment: a change to its inputs reruns it alone, in a moment, instead of the whole
+    page (every fit and chart above, about ten seconds on a CPU, with the old answer greyed out meanwhile)."""
+    st.subheader("What if")
+    c1, c2, c3 = st.columns(3)
+    r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=8, key="wi_rank"))
+    l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=256, key="wi_len"))
+    # a default the sweep makes non-trivial: nine tenths of the most ΔL it reaches (1.0 on a short-budget text sweep,
+    # about 12 nats on random tokens, where a target of 1 is met by every rank); a new sweep resets it
+    target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
+                             value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1, key=f"wi_target-{name}")
+    pred = float(fit.predict(r_in, l_in))
+    st.caption(f"With the {method} fit (choose the method above, under Surface)."
+               + (" Its parameters are not pinned down by its points (the note under Fitted parameters): read its "
+                  "predictions inside the ranks and lengths it was fitted on, not its values; outside them it "
+                  "extrapolates." if any("not pinned down" in n for n in fit.notes) else ""))
+    per_rank = (d["p_eff"] / d["rank"]).median() if "p_eff" in d else math.nan
+    bits = pred * l_in / math.log(2)
+    carries = front[1].source_bits if front is not None and front[1] is not None else None  # bits a token carries
+    # a base model worse than uniform on the tokens loses more than it stores: count no more than a token carries
+    capped = bool(carries) and pred / math.log(2) > carries
+    if capped:
+        bits = carries * l_in
+    if pred <= 0:  # the fitted form crosses zero outside its data: no stored bits to count
+        st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, which no adapter can "
+                    "reach (ΔL below 0 means worse than the base model): the law does not hold this far out.")
+    elif pred > ceiling:  # past what the sweep's runs reach: they are saturated there, ΔL capped by the base loss
+        st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token, more than the "
+                    f"{ceiling:.2f} the sweep's runs ever reach: there the runs are saturated (every token memorized, "
+                    "ΔL capped by the base loss), so read it as **saturated**, not as a number to count bits from.")
     else:
-        st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens with {method}: "
-                    f"**{need if need is not None else 'none up to 4096'}**"
-                    + (f" (above the fitted ranks {r_lo:g}–{r_hi:g}: an extrapolation of the law)"
-                       if need is not None and need > r_hi else ""))
-except Exception as e:
-    st.error(error_text(e))
-if front is not None:
-    st.markdown("**Smallest rank to recall ℓ tokens verbatim**")
-    v_len = int(st.number_input("Tokens to recall verbatim", min_value=1, max_value=1_000_000, value=64,
-                                key="wi_verbatim"))
-    if (bench := benchmark_view.benchmark_rank_words(method, v_len)) is not None:
-        st.markdown(bench)  # trained on to the paper's budget: the answer to lead with where it has one
-        if (every := benchmark_view.benchmark_rank_table(v_len)) is not None and len(every) > 1:
-            st.caption(f"The benchmark's answer for {v_len} tokens with each method it trained (where no rank "
-                       "reaches it, the row gives the most any rank recalled):")
-            st.dataframe(every, hide_index=True)
-    budget = (settings.get(name) or {}).get("max steps")
-    if front[1] is None:
-        st.info(f"No verbatim what-if for {method}: {front[2]}")
-    else:
-        ans = smallest_verbatim_rank(front[1], v_len)
-        hi = ans.interval[1] if ans.interval[1] is not None else "unbounded"
-        said = (f"this sweep's frontier ℓ*(r) (at its {budget:,}-step budget, " if budget else
-                "this sweep's frontier ℓ*(r) (") + "fitted over every rank, so it also extrapolates)"
-        st.markdown(("By " if bench is None else "Beside it, by ") + said + f": the smallest rank predicted to "
-                    f"recall **{v_len}** tokens verbatim with {method} is **{ans.rank}** (95% interval "
-                    f"{ans.interval[0]}–{hi}).")
-        if bench is not None:
-            st.caption("Where the two differ, go by the benchmark: it trains each point to the paper's budget, where "
-                       f"the {budget or 'short'}-step sweep stops short of capacity and so asks for more rank; the "
-                       "sweep's answer only reaches past the ranks the benchmark trained.")
-        for n in ans.notes:
-            st.warning(n)
+        st.markdown(f"Predicted ΔL at rank {r_in}, {l_in} tokens: **{pred:.3f}** nats/token"
+                    + (f" ≈ {bits:,.0f} bits over P_eff ≈ {per_rank * r_in:,.0f} parameters = "
+                       f"**{bits / (per_rank * r_in):.4f} bits/param**" if per_rank == per_rank else "")
+                    + (f" (counted at the {carries:.2f} bits a token carries: ΔL / ln 2 is more than that, because the "
+                       "base model is worse than uniform on these tokens, and no more can be stored)"
+                       if capped and per_rank == per_rank else ""))
+    r_lo, r_hi, l_lo, l_hi = d["rank"].min(), d["rank"].max(), d["length"].min(), d["length"].max()
+    outside = ([f"rank {r_in} (fitted ranks {r_lo:g}–{r_hi:g})"] if not r_lo <= r_in <= r_hi else []) + \
+        ([f"{l_in} tokens (fitted lengths {l_lo:g}–{l_hi:g})"] if not l_lo <= l_in <= l_hi else [])
+    if outside:
+        st.caption(f"{' and '.join(outside).capitalize()} lie{'s' if len(outside) == 1 else ''} outside the fitted "
+                   "points: this is an extrapolation of the law.")
+    try:
+        need = smallest_rank(fit, l_in, target) if target <= ceiling else None
+        if target > ceiling:
+            st.markdown(f"A target ΔL of {target:g} is more than the {ceiling:.2f} the sweep's runs ever reach (a run "
+                        "cannot gain more than its base loss): **no rank** is predicted to reach it.")
+        else:
+            st.markdown(f"Smallest rank predicted to reach ΔL {target:g} at {l_in} tokens with {method}: "
+                        f"**{need if need is not None else 'none up to 4096'}**"
+                        + (f" (above the fitted ranks {r_lo:g}–{r_hi:g}: an extrapolation of the law)"
+                           if need is not None and need > r_hi else ""))
+    except Exception as e:
+        st.error(error_text(e))
+    if front is not None:
+        st.markdown("**Smallest rank to recall ℓ tokens verbatim**")
+        v_len = int(st.number_input("Tokens to recall verbatim", min_value=1, max_value=1_000_000, value=64,
+                                    key="wi_verbatim"))
+        if (bench := benchmark_view.benchmark_rank_words(method, v_len)) is not None:
+            st.markdown(bench)  # trained on to the paper's budget: the answer to lead with where it has one
+            if (every := benchmark_view.benchmark_rank_table(v_len)) is not None and len(every) > 1:
+                st.caption(f"The benchmark's answer for {v_len} tokens with each method it trained (where no rank "
+                           "reaches it, the row gives the most any rank recalled):")
+                st.dataframe(every, hide_index=True)
+        budget = (settings.get(name) or {}).get("max steps")
+        if front[1] is None:
+            st.info(f"No verbatim what-if for {method}: {front[2]}")
+        else:
+            ans = smallest_verbatim_rank(front[1], v_len)
+            hi = ans.interval[1] if ans.interval[1] is not None else "unbounded"
+            said = (f"this sweep's frontier ℓ*(r) (at its {budget:,}-step budget, " if budget else
+                    "this sweep's frontier ℓ*(r) (") + "fitted over every rank, so it also extrapolates)"
+            st.markdown(("By " if bench is None else "Beside it, by ") + said + f": the smallest rank predicted to "
+                        f"recall **{v_len}** tokens verbatim with {method} is **{ans.rank}** (95% interval "
+                        f"{ans.interval[0]}–{hi}).")
+            if bench is not None:
+                st.caption("Where the two differ, go by the benchmark: it trains each point to the paper's budget, "
+                           f"where the {budget or 'short'}-step sweep stops short of capacity and so asks for more "
+                           "rank; the sweep's answer only reaches past the ranks the benchmark trained.")
+            for n in ans.notes:
+                st.warning(n)
+
+
+what_if(fit, d, ceiling, front, method, name)
 with st.expander("Fit as JSON"):
     st.code(json.dumps(fit.to_dict(), indent=1))
