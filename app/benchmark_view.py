@@ -198,15 +198,12 @@ def benchmark_rank_words(method: str, tokens: int) -> str | None:
              if budget else "The long-context benchmark (random tokens, trained to a plateau") + \
         (", interim" if str(meta.get("state", "")).startswith("interim") else "") + ")"
     def fitted(r) -> str:  # the fitted ℓ* with its interval, where the report has one
-        if pd.isna(r.get("fitted_ell_star")) or pd.isna(r.get("fitted_lo")):
-            return ""
-        return (f"; fitted ℓ*, where its chance of recall crosses 1/2: {r['fitted_ell_star']:.1f} "
-                f"[{r['fitted_lo']:.1f}, {r['fitted_hi']:.1f}]")
+        span = _fitted_span(r)
+        return f"; fitted ℓ*, where its chance of recall crosses 1/2: {span}" if span else ""
 
     def seeds(r) -> str:  # "2 of 3 seeds" at the recalled end, where the report says
-        k, rate = r.get("lo_seeds"), r.get("lo_rate")
-        return "" if k is None or pd.isna(k) or pd.isna(rate) else \
-            f" ({round(float(rate) * k)} of {int(k)} seeds there)"
+        k = _seeds_recalling(r)
+        return f" ({k} seeds there)" if k else ""
 
     enough = d[d["lo"].notna() & (d["lo"] >= tokens)]
     if len(enough):
@@ -247,17 +244,26 @@ def benchmark_rank_table(tokens: int) -> pd.DataFrame | None:
         r = enough.iloc[0] if len(enough) else known.sort_values("lo").iloc[-1] if len(known) else d.iloc[-1]
         rank = str(int(r["rank"])) if len(enough) else f"above {int(d['rank'].max())}" \
             if len(known) == len(d) else "not known yet"  # a rank that has recalled nothing yet is still searching
-        k, rate = r.get("lo_seeds"), r.get("lo_rate")
-        fitted = "" if pd.isna(r.get("fitted_ell_star")) or pd.isna(r.get("fitted_lo")) else \
-            f"{r['fitted_ell_star']:.1f} [{r['fitted_lo']:.1f}, {r['fitted_hi']:.1f}]"
         rows.append({
             "method": method,
             "smallest rank": rank,
             "recalled end (tokens)": "—" if pd.isna(r["lo"]) else f"{int(r['lo'])} at rank {int(r['rank'])}",
-            "seeds recalling it": "" if k is None or pd.isna(k) or pd.isna(rate) else
-            f"{round(float(rate) * k)} of {int(k)}",
-            "fitted ℓ* [95%]": fitted})
+            "seeds recalling it": _seeds_recalling(r),
+            "fitted ℓ* [95%]": _fitted_span(r)})
     return pd.DataFrame(rows)
+
+
+def _fitted_span(r) -> str:
+    """A frontier row's fitted ℓ* with its 95% interval, '115.6 [110.5, 121.1]' (tokens), '' where it has none."""
+    if pd.isna(r.get("fitted_ell_star")) or pd.isna(r.get("fitted_lo")):
+        return ""
+    return f"{r['fitted_ell_star']:.1f} [{r['fitted_lo']:.1f}, {r['fitted_hi']:.1f}]"
+
+
+def _seeds_recalling(r) -> str:
+    """'2 of 3': the seeds that recalled a frontier row's recalled end, '' where the table does not say."""
+    k, rate = r.get("lo_seeds"), r.get("lo_rate")
+    return "" if k is None or pd.isna(k) or pd.isna(rate) else f"{round(float(rate) * k)} of {int(k)}"
 
 
 ANCHOR = "memft-against-sft"  # the benchmark section's heading, linked from the top of the law page
@@ -379,7 +385,7 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
             "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
             "crosses 1/2; in brackets MemFT's difference from sft's in tokens with its 95% interval, in percent, "
             "and its verdict (more or fewer where the interval excludes 0, else a tie).\n\n" + "\n".join(rows)
-            + "\n\n" + _overall(placed, col) + (pooled.strip() + " " if pooled else "")
+            + "\n\n" + _overall(placed) + (pooled.strip() + " " if pooled else "")
             + f"[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
             + (" (interim: it is still training)" if interim else "") + "."
             + (f" The shipped sweep the law below is fitted on stops at {sweep_budget:,} steps, so its frontier sits "
@@ -387,7 +393,7 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                else ""))
 
 
-def _overall(placed: pd.DataFrame, col: str) -> str:
+def _overall(placed: pd.DataFrame) -> str:
     """The top box's answer to "does MemFT hold more than SFT?" in one sentence, from the frontier verdicts: each
     MemFT method's cells counted as more, tie and fewer, and the answer: yes only where every cell is 'more'.
     '' when no cell has a verdict."""
