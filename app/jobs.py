@@ -306,8 +306,8 @@ class Worker:
                 time.sleep(0.1)
         self._closed = True
         self._thread.join(timeout=5)
-        if self._proc is not None:
-            self._proc.close()
+        if self._proc is not None:  # with no run in it, the child has nothing to save: no need to wait long
+            self._proc.close(wait=5.0 if job is not None else 1.0)
         if job is not None:
             self.store.interrupt_job(job.id, "the app stopped while it trained")
             self.store.mark_interrupted()

@@ -47,7 +47,26 @@ def saturating_law(x: np.ndarray, M: float, C: float, alpha: float, beta: float)
     return M * (1.0 - np.exp(-C * np.power(r, alpha) * np.power(ell, -beta)))
 
 
+def power_law_jacobian(x: np.ndarray, C: float, alpha: float, beta: float, b: float) -> np.ndarray:
+    """[n, 4] ∂ΔL/∂(C, α, β, b) at x = (r, ℓ) [2, n]: with z = r^α · ℓ^(−β), (z, C·z·ln r, −C·z·ln ℓ, 1)."""
+    r, ell = x
+    z = np.power(r, alpha) * np.power(ell, -beta)
+    return np.column_stack([z, C * z * np.log(r), -C * z * np.log(ell), np.ones_like(z)])
+
+
+def saturating_law_jacobian(x: np.ndarray, M: float, C: float, alpha: float, beta: float) -> np.ndarray:
+    """[n, 4] ∂ΔL/∂(M, C, α, β) at x = (r, ℓ) [2, n]: with z = r^α · ℓ^(−β) and e = exp(−C·z),
+    (1 − e, M·z·e, M·C·z·e·ln r, −M·C·z·e·ln ℓ)."""
+    r, ell = x
+    z = np.power(r, alpha) * np.power(ell, -beta)
+    e = np.exp(-C * z)
+    g = M * C * z * e
+    return np.column_stack([-np.expm1(-C * z), M * z * e, g * np.log(r), -g * np.log(ell)])
+
+
 FUNCS: dict[str, Callable[..., np.ndarray]] = {"power": power_law, "saturating": saturating_law}
+# given to the optimizer so it does not difference each law numerically (one call per parameter per step)
+JACOBIANS: dict[str, Callable[..., np.ndarray]] = {"power": power_law_jacobian, "saturating": saturating_law_jacobian}
 
 
 @dataclass
@@ -176,7 +195,7 @@ def _least_squares(form: str, x: np.ndarray, dl: np.ndarray,
         return None
     p0 = np.clip(p0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
     try:
-        popt, pcov = curve_fit(FUNCS[form], x, dl, p0=p0, bounds=(lo, hi), maxfev=20000)
+        popt, pcov = curve_fit(FUNCS[form], x, dl, p0=p0, bounds=(lo, hi), maxfev=20000, jac=JACOBIANS[form])
     except (RuntimeError, ValueError):
         return None
     sse = float(np.sum((FUNCS[form](x, *popt) - dl) ** 2))

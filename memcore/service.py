@@ -257,10 +257,11 @@ class TrainingProcess:
         """Whether the child process is running."""
         return self.process.is_alive()
 
-    def close(self) -> None:
-        """Ask the child to quit; kill it after 5 s."""
+    def close(self, wait: float = 5.0) -> None:
+        """Ask the child to quit; kill it after `wait` seconds (a child still starting up, importing torch, reads
+        no command until it is done)."""
         if self.alive:
             self.send("quit")
-            self.process.join(timeout=5)
+            self.process.join(timeout=wait)
             if self.alive:
                 self.process.kill()

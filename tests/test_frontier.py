@@ -35,6 +35,49 @@ def _synthetic(a=math.log(20), gamma=0.8, k=3.0, seeds=6, seed=0):
     return pd.DataFrame(rows)
 
 
+def test_the_likelihoods_gradient_is_its_derivative():
+    """The frontier's optimizer is given this gradient instead of differencing the likelihood numerically."""
+    from memcore.frontier import _neg_log_lik
+
+    df = _synthetic()
+    lr, ll = np.log(df["rank"].to_numpy(float)), np.log(df["length"].to_numpy(float))
+    y = df["exact_recall"].to_numpy(float)
+    for theta in (np.array([3.0, 0.8, 3.0]), np.array([2.0, 1.4, 0.3]), np.array([4.5, 0.2, 40.0])):
+        _, grad = _neg_log_lik(theta, lr, ll, y)
+        for i in range(3):
+            h = np.eye(3)[i] * 1e-6
+            numeric = (_neg_log_lik(theta + h, lr, ll, y)[0] - _neg_log_lik(theta - h, lr, ll, y)[0]) / 2e-6
+            assert grad[i] == pytest.approx(numeric, rel=1e-4, abs=1e-4), (theta, i)
+
+
+@pytest.mark.parametrize("k", [0.5, 3.0, 40.0])
+def test_the_batched_bootstrap_fits_reach_each_resamples_own_optimum(k):
+    """The bootstrap fits every resample at once (Newton in the concave parametrization); each must be the
+    maximum-likelihood fit of its resample: a likelihood at least as high as a one-at-a-time L-BFGS-B fit's,
+    at the same place where the optimum is graded (k = 0.5, 3), and for a perfectly separated frontier (k at its
+    bound), a place just as good. A resample whose optimum runs off toward γ's bound (here: one rank all recalled,
+    the other never, so any steeper line is better) is handed to the one-at-a-time fit and gets its answer."""
+    from memcore.frontier import _mle, _mle_many, _neg_log_lik
+
+    df = _synthetic(k=k, seeds=3, seed=2)
+    lr, ll = np.log(df["rank"].to_numpy(float)), np.log(df["length"].to_numpy(float))
+    y = df["exact_recall"].to_numpy(float)
+    start = _mle(lr, ll, y, np.array([3.0, 1.0, 5.0]))
+    rng = np.random.default_rng(0)
+    counts = np.array([np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y)) for _ in range(40)])
+    batched = _mle_many(lr, ll, y, counts, start)
+    for c, theta in zip(counts, batched):
+        rows = np.repeat(np.arange(len(y)), c)
+        alone = _mle(lr[rows], ll[rows], y[rows], start)
+        assert (_neg_log_lik(theta, lr[rows], ll[rows], y[rows])[0]
+                <= _neg_log_lik(alone, lr[rows], ll[rows], y[rows])[0] + 1e-6)
+        if k < 10:
+            assert theta == pytest.approx(alone, abs=2e-3)
+    lr2, ll2, y2 = np.log([1.0, 1, 2, 2]), np.log([10.0, 20, 10, 20]), np.array([0.0, 0, 1, 1])
+    theta = _mle_many(lr2, ll2, y2, np.ones((1, 4)), np.array([2.5, 1.0, 5.0]))[0]
+    assert theta == pytest.approx(_mle(lr2, ll2, y2, np.array([2.5, 1.0, 5.0])), rel=1e-9)  # handed over
+
+
 def test_fit_recovers_a_known_frontier():
     df = _synthetic()
     fit = fit_frontier(df["rank"], df["length"], df["exact_recall"])

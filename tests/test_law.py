@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from memcore.config import MemcoreError
-from memcore.law import compare_forms, fit_all, fit_law, power_law, saturating_law, smallest_rank
+from memcore.law import FUNCS, JACOBIANS, compare_forms, fit_all, fit_law, power_law, saturating_law, smallest_rank
 
 RANKS = np.array([1, 2, 4, 8, 16])
 LENGTHS = np.array([32, 64, 128, 256, 512])
@@ -16,6 +16,24 @@ def test_noise_free_fit_recovers_parameters_within_one_percent():
     for k, v in TRUE.items():
         assert fit.params[k] == pytest.approx(v, rel=0.01), k
     assert fit.r2 > 0.9999 and fit.rmse < 1e-6 and fit.loo_rmse < 1e-4
+
+
+@pytest.mark.parametrize("form, params", [("power", (4.5, 0.5, 0.38, -0.44)), ("saturating", (3.0, 0.8, 0.9, 0.65)),
+                                          ("power", (0.2, -1.5, 2.0, 1.0)), ("saturating", (12.0, 40.0, -0.3, 1.7))])
+def test_the_jacobian_the_fit_is_given_is_the_laws_derivative(form, params):
+    """The optimizer trusts these derivatives instead of differencing the law: a wrong one would steer every fit
+    (and its covariance, so its intervals) off. Checked against central differences over the grid."""
+    x = np.array([R, L])
+    jac = JACOBIANS[form](x, *params)
+    assert jac.shape == (len(R), 4)
+    for i in range(4):
+        h = 1e-6 * max(1.0, abs(params[i]))
+        up, down = list(params), list(params)
+        up[i] += h
+        down[i] -= h
+        numeric = (FUNCS[form](x, *up) - FUNCS[form](x, *down)) / (2 * h)
+        np.testing.assert_allclose(jac[:, i], numeric, rtol=1e-5, atol=1e-6 * np.abs(numeric).max() + 1e-9,
+                                   err_msg=f"{i}")
 
 
 def test_noisy_fit_covers_the_truth_with_its_intervals():
