@@ -818,7 +818,13 @@ def render(store) -> None:
         if (points := _read(where / "long_context_points.csv")) is not None and "open_wait" in points \
                 and points["open_wait"].notna().any():
             st.caption(budget_words(points, meta))
-            st.dataframe(budget_table(points, meta), hide_index=True, width="stretch")
+            window = int(meta.get("plateau_window") or 200)
+            st.dataframe(budget_table(points, meta), hide_index=True, width="stretch", column_config={
+                "steps since last best (median, least)": st.column_config.TextColumn(help=(
+                    "Steps from each point's last new best (in tokens above τ or argmax-right tokens) to the step "
+                    f"budget: the median over the method's points past the frontier, then the least. {window} or "
+                    "more is a plateau by the rule; fewer means the point was still gaining when the budget ran "
+                    "out."))})
         with st.expander("The paired table"):
             st.dataframe(paired_table(paired), hide_index=True, width="stretch", height=38 + 35 * len(paired))
         if spot is not None:

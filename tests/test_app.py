@@ -828,6 +828,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
         {"method": "memft-ot", "points": 1, "on a plateau": 0, "steps since last best (median, least)": "10, 10",
          "ΔL rise over the last 200 steps (median)": "+0.200 nats (+2.0%)"}]
     assert "not a plateau" in budget  # some were still rising: read at the budget, and said so
+    stood_el = next(t for t in at.dataframe if "on a plateau" in t.value.columns)  # its terse header is explained
+    header_help = json.loads(stood_el.proto.columns)["steps since last best (median, least)"]["help"]
+    assert "last new best (in tokens above τ or argmax-right tokens) to the step budget" in header_help
+    assert "200 or more is a plateau by the rule" in header_help
     # the verbatim what-if (the 300-step sweep's law) says what the benchmark, trained on, found at that length
     at.number_input(key="wi_verbatim").set_value(60).run()
     md = " ".join(m.value for m in at.markdown)  # the benchmark's answer first, the sweep's beside it
