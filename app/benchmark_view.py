@@ -512,10 +512,15 @@ def book_paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def plateau_window(meta: dict) -> int:
+    """The plateau rule's window in steps, as long_context.json (meta) gives it; 200 where it does not."""
+    return int(meta.get("plateau_window") or 200)
+
+
 def budget_words(points: pd.DataFrame, meta: dict) -> str:
     """What budget_table shows, in one caption: where the points past the frontier stood at the step budget, and
     that points still rising there are read at the budget. meta: long_context.json."""
-    window = int(meta.get("plateau_window") or 200)
+    window = plateau_window(meta)
     budget = (meta.get("settings") or {}).get("max steps")
     past = points[points["open_wait"].notna()]
     on = int(past["on_plateau"].astype(bool).sum())
@@ -532,7 +537,7 @@ def budget_table(points: pd.DataFrame, meta: dict) -> pd.DataFrame:
     late_delta_loss, on_plateau and delta_loss, as memcore.frontier.end_of_budget wrote them): how many, how many
     on a plateau by the rule's window, the steps since their last best (median, least), and their ΔL's rise over
     the last window of steps (median, nats per token and percent of the final ΔL). meta: long_context.json."""
-    window = int(meta.get("plateau_window") or 200)
+    window = plateau_window(meta)
     summary = end_of_budget_summary(points)
     rows = []
     for m in _order(summary["method"]):
@@ -818,7 +823,7 @@ def render(store) -> None:
         if (points := _read(where / "long_context_points.csv")) is not None and "open_wait" in points \
                 and points["open_wait"].notna().any():
             st.caption(budget_words(points, meta))
-            window = int(meta.get("plateau_window") or 200)
+            window = plateau_window(meta)
             st.dataframe(budget_table(points, meta), hide_index=True, width="stretch", column_config={
                 "steps since last best (median, least)": st.column_config.TextColumn(help=(
                     "Steps from each point's last new best (in tokens above τ or argmax-right tokens) to the step "

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 REFERENCE_BITS_PER_PARAM = {"knowledge (Allen-Zhu & Li)": 2.0, "random data (Morris et al.)": 3.6}
 MAX_SHARPNESS = 40.0  # bound on k (per unit of ln ℓ): a perfectly separated frontier sits at the bound
+A_BOUNDS, GAMMA_BOUNDS, K_BOUNDS = (-20.0, 40.0), (-5.0, 10.0), (0.05, MAX_SHARPNESS)  # (a, γ, k) in the fit
 BOOTSTRAP = 300
 RECALL_COLUMNS = ("exact_recall", "recalled")  # says whether a point was recalled verbatim, newest first
 
@@ -248,9 +249,6 @@ def _mle(lr: np.ndarray, ll: np.ndarray, y: np.ndarray, start: np.ndarray) -> np
     res = minimize(_neg_log_lik, start, args=(lr, ll, y), method="L-BFGS-B", jac=True,
                    bounds=[A_BOUNDS, GAMMA_BOUNDS, K_BOUNDS])
     return res.x
-
-
-A_BOUNDS, GAMMA_BOUNDS, K_BOUNDS = (-20.0, 40.0), (-5.0, 10.0), (0.05, MAX_SHARPNESS)
 
 
 def _mle_many(lr: np.ndarray, ll: np.ndarray, y: np.ndarray, counts: np.ndarray, start: np.ndarray,
