@@ -237,10 +237,36 @@ def _neg_log_lik(theta: np.ndarray, lr: np.ndarray, ll: np.ndarray, y: np.ndarra
     a, gamma, k = theta
     u = a + gamma * lr - ll
     z = k * u
-    # -log σ(z) for y = 1, -log σ(-z) for y = 0, computed stably
-    nll = float(np.sum(np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1 - y)))
     g = 0.5 * (1.0 + np.tanh(0.5 * z)) - y  # σ(z) − y, without overflow
-    return nll, np.array([k * g.sum(), k * (g @ lr), g @ u])
+    return float(_logistic_nll(z, y)), np.array([k * g.sum(), k * (g @ lr), g @ u])
+
+
+def _logistic_nll(z: np.ndarray, y: np.ndarray, counts: np.ndarray | float = 1.0) -> np.ndarray:
+    """Σ counts·(softplus(z) − y·z) over the last axis (nats): −log σ(z) for a recalled point, −log σ(−z) for one
+    not recalled, computed stably. z: [..., n] logits, y: [n] outcomes, counts: [..., n] (or 1) weights. The one
+    likelihood both fits (_mle through _neg_log_lik, _mle_many) minimize."""
+    return (counts * (np.logaddexp(0.0, z) - y * z)).sum(-1)
+
+
+def _start(lr: np.ndarray, ll: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Where the fit of (a, γ, k) starts: a line of slope 1 through the middle of the recalled points, nudged out
+    by 0.35 in ln ℓ (about 40%) towards the boundary, at a moderate sharpness."""
+    return np.array([float(np.mean(ll[y > 0]) - np.mean(lr[y > 0])) + 0.35, 1.0, 5.0])
+
+
+def _bootstrap_counts(r: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """[B, n] how often each of the n points is drawn in each of B <= `resamples` bootstrap resamples, drawn
+    within each rank (so every resample keeps the design's ranks) from a generator seeded with `seed`. A
+    resample in which every point, or none, was recalled has no frontier to fit and is dropped."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(r == v) for v in np.unique(r)]
+    counts = []
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        if y[idx].all() or not y[idx].any():
+            continue
+        counts.append(np.bincount(idx, minlength=len(y)))
+    return np.array(counts, dtype=int).reshape(len(counts), len(y))
 
 
 def _mle(lr: np.ndarray, ll: np.ndarray, y: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -265,9 +291,8 @@ def _mle_many(lr: np.ndarray, ll: np.ndarray, y: np.ndarray, counts: np.ndarray,
     x = np.column_stack([np.ones_like(lr), lr, -ll])  # [n, 3]: z = x @ w
     k_lo, k_hi = K_BOUNDS
 
-    def nll(w: np.ndarray, c: np.ndarray) -> np.ndarray:  # [b] nats: Σ c·(softplus(z) − y·z), rows of w and c
-        z = w @ x.T
-        return (c * (np.logaddexp(0.0, z) - y * z)).sum(1)
+    def nll(w: np.ndarray, c: np.ndarray) -> np.ndarray:  # [b] nats, rows of w and c
+        return _logistic_nll(w @ x.T, y, c)
 
     w = np.tile([start[2] * start[0], start[2] * start[1], start[2]], (len(c), 1))
     f = nll(w, c)
@@ -338,18 +363,9 @@ def fit_frontier(rank: np.ndarray, length: np.ndarray, recalled: np.ndarray, *, 
                            "the frontier lies outside this grid "
                            f"({'longer' if y.all() else 'shorter'} targets are needed to find it)")
     lr, ll = np.log(r), np.log(ell)
-    # start: a line through the middle of the recalled/unrecalled boundary, slope 1
-    start = np.array([float(np.mean(ll[y > 0]) - np.mean(lr[y > 0])) + 0.35, 1.0, 5.0])
-    theta = _mle(lr, ll, y, start)
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(r == v) for v in np.unique(r)]
-    counts = []
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        if y[idx].all() or not y[idx].any():
-            continue
-        counts.append(np.bincount(idx, minlength=len(y)))
-    boot_arr = _mle_many(lr, ll, y, np.array(counts), theta)[:, :2] if counts else np.array([theta[:2]])
+    theta = _mle(lr, ll, y, _start(lr, ll, y))
+    counts = _bootstrap_counts(r, y, resamples, seed)
+    boot_arr = _mle_many(lr, ll, y, counts, theta)[:, :2] if len(counts) else np.array([theta[:2]])
     notes, separating = [], None
     sign = np.where(y > 0, 1.0, -1.0)
     if np.all(sign * (theta[0] + theta[1] * lr - ll) > 0):

@@ -78,6 +78,22 @@ def test_the_batched_bootstrap_fits_reach_each_resamples_own_optimum(k):
     assert theta == pytest.approx(_mle(lr2, ll2, y2, np.array([2.5, 1.0, 5.0])), rel=1e-9)  # handed over
 
 
+def test_a_bootstrap_resample_keeps_every_ranks_points_and_has_a_frontier_to_fit():
+    """Resamples are drawn within each rank, so each keeps the design (as many points per rank as measured), the
+    same seed draws the same resamples, and a resample with every point recalled, or none, is dropped."""
+    from memcore.frontier import _bootstrap_counts
+
+    r = np.array([1.0, 1, 1, 2, 2])
+    y = np.array([1.0, 0, 0, 1, 0])
+    counts = _bootstrap_counts(r, y, 200, seed=5)
+    assert counts.shape[1] == len(y) and 150 < len(counts) < 200  # about 1 in 13 draws no recalled point
+    assert (counts[:, :3].sum(1) == 3).all() and (counts[:, 3:].sum(1) == 2).all()
+    drawn = counts > 0
+    assert (drawn & (y > 0)).any(1).all() and (drawn & (y == 0)).any(1).all()
+    assert (counts == _bootstrap_counts(r, y, 200, seed=5)).all()
+    assert _bootstrap_counts(r, np.ones(5), 50, seed=5).shape == (0, 5)
+
+
 def test_fit_recovers_a_known_frontier():
     df = _synthetic()
     fit = fit_frontier(df["rank"], df["length"], df["exact_recall"])
