@@ -281,6 +281,14 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
     at.number_input(key="wi_rank").set_value(4).run()
     assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)
+    # the what-if has its own method picker, starting at the one under Surface, and answers with that method's fit
+    said = lambda: next(m.value for m in at.markdown if m.value.startswith("Predicted ΔL at rank 4"))  # noqa: E731
+    sft_said = said()
+    picker = at.radio(key="wi_method-shipped: default_smollm2_135m-sft")
+    assert picker.value == "sft" and picker.options == at.radio(key="law_method").options
+    picker.set_value("memft-ot").run()
+    assert at.radio(key="law_method").value == "sft" and said() != sft_said
+    assert any(c.value.startswith("With the memft-ot fit") for c in at.caption)
 
 
 def _own_run(tiny_model_dir) -> None:

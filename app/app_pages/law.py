@@ -164,12 +164,18 @@ if (grid["delta_loss"] > ceiling).any():
     st.caption(f"Grey: where the fitted law predicts more than the {ceiling:.2f} nats/token the sweep's points reach; "
                "there the runs are saturated (every token memorized, ΔL capped by the base loss) and the power form "
                "runs on past what any adapter can gain.")
-front = None
-if has_recall(data):
+def front_for(table: pd.DataFrame, m: str):
+    """The recall frontier of method m in the table (frontier_of's triple), or None where it has no recall column or
+    no frontier can be read from it."""
+    if not has_recall(table):
+        return None
     try:
-        front = frontier_of(data, method)
+        return frontier_of(table, m)
     except MemcoreError:
-        front = None
+        return None
+
+
+front = front_for(data, method)
 if front is not None and front[1] is not None:
     ffit = front[1]
     rr = np.geomspace(float(grid.r_lo.min()), float(grid.r_hi.max()), 30)
@@ -281,10 +287,18 @@ retention_view.render(store)
 
 # --- what if ---------------------------------------------------------------------------------------------------
 @st.fragment
-def what_if(fit, d: pd.DataFrame, ceiling: float, front, method: str, name: str) -> None:
+def what_if(fits: dict[str, LawFits], data: pd.DataFrame, shown: str, name: str) -> None:
     """The what-if section, as a fragment: a change to its inputs reruns it alone, in a moment, instead of the whole
-    page (every fit and chart above, about ten seconds on a CPU, with the old answer greyed out meanwhile)."""
+    page (every fit and chart above, about ten seconds on a CPU, with the old answer greyed out meanwhile). Its
+    method starts at the one shown under Surface (`shown`) and has its own picker."""
     st.subheader("What if")
+    names = list(fits)
+    method = (st.radio("Method", names, index=names.index(shown), horizontal=True, key=f"wi_method-{name}-{shown}")
+              if len(names) > 1 else shown)
+    fit = fits[method].main
+    d = method_rows(data, method)
+    ceiling = float(d["delta_loss"].max())  # the most ΔL this method's points reach, as under Surface
+    front = front_for(data, method)
     c1, c2, c3 = st.columns(3)
     r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=8, key="wi_rank"))
     l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=256, key="wi_len"))
@@ -293,7 +307,7 @@ def what_if(fit, d: pd.DataFrame, ceiling: float, front, method: str, name: str)
     target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
                              value=round(0.9 * ceiling, 1) if ceiling > 0 else 1.0, step=0.1, key=f"wi_target-{name}")
     pred = float(fit.predict(r_in, l_in))
-    st.caption(f"With the {method} fit (choose the method above, under Surface)."
+    st.caption(f"With the {method} fit."
                + (" Its parameters are not pinned down by its points (the note under Fitted parameters): read its "
                   "predictions inside the ranks and lengths it was fitted on, not its values; outside them it "
                   "extrapolates." if any("not pinned down" in n for n in fit.notes) else ""))
@@ -365,6 +379,6 @@ def what_if(fit, d: pd.DataFrame, ceiling: float, front, method: str, name: str)
                 st.warning(n)
 
 
-what_if(fit, d, ceiling, front, method, name)
+what_if(fits, data, method, name)
 with st.expander("Fit as JSON"):
     st.code(json.dumps(fit.to_dict(), indent=1))
