@@ -552,7 +552,10 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
         # the legend lists only the kinds drawn (no 'your runs' before there are any)
         looks = {"sweep": (110, "circle"), "your runs": (220, "diamond"), "this session": (360, "triangle-up")}
         drawn = [k for k in looks if k in set(obs["kind"])]
-        size = alt.Size("kind:N", scale=alt.Scale(domain=drawn, range=[looks[k][0] for k in drawn]), legend=legend)
+        # a discrete size scale is a point scale, whose range Vega reads as [start, stop]: one size alone has no stop
+        # and draws every point (and its legend symbol) at size NaN, so a lone kind gets [size, size]
+        sizes = [looks[k][0] for k in drawn] * (2 if len(drawn) == 1 else 1)
+        size = alt.Size("kind:N", scale=alt.Scale(domain=drawn, range=sizes), legend=legend)
         shape = alt.Shape("kind:N", scale=alt.Scale(domain=drawn, range=[looks[k][1] for k in drawn]), legend=legend)
         layers.append(alt.Chart(obs).mark_point(filled=True, stroke="black", strokeWidth=0.8, opacity=1).encode(
             x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from html.parser import HTMLParser
 
@@ -330,6 +331,37 @@ def test_a_users_run_far_off_the_surface_does_not_stretch_its_colour_scale():
     kinds = [v["scale"]["domain"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "kind"
              and isinstance(v.get("scale"), dict)]
     assert kinds and all(k == ["sweep", "your runs"] for k in kinds)  # no 'this session' in the legend: none drawn
+
+
+def _point_scale_sizes(scale: dict) -> list[float]:
+    """The size Vega gives each domain value of a discrete size scale (a point scale: its range read as [start,
+    stop], the values spaced evenly inside it with half a step of padding at each end)."""
+    n, rng = len(scale["domain"]), scale["range"]
+    if len(rng) < 2:
+        return [math.nan] * n  # no stop: Vega draws NaN, nothing
+    start, stop = rng[0], rng[-1]
+    step = (stop - start) / n
+    return [start + step * (i + 0.5) for i in range(n)]
+
+
+@pytest.mark.parametrize("kinds", [["sweep"], ["sweep", "your runs"], ["sweep", "your runs", "this session"]])
+def test_the_sweeps_points_are_drawn_on_the_surface_with_or_without_a_users_runs(kinds):
+    """Before a user has runs of their own (or with the overlay off) the sweep's points are the only kind: each
+    kind, that one alone included, gets a size a point can be seen at, larger for a user's runs than the sweep's."""
+    def predict(r, ell):
+        return 0.1 * np.asarray(r, float) ** 0.5 * np.asarray(ell, float) ** -0.2
+
+    ranks, lengths = pd.Series([1.0, 2.0, 4.0]), pd.Series([32.0, 64.0, 128.0])
+    observed = pd.DataFrame({"rank": ranks, "length": lengths, "delta_loss": [0.1, 0.2, 0.4],
+                             "kind": (kinds * 3)[:3]})
+    observed = observed.assign(predicted=predict(observed["rank"], observed["length"]))
+    spec = charts.law_surface_chart(charts.law_grid(predict, ranks, lengths), observed, "t").to_dict()
+    size = next(v["scale"] for v in _walk(spec) if isinstance(v, dict) and v.get("field") == "kind"
+                and isinstance(v.get("scale"), dict) and v.get("legend") is not None and "range" in v["scale"]
+                and isinstance(v["scale"]["range"][0], (int, float)))
+    sizes = _point_scale_sizes(size)
+    assert size["domain"] == kinds and all(x >= 60 for x in sizes), sizes
+    assert sizes == sorted(sizes)
 
 
 def _walk(node):
