@@ -11,7 +11,15 @@ import charts
 import numpy as np
 import pandas as pd
 import streamlit as st
-from common import MAX_PASTE_CHARS, error_text, get_worker, preflight_counts, session_id, show_chart
+from common import (
+    MAX_PASTE_CHARS,
+    bounded_number,
+    error_text,
+    get_worker,
+    preflight_counts,
+    session_id,
+    show_chart,
+)
 
 from memcore.chain import passage_parts
 from memcore.config import MemcoreError
@@ -133,12 +141,15 @@ def render_more(summ: Any, spec: Any, switch: bool = False) -> None:
                                   value=next_prompt(len(summ.chain) + 1), height=68, key=f"more-prompt-{rid}")
             c1, c2, c3 = st.columns(3)
             method = c1.selectbox("Method", METHODS, index=METHODS.index(spec.train.method), key=f"more-method-{rid}")
-            steps = int(c2.number_input("Step budget", min_value=1, max_value=10_000, value=spec.train.max_steps,
-                                        key=f"more-steps-{rid}"))
+            out_of_range: list[str] = []
+            steps = int(bounded_number(c2, "Step budget", 1, 10_000, out_of_range, value=spec.train.max_steps,
+                                       key=f"more-steps-{rid}"))
             keep = c3.checkbox("Rehearse the earlier passage", value=False, key=f"more-keep-{rid}",
                                help="train on the earlier passage as well (--keep); unticked it is only measured")
             if st.form_submit_button("Start on top of this run", type="primary", key=f"more-start-{rid}"):
                 try:
+                    if out_of_range:
+                        raise MemcoreError("; ".join(out_of_range))
                     if len(text) > MAX_PASTE_CHARS:
                         raise MemcoreError(f"The passage is {len(text):,} characters; the app accepts up to "
                                            f"{MAX_PASTE_CHARS:,}.")

@@ -79,6 +79,17 @@ def default_model_name() -> str:
     return os.environ.get("MEMCORE_APP_MODEL", "default")
 
 
+def bounded_number(where, label: str, lo, hi, out_of_range: list[str], **kwargs):
+    """A number input whose bounds [lo, hi] are checked here, not by the widget. Streamlit keeps an out-of-range
+    value to itself (a red box and a tooltip) and hands the script the last valid one, so a Start button would train
+    with settings other than those shown; here every value reaches the script, and one outside the bounds is added
+    to out_of_range in words ('Rank must be from 1 to 1,024; got 0') for the caller to refuse with."""
+    value = where.number_input(label, **kwargs)
+    if not lo <= value <= hi:
+        out_of_range.append(f"{label} must be from {lo:,} to {hi:,}; got {value:,}")
+    return value
+
+
 def error_text(e: Exception) -> str:
     return str(e) if isinstance(e, MemcoreError) else f"{type(e).__name__}: {e}"
 

@@ -11,7 +11,7 @@ from typing import Any
 import charts
 import pandas as pd
 import streamlit as st
-from common import default_model_name, error_text, get_worker, session_id, show_chart
+from common import bounded_number, default_model_name, error_text, get_worker, session_id, show_chart
 from inputs import parse_lr
 
 from memcore.config import METHODS, MemcoreError, RunSpec
@@ -54,20 +54,22 @@ def _form() -> None:
     source = c1.radio("Data", ("random tokens", "a sample passage", "my text"), key="fs_source",
                       help="what the probes memorize: its first ℓ tokens at each probe")
     tokens = sample = text = None
+    out_of_range: list[str] = []  # number boxes outside their bounds (bounded_number), refused at the button
     if source == "random tokens":
-        tokens = c2.number_input("Random tokens (the longest length probed)", 8, 8192, 192, key="fs_tokens",
-                                 help="each seed draws its own uniformly random ordinary tokens")
+        tokens = bounded_number(c2, "Random tokens (the longest length probed)", 8, 8192, out_of_range, value=192,
+                                key="fs_tokens", help="each seed draws its own uniformly random ordinary tokens")
     elif source == "a sample passage":
         names = list_samples()
         sample = c2.selectbox("Sample", names, index=names.index("long_archive") if "long_archive" in names else 0,
                               key="fs_sample")
     else:
         text = c2.text_area("Text", key="fs_text", height=100)
-    seeds = int(c3.number_input("Seeds", 1, 8, 2, key="fs_seeds",
-                                help="probes per length; a length counts as recalled by at least half of them"))
+    seeds = int(bounded_number(c3, "Seeds", 1, 8, out_of_range, value=2, key="fs_seeds",
+                               help="probes per length; a length counts as recalled by at least half of them"))
     c1, c2, c3 = st.columns(3)
-    max_steps = int(c1.number_input("Step budget per probe", 10, 5000, 300, key="fs_steps",
-                                    help="each probe trains until recalled, converged on a plateau, or this"))
+    max_steps = int(bounded_number(c1, "Step budget per probe", 10, 5000, out_of_range, value=300,
+                                   key="fs_steps",
+                                   help="each probe trains until recalled, converged on a plateau, or this"))
     lr_text = c2.text_input("Learning rate", "3e-2", key="fs_lr")
     res = c3.selectbox("Resolution", list(RESOLUTIONS), index=1, key="fs_res",
                        help="each rank's search stops once its bracket is this narrow (shortest failed / longest "
@@ -77,6 +79,8 @@ def _form() -> None:
         try:
             if why:
                 raise MemcoreError(why)
+            if out_of_range:
+                raise MemcoreError("; ".join(out_of_range))
             if not ranks:
                 raise MemcoreError("choose at least one rank")
             template = _template(model, adapter, source, tokens or 0, sample or "", text or "", method, max_steps, lr)

@@ -137,6 +137,14 @@ def test_a_jobs_spec_fills_the_form_back():
      and at.text_input(key="lr").input("fast").run(), "The learning rate must be a number such as 2e-3"),
     (lambda at: at.text_area(key="passage").input("some words here").run()
      and at.text_input(key="lr").input("5").run(), "The learning rate must be between 1e-06 and 1; got 5."),
+    # a number box out of its bounds reaches the page (Streamlit alone would keep it and train the last valid value)
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.number_input(key="rank").set_value(0).run(), "Rank must be from 1 to 1,024; got 0"),
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.number_input(key="max_steps").set_value(10_000_000).run(),
+     "Step budget must be from 1 to 10,000; got 10,000,000"),
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.number_input(key="dropout").set_value(0.95).run(), "Adapter dropout must be from 0.0 to 0.9; got 0.95"),
 ])
 def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, message):
     from common import get_worker
@@ -484,6 +492,8 @@ def test_compare_mode_says_both_methods_instead_of_one(app_env):
 def test_law_page_finds_the_frontier_of_the_apps_model(app_env):
     """Find the frontier: bad settings refused in words, then a search on the tiny model from the form to its
     brackets, drawn beside the shipped sweep's, and its probes offered as sweep data."""
+    from common import get_worker
+
     at = _app("app_pages/law.py")
     assert not at.exception
     at.multiselect(key="fs_ranks").set_value([]).run()
@@ -494,6 +504,11 @@ def test_law_page_finds_the_frontier_of_the_apps_model(app_env):
     at.button(key="fs_start").click().run()
     assert any("learning rate" in e.value.lower() for e in at.error)
     at.text_input(key="fs_lr").set_value("0.1").run()
+    at.number_input(key="fs_steps").set_value(2).run()  # out of its box's bounds: refused in words, not replaced
+    at.button(key="fs_start").click().run()
+    assert any("Step budget per probe must be from 10 to 5,000; got 2" in e.value for e in at.error)
+    assert get_worker().store.jobs() == []
+    at.number_input(key="fs_steps").set_value(300).run()
     at.number_input(key="fs_tokens").set_value(48).run()
     at.number_input(key="fs_seeds").set_value(1).run()
     at.number_input(key="fs_steps").set_value(30).run()

@@ -5,7 +5,7 @@ and pass memcore's preflight before Start; app/inputs.py reads files, app/run_vi
 
 import run_view
 import streamlit as st
-from common import default_model_name, error_text, get_worker, preflight_counts, session_id
+from common import bounded_number, default_model_name, error_text, get_worker, preflight_counts, session_id
 from inputs import describe_jsonl, form_state, parse_lr, paste_error, read_jsonl_upload, read_text_upload
 
 from memcore.config import ADAPTERS, METHODS, QUANTS, MemcoreError, ModelSpec
@@ -26,6 +26,7 @@ if job is not None and "source" not in st.session_state:
 
 # --- inputs --------------------------------------------------------------------------------------------------
 
+out_of_range: list[str] = []  # number boxes holding a value outside their bounds, in words (bounded_number)
 data, keep_len, input_error = {}, None, None  # what to memorize (specs settings), its length cap, why it is unusable
 left, right = st.columns([3, 2], gap="large")
 with left:
@@ -45,16 +46,16 @@ with left:
         st.text(data["text"][:600] + (" ..." if len(data["text"]) > 600 else ""))
     elif source == "PhoneBook":
         c_n, c_b = st.columns(2)
-        data["phonebook"] = int(c_n.number_input(
-            "PhoneBook entries", min_value=1, max_value=2000, value=20, key="phonebook",
+        data["phonebook"] = int(bounded_number(
+            c_n, "PhoneBook entries", 1, 2000, out_of_range, value=20, key="phonebook",
             help="Seeded 'Name: ...' -> 10-digit number pairs; shown as a grid of entries while they train"))
-        data["batch_size"] = int(c_b.number_input(
-            "Entries per step (0 = all)", min_value=0, max_value=2000, value=0, key="batch_size",
+        data["batch_size"] = int(bounded_number(
+            c_b, "Entries per step (0 = all)", 0, 2000, out_of_range, value=0, key="batch_size",
             help="Minibatches, as the paper trains PhoneBook (10-20 entries a step), reshuffled every epoch; "
                  "every entry is still shown as last measured")) or None
     elif source == "Random tokens":
-        data["random_tokens"] = int(st.number_input(
-            "Random tokens", min_value=1, max_value=2048, value=64, key="random_tokens",
+        data["random_tokens"] = int(bounded_number(
+            st, "Random tokens", 1, 2048, out_of_range, value=64, key="random_tokens",
             help="Token ids drawn uniformly from the vocabulary's ordinary tokens, seeded by the seed: the paper's "
                  "r100 data, where memorization is bounded by capacity"))
     else:
@@ -64,10 +65,10 @@ with left:
         c_keys, c_line, c_len = st.columns(3)
         keys = c_keys.text_input("Keys (PROMPT,TARGET)", value="", key="jsonl_fields",
                                  placeholder="auto: query,target or question,matching")
-        line_no = int(c_line.number_input("Line (0 = auto)", min_value=0, max_value=1_000_000, value=0,
-                                          key="jsonl_line"))
-        keep_len = int(c_len.number_input("Keep first ℓ tokens (0 = all)", min_value=0, max_value=100_000, value=0,
-                                          key="jsonl_length")) or None
+        line_no = int(bounded_number(c_line, "Line (0 = auto)", 0, 1_000_000, out_of_range, value=0,
+                                     key="jsonl_line"))
+        keep_len = int(bounded_number(c_len, "Keep first ℓ tokens (0 = all)", 0, 100_000, out_of_range, value=0,
+                                      key="jsonl_length")) or None
         if f is not None:
             parsed, input_error = read_jsonl_upload(f, keys, line_no)
             if parsed is not None:
@@ -98,9 +99,9 @@ with right:
                             help="bypass: out = MLP(x) + x·A·B on one layer's MLP, no scaling, 2·hidden parameters per "
                                  "rank (the paper's adapter; saved by memcore, not exportable to PEFT)")
     bypass = adapter_kind == "bypass"
-    rank = int(c1.number_input("Rank", min_value=1, max_value=1024, value=default("rank"), key="rank"))
-    alpha = float(c2.number_input("LoRA alpha (0 = same as rank)", min_value=0.0, max_value=8192.0, value=0.0,
-                                  key="alpha", disabled=bypass))
+    rank = int(bounded_number(c1, "Rank", 1, 1024, out_of_range, value=default("rank"), key="rank"))
+    alpha = float(bounded_number(c2, "LoRA alpha (0 = same as rank)", 0.0, 8192.0, out_of_range, value=0.0,
+                                 key="alpha", disabled=bypass))
     target_choices = ["all", "attn", "mlp"]
     targets = c1.selectbox("Target modules", target_choices, index=target_choices.index(default("targets")),
                            key="targets", disabled=bypass)
@@ -108,10 +109,10 @@ with right:
     layers = c2.text_input("Layers", value=default_layers(adapter_kind), key="layers_bypass" if bypass else "layers",
                            help="all, paper (one middle layer: its MLP), or indices: 0,5,9 (as --layers on the "
                                 "command line)")
-    dropout = float(c1.number_input("Adapter dropout", min_value=0.0, max_value=0.9, value=default("dropout"),
-                                    step=0.05, key="dropout",
-                                    help="dropout on the adapter's input during training (the paper uses 0.1 with its "
-                                         "bypass)"))
+    dropout = float(bounded_number(c1, "Adapter dropout", 0.0, 0.9, out_of_range, value=default("dropout"),
+                                   step=0.05, key="dropout",
+                                   help="dropout on the adapter's input during training (the paper uses 0.1 with its "
+                                        "bypass)"))
     tau = st.slider("Threshold τ", min_value=0.05, max_value=0.95, value=default("tau"), step=0.05, key="tau")
     lr, lr_error = parse_lr(st.text_input("Learning rate (AdamW)", value=f"{default('lr'):g}", key="lr",
                                           help="any value from 1e-6 to 1, e.g. 2e-3, 1e-2 (the paper's) or 3e-2 (the "
@@ -119,9 +120,9 @@ with right:
     if lr_error:
         st.error(lr_error)  # beside the box (Start says it again)
     c3, c4 = st.columns(2)
-    max_steps = int(c3.number_input("Step budget", min_value=1, max_value=10_000, value=default("max_steps"),
-                                    key="max_steps"))
-    seed = int(c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=default("seed"), key="seed"))
+    max_steps = int(bounded_number(c3, "Step budget", 1, 10_000, out_of_range, value=default("max_steps"),
+                                   key="max_steps"))
+    seed = int(bounded_number(c4, "Seed", 0, 2**31 - 1, out_of_range, value=default("seed"), key="seed"))
     stop_when_recalled = st.checkbox("Stop as soon as it is recalled verbatim", value=default("stop_when_recalled"),
                                      key="stop_when_recalled")
     until_converged = st.checkbox(
@@ -129,7 +130,7 @@ with right:
         value=default("until") == "converged", key="until_converged",
         help="the paper's regime: train to convergence (as --until converged)")
     compare = st.toggle("Compare mode: sft and memft-ot side by side", key="compare")
-    input_error = input_error or lr_error
+    input_error = input_error or lr_error or ("; ".join(out_of_range) if out_of_range else None)
 
 settings = dict(model=model_name.strip() or default("model"), quant=quant, adapter=adapter_kind, rank=rank,
                 layers=layers, dropout=dropout, prompt=prompt, length=keep_len, seed=seed, method=method, tau=tau,
