@@ -18,7 +18,7 @@ from jobs import Worker  # noqa: E402
 
 from memcore.config import AdapterSpec, DataSpec, MemcoreError, ModelSpec, RunSpec, TooManyTokens  # noqa: E402
 from memcore.home import memcore_home  # noqa: E402
-from memcore.loading import resolve_source  # noqa: E402
+from memcore.loading import load_config, load_tokenizer  # noqa: E402
 from memcore.specs import preflight  # noqa: E402
 from memcore.store import Store  # noqa: E402
 
@@ -36,19 +36,15 @@ def get_worker() -> Worker:
 
 @st.cache_resource(show_spinner="loading tokenizer ...")
 def get_tokenizer(model_name: str):
-    """The tokenizer alone (cheap) so the page can count tokens before anything trains."""
-    from transformers import AutoTokenizer
-
-    source = resolve_source(ModelSpec(name=model_name))
-    return AutoTokenizer.from_pretrained(source)
+    """The tokenizer alone (cheap) so the page can count tokens before anything trains. Raises MemcoreError
+    within seconds for a model that is neither a local folder nor reachable (memcore.loading.load_tokenizer)."""
+    return load_tokenizer(ModelSpec(name=model_name))
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def get_model_config(model_name: str):
     """The model's config alone (no weights), for the preflight's context length and layer count."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(resolve_source(ModelSpec(name=model_name)))
+    return load_config(ModelSpec(name=model_name))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

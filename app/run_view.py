@@ -17,6 +17,7 @@ import pandas as pd
 import streamlit as st
 from common import error_text, get_store, get_tokenizer, get_worker, show_chart
 
+from memcore.config import MemcoreError
 from memcore.export import export_zip
 from memcore.metrics import per_sample
 from memcore.pieces import token_pieces
@@ -82,7 +83,10 @@ def entry_texts(model: str, run_id: str | None, prompts: list[list[int]], target
     hit = cache.get(run_id)
     if hit is not None and len(hit[0]) == len(prompts):
         return hit
-    tok = get_tokenizer(model)
+    try:
+        tok = get_tokenizer(model)
+    except MemcoreError:  # the run's model cannot be loaded here (a hub model, offline): entries by number
+        return [f"#{i + 1}: " for i in range(len(prompts))], ["" for _ in targets]
     labels, answers = [], []
     for pr, tg in zip(prompts, targets):
         text = " ".join(tok.decode(pr, skip_special_tokens=True).split())
@@ -278,8 +282,12 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
             if summ.earlier_tokens:
                 chain_view.render_earlier_result(summ)
             gen = summ.generated_ids
-            if gen is not None:
-                tok = get_tokenizer(s["spec"].model.name)
+            try:
+                tok = get_tokenizer(s["spec"].model.name) if gen is not None else None
+            except MemcoreError as e:  # a hub model not reachable from here: the rest of the run still shows
+                tok = None
+                st.caption(f"Greedy generation not shown: {e}")
+            if tok is not None:
                 flat_gen, flat_tgt = _flat(gen), _flat(summ.target_ids)
                 st.caption("Greedy generation from the prompt, compared with the target: blue tokens match it, red "
                            "ones differ (the first difference outlined); hover a token for the target's.")

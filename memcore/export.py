@@ -327,15 +327,10 @@ def _add_chain(store: Store, run_id: str, summary: RunSummary, dest: Path, steps
 def _save_tokenizer(spec: RunSpec, dest: Path) -> None:
     """The base model's tokenizer into dest (runs do not keep a copy); skipped when it cannot be loaded here (a hub
     model not in the local cache, offline): it is the base model's own, which the config names."""
-    from memcore.loading import hub_reachable, resolve_source
+    from memcore.loading import load_tokenizer
 
     try:
-        from transformers import AutoTokenizer
-
-        source = resolve_source(spec.model)
-        local = Path(source).is_dir()
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.model.trust_remote_code,
-                                            local_files_only=not local and not hub_reachable())
+        tok = load_tokenizer(spec.model)
         tok.save_pretrained(dest)
     except Exception:  # the tokenizer is a convenience here: the base model's own loads with it
         pass

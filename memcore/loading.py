@@ -136,18 +136,68 @@ def _hub_error(name: str, err: Exception) -> MemcoreError:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Can the Hugging Face hub's host be resolved and reached within `timeout` seconds? False at once with
-    HF_HUB_OFFLINE set (fails fast where there is no network)."""
+    HF_HUB_OFFLINE set (fails fast where there is no network). An answer is kept for 30 seconds, so a page
+    that loads a tokenizer and a config in turn probes once."""
     import socket
+    import time
     from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    kept = _REACH.get(host)
+    if kept is not None and time.monotonic() - kept[0] < 30.0:
+        return kept[1]
     try:
         with socket.create_connection((host, 443), timeout=timeout):
-            return True
+            reached = True
     except OSError:
-        return False
+        reached = False
+    _REACH[host] = (time.monotonic(), reached)
+    return reached
+
+
+_REACH: dict[str, tuple[float, bool]] = {}
+
+
+def _from_source(name: str, source: str, load: Any, **kwargs: Any) -> Any:
+    """`load(source, **kwargs)` (a from_pretrained), from the local hub cache alone when `source` is a hub id
+    and the hub is unreachable, so an offline machine answers in seconds rather than after a minute of
+    retries; every failure becomes a MemcoreError naming `name` (the model as the user wrote it)."""
+    if not Path(source).is_dir() and not hub_reachable():
+        kwargs["local_files_only"] = True  # use the local hub cache if it has the model; no slow retries
+    try:
+        return load(source, **kwargs)
+    except MemcoreError:
+        raise
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise MemcoreError(f"model '{name}' ships its own code; "
+                               "rerun with --trust-remote-code if you trust it") from None
+        raise _hub_error(name, e) from None
+    except (OSError, KeyError) as e:
+        raise _hub_error(name, e) from None
+
+
+def load_tokenizer(spec: ModelSpec, home: Path | None = None) -> Any:
+    """The tokenizer of `spec`'s model alone (no weights): for counting target tokens before anything loads.
+
+    Raises MemcoreError as load_base does (a missing folder, the hub unreachable with no cached copy, remote
+    code not trusted), within seconds."""
+    from transformers import AutoTokenizer
+
+    return _from_source(spec.name, resolve_source(spec, home), AutoTokenizer.from_pretrained,
+                        trust_remote_code=spec.trust_remote_code)
+
+
+def load_config(spec: ModelSpec, home: Path | None = None) -> Any:
+    """The config of `spec`'s model alone (no weights): its context length, layer count and vocabulary size.
+
+    Raises MemcoreError as load_tokenizer does."""
+    from transformers import AutoConfig
+
+    return _from_source(spec.name, resolve_source(spec, home), AutoConfig.from_pretrained,
+                        trust_remote_code=spec.trust_remote_code)
 
 
 def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
@@ -156,7 +206,7 @@ def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
 
     Raises MemcoreError: bitsandbytes missing for a quantized load, remote code not trusted, the model not
     found locally with the hub unreachable, or any other load failure (its first line)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve_source(spec, home)
     device = resolve_device(spec)
@@ -175,22 +225,8 @@ def load_base(spec: ModelSpec, home: Path | None = None) -> Base:
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-    local = Path(source).is_dir()
-    if not local and not hub_reachable():
-        kwargs["local_files_only"] = True  # use the local hub cache if it has the model; no slow retries
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
-                                                  local_files_only=kwargs.get("local_files_only", False))
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except MemcoreError:
-        raise
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise MemcoreError(f"model '{spec.name}' ships its own code; "
-                               "rerun with --trust-remote-code if you trust it") from None
-        raise _hub_error(spec.name, e) from None
-    except (OSError, KeyError) as e:
-        raise _hub_error(spec.name, e) from None
+    tokenizer = load_tokenizer(spec, home)
+    model = _from_source(spec.name, source, AutoModelForCausalLM.from_pretrained, **kwargs)
     if spec.quant == "none":
         model.to(device)
     elif device.type == "cpu":

@@ -253,14 +253,11 @@ def _source_bits(run: dict[str, Any], summary: RunSummary, store: Any, cache: di
         return summary.source_bits_per_token
     spec = RunSpec.from_dict(run["spec"])
     if spec.model.name not in cache:
-        from transformers import AutoConfig, AutoTokenizer
-
-        from memcore.loading import resolve_source
+        from memcore.loading import load_config, load_tokenizer
         from memcore.runner import source_bits
 
-        src = resolve_source(spec.model, store.home)
-        cache[spec.model.name] = source_bits(spec, AutoTokenizer.from_pretrained(src),
-                                             AutoConfig.from_pretrained(src).vocab_size)
+        cache[spec.model.name] = source_bits(spec, load_tokenizer(spec.model, store.home),
+                                             load_config(spec.model, store.home).vocab_size)
     return cache[spec.model.name]
 
 

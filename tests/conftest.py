@@ -101,3 +101,17 @@ def bypassed(tiny_base):
 
     with held:
         yield attach
+
+
+@pytest.fixture
+def hub_unreachable(tmp_path, monkeypatch):
+    """No hub to reach (its endpoint a closed local port) and an empty local hub cache, as on an offline machine."""
+    from huggingface_hub import constants
+
+    import memcore.loading as loading
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import: the module's, not the env
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "_REACH", {})
+    return tmp_path / "hub"

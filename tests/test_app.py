@@ -157,6 +157,21 @@ def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, mes
     assert get_worker().store.jobs() == []
 
 
+def test_a_hub_model_that_cannot_be_reached_is_named_at_once_and_not_started(app_env, hub_unreachable):
+    """Offline, a hub id in the Model box answers within seconds (a minute of retries greyed the page before)."""
+    from common import get_worker
+
+    at = _app()
+    at.text_area(key="passage").input("some words here").run()
+    at.text_input(key="model").input("someone/no-such-model").run(timeout=20)
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "cannot load model 'someone/no-such-model'" in errors and "hub is unreachable (offline?)" in errors
+    at.button(key="start").click().run(timeout=20)
+    assert "Cannot start: cannot load model 'someone/no-such-model'" in " ".join(e.value for e in at.error)
+    assert get_worker().store.jobs() == []
+
+
 def test_a_tiny_run_finishes_and_its_results_appear_with_user_text_inert(app_env):
     at = _app()
     at.text_area(key="passage").input(XSS).run()

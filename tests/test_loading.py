@@ -84,3 +84,30 @@ def test_the_training_process_caches_bases_by_spec_and_copy(home, tiny_model_dir
     assert len(loads) == 3 and len(engine.bases) == service.MAX_CACHED_BASES
     assert (spec, 0) not in engine.bases  # the least recently used went first
     engine.store.close()
+
+
+@pytest.mark.parametrize("load", ["load_tokenizer", "load_config", "load_base"])
+def test_a_hub_model_that_cannot_be_reached_is_named_with_what_to_do(hub_unreachable, load):
+    import memcore.loading as loading
+
+    with pytest.raises(MemcoreError, match=r"cannot load model 'someone/no-such-model': it is not a local folder and "
+                                           r"the Hugging Face hub is unreachable \(offline\?\); use the default model"):
+        getattr(loading, load)(ModelSpec(name="someone/no-such-model"))
+
+
+def test_a_hub_model_already_in_the_local_hub_cache_loads_with_the_hub_unreachable(hub_unreachable, tiny_model_dir):
+    import shutil
+
+    from memcore.loading import load_base, load_config, load_tokenizer
+
+    # the hub cache's layout: models--{org}--{name}/snapshots/{commit}/ with refs/main naming the commit
+    repo = hub_unreachable / "models--someone--tiny-llama"
+    commit = "0" * 40
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    spec = ModelSpec(name="someone/tiny-llama")
+    assert load_config(spec).num_hidden_layers == 4
+    assert load_tokenizer(spec)("Seven pale moths").input_ids
+    base = load_base(spec)
+    assert base.source == "someone/tiny-llama" and not any(p.requires_grad for p in base.model.parameters())
