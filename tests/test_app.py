@@ -1060,3 +1060,18 @@ def test_a_chain_of_two_earlier_passages_draws_each_apart_with_its_own_count():
                                              "run run-b: 2/3 tokens above τ · not recalled verbatim"]
     strips = [str(e.proto.body) for e in at.get("html")]
     assert len(strips) == 2 and "Orbit" not in strips[0] and "Orbit" in strips[1]
+
+
+def test_compare_modes_verdict_gives_the_gap_and_says_one_seed_is_one_draw():
+    from run_view import race_verdict
+
+    head, caveat = race_verdict([(120, "sft"), (119, "memft-ot")])
+    assert head.startswith("**memft-ot** reached exact recall first, at step 119, 1 step (1%) ahead of the next")
+    assert "sft: step 120" in head and "memft-ot: step 119" in head
+    assert "One seed each" in caveat and "Seed box" in caveat
+    head, _ = race_verdict([(None, "sft"), (80, "memft-ot")])
+    assert "the only one to get there within the budget" in head and "sft: not recalled" in head
+    head, caveat = race_verdict([(50, "sft"), (50, "memft-ot")])
+    assert head.startswith("**sft and memft-ot** reached exact recall at the same step, 50") and caveat
+    assert race_verdict([(None, "sft"), (None, "memft-ot")]) == (
+        "Neither run reached exact recall within the budget.", None)
