@@ -435,11 +435,21 @@ def _token_label(i: int, piece: Piece | str, limit: int = 20) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
+def _place_label(place: str, piece: Piece | str, limit: int = 32) -> str:
+    tail = f" {_as_piece(piece).label!r}"
+    room = max(limit - len(tail), 8)
+    return (place if len(place) <= room else place[: room - 1] + "…") + tail
+
+
 def trajectories_args(steps: Sequence[int], indices: Sequence[int], labels: Sequence[Piece | str], tau: float,
-                      token_ids: Sequence[int] | None = None) -> tuple:
-    """What the trajectories chart's layout depends on: tau, the lines' names (their order), one step."""
+                      token_ids: Sequence[int] | None = None, places: Sequence[str] | None = None) -> tuple:
+    """What the trajectories chart's layout depends on: tau, the lines' names (their order), one step. `places`
+    names where each token sits when "#index" would not (an entry of a PhoneBook: "#3 Ann Lee, tok 2")."""
     if len(labels) != len(indices):
         raise ValueError(f"trajectories_chart: len(indices)={len(indices)} but len(labels)={len(labels)}")
+    if places is not None:
+        names = [_place_label(pl, lab) for pl, lab in zip(places, labels)]
+        return float(tau), tuple(names), len(steps) <= 1
     names = [_token_label(int(t), lab) for t, lab in zip(token_ids if token_ids is not None else indices, labels)]
     return float(tau), tuple(names), len(steps) <= 1
 

@@ -60,8 +60,13 @@ def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
     crossed = (prev <= tau) & (p > tau) if prev is not None and len(prev) == len(p) else None  # since the previous step
     idx = snap["stubborn_ever"]
     stubborn = [i for i in idx if p[i] <= tau]  # flagged in the text while still below
-    layout = charts.trajectories_args(snap["steps"], idx, [snap["pieces"][i] for i in idx], tau, idx)
     entries = len(snap.get("sample_lengths") or []) >= 2 and snap.get("correct") is not None
+    places = None
+    if entries:  # a stubborn token of a PhoneBook is named by its entry: "#3 Ann Lee, tok 2 '5'"
+        labels, _ = entry_texts(snap["spec"].model.name, snap.get("run_id"), snap["prompt_ids"], snap["target_ids"])
+        places = [f"{entry_name(labels, e, 14)}, tok {o + 1}" for e, o in
+                  (entry_place(int(i), snap["sample_lengths"]) for i in idx)]
+    layout = charts.trajectories_args(snap["steps"], idx, [snap["pieces"][i] for i in idx], tau, idx, places=places)
     view = {"step": snap["step"],
             "html": entries_view(snap["spec"].model.name, snap.get("run_id"), snap["sample_lengths"],
                                  snap["prompt_ids"], snap["target_ids"], p, snap["correct"], tau) if entries else
@@ -99,6 +104,34 @@ def entry_texts(model: str, run_id: str | None, prompts: list[list[int]], target
     return labels, answers
 
 
+def entry_place(index: int, lengths: list[int]) -> tuple[int, int]:
+    """(entry, position in its answer), both 0-based, of flat target token `index` in a run of samples whose
+    answers are `lengths` tokens long. Raises IndexError past the last token."""
+    ends = np.cumsum(lengths)
+    entry = int(np.searchsorted(ends, index, side="right"))
+    if index < 0 or entry >= len(lengths):
+        raise IndexError(f"token {index} is outside the {int(ends[-1]) if len(ends) else 0} target tokens")
+    return entry, index - (int(ends[entry - 1]) if entry else 0)
+
+
+def entry_name(labels: list[str], entry: int, limit: int = 40) -> str:
+    """An entry as the page names it: its number (1-based) and its prompt's short name ("#3 Ann Lee"), the name
+    cut to `limit` characters."""
+    name = labels[entry].strip().rstrip(":").strip()
+    name = name if len(name) <= limit else name[: limit - 1] + "…"
+    return f"#{entry + 1} {name}" if name and not name.startswith("#") else f"#{entry + 1}"
+
+
+def entry_generations(labels: list[str], answers: list[str], generated: list[str], target_ids: list[list[int]],
+                      generated_ids: list[list[int]]) -> pd.DataFrame:
+    """One row per entry: its name, its answer, what greedy decoding generated from its prompt, and whether that
+    is the answer token for token (compared by id, as exact recall is); wrong entries first, then by number."""
+    right = [list(g[: len(t)]) == list(t) for g, t in zip(generated_ids, target_ids)]
+    table = pd.DataFrame({"entry": [entry_name(labels, i) for i in range(len(labels))], "answer": answers,
+                          "generated": generated, "recalled": right})
+    return table.assign(_n=range(len(table))).sort_values(["recalled", "_n"]).drop(columns="_n")
+
+
 def entries_view(model: str, run_id: str | None, lengths: list[int], prompts: list[list[int]],
                  targets: list[list[int]], p: np.ndarray, correct: np.ndarray, tau: float) -> str:
     """Many samples as a grid of entries (charts.entries_html), each coloured by its worst token's p, with the
@@ -126,6 +159,13 @@ def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = T
     fd = snap["first_divergence"]
     if fd is None:
         st.success("Every teacher-forced argmax is right: greedy decoding recites the whole text.")
+    elif len(snap.get("sample_lengths") or []) >= 2:  # entries: each is recited from its own prompt
+        entry, offset = entry_place(fd, snap["sample_lengths"])
+        labels, _ = entry_texts(snap["spec"].model.name, snap.get("run_id"), snap["prompt_ids"], snap["target_ids"])
+        wrong = "is" if live else "was"
+        st.caption(f"The first entry greedy decoding {wrong} getting wrong: **{entry_name(labels, entry)}**, at token "
+                   f"{offset + 1} of its answer ({snap['pieces'][fd].label!r}); the rest of that answer would be "
+                   "generated from a wrong prefix.")
     else:
         when = "currently goes" if live else "goes"
         st.caption(f"Greedy decoding {when} astray at token #{fd} ({snap['pieces'][fd].label!r}); everything after "
@@ -256,16 +296,17 @@ def race_verdict(at_step: list[tuple[int | None, str]]) -> tuple[str, str | None
     step = done[0][0]
     first = [who for at, who in at_step if at == step]  # in the runs' order
     others = ", ".join(f"{who}: {'step ' + str(at) if at is not None else 'not recalled'}" for at, who in at_step)
-    caveat = ("One seed each, so this is one draw: the seed alone moves the step of exact recall by several steps "
-              "either way, and over five seeds on the default model memft-ot and sft reach it at the same step within "
-              "the interval (README, What memcore finds on the default model). Run other seeds (the Seed box) before "
-              "reading a difference between the methods into this.")
+    caveat = ("One seed each, so this is one draw: the seed alone moves the step of exact recall, and over five "
+              "seeds on the default model memft-ot and sft reach it at the same step within the interval (README, What "
+              "memcore finds on the default model). Run other seeds (the Seed box) before reading a difference between "
+              "the methods into this.")
     if len(first) > 1:
         return f"**{' and '.join(first)}** reached exact recall at the same step, {step} ({others}).", caveat
     later = [at for at, who in done if at != step]
     if later:
         gap = later[0] - step
-        ahead = f"{gap:,} step{'s' if gap != 1 else ''} ({100 * gap / later[0]:.0f}%) ahead of the next"
+        ahead = (f"{gap:,} step{'s' if gap != 1 else ''} ({100 * gap / later[0]:.0f}%) ahead of the "
+                 f"{'other' if len(at_step) == 2 else 'next'}")
     else:
         ahead = "the only one to get there within the budget"
     return f"**{first[0]}** reached exact recall first, at step {step}, {ahead} ({others}).", caveat
@@ -305,7 +346,13 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
             except MemcoreError as e:  # a hub model not reachable from here: the rest of the run still shows
                 tok = None
                 st.caption(f"Greedy generation not shown: {e}")
-            if tok is not None:
+            if tok is not None and len(s.get("sample_lengths") or []) >= 2 and len(gen) == len(s["sample_lengths"]):
+                labels, answers = entry_texts(s["spec"].model.name, summ.run_id, s["prompt_ids"], s["target_ids"])
+                st.caption("Greedy generation from each entry's prompt against its answer, the wrong ones first.")
+                st.dataframe(entry_generations(labels, answers, [tok.decode(g, skip_special_tokens=True).strip()
+                                                                     for g in gen], summ.target_ids, gen),
+                             hide_index=True)
+            elif tok is not None:
                 flat_gen, flat_tgt = _flat(gen), _flat(summ.target_ids)
                 st.caption("Greedy generation from the prompt, compared with the target: blue tokens match it, red "
                            "ones differ (the first difference outlined); hover a token for the target's.")

@@ -563,6 +563,16 @@ def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
     assert html_.count('class="mc-entry') == 6 and "of 6 entries recalled" in text
     assert any(ch.isdigit() for ch in text) and "Phone" not in text
     assert "script" not in tags
+    # four steps recall nothing: the first wrong entry is named, and each entry's generation is listed by name
+    book = run["spec"]["data"]
+    (caps,) = [c.value for c in at.caption if c.value.startswith("The first entry greedy decoding")]
+    assert caps.startswith("The first entry greedy decoding was getting wrong: **#") and "at token " in caps
+    (table,) = [d.value for d in at.dataframe]
+    assert list(table.columns) == ["entry", "answer", "generated", "recalled"] and len(table) == 6
+    assert list(table["recalled"]) == sorted(table["recalled"])  # the wrong ones first
+    named = caps.split("**")[1]
+    assert named in set(table["entry"]) and named.split(" ", 1)[1] in text  # the same name as in the grid
+    assert all(a.isdigit() or "-" in a for a in table["answer"]) and book
     at = _app("app_pages/runs.py")
     assert not at.exception and _html(at).count('class="mc-entry') == 6
 
@@ -1066,7 +1076,7 @@ def test_compare_modes_verdict_gives_the_gap_and_says_one_seed_is_one_draw():
     from run_view import race_verdict
 
     head, caveat = race_verdict([(120, "sft"), (119, "memft-ot")])
-    assert head.startswith("**memft-ot** reached exact recall first, at step 119, 1 step (1%) ahead of the next")
+    assert head.startswith("**memft-ot** reached exact recall first, at step 119, 1 step (1%) ahead of the other")
     assert "sft: step 120" in head and "memft-ot: step 119" in head
     assert "One seed each" in caveat and "Seed box" in caveat
     head, _ = race_verdict([(None, "sft"), (80, "memft-ot")])
@@ -1075,3 +1085,16 @@ def test_compare_modes_verdict_gives_the_gap_and_says_one_seed_is_one_draw():
     assert head.startswith("**sft and memft-ot** reached exact recall at the same step, 50") and caveat
     assert race_verdict([(None, "sft"), (None, "memft-ot")]) == (
         "Neither run reached exact recall within the budget.", None)
+
+
+def test_a_flat_target_token_is_placed_in_its_entry():
+    from run_view import entry_name, entry_place
+
+    lengths = [3, 1, 4]
+    assert [entry_place(i, lengths) for i in range(8)] == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1), (2, 2),
+                                                          (2, 3)]
+    with pytest.raises(IndexError, match="token 8 is outside the 8 target tokens"):
+        entry_place(8, lengths)
+    assert entry_name(["Ann Lee: ", "#2: ", "A very long name indeed: "], 0) == "#1 Ann Lee"
+    assert entry_name(["Ann Lee: ", "#2: "], 1) == "#2"  # no name to give: its number alone
+    assert entry_name(["", "", "A very long name indeed: "], 2, limit=10) == "#3 A very lo…"  # ten characters
