@@ -960,7 +960,8 @@ def test_memorize_more_on_top_of_a_run_and_replay_the_chain(app_env):
     at = _app("app_pages/runs.py")
     df = at.dataframe[0].value
     row = df.set_index("run").loc[second["id"]]
-    assert row["after"] == rid and row["rehearsed"]
+    assert row["after"] == rid and row["rehearsed"] == "yes"
+    assert df.set_index("run").loc[rid, ["after", "rehearsed"]].tolist() == ["", ""]  # blank, not "None"
     at.selectbox(key="picked").set_value(rid).run()
     assert second["id"] in " ".join(c.value for c in at.caption)  # trained on top of this one
     at.selectbox(key="picked").set_value(second["id"]).run()

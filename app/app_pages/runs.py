@@ -31,7 +31,9 @@ def _table(runs: list[dict]) -> pd.DataFrame:
         after = train.get("after")
         rows.append({"run": r["id"], "status": r["status"], "model": r["model"],
                      "adapter": r["spec"].get("adapter", {}).get("kind", "lora"), "method": r["method"],
-                     "after": after, "rehearsed": bool(train.get("keep")) if after else None, "rank": r["rank"],
+                     # blank rather than "None" for a run that is not on top of another
+                     "after": after or "", "rehearsed": ("yes" if train.get("keep") else "no") if after else "",
+                     "rank": r["rank"],
                      "tau": train.get("tau"), "tokens": r["length"], "steps": r["steps"],
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
                      "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
