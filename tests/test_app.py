@@ -302,7 +302,17 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert list(params["parameter"]) == ["C", "alpha", "beta", "b"]
     assert (params["95% low"] <= params["value"]).all() and (params["value"] <= params["95% high"]).all()
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
-    at.number_input(key="wi_rank").set_value(4).run()
+    # the what-if opens inside each sweep: on a rank it trained and its median length, so no extrapolation caption
+    # (rank 8 × 256 tokens, the old default, lies outside the bypass capacity sweep)
+    import pandas as pd
+
+    for sweep in ["capacity_bypass_random", "default_smollm2_135m"]:
+        at.selectbox(key="law_source").set_value(f"shipped: {sweep}").run()
+        table = pd.read_csv(Path(APP).parent.parent / "sample_data" / "sweeps" / f"{sweep}.csv")
+        rank, length = at.number_input(key=f"wi_rank-shipped: {sweep}"), at.number_input(key=f"wi_len-shipped: {sweep}")
+        assert rank.value in set(table["rank"]) and table["length"].min() <= length.value <= table["length"].max()
+        assert not any("outside the fitted points" in c.value for c in at.caption)
+    rank.set_value(4).run()
     assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)
     # the what-if has its own method picker, starting at the one under Surface, and answers with that method's fit
     said = lambda: next(m.value for m in at.markdown if m.value.startswith("Predicted ΔL at rank 4"))  # noqa: E731

@@ -300,8 +300,14 @@ def what_if(fits: dict[str, LawFits], data: pd.DataFrame, shown: str, name: str)
     ceiling = float(d["delta_loss"].max())  # the most ΔL this method's points reach, as under Surface
     front = front_for(data, method)
     c1, c2, c3 = st.columns(3)
-    r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=8, key="wi_rank"))
-    l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=256, key="wi_len"))
+    # it opens inside the sweep's data (a rank it trained, its median length), not at a guess it may not cover; a
+    # new sweep resets it
+    ranks = sorted(d["rank"].dropna().unique())
+    r0 = int(ranks[(len(ranks) - 1) // 2]) if ranks else 8
+    l0 = int(round(float(d["length"].median()))) if len(d) else 256
+    r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=min(max(r0, 1), 4096), key=f"wi_rank-{name}"))
+    l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=min(max(l0, 1), 1_000_000),
+                               key=f"wi_len-{name}"))
     # a default the sweep makes non-trivial: nine tenths of the most ΔL it reaches (1.0 on a short-budget text sweep,
     # about 12 nats on random tokens, where a target of 1 is met by every rank); a new sweep resets it
     target = c3.number_input("Target ΔL (nats/token)", min_value=0.0, max_value=50.0,
