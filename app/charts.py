@@ -192,7 +192,8 @@ def entries_chart(history: pd.DataFrame, n_entries: int, mark_step: int | None =
         color=alt.Color("series:N", title=None,  # at the side: a bottom legend eats the chart's height
                         scale=alt.Scale(domain=["recalled (argmax right)", "every token above τ"],
                                         range=[BLUE, GREEN])),
-        tooltip=["step:Q", "series:N", "entries:Q"]).properties(height=220, title="Entries recalled over the steps")
+        tooltip=["step:Q", alt.Tooltip("series:N", title="measure"), alt.Tooltip("entries:Q", title="entries")]
+    ).properties(height=220, title="Entries recalled over the steps")
     if mark_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(strokeDash=[4, 3], color="#555").encode(
             x="step:Q")
@@ -338,7 +339,8 @@ def _panel(name: str, series: dict[str, str], has_run: bool, n_steps: int, title
                # legends under each panel: at the side, two panels and their legends overflow the page
                color=alt.Color("series:N", title="series", sort=list(series.values()),
                                legend=alt.Legend(orient="bottom", direction="horizontal")),
-               tooltip=["step:Q", "series:N", alt.Tooltip("value:Q", format=".4f")] + (["run:N"] if has_run else []))
+               tooltip=["step:Q", alt.Tooltip("series:N", title="measure"), alt.Tooltip("value:Q", format=".4f")]
+               + (["run:N"] if has_run else []))
     if has_run:  # which line is which run, in each panel
         enc["strokeDash"] = alt.StrokeDash("run:N", title="run", legend=alt.Legend(orient="bottom",
                                                                                  direction="horizontal"))
@@ -406,7 +408,8 @@ def _histogram_template(tau: float, bins: int) -> alt.TopLevelMixin:
         y=alt.Y("tokens:Q", title="tokens", axis=alt.Axis(format="d", tickMinStep=1)),
         y2="zero:Q",  # with a ranged x, a bar needs its baseline spelled out or it is drawn as a sliver
         color=alt.Color("side:N", title=None, scale=alt.Scale(domain=["below τ", "above τ"], range=[RED, BLUE])),
-        tooltip=[alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f"), "tokens:Q"],
+        tooltip=[alt.Tooltip("lo:Q", title="p from", format=".2f"), alt.Tooltip("hi:Q", title="p to", format=".2f"),
+                 alt.Tooltip("tokens:Q", title="tokens")],
     )
     rule = alt.Chart(alt.NamedData("tau")).mark_rule(color="black", strokeDash=[4, 3]).encode(x="tau:Q")
     return alt.layer(bars, rule).properties(title=f"token probabilities (τ = {tau})", height=220)
@@ -543,7 +546,7 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
         y2="l_hi:Q",
         color=alt.Color("delta_loss:Q", scale=color, title="ΔL (nats/token)",
                         legend=alt.Legend(format=".2f", tickCount=bands)),
-        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
+        tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", title="length (tokens)", format=".0f"),
                  alt.Tooltip("delta_loss:Q", title="fitted ΔL", format=".3f")])
     layers = [heat]
     if len(beyond):
@@ -553,8 +556,10 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
             # its own legend entry, under the plot, so the grey is named on the chart and not only in a caption
             color=alt.Color("state:N", scale=alt.Scale(range=["#d9d9d9"]),
                             legend=alt.Legend(title=None, orient="bottom", symbolType="square", labelLimit=0)),
-            tooltip=[alt.Tooltip("rank:Q", format=".1f"), alt.Tooltip("length:Q", format=".0f"),
-                     alt.Tooltip("delta_loss:Q", title="fitted ΔL (not reached)", format=".3f"), "state:N"]))
+            tooltip=[alt.Tooltip("rank:Q", format=".1f"),
+                     alt.Tooltip("length:Q", title="length (tokens)", format=".0f"),
+                     alt.Tooltip("delta_loss:Q", title="fitted ΔL (not reached)", format=".3f"),
+                     alt.Tooltip("state:N", title="there")]))
     if len(observed):
         obs = observed.assign(residual=observed.delta_loss - observed.predicted)
         # below the plot: beside the ΔL bar it is cut off
@@ -571,9 +576,10 @@ def law_surface_chart(grid: pd.DataFrame, observed: pd.DataFrame, title: str, ba
             x=alt.X("rank:Q", scale=xs), y=alt.Y("length:Q", scale=ys),
             color=alt.Color("delta_loss:Q", scale=color, legend=None),
             size=size, shape=shape,
-            tooltip=["kind:N", "rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", title="observed ΔL", format=".3f"),
+            tooltip=[alt.Tooltip("kind:N", title="point"), "rank:Q", alt.Tooltip("length:Q", title="length (tokens)"),
+                     alt.Tooltip("delta_loss:Q", title="observed ΔL", format=".3f"),
                      alt.Tooltip("predicted:Q", title="fitted ΔL", format=".3f"),
-                     alt.Tooltip("residual:Q", format="+.3f")]))
+                     alt.Tooltip("residual:Q", title="observed − fitted", format="+.3f")]))
     chart = alt.layer(*layers).properties(title=title, height=360)
     return chart.resolve_scale(color="independent") if len(beyond) else chart
 
@@ -616,7 +622,8 @@ def law_slices_chart(observed: pd.DataFrame, curves: pd.DataFrame, title: str,
                color=alt.Color("rank:O", title="rank", scale=alt.Scale(scheme="viridis")))
     lines = alt.Chart(cur).mark_line().encode(**enc)
     pts = alt.Chart(obs).mark_point(filled=True, size=60).encode(
-        **enc, tooltip=["rank:Q", "length:Q", alt.Tooltip("delta_loss:Q", format=".3f")])
+        **enc, tooltip=["rank:Q", alt.Tooltip("length:Q", title="length (tokens)"),
+                       alt.Tooltip("delta_loss:Q", title="observed ΔL (nats/token)", format=".3f")])
     return alt.layer(lines, pts).properties(title=title, height=300)
 
 
@@ -708,13 +715,15 @@ def capacity_chart(per_rank: pd.DataFrame, references: dict[str, float]) -> alt.
     # the references told apart by dash as well as shade, and each named on the chart over its line's left end
     dashes = alt.StrokeDash("kind:N", legend=None, scale=alt.Scale(
         domain=ref_kinds, range=[[6, 4], [2, 3], [10, 3, 2, 3]][:len(ref_kinds)]))
-    lines = alt.Chart(refs).mark_line().encode(x=x, y=y, color=color, strokeDash=dashes, tooltip=["kind:N"])
+    lines = alt.Chart(refs).mark_line().encode(x=x, y=y, color=color, strokeDash=dashes,
+                                               tooltip=[alt.Tooltip("kind:N", title="reference")])
     names = alt.Chart(refs[refs["drawn"] == lo_r]).mark_text(align="left", baseline="bottom", dx=4, dy=-2,
                                                                fontSize=11, color="#444").encode(
         x=x, y=y, text="kind:N")
     marks = alt.Chart(per_rank).mark_point(filled=True, size=90, opacity=0.9).encode(
         x=x, y=y, color=color, shape=shape,
-        tooltip=["kind:N", "rank:Q", alt.Tooltip("bits_per_param:Q", format=".3f")])
+        tooltip=[alt.Tooltip("kind:N", title="method"), "rank:Q",
+                 alt.Tooltip("bits_per_param:Q", title="bits per parameter", format=".3f")])
     return alt.layer(lines, names, marks).properties(title="capacity at the verbatim-recall frontier", height=280)
 
 
@@ -789,13 +798,20 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
             color=color, tooltip=tips + [alt.Tooltip("fitted_lo:Q", title="fitted ℓ* 95% lo", format=".1f"),
                                          alt.Tooltip("fitted_hi:Q", title="fitted ℓ* 95% hi", format=".1f")]))
     if runs is not None and len(runs):
-        mine = runs.assign(x=runs["rank"].astype(float), ell_star=runs["length"].astype(float),
+        # a run of a method the chart draws sits beside that method's bracket, outlined in its colour
+        method = runs["method"] if "method" in runs else pd.Series([None] * len(runs), index=runs.index)
+        mine = runs.assign(x=[float(r) * nudge.get(m, 1.0) for r, m in zip(runs["rank"], method)],
+                           ell_star=runs["length"].astype(float), method=method.fillna("other"),
                            how=["recalled verbatim" if bool(r) else "not recalled" for r in runs["recalled"]])
-        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=110, color="black", strokeWidth=1.5).encode(
-            x=x, y=y, fill=alt.Fill("how:N", title="your runs", legend=alt.Legend(orient="right", labelLimit=400),
-                                    scale=alt.Scale(domain=["recalled verbatim", "not recalled"],
-                                                    range=["black", "white"])),
-            tooltip=["label:N", "rank:Q", alt.Tooltip("length:Q", title="target tokens"), "how:N"]))
+        kinds_mine = list(dict.fromkeys(mine["method"]))
+        outline = alt.Stroke("method:N", legend=None, scale=alt.Scale(
+            domain=kinds_mine, range=[palette[sources.index(m)] if m in sources else "black" for m in kinds_mine]))
+        layers.append(alt.Chart(mine).mark_point(shape="diamond", size=120, strokeWidth=2.5).encode(
+            x=x, y=y, stroke=outline,
+            fill=alt.Fill("how:N", title="your runs", legend=alt.Legend(orient="right", labelLimit=400),
+                          scale=alt.Scale(domain=["recalled verbatim", "not recalled"], range=["black", "white"])),
+            tooltip=[alt.Tooltip("label:N", title="run"), alt.Tooltip("method:N", title="method"), "rank:Q",
+                     alt.Tooltip("length:Q", title="target tokens"), alt.Tooltip("how:N", title="recall")]))
     return alt.layer(*layers).properties(height=320)
 
 

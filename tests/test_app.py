@@ -364,6 +364,10 @@ def test_law_page_shows_the_papers_regime(app_env, tiny_model_dir):
     # the newcomer's view of the capacity sweep: the saturated corner said, a what-if that is not trivially rank 1,
     # the frontier table in numbers or words (never "None"), and the tie between the methods said
     assert "Grey: where the fitted law predicts more than" in captions
+    # it opens inside the sweep (a rank it trained, its median length); asked past it, at rank 8 and 256 tokens:
+    assert not any("outside the fitted points" in c.value for c in at.caption)
+    at.number_input(key="wi_rank-shipped: capacity_bypass_random").set_value(8).run()
+    at.number_input(key="wi_len-shipped: capacity_bypass_random").set_value(256).run()
     need = next(m.value for m in at.markdown if m.value.startswith("Smallest rank predicted to reach ΔL"))
     assert "**1**" not in need, need
     assert need.endswith("(above the fitted ranks 1–4: an extrapolation of the law)")  # rank 9 of a rank 1-4 fit

@@ -766,3 +766,24 @@ def test_the_law_slices_chart_labels_its_log_axis_up_to_the_data():
     assert low < 5.0 and high > 14.6
     assert max(y["axis"]["values"]) >= 14.6 / 1.5 and min(y["axis"]["values"]) <= 6
     assert charts.log_ticks(4.5, 16.4) == [5, 6, 8, 10, 15]
+
+
+def test_a_users_runs_on_the_frontier_chart_sit_by_their_methods_bracket_in_its_colour():
+    """Runs of two methods at one rank are told apart: each diamond is outlined in its method's colour (the same as
+    that method's bracket) and nudged to its bracket's side; the tooltip names run, method and recall in words."""
+    brackets = pd.DataFrame([{"source": "sft", "rank": 1, "lo": 48, "hi": 50, "ell_star": 49.0},
+                             {"source": "memft-ot", "rank": 1, "lo": 52, "hi": 54, "ell_star": 53.0}])
+    runs = pd.DataFrame({"rank": [1, 1, 1], "length": [40, 60, 45], "label": ["a", "b", "c"],
+                         "recalled": [True, False, True], "method": ["sft", "memft-ot", "memft-sw"]})
+    spec = charts.frontier_brackets_chart(brackets, runs).to_dict()
+    colour = next(layer["encoding"]["color"]["scale"] for layer in spec["layer"] if "color" in layer["encoding"])
+    of = dict(zip(colour["domain"], colour["range"]))
+    mine = next(layer for layer in spec["layer"] if "stroke" in layer["encoding"])
+    outline = dict(zip(mine["encoding"]["stroke"]["scale"]["domain"], mine["encoding"]["stroke"]["scale"]["range"]))
+    assert outline["sft"] == of["sft"] and outline["memft-ot"] == of["memft-ot"] and of["sft"] != of["memft-ot"]
+    assert outline["memft-sw"] == "black"  # a method without a bracket on this chart
+    drawn = {r["method"]: r["x"] for r in spec["datasets"][mine["data"]["name"]]}
+    bars = {r["source"]: r["x"] for r in next(v for v in spec["datasets"].values() if len(v) == 2 and "source" in v[0])}
+    assert drawn["sft"] == bars["sft"] and drawn["memft-ot"] == bars["memft-ot"] and drawn["memft-sw"] == 1.0
+    titles = [t.get("title", t["field"]) for t in mine["encoding"]["tooltip"]]
+    assert titles == ["run", "method", "rank", "target tokens", "recall"]
