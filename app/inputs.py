@@ -44,14 +44,19 @@ def _too_big(upload: Any) -> str | None:
 
 
 def read_text_upload(upload: Any) -> tuple[str | None, str | None]:
-    """(the text, None) of an uploaded UTF-8 file, or (None, why not): over MAX_UPLOAD_BYTES, or not text."""
+    """(the text, None) of an uploaded UTF-8 file, or (None, why not): over MAX_UPLOAD_BYTES, not text, or no text
+    at all (empty or only whitespace), said as soon as the file is chosen rather than at Start."""
     error = _too_big(upload)
     if error:
         return None, error
     try:
-        return decode_text(upload.getvalue(), upload.name), None
+        text = decode_text(upload.getvalue(), upload.name)
     except MemcoreError as e:
         return None, str(e)
+    if not text.strip():
+        return None, (f"{upload.name} holds no text to memorize (it is empty or only whitespace)" if upload.getvalue()
+                      else f"{upload.name} is empty: no text to memorize")
+    return text, None
 
 
 def read_jsonl_upload(upload: Any, keys: str, line: int) -> tuple[JsonlData | None, str | None]:

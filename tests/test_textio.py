@@ -122,4 +122,9 @@ def test_app_uploads_decode_like_the_cli(tmp_path):
     assert err is None and data.pairs == (("Output the memory.", "Ünïcödé passage"),)
     text, err = read_text_upload(upload("x.bin", b"\x89PNG\x00\x00\x01\x02"))
     assert text is None and "not text" in err
+    # a file with nothing to memorize is named as soon as it is chosen, not only when Start is pressed
+    assert read_text_upload(upload("empty.txt", b"")) == (None, "empty.txt is empty: no text to memorize")
+    for blank in (b" \n\t\n", "\n".encode("utf-16")):  # whitespace alone, or a BOM and a newline
+        assert read_text_upload(upload("blank.txt", blank)) == (
+            None, "blank.txt holds no text to memorize (it is empty or only whitespace)")
     assert parse_jsonl(encoded(line, "utf-32 LE with BOM"), "lc.jsonl").pairs == data.pairs
