@@ -357,7 +357,7 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                 cells.append("—")
                 continue
             r = at.iloc[0]
-            cell = f"{float(r[col]):.1f}"
+            cell = (_fitted_span(r) or f"{float(r[col]):.1f}") if col == "fitted_ell_star" else f"{float(r[col]):.1f}"
             if pd.notna(r.get("minus_sft")):
                 base = placed[(placed["method"] == "sft") & (placed["rank"] == rank)]
                 pct = (f", {100 * float(r['minus_sft']) / float(base.iloc[0][col]):+.0f}%".replace("-", "−")
@@ -383,8 +383,8 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
                       for _, r in said.iterrows()) + ".")
     return (f"**What the long-context benchmark finds on this model**{f' ({how})' if how else ''}: the fitted "
             "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
-            "crosses 1/2; in brackets MemFT's difference from sft's in tokens with its 95% interval, in percent, "
-            "and its verdict (more or fewer where the interval excludes 0, else a tie).\n\n" + "\n".join(rows)
+            "crosses 1/2, with its 95% interval; in parentheses MemFT's difference from sft's in tokens with its 95% "
+            "interval, in percent, and its verdict (more or fewer where the interval excludes 0, else a tie).\n\n" + "\n".join(rows)
             + "\n\n" + _overall(placed) + (pooled.strip() + " " if pooled else "")
             + f"[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
             + (" (interim: it is still training)" if interim else "") + "."

@@ -776,8 +776,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     # the answer at the top of the page: each method's fitted frontier and difference from sft's, and a link down
     top = next(i.value for i in at.info if i.value.startswith("**What the long-context benchmark finds"))
     assert "(up to 2,000 steps)" in top
-    assert "| sft | 39.2 | 78.1 |" in top and "| memft-ot | 41.5 (+2.3 [+0.4, +4.6], +6%: **more**) | — |" in top
-    assert "| memft-sw | 37.0 (−2.2 [−4.0, +0.1], −6%: tie) | — |" in top  # the interval that makes it a tie
+    # each ℓ* with its 95% interval, and MemFT's difference from sft's with its own
+    assert "| sft | 39.2 [38.1, 40.9] | 78.1 [75.0, 81.0] |" in top
+    assert "| memft-ot | 41.5 [40.2, 44.0] (+2.3 [+0.4, +4.6], +6%: **more**) | — |" in top
+    assert "| memft-sw | 37.0 [35.5, 38.2] (−2.2 [−4.0, +0.1], −6%: tie) | — |" in top  # the interval: a tie
     assert ("**So, unlike the paper's claim, MemFT does not hold more than SFT at every rank here**: memft-ot holds "
             "more at rank 1; memft-sw the same at rank 1.") in top  # the answer in words, not left to the reader
     assert ("With seeds 3 and 4 added at the bracket ends (the frontier's spot re-run), refitted over every seed: "
