@@ -384,10 +384,11 @@ def summary_words(front: pd.DataFrame | None = None, meta: dict | None = None,
     return (f"**What the long-context benchmark finds on this model**{f' ({how})' if how else ''}: the fitted "
             "verbatim-recall frontier ℓ*, the length of random tokens at which a rank's chance of verbatim recall "
             "crosses 1/2, with its 95% interval; in parentheses MemFT's difference from sft's in tokens with its 95% "
-            "interval, in percent, and its verdict (more or fewer where the interval excludes 0, else a tie).\n\n" + "\n".join(rows)
+            "interval, in percent, and its verdict (more or fewer where the interval excludes 0, else a tie).\n\n"
+            + "\n".join(rows)
             + "\n\n" + _overall(placed) + (pooled.strip() + " " if pooled else "")
             + f"[Its intervals, the fidelity past the frontier and the law there are below](#{ANCHOR})"
-            + (" (interim: it is still training)" if interim else "") + "."
+            + (" (interim: a snapshot of a benchmark not yet finished)" if interim else "") + "."
             + (f" The shipped sweep the law below is fitted on stops at {sweep_budget:,} steps, so its frontier sits "
                "shorter and does not tell the methods apart." if sweep_budget and budget and sweep_budget < budget
                else ""))
@@ -726,8 +727,10 @@ def render(store) -> None:
     for what, m in (("The long-context benchmark", meta),
                     ("The PhoneBook benchmark", read_meta(where / "phonebook.json"))):
         if str(m.get("state", "")).startswith("interim"):
-            st.warning(f"{what} is not finished: {m['state'].removeprefix('interim: ')}. Its tables hold what has "
-                       f"been trained so far; `{m.get('command') or 'its run command'}` resumes it.")
+            st.warning(f"{what} is not finished: {m['state'].removeprefix('interim: ')}. Its tables are a snapshot "
+                       "of the points trained so far (nothing is training now unless you started it); "
+                       f"`{m.get('command') or 'its run command'}` goes on from where it stopped, on this machine or "
+                       "any other, since the finished points and checkpoints come with the repository.")
     if front is not None:
         front = front.assign(method=pd.Categorical(front["method"], _order(front["method"]), ordered=True)) \
             .sort_values(["method", "rank"]).assign(method=lambda d: d["method"].astype(str))

@@ -477,7 +477,7 @@ def _trajectories_template(tau: float, names: tuple[str, ...], one_step: bool) -
     lines = _line_mark(alt.Chart(alt.NamedData("lines")), 1 if one_step else 2).encode(
         x=alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("p:Q", title="p(correct token)", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("token:N", title="token", sort=list(names)),
+        color=alt.Color("token:N", title="token", sort=list(names), legend=alt.Legend(labelLimit=260)),
         tooltip=["token:N", "step:Q", alt.Tooltip("p:Q", format=".3f")],
     )
     rule = alt.Chart(pd.DataFrame({"tau": [float(tau)]})).mark_rule(color="black", strokeDash=[4, 3]).encode(y="tau:Q")
@@ -485,11 +485,12 @@ def _trajectories_template(tau: float, names: tuple[str, ...], one_step: bool) -
 
 
 def trajectories_chart(steps: Sequence[int], p_history: np.ndarray, indices: Sequence[int],
-                       labels: Sequence[Piece | str], tau: float, token_ids: Sequence[int] | None = None) -> alt.Chart:
+                       labels: Sequence[Piece | str], tau: float, token_ids: Sequence[int] | None = None,
+                       places: Sequence[str] | None = None) -> alt.Chart:
     """p(correct token) over steps for the selected columns `indices` of p_history [S, N] (one line each), with
     a rule at tau. Lines are named '#i piece', i being token_ids[k] if given (p_history holds only the selected
-    tokens' columns), else the column index."""
-    args = trajectories_args(steps, indices, labels, tau, token_ids)
+    tokens' columns), else the column index; or 'place piece' where `places` names each (trajectories_args)."""
+    args = trajectories_args(steps, indices, labels, tau, token_ids, places=places)
     frames = trajectories_frames(steps, p_history, indices, args[1])
     template = _trajectories_template(*args)
     return _with_data(template, frames) if frames else template

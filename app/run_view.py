@@ -61,11 +61,8 @@ def _run_view(snap: dict[str, Any], key: str, tau: float) -> dict[str, Any]:
     idx = snap["stubborn_ever"]
     stubborn = [i for i in idx if p[i] <= tau]  # flagged in the text while still below
     entries = len(snap.get("sample_lengths") or []) >= 2 and snap.get("correct") is not None
-    places = None
-    if entries:  # a stubborn token of a PhoneBook is named by its entry: "#3 Ann Lee, tok 2 '5'"
-        labels, _ = entry_texts(snap["spec"].model.name, snap.get("run_id"), snap["prompt_ids"], snap["target_ids"])
-        places = [f"{entry_name(labels, e, 14)}, tok {o + 1}" for e, o in
-                  (entry_place(int(i), snap["sample_lengths"]) for i in idx)]
+    places = entry_places(snap["spec"].model.name, snap.get("run_id"), snap["prompt_ids"], snap["target_ids"],
+                          snap["sample_lengths"], idx) if entries else None
     layout = charts.trajectories_args(snap["steps"], idx, [snap["pieces"][i] for i in idx], tau, idx, places=places)
     view = {"step": snap["step"],
             "html": entries_view(snap["spec"].model.name, snap.get("run_id"), snap["sample_lengths"],
@@ -122,6 +119,26 @@ def entry_name(labels: list[str], entry: int, limit: int = 40) -> str:
     return f"#{entry + 1} {name}" if name and not name.startswith("#") else f"#{entry + 1}"
 
 
+def entry_places(model: str, run_id: str | None, prompts: list[list[int]], targets: list[list[int]],
+                 lengths: list[int], indices: list[int]) -> list[str]:
+    """Where each flat target token of `indices` sits in a run of samples, for a chart's legend: its entry and its
+    position in that entry's answer ("#3 Ann Lee, tok 2"; the answer's tokens counted from 1, a leading space's
+    own token included)."""
+    labels, _ = entry_texts(model, run_id, prompts, targets)
+    return [f"{entry_name(labels, e, 14)}, tok {o + 1}" for e, o in (entry_place(int(i), lengths) for i in indices)]
+
+
+def first_wrong_entry(model: str, run_id: str | None, prompts: list[list[int]], targets: list[list[int]],
+                      lengths: list[int], index: int, piece: str, tense: str = "was") -> str:
+    """The caption naming the first entry greedy decoding gets wrong, from the flat index of the first wrong
+    target token and that token's text `piece`."""
+    labels, _ = entry_texts(model, run_id, prompts, targets)
+    entry, offset = entry_place(index, lengths)
+    return (f"The first entry greedy decoding {tense} getting wrong: **{entry_name(labels, entry)}**, at token "
+            f"{offset + 1} of its {lengths[entry]}-token answer ({piece!r}); the rest of that answer would be "
+            "generated from a wrong prefix.")
+
+
 def entry_generations(labels: list[str], answers: list[str], generated: list[str], target_ids: list[list[int]],
                       generated_ids: list[list[int]]) -> pd.DataFrame:
     """One row per entry: its name, its answer, what greedy decoding generated from its prompt, and whether that
@@ -160,12 +177,9 @@ def render_run(snap: dict[str, Any], key: str, tau: float, show_tokens: bool = T
     if fd is None:
         st.success("Every teacher-forced argmax is right: greedy decoding recites the whole text.")
     elif len(snap.get("sample_lengths") or []) >= 2:  # entries: each is recited from its own prompt
-        entry, offset = entry_place(fd, snap["sample_lengths"])
-        labels, _ = entry_texts(snap["spec"].model.name, snap.get("run_id"), snap["prompt_ids"], snap["target_ids"])
-        wrong = "is" if live else "was"
-        st.caption(f"The first entry greedy decoding {wrong} getting wrong: **{entry_name(labels, entry)}**, at token "
-                   f"{offset + 1} of its answer ({snap['pieces'][fd].label!r}); the rest of that answer would be "
-                   "generated from a wrong prefix.")
+        st.caption(first_wrong_entry(snap["spec"].model.name, snap.get("run_id"), snap["prompt_ids"],
+                                     snap["target_ids"], snap["sample_lengths"], fd, snap["pieces"][fd].label,
+                                     "is" if live else "was"))
     else:
         when = "currently goes" if live else "goes"
         st.caption(f"Greedy decoding {when} astray at token #{fd} ({snap['pieces'][fd].label!r}); everything after "

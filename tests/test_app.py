@@ -145,6 +145,10 @@ def test_a_jobs_spec_fills_the_form_back():
      "Step budget must be from 1 to 10,000; got 10,000,000"),
     (lambda at: at.text_area(key="passage").input("some words here").run()
      and at.number_input(key="dropout").set_value(0.95).run(), "Adapter dropout must be from 0.0 to 0.9; got 0.95"),
+    # several at once are all named, so that fixing one does not reveal the next
+    (lambda at: at.text_area(key="passage").input("some words here").run()
+     and at.number_input(key="rank").set_value(0).run() and at.text_input(key="lr").input("5").run(),
+     "The learning rate must be between 1e-06 and 1; got 5. Rank must be from 1 to 1,024; got 0."),
 ])
 def test_impossible_settings_are_refused_before_a_run_starts(app_env, setup, message):
     from common import get_worker
@@ -302,7 +306,7 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert list(params["parameter"]) == ["C", "alpha", "beta", "b"]
     assert (params["95% low"] <= params["value"]).all() and (params["value"] <= params["95% high"]).all()
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
-    # the what-if opens inside each sweep: on a rank it trained and its median length, so no extrapolation caption
+    # the what-if opens on a point of each sweep, short of saturation: no extrapolation caption, no "saturated"
     # (rank 8 × 256 tokens, the old default, lies outside the bypass capacity sweep)
     import pandas as pd
 
@@ -312,6 +316,8 @@ def test_law_page_renders_the_shipped_sweep(app_env):
         rank, length = at.number_input(key=f"wi_rank-shipped: {sweep}"), at.number_input(key=f"wi_len-shipped: {sweep}")
         assert rank.value in set(table["rank"]) and table["length"].min() <= length.value <= table["length"].max()
         assert not any("outside the fitted points" in c.value for c in at.caption)
+        said = next(m.value for m in at.markdown if m.value.startswith("Predicted ΔL at rank"))
+        assert "saturated" not in said and "bits/param" in said, said  # a number to read, not a non-answer
     rank.set_value(4).run()
     assert "Predicted ΔL at rank 4" in " ".join(m.value for m in at.markdown)
     # the what-if has its own method picker, starting at the one under Surface, and answers with that method's fit
@@ -580,7 +586,7 @@ def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
     # four steps recall nothing: the first wrong entry is named, and each entry's generation is listed by name
     book = run["spec"]["data"]
     (caps,) = [c.value for c in at.caption if c.value.startswith("The first entry greedy decoding")]
-    assert caps.startswith("The first entry greedy decoding was getting wrong: **#") and "at token " in caps
+    assert caps.startswith("The first entry greedy decoding was getting wrong: **#") and "-token answer (" in caps
     (table,) = [d.value for d in at.dataframe]
     assert list(table.columns) == ["entry", "answer", "generated", "recalled"] and len(table) == 6
     assert list(table["recalled"]) == sorted(table["recalled"])  # the wrong ones first
@@ -589,6 +595,9 @@ def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
     assert all(a.isdigit() or "-" in a for a in table["answer"]) and book
     at = _app("app_pages/runs.py")
     assert not at.exception and _html(at).count('class="mc-entry') == 6
+    # the replay names the first wrong entry as the live view did, not a flat token number
+    replayed = [c.value for c in at.caption if c.value.startswith("The first entry greedy decoding")]
+    assert replayed == [caps] and not any("diverges at token #" in m.value for m in at.markdown)
 
 
 def _benchmark_tables(folder: Path) -> None:
@@ -784,7 +793,7 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
             "more at rank 1; memft-sw the same at rank 1.") in top  # the answer in words, not left to the reader
     assert ("With seeds 3 and 4 added at the bracket ends (the frontier's spot re-run), refitted over every seed: "
             "memft-ot at rank 1 +2.0 [−0.5, +4.5] tie.") in top  # the five-seed answer beside the three-seed one
-    assert "](#memft-against-sft) (interim: it is still training)" in top
+    assert "](#memft-against-sft) (interim: a snapshot of a benchmark not yet finished)" in top
     assert "The shipped sweep the law below is fitted on stops at 300 steps" in top
     assert "Terms on this page" in [e.label for e in at.expander]  # the page's words explained for a newcomer
     assert "- **memft-ot**: MemFT, threshold only: the gradient goes only to the tokens still below τ." in " ".join(

@@ -300,11 +300,16 @@ def what_if(fits: dict[str, LawFits], data: pd.DataFrame, shown: str, name: str)
     ceiling = float(d["delta_loss"].max())  # the most ΔL this method's points reach, as under Surface
     front = front_for(data, method)
     c1, c2, c3 = st.columns(3)
-    # it opens inside the sweep's data (a rank it trained, its median length), not at a guess it may not cover; a
-    # new sweep resets it
-    ranks = sorted(d["rank"].dropna().unique())
-    r0 = int(ranks[(len(ranks) - 1) // 2]) if ranks else 8
-    l0 = int(round(float(d["length"].median()))) if len(d) else 256
+    # it opens on one of the sweep's own points, the one whose fitted ΔL is nearest the median and short of
+    # saturation: inside the data, with a number to read
+    # (a guess such as rank 8 × 256 may lie outside it, a short length at saturation); a new sweep resets it
+    points = d.dropna(subset=["rank", "length", "delta_loss"]).drop_duplicates(["rank", "length"])
+    pred_at = pd.Series([float(fit.predict(r, n)) for r, n in zip(points["rank"], points["length"])],
+                        index=points.index, dtype=float)
+    inside = pred_at[(pred_at > 0) & (pred_at < ceiling)]  # where the fit answers with a number to read
+    order = (inside - d["delta_loss"].median()).abs().sort_values(kind="stable").index if len(inside) else []
+    r0 = int(points.loc[order[0], "rank"]) if len(order) else 8
+    l0 = int(round(float(points.loc[order[0], "length"]))) if len(order) else 256
     r_in = int(c1.number_input("Rank", min_value=1, max_value=4096, value=min(max(r0, 1), 4096), key=f"wi_rank-{name}"))
     l_in = int(c2.number_input("Length (tokens)", min_value=1, max_value=1_000_000, value=min(max(l0, 1), 1_000_000),
                                key=f"wi_len-{name}"))

@@ -130,7 +130,8 @@ with right:
         value=default("until") == "converged", key="until_converged",
         help="the paper's regime: train to convergence (as --until converged)")
     compare = st.toggle("Compare mode: sft and memft-ot side by side", key="compare")
-    input_error = input_error or lr_error or ("; ".join(out_of_range) if out_of_range else None)
+    # every problem of the form at once, so that fixing one does not reveal the next
+    input_error = " ".join(e.rstrip(".") + "." for e in [input_error, lr_error, *out_of_range] if e) or None
 
 settings = dict(model=model_name.strip() or default("model"), quant=quant, adapter=adapter_kind, rank=rank,
                 layers=layers, dropout=dropout, prompt=prompt, length=keep_len, seed=seed, method=method, tau=tau,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 from common import error_text, get_store, get_worker, session_id, show_chart
-from run_view import entries_view
+from run_view import entries_view, entry_places, first_wrong_entry
 
 from memcore.config import RunSpec
 from memcore.metrics import per_sample, stubborn_tokens
@@ -128,12 +128,16 @@ if replay is not None and len(replay.steps):
     stored = next((row for row in rows if row.step == replay.steps[i]), None)
     # the trainer's own count: the replayed p is float16, where 0.5002 reads as 0.5 and no longer counts above τ
     n_above = stored.n_above if stored is not None else int((p > tau).sum())
-    st.markdown(f"step **{replay.steps[i]}** · {n_above}/{len(p)} tokens above τ · "
-                f"argmax right {int(correct.sum())}/{len(p)}"
-                + (" · recalled verbatim" if fd is None else f" · greedy decoding diverges at token #{fd}"))
     tokens = store.tokens(picked)
     lengths = tokens["sample_lengths"] or [len(t) for t in tokens["target_ids"]]
     many = len(lengths) >= 2  # a PhoneBook: a grid of entries instead of one strip
+    st.markdown(f"step **{replay.steps[i]}** · {n_above}/{len(p)} tokens above τ · "
+                f"argmax right {int(correct.sum())}/{len(p)}"
+                + (" · recalled verbatim" if fd is None else "" if many else
+                   f" · greedy decoding diverges at token #{fd}"))
+    if many and fd is not None:  # named by entry, as in the live view
+        st.caption(first_wrong_entry(spec["model"]["name"], picked, tokens["prompt_ids"], tokens["target_ids"],
+                                     lengths, fd, replay.pieces[fd].label))
     if many:
         st.html(entries_view(spec["model"]["name"], picked, lengths, tokens["prompt_ids"], tokens["target_ids"], p,
                              correct, tau))
@@ -153,7 +157,10 @@ if replay is not None and len(replay.steps):
     show_chart(charts.histogram_chart(p, tau), c1)
     shown = charts.thin(i + 1)
     show_chart(charts.trajectories_chart([replay.steps[k] for k in shown], replay.p[shown], stubborn_ever,
-                                         [replay.pieces[k] for k in stubborn_ever], tau), c2)
+                                         [replay.pieces[k] for k in stubborn_ever], tau,
+                                         places=entry_places(spec["model"]["name"], picked, tokens["prompt_ids"],
+                                                             tokens["target_ids"], lengths, stubborn_ever)
+                                         if many else None), c2)
     hist = pd.DataFrame([row.scalar_dict() for row in rows])
     if not hist.empty:
         hist = hist.iloc[charts.thin(len(hist))]
