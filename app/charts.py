@@ -659,10 +659,12 @@ def recall_heatmap(cells: pd.DataFrame, value: str, title: str, fmt: str = ".2f"
     y = alt.Y("length:O", title="target tokens ℓ", sort="descending",
               axis=alt.Axis(labelOverlap=False))  # every row named: a reader should not count rows
     base = alt.Chart(cells)
+    tips = ["rank:O", alt.Tooltip("length:O", title="target tokens"),
+            alt.Tooltip(f"{value}:Q", title=title, format=fmt)]
     heat = base.mark_rect().encode(x=x, y=y, color=alt.Color(f"{value}:Q", scale=scale, title=None, legend=None),
-                                   tooltip=["rank:O", "length:O", alt.Tooltip(f"{value}:Q", format=fmt)])
+                                   tooltip=tips)
     text = base.mark_text(fontSize=12).encode(
-        x=x, y=y, text=alt.Text(f"{value}:Q", format=fmt),
+        x=x, y=y, text=alt.Text(f"{value}:Q", format=fmt), tooltip=tips,
         color=alt.condition(alt.datum[value] > ((domain[0] + domain[1]) / 2 if domain else cells[value].median()),
                             alt.value("black"), alt.value("white")))
     layers = [heat, text]
@@ -935,15 +937,16 @@ def chain_chart(history: pd.DataFrame, events: pd.DataFrame | None = None, mark_
     names = pd.DataFrame({"passage": passages, "step": [d["step"].min()] * len(passages),
                           "y": [-0.03 - band * row[p] - band * 0.4 for p in passages]})
     labels = alt.Chart(names).mark_text(align="left", baseline="middle", dx=3, fontSize=10, color="#333").encode(
-        x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="passage:N")
+        x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="passage:N", tooltip=alt.value(None))
     layers = [bands, labels, lines]
     if events is not None and len(events):
         ev = events.reset_index(drop=True).copy()
         ev["y"] = [1.03 + 0.07 * (i % levels) for i in range(len(ev))]  # the first lowest, later ones stacked up
         layers.append(alt.Chart(ev).mark_rule(strokeDash=[5, 3], color="#444").encode(
-            x="step:Q", tooltip=["label:N", "step:Q"]))
+            x="step:Q", tooltip=[alt.Tooltip("label:N", title="event"), "step:Q"]))
         layers.append(alt.Chart(ev).mark_text(align="left", baseline="bottom", dx=4, fontSize=11, color="#222").encode(
-            x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="label:N"))
+            x="step:Q", y=alt.Y("y:Q", scale=y_scale), text="label:N",
+            tooltip=[alt.Tooltip("label:N", title="event"), "step:Q"]))
     if mark_step is not None:
         layers.append(alt.Chart(pd.DataFrame({"step": [mark_step]})).mark_rule(color="#444", strokeWidth=2).encode(
             x="step:Q", tooltip=[alt.Tooltip("step:Q", title="shown step")]))
@@ -996,7 +999,9 @@ def retention_chart(cells: pd.DataFrame, measure: str = "kept") -> alt.Chart:
         spread = alt.Y("kept_lo:Q", scale=y_scale, axis=y_axis, title=title)  # the seeds' least..most as a bar
         layers.insert(0, base.mark_rule(opacity=0.5).encode(x=x, y=spread, y2="kept_hi:Q", color=color))
     front = pd.DataFrame({"shown_fill": [1.0], "label": ["frontier ℓ*(r)"]})
-    layers.append(alt.Chart(front).mark_rule(strokeDash=[6, 4], color="#444").encode(x="shown_fill:Q"))
+    layers.append(alt.Chart(front).mark_rule(strokeDash=[6, 4], color="#444").encode(x="shown_fill:Q",
+                                                                                     tooltip=alt.value(None)))
     layers.append(alt.Chart(front).mark_text(align="center", dy=-8, color="#444").encode(
-        x="shown_fill:Q", y=alt.value(0), text="label:N"))  # above the plot, clear of the points
+        x="shown_fill:Q", y=alt.value(0), text="label:N",  # above the plot, clear of the points
+        tooltip=alt.value(None)))
     return alt.layer(*layers).properties(height=340, title=f"{title}, after the second passage")

@@ -787,3 +787,23 @@ def test_a_users_runs_on_the_frontier_chart_sit_by_their_methods_bracket_in_its_
     assert drawn["sft"] == bars["sft"] and drawn["memft-ot"] == bars["memft-ot"] and drawn["memft-sw"] == 1.0
     titles = [t.get("title", t["field"]) for t in mine["encoding"]["tooltip"]]
     assert titles == ["run", "method", "rank", "target tokens", "recall"]
+
+
+def test_chart_tooltips_name_what_they_show_and_labels_have_none():
+    """Hovering a heatmap cell (its rect or its number) names the measure as the chart's title does, not the column
+    (delta_loss); the chain chart's passage names and event labels do not pop up their internal fields (y)."""
+    cells = pd.DataFrame({"rank": [1, 1, 2, 2], "length": [32, 64, 32, 64], "delta_loss": [9.0, 7.0, 12.0, 10.0]})
+    spec = charts.recall_heatmap(cells, "delta_loss", "ΔL (nats/token)", fmt=".1f").to_dict()
+    for layer in spec["layer"]:
+        tips = layer["encoding"]["tooltip"]
+        assert [t.get("title", t["field"]) for t in tips] == ["rank", "target tokens", "ΔL (nats/token)"]
+    history = pd.DataFrame([{"step": s, "passage": p, "frac_above": 0.5, "recalled": s > 20}
+                            for s in range(0, 50, 5) for p in ("A", "B")])
+    events = pd.DataFrame({"step": [10], "label": ["B starts"]})
+    chain = charts.chain_chart(history, events).to_dict()
+    for layer in chain["layer"]:
+        tips = layer["encoding"].get("tooltip")
+        fields = [t["field"] for t in tips] if isinstance(tips, list) else []
+        assert "y" not in fields and "shown_fill" not in fields
+        if (layer["mark"] if isinstance(layer["mark"], str) else layer["mark"]["type"]) == "text":
+            assert tips == {"value": None} or [t.get("title") for t in tips] == ["event", None]
