@@ -384,7 +384,15 @@ def render_results(job: Any, snaps: list[dict[str, Any]]) -> None:
                     try:
                         with st.spinner("generating ..."):
                             out = get_worker().generate(summ.run_id, q or None)
-                        st.text(out["text"][0] if not q else f"{q}⟶{out['text'][0]}")
+                        if not q and len(out["text"]) > 1:  # a PhoneBook: every entry from its own prompt
+                            labels, answers = entry_texts(s["spec"].model.name, summ.run_id, s["prompt_ids"],
+                                                          s["target_ids"])
+                            st.caption(f"From each of the {len(out['text']):,} entries' own prompts:")
+                            st.dataframe(entry_generations(labels, answers, [t.strip() for t in out["text"]],
+                                                           summ.target_ids, out["generated"]), hide_index=True)
+                        else:
+                            own = "(the run's own prompt)"
+                            st.text(f"{q or own} ⟶ {out['text'][0]}")
                     except Exception as e:
                         st.error(error_text(e))
             if (summ.status or "completed") in ("completed", "stopped") and len(snaps) == 1:

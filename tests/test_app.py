@@ -593,6 +593,11 @@ def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
     named = caps.split("**")[1]
     assert named in set(table["entry"]) and named.split(" ", 1)[1] in text  # the same name as in the grid
     assert all(a.isdigit() or "-" in a for a in table["answer"]) and book
+    # Generate with no prompt of its own recites every entry from its own prompt, each named
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert not at.exception
+    assert any(c.value == "From each of the 6 entries' own prompts:" for c in at.caption)
+    assert list(at.dataframe[-1].value["entry"].sort_values()) == sorted(table["entry"])
     at = _app("app_pages/runs.py")
     assert not at.exception and _html(at).count('class="mc-entry') == 6
     # the replay names the first wrong entry as the live view did, not a flat token number
