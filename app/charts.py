@@ -750,7 +750,8 @@ def frontier_brackets_chart(brackets: pd.DataFrame, runs: pd.DataFrame | None = 
     df["x"] = [r * nudge[s] for r, s in zip(df["rank"], df["source"])]
     df["lo_y"] = df["lo"].fillna(df["ell_star"])
     df["hi_y"] = df["hi"].fillna(df["ell_star"])
-    ranks = sorted(df["rank"].unique().tolist())
+    # a user's runs at ranks the brackets lack widen the axis rather than fall off it
+    ranks = sorted({float(r) for r in df["rank"]} | ({float(r) for r in runs["rank"]} if runs is not None else set()))
     xscale = alt.Scale(type="log", domain=[ranks[0] / 1.4, ranks[-1] * 1.4], nice=False)
     x = alt.X("x:Q", scale=xscale, title="rank r", axis=alt.Axis(values=ranks, grid=False))
     shown = [*df["lo_y"], *df["hi_y"], *(runs["length"] if runs is not None and len(runs) else []),

@@ -141,11 +141,16 @@ def first_wrong_entry(model: str, run_id: str | None, prompts: list[list[int]], 
 
 def entry_generations(labels: list[str], answers: list[str], generated: list[str], target_ids: list[list[int]],
                       generated_ids: list[list[int]]) -> pd.DataFrame:
-    """One row per entry: its name, its answer, what greedy decoding generated from its prompt, and whether that
-    is the answer token for token (compared by id, as exact recall is); wrong entries first, then by number."""
+    """One row per entry: its name, its answer, what greedy decoding generated from its prompt, whether that is
+    the answer token for token (compared by id, as exact recall is) and, where not, the answer's first token it
+    gets wrong (1-based); wrong entries first, then by number."""
     right = [list(g[: len(t)]) == list(t) for g, t in zip(generated_ids, target_ids)]
+    # where a wrong one first goes astray, as the answer's token number (a leading space's token counted)
+    first = [next((k + 1 for k, t in enumerate(tgt) if k >= len(g) or g[k] != t), None) if not ok else None
+             for g, tgt, ok in zip(generated_ids, target_ids, right)]
     table = pd.DataFrame({"entry": [entry_name(labels, i) for i in range(len(labels))], "answer": answers,
-                          "generated": generated, "recalled": right})
+                          "generated": generated, "recalled": right,
+                          "wrong from token": ["" if k is None else str(k) for k in first]})  # blank, not None
     return table.assign(_n=range(len(table))).sort_values(["recalled", "_n"]).drop(columns="_n")
 
 
@@ -156,7 +161,9 @@ def entries_view(model: str, run_id: str | None, lengths: list[int], prompts: li
     worst, right = per_sample(p, correct, lengths)
     labels, answers = entry_texts(model, run_id, prompts, targets)
     head = (f'<div style="margin:0 0 4px 0"><b>{int(right.sum()):,}</b> of {len(right):,} entries recalled '
-            f'(every token of the answer right) · {int((worst > tau).sum()):,} with every token above τ</div>')
+            f'(every token of the answer right) · {int((worst > tau).sum()):,} with every token above τ'
+            '<br><span style="color:#666;font-size:0.9em">✓ marks a recalled entry and the colour is its worst '
+            'token\'s p, so a ✓ on red is recalled with a token still below τ.</span></div>')
     return head + charts.entries_html(labels, answers, worst, right, tau)
 
 
@@ -258,7 +265,11 @@ def render_progress(job: Any) -> None:
             steps = "steps " + ", ".join(f"{lab} {r['step']}" for lab, r in zip(labels, rows)) + f" of {job.max_steps}"
         else:
             steps = f"step {rows[0]['step']}/{job.max_steps}"
-        st.progress(min(1.0, done / total), text=f"{steps} · {wall:.1f} s elapsed{eta} · {job.status}")
+        # a job that finished before its budget (recalled, converged) is whole: the bar says done, the text how soon
+        whole = job.status == "done"
+        st.progress(1.0 if whole else min(1.0, done / total),
+                    text=f"{steps} · {wall:.1f} s elapsed{eta} · {job.status}"
+                    + (" (before the budget)" if whole and done < total else ""))
     if job.is_live:
         if st.button("Stop", key=f"stop-{job.id}",
                      help="Stops after the current step; the adapter and metrics so far are kept"):

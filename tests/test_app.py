@@ -588,7 +588,8 @@ def test_a_phonebook_trains_in_minibatches_and_shows_its_entries(app_env):
     (caps,) = [c.value for c in at.caption if c.value.startswith("The first entry greedy decoding")]
     assert caps.startswith("The first entry greedy decoding was getting wrong: **#") and "-token answer (" in caps
     (table,) = [d.value for d in at.dataframe]
-    assert list(table.columns) == ["entry", "answer", "generated", "recalled"] and len(table) == 6
+    assert list(table.columns) == ["entry", "answer", "generated", "recalled", "wrong from token"] and len(table) == 6
+    assert (table["wrong from token"] == "").tolist() == table["recalled"].tolist()  # named for the wrong ones only
     assert list(table["recalled"]) == sorted(table["recalled"])  # the wrong ones first
     named = caps.split("**")[1]
     assert named in set(table["entry"]) and named.split(" ", 1)[1] in text  # the same name as in the grid

@@ -787,6 +787,11 @@ def test_a_users_runs_on_the_frontier_chart_sit_by_their_methods_bracket_in_its_
     assert drawn["sft"] == bars["sft"] and drawn["memft-ot"] == bars["memft-ot"] and drawn["memft-sw"] == 1.0
     titles = [t.get("title", t["field"]) for t in mine["encoding"]["tooltip"]]
     assert titles == ["run", "method", "rank", "target tokens", "recall"]
+    # a run at a rank no bracket has widens the rank axis instead of falling off it
+    wide = charts.frontier_brackets_chart(brackets, runs.assign(rank=[1, 1, 8])).to_dict()
+    lo, hi = next(layer["encoding"]["x"]["scale"]["domain"] for layer in wide["layer"]
+                  if layer["encoding"]["x"].get("scale", {}).get("domain"))
+    assert lo < 1 and hi > 8
 
 
 def test_chart_tooltips_name_what_they_show_and_labels_have_none():
