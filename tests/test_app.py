@@ -245,8 +245,17 @@ def test_runs_page_lists_replays_exports_and_deletes(app_env):
     at.number_input(key="max_steps").set_value(2).run()
     at.button(key="start").click().run()
     _wait_for_job(at)
+    from common import get_store
+
+    done = get_store().runs()[0]
+    get_store().create_run(done["spec"] if isinstance(done["spec"], dict) else done["spec"].to_dict())  # queued
     at = _app("app_pages/runs.py")
     assert not at.exception
+    assert at.selectbox(key="picked").value == done["id"]  # it opens the newest run that has steps, not the queued
+    rows = at.dataframe[0].value
+    queued = rows.loc[rows["status"] == "queued", "run"].item()
+    get_store().delete_run(queued)
+    at = _app("app_pages/runs.py")
     df = at.dataframe[0].value
     assert len(df) == 1 and df.iloc[0]["status"] == "completed" and df.iloc[0]["adapter"] == "lora"
     slider = at.slider[0]

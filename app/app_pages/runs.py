@@ -69,6 +69,9 @@ if not ids:
 wanted = st.query_params.get("run")  # links from the Memorize page open a given run
 if wanted in ids and "picked" not in st.session_state:
     st.session_state["picked"] = wanted
+elif st.session_state.get("picked") not in ids:  # the newest run with steps to replay, not one still queued
+    started = view.loc[view["status"] != "queued", "run"]
+    st.session_state["picked"] = started.iloc[0] if len(started) else ids[0]
 picked = st.selectbox("Open a run", ids, key="picked",
                       format_func=lambda i: f"{i} · {df.set_index('run').loc[i, 'method']} · "
                                             f"{df.set_index('run').loc[i, 'status']}")
