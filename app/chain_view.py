@@ -133,7 +133,7 @@ def render_more(summ: Any, spec: Any, switch: bool = False) -> None:
                    "Rehearsing trains on it as well (under memft-ot only its tokens that fell below τ carry weight). "
                    f"The model, adapter (rank {spec.adapter.rank}) and the other training settings are this run's: "
                    f"learning rate {spec.train.lr:g}, τ {spec.train.tau:g}, dropout {spec.adapter.dropout:g}.")
-        with st.form(f"more-{summ.run_id}"):
+        with st.form(f"more-{summ.run_id}", enter_to_submit=False):  # a key press must not start a training run
             rid = summ.run_id
             text = st.text_area("Next passage", height=120, placeholder="Paste the next text to memorize ...",
                                 key=f"more-text-{rid}")
