@@ -144,12 +144,11 @@ def entry_generations(labels: list[str], answers: list[str], generated: list[str
     """One row per entry: its name, its answer, what greedy decoding generated from its prompt, whether that is
     the answer token for token (compared by id, as exact recall is) and, where not, the answer's first token it
     gets wrong (1-based); wrong entries first, then by number."""
-    right = [list(g[: len(t)]) == list(t) for g, t in zip(generated_ids, target_ids)]
-    # where a wrong one first goes astray, as the answer's token number (a leading space's token counted)
-    first = [next((k + 1 for k, t in enumerate(tgt) if k >= len(g) or g[k] != t), None) if not ok else None
-             for g, tgt, ok in zip(generated_ids, target_ids, right)]
+    # where each first goes astray, as the answer's token number (a leading space's token counted); None: recalled
+    first = [next((k + 1 for k, t in enumerate(tgt) if k >= len(g) or g[k] != t), None)
+             for g, tgt in zip(generated_ids, target_ids)]
     table = pd.DataFrame({"entry": [entry_name(labels, i) for i in range(len(labels))], "answer": answers,
-                          "generated": generated, "recalled": right,
+                          "generated": generated, "recalled": [k is None for k in first],
                           "wrong from token": ["" if k is None else str(k) for k in first]})  # blank, not None
     return table.assign(_n=range(len(table))).sort_values(["recalled", "_n"]).drop(columns="_n")
 

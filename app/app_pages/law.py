@@ -301,8 +301,8 @@ def what_if(fits: dict[str, LawFits], data: pd.DataFrame, shown: str, name: str)
     front = front_for(data, method)
     c1, c2, c3 = st.columns(3)
     # it opens on one of the sweep's own points, the one whose fitted ΔL is nearest the median and short of
-    # saturation: inside the data, with a number to read
-    # (a guess such as rank 8 × 256 may lie outside it, a short length at saturation); a new sweep resets it
+    # saturation: inside the data, with a number to read (a guess such as rank 8 × 256 may lie outside it, a short
+    # length at saturation); a new sweep resets it
     points = d.dropna(subset=["rank", "length", "delta_loss"]).drop_duplicates(["rank", "length"])
     pred_at = pd.Series([float(fit.predict(r, n)) for r, n in zip(points["rank"], points["length"])],
                         index=points.index, dtype=float)
