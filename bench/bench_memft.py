@@ -989,8 +989,8 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-LAW_COLUMNS = ["method", "points", "form", "C", "alpha", "alpha_lo", "alpha_hi", "beta", "beta_lo", "beta_hi", "b",
-               "r2", "fitted_on", "regime"]
+LAW_COLUMNS = ["method", "points", "form", "C", "alpha", "alpha_lo", "alpha_hi", "beta", "beta_lo", "beta_hi",
+               "alpha_over_beta", "alpha_over_beta_lo", "alpha_over_beta_hi", "b", "r2", "fitted_on", "regime"]
 
 
 def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.DataFrame]:
@@ -1035,13 +1035,18 @@ def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.Da
         f, p, ci = fits.main, fits.main.params, fits.main.intervals
         form = (f"ΔL = {p['C']:.3g}·r^{p['alpha']:.3f}·ℓ^-{p['beta']:.3f} + {p['b']:.3g}" if f.form == "power" else
                 f"ΔL = {p['M']:.3g}·(1 − exp(−{p['C']:.3g}·r^{p['alpha']:.3f}·ℓ^-{p['beta']:.3f}))")
-        lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}, R² {f.r2:.3f}; on {which}: "
+        ratio = f.alpha_over_beta or (math.nan, math.nan, math.nan)
+        exchange = ("" if f.alpha_over_beta is None else
+                    f", α/β {ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}] (at equal ΔL ℓ ∝ r^(α/β): doubling the "
+                    f"rank holds {2 ** ratio[0]:.2f}× the tokens)")
+        lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}{exchange}, R² {f.r2:.3f}; on {which}: "
                      f"{fits.fitted_on}; "
                      f"the data prefer the {fits.preferred} form{'' if fits.clear_preference else ' (not clearly)'}; "
                      f"{(fits.fitted_regime or fits.regime).describe()} (of the points fitted)")
         rows.append({"method": m, "points": f.n, "form": f.form, "C": p.get("C"), "alpha": p["alpha"],
                      "alpha_lo": ci["alpha"][0], "alpha_hi": ci["alpha"][1], "beta": p["beta"],
-                     "beta_lo": ci["beta"][0], "beta_hi": ci["beta"][1], "b": p.get("b"), "r2": f.r2,
+                     "beta_lo": ci["beta"][0], "beta_hi": ci["beta"][1], "alpha_over_beta": ratio[0],
+                     "alpha_over_beta_lo": ratio[1], "alpha_over_beta_hi": ratio[2], "b": p.get("b"), "r2": f.r2,
                      "fitted_on": f"{which}: {fits.fitted_on}", "regime": (fits.fitted_regime or fits.regime).label})
     return lines, pd.DataFrame(rows, columns=LAW_COLUMNS)
 

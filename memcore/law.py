@@ -83,6 +83,8 @@ class LawFit:
     n: int
     x_name: str = "rank"
     notes: list[str] = field(default_factory=list)
+    # α/β with its 95% interval (see capacity_exponent); None where β ≤ 0 or the covariance is not finite
+    alpha_over_beta: tuple[float, float, float] | None = None
 
     def predict(self, r: float | np.ndarray, length: float | np.ndarray) -> np.ndarray:
         """ΔL (nats per token) at rank (or P_eff) `r` and length `length` (tokens), broadcast."""
@@ -95,7 +97,29 @@ class LawFit:
              "intervals": {k: list(v) for k, v in self.intervals.items()}, "notes": self.notes}
         for k, (lo, hi) in self.intervals.items():
             d[f"{k}_ci"] = [lo, hi]
+        if self.alpha_over_beta is not None:
+            d["alpha_over_beta"], *ci = self.alpha_over_beta
+            d["alpha_over_beta_ci"] = ci
         return d
+
+
+def capacity_exponent(names, popt: np.ndarray, pcov: np.ndarray, t: float) -> tuple[float, float, float] | None:
+    """α/β and its 95% interval: the exponent of the law's lines of equal ΔL. Both forms depend on r and ℓ only
+    through r^α·ℓ^(−β), so ΔL is constant along ℓ ∝ r^(α/β): doubling the rank multiplies the length held at a
+    given ΔL by 2^(α/β) (1 is capacity in proportion to the adapter's parameters). The ratio is pinned where α and
+    β are not: when C trades off against b, α and β scale together and their ratio stays. Interval by the delta
+    method, (α/β) ± t·√(g·Σ·g) with g = (1/β, −α/β²) and Σ the (α, β) block of `pcov` (the fit's covariance, k × k
+    in `names` order), `t` the Student t quantile the parameters' intervals use. None where β ≤ 0 (ΔL not falling
+    with length: no such line) or the covariance is not finite."""
+    i, j = names.index("alpha"), names.index("beta")
+    alpha, beta = float(popt[i]), float(popt[j])
+    block = pcov[np.ix_([i, j], [i, j])]
+    if beta <= 0 or not np.all(np.isfinite(block)):
+        return None
+    g = np.array([1.0 / beta, -alpha / beta ** 2])
+    half = t * math.sqrt(max(float(g @ block @ g), 0.0))
+    ratio = alpha / beta
+    return ratio, ratio - half, ratio + half
 
 
 def grid_problem(r, ell, n_params: int = 4) -> str | None:
@@ -231,13 +255,17 @@ def loose_parameters(names, popt, intervals: dict[str, tuple[float, float]], pco
     return [f"{listed} trade off against each other (|correlation| up to {most:.3f}), and {free_words} "
             f"{'is' if len(free) == 1 else 'are'} not pinned down (95% interval holding 0, over {wide:g} times the "
             "estimate): these points fit combinations of them, not each one, so read the fit's "
-            + ("predictions, not these values or their intervals" if exponents else
+            + ("predictions and α/β (the exponent of its lines of equal ΔL), not these values or their intervals"
+               if exponents else
                "predictions and the exponents' intervals, not these values")]
 
 
 def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str = "power",
             x_name: str = "rank") -> LawFit:
-    """Fit one form of the law; raises MemcoreError if the data cannot identify it or no start converges."""
+    """Fit one form of the law to points at rank (or P_eff) `r` and `length` (tokens), `delta_loss` in nats per
+    token, all of shape [n]: the parameters with 95% t intervals from the Jacobian, R², RMSE, leave-one-out RMSE,
+    AIC, α/β with its interval (capacity_exponent) and notes on parameters the points do not pin down. Raises
+    MemcoreError if the data cannot identify the form or no start converges."""
     from scipy.special import stdtrit  # Student's t quantile; scipy.stats would cost half a second to import
 
     if form not in FORMS:
@@ -272,7 +300,7 @@ def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str
         notes += loose_parameters(names, popt, intervals, pcov)
     return LawFit(form=form, params=dict(zip(names, map(float, popt))), intervals=intervals, r2=r2,
                   rmse=math.sqrt(sse / n), loo_rmse=math.sqrt(np.mean(np.square(loo))) if loo else math.nan, aic=aic,
-                  n=n, x_name=x_name, notes=notes)
+                  n=n, x_name=x_name, notes=notes, alpha_over_beta=capacity_exponent(names, popt, pcov, t))
 
 
 def compare_forms(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray,

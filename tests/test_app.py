@@ -312,8 +312,12 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     md = " ".join(m.value for m in at.markdown)
     assert "**sft**" in md and "**memft-ot**" in md and "R² **" in md
     params = at.dataframe[0].value
-    assert list(params["parameter"]) == ["C", "alpha", "beta", "b"]
+    assert list(params["parameter"]) == ["C", "alpha", "beta", "b", "alpha/beta"]
     assert (params["95% low"] <= params["value"]).all() and (params["value"] <= params["95% high"]).all()
+    value = params.set_index("parameter")["value"]  # the exponent of the lines of equal ΔL, and what it means
+    assert value["alpha/beta"] == pytest.approx(value["alpha"] / value["beta"])
+    assert any(c.value.startswith("alpha/beta: ΔL stays the same along ℓ ∝ r^(α/β), so doubling the rank holds "
+                                  f"{2 ** value['alpha/beta']:.2f}×") for c in at.caption)
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
     # the what-if opens on a point of each sweep, short of saturation: no extrapolation caption, no "saturated"
     # (rank 8 × 256 tokens, the old default, lies outside the bypass capacity sweep)

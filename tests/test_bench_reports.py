@@ -196,6 +196,8 @@ def test_the_law_past_the_frontier_is_fitted_on_the_points_not_recalled_and_reco
     assert fit["points"] == 12 and fit["regime"] == "capacity-bound (converged)"
     assert fit["alpha_lo"] < 0.5 < fit["alpha_hi"] and abs(fit["alpha"] - 0.5) < 0.05
     assert fit["beta_lo"] < 0.3 < fit["beta_hi"] and fit["r2"] > 0.99
+    assert fit["alpha_over_beta_lo"] < 0.5 / 0.3 < fit["alpha_over_beta_hi"]  # the lines of equal ΔL: ℓ ∝ r^(α/β)
+    assert "α/β 1.6" in lines[0] or "α/β 1.7" in lines[0]
     assert "memft-ot" not in set(law["method"])
     assert lines[1] == ("  memft-ot: 4 points not recalled: too few to fit (need 6 on at least 4 (rank, length) cells, "
                         "2+ ranks and 2+ lengths, not one length per rank)")

@@ -412,3 +412,39 @@ def test_a_fit_says_when_its_points_tell_its_parameters_apart_and_when_not():
     assert notes["memft-ot"] == []
     note, = notes["sft"]
     assert note.startswith("C, alpha, beta and b trade off against each other") and "not pinned down" in note
+
+
+def test_alpha_over_beta_is_pinned_where_alpha_and_beta_are_not(tmp_path, capsys, monkeypatch):
+    """Points like the bench's stage 2 past the frontier (two ranks, two lengths each, ΔL near-linear in ln r and
+    ln ℓ): C trades off against b, α and β are not pinned, yet their ratio, the exponent of the lines of equal ΔL,
+    is, and recovers the truth; `memcore fit` prints it and says what it means; a law whose ΔL does not fall with
+    length has no such line."""
+    import json
+
+    import pandas as pd
+
+    from memcore.cli import main
+    from memcore.law import capacity_exponent
+
+    r = np.repeat([1.0, 1.0, 2.0, 2.0], 3)
+    ell = np.repeat([72.0, 96.0, 173.0, 231.0], 3)
+    truth = 7.5 / 7.0  # ΔL = 40 + 7.5 ln r − 7 ln ℓ: constant along ℓ ∝ r^(7.5/7)
+    dl = 40 + 7.5 * np.log(r) - 7.0 * np.log(ell) + np.random.default_rng(5).normal(0, 0.15, r.shape)
+    fit = fit_law(r, ell, dl)
+    lo_a, hi_a = fit.intervals["alpha"]
+    assert lo_a < 0 < hi_a and hi_a - lo_a > 4 * abs(fit.params["alpha"])  # α alone: not pinned
+    ratio, lo, hi = fit.alpha_over_beta
+    assert lo < truth < hi and hi - lo < 0.5 and ratio == pytest.approx(fit.params["alpha"] / fit.params["beta"])
+    assert any("α/β" in n for n in fit.notes)  # the note points the reader at the ratio
+    monkeypatch.setenv("MEMCORE_HOME", str(tmp_path / "home"))
+    csv = tmp_path / "stage2.csv"
+    pd.DataFrame({"rank": r, "length": ell, "delta_loss": dl}).to_csv(csv, index=False)
+    assert main(["fit", "--csv", str(csv), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["alpha_over_beta_ci"][0] < truth < out["alpha_over_beta_ci"][1]
+    assert main(["fit", "--csv", str(csv)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("α/β"))
+    assert f"holds {2 ** out['alpha_over_beta']:.2f}× the tokens" in line
+    names = ("C", "alpha", "beta", "b")
+    assert capacity_exponent(names, np.array([1.0, 0.5, -0.1, 0.0]), np.eye(4), 2.0) is None  # ΔL rises with ℓ
+    assert capacity_exponent(names, np.array([1.0, 0.5, 0.25, 0.0]), np.full((4, 4), np.nan), 2.0) is None

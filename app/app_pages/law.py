@@ -116,13 +116,22 @@ cols = st.columns(len(fits))
 for c, (m, lf) in zip(cols, fits.items()):
     with c:
         fit = lf.main
-        table = pd.DataFrame([{"parameter": k, "value": v, "95% low": fit.intervals[k][0],
-                               "95% high": fit.intervals[k][1]} for k, v in fit.params.items()])
+        rows = [{"parameter": k, "value": v, "95% low": fit.intervals[k][0], "95% high": fit.intervals[k][1]}
+                for k, v in fit.params.items()]
+        if fit.alpha_over_beta is not None:  # the exponent of the lines of equal ΔL: pinned where α and β are not
+            ratio, lo, hi = fit.alpha_over_beta
+            rows.append({"parameter": "alpha/beta", "value": ratio, "95% low": lo, "95% high": hi})
+        table = pd.DataFrame(rows)
         st.markdown(f"**{m}** · {fit.n} points · R² **{fit.r2:.3f}** · RMSE {fit.rmse:.3f} · "
                     f"leave-one-out RMSE {fit.loo_rmse:.3f}")
         st.dataframe(table, hide_index=True, width="stretch",
                      column_config={k: st.column_config.NumberColumn(format="%.4f")
                                     for k in ("value", "95% low", "95% high")})
+        if fit.alpha_over_beta is not None:
+            ratio, lo, hi = fit.alpha_over_beta
+            st.caption(f"alpha/beta: ΔL stays the same along ℓ ∝ r^(α/β), so doubling the rank holds "
+                       f"{2 ** ratio:.2f}× the tokens at equal ΔL (95% {2 ** lo:.2f}× to {2 ** hi:.2f}×; 2× is "
+                       "capacity in proportion to the adapter's parameters).")
         aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in lf.forms.items())
         st.caption(f"AIC ({aics}): {lf.preference()}"
                    + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form and lf.clear_preference
