@@ -284,8 +284,9 @@ TERMS = (  # the words the law page uses, each in a line, for a reader who has n
     ("ΔL", "the loss reduction training bought, base loss − final loss, in nats per target token (a nat is "
      "1/ln 2 ≈ 1.44 bits)."),
     ("the law: C, α, β, b", "ΔL = C · r^α · ℓ^(−β) + b, fitted over runs at several ranks r and lengths ℓ: α says "
-     "how fast ΔL grows with rank, β how fast it falls with length; R² is the share of ΔL's spread the fit "
-     "explains, AIC compares it with a saturating form (lower is better)."),
+     "how fast ΔL grows with rank, β how fast it falls with length, and α/β how much longer a target the same ΔL "
+     "reaches at a higher rank (ℓ ∝ r^(α/β)); R² is the share of ΔL's spread the fit explains, AIC compares it "
+     "with a saturating form (lower is better)."),
     ("saturated, budget-bound, capacity-bound", "how a run stopped: saturated, every token above τ or recalled (ΔL "
      "then capped by the base loss); budget-bound, at the step budget still improving (ΔL then measures how far "
      "the budget got); capacity-bound, on a plateau short of recall (where the paper fits its law). A fit's "
@@ -553,17 +554,23 @@ def budget_table(points: pd.DataFrame, meta: dict) -> pd.DataFrame:
 
 def law_table(law: pd.DataFrame) -> pd.DataFrame:
     """The law past the frontier as a reader reads it: per method the exponents with their 95% intervals in one
-    cell each, R², the points fitted and the regime they were in (which points, in words: law_caption)."""
+    cell each, α/β (the exponent of the lines of equal ΔL) where the table has it (a report from before it was
+    added does not), R², the points fitted and the regime they were in (which points, in words: law_caption)."""
     def exponent(r, k: str) -> str:
         if pd.isna(r.get(k)):
             return "—"
         lo, hi = r.get(f"{k}_lo"), r.get(f"{k}_hi")
         return (f"{r[k]:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else "")).replace("-", "−")
 
+    ratio = "alpha_over_beta" in law
     return pd.DataFrame([{"method": r["method"], "α (rank) [95%]": exponent(r, "alpha"),
-                          "β (length) [95%]": exponent(r, "beta"), "R²": f"{r['r2']:.3f}", "points": int(r["points"]),
-                          "regime": r.get("regime", "")}
+                          "β (length) [95%]": exponent(r, "beta"),
+                          **({RATIO: exponent(r, "alpha_over_beta")} if ratio else {}),
+                          "R²": f"{r['r2']:.3f}", "points": int(r["points"]), "regime": r.get("regime", "")}
                          for _, r in law.iterrows()])
+
+
+RATIO = "α/β (ℓ ∝ r^(α/β) at equal ΔL) [95%]"
 
 
 def law_caption(law: pd.DataFrame) -> str:
@@ -845,6 +852,11 @@ def render(store) -> None:
         st.dataframe(law_table(law), hide_index=True, width="stretch")
         if caption := law_caption(law):
             st.caption(caption)
+        if "alpha_over_beta" in law:
+            st.caption("α/β is the exponent of the law's lines of equal ΔL: ΔL is the same wherever r^α·ℓ^(−β) is, "
+                       "so doubling the rank holds 2^(α/β) times the tokens at the same ΔL (1: capacity in "
+                       "proportion to the adapter's parameters). The points can pin it where they do not pin α and "
+                       "β (a large C trading off against b); its interval is the delta method's.")
         on_probes = "fitted_on" in law and law["fitted_on"].astype(str).str.contains("failed probes").any()
         if on_probes:
             st.caption("Until the points at 1.5 and 2 × sft's ℓ* are trained at both ranks, a method's law is on "

@@ -704,7 +704,8 @@ def _benchmark_tables(folder: Path) -> None:
                                                        "state": "complete",
                                                        "command": "python bench/bench_phonebook.py run"}))
     pd.DataFrame([{"method": "sft", "points": 7, "form": "power", "C": 2.0, "alpha": 0.5, "alpha_lo": 0.31,
-                   "alpha_hi": 0.69, "beta": -0.05, "beta_lo": -0.2, "beta_hi": 0.1, "b": 0.1, "r2": 0.97,
+                   "alpha_hi": 0.69, "beta": 0.25, "beta_lo": 0.1, "beta_hi": 0.4, "alpha_over_beta": 2.0,
+                   "alpha_over_beta_lo": 1.5, "alpha_over_beta_hi": 2.5, "b": 0.1, "r2": 0.97,
                    "fitted_on": "fitted on the 7 converged, unsaturated points (as the paper does)",
                    "regime": "capacity-bound (converged)"}]).to_csv(folder / "long_context_law.csv", index=False)
     pd.DataFrame([{"run_id": None, "method": m, "rank": 1, "length": 60, "seed": sd, "around": True, "where": "1.5ℓ*",
@@ -904,8 +905,10 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     assert '"domain": ["wins"]' in next(s for s in specs if "tokens with p > τ" in s or "tokens with p > \\u03c4" in s)
     law = next(t.value for t in at.dataframe if "α (rank) [95%]" in t.value.columns)  # the law past the frontier
     assert law.iloc[0].to_dict() == {"method": "sft", "α (rank) [95%]": "0.50 [0.31, 0.69]",
-                                     "β (length) [95%]": "−0.05 [−0.20, 0.10]", "R²": "0.970", "points": 7,
-                                     "regime": "capacity-bound (converged)"}
+                                     "β (length) [95%]": "0.25 [0.10, 0.40]",
+                                     "α/β (ℓ ∝ r^(α/β) at equal ΔL) [95%]": "2.00 [1.50, 2.50]", "R²": "0.970",
+                                     "points": 7, "regime": "capacity-bound (converged)"}
+    assert any(c.value.startswith("α/β is the exponent of the law's lines of equal ΔL") for c in at.caption)
     assert any(c.value == "Fitted on the 7 converged, unsaturated points (as the paper does)." for c in at.caption)
     assert any("A method missing here has fewer than six points past its frontier" in c.value for c in at.caption)
     assert not any("the fit is not yet the law" in c.value for c in at.caption)  # stage-2 cells are in
@@ -954,11 +957,15 @@ def test_law_page_shows_the_benchmark_with_intervals(app_env, tiny_model_dir, tm
     (tmp_path / "paper" / "phonebook_capacity.csv").unlink()  # the other benchmark missing: its command is named
     import pandas as pd
 
-    law_csv = tmp_path / "paper" / "long_context_law.csv"  # and the law still on the search's failed probes
+    law_csv = tmp_path / "paper" / "long_context_law.csv"  # and the law still on the search's failed probes, from a
     pd.read_csv(law_csv).assign(fitted_on="the search's failed probes (stage 2's points past the frontier are too "
-                                          "few so far): fitted on the 7 converged points").to_csv(law_csv, index=False)
+                                          "few so far): fitted on the 7 converged points") \
+        .filter(regex="^(?!alpha_over_beta)").to_csv(law_csv, index=False)  # report older than α/β
     at = _app("app_pages/law.py")
     assert any("the fit is not yet the law" in c.value for c in at.caption)
+    law = next(t.value for t in at.dataframe if "α (rank) [95%]" in t.value.columns)
+    assert "R²" in law.columns and not any(c.startswith("α/β") for c in law.columns)
+    assert not any(c.value.startswith("α/β is the exponent") for c in at.caption)
     assert any("No PhoneBook tables" in c.value and "bench_phonebook.py" in c.value for c in at.caption)
 
 
