@@ -254,6 +254,8 @@ def test_runs_page_lists_replays_exports_and_deletes(app_env):
     assert at.selectbox(key="picked").value == done["id"]  # it opens the newest run that has steps, not the queued
     rows = at.dataframe[0].value
     queued = rows.loc[rows["status"] == "queued", "run"].item()
+    assert rows.loc[rows["status"] == "queued", "ΔL"].isna().all()
+    assert at.dataframe[0].proto.placeholder == "—"  # its unknown cells read as a dash, not the word "None"
     get_store().delete_run(queued)
     at = _app("app_pages/runs.py")
     df = at.dataframe[0].value

@@ -55,7 +55,7 @@ if models:
 if statuses:
     view = view[view["status"].isin(statuses)]
 view = view.sort_values("created", ascending=False)
-st.dataframe(view, hide_index=True, width="stretch",
+st.dataframe(view, hide_index=True, width="stretch", placeholder="—",  # a queued run has no tokens or ΔL yet
              column_config={"ΔL": st.column_config.NumberColumn(format="%.3f"),
                             "bits/param": st.column_config.NumberColumn(format="%.2e"),
                             "s/step": st.column_config.NumberColumn(format="%.2f")})
