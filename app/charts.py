@@ -503,8 +503,11 @@ TEMPLATES = {"curves": _curves_template, "histogram": _histogram_template, "traj
 
 
 def law_grid(predict, ranks: Sequence[float], lengths: Sequence[float], n: int = 40) -> pd.DataFrame:
-    """Cells of the fitted surface on log-spaced rank × length axes: each cell's edges and predicted ΔL."""
-    r_edges = np.geomspace(min(ranks) / 1.4, max(ranks) * 1.4, n + 1)
+    """Cells of the fitted surface on log-spaced rank × length axes, padded by a factor 1.4 beyond the points: each
+    cell's edges and predicted ΔL. The padding stops at rank 1 when every rank is whole (1 or more): no adapter has
+    rank 0.7, so no cell (or tooltip) offers one; points at rank 1 then sit on the chart's left edge."""
+    r_edges = np.geomspace(max(min(ranks) / 1.4, 1.0) if min(ranks) >= 1 else min(ranks) / 1.4, max(ranks) * 1.4,
+                           n + 1)
     l_edges = np.geomspace(min(lengths) / 1.4, max(lengths) * 1.4, n + 1)
     rc, lc = np.sqrt(r_edges[:-1] * r_edges[1:]), np.sqrt(l_edges[:-1] * l_edges[1:])  # geometric centres
     R, L = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")

@@ -320,6 +320,9 @@ def test_a_users_run_far_off_the_surface_does_not_stretch_its_colour_scale():
 
     ranks, lengths = pd.Series([1.0, 2.0, 4.0, 8.0]), pd.Series([32.0, 64.0, 128.0, 256.0])
     grid = charts.law_grid(predict, ranks, lengths)
+    assert grid["r_lo"].min() == pytest.approx(1.0) and grid["rank"].min() > 1  # no cell at rank 0.7 to hover
+    assert grid["r_hi"].max() == pytest.approx(8 * 1.4) and grid["l_lo"].min() == pytest.approx(32 / 1.4)
+    assert charts.law_grid(predict, [0.5, 2.0], lengths)["r_lo"].min() == pytest.approx(0.5 / 1.4)  # P_eff-like
     sweep = pd.DataFrame({"rank": ranks, "length": lengths, "delta_loss": [0.1, 0.2, 0.4, 0.5], "kind": "sweep"})
     mine = pd.DataFrame({"rank": [2.0], "length": [64.0], "delta_loss": [8.0], "kind": ["your runs"]})
     observed = pd.concat([sweep, mine], ignore_index=True)
