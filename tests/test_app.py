@@ -166,13 +166,19 @@ def test_a_hub_model_that_cannot_be_reached_is_named_at_once_and_not_started(app
     from common import get_worker
 
     at = _app()
-    at.text_area(key="passage").input("some words here").run()
-    at.text_input(key="model").input("someone/no-such-model").run(timeout=20)
+    at.text_input(key="model").input("someone/no-such-model").run(timeout=20)  # before any passage: said at once
     assert not at.exception
-    errors = " ".join(e.value for e in at.error)
-    assert "cannot load model 'someone/no-such-model'" in errors and "hub is unreachable (offline?)" in errors
+    left, right = at.columns[0], at.columns[1]  # the form's two columns: text on the left, model and settings right
+    said = [e.value for e in right.error]
+    assert len(said) == 1 and "cannot load model 'someone/no-such-model'" in said[0], said  # under the Model box
+    assert "hub is unreachable (offline?)" in said[0] and not left.error
+    at.text_area(key="passage").input("some words here").run(timeout=20)
+    assert [e.value for e in at.error] == said  # once, not again beside the passage
+    at.text_input(key="lr").input("fast").run(timeout=20)  # a second problem is named beside it, not instead
+    assert any("learning rate" in e.value.lower() for e in at.columns[1].error)
     at.button(key="start").click().run(timeout=20)
-    assert "Cannot start: cannot load model 'someone/no-such-model'" in " ".join(e.value for e in at.error)
+    start = next(e.value for e in at.error if e.value.startswith("Cannot start"))
+    assert "cannot load model 'someone/no-such-model'" in start and "learning rate" in start.lower(), start
     assert get_worker().store.jobs() == []
 
 

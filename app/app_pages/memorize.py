@@ -5,7 +5,16 @@ and pass memcore's preflight before Start; app/inputs.py reads files, app/run_vi
 
 import run_view
 import streamlit as st
-from common import bounded_number, default_model_name, error_text, get_worker, preflight_counts, session_id
+from common import (
+    bounded_number,
+    default_model_name,
+    error_text,
+    get_model_config,
+    get_tokenizer,
+    get_worker,
+    preflight_counts,
+    session_id,
+)
 from inputs import describe_jsonl, form_state, parse_lr, paste_error, read_jsonl_upload, read_text_upload
 
 from memcore.config import ADAPTERS, METHODS, QUANTS, MemcoreError, ModelSpec
@@ -82,6 +91,7 @@ with left:
 with right:
     model_name = st.text_input("Model", value=default_model_name(), key="model",
                                help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face id, or a local folder")
+    model_note = st.empty()  # a model that cannot be loaded is named here, under its box, passage or not
     c1, c2 = st.columns(2)
     quant = c1.selectbox("Quantization", QUANTS, index=QUANTS.index(default("quant")), key="quant",
                          help="nf4 = QLoRA on a 4-bit base (bitsandbytes)")
@@ -140,11 +150,24 @@ settings = dict(model=model_name.strip() or default("model"), quant=quant, adapt
 if not bypass:  # the bypass has no scaling and always wraps the MLP
     settings.update(alpha=alpha or None, targets=targets)
 
+# the model first, on its own: its tokenizer and config (cached, no weights), so that a name that cannot be loaded
+# is said under the Model box at once, before a passage is pasted
+model_problem = None
+try:
+    get_tokenizer(settings["model"])
+    get_model_config(settings["model"])
+except MemcoreError as e:
+    model_problem = str(e)
+except Exception as e:  # a folder that is not a model, say
+    model_problem = error_text(e)
+if model_problem:
+    model_note.error(model_problem)
+
 # the runs Start asks for and their token count against the limit, shown before anything starts
 specs, problem = None, None
 try:
-    if input_error:
-        raise MemcoreError(input_error)
+    if model_problem or input_error:  # every problem at once: the model's and the form's
+        raise MemcoreError(" ".join(e for e in (model_problem, input_error) if e))
     if source == "JSONL" and "pairs" not in data:
         raise MemcoreError("choose a JSONL file to memorize")
     specs = run_specs(settings | data, methods=["sft", "memft-ot"] if compare else None)
@@ -162,7 +185,9 @@ with left:
         else:
             st.caption(f"**{n_tokens:,} target tokens** · limit {limit:,} · model context {context:,}")
     elif problem and (any(data.values()) or input_error):
-        st.error(problem)
+        # the model's problem is said under its box; here the rest, if any
+        if shown := (problem.replace(model_problem, "", 1).strip() if model_problem else problem):
+            st.error(shown)
 
 busy = job is not None and job.is_live
 if st.button("Start", type="primary", disabled=busy, key="start"):
