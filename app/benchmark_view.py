@@ -846,17 +846,18 @@ def render(store) -> None:
             show_spot(spot)
     if law is not None:
         st.markdown("**The law past the frontier** (ΔL of the points not recalled, per method: stage 2's, trained "
-                    "to the common budget, once a method has six on a grid that tells rank from length (two lengths "
-                    "at some rank, not one per rank); until then the "
+                    "to the common budget, once a method has six on a grid that tells rank from length (at least "
+                    "four (rank, length) cells, two lengths at some rank, not one per rank); until then the "
                     "search's failed probes, stopped on a plateau):")
         st.dataframe(law_table(law), hide_index=True, width="stretch")
         if caption := law_caption(law):
             st.caption(caption)
         if "alpha_over_beta" in law:
             st.caption("α/β is the exponent of the law's lines of equal ΔL: ΔL is the same wherever r^α·ℓ^(−β) is, "
-                       "so doubling the rank holds 2^(α/β) times the tokens at the same ΔL (1: capacity in "
-                       "proportion to the adapter's parameters). The points can pin it where they do not pin α and "
-                       "β (a large C trading off against b); its interval is the delta method's.")
+                       "so at the same ΔL doubling the rank reaches 2^(α/β) times the tokens (α/β = 1: twice, in "
+                       "proportion to the adapter's parameters; a budget-bound law says this of what the step budget "
+                       "reaches). The points can pin it where they do not pin α and β (a large C trading off against "
+                       "b); its interval is the delta method's.")
         on_probes = "fitted_on" in law and law["fitted_on"].astype(str).str.contains("failed probes").any()
         if on_probes:
             st.caption("Until the points at 1.5 and 2 × sft's ℓ* are trained at both ranks, a method's law is on "

@@ -931,7 +931,8 @@ def report(args: argparse.Namespace) -> int:
     else:
         parts = ([f"{len(open_)} frontier{'s' if len(open_) != 1 else ''} not yet placed within "
                   f"{search.resolution:.0%} with every seed at both ends ({', '.join(open_)})"] if open_ else []) \
-            + ([f"{points_word(len(stage2))} around sft's frontier still to train"] if stage2 else [])
+            + ([f"{points_word(len(stage2))} of stage 2 still to train (at "
+                + " and ".join(f"{f:g} × sft's ℓ*" for f in sorted({f for _, f in stage2})) + ")"] if stage2 else [])
         left = to_go(fs, ledger_of(args.keep), df, stage2, past_steps=args.max_steps)
         state = f"interim: {' and '.join(parts)}; {left}"
     rule = plateau_rule_check(store, df, args.plateau_window)
@@ -1021,8 +1022,8 @@ def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.Da
         which = f"stage 2's points past the frontier, every one trained to recall or the {budget}-step budget"
         if not enough(d):
             d = mine[~around[mine.index]]
-            which = ("the search's failed probes (stage 2's points past the frontier are too few so far, or one "
-                     "length per rank)")
+            which = ("the search's failed probes (stage 2's points past the frontier are fewer than 6 so far, or "
+                     "on fewer than 4 (rank, length) cells, or one length per rank)")
         if not enough(d):
             lines.append(f"  {m}: {points_word(len(d))} not recalled: too few to fit (need 6 on at least 4 (rank, "
                          "length) cells, 2+ ranks and 2+ lengths, not one length per rank)")
@@ -1042,7 +1043,8 @@ def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.Da
         lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}{exchange}, R² {f.r2:.3f}; on {which}: "
                      f"{fits.fitted_on}; "
                      f"the data prefer the {fits.preferred} form{'' if fits.clear_preference else ' (not clearly)'}; "
-                     f"{(fits.fitted_regime or fits.regime).describe()} (of the points fitted)")
+                     f"{(fits.fitted_regime or fits.regime).describe()} (of the points fitted)"
+                     + "".join(f"; note: {n}" for n in f.notes))
         rows.append({"method": m, "points": f.n, "form": f.form, "C": p.get("C"), "alpha": p["alpha"],
                      "alpha_lo": ci["alpha"][0], "alpha_hi": ci["alpha"][1], "beta": p["beta"],
                      "beta_lo": ci["beta"][0], "beta_hi": ci["beta"][1], "alpha_over_beta": ratio[0],
@@ -1188,7 +1190,7 @@ def to_go(fs, ledger: dict, done, stage2=(), unit: str = "token", past_steps: fl
         return ""
     count = f"{fewest} probes" if fewest == most else f"between {fewest} and {most} probes"
     if len(stage2):
-        count = (f"the search's probes done, the {points_word(len(stage2))}" if most == 0
+        count = ("the search's probes done, those points" if most == 0
                  else f"{count} and {points_word(len(stage2))} beside them")
     wall = ledger.get("wall_s")
     if done is None or not len(done) or not wall:

@@ -294,6 +294,11 @@ def fit_law(r: np.ndarray, length: np.ndarray, delta_loss: np.ndarray, form: str
             loo.append(float(FUNCS[form](x[:, i:i + 1], *sub[0])[0] - dl[i]))
     aic = n * math.log(max(sse, 1e-300) / n) + 2 * k
     notes = []
+    cells = len(np.unique(np.column_stack([r, ell]), axis=0))
+    if cells <= k < n:  # seeds at a cell are replicates: k cells and k parameters leave the shape untested
+        notes.append(f"these {n} points sit on only {cells} (rank, length) cells, as many as the law has parameters: "
+                     "it can come close to every cell's mean whatever the law's shape, so R² measures mostly how the "
+                     "points scatter within their cells, not whether the law is right (one more cell would test it)")
     if not np.all(np.isfinite(se)):
         notes.append("the parameter covariance could not be estimated: intervals are unbounded")
     else:

@@ -324,8 +324,10 @@ def test_law_page_renders_the_shipped_sweep(app_env):
     assert (params["95% low"] <= params["value"]).all() and (params["value"] <= params["95% high"]).all()
     value = params.set_index("parameter")["value"]  # the exponent of the lines of equal ΔL, and what it means
     assert value["alpha/beta"] == pytest.approx(value["alpha"] / value["beta"])
-    assert any(c.value.startswith("alpha/beta: ΔL stays the same along ℓ ∝ r^(α/β), so doubling the rank holds "
-                                  f"{2 ** value['alpha/beta']:.2f}×") for c in at.caption)
+    said = next(c.value for c in at.caption if c.value.startswith("alpha/beta: ΔL stays the same along ℓ ∝ r^(α/β), "
+                                                                  "so at the same ΔL doubling the rank reaches "
+                                                                  f"{2 ** value['alpha/beta']:.2f}×"))
+    assert said.endswith("since its points are budget-bound, not at capacity.")  # the 300-step sweep's are
     assert len(at.get("vega_lite_chart")) >= 2  # surface and slices
     # the what-if opens on a point of each sweep, short of saturation: no extrapolation caption, no "saturated"
     # (rank 8 × 256 tokens, the old default, lies outside the bypass capacity sweep)

@@ -125,7 +125,7 @@ def test_what_is_left_is_costed_by_length_times_steps_at_the_pace_so_far():
     finished = SimpleNamespace(progress=lambda: SimpleNamespace(probes_left=(0, 0)), unsettled=lambda: [])
     assert bench.to_go(finished, {"wall_s": 10.0}, done) == ""
     assert bench.to_go(finished, {"wall_s": 92000.0}, done, stage2=[(50, 1.5)]).startswith(
-        "the search's probes done, the 1 point to go (about 14 h at")  # 50 × 1,000 s
+        "the search's probes done, those points to go (about 14 h at")  # 50 × 1,000 s
 
 
 def test_stage_two_trains_each_factor_at_every_placed_rank_before_the_next_factor():
@@ -228,8 +228,8 @@ def test_once_stage_two_has_enough_points_past_the_frontier_the_law_is_fitted_on
     assert law.loc["sft", "fitted_on"].startswith("stage 2's points past the frontier, every one trained to recall "
                                                   "or the 2000-step budget")
     assert law.loc["memft-ot", "points"] == 6 and abs(law.loc["memft-ot", "alpha"] - 0.5) < 0.1  # the probes'
-    assert "the search's failed probes (stage 2's points past the frontier are too few so far, or one length per " \
-           "rank)" in lines[1]
+    assert "the search's failed probes (stage 2's points past the frontier are fewer than 6 so far, or on fewer " \
+           "than 4 (rank, length) cells, or one length per rank)" in lines[1]
     assert law.loc["memft-sw", "points"] == 6 and abs(law.loc["memft-sw", "alpha"] - 0.5) < 0.1  # the probes'
     assert "the search's failed probes" in law.loc["memft-sw", "fitted_on"]
 

@@ -436,6 +436,14 @@ def test_alpha_over_beta_is_pinned_where_alpha_and_beta_are_not(tmp_path, capsys
     ratio, lo, hi = fit.alpha_over_beta
     assert lo < truth < hi and hi - lo < 0.5 and ratio == pytest.approx(fit.params["alpha"] / fit.params["beta"])
     assert any("α/β" in n for n in fit.notes)  # the note points the reader at the ratio
+    # 4 cells for 4 parameters: the fit comes close to each cell's mean (well inside the points' scatter, sd 0.15),
+    # so its R² says little of the law's shape
+    means = pd.Series(dl).groupby([r, ell]).mean()
+    assert fit.predict(*map(np.array, zip(*means.index))) == pytest.approx(means.to_numpy(), abs=0.05)
+    assert any("sit on only 4 (rank, length) cells, as many as the law has parameters" in n for n in fit.notes)
+    five = np.append(r, 4.0), np.append(ell, 300.0)
+    assert not any("cells, as many as" in n for n in
+                   fit_law(*five, np.append(dl, 40 + 7.5 * np.log(4.0) - 7.0 * np.log(300.0))).notes)
     monkeypatch.setenv("MEMCORE_HOME", str(tmp_path / "home"))
     csv = tmp_path / "stage2.csv"
     pd.DataFrame({"rank": r, "length": ell, "delta_loss": dl}).to_csv(csv, index=False)

@@ -129,9 +129,12 @@ for c, (m, lf) in zip(cols, fits.items()):
                                     for k in ("value", "95% low", "95% high")})
         if fit.alpha_over_beta is not None:
             ratio, lo, hi = fit.alpha_over_beta
-            st.caption(f"alpha/beta: ΔL stays the same along ℓ ∝ r^(α/β), so doubling the rank holds "
-                       f"{2 ** ratio:.2f}× the tokens at equal ΔL (95% {2 ** lo:.2f}× to {2 ** hi:.2f}×; 2× is "
-                       "capacity in proportion to the adapter's parameters).")
+            bound = "budget-bound" in (lf.fitted_regime or lf.regime).label
+            st.caption(f"alpha/beta: ΔL stays the same along ℓ ∝ r^(α/β), so at the same ΔL doubling the rank reaches "
+                       f"{2 ** ratio:.2f}× the tokens (95% {2 ** lo:.2f}× to {2 ** hi:.2f}×; 2× would be in "
+                       "proportion to the adapter's parameters)"
+                       + (": at this fit's step budget, since its points are budget-bound, not at capacity."
+                          if bound else "."))
         aics = ", ".join(f"{f} {x.aic:.1f}" for f, x in lf.forms.items())
         st.caption(f"AIC ({aics}): {lf.preference()}"
                    + (f" (R² {lf.forms[lf.preferred].r2:.3f})" if lf.preferred != fit.form and lf.clear_preference
