@@ -167,7 +167,8 @@ def frontier_table(front: pd.DataFrame, unit: str = "tokens", seeds: int = 0) ->
 
 
 def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
-    """The paired differences as a reader reads them: named columns, the interval as one cell, 3 significant
+    """The paired differences as a reader reads them: named columns, the interval as one cell with its verdict
+    beside it (the seeds and the two means after: on a narrow screen those are the ones cut off), 3 significant
     digits."""
     rows = []
     for _, r in paired.iterrows():
@@ -176,10 +177,10 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
                      "measure": MEASURES.get(r["measure"], r["measure"]),
                      "difference [95% interval]": f"{signed(r['mean'], r['measure'])} " + (
                          f"[{signed(r['lo'], r['measure'])}, {signed(r['hi'], r['measure'])}]" if pd.notna(r["lo"])
-                         else "(one seed)"),
+                         else "(one seed)"), "verdict": r["verdict"],
                      "method / sft": f"{plain(r['method_mean'], r['measure'])} / "
                                      f"{plain(r['baseline_mean'], r['measure'])}",
-                     "seeds": int(r["n"]), "verdict": r["verdict"]})
+                     "seeds": int(r["n"])})
     return pd.DataFrame(rows)
 
 
@@ -802,7 +803,7 @@ def render(store) -> None:
                 st.markdown(words)
                 with st.expander(f"The frontier spot re-run, end by end ({len(ends)} ends, new seeds "
                                  f"{', '.join(map(str, seeds))})"):
-                    st.dataframe(ends, hide_index=True, width="stretch")
+                    st.dataframe(ends, hide_index=True, width="stretch", height=38 + 35 * len(ends))  # every end
     if paired is not None:
         st.markdown("**Paired differences, method − sft** on the same seeds and data: mean with a 95% paired-t "
                     "interval (Student's t, n − 1 degrees of freedom). Green: the method wins (the interval "
@@ -841,7 +842,9 @@ def render(store) -> None:
                     "more is a plateau by the rule; fewer means the point was still gaining when the budget ran "
                     "out."))})
         with st.expander("The paired table"):
-            st.dataframe(paired_table(paired), hide_index=True, width="stretch", height=38 + 35 * len(paired))
+            # the measure's name in full (its unit with it), not cut at the column's default width
+            st.dataframe(paired_table(paired), hide_index=True, width="stretch", height=38 + 35 * len(paired),
+                         column_config={"measure": st.column_config.TextColumn(width="large")})
         if spot is not None:
             show_spot(spot)
     if law is not None:

@@ -266,6 +266,10 @@ def test_runs_page_lists_replays_exports_and_deletes(app_env):
     at = _app("app_pages/runs.py")
     df = at.dataframe[0].value
     assert len(df) == 1 and df.iloc[0]["status"] == "completed" and df.iloc[0]["adapter"] == "lora"
+    import pandas as pd
+
+    created = pd.to_datetime(df["created"])  # to the second, in the table and its CSV export
+    assert (created == created.dt.floor("s")).all()
     slider = at.slider[0]
     assert slider.value == 2  # last recorded step (states after 0, 1, 2 updates)
     slider.set_value(0).run()

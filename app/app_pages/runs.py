@@ -38,7 +38,8 @@ def _table(runs: list[dict]) -> pd.DataFrame:
                      "recalled": s.recalled if s else None, "ΔL": s.delta_loss if s else None,
                      "bits/param": s.bits_per_param if s else None, "s/step": s.seconds_per_step if s else None,
                      "label": r["label"], "sweep": r["sweep"],
-                     "created": pd.to_datetime(r["created"], unit="s"), "error": r["error"]})
+                     # to the second: the export's timestamps read as times, not as nanosecond counts
+                     "created": pd.to_datetime(round(r["created"]), unit="s"), "error": r["error"]})
     return pd.DataFrame(rows)
 
 
