@@ -1039,7 +1039,7 @@ def law_past_frontier(df, methods, budget: int = 2000) -> tuple[list[str], pd.Da
         ratio = f.alpha_over_beta or (math.nan, math.nan, math.nan)
         exchange = ("" if f.alpha_over_beta is None else
                     f", α/β {ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}] (at equal ΔL ℓ ∝ r^(α/β): doubling the "
-                    f"rank holds {2 ** ratio[0]:.2f}× the tokens)")
+                    f"rank reaches {2 ** ratio[0]:.2f}× the tokens)")
         lines.append(f"  {m}: {form}; α {_ci(f, 'alpha')}, β {_ci(f, 'beta')}{exchange}, R² {f.r2:.3f}; on {which}: "
                      f"{fits.fitted_on}; "
                      f"the data prefer the {fits.preferred} form{'' if fits.clear_preference else ' (not clearly)'}; "

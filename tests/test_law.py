@@ -452,7 +452,7 @@ def test_alpha_over_beta_is_pinned_where_alpha_and_beta_are_not(tmp_path, capsys
     assert out["alpha_over_beta_ci"][0] < truth < out["alpha_over_beta_ci"][1]
     assert main(["fit", "--csv", str(csv)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("α/β"))
-    assert f"holds {2 ** out['alpha_over_beta']:.2f}× the tokens" in line
+    assert f"doubling the rank reaches {2 ** out['alpha_over_beta']:.2f}× the tokens at the same ΔL" in line
     names = ("C", "alpha", "beta", "b")
     assert capacity_exponent(names, np.array([1.0, 0.5, -0.1, 0.0]), np.eye(4), 2.0) is None  # ΔL rises with ℓ
     assert capacity_exponent(names, np.array([1.0, 0.5, 0.25, 0.0]), np.full((4, 4), np.nan), 2.0) is None

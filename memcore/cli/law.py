@@ -62,8 +62,8 @@ def _print_fit(out: dict[str, Any], regime: str) -> None:
         print(f"  {k:<6} {out[k]:>10.4f}   95% [{lo:.4f}, {hi:.4f}]")
     if "alpha_over_beta" in out:
         lo, hi = out["alpha_over_beta_ci"]
-        print(f"  {'α/β':<6} {out['alpha_over_beta']:>10.4f}   95% [{lo:.4f}, {hi:.4f}]   at equal ΔL, ℓ grows as "
-              f"r^(α/β): doubling the rank holds {2 ** out['alpha_over_beta']:.2f}× the tokens")
+        print(f"  {'α/β':<6} {out['alpha_over_beta']:>10.4f}   95% [{lo:.4f}, {hi:.4f}]   ΔL is the same along "
+              f"ℓ ∝ r^(α/β): doubling the rank reaches {2 ** out['alpha_over_beta']:.2f}× the tokens at the same ΔL")
     print(f"  R² {out['r2']:.4f}   RMSE {out['rmse']:.4f}   leave-one-out RMSE {out['loo_rmse']:.4f}")
     pe = out.get("p_eff_fit")
     if pe and "error" not in pe:
