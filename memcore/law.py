@@ -106,7 +106,7 @@ class LawFit:
 def capacity_exponent(names, popt: np.ndarray, pcov: np.ndarray, t: float) -> tuple[float, float, float] | None:
     """α/β and its 95% interval: the exponent of the law's lines of equal ΔL. Both forms depend on r and ℓ only
     through r^α·ℓ^(−β), so ΔL is constant along ℓ ∝ r^(α/β): doubling the rank multiplies the length held at a
-    given ΔL by 2^(α/β) (1 is capacity in proportion to the adapter's parameters). The ratio is pinned where α and
+    given ΔL by 2^(α/β) (1: in proportion to the adapter's parameters). The ratio is pinned where α and
     β are not: when C trades off against b, α and β scale together and their ratio stays. Interval by the delta
     method, (α/β) ± t·√(g·Σ·g) with g = (1/β, −α/β²) and Σ the (α, β) block of `pcov` (the fit's covariance, k × k
     in `names` order), `t` the Student t quantile the parameters' intervals use. None where β ≤ 0 (ΔL not falling

@@ -185,8 +185,8 @@ with left:
         else:
             st.caption(f"**{n_tokens:,} target tokens** · limit {limit:,} · model context {context:,}")
     elif problem and (any(data.values()) or input_error):
-        # the model's problem is said under its box; here the rest, if any
-        if shown := (problem.replace(model_problem, "", 1).strip() if model_problem else problem):
+        # the model's problem is said under its box; here the form's, if any
+        if shown := (input_error if model_problem else problem):
             st.error(shown)
 
 busy = job is not None and job.is_live
